@@ -43,7 +43,7 @@ class TrainConfig:
     method: str = "alterrec"       # one of METHODS
     m_random: int = 2              # Algorithm 1: epochs per network with random negatives first
     m_gap: int = 2                 # then alternate every m_gap epochs, ID first
-    m_max: int = 30                # epochs in all
+    m_max: int = 10                # epochs in all (the paper uses 30)
     k1: int = 20                   # hard negatives are the other network's ranks k1..k2 (0-based, k2 exclusive)
     k2: int = 500
     hard_fraction: float = 1.0     # share of the k2-k1 negatives that are hard; the rest uniform random
@@ -200,3 +200,17 @@ def to_toml(cfg: Config) -> str:
         lines += [f"{k} = {fmt(v)}" for k, v in table.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _config_from_dict(cls, doc: dict) -> Config:
+    """Inverse of `Config.to_dict` (how the resolved config travels to Ray workers); validated."""
+    cfg = cls()
+    for section, table in doc.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"config dict: {section!r} must map to a section table")
+        for key, value in table.items():
+            _apply(cfg, section, key, value, "config dict")
+    return cfg.validate()
+
+
+Config.from_dict = classmethod(_config_from_dict)

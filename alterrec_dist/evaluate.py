@@ -1,0 +1,111 @@
+"""Full-ranking evaluation over all V items, sharded: ranks come from all-reduced counts.
+
+The rank of a target is 1 + the number of other items that order before it (higher score, or an
+equal score and a smaller id: the same order mining uses). Each shard counts its own rows, one
+tile of the score matrix at a time, and an all-reduce of G counts per score kind gives the ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from alterrec_dist.metrics import MetricSums, popularity_groups
+from alterrec_dist.model import Network
+from alterrec_dist.reader import Batch
+from alterrec_dist.sharded import Comm, ShardedItemTable
+
+KINDS = ("id", "text", "fused")
+
+
+@torch.no_grad()
+def item_matrix(net: Network, table: ShardedItemTable, tile_rows: int, parts: bool = False):
+    """This shard's item rows of `net` (or its (id, text) part rows for NFRec), without grad."""
+    out = []
+    for s in range(0, table.num_local, tile_rows):
+        x = table.x[s:s + tile_rows] if net.uses_id else None
+        f = table.f16[s:s + tile_rows].float() if net.uses_text else None
+        out.append(net.part_rows(x, f) if parts else (net.item_rows(x, f),))
+    return tuple(torch.cat(cols) for cols in zip(*out))
+
+
+@dataclass
+class Scorer:
+    """Score components per kind: score_kind = sum_c weight[kind][c] * scale_c * Q_c @ M_c^T."""
+    matrices: list[torch.Tensor]            # per component, (V_local, d_c)
+    scales: list[float]
+    weights: dict[str, list[float]]         # kind -> weight per component
+
+    @staticmethod
+    def build(networks: dict[str, Network], table: ShardedItemTable, alpha: float, tile_rows: int) -> "Scorer":
+        if "fused" in networks:  # NFRec: y = y_id + y_text (paper App. B)
+            id_part, text_part = item_matrix(networks["fused"], table, tile_rows, parts=True)
+            return Scorer([id_part, text_part], [1.0, 1.0], {"id": [1, 0], "text": [0, 1], "fused": [1, 1]})
+        mats = [item_matrix(networks[n], table, tile_rows)[0] for n in ("id", "text")]
+        scales = [networks[n].logit_scale for n in ("id", "text")]
+        return Scorer(mats, scales, {"id": [1, 0], "text": [0, 1], "fused": [alpha, 1 - alpha]})
+
+
+@torch.no_grad()
+def session_queries(networks: dict[str, Network], table: ShardedItemTable, batch: Batch) -> list[torch.Tensor]:
+    """Per score component, the local queries (b, d_c) of this worker's sessions."""
+    need_x = any(n.uses_id for n in networks.values())
+    need_f = any(n.uses_text for n in networks.values())
+    x, f = table.fetch(batch.items.flatten(), need_x, need_f)
+    shape = (*batch.items.shape, -1)
+    x = x.view(shape) if x is not None else None
+    f = f.view(shape) if f is not None else None
+    if "fused" in networks:
+        net = networks["fused"]
+        return list(net.part_queries(net.encode(net.item_rows(x, f), batch.mask)))
+    return [networks[n].encode(networks[n].item_rows(x if n == "id" else None, f if n == "text" else None), batch.mask)
+            for n in ("id", "text")]
+
+
+@torch.no_grad()
+def evaluate(comm: Comm, networks: dict[str, Network], table: ShardedItemTable, batches, num_batches: int,
+             popularity: np.ndarray, alpha: float, bins: list[int], tile_rows: int, desc: str = "eval") -> dict:
+    """Metrics for id, text and fused scores over the batches of one split, with long-tail groups."""
+    for net in networks.values():
+        net.eval()
+    scorer = Scorer.build(networks, table, alpha, tile_rows)
+    group_of_item, labels = popularity_groups(popularity, bins)
+    group_of_item = torch.from_numpy(group_of_item)
+    sums = {k: MetricSums(labels) for k in KINDS}
+    ids = table.global_ids
+    for batch in tqdm(batches, total=num_batches, desc=desc, disable=comm.rank != 0, leave=False):
+        queries = [comm.all_gather(q) for q in session_queries(networks, table, batch)]
+        target = comm.all_gather(batch.target)
+        valid = comm.all_gather(batch.valid)
+        counts = count_above_target(comm, scorer, queries, target, ids, tile_rows)
+        for i, kind in enumerate(KINDS):
+            sums[kind].add(1 + counts[:, i], valid, group_of_item[target])
+    return {k: {**sums[k].result(), "longtail": sums[k].group_results()} for k in KINDS}
+
+
+def count_above_target(comm: Comm, scorer: Scorer, queries: list[torch.Tensor], target: torch.Tensor,
+                       ids: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """(G, 3): for each kind, how many items order before the target, over all shards."""
+    owned = target % comm.world == comm.rank
+    row = torch.where(owned, target // comm.world, 0)
+    target_parts = torch.stack([
+        torch.where(owned, (q * m[row]).sum(1) * s, 0.0) for q, m, s in zip(queries, scorer.matrices, scorer.scales)
+    ], 1)
+    target_parts = comm.all_reduce(target_parts)  # (G, C): only the owner contributed
+    weights = torch.tensor([scorer.weights[k] for k in KINDS], dtype=target_parts.dtype)  # (3, C)
+    target_scores = target_parts @ weights.T  # (G, 3)
+
+    counts = torch.zeros(len(target), len(KINDS), dtype=torch.long)
+    for s in range(0, len(ids), tile_rows):
+        tile_ids = ids[s:s + tile_rows]
+        parts = [(q @ m[s:s + tile_rows].T) * sc for q, m, sc in zip(queries, scorer.matrices, scorer.scales)]
+        not_target = tile_ids[None, :] != target[:, None]
+        before_by_id = tile_ids[None, :] < target[:, None]
+        for i, kind in enumerate(KINDS):
+            scores = sum(w * p for w, p in zip(scorer.weights[kind], parts) if w)
+            t = target_scores[:, i:i + 1]
+            before = (scores > t) | ((scores == t) & before_by_id)
+            counts[:, i] += (before & not_target).sum(1)
+    return comm.all_reduce(counts)

@@ -1,0 +1,159 @@
+"""The dense part of AlterRec's networks: session encoders, the text MLP, dot-product scores.
+
+Item tables are not here. The learnable ID rows X and the frozen text features F live in the
+sharding layer (row-sharded across ranks) and come in as plain row tensors, so this module
+knows nothing of ranks or collectives and every parameter it owns is dense and replicated.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+KINDS = ("id", "text", "sum", "concat")
+POS_INIT_STD = 0.02  # SASRec/BERT scale: positions of unit std would swamp item rows of std 0.02
+
+
+def _zero_key_bias_grad(grad: Tensor) -> Tensor:
+    """The key bias adds the same amount to every score of a query, which softmax ignores: its true
+    gradient is zero and what arrives is rounding noise, which Adam would blow up into lr-sized
+    steps (and which differs with the world size). Make it exactly zero."""
+    grad = grad.clone()
+    third = len(grad) // 3
+    grad[third:2 * third] = 0
+    return grad
+
+
+class SessionEncoder(nn.Module):
+    """g(s, rows): a session's item rows -> one session embedding.
+
+    rows (b, L, dim) are LEFT-aligned, oldest first; mask (b, L) marks real items (>= 1 per row).
+    "transformer" is SASRec-shaped (as RecBole's, the baseline we compare with): learned positions,
+    LayerNorm + dropout, post-norm GELU layers with a 4*dim feed-forward, causal attention, and
+    the output at the last real position.
+    """
+
+    def __init__(self, dim: int, kind: str, max_len: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        if kind not in ("mean", "transformer"):
+            raise ValueError(f"encoder kind must be mean or transformer, got {kind!r}")
+        self.kind = kind
+        self.drop = nn.Dropout(dropout)
+        if kind == "transformer":
+            self.pos = nn.Embedding(max_len, dim)
+            nn.init.normal_(self.pos.weight, std=POS_INIT_STD)
+            self.norm = nn.LayerNorm(dim)
+            layer = nn.TransformerEncoderLayer(
+                dim, heads, dim_feedforward=4 * dim, dropout=dropout, activation="gelu", batch_first=True
+            )
+            # no nested-tensor fast path: padded and unpadded batches must take the same kernels
+            self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            for block in self.layers.layers:
+                block.self_attn.in_proj_bias.register_hook(_zero_key_bias_grad)
+
+    def hidden(self, rows: Tensor, mask: Tensor) -> Tensor:
+        """Transformer outputs at every position (b, L, dim); position t sees items 0..t only."""
+        L = rows.shape[1]
+        h = self.drop(self.norm(rows + self.pos.weight[:L]))
+        causal = torch.ones(L, L, dtype=torch.bool, device=rows.device).triu(1)  # True = may not attend
+        # Left alignment means real positions only ever see real keys; the padding mask keeps the
+        # padded positions (whose outputs are discarded) from attending to padding as well.
+        return self.layers(h, mask=causal, src_key_padding_mask=~mask)
+
+    def forward(self, rows: Tensor, mask: Tensor) -> Tensor:
+        if self.kind == "mean":
+            m = mask.unsqueeze(-1).to(rows.dtype)
+            return (self.drop(rows) * m).sum(1) / m.sum(1)
+        last = mask.sum(1) - 1  # left-aligned: the newest real item sits at index len-1
+        h = self.hidden(rows, mask)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+class Network(nn.Module):
+    """One network of AlterRec: item rows from the tables, a session encoder, dot-product scores.
+
+    kind: "id" (rows = X), "text" (rows = MLP(F)), "sum" (NFRec: rows = X + MLP(F)),
+    "concat" (NFRec: rows = [X, MLP(F)], width 2d).
+    """
+
+    def __init__(self, kind: str, cfg: ModelConfig, text_dim: int, max_len: int):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"network kind must be one of {KINDS}, got {kind!r}")
+        self.kind, self.dim = kind, cfg.dim
+        d = cfg.dim
+        if self.uses_text:
+            if cfg.text_hidden == 0:
+                self.text_mlp = nn.Linear(text_dim, d)
+            else:
+                h = cfg.text_hidden
+                self.text_mlp = nn.Sequential(nn.Linear(text_dim, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, d))
+        # The official code normalises both tables' rows; one LayerNorm per table since X and
+        # MLP(F) have unrelated scales.
+        self.id_norm = nn.LayerNorm(d) if cfg.item_layernorm and self.uses_id else None
+        self.text_norm = nn.LayerNorm(d) if cfg.item_layernorm and self.uses_text else None
+        self.out_dim = 2 * d if kind == "concat" else d
+        self.logit_scale = 1.0 / cfg.text_temperature if kind == "text" else 1.0
+        self.encoder = SessionEncoder(self.out_dim, cfg.encoder, max_len, cfg.layers, cfg.heads, cfg.dropout)
+
+    @property
+    def uses_id(self) -> bool:
+        return self.kind in ("id", "sum", "concat")
+
+    @property
+    def uses_text(self) -> bool:
+        return self.kind in ("text", "sum", "concat")
+
+    def _id_part(self, x: Tensor) -> Tensor:
+        return self.id_norm(x) if self.id_norm is not None else x
+
+    def _text_part(self, f: Tensor) -> Tensor:
+        h = self.text_mlp(f)
+        return self.text_norm(h) if self.text_norm is not None else h
+
+    def part_rows(self, x: Tensor | None, f: Tensor | None) -> tuple[Tensor, Tensor]:
+        """NFRec only: the (id part, text part) of the item rows, each (n, d)."""
+        assert self.kind in ("sum", "concat"), "part_rows is for the NFRec kinds"
+        return self._id_part(x), self._text_part(f)
+
+    def item_rows(self, x: Tensor | None, f: Tensor | None) -> Tensor:
+        """x (n, d) ID rows, f (n, D) float text features -> (n, out_dim) rows to score against."""
+        if self.kind == "id":
+            return self._id_part(x)
+        if self.kind == "text":
+            return self._text_part(f)
+        a, b = self.part_rows(x, f)
+        return a + b if self.kind == "sum" else torch.cat([a, b], dim=-1)
+
+    def part_queries(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """NFRec only: the query halves so that y = y_id + y_text (paper App. B)."""
+        if self.kind == "sum":
+            return q, q
+        assert self.kind == "concat", "part_queries is for the NFRec kinds"
+        return q[:, : self.dim], q[:, self.dim :]
+
+    def encode(self, rows: Tensor, mask: Tensor) -> Tensor:
+        """rows (b, L, out_dim) of the session's items, mask (b, L) -> queries (b, out_dim)."""
+        return self.encoder(rows, mask)
+
+    def logits(self, q: Tensor, rows: Tensor) -> Tensor:
+        """(b, n) scores; the text network's are divided by its temperature."""
+        return (q @ rows.T) * self.logit_scale
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+
+def init_id_rows(num_rows: int, dim: int, std: float, generator: torch.Generator) -> Tensor:
+    """Fresh ID table rows ~ N(0, std); the caller's generator decides which rows they are."""
+    return torch.randn(num_rows, dim, generator=generator) * std
+
+
+def build_networks(method: str, cfg: ModelConfig, text_dim: int, max_len: int) -> dict[str, Network]:
+    """The networks a method trains, built in a fixed order so a seeded build is reproducible."""
+    if method in ("nfrec_sum", "nfrec_concat"):
+        return {"fused": Network(method.removeprefix("nfrec_"), cfg, text_dim, max_len)}
+    if method in ("alterrec", "alterrec_aug", "alterrec_random", "id_only", "text_only"):
+        return {"id": Network("id", cfg, text_dim, max_len), "text": Network("text", cfg, text_dim, max_len)}
+    raise ValueError(f"unknown method {method!r}")

@@ -1,0 +1,127 @@
+"""`python -m alterrec_dist.prepare {recbole|amazon-m2|log} --out OUT ...`: turn real data into
+the dataset layout of `dataset.py` (sessions, items, frozen text features).
+
+The source is read and checked in full first, then sessions are streamed to the writer and
+item texts are encoded (cached, see text_features.py). Everything is built in a hidden
+sibling of OUT and renamed into place at the end, so bad input, Ctrl-C or SIGTERM leave no OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from tqdm import tqdm
+
+from alterrec_dist.cli import run_cli
+from alterrec_dist.dataset import SPLITS, DatasetWriter, file_sha256
+from alterrec_dist.sources import Source, read_amazon_m2, read_log, read_recbole
+from alterrec_dist.text_features import EncodeStats, encode_texts, text_model_name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="dataset directory to create")
+    common.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    common.add_argument("--text-model", metavar="PATH",
+                        help="local sentence-transformers model directory (default: bundled all-MiniLM-L6-v2)")
+    common.add_argument("--batch-size", type=int, default=256, help="texts per encoding batch")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_argument("--drop-short", action="store_true",
+                        help="skip sessions shorter than 2 events with a warning instead of failing")
+
+    parser = argparse.ArgumentParser(prog="python -m alterrec_dist.prepare", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="source", required=True)
+
+    recbole = sub.add_parser("recbole", parents=[common], help="RecBole atomic files (keeps their split)")
+    recbole.add_argument("--path", required=True, help="directory with NAME.{train,valid,test}.inter, NAME.item2index, NAME.text")
+    recbole.add_argument("--name", help="dataset NAME when the directory holds several")
+
+    m2 = sub.add_parser("amazon-m2", parents=[common], help="Amazon-M2 (KDD Cup 2023) task-2 sessions")
+    m2.add_argument("--sessions", action="append", required=True, help="CSV or Parquet; repeat to concatenate")
+    m2.add_argument("--labels", action="append", default=[], help="row-aligned next_item file, once per --sessions")
+    m2.add_argument("--products", help="products_train.csv: item texts (title. brand. desc)")
+    m2.add_argument("--locale", help="keep only this locale's sessions, e.g. FR")
+    m2.add_argument("--valid-frac", type=float, default=0.1)
+    m2.add_argument("--test-frac", type=float, default=0.1)
+    m2.add_argument("--seed", type=int, default=0, help="seed of the session split")
+
+    log = sub.add_parser("log", parents=[common], help="any interaction log + item table (CSV or Parquet)")
+    log.add_argument("--interactions", required=True)
+    log.add_argument("--items", required=True)
+    log.add_argument("--user-col", required=True)
+    log.add_argument("--item-col", required=True)
+    log.add_argument("--time-col", required=True)
+    log.add_argument("--session-col", help="sessions from this column (default: each user's events)")
+    log.add_argument("--text-cols", default="", help="comma-separated item-table columns joined into the text")
+    log.add_argument("--item-id-col", help="item id column of the item table (default: --item-col)")
+    log.add_argument("--split", choices=("leave-last-out", "time"), default="leave-last-out")
+    log.add_argument("--cutoff", help="with --split time: rows whose target is at or after this go to test")
+    log.add_argument("--valid-cutoff", help="with --split time: ... at or after this (and before --cutoff) to valid")
+    return parser
+
+
+def read_source(args: argparse.Namespace) -> Source:
+    if args.source == "recbole":
+        return read_recbole(args.path, args.name, drop_short=args.drop_short)
+    if args.source == "amazon-m2":
+        return read_amazon_m2(args.sessions, args.labels, args.products, args.locale, args.valid_frac,
+                              args.test_frac, args.seed, drop_short=args.drop_short)
+    return read_log(args.interactions, args.items, args.user_col, args.item_col, args.time_col,
+                    [c for c in args.text_cols.split(",") if c], args.session_col, args.item_id_col,
+                    args.split, args.cutoff, args.valid_cutoff, drop_short=args.drop_short)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    with _sigterm_as_exit(), DatasetWriter(args.out, args.overwrite) as writer:
+        source = read_source(args)
+        _write_sessions(writer, source, progress=not args.no_progress)
+        writer.set_items(source.item_ids, source.texts)
+        stats = EncodeStats()
+        features, has_text = encode_texts(source.texts, args.text_model, batch_size=args.batch_size,
+                                          progress=not args.no_progress, stats=stats)
+        writer.add_text_features(features)
+        writer.set_has_text(has_text)
+        out = writer.commit(
+            source={"kind": source.kind, "files": {str(p): file_sha256(p) for p in source.files},
+                    "params": source.params, **source.notes},
+            text_model=text_model_name(args.text_model),
+            command=[sys.executable, "-m", "alterrec_dist.prepare", *argv],
+            extra={"sessions": {s: source.splits[s].num_sessions for s in SPLITS}},
+        )
+    rows = ", ".join(f"{s} {len(source.splits[s]):,}" for s in SPLITS)
+    print(f"prepared {out}: {len(source.item_ids):,} items ({int(has_text.sum()):,} with text), rows: {rows}; "
+          f"text: {stats.encoded:,} encoded, {stats.cached:,} from cache")
+    return 0
+
+
+def _write_sessions(writer: DatasetWriter, source: Source, progress: bool) -> None:
+    total = sum(len(p) for p in source.splits.values())
+    with tqdm(total=total, desc="writing sessions", unit="row", disable=not progress) as bar:
+        for split in SPLITS:
+            for history, target, user, session in source.splits[split].blocks():
+                writer.add_sessions(split, history, target, user=user, session=session)
+                bar.update(len(target))
+
+
+@contextmanager
+def _sigterm_as_exit():
+    """SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C, so the writer's temp
+    directory is removed. Only the main thread may set handlers; elsewhere this is a no-op."""
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,222 @@
+"""The training recipe: AlterRec's Algorithm 1 on row-sharded item tables, read top to bottom.
+
+    for each epoch of the plan (random warm-up for ID then text, then alternate every m_gap):
+        A = the network trained this epoch, B = the other one, frozen
+        once per phase: B's item matrix on this shard
+        for each global batch:
+            queries of A (autograd) and of B (frozen), all-gathered
+            negatives = B's ranks k1..k2 (mined per shard, merged) or uniform random items
+            positives = the target (+ B's top-p, weighted beta, when augmented)
+            band loss over A's scores on this shard; step A (and its ID rows)
+        evaluate id, text and fused on validation; test when validation improves
+
+Runs on every worker after the default process group exists (Ray Train or torchrun set it up).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from alterrec_dist.config import Config
+from alterrec_dist.dataset import Dataset, atomic_write_json
+from alterrec_dist.evaluate import evaluate, item_matrix
+from alterrec_dist.loss import band_loss
+from alterrec_dist.mining import Band, capped_k2, exclude_items, mine_band, random_band, top_items
+from alterrec_dist.model import Network, build_networks
+from alterrec_dist.reader import Batch, SessionReader
+from alterrec_dist.schedule import Phase, plan
+from alterrec_dist.sharded import Comm, ShardedItemTable, sum_dense_grads
+
+OTHER = {"id": "text", "text": "id"}
+
+
+@dataclass
+class Run:
+    """Everything one worker holds: its shard of the tables, the networks, optimizers and readers."""
+    comm: Comm
+    cfg: Config
+    networks: dict[str, Network]
+    table: ShardedItemTable
+    optimizers: dict[str, list[torch.optim.Optimizer]]
+    train_reader: SessionReader
+    eval_readers: dict[str, SessionReader]
+    popularity: np.ndarray
+    k2: int
+
+    def evaluate(self, split: str, epoch: int) -> dict:
+        r, e = self.eval_readers[split], self.cfg.eval
+        return evaluate(self.comm, self.networks, self.table, r.epoch(0), r.steps_per_epoch(), self.popularity,
+                        e.alpha, e.longtail_bins, e.tile_rows, desc=f"{split} e{epoch}")
+
+
+def build_run(cfg: Config, comm: Comm) -> Run:
+    t = cfg.train
+    data = Dataset(cfg.resolve_path(cfg.data.path))
+    V = data.num_items
+    torch.manual_seed(t.seed)  # same dense initialisation on every rank
+    networks = build_networks(t.method, cfg.model, data.text_dim, cfg.data.max_len)
+    uses_text = any(n.uses_text for n in networks.values())
+    uses_id = any(n.uses_id for n in networks.values())
+    local_items = np.arange(comm.rank, V, comm.world)
+    table = ShardedItemTable(V, cfg.model.dim, comm, data.text_features(local_items) if uses_text else None,
+                             cfg.model.init_std, t.seed, with_id=uses_id)
+
+    def reader(split: str, batch: int, train: bool) -> SessionReader:
+        return SessionReader(data.session_files(split), rank=comm.rank, world_size=comm.world, global_batch_size=batch,
+                             max_len=cfg.data.max_len, seed=t.seed, shuffle=train, drop_last=train)
+
+    return Run(comm, cfg, networks, table,
+               optimizers={name: build_optimizers(name, net, table, t) for name, net in networks.items()},
+               train_reader=reader("train", t.global_batch_size, True),
+               eval_readers={s: reader(s, cfg.eval.batch_size, False) for s in ("valid", "test")},
+               popularity=data.popularity(), k2=capped_k2(t.k2, V))
+
+
+def run_worker(cfg: Config, run_dir: Path, report: Callable[[dict], None] | None = None) -> dict:
+    """Train by the plan, validate every epoch, test at the best; rank 0 writes the run files."""
+    run = build_run(cfg, Comm())
+    comm, t, networks, table = run.comm, cfg.train, run.networks, run.table
+    run_dir = Path(run_dir)
+    part, _, metric = cfg.eval.metric.partition("/")
+    part = {"id_only": "id", "text_only": "text"}.get(t.method, part)  # a lone network is judged on itself
+    best: dict = {"score": -1.0}
+    phase_index, prev_key, frozen_rows = -1, None, None
+    log_path = run_dir / "metrics.jsonl"
+    for phase in tqdm(plan(t.method, t.m_random, t.m_gap, t.m_max), desc="epochs", disable=comm.rank != 0):
+        if phase.key != prev_key:
+            phase_index, prev_key = phase_index + 1, phase.key
+            # B is frozen for the whole phase: its item matrix is computed once, here.
+            frozen_rows = frozen_item_rows(run, phase)
+        start = time.perf_counter()
+        steps = train_epoch(run, phase, frozen_rows)
+        seconds = time.perf_counter() - start
+        losses = {k: float(np.mean([s[k] for s in steps])) for k in steps[0]}
+        valid = run.evaluate("valid", phase.epoch)
+        line = {
+            "epoch": phase.epoch, "phase": phase_index, "network": phase.network, "negatives": phase.negatives,
+            "augmented": phase.augmented, **losses,
+            "valid": {k: {m: v for m, v in valid[k].items() if m != "longtail"} for k in valid},
+            "sessions_per_s": len(steps) * t.global_batch_size / seconds,
+            "train_seconds": seconds,
+        }
+        if valid[part][metric] > best["score"]:
+            best = {"score": valid[part][metric], "epoch": phase.epoch, "valid": line["valid"],
+                    "test": run.evaluate("test", phase.epoch)}
+        if comm.rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            tqdm.write(f"epoch {phase.epoch:3d} {phase.network:5s} {phase.negatives:6s} loss {losses['loss']:.4f} "
+                       f"valid {part}/{metric} {valid[part][metric]:.4f} ({line['sessions_per_s']:.0f} sessions/s)")
+        if report is not None:
+            report({k: v for k, v in line.items() if k != "valid"} | {f"valid_{part}_{metric}": valid[part][metric]})
+    summary = {
+        "best_epoch": best["epoch"],
+        "selection": f"{part}/{metric}",
+        "valid": best["valid"],
+        "test": {k: {m: v for m, v in best["test"][k].items() if m != "longtail"} for k in best["test"]},
+        "longtail": {k: best["test"][k]["longtail"] for k in best["test"]},
+    }
+    if comm.rank == 0:
+        atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def build_optimizers(name: str, net: Network, table: ShardedItemTable, t) -> list[torch.optim.Optimizer]:
+    """The trained network's optimizers: its dense parameters, and its ID rows (sharded, own optimizer)."""
+    lr = t.lr_text if name == "text" else t.lr_id
+    opts = []
+    if net.dense_parameters():  # a mean-encoder ID network has none
+        opts.append(torch.optim.AdamW(net.dense_parameters(), lr=lr, weight_decay=t.weight_decay))
+    if net.uses_id:
+        opts.append(torch.optim.AdamW([table.x], lr=t.lr_id, weight_decay=t.weight_decay))
+    return opts
+
+
+def frozen_item_rows(run: Run, phase: Phase) -> torch.Tensor | None:
+    """B's item matrix on this shard, for a phase that mines B's ranks (None otherwise)."""
+    if phase.negatives != "hard":
+        return None
+    frozen = run.networks[OTHER[phase.network]].eval()
+    return item_matrix(frozen, run.table, run.cfg.eval.tile_rows)[0]
+
+
+def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None) -> list[dict]:
+    """One epoch of the phase's network; returns the logged losses of every step."""
+    trained = run.networks[phase.network]
+    frozen = run.networks[OTHER[phase.network]] if frozen_rows is not None else None
+    optimizers = run.optimizers[phase.network]
+    trained.train()
+    logs = []
+    reader = run.train_reader
+    for step, batch in enumerate(tqdm(reader.epoch(phase.epoch), total=reader.steps_per_epoch(),
+                                      desc=f"train e{phase.epoch}", disable=run.comm.rank != 0, leave=False)):
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss, logged = train_step(run.comm, run.cfg, phase, trained, frozen, frozen_rows, run.table, batch, step,
+                                  run.k2)
+        loss.backward()
+        sum_dense_grads(run.comm, trained.dense_parameters())
+        for opt in optimizers:
+            opt.step()
+        logs.append(logged)
+    return logs
+
+
+def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: Network | None,
+               frozen_rows: torch.Tensor | None, table: ShardedItemTable, batch: Batch, step: int,
+               k2: int) -> tuple[torch.Tensor, dict]:
+    """One global batch: this rank's share of the loss (to backward) and the logged global losses."""
+    t = cfg.train
+    nets = [trained] + ([frozen] if frozen else [])
+    x, f = table.fetch(batch.items.flatten(), any(n.uses_id for n in nets), any(n.uses_text for n in nets))
+    shape = (*batch.items.shape, -1)
+    x = x.view(shape) if x is not None else None
+    f = f.view(shape) if f is not None else None
+
+    q = trained.encode(trained.item_rows(x if trained.uses_id else None, f if trained.uses_text else None), batch.mask)
+    queries = comm.all_gather(q, autograd=True)  # (G, d): queries travel, items stay
+    target = comm.all_gather(batch.target)
+    positives = target[:, None]
+
+    num_neg = k2 - t.k1
+    num_hard = round(t.hard_fraction * num_neg) if frozen else 0
+    bands = []
+    if num_hard:
+        with torch.no_grad():
+            xb = x.detach() if frozen.uses_id else None
+            fb = f if frozen.uses_text else None
+            frozen_queries = comm.all_gather(frozen.encode(frozen.item_rows(xb, fb), batch.mask))
+            band, keys, _ = mine_band(comm, frozen_queries, frozen_rows, table.global_ids, t.k1, t.k1 + num_hard,
+                                      table.num_items, frozen.logit_scale, t.merge, cfg.eval.tile_rows,
+                                      extra=t.p + 1 if phase.augmented else 0)
+            if phase.augmented:
+                positives = torch.cat([positives, top_items(comm, keys, t.p, target)], 1)
+        bands.append(band)
+    if num_neg - num_hard:
+        # keyed by (seed, epoch, step): the same draws for a global batch whatever the world size
+        g = torch.Generator().manual_seed((t.seed * 1_000_003 + phase.epoch) * 1_000_003 + step)
+        bands.append(random_band(comm, len(target), num_neg - num_hard, table.num_items, g))
+    band = exclude_items(bands[0] if len(bands) == 1 else Band.cat(*bands), table.global_ids, positives)
+
+    rows = trained.item_rows(table.x if trained.uses_id else None, table.f if trained.uses_text else None)
+    logits = trained.logits(queries, rows)  # (G, V_local) on this shard only
+    owned = positives % comm.world == comm.rank
+    pos_rows = torch.where(owned, positives // comm.world, 0)
+    weight = torch.tensor([1.0] + [t.beta] * (positives.shape[1] - 1)).expand(positives.shape)
+    loss, per_query = band_loss(comm, logits, band, pos_rows, owned, weight, t.global_batch_size)
+    logged = {"loss": per_query.mean().item()}
+    if trained.kind in ("sum", "concat"):  # NFRec: the imbalance diagnostic, y = y_id + y_text
+        with torch.no_grad():
+            q_id, q_text = trained.part_queries(queries)
+            r_id, r_text = trained.part_rows(table.x, table.f)
+            for name, qq, rr in (("loss_id", q_id, r_id), ("loss_text", q_text, r_text)):
+                _, part = band_loss(comm, qq @ rr.T, band, pos_rows, owned, weight, t.global_batch_size)
+                logged[name] = part.mean().item()
+    return loss, logged

@@ -1,0 +1,154 @@
+"""All parallelism lives here: the collectives (with byte counters) and the row-sharded item table.
+
+Item i lives on rank `i mod W` at local row `i div W`; its learnable ID row and its frozen text
+features are co-located. Queries travel, items stay: workers all-gather session embeddings and
+every shard scores them against its own rows. World size 1 runs exactly the same code.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_autograd
+from torch import nn
+
+from alterrec_dist.model import init_id_rows
+
+
+class Comm:
+    """The process group plus a count of the bytes each collective sends from this worker.
+
+    Bytes are what this rank contributes (its input tensor sizes), counted here rather than
+    estimated, so benchmarks can report traffic per step per collective.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.bytes: Counter[str] = Counter()
+
+    def _count(self, name: str, *tensors: torch.Tensor) -> None:
+        self.bytes[name] += sum(t.numel() * t.element_size() for t in tensors)
+
+    def all_gather(self, t: torch.Tensor, autograd: bool = False) -> torch.Tensor:
+        """Concatenate every rank's `t` along dim 0 (rank order). Backward sums grads to owners."""
+        self._count("all_gather", t)
+        if autograd:
+            return torch.cat(dist_autograd.all_gather(t, group=self.group))
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t.contiguous(), group=self.group)
+        return torch.cat(out)
+
+    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM, autograd: bool = False) -> torch.Tensor:
+        """Reduced copy of `t`. With autograd (SUM only) the backward all-reduces the grads: correct
+        when each rank's loss covers only its own queries, as in `band_loss`."""
+        self._count(f"all_reduce_{op}", t)
+        if autograd:
+            return dist_autograd.all_reduce(t, op=op, group=self.group)
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=op, group=self.group)
+        return out
+
+    def all_to_all(self, chunks: list[torch.Tensor], out_rows: list[int], autograd: bool = False) -> list[torch.Tensor]:
+        """Send chunks[j] to rank j; receive out_rows[j] rows (same trailing shape) from rank j.
+
+        One all_to_all_single with split sizes (alltoallv): gloo's scatter-based all_to_all
+        needs equal sizes, and lookups are uneven by nature.
+        """
+        self._count("all_to_all", *chunks)
+        send = torch.cat(chunks)
+        out = torch.empty((sum(out_rows), *send.shape[1:]), dtype=send.dtype)
+        in_rows = [len(c) for c in chunks]
+        if autograd:
+            out = dist_autograd.all_to_all_single(out, send, out_rows, in_rows, group=self.group)
+        else:
+            dist.all_to_all_single(out, send, out_rows, in_rows, group=self.group)
+        return list(out.split(out_rows))
+
+
+class ShardedItemTable(nn.Module):
+    """This rank's rows of the item tables: learnable ID rows `x` and frozen text features `f`.
+
+    Not part of any data-parallel engine: `x` gets exact per-row gradients through the
+    collectives and has its own optimizer; no other rank ever holds a copy of it.
+    """
+
+    def __init__(self, num_items: int, dim: int, comm: Comm, text_features: np.ndarray | None,
+                 init_std: float, seed: int, with_id: bool = True):
+        super().__init__()
+        self.num_items, self.comm = num_items, comm
+        self.global_ids = torch.arange(comm.rank, num_items, comm.world)  # global id of each local row
+        self.num_local = len(self.global_ids)
+        self.x = nn.Parameter(self._init_rows(dim, init_std, seed)) if with_id else None
+        f = torch.zeros(self.num_local, 0, dtype=torch.float16) if text_features is None else torch.from_numpy(
+            np.ascontiguousarray(text_features))
+        if len(f) != self.num_local:
+            raise ValueError(f"{len(f)} text feature rows for {self.num_local} local items")
+        self.register_buffer("f16", f, persistent=False)  # float16 at rest: half the memory
+
+    def _init_rows(self, dim: int, std: float, seed: int, block: int = 1 << 16) -> torch.Tensor:
+        """Rows drawn per block of *global* ids, so every world size initialises item i alike."""
+        rows = torch.empty(self.num_local, dim)
+        for start in range(0, self.num_items, block):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + start // block)
+            full = init_id_rows(min(block, self.num_items - start), dim, std, g)
+            mine = self.global_ids[(self.global_ids >= start) & (self.global_ids < start + block)]
+            rows[mine // self.comm.world] = full[mine - start]
+        return rows
+
+    @property
+    def f(self) -> torch.Tensor:
+        return self.f16.float()
+
+    def owner(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids % self.comm.world
+
+    def local_row(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids // self.comm.world
+
+    def fetch(self, ids: torch.Tensor, need_x: bool, need_f: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Rows of arbitrary global `ids` from their owners: (x rows with autograd, f rows as float32).
+
+        Each distinct id travels once: requests are grouped by owner, exchanged all-to-all, answered
+        from the local rows and sent back; the backward of the x exchange returns row gradients to
+        their owners, where they accumulate into `x.grad`.
+        """
+        W = self.comm.world
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        owners = self.owner(uniq)
+        order = torch.argsort(owners, stable=True)
+        uniq_by_owner = uniq[order]
+        send_counts = torch.bincount(owners, minlength=W)
+        recv_counts = self.comm.all_to_all(list(send_counts.view(W, 1)), [1] * W)
+        recv_counts = [int(c) for c in torch.cat(recv_counts)]
+        requests = self.comm.all_to_all(list(uniq_by_owner.split(send_counts.tolist())), recv_counts)
+        local = [self.local_row(r) for r in requests]
+        back = send_counts.tolist()
+        position = torch.empty_like(order)
+        position[order] = torch.arange(len(order))  # where each unique id sits in the by-owner order
+
+        def exchange(table: torch.Tensor, autograd: bool) -> torch.Tensor:
+            answers = self.comm.all_to_all([table[r] for r in local], back, autograd=autograd)
+            return torch.cat(answers)[position][inverse]
+
+        x = exchange(self.x, autograd=True) if need_x else None
+        f = exchange(self.f16, autograd=False).float() if need_f else None
+        return x, f
+
+
+def sum_dense_grads(comm: Comm, params: list[nn.Parameter]) -> None:
+    """Data-parallel sync of the replicated parameters, as one flat all-reduce.
+
+    A SUM, not DDP's mean: each rank's loss is already its share of the global-batch mean, so the
+    sum of the ranks' grads is the gradient of the whole batch (and W=1 needs no special case).
+    The sharded tables never come here: their row grads are exact where they live.
+    """
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)

@@ -1,0 +1,350 @@
+"""Synthetic session data shaped like Amazon-M2, written in the dataset layout (dataset.py).
+
+    python -m alterrec_dist.synth --items N --sessions M --out OUT [--seed S]
+        [--text-features sbert|random-projection] [--text-dim D] [--overwrite]
+
+The generative story:
+- every item belongs to one latent topic (about sqrt(N) topics) and has a Zipf-Mandelbrot
+  popularity whose head matches Amazon-M2 (top 1% of items take 11.7% of events, top 10% 44.3%);
+- an item's title is a few words of its topic's word list, two global words and the topic's
+  product noun, so similar text means similar topic means co-occurrence in sessions;
+- a session starts in a topic drawn by topic popularity, switches topic at each step with a small
+  probability, and draws each item by popularity within the current topic; because a switch
+  redraws from the topic marginal, every event's item is distributed exactly as the popularity;
+- session lengths (target included) follow a two-geometric mixture fitted to Amazon-M2 task 2:
+  p50 4, p90 8, p99 14, max 46, so histories (all but the target) have p50 3, p90 7, p99 13;
+- sessions go to train/valid/test 80/10/10; train rows are every prefix -> next item of a train
+  session, valid/test rows are history = all but the last item, target = the last item.
+
+Randomness is keyed by fixed-size units of sessions and items (not by the block size), so the
+output is a function of (items, sessions, seed, text options) alone, and generation streams in
+blocks with memory bounded by a block plus the O(N) item arrays.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from alterrec_dist.cli import run_cli
+from alterrec_dist.dataset import SPLITS, DatasetWriter
+
+# Zipf-Mandelbrot popularity over the rank fraction x in (0, 1): weight = (x + OFFSET)^-EXPONENT.
+# The two constants solve share(top 1%) = 0.117 and share(top 10%) = 0.443 (Amazon-M2 task 2) for
+# the continuous curve; as a function of x rather than of the rank, the shares do not depend on N.
+ZIPF_EXPONENT = 0.85055
+ZIPF_OFFSET = 0.0087152
+
+# Session length = MIN_SESSION_LEN + a geometric draw from a two-component mixture, fitted by
+# maximum likelihood to the 69,378 Amazon-M2 task-2 test sessions (prev_items + next_item).
+MIN_SESSION_LEN = 3
+MAX_SESSION_LEN = 46
+SHORT_SHARE = 0.9642       # share of sessions drawn from the fast-decaying component
+SHORT_RATIO = 0.6293       # P(length > k + 1 | length > k) in that component
+LONG_RATIO = 0.8389        # the heavy tail that produces the occasional 20-45 item session
+
+TOPIC_SWITCH = 0.2         # per-step probability of leaving the current topic
+SPLIT_CUTS = (0.8, 0.9)    # train < 0.8 <= valid < 0.9 <= test
+MAX_TOPICS = 1000
+WORDS_PER_TOPIC = 10       # each topic's word list
+VOCAB_PER_TOPIC = 6        # vocabulary = 6 words per topic: word lists of different topics overlap a little
+TITLE_TOPIC_WORDS = (3, 6)  # topic words per title, inclusive
+TOPIC_DIM = 32             # latent topic vectors behind the random-projection text features
+FEATURE_NOISE = 1.0        # norm of the per-item noise next to the unit topic direction (same-topic cosine ~0.5)
+SBERT_MAX_ITEMS = 100_000  # above this the default is random-projection: SBERT on CPU is ~1k titles/s
+
+SESSIONS_PER_SEED = 4096   # sessions drawn from one RNG; a block is a whole number of these
+ITEMS_PER_SEED = 65_536    # items (titles, feature noise) drawn from one RNG
+STREAM_CATALOG, STREAM_SESSIONS, STREAM_TITLES, STREAM_FEATURES = range(4)
+
+CONSONANTS = list("bcdfgklmnprstvz")
+VOWELS = list("aeiou")
+GLOBAL_WORDS = [
+    "new", "premium", "classic", "compact", "portable", "deluxe", "basic", "pro", "mini", "large",
+    "small", "black", "white", "silver", "blue", "red", "green", "grey", "wooden", "steel",
+    "2-pack", "3-pack", "set", "kit", "edition", "original", "plus", "max", "lite", "ultra",
+]
+PRODUCT_NOUNS = [
+    "lamp", "cable", "charger", "mug", "bottle", "backpack", "headphones", "speaker", "keyboard",
+    "mouse", "notebook", "pen", "towel", "pillow", "blanket", "jacket", "shirt", "sneakers",
+    "watch", "wallet", "knife", "pan", "kettle", "blender", "toaster", "drill", "screwdriver",
+    "hammer", "glove", "helmet", "tent", "lantern", "candle", "vase", "frame", "mirror", "rug",
+    "chair", "desk", "shelf", "toy", "puzzle", "book", "game", "brush", "shampoo", "soap", "cream",
+]
+
+
+@dataclass
+class Catalog:
+    """Everything per item and per topic that sessions, titles and features are drawn from."""
+    topic: np.ndarray            # int32[N]: each item's topic
+    weight: np.ndarray           # float64[N]: popularity, sums to 1
+    by_topic: np.ndarray         # int32[N]: item indices grouped by topic
+    cum_weight: np.ndarray       # float64[N]: running popularity mass along by_topic
+    topic_start: np.ndarray      # int64[T+1]: topic t is by_topic[topic_start[t]:topic_start[t+1]]
+    topic_mass: np.ndarray       # float64[T+1]: popularity mass before topic t along by_topic
+    topic_words: np.ndarray      # int64[T, WORDS_PER_TOPIC]: vocabulary indices
+    topic_noun: np.ndarray       # int64[T]: PRODUCT_NOUNS index
+    vocab: list[str]
+
+    @property
+    def num_items(self) -> int:
+        return len(self.topic)
+
+    @property
+    def num_topics(self) -> int:
+        return len(self.topic_noun)
+
+
+def num_topics(num_items: int) -> int:
+    return int(min(MAX_TOPICS, max(1, round(math.sqrt(num_items)))))
+
+
+def zipf_weights(n: int) -> np.ndarray:
+    """Popularity by rank (0 = most popular), normalised to sum to 1."""
+    x = (np.arange(n, dtype=np.float64) + 0.5) / n
+    w = (x + ZIPF_OFFSET) ** -ZIPF_EXPONENT
+    return w / w.sum()
+
+
+def pseudo_words(rng: np.random.Generator, n: int) -> list[str]:
+    """n distinct pronounceable made-up words (2-3 syllables, maybe a final consonant): brand-like
+    tokens; titles that share them get close SBERT embeddings."""
+    syllables = [c + v for c in CONSONANTS for v in VOWELS]
+    words: dict[str, None] = {}  # insertion-ordered set: the output order is deterministic
+    while len(words) < n:
+        k = n - len(words)
+        parts = rng.integers(len(syllables), size=(k, 3))
+        n_syll = rng.integers(2, 4, size=k)
+        tails = rng.integers(len(CONSONANTS) + 1, size=k)  # == len(CONSONANTS): no final consonant
+        for p, s, t in zip(parts.tolist(), n_syll.tolist(), tails.tolist()):
+            words["".join(syllables[j] for j in p[:s]) + (CONSONANTS[t] if t < len(CONSONANTS) else "")] = None
+    return list(words)
+
+
+def make_catalog(num_items: int, seed: int) -> Catalog:
+    rng = np.random.default_rng([seed, STREAM_CATALOG])
+    T = num_topics(num_items)
+    topic = rng.integers(T, size=num_items).astype(np.int32)
+    # A random rank per item: item_idx carries no popularity, so row shards of the item tables
+    # get a fair share of head items.
+    weight = zipf_weights(num_items)[rng.permutation(num_items)]
+    by_topic = np.argsort(topic, kind="stable").astype(np.int32)
+    topic_start = np.searchsorted(topic[by_topic], np.arange(T + 1))
+    topic_mass = np.concatenate([[0.0], np.cumsum(np.bincount(topic, weights=weight, minlength=T))])
+    vocab = pseudo_words(rng, T * VOCAB_PER_TOPIC)
+    topic_words = np.stack([rng.choice(len(vocab), WORDS_PER_TOPIC, replace=False) for _ in range(T)])
+    return Catalog(
+        topic=topic, weight=weight, by_topic=by_topic, cum_weight=np.cumsum(weight[by_topic]),
+        topic_start=topic_start, topic_mass=topic_mass, topic_words=topic_words,
+        topic_noun=rng.integers(len(PRODUCT_NOUNS), size=T), vocab=vocab,
+    )
+
+
+# -- sessions ------------------------------------------------------------------------------------
+def session_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
+    ratio = np.where(rng.random(n) < SHORT_SHARE, SHORT_RATIO, LONG_RATIO)
+    extra = rng.geometric(1.0 - ratio) - 1
+    return np.minimum(MIN_SESSION_LEN + extra, MAX_SESSION_LEN).astype(np.int64)
+
+
+def draw_topics(cat: Catalog, rng: np.random.Generator, n: int) -> np.ndarray:
+    t = np.searchsorted(cat.topic_mass, rng.random(n) * cat.topic_mass[-1], side="right") - 1
+    return np.clip(t, 0, cat.num_topics - 1)
+
+
+def draw_items(cat: Catalog, rng: np.random.Generator, topics: np.ndarray) -> np.ndarray:
+    """One item per entry of `topics`, by popularity within that topic (one binary search)."""
+    mass = cat.topic_mass[topics] + rng.random(len(topics)) * (cat.topic_mass[topics + 1] - cat.topic_mass[topics])
+    pos = np.searchsorted(cat.cum_weight, mass, side="right")
+    # float rounding can land a hair outside the topic's range: keep it inside
+    pos = np.clip(pos, cat.topic_start[topics], cat.topic_start[topics + 1] - 1)
+    return cat.by_topic[pos]
+
+
+def draw_sessions(cat: Catalog, seed: int, unit: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sessions unit*SESSIONS_PER_SEED .. +n: (lengths, items flat int32, split index per session)."""
+    rng = np.random.default_rng([seed, STREAM_SESSIONS, unit])
+    split = np.searchsorted(np.array(SPLIT_CUTS), rng.random(n), side="right")
+    lengths = session_lengths(rng, n)
+    total = int(lengths.sum())
+    switch = rng.random(total) < TOPIC_SWITCH
+    switch[np.cumsum(lengths) - lengths] = True  # every session opens with a fresh topic
+    positions = np.arange(total)
+    last_switch = np.maximum.accumulate(np.where(switch, positions, 0))
+    topic_at = np.zeros(total, dtype=np.int64)
+    topic_at[switch] = draw_topics(cat, rng, int(switch.sum()))
+    items = draw_items(cat, rng, topic_at[last_switch])
+    return lengths, items.astype(np.int32), split
+
+
+def ragged_slices(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> pa.ListArray:
+    """The list array whose row i is values[starts[i] : starts[i] + lens[i]]."""
+    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    index = np.arange(offsets[-1]) + np.repeat(starts - offsets[:-1], lens)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values[index]))
+
+
+def prefix_rows(items: np.ndarray, starts: np.ndarray, lengths: np.ndarray, session_no: np.ndarray):
+    """Train rows: for each session, every prefix of 1..L-1 items -> the item after it."""
+    per_session = lengths - 1
+    row_session = np.repeat(np.arange(len(lengths)), per_session)
+    first_row = np.cumsum(per_session) - per_session
+    prefix_len = np.arange(len(row_session)) - first_row[row_session] + 1
+    row_start = starts[row_session]
+    return ragged_slices(items, row_start, prefix_len), items[row_start + prefix_len], session_no[row_session]
+
+
+def last_item_rows(items: np.ndarray, starts: np.ndarray, lengths: np.ndarray, session_no: np.ndarray):
+    """Valid/test rows: all but the last item -> the last item."""
+    return ragged_slices(items, starts, lengths - 1), items[starts + lengths - 1], session_no
+
+
+def write_session_block(writer: DatasetWriter, lengths: np.ndarray, items: np.ndarray, split: np.ndarray,
+                        first_session: int) -> None:
+    starts = np.cumsum(lengths) - lengths
+    session_no = np.arange(first_session, first_session + len(lengths), dtype=np.int64)
+    for s, name in enumerate(SPLITS):
+        sel = np.nonzero(split == s)[0]
+        rows = prefix_rows if name == "train" else last_item_rows
+        history, target, session = rows(items, starts[sel], lengths[sel], session_no[sel])
+        writer.add_sessions(name, history, target, session=pa.array(session).cast(pa.string()))
+
+
+def write_sessions(writer: DatasetWriter, cat: Catalog, seed: int, num_sessions: int, block_sessions: int,
+                   progress: bool) -> None:
+    """Draw sessions unit by unit and hand them to the writer a block (several units) at a time."""
+    units_per_block = max(1, block_sessions // SESSIONS_PER_SEED)
+    num_units = -(-num_sessions // SESSIONS_PER_SEED)
+    with tqdm(total=num_sessions, unit="session", desc="sessions", disable=not progress) as bar:
+        for first_unit in range(0, num_units, units_per_block):
+            units = range(first_unit, min(first_unit + units_per_block, num_units))
+            drawn = [draw_sessions(cat, seed, u, min(SESSIONS_PER_SEED, num_sessions - u * SESSIONS_PER_SEED))
+                     for u in units]
+            lengths, items, split = (np.concatenate(parts) for parts in zip(*drawn))
+            write_session_block(writer, lengths, items, split, first_unit * SESSIONS_PER_SEED)
+            bar.update(len(lengths))
+
+
+# -- items: ids, titles, text features -----------------------------------------------------------
+def item_ids(n: int) -> pa.Array:
+    """P0000000, P0000001, ...: built in Arrow, so 10M ids cost no Python objects."""
+    digits = pc.utf8_lpad(pa.array(np.arange(n)).cast(pa.string()), len(str(max(n - 1, 0))), "0")
+    return pc.binary_join_element_wise("P", digits, "")
+
+
+def item_titles(cat: Catalog, seed: int, unit: int) -> list[str]:
+    """Titles of items unit*ITEMS_PER_SEED ..: 3-6 distinct topic words, 2 global words, the topic's noun."""
+    rng = np.random.default_rng([seed, STREAM_TITLES, unit])
+    topic = cat.topic[unit * ITEMS_PER_SEED:(unit + 1) * ITEMS_PER_SEED]
+    n, most = len(topic), TITLE_TOPIC_WORDS[1]
+    pick = np.argsort(rng.random((n, WORDS_PER_TOPIC)), axis=1)[:, :most]
+    words = cat.topic_words[topic[:, None], pick].tolist()
+    count = rng.integers(TITLE_TOPIC_WORDS[0], most + 1, size=n).tolist()
+    extra = rng.integers(len(GLOBAL_WORDS), size=(n, 2)).tolist()
+    noun = cat.topic_noun[topic].tolist()
+    v = cat.vocab
+    return [" ".join([v[j] for j in w[:c]] + [GLOBAL_WORDS[e[0]], GLOBAL_WORDS[e[1]], PRODUCT_NOUNS[p]])
+            for w, c, e, p in zip(words, count, extra, noun)]
+
+
+def all_titles(cat: Catalog, seed: int, progress: bool) -> pa.ChunkedArray:
+    units = range(-(-cat.num_items // ITEMS_PER_SEED))
+    chunks = [pa.array(item_titles(cat, seed, u), type=pa.string())
+              for u in tqdm(units, desc="titles", unit="block", disable=not progress)]
+    return pa.chunked_array(chunks, type=pa.string())
+
+
+def random_projection_features(cat: Catalog, seed: int, dim: int, progress: bool):
+    """Blocks of normalize(P @ topic_vec[topic_i] + noise_i): text features with topic structure
+    and no SBERT run. Yields float16 blocks of ITEMS_PER_SEED rows in item order."""
+    rng = np.random.default_rng([seed, STREAM_FEATURES])
+    topic_vecs = rng.standard_normal((cat.num_topics, TOPIC_DIM))
+    projection = rng.standard_normal((TOPIC_DIM, dim)) / math.sqrt(TOPIC_DIM)
+    centers = topic_vecs @ projection
+    centers = (centers / np.linalg.norm(centers, axis=1, keepdims=True)).astype(np.float32)
+    units = range(-(-cat.num_items // ITEMS_PER_SEED))
+    for u in tqdm(units, desc="features", unit="block", disable=not progress):
+        topic = cat.topic[u * ITEMS_PER_SEED:(u + 1) * ITEMS_PER_SEED]
+        noise = np.random.default_rng([seed, STREAM_FEATURES, u]).standard_normal((len(topic), dim), dtype=np.float32)
+        block = centers[topic] + noise * np.float32(FEATURE_NOISE / math.sqrt(dim))
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        yield block.astype(np.float16)
+
+
+def write_synth(out: str | Path, *, items: int, sessions: int, seed: int = 0,
+                text_features: str = "random-projection", text_dim: int = 384, overwrite: bool = False,
+                block_sessions: int = 100_000, progress: bool = True, command: list[str] | None = None) -> Path:
+    """Generate and commit a synthetic dataset at `out`; returns the committed path."""
+    cat = make_catalog(items, seed)
+    with DatasetWriter(out, overwrite=overwrite) as writer:
+        titles = all_titles(cat, seed, progress)
+        writer.set_items(item_ids(items), titles)
+        if text_features == "sbert":
+            from alterrec_dist.text_features import encode_texts, text_model_name  # heavy: torch
+            features, has_text = encode_texts(titles.to_pylist(), progress=progress)
+            writer.add_text_features(features)
+            writer.set_has_text(has_text)
+            text_model = text_model_name(None)
+        else:
+            for block in random_projection_features(cat, seed, text_dim, progress):
+                writer.add_text_features(block)
+            text_model = "random-projection"
+        write_sessions(writer, cat, seed, sessions, block_sessions, progress)
+        params = {"items": items, "sessions": sessions, "seed": seed, "text_features": text_features,
+                  "topics": cat.num_topics, "topic_switch": TOPIC_SWITCH,
+                  "zipf": {"exponent": ZIPF_EXPONENT, "offset": ZIPF_OFFSET}}
+        return writer.commit(source={"kind": "synth", **params}, text_model=text_model,
+                             command=command)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m alterrec_dist.synth", description=__doc__.split("\n")[0])
+    p.add_argument("--items", type=int, required=True, help="catalogue size N")
+    p.add_argument("--sessions", type=int, required=True, help="sessions M (split 80/10/10)")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-features", choices=("sbert", "random-projection"), default=None,
+                   help=f"sbert: encode the titles with all-MiniLM-L6-v2 (default up to {SBERT_MAX_ITEMS:,} items); "
+                        "random-projection: topic vectors through a fixed random projection (default above)")
+    p.add_argument("--text-dim", type=int, default=None, help="random-projection feature size (default 384)")
+    p.add_argument("--block-sessions", type=int, default=100_000, help="sessions handed to the writer at a time (memory bound; whole units of "
+                        f"{SESSIONS_PER_SEED}, so the output does not depend on it)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.items < 1 or args.sessions < 1:
+        p.error("--items and --sessions must be >= 1")
+    if args.seed < 0:
+        p.error("--seed must be >= 0")
+    if not 1 <= args.block_sessions <= 1_000_000:
+        p.error("--block-sessions must be in 1..1000000")  # int32 list offsets per block
+    if args.text_features is None:
+        args.text_features = "sbert" if args.items <= SBERT_MAX_ITEMS else "random-projection"
+    if args.text_dim is not None and args.text_features == "sbert":
+        p.error("--text-dim applies to --text-features random-projection (SBERT's size is the model's)")
+    if args.text_dim is not None and args.text_dim < 1:
+        p.error("--text-dim must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = write_synth(args.out, items=args.items, sessions=args.sessions, seed=args.seed,
+                      text_features=args.text_features, text_dim=args.text_dim or 384,
+                      overwrite=args.overwrite, block_sessions=args.block_sessions,
+                      progress=not args.no_progress,
+                      command=["python", "-m", "alterrec_dist.synth", *(sys.argv[1:] if argv is None else argv)])
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

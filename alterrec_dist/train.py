@@ -1,0 +1,299 @@
+"""Training driver: `python -m alterrec_dist.train [--config F] [--set a.b=c ...] [--out DIR] [--launcher L]`.
+
+Launchers (the same worker code runs under both; see `recipe.run_worker`):
+
+* `ray` (default): a Ray Train `TorchTrainer` with `trainer.num_workers` workers (gloo on CPU,
+  nccl on GPU). With no `RAY_ADDRESS` it starts a private local Ray; under `ray job submit`
+  (which sets `RAY_ADDRESS`) it joins that cluster.
+* `torchrun`: `torchrun --nproc_per_node N -m alterrec_dist.train --launcher torchrun ...`;
+  every process joins the process group from the torchrun environment. Without `WORLD_SIZE`
+  (plain `python -m alterrec_dist.train --launcher torchrun`) it runs a group of one.
+
+Everything that can be checked before launching (config, dataset, run directory) is checked
+on the driver, so bad input costs a one-line error and exit code 2, not a Ray start.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from alterrec_dist.cli import run_cli
+from alterrec_dist.config import Config, ConfigError, load_config, to_toml
+from alterrec_dist.dataset import DataError, Dataset
+
+METRIC_COLUMNS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
+SCORE_ROWS = ("id", "text", "fused")
+
+
+# -- checks and the run directory ------------------------------------------------------------
+
+def check_dataset(cfg: Config) -> Path:
+    """The dataset directory of `cfg` as an absolute path; DataError if it is not a dataset."""
+    path = cfg.resolve_path(cfg.data.path)
+    if not path.exists():
+        raise DataError(
+            f"{path}: dataset not found (data.path={cfg.data.path!r}; make one with "
+            "`python -m alterrec_dist.prepare` or `python -m alterrec_dist.synth`)")
+    Dataset(path)  # reads the manifest: DataError naming the file if it is missing or broken
+    return path
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail fast on a GPU request this machine cannot meet (a local Ray would wait forever)."""
+    if not cfg.trainer.use_gpu:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if have == 0:
+        raise ConfigError("trainer.use_gpu = true but no CUDA device is visible")
+    if cfg.trainer.launcher == "ray" and not os.environ.get("RAY_ADDRESS") and have < cfg.trainer.num_workers:
+        raise ConfigError(
+            f"trainer.num_workers={cfg.trainer.num_workers} GPU workers need as many GPUs; this machine has {have}")
+
+
+def default_run_dir(cfg: Config, now: datetime.datetime | None = None) -> Path:
+    name = cfg.trainer.name or f"{cfg.train.method}-{(now or datetime.datetime.now()):%Y%m%d-%H%M%S}"
+    return cfg.resolve_path(cfg.trainer.storage_path) / name
+
+
+def make_run_dir(cfg: Config, out: str | None) -> Path:
+    """Create the (absolute) run directory and write `config.toml` into it.
+
+    `--out` is taken relative to the current directory; `trainer.storage_path` relative to the
+    project root. An explicitly named directory that exists and is not empty is refused; an
+    auto-named one (`<method>-<timestamp>`) that collides gets a `-1`, `-2`, ... suffix.
+    """
+    if out:
+        run_dir = Path(out).expanduser().absolute()
+        auto = False
+    else:
+        run_dir = default_run_dir(cfg).absolute()
+        auto = not cfg.trainer.name
+    if auto:
+        base, i = run_dir, 0
+        while run_dir.exists():
+            i += 1
+            run_dir = base.with_name(f"{base.name}-{i}")
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise ConfigError(f"{run_dir}: run directory path exists and is not a directory")
+        if any(run_dir.iterdir()):
+            raise ConfigError(
+                f"{run_dir}: run directory exists and is not empty (pick another --out or trainer.name; "
+                "resuming a run is not supported yet)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    return run_dir
+
+
+# -- the summary table ------------------------------------------------------------------------
+
+def format_summary(summary: dict, run_dir: Path, metric: str = "") -> str:
+    """The test table (rows id/text/fused, columns METRIC_COLUMNS), best epoch and run dir."""
+    test = summary.get("test", {})
+    width = max(len(c) for c in METRIC_COLUMNS) + 2
+    lines = [f"{'test':<6}" + "".join(f"{c:>{width}}" for c in METRIC_COLUMNS)]
+    for row in SCORE_ROWS:
+        vals = test.get(row)
+        if vals is None:
+            continue
+        cells = []
+        for c in METRIC_COLUMNS:
+            v = vals.get(c)
+            cells.append(f"{v:>{width}.4f}" if isinstance(v, (int, float)) else f"{'-':>{width}}")
+        lines.append(f"{row:<6}" + "".join(cells))
+    chosen = f" (selected on valid {metric})" if metric else ""
+    lines.append(f"best epoch: {summary.get('best_epoch', '?')}{chosen}")
+    lines.append(f"run dir: {run_dir}")
+    return "\n".join(lines)
+
+
+def read_summary(run_dir: Path, fallback: dict | None = None) -> dict:
+    """`run_dir/summary.json`, or `fallback` (the summary rank 0 reported through Ray) when the
+    file is not visible here (a multi-node cluster whose storage_path is not shared)."""
+    path = run_dir / "summary.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if fallback is not None:
+        print(f"note: {path} is not on this node; showing the summary rank 0 reported", file=sys.stderr)
+        return fallback
+    raise RuntimeError(f"{path}: training finished without writing a summary")
+
+
+# -- launcher: Ray Train ----------------------------------------------------------------------
+
+def ray_worker(loop_config: dict) -> None:
+    """`train_loop_per_worker`: runs in every Ray Train worker, process group already up."""
+    import ray.train
+
+    from alterrec_dist import recipe
+
+    cfg = Config.from_dict(loop_config["config"])
+    if cfg.trainer.use_gpu:
+        import ray.train.torch
+        import torch
+
+        torch.cuda.set_device(ray.train.torch.get_device())
+    summary = recipe.run_worker(cfg, Path(loop_config["run_dir"]), report=ray.train.report)
+    # One last report on every rank (reports are a barrier): the driver gets the summary even
+    # when rank 0 ran on another node and run_dir is not shared.
+    ray.train.report({"summary": summary})
+
+
+def _init_ray(num_workers: int) -> bool:
+    """Connect to the cluster in RAY_ADDRESS, or start a private local Ray. True if started here."""
+    import logging
+
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    common = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    if os.environ.get("RAY_ADDRESS"):
+        # `ray job submit` sets RAY_ADDRESS for the entrypoint; ray.init resolves it (also "auto").
+        ray.init(**common)
+        return False
+    # address="local": never attach to some other cluster found in /tmp/ray by accident.
+    # Each CPU worker reserves one CPU: on a small machine oversubscribe rather than wait forever.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers),
+             include_dashboard=False, **common)
+    return True
+
+
+def launch_ray(cfg: Config, run_dir: Path) -> dict:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    # Under `python -m`, this module is __main__; hand Ray the importable function instead, so
+    # workers import it from the package rather than unpickling a copy of __main__'s globals.
+    from alterrec_dist.train import ray_worker as worker_fn
+
+    started = _init_ray(cfg.trainer.num_workers)
+    try:
+        trainer = TorchTrainer(
+            worker_fn,
+            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir)},
+            torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
+            # Ray's own files (checkpoints later, its run-state snapshot) go into run_dir itself.
+            run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                                 failure_config=FailureConfig(max_failures=0)),
+        )
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:
+            raise TrainingError(f"training failed: {e}") from None
+        reported = (result.metrics or {}).get("summary")
+        return read_summary(run_dir, reported)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class TrainingError(Exception):
+    """The workers failed; the message (and Ray's log above it) says how."""
+
+
+# -- launcher: torchrun -----------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_torchrun(cfg: Config, out: str | None) -> tuple[dict, Path] | None:
+    """Join the torchrun process group (or make one of size 1) and run the recipe in this
+    process. Returns (summary, run_dir) on rank 0, None on the others."""
+    import torch
+    import torch.distributed as dist
+
+    from alterrec_dist import recipe
+
+    standalone = "WORLD_SIZE" not in os.environ
+    world = 1 if standalone else int(os.environ["WORLD_SIZE"])
+    if cfg.trainer.num_workers != world:
+        cfg.trainer.num_workers = world  # the resolved config records the world actually used
+        cfg.validate()
+    backend = "nccl" if cfg.trainer.use_gpu else "gloo"
+    if cfg.trainer.use_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if standalone:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend)  # env:// — RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    try:
+        rank = dist.get_rank()
+        # Rank 0 makes the run directory (one timestamp for all); the others learn it or the error.
+        box: list = [None, None]
+        if rank == 0:
+            try:
+                box = [str(make_run_dir(cfg, out)), None]
+            except ConfigError as e:
+                box = [None, str(e)]
+        dist.broadcast_object_list(box, src=0)
+        run_dir, err = box
+        if err is not None:
+            if rank == 0:
+                raise ConfigError(err)
+            raise SystemExit(2)  # rank 0 prints the one line
+        run_dir = Path(run_dir)
+        summary = recipe.run_worker(cfg, run_dir)
+        dist.barrier()
+        return (read_summary(run_dir, summary), run_dir) if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m alterrec_dist.train",
+        description="Train an AlterRec session recommender (or a baseline) and print its test metrics.")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config (e.g. configs/default.toml); without it, the embedded default")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable (e.g. --set train.m_max=3)")
+    p.add_argument("--out", metavar="RUN_DIR",
+                   help="run directory (default: <trainer.storage_path>/<trainer.name or method-timestamp>)")
+    p.add_argument("--launcher", choices=("ray", "torchrun"),
+                   help="overrides trainer.launcher (default ray)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.launcher:
+        cfg.trainer.launcher = args.launcher
+    check_dataset(cfg)
+    check_resources(cfg)
+    if cfg.trainer.launcher == "torchrun":
+        done = launch_torchrun(cfg, args.out)
+        if done is None:
+            return 0
+        summary, run_dir = done
+    else:
+        run_dir = make_run_dir(cfg, args.out)
+        print(f"run dir: {run_dir}", flush=True)
+        try:
+            summary = launch_ray(cfg, run_dir)
+        except TrainingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    print(format_summary(summary, run_dir, cfg.eval.metric), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

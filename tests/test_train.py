@@ -1,0 +1,260 @@
+"""The training driver: run directory, summary table, one-line CLI errors, end-to-end runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alterrec_dist.config import PROJECT_ROOT, Config, ConfigError, load_config
+from alterrec_dist.dataset import DatasetWriter
+from alterrec_dist.train import METRIC_COLUMNS, default_run_dir, format_summary, make_run_dir, read_summary
+
+PY = sys.executable
+SCORES = ("id", "text", "fused")
+RECIPE_READY = (PROJECT_ROOT / "alterrec_dist" / "recipe.py").exists()
+
+
+def tiny_dataset(out: Path, num_items: int = 60, dim: int = 16, seed: int = 0) -> Path:
+    """A small valid dataset: random walks over V items, random text features."""
+    rng = np.random.default_rng(seed)
+    with DatasetWriter(out) as w:
+        for split, n in (("train", 400), ("valid", 50), ("test", 50)):
+            hist = [rng.integers(0, num_items, rng.integers(1, 8)).tolist() for _ in range(n)]
+            w.add_sessions(split, hist, rng.integers(0, num_items, n))
+        w.set_items([f"item{i}" for i in range(num_items)], [f"text {i}" for i in range(num_items)])
+        w.add_text_features(rng.standard_normal((num_items, dim)))
+        w.commit(source={"kind": "test"}, text_model=None, command=["tiny_dataset"])
+    return out
+
+
+def fake_summary(best_epoch: int = 2) -> dict:
+    block = {s: {m: 0.1 * (i + 1) for i, m in enumerate(METRIC_COLUMNS)} for s in SCORES}
+    return {"best_epoch": best_epoch, "valid": block, "test": block, "longtail": {}}
+
+
+def cli(args: list[str], tmp_path: Path, timeout: float = 120, env: dict | None = None):
+    return subprocess.run([PY, "-m", "alterrec_dist.train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+
+
+# -- run directory and summary (in-process) ----------------------------------------------------
+
+def test_default_run_dir_name():
+    import datetime
+
+    cfg = load_config(None, ["train.method=id_only"])
+    d = default_run_dir(cfg, datetime.datetime(2024, 5, 6, 7, 8, 9))
+    assert d == PROJECT_ROOT / "runs" / "id_only-20240506-070809"
+    cfg = load_config(None, ["trainer.name=exp1", "trainer.storage_path=/abs/runs"])
+    assert default_run_dir(cfg) == Path("/abs/runs/exp1")
+
+
+def test_make_run_dir_writes_config_and_refuses_nonempty(tmp_path):
+    cfg = load_config(None, ["train.m_max=3", "model.dim=8"])
+    run = make_run_dir(cfg, str(tmp_path / "a" / "run"))
+    assert run.is_absolute() and run.is_dir()
+    assert load_config(run / "config.toml") == cfg
+    with pytest.raises(ConfigError, match="exists and is not empty") as e:
+        make_run_dir(cfg, str(run))
+    assert str(run) in str(e.value)
+    (tmp_path / "empty").mkdir()
+    assert make_run_dir(cfg, str(tmp_path / "empty")) == tmp_path / "empty"  # an empty dir is fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        make_run_dir(cfg, str(tmp_path / "file"))
+
+
+def test_make_run_dir_named_and_auto(tmp_path):
+    cfg = load_config(None, [f"trainer.storage_path={tmp_path}", "trainer.name=exp"])
+    assert make_run_dir(cfg, None) == tmp_path / "exp"
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        make_run_dir(cfg, None)  # a chosen name is never silently changed
+    cfg = load_config(None, [f"trainer.storage_path={tmp_path}"])
+    a, b = make_run_dir(cfg, None), make_run_dir(cfg, None)  # same second: b gets a suffix
+    assert a != b and a.name.startswith("alterrec-") and b.name.startswith(a.name[:len("alterrec-")])
+
+
+def test_make_run_dir_relative_out_is_cwd_relative(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert make_run_dir(Config(), "rel/run") == tmp_path / "rel" / "run"
+
+
+def test_format_summary_table():
+    text = format_summary(fake_summary(best_epoch=7), Path("/r/x"), "fused/ndcg@10")
+    lines = text.splitlines()
+    assert lines[0].split() == ["test", *METRIC_COLUMNS]
+    assert [ln.split()[0] for ln in lines[1:4]] == ["id", "text", "fused"]
+    assert lines[1].split()[1:] == ["0.1000", "0.2000", "0.3000", "0.4000", "0.5000"]
+    assert "best epoch: 7" in text and lines[-1] == "run dir: /r/x"
+    # a method that has no text side (id_only) just leaves that row out; missing cells show "-"
+    s = fake_summary()
+    del s["test"]["text"]
+    del s["test"]["fused"]["mrr@20"]
+    out = format_summary(s, Path("/r"))
+    assert "text" not in out.splitlines()[1:3][1] and out.splitlines()[2].split()[-1] == "-"
+
+
+def test_read_summary(tmp_path):
+    with pytest.raises(RuntimeError, match="without writing a summary"):
+        read_summary(tmp_path)
+    assert read_summary(tmp_path, {"best_epoch": 1}) == {"best_epoch": 1}
+    (tmp_path / "summary.json").write_text(json.dumps(fake_summary(3)))
+    assert read_summary(tmp_path, {"best_epoch": 1})["best_epoch"] == 3
+
+
+# -- CLI errors: one line, exit 2, Ray never imported -----------------------------------------
+
+@pytest.fixture
+def no_ray_env(tmp_path):
+    """An environment in which importing ray fails loudly: proves the error path never starts it."""
+    shadow = tmp_path / "shadow"
+    (shadow / "ray").mkdir(parents=True)
+    (shadow / "ray" / "__init__.py").write_text("raise ImportError('ray must not be imported on this path')\n")
+    env = dict(os.environ, PYTHONPATH=str(shadow))
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["missing_config", "invalid_toml", "bad_set_key", "bad_set_value",
+                                  "missing_dataset", "not_a_dataset", "run_dir_exists", "bad_launcher"])
+def test_cli_one_line_errors(tmp_path, no_ray_env, case):
+    data = tiny_dataset(tmp_path / "data")
+    (tmp_path / "bad.toml").write_text("[model\n")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "notdata").mkdir()
+    ok = ["--set", f"data.path={data}", "--out", str(tmp_path / "run")]
+    args, fragment = {
+        "missing_config": (["--config", "nope.toml"], "nope.toml: config file not found"),
+        "invalid_toml": (["--config", "bad.toml"], "bad.toml: not valid TOML"),
+        "bad_set_key": ([*ok, "--set", "model.nosuch=1"], "unknown key model.nosuch"),
+        "bad_set_value": ([*ok, "--set", "train.m_max=three"], "train.m_max: expected int"),
+        "missing_dataset": (["--set", f"data.path={tmp_path}/gone"], f"{tmp_path}/gone: dataset not found"),
+        "not_a_dataset": (["--set", f"data.path={tmp_path}/notdata"], "no dataset manifest"),
+        "run_dir_exists": (["--set", f"data.path={data}", "--out", "taken"], "exists and is not empty"),
+        "bad_launcher": ([*ok, "--set", "trainer.launcher=mpi"], "trainer.launcher"),
+    }[case]
+    t0 = time.time()
+    r = cli(args, tmp_path, env=no_ray_env)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and time.time() - t0 < 60
+    assert not (tmp_path / "run").exists()  # nothing was created before the error
+
+
+@pytest.mark.timeout(120)
+def test_cli_default_dataset_missing_names_it(tmp_path, no_ray_env):
+    """No --config: the embedded default reads shards/default; if absent, say so (exit 2)."""
+    if (PROJECT_ROOT / "shards" / "default" / "manifest.json").exists():
+        pytest.skip("shards/default exists here")
+    r = cli([], tmp_path, env=no_ray_env)
+    assert r.returncode == 2 and "shards/default" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+SMALL = ["train.m_max=3", "train.m_random=1", "train.m_gap=1", "train.k1=2", "train.k2=20", "train.p=1",
+         "train.global_batch_size=64", "eval.batch_size=64", "model.dim=16"]
+
+
+def _standin_env(tmp_path: Path) -> dict:
+    """Until alterrec_dist/recipe.py exists: a stand-in recipe (this module's `standin_run_worker`),
+    put in place in every process (driver and Ray workers) through a sitecustomize on PYTHONPATH."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    if RECIPE_READY:
+        return env
+    site = tmp_path / "standin_site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys, types\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "def _run_worker(*a, **k):\n"
+        "    import test_train\n"
+        "    return test_train.standin_run_worker(*a, **k)\n"
+        "m = types.ModuleType('alterrec_dist.recipe'); m.run_worker = _run_worker\n"
+        "sys.modules['alterrec_dist.recipe'] = m\n")
+    env["PYTHONPATH"] = str(site)
+    return env
+
+
+def standin_run_worker(cfg, run_dir, report=None):
+    """The documented contract of recipe.run_worker, with made-up metrics."""
+    import torch.distributed as dist
+
+    from alterrec_dist.dataset import Dataset, atomic_write_json
+
+    assert dist.is_initialized() and dist.get_world_size() == cfg.trainer.num_workers
+    Dataset(cfg.resolve_path(cfg.data.path))
+    rank = dist.get_rank()
+    for epoch in range(cfg.train.m_max):
+        t = __import__("torch").tensor([float(rank)])
+        dist.all_reduce(t)
+        m = {"epoch": epoch, "loss": 1.0 / (epoch + 1), "valid/fused/ndcg@10": 0.1 * epoch}
+        if rank == 0:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+        if report is not None:
+            report(m)
+    summary = fake_summary(best_epoch=cfg.train.m_max - 1)
+    if rank == 0:
+        atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def check_run_dir(run: Path, epochs: int, stdout: str, workers: int) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    assert isinstance(summary["best_epoch"], int) and 0 <= summary["best_epoch"] < epochs
+    for part in ("valid", "test"):
+        assert set(summary[part]) <= set(SCORES) and "fused" in summary[part], summary[part]
+        for scores in summary[part].values():
+            assert set(METRIC_COLUMNS) <= set(scores)
+            assert all(0.0 <= scores[m] <= 1.0 for m in METRIC_COLUMNS)
+    assert "longtail" in summary
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == epochs and all(isinstance(json.loads(ln), dict) for ln in lines)
+    cfg = load_config(run / "config.toml")
+    assert cfg.train.m_max == epochs and cfg.trainer.num_workers == workers
+    assert f"run dir: {run}" in stdout and "fused" in stdout and f"best epoch: {summary['best_epoch']}" in stdout
+
+
+def _dataset_args(tmp_path: Path) -> list[str]:
+    """The default dataset if this checkout has it; else a tiny one (so the test still runs)."""
+    if (PROJECT_ROOT / "shards" / "default" / "manifest.json").exists():
+        return []
+    return ["--set", f"data.path={tiny_dataset(tmp_path / 'data')}"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ray_end_to_end_two_workers(tmp_path):
+    """The default config (2 CPU workers, gloo) through Ray Train, at small settings."""
+    run = tmp_path / "run"
+    args = [*_dataset_args(tmp_path), *[a for s in SMALL for a in ("--set", s)], "--out", str(run)]
+    r = cli(args, tmp_path, timeout=840, env=_standin_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    check_run_dir(run, 3, r.stdout, workers=2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_torchrun_launcher(tmp_path):
+    """`torchrun --nproc_per_node 2 -m alterrec_dist.train --launcher torchrun` (no Ray)."""
+    run = tmp_path / "run"
+    torchrun = str(Path(PY).with_name("torchrun"))
+    args = [*_dataset_args(tmp_path), *[a for s in SMALL for a in ("--set", s)], "--out", str(run)]
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "0", "-m", "alterrec_dist.train",
+                        "--launcher", "torchrun", *args], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=540, stdin=subprocess.DEVNULL, env=_standin_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    check_run_dir(run, 3, r.stdout, workers=2)
+    assert r.stdout.count("run dir:") == 1  # only rank 0 prints
+    assert load_config(run / "config.toml").trainer.launcher == "torchrun"
