@@ -159,14 +159,10 @@ def _split_tokens(col: pa.Array) -> tuple[pa.Array, np.ndarray]:
 
 def _join_texts(table: pa.Table, columns: list[str]) -> list[str | None]:
     """Per row, the non-blank values of `columns` joined by ". "; None where all are blank."""
-    parts = []
-    for name in columns:
-        col = pc.utf8_trim_whitespace(table[name].combine_chunks().cast(pa.string()))
-        parts.append(pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col))
-    if not parts:
-        return [None] * table.num_rows
-    joined = pc.binary_join_element_wise(*parts, ". ", null_handling="skip")
-    return [t or None for t in joined.to_pylist()]
+    # Plain Python on purpose: pyarrow 26's binary_join_element_wise(null_handling="skip")
+    # drops rows whose values are all null instead of returning null for them.
+    cols = [pc.utf8_trim_whitespace(table[name].combine_chunks().cast(pa.string())).to_pylist() for name in columns]
+    return [". ".join(v for v in values if v) or None for values in zip(*cols)] if cols else [None] * table.num_rows
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from alterrec_dist.dataset import DataError, atomic_write_bytes
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
-CACHE_CHUNK_ROWS = 50_000  # texts per cache file: bounds what an interrupted run loses
+CACHE_CHUNK_ROWS = 8_192  # texts per cache file: bounds what an interrupted run loses
 
 
 @dataclass
@@ -170,22 +170,40 @@ class _EncodingCache:
         self.dir = root / _model_identity(model_dir)
 
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(vectors, found): rows for `keys` found in the cache; vectors is None if none were.
+
+        One intersection over all cached keys, then only the chunks with hits load vectors."""
         found = np.zeros(len(keys), dtype=bool)
-        vectors: np.ndarray | None = None
-        for path in sorted(self.dir.glob("chunk-*.npz")) if self.dir.is_dir() else []:
-            try:
-                with np.load(path) as z:
-                    chunk_keys, chunk_vecs = z["keys"], z["vectors"]
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-                # A cache must never fail a run: an unreadable file is just a miss.
-                print(f"warning: ignoring unreadable text cache file {path} ({e})", file=sys.stderr)
-                continue
-            _, want, have = np.intersect1d(keys, chunk_keys, assume_unique=True, return_indices=True)
+        chunks = [(path, k) for path in sorted(self.dir.glob("chunk-*.npz")) if (k := self._keys(path)) is not None]
+        if not chunks:
+            return None, found
+        cached = np.unique(np.concatenate([k for _, k in chunks]), return_index=True)
+        _, want, have = np.intersect1d(keys, cached[0], assume_unique=True, return_indices=True)
+        if not len(want):
+            return None, found
+        starts = np.cumsum([0] + [len(k) for _, k in chunks])
+        flat_row = cached[1][have]  # row in the concatenation of all chunks
+        chunk_of = np.searchsorted(starts, flat_row, side="right") - 1
+        vectors = None
+        for c in np.unique(chunk_of):
+            sel = chunk_of == c
+            with np.load(chunks[c][0]) as z:
+                chunk_vectors = z["vectors"]
             if vectors is None:
-                vectors = np.zeros((len(keys), chunk_vecs.shape[1]), dtype=np.float16)
-            vectors[want] = chunk_vecs[have]
-            found[want] = True
+                vectors = np.zeros((len(keys), chunk_vectors.shape[1]), dtype=np.float16)
+            vectors[want[sel]] = chunk_vectors[flat_row[sel] - starts[c]]
+        found[want] = True
         return vectors, found
+
+    @staticmethod
+    def _keys(path: Path) -> np.ndarray | None:
+        try:
+            with np.load(path) as z:
+                return z["keys"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            # A cache must never fail a run: an unreadable file is just a miss.
+            print(f"warning: ignoring unreadable text cache file {path} ({e})", file=sys.stderr)
+            return None
 
     def save(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

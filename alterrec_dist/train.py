@@ -131,6 +131,10 @@ def read_summary(run_dir: Path, fallback: dict | None = None) -> dict:
 
 # -- launcher: Ray Train ----------------------------------------------------------------------
 
+# Ray streams worker output line by line, so every progress-bar refresh becomes a console line:
+# refresh the recipe's tqdm bars at most every few seconds there (tqdm reads TQDM_* at import).
+WORKER_ENV = {"TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5")}
+
 def ray_worker(loop_config: dict) -> None:
     """`train_loop_per_worker`: runs in every Ray Train worker, process group already up."""
     import ray.train
@@ -163,8 +167,10 @@ def _init_ray(num_workers: int) -> bool:
         return False
     # address="local": never attach to some other cluster found in /tmp/ray by accident.
     # Each CPU worker reserves one CPU: on a small machine oversubscribe rather than wait forever.
+    # The dashboard (~2 s) serves the State API that Ray Train V2's placement-group cleaner polls;
+    # without it that actor logs a warning every second for the whole run.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers),
-             include_dashboard=False, **common)
+             include_dashboard=True, **common)
     return True
 
 
@@ -186,7 +192,8 @@ def launch_ray(cfg: Config, run_dir: Path) -> dict:
             scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
             # Ray's own files (checkpoints later, its run-state snapshot) go into run_dir itself.
             run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
-                                 failure_config=FailureConfig(max_failures=0)),
+                                 failure_config=FailureConfig(max_failures=0),
+                                 worker_runtime_env={"env_vars": WORKER_ENV}),
         )
         try:
             result = trainer.fit()

@@ -8,28 +8,13 @@ import pytest
 import torch
 
 from alterrec_dist.config import load_config
-from alterrec_dist.dataset import DatasetWriter
 from alterrec_dist.recipe import build_run, frozen_item_rows, train_epoch
 from alterrec_dist.schedule import plan
 from alterrec_dist.sharded import Comm
 from tests.dist_harness import run_world
+from tests.tiny_data import tiny_dataset
 
 pytestmark = pytest.mark.slow
-V, TEXT_DIM = 41, 8
-
-
-def tiny_dataset(out):
-    rng = np.random.default_rng(0)
-    with DatasetWriter(out) as w:
-        for split, n in (("train", 96), ("valid", 24), ("test", 24)):
-            hist = [rng.integers(0, V, rng.integers(1, 7)).tolist() for _ in range(n)]
-            w.add_sessions(split, hist, rng.integers(0, V, n))
-        w.set_items([f"item{i}" for i in range(V)], [f"text {i}" for i in range(V)])
-        w.add_text_features(rng.normal(size=(V, TEXT_DIM)))
-        w.commit(source={"kind": "test"}, text_model="random")
-    return out
-
-
 def train_and_collect(rank, world, data_path, overrides):
     cfg = load_config(None, [f"data.path={data_path}", f"trainer.num_workers={world}", *overrides])
     run = build_run(cfg, Comm())

@@ -17,7 +17,6 @@ from alterrec_dist.train import METRIC_COLUMNS, default_run_dir, format_summary,
 
 PY = sys.executable
 SCORES = ("id", "text", "fused")
-RECIPE_READY = (PROJECT_ROOT / "alterrec_dist" / "recipe.py").exists()
 
 
 def tiny_dataset(out: Path, num_items: int = 60, dim: int = 16, seed: int = 0) -> Path:
@@ -165,49 +164,10 @@ SMALL = ["train.m_max=3", "train.m_random=1", "train.m_gap=1", "train.k1=2", "tr
          "train.global_batch_size=64", "eval.batch_size=64", "model.dim=16"]
 
 
-def _standin_env(tmp_path: Path) -> dict:
-    """Until alterrec_dist/recipe.py exists: a stand-in recipe (this module's `standin_run_worker`),
-    put in place in every process (driver and Ray workers) through a sitecustomize on PYTHONPATH."""
+def _env() -> dict:
     env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    if RECIPE_READY:
-        return env
-    site = tmp_path / "standin_site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import sys, types\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "def _run_worker(*a, **k):\n"
-        "    import test_train\n"
-        "    return test_train.standin_run_worker(*a, **k)\n"
-        "m = types.ModuleType('alterrec_dist.recipe'); m.run_worker = _run_worker\n"
-        "sys.modules['alterrec_dist.recipe'] = m\n")
-    env["PYTHONPATH"] = str(site)
+    env.pop("RAY_ADDRESS", None)  # a private local Ray, whatever the caller's shell has
     return env
-
-
-def standin_run_worker(cfg, run_dir, report=None):
-    """The documented contract of recipe.run_worker, with made-up metrics."""
-    import torch.distributed as dist
-
-    from alterrec_dist.dataset import Dataset, atomic_write_json
-
-    assert dist.is_initialized() and dist.get_world_size() == cfg.trainer.num_workers
-    Dataset(cfg.resolve_path(cfg.data.path))
-    rank = dist.get_rank()
-    for epoch in range(cfg.train.m_max):
-        t = __import__("torch").tensor([float(rank)])
-        dist.all_reduce(t)
-        m = {"epoch": epoch, "loss": 1.0 / (epoch + 1), "valid/fused/ndcg@10": 0.1 * epoch}
-        if rank == 0:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
-        if report is not None:
-            report(m)
-    summary = fake_summary(best_epoch=cfg.train.m_max - 1)
-    if rank == 0:
-        atomic_write_json(run_dir / "summary.json", summary)
-    return summary
 
 
 def check_run_dir(run: Path, epochs: int, stdout: str, workers: int) -> None:
@@ -239,7 +199,7 @@ def test_ray_end_to_end_two_workers(tmp_path):
     """The default config (2 CPU workers, gloo) through Ray Train, at small settings."""
     run = tmp_path / "run"
     args = [*_dataset_args(tmp_path), *[a for s in SMALL for a in ("--set", s)], "--out", str(run)]
-    r = cli(args, tmp_path, timeout=840, env=_standin_env(tmp_path))
+    r = cli(args, tmp_path, timeout=840, env=_env())
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     check_run_dir(run, 3, r.stdout, workers=2)
 
@@ -251,9 +211,9 @@ def test_torchrun_launcher(tmp_path):
     run = tmp_path / "run"
     torchrun = str(Path(PY).with_name("torchrun"))
     args = [*_dataset_args(tmp_path), *[a for s in SMALL for a in ("--set", s)], "--out", str(run)]
-    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "0", "-m", "alterrec_dist.train",
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "alterrec_dist.train",
                         "--launcher", "torchrun", *args], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=540, stdin=subprocess.DEVNULL, env=_standin_env(tmp_path))
+                       timeout=540, stdin=subprocess.DEVNULL, env=_env())
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     check_run_dir(run, 3, r.stdout, workers=2)
     assert r.stdout.count("run dir:") == 1  # only rank 0 prints

@@ -1,0 +1,15 @@
+"""Fixtures shared by the test modules. Keep this small: module-specific fixtures live in their module."""
+from pathlib import Path
+
+import pytest
+
+# The repo is cloned with shared/ beside it (here /work/main and /work/shared; CI does the same).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only real data sets; tests that need them skip where they are absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (clone the repo with shared/ beside it)")
+    return SHARED_DATA
