@@ -53,15 +53,15 @@ def session_queries(networks: dict[str, Network], table: ShardedItemTable, batch
     """Per score component, the local queries (b, d_c) of this worker's sessions."""
     need_x = any(n.uses_id for n in networks.values())
     need_f = any(n.uses_text for n in networks.values())
-    x, f = table.fetch(batch.items.flatten(), need_x, need_f)
-    shape = (*batch.items.shape, -1)
-    x = x.view(shape) if x is not None else None
-    f = f.view(shape) if f is not None else None
+    x, f, inverse = table.fetch(batch.items.flatten(), need_x, need_f)
+
+    def encode(net: Network) -> torch.Tensor:
+        rows = net.item_rows(x if net.uses_id else None, f if net.uses_text else None)
+        return net.encode(rows[inverse].view(*batch.items.shape, -1), batch.mask)
+
     if "fused" in networks:
-        net = networks["fused"]
-        return list(net.part_queries(net.encode(net.item_rows(x, f), batch.mask)))
-    return [networks[n].encode(networks[n].item_rows(x if n == "id" else None, f if n == "text" else None), batch.mask)
-            for n in ("id", "text")]
+        return list(networks["fused"].part_queries(encode(networks["fused"])))
+    return [encode(networks[n]) for n in ("id", "text")]
 
 
 @torch.no_grad()

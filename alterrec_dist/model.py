@@ -63,8 +63,11 @@ class SessionEncoder(nn.Module):
 
     def forward(self, rows: Tensor, mask: Tensor) -> Tensor:
         if self.kind == "mean":
-            m = mask.unsqueeze(-1).to(rows.dtype)
-            return (self.drop(rows) * m).sum(1) / m.sum(1)
+            # Real positions only: sessions are short and most of a padded batch is padding.
+            session, _ = mask.nonzero(as_tuple=True)
+            real = self.drop(rows[mask])
+            sums = torch.zeros(rows.shape[0], rows.shape[2], dtype=rows.dtype).index_add(0, session, real)
+            return sums / mask.sum(1, keepdim=True).to(rows.dtype)
         last = mask.sum(1) - 1  # left-aligned: the newest real item sits at index len-1
         h = self.hidden(rows, mask)
         return h[torch.arange(h.shape[0], device=h.device), last]

@@ -11,7 +11,6 @@ import argparse
 import signal
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -27,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     common.add_argument("--text-model", metavar="PATH",
                         help="local sentence-transformers model directory (default: bundled all-MiniLM-L6-v2)")
-    common.add_argument("--batch-size", type=int, default=256, help="texts per encoding batch")
+    common.add_argument("--batch-size", type=_positive_int, default=256, help="texts per encoding batch")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     common.add_argument("--drop-short", action="store_true",
                         help="skip sessions shorter than 2 events with a warning instead of failing")
@@ -61,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--cutoff", help="with --split time: rows whose target is at or after this go to test")
     log.add_argument("--valid-cutoff", help="with --split time: ... at or after this (and before --cutoff) to valid")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def read_source(args: argparse.Namespace) -> Source:

@@ -175,12 +175,13 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
     """One global batch: this rank's share of the loss (to backward) and the logged global losses."""
     t = cfg.train
     nets = [trained] + ([frozen] if frozen else [])
-    x, f = table.fetch(batch.items.flatten(), any(n.uses_id for n in nets), any(n.uses_text for n in nets))
-    shape = (*batch.items.shape, -1)
-    x = x.view(shape) if x is not None else None
-    f = f.view(shape) if f is not None else None
+    x, f, inverse = table.fetch(batch.items.flatten(), any(n.uses_id for n in nets), any(n.uses_text for n in nets))
 
-    q = trained.encode(trained.item_rows(x if trained.uses_id else None, f if trained.uses_text else None), batch.mask)
+    def history_rows(net: Network, x_rows) -> torch.Tensor:
+        rows = net.item_rows(x_rows if net.uses_id else None, f if net.uses_text else None)
+        return rows[inverse].view(*batch.items.shape, -1)
+
+    q = trained.encode(history_rows(trained, x), batch.mask)
     queries = comm.all_gather(q, autograd=True)  # (G, d): queries travel, items stay
     target = comm.all_gather(batch.target)
     positives = target[:, None]
@@ -190,9 +191,8 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
     bands = []
     if num_hard:
         with torch.no_grad():
-            xb = x.detach() if frozen.uses_id else None
-            fb = f if frozen.uses_text else None
-            frozen_queries = comm.all_gather(frozen.encode(frozen.item_rows(xb, fb), batch.mask))
+            frozen_queries = comm.all_gather(frozen.encode(history_rows(frozen, x.detach() if x is not None else None),
+                                                           batch.mask))
             band, keys, _ = mine_band(comm, frozen_queries, frozen_rows, table.global_ids, t.k1, t.k1 + num_hard,
                                       table.num_items, frozen.logit_scale, t.merge, cfg.eval.tile_rows,
                                       extra=t.p + 1 if phase.augmented else 0)

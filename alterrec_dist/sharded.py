@@ -6,6 +6,7 @@ every shard scores them against its own rows. World size 1 runs exactly the same
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -15,6 +16,11 @@ import torch.distributed.nn.functional as dist_autograd
 from torch import nn
 
 from alterrec_dist.model import init_id_rows
+
+# torch 2.13 marks the autograd collectives deprecated in favour of the private
+# _functional_collectives; they remain the public API with gloo support, so keep the logs quiet.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated",
+                        category=FutureWarning)
 
 
 class Comm:
@@ -109,10 +115,12 @@ class ShardedItemTable(nn.Module):
     def local_row(self, ids: torch.Tensor) -> torch.Tensor:
         return ids // self.comm.world
 
-    def fetch(self, ids: torch.Tensor, need_x: bool, need_f: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Rows of arbitrary global `ids` from their owners: (x rows with autograd, f rows as float32).
+    def fetch(self, ids: torch.Tensor, need_x: bool, need_f: bool):
+        """Rows of the distinct `ids` from their owners: (x rows with autograd, f rows as float32,
+        inverse) with `rows[inverse]` lining up with `ids`.
 
-        Each distinct id travels once: requests are grouped by owner, exchanged all-to-all, answered
+        Distinct rows only, so callers run item-side layers (the text MLP) once per item, not once
+        per padded history position. Requests are grouped by owner, exchanged all-to-all, answered
         from the local rows and sent back; the backward of the x exchange returns row gradients to
         their owners, where they accumulate into `x.grad`.
         """
@@ -120,23 +128,20 @@ class ShardedItemTable(nn.Module):
         uniq, inverse = torch.unique(ids, return_inverse=True)
         owners = self.owner(uniq)
         order = torch.argsort(owners, stable=True)
-        uniq_by_owner = uniq[order]
         send_counts = torch.bincount(owners, minlength=W)
-        recv_counts = self.comm.all_to_all(list(send_counts.view(W, 1)), [1] * W)
-        recv_counts = [int(c) for c in torch.cat(recv_counts)]
-        requests = self.comm.all_to_all(list(uniq_by_owner.split(send_counts.tolist())), recv_counts)
+        recv_counts = [int(c) for c in torch.cat(self.comm.all_to_all(list(send_counts.view(W, 1)), [1] * W))]
+        requests = self.comm.all_to_all(list(uniq[order].split(send_counts.tolist())), recv_counts)
         local = [self.local_row(r) for r in requests]
-        back = send_counts.tolist()
         position = torch.empty_like(order)
-        position[order] = torch.arange(len(order))  # where each unique id sits in the by-owner order
+        position[order] = torch.arange(len(order))  # where each distinct id sits in the by-owner order
 
         def exchange(table: torch.Tensor, autograd: bool) -> torch.Tensor:
-            answers = self.comm.all_to_all([table[r] for r in local], back, autograd=autograd)
-            return torch.cat(answers)[position][inverse]
+            answers = self.comm.all_to_all([table[r] for r in local], send_counts.tolist(), autograd=autograd)
+            return torch.cat(answers)[position]
 
         x = exchange(self.x, autograd=True) if need_x else None
         f = exchange(self.f16, autograd=False).float() if need_f else None
-        return x, f
+        return x, f, inverse
 
 
 def sum_dense_grads(comm: Comm, params: list[nn.Parameter]) -> None:

@@ -76,7 +76,7 @@ def _read_delimited(path: Path, columns, optional, delimiter, column_names, type
     delimiter = delimiter or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
     quoted = delimiter == ","
     if column_names is None:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM is not in a name
             reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
             column_names = next(reader, [])
         skip_rows = 1

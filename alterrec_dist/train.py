@@ -141,6 +141,7 @@ def ray_worker(loop_config: dict) -> None:
 
     from alterrec_dist import recipe
 
+    _quiet_report_log()
     cfg = Config.from_dict(loop_config["config"])
     if cfg.trainer.use_gpu:
         import ray.train.torch
@@ -151,6 +152,19 @@ def ray_worker(loop_config: dict) -> None:
     # One last report on every rank (reports are a barrier): the driver gets the summary even
     # when rank 0 ran on another node and run_dir is not shared.
     ray.train.report({"summary": summary})
+
+
+def _quiet_report_log() -> None:
+    """Ray 2.60 logs every report() at INFO ("Reporting training result N: TrainingReport(...)")
+    through `logging.getLogger(__file__)` in ray/train/v2/_internal/execution/context.py: a
+    logger outside `ray.train`, so RunConfig's LoggingConfig does not reach it. Raise it here."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # Train V1, or the module moved: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _init_ray(num_workers: int) -> bool:
@@ -176,13 +190,17 @@ def _init_ray(num_workers: int) -> bool:
 
 def launch_ray(cfg: Config, run_dir: Path) -> dict:
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Under `python -m`, this module is __main__; hand Ray the importable function instead, so
     # workers import it from the package rather than unpickling a copy of __main__'s globals.
     from alterrec_dist.train import ray_worker as worker_fn
 
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    if not is_v2_enabled():
+        raise ConfigError("RAY_TRAIN_V2_ENABLED=0 (the legacy Ray Train V1 API) is not supported; unset it")
     started = _init_ray(cfg.trainer.num_workers)
     try:
         trainer = TorchTrainer(
@@ -193,7 +211,9 @@ def launch_ray(cfg: Config, run_dir: Path) -> dict:
             # Ray's own files (checkpoints later, its run-state snapshot) go into run_dir itself.
             run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                                  failure_config=FailureConfig(max_failures=0),
-                                 worker_runtime_env={"env_vars": WORKER_ENV}),
+                                 worker_runtime_env={"env_vars": WORKER_ENV},
+                                 # INFO would echo every ray.train.report() dict from every worker
+                                 logging_config=LoggingConfig(log_level="WARNING")),
         )
         try:
             result = trainer.fit()

@@ -1,7 +1,6 @@
 """`python -m alterrec_dist.prepare`: real files in, the dataset layout out; bad input is one
 line naming the file, exit code 2, and no OUT (nor its hidden temp sibling) left behind."""
 import csv
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from alterrec_dist.cli import run_cli
-from alterrec_dist.dataset import Dataset, DataError
+from alterrec_dist.dataset import Dataset
 from alterrec_dist.prepare import main
 from alterrec_dist.sources import read_amazon_m2, read_log
 

@@ -20,7 +20,9 @@ def fetch_on_shard(rank, world):
     comm = Comm()
     table = ShardedItemTable(V, D, comm, features()[rank::world], init_std=0.5, seed=1)
     ids = torch.tensor([[5, 0, 22, 5], [7, 7, 1, 13]])[rank % 2]  # duplicates, any owner
-    x, f = table.fetch(ids, need_x=True, need_f=True)
+    x, f, inverse = table.fetch(ids, need_x=True, need_f=True)
+    assert len(x) == len(torch.unique(ids)), "each distinct item travels once"
+    x, f = x[inverse], f[inverse]
     (x * torch.arange(1.0, D + 1)).sum().backward()
     return table.global_ids, table.x.detach(), table.x.grad, x.detach(), f, ids
 

@@ -50,6 +50,12 @@ def test_cache_serves_a_second_call(encoded):
     again, _ = encode_texts(TITLES[:3] + ["A new title never seen before"], cache_dir=cache, progress=False, stats=stats)
     assert (stats.cached, stats.encoded) == (3, 1)
     np.testing.assert_array_equal(again[:3], features[:3])
+    # Hits now span two cache files (one per call); every row lands in its own place.
+    stats = EncodeStats()
+    mixed, _ = encode_texts([TITLES[2], "A new title never seen before", TITLES[0]], cache_dir=cache,
+                            progress=False, stats=stats)
+    assert (stats.cached, stats.encoded) == (3, 0)
+    np.testing.assert_array_equal(mixed, again[[2, 3, 0]])
 
 
 def test_duplicate_texts_are_encoded_once(tmp_path):
