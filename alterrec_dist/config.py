@@ -100,6 +100,8 @@ class Config:
             (0.0 <= e.alpha <= 1.0, "eval.alpha must be in [0, 1]"),
             (self.trainer.launcher in ("ray", "torchrun"), "trainer.launcher must be ray or torchrun"),
             (m.text_temperature > 0, "model.text_temperature must be > 0"),
+            (m.encoder != "transformer" or m.dim % m.heads == 0,
+             f"model.dim={m.dim} must be divisible by model.heads={m.heads} for the transformer encoder"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from alterrec_dist.config import Config
-from alterrec_dist.dataset import Dataset, atomic_write_json
+from alterrec_dist.dataset import DataError, Dataset, atomic_write_json
 from alterrec_dist.evaluate import evaluate, item_matrix
 from alterrec_dist.loss import band_loss
 from alterrec_dist.mining import Band, capped_k2, exclude_items, mine_band, random_band, top_items
@@ -72,9 +72,13 @@ def build_run(cfg: Config, comm: Comm) -> Run:
         return SessionReader(data.session_files(split), rank=comm.rank, world_size=comm.world, global_batch_size=batch,
                              max_len=cfg.data.max_len, seed=t.seed, shuffle=train, drop_last=train)
 
+    train_reader = reader("train", t.global_batch_size, True)
+    if train_reader.steps_per_epoch() == 0:
+        raise DataError(f"{data.path}: {data.num_rows('train')} train rows make no full global batch of "
+                        f"train.global_batch_size={t.global_batch_size}")
     return Run(comm, cfg, networks, table,
                optimizers={name: build_optimizers(name, net, table, t) for name, net in networks.items()},
-               train_reader=reader("train", t.global_batch_size, True),
+               train_reader=train_reader,
                eval_readers={s: reader(s, cfg.eval.batch_size, False) for s in ("valid", "test")},
                popularity=data.popularity(), k2=capped_k2(t.k2, V))
 

@@ -22,6 +22,10 @@ from tqdm import tqdm
 from alterrec_dist.dataset import DataError, atomic_write_bytes
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+# Texts per forward pass. On CPU, small batches are much cheaper: MiniLM on Scientific titles
+# took 22 s of CPU per 1,097 texts at 32 against 42 s at 256 (one thread, length-sorted
+# batches either way), as big batches' activations spill out of cache. Raise it on a GPU.
+DEFAULT_BATCH_SIZE = 32
 CACHE_CHUNK_ROWS = 8_192  # texts per cache file: bounds what an interrupted run loses
 
 
@@ -50,7 +54,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ALTERREC_CACHE") or Path.home() / ".cache" / "alterrec_dist" / "text")
 
 
-def encode_texts(texts: list[str | None], model: str | None = None, batch_size: int = 256,
+def encode_texts(texts: list[str | None], model: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  cache_dir: str | Path | None = None, progress: bool = True,
                  stats: EncodeStats | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Features (float16, V×D) and has_text (bool, V) for `texts`, one per item.

@@ -39,7 +39,11 @@ def check_dataset(cfg: Config) -> Path:
         raise DataError(
             f"{path}: dataset not found (data.path={cfg.data.path!r}; make one with "
             "`python -m alterrec_dist.prepare` or `python -m alterrec_dist.synth`)")
-    Dataset(path)  # reads the manifest: DataError naming the file if it is missing or broken
+    data = Dataset(path)  # reads the manifest: DataError naming the file if it is missing or broken
+    rows = data.num_rows("train")
+    if rows < cfg.train.global_batch_size:  # training drops the last partial batch: no step at all
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is more than the {rows} train rows of {path}")
     return path
 
 
@@ -135,6 +139,14 @@ def read_summary(run_dir: Path, fallback: dict | None = None) -> dict:
 # refresh the recipe's tqdm bars at most every few seconds there (tqdm reads TQDM_* at import).
 WORKER_ENV = {"TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5")}
 
+
+def check_ray_train_v2() -> None:
+    """This driver uses the Ray Train V2 API (the default in Ray 2.60: RunConfig.logging_config,
+    worker_runtime_env, the V2 report barrier). Same rule as ray.train.v2's env_bool."""
+    if os.environ.get("RAY_TRAIN_V2_ENABLED", "1").lower() not in ("1", "true"):
+        raise ConfigError("RAY_TRAIN_V2_ENABLED is off: the legacy Ray Train V1 API is not supported; unset it")
+
+
 def ray_worker(loop_config: dict) -> None:
     """`train_loop_per_worker`: runs in every Ray Train worker, process group already up."""
     import ray.train
@@ -197,10 +209,6 @@ def launch_ray(cfg: Config, run_dir: Path) -> dict:
     # workers import it from the package rather than unpickling a copy of __main__'s globals.
     from alterrec_dist.train import ray_worker as worker_fn
 
-    from ray.train.v2._internal.constants import is_v2_enabled
-
-    if not is_v2_enabled():
-        raise ConfigError("RAY_TRAIN_V2_ENABLED=0 (the legacy Ray Train V1 API) is not supported; unset it")
     started = _init_ray(cfg.trainer.num_workers)
     try:
         trainer = TorchTrainer(
@@ -311,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         summary, run_dir = done
     else:
+        check_ray_train_v2()
         run_dir = make_run_dir(cfg, args.out)
         print(f"run dir: {run_dir}", flush=True)
         try:

@@ -1,0 +1,31 @@
+"""Through the real driver: 2 workers (torchrun, gloo) end with the summary.json of 1 worker."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+SETTINGS = ["--set", "model.dropout=0.0", "--set", "train.m_random=1", "--set", "train.m_gap=1",
+            "--set", "train.m_max=3", "--set", "train.seed=3"]
+
+
+def train(out, workers: int):
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}"]
+    cmd = [*launch, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--out", str(out),
+           "--set", f"trainer.num_workers={workers}", *SETTINGS]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    return json.loads((out / "summary.json").read_text()), [json.loads(l) for l in open(out / "metrics.jsonl")]
+
+
+def test_one_and_two_workers_end_with_the_same_metrics(tmp_path):
+    one, one_log = train(tmp_path / "w1", 1)
+    two, two_log = train(tmp_path / "w2", 2)
+    assert [(e["network"], e["negatives"]) for e in two_log] == [("id", "random"), ("text", "random"), ("id", "hard")]
+    assert two["best_epoch"] == one["best_epoch"]
+    for split in ("valid", "test"):
+        for kind in ("id", "text", "fused"):
+            for metric, value in one[split][kind].items():
+                assert two[split][kind][metric] == pytest.approx(value, abs=1e-4), (split, kind, metric)
+    for a, b in zip(one_log, two_log):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
