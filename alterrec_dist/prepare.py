@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--item-id-col", help="item id column of the item table (default: --item-col)")
     log.add_argument("--split", choices=("leave-last-out", "time"), default="leave-last-out")
     log.add_argument("--cutoff", help="with --split time: rows whose target is at or after this go to test")
-    log.add_argument("--valid-cutoff", help="with --split time: ... at or after this (and before --cutoff) to valid")
+    log.add_argument("--valid-cutoff", help="with --split time: rows whose target is at or after this "
+                                            "(and before --cutoff) go to valid; earlier ones to train")
     return parser
 
 
@@ -100,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             command=[sys.executable, "-m", "alterrec_dist.prepare", *argv],
             extra={"sessions": {s: source.splits[s].num_sessions for s in SPLITS}},
         )
-    rows = ", ".join(f"{s} {len(source.splits[s]):,}" for s in SPLITS)
-    print(f"prepared {out}: {len(source.item_ids):,} items ({int(has_text.sum()):,} with text), rows: {rows}; "
+    rows = ", ".join(f"{s} {len(source.splits[s]):,} ({source.splits[s].num_sessions:,})" for s in SPLITS)
+    print(f"prepared {out}: {len(source.item_ids):,} items ({int(has_text.sum()):,} with text), "
+          f"rows (sessions): {rows}; "
           f"text: {stats.encoded:,} encoded, {stats.cached:,} from cache")
     return 0
 

@@ -22,9 +22,10 @@ from tqdm import tqdm
 from alterrec_dist.dataset import DataError, atomic_write_bytes
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
-# Texts per forward pass. On CPU, small batches are much cheaper: MiniLM on Scientific titles
-# took 22 s of CPU per 1,097 texts at 32 against 42 s at 256 (one thread, length-sorted
-# batches either way), as big batches' activations spill out of cache. Raise it on a GPU.
+# Texts per forward pass. On CPU small batches cost less: MiniLM on Scientific titles (length-
+# sorted batches either way) took 22 s of CPU per 1,097 texts at 32 against 42 s at 256 with
+# one torch thread, and 24 s against 30 s per 549 texts with two at the same wall time; big
+# batches' activations spill out of cache. Raise it on a GPU.
 DEFAULT_BATCH_SIZE = 32
 CACHE_CHUNK_ROWS = 8_192  # texts per cache file: bounds what an interrupted run loses
 
