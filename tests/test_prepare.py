@@ -71,6 +71,7 @@ def read_tsv(path: Path) -> list[list[str]]:
     return [line.split("\t") for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # real MiniLM over 4,369 texts: ~2 min on 2 cores, once per session
 def test_scientific_counts_and_items(scientific, shared_data):
     ds, src = scientific, shared_data / "scientific"
     assert ds.num_items == 4385
@@ -84,6 +85,7 @@ def test_scientific_counts_and_items(scientific, shared_data):
     assert ds.manifest["source"]["item_index_base"] == 0
 
 
+@pytest.mark.slow  # real MiniLM over 4,369 texts: ~2 min on 2 cores, once per session
 def test_scientific_rows_are_the_files_rows(scientific, shared_data):
     for split in ("train", "test"):
         rows = read_tsv(shared_data / "scientific" / f"Scientific.{split}.inter")[1:]
@@ -93,11 +95,13 @@ def test_scientific_rows_are_the_files_rows(scientific, shared_data):
             assert (g_user, g_hist, g_target) == (user, [int(x) for x in hist.split()], int(target))
 
 
+@pytest.mark.slow  # real MiniLM over 4,369 texts: ~2 min on 2 cores, once per session
 def test_scientific_popularity_is_train_target_counts(scientific):
     targets = np.array(scientific.read_sessions("train")["target"].to_pylist())
     np.testing.assert_array_equal(scientific.popularity(), np.bincount(targets, minlength=4385))
 
 
+@pytest.mark.slow  # real MiniLM over 4,369 texts: ~2 min on 2 cores, once per session
 def test_scientific_text_features(scientific):
     feats, has_text = scientific.text_features(), scientific.has_text()
     assert feats.shape == (4385, 384) and feats.dtype == np.float16
@@ -108,6 +112,7 @@ def test_scientific_text_features(scientific):
     assert len(scientific.manifest["source"]["files"]) == 5  # 3 inter + item2index + text, with sha256
 
 
+@pytest.mark.slow  # real MiniLM over 4,369 texts: ~2 min on 2 cores, once per session
 def test_rerun_takes_every_text_from_the_cache(scientific, shared_data, tmp_path, capsys):
     out = tmp_path / "again"
     main(["recbole", "--path", str(shared_data / "scientific"), "--out", str(out), "--no-progress"])
