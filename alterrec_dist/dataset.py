@@ -75,6 +75,25 @@ def _part_name(i: int, ext: str) -> str:
     return f"part-{i:05d}.{ext}"
 
 
+def _remove_stale_temp_dirs(out: Path) -> None:
+    """A writer killed by SIGKILL cannot clean up: remove temp dirs of `out` whose process is gone
+    (and our own pid's, left by an earlier writer in this process)."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class DatasetWriter:
     """Streams a dataset into a temp directory; `commit` renames it to `out`.
 
@@ -90,9 +109,8 @@ class DatasetWriter:
             raise DataError(f"{self.out}: output exists (pass --overwrite to replace it)")
         self.overwrite = overwrite
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_dirs(self.out)
         (self.tmp / "text_features").mkdir(parents=True)
         for split in SPLITS:
             (self.tmp / "sessions" / split).mkdir(parents=True)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from alterrec_dist.cli import run_cli
-from alterrec_dist.dataset import Dataset
+from alterrec_dist.dataset import Dataset, DatasetWriter
 from alterrec_dist.prepare import main
 from alterrec_dist.sources import read_amazon_m2, read_log
 
@@ -523,3 +523,7 @@ def test_killed_while_encoding_leaves_no_output(shared_data, tmp_path, sig):
     if sig == signal.SIGTERM:  # SIGTERM unwinds and removes the temp dir; SIGKILL cannot be caught
         assert proc.returncode == 128 + signal.SIGTERM
         assert_no_output(out)
+    else:  # ... but the next writer of the same OUT sweeps the dead process's temp dir
+        assert list(tmp_path.glob(".out.tmp-*"))
+        DatasetWriter(out).abort()
+        assert not list(tmp_path.glob(".out.tmp-*"))
