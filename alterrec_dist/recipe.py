@@ -86,7 +86,7 @@ def build_run(cfg: Config, comm: Comm) -> Run:
 def run_worker(cfg: Config, run_dir: Path, report: Callable[[dict], None] | None = None) -> dict:
     """Train by the plan, validate every epoch, test at the best; rank 0 writes the run files."""
     run = build_run(cfg, Comm())
-    comm, t, networks, table = run.comm, cfg.train, run.networks, run.table
+    comm, t = run.comm, cfg.train
     run_dir = Path(run_dir)
     part, _, metric = cfg.eval.metric.partition("/")
     part = {"id_only": "id", "text_only": "text"}.get(t.method, part)  # a lone network is judged on itself

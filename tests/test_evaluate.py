@@ -1,5 +1,4 @@
 """Sharded full-ranking evaluation equals a dense evaluation of the whole score matrix."""
-import numpy as np
 import pytest
 import torch
 
