@@ -78,3 +78,12 @@ def test_random_negatives_do_not_depend_on_world_size():
     two = run_world(random_on_shard, 2)
     assert [sorted(a + b) for a, b in zip(*two)] == one
     assert all(len(row) == 50 for row in one)
+
+
+@pytest.mark.parametrize("k2, expected", [(50, 37), (37, 37), (20, 20)])
+def test_k2_above_the_catalog_is_capped_with_a_warning(k2, expected, recwarn):
+    from alterrec_dist.mining import capped_k2
+    assert capped_k2(k2, 37) == expected
+    assert len(recwarn) == (1 if k2 > 37 else 0)
+    if k2 > 37:
+        assert "larger than the catalog" in str(recwarn[0].message)
