@@ -420,40 +420,27 @@ def test_existing_output_without_overwrite_subprocess(tmp_path):
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_empty_file(tmp_path, capsys):
-    (tmp_path / "s.csv").write_text("")
-    assert_fails(["amazon-m2", "--sessions", str(tmp_path / "s.csv"), "--out", str(tmp_path / "o")],
-                 f"{tmp_path / 's.csv'}: empty file", capsys)
+# One sessions file, one problem: (file name, how to write it, the error after "<file>: ").
+BAD_SESSIONS_FILES = {
+    "empty file": ("s.csv", lambda p: p.write_text(""), "empty file"),
+    "header only": ("s.csv", lambda p: p.write_text("prev_items,locale\n"), "no data rows"),
+    "missing column": ("s.csv", lambda p: p.write_text("items,locale\n\"['A' 'B']\",FR\n"),
+                       "missing column(s) prev_items (found: items, locale)"),
+    "wrong column type": ("s.parquet", lambda p: pq.write_table(pa.table({"prev_items": [1, 2]}), p),
+                          "column prev_items: expected a list of ASINs, got int64"),
+    "malformed list string": ("s.csv", lambda p: p.write_text("prev_items\n\"['A' 'B']\"\n\"A B\"\n"),
+                              "row 2, column prev_items: not a list"),
+    "corrupt parquet": ("s.parquet", lambda p: p.write_bytes(b"PAR1" + os.urandom(300)), "cannot read as Parquet"),
+}
 
 
-def test_header_only_file(tmp_path, capsys):
-    (tmp_path / "s.csv").write_text("prev_items,locale\n")
-    assert_fails(["amazon-m2", "--sessions", str(tmp_path / "s.csv"), "--out", str(tmp_path / "o")],
-                 f"{tmp_path / 's.csv'}: no data rows", capsys)
-
-
-def test_missing_column(tmp_path, capsys):
-    (tmp_path / "s.csv").write_text("items,locale\n\"['A' 'B']\",FR\n")
-    assert_fails(["amazon-m2", "--sessions", str(tmp_path / "s.csv"), "--out", str(tmp_path / "o")],
-                 f"{tmp_path / 's.csv'}: missing column(s) prev_items (found: items, locale)", capsys)
-
-
-def test_wrong_column_type(tmp_path, capsys):
-    pq.write_table(pa.table({"prev_items": [1, 2]}), tmp_path / "s.parquet")
-    assert_fails(["amazon-m2", "--sessions", str(tmp_path / "s.parquet"), "--out", str(tmp_path / "o")],
-                 f"{tmp_path / 's.parquet'}: column prev_items: expected a list of ASINs, got int64", capsys)
-
-
-def test_malformed_list_string(tmp_path, capsys):
-    (tmp_path / "s.csv").write_text("prev_items\n\"['A' 'B']\"\n\"A B\"\n")
-    assert_fails(["amazon-m2", "--sessions", str(tmp_path / "s.csv"), "--out", str(tmp_path / "o")],
-                 f"{tmp_path / 's.csv'}: row 2, column prev_items: not a list", capsys)
-
-
-def test_corrupt_parquet(tmp_path, capsys):
-    (tmp_path / "s.parquet").write_bytes(b"PAR1" + os.urandom(300))
-    assert_fails(["amazon-m2", "--sessions", str(tmp_path / "s.parquet"), "--out", str(tmp_path / "o")],
-                 f"{tmp_path / 's.parquet'}: cannot read as Parquet", capsys)
+@pytest.mark.parametrize("case", BAD_SESSIONS_FILES)
+def test_bad_sessions_file(case, tmp_path, capsys):
+    name, write, message = BAD_SESSIONS_FILES[case]
+    sessions = tmp_path / name
+    write(sessions)
+    assert_fails(["amazon-m2", "--sessions", str(sessions), "--out", str(tmp_path / "o")], f"{sessions}: {message}",
+                 capsys)
 
 
 def test_amazon_m2_short_session(tmp_path, capsys):
