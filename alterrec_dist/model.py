@@ -126,8 +126,11 @@ class Network(nn.Module):
             return self._id_part(x)
         if self.kind == "text":
             return self._text_part(f)
-        a, b = self.part_rows(x, f)
-        return a + b if self.kind == "sum" else torch.cat([a, b], dim=-1)
+        return self.join_parts(*self.part_rows(x, f))
+
+    def join_parts(self, id_part: Tensor, text_part: Tensor) -> Tensor:
+        """NFRec only: the item rows from their (id, text) parts, by sum or concatenation."""
+        return id_part + text_part if self.kind == "sum" else torch.cat([id_part, text_part], dim=-1)
 
     def part_queries(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """NFRec only: the query halves so that y = y_id + y_text (paper App. B)."""

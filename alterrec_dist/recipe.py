@@ -209,18 +209,22 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
         bands.append(random_band(comm, len(target), num_neg - num_hard, table.num_items, g))
     band = exclude_items(bands[0] if len(bands) == 1 else Band.cat(*bands), table.global_ids, positives)
 
-    rows = trained.item_rows(table.x if trained.uses_id else None, table.f if trained.uses_text else None)
+    nfrec = trained.kind in ("sum", "concat")
+    if nfrec:  # parts kept: the imbalance diagnostic below scores them without recomputing the MLP
+        parts = trained.part_rows(table.x, table.f)
+        rows = trained.join_parts(*parts)
+    else:
+        rows = trained.item_rows(table.x if trained.uses_id else None, table.f if trained.uses_text else None)
     logits = trained.logits(queries, rows)  # (G, V_local) on this shard only
     owned = positives % comm.world == comm.rank
     pos_rows = torch.where(owned, positives // comm.world, 0)
     weight = torch.tensor([1.0] + [t.beta] * (positives.shape[1] - 1)).expand(positives.shape)
     loss, per_query = band_loss(comm, logits, band, pos_rows, owned, weight, t.global_batch_size)
     logged = {"loss": per_query.mean().item()}
-    if trained.kind in ("sum", "concat"):  # NFRec: the imbalance diagnostic, y = y_id + y_text
+    if nfrec:  # the imbalance diagnostic: y = y_id + y_text, the loss of each part alone
         with torch.no_grad():
             q_id, q_text = trained.part_queries(queries)
-            r_id, r_text = trained.part_rows(table.x, table.f)
-            for name, qq, rr in (("loss_id", q_id, r_id), ("loss_text", q_text, r_text)):
+            for name, qq, rr in (("loss_id", q_id, parts[0]), ("loss_text", q_text, parts[1])):
                 _, part = band_loss(comm, qq @ rr.T, band, pos_rows, owned, weight, t.global_batch_size)
                 logged[name] = part.mean().item()
     return loss, logged
