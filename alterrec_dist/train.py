@@ -24,7 +24,7 @@ from pathlib import Path
 
 from alterrec_dist.cli import run_cli
 from alterrec_dist.config import Config, ConfigError, load_config, to_toml
-from alterrec_dist.dataset import DataError, Dataset
+from alterrec_dist.dataset import DataError, Dataset, atomic_write_bytes
 
 METRIC_COLUMNS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
 SCORE_ROWS = ("id", "text", "fused")
@@ -95,7 +95,7 @@ def make_run_dir(cfg: Config, out: str | None) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+    atomic_write_bytes(run_dir / "config.toml", to_toml(cfg).encode())
     return run_dir
 
 
