@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from alterrec_dist.dataset import DataError
+from alterrec_dist.dataset import DataError, gather_ranges
 
 PADDING_EXAMPLE = -1  # `example` of the rows that pad the last evaluation batch
 
@@ -48,13 +48,6 @@ class RowGroup:
     index: int     # row group number within the file
     first: int     # global index of its first row in the split
     rows: int
-
-
-def gather_ranges(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, values) of the ragged rows values[starts[i] : starts[i] + lens[i]]."""
-    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    return offsets, values[np.arange(offsets[-1]) + np.repeat(starts - offsets[:-1], lens)]
 
 
 @dataclass

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from alterrec_dist.dataset import SPLITS, DataError
+from alterrec_dist.dataset import SPLITS, DataError, gather_ranges
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TRAIN, VALID, TEST = SPLITS
@@ -226,18 +226,15 @@ class Pairs:
 
     def _block(self, lo: int, hi: int):
         start, pos, group = self.start[lo:hi], self.pos[lo:hi], self.group[lo:hi]
-        lengths = pos - start
-        offsets = _offsets(lengths)
-        idx = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
-        history = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
-                                           pa.array(self.values[idx].astype(np.int32)))
+        offsets, items = gather_ranges(self.values, start, pos - start)
+        history = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(items.astype(np.int32)))
         take = pa.array(group)
         return (history, self.values[pos].astype(np.int32),
                 self.user.take(take) if self.user is not None else None,
                 self.session.take(take) if self.session is not None else None)
 
 
-def _relative_positions(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def event_positions(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per event: its index inside its session and its session's length."""
     lengths = np.diff(offsets)
     session_start = np.repeat(offsets[:-1], lengths)
@@ -341,7 +338,7 @@ def _read_recbole_inter(path: Path, num_items: int, base: int, drop_short: bool)
                         f"item index outside the {num_items:,} items of item2index", where)
     keep = _keep_long_sessions(counts + 1, lambda i: f"{path}: row {i + 1}", drop_short)
     offsets, values = _append_targets(counts[keep], history[np.repeat(keep, counts)], target[keep])
-    rel, length = _relative_positions(offsets)
+    rel, length = event_positions(offsets)
     if "user_id" not in table.column_names:
         return Pairs.where(values, offsets, rel == length - 1)
     # Each row is its own (prefix) session; grouping rows by user makes the manifest count users.
@@ -411,7 +408,7 @@ def read_amazon_m2(sessions: list[str | Path], labels: list[str | Path] = (), pr
 
     split_of = _random_split(len(counts), valid_frac, test_frac, seed)
     offsets = _offsets(counts)
-    rel, length = _relative_positions(offsets)
+    rel, length = event_positions(offsets)
     event_split = np.repeat(split_of, counts)
     session_id = pa.array(global_row.astype(str))
     splits = {
@@ -557,7 +554,7 @@ def read_log(interactions: str | Path, items: str | Path, user_col: str, item_co
     values, times = idx.to_numpy().astype(np.int64)[order], times[order]
     user = users.take(pa.array(first_row[keep]))
     session = keys.dictionary.filter(pa.array(keep)) if session_col else None
-    rel, length = _relative_positions(offsets)
+    rel, length = event_positions(offsets)
     if split == "leave-last-out":
         masks = {TRAIN: (rel >= 1) & (rel <= length - 3), VALID: (rel == length - 2) & (length >= 3),
                  TEST: rel == length - 1}

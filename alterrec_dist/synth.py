@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from alterrec_dist.cli import run_cli
 from alterrec_dist.dataset import SPLITS, DatasetWriter
+from alterrec_dist.sources import Pairs, event_positions
 
 # Zipf-Mandelbrot popularity over the rank fraction x in (0, 1): weight = (x + OFFSET)^-EXPONENT.
 # The two constants solve share(top 1%) = 0.117 and share(top 10%) = 0.443 (Amazon-M2 task 2) for
@@ -184,38 +185,19 @@ def draw_sessions(cat: Catalog, seed: int, unit: int, n: int) -> tuple[np.ndarra
     return lengths, items.astype(np.int32), split
 
 
-def ragged_slices(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> pa.ListArray:
-    """The list array whose row i is values[starts[i] : starts[i] + lens[i]]."""
-    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    index = np.arange(offsets[-1]) + np.repeat(starts - offsets[:-1], lens)
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values[index]))
-
-
-def prefix_rows(items: np.ndarray, starts: np.ndarray, lengths: np.ndarray, session_no: np.ndarray):
-    """Train rows: for each session, every prefix of 1..L-1 items -> the item after it."""
-    per_session = lengths - 1
-    row_session = np.repeat(np.arange(len(lengths)), per_session)
-    first_row = np.cumsum(per_session) - per_session
-    prefix_len = np.arange(len(row_session)) - first_row[row_session] + 1
-    row_start = starts[row_session]
-    return ragged_slices(items, row_start, prefix_len), items[row_start + prefix_len], session_no[row_session]
-
-
-def last_item_rows(items: np.ndarray, starts: np.ndarray, lengths: np.ndarray, session_no: np.ndarray):
-    """Valid/test rows: all but the last item -> the last item."""
-    return ragged_slices(items, starts, lengths - 1), items[starts + lengths - 1], session_no
-
-
 def write_session_block(writer: DatasetWriter, lengths: np.ndarray, items: np.ndarray, split: np.ndarray,
                         first_session: int) -> None:
-    starts = np.cumsum(lengths) - lengths
-    session_no = np.arange(first_session, first_session + len(lengths), dtype=np.int64)
+    """Train rows: every prefix of a training session -> the item after it; valid/test rows: all
+    but the last item -> the last item. The same row-making as `prepare` (sources.Pairs)."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    position, length = event_positions(offsets)
+    event_split = np.repeat(split, lengths)
+    session = pa.array(np.arange(first_session, first_session + len(lengths), dtype=np.int64)).cast(pa.string())
     for s, name in enumerate(SPLITS):
-        sel = np.nonzero(split == s)[0]
-        rows = prefix_rows if name == "train" else last_item_rows
-        history, target, session = rows(items, starts[sel], lengths[sel], session_no[sel])
-        writer.add_sessions(name, history, target, session=pa.array(session).cast(pa.string()))
+        row_events = (position >= 1) if name == "train" else (position == length - 1)
+        pairs = Pairs.where(items, offsets, (event_split == s) & row_events, session=session)
+        for history, target, _, session_ids in pairs.blocks():
+            writer.add_sessions(name, history, target, session=session_ids)
 
 
 def write_sessions(writer: DatasetWriter, cat: Catalog, seed: int, num_sessions: int, block_sessions: int,
