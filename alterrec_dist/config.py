@@ -60,6 +60,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     alpha: float = 0.5             # fused score = alpha * id + (1 - alpha) * text
+    alpha_sweep: list[float] = field(default_factory=list)  # extra fused kinds "fused@<a>" (sensitivity)
     metric: str = "fused/ndcg@10"  # model selection on validation: "<id|text|fused>/<metric>"
     batch_size: int = 512          # eval sessions per step over all workers
     tile_rows: int = 65_536        # item rows scored at once per shard: bounds the score tile in memory
@@ -97,7 +98,7 @@ class Config:
              f"train.global_batch_size={t.global_batch_size} must be divisible by trainer.num_workers={self.trainer.num_workers}"),
             (e.batch_size % self.trainer.num_workers == 0,
              f"eval.batch_size={e.batch_size} must be divisible by trainer.num_workers={self.trainer.num_workers}"),
-            (0.0 <= e.alpha <= 1.0, "eval.alpha must be in [0, 1]"),
+            (all(0.0 <= a <= 1.0 for a in [e.alpha, *e.alpha_sweep]), "eval.alpha and eval.alpha_sweep must be in [0, 1]"),
             (self.trainer.launcher in ("ray", "torchrun"), "trainer.launcher must be ray or torchrun"),
             (m.text_temperature > 0, "model.text_temperature must be > 0"),
             (m.encoder != "transformer" or m.dim % m.heads == 0,

@@ -17,9 +17,6 @@ from alterrec_dist.model import Network
 from alterrec_dist.reader import Batch
 from alterrec_dist.sharded import Comm, ShardedItemTable
 
-KINDS = ("id", "text", "fused")
-
-
 @torch.no_grad()
 def item_matrix(net: Network, table: ShardedItemTable, tile_rows: int, parts: bool = False):
     """This shard's item rows of `net` (or its (id, text) part rows for NFRec), without grad."""
@@ -39,13 +36,16 @@ class Scorer:
     weights: dict[str, list[float]]         # kind -> weight per component
 
     @staticmethod
-    def build(networks: dict[str, Network], table: ShardedItemTable, alpha: float, tile_rows: int) -> "Scorer":
+    def build(networks: dict[str, Network], table: ShardedItemTable, alpha: float, tile_rows: int,
+              alpha_sweep: tuple[float, ...] = ()) -> "Scorer":
+        """id, text and fused kinds; for AlterRec also "fused@<a>" for each a of `alpha_sweep`."""
         if "fused" in networks:  # NFRec: y = y_id + y_text (paper App. B)
             id_part, text_part = item_matrix(networks["fused"], table, tile_rows, parts=True)
             return Scorer([id_part, text_part], [1.0, 1.0], {"id": [1, 0], "text": [0, 1], "fused": [1, 1]})
         mats = [item_matrix(networks[n], table, tile_rows)[0] for n in ("id", "text")]
         scales = [networks[n].logit_scale for n in ("id", "text")]
-        return Scorer(mats, scales, {"id": [1, 0], "text": [0, 1], "fused": [alpha, 1 - alpha]})
+        sweep = {f"fused@{a:g}": [a, 1 - a] for a in alpha_sweep}
+        return Scorer(mats, scales, {"id": [1, 0], "text": [0, 1], "fused": [alpha, 1 - alpha], **sweep})
 
 
 @torch.no_grad()
@@ -66,44 +66,48 @@ def session_queries(networks: dict[str, Network], table: ShardedItemTable, batch
 
 @torch.no_grad()
 def evaluate(comm: Comm, networks: dict[str, Network], table: ShardedItemTable, batches, num_batches: int,
-             popularity: np.ndarray, alpha: float, bins: list[int], tile_rows: int, desc: str = "eval") -> dict:
-    """Metrics for id, text and fused scores over the batches of one split, with long-tail groups."""
+             popularity: np.ndarray, alpha: float, bins: list[int], tile_rows: int, desc: str = "eval",
+             alpha_sweep: tuple[float, ...] = ()) -> dict:
+    """Metrics for id, text and fused scores (and the swept fused kinds) over the batches of one split,
+    with long-tail groups."""
     for net in networks.values():
         net.eval()
-    scorer = Scorer.build(networks, table, alpha, tile_rows)
+    scorer = Scorer.build(networks, table, alpha, tile_rows, alpha_sweep)
+    kinds = list(scorer.weights)
     group_of_item, labels = popularity_groups(popularity, bins)
     group_of_item = torch.from_numpy(group_of_item)
-    sums = {k: MetricSums(labels) for k in KINDS}
+    sums = {k: MetricSums(labels) for k in kinds}
     ids = table.global_ids
     for batch in tqdm(batches, total=num_batches, desc=desc, disable=comm.rank != 0, leave=False):
         queries = [comm.all_gather(q) for q in session_queries(networks, table, batch)]
         target = comm.all_gather(batch.target)
         valid = comm.all_gather(batch.valid)
         counts = count_above_target(comm, scorer, queries, target, ids, tile_rows)
-        for i, kind in enumerate(KINDS):
+        for i, kind in enumerate(kinds):
             sums[kind].add(1 + counts[:, i], valid, group_of_item[target])
-    return {k: {**sums[k].result(), "longtail": sums[k].group_results()} for k in KINDS}
+    return {k: {**sums[k].result(), "longtail": sums[k].group_results()} for k in kinds}
 
 
 def count_above_target(comm: Comm, scorer: Scorer, queries: list[torch.Tensor], target: torch.Tensor,
                        ids: torch.Tensor, tile_rows: int) -> torch.Tensor:
-    """(G, 3): for each kind, how many items order before the target, over all shards."""
+    """(G, K): for each of the scorer's K kinds, how many items order before the target, over all shards."""
     owned = target % comm.world == comm.rank
     row = torch.where(owned, target // comm.world, 0)
     target_parts = torch.stack([
         torch.where(owned, (q * m[row]).sum(1) * s, 0.0) for q, m, s in zip(queries, scorer.matrices, scorer.scales)
     ], 1)
     target_parts = comm.all_reduce(target_parts)  # (G, C): only the owner contributed
-    weights = torch.tensor([scorer.weights[k] for k in KINDS], dtype=target_parts.dtype)  # (3, C)
-    target_scores = target_parts @ weights.T  # (G, 3)
+    kinds = list(scorer.weights)
+    weights = torch.tensor([scorer.weights[k] for k in kinds], dtype=target_parts.dtype)  # (K, C)
+    target_scores = target_parts @ weights.T  # (G, K)
 
-    counts = torch.zeros(len(target), len(KINDS), dtype=torch.long)
+    counts = torch.zeros(len(target), len(kinds), dtype=torch.long)
     for s in range(0, len(ids), tile_rows):
         tile_ids = ids[s:s + tile_rows]
         parts = [(q @ m[s:s + tile_rows].T) * sc for q, m, sc in zip(queries, scorer.matrices, scorer.scales)]
         not_target = tile_ids[None, :] != target[:, None]
         before_by_id = tile_ids[None, :] < target[:, None]
-        for i, kind in enumerate(KINDS):
+        for i, kind in enumerate(kinds):
             scores = sum(w * p for w, p in zip(scorer.weights[kind], parts) if w)
             t = target_scores[:, i:i + 1]
             before = (scores > t) | ((scores == t) & before_by_id)

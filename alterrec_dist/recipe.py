@@ -8,7 +8,7 @@
             negatives = B's ranks k1..k2 (mined per shard, merged) or uniform random items
             positives = the target (+ B's top-p, weighted beta, when augmented)
             band loss over A's scores on this shard; step A (and its ID rows)
-        evaluate id, text and fused on validation; test when validation improves
+        evaluate id, text and fused on validation; test and save the model when validation improves
 
 Runs on every worker after the default process group exists (Ray Train or torchrun set it up).
 """
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alterrec_dist.checkpoint import save_model
 from alterrec_dist.config import Config
 from alterrec_dist.dataset import DataError, Dataset, atomic_write_json
 from alterrec_dist.evaluate import evaluate, item_matrix
@@ -53,7 +54,8 @@ class Run:
     def evaluate(self, split: str, epoch: int) -> dict:
         r, e = self.eval_readers[split], self.cfg.eval
         return evaluate(self.comm, self.networks, self.table, r.epoch(0), r.steps_per_epoch(), self.popularity,
-                        e.alpha, e.longtail_bins, e.tile_rows, desc=f"{split} e{epoch}")
+                        e.alpha, e.longtail_bins, e.tile_rows, desc=f"{split} e{epoch}",
+                        alpha_sweep=tuple(e.alpha_sweep))
 
 
 def build_run(cfg: Config, comm: Comm) -> Run:
@@ -84,7 +86,8 @@ def build_run(cfg: Config, comm: Comm) -> Run:
 
 
 def run_worker(cfg: Config, run_dir: Path, report: Callable[[dict], None] | None = None) -> dict:
-    """Train by the plan, validate every epoch, test at the best; rank 0 writes the run files."""
+    """Train by the plan, validate every epoch, test and save the model at the best; rank 0 writes the
+    run files."""
     run = build_run(cfg, Comm())
     comm, t = run.comm, cfg.train
     run_dir = Path(run_dir)
@@ -113,6 +116,9 @@ def run_worker(cfg: Config, run_dir: Path, report: Callable[[dict], None] | None
         if valid[part][metric] > best["score"]:
             best = {"score": valid[part][metric], "epoch": phase.epoch, "valid": line["valid"],
                     "test": run.evaluate("test", phase.epoch)}
+            save_model(comm, run.networks, run.table, run_dir / "model",
+                       {"epoch": phase.epoch, "method": t.method, "selection": f"{part}/{metric}",
+                        "valid_score": best["score"], "dataset": str(cfg.resolve_path(cfg.data.path))})
         if comm.rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(line) + "\n")

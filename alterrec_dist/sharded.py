@@ -48,6 +48,9 @@ class Comm:
         dist.all_gather(out, t.contiguous(), group=self.group)
         return torch.cat(out)
 
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
     def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM, autograd: bool = False) -> torch.Tensor:
         """Reduced copy of `t`. With autograd (SUM only) the backward all-reduces the grads: correct
         when each rank's loss covers only its own queries, as in `band_loss`."""
