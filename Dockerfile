@@ -4,22 +4,31 @@ FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+# Ubuntu 24.04's Python 3.12, with headers and a C compiler (Triton and DeepSpeed build small
+# extensions at run time), and wget (KubeRay's probe and submitter commands call it).
+# The upstream versions are pinned; the Ubuntu revision floats so security updates still apply.
+# uid 1001: the base image already has user `ubuntu` at 1000; the manifests run as 1001.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
+    && apt-get install -y --no-install-recommends \
+        python3=3.12.3-* python3-venv=3.12.3-* python3-dev=3.12.3-* \
+        build-essential=12.10ubuntu* wget=1.21.4-* \
     && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv
+    && python3 -m venv /opt/venv \
+    && groupadd --gid 1001 alterrec \
+    && useradd --create-home --uid 1001 --gid 1001 alterrec
 
-RUN useradd --create-home --uid 1000 alterrec
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY alterrec_dist ./alterrec_dist
 # Editable: relative paths in configs (shards/, runs/) resolve against /app, the project root.
-RUN pip install torch==2.13.0 \
+# setuptools and wheel first: DeepSpeed's sdist is built without isolation, against the torch above.
+RUN pip install setuptools==84.2.1 wheel==0.48.0 \
+    && pip install torch==2.13.0 \
     && DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8 \
     && pip install -e . \
-    && chown alterrec /app
+    && chown alterrec:alterrec /app
 COPY configs ./configs
 COPY shards ./shards
-USER alterrec
+USER 1001:1001
 ENTRYPOINT ["python", "-m", "alterrec_dist.train"]
 CMD ["--config", "configs/default.toml"]

@@ -48,15 +48,16 @@ def check_dataset(cfg: Config) -> Path:
 
 
 def check_resources(cfg: Config) -> None:
-    """Fail fast on a GPU request this machine cannot meet (a local Ray would wait forever)."""
-    if not cfg.trainer.use_gpu:
+    """Fail fast on a GPU request this machine cannot meet (a local Ray would wait forever).
+    Joining a cluster (RAY_ADDRESS), the GPUs are the workers': the driver may run on a CPU-only head."""
+    if not cfg.trainer.use_gpu or (cfg.trainer.launcher == "ray" and os.environ.get("RAY_ADDRESS")):
         return
     import torch
 
     have = torch.cuda.device_count()
     if have == 0:
         raise ConfigError("trainer.use_gpu = true but no CUDA device is visible")
-    if cfg.trainer.launcher == "ray" and not os.environ.get("RAY_ADDRESS") and have < cfg.trainer.num_workers:
+    if cfg.trainer.launcher == "ray" and have < cfg.trainer.num_workers:
         raise ConfigError(
             f"trainer.num_workers={cfg.trainer.num_workers} GPU workers need as many GPUs; this machine has {have}")
 
