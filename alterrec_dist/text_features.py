@@ -168,8 +168,7 @@ def _pooling_dim(config: dict) -> int:
 
 class _EncodingCache:
     """Files `chunk-<sha>.npz` (keys: sha256 of each text, vectors: float16 rows) in one
-    directory per model identity. Identity = model path plus each model file's name, size and
-    mtime, so replacing the model's weights in place does not serve stale vectors."""
+    directory per model identity (a hash of the model's files, see `_model_identity`)."""
 
     def __init__(self, root: Path, model_dir: Path):
         self.dir = root / _model_identity(model_dir)
@@ -219,8 +218,12 @@ class _EncodingCache:
 
 
 def _model_identity(model_dir: Path) -> str:
-    h = hashlib.sha256(str(model_dir).encode())
-    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"\0{f.relative_to(model_dir)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    """sha256 over the model's file names and contents (~90 MB, a fraction of a second): the same
+    weights installed in another venv or image share the cache; changed weights never do."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(f"\0{f.relative_to(model_dir)}\0".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:32]
