@@ -161,6 +161,11 @@ def prepare_datasets(grid: Grid) -> None:
         subprocess.run(cmd, cwd=PROJECT_ROOT, check=True)
 
 
+def shown(path: Path) -> Path:
+    """A path as a user would type it: relative to the project root when inside it."""
+    return path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path
+
+
 def run_one(spec: RunSpec, threads: int) -> tuple[RunSpec, int, float]:
     if spec.run_dir.exists():  # half-finished: start it again from scratch
         shutil.rmtree(spec.run_dir)
@@ -187,7 +192,7 @@ def run_grid(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
     with ThreadPoolExecutor(grid.jobs) as pool:
         for i, (spec, rc, seconds) in enumerate(pool.map(lambda s: run_one(s, grid.threads), todo), 1):
             ok = rc == 0 and spec.done
-            print(f"[{i}/{len(todo)}] {'ok  ' if ok else 'FAIL'} {spec.run_dir.relative_to(PROJECT_ROOT)} "
+            print(f"[{i}/{len(todo)}] {'ok  ' if ok else 'FAIL'} {shown(spec.run_dir)} "
                   f"({seconds / 60:.1f} min){'' if ok else f', exit {rc}, see {spec.log}'}", flush=True)
             if not ok:
                 failed.append(spec)
