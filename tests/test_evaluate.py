@@ -14,7 +14,8 @@ from tests.tiny_data import tiny_dataset
 pytestmark = pytest.mark.slow
 OVERRIDES = ["train.m_random=1", "train.m_gap=1", "train.m_max=2", "train.global_batch_size=12", "train.k1=2",
              "train.k2=12", "model.dim=8", "model.dropout=0.0", "eval.batch_size=6", "eval.tile_rows=5",
-             "eval.alpha=0.3", "model.text_temperature=0.5", "eval.longtail_bins=[2,3]"]
+             "eval.alpha=0.3", "model.text_temperature=0.5", "eval.longtail_bins=[2,3]",
+             "eval.alpha_sweep=[0.3,0.8]"]
 
 
 def trained_run(rank, world, data_path, dense: bool):
@@ -40,6 +41,8 @@ def dense_metrics(run, data):
               for h in sessions["history"].to_pylist()]
         scores[kind] = net.logits(torch.stack(qs), rows)
     scores["fused"] = 0.3 * scores["id"] + 0.7 * scores["text"]
+    scores["fused@0.3"] = scores["fused"]  # the sweep's kinds rank like the main alpha would
+    scores["fused@0.8"] = 0.8 * scores["id"] + 0.2 * scores["text"]
     targets = sessions["target"].to_numpy()
     out = {}
     for kind, s in scores.items():
@@ -55,7 +58,8 @@ def dense_metrics(run, data):
 def test_sharded_evaluation_equals_dense(tmp_path):
     data = tiny_dataset(tmp_path / "data")
     [(single, dense)] = run_world(trained_run, 1, str(data), True)
-    for kind in ("id", "text", "fused"):
+    assert set(single) == set(dense) == {"id", "text", "fused", "fused@0.3", "fused@0.8"}
+    for kind in dense:
         for metric, value in dense[kind].items():
             assert single[kind][metric] == pytest.approx(value, abs=1e-9), (kind, metric)
         groups = single[kind]["longtail"]
@@ -63,6 +67,6 @@ def test_sharded_evaluation_equals_dense(tmp_path):
         assert set(groups) == {"[0,2]", "(2,3]", "(3,inf)"}
     for world in (2, 3):
         for r in run_world(trained_run, world, str(data), False):
-            for kind in ("id", "text", "fused"):
+            for kind in dense:
                 for metric, value in dense[kind].items():
                     assert r[kind][metric] == pytest.approx(value, abs=1e-6), (world, kind, metric)
