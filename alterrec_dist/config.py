@@ -162,17 +162,22 @@ def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
     setattr(sub, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
 
 
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file as a dict; ConfigError naming the file if it is missing or not TOML."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the TOML file, then each `section.key=value` override, then validation."""
     cfg = Config()
     if path is not None:
         path = Path(path)
-        try:
-            doc = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        doc = read_toml(path, "config")
         for section, table in doc.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")

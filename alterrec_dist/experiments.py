@@ -18,13 +18,12 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alterrec_dist.cli import run_cli
-from alterrec_dist.config import PROJECT_ROOT, ConfigError, load_config
+from alterrec_dist.config import PROJECT_ROOT, ConfigError, load_config, read_toml
 
 
 @dataclass
@@ -77,12 +76,7 @@ class Grid:
 
 def load_grid(path: str | Path) -> Grid:
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: grid file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    doc = read_toml(path, "grid")
     seeds = doc.get("seeds", [0, 1, 2])
     datasets = []
     for d in doc.get("dataset", []):
