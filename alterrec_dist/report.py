@@ -201,12 +201,13 @@ def alpha_curve(runs: list[dict]) -> tuple[list[float], dict]:
 
 def sensitivity_figure(alphas, alpha_vals, k2s, k2_vals, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    color = {"hit@10": "C0", "ndcg@10": "C1"}  # one colour per metric; test solid, valid dashed
     for (split, m), ys in alpha_vals.items():
-        axes[0].plot(alphas, ys, "-o" if split == "test" else "--", ms=3, label=f"{split} {m}")
+        axes[0].plot(alphas, ys, "-o" if split == "test" else "--", color=color[m], ms=3, label=f"{split} {m}")
     axes[0].set(xlabel="alpha (weight of the ID score)", ylabel="metric", title="AlterRec: sensitivity to alpha")
     axes[0].legend(fontsize=8)
     for (split, m), ys in k2_vals.items():
-        axes[1].plot(k2s, ys, "-o" if split == "test" else "--", ms=3, label=f"{split} {m}")
+        axes[1].plot(k2s, ys, "-o" if split == "test" else "--", color=color[m], ms=3, label=f"{split} {m}")
     axes[1].set(xscale="log", xlabel="k2 (hard negatives are ranks k1..k2)", ylabel="metric",
                 title="AlterRec: sensitivity to k2 (seed 0)")
     axes[1].legend(fontsize=8)
@@ -240,7 +241,7 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
         lines += [d.note.replace("\n", " "), ""]
     if len(runs) < expected:
         lines += [f"**Incomplete:** {len(runs)} of {expected} runs finished; rows below cover finished runs only.", ""]
-    lines += [f"### Table 1: methods (test, mean ± std over seeds, at the best validation epoch)", ""]
+    lines += ["### Table 1: methods (test, mean ± std over seeds, at the best validation epoch)", ""]
     lines += main_table(methods, peers, d.anchors) + [""]
     for a in d.anchors:
         lines.append(f"- {a['name']}: {a['source']}")
