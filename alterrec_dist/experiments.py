@@ -56,6 +56,7 @@ class DatasetGrid:
     methods: list[str]
     seeds: list[int]
     sets: list[str] = field(default_factory=list)
+    method_sets: dict[str, list[str]] = field(default_factory=dict)
     prepare: list[str] = field(default_factory=list)
     note: str = ""
     sweeps: list[dict] = field(default_factory=list)
@@ -83,7 +84,8 @@ def load_grid(path: str | Path) -> Grid:
         try:
             datasets.append(DatasetGrid(
                 name=d["name"], title=d.get("title", d["name"]), config=d["config"], methods=d["methods"],
-                seeds=d.get("seeds", seeds), sets=d.get("set", []), prepare=d.get("prepare", []),
+                seeds=d.get("seeds", seeds), sets=d.get("set", []), method_sets=d.get("method_set", {}),
+                prepare=d.get("prepare", []),
                 note=d.get("note", ""), sweeps=d.get("sweep", []), peers=d.get("peer", []),
                 anchors=d.get("anchor", [])))
         except KeyError as e:
@@ -98,7 +100,8 @@ def load_grid(path: str | Path) -> Grid:
 
 def train_command(d: DatasetGrid, method: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
     """The normal driver, one worker through the torchrun launcher (W=2 computes the same; see the parity tests)."""
-    sets = ["trainer.num_workers=1", f"train.method={method}", f"train.seed={seed}", *d.sets, *extra]
+    sets = ["trainer.num_workers=1", f"train.method={method}", f"train.seed={seed}", *d.sets,
+            *d.method_sets.get(method, []), *extra]
     cmd = [sys.executable, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--config", d.config]
     for s in sets:
         cmd += ["--set", s]
@@ -117,7 +120,8 @@ def expand(grid: Grid) -> list[RunSpec]:
                                          method=method)
         for sw in d.sweeps:
             key, method = sw["key"], sw["method"]
-            cfg = load_config(PROJECT_ROOT / d.config, [f"train.method={method}", *d.sets])
+            cfg = load_config(PROJECT_ROOT / d.config, [f"train.method={method}", *d.sets,
+                                                         *d.method_sets.get(method, [])])
             section, _, name = key.partition(".")
             default = getattr(getattr(cfg, section), name)
             for value in sw["values"]:

@@ -31,7 +31,8 @@ def write_grid(tmp_path):
         name = "default"
         config = "configs/default.toml"
         methods = ["alterrec", "nfrec_sum", "id_only", "text_only"]
-        set = ["train.m_max=3", "train.m_random=1", "train.m_gap=1", "eval.alpha_sweep=[0.0,0.5,1.0]"]
+        set = ["train.m_max=3", "train.m_random=1", "train.m_gap=1"]
+        method_set = {{ alterrec = ["eval.alpha_sweep=[0.0,0.5,1.0]"] }}
         [[dataset.sweep]]
         key = "train.k2"
         values = [100, 500]   # 500 is the default: it reuses the alterrec run
@@ -54,7 +55,8 @@ def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     assert main(["--grid", str(grid_path)]) == 0
     assert all(s.done for s in specs)
     cmd = (tmp_path / "runs/default/alterrec-k2=100-s0/command.txt").read_text()
-    assert "--set train.k2=100" in cmd and "--set train.method=alterrec" in cmd
+    assert "--set train.k2=100" in cmd and "--set train.method=alterrec" in cmd and "alpha_sweep" in cmd
+    assert "alpha_sweep" not in (tmp_path / "runs/default/id_only-s0/command.txt").read_text()
 
     report = (tmp_path / "docs/RESULTS.md").read_text()
     for heading in ("Table 1", "Table 2", "Fig. 3", "Fig. 5", "Fig. 6", "Fig. 7", "### Runs"):
