@@ -1,0 +1,362 @@
+#!/usr/bin/env python3
+"""Peer baseline: RecBole's SASRec on the exact Scientific split, in its own venv.
+
+    python3 bench/recbole_peer.py --model SASRec --seed 0 --out runs/peers/scientific/SASRec-s0 \
+        [--data ../shared/data/scientific] [--epochs 50]
+
+RecBole is never a project dependency: this script (standard library only at top level) creates
+`.venv-recbole/` in the repository root on first use (torch==2.13.0 first, the CPU wheel on disk,
+then recbole==1.2.1 with pinned, compatible numpy/scipy/pandas), writes the RecBole config into
+OUT, runs RecBole in that venv (this same file, `--_drive`, as a subprocess on one CPU thread),
+and writes OUT/result.json atomically. An existing OUT/result.json is left alone (exit 0), so an
+experiment runner can resume a grid. See bench/PEER.md.
+
+The dataset is read through RecBole's pre-split route (`benchmark_filename: [train, valid,
+test]`, `item_id_list` loaded from the files, `alias_of_item_id: [item_id_list]`), so the split is
+used exactly as given; the driver asserts item and user counts against the data files.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV = REPO / ".venv-recbole"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "scientific"
+RECBOLE_VERSION = "1.2.1"
+TORCH_PIN = "torch==2.13.0"  # exact pin: the CPU wheel on disk; anything looser pulls CUDA wheels
+# recbole==1.2.1 is installed --no-deps with this explicit set. Left out on purpose: ray (only
+# recbole.quick_start imports it; the driver below does not use quick_start) and plotly (only the
+# hyper-parameter tuner). numpy < 2: recbole's Config sets np.float = np.float_ etc., which numpy 2
+# removed; scipy/pandas/scikit-learn are the last releases built for numpy 1.26.
+DEPS = [
+    "numpy==1.26.4",
+    "scipy==1.13.1",
+    "pandas==2.2.3",
+    "scikit-learn==1.5.2",
+    "colorlog==4.7.2",  # recbole's own exact pins
+    "colorama==0.4.4",
+    "tqdm==4.67.1",
+    "pyyaml==6.0.2",
+    "tensorboard==2.18.0",  # recbole.utils imports torch.utils.tensorboard at top level
+    "setuptools==80.10.2",
+    "texttable==1.7.0",
+    "tabulate==0.9.0",
+    "psutil==6.1.1",
+    "thop==0.1.1.post2209072238",
+]
+SETUP_STAMP = json.dumps({"torch": TORCH_PIN, "recbole": RECBOLE_VERSION, "deps": DEPS})
+MODELS = ("SASRec", "FDSA")
+# Tried once (bench/PEER.md): FDSA runs on Scientific.text re-keyed as a .item token_seq feature,
+# but RecBole's FeatureSeqEmbLayer embeds every text token of every history item per batch.
+FDSA_REFUSAL = (
+    "FDSA is not supported here: with the item text as its feature (Scientific.text as a .item "
+    "token_seq, up to 142 words) RecBole's FeatureSeqEmbLayer materialises batch x 50 x 142 x 64 "
+    "token embeddings -- measured 15 GB RSS and 60-100 s per 2048-row batch on one CPU thread "
+    "(~25 min/epoch; still 7.6 GB and ~50 s/batch with the text cut to 32 words); see bench/PEER.md"
+)
+METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
+DATASET = "Scientific"  # file prefix and RecBole dataset name
+SPLITS = ("train", "valid", "test")
+
+
+class Fail(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------- venv
+def ensure_venv(log=print) -> Path:
+    """Create/complete .venv-recbole (under a file lock: runners may start seeds in parallel)."""
+    py = VENV / "bin" / "python"
+    stamp = VENV / ".recbole_peer_setup.json"
+    VENV.mkdir(exist_ok=True)
+    with open(VENV / ".setup.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if py.exists() and stamp.exists() and stamp.read_text() == SETUP_STAMP:
+            return py
+        if sys.version_info[:2] != (3, 11):  # the on-disk torch wheel is cp311; others mean CUDA GBs
+            raise Fail(f"creating {VENV} needs python3.11 (the torch 2.13.0 CPU wheel), "
+                       f"not {sys.version.split()[0]}")
+        log(f"recbole_peer: setting up {VENV} (once) ...")
+        steps = [
+            [sys.executable, "-m", "venv", str(VENV)],
+            [str(py), "-m", "pip", "install", "-q", TORCH_PIN],
+            [str(py), "-m", "pip", "install", "-q", "--no-deps", f"recbole=={RECBOLE_VERSION}"],
+            [str(py), "-m", "pip", "install", "-q", TORCH_PIN, *DEPS],  # torch again: never replaced
+        ]
+        for cmd in steps:
+            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if r.returncode != 0:
+                tail = (r.stdout or "").strip().splitlines()[-1:] or ["?"]
+                raise Fail(f"venv setup failed at `{shlex.join(cmd)}`: {tail[0]}")
+        stamp.write_text(SETUP_STAMP)
+    return py
+
+
+# ----------------------------------------------------------------------------------------- data
+def count_rows(path: Path) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f) - 1  # header
+
+
+def check_data(data: Path) -> dict:
+    if not data.is_dir():
+        raise Fail(f"data dir not found: {data}")
+    need = [f"{DATASET}.{s}.inter" for s in SPLITS] + [f"{DATASET}.item2index"]
+    missing = [n for n in need if not (data / n).is_file()]
+    if missing:
+        raise Fail(f"data dir {data} lacks {', '.join(missing)}")
+    with open(data / f"{DATASET}.item2index") as f:
+        n_items = sum(1 for line in f if line.strip())
+    return {
+        "items": n_items,
+        "rows": {s: count_rows(data / f"{DATASET}.{s}.inter") for s in SPLITS},
+    }
+
+
+def stage_dataset(data: Path, stage: Path) -> None:
+    """RecBole reads DATA_PATH/<dataset>/<dataset>.<suffix>: link the files (no copies)."""
+    d = stage / DATASET
+    d.mkdir(parents=True, exist_ok=True)
+    for s in SPLITS:
+        (d / f"{DATASET}.{s}.inter").symlink_to(data / f"{DATASET}.{s}.inter")
+
+
+def recbole_config(seed: int, epochs: int, batch_size: int, stage: Path, out: Path) -> dict:
+    cfg = {
+        # data: the pre-split atomic files, used as given
+        "data_path": str(stage),
+        "benchmark_filename": list(SPLITS),
+        "USER_ID_FIELD": "user_id",
+        "ITEM_ID_FIELD": "item_id",
+        "LIST_SUFFIX": "_list",
+        "MAX_ITEM_LIST_LENGTH": 50,
+        "load_col": {"inter": ["user_id", "item_id_list", "item_id"]},
+        "alias_of_item_id": ["item_id_list"],  # history tokens share the item_id index space
+        # training
+        "seed": seed,
+        "reproducibility": True,
+        "epochs": epochs,
+        # RecBole's default is 2048 = 17 steps/epoch here: after 4 epochs the CE loss was still
+        # 7.9 (ln 4386 = 8.4) and valid NDCG@10 0.021, hopeless inside 50 epochs; 512 (the
+        # project's own global batch) gives 67 steps/epoch at the same cost per epoch.
+        "train_batch_size": batch_size,
+        "learning_rate": 0.001,
+        "stopping_step": 10,
+        "train_neg_sample_args": None,  # CE loss over all items
+        "checkpoint_dir": str(out / "saved"),
+        # evaluation: full ranking, every epoch, select on validation NDCG@10
+        "eval_args": {"group_by": "user", "order": "TO", "split": {"LS": "valid_and_test"}, "mode": "full"},
+        "metrics": ["Hit", "NDCG", "MRR"],
+        "topk": [10, 20],
+        "valid_metric": "NDCG@10",
+        "eval_step": 1,
+        "eval_batch_size": 4096,
+        "metric_decimal_place": 6,
+        "show_progress": False,
+        "save_dataset": False,
+        "save_dataloaders": False,
+        "log_wandb": False,
+        # model: RecBole's SASRec defaults, spelled out so result.json records them
+        "n_layers": 2,
+        "n_heads": 2,
+        "hidden_size": 64,
+        "inner_size": 256,
+        "hidden_dropout_prob": 0.5,
+        "attn_dropout_prob": 0.5,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "initializer_range": 0.02,
+        "loss_type": "CE",
+    }
+    return cfg
+
+
+def write_yaml(cfg: dict, path: Path) -> None:
+    """Flow-style values are JSON, which YAML reads as is (no PyYAML needed out here)."""
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in cfg.items()))
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".result.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, choices=MODELS)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--epochs", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=512, help="train_batch_size (see bench/PEER.md)")
+    a = ap.parse_args(argv)
+    command = shlex.join(["python3", *sys.argv])
+    if a.model == "FDSA":
+        print(f"recbole_peer: error: {FDSA_REFUSAL}", file=sys.stderr)
+        return 2
+    out = a.out.resolve()
+    if (out / "result.json").exists():
+        print(f"recbole_peer: {out / 'result.json'} exists, nothing to do")
+        return 0
+    try:
+        data = a.data.resolve()
+        expect = check_data(data)
+        py = ensure_venv()
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".dataset-", dir=out))
+        try:
+            stage_dataset(data, stage)
+            cfg = recbole_config(a.seed, a.epochs, a.batch_size, stage, out)
+            write_yaml(cfg, out / "recbole.yaml")
+            drv_out = out / "driver_result.json"
+            drv_out.unlink(missing_ok=True)
+            env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                       # keep torch's large activation buffers in the heap instead of fresh
+                       # mmap + page faults every step (cut system time ~3x on this CPU)
+                       MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="8589934592",
+                       MALLOC_TOP_PAD_="1073741824")
+            env.pop("PYTHONPATH", None)  # nothing of the project's venv leaks in
+            cmd = [str(py), str(Path(__file__).resolve()), "--_drive", str(out / "recbole.yaml"),
+                   a.model, str(drv_out), json.dumps(expect)]
+            start = time.time()
+            with open(out / "recbole.log", "w") as log:
+                r = subprocess.run(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
+            seconds = time.time() - start
+            if r.returncode != 0 or not drv_out.exists():
+                lines = [l for l in (out / "recbole.log").read_text().splitlines() if l.strip()]
+                raise Fail(f"RecBole run failed (exit {r.returncode}): "
+                           f"{lines[-1] if lines else 'no output'} (see {out / 'recbole.log'})")
+            drv = json.loads(drv_out.read_text())
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        cfg["data_path"] = str(data)  # the real files the staged links pointed at
+        result = {
+            "model": a.model,
+            "seed": a.seed,
+            "command": command,
+            "recbole_version": drv["recbole_version"],
+            "config": cfg,
+            "best_epoch": drv["best_epoch"],
+            "valid": drv["valid"],
+            "test": drv["test"],
+            "seconds": round(seconds, 1),
+            "dataset_stats": drv["stats"],
+            "torch_version": drv["torch_version"],
+            "epochs_run": drv["epochs_run"],
+            "valid_ndcg10_by_epoch": drv["valid_curve"],
+        }
+        atomic_write_json(out / "result.json", result)
+    except Fail as e:
+        print(f"recbole_peer: error: {e}", file=sys.stderr)
+        return 1
+    t, v = result["test"], result["valid"]
+    print(f"recbole_peer: {a.model} seed {a.seed}: best epoch {result['best_epoch']}, "
+          f"valid ndcg@10 {v['ndcg@10']:.4f}, test hit@10 {t['hit@10']:.4f} ndcg@10 {t['ndcg@10']:.4f} "
+          f"({seconds:.0f} s) -> {out / 'result.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------- driver (inside the venv)
+def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str) -> None:
+    """Runs under .venv-recbole's python with cwd = OUT (RecBole writes ./log, ./log_tensorboard)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import logging
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    # Patch 1: torch >= 2.6 defaults torch.load(weights_only=True); RecBole's own checkpoint holds
+    # its Config object, so load_best_model would fail. The file is the one this run just wrote.
+    _torch_load = torch.load
+
+    def _load(*args, **kwargs):
+        kwargs.setdefault("weights_only", False)
+        return _torch_load(*args, **kwargs)
+
+    torch.load = _load
+
+    import recbole
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_model, get_trainer, init_logger, init_seed
+
+    expect = json.loads(expect_json)
+    config = Config(model=model_name, dataset=DATASET, config_file_list=[cfg_path])
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = logging.getLogger()
+    logger.info(config)
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    # The split must be the one given: every item, every row, one valid/test row per user.
+    iid, uid = dataset.iid_field, dataset.uid_field
+    tokens = list(dataset.field2id_token[iid][1:])
+    parts = {"train": train_data, "valid": valid_data, "test": test_data}
+    stats = {
+        "item_num_with_padding": int(dataset.item_num),
+        "rows": {k: int(d._dataset.inter_num) for k, d in parts.items()},
+        "users": {k: int(len(np.unique(d._dataset.inter_feat[uid].numpy()))) for k, d in parts.items()},
+    }
+    checks = [
+        (stats["item_num_with_padding"] == expect["items"] + 1,
+         f"item_num {stats['item_num_with_padding']} != {expect['items']} + padding"),
+        (sorted(tokens, key=int) == [str(i) for i in range(expect["items"])],
+         "item tokens are not exactly 0..N-1 of item2index"),
+        (stats["rows"] == expect["rows"], f"rows {stats['rows']} != files {expect['rows']}"),
+        (stats["users"]["valid"] == expect["rows"]["valid"] and stats["users"]["test"] == expect["rows"]["test"],
+         f"valid/test users {stats['users']} != one row per user {expect['rows']}"),
+        (dataset.item_id_list_field == "item_id_list", "item_id_list not taken from the files"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"split check failed: {msg}")
+    logger.info(f"split check ok: {stats}")
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    curve = []
+    _, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False,
+                                callback_fn=lambda epoch, score: curve.append((epoch, float(score))))
+    test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+    logger.info(f"best valid: {best_valid}")
+    logger.info(f"test result: {test}")
+    # RecBole keeps the first epoch reaching the best score (early_stopping updates on '>').
+    best_epoch = max(curve, key=lambda es: (es[1], -es[0]))[0] if curve else None
+    res = {
+        "recbole_version": recbole.__version__,
+        "torch_version": torch.__version__,
+        "best_epoch": best_epoch,
+        "epochs_run": len(curve),
+        "valid_curve": [round(s, 6) for _, s in curve],
+        "valid": {k: float(best_valid[k]) for k in METRICS},
+        "test": {k: float(test[k]) for k in METRICS},
+        "stats": stats,
+    }
+    Path(out_json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--_drive":
+        drive(*sys.argv[2:6])
+        sys.exit(0)
+    sys.exit(main())
