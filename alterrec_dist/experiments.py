@@ -130,8 +130,9 @@ def expand(grid: Grid) -> list[RunSpec]:
                         run_dir = base / f"{method}-s{seed}"
                         extra = []
                     else:
-                        run_dir = base / f"{method}-{name}={value}-s{seed}"
-                        extra = [f"{key}={value}"]
+                        text = str(value).lower() if isinstance(value, bool) else str(value)  # as TOML writes it
+                        run_dir = base / f"{method}-{name}={text}-s{seed}"
+                        extra = [f"{key}={text}"]
                     spec = specs.get(run_dir) or RunSpec(
                         d.name, f"{method} {key}={value}", seed, run_dir,
                         train_command(d, method, seed, run_dir, extra), role="sweep", method=method)
