@@ -37,7 +37,7 @@ class RunSpec:
     done_file: str = "summary.json"
     role: str = "method"       # "method" | "sweep" | "peer"
     method: str = ""
-    sweep: tuple[str, object] | None = None
+    sweeps: dict[str, object] = field(default_factory=dict)  # swept key -> this run's value (several if shared)
 
     @property
     def done(self) -> bool:
@@ -136,7 +136,7 @@ def expand(grid: Grid) -> list[RunSpec]:
                     spec = specs.get(run_dir) or RunSpec(
                         d.name, f"{method} {key}={value}", seed, run_dir,
                         train_command(d, method, seed, run_dir, extra), role="sweep", method=method)
-                    spec.sweep = spec.sweep or (key, value)
+                    spec.sweeps[key] = value
                     specs[run_dir] = spec
         for peer in d.peers:
             for seed in peer.get("seeds", d.seeds):

@@ -37,6 +37,10 @@ def write_grid(tmp_path):
         key = "train.k2"
         values = [100, 500]   # 500 is the default: it reuses the alterrec run
         method = "alterrec"
+        [[dataset.sweep]]
+        key = "model.item_layernorm"
+        values = [true]
+        method = "alterrec"
         [[dataset.peer]]
         name = "Peer"
         command = ["{{python}}", "{tmp_path}/peer.py"]
@@ -51,7 +55,7 @@ def write_grid(tmp_path):
 def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     grid_path = write_grid(tmp_path)
     specs = expand(load_grid(grid_path))
-    assert len(specs) == 6  # 4 methods + 1 new k2 point + 1 peer
+    assert len(specs) == 7  # 4 methods + 1 new k2 point + 1 LayerNorm switch + 1 peer
     assert main(["--grid", str(grid_path)]) == 0
     assert all(s.done for s in specs)
     cmd = (tmp_path / "runs/default/alterrec-k2=100-s0/command.txt").read_text()
@@ -65,6 +69,7 @@ def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     assert f"| ID only (id) | 1 | {summary['test']['id']['hit@10']:.4f} |" in report
     assert "| Peer (peer, RecBole) | 1 | 0.5000 |" in report and "| Published (published) | – | 0.9000 |" in report
     assert "| k2 | 100 | 500 |" in report
+    assert "| model.item_layernorm = true |" in report
     pngs = sorted(p.name for p in (tmp_path / "docs/img").iterdir())
     assert pngs == ["default_alterrec_curves.png", "default_longtail.png", "default_nfrec_imbalance.png",
                     "default_sensitivity.png"]
@@ -75,7 +80,7 @@ def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--grid", str(grid_path)]) == 0
     out = capsys.readouterr().out
-    assert "5 of 6 runs already done; 1 to run" in out and "id_only-s0" in out
+    assert "6 of 7 runs already done; 1 to run" in out and "id_only-s0" in out
     assert (tmp_path / "runs/default/id_only-s0/summary.json").exists()
     assert (tmp_path / "runs/default/alterrec-s0/summary.json").stat().st_mtime_ns == before
 
