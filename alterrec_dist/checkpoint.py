@@ -54,6 +54,14 @@ def save_model(comm, networks: dict, table, model_dir: Path, meta: dict) -> None
     comm.barrier()
 
 
+def verify_files(directory: Path, digests: dict[str, str], manifest_path: Path) -> None:
+    """DataError naming the first file of `digests` that is missing or whose sha256 differs."""
+    for name, digest in digests.items():
+        path = Path(directory) / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise DataError(f"{path}: missing or corrupt (sha256 does not match {manifest_path})")
+
+
 def load_model(model_dir: Path) -> tuple[dict, dict, torch.Tensor | None]:
     """(manifest, {name: state_dict}, the full (V, d) ID table or None), checksums verified."""
     model_dir = Path(model_dir)
@@ -61,10 +69,7 @@ def load_model(model_dir: Path) -> tuple[dict, dict, torch.Tensor | None]:
     if not manifest_path.exists():
         raise DataError(f"{manifest_path}: no saved model (train a run first; the model is saved at its best epoch)")
     manifest = json.loads(manifest_path.read_text())
-    for name, digest in manifest["files"].items():
-        path = model_dir / name
-        if not path.exists() or file_sha256(path) != digest:
-            raise DataError(f"{path}: missing or corrupt (sha256 does not match {manifest_path})")
+    verify_files(model_dir, manifest["files"], manifest_path)
     states = torch.load(model_dir / "networks.pt", weights_only=True)
     W, V = manifest["world_size"], manifest["num_items"]
     x = None

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from alterrec_dist.checkpoint import load_model
+from alterrec_dist.checkpoint import load_model, verify_files
 from alterrec_dist.cli import run_cli
 from alterrec_dist.config import ConfigError, ModelConfig, load_config
 from alterrec_dist.dataset import DataError, Dataset, atomic_write_json, file_sha256
@@ -430,10 +430,7 @@ def load_export(export_dir: str | Path, verify: bool = True) -> Bundle:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{mpath}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
     if verify:
-        for name, digest in manifest["files"].items():
-            p = export_dir / name
-            if not p.is_file() or file_sha256(p) != digest:
-                raise DataError(f"{p}: missing or corrupt (sha256 does not match {mpath})")
+        verify_files(export_dir, manifest["files"], mpath)
     method, cfg, networks = load_encoders(export_dir / "encoders.pt")
     items = pq.read_table(export_dir / "items.parquet")
     x_path = export_dir / "tables" / "id_rows.npy"
