@@ -62,6 +62,7 @@ class DatasetGrid:
     sweeps: list[dict] = field(default_factory=list)
     peers: list[dict] = field(default_factory=list)
     anchors: list[dict] = field(default_factory=list)
+    select: list[str] = field(default_factory=list)  # swept keys whose value each method picks on validation
 
 
 @dataclass
@@ -87,7 +88,7 @@ def load_grid(path: str | Path) -> Grid:
                 seeds=d.get("seeds", seeds), sets=d.get("set", []), method_sets=d.get("method_set", {}),
                 prepare=d.get("prepare", []),
                 note=d.get("note", ""), sweeps=d.get("sweep", []), peers=d.get("peer", []),
-                anchors=d.get("anchor", [])))
+                anchors=d.get("anchor", []), select=d.get("select", [])))
         except KeyError as e:
             raise ConfigError(f"{path}: [[dataset]] entry misses key {e}") from None
     if not datasets:
