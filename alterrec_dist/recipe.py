@@ -27,25 +27,26 @@ from tqdm import tqdm
 from alterrec_dist.checkpoint import save_model
 from alterrec_dist.config import Config
 from alterrec_dist.dataset import DataError, Dataset, atomic_write_json
+from alterrec_dist.engine import Stepper, build_stepper
 from alterrec_dist.evaluate import evaluate, item_matrix
 from alterrec_dist.loss import band_loss
 from alterrec_dist.mining import Band, capped_k2, exclude_items, mine_band, random_band, top_items
 from alterrec_dist.model import Network, build_networks
 from alterrec_dist.reader import Batch, SessionReader
 from alterrec_dist.schedule import Phase, plan
-from alterrec_dist.sharded import Comm, ShardedItemTable, sum_dense_grads
+from alterrec_dist.sharded import Comm, ShardedItemTable
 
 OTHER = {"id": "text", "text": "id"}
 
 
 @dataclass
 class Run:
-    """Everything one worker holds: its shard of the tables, the networks, optimizers and readers."""
+    """Everything one worker holds: its shard of the tables, the networks, their steppers and readers."""
     comm: Comm
     cfg: Config
     networks: dict[str, Network]
     table: ShardedItemTable
-    optimizers: dict[str, list[torch.optim.Optimizer]]
+    steppers: dict[str, Stepper]
     train_reader: SessionReader
     eval_readers: dict[str, SessionReader]
     popularity: np.ndarray
@@ -79,7 +80,7 @@ def build_run(cfg: Config, comm: Comm) -> Run:
         raise DataError(f"{data.path}: {data.num_rows('train')} train rows make no full global batch of "
                         f"train.global_batch_size={t.global_batch_size}")
     return Run(comm, cfg, networks, table,
-               optimizers={name: build_optimizers(name, net, table, t) for name, net in networks.items()},
+               steppers={name: build_stepper(comm, name, net, table, t) for name, net in networks.items()},
                train_reader=train_reader,
                eval_readers={s: reader(s, cfg.eval.batch_size, False) for s in ("valid", "test")},
                popularity=data.popularity(), k2=capped_k2(t.k2, V))
@@ -138,17 +139,6 @@ def run_worker(cfg: Config, run_dir: Path, report: Callable[[dict], None] | None
     return summary
 
 
-def build_optimizers(name: str, net: Network, table: ShardedItemTable, t) -> list[torch.optim.Optimizer]:
-    """The trained network's optimizers: its dense parameters, and its ID rows (sharded, own optimizer)."""
-    lr = t.lr_text if name == "text" else t.lr_id
-    opts = []
-    if net.dense_parameters():  # a mean-encoder ID network has none
-        opts.append(torch.optim.AdamW(net.dense_parameters(), lr=lr, weight_decay=t.weight_decay))
-    if net.uses_id:
-        opts.append(torch.optim.AdamW([table.x], lr=t.lr_id, weight_decay=t.weight_decay))
-    return opts
-
-
 def frozen_item_rows(run: Run, phase: Phase) -> torch.Tensor | None:
     """B's item matrix on this shard, for a phase that mines B's ranks (None otherwise)."""
     if phase.negatives != "hard":
@@ -161,20 +151,17 @@ def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None) -> lis
     """One epoch of the phase's network; returns the logged losses of every step."""
     trained = run.networks[phase.network]
     frozen = run.networks[OTHER[phase.network]] if frozen_rows is not None else None
-    optimizers = run.optimizers[phase.network]
+    stepper = run.steppers[phase.network]
     trained.train()
     logs = []
     reader = run.train_reader
     for step, batch in enumerate(tqdm(reader.epoch(phase.epoch), total=reader.steps_per_epoch(),
                                       desc=f"train e{phase.epoch}", disable=run.comm.rank != 0, leave=False)):
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        stepper.zero_grad()
         loss, logged = train_step(run.comm, run.cfg, phase, trained, frozen, frozen_rows, run.table, batch, step,
                                   run.k2)
-        loss.backward()
-        sum_dense_grads(run.comm, trained.dense_parameters())
-        for opt in optimizers:
-            opt.step()
+        stepper.backward(loss)
+        stepper.step()
         logs.append(logged)
     return logs
 
