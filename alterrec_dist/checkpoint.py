@@ -1,57 +1,134 @@
-"""The trained model on disk: per-rank ID-table shards, the dense networks, and a manifest.
+"""On disk: the best model, and the training checkpoints a run resumes from.
 
-    RUN_DIR/model/manifest.json          epoch, world size, partition rule, files with sha256
-    RUN_DIR/model/networks.pt            {name: state_dict} of every network (rank 0 writes it)
-    RUN_DIR/model/shard-00000-of-00002.pt {"items": global ids, "x": ID rows or None}, one per rank
+Both are directories of per-rank files plus a manifest, written by `publish`:
 
-Rank r holds items r, r+W, r+2W, ... (the modulo rule of `ShardedItemTable`), so the full ID table
-is reassembled by scattering each shard's rows to its `items`; no distributed set-up is needed to
-read it back (`load_model`). A save writes a fresh temp directory and swaps it in by rename, so a
-reader never sees a half-written model.
+    manifest.json      world size, partition rule, item count, the sha256 of every file, and the meta below
+    networks.pt        {name: state_dict} of every network (rank 0 writes it)
+    <one file a rank>  with a rank-unique name
+
+The best model, RUN_DIR/model/ (meta: epoch, method, selection, valid score, dataset):
+
+    shard-RRRRR-of-WWWWW.pt   {"items": global ids, "x": ID rows or None}
+
+A training checkpoint, RUN_DIR/checkpoints/eEEEEE-sSSSSSSS/ (epoch E in progress, S of its steps done; the
+names sort in training order). Its meta is the recipe's `Progress` (epoch, steps done with their logged losses,
+best validation so far with its test metrics, lines of metrics.jsonl) plus the phase index and global step:
+
+    rank-RRRRR-of-WWWWW.pt    {"items": global ids,
+                               "rows": {"x": ID rows, "<net>.exp_avg": ..., "<net>.exp_avg_sq": ...}  row-aligned,
+                               "row_optim": {net: the ID rows' AdamW state without its row tensors},
+                               "engines": {net: the dense engine's state}, "rng": {"torch", "cuda"}}
+    model/                    the best model as it was then: hard links to RUN_DIR/model's files (a copy where
+                              links are impossible), restored on resume with the `best` record it goes with
+
+Rank r holds items r, r+W, r+2W, ... (the modulo rule of `ShardedItemTable`), so a table is
+reassembled, or re-cut for another world size (`repartition`), from each file's `items`; no process
+group is needed for that. A directory is written under a temp name and renamed into place, so a
+reader sees the old one or the new one, never a mix; the checksums catch what the rename cannot
+(a disk that lost or damaged data after the fact).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from alterrec_dist.dataset import DataError, atomic_write_json, file_sha256
 
 PARTITION = "item i on rank i mod world_size, local row i div world_size"
+KEEP = 2  # training checkpoints kept: the newest, and one to fall back on if it turns out damaged
+CHECKPOINT_NAME = re.compile(r"e\d{5}-s\d{7}")
 
 
 def shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}.pt"
 
 
-def save_model(comm, networks: dict, table, model_dir: Path, meta: dict) -> None:
-    """Every rank writes its ID rows; rank 0 the networks and the manifest, then swaps the directory in."""
-    model_dir = Path(model_dir)
-    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
+def rank_file(rank: int, world: int) -> str:
+    return f"rank-{rank:05d}-of-{world:05d}.pt"
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return f"e{epoch:05d}-s{step:07d}"
+
+
+# -- writing a directory of per-rank files -----------------------------------------------------
+
+def publish(comm, target: Path, own: tuple[str, object], shared: dict[str, object], meta: dict,
+            model_dir: Path | None = None) -> None:
+    """Write directory `target` from every rank: each saves `own` (name, object), rank 0 also the
+    `shared` files and, if `model_dir` holds a model, links it in as model/; then rank 0 writes
+    manifest.json (meta, world size, partition rule, sha256 of every file) and renames the directory
+    into place. Collective: every rank calls it."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
     if comm.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
         tmp.mkdir(parents=True)
     comm.barrier()
-    x = table.x.detach().clone() if table.x is not None else None
-    torch.save({"items": table.global_ids.clone(), "x": x}, tmp / shard_name(comm.rank, comm.world))
-    comm.barrier()
+    name, obj = own
+    torch.save(obj, tmp / name)
+    # each rank hashes its own file, in parallel and while it is still in the page cache
+    digests: list = [None] * comm.world
+    dist.all_gather_object(digests, (name, file_sha256(tmp / name)), group=comm.group)
     if comm.rank == 0:
-        torch.save({name: net.state_dict() for name, net in networks.items()}, tmp / "networks.pt")
-        files = sorted(p.name for p in tmp.iterdir())
-        atomic_write_json(tmp / "manifest.json", {
-            **meta, "world_size": comm.world, "partition": PARTITION, "num_items": table.num_items,
-            "files": {name: file_sha256(tmp / name) for name in files},
-        })
-        old = model_dir.with_name(f".{model_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if model_dir.exists():
-            os.replace(model_dir, old)
-        os.replace(tmp, model_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        files = dict(digests)
+        for shared_name, shared_obj in shared.items():
+            torch.save(shared_obj, tmp / shared_name)
+            files[shared_name] = file_sha256(tmp / shared_name)
+        if model_dir is not None and (Path(model_dir) / "manifest.json").is_file():
+            files |= _link_model(Path(model_dir), tmp / "model")
+        atomic_write_json(tmp / "manifest.json", {**meta, "world_size": comm.world, "partition": PARTITION,
+                                                  "files": dict(sorted(files.items()))})
+        _swap_in(tmp, target)
     comm.barrier()
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target`, replacing any directory there (moved aside first, then removed)."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_dir(src: Path, dst: Path) -> None:
+    """Every file of `src` into the new directory `dst`: hard links, so nothing is written twice (the
+    model's files are never modified in place: a new model is a new directory), copies where the
+    file system has no links."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+def _link_model(model_dir: Path, dst: Path) -> dict[str, str]:
+    """Link the model in `model_dir` into `dst`; its files' sha256 under dst's name, carried over from
+    the model's manifest (not recomputed), plus that of the manifest itself."""
+    digests = json.loads((model_dir / "manifest.json").read_text())["files"]
+    _link_dir(model_dir, dst)
+    return {f"{dst.name}/{n}": d for n, d in digests.items()} | {
+        f"{dst.name}/manifest.json": file_sha256(dst / "manifest.json")}
+
+
+# -- the best model ----------------------------------------------------------------------------
+
+def save_model(comm, networks: dict, table, model_dir: Path, meta: dict) -> None:
+    """Every rank writes its ID rows; rank 0 the networks and the manifest, then swaps the directory in."""
+    x = table.x.detach().clone() if table.x is not None else None
+    publish(comm, model_dir, (shard_name(comm.rank, comm.world), {"items": table.global_ids.clone(), "x": x}),
+            {"networks.pt": {name: net.state_dict() for name, net in networks.items()}},
+            {**meta, "num_items": table.num_items})
 
 
 def verify_files(directory: Path, digests: dict[str, str], manifest_path: Path) -> None:
@@ -80,3 +157,184 @@ def load_model(model_dir: Path) -> tuple[dict, dict, torch.Tensor | None]:
                 x = torch.empty(V, shard["x"].shape[1], dtype=shard["x"].dtype)
             x[shard["items"]] = shard["x"]
     return manifest, states, x
+
+
+def restore_model(checkpoint: Path | None, model_dir: Path) -> None:
+    """Make `model_dir` the best model that `checkpoint` recorded, or remove it if there was none yet:
+    a model saved after the checkpoint belongs to training that is being redone."""
+    src = checkpoint / "model" if checkpoint is not None else None
+    if src is None or not src.is_dir():
+        shutil.rmtree(model_dir, ignore_errors=True)
+        return
+    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _link_dir(src, tmp)
+    _swap_in(tmp, model_dir)
+
+
+# -- training checkpoints ----------------------------------------------------------------------
+
+def save_checkpoint(comm, store: Path, name: str, networks: dict, table, steppers: dict, meta: dict,
+                    model_dir: Path) -> Path:
+    """Write checkpoint `name` into `store` (collective), then keep only the newest KEEP there.
+    Returns its directory."""
+    target = Path(store) / name
+    publish(comm, target, (rank_file(comm.rank, comm.world), _rank_state(table, steppers)),
+            {"networks.pt": {n: net.state_dict() for n, net in networks.items()}},
+            {**meta, "num_items": table.num_items}, model_dir)
+    if comm.rank == 0:
+        prune(store, KEEP)
+    return target
+
+
+def _rank_state(table, steppers: dict) -> dict:
+    rows = {"x": table.x.detach()} if table.x is not None else {}
+    row_optim, engines = {}, {}
+    for name, stepper in steppers.items():
+        state = stepper.state_dict()
+        # Every rank's own engine state: replicated for DDP, but a sharding engine's would not be.
+        engines[name] = state["engine"]
+        if state["rows"] is not None:
+            row_optim[name], moments = split_row_state(state["rows"])
+            rows |= {f"{name}.{k}": v for k, v in moments.items()}
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {"items": table.global_ids, "rows": rows, "row_optim": row_optim, "engines": engines, "rng": rng}
+
+
+def split_row_state(state: dict) -> tuple[dict, dict]:
+    """(AdamW state over the one ID-rows parameter without its per-row tensors, those tensors).
+
+    exp_avg and exp_avg_sq are row-aligned with the rows and move with them to their new owner; the
+    step count is the same on every rank (all ranks step their rows together) and stays put."""
+    per_param = state["state"].get(0, {})  # empty before the first step
+    moments = {k: v for k, v in per_param.items() if v.dim() > 0}
+    rest = {k: v for k, v in per_param.items() if v.dim() == 0}
+    return {**state, "state": {0: rest} if per_param else {}}, moments
+
+
+def join_row_state(rest: dict, moments: dict) -> dict:
+    """The inverse of `split_row_state`."""
+    return {**rest, "state": {0: {**rest["state"][0], **moments}}} if moments else rest
+
+
+def prune(store: Path, keep: int) -> None:
+    """Remove everything in `store` but its newest `keep` checkpoints (older ones and the temp
+    directories of saves that were killed)."""
+    kept = set(checkpoints(store)[-keep:])
+    for p in Path(store).iterdir():
+        if p in kept:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def checkpoints(store: Path) -> list[Path]:
+    """The checkpoint directories in `store`, oldest first."""
+    store = Path(store)
+    if not store.is_dir():
+        return []
+    return sorted(p for p in store.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name))
+
+
+def read_manifest(checkpoint: Path) -> dict:
+    path = Path(checkpoint) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing") from None
+    except ValueError:
+        raise DataError(f"{path}: not valid JSON (truncated?)") from None
+    if not isinstance(manifest.get("files"), dict):
+        raise DataError(f"{path}: no file checksums")
+    return manifest
+
+
+def newest_good(store: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint in `store` whose every file matches its manifest's sha256, with its
+    manifest; None if the store holds no checkpoint. Each newer one that fails is a one-line warning
+    on stderr naming the bad file; DataError if they all fail."""
+    problems = []
+    for checkpoint in reversed(checkpoints(store)):
+        try:
+            manifest = read_manifest(checkpoint)
+            verify_files(checkpoint, manifest["files"], checkpoint / "manifest.json")
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            print(f"warning: {problem}; resuming from the older checkpoint {checkpoint.name}", file=sys.stderr,
+                  flush=True)
+        return checkpoint, manifest
+    if problems:
+        raise DataError(f"{store}: none of its {len(problems)} checkpoints is intact; newest: {problems[0]}")
+    return None
+
+
+def find_resume_point(comm, store: Path) -> tuple[Path, dict] | None:
+    """`newest_good(store)` decided once, on rank 0 (every file is read once, not once per rank), and
+    handed to every rank; its DataError is raised on every rank."""
+    box = [None, None]
+    if comm.rank == 0:
+        try:
+            box = [newest_good(store), None]
+        except DataError as e:
+            box = [None, str(e)]
+    dist.broadcast_object_list(box, src=0, group=comm.group)
+    if box[1] is not None:
+        raise DataError(box[1])
+    return box[0]
+
+
+def repartition(shards: list[dict], rank: int, world: int) -> dict:
+    """Rank `rank`'s rows at world size `world` (items rank, rank+world, ... in that order, i.e. its
+    local rows i div world), gathered from row shards cut for any world size.
+
+    Each shard is {"items": (n,) global ids, "rows": {key: (n, ...) tensor}}, rows aligned with
+    items; the result has the same form. Pure, no process group."""
+    picks = [s["items"] % world == rank for s in shards]
+    items = torch.cat([s["items"][p] for s, p in zip(shards, picks)])
+    order = torch.argsort(items)
+    rows = {k: torch.cat([s["rows"][k][p] for s, p in zip(shards, picks)])[order] for k in shards[0]["rows"]}
+    return {"items": items[order], "rows": rows}
+
+
+def load_checkpoint(comm, checkpoint: Path, manifest: dict, networks: dict, table, steppers: dict) -> None:
+    """Load a checkpoint into this rank's networks, ID rows and steppers, at any world size.
+
+    At the saved world size every rank reads its own file and gets back exactly its state, RNG
+    included. At another world size each rank takes its rows (and their AdamW moments) from the old
+    shards that hold them, the dense engine state of old rank 0 (the DDP engine's is replicated), and
+    keeps the RNG of a fresh start: per-rank RNG streams do not map across world sizes, so with
+    dropout the continuation differs from an uninterrupted run (without dropout it is the same)."""
+    checkpoint, old = Path(checkpoint), manifest["world_size"]
+    if manifest["num_items"] != table.num_items:
+        raise DataError(f"{checkpoint / 'manifest.json'}: {manifest['num_items']} items, the dataset has "
+                        f"{table.num_items}")
+    states = torch.load(checkpoint / "networks.pt", weights_only=True)
+    for name, net in networks.items():
+        net.load_state_dict(states[name])
+
+    def shard(r: int) -> dict:  # memory-mapped: only the rows taken from it are read
+        return torch.load(checkpoint / rank_file(r, old), weights_only=True, mmap=True)
+
+    holders = {r: shard(r) for r in torch.unique(table.global_ids % old).tolist()}
+    mine = repartition(list(holders.values()), comm.rank, comm.world)
+    if not torch.equal(mine["items"], table.global_ids):
+        raise DataError(f"{checkpoint}: its shards do not hold every item of rank {comm.rank}")
+    with torch.no_grad():
+        if table.x is not None:
+            table.x.copy_(mine["rows"]["x"])
+    same = old == comm.world
+    own = holders[comm.rank] if same else holders.get(0) or shard(0)
+    for name, stepper in steppers.items():
+        rest = own["row_optim"].get(name)
+        moments = {k.removeprefix(f"{name}."): v for k, v in mine["rows"].items() if k.startswith(f"{name}.")}
+        stepper.load_state_dict({"engine": own["engines"][name],
+                                 "rows": join_row_state(rest, moments) if rest is not None else None})
+    if same:
+        torch.set_rng_state(own["rng"]["torch"])
+        if own["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(own["rng"]["cuda"])

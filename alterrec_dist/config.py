@@ -55,6 +55,7 @@ class TrainConfig:
     lr_text: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    checkpoint_every: int = 0      # steps between training checkpoints (also one at each phase end); 0: none
 
 
 @dataclass
@@ -74,6 +75,10 @@ class TrainerConfig:
     launcher: str = "ray"          # "ray" (TorchTrainer) or "torchrun" (GPU machines without Ray)
     storage_path: str = "runs"     # where run directories go; relative to the project root
     name: str = ""                 # run directory name; empty means <method>-<timestamp>
+    max_failures: int = 2          # ray: restarts of the workers, each from the newest checkpoint; -1: no limit
+    engine: str = "ddp"            # dense parameters: "ddp" (all-reduce + AdamW) or "deepspeed" (README: Engines)
+    precision: str = "fp32"        # dense weights: "fp32", "bf16" (deepspeed; CPU too) or "fp16" (deepspeed on GPU)
+    zero_stage: int = 0            # deepspeed ZeRO: 0 replicated, 1 optimizer state, 2 + gradients partitioned
 
 
 @dataclass
@@ -85,7 +90,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def validate(self) -> "Config":
-        t, m, e = self.train, self.model, self.eval
+        t, m, e, r = self.train, self.model, self.eval, self.trainer
         checks = [
             (t.method in METHODS, f"train.method must be one of {', '.join(METHODS)}, got {t.method!r}"),
             (m.encoder in ("mean", "transformer"), f"model.encoder must be mean or transformer, got {m.encoder!r}"),
@@ -93,6 +98,8 @@ class Config:
             (0 <= t.k1 < t.k2, f"need 0 <= train.k1 < train.k2, got k1={t.k1} k2={t.k2}"),
             (t.method != "alterrec_aug" or t.p < t.k1, f"augmentation needs train.p < train.k1, got p={t.p} k1={t.k1}"),
             (0.0 <= t.hard_fraction <= 1.0, "train.hard_fraction must be in [0, 1]"),
+            (t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}"),
+            (self.trainer.max_failures >= -1, f"trainer.max_failures must be >= -1, got {self.trainer.max_failures}"),
             (t.m_random >= 0 and t.m_gap >= 1 and t.m_max >= 1, "need m_random >= 0, m_gap >= 1, m_max >= 1"),
             (t.global_batch_size % self.trainer.num_workers == 0,
              f"train.global_batch_size={t.global_batch_size} must be divisible by trainer.num_workers={self.trainer.num_workers}"),
@@ -100,6 +107,14 @@ class Config:
              f"eval.batch_size={e.batch_size} must be divisible by trainer.num_workers={self.trainer.num_workers}"),
             (all(0.0 <= a <= 1.0 for a in [e.alpha, *e.alpha_sweep]), "eval.alpha and eval.alpha_sweep must be in [0, 1]"),
             (self.trainer.launcher in ("ray", "torchrun"), "trainer.launcher must be ray or torchrun"),
+            (r.engine in ("ddp", "deepspeed"), f"trainer.engine must be ddp or deepspeed, got {r.engine!r}"),
+            (r.precision in ("fp32", "bf16", "fp16"), f"trainer.precision must be fp32, bf16 or fp16, got {r.precision!r}"),
+            (r.precision == "fp32" or r.engine == "deepspeed",
+             f"trainer.precision={r.precision} needs trainer.engine=deepspeed (the ddp engine trains in fp32)"),
+            (r.precision != "fp16" or r.use_gpu, "trainer.precision=fp16 needs trainer.use_gpu=true (bf16 runs on CPU)"),
+            (r.zero_stage in (0, 1, 2), f"trainer.zero_stage must be 0, 1 or 2, got {r.zero_stage}"),
+            (r.zero_stage == 0 or r.engine == "deepspeed",
+             f"trainer.zero_stage={r.zero_stage} needs trainer.engine=deepspeed"),
             (m.text_temperature > 0, "model.text_temperature must be > 0"),
             (m.encoder != "transformer" or m.dim % m.heads == 0,
              f"model.dim={m.dim} must be divisible by model.heads={m.heads} for the transformer encoder"),

@@ -8,15 +8,20 @@
             negatives = B's ranks k1..k2 (mined per shard, merged) or uniform random items
             positives = the target (+ B's top-p, weighted beta, when augmented)
             band loss over A's scores on this shard; step A (and its ID rows)
+            every train.checkpoint_every steps: a training checkpoint
         evaluate id, text and fused on validation; test and save the model when validation improves
+        at the end of each phase: a training checkpoint
+
+A run starts from the newest intact checkpoint in RUN_DIR/checkpoints, if any (see `resume`).
 
 Runs on every worker after the default process group exists (Ray Train or torchrun set it up).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -24,9 +29,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from alterrec_dist.checkpoint import save_model
+from alterrec_dist.checkpoint import (checkpoint_name, find_resume_point, load_checkpoint, restore_model,
+                                     save_checkpoint, save_model)
 from alterrec_dist.config import Config
-from alterrec_dist.dataset import DataError, Dataset, atomic_write_json
+from alterrec_dist.dataset import DataError, Dataset, atomic_write_bytes, atomic_write_json
 from alterrec_dist.engine import Stepper, build_stepper
 from alterrec_dist.evaluate import evaluate, item_matrix
 from alterrec_dist.loss import band_loss
@@ -80,53 +86,91 @@ def build_run(cfg: Config, comm: Comm) -> Run:
         raise DataError(f"{data.path}: {data.num_rows('train')} train rows make no full global batch of "
                         f"train.global_batch_size={t.global_batch_size}")
     return Run(comm, cfg, networks, table,
-               steppers={name: build_stepper(comm, name, net, table, t) for name, net in networks.items()},
+               steppers={name: build_stepper(comm, name, net, table, cfg) for name, net in networks.items()},
                train_reader=train_reader,
                eval_readers={s: reader(s, cfg.eval.batch_size, False) for s in ("valid", "test")},
                popularity=data.popularity(), k2=capped_k2(t.k2, V))
 
 
-def run_worker(cfg: Config, run_dir: Path, report: Callable[[dict], None] | None = None) -> dict:
+# How the workers hand Ray a result: report(metrics, checkpoint directory or None); None under torchrun.
+Report = Callable[[dict, Path | None], None]
+
+
+@dataclass
+class Progress:
+    """Where training stands; a checkpoint's manifest records it (all of it JSON)."""
+    epoch: int = 0                                   # the epoch in progress, or the next one between epochs
+    steps: list[dict] = field(default_factory=list)  # the logged losses of its steps done so far
+    best: dict = field(default_factory=lambda: {"score": -1.0})  # best validation so far: epoch, valid, test
+    log_lines: int = 0                               # lines of metrics.jsonl written
+
+
+def run_worker(cfg: Config, run_dir: Path, report: Report | None = None) -> dict:
     """Train by the plan, validate every epoch, test and save the model at the best; rank 0 writes the
-    run files."""
+    run files. Starts from the newest intact checkpoint in RUN_DIR/checkpoints when there is one (a
+    `--resume`, or Ray restarting the workers after a failure) and takes one at the end of every
+    phase and every `train.checkpoint_every` steps."""
     run = build_run(cfg, Comm())
     comm, t = run.comm, cfg.train
     run_dir = Path(run_dir)
     part, _, metric = cfg.eval.metric.partition("/")
     part = {"id_only": "id", "text_only": "text"}.get(t.method, part)  # a lone network is judged on itself
-    best: dict = {"score": -1.0}
-    phase_index, prev_key, frozen_rows = -1, None, None
+    phases = plan(t.method, t.m_random, t.m_gap, t.m_max)
+    steps_per_epoch = run.train_reader.steps_per_epoch()
+    progress = resume(run, run_dir)
+
+    def checkpoint(metrics: dict) -> None:
+        done = len(progress.steps)
+        path = save_checkpoint(comm, run_dir / "checkpoints", checkpoint_name(progress.epoch, done), run.networks,
+                               run.table, run.steppers,
+                               {**asdict(progress), "step": done, "phase": phase_index(phases, progress.epoch),
+                                "global_step": progress.epoch * steps_per_epoch + done, "method": t.method},
+                               run_dir / "model")
+        if report is not None:
+            report(metrics, path)
+
+    def every_n_steps() -> None:
+        if t.checkpoint_every and (progress.epoch * steps_per_epoch + len(progress.steps)) % t.checkpoint_every == 0:
+            checkpoint({"epoch": progress.epoch, "step": len(progress.steps)})
+
+    prev_key, frozen_rows = None, None
     log_path = run_dir / "metrics.jsonl"
-    for phase in tqdm(plan(t.method, t.m_random, t.m_gap, t.m_max), desc="epochs", disable=comm.rank != 0):
+    for phase in tqdm(phases[progress.epoch:], desc="epochs", initial=progress.epoch, total=len(phases),
+                      disable=comm.rank != 0):
         if phase.key != prev_key:
-            phase_index, prev_key = phase_index + 1, phase.key
+            prev_key = phase.key
             # B is frozen for the whole phase: its item matrix is computed once, here.
             frozen_rows = frozen_item_rows(run, phase)
-        start = time.perf_counter()
-        steps = train_epoch(run, phase, frozen_rows)
+        start, resumed_steps = time.perf_counter(), len(progress.steps)
+        steps = train_epoch(run, phase, frozen_rows, progress.steps, every_n_steps)
         seconds = time.perf_counter() - start
         losses = {k: float(np.mean([s[k] for s in steps])) for k in steps[0]}
         valid = run.evaluate("valid", phase.epoch)
         line = {
-            "epoch": phase.epoch, "phase": phase_index, "network": phase.network, "negatives": phase.negatives,
-            "augmented": phase.augmented, **losses,
+            "epoch": phase.epoch, "phase": phase_index(phases, phase.epoch), "network": phase.network,
+            "negatives": phase.negatives, "augmented": phase.augmented, **losses,
             "valid": {k: {m: v for m, v in valid[k].items() if m != "longtail"} for k in valid},
-            "sessions_per_s": len(steps) * t.global_batch_size / seconds,
+            "sessions_per_s": (len(steps) - resumed_steps) * t.global_batch_size / seconds,  # this attempt's steps
             "train_seconds": seconds,
         }
-        if valid[part][metric] > best["score"]:
-            best = {"score": valid[part][metric], "epoch": phase.epoch, "valid": line["valid"],
-                    "test": run.evaluate("test", phase.epoch)}
+        if valid[part][metric] > progress.best["score"]:
+            progress.best = {"score": valid[part][metric], "epoch": phase.epoch, "valid": line["valid"],
+                             "test": run.evaluate("test", phase.epoch)}
             save_model(comm, run.networks, run.table, run_dir / "model",
                        {"epoch": phase.epoch, "method": t.method, "selection": f"{part}/{metric}",
-                        "valid_score": best["score"], "dataset": str(cfg.resolve_path(cfg.data.path))})
+                        "valid_score": progress.best["score"], "dataset": str(cfg.resolve_path(cfg.data.path))})
         if comm.rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
             tqdm.write(f"epoch {phase.epoch:3d} {phase.network:5s} {phase.negatives:6s} loss {losses['loss']:.4f} "
                        f"valid {part}/{metric} {valid[part][metric]:.4f} ({line['sessions_per_s']:.0f} sessions/s)")
-        if report is not None:
-            report({k: v for k, v in line.items() if k != "valid"} | {f"valid_{part}_{metric}": valid[part][metric]})
+        progress.epoch, progress.steps, progress.log_lines = phase.epoch + 1, [], progress.log_lines + 1
+        metrics = {k: v for k, v in line.items() if k != "valid"} | {f"valid_{part}_{metric}": valid[part][metric]}
+        if phase_index(phases, progress.epoch) != line["phase"]:  # the phase ends with this epoch
+            checkpoint(metrics)
+        elif report is not None:
+            report(metrics, None)
+    best = progress.best
     summary = {
         "best_epoch": best["epoch"],
         "selection": f"{part}/{metric}",
@@ -139,6 +183,37 @@ def run_worker(cfg: Config, run_dir: Path, report: Callable[[dict], None] | None
     return summary
 
 
+def resume(run: Run, run_dir: Path) -> Progress:
+    """The progress to go on from: the newest intact checkpoint in RUN_DIR/checkpoints, loaded into the
+    run, or the start. Rank 0 brings the run files back to the same point (metrics.jsonl cut to the
+    checkpoint's lines, RUN_DIR/model back to the best model it recorded): what came after the
+    checkpoint is redone."""
+    found = find_resume_point(run.comm, run_dir / "checkpoints")
+    progress = Progress()
+    if found is not None:
+        load_checkpoint(run.comm, *found, run.networks, run.table, run.steppers)
+        progress = Progress(**{f.name: found[1][f.name] for f in fields(Progress)})
+    if run.comm.rank == 0:
+        keep_lines(run_dir / "metrics.jsonl", progress.log_lines)
+        restore_model(found[0] if found else None, run_dir / "model")
+        if found is not None:
+            tqdm.write(f"resuming from {found[0]}: epoch {progress.epoch}, {len(progress.steps)} steps done")
+    return progress
+
+
+def keep_lines(path: Path, n: int) -> None:
+    """Cut the text file `path` (if any) to its first n lines."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        if len(lines) > n:
+            atomic_write_bytes(path, "".join(lines[:n]).encode())
+
+
+def phase_index(phases: list[Phase], epoch: int) -> int:
+    """The 0-based phase (a run of epochs with one key) of `epoch`; past the plan counts as a new one."""
+    return sum(a.key != b.key for a, b in zip(phases, phases[1:epoch + 1])) + (epoch >= len(phases))
+
+
 def frozen_item_rows(run: Run, phase: Phase) -> torch.Tensor | None:
     """B's item matrix on this shard, for a phase that mines B's ranks (None otherwise)."""
     if phase.negatives != "hard":
@@ -147,22 +222,31 @@ def frozen_item_rows(run: Run, phase: Phase) -> torch.Tensor | None:
     return item_matrix(frozen, run.table, run.cfg.eval.tile_rows)[0]
 
 
-def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None) -> list[dict]:
-    """One epoch of the phase's network; returns the logged losses of every step."""
+def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None, logs: list[dict] | None = None,
+                on_step: Callable[[], None] | None = None) -> list[dict]:
+    """One epoch of the phase's network; returns the logged losses of every step.
+
+    `logs` holds the steps already done in this epoch (a resumed epoch): their batches are skipped,
+    which restores the data position because the batch sequence depends only on (seed, epoch).
+    Each step's log is appended to it, then `on_step()` runs (the periodic checkpoint)."""
     trained = run.networks[phase.network]
     frozen = run.networks[OTHER[phase.network]] if frozen_rows is not None else None
     stepper = run.steppers[phase.network]
     trained.train()
-    logs = []
+    logs = [] if logs is None else logs
     reader = run.train_reader
-    for step, batch in enumerate(tqdm(reader.epoch(phase.epoch), total=reader.steps_per_epoch(),
-                                      desc=f"train e{phase.epoch}", disable=run.comm.rank != 0, leave=False)):
+    batches = itertools.islice(reader.epoch(phase.epoch), len(logs), None)
+    for step, batch in enumerate(tqdm(batches, total=reader.steps_per_epoch(), initial=len(logs),
+                                      desc=f"train e{phase.epoch}", disable=run.comm.rank != 0, leave=False),
+                                 start=len(logs)):
         stepper.zero_grad()
         loss, logged = train_step(run.comm, run.cfg, phase, trained, frozen, frozen_rows, run.table, batch, step,
                                   run.k2)
         stepper.backward(loss)
         stepper.step()
         logs.append(logged)
+        if on_step is not None:
+            on_step()
     return logs
 
 

@@ -1,4 +1,5 @@
-"""Training driver: `python -m alterrec_dist.train [--config F] [--set a.b=c ...] [--out DIR] [--launcher L]`.
+"""Training driver: `python -m alterrec_dist.train [--config F] [--set a.b=c ...] [--out DIR] [--launcher L]`,
+or `... --resume RUN_DIR [--set ...]` to continue a run from its newest intact checkpoint.
 
 Launchers (the same worker code runs under both; see `recipe.run_worker`):
 
@@ -9,8 +10,13 @@ Launchers (the same worker code runs under both; see `recipe.run_worker`):
   every process joins the process group from the torchrun environment. Without `WORLD_SIZE`
   (plain `python -m alterrec_dist.train --launcher torchrun`) it runs a group of one.
 
-Everything that can be checked before launching (config, dataset, run directory) is checked
-on the driver, so bad input costs a one-line error and exit code 2, not a Ray start.
+Everything that can be checked before launching (config, dataset, run directory, the checkpoint
+to resume from) is checked on the driver, so bad input costs a one-line error and exit code 2, not
+a Ray start.
+
+Resuming (see `load_run_config`): the workers always start from the newest intact checkpoint in
+RUN_DIR/checkpoints when there is one, so the same code path serves `--resume`, Ray restarting the
+workers after a failure (`trainer.max_failures`), and a retried job (`--resume auto`).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from pathlib import Path
 
 from alterrec_dist.cli import run_cli
 from alterrec_dist.config import Config, ConfigError, load_config, to_toml
+from alterrec_dist.checkpoint import newest_good
 from alterrec_dist.dataset import DataError, Dataset, atomic_write_bytes
 
 METRIC_COLUMNS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
@@ -90,14 +97,56 @@ def make_run_dir(cfg: Config, out: str | None) -> Path:
             raise ConfigError(f"{run_dir}: run directory path exists and is not a directory")
         if any(run_dir.iterdir()):
             raise ConfigError(
-                f"{run_dir}: run directory exists and is not empty (pick another --out or trainer.name; "
-                "resuming a run is not supported yet)")
+                f"{run_dir}: run directory exists and is not empty (pick another --out or trainer.name, "
+                "or continue that run with --resume)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
     atomic_write_bytes(run_dir / "config.toml", to_toml(cfg).encode())
     return run_dir
+
+
+def load_run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    """The config to run and, when an existing run goes on, its directory (else None: a new run).
+
+    `--resume RUN_DIR`: RUN_DIR's config.toml with the `--set` values on top (e.g. another
+    trainer.num_workers). `--resume auto` (a retried job with a fixed command line): the same for the
+    run directory that `--out` or `trainer.name` names, if an attempt has started there (it holds a
+    config.toml), else a new run there from `--config` and `--set`."""
+    if args.resume is None:
+        return load_config(args.config, args.overrides), None
+    if args.resume == "auto":
+        cfg = load_config(args.config, args.overrides)
+        if not (args.out or cfg.trainer.name):
+            raise ConfigError("--resume auto needs a run directory a retry finds again: --out or trainer.name")
+        run_dir = Path(args.out).expanduser().absolute() if args.out else default_run_dir(cfg).absolute()
+        if not (run_dir / "config.toml").is_file():
+            return cfg, None
+    else:
+        if args.config or args.out:
+            raise ConfigError("--resume RUN_DIR goes on with the run's own config.toml: drop --config and --out")
+        run_dir = Path(args.resume).expanduser().absolute()
+        if not (run_dir / "config.toml").is_file():
+            raise ConfigError(f"{run_dir}: not a run directory (no config.toml)")
+    return load_config(run_dir / "config.toml", args.overrides), run_dir
+
+
+def reopen_run_dir(cfg: Config, run_dir: Path) -> Path:
+    """Go on in an existing run directory: check its checkpoints (one-line warnings for damaged
+    newer ones, DataError if none is intact), then record the config it now runs with.
+
+    The workers verify the checkpoint again when they load it (they also resume on their own after
+    a failure, with no driver involved): the price of failing here, before anything starts."""
+    found = newest_good(run_dir / "checkpoints")
+    if found is None:
+        print(f"{run_dir}: no checkpoint yet, starting from the beginning", file=sys.stderr, flush=True)
+    atomic_write_bytes(run_dir / "config.toml", to_toml(cfg).encode())
+    return run_dir
+
+
+def open_run_dir(cfg: Config, out: str | None, resume_dir: Path | None) -> Path:
+    return reopen_run_dir(cfg, resume_dir) if resume_dir is not None else make_run_dir(cfg, out)
 
 
 # -- the summary table ------------------------------------------------------------------------
@@ -161,10 +210,19 @@ def ray_worker(loop_config: dict) -> None:
         import torch
 
         torch.cuda.set_device(ray.train.torch.get_device())
-    summary = recipe.run_worker(cfg, Path(loop_config["run_dir"]), report=ray.train.report)
+    summary = recipe.run_worker(cfg, Path(loop_config["run_dir"]), report=_report_to_ray)
     # One last report on every rank (reports are a barrier): the driver gets the summary even
     # when rank 0 ran on another node and run_dir is not shared.
     ray.train.report({"summary": summary})
+
+
+def _report_to_ray(metrics: dict, checkpoint: Path | None) -> None:
+    """`ray.train.report` from every rank (it is a barrier), with the checkpoint directory registered
+    where it lies: it is inside Ray's experiment directory (the run directory), so nothing is copied."""
+    import ray.train
+
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
 def _quiet_report_log() -> None:
@@ -205,11 +263,16 @@ def launch_ray(cfg: Config, run_dir: Path) -> dict:
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
     # Under `python -m`, this module is __main__; hand Ray the importable function instead, so
     # workers import it from the package rather than unpickling a copy of __main__'s globals.
     from alterrec_dist.train import ray_worker as worker_fn
 
+    # Ray's record of the checkpoints reported by an earlier attempt (resumed here) lists directories
+    # that checkpoint.prune has removed since, and Ray refuses to start on such a record. The workers
+    # find their checkpoint in RUN_DIR/checkpoints, not there, so the record starts afresh.
+    (run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).unlink(missing_ok=True)
     started = _init_ray(cfg.trainer.num_workers)
     try:
         trainer = TorchTrainer(
@@ -217,9 +280,12 @@ def launch_ray(cfg: Config, run_dir: Path) -> dict:
             train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir)},
             torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
-            # Ray's own files (checkpoints later, its run-state snapshot) go into run_dir itself.
+            # Ray's own files (its run-state snapshot) go into run_dir itself, so the checkpoints the
+            # workers write to run_dir/checkpoints are Ray's to register in place. Ray deletes none
+            # (CheckpointConfig's num_to_keep stays None): checkpoint.prune is their one owner, under
+            # either launcher. After a failure Ray restarts the workers, which resume by themselves.
             run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
-                                 failure_config=FailureConfig(max_failures=0),
+                                 failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
                                  worker_runtime_env={"env_vars": WORKER_ENV},
                                  # INFO would echo every ray.train.report() dict from every worker
                                  logging_config=LoggingConfig(log_level="WARNING")),
@@ -247,7 +313,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_torchrun(cfg: Config, out: str | None) -> tuple[dict, Path] | None:
+def launch_torchrun(cfg: Config, out: str | None, resume_dir: Path | None) -> tuple[dict, Path] | None:
     """Join the torchrun process group (or make one of size 1) and run the recipe in this
     process. Returns (summary, run_dir) on rank 0, None on the others."""
     import torch
@@ -273,14 +339,14 @@ def launch_torchrun(cfg: Config, out: str | None) -> tuple[dict, Path] | None:
         box: list = [None, None]
         if rank == 0:
             try:
-                box = [str(make_run_dir(cfg, out)), None]
-            except ConfigError as e:
-                box = [None, str(e)]
+                box = [str(open_run_dir(cfg, out, resume_dir)), None]
+            except (ConfigError, DataError) as e:
+                box = [None, e]
         dist.broadcast_object_list(box, src=0)
         run_dir, err = box
         if err is not None:
             if rank == 0:
-                raise ConfigError(err)
+                raise err
             raise SystemExit(2)  # rank 0 prints the one line
         run_dir = Path(run_dir)
         summary = recipe.run_worker(cfg, run_dir)
@@ -304,24 +370,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory (default: <trainer.storage_path>/<trainer.name or method-timestamp>)")
     p.add_argument("--launcher", choices=("ray", "torchrun"),
                    help="overrides trainer.launcher (default ray)")
+    p.add_argument("--resume", metavar="RUN_DIR|auto",
+                   help="continue RUN_DIR from its newest intact checkpoint, with its config.toml (--set may "
+                        "change e.g. trainer.num_workers); 'auto': continue the run dir of --out or trainer.name "
+                        "if one was started there, else start it (for retried jobs)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg, resume_dir = load_run_config(args)
     if args.launcher:
         cfg.trainer.launcher = args.launcher
     check_dataset(cfg)
     check_resources(cfg)
     if cfg.trainer.launcher == "torchrun":
-        done = launch_torchrun(cfg, args.out)
+        done = launch_torchrun(cfg, args.out, resume_dir)
         if done is None:
             return 0
         summary, run_dir = done
     else:
         check_ray_train_v2()
-        run_dir = make_run_dir(cfg, args.out)
+        run_dir = open_run_dir(cfg, args.out, resume_dir)
         print(f"run dir: {run_dir}", flush=True)
         try:
             summary = launch_ray(cfg, run_dir)

@@ -63,6 +63,7 @@ use_gpu = true
     ("train.lr_text=3e-4", lambda c: c.train.lr_text, 3e-4),
     ("eval.alpha=1", lambda c: c.eval.alpha, 1.0),
     ("trainer.use_gpu=true", lambda c: c.trainer.use_gpu, True),
+    ("trainer.engine=deepspeed", lambda c: c.trainer.engine, "deepspeed"),
     ("model.item_layernorm=False", lambda c: c.model.item_layernorm, False),
     ("model.item_layernorm=1", lambda c: c.model.item_layernorm, True),
     ("train.method=nfrec_sum", lambda c: c.train.method, "nfrec_sum"),
@@ -133,6 +134,12 @@ def test_missing_file(tmp_path):
     (["trainer.num_workers=3"], "must be divisible by trainer.num_workers=3"),
     (["eval.alpha=-0.1"], "eval.alpha"),
     (["trainer.launcher=mpirun"], "trainer.launcher"),
+    (["trainer.engine=horovod"], "trainer.engine must be ddp or deepspeed"),
+    (["trainer.precision=fp8"], "trainer.precision must be fp32, bf16 or fp16"),
+    (["trainer.precision=bf16"], "trainer.precision=bf16 needs trainer.engine=deepspeed"),
+    (["trainer.engine=deepspeed", "trainer.precision=fp16"], "trainer.precision=fp16 needs trainer.use_gpu=true"),
+    (["trainer.engine=deepspeed", "trainer.zero_stage=3"], "trainer.zero_stage must be 0, 1 or 2"),
+    (["trainer.zero_stage=1"], "trainer.zero_stage=1 needs trainer.engine=deepspeed"),
     (["model.text_temperature=0"], "model.text_temperature"),
     (["eval.metric=fused/auc"], "eval.metric must look like"),
     (["eval.metric=both/ndcg@10"], "eval.metric must look like"),
@@ -149,7 +156,15 @@ def _nondefault() -> Config:
         "model.item_layernorm=true", "train.method=alterrec_aug", "train.k1=8", "train.k2=64", "train.p=3",
         "train.lr_id=0.0005", "train.hard_fraction=0.25", "eval.longtail_bins=[3,9,27]",
         "trainer.num_workers=4", "trainer.name=run\\one", "eval.metric=id/mrr@20",
+        "trainer.engine=deepspeed", "trainer.precision=bf16", "trainer.zero_stage=2",
     ])
+
+
+def test_deepspeed_settings_that_validate():
+    cfg = load_config(None, ["trainer.engine=deepspeed", "trainer.precision=fp16", "trainer.use_gpu=true",
+                             "trainer.zero_stage=1"])
+    assert (cfg.trainer.engine, cfg.trainer.precision, cfg.trainer.zero_stage) == ("deepspeed", "fp16", 1)
+    assert (Config().trainer.engine, Config().trainer.precision, Config().trainer.zero_stage) == ("ddp", "fp32", 0)
 
 
 @pytest.mark.parametrize("cfg", [Config(), _nondefault()], ids=["default", "nondefault"])
