@@ -364,7 +364,8 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
     switches = switch_table(runs, d.select)
     if switches:
         lines += ["### Switches of the official code (AlterRec, seed 0, one at a time)", "",
-                  "Each row changes one setting of the dataset's config; the default row is the main run. "
+                  "Each row changes one setting of the dataset's config (epoch budget included, not the one "
+                  "chosen on validation); the default row is that config's own run. "
                   "Fused scores at the epoch best on validation.", ""] + switches + [""]
     lines += ["### Runs", "", "| run directory | best epoch | command |", "|---|---|---|"]
     for r in runs:

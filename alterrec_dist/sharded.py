@@ -27,7 +27,9 @@ class Comm:
     """The process group plus a count of the bytes each collective sends from this worker.
 
     Bytes are what this rank contributes (its input tensor sizes), counted here rather than
-    estimated, so benchmarks can report traffic per step per collective.
+    estimated, so benchmarks can report traffic per step per collective. The backward of an
+    autograd collective sends the gradient of its output: counted as `<name>_backward` when
+    that gradient arrives.
     """
 
     def __init__(self, group=None):
@@ -39,11 +41,16 @@ class Comm:
     def _count(self, name: str, *tensors: torch.Tensor) -> None:
         self.bytes[name] += sum(t.numel() * t.element_size() for t in tensors)
 
+    def _count_backward(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._count(f"{name}_backward", grad))
+        return out
+
     def all_gather(self, t: torch.Tensor, autograd: bool = False) -> torch.Tensor:
         """Concatenate every rank's `t` along dim 0 (rank order). Backward sums grads to owners."""
         self._count("all_gather", t)
         if autograd:
-            return torch.cat(dist_autograd.all_gather(t, group=self.group))
+            return self._count_backward("all_gather", torch.cat(dist_autograd.all_gather(t, group=self.group)))
         out = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(out, t.contiguous(), group=self.group)
         return torch.cat(out)
@@ -56,7 +63,7 @@ class Comm:
         when each rank's loss covers only its own queries, as in `band_loss`."""
         self._count(f"all_reduce_{op}", t)
         if autograd:
-            return dist_autograd.all_reduce(t, op=op, group=self.group)
+            return self._count_backward(f"all_reduce_{op}", dist_autograd.all_reduce(t, op=op, group=self.group))
         out = t.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=op, group=self.group)
         return out
@@ -72,7 +79,8 @@ class Comm:
         out = torch.empty((sum(out_rows), *send.shape[1:]), dtype=send.dtype)
         in_rows = [len(c) for c in chunks]
         if autograd:
-            out = dist_autograd.all_to_all_single(out, send, out_rows, in_rows, group=self.group)
+            out = self._count_backward("all_to_all", dist_autograd.all_to_all_single(out, send, out_rows, in_rows,
+                                                                                     group=self.group))
         else:
             dist.all_to_all_single(out, send, out_rows, in_rows, group=self.group)
         return list(out.split(out_rows))
