@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from alterrec_dist.checkpoint import (checkpoint_name, find_resume_point, load_checkpoint, restore_model,
                                      save_checkpoint, save_model)
-from alterrec_dist.config import Config
+from alterrec_dist.config import Config, ConfigError
 from alterrec_dist.dataset import DataError, Dataset, atomic_write_bytes, atomic_write_json
 from alterrec_dist.engine import Stepper, build_stepper
 from alterrec_dist.evaluate import evaluate, item_matrix
@@ -65,7 +65,16 @@ class Run:
                         alpha_sweep=tuple(e.alpha_sweep))
 
 
+def check_device(cfg: Config) -> None:
+    """Every tensor of the recipe lives on the CPU today: on GPUs (nccl) its first collective would fail
+    with an obscure backend error, so say plainly what is missing instead."""
+    if cfg.trainer.use_gpu:
+        raise ConfigError("trainer.use_gpu = true: training on GPUs is not implemented yet (the recipe keeps "
+                          "its tensors on the CPU; README: Not there yet); run with trainer.use_gpu = false")
+
+
 def build_run(cfg: Config, comm: Comm) -> Run:
+    check_device(cfg)
     t = cfg.train
     data = Dataset(cfg.resolve_path(cfg.data.path))
     V = data.num_items
