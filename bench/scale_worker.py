@@ -179,8 +179,8 @@ def table_bytes(run: recipe.Run, frozen_rows: torch.Tensor) -> dict[str, int]:
     """This worker's item-table memory, from the tensors: ID rows, their gradient and optimizer
     state, the float16 text features, the frozen network's item matrix."""
     x = run.table.x
-    optimizers = [v for v in vars(run.steppers["id"]).values() if isinstance(v, torch.optim.Optimizer)]
-    state = sum(nbytes(t) for o in optimizers for t in o.state.get(x, {}).values() if torch.is_tensor(t))
+    rows_optimizer = run.steppers["id"].rows  # the ID rows' own AdamW: the only optimizer holding x
+    state = sum(nbytes(t) for t in rows_optimizer.state.get(x, {}).values() if torch.is_tensor(t))
     return {"x": nbytes(x), "x_grad": nbytes(x.grad), "x_optimizer": state, "f16": nbytes(run.table.f16),
             "frozen_rows": nbytes(frozen_rows)}
 
