@@ -1,15 +1,18 @@
 """Negatives for the band loss: the other network's ranks k1..k2, or uniform random items.
 
 Ranks are global over the whole catalog but no shard ever sees more than its own rows:
-1. every shard takes the top-k2 of the frozen network's scores over its own rows, as sorted keys;
-2. the keys at global ranks k1 and k2-1 are found by one of two exact merges:
-   - "allgather": gather every shard's top-k2 keys and take the global top-k2 (traffic W*G*k2);
-   - "threshold": bisection on the key, each round one all-reduce of G counts (traffic ~64*G*2).
-3. each shard's band is then a contiguous segment of its own sorted list. No ids move.
+1. every shard keeps, per query, its top k2+1 scores (unsorted: a selection, not a sort) as
+   `Candidates`;
+2. the global scores at ranks k1 and k2, t1 >= t2, are found by one of two exact merges:
+   - "allgather": gather every shard's candidate scores and select (traffic W*G*(k2+1) floats);
+   - "threshold": bisection on the score, each round one all-reduce of G packed counts. A bracket
+     from the shards' own ranks starts it, the counts of both ranks share one int32, and a float32
+     has 32 bits, so it sends at most 20 + 32*4 bytes per query whatever V, W or k2.
+3. the band is every item with t2 < score <= t1: a mask over each shard's own candidates. No ids move.
 
-A *key* orders items by score (descending) and then by item id (ascending), and is unique:
-`(sortable float bits << 32) + (2^32 - 1 - id)`. Ties in score thus have one exact answer,
-which a brute-force argsort reproduces.
+Ties: an item tied with rank k1 is in the band and one tied with rank k2 is not. Without ties the band
+is exactly ranks k1..k2-1; with them it is the same set at any world size, and every band item is
+among its shard's candidates (fewer than k2+1 of the shard's items score above t2).
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import torch
 from alterrec_dist.sharded import Comm
 
 ID_MASK = (1 << 32) - 1
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+INT64_MIN = -(1 << 63)
+NEG_INF = float("-inf")
 
 
 @dataclass
@@ -35,35 +39,204 @@ class Band:
         return Band(torch.cat([a.rows, b.rows], 1), torch.cat([a.mask, b.mask], 1))
 
 
-def score_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Unique int64 keys ordering (score desc, id asc). scores (..., n) float, ids (n,) global ids."""
+@dataclass
+class Candidates:
+    """Per query, this shard's top-n scores (in no particular order) and their local rows."""
+    scores: torch.Tensor  # (G, n) float32
+    rows: torch.Tensor    # (G, n) int64
+
+
+def ordered(scores: torch.Tensor) -> torch.Tensor:
+    """Monotone map of float32 scores onto integers (int64, so midpoints cannot overflow)."""
     bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 maps -0.0 to +0.0
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # monotone in the float value
-    return (ordered << 32) + (ID_MASK - ids)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+
+
+def from_ordered(values: torch.Tensor) -> torch.Tensor:
+    bits = values.int()
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32)
+
+
+def score_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Unique int64 keys ordering (score desc, id asc): `(ordered score << 32) + (2^32 - 1 - id)`."""
+    return (ordered(scores) << 32) + (ID_MASK - ids)
 
 
 def key_ids(keys: torch.Tensor) -> torch.Tensor:
     return ID_MASK - (keys & ID_MASK)
 
 
-def local_top_keys(queries: torch.Tensor, item_rows: torch.Tensor, ids: torch.Tensor, k: int,
-                   scale: float, tile_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k keys (sorted descending) and local rows of this shard, scored tile by tile."""
-    best_keys = torch.empty(len(queries), 0, dtype=torch.long)
-    best_rows = torch.empty(len(queries), 0, dtype=torch.long)
+def local_candidates(queries: torch.Tensor, item_rows: torch.Tensor, k: int, scale: float,
+                     tile_rows: int) -> Candidates:
+    """This shard's top-k scores per query, scored tile by tile (a selection: nothing is sorted)."""
+    best = Candidates(torch.empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long))
     for start in range(0, len(item_rows), tile_rows):
-        tile = item_rows[start:start + tile_rows]
-        keys = score_keys((queries @ tile.T) * scale, ids[start:start + len(tile)])
-        rows = torch.arange(start, start + len(tile)).expand_as(keys)
-        keys, rows = torch.cat([best_keys, keys], 1), torch.cat([best_rows, rows], 1)
-        best_keys, pos = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=True)
-        best_rows = torch.gather(rows, 1, pos)
-    return best_keys, best_rows
+        scores = torch.mm(queries, item_rows[start:start + tile_rows].T).mul_(scale)
+        rows = torch.arange(start, start + scores.shape[1]).expand_as(scores)
+        if best.scores.shape[1]:
+            scores, rows = torch.cat([best.scores, scores], 1), torch.cat([best.rows, rows], 1)
+        if scores.shape[1] > k:
+            top = torch.topk(scores, k, dim=1, sorted=False)
+            scores, rows = top.values, torch.gather(rows, 1, top.indices)
+        best = Candidates(scores, rows)
+    return best
+
+
+def packed_left(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the columns where `keep` holds, packed to the left: (columns, valid), both
+    (G, most kept in a row); invalid slots hold column 0. A scatter by running count, not `nonzero`
+    (several times slower on wide rows)."""
+    counts = keep.sum(1)
+    width = int(counts.max()) if len(keep) else 0
+    slot = torch.where(keep, keep.cumsum(1) - 1, width)  # dropped columns all land in a spare slot
+    cols = torch.zeros((len(keep), width + 1), dtype=torch.long)
+    cols.scatter_(1, slot, torch.arange(keep.shape[1]).expand_as(slot))
+    valid = torch.arange(width) < counts[:, None]
+    return cols[:, :width].masked_fill_(~valid, 0), valid
+
+
+def local_rank_score(scores: torch.Tensor, k: int, lowest: torch.Tensor) -> torch.Tensor:
+    """This shard's score at 0-based rank k among `scores` (its top list, whose minimum is `lowest`),
+    -inf if it has no rank k."""
+    n = scores.shape[1]
+    if k >= n:
+        return torch.full((len(scores),), NEG_INF)
+    return lowest if k == n - 1 else torch.kthvalue(scores, n - k, dim=1).values
+
+
+def bracket(comm: Comm, cand: Candidates, k1: int, k2: int, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds lower <= t <= upper, (G, 2) each, on the global scores t1, t2 at ranks k1 and k2, from the
+    shards' own ranks, in one all-reduce of 5 floats per query:
+    - a shard's rank-k score is a lower bound: that shard alone has k+1 items at or above it;
+      so is the lowest score anywhere (every item is at or above it);
+    - some shard holds ceil((k+1)/W) of the global top k+1, so the highest local rank ceil((k+1)/W)-1
+      is an upper bound. At W = 1 the bounds meet and no bisection round is needed.
+    """
+    s, W = cand.scores, comm.world
+    few = min(k1 + 1, s.shape[1])
+    top = torch.topk(s, few, dim=1).values if few else s  # sorted: both of t1's ranks from one small selection
+    lowest = s.min(1).values if s.shape[1] else torch.full((len(s),), float("inf"))
+    top_lowest = top[:, -1] if few else lowest
+    local = torch.stack([local_rank_score(top, k1, top_lowest), local_rank_score(s, k2, lowest), -lowest,
+                         local_rank_score(top, -(-(k1 + 1) // W) - 1, top_lowest),
+                         local_rank_score(s, -(-(k2 + 1) // W) - 1, lowest)], 1)
+    best = comm.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+    lower = torch.stack([best[:, 0], torch.maximum(best[:, 1], -best[:, 2])], 1)
+    upper = best[:, 3:].clone()
+    if k2 >= num_items:  # no rank k2: every item below t1 is in the band
+        lower[:, 1] = upper[:, 1] = NEG_INF
+    return lower, upper
+
+
+class CountPacker:
+    """The counts of several ranks in one integer per query: count j is clamped to need_j (all a
+    round asks is whether the global count reaches need_j, and a sum of clamped counts reaches it
+    exactly when the true sum does) and stored in base W*need_j + 1. int32 when it fits."""
+
+    def __init__(self, need: torch.Tensor, world: int):
+        radix = world * need + 1
+        self.need, self.base = need, torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), radix[:-1]]), 0)
+        self.radix = radix
+        self.dtype = torch.int32 if int(torch.prod(radix)) <= 2**31 else torch.int64
+
+    def pack(self, counts: torch.Tensor) -> torch.Tensor:
+        return (torch.minimum(counts, self.need) * self.base).sum(1).to(self.dtype)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        return packed.long()[:, None] // self.base % self.radix
+
+
+class Shrinking:
+    """The scores still inside one query's bisection interval, and how many lie above it: a round
+    counts only these, and each round drops about half of them (repacked once half are gone)."""
+
+    def __init__(self, scores: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
+        self.above = (scores > upper[:, None]).sum(1)
+        cols, valid = packed_left((scores >= lower[:, None]) & (scores <= upper[:, None]))
+        self.inside = torch.gather(scores, 1, cols).masked_fill_(~valid, float("nan"))  # NaN: never counted
+        self.live = valid.sum(1)
+
+    def count_at_or_above(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        at_or_above = self.inside >= x[:, None]
+        return at_or_above, self.above + at_or_above.sum(1)
+
+    def narrow(self, at_or_above: torch.Tensor, went_up: torch.Tensor) -> None:
+        """went_up: the interval is now [x, hi] (drop what lies below x), else [lo, x) (the part at
+        or above x moves to `above`)."""
+        n = at_or_above.sum(1)
+        self.above += torch.where(went_up, 0, n)
+        self.live = torch.where(went_up, n, self.live - n)
+        keep = torch.where(went_up[:, None], at_or_above, ~at_or_above)
+        self.inside.masked_fill_(~keep, float("nan"))
+        if len(self.live) and int(self.live.max()) <= self.inside.shape[1] // 2:
+            cols, valid = packed_left(~torch.isnan(self.inside))
+            self.inside = torch.gather(self.inside, 1, cols).masked_fill_(~valid, float("nan"))
+
+
+def thresholds_by_bisection(comm: Comm, cand: Candidates, k1: int, k2: int, num_items: int) -> torch.Tensor:
+    """(G, 2) global scores at ranks k1 and k2: for each, the largest x with #{score >= x} >= k+1.
+
+    Bisection on the ordered integer image of x inside the bracket, every rank running the same
+    number of rounds (from the all-reduced bracket), so the collectives stay in lockstep. Counting
+    over the local top-(k2+1) list is exact for ranks <= k2: a shard whose list is capped already
+    holds k2+1 scores at or above any x in the bracket.
+    """
+    lower, upper = bracket(comm, cand, k1, k2, num_items)
+    lo, hi = ordered(lower), ordered(upper)
+    rounds = int((hi - lo).max()).bit_length() if lo.numel() else 0  # each round halves every interval
+    packer = CountPacker(torch.tensor([k1 + 1, k2 + 1]), comm.world)
+    sets = [Shrinking(cand.scores, lower[:, j], upper[:, j]) for j in range(2)] if rounds else []
+    for _ in range(rounds):
+        mid = lo + (hi - lo + 1) // 2
+        x = from_ordered(mid)
+        counted = [s.count_at_or_above(x[:, j]) for j, s in enumerate(sets)]
+        total = packer.unpack(comm.all_reduce(packer.pack(torch.stack([c for _, c in counted], 1))))
+        ok = total >= packer.need
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid - 1)
+        for j, s in enumerate(sets):
+            s.narrow(counted[j][0], ok[:, j])
+    return from_ordered(lo)
+
+
+def thresholds_by_allgather(comm: Comm, cand: Candidates, k1: int, k2: int, num_items: int) -> torch.Tensor:
+    """Same result from every shard's top-(k2+1) scores, padded with -inf to equal shapes."""
+    n = k2 + 1
+    scores = cand.scores if cand.scores.shape[1] <= n else torch.topk(cand.scores, n, dim=1, sorted=False).values
+    padded = torch.full((len(scores), n), NEG_INF)
+    padded[:, :scores.shape[1]] = scores
+    every = comm.all_gather(padded.T.contiguous()).view(comm.world, n, -1).permute(2, 0, 1).reshape(len(scores), -1)
+    t1 = torch.topk(every, k1 + 1, dim=1, sorted=False).values.min(1).values
+    t2 = torch.kthvalue(every, every.shape[1] - k2, dim=1).values if k2 < num_items else torch.full_like(t1, NEG_INF)
+    return torch.stack([t1, t2], 1)
+
+
+def mine_band(comm: Comm, queries: torch.Tensor, item_rows: torch.Tensor, k1: int, k2: int, num_items: int,
+              scale: float = 1.0, merge: str = "threshold", tile_rows: int = 65_536,
+              extra: int = 0) -> tuple[Band, Candidates]:
+    """The frozen network's ranks k1..k2-1 (0-based) for every query, on this shard.
+
+    queries: (G, d) all gathered queries of the frozen network; item_rows: its (V_local, d) rows.
+    Returns (band, candidates); the candidates also serve `top_items`. `extra` widens the local
+    list so callers can ask for a few more top items (augmentation).
+    """
+    k2 = min(k2, num_items)
+    if k1 >= k2:
+        raise ValueError(f"band is empty: k1={k1} >= min(k2, V={num_items})")
+    cand = local_candidates(queries, item_rows, max(k2 + 1, extra), scale, tile_rows)
+    find = thresholds_by_allgather if merge == "allgather" else thresholds_by_bisection
+    t = find(comm, cand, k1, k2, num_items)
+    return Band(cand.rows, (cand.scores > t[:, 1:]) & (cand.scores <= t[:, :1])), cand
+
+
+def capped_k2(k2: int, num_items: int) -> int:
+    if k2 > num_items:
+        warnings.warn(f"k2={k2} is larger than the catalog (V={num_items}); using k2={num_items}", stacklevel=2)
+    return min(k2, num_items)
 
 
 def kth_keys_allgather(comm: Comm, local_keys: torch.Tensor, ks: list[int]) -> torch.Tensor:
     """Global key at each 0-based rank in `ks`, for every query: (G, len(ks)). Keys padded with
-    INT64_MIN so shards with fewer rows than k2 still send equal shapes."""
+    INT64_MIN so shards with fewer rows than the ranks still send equal shapes."""
     k = max(ks) + 1
     padded = torch.full((len(local_keys), k), INT64_MIN, dtype=torch.long)
     n = min(k, local_keys.shape[1])
@@ -73,65 +246,19 @@ def kth_keys_allgather(comm: Comm, local_keys: torch.Tensor, ks: list[int]) -> t
     return top[:, ks]
 
 
-def kth_keys_threshold(comm: Comm, local_keys: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    """Same result by bisection: the largest x with #{keys >= x} >= k+1, for k in ks.
+def top_items(comm: Comm, cand: Candidates, global_ids: torch.Tensor, p: int, exclude: torch.Tensor) -> torch.Tensor:
+    """Global top-p item ids per query by (score desc, id asc), skipping `exclude[g]` (the target): (G, p).
 
-    Counting over the local top-k2 list (not all local rows) is exact for k < k2: a shard whose
-    list is capped already holds k2 > k keys above x. 64 rounds cover the int64 range; every rank
-    runs the same rounds, so the collectives stay in lockstep.
+    Cheap: every shard sends its top p+1 keys; p is small (augmentation uses p=5). Keys are made only
+    for the candidates at or above the local (p+1)-th score, ties included, so ties go to the lower id.
     """
-    ascending = torch.flip(local_keys, [1]).contiguous()
-    need = torch.tensor(ks, dtype=torch.long) + 1
-    lo = torch.full((len(local_keys), len(ks)), INT64_MIN, dtype=torch.long)
-    hi = torch.full_like(lo, INT64_MAX)
-    for _ in range(64):
-        mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo+hi)/2) without overflow
-        at_or_above = ascending.shape[1] - torch.searchsorted(ascending, mid)
-        count = comm.all_reduce(at_or_above.int())
-        ok = count >= need
-        lo = torch.where(ok, mid, lo)
-        hi = torch.where(ok, hi, mid - 1)
-    return lo
-
-
-def band_from_keys(local_keys: torch.Tensor, local_rows: torch.Tensor, upper: torch.Tensor,
-                   lower: torch.Tensor) -> Band:
-    """This shard's items with lower <= key <= upper: a segment of its sorted list."""
-    mask = (local_keys <= upper[:, None]) & (local_keys >= lower[:, None])
-    return Band(local_rows, mask)
-
-
-def mine_band(comm: Comm, queries: torch.Tensor, item_rows: torch.Tensor, ids: torch.Tensor,
-              k1: int, k2: int, num_items: int, scale: float = 1.0, merge: str = "threshold",
-              tile_rows: int = 65_536, extra: int = 0) -> tuple[Band, torch.Tensor, torch.Tensor]:
-    """The frozen network's ranks k1..k2-1 (0-based) for every query, on this shard.
-
-    queries: (G, d) all gathered queries of the frozen network; item_rows: its (V_local, d) rows.
-    Returns (band, local top keys, local top rows); the latter two serve `top_items`.
-    `extra` widens the local list so callers can ask for a few more top items (augmentation).
-    """
-    k2 = min(k2, num_items)
-    if k1 >= k2:
-        raise ValueError(f"band is empty: k1={k1} >= min(k2, V={num_items})")
-    keys, rows = local_top_keys(queries, item_rows, ids, max(k2, extra), scale, tile_rows)
-    kth = kth_keys_allgather if merge == "allgather" else kth_keys_threshold
-    bounds = kth(comm, keys, [k1, k2 - 1])
-    return band_from_keys(keys, rows, bounds[:, 0], bounds[:, 1]), keys, rows
-
-
-def capped_k2(k2: int, num_items: int) -> int:
-    if k2 > num_items:
-        warnings.warn(f"k2={k2} is larger than the catalog (V={num_items}); using k2={num_items}", stacklevel=2)
-    return min(k2, num_items)
-
-
-def top_items(comm: Comm, local_keys: torch.Tensor, p: int, exclude: torch.Tensor) -> torch.Tensor:
-    """Global top-p item ids per query, skipping `exclude[g]` (the target): (G, p).
-
-    Cheap: every shard sends its top p+1 keys; p is small (augmentation uses p=5).
-    """
-    top = kth_keys_allgather(comm, local_keys, list(range(p + 1)))
-    ids = key_ids(top)
+    s = cand.scores
+    few = min(p + 1, s.shape[1])
+    cut = torch.topk(s, few, dim=1, sorted=False).values.min(1, keepdim=True).values if few else s[:, :1]
+    cols, valid = packed_left(s >= cut)
+    keys = score_keys(torch.gather(s, 1, cols), global_ids[torch.gather(cand.rows, 1, cols)])
+    keys = torch.topk(keys.masked_fill_(~valid, INT64_MIN), few, dim=1).values
+    ids = key_ids(kth_keys_allgather(comm, keys, list(range(p + 1))))
     keep = ids != exclude[:, None]  # ids are unique, so at most one False per row
     keep[keep.all(1), -1] = False   # target not among them: drop the (p+1)-th instead
     return ids[keep].view(len(ids), p)
@@ -148,11 +275,13 @@ def random_band(comm: Comm, num_queries: int, count: int, num_items: int, genera
     return Band(torch.where(mine, ids // comm.world, 0), mine)  # other ranks' items: masked, row 0
 
 
-def exclude_items(band: Band, global_ids: torch.Tensor, positives: torch.Tensor) -> Band:
+def exclude_items(band: Band, pos_rows: torch.Tensor, pos_owned: torch.Tensor) -> Band:
     """Remove positives (target, augmented items) from the band: they are never negatives.
 
-    global_ids maps this shard's local rows to item ids; positives (G, P) item ids.
+    pos_rows/pos_owned: (G, P) local rows of the positives and whether this shard owns them.
     """
-    gid = global_ids[band.rows]
-    hit = (gid[:, :, None] == positives[:, None, :]).any(2)
+    rows = torch.where(pos_owned, pos_rows, -1)  # -1 matches no row
+    hit = band.rows == rows[:, :1]
+    for j in range(1, rows.shape[1]):
+        hit |= band.rows == rows[:, j:j + 1]
     return Band(band.rows, band.mask & ~hit)

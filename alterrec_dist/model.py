@@ -145,7 +145,8 @@ class Network(nn.Module):
 
     def logits(self, q: Tensor, rows: Tensor) -> Tensor:
         """(b, n) scores; the text network's are divided by its temperature."""
-        return (q @ rows.T) * self.logit_scale
+        scores = q @ rows.T
+        return scores if self.logit_scale == 1.0 else scores * self.logit_scale  # x * 1.0 == x: skip a pass over G x V
 
     def dense_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())

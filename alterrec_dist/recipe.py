@@ -283,17 +283,19 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
         with torch.no_grad():
             frozen_queries = comm.all_gather(frozen.encode(history_rows(frozen, x.detach() if x is not None else None),
                                                            batch.mask))
-            band, keys, _ = mine_band(comm, frozen_queries, frozen_rows, table.global_ids, t.k1, t.k1 + num_hard,
-                                      table.num_items, frozen.logit_scale, t.merge, cfg.eval.tile_rows,
-                                      extra=t.p + 1 if phase.augmented else 0)
+            band, candidates = mine_band(comm, frozen_queries, frozen_rows, t.k1, t.k1 + num_hard, table.num_items,
+                                         frozen.logit_scale, t.merge, cfg.eval.tile_rows,
+                                         extra=t.p + 1 if phase.augmented else 0)
             if phase.augmented:
-                positives = torch.cat([positives, top_items(comm, keys, t.p, target)], 1)
+                positives = torch.cat([positives, top_items(comm, candidates, table.global_ids, t.p, target)], 1)
         bands.append(band)
     if num_neg - num_hard:
         # keyed by (seed, epoch, step): the same draws for a global batch whatever the world size
         g = torch.Generator().manual_seed((t.seed * 1_000_003 + phase.epoch) * 1_000_003 + step)
         bands.append(random_band(comm, len(target), num_neg - num_hard, table.num_items, g))
-    band = exclude_items(bands[0] if len(bands) == 1 else Band.cat(*bands), table.global_ids, positives)
+    owned = positives % comm.world == comm.rank
+    pos_rows = torch.where(owned, positives // comm.world, 0)
+    band = exclude_items(bands[0] if len(bands) == 1 else Band.cat(*bands), pos_rows, owned)
 
     nfrec = trained.kind in ("sum", "concat")
     if nfrec:  # parts kept: the imbalance diagnostic below scores them without recomputing the MLP
@@ -302,8 +304,6 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
     else:
         rows = trained.item_rows(table.x if trained.uses_id else None, table.f if trained.uses_text else None)
     logits = trained.logits(queries, rows)  # (G, V_local) on this shard only
-    owned = positives % comm.world == comm.rank
-    pos_rows = torch.where(owned, positives // comm.world, 0)
     weight = torch.tensor([1.0] + [t.beta] * (positives.shape[1] - 1)).expand(positives.shape)
     loss, per_query = band_loss(comm, logits, band, pos_rows, owned, weight, t.global_batch_size)
     logged = {"loss": per_query.mean().item()}

@@ -7,15 +7,29 @@ Counted bytes are what one worker hands to each collective per step (`Comm.bytes
 """
 from __future__ import annotations
 
-THRESHOLD_ROUNDS = 64  # bisection over the int64 key range (mining.kth_keys_threshold)
+MAX_ROUNDS = 32      # bisection over the ordered int32 image of a float32 score (mining.thresholds_by_bisection)
+BRACKET_FLOATS = 5  # the bracket's one all-reduce MAX per query (mining.bracket)
 INT64, INT32, FP32 = 8, 4, 4
 
 
-def collective_bytes(negatives: str, merge: str, B: int, W: int, d: int, k2: int, p: int,
-                     value_bytes: int = FP32, dense_params: int = 0) -> dict[str, int]:
-    """The data-independent collectives of one training step of the ID network, bytes per worker.
+def count_bytes(W: int, k1: int, k2: int) -> int:
+    """Bytes per query per bisection round: the counts at ranks k1 and k2, clamped and packed into one
+    integer (mining.CountPacker): int32 while (W(k1+1)+1)(W(k2+1)+1) <= 2^31, else int64."""
+    return INT32 if (W * (k1 + 1) + 1) * (W * (k2 + 1) + 1) <= 2**31 else INT64
+
+
+def threshold_merge_bytes(G: int, W: int, k1: int, k2: int, rounds: float = MAX_ROUNDS) -> float:
+    """Bytes one worker hands to the threshold merge per step: the bracket, then `rounds` rounds
+    (data-dependent: the bits between the bracket's bounds; at most 32, and 0 at W = 1)."""
+    return G * (BRACKET_FLOATS * FP32 + rounds * count_bytes(W, k1, k2))
+
+
+def collective_bytes(negatives: str, merge: str, B: int, W: int, d: int, k2: int, p: int, k1: int = 20,
+                     rounds: float = MAX_ROUNDS, value_bytes: int = FP32, dense_params: int = 0) -> dict[str, float]:
+    """The collectives of one training step of the ID network, bytes per worker.
 
     negatives: "random" | "hard" | "augmented"; merge: "threshold" | "allgather" (ignored for random).
+    rounds: the threshold merge's bisection rounds (measured; the default is the bound).
     dense_params: replicated parameters of the trained network (0 for the mean encoder without LayerNorm).
     The all-to-all of the history lookup depends on which items the batch holds and is not here.
     """
@@ -26,18 +40,20 @@ def collective_bytes(negatives: str, merge: str, B: int, W: int, d: int, k2: int
     if mined:
         gather += b * d * value_bytes  # frozen queries
         if merge == "allgather":
-            gather += G * k2 * INT64  # every shard's top-k2 keys, padded to k2
+            gather += G * (k2 + 1) * FP32  # every shard's top k2+1 scores, padded to k2+1
     if negatives == "augmented":
         gather += G * (p + 1) * INT64  # top-p positives: every shard's top p+1 keys
     reduce_sum = FP32 * G * P + FP32 * G + FP32 * dense_params  # positive logits, band sum of exp, dense grads
+    reduce_max = FP32 * G  # band max (the LSE shift)
     if mined and merge == "threshold":
-        reduce_sum += THRESHOLD_ROUNDS * 2 * INT32 * G  # counts at ranks k1 and k2-1, per round
+        reduce_sum += G * rounds * count_bytes(W, k1, k2)  # packed counts at ranks k1 and k2, per round
+        reduce_max += G * BRACKET_FLOATS * FP32
     return {
         "all_gather": gather,
         "all_gather_backward": G * d * value_bytes,  # query gradients back to their owners
         "all_reduce_RedOpType.SUM": reduce_sum,
         "all_reduce_RedOpType.SUM_backward": FP32 * G * P + FP32 * G,
-        "all_reduce_RedOpType.MAX": FP32 * G,  # band max (the LSE shift)
+        "all_reduce_RedOpType.MAX": reduce_max,
     }
 
 
@@ -74,7 +90,7 @@ def projection(V: int, W: int, B_per_worker: int, d: int, D: int, k2: int, floor
     step = {m: collective_bytes("hard", m, B, W, d, k2, 0, value_bytes=2) for m in ("threshold", "allgather")}
     rate = W * floor_sessions_per_s_1m * 1e6 / V * efficiency
     return {"table_gb": table / 1e9, "scores_untiled_gb": score_matrix_bytes(B, V, W, 2) / 1e9,
-            "merge_threshold_mb": THRESHOLD_ROUNDS * 2 * INT32 * B / 1e6, "merge_allgather_gb": B * k2 * INT64 / 1e9,
+            "merge_threshold_mb": threshold_merge_bytes(B, W, 20, k2) / 1e6, "merge_allgather_gb": B * (k2 + 1) * FP32 / 1e9,
             "step_threshold_mb": sum(step["threshold"].values()) / 1e6,
             "step_allgather_gb": sum(step["allgather"].values()) / 1e9,
             "sessions_per_s": rate, "step_s": B / rate}

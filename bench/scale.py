@@ -36,6 +36,9 @@ from bench import reference_step, scale_report, scale_worker
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ITEMS = "100000,1000000,10000000"
 SCORE_BUDGET = 320_000_000  # B x V cap of the training score matrix (1.28 GB fp32): the loss is untiled
+# glibc hands every freed buffer above 32 MiB back to the OS, so a step that allocates big tensors page-faults
+# them in again each time; these keep freed memory in the process (scale_report.KEEP_MEMORY_NOTE says them)
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
 
 def int_list(text: str) -> list[int]:
@@ -126,7 +129,7 @@ def spawn(world: int, point: dict, target=scale_worker.measure) -> list[dict]:
         return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def run_spawned(args: argparse.Namespace) -> tuple[list[dict], dict | None]:
+def run_spawned(args: argparse.Namespace) -> tuple[list[dict], dict | None, dict | None]:
     points = []
     total = sum(r * len(args.workers) for r in args.repeats)
     with tqdm(total=total, desc="bench points", unit="point") as bar:
@@ -138,17 +141,27 @@ def run_spawned(args: argparse.Namespace) -> tuple[list[dict], dict | None]:
                     ranks = spawn(world, spec(args, data, batch, steps))
                     points.append({"items": items, "world": world, "repeat": rep, "ranks": ranks})
                     bar.update()
-    reference = None
+    reference = kept = None
     if args.reference_items:
-        print("engine vs the per-step reference", file=sys.stderr)
+        print("engine vs the per-step reference (glibc default allocator, then freed memory kept)", file=sys.stderr)
         data = catalog(args, args.reference_items)
         point = spec(args, data, args.reference_batch, args.reference_steps, dim=args.reference_dim,
                      k2=args.reference_k2)
         reference = spawn(1, point, target=reference_step.compare)[0]
-    return points, reference
+        saved = {k: os.environ.get(k) for k in KEEP_FREED_MEMORY}
+        os.environ.update(KEEP_FREED_MEMORY)  # read by glibc when the spawned process starts
+        try:
+            kept = spawn(1, point, target=reference_step.compare)[0]
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
+    return points, reference, kept
 
 
-def run_torchrun(args: argparse.Namespace) -> tuple[list[dict], dict | None] | None:
+def run_torchrun(args: argparse.Namespace) -> tuple[list[dict], dict | None, None] | None:
     """Every torchrun process runs this; rank 0 returns the results, the others None."""
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -174,7 +187,7 @@ def run_torchrun(args: argparse.Namespace) -> tuple[list[dict], dict | None] | N
             data = catalog_path(args, args.reference_items)
             reference = reference_step.compare(spec(args, data, args.reference_batch, args.reference_steps,
                                                     dim=args.reference_dim, k2=args.reference_k2))
-        return (points, reference) if rank == 0 else None
+        return (points, reference, None) if rank == 0 else None
     finally:
         dist.destroy_process_group()
 
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_torchrun(args) if args.launcher == "torchrun" else run_spawned(args)
     if result is None:
         return 0
-    points, reference = result
+    points, reference, kept = result
     args.data_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     launch = (f"torchrun --standalone --nproc_per_node {points[0]['world']} -m bench.scale"
@@ -199,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = {"command": shown, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
            "finished": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "machine": scale_report.machine(),
            "seconds": time.time() - started, "load": [load_before, os.getloadavg()], "points": points,
-           "reference": reference}
+           "reference": reference, "reference_kept_memory": kept}
     (args.data_dir / f"results-{stamp}.json").write_text(json.dumps(raw))
     scale_report.write(args.out, raw)
     print(f"wrote {args.out} (raw figures: {args.data_dir / f'results-{stamp}.json'})", file=sys.stderr)

@@ -25,6 +25,8 @@ FLOOR_SCORE_MS = {1_000_000: 12.9, 10_000_000: 118.0}
 FLOOR_LOSS_MS_PER_M = 51.0
 PROJECT_W, PROJECT_B, PROJECT_K2 = 8, 1024, 20_000
 TARGET_MERGE_BYTES = 2e6
+# what bench.scale sets for its second reference comparison (bench/scale.py KEEP_FREED_MEMORY)
+KEEP_MEMORY_NOTE = "MALLOC_MMAP_THRESHOLD_=2^32 MALLOC_TRIM_THRESHOLD_=2^36"
 
 
 def fmt_bytes(n: float) -> str:
@@ -65,7 +67,8 @@ def case_rows(reps: list[dict]) -> list[dict]:
         rows.append({"negatives": first["negatives"], "merge": first["merge"], "steps": steps,
                      "sections": sections, "setup_s": float(np.median([c["setup_s"] for c in cases])),
                      "bytes": {k: max(c["bytes"].get(k, 0.0) for c in cases) for k in keys},
-                     "merge_bytes": max(c["bytes_by_call"].get("mine_band", 0.0) for c in cases)})
+                     "merge_bytes": max(c["bytes_by_call"].get("mine_band", 0.0) for c in cases),
+                     "merge_rounds": max(c.get("merge_rounds", 0.0) for c in cases)})
     return rows
 
 
@@ -111,7 +114,8 @@ def render(raw: dict) -> str:
         f"Machine: {raw['machine']}.",
         f"Load average (1/5/15 min) before: {' / '.join(f'{x:.1f}' for x in raw['load'][0])}, "
         f"after: {' / '.join(f'{x:.1f}' for x in raw['load'][1])} "
-        f"(other work shared the machine: timings are slower and noisier than on an idle one).",
+        + ("(other work shared the machine: timings are slower and noisier than on an idle one)."
+           if raw["load"][0][0] >= 1.0 else "(no other work on the machine)."),
         "",
         ("Device: " + a["device"]) if cuda else
         "**No GPU was available to this run: every row below is CPU (gloo); the GPU rows of the issue "
@@ -134,10 +138,10 @@ def render(raw: dict) -> str:
     L += traffic_section(summaries, a)
     L += memory_section(summaries, cuda)
     L += model_section(summaries, a)
-    L += merge_section(summaries)
+    L += merge_section(summaries, a["k1"])
     if raw.get("reference"):
-        L += reference_section(raw["reference"])
-    L += targets_section(summaries, raw.get("reference"), cuda)
+        L += reference_section(raw["reference"], raw.get("reference_kept_memory"))
+    L += targets_section(summaries, raw.get("reference"), raw.get("reference_kept_memory"), cuda, a["k1"])
     return "\n".join(L) + "\n"
 
 
@@ -173,7 +177,8 @@ def matches_formula(a: dict, s: dict, world: int, c: dict) -> str:
     for the plain fp32 setup the formulas describe."""
     if a["sets"] or a["dtype"] != "fp32":
         return "-"
-    want = formulas.collective_bytes(c["negatives"], c["merge"], s["batch"], world, a["dim"], s["k2"], a["p"])
+    want = formulas.collective_bytes(c["negatives"], c["merge"], s["batch"], world, a["dim"], s["k2"], a["p"],
+                                     k1=a["k1"], rounds=c["merge_rounds"])
     return "yes" if all(c["bytes"].get(k, 0.0) == v for k, v in want.items()) else "**no**"
 
 
@@ -182,16 +187,18 @@ def traffic_section(summaries: dict, a: dict) -> list[str]:
          "Bytes this worker hands to each collective per step, counted by `Comm` in the sharding layer as the "
          "collective runs (*bwd*: the backward of an autograd collective, counted when its gradient arrives); max "
          "over workers. At W = 1 the same code runs and counts, but nothing leaves the process. *merge* is the part "
-         "sent inside `mine_band` (the band merge alone). *formula*: the all-gather and all-reduce counts equal "
-         "docs/SCALING.md's formulas (`bench/formulas.py`); the all-to-all depends on the items in the batch.", "",
-         "| V | W | phase | merge | " + " | ".join(short(k) for k in COLLECTIVES) + " | total | merge | formula |",
-         "|---:|---:|---|---|" + "---:|" * (len(COLLECTIVES) + 2) + "---|"]
+         "sent inside `mine_band` (the band merge alone); *rounds* its bisection rounds per step (mean over steps, "
+         "max over repeats: data-dependent, at most 32, none at W = 1). *formula*: the all-gather and all-reduce "
+         "counts equal docs/SCALING.md's formulas (`bench/formulas.py`) at those rounds; the all-to-all depends on "
+         "the items in the batch.", "",
+         "| V | W | phase | merge | " + " | ".join(short(k) for k in COLLECTIVES) + " | total | merge | rounds | formula |",
+         "|---:|---:|---|---|" + "---:|" * (len(COLLECTIVES) + 3) + "---|"]
     for (items, world), s in summaries.items():
         for c in s["cases"]:
             cells = " | ".join(fmt_bytes(c["bytes"].get(k, 0.0)) for k in COLLECTIVES)
             L.append(f"| {items:,} | {world} | {c['negatives']} | {c['merge']} | {cells} | "
                      f"{fmt_bytes(sum(c['bytes'].values()))} | {fmt_bytes(c['merge_bytes'])} | "
-                     f"{matches_formula(a, s, world, c)} |")
+                     f"{c['merge_rounds']:.1f} | {matches_formula(a, s, world, c)} |")
     return L
 
 
@@ -237,62 +244,80 @@ def model_section(summaries: dict, a: dict) -> list[str]:
     return L
 
 
-def merge_projection(summaries: dict) -> dict | None:
-    """Measured merge bytes per gathered query (threshold) and per query per k2 (all-gather), from the
-    hard phase, and what they give at W = 8, B = 1024 (B per worker, G = W*B, and B global)."""
-    per_query, per_query_k2 = [], []
-    for (items, world), s in summaries.items():
-        for c in s["cases"]:
-            if c["negatives"] == "hard" and c["merge_bytes"]:
-                G = s["batch"]
-                (per_query if c["merge"] == "threshold" else per_query_k2).append(
-                    c["merge_bytes"] / G if c["merge"] == "threshold" else c["merge_bytes"] / (G * s["k2"]))
-    if not per_query or not per_query_k2:
+def merge_projection(summaries: dict, k1: int) -> dict | None:
+    """The threshold merge at W = 8, B = 1024, k2 = 20,000 (B per worker, G = W*B, and B global): at the
+    bound of 32 rounds, and at the most rounds measured; against the all-gather merge's formula, after
+    checking the measured bytes of both merges against their formulas (hard phase)."""
+    measured = [(world, s, c) for (_, world), s in summaries.items() for c in s["cases"]
+                if c["negatives"] == "hard" and c["merge"] != "-"]
+    if not measured:
         return None
-    q, qk = max(per_query), max(per_query_k2)
-    out = {"per_query": q, "per_query_k2": qk}
+    agree = all(c["merge_bytes"] == (formulas.threshold_merge_bytes(s["batch"], world, k1, s["k2"], c["merge_rounds"])
+                                     if c["merge"] == "threshold" else s["batch"] * (s["k2"] + 1) * formulas.FP32)
+                for world, s, c in measured)
+    rounds = max(c["merge_rounds"] for _, _, c in measured if c["merge"] == "threshold")
+    out = {"agree": agree, "rounds": rounds}
     for name, G in (("per_worker", PROJECT_W * PROJECT_B), ("global", PROJECT_B)):
-        out[name] = {"G": G, "threshold": q * G, "allgather": qk * G * PROJECT_K2}
+        out[name] = {"G": G, "bound": formulas.threshold_merge_bytes(G, PROJECT_W, k1, PROJECT_K2),
+                     "measured_rounds": formulas.threshold_merge_bytes(G, PROJECT_W, k1, PROJECT_K2, rounds),
+                     "allgather": G * (PROJECT_K2 + 1) * formulas.FP32}
     return out
 
 
-def merge_section(summaries: dict) -> list[str]:
-    m = merge_projection(summaries)
+def merge_section(summaries: dict, k1: int) -> list[str]:
+    m = merge_projection(summaries, k1)
     if m is None:
         return []
     a, b = m["per_worker"], m["global"]
+    cb = formulas.count_bytes(PROJECT_W, k1, PROJECT_K2)
     return ["", "## Band merge traffic, projected from the measured bytes", "",
-            f"Measured (hard phase, every V and W): the threshold merge sends {m['per_query']:.0f} bytes per gathered "
-            f"query and step, whatever V, W or k2; the all-gather merge {m['per_query_k2']:.0f} bytes per query per "
-            "unit of k2. Projected to W = 8, k2 = 20,000:", "",
-            "| B = 1024 read as | gathered queries G | threshold merge per worker per step | all-gather merge per worker per step |",
-            "|---|---:|---:|---:|",
-            f"| sessions per worker (DESIGN.md) | {a['G']:,} | {fmt_bytes(a['threshold'])} | {fmt_bytes(a['allgather'])} |",
-            f"| sessions per step, all workers | {b['G']:,} | {fmt_bytes(b['threshold'])} | {fmt_bytes(b['allgather'])} |",
+            f"Measured (hard phase, every V and W): the threshold merge sends {formulas.BRACKET_FLOATS} floats per "
+            "gathered query for its bracket, then one packed count per query per round; the all-gather merge k2+1 "
+            f"floats per query. Every measured merge {'equals' if m['agree'] else '**does not equal**'} those formulas. "
+            f"Rounds are data-dependent: at most 32 (a float32 has 32 bits), {m['rounds']:.1f} at most here. "
+            f"Projected to W = 8, k2 = 20,000 ({cb}-byte packed counts at W = 8):", "",
+            "| B = 1024 read as | gathered queries G | threshold merge, 32 rounds (bound) | at the measured rounds | "
+            "all-gather merge |", "|---|---:|---:|---:|---:|",
+            f"| sessions per worker (DESIGN.md) | {a['G']:,} | {fmt_bytes(a['bound'])} | {fmt_bytes(a['measured_rounds'])} "
+            f"| {fmt_bytes(a['allgather'])} |",
+            f"| sessions per step, all workers | {b['G']:,} | {fmt_bytes(b['bound'])} | {fmt_bytes(b['measured_rounds'])} "
+            f"| {fmt_bytes(b['allgather'])} |",
             "", "Bytes here are what a worker hands to the collective; a ring all-reduce puts about 2(W-1)/W times "
             "that on the wire, an all-gather (W-1) times (see docs/SCALING.md)."]
 
 
-def reference_section(ref: dict) -> list[str]:
+def reference_rows(name: str, ref: dict) -> list[str]:
     e, r = np.median(ref["engine_s"]), np.median(ref["reference_s"])
+    return [f"| {name} | engine | {e:.2f} | {min(ref['engine_s']):.2f}-{max(ref['engine_s']):.2f} | {ref['batch'] / e:,.1f} | |",
+            f"| {name} | reference | {r:.2f} | {min(ref['reference_s']):.2f}-{max(ref['reference_s']):.2f} | "
+            f"{ref['batch'] / r:,.1f} | **{r / e:.1f}x** |"]
+
+
+def reference_section(ref: dict, kept: dict | None) -> list[str]:
     mining = np.median(ref["reference_mining_s"])
-    return ["", "## Engine vs the per-step reference approach", "",
-            f"V = {ref['items']:,}, B = {ref['batch']}, d = {ref['dim']}, k1 = {ref['k1']}, k2 = {ref['k2']:,}, hard "
-            "phase, one worker, same networks, same batches, alternating step by step in one process "
-            "(`bench/reference_step.py`: dense B x V frozen scores, top-k2 on the host, B x (k2-k1) x d negative rows "
-            "gathered per session; the engine: tiled per-shard top-k2 + threshold merge, band loss over the shard's "
-            "score matrix, no negative row gathered).", "",
-            "| | step s (median) | min-max | sessions/s |", "|---|---:|---|---:|",
-            f"| engine | {e:.2f} | {min(ref['engine_s']):.2f}-{max(ref['engine_s']):.2f} | {ref['batch'] / e:,.1f} |",
-            f"| reference | {r:.2f} | {min(ref['reference_s']):.2f}-{max(ref['reference_s']):.2f} | {ref['batch'] / r:,.1f} |",
-            "", f"Reference / engine step time: **{r / e:.2f}x**. Of the reference's step, {mining:.2f} s is the dense "
-            f"scores + host top-k2 and the rest the loss over gathered negative rows; the engine's step splits into "
-            + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(ref["engine_sections"].items(), key=lambda kv: -kv[1]))
-            + f". Same loss on the first batch before any update: engine {ref['engine_loss']:.6f}, "
-            f"reference {ref['reference_loss']:.6f}."]
+    L = ["", "## Engine vs the per-step reference approach", "",
+         f"V = {ref['items']:,}, B = {ref['batch']}, d = {ref['dim']}, k1 = {ref['k1']}, k2 = {ref['k2']:,}, hard "
+         "phase, one worker, same networks, same batches, alternating step by step in one process "
+         "(`bench/reference_step.py`: dense B x V frozen scores, top-k2 on the host, B x (k2-k1) x d negative rows "
+         "gathered per session; the engine: per-shard top-(k2+1) selection + threshold merge, band loss over the "
+         "shard's score matrix, no negative row gathered).", ""]
+    if kept:
+        L += ["Measured twice, in two fresh processes: with glibc's default allocator, which hands every large buffer "
+              "back to the OS when it is freed (so each step page-faults its big buffers in again: the reference's "
+              "B x k2 x d gather above all), and with it told to keep freed memory (`" + KEEP_MEMORY_NOTE + "`).", ""]
+    L += ["| allocator | | step s (median) | min-max | sessions/s | reference / engine |", "|---|---|---:|---|---:|---:|"]
+    L += reference_rows("glibc default", ref)
+    if kept:
+        L += reference_rows("freed memory kept", kept)
+    L += ["", f"Of the reference's step (default allocator), {mining:.2f} s is the dense scores + host top-k2 and the "
+          "rest the loss over gathered negative rows; the engine's step splits into "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(ref["engine_sections"].items(), key=lambda kv: -kv[1]))
+          + f". Same loss on the first batch before any update: engine {ref['engine_loss']:.6f}, "
+          f"reference {ref['reference_loss']:.6f}."]
+    return L
 
 
-def targets_section(summaries: dict, ref: dict | None, cuda: bool) -> list[str]:
+def targets_section(summaries: dict, ref: dict | None, kept: dict | None, cuda: bool, k1: int) -> list[str]:
     L = ["", "## Targets", "", "| target | measured | status |", "|---|---|---|"]
     for items in sorted({v for v, _ in summaries}):
         one, two = summaries.get((items, 1)), summaries.get((items, 2))
@@ -300,28 +325,28 @@ def targets_section(summaries: dict, ref: dict | None, cuda: bool) -> list[str]:
             ratio = two["table"] / one["table"]
             L.append(f"| item-table memory per worker at W=2 <= 0.55 x W=1 (V = {items:,}) | {ratio:.3f} "
                      f"(peak RSS {two['rss'] / one['rss']:.2f}) | {'met' if ratio <= 0.55 else 'not met'} |")
-    m = merge_projection(summaries)
+    m = merge_projection(summaries, k1)
     if m:
         a, b = m["per_worker"], m["global"]
-        if a["threshold"] <= TARGET_MERGE_BYTES:
-            status = "met"
-        else:  # what limits it: see docs/SCALING.md
-            status = ("not met with B per worker: 64 bisection rounds x 2 ranks x int32 counts per query"
-                      + (", met with B global" if b["threshold"] <= TARGET_MERGE_BYTES else ""))
-        L.append(f"| threshold merge <= 2 MB per worker per step at W=8, B=1024 | {fmt_bytes(a['threshold'])} with B "
-                 f"per worker (all-gather merge: {fmt_bytes(a['allgather'])}); {fmt_bytes(b['threshold'])} with B "
-                 f"global | {status} |")
+        status = ("not shown: the measured merge bytes do not follow the formula" if not m["agree"] else
+                  "met by construction: at most 32 rounds of one packed int32 per query" if a["bound"] <= TARGET_MERGE_BYTES
+                  else "not met at the 32-round bound")
+        L.append(f"| threshold merge <= 2 MB per worker per step at W=8, B=1024 | {fmt_bytes(a['bound'])} at the bound "
+                 f"with B per worker ({fmt_bytes(a['measured_rounds'])} at the {m['rounds']:.1f} rounds measured; "
+                 f"all-gather merge: {fmt_bytes(a['allgather'])}); {fmt_bytes(b['bound'])} with B global | {status} |")
     gpu = "not measured: no GPU in this run" if not cuda else None
     L.append(f"| GPU: >= 10,000 sessions/s end to end at V = 1M (>= 60 % of the floor) | {gpu or 'see the training table'} | "
              + ("open; projection in docs/SCALING.md |" if gpu else "see the floor column |"))
-    if ref:
-        e = np.median(ref["engine_s"])
-        ratio = np.median(ref["reference_s"]) / e
-        mining = ref["engine_sections"].get("mining", 0.0)
-        status = "met" if ratio >= 20 else (f"not met: the engine's step is mining-bound ({mining:.2f} of {e:.2f} s; "
-                                            "docs/SCALING.md)")
-        L.append(f"| >= 20x faster per step than the reference approach | {ratio:.2f}x on {'GPU' if cuda else 'CPU'} (V = "
-                 f"{ref['items']:,}, B = {ref['batch']}, k2 = {ref['k2']:,}, d = {ref['dim']}) | {status} |")
+    for name, r in (("glibc default allocator", ref), ("freed memory kept", kept)):
+        if r:
+            e = np.median(r["engine_s"])
+            ratio = np.median(r["reference_s"]) / e
+            top = max(r["engine_sections"].items(), key=lambda kv: kv[1])
+            status = "met" if ratio >= 20 else (f"not met: the engine's step is {top[1]:.2f} of {e:.2f} s {top[0]} "
+                                                "(docs/SCALING.md)")
+            L.append(f"| >= 20x faster per step than the reference approach ({name}) | {ratio:.1f}x on "
+                     f"{'GPU' if cuda else 'CPU'} (V = {r['items']:,}, B = {r['batch']}, k2 = {r['k2']:,}, "
+                     f"d = {r['dim']}) | {status} |")
     if (10_000_000, 1) in summaries and not cuda:
         L.append(f"| V = 10M trains on one GPU | not measured on a GPU; on CPU V = 10M trained at W = 1 with peak RSS "
                  f"{summaries[(10_000_000, 1)]['rss'] / 2**30:.1f} GiB | open; projection in docs/SCALING.md |")

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from alterrec_dist import recipe
 from alterrec_dist.config import load_config
 from alterrec_dist.evaluate import evaluate
+from alterrec_dist.mining import CountPacker
 from alterrec_dist.recipe import build_run, frozen_item_rows, train_epoch
 from alterrec_dist.schedule import Phase
 from alterrec_dist.sharded import Comm
@@ -58,6 +59,7 @@ class Profiler:
         self.comm = comm
         self.seconds: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()  # by wrapped call
+        self.collective_bytes: Counter[tuple[str, str]] = Counter()  # by (wrapped call, collective)
         self.query_grad_at: float | None = None
         self._active: str | None = None
         self._undo: list = []
@@ -75,9 +77,12 @@ class Profiler:
     def reset(self) -> None:
         self.seconds.clear()
         self.bytes.clear()
+        self.collective_bytes.clear()
 
     def _add_bytes(self, call: str, before: Counter) -> None:
         self.bytes[call] += sum(self.comm.bytes.values()) - sum(before.values())
+        for collective, total in self.comm.bytes.items():
+            self.collective_bytes[call, collective] += total - before[collective]
 
     def _replace(self, owner, name: str, wrapper) -> None:
         fn = getattr(owner, name)  # AttributeError: the recipe no longer calls it; update the bench
@@ -233,7 +238,10 @@ def measure(spec: dict) -> dict:
             prof.reset()
             train_epoch(run, phase, frozen)
             n = len(batches)
+            counts = CountPacker(torch.tensor([cfg.train.k1 + 1, run.k2 + 1]), comm.world)  # the merge's per round
+            sum_bytes = prof.collective_bytes["mine_band", f"all_reduce_{dist.ReduceOp.SUM}"] / n
             cases.append({"negatives": negatives, "merge": merge, "step_s": reader.step_seconds(),
+                          "merge_rounds": sum_bytes / (cfg.train.global_batch_size * counts.dtype.itemsize),
                           "setup_s": setup if frozen is not None else 0.0,
                           "sections": {k: v / n for k, v in prof.seconds.items()},
                           "bytes": {k: v / n for k, v in comm.bytes.items()},

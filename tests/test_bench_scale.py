@@ -34,7 +34,7 @@ def compare(rank, world, point):
 def assert_bytes_follow_formulas(result: dict, world: int) -> None:
     assert [(c["negatives"], c["merge"]) for c in result["cases"]] == list(scale_worker.CASES)
     for c in result["cases"]:
-        want = formulas.collective_bytes(c["negatives"], c["merge"], B, world, DIM, K2, P)
+        want = formulas.collective_bytes(c["negatives"], c["merge"], B, world, DIM, K2, P, k1=K1, rounds=c["merge_rounds"])
         assert {k: c["bytes"][k] for k in want} == want, (c["negatives"], c["merge"])
         assert c["bytes"]["all_to_all"] > 0 and c["bytes"]["all_to_all_backward"] > 0
 
@@ -43,8 +43,9 @@ def test_counted_bytes_and_table_memory_follow_the_formulas(catalog):
     [r] = run_world(measure, 1, spec(catalog))
     assert_bytes_follow_formulas(r, 1)
     hard = r["cases"][1]
-    assert hard["bytes_by_call"]["mine_band"] == formulas.THRESHOLD_ROUNDS * 2 * 4 * B  # the merge alone
-    assert r["cases"][2]["bytes_by_call"]["mine_band"] == 8 * B * K2
+    assert hard["merge_rounds"] == 0  # at W = 1 the bracket is already exact
+    assert hard["bytes_by_call"]["mine_band"] == formulas.BRACKET_FLOATS * 4 * B  # the merge alone
+    assert r["cases"][2]["bytes_by_call"]["mine_band"] == 4 * B * (K2 + 1)
     assert sum(r["table_bytes"].values()) == formulas.table_bytes(V, 1, DIM, TEXT_DIM) + 4  # + AdamW's step counter
     for c in r["cases"]:
         assert all(s > 0 for s in c["step_s"]) and set(c["sections"]) >= {"loss", "encoder", "optimizer"}
@@ -77,6 +78,9 @@ def test_harness_writes_the_results_table(tmp_path):
     [raw] = (tmp_path / "data").glob("results-*.json")
     for r in next(p for p in json.loads(raw.read_text())["points"] if p["world"] == 2)["ranks"]:
         assert_bytes_follow_formulas(r, 2)
+        rounds = [c["merge_rounds"] for c in r["cases"] if c["merge"] == "threshold"]
+        assert all(0 < n <= 32 and n == int(n) for n in rounds)  # one step per case: whole rounds
+    assert "Every measured merge equals those formulas" in text
     again = tmp_path / "AGAIN.md"
     assert scale.main(["--report-only", str(raw), "--out", str(again)]) == 0
     assert again.read_text().split("## Training")[1] == text.split("## Training")[1]

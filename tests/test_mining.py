@@ -1,8 +1,9 @@
-"""Band mining across shards equals a brute-force argsort of the dense score matrix."""
+"""Band mining across shards equals a brute-force sort of the dense score matrix."""
 import pytest
 import torch
 
-from alterrec_dist.mining import exclude_items, key_ids, mine_band, random_band, score_keys, top_items
+from alterrec_dist.mining import (CountPacker, exclude_items, from_ordered, key_ids, mine_band, ordered,
+                                  random_band, score_keys, top_items)
 from alterrec_dist.sharded import Comm
 from tests.dist_harness import run_world
 
@@ -10,39 +11,47 @@ pytestmark = pytest.mark.slow
 
 
 def brute_force_band(scores: torch.Tensor, k1: int, k2: int, exclude: torch.Tensor) -> list[set[int]]:
-    """Sort by (score desc, id asc) with Python's stable sort and take ranks k1..k2-1."""
+    """Items scoring in (t2, t1], t1 and t2 the scores at ranks k1 and k2 (t2 = -inf past the catalog)."""
     out = []
     for g, row in enumerate(scores.tolist()):
-        order = sorted(range(len(row)), key=lambda i: (-row[i], i))
-        out.append(set(order[k1:k2]) - set(exclude[g].tolist()))
+        desc = sorted(row, reverse=True)
+        t1, t2 = desc[k1], desc[k2] if k2 < len(row) else float("-inf")
+        out.append({i for i, s in enumerate(row) if t2 < s <= t1} - set(exclude[g].tolist()))
     return out
 
 
-def problem(seed: int, G=6, V=37, d=4):
+def problem(seed: int, G=6, V=37, d=4, ties=True):
     g = torch.Generator().manual_seed(seed)
-    # integer-valued rows and queries: many exact ties in the scores
-    q = torch.randint(-2, 3, (G, d), generator=g).float()
-    items = torch.randint(-2, 3, (V, d), generator=g).float()
+    if ties:  # integer-valued rows and queries: many exact ties in the scores
+        q = torch.randint(-2, 3, (G, d), generator=g).float()
+        items = torch.randint(-2, 3, (V, d), generator=g).float()
+    else:
+        q, items = torch.randn(G, d, generator=g), torch.randn(V, d, generator=g)
     target = torch.randint(V, (G,), generator=g)
     return q, items, target
 
 
-def mine_on_shard(rank, world, seed, k1, k2, merge, p):
-    q, items, target = problem(seed)
+def mine_on_shard(rank, world, seed, k1, k2, merge, p, ties):
+    q, items, target = problem(seed, ties=ties)
     comm = Comm()
     ids = torch.arange(rank, len(items), world)
-    band, keys, _ = mine_band(comm, q, items[ids], ids, k1, k2, len(items), merge=merge, tile_rows=5, extra=p + 1)
-    aug = top_items(comm, keys, p, target)
-    band = exclude_items(band, ids, torch.cat([target[:, None], aug], 1))
+    band, cand = mine_band(comm, q, items[ids], k1, k2, len(items), merge=merge, tile_rows=5, extra=p + 1)
+    merge_bytes = dict(comm.bytes)
+    aug = top_items(comm, cand, ids, p, target)
+    positives = torch.cat([target[:, None], aug], 1)
+    band = exclude_items(band, positives // world, positives % world == rank)
     chosen = [set(ids[band.rows[g][band.mask[g]]].tolist()) for g in range(len(q))]
-    return chosen, aug
+    return chosen, aug, merge_bytes
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("merge", ["threshold", "allgather"])
-def test_band_equals_brute_force_with_ties_and_short_shards(world, merge):
-    seed, k1, k2, p = 3, 4, 20, 2  # k2=20 exceeds a shard's 12-19 rows at W=2,3
-    results = run_world(mine_on_shard, world, seed, k1, k2, merge, p)
+@pytest.mark.parametrize("k1, k2", [(4, 20), (2, 8), (4, 37)])
+def test_band_equals_brute_force_with_ties_and_short_shards(world, merge, k1, k2):
+    """k2=20 exceeds a shard's 12-19 rows at W=2,3; k2=8 cuts every shard's list inside tie groups;
+    k2=37 is the whole catalog (no rank k2: the band runs to the bottom)."""
+    seed, p = 3, 2
+    results = run_world(mine_on_shard, world, seed, k1, k2, merge, p, True)
     q, items, target = problem(seed)
     scores = q @ items.T
     assert len(set(scores.flatten().tolist())) < scores.numel() / 3, "the case must contain ties"
@@ -56,6 +65,39 @@ def test_band_equals_brute_force_with_ties_and_short_shards(world, merge):
     assert union == expected
     for g in range(len(q)):  # shards are disjoint
         assert sum(len(r[0][g]) for r in results) == len(expected[g])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_without_ties_the_band_is_ranks_k1_to_k2_and_w1_needs_no_round(world):
+    k1, k2, p = 3, 15, 0
+    results = run_world(mine_on_shard, world, 5, k1, k2, "threshold", p, False)
+    q, items, target = problem(5, ties=False)
+    scores = q @ items.T
+    for g in range(len(q)):
+        order = sorted(range(len(items)), key=lambda i: -scores[g, i].item())
+        assert set().union(*(r[0][g] for r in results)) == set(order[k1:k2]) - {target[g].item()}
+    sent = results[0][2]
+    assert sent["all_reduce_RedOpType.MAX"] == 5 * 4 * len(q)  # the bracket: 5 floats per query
+    rounds = sent.get("all_reduce_RedOpType.SUM", 0) // (4 * len(q))  # one packed int32 per query per round
+    assert sent.get("all_reduce_RedOpType.SUM", 0) == rounds * 4 * len(q)
+    assert (rounds == 0) if world == 1 else (0 < rounds <= 32)  # at W=1 the bracket is exact
+
+
+def test_counts_of_both_ranks_share_one_integer():
+    need = torch.tensor([21, 20_001])
+    packer = CountPacker(need, world=8)
+    assert packer.dtype == torch.int32  # 8*21+1 times 8*20001+1 fits
+    counts = torch.tensor([[0, 0], [5, 19_999], [21, 20_001], [400, 10**6]])
+    summed = packer.unpack(packer.pack(counts) * 8)  # as if 8 shards sent the same counts
+    assert summed.tolist() == [[0, 0], [40, 159_992], [168, 160_008], [168, 160_008]]  # clamped, no carry
+    assert CountPacker(torch.tensor([10**5, 10**5]), world=64).dtype == torch.int64
+
+
+def test_ordered_is_monotone_and_invertible():
+    x = torch.tensor([float("-inf"), -3.5, -1e-40, -0.0, 0.0, 1e-40, 2.0, float("inf")])
+    o = ordered(x)
+    assert (o[1:] >= o[:-1]).all() and o[3] == o[4]  # -0.0 and 0.0 compare equal
+    assert torch.equal(from_ordered(o), x + 0.0)
 
 
 def test_score_keys_order_matches_score_then_id():
