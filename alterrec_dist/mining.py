@@ -73,11 +73,13 @@ def local_candidates(queries: torch.Tensor, item_rows: torch.Tensor, k: int, sca
     for start in range(0, len(item_rows), tile_rows):
         scores = torch.mm(queries, item_rows[start:start + tile_rows].T).mul_(scale)
         rows = torch.arange(start, start + scores.shape[1]).expand_as(scores)
-        if best.scores.shape[1]:
+        merged = best.scores.shape[1] > 0
+        if merged:
             scores, rows = torch.cat([best.scores, scores], 1), torch.cat([best.rows, rows], 1)
         if scores.shape[1] > k:
             top = torch.topk(scores, k, dim=1, sorted=False)
-            scores, rows = top.values, torch.gather(rows, 1, top.indices)
+            # the first tile's column j is row j: no gather over the (G, k) indices needed
+            scores, rows = top.values, torch.gather(rows, 1, top.indices) if merged else top.indices
         best = Candidates(scores, rows)
     return best
 

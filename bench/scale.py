@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference-batch", type=int, default=512)
     p.add_argument("--reference-k2", type=int, default=20_000)
     p.add_argument("--reference-dim", type=int, default=64)
-    p.add_argument("--reference-steps", type=int, default=3)
+    p.add_argument("--reference-steps", type=int, default=5)
     p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "bench")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     p.add_argument("--report-only", type=Path, default=None, metavar="RAW_JSON",

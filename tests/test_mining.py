@@ -31,11 +31,11 @@ def problem(seed: int, G=6, V=37, d=4, ties=True):
     return q, items, target
 
 
-def mine_on_shard(rank, world, seed, k1, k2, merge, p, ties):
+def mine_on_shard(rank, world, seed, k1, k2, merge, p, ties, tile_rows=5):
     q, items, target = problem(seed, ties=ties)
     comm = Comm()
     ids = torch.arange(rank, len(items), world)
-    band, cand = mine_band(comm, q, items[ids], k1, k2, len(items), merge=merge, tile_rows=5, extra=p + 1)
+    band, cand = mine_band(comm, q, items[ids], k1, k2, len(items), merge=merge, tile_rows=tile_rows, extra=p + 1)
     merge_bytes = dict(comm.bytes)
     aug = top_items(comm, cand, ids, p, target)
     positives = torch.cat([target[:, None], aug], 1)
@@ -46,12 +46,13 @@ def mine_on_shard(rank, world, seed, k1, k2, merge, p, ties):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("merge", ["threshold", "allgather"])
-@pytest.mark.parametrize("k1, k2", [(4, 20), (2, 8), (4, 37)])
-def test_band_equals_brute_force_with_ties_and_short_shards(world, merge, k1, k2):
-    """k2=20 exceeds a shard's 12-19 rows at W=2,3; k2=8 cuts every shard's list inside tie groups;
-    k2=37 is the whole catalog (no rank k2: the band runs to the bottom)."""
+@pytest.mark.parametrize("k1, k2, tile_rows", [(4, 20, 5), (2, 8, 5), (2, 8, 64), (4, 37, 5)])
+def test_band_equals_brute_force_with_ties_and_short_shards(world, merge, k1, k2, tile_rows):
+    """k2=20 exceeds a shard's 12-19 rows at W=2,3; k2=8 cuts every shard's list inside tie groups,
+    merging tiles of 5 rows or selecting from one tile; k2=37 is the whole catalog (no rank k2: the
+    band runs to the bottom)."""
     seed, p = 3, 2
-    results = run_world(mine_on_shard, world, seed, k1, k2, merge, p, True)
+    results = run_world(mine_on_shard, world, seed, k1, k2, merge, p, True, tile_rows)
     q, items, target = problem(seed)
     scores = q @ items.T
     assert len(set(scores.flatten().tolist())) < scores.numel() / 3, "the case must contain ties"
