@@ -159,13 +159,13 @@ class Shrinking:
         self.live = valid.sum(1)
 
     def count_at_or_above(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(which inside scores are >= x, how many of them are)."""
         at_or_above = self.inside >= x[:, None]
-        return at_or_above, self.above + at_or_above.sum(1)
+        return at_or_above, at_or_above.sum(1)
 
-    def narrow(self, at_or_above: torch.Tensor, went_up: torch.Tensor) -> None:
-        """went_up: the interval is now [x, hi] (drop what lies below x), else [lo, x) (the part at
-        or above x moves to `above`)."""
-        n = at_or_above.sum(1)
+    def narrow(self, at_or_above: torch.Tensor, n: torch.Tensor, went_up: torch.Tensor) -> None:
+        """went_up: the interval is now [x, hi] (drop what lies below x), else [lo, x) (the n inside
+        scores at or above x move to `above`)."""
         self.above += torch.where(went_up, 0, n)
         self.live = torch.where(went_up, n, self.live - n)
         keep = torch.where(went_up[:, None], at_or_above, ~at_or_above)
@@ -192,21 +192,27 @@ def thresholds_by_bisection(comm: Comm, cand: Candidates, k1: int, k2: int, num_
         mid = lo + (hi - lo + 1) // 2
         x = from_ordered(mid)
         counted = [s.count_at_or_above(x[:, j]) for j, s in enumerate(sets)]
-        total = packer.unpack(comm.all_reduce(packer.pack(torch.stack([c for _, c in counted], 1))))
-        ok = total >= packer.need
+        local = torch.stack([s.above + n for s, (_, n) in zip(sets, counted)], 1)
+        ok = packer.unpack(comm.all_reduce(packer.pack(local))) >= packer.need
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid - 1)
-        for j, s in enumerate(sets):
-            s.narrow(counted[j][0], ok[:, j])
+        for j, (s, (at_or_above, n)) in enumerate(zip(sets, counted)):
+            s.narrow(at_or_above, n, ok[:, j])
     return from_ordered(lo)
 
 
+def gather_padded(comm: Comm, values: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """Every shard's (G, <= width) values per query, padded with `fill` to equal shapes: (G, W * width)."""
+    padded = torch.full((len(values), width), fill, dtype=values.dtype)
+    padded[:, :values.shape[1]] = values
+    every = comm.all_gather(padded.T.contiguous())  # (W * width, G)
+    return every.view(comm.world, width, -1).permute(2, 0, 1).reshape(len(values), -1)
+
+
 def thresholds_by_allgather(comm: Comm, cand: Candidates, k1: int, k2: int, num_items: int) -> torch.Tensor:
-    """Same result from every shard's top-(k2+1) scores, padded with -inf to equal shapes."""
+    """Same result from every shard's top-(k2+1) scores, padded with -inf."""
     n = k2 + 1
     scores = cand.scores if cand.scores.shape[1] <= n else torch.topk(cand.scores, n, dim=1, sorted=False).values
-    padded = torch.full((len(scores), n), NEG_INF)
-    padded[:, :scores.shape[1]] = scores
-    every = comm.all_gather(padded.T.contiguous()).view(comm.world, n, -1).permute(2, 0, 1).reshape(len(scores), -1)
+    every = gather_padded(comm, scores, n, NEG_INF)
     t1 = torch.topk(every, k1 + 1, dim=1, sorted=False).values.min(1).values
     t2 = torch.kthvalue(every, every.shape[1] - k2, dim=1).values if k2 < num_items else torch.full_like(t1, NEG_INF)
     return torch.stack([t1, t2], 1)
@@ -240,10 +246,7 @@ def kth_keys_allgather(comm: Comm, local_keys: torch.Tensor, ks: list[int]) -> t
     """Global key at each 0-based rank in `ks`, for every query: (G, len(ks)). Keys padded with
     INT64_MIN so shards with fewer rows than the ranks still send equal shapes."""
     k = max(ks) + 1
-    padded = torch.full((len(local_keys), k), INT64_MIN, dtype=torch.long)
-    n = min(k, local_keys.shape[1])
-    padded[:, :n] = local_keys[:, :n]
-    every = comm.all_gather(padded.T.contiguous()).view(comm.world, k, -1).permute(2, 0, 1).reshape(len(local_keys), -1)
+    every = gather_padded(comm, local_keys[:, :k], k, INT64_MIN)
     top = torch.topk(every, k, dim=1, sorted=True).values
     return top[:, ks]
 

@@ -293,8 +293,8 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
         # keyed by (seed, epoch, step): the same draws for a global batch whatever the world size
         g = torch.Generator().manual_seed((t.seed * 1_000_003 + phase.epoch) * 1_000_003 + step)
         bands.append(random_band(comm, len(target), num_neg - num_hard, table.num_items, g))
-    owned = positives % comm.world == comm.rank
-    pos_rows = torch.where(owned, positives // comm.world, 0)
+    owned = table.owner(positives) == comm.rank
+    pos_rows = torch.where(owned, table.local_row(positives), 0)
     band = exclude_items(bands[0] if len(bands) == 1 else Band.cat(*bands), pos_rows, owned)
 
     nfrec = trained.kind in ("sum", "concat")

@@ -23,6 +23,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 import torch.distributed as dist
@@ -148,16 +149,8 @@ def run_spawned(args: argparse.Namespace) -> tuple[list[dict], dict | None, dict
         point = spec(args, data, args.reference_batch, args.reference_steps, dim=args.reference_dim,
                      k2=args.reference_k2)
         reference = spawn(1, point, target=reference_step.compare)[0]
-        saved = {k: os.environ.get(k) for k in KEEP_FREED_MEMORY}
-        os.environ.update(KEEP_FREED_MEMORY)  # read by glibc when the spawned process starts
-        try:
+        with patch.dict(os.environ, KEEP_FREED_MEMORY):  # read by glibc when the spawned process starts
             kept = spawn(1, point, target=reference_step.compare)[0]
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k)
-                else:
-                    os.environ[k] = v
     return points, reference, kept
 
 
