@@ -60,12 +60,29 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 # -- writing a directory of per-rank files -----------------------------------------------------
 
+def on_cpu(obj):
+    """`obj` with every tensor in it (through dicts, lists and tuples) copied to the CPU: what is saved
+    loads on any machine, a CPU-only one included, whatever device trained it."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
+def load_cpu(path: Path, mmap: bool = False):
+    """A file `publish` wrote, as CPU tensors (`map_location`: whatever the writer's device was)."""
+    return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+
+
 def publish(comm, target: Path, own: tuple[str, object], shared: dict[str, object], meta: dict,
             model_dir: Path | None = None) -> None:
     """Write directory `target` from every rank: each saves `own` (name, object), rank 0 also the
     `shared` files and, if `model_dir` holds a model, links it in as model/; then rank 0 writes
     manifest.json (meta, world size, partition rule, sha256 of every file) and renames the directory
-    into place. Collective: every rank calls it."""
+    into place. Collective: every rank calls it. Every tensor is saved from the CPU (`on_cpu`)."""
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp")
     if comm.rank == 0:
@@ -73,14 +90,14 @@ def publish(comm, target: Path, own: tuple[str, object], shared: dict[str, objec
         tmp.mkdir(parents=True)
     comm.barrier()
     name, obj = own
-    torch.save(obj, tmp / name)
+    torch.save(on_cpu(obj), tmp / name)
     # each rank hashes its own file, in parallel and while it is still in the page cache
     digests: list = [None] * comm.world
     dist.all_gather_object(digests, (name, file_sha256(tmp / name)), group=comm.group)
     if comm.rank == 0:
         files = dict(digests)
         for shared_name, shared_obj in shared.items():
-            torch.save(shared_obj, tmp / shared_name)
+            torch.save(on_cpu(shared_obj), tmp / shared_name)
             files[shared_name] = file_sha256(tmp / shared_name)
         if model_dir is not None and (Path(model_dir) / "manifest.json").is_file():
             files |= _link_model(Path(model_dir), tmp / "model")
@@ -125,8 +142,7 @@ def _link_model(model_dir: Path, dst: Path) -> dict[str, str]:
 
 def save_model(comm, networks: dict, table, model_dir: Path, meta: dict) -> None:
     """Every rank writes its ID rows; rank 0 the networks and the manifest, then swaps the directory in."""
-    x = table.x.detach().clone() if table.x is not None else None
-    publish(comm, model_dir, (shard_name(comm.rank, comm.world), {"items": table.global_ids.clone(), "x": x}),
+    publish(comm, model_dir, (shard_name(comm.rank, comm.world), {"items": table.global_ids, "x": table.x}),
             {"networks.pt": {name: net.state_dict() for name, net in networks.items()}},
             {**meta, "num_items": table.num_items})
 
@@ -147,14 +163,14 @@ def load_model(model_dir: Path) -> tuple[dict, dict, torch.Tensor | None]:
         raise DataError(f"{manifest_path}: no saved model (train a run first; the model is saved at its best epoch)")
     manifest = json.loads(manifest_path.read_text())
     verify_files(model_dir, manifest["files"], manifest_path)
-    states = torch.load(model_dir / "networks.pt", weights_only=True)
+    states = load_cpu(model_dir / "networks.pt")
     W, V = manifest["world_size"], manifest["num_items"]
     x = None
     for rank in range(W):
-        shard = torch.load(model_dir / shard_name(rank, W), weights_only=True)
+        shard = load_cpu(model_dir / shard_name(rank, W))
         if shard["x"] is not None:
             if x is None:
-                x = torch.empty(V, shard["x"].shape[1], dtype=shard["x"].dtype)
+                x = torch.empty(V, shard["x"].shape[1], dtype=shard["x"].dtype, device="cpu")
             x[shard["items"]] = shard["x"]
     return manifest, states, x
 
@@ -197,8 +213,9 @@ def _rank_state(table, steppers: dict) -> dict:
         if state["rows"] is not None:
             row_optim[name], moments = split_row_state(state["rows"])
             rows |= {f"{name}.{k}": v for k, v in moments.items()}
-    rng = {"torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    # the CPU generator, and the GPU's of this rank's device when it trains on one
+    cuda = table.global_ids.device.type == "cuda"
+    rng = {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(table.global_ids.device)] if cuda else []}
     return {"items": table.global_ids, "rows": rows, "row_optim": row_optim, "engines": engines, "rng": rng}
 
 
@@ -313,16 +330,16 @@ def load_checkpoint(comm, checkpoint: Path, manifest: dict, networks: dict, tabl
     if manifest["num_items"] != table.num_items:
         raise DataError(f"{checkpoint / 'manifest.json'}: {manifest['num_items']} items, the dataset has "
                         f"{table.num_items}")
-    states = torch.load(checkpoint / "networks.pt", weights_only=True)
+    states = load_cpu(checkpoint / "networks.pt")
     for name, net in networks.items():
         net.load_state_dict(states[name])
 
     def shard(r: int) -> dict:  # memory-mapped: only the rows taken from it are read
-        return torch.load(checkpoint / rank_file(r, old), weights_only=True, mmap=True)
+        return load_cpu(checkpoint / rank_file(r, old), mmap=True)
 
     holders = {r: shard(r) for r in torch.unique(table.global_ids % old).tolist()}
     mine = repartition(list(holders.values()), comm.rank, comm.world)
-    if not torch.equal(mine["items"], table.global_ids):
+    if not torch.equal(mine["items"], table.global_ids.cpu()):
         raise DataError(f"{checkpoint}: its shards do not hold every item of rank {comm.rank}")
     with torch.no_grad():
         if table.x is not None:
@@ -336,5 +353,5 @@ def load_checkpoint(comm, checkpoint: Path, manifest: dict, networks: dict, tabl
                                  "rows": join_row_state(rest, moments) if rest is not None else None})
     if same:
         torch.set_rng_state(own["rng"]["torch"])
-        if own["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(own["rng"]["cuda"])
+        if own["rng"]["cuda"] and table.global_ids.device.type == "cuda":  # a CPU run's, or a GPU run's on a CPU: fresh
+            torch.cuda.set_rng_state(own["rng"]["cuda"][0], table.global_ids.device)

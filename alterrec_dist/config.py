@@ -64,21 +64,24 @@ class EvalConfig:
     alpha_sweep: list[float] = field(default_factory=list)  # extra fused kinds "fused@<a>" (sensitivity)
     metric: str = "fused/ndcg@10"  # model selection on validation: "<id|text|fused>/<metric>"
     batch_size: int = 512          # eval sessions per step over all workers
-    tile_rows: int = 65_536        # item rows scored at once per shard: bounds the score tile in memory
+    tile_rows: int = 0             # item rows scored at once per shard (training, mining, evaluation): bounds
+                                   # the score tile in memory; 0: 65,536 on a CPU, one tile of <= 4 GiB on a GPU
     longtail_bins: list[int] = field(default_factory=lambda: [30, 100])  # [0,30], (30,100], (100,inf)
 
 
 @dataclass
 class TrainerConfig:
     num_workers: int = 2
-    use_gpu: bool = False
+    use_gpu: bool = False          # each worker on cuda:<local rank>, collectives over nccl
     launcher: str = "ray"          # "ray" (TorchTrainer) or "torchrun" (GPU machines without Ray)
     storage_path: str = "runs"     # where run directories go; relative to the project root
     name: str = ""                 # run directory name; empty means <method>-<timestamp>
     max_failures: int = 2          # ray: restarts of the workers, each from the newest checkpoint; -1: no limit
     engine: str = "ddp"            # dense parameters: "ddp" (all-reduce + AdamW) or "deepspeed" (README: Engines)
-    precision: str = "fp32"        # dense weights: "fp32", "bf16" (deepspeed; CPU too) or "fp16" (deepspeed on GPU)
+    precision: str = "fp32"        # trained layers: "fp32", "bf16" (ddp: autocast; deepspeed: bf16 weights) or
+                                   # "fp16" (deepspeed on GPU); scores, band loss and ranks stay fp32
     zero_stage: int = 0            # deepspeed ZeRO: 0 replicated, 1 optimizer state, 2 + gradients partitioned
+    tf32: bool = True              # on GPU: fp32 matmuls on TF32 tensor cores; false: exact fp32
 
 
 @dataclass
@@ -109,9 +112,10 @@ class Config:
             (self.trainer.launcher in ("ray", "torchrun"), "trainer.launcher must be ray or torchrun"),
             (r.engine in ("ddp", "deepspeed"), f"trainer.engine must be ddp or deepspeed, got {r.engine!r}"),
             (r.precision in ("fp32", "bf16", "fp16"), f"trainer.precision must be fp32, bf16 or fp16, got {r.precision!r}"),
-            (r.precision == "fp32" or r.engine == "deepspeed",
-             f"trainer.precision={r.precision} needs trainer.engine=deepspeed (the ddp engine trains in fp32)"),
+            (r.precision != "fp16" or r.engine == "deepspeed",
+             "trainer.precision=fp16 needs trainer.engine=deepspeed (its loss scaling; the ddp engine does bf16)"),
             (r.precision != "fp16" or r.use_gpu, "trainer.precision=fp16 needs trainer.use_gpu=true (bf16 runs on CPU)"),
+            (e.tile_rows >= 0, f"eval.tile_rows must be >= 0 (0: automatic), got {e.tile_rows}"),
             (r.zero_stage in (0, 1, 2), f"trainer.zero_stage must be 0, 1 or 2, got {r.zero_stage}"),
             (r.zero_stage == 0 or r.engine == "deepspeed",
              f"trainer.zero_stage={r.zero_stage} needs trainer.engine=deepspeed"),

@@ -75,9 +75,9 @@ def evaluate(comm: Comm, networks: dict[str, Network], table: ShardedItemTable, 
     scorer = Scorer.build(networks, table, alpha, tile_rows, alpha_sweep)
     kinds = list(scorer.weights)
     group_of_item, labels = popularity_groups(popularity, bins)
-    group_of_item = torch.from_numpy(group_of_item)
-    sums = {k: MetricSums(labels) for k in kinds}
     ids = table.global_ids
+    group_of_item = torch.from_numpy(group_of_item).to(ids.device)
+    sums = {k: MetricSums(labels, ids.device) for k in kinds}
     for batch in tqdm(batches, total=num_batches, desc=desc, disable=comm.rank != 0, leave=False):
         queries = [comm.all_gather(q) for q in session_queries(networks, table, batch)]
         target = comm.all_gather(batch.target)
@@ -98,10 +98,10 @@ def count_above_target(comm: Comm, scorer: Scorer, queries: list[torch.Tensor], 
     ], 1)
     target_parts = comm.all_reduce(target_parts)  # (G, C): only the owner contributed
     kinds = list(scorer.weights)
-    weights = torch.tensor([scorer.weights[k] for k in kinds], dtype=target_parts.dtype)  # (K, C)
+    weights = torch.tensor([scorer.weights[k] for k in kinds], dtype=target_parts.dtype, device=target.device)
     target_scores = target_parts @ weights.T  # (G, K)
 
-    counts = torch.zeros(len(target), len(kinds), dtype=torch.long)
+    counts = torch.zeros(len(target), len(kinds), dtype=torch.long, device=target.device)
     for s in range(0, len(ids), tile_rows):
         tile_ids = ids[s:s + tile_rows]
         parts = [(q @ m[s:s + tile_rows].T) * sc for q, m, sc in zip(queries, scorer.matrices, scorer.scales)]

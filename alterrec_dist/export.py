@@ -409,7 +409,7 @@ def write_export(bundle: Bundle, out: str | Path, overwrite: bool = False) -> Pa
 
 def load_encoders(path: str | Path) -> tuple[str, ModelConfig, dict[str, Network]]:
     """encoders.pt -> (method, model config, {name: Network} in eval mode); plain torch, no process group."""
-    blob = torch.load(path, weights_only=True)
+    blob = torch.load(path, weights_only=True, map_location="cpu")
     cfg = ModelConfig(**blob["model"])
     return blob["method"], cfg, _networks(blob["method"], cfg, blob["text_dim"], blob["max_len"], blob["states"],
                                           Path(path))

@@ -5,6 +5,11 @@ its own rows, reduces its band to a max and a sum of exponentials, and two all-r
 give the log-sum-exp over the whole band. Positive logits come from the shards that own them.
 No negative row ever leaves its shard.
 
+The training step never forms the (G, V_local) logits (40 GB at V = 10M, G = 1024): `BandLogits`
+scores the shard's rows one tile at a time and keeps only the band's and the positives' logits,
+(G, n) and (G, P); its backward rebuilds each tile's sparse gradient and multiplies it out, so peak
+memory is O(G x tile). `band_loss` takes ready logits (tests, small catalogs); both end in `_finish`.
+
 Gradients: rank r's loss covers only its own queries (its slice of G). The autograd all-reduce
 sums the grads of every rank's loss w.r.t. the reduced values, which is exactly d(total)/d(value),
 so item-row grads stay on their shard and query grads return to their owners.
@@ -17,29 +22,65 @@ from alterrec_dist.mining import Band
 from alterrec_dist.sharded import Comm
 
 
-class BandTerms(torch.autograd.Function):
-    """From the (G, n) logits, per query: the logits of its positives (G, P), and the sum over its band
-    of exp(logit - shift) (G,). What gather / exp / sum would give, without autograd's (G, n)
-    temporaries and its dense zero gradient per gather: the band's logits are gathered once (for the
-    max, by the caller) and turned into weights in place, and backward builds one gradient. On CPU
-    each pass over a wide band costs about as much as the arithmetic."""
+def _in_tile(index: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column of each index within the tile [start, stop), clamped into it; whether it lies there)."""
+    inside = (index >= start) & (index < stop)
+    return (index - start).clamp_(0, stop - start - 1), inside
+
+
+class BandLogits(torch.autograd.Function):
+    """scale * queries @ rows.T at the band's entries (-inf off the band) and at the positives, tile by tile:
+    what gathering from the full logits gives, holding one (G, tile) score tile at a time. Backward
+    recomputes nothing: the gradient w.r.t. the full logits is zero but at the (G, n + P) gathered entries,
+    so each tile's is scattered from the incoming gradients and multiplied into both inputs' gradients."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, gathered: torch.Tensor, rows: torch.Tensor, shift: torch.Tensor,
-                pos_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """gathered: logits at rows, -inf off the band (consumed); shift: (G,)."""
-        weights = gathered.sub_(shift[:, None]).exp_()  # exp(-inf) = 0 off the band
-        ctx.save_for_backward(rows, weights, pos_rows)
-        ctx.columns = logits.shape[1]
-        return torch.gather(logits, 1, pos_rows), weights.sum(1)
+    def forward(ctx, queries: torch.Tensor, rows: torch.Tensor, band_rows: torch.Tensor, band_mask: torch.Tensor,
+                pos_rows: torch.Tensor, scale: float, tile_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        neg = torch.full(band_rows.shape, float("-inf"), device=queries.device)
+        pos = torch.zeros(pos_rows.shape, device=queries.device)
+        for start in range(0, len(rows), tile_rows):
+            stop = min(start + tile_rows, len(rows))
+            logits = (queries @ rows[start:stop].T).float()
+            if scale != 1.0:  # x * 1.0 == x: skip a pass over the tile
+                logits.mul_(scale)
+            for index, out, keep in ((band_rows, neg, band_mask), (pos_rows, pos, None)):
+                cols, inside = _in_tile(index, start, stop)
+                take = inside if keep is None else inside & keep
+                out.copy_(torch.where(take, torch.gather(logits, 1, cols), out))
+        ctx.save_for_backward(queries, rows, band_rows, band_mask, pos_rows)
+        ctx.scale, ctx.tile_rows = scale, tile_rows
+        return neg, pos
 
     @staticmethod
-    def backward(ctx, grad_pos: torch.Tensor, grad_sum: torch.Tensor):
-        rows, weights, pos_rows = ctx.saved_tensors
-        grad = torch.zeros(len(rows), ctx.columns, dtype=weights.dtype, device=weights.device)
-        # d sum / d logit = its weight; backward runs once, so the saved weights take the product in place
-        grad.scatter_add_(1, rows, weights.mul_(grad_sum[:, None]))
-        return grad.scatter_add_(1, pos_rows, grad_pos), None, None, None, None
+    def backward(ctx, grad_neg: torch.Tensor, grad_pos: torch.Tensor):
+        queries, rows, band_rows, band_mask, pos_rows = ctx.saved_tensors
+        grad_neg = grad_neg.masked_fill(~band_mask, 0.0)  # off the band the output is a constant -inf
+        grad_q = torch.zeros_like(queries) if ctx.needs_input_grad[0] else None
+        grad_rows = torch.zeros_like(rows) if ctx.needs_input_grad[1] else None
+        for start in range(0, len(rows), ctx.tile_rows):
+            stop = min(start + ctx.tile_rows, len(rows))
+            tile = torch.zeros(len(queries), stop - start, dtype=grad_neg.dtype, device=grad_neg.device)
+            for index, grad in ((band_rows, grad_neg), (pos_rows, grad_pos)):
+                cols, inside = _in_tile(index, start, stop)
+                tile.scatter_add_(1, cols, grad.masked_fill(~inside, 0.0))
+            if ctx.scale != 1.0:
+                tile.mul_(ctx.scale)
+            tile = tile.to(queries.dtype)
+            if grad_q is not None:
+                grad_q += tile @ rows[start:stop]
+            if grad_rows is not None:
+                grad_rows[start:stop] = tile.T @ queries
+        return grad_q, grad_rows, None, None, None, None, None
+
+
+def tiled_band_loss(comm: Comm, queries: torch.Tensor, rows: torch.Tensor, scale: float, band: Band,
+                    pos_rows: torch.Tensor, pos_owned: torch.Tensor, pos_weight: torch.Tensor, global_batch: int,
+                    tile_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`band_loss` of the logits scale * queries @ rows.T, scored `tile_rows` rows at a time (see the module
+    docstring): equal in value and gradient, without the (G, V_local) matrix."""
+    neg, pos = BandLogits.apply(queries, rows, band.rows, band.mask, pos_rows, scale, tile_rows)
+    return _finish(comm, neg, pos, pos_owned, pos_weight, global_batch)
 
 
 def band_loss(comm: Comm, logits: torch.Tensor, band: Band, pos_rows: torch.Tensor, pos_owned: torch.Tensor,
@@ -52,13 +93,18 @@ def band_loss(comm: Comm, logits: torch.Tensor, band: Band, pos_rows: torch.Tens
     [1, beta, ..., beta] with 0 where a positive is absent or the query is padding.
     Returns (loss_r summed over this rank's queries / global_batch, per-query loss (G,)).
     """
-    G = logits.shape[0]
-    with torch.no_grad():
-        neg = torch.gather(logits, 1, band.rows).masked_fill_(~band.mask, float("-inf"))
-    shift = comm.all_reduce(neg.max(1).values, op=torch.distributed.ReduceOp.MAX)
+    neg = torch.gather(logits, 1, band.rows).masked_fill(~band.mask, float("-inf"))
+    return _finish(comm, neg, torch.gather(logits, 1, pos_rows), pos_owned, pos_weight, global_batch)
+
+
+def _finish(comm: Comm, neg: torch.Tensor, pos: torch.Tensor, pos_owned: torch.Tensor, pos_weight: torch.Tensor,
+            global_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss from this shard's band logits neg (G, n), -inf off the band, and positive logits pos (G, P)."""
+    G = neg.shape[0]
+    shift = comm.all_reduce(neg.detach().max(1).values, op=torch.distributed.ReduceOp.MAX)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # empty band: any shift
-    pos, local_sum = BandTerms.apply(logits, neg, band.rows, shift, pos_rows)
-    owned_logits = torch.where(pos_owned, pos, torch.zeros((), dtype=logits.dtype))
+    local_sum = torch.exp(neg - shift[:, None]).sum(1)  # exp(-inf) = 0 off the band
+    owned_logits = torch.where(pos_owned, pos, torch.zeros((), dtype=pos.dtype, device=pos.device))
     pos = comm.all_reduce(owned_logits, autograd=True)  # (G, P): only the owner contributed
     total = comm.all_reduce(local_sum, autograd=True)
     # clamp keeps the gradient finite where a query's band is empty (its LSE is -inf, loss = 0)

@@ -17,6 +17,7 @@ among its shard's candidates (fewer than k2+1 of the shard's items score above t
 from __future__ import annotations
 
 import warnings
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,10 +70,12 @@ def key_ids(keys: torch.Tensor) -> torch.Tensor:
 def local_candidates(queries: torch.Tensor, item_rows: torch.Tensor, k: int, scale: float,
                      tile_rows: int) -> Candidates:
     """This shard's top-k scores per query, scored tile by tile (a selection: nothing is sorted)."""
-    best = Candidates(torch.empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long))
+    device = queries.device
+    best = Candidates(torch.empty(len(queries), 0, device=device),
+                      torch.empty(len(queries), 0, dtype=torch.long, device=device))
     for start in range(0, len(item_rows), tile_rows):
         scores = torch.mm(queries, item_rows[start:start + tile_rows].T).mul_(scale)
-        rows = torch.arange(start, start + scores.shape[1]).expand_as(scores)
+        rows = torch.arange(start, start + scores.shape[1], device=device).expand_as(scores)
         merged = best.scores.shape[1] > 0
         if merged:
             scores, rows = torch.cat([best.scores, scores], 1), torch.cat([best.rows, rows], 1)
@@ -89,12 +92,27 @@ def packed_left(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (G, most kept in a row); invalid slots hold column 0. A scatter by running count, not `nonzero`
     (about twice as slow on wide rows)."""
     counts = keep.sum(1)
-    width = int(counts.max()) if len(keep) else 0
+    width = int(counts.max()) if len(keep) else 0  # a host read: the output's shape
     slot = torch.where(keep, keep.cumsum(1) - 1, width)  # dropped columns all land in a spare slot
-    cols = torch.zeros((len(keep), width + 1), dtype=torch.long)
-    cols.scatter_(1, slot, torch.arange(keep.shape[1]).expand_as(slot))
-    valid = torch.arange(width) < counts[:, None]
+    cols = torch.zeros((len(keep), width + 1), dtype=torch.long, device=keep.device)
+    cols.scatter_(1, slot, torch.arange(keep.shape[1], device=keep.device).expand_as(slot))
+    valid = torch.arange(width, device=keep.device) < counts[:, None]
     return cols[:, :width].masked_fill_(~valid, 0), valid
+
+
+def packs_left(t: torch.Tensor) -> bool:
+    """Whether narrowing a selection pays for its host read: on the CPU the read is free and narrower rows
+    make every later pass cheaper; on a GPU the read stalls the stream, and a full pass over the unpacked
+    columns costs microseconds."""
+    return t.device.type == "cpu"
+
+
+def kept_columns(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns to visit for the entries where `keep` holds, as (columns, valid): packed to the left
+    where that pays (`packs_left`), else every column, valid where kept (no host read)."""
+    if packs_left(keep):
+        return packed_left(keep)
+    return torch.arange(keep.shape[1], device=keep.device).expand_as(keep), keep
 
 
 def local_rank_score(scores: torch.Tensor, k: int, lowest: torch.Tensor) -> torch.Tensor:
@@ -102,7 +120,7 @@ def local_rank_score(scores: torch.Tensor, k: int, lowest: torch.Tensor) -> torc
     -inf if it has no rank k."""
     n = scores.shape[1]
     if k >= n:
-        return torch.full((len(scores),), NEG_INF)
+        return torch.full((len(scores),), NEG_INF, device=scores.device)
     return lowest if k == n - 1 else torch.kthvalue(scores, n - k, dim=1).values
 
 
@@ -117,7 +135,7 @@ def bracket(comm: Comm, cand: Candidates, k1: int, k2: int, num_items: int) -> t
     s, W = cand.scores, comm.world
     few = min(k1 + 1, s.shape[1])
     top = torch.topk(s, few, dim=1).values if few else s  # sorted: both of t1's ranks from one small selection
-    lowest = s.min(1).values if s.shape[1] else torch.full((len(s),), float("inf"))
+    lowest = s.min(1).values if s.shape[1] else torch.full((len(s),), float("inf"), device=s.device)
     top_lowest = top[:, -1] if few else lowest
     local = torch.stack([local_rank_score(top, k1, top_lowest), local_rank_score(s, k2, lowest), -lowest,
                          local_rank_score(top, -(-(k1 + 1) // W) - 1, top_lowest),
@@ -133,19 +151,26 @@ def bracket(comm: Comm, cand: Candidates, k1: int, k2: int, num_items: int) -> t
 class CountPacker:
     """The counts of several ranks in one integer per query: count j is clamped to need_j (all a
     round asks is whether the global count reaches need_j, and a sum of clamped counts reaches it
-    exactly when the true sum does) and stored in base W*need_j + 1. int32 when it fits."""
+    exactly when the true sum does) and stored in base W*need_j + 1. int32 when it fits. Its constants
+    are host integers, so packing and unpacking never copy to or read from the device."""
 
-    def __init__(self, need: torch.Tensor, world: int):
-        radix = world * need + 1
-        self.need, self.base = need, torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), radix[:-1]]), 0)
-        self.radix = radix
-        self.dtype = torch.int32 if int(torch.prod(radix)) <= 2**31 else torch.int64
+    def __init__(self, need, world: int):
+        self.need = [int(n) for n in need]
+        self.radix = [world * n + 1 for n in self.need]
+        self.base = [math.prod(self.radix[:j]) for j in range(len(self.radix))]
+        self.dtype = torch.int32 if math.prod(self.radix) <= 2**31 else torch.int64
 
     def pack(self, counts: torch.Tensor) -> torch.Tensor:
-        return (torch.minimum(counts, self.need) * self.base).sum(1).to(self.dtype)
+        return sum(counts[:, j].clamp(max=n) * b for j, (n, b) in enumerate(zip(self.need, self.base))).to(self.dtype)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        return packed.long()[:, None] // self.base % self.radix
+        packed = packed.long()
+        return torch.stack([packed // b % r for b, r in zip(self.base, self.radix)], 1)
+
+    def reached(self, packed: torch.Tensor) -> torch.Tensor:
+        """(G, J) bool: whether each packed sum of counts reaches its need."""
+        counts = self.unpack(packed)
+        return torch.stack([counts[:, j] >= n for j, n in enumerate(self.need)], 1)
 
 
 class Shrinking:
@@ -154,7 +179,7 @@ class Shrinking:
 
     def __init__(self, scores: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
         self.above = (scores > upper[:, None]).sum(1)
-        cols, valid = packed_left((scores >= lower[:, None]) & (scores <= upper[:, None]))
+        cols, valid = kept_columns((scores >= lower[:, None]) & (scores <= upper[:, None]))
         self.inside = torch.gather(scores, 1, cols).masked_fill_(~valid, float("nan"))  # NaN: never counted
         self.live = valid.sum(1)
 
@@ -170,7 +195,7 @@ class Shrinking:
         self.live = torch.where(went_up, n, self.live - n)
         keep = torch.where(went_up[:, None], at_or_above, ~at_or_above)
         self.inside.masked_fill_(~keep, float("nan"))
-        if len(self.live) and int(self.live.max()) <= self.inside.shape[1] // 2:
+        if packs_left(self.inside) and len(self.live) and int(self.live.max()) <= self.inside.shape[1] // 2:
             cols, valid = packed_left(~torch.isnan(self.inside))
             self.inside = torch.gather(self.inside, 1, cols).masked_fill_(~valid, float("nan"))
 
@@ -185,15 +210,16 @@ def thresholds_by_bisection(comm: Comm, cand: Candidates, k1: int, k2: int, num_
     """
     lower, upper = bracket(comm, cand, k1, k2, num_items)
     lo, hi = ordered(lower), ordered(upper)
-    rounds = int((hi - lo).max()).bit_length() if lo.numel() else 0  # each round halves every interval
-    packer = CountPacker(torch.tensor([k1 + 1, k2 + 1]), comm.world)
+    # each round halves every interval; the one host read of the merge (it spares every round at W = 1)
+    rounds = int((hi - lo).max()).bit_length() if lo.numel() else 0
+    packer = CountPacker([k1 + 1, k2 + 1], comm.world)
     sets = [Shrinking(cand.scores, lower[:, j], upper[:, j]) for j in range(2)] if rounds else []
     for _ in range(rounds):
         mid = lo + (hi - lo + 1) // 2
         x = from_ordered(mid)
         counted = [s.count_at_or_above(x[:, j]) for j, s in enumerate(sets)]
         local = torch.stack([s.above + n for s, (_, n) in zip(sets, counted)], 1)
-        ok = packer.unpack(comm.all_reduce(packer.pack(local))) >= packer.need
+        ok = packer.reached(comm.all_reduce(packer.pack(local)))
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid - 1)
         for j, (s, (at_or_above, n)) in enumerate(zip(sets, counted)):
             s.narrow(at_or_above, n, ok[:, j])
@@ -202,7 +228,7 @@ def thresholds_by_bisection(comm: Comm, cand: Candidates, k1: int, k2: int, num_
 
 def gather_padded(comm: Comm, values: torch.Tensor, width: int, fill) -> torch.Tensor:
     """Every shard's (G, <= width) values per query, padded with `fill` to equal shapes: (G, W * width)."""
-    padded = torch.full((len(values), width), fill, dtype=values.dtype)
+    padded = torch.full((len(values), width), fill, dtype=values.dtype, device=values.device)
     padded[:, :values.shape[1]] = values
     every = comm.all_gather(padded.T.contiguous())  # (W * width, G)
     return every.view(comm.world, width, -1).permute(2, 0, 1).reshape(len(values), -1)
@@ -260,22 +286,25 @@ def top_items(comm: Comm, cand: Candidates, global_ids: torch.Tensor, p: int, ex
     s = cand.scores
     few = min(p + 1, s.shape[1])
     cut = torch.topk(s, few, dim=1, sorted=False).values.min(1, keepdim=True).values if few else s[:, :1]
-    cols, valid = packed_left(s >= cut)
+    cols, valid = kept_columns(s >= cut)
     keys = score_keys(torch.gather(s, 1, cols), global_ids[torch.gather(cand.rows, 1, cols)])
     keys = torch.topk(keys.masked_fill_(~valid, INT64_MIN), few, dim=1).values
     ids = key_ids(kth_keys_allgather(comm, keys, list(range(p + 1))))
-    keep = ids != exclude[:, None]  # ids are unique, so at most one False per row
-    keep[keep.all(1), -1] = False   # target not among them: drop the (p+1)-th instead
-    return ids[keep].view(len(ids), p)
+    # ids are unique, so the target is in at most one column; without it, drop the (p+1)-th instead
+    is_target = ids == exclude[:, None]
+    dropped = torch.where(is_target.any(1), is_target.int().argmax(1), p)
+    cols = torch.arange(p, device=ids.device)
+    return torch.gather(ids, 1, cols + (cols >= dropped[:, None]))
 
 
 def random_band(comm: Comm, num_queries: int, count: int, num_items: int, generator: torch.Generator) -> Band:
     """`count` uniform random items per query (with replacement), this shard's share of them.
 
     Every rank draws the same (G, count) matrix from the same generator, keyed by the global
-    batch, so the negatives of a session do not depend on the world size.
+    batch, so the negatives of a session do not depend on the world size. The draws happen on the
+    generator's device (a CUDA generator draws other numbers than a CPU one from the same seed).
     """
-    ids = torch.randint(num_items, (num_queries, count), generator=generator)
+    ids = torch.randint(num_items, (num_queries, count), generator=generator, device=generator.device)
     mine = ids % comm.world == comm.rank
     return Band(torch.where(mine, ids // comm.world, 0), mine)  # other ranks' items: masked, row 0
 

@@ -59,15 +59,15 @@ class SessionEncoder(nn.Module):
         causal = torch.ones(L, L, dtype=torch.bool, device=rows.device).triu(1)  # True = may not attend
         # Left alignment means real positions only ever see real keys; the padding mask keeps the
         # padded positions (whose outputs are discarded) from attending to padding as well.
-        return self.layers(h, mask=causal, src_key_padding_mask=~mask)
+        # is_causal=True: the mask is causal, and saying so spares torch comparing it with one (a host read)
+        return self.layers(h, mask=causal, src_key_padding_mask=~mask, is_causal=True)
 
     def forward(self, rows: Tensor, mask: Tensor) -> Tensor:
         if self.kind == "mean":
-            # Real positions only: sessions are short and most of a padded batch is padding.
-            session, _ = mask.nonzero(as_tuple=True)
-            real = self.drop(rows[mask])
-            sums = torch.zeros(rows.shape[0], rows.shape[2], dtype=rows.dtype).index_add(0, session, real)
-            return sums / mask.sum(1, keepdim=True).to(rows.dtype)
+            # A masked sum over the padded (b, L, dim) rows: selecting the real positions first would do less
+            # arithmetic but read their count on the host (a GPU stall every step).
+            real = mask.unsqueeze(-1).to(rows.dtype)
+            return (self.drop(rows) * real).sum(1) / real.sum(1)
         last = mask.sum(1) - 1  # left-aligned: the newest real item sits at index len-1
         h = self.hidden(rows, mask)
         return h[torch.arange(h.shape[0], device=h.device), last]
@@ -154,7 +154,7 @@ class Network(nn.Module):
 
 def init_id_rows(num_rows: int, dim: int, std: float, generator: torch.Generator) -> Tensor:
     """Fresh ID table rows ~ N(0, std); the caller's generator decides which rows they are."""
-    return torch.randn(num_rows, dim, generator=generator) * std
+    return torch.randn(num_rows, dim, generator=generator, device=generator.device) * std
 
 
 def build_networks(method: str, cfg: ModelConfig, text_dim: int, max_len: int) -> dict[str, Network]:

@@ -41,6 +41,14 @@ class Batch:
     example: torch.Tensor  # (b,) int64: the row's global index in the split (file order); -1 on padding rows
     valid: torch.Tensor    # (b,) bool: False for padding rows (only in a padded last batch)
 
+    def to(self, device: torch.device) -> "Batch":
+        """This batch on `device`: through pinned host memory with non-blocking copies on a GPU, so the
+        copy overlaps the step that is queued before it; the same batch on the CPU."""
+        if device.type == "cpu":
+            return self
+        return Batch(*(t.pin_memory().to(device, non_blocking=True) for t in
+                       (self.items, self.mask, self.target, self.example, self.valid)))
+
 
 @dataclass
 class RowGroup:

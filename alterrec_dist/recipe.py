@@ -31,11 +31,12 @@ from tqdm import tqdm
 
 from alterrec_dist.checkpoint import (checkpoint_name, find_resume_point, load_checkpoint, restore_model,
                                      save_checkpoint, save_model)
-from alterrec_dist.config import Config, ConfigError
+from alterrec_dist.config import Config
 from alterrec_dist.dataset import DataError, Dataset, atomic_write_bytes, atomic_write_json
+from alterrec_dist.device import configure_matmuls, tile_rows, trained_autocast, worker_device
 from alterrec_dist.engine import Stepper, build_stepper
 from alterrec_dist.evaluate import evaluate, item_matrix
-from alterrec_dist.loss import band_loss
+from alterrec_dist.loss import tiled_band_loss
 from alterrec_dist.mining import Band, capped_k2, exclude_items, mine_band, random_band, top_items
 from alterrec_dist.model import Network, build_networks
 from alterrec_dist.reader import Batch, SessionReader
@@ -58,33 +59,23 @@ class Run:
     popularity: np.ndarray
     k2: int
 
+    @property
+    def device(self) -> torch.device:
+        return self.table.global_ids.device
+
     def evaluate(self, split: str, epoch: int) -> dict:
         r, e = self.eval_readers[split], self.cfg.eval
-        return evaluate(self.comm, self.networks, self.table, r.epoch(0), r.steps_per_epoch(), self.popularity,
-                        e.alpha, e.longtail_bins, e.tile_rows, desc=f"{split} e{epoch}",
+        return evaluate(self.comm, self.networks, self.table, (b.to(self.device) for b in r.epoch(0)),
+                        r.steps_per_epoch(), self.popularity, e.alpha, e.longtail_bins,
+                        tile_rows(e.tile_rows, self.device, e.batch_size), desc=f"{split} e{epoch}",
                         alpha_sweep=tuple(e.alpha_sweep))
 
 
-def check_device(cfg: Config) -> None:
-    """Every tensor of the recipe lives on the CPU today: on GPUs (nccl) its first collective would fail
-    with an obscure backend error, so say plainly what is missing instead."""
-    if cfg.trainer.use_gpu:
-        raise ConfigError("trainer.use_gpu = true: training on GPUs is not implemented yet (the recipe keeps "
-                          "its tensors on the CPU; README: Not there yet); run with trainer.use_gpu = false")
-
-
 def build_run(cfg: Config, comm: Comm) -> Run:
-    check_device(cfg)
+    """This worker's part of a run on the dataset of `cfg`, on its device (`trainer.use_gpu`: the
+    launcher's current GPU)."""
     t = cfg.train
     data = Dataset(cfg.resolve_path(cfg.data.path))
-    V = data.num_items
-    torch.manual_seed(t.seed)  # same dense initialisation on every rank
-    networks = build_networks(t.method, cfg.model, data.text_dim, cfg.data.max_len)
-    uses_text = any(n.uses_text for n in networks.values())
-    uses_id = any(n.uses_id for n in networks.values())
-    local_items = np.arange(comm.rank, V, comm.world)
-    table = ShardedItemTable(V, cfg.model.dim, comm, data.text_features(local_items) if uses_text else None,
-                             cfg.model.init_std, t.seed, with_id=uses_id)
 
     def reader(split: str, batch: int, train: bool) -> SessionReader:
         return SessionReader(data.session_files(split), rank=comm.rank, world_size=comm.world, global_batch_size=batch,
@@ -94,11 +85,30 @@ def build_run(cfg: Config, comm: Comm) -> Run:
     if train_reader.steps_per_epoch() == 0:
         raise DataError(f"{data.path}: {data.num_rows('train')} train rows make no full global batch of "
                         f"train.global_batch_size={t.global_batch_size}")
+    return assemble_run(cfg, comm, data.num_items, data.text_dim, data.text_features, train_reader,
+                        {s: reader(s, cfg.eval.batch_size, False) for s in ("valid", "test")}, data.popularity())
+
+
+def assemble_run(cfg: Config, comm: Comm, num_items: int, text_dim: int,
+                 text_features: Callable[[np.ndarray], np.ndarray], train_reader, eval_readers: dict,
+                 popularity: np.ndarray) -> Run:
+    """A run from its parts: `text_features(items)` gives the rows of the given items; the readers yield
+    `Batch`es (a SessionReader, or anything with `epoch(e)` and `steps_per_epoch()`)."""
+    t = cfg.train
+    device = worker_device(cfg.trainer.use_gpu)
+    configure_matmuls(device, cfg.trainer.tf32)
+    torch.manual_seed(t.seed)  # same dense initialisation on every rank, drawn on the CPU on every device
+    networks = {name: net.to(device)
+                for name, net in build_networks(t.method, cfg.model, text_dim, cfg.data.max_len).items()}
+    uses_text = any(n.uses_text for n in networks.values())
+    uses_id = any(n.uses_id for n in networks.values())
+    local_items = np.arange(comm.rank, num_items, comm.world)
+    table = ShardedItemTable(num_items, cfg.model.dim, comm, text_features(local_items) if uses_text else None,
+                             cfg.model.init_std, t.seed, with_id=uses_id, device=device)
     return Run(comm, cfg, networks, table,
                steppers={name: build_stepper(comm, name, net, table, cfg) for name, net in networks.items()},
-               train_reader=train_reader,
-               eval_readers={s: reader(s, cfg.eval.batch_size, False) for s in ("valid", "test")},
-               popularity=data.popularity(), k2=capped_k2(t.k2, V))
+               train_reader=train_reader, eval_readers=eval_readers, popularity=popularity,
+               k2=capped_k2(t.k2, num_items))
 
 
 # How the workers hand Ray a result: report(metrics, checkpoint directory or None); None under torchrun.
@@ -129,6 +139,7 @@ def run_worker(cfg: Config, run_dir: Path, report: Report | None = None) -> dict
     progress = resume(run, run_dir)
 
     def checkpoint(metrics: dict) -> None:
+        read_logs(progress.steps)
         done = len(progress.steps)
         path = save_checkpoint(comm, run_dir / "checkpoints", checkpoint_name(progress.epoch, done), run.networks,
                                run.table, run.steppers,
@@ -228,7 +239,7 @@ def frozen_item_rows(run: Run, phase: Phase) -> torch.Tensor | None:
     if phase.negatives != "hard":
         return None
     frozen = run.networks[OTHER[phase.network]].eval()
-    return item_matrix(frozen, run.table, run.cfg.eval.tile_rows)[0]
+    return item_matrix(frozen, run.table, tile_rows(run.cfg.eval.tile_rows, run.device, run.table.num_local))[0]
 
 
 def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None, logs: list[dict] | None = None,
@@ -237,7 +248,8 @@ def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None, logs: 
 
     `logs` holds the steps already done in this epoch (a resumed epoch): their batches are skipped,
     which restores the data position because the batch sequence depends only on (seed, epoch).
-    Each step's log is appended to it, then `on_step()` runs (the periodic checkpoint)."""
+    Each step's log is appended to it, then `on_step()` runs (the periodic checkpoint). The logged
+    losses stay on the device until they are read (`read_logs`): once per epoch, and at a checkpoint."""
     trained = run.networks[phase.network]
     frozen = run.networks[OTHER[phase.network]] if frozen_rows is not None else None
     stepper = run.steppers[phase.network]
@@ -249,21 +261,37 @@ def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None, logs: 
                                       desc=f"train e{phase.epoch}", disable=run.comm.rank != 0, leave=False),
                                  start=len(logs)):
         stepper.zero_grad()
-        loss, logged = train_step(run.comm, run.cfg, phase, trained, frozen, frozen_rows, run.table, batch, step,
-                                  run.k2)
+        loss, logged = train_step(run.comm, run.cfg, phase, trained, frozen, frozen_rows, run.table,
+                                  batch.to(run.device), step, run.k2)
         stepper.backward(loss)
         stepper.step()
         logs.append(logged)
         if on_step is not None:
             on_step()
+    return read_logs(logs)
+
+
+def read_logs(logs: list[dict]) -> list[dict]:
+    """The logged losses as floats, in place: every value still on the device comes over in one read."""
+    pending = [(i, k) for i, log in enumerate(logs) for k, v in log.items() if torch.is_tensor(v)]
+    if pending:
+        values = torch.stack([logs[i][k] for i, k in pending]).tolist()
+        for (i, k), v in zip(pending, values):
+            logs[i][k] = v
     return logs
 
 
 def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: Network | None,
                frozen_rows: torch.Tensor | None, table: ShardedItemTable, batch: Batch, step: int,
                k2: int) -> tuple[torch.Tensor, dict]:
-    """One global batch: this rank's share of the loss (to backward) and the logged global losses."""
+    """One global batch: this rank's share of the loss (to backward) and the logged global losses (0-dim
+    tensors on the device: reading them here would wait for the step). The batch is on the table's device.
+
+    The trained network's layers compute under `trained_autocast` (the ddp engine's bf16); their outputs,
+    the scores and the band loss are fp32."""
     t = cfg.train
+    device = table.global_ids.device
+    compute = trained_autocast(device, cfg.trainer.engine, cfg.trainer.precision)
     nets = [trained] + ([frozen] if frozen else [])
     x, f, inverse = table.fetch(batch.items.flatten(), any(n.uses_id for n in nets), any(n.uses_text for n in nets))
 
@@ -271,7 +299,8 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
         rows = net.item_rows(x_rows if net.uses_id else None, f if net.uses_text else None)
         return rows[inverse].view(*batch.items.shape, -1)
 
-    q = trained.encode(history_rows(trained, x), batch.mask)
+    with compute:
+        q = trained.encode(history_rows(trained, x), batch.mask).float()
     queries = comm.all_gather(q, autograd=True)  # (G, d): queries travel, items stay
     target = comm.all_gather(batch.target)
     positives = target[:, None]
@@ -284,33 +313,40 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
             frozen_queries = comm.all_gather(frozen.encode(history_rows(frozen, x.detach() if x is not None else None),
                                                            batch.mask))
             band, candidates = mine_band(comm, frozen_queries, frozen_rows, t.k1, t.k1 + num_hard, table.num_items,
-                                         frozen.logit_scale, t.merge, cfg.eval.tile_rows,
+                                         frozen.logit_scale, t.merge, tile_rows(cfg.eval.tile_rows, device, len(target)),
                                          extra=t.p + 1 if phase.augmented else 0)
             if phase.augmented:
                 positives = torch.cat([positives, top_items(comm, candidates, table.global_ids, t.p, target)], 1)
         bands.append(band)
     if num_neg - num_hard:
         # keyed by (seed, epoch, step): the same draws for a global batch whatever the world size
-        g = torch.Generator().manual_seed((t.seed * 1_000_003 + phase.epoch) * 1_000_003 + step)
+        g = torch.Generator(device=device).manual_seed((t.seed * 1_000_003 + phase.epoch) * 1_000_003 + step)
         bands.append(random_band(comm, len(target), num_neg - num_hard, table.num_items, g))
     owned = table.owner(positives) == comm.rank
     pos_rows = torch.where(owned, table.local_row(positives), 0)
     band = exclude_items(bands[0] if len(bands) == 1 else Band.cat(*bands), pos_rows, owned)
 
     nfrec = trained.kind in ("sum", "concat")
-    if nfrec:  # parts kept: the imbalance diagnostic below scores them without recomputing the MLP
-        parts = trained.part_rows(table.x, table.f)
-        rows = trained.join_parts(*parts)
-    else:
-        rows = trained.item_rows(table.x if trained.uses_id else None, table.f if trained.uses_text else None)
-    logits = trained.logits(queries, rows)  # (G, V_local) on this shard only
-    weight = torch.tensor([1.0] + [t.beta] * (positives.shape[1] - 1)).expand(positives.shape)
-    loss, per_query = band_loss(comm, logits, band, pos_rows, owned, weight, t.global_batch_size)
-    logged = {"loss": per_query.mean().item()}
+    with compute:
+        if nfrec:  # parts kept: the imbalance diagnostic below scores them without recomputing the MLP
+            parts = [p.float() for p in trained.part_rows(table.x, table.f)]
+            rows = trained.join_parts(*parts)
+        else:
+            rows = trained.item_rows(table.x if trained.uses_id else None,
+                                     table.f if trained.uses_text else None).float()
+    weight = torch.full(positives.shape, t.beta, device=device)  # filled on the device: no host copy
+    weight[:, 0] = 1.0
+    tile = tile_rows(cfg.eval.tile_rows, device, len(queries))
+
+    def loss_of(qq: torch.Tensor, rr: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # the (G, V_local) logits on this shard only, one tile at a time
+        return tiled_band_loss(comm, qq, rr, scale, band, pos_rows, owned, weight, t.global_batch_size, tile)
+
+    loss, per_query = loss_of(queries, rows, trained.logit_scale)
+    logged = {"loss": per_query.mean()}
     if nfrec:  # the imbalance diagnostic: y = y_id + y_text, the loss of each part alone
         with torch.no_grad():
             q_id, q_text = trained.part_queries(queries)
             for name, qq, rr in (("loss_id", q_id, parts[0]), ("loss_text", q_text, parts[1])):
-                _, part = band_loss(comm, qq @ rr.T, band, pos_rows, owned, weight, t.global_batch_size)
-                logged[name] = part.mean().item()
+                logged[name] = loss_of(qq, rr, 1.0)[1].mean()
     return loss, logged

@@ -76,7 +76,7 @@ class Comm:
         """
         self._count("all_to_all", *chunks)
         send = torch.cat(chunks)
-        out = torch.empty((sum(out_rows), *send.shape[1:]), dtype=send.dtype)
+        out = torch.empty((sum(out_rows), *send.shape[1:]), dtype=send.dtype, device=send.device)
         in_rows = [len(c) for c in chunks]
         if autograd:
             out = self._count_backward("all_to_all", dist_autograd.all_to_all_single(out, send, out_rows, in_rows,
@@ -90,29 +90,34 @@ class ShardedItemTable(nn.Module):
     """This rank's rows of the item tables: learnable ID rows `x` and frozen text features `f`.
 
     Not part of any data-parallel engine: `x` gets exact per-row gradients through the
-    collectives and has its own optimizer; no other rank ever holds a copy of it.
+    collectives and has its own optimizer; no other rank ever holds a copy of it. Everything lives on
+    `device` (buffers included, so `Module.to` moves `global_ids` too).
     """
 
     def __init__(self, num_items: int, dim: int, comm: Comm, text_features: np.ndarray | None,
-                 init_std: float, seed: int, with_id: bool = True):
+                 init_std: float, seed: int, with_id: bool = True, device: torch.device | str = "cpu"):
         super().__init__()
         self.num_items, self.comm = num_items, comm
-        self.global_ids = torch.arange(comm.rank, num_items, comm.world)  # global id of each local row
+        # global id of each local row
+        self.register_buffer("global_ids", torch.arange(comm.rank, num_items, comm.world, device=device),
+                             persistent=False)
         self.num_local = len(self.global_ids)
-        self.x = nn.Parameter(self._init_rows(dim, init_std, seed)) if with_id else None
-        f = torch.zeros(self.num_local, 0, dtype=torch.float16) if text_features is None else torch.from_numpy(
-            np.ascontiguousarray(text_features))
+        self.x = nn.Parameter(self._init_rows(dim, init_std, seed).to(device)) if with_id else None
+        f = torch.zeros(self.num_local, 0, dtype=torch.float16, device=device) if text_features is None else \
+            torch.from_numpy(np.ascontiguousarray(text_features)).to(device)
         if len(f) != self.num_local:
             raise ValueError(f"{len(f)} text feature rows for {self.num_local} local items")
         self.register_buffer("f16", f, persistent=False)  # float16 at rest: half the memory
 
     def _init_rows(self, dim: int, std: float, seed: int, block: int = 1 << 16) -> torch.Tensor:
-        """Rows drawn per block of *global* ids, so every world size initialises item i alike."""
-        rows = torch.empty(self.num_local, dim)
+        """Rows drawn per block of *global* ids, so every world size initialises item i alike; drawn by a
+        CPU generator whatever the device, so a GPU run starts from the CPU run's rows."""
+        rows = torch.empty(self.num_local, dim, device="cpu")
+        ids = self.global_ids.cpu()
         for start in range(0, self.num_items, block):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + start // block)
+            g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + start // block)
             full = init_id_rows(min(block, self.num_items - start), dim, std, g)
-            mine = self.global_ids[(self.global_ids >= start) & (self.global_ids < start + block)]
+            mine = ids[(ids >= start) & (ids < start + block)]
             rows[mine // self.comm.world] = full[mine - start]
         return rows
 
@@ -140,14 +145,17 @@ class ShardedItemTable(nn.Module):
         owners = self.owner(uniq)
         order = torch.argsort(owners, stable=True)
         send_counts = torch.bincount(owners, minlength=W)
-        recv_counts = [int(c) for c in torch.cat(self.comm.all_to_all(list(send_counts.view(W, 1)), [1] * W))]
-        requests = self.comm.all_to_all(list(uniq[order].split(send_counts.tolist())), recv_counts)
+        recv_counts = torch.cat(self.comm.all_to_all(list(send_counts.view(W, 1)), [1] * W))
+        # all-to-all split sizes are host integers: the one host read of a lookup, both counts at once
+        send_counts, recv_counts = torch.stack([send_counts, recv_counts]).tolist()
+        requests = self.comm.all_to_all(list(uniq[order].split(send_counts)), recv_counts)
         local = [self.local_row(r) for r in requests]
         position = torch.empty_like(order)
-        position[order] = torch.arange(len(order))  # where each distinct id sits in the by-owner order
+        # where each distinct id sits in the by-owner order
+        position[order] = torch.arange(len(order), device=order.device)
 
         def exchange(table: torch.Tensor, autograd: bool) -> torch.Tensor:
-            answers = self.comm.all_to_all([table[r] for r in local], send_counts.tolist(), autograd=autograd)
+            answers = self.comm.all_to_all([table[r] for r in local], send_counts, autograd=autograd)
             return torch.cat(answers)[position]
 
         x = exchange(self.x, autograd=True) if need_x else None

@@ -20,7 +20,7 @@ from alterrec_dist.config import load_config
 from alterrec_dist.recipe import build_run, frozen_item_rows, train_epoch, train_step
 from alterrec_dist.schedule import Phase
 from alterrec_dist.sharded import Comm
-from bench.scale_worker import FixedBatches, Profiler, move_run, overrides, to_device
+from bench.scale_worker import FixedBatches, Profiler, overrides
 
 
 class ReferenceStep:
@@ -64,24 +64,21 @@ def compare(spec: dict) -> dict:
     comm = Comm()
     cfg = load_config(None, overrides(spec, comm.world) + ["train.merge=threshold"])
     run = build_run(cfg, comm)
-    device = torch.device(spec["device"])
-    if device.type != "cpu":
-        move_run(run, device)
+    device = run.device
     phase = Phase(1, "id", "hard", False)
     frozen = frozen_item_rows(run, phase)
-    batches = [to_device(b, device) for b in islice(run.train_reader.epoch(0), spec["steps"] + 1)]
+    batches = [b.to(device) for b in islice(run.train_reader.epoch(0), spec["steps"] + 1)]
     reference = ReferenceStep(run, cfg.train.lr_id)
     engine_loss = train_step(comm, cfg, phase, run.networks["id"], run.networks["text"], frozen, run.table,
-                             batches[0], 0, run.k2)[1]["loss"]
+                             batches[0], 0, run.k2)[1]["loss"].item()
     with torch.no_grad():
         reference_loss = reference.loss(batches[0], frozen).item()
     engine_s, reference_s, reference_mining_s, engine_sections = [], [], [], Counter()
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
-    with Profiler(comm) as prof, autocast:
+    with Profiler(comm) as prof:
         prof.install(run)
         for i, batch in enumerate(batches):
-            run.train_reader = reader = FixedBatches([batch])
+            run.train_reader = reader = FixedBatches([batch], device)
             before = prof.seconds.copy()  # the reference calls some wrapped methods too: keep the engine's part
             train_epoch(run, phase, frozen)
             engine_part = prof.seconds - before

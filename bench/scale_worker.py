@@ -5,7 +5,8 @@ functions (build_run, frozen_item_rows, train_epoch) and only wraps, from outsid
 training step calls, so the numbers are the engine's as it is, not a copy's:
 
     mining     mine_band, top_items, random_band, exclude_items (negatives and extra positives)
-    loss       Network.logits, band_loss, and backward until the queries' gradient arrives
+    loss       Network.item_rows of the trained network, tiled_band_loss, and backward until the queries'
+               gradient arrives
     encoder    ShardedItemTable.fetch, Network.item_rows, Network.encode, and the rest of backward
                (encoder, the lookup all-to-all, the dense-gradient all-reduce)
     optimizer  Stepper.zero_grad, Stepper.step
@@ -31,6 +32,7 @@ import torch.distributed as dist
 
 from alterrec_dist import recipe
 from alterrec_dist.config import load_config
+from alterrec_dist.device import tile_rows
 from alterrec_dist.evaluate import evaluate
 from alterrec_dist.mining import CountPacker
 from alterrec_dist.recipe import build_run, frozen_item_rows, train_epoch
@@ -41,7 +43,7 @@ from alterrec_dist.sharded import Comm
 CASES = (("random", "-"), ("hard", "threshold"), ("hard", "allgather"),
          ("augmented", "threshold"), ("augmented", "allgather"))
 RECIPE_CALLS = {"mine_band": "mining", "top_items": "mining", "random_band": "mining",
-                "exclude_items": "mining", "band_loss": "loss"}
+                "exclude_items": "mining", "tiled_band_loss": "loss"}
 
 
 def nbytes(t: torch.Tensor | None) -> int:
@@ -53,10 +55,12 @@ class Profiler:
 
     Wrappers are installed on the recipe module and on the classes of the run's objects, and
     removed on exit. Sections never nest inside a training step; a wrapper says so if they do.
+    `sync` (on a GPU, torch.cuda.synchronize) runs at every section edge, so a section's seconds are
+    its kernels' and not their launches'; it slows the step, so time throughput without it.
     """
 
-    def __init__(self, comm: Comm):
-        self.comm = comm
+    def __init__(self, comm: Comm, sync=None):
+        self.comm, self.sync = comm, sync or (lambda: None)
         self.seconds: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()  # by wrapped call
         self.collective_bytes: Counter[tuple[str, str]] = Counter()  # by (wrapped call, collective)
@@ -94,9 +98,11 @@ class Profiler:
             def timed(*args, **kwargs):
                 if self._active:
                     raise RuntimeError(f"{name} ran inside {self._active}: the sections would double count")
+                self.sync()
                 self._active, before, start = name, self.comm.bytes.copy(), time.perf_counter()
                 try:
                     out = fn(*args, **kwargs)
+                    self.sync()
                 finally:
                     self.seconds[section] += time.perf_counter() - start
                     self._add_bytes(name, before)
@@ -108,14 +114,19 @@ class Profiler:
     def _mark_query_grad(self, q: torch.Tensor) -> torch.Tensor:
         """Backward reaches the trained queries once the loss's part of it is done: mark when."""
         if q.requires_grad:
-            q.register_hook(lambda grad: setattr(self, "query_grad_at", time.perf_counter()))
+            def mark(grad):
+                self.sync()
+                self.query_grad_at = time.perf_counter()
+            q.register_hook(mark)
         return q
 
     def split_backward(self, owner) -> None:
         def wrapper(fn):
             def timed(stepper, loss):
+                self.sync()
                 self.query_grad_at, before, start = None, self.comm.bytes.copy(), time.perf_counter()
                 fn(stepper, loss)
+                self.sync()
                 end = time.perf_counter()
                 split = self.query_grad_at or end
                 self.seconds["loss"] += split - start
@@ -128,7 +139,6 @@ class Profiler:
         for name, section in RECIPE_CALLS.items():
             self.section(recipe, name, section)
         net = type(run.networks["id"])
-        self.section(net, "logits", "loss")
         self.section(net, "item_rows", "encoder")
         self.section(net, "encode", "encoder", after=self._mark_query_grad)
         self.section(type(run.table), "fetch", "encoder")
@@ -141,12 +151,11 @@ class Profiler:
 class FixedBatches:
     """Stands in for run.train_reader: the same pre-read batches every epoch (reading Parquet is
     not what is measured), and a timestamp at every step boundary: train_epoch asks for the next
-    batch when the previous step is done."""
+    batch when the previous step is done. On a GPU a mark first waits for the queued kernels."""
 
-    def __init__(self, batches: list):
+    def __init__(self, batches: list, device: torch.device = torch.device("cpu")):
         self.batches, self.marks = batches, []
-        cuda = bool(batches) and batches[0].target.is_cuda
-        self.sync = torch.cuda.synchronize if cuda else lambda: None  # a mark waits for the queued kernels
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def steps_per_epoch(self) -> int:
         return len(self.batches)
@@ -166,20 +175,6 @@ class FixedBatches:
         return np.diff(self.marks).tolist()
 
 
-def to_device(batch, device: torch.device):
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)})
-
-
-def move_run(run: recipe.Run, device: torch.device) -> None:
-    """Networks and table shard to the accelerator. `.to` keeps the Parameter objects, so the
-    optimizers built by build_run still hold them."""
-    for net in run.networks.values():
-        net.to(device)
-    run.table.to(device)
-    run.table.global_ids = run.table.global_ids.to(device)
-    torch.set_default_device(device)  # the engine's factory calls (arange, full, ...) land there too
-
-
 def table_bytes(run: recipe.Run, frozen_rows: torch.Tensor) -> dict[str, int]:
     """This worker's item-table memory, from the tensors: ID rows, their gradient and optimizer
     state, the float16 text features, the frozen network's item matrix."""
@@ -195,6 +190,7 @@ def overrides(spec: dict, world: int) -> list[str]:
     return [f"data.path={spec['data']}", f"trainer.num_workers={world}", "train.method=alterrec_aug",
             f"train.global_batch_size={B}", f"eval.batch_size={B}", f"model.dim={spec['dim']}",
             f"train.k1={spec['k1']}", f"train.k2={spec['k2']}", f"train.p={spec['p']}", "model.dropout=0.0",
+            f"trainer.use_gpu={spec['device'].startswith('cuda')}", f"trainer.precision={spec['dtype']}",
             *spec["sets"]]
 
 
@@ -209,24 +205,19 @@ def measure(spec: dict) -> dict:
     """Every case of CASES for `spec["steps"]` timed steps each (after one untimed warm-up step),
     then `spec["eval_batches"]` evaluation batches. Returns this worker's figures."""
     comm = Comm()
-    device = torch.device(spec["device"])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     cfg = load_config(None, overrides(spec, comm.world))
     start = time.perf_counter()
     run = build_run(cfg, comm)
-    if device.type != "cpu":
-        move_run(run, device)
+    device = run.device
     build_s = time.perf_counter() - start
-    batches = [to_device(b, device) for b in islice(run.train_reader.epoch(0), spec["steps"])]
-    eval_batches = [to_device(b, device) for b in islice(run.eval_readers["valid"].epoch(0), spec["eval_batches"])]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
+    batches = list(islice(run.train_reader.epoch(0), spec["steps"]))
+    eval_batches = [b.to(device) for b in islice(run.eval_readers["valid"].epoch(0), spec["eval_batches"])]
     cases, tables = [], {}
-    with Profiler(comm) as prof, autocast:
+    with Profiler(comm) as prof:
         prof.install(run)
-        run.train_reader = FixedBatches(batches[:1])
+        run.train_reader = FixedBatches(batches[:1], device)
         train_epoch(run, Phase(0, "id", "random", False), None)  # warm-up: allocator, optimizer state
-        run.train_reader = reader = FixedBatches(batches)
+        run.train_reader = reader = FixedBatches(batches, device)
         for i, (negatives, merge) in enumerate(CASES):
             phase = Phase(i + 1, "id", "random" if negatives == "random" else "hard", negatives == "augmented")
             if merge != "-":
@@ -238,7 +229,7 @@ def measure(spec: dict) -> dict:
             prof.reset()
             train_epoch(run, phase, frozen)
             n = len(batches)
-            counts = CountPacker(torch.tensor([cfg.train.k1 + 1, run.k2 + 1]), comm.world)  # the merge's per round
+            counts = CountPacker([cfg.train.k1 + 1, run.k2 + 1], comm.world)  # the merge's per round
             sum_bytes = prof.collective_bytes["mine_band", f"all_reduce_{dist.ReduceOp.SUM}"] / n
             cases.append({"negatives": negatives, "merge": merge, "step_s": reader.step_seconds(),
                           "merge_rounds": sum_bytes / (cfg.train.global_batch_size * counts.dtype.itemsize),
@@ -253,7 +244,7 @@ def measure(spec: dict) -> dict:
     e = cfg.eval
     start = time.perf_counter()
     evaluate(comm, run.networks, run.table, eval_batches, len(eval_batches), run.popularity, e.alpha,
-             e.longtail_bins, e.tile_rows, desc="eval")
+             e.longtail_bins, tile_rows(e.tile_rows, device, e.batch_size), desc="eval")
     eval_s = time.perf_counter() - start
     return {"rank": comm.rank, "world": comm.world, "items": run.table.num_items, "local_items": run.table.num_local,
             "batch": cfg.train.global_batch_size, "k2": run.k2, "build_s": build_s, "cases": cases,

@@ -136,7 +136,7 @@ def test_missing_file(tmp_path):
     (["trainer.launcher=mpirun"], "trainer.launcher"),
     (["trainer.engine=horovod"], "trainer.engine must be ddp or deepspeed"),
     (["trainer.precision=fp8"], "trainer.precision must be fp32, bf16 or fp16"),
-    (["trainer.precision=bf16"], "trainer.precision=bf16 needs trainer.engine=deepspeed"),
+    (["trainer.precision=fp16", "trainer.use_gpu=true"], "trainer.precision=fp16 needs trainer.engine=deepspeed"),
     (["trainer.engine=deepspeed", "trainer.precision=fp16"], "trainer.precision=fp16 needs trainer.use_gpu=true"),
     (["trainer.engine=deepspeed", "trainer.zero_stage=3"], "trainer.zero_stage must be 0, 1 or 2"),
     (["trainer.zero_stage=1"], "trainer.zero_stage=1 needs trainer.engine=deepspeed"),

@@ -1,0 +1,36 @@
+"""bench.gpu, the one prepared GPU check, runs end to end on the CPU (`--device cpu --small`), so the real
+run on the first GPU lent to the project executes code that has already run here."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_gpu_check_dry_runs_on_the_cpu_and_writes_its_report(tmp_path):
+    out = tmp_path / "GPU.md"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--device", "cpu", "--small", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for heading in ("## (a) Correctness", "## (b) Training throughput", "## (c) Full-ranking evaluation"):
+        assert heading in text
+    raw = json.loads(re.search(r"```json\n(.*)\n```", text, re.S).group(1))
+    exact = raw["correctness"]["fp32"]
+    # on the CPU the "device" run is a second CPU run: the same bands, losses and metrics exactly
+    assert exact["bands"]["identical"] == 1.0 and exact["bands"]["queries"] > 0
+    assert exact["loss_max_rel_diff"] == 0.0 and exact["valid_max_abs_diff"] == 0.0
+    assert raw["correctness"]["bf16_tf32"]["loss_max_rel_diff"] < 2e-2  # bf16 autocast stays within tolerance
+    assert raw["correctness"]["brute_force"]["equal"]
+    assert [t["items"] for t in raw["throughput"]] == [5_000, 20_000]
+    for t in raw["throughput"]:
+        assert [c["phase"] for c in t["cases"]] == ["random", "hard", "augmented"]
+        assert all(c["sessions_per_s"] > 0 and c["split_ms"]["mining"] >= 0 for c in t["cases"])
+        assert t["floor"]["mine_ms"] > 0 and t["eval_sessions_per_s"] > 0
+    assert "loss_ms" in raw["throughput"][0]["floor"]
