@@ -47,6 +47,7 @@ def check_dataset(cfg: Config) -> Path:
             f"{path}: dataset not found (data.path={cfg.data.path!r}; make one with "
             "`python -m alterrec_dist.prepare` or `python -m alterrec_dist.synth`)")
     data = Dataset(path)  # reads the manifest: DataError naming the file if it is missing or broken
+    data.check()  # every file's size and shape, item indices in range: before Ray, not in the workers
     rows = data.num_rows("train")
     if rows < cfg.train.global_batch_size:  # training drops the last partial batch: no step at all
         raise ConfigError(
