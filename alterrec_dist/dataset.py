@@ -77,6 +77,22 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object from `path`; DataError naming the file if it is missing, truncated or not an object."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"{path}: not valid JSON (truncated?) ({_one_line(e)})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: not a JSON object")
+    return doc
+
+
 def gather_ranges(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The ragged rows values[starts[i] : starts[i] + lens[i]] laid end to end: (offsets, values).
 
@@ -132,6 +148,15 @@ def replace_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def check_out(out: str | Path, overwrite: bool) -> Path:
+    """OUT as an absolute path, refused (DataError) if it exists and `overwrite` is off: every
+    command checks this first, before any slow work."""
+    out = Path(out).absolute()
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise DataError(f"{out}: output exists (pass --overwrite to replace it)")
+    return out
+
+
 def make_parent(out: Path) -> None:
     """Create the directory OUT goes in; DataError (one line) if it cannot be."""
     try:
@@ -162,9 +187,7 @@ class DatasetWriter:
 
     def __init__(self, out: str | Path, overwrite: bool = False, rows_per_part: int = 1_000_000,
                  feature_rows_per_part: int = 262_144):
-        self.out = Path(out).resolve()
-        if self.out.exists() and not overwrite:
-            raise DataError(f"{self.out}: output exists (pass --overwrite to replace it)")
+        self.out = check_out(out, overwrite).resolve()
         self.overwrite = overwrite
         self.tmp = temp_sibling(self.out)
         make_parent(self.out)
@@ -351,13 +374,9 @@ class Dataset:
         mpath = self.mpath = self.path / "manifest.json"
         if not mpath.is_file():
             raise DataError(f"{mpath}: no dataset manifest (make one with `python -m alterrec_dist.prepare` or `synth`)")
-        try:
-            self.manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{mpath}: not valid JSON (truncated?) ({_one_line(e)})") from None
-        if not isinstance(self.manifest, dict) or self.manifest.get("format_version") != FORMAT_VERSION:
-            version = self.manifest.get("format_version") if isinstance(self.manifest, dict) else None
-            raise DataError(f"{mpath}: format_version {version!r}, expected {FORMAT_VERSION}")
+        self.manifest = read_json(mpath)
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{mpath}: format_version {self.manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
         self._check_keys()
         self.num_items: int = self.manifest["num_items"]
         self.text_dim: int = self.manifest["text"]["dim"]
