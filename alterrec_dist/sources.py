@@ -9,7 +9,6 @@ in a message is the N-th data row of that file, counting from 1 and not counting
 from __future__ import annotations
 
 import csv
-import io
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,24 +98,36 @@ def _read_delimited(path: Path, columns, optional, delimiter, column_names, type
 
 def _raise_at_invalid_utf8(path: Path, delimiter: str | None, header: bool) -> None:
     """DataError naming the data row (as every other message counts rows) of the first byte that
-    is not UTF-8, if there is one; the readers would report a byte offset or a 0-based column."""
-    with open(path, "rb") as f:
-        prefix = []
-        for line_number, raw in enumerate(f, 1):
-            try:
-                prefix.append(raw.decode("utf-8-sig" if line_number == 1 else "utf-8"))
-            except UnicodeDecodeError as e:
-                byte = e.start + 1
-                break
-        else:
-            return
-    if header and line_number == 1:
-        raise DataError(f"{path}: header line: not UTF-8 text (byte {byte} of the line)")
+    is not UTF-8, if there is one; the readers would report a byte offset or a 0-based column.
+    Streams the file: the records before the bad line are counted by the csv module (a quoted
+    value may span lines)."""
     delimiter = delimiter or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
-    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
-    records = sum(1 for _ in csv.reader(io.StringIO("".join(prefix)), delimiter=delimiter, quoting=quoting))
-    row = records if header else records + 1  # the bad line starts the next record
-    raise DataError(f"{path}: row {row}: not UTF-8 text (line {line_number}, byte {byte} of the line)")
+    quoted = delimiter == ","
+    quoting = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
+    bad: dict[str, int] = {}
+    quotes = 0  # '"' seen before the bad line: odd means it continues a quoted value
+
+    def decoded_lines(f):
+        nonlocal quotes
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                bad.update(line=number, byte=e.start + 1)
+                return
+            quotes += line.count('"') if quoted else 0
+            yield line
+
+    with open(path, "rb") as f:
+        records = sum(1 for _ in csv.reader(decoded_lines(f), delimiter=delimiter, quoting=quoting))
+    if not bad:
+        return
+    where = f"line {bad['line']}, byte {bad['byte']} of the line"
+    if header and bad["line"] == 1:
+        raise DataError(f"{path}: header line: not UTF-8 text ({where})")
+    # the bad line starts the next record, or continues the last one read (then counted already)
+    row = records + (0 if header else 1) - (quotes % 2)
+    raise DataError(f"{path}: row {row}: not UTF-8 text ({where})")
 
 
 def _one_line(e: Exception) -> str:

@@ -205,6 +205,9 @@ CASES = [
     ("log-csv-invalid-utf8-quoted-newline", "prepare", lambda d, r: log_argv(
         log_csv(d, GOOD_LOG[:4]), _raw(d, "items.csv", b'item,title\nA,"two\nlines"\nB,x\nC,\xff\nD,y\n'),
         d / "out", "--text-cols", "title"), ["{d}/items.csv: row 3: not UTF-8 text"]),
+    ("log-csv-invalid-utf8-inside-a-quoted-value", "prepare", lambda d, r: log_argv(
+        log_csv(d, GOOD_LOG[:4]), _raw(d, "items.csv", b'item,title\nA,x\nB,"two\nli\xffnes"\nC,y\nD,z\n'),
+        d / "out", "--text-cols", "title"), ["{d}/items.csv: row 2: not UTF-8 text (line 4"]),
     ("log-missing-column", "prepare", lambda d, r: log_argv(
         _raw(d, "inter.csv", b"user,item\nu1,A\n"), log_items(d), d / "out"),
      ["{d}/inter.csv: missing column(s) ts"]),
