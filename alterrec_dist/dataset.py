@@ -12,6 +12,7 @@ Writers build everything in a hidden sibling directory and rename it into place 
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -65,7 +66,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write beside, then rename: readers see the old file or the new one, never a torn one."""
     path = Path(path)
     remove_stale_siblings(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -119,14 +120,10 @@ def remove_stale_siblings(out: str | Path) -> None:
     if not out.parent.is_dir():
         return
     for kind in ("tmp", "old"):
-        for stale in out.parent.glob(f".{glob_escape(out.name)}.{kind}-*"):
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
             pid = stale.name.rsplit("-", 1)[-1]
             if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
                 remove_path(stale)
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def remove_path(path: Path) -> None:
