@@ -1,7 +1,7 @@
 """Batch scoring: the top-N items for every session of Parquet session files, and the engine's metrics.
 
     python -m alterrec_dist.batch_score --run RUN_DIR (--split test | --input P [P ...]) --out FILE.parquet
-        [--top 20] [--ray | --no-ray] [--ray-workers N] [--metrics-out FILE.json]
+        [--overwrite] [--top 20] [--ray | --no-ray] [--ray-workers N] [--metrics-out FILE.json]
 
 Input: session files in the dataset layout (`history` list<int> of item_idx, oldest first; optional
 `target`, `user`, `session`), read in bounded batches of `eval.batch_size` rows, never whole.
@@ -25,19 +25,21 @@ in float (they are for the mean encoder, measured; the transformer's padding len
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from alterrec_dist import ray_watchdog
 from alterrec_dist.cli import run_cli
 from alterrec_dist.config import ConfigError
-from alterrec_dist.dataset import SPLITS, DataError, Dataset, atomic_write_json, gather_ranges
+from alterrec_dist.dataset import (SPLITS, DataError, Dataset, atomic_write_json, check_out, gather_ranges, make_parent,
+                                   read_json, remove_stale_siblings, replace_into_place, temp_sibling)
 from alterrec_dist.export import Bundle, encode_sessions, load_bundle
 from alterrec_dist.metrics import METRICS, MetricSums, popularity_groups
 from alterrec_dist.reader import Rows, to_batch
@@ -81,11 +83,62 @@ def session_columns(files: list[Path]) -> list[str]:
     return cols
 
 
+SESSION_TYPES = {"history": pa.list_(pa.int64()), "target": pa.int64(), "user": pa.string(), "session": pa.string()}
+CHECK_ROWS = 65_536  # rows read at a time by check_input
+
+
+def check_input(files: list[Path], columns: list[str], num_items: int) -> int:
+    """Every row of the input is a session the engine can score: a non-empty history of item
+    indices in 0..V-1 and, where there is a target column, a target in that range. Read once,
+    streamed, before any scoring (and before Ray starts), so bad input is one line naming the
+    file and its row (1-based), not a failure after most of the file was scored. Returns the rows."""
+    total = 0
+    checked = [c for c in ("history", "target") if c in columns]
+    for f in files:
+        first = 0
+        try:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=CHECK_ROWS, columns=checked):
+                _check_rows(rb, f, first, num_items)
+                first += rb.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{f}: cannot read its sessions ({' '.join(str(e).split())})") from None
+        total += first
+    if total == 0:
+        raise DataError(f"{', '.join(map(str, files))}: no input rows")
+    return total
+
+
+def _check_rows(rb: pa.RecordBatch, f: Path, first: int, num_items: int) -> None:
+    def fail_at(mask, what: str, rows: np.ndarray | None = None) -> None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.any():
+            i = int(np.argmax(mask))
+            raise DataError(f"{f}: row {first + 1 + int(rows[i] if rows is not None else i)}: {what}")
+
+    try:
+        history = rb.column("history").cast(SESSION_TYPES["history"])
+        target = rb.column("target").cast(SESSION_TYPES["target"]) if "target" in rb.schema.names else None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise DataError(f"{f}: history/target are not lists of item indices / item indices "
+                        f"({rb.schema.field('history').type}; {' '.join(str(e).split())})") from None
+    fail_at(pc.is_null(history).to_numpy(zero_copy_only=False), "null history")
+    fail_at(pc.equal(pc.list_value_length(history), 0).fill_null(False).to_numpy(zero_copy_only=False),
+            "empty history")
+    items = pc.list_flatten(history)
+    parent = pc.list_parent_indices(history).to_numpy()
+    fail_at(pc.is_null(items).to_numpy(zero_copy_only=False), "null item in the history", parent)
+    values = items.to_numpy(zero_copy_only=False)
+    fail_at((values < 0) | (values >= num_items), f"history item outside 0..{num_items - 1}", parent)
+    if target is not None:
+        fail_at(pc.is_null(target).to_numpy(zero_copy_only=False), "null target")
+        t = target.to_numpy(zero_copy_only=False)
+        fail_at((t < 0) | (t >= num_items), f"target outside 0..{num_items - 1}")
+
+
 def iter_tables(files: list[Path], columns: list[str], rows: int):
     """The input as consecutive tables of `rows` rows (the last may be shorter), streamed: at most
     about 2 * `rows` rows are held at a time."""
-    types = {"history": pa.list_(pa.int64()), "target": pa.int64(), "user": pa.string(), "session": pa.string()}
-    schema = pa.schema([(c, types[c]) for c in columns])
+    schema = pa.schema([(c, SESSION_TYPES[c]) for c in columns])
     pending, held = [], 0
     for f in files:
         for rb in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=columns):
@@ -237,12 +290,13 @@ class OrderedMetrics:
 class ParquetOut:
     """Streamed Parquet output: a temp file beside `path`, renamed into place by `commit`."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path).absolute()
+    def __init__(self, path: Path, overwrite: bool = False):
+        self.path = check_out(path, overwrite)
         if self.path.is_dir():
             raise DataError(f"{self.path}: --out is a directory (give a .parquet file name)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        make_parent(self.path)
+        remove_stale_siblings(self.path)  # temp files of killed runs
+        self.tmp = temp_sibling(self.path)
         self.writer = None
         self.rows = 0
 
@@ -254,9 +308,9 @@ class ParquetOut:
 
     def commit(self) -> None:
         if self.writer is None:
-            raise DataError("no input rows")
+            raise DataError(f"{self.path}: nothing to write (no input rows)")
         self.writer.close()
-        os.replace(self.tmp, self.path)
+        replace_into_place(self.tmp, self.path)
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -326,6 +380,7 @@ def run_ray(spec: dict, bundle: Bundle, files: list[Path], out: ParquetOut, top:
             ray.init(**common)
         else:  # a private local Ray, never some other cluster found in /tmp/ray; the scoring actors
             # hold one CPU each, so keep one more for the read tasks (else they wait forever)
+            ray_watchdog.start()  # tears it down should this process die without ray.shutdown()
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers + 1), include_dashboard=False,
                      **common)
         started = True
@@ -349,6 +404,7 @@ def run_ray(spec: dict, bundle: Bundle, files: list[Path], out: ParquetOut, top:
     finally:
         if started:
             ray.shutdown()
+            ray_watchdog.stop()
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
@@ -362,6 +418,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--input", nargs="+", help="session Parquet files or directories of them")
     src.add_argument("--split", choices=SPLITS, help="a split of the run's dataset")
     p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--top", type=int, default=20, help="items per session (default 20)")
     ray_group = p.add_mutually_exclusive_group()
     ray_group.add_argument("--ray", dest="ray", action="store_true", default=None,
@@ -380,7 +437,7 @@ def summary_for(bundle: Bundle, split: str | None) -> tuple[dict | None, str]:
     path = Path(run["path"]) / "summary.json"
     if not path.is_file():
         return None, f"{path}: not found"
-    summary = json.loads(path.read_text())
+    summary = read_json(path)
     if summary.get("best_epoch") != run.get("model_epoch"):
         return None, f"{path}: best epoch {summary.get('best_epoch')} is not the saved model's epoch {run.get('model_epoch')}"
     return summary, ""
@@ -417,15 +474,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     if args.ray_workers < 1:
         raise ConfigError(f"--ray-workers must be >= 1, got {args.ray_workers}")
+    check_out(args.out, args.overwrite)  # before the model is loaded
     spec = {"run": args.run, "export": args.export, "data": args.data}
     bundle = load_bundle(**spec)
     if args.split:
         files = Dataset(args.data or bundle.provenance["dataset"]["path"]).session_files(args.split)
     else:
         files = input_files(args.input)
+    check_input(files, session_columns(files), bundle.num_items)  # bad rows: one line, before scoring or Ray
     top = min(args.top, bundle.num_items)
     metrics = OrderedMetrics(bundle.kinds, bundle.eval_batch_size, bundle.popularity, bundle.longtail_bins)
-    out = ParquetOut(Path(args.out))
+    out = ParquetOut(Path(args.out), args.overwrite)
     use_ray = ray_requested(args.ray)
     try:
         if use_ray:

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from alterrec_dist.dataset import DataError, atomic_write_json, file_sha256
+from alterrec_dist.dataset import DataError, atomic_write_json, file_sha256, read_json
 
 PARTITION = "item i on rank i mod world_size, local row i div world_size"
 KEEP = 2  # training checkpoints kept: the newest, and one to fall back on if it turns out damaged
@@ -161,7 +161,10 @@ def load_model(model_dir: Path) -> tuple[dict, dict, torch.Tensor | None]:
     manifest_path = model_dir / "manifest.json"
     if not manifest_path.exists():
         raise DataError(f"{manifest_path}: no saved model (train a run first; the model is saved at its best epoch)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(model_dir)
+    for key in ("world_size", "num_items"):
+        if not isinstance(manifest.get(key), int) or manifest[key] < 1:
+            raise DataError(f"{manifest_path}: {key} is missing or not a positive integer")
     verify_files(model_dir, manifest["files"], manifest_path)
     states = load_cpu(model_dir / "networks.pt")
     W, V = manifest["world_size"], manifest["num_items"]
@@ -257,13 +260,9 @@ def checkpoints(store: Path) -> list[Path]:
 
 
 def read_manifest(checkpoint: Path) -> dict:
+    """The manifest.json of a checkpoint or a saved model; DataError naming it if it is damaged."""
     path = Path(checkpoint) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing") from None
-    except ValueError:
-        raise DataError(f"{path}: not valid JSON (truncated?)") from None
+    manifest = read_json(path)
     if not isinstance(manifest.get("files"), dict):
         raise DataError(f"{path}: no file checksums")
     return manifest

@@ -6,6 +6,7 @@ embedded default. The resolved config is written next to the results (`config.to
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -84,6 +85,81 @@ class TrainerConfig:
     tf32: bool = True              # on GPU: fp32 matmuls on TF32 tensor cores; false: exact fp32
 
 
+# -- valid ranges: the one place that knows them ----------------------------------------------------
+# "section.key" -> (predicate, what the value must be). `Config.validate` checks every entry before
+# the combinations below it, so a new field needs one line here. NaN fails every float check.
+
+def _at_least(low: int):
+    return lambda v: v >= low, f">= {low}"
+
+
+def _positive_float():
+    return lambda v: math.isfinite(v) and v > 0, "a finite number > 0"
+
+
+def _finite_at_least_zero():
+    return lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"
+
+
+def _unit_interval():
+    return lambda v: 0.0 <= v <= 1.0, "in [0, 1]"
+
+
+def _one_of(*choices):
+    return lambda v: v in choices, "one of " + ", ".join(map(str, choices))
+
+
+def _increasing_bins(bins: list[int]) -> bool:
+    return all(b >= 0 for b in bins) and all(a < b for a, b in zip(bins, bins[1:]))
+
+
+def _valid_metric(metric: str) -> bool:
+    part, _, name = metric.partition("/")
+    return part in ("id", "text", "fused") and name in ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
+
+
+RANGES: dict[str, tuple[typing.Callable, str]] = {
+    "data.path": (lambda v: v.strip() != "", "a dataset directory, not empty"),
+    "data.max_len": _at_least(1),
+    "model.dim": _at_least(1),
+    "model.encoder": _one_of("mean", "transformer"),
+    "model.layers": _at_least(1),
+    "model.heads": _at_least(1),
+    "model.dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "model.text_hidden": _at_least(0),
+    "model.text_temperature": _positive_float(),
+    "model.init_std": _positive_float(),
+    "train.method": _one_of(*METHODS),
+    "train.m_random": _at_least(0),
+    "train.m_gap": _at_least(1),
+    "train.m_max": _at_least(1),
+    "train.k1": _at_least(0),
+    "train.k2": _at_least(1),
+    "train.hard_fraction": _unit_interval(),
+    "train.p": _at_least(1),
+    "train.beta": _finite_at_least_zero(),
+    "train.merge": _one_of("threshold", "allgather"),
+    "train.global_batch_size": _at_least(1),
+    "train.lr_id": _positive_float(),
+    "train.lr_text": _positive_float(),
+    "train.weight_decay": _finite_at_least_zero(),
+    "train.seed": _at_least(0),
+    "train.checkpoint_every": _at_least(0),
+    "eval.alpha": _unit_interval(),
+    "eval.alpha_sweep": (lambda v: all(0.0 <= a <= 1.0 for a in v), "values in [0, 1]"),
+    "eval.metric": (_valid_metric, "<id|text|fused>/<hit@10|hit@20|ndcg@10|ndcg@20|mrr@20>, like fused/ndcg@10"),
+    "eval.batch_size": _at_least(1),
+    "eval.tile_rows": (lambda v: v >= 0, ">= 0 (0: automatic, per device)"),
+    "eval.longtail_bins": (_increasing_bins, "non-negative and strictly increasing, like [30, 100]"),
+    "trainer.num_workers": _at_least(1),
+    "trainer.launcher": _one_of("ray", "torchrun"),
+    "trainer.max_failures": _at_least(-1),
+    "trainer.engine": _one_of("ddp", "deepspeed"),
+    "trainer.precision": _one_of("fp32", "bf16", "fp16"),
+    "trainer.zero_stage": _one_of(0, 1, 2),
+}
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -93,42 +169,32 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def validate(self) -> "Config":
+        """ConfigError with one line on the first value out of its range (`RANGES`), then on the
+        first invalid combination. Runs on the driver, before anything starts."""
+        for name, (ok, what) in RANGES.items():
+            section, key = name.split(".")
+            value = getattr(getattr(self, section), key)
+            if not ok(value):
+                raise ConfigError(f"{name} must be {what}, got {value!r}")
         t, m, e, r = self.train, self.model, self.eval, self.trainer
         checks = [
-            (t.method in METHODS, f"train.method must be one of {', '.join(METHODS)}, got {t.method!r}"),
-            (m.encoder in ("mean", "transformer"), f"model.encoder must be mean or transformer, got {m.encoder!r}"),
-            (t.merge in ("threshold", "allgather"), f"train.merge must be threshold or allgather, got {t.merge!r}"),
-            (0 <= t.k1 < t.k2, f"need 0 <= train.k1 < train.k2, got k1={t.k1} k2={t.k2}"),
+            (t.k1 < t.k2, f"need 0 <= train.k1 < train.k2, got k1={t.k1} k2={t.k2}"),
             (t.method != "alterrec_aug" or t.p < t.k1, f"augmentation needs train.p < train.k1, got p={t.p} k1={t.k1}"),
-            (0.0 <= t.hard_fraction <= 1.0, "train.hard_fraction must be in [0, 1]"),
-            (t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}"),
-            (self.trainer.max_failures >= -1, f"trainer.max_failures must be >= -1, got {self.trainer.max_failures}"),
-            (t.m_random >= 0 and t.m_gap >= 1 and t.m_max >= 1, "need m_random >= 0, m_gap >= 1, m_max >= 1"),
-            (t.global_batch_size % self.trainer.num_workers == 0,
-             f"train.global_batch_size={t.global_batch_size} must be divisible by trainer.num_workers={self.trainer.num_workers}"),
-            (e.batch_size % self.trainer.num_workers == 0,
-             f"eval.batch_size={e.batch_size} must be divisible by trainer.num_workers={self.trainer.num_workers}"),
-            (all(0.0 <= a <= 1.0 for a in [e.alpha, *e.alpha_sweep]), "eval.alpha and eval.alpha_sweep must be in [0, 1]"),
-            (self.trainer.launcher in ("ray", "torchrun"), "trainer.launcher must be ray or torchrun"),
-            (r.engine in ("ddp", "deepspeed"), f"trainer.engine must be ddp or deepspeed, got {r.engine!r}"),
-            (r.precision in ("fp32", "bf16", "fp16"), f"trainer.precision must be fp32, bf16 or fp16, got {r.precision!r}"),
+            (t.global_batch_size % r.num_workers == 0,
+             f"train.global_batch_size={t.global_batch_size} must be divisible by trainer.num_workers={r.num_workers}"),
+            (e.batch_size % r.num_workers == 0,
+             f"eval.batch_size={e.batch_size} must be divisible by trainer.num_workers={r.num_workers}"),
             (r.precision != "fp16" or r.engine == "deepspeed",
              "trainer.precision=fp16 needs trainer.engine=deepspeed (its loss scaling; the ddp engine does bf16)"),
             (r.precision != "fp16" or r.use_gpu, "trainer.precision=fp16 needs trainer.use_gpu=true (bf16 runs on CPU)"),
-            (e.tile_rows >= 0, f"eval.tile_rows must be >= 0 (0: automatic), got {e.tile_rows}"),
-            (r.zero_stage in (0, 1, 2), f"trainer.zero_stage must be 0, 1 or 2, got {r.zero_stage}"),
             (r.zero_stage == 0 or r.engine == "deepspeed",
              f"trainer.zero_stage={r.zero_stage} needs trainer.engine=deepspeed"),
-            (m.text_temperature > 0, "model.text_temperature must be > 0"),
             (m.encoder != "transformer" or m.dim % m.heads == 0,
              f"model.dim={m.dim} must be divisible by model.heads={m.heads} for the transformer encoder"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
-        part, _, metric = e.metric.partition("/")
-        if part not in ("id", "text", "fused") or metric not in ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20"):
-            raise ConfigError(f"eval.metric must look like fused/ndcg@10, got {e.metric!r}")
         return self
 
     def resolve_path(self, p: str) -> Path:
@@ -184,9 +250,15 @@ def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
 def read_toml(path: Path, what: str) -> dict:
     """A TOML file as a dict; ConfigError naming the file if it is missing or not TOML."""
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: {what} file is a directory") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: {what} file is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} file ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
 

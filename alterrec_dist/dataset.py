@@ -12,6 +12,7 @@ Writers build everything in a hidden sibling directory and rename it into place 
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 FORMAT_VERSION = 1
@@ -48,6 +50,10 @@ class DataError(Exception):
     """Bad input. The message is one line that names the file (and row/column where it applies)."""
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -59,7 +65,8 @@ def file_sha256(path: str | Path) -> str:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write beside, then rename: readers see the old file or the new one, never a torn one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_siblings(path)
+    tmp = temp_sibling(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -69,6 +76,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from `path`; DataError naming the file if it is missing, truncated or not an object."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"{path}: not valid JSON (truncated?) ({_one_line(e)})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: not a JSON object")
+    return doc
 
 
 def gather_ranges(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,13 +107,61 @@ def _part_name(i: int, ext: str) -> str:
     return f"part-{i:05d}.{ext}"
 
 
-def _remove_stale_temp_dirs(out: Path) -> None:
-    """A writer killed by SIGKILL cannot clean up: remove temp dirs of `out` whose process is gone
-    (and our own pid's, left by an earlier writer in this process)."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
-            shutil.rmtree(stale, ignore_errors=True)
+# Every writer of an output OUT works beside it: `.OUT.tmp-PID` (built, then renamed to OUT) and, when
+# replacing, `.OUT.old-PID` (the previous OUT, removed after the swap). These two names are the rule.
+def temp_sibling(out: Path, kind: str = "tmp") -> Path:
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}"
+
+
+def remove_stale_siblings(out: str | Path) -> None:
+    """A writer killed by SIGKILL cannot clean up: remove the temp siblings of `out` (files or
+    directories) whose process is gone, and our own pid's, left by an earlier writer in this process."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
+                remove_path(stale)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a directory tree, whichever it is; nothing if it is gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`, replacing what is there (a file or a directory)."""
+    if out.exists() or out.is_symlink():
+        old = temp_sibling(out, "old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        remove_path(old)
+    else:
+        os.replace(tmp, out)
+
+
+def check_out(out: str | Path, overwrite: bool) -> Path:
+    """OUT as an absolute path, refused (DataError) if it exists and `overwrite` is off: every
+    command checks this first, before any slow work."""
+    out = Path(out).absolute()
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise DataError(f"{out}: output exists (pass --overwrite to replace it)")
+    return out
+
+
+def make_parent(out: Path) -> None:
+    """Create the directory OUT goes in; DataError (one line) if it cannot be."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create its directory {out.parent} ({e.strerror or e})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise DataError(f"{out}: its directory {out.parent} is not writable")
 
 
 def _process_alive(pid: int) -> bool:
@@ -113,16 +184,18 @@ class DatasetWriter:
 
     def __init__(self, out: str | Path, overwrite: bool = False, rows_per_part: int = 1_000_000,
                  feature_rows_per_part: int = 262_144):
-        self.out = Path(out).resolve()
-        if self.out.exists() and not overwrite:
-            raise DataError(f"{self.out}: output exists (pass --overwrite to replace it)")
+        self.out = check_out(out, overwrite).resolve()
         self.overwrite = overwrite
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_dirs(self.out)
-        (self.tmp / "text_features").mkdir(parents=True)
-        for split in SPLITS:
-            (self.tmp / "sessions" / split).mkdir(parents=True)
+        self.tmp = temp_sibling(self.out)
+        make_parent(self.out)
+        remove_stale_siblings(self.out)
+        try:
+            (self.tmp / "text_features").mkdir(parents=True)
+            for split in SPLITS:
+                (self.tmp / "sessions" / split).mkdir(parents=True)
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise DataError(f"{self.out}: cannot write beside it ({e.strerror or e})") from None
         self.rows_per_part = rows_per_part
         self.feature_rows_per_part = feature_rows_per_part
         self._pending = {s: [] for s in SPLITS}  # buffered pyarrow tables not yet written
@@ -259,14 +332,9 @@ class DatasetWriter:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **(extra or {}),
         }
+        manifest["sha256"] = {name: file_sha256(self.tmp / name) for name in data_files(manifest)}
         atomic_write_json(self.tmp / "manifest.json", manifest)
-        if self.out.exists():  # only reachable with overwrite=True
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.tmp, self.out)
+        replace_into_place(self.tmp, self.out)  # replacing only with overwrite=True (checked at start)
         return self.out
 
     def abort(self) -> None:
@@ -281,22 +349,167 @@ class DatasetWriter:
         return False
 
 
+def data_files(manifest: dict) -> list[str]:
+    """Every file a dataset manifest names, relative to the dataset directory."""
+    text = manifest["text"]
+    return (["items.parquet", text["has_text"]] + [p["file"] for p in text["files"]]
+            + [p["file"] for s in SPLITS for p in manifest["session_files"][s]])
+
+
+# The manifest's shape: key -> type, and the keys of its sub-tables (what the read side relies on).
+MANIFEST_KEYS = {"format_version": int, "num_items": int, "splits": dict, "session_files": dict, "text": dict}
+TEXT_KEYS = {"dim": int, "files": list, "has_text": str}
+
+
 class Dataset:
-    """Read side of the layout. Cheap to open: only the manifest is read eagerly."""
+    """Read side of the layout. Cheap to open: only the manifest is read eagerly (and checked for
+    the keys the readers use). `check()` is the cheap always-on check of the files against it,
+    `verify()` the full one (checksums, every item index)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        mpath = self.path / "manifest.json"
+        mpath = self.mpath = self.path / "manifest.json"
         if not mpath.is_file():
             raise DataError(f"{mpath}: no dataset manifest (make one with `python -m alterrec_dist.prepare` or `synth`)")
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{mpath}: not valid JSON ({e})") from None
+        self.manifest = read_json(mpath)
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{mpath}: format_version {self.manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+        self._check_keys()
         self.num_items: int = self.manifest["num_items"]
         self.text_dim: int = self.manifest["text"]["dim"]
+
+    def _check_keys(self) -> None:
+        m = self.manifest
+        for table, keys, where in ((m, MANIFEST_KEYS, ""), (m.get("text"), TEXT_KEYS, "text.")):
+            for key, typ in keys.items():
+                if not isinstance(table.get(key), typ) or isinstance(table.get(key), bool):
+                    raise DataError(f"{self.mpath}: {where}{key} is missing or not a {typ.__name__} "
+                                    "(an incomplete manifest: make the dataset again)")
+        for split in SPLITS:
+            parts = m["session_files"].get(split)
+            if not isinstance(m["splits"].get(split), int) or not isinstance(parts, list) or not all(
+                    isinstance(p, dict) and isinstance(p.get("file"), str) and isinstance(p.get("rows"), int)
+                    for p in parts):
+                raise DataError(f"{self.mpath}: splits/session_files of {split!r} missing or malformed")
+        if not all(isinstance(p, dict) and isinstance(p.get("file"), str) and isinstance(p.get("rows"), int)
+                   for p in m["text"]["files"]):
+            raise DataError(f"{self.mpath}: text.files entries need a file and rows")
+        if m["num_items"] < 1 or m["text"]["dim"] < 1:
+            raise DataError(f"{self.mpath}: num_items and text.dim must be >= 1")
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check(self) -> None:
+        """The cheap check run at every training start: every file the manifest names is there
+        with the size, shape and row count it says, and every item index is in 0..V-1 by the
+        Parquet statistics (min/max per row group; a file without them is read). DataError naming
+        the file otherwise. Reads metadata and .npy headers only: milliseconds at V = 1M."""
+        V, m = self.num_items, self.manifest
+        self._check_items_parquet()
+        self._check_npy(m["text"]["has_text"], (V,), np.dtype(bool))
+        rows = 0
+        for part in m["text"]["files"]:
+            self._check_npy(part["file"], (part["rows"], self.text_dim), np.dtype(np.float16))
+            rows += part["rows"]
+        if rows != V:
+            raise DataError(f"{self.mpath}: text.files hold {rows:,} rows for {V:,} items")
+        for split in SPLITS:
+            parts = m["session_files"][split]
+            if sum(p["rows"] for p in parts) != m["splits"][split]:
+                raise DataError(f"{self.mpath}: the {split} files hold {sum(p['rows'] for p in parts):,} rows, "
+                                f"splits.{split} says {m['splits'][split]:,}")
+            for part in parts:
+                self._check_sessions(part["file"], part["rows"], full=False)
+
+    def verify(self) -> list[str]:
+        """`check()`, then every file's sha256 against the manifest and every item index read in
+        full. Returns notes (e.g. a dataset made before checksums were recorded); DataError on damage."""
+        self.check()
+        notes = []
+        digests = self.manifest.get("sha256")
+        if not isinstance(digests, dict):
+            notes.append(f"{self.mpath}: no sha256 recorded (made before checksums were); sizes, shapes "
+                         "and item indices checked")
+        else:
+            for name in data_files(self.manifest):
+                if digests.get(name) != file_sha256(self.path / name):
+                    raise DataError(f"{self.path / name}: sha256 does not match {self.mpath}")
+        for split in SPLITS:
+            for part in self.manifest["session_files"][split]:
+                self._check_sessions(part["file"], part["rows"], full=True)
+        return notes
+
+    def _file(self, name: str) -> Path:
+        path = self.path / name
+        if not path.is_file():
+            raise DataError(f"{path}: missing (named in {self.mpath})")
+        return path
+
+    def _parquet_metadata(self, path: Path):
+        try:
+            return pq.ParquetFile(path).metadata
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file (truncated?) ({_one_line(e)})") from None
+
+    def _check_items_parquet(self) -> None:
+        path = self._file("items.parquet")
+        meta = self._parquet_metadata(path)
+        if meta.num_rows != self.num_items:
+            raise DataError(f"{path}: {meta.num_rows:,} rows, the manifest says {self.num_items:,} items")
+
+    def _check_npy(self, name: str, shape: tuple, dtype: np.dtype) -> None:
+        path = self._file(name)
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                got_shape, fortran, got_dtype = read_header(f)
+                header = f.tell()
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"{path}: not a .npy file (truncated?) ({_one_line(e)})") from None
+        if got_shape != shape or got_dtype != dtype or fortran:
+            raise DataError(f"{path}: array {got_dtype}{list(got_shape)}, the manifest says {dtype}{list(shape)}")
+        size, want = path.stat().st_size, header + int(np.prod(shape)) * dtype.itemsize
+        if size != want:
+            raise DataError(f"{path}: {size:,} bytes, a {dtype}{list(shape)} array takes {want:,} (truncated?)")
+
+    def _check_sessions(self, name: str, rows: int, full: bool) -> None:
+        path = self._file(name)
+        meta = self._parquet_metadata(path)
+        if meta.num_rows != rows:
+            raise DataError(f"{path}: {meta.num_rows:,} rows, the manifest says {rows:,}")
+        columns = {meta.schema.column(j).path.split(".")[0]: j for j in range(meta.num_columns)}
+        if "history" not in columns or "target" not in columns:
+            raise DataError(f"{path}: no history/target column (not a session file)")
+        lo, hi = (self._read_index_range(path) if full else self._stats_index_range(path, meta, columns))
+        if lo is not None and (lo < 0 or hi >= self.num_items):
+            bad = lo if lo < 0 else hi
+            raise DataError(f"{path}: item index {bad} outside 0..{self.num_items - 1} (V = {self.num_items:,})")
+
+    def _stats_index_range(self, path: Path, meta, columns: dict) -> tuple:
+        lo, hi = None, None
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for name in ("history", "target"):
+                stats = group.column(columns[name]).statistics
+                if group.num_rows and (stats is None or not stats.has_min_max):
+                    return self._read_index_range(path)  # no statistics: read the indices
+                if group.num_rows:
+                    lo = stats.min if lo is None else min(lo, stats.min)
+                    hi = stats.max if hi is None else max(hi, stats.max)
+        return lo, hi
+
+    def _read_index_range(self, path: Path) -> tuple:
+        try:
+            table = pq.read_table(path, columns=["history", "target"])
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: cannot read ({_one_line(e)})") from None
+        values = [table["history"].combine_chunks().flatten(), table["target"].combine_chunks()]
+        if any(v.null_count for v in values):
+            raise DataError(f"{path}: null item index")
+        mins = [pc.min(v).as_py() for v in values if len(v)]
+        maxs = [pc.max(v).as_py() for v in values if len(v)]
+        return (min(mins), max(maxs)) if mins else (None, None)
 
     def num_rows(self, split: str) -> int:
         return self.manifest["splits"][split]

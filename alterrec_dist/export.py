@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -42,7 +39,8 @@ import torch
 from alterrec_dist.checkpoint import load_model, verify_files
 from alterrec_dist.cli import run_cli
 from alterrec_dist.config import ConfigError, ModelConfig, load_config
-from alterrec_dist.dataset import DataError, Dataset, atomic_write_json, file_sha256
+from alterrec_dist.dataset import (DataError, Dataset, atomic_write_json, check_out, file_sha256, make_parent,
+                                   read_json, remove_path, remove_stale_siblings, replace_into_place, temp_sibling)
 from alterrec_dist.evaluate import Scorer, session_queries
 from alterrec_dist.model import Network, build_networks
 from alterrec_dist.reader import Batch
@@ -152,6 +150,7 @@ def load_run(run_dir: str | Path, data_path: str | Path | None = None) -> Bundle
     if not path.exists():
         raise DataError(f"{path}: dataset of run {run_dir} not found (pass --data)")
     data = Dataset(path)
+    data.check()
     if data.num_items != manifest["num_items"]:
         raise DataError(f"{path}: {data.num_items} items, the model of {run_dir} has {manifest['num_items']}")
     if manifest.get("method", cfg.train.method) != cfg.train.method:
@@ -163,7 +162,7 @@ def load_run(run_dir: str | Path, data_path: str | Path | None = None) -> Bundle
     mats, scales, weights = _scorer_spec(networks, x, f16, manifest["world_size"], e.tile_rows, e.alpha, e.alpha_sweep)
     item_ids, texts, popularity = _item_table(data)
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    summary = read_json(summary_path) if summary_path.is_file() else None
     provenance = {
         "run": {
             "path": str(run_dir.resolve()),
@@ -353,14 +352,12 @@ def _vectors(m: torch.Tensor) -> pa.FixedSizeListArray:
 
 def write_export(bundle: Bundle, out: str | Path, overwrite: bool = False) -> Path:
     """Write `bundle` to `out` through a temp directory renamed into place."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise DataError(f"{out}: output exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "tables").mkdir(parents=True)
+    out = check_out(out, overwrite)
+    make_parent(out)
+    remove_stale_siblings(out)  # temp directories of killed exports
+    tmp = temp_sibling(out)
     try:
+        (tmp / "tables").mkdir(parents=True)
         V = bundle.num_items
         fused = bundle.fused_vectors()
         table = pa.table({
@@ -396,13 +393,9 @@ def write_export(bundle: Bundle, out: str | Path, overwrite: bool = False) -> Pa
                        "longtail_bins": bundle.longtail_bins},
             "files": {name: file_sha256(tmp / name) for name in files},
         })
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_into_place(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         raise
     return out
 
@@ -426,9 +419,12 @@ def load_export(export_dir: str | Path, verify: bool = True) -> Bundle:
     mpath = export_dir / "manifest.json"
     if not mpath.is_file():
         raise DataError(f"{mpath}: no export manifest (make one with `python -m alterrec_dist.export`)")
-    manifest = json.loads(mpath.read_text())
+    manifest = read_json(mpath)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{mpath}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    missing = [k for k in ("files", "scoring", "engine") if not isinstance(manifest.get(k), dict)]
+    if missing:
+        raise DataError(f"{mpath}: no {', '.join(missing)} (an incomplete export manifest: export again)")
     if verify:
         verify_files(export_dir, manifest["files"], mpath)
     method, cfg, networks = load_encoders(export_dir / "encoders.pt")
@@ -464,6 +460,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_out(args.out, args.overwrite)  # before the model is loaded
     bundle = load_run(args.run, args.data)
     out = write_export(bundle, args.out, args.overwrite)
     dims = [m.shape[1] for m in bundle.matrices]

@@ -1,5 +1,6 @@
 """`python -m alterrec_dist.prepare {recbole|amazon-m2|log} --out OUT ...`: turn real data into
 the dataset layout of `dataset.py` (sessions, items, frozen text features).
+`python -m alterrec_dist.prepare verify DIR` checks a dataset in full (checksums, item indices).
 
 The source is read and checked in full first, then sessions are streamed to the writer and
 item texts are encoded (cached, see text_features.py). Everything is built in a hidden
@@ -11,11 +12,12 @@ import argparse
 import signal
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 from tqdm import tqdm
 
 from alterrec_dist.cli import run_cli
-from alterrec_dist.dataset import SPLITS, DatasetWriter, file_sha256
+from alterrec_dist.dataset import SPLITS, DataError, Dataset, DatasetWriter, data_files, file_sha256
 from alterrec_dist.sources import Source, read_amazon_m2, read_log, read_recbole
 from alterrec_dist.text_features import DEFAULT_BATCH_SIZE, EncodeStats, encode_texts, text_model_name
 
@@ -61,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--cutoff", help="with --split time: rows whose target is at or after this go to test")
     log.add_argument("--valid-cutoff", help="with --split time: rows whose target is at or after this "
                                             "(and before --cutoff) go to valid; earlier ones to train")
+
+    verify = sub.add_parser("verify", help="check a dataset in full: every file's sha256 against its manifest, "
+                                           "sizes and shapes, every item index in 0..V-1")
+    verify.add_argument("dataset", metavar="DIR", help="dataset directory")
     return parser
 
 
@@ -85,6 +91,8 @@ def read_source(args: argparse.Namespace) -> Source:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.source == "verify":
+        return verify(args.dataset)
     with _sigterm_as_exit(), DatasetWriter(args.out, args.overwrite) as writer:
         source = read_source(args)
         _write_sessions(writer, source, progress=not args.no_progress)
@@ -105,6 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prepared {out}: {len(source.item_ids):,} items ({int(has_text.sum()):,} with text), "
           f"rows (sessions): {rows}; "
           f"text: {stats.encoded:,} encoded, {stats.cached:,} from cache")
+    return 0
+
+
+def verify(path: str) -> int:
+    """`prepare verify DIR`: Dataset.verify and one line of result; damage is the usual one-line error."""
+    if not Path(path).is_dir():
+        raise DataError(f"{path}: no such dataset directory")
+    data = Dataset(path)
+    for note in data.verify():
+        print(f"note: {note}", file=sys.stderr)
+    rows = ", ".join(f"{s} {data.num_rows(s):,}" for s in SPLITS)
+    print(f"verified {path}: {data.num_items:,} items, rows {rows}; "
+          f"{len(data_files(data.manifest))} files checked")
     return 0
 
 

@@ -51,6 +51,8 @@ def read_table(path: str | Path, columns: list[str], optional: list[str] = (), *
         else:
             table = _read_delimited(path, columns, optional, delimiter, column_names, typed_header)
     except (pa.ArrowException, OSError, UnicodeDecodeError, csv.Error) as e:
+        if not parquet:
+            _raise_at_invalid_utf8(path, delimiter, header=column_names is None)
         kind = "Parquet" if parquet else "delimited text"
         raise DataError(f"{path}: cannot read as {kind}: {_one_line(e)}") from None
     if table.num_rows == 0:
@@ -94,6 +96,40 @@ def _read_delimited(path: Path, columns, optional, delimiter, column_names, type
     )
 
 
+def _raise_at_invalid_utf8(path: Path, delimiter: str | None, header: bool) -> None:
+    """DataError naming the data row (as every other message counts rows) of the first byte that
+    is not UTF-8, if there is one; the readers would report a byte offset or a 0-based column.
+    Streams the file: the records before the bad line are counted by the csv module (a quoted
+    value may span lines)."""
+    delimiter = delimiter or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
+    quoted = delimiter == ","
+    quoting = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
+    bad: dict[str, int] = {}
+    quotes = 0  # '"' seen before the bad line: odd means it continues a quoted value
+
+    def decoded_lines(f):
+        nonlocal quotes
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                bad.update(line=number, byte=e.start + 1)
+                return
+            quotes += line.count('"') if quoted else 0
+            yield line
+
+    with open(path, "rb") as f:
+        records = sum(1 for _ in csv.reader(decoded_lines(f), delimiter=delimiter, quoting=quoting))
+    if not bad:
+        return
+    where = f"line {bad['line']}, byte {bad['byte']} of the line"
+    if header and bad["line"] == 1:
+        raise DataError(f"{path}: header line: not UTF-8 text ({where})")
+    # the bad line starts the next record, or continues the last one read (then counted already)
+    row = records + (0 if header else 1) - (quotes % 2)
+    raise DataError(f"{path}: row {row}: not UTF-8 text ({where})")
+
+
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
@@ -104,10 +140,19 @@ def _string_column(table: pa.Table, name: str, path: Path) -> pa.Array:
     col = table[name].combine_chunks()
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()
+    _raise_at_first(_nan_mask(col), path, name, "NaN is not an id")
     col = col.cast(pa.string())
     bad = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), "")).fill_null(True)
     _raise_at_first(bad, path, name, "empty value")
     return col
+
+
+def _nan_mask(col: pa.Array) -> np.ndarray:
+    """True where a float value is NaN (a float column cast to string would make it the id "nan";
+    sorted, a NaN time goes last)."""
+    if not pa.types.is_floating(col.type):
+        return np.zeros(len(col), dtype=bool)
+    return pc.is_nan(col).fill_null(False).to_numpy(zero_copy_only=False)
 
 
 def _raise_at_first(mask, path: Path, column: str, what: str, rows: np.ndarray | None = None) -> None:
@@ -448,8 +493,10 @@ def _session_items(col: pa.Array, path: Path) -> tuple[pa.Array, np.ndarray]:
     numpy-style string the CSV release stores ("['B09W9FND7K' 'B09JSPLN1M']")."""
     if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
         _raise_at_first(pc.is_null(col).to_numpy(zero_copy_only=False), path, "prev_items", "null list")
-        tokens = pc.list_flatten(col).cast(pa.string())
+        flat = pc.list_flatten(col)
         rows = pc.list_parent_indices(col).to_numpy()
+        _raise_at_first(_nan_mask(flat), path, "prev_items", "NaN is not an item id", rows)
+        tokens = flat.cast(pa.string())
         bad = pc.or_kleene(pc.is_null(tokens), pc.equal(tokens, "")).fill_null(True)
         _raise_at_first(bad, path, "prev_items", "null or empty item id", rows)
         return tokens, pc.list_value_length(col).to_numpy().astype(np.int64)
@@ -591,6 +638,9 @@ def _time_numbers(col: pa.Array, where: str) -> tuple[np.ndarray, str]:
         values, kind = _parse_times(col.cast(pa.string()), where)
     if values.null_count:
         raise DataError(f"{where}: row {int(np.argmax(pc.is_null(values).to_numpy(zero_copy_only=False))) + 1}: empty time")
+    nan = _nan_mask(values)
+    if nan.any():
+        raise DataError(f"{where}: row {int(np.argmax(nan)) + 1}: time is NaN")
     return values.to_numpy(), kind
 
 

@@ -139,7 +139,7 @@ def make_catalog(num_items: int, seed: int) -> Catalog:
     by_topic = np.argsort(topic, kind="stable").astype(np.int32)
     topic_start = np.searchsorted(topic[by_topic], np.arange(T + 1))
     topic_mass = np.concatenate([[0.0], np.cumsum(np.bincount(topic, weights=weight, minlength=T))])
-    vocab = pseudo_words(rng, T * VOCAB_PER_TOPIC)
+    vocab = pseudo_words(rng, max(T * VOCAB_PER_TOPIC, WORDS_PER_TOPIC))  # one topic (N <= 2) still has a word list
     topic_words = np.stack([rng.choice(len(vocab), WORDS_PER_TOPIC, replace=False) for _ in range(T)])
     return Catalog(
         topic=topic, weight=weight, by_topic=by_topic, cum_weight=np.cumsum(weight[by_topic]),

@@ -28,6 +28,7 @@ import socket
 import sys
 from pathlib import Path
 
+from alterrec_dist import ray_watchdog
 from alterrec_dist.cli import run_cli
 from alterrec_dist.config import Config, ConfigError, load_config, to_toml
 from alterrec_dist.checkpoint import newest_good
@@ -47,6 +48,7 @@ def check_dataset(cfg: Config) -> Path:
             f"{path}: dataset not found (data.path={cfg.data.path!r}; make one with "
             "`python -m alterrec_dist.prepare` or `python -m alterrec_dist.synth`)")
     data = Dataset(path)  # reads the manifest: DataError naming the file if it is missing or broken
+    data.check()  # every file's size and shape, item indices in range: before Ray, not in the workers
     rows = data.num_rows("train")
     if rows < cfg.train.global_batch_size:  # training drops the last partial batch: no step at all
         raise ConfigError(
@@ -250,6 +252,9 @@ def _init_ray(num_workers: int) -> bool:
         # `ray job submit` sets RAY_ADDRESS for the entrypoint; ray.init resolves it (also "auto").
         ray.init(**common)
         return False
+    # A driver killed without ray.shutdown() would leave Ray's agents running: the watchdog
+    # (started first, so it sees every Ray process appear) removes them when this process ends.
+    ray_watchdog.start()
     # address="local": never attach to some other cluster found in /tmp/ray by accident.
     # Each CPU worker reserves one CPU: on a small machine oversubscribe rather than wait forever.
     # The dashboard (~2 s) serves the State API that Ray Train V2's placement-group cleaner polls;
@@ -299,6 +304,7 @@ def launch_ray(cfg: Config, run_dir: Path) -> dict:
     finally:
         if started:
             ray.shutdown()
+            ray_watchdog.stop()
 
 
 class TrainingError(Exception):

