@@ -40,7 +40,7 @@ from alterrec_dist.cli import run_cli
 from alterrec_dist.config import ConfigError
 from alterrec_dist.dataset import (SPLITS, DataError, Dataset, atomic_write_json, check_out, gather_ranges, make_parent,
                                    read_json, remove_stale_siblings, replace_into_place, temp_sibling)
-from alterrec_dist.export import Bundle, encode_sessions, load_bundle
+from alterrec_dist.export import Bundle, add_device_argument, encode_sessions, load_bundle
 from alterrec_dist.metrics import METRICS, MetricSums, popularity_groups
 from alterrec_dist.reader import Rows, to_batch
 
@@ -207,13 +207,13 @@ def score_rows(bundle: Bundle, rows: Rows, top: int, has_target: bool) -> dict:
         n = len(chunk)
         batches = local_batches(chunk, B, bundle.world)
         queries = encode_sessions(bundle, batches)
-        target = torch.cat([b.target for b in batches]) if has_target else None
+        target = torch.cat([b.target for b in batches]).to(bundle.device) if has_target else None
         counts, best = bundle.scoring().run(queries.parts, top, target)
         if counts is not None:
-            out["ranks"].append((1 + counts[:n]).numpy())
-        out["items"].append(best.items[:n].numpy())
-        out["scores"].append(best.scores[:n].numpy())
-        out["parts"].append(np.stack([p[:n].numpy() for p in best.parts]))
+            out["ranks"].append((1 + counts[:n]).cpu().numpy())
+        out["items"].append(best.items[:n].cpu().numpy())
+        out["scores"].append(best.scores[:n].cpu().numpy())
+        out["parts"].append(np.stack([p[:n].cpu().numpy() for p in best.parts]))
     return {k: (np.concatenate(v, axis=1 if k == "parts" else 0) if v else None) for k, v in out.items()}
 
 
@@ -252,7 +252,7 @@ class OrderedMetrics:
 
     def __init__(self, kinds: list[str], batch_size: int, popularity: np.ndarray, bins: list[int]):
         group_of_item, labels = popularity_groups(popularity, bins)
-        self.group_of_item = torch.from_numpy(group_of_item)
+        self.group_of_item = torch.from_numpy(group_of_item).to("cpu")  # ranks arrive as host arrays
         self.kinds, self.batch_size = kinds, batch_size
         self.sums = {k: MetricSums(labels) for k in kinds}
         self.ranks: list[np.ndarray] = []
@@ -272,12 +272,13 @@ class OrderedMetrics:
         ranks, target = np.concatenate(self.ranks), np.concatenate(self.targets)
         self.ranks, self.targets, self.held = [ranks[n:]], [target[n:]], len(target) - n
         B = self.batch_size
-        valid = torch.arange(B) < n
+        valid = torch.arange(B, device="cpu") < n
         pad = B - n
         r = np.concatenate([ranks[:n], np.ones((pad, ranks.shape[1]), dtype=ranks.dtype)])
-        t = torch.from_numpy(np.concatenate([target[:n], np.full(pad, target[0], dtype=target.dtype)]).astype(np.int64))
+        t = torch.from_numpy(np.concatenate([target[:n], np.full(pad, target[0], dtype=target.dtype)])
+                             .astype(np.int64)).to("cpu")
         for i, kind in enumerate(self.kinds):
-            self.sums[kind].add(torch.from_numpy(np.ascontiguousarray(r[:, i]).astype(np.int64)), valid,
+            self.sums[kind].add(torch.from_numpy(np.ascontiguousarray(r[:, i]).astype(np.int64)).to("cpu"), valid,
                                 self.group_of_item[t])
 
     def finish(self) -> dict:
@@ -392,7 +393,8 @@ def run_ray(spec: dict, bundle: Bundle, files: list[Path], out: ParquetOut, top:
         ctx.enable_progress_bars = False
         ds = ray.data.read_parquet([str(f.absolute()) for f in files]).select_columns(columns)
         ds = ds.map_batches(_RayScorer, fn_constructor_kwargs={"spec": spec, "top": top, "has_target": has_target},
-                            batch_size=bundle.eval_batch_size, batch_format="pyarrow", concurrency=workers, num_cpus=1)
+                            batch_size=bundle.eval_batch_size, batch_format="pyarrow", concurrency=workers, num_cpus=1,
+                            num_gpus=1 if bundle.device.type == "cuda" else 0)  # --device cuda: a GPU per actor
         first = 0
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if not len(table):
@@ -426,6 +428,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ray_group.add_argument("--no-ray", dest="ray", action="store_false", help="score in this process")
     p.add_argument("--ray-workers", type=int, default=2, help="Ray Data actors (default 2)")
     p.add_argument("--metrics-out", help="also write the metrics (and the summary.json comparison) to this JSON file")
+    add_device_argument(p)
     return p.parse_args(argv)
 
 
@@ -475,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray_workers < 1:
         raise ConfigError(f"--ray-workers must be >= 1, got {args.ray_workers}")
     check_out(args.out, args.overwrite)  # before the model is loaded
-    spec = {"run": args.run, "export": args.export, "data": args.data}
+    spec = {"run": args.run, "export": args.export, "data": args.data, "device": args.device}
     bundle = load_bundle(**spec)
     if args.split:
         files = Dataset(args.data or bundle.provenance["dataset"]["path"]).session_files(args.split)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alterrec_dist.device import tile_rows as resolve_tile_rows
 from alterrec_dist.metrics import MetricSums, popularity_groups
 from alterrec_dist.model import Network
 from alterrec_dist.reader import Batch
@@ -19,7 +20,9 @@ from alterrec_dist.sharded import Comm, ShardedItemTable
 
 @torch.no_grad()
 def item_matrix(net: Network, table: ShardedItemTable, tile_rows: int, parts: bool = False):
-    """This shard's item rows of `net` (or its (id, text) part rows for NFRec), without grad."""
+    """This shard's item rows of `net` (or its (id, text) part rows for NFRec), without grad; tile_rows rows
+    at a time (0: the device's default, `device.tile_rows`)."""
+    tile_rows = resolve_tile_rows(tile_rows, table.f16.device, 1)
     out = []
     for s in range(0, table.num_local, tile_rows):
         x = table.x[s:s + tile_rows] if net.uses_id else None
@@ -90,7 +93,9 @@ def evaluate(comm: Comm, networks: dict[str, Network], table: ShardedItemTable, 
 
 def count_above_target(comm: Comm, scorer: Scorer, queries: list[torch.Tensor], target: torch.Tensor,
                        ids: torch.Tensor, tile_rows: int) -> torch.Tensor:
-    """(G, K): for each of the scorer's K kinds, how many items order before the target, over all shards."""
+    """(G, K): for each of the scorer's K kinds, how many items order before the target, over all shards;
+    tile_rows rows at a time (0: the device's default, `device.tile_rows`)."""
+    tile_rows = resolve_tile_rows(tile_rows, target.device, len(target))
     owned = target % comm.world == comm.rank
     row = torch.where(owned, target // comm.world, 0)
     target_parts = torch.stack([

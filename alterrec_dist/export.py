@@ -36,11 +36,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from alterrec_dist.checkpoint import load_model, verify_files
+from alterrec_dist.checkpoint import load_model, on_cpu, verify_files
 from alterrec_dist.cli import run_cli
 from alterrec_dist.config import ConfigError, ModelConfig, load_config
 from alterrec_dist.dataset import (DataError, Dataset, atomic_write_json, check_out, file_sha256, make_parent,
                                    read_json, remove_path, remove_stale_siblings, replace_into_place, temp_sibling)
+from alterrec_dist.device import tile_rows as device_tile_rows
 from alterrec_dist.evaluate import Scorer, session_queries
 from alterrec_dist.model import Network, build_networks
 from alterrec_dist.reader import Batch
@@ -63,7 +64,7 @@ class Bundle:
     scales: list[float]               # per component logit scale
     weights: dict[str, list[float]]   # kind -> weight per component, as evaluate.Scorer
     world: int                        # training world size: the engine's shard layout
-    tile_rows: int
+    tile_rows: int                    # eval.tile_rows as configured (0: per device, device.tile_rows)
     eval_batch_size: int
     max_len: int
     longtail_bins: list[int]
@@ -75,6 +76,21 @@ class Bundle:
     @property
     def num_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.f16.device
+
+    def to(self, device: torch.device | str) -> "Bundle":
+        """Everything that scores on `device` (networks, tables, item matrices); loading is always on the CPU."""
+        device = torch.device(device)
+        for net in self.networks.values():
+            net.to(device)
+        self.x = self.x.to(device) if self.x is not None else None
+        self.f16 = self.f16.to(device)
+        self.matrices = [m.to(device) for m in self.matrices]
+        self.__dict__.pop("_scoring", None)
+        return self
 
     @property
     def kinds(self) -> list[str]:
@@ -117,11 +133,11 @@ def _scorer_spec(networks: dict[str, Network], x, f16, world: int, tile_rows: in
     V = len(f16)
     mats, scorer = None, None
     for rank in range(world):
-        rows = torch.arange(rank, V, world)
+        rows = torch.arange(rank, V, world, device=f16.device)
         table = SimpleNamespace(num_local=len(rows), x=x[rows] if x is not None else None, f16=f16[rows])
         scorer = Scorer.build(networks, table, alpha, tile_rows, tuple(alpha_sweep))
         if mats is None:
-            mats = [torch.empty(V, m.shape[1], dtype=m.dtype) for m in scorer.matrices]
+            mats = [torch.empty(V, m.shape[1], dtype=m.dtype, device=m.device) for m in scorer.matrices]
         for full, m in zip(mats, scorer.matrices):
             full[rows] = m
     return mats, list(scorer.scales), {k: list(map(float, w)) for k, w in scorer.weights.items()}
@@ -134,8 +150,10 @@ def _item_table(data: Dataset) -> tuple[list[str], list[str | None], np.ndarray]
     return items["item_id"].to_pylist(), items["text"].to_pylist(), items["popularity"].to_numpy()
 
 
-def load_run(run_dir: str | Path, data_path: str | Path | None = None) -> Bundle:
-    """A training run directory (config.toml + model/) -> Bundle; DataError/ConfigError if unusable."""
+def load_run(run_dir: str | Path, data_path: str | Path | None = None, device: torch.device | str = "cpu") -> Bundle:
+    """A training run directory (config.toml + model/) -> Bundle on `device` (its item matrices computed
+    there); DataError/ConfigError if unusable."""
+    device = torch.device(device)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: run directory not found")
@@ -156,8 +174,10 @@ def load_run(run_dir: str | Path, data_path: str | Path | None = None) -> Bundle
     if manifest.get("method", cfg.train.method) != cfg.train.method:
         raise DataError(f"{run_dir}: model/ was saved by method {manifest['method']!r}, config.toml says "
                         f"{cfg.train.method!r}")
-    networks = _networks(cfg.train.method, cfg.model, data.text_dim, cfg.data.max_len, states, run_dir / "model")
-    f16 = torch.from_numpy(np.ascontiguousarray(data.text_features()))
+    networks = {k: net.to(device) for k, net in
+                _networks(cfg.train.method, cfg.model, data.text_dim, cfg.data.max_len, states, run_dir / "model").items()}
+    x = x.to(device) if x is not None else None
+    f16 = torch.from_numpy(np.ascontiguousarray(data.text_features())).to(device)
     e = cfg.eval
     mats, scales, weights = _scorer_spec(networks, x, f16, manifest["world_size"], e.tile_rows, e.alpha, e.alpha_sweep)
     item_ids, texts, popularity = _item_table(data)
@@ -223,24 +243,26 @@ def encode_sessions(bundle: Bundle, batches: list[Batch]) -> Queries:
     `evaluate.session_queries` on a one-process table. Pass the engine's per-rank slices of a
     global eval batch (see batch_score.local_batches) to reproduce its queries bit for bit."""
     table = LocalTable(bundle.x, bundle.f16)
-    per_batch = [session_queries(bundle.networks, table, b) for b in batches]
+    per_batch = [session_queries(bundle.networks, table, b.to(bundle.device)) for b in batches]
     parts = [torch.cat(qs) for qs in zip(*per_batch)]
     return Queries(parts, bundle.scales, bundle.weights["fused"])
 
 
 def session_batch(histories: list[list[int]], max_len: int) -> Batch:
-    """Left-aligned batch of item_idx histories (each cut to its last max_len items), as the reader."""
+    """Left-aligned batch of item_idx histories (each cut to its last max_len items), as the reader: on the
+    host, as the reader's (`Batch.to` moves it)."""
     hist = [h[-max_len:] for h in histories]
     if any(not h for h in hist):
         raise DataError("empty session")
     width = max(len(h) for h in hist)
-    items = torch.zeros(len(hist), width, dtype=torch.long)
-    mask = torch.zeros(len(hist), width, dtype=torch.bool)
+    items = torch.zeros(len(hist), width, dtype=torch.long, device="cpu")
+    mask = torch.zeros(len(hist), width, dtype=torch.bool, device="cpu")
     for i, h in enumerate(hist):
-        items[i, :len(h)] = torch.tensor(h, dtype=torch.long)
+        items[i, :len(h)] = torch.tensor(h, dtype=torch.long, device="cpu")
         mask[i, :len(h)] = True
     n = len(hist)
-    return Batch(items, mask, torch.zeros(n, dtype=torch.long), torch.arange(n), torch.ones(n, dtype=torch.bool))
+    return Batch(items, mask, torch.zeros(n, dtype=torch.long, device="cpu"), torch.arange(n, device="cpu"),
+                 torch.ones(n, dtype=torch.bool, device="cpu"))
 
 
 # -- the item side: the engine's exact scores, ranks and top-N -------------------------------------
@@ -256,13 +278,16 @@ class Scoring:
         self.weights = bundle.weights
         self.scales = bundle.scales
         self.matrices = bundle.matrices
-        order = torch.cat([torch.arange(r, V, W) for r in range(W)])  # shard-major, as the ranks hold them
+        self.device = bundle.device
+        # shard-major, as the ranks hold them
+        order = torch.cat([torch.arange(r, V, W, device=self.device) for r in range(W)])
         self.shard_matrices = [m[order].contiguous() for m in bundle.matrices]
+        tile = device_tile_rows(bundle.tile_rows, self.device, bundle.eval_batch_size)
         self.tiles = []  # (start, stop) in shard-major rows, never across a shard
         start = 0
         for r in range(W):
             n = len(range(r, V, W))
-            self.tiles += [(start + s, start + min(s + bundle.tile_rows, n)) for s in range(0, n, bundle.tile_rows)]
+            self.tiles += [(start + s, start + min(s + tile, n)) for s in range(0, n, tile)]
             start += n
         self.ids = order
 
@@ -275,10 +300,11 @@ class Scoring:
         if target is not None:
             target_parts = torch.stack([(q * m[target]).sum(1) * s
                                         for q, m, s in zip(queries, self.matrices, self.scales)], 1)
-            weights = torch.tensor([self.weights[k] for k in self.kinds], dtype=target_parts.dtype)
+            weights = torch.tensor([self.weights[k] for k in self.kinds], dtype=target_parts.dtype,
+                                   device=self.device)
             target_scores = target_parts @ weights.T
-            counts = torch.zeros(len(target), len(self.kinds), dtype=torch.long)
-        best = TopN(top, len(queries[0]), len(queries))
+            counts = torch.zeros(len(target), len(self.kinds), dtype=torch.long, device=self.device)
+        best = TopN(top, len(queries[0]), len(queries), self.device)
         for s, e in self.tiles:
             tile_ids = self.ids[s:e]
             parts = [(q @ m[s:e].T) * sc for q, m, sc in zip(queries, self.shard_matrices, self.scales)]
@@ -304,7 +330,7 @@ class Scoring:
         cand = candidates.clamp(min=0)
         parts = [torch.einsum("gd,gcd->gc", q, m[cand]) * sc for q, m, sc in zip(queries, self.matrices, self.scales)]
         scores = sum(w * p for w, p in zip(self.weights[kind], parts) if w)
-        scores = torch.where(candidates >= 0, scores, torch.tensor(float("-inf")))
+        scores = torch.where(candidates >= 0, scores, float("-inf"))
         order = _order_desc(scores, candidates)[:, :top]
         return (scores.gather(1, order), candidates.gather(1, order), [p.gather(1, order) for p in parts])
 
@@ -319,11 +345,11 @@ def _order_desc(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 class TopN:
     """Running top-n per row over tiles, ordered by (score desc, item index asc): the engine's order."""
 
-    def __init__(self, n: int, rows: int, num_parts: int):
+    def __init__(self, n: int, rows: int, num_parts: int, device: torch.device):
         self.n = n
-        self.scores = torch.empty(rows, 0)
-        self.items = torch.empty(rows, 0, dtype=torch.long)
-        self.parts = [torch.empty(rows, 0) for _ in range(num_parts)]
+        self.scores = torch.empty(rows, 0, device=device)
+        self.items = torch.empty(rows, 0, dtype=torch.long, device=device)
+        self.parts = [torch.empty(rows, 0, device=device) for _ in range(num_parts)]
 
     def add(self, scores: torch.Tensor, tile_ids: torch.Tensor, parts: list[torch.Tensor]) -> None:
         G, T = scores.shape
@@ -346,7 +372,7 @@ class TopN:
 # -- writing and reading an export ----------------------------------------------------------------
 
 def _vectors(m: torch.Tensor) -> pa.FixedSizeListArray:
-    m = m.detach().contiguous().numpy().astype(np.float32, copy=False)
+    m = m.detach().cpu().contiguous().numpy().astype(np.float32, copy=False)
     return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
 
 
@@ -372,10 +398,10 @@ def write_export(bundle: Bundle, out: str | Path, overwrite: bool = False) -> Pa
         pq.write_table(table, tmp / "items.parquet")
         torch.save({"method": bundle.method, "model": dataclasses.asdict(bundle.model_cfg),
                     "text_dim": int(bundle.f16.shape[1]), "max_len": bundle.max_len,
-                    "states": {k: n.state_dict() for k, n in bundle.networks.items()}}, tmp / "encoders.pt")
+                    "states": on_cpu({k: n.state_dict() for k, n in bundle.networks.items()})}, tmp / "encoders.pt")
         if bundle.x is not None:
-            np.save(tmp / "tables" / "id_rows.npy", bundle.x.detach().numpy())
-        np.save(tmp / "tables" / "text_features.npy", bundle.f16.numpy())
+            np.save(tmp / "tables" / "id_rows.npy", bundle.x.detach().cpu().numpy())
+        np.save(tmp / "tables" / "text_features.npy", bundle.f16.cpu().numpy())
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         atomic_write_json(tmp / "manifest.json", {
             "format_version": FORMAT_VERSION,
@@ -410,7 +436,7 @@ def load_encoders(path: str | Path) -> tuple[str, ModelConfig, dict[str, Network
 
 def _column(table: pa.Table, name: str) -> torch.Tensor:
     col = table[name].combine_chunks()
-    return torch.from_numpy(col.values.to_numpy().reshape(len(col), -1).copy())
+    return torch.from_numpy(col.values.to_numpy().reshape(len(col), -1).copy()).to("cpu")
 
 
 def load_export(export_dir: str | Path, verify: bool = True) -> Bundle:
@@ -430,8 +456,8 @@ def load_export(export_dir: str | Path, verify: bool = True) -> Bundle:
     method, cfg, networks = load_encoders(export_dir / "encoders.pt")
     items = pq.read_table(export_dir / "items.parquet")
     x_path = export_dir / "tables" / "id_rows.npy"
-    x = torch.from_numpy(np.load(x_path)) if x_path.is_file() else None
-    f16 = torch.from_numpy(np.load(export_dir / "tables" / "text_features.npy"))
+    x = torch.from_numpy(np.load(x_path)).to("cpu") if x_path.is_file() else None
+    f16 = torch.from_numpy(np.load(export_dir / "tables" / "text_features.npy")).to("cpu")
     s, eng = manifest["scoring"], manifest["engine"]
     return Bundle(method, cfg, networks, x, f16, [_column(items, "id_vec"), _column(items, "text_vec")],
                   [float(v) for v in s["scales"]], {k: [float(w) for w in v] for k, v in zip(s["kinds"], s["weights"])},
@@ -440,11 +466,31 @@ def load_export(export_dir: str | Path, verify: bool = True) -> Bundle:
                   {k: manifest[k] for k in ("run", "dataset") if k in manifest} | {"export": str(export_dir.resolve())})
 
 
-def load_bundle(run: str | None = None, export: str | None = None, data: str | None = None) -> Bundle:
-    """The CLIs' --run / --export choice."""
+def load_bundle(run: str | None = None, export: str | None = None, data: str | None = None,
+                device: str = "cpu") -> Bundle:
+    """The CLIs' --run / --export choice, scoring on `device` (--device)."""
     if bool(run) == bool(export):
         raise ConfigError("give exactly one of --run RUN_DIR and --export EXPORT_DIR")
-    return load_run(run, data) if run else load_export(export)
+    device = inference_device(device)
+    return load_run(run, data, device) if run else load_export(export).to(device)
+
+
+def inference_device(name: str) -> torch.device:
+    """--device as a torch device; ConfigError in one line for a name torch does not know or a GPU not there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is visible")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="where the model scores: cpu (default), cuda or cuda:N; a GPU run's model scores on a CPU too")
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -455,13 +501,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="export directory to write (atomically)")
     p.add_argument("--data", help="dataset directory (default: the one the run's model names)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_device_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    device = inference_device(args.device)
     check_out(args.out, args.overwrite)  # before the model is loaded
-    bundle = load_run(args.run, args.data)
+    bundle = load_run(args.run, args.data, device)
     out = write_export(bundle, args.out, args.overwrite)
     dims = [m.shape[1] for m in bundle.matrices]
     print(f"exported {bundle.num_items} items ({bundle.method}; id_vec {dims[0]}, text_vec {dims[1]}, "

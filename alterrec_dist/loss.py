@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from alterrec_dist.device import tile_rows as resolve_tile_rows
 from alterrec_dist.mining import Band
 from alterrec_dist.sharded import Comm
 
@@ -78,7 +79,9 @@ def tiled_band_loss(comm: Comm, queries: torch.Tensor, rows: torch.Tensor, scale
                     pos_rows: torch.Tensor, pos_owned: torch.Tensor, pos_weight: torch.Tensor, global_batch: int,
                     tile_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`band_loss` of the logits scale * queries @ rows.T, scored `tile_rows` rows at a time (see the module
-    docstring): equal in value and gradient, without the (G, V_local) matrix."""
+    docstring): equal in value and gradient, without the (G, V_local) matrix. tile_rows 0: the device's
+    default (`device.tile_rows`)."""
+    tile_rows = resolve_tile_rows(tile_rows, queries.device, len(queries))
     neg, pos = BandLogits.apply(queries, rows, band.rows, band.mask, pos_rows, scale, tile_rows)
     return _finish(comm, neg, pos, pos_owned, pos_weight, global_batch)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alterrec_dist.device import tile_rows as resolve_tile_rows
 from alterrec_dist.sharded import Comm
 
 ID_MASK = (1 << 32) - 1
@@ -69,8 +70,10 @@ def key_ids(keys: torch.Tensor) -> torch.Tensor:
 
 def local_candidates(queries: torch.Tensor, item_rows: torch.Tensor, k: int, scale: float,
                      tile_rows: int) -> Candidates:
-    """This shard's top-k scores per query, scored tile by tile (a selection: nothing is sorted)."""
+    """This shard's top-k scores per query, scored tile by tile (a selection: nothing is sorted);
+    tile_rows 0: the device's default (`device.tile_rows`)."""
     device = queries.device
+    tile_rows = resolve_tile_rows(tile_rows, device, len(queries))
     best = Candidates(torch.empty(len(queries), 0, device=device),
                       torch.empty(len(queries), 0, dtype=torch.long, device=device))
     for start in range(0, len(item_rows), tile_rows):

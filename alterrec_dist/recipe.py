@@ -33,7 +33,7 @@ from alterrec_dist.checkpoint import (checkpoint_name, find_resume_point, load_c
                                      save_checkpoint, save_model)
 from alterrec_dist.config import Config
 from alterrec_dist.dataset import DataError, Dataset, atomic_write_bytes, atomic_write_json
-from alterrec_dist.device import configure_matmuls, tile_rows, trained_autocast, worker_device
+from alterrec_dist.device import configure_matmuls, trained_autocast, worker_device
 from alterrec_dist.engine import Stepper, build_stepper
 from alterrec_dist.evaluate import evaluate, item_matrix
 from alterrec_dist.loss import tiled_band_loss
@@ -66,8 +66,8 @@ class Run:
     def evaluate(self, split: str, epoch: int) -> dict:
         r, e = self.eval_readers[split], self.cfg.eval
         return evaluate(self.comm, self.networks, self.table, (b.to(self.device) for b in r.epoch(0)),
-                        r.steps_per_epoch(), self.popularity, e.alpha, e.longtail_bins,
-                        tile_rows(e.tile_rows, self.device, e.batch_size), desc=f"{split} e{epoch}",
+                        r.steps_per_epoch(), self.popularity, e.alpha, e.longtail_bins, e.tile_rows,
+                        desc=f"{split} e{epoch}",
                         alpha_sweep=tuple(e.alpha_sweep))
 
 
@@ -239,7 +239,7 @@ def frozen_item_rows(run: Run, phase: Phase) -> torch.Tensor | None:
     if phase.negatives != "hard":
         return None
     frozen = run.networks[OTHER[phase.network]].eval()
-    return item_matrix(frozen, run.table, tile_rows(run.cfg.eval.tile_rows, run.device, run.table.num_local))[0]
+    return item_matrix(frozen, run.table, run.cfg.eval.tile_rows)[0]
 
 
 def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None, logs: list[dict] | None = None,
@@ -313,7 +313,7 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
             frozen_queries = comm.all_gather(frozen.encode(history_rows(frozen, x.detach() if x is not None else None),
                                                            batch.mask))
             band, candidates = mine_band(comm, frozen_queries, frozen_rows, t.k1, t.k1 + num_hard, table.num_items,
-                                         frozen.logit_scale, t.merge, tile_rows(cfg.eval.tile_rows, device, len(target)),
+                                         frozen.logit_scale, t.merge, cfg.eval.tile_rows,
                                          extra=t.p + 1 if phase.augmented else 0)
             if phase.augmented:
                 positives = torch.cat([positives, top_items(comm, candidates, table.global_ids, t.p, target)], 1)
@@ -336,11 +336,11 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
                                      table.f if trained.uses_text else None).float()
     weight = torch.full(positives.shape, t.beta, device=device)  # filled on the device: no host copy
     weight[:, 0] = 1.0
-    tile = tile_rows(cfg.eval.tile_rows, device, len(queries))
 
     def loss_of(qq: torch.Tensor, rr: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         # the (G, V_local) logits on this shard only, one tile at a time
-        return tiled_band_loss(comm, qq, rr, scale, band, pos_rows, owned, weight, t.global_batch_size, tile)
+        return tiled_band_loss(comm, qq, rr, scale, band, pos_rows, owned, weight, t.global_batch_size,
+                               cfg.eval.tile_rows)
 
     loss, per_query = loss_of(queries, rows, trained.logit_scale)
     logged = {"loss": per_query.mean()}

@@ -26,7 +26,7 @@ import torch
 from alterrec_dist.cli import run_cli
 from alterrec_dist.config import ConfigError
 from alterrec_dist.dataset import DataError
-from alterrec_dist.export import Bundle, Queries, encode_sessions, load_bundle, session_batch
+from alterrec_dist.export import Bundle, Queries, add_device_argument, encode_sessions, load_bundle, session_batch
 
 INDEXES = ("exact", "faiss", "faiss-hnsw")
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 128
@@ -51,7 +51,7 @@ class Searcher:
         self.index = None
         if index != "exact":
             faiss = import_faiss()
-            vectors = np.ascontiguousarray(bundle.fused_vectors().numpy(), dtype=np.float32)
+            vectors = np.ascontiguousarray(bundle.fused_vectors().cpu().numpy(), dtype=np.float32)
             d = vectors.shape[1]
             if index == "faiss":
                 self.index = faiss.IndexFlatIP(d)
@@ -63,8 +63,8 @@ class Searcher:
 
     def candidates(self, queries: Queries, k: int) -> torch.Tensor:
         """(G, k) item indices from the index by the single fused inner product (-1 where none)."""
-        _, ids = self.index.search(np.ascontiguousarray(queries.fused.numpy(), dtype=np.float32), k)
-        return torch.from_numpy(ids.astype(np.int64))
+        _, ids = self.index.search(np.ascontiguousarray(queries.fused.cpu().numpy(), dtype=np.float32), k)
+        return torch.from_numpy(ids.astype(np.int64)).to(self.bundle.device)
 
     def search(self, queries: Queries, top: int):
         """(scores (G, top), items (G, top), [id scores, text scores]), by (fused desc, index asc)."""
@@ -132,6 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-unknown", action="store_true", help="drop unknown item ids with a warning")
     p.add_argument("--index", choices=INDEXES, default="exact", help="exact (default), faiss (flat inner product) "
                    "or faiss-hnsw (approximate)")
+    add_device_argument(p)
     return p.parse_args(argv)
 
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     item_ids = [s.strip() for s in args.session.split(",") if s.strip()]
     if not item_ids:
         raise ConfigError("--session is empty (give comma-separated item ids)")
-    bundle = load_bundle(args.run, args.export, args.data)
+    bundle = load_bundle(args.run, args.export, args.data, args.device)
     rec = recommend(bundle, item_ids, args.top, args.skip_unknown, Searcher(bundle, args.index))
     if rec.skipped:
         print(f"warning: skipped {len(rec.skipped)} unknown item id(s): {', '.join(rec.skipped)}", file=sys.stderr)

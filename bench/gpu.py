@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from alterrec_dist import recipe
 from alterrec_dist.config import load_config
-from alterrec_dist.device import configure_matmuls, tile_rows
+from alterrec_dist.device import configure_matmuls
 from alterrec_dist.evaluate import evaluate
 from alterrec_dist.mining import mine_band
 from alterrec_dist.reader import Batch
@@ -175,8 +175,7 @@ def brute_force_mining(comm: Comm, device: torch.device, shape: Shape) -> dict:
     queries = torch.randn(128, shape.dim, generator=g).to(device)
     rows = (torch.randn(shape.brute_items, shape.dim, generator=g) / math.sqrt(shape.dim)).to(device)
     k1, k2 = shape.k1, shape.k2
-    band, _ = mine_band(comm, queries, rows, k1, k2, shape.brute_items, 1.0, "threshold",
-                        tile_rows(0, device, len(queries)))
+    band, _ = mine_band(comm, queries, rows, k1, k2, shape.brute_items, 1.0, "threshold", tile_rows=0)
     mined = torch.zeros(len(queries), shape.brute_items, dtype=torch.bool, device=device)
     mined.scatter_(1, band.rows, band.mask)
     scores = queries @ rows.T

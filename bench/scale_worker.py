@@ -32,7 +32,6 @@ import torch.distributed as dist
 
 from alterrec_dist import recipe
 from alterrec_dist.config import load_config
-from alterrec_dist.device import tile_rows
 from alterrec_dist.evaluate import evaluate
 from alterrec_dist.mining import CountPacker
 from alterrec_dist.recipe import build_run, frozen_item_rows, train_epoch
@@ -244,7 +243,7 @@ def measure(spec: dict) -> dict:
     e = cfg.eval
     start = time.perf_counter()
     evaluate(comm, run.networks, run.table, eval_batches, len(eval_batches), run.popularity, e.alpha,
-             e.longtail_bins, tile_rows(e.tile_rows, device, e.batch_size), desc="eval")
+             e.longtail_bins, e.tile_rows, desc="eval")
     eval_s = time.perf_counter() - start
     return {"rank": comm.rank, "world": comm.world, "items": run.table.num_items, "local_items": run.table.num_local,
             "batch": cfg.train.global_batch_size, "k2": run.k2, "build_s": build_s, "cases": cases,

@@ -45,3 +45,31 @@ def test_saved_shards_reassemble_the_table(tmp_path, world):
     shard.write_bytes(shard.read_bytes()[:-10])  # truncated
     with pytest.raises(DataError, match=shard.name):
         load_model(tmp_path / "model")
+
+
+def tensors_in(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
+
+
+def test_what_is_saved_is_cpu_tensors_whatever_the_device(tmp_path):
+    """A GPU run's model and checkpoints load on a CPU-only machine only if every tensor in them was saved from
+    the CPU: publish() moves them (on_cpu) and every load names map_location (tests/test_device.py). Loaded here
+    without map_location, so a tensor saved from another device would not come back as a CPU one."""
+    from alterrec_dist.checkpoint import on_cpu
+    data = tiny_dataset(tmp_path / "data")
+    run_world(train_and_save, 2, str(data), str(tmp_path / "model"))
+    files = sorted((tmp_path / "model").glob("*.pt"))
+    assert len(files) == 3
+    for f in files:
+        tensors = list(tensors_in(torch.load(f, weights_only=True)))
+        assert tensors and all(t.device.type == "cpu" for t in tensors), f.name
+    # on_cpu reaches into every container a saved state holds
+    nested = {"a": [torch.zeros(2), (torch.ones(1), {"b": torch.arange(3)})], "n": None, "s": "x"}
+    assert [t.tolist() for t in tensors_in(on_cpu(nested))] == [[0.0, 0.0], [1.0], [0, 1, 2]]

@@ -97,14 +97,17 @@ def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("top", [10, 20])
 def test_faiss_recall_against_exact_search(bundle, test_queries, top):
-    """(b) Over all 1,976 test sessions: IndexFlatIP (exact inner products) finds every exact top-N
-    item, both from its raw candidates and after the engine-order re-rank; HNSW stays above a floor."""
+    """(b) Over all 1,976 test sessions: IndexFlatIP (exact inner products) finds every exact top-N item
+    but a near-tie at the boundary, from its raw candidates and after the re-rank: one inner product of
+    fused vectors, and the re-rank's batched dot products, round otherwise than the engine's matrix
+    product (README; measured: one item of 19,760 at top-10 swapped with a score 1 ulp away). HNSW
+    stays above a floor."""
     pytest.importorskip("faiss")
     _, exact, _ = Searcher(bundle, "exact").search(test_queries, top)
     flat = Searcher(bundle, "faiss")
-    assert recall(flat.candidates(test_queries, top), exact) == 1.0
+    assert recall(flat.candidates(test_queries, top), exact) >= 1 - 2 / exact.numel()  # a tie swapped at most
     _, items, _ = flat.search(test_queries, top)
-    assert recall(items, exact) == 1.0
+    assert recall(items, exact) >= 1 - 2 / exact.numel()  # the re-rank's batched dot products round otherwise too
     hnsw = Searcher(bundle, "faiss-hnsw")
     r_raw = recall(hnsw.candidates(test_queries, top), exact)
     _, items, _ = hnsw.search(test_queries, top)
