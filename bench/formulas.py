@@ -64,9 +64,10 @@ def table_bytes(V: int, W: int, d: int, D: int, frozen: bool = True) -> int:
     return rows * (4 * d * FP32 + 2 * D + (d * FP32 if frozen else 0))
 
 
-def score_matrix_bytes(B: int, V: int, W: int, value_bytes: int = FP32) -> int:
-    """The band loss's untiled G x V/W training scores and their gradient, per worker."""
-    return 2 * B * -(-V // W) * value_bytes
+def score_tile_bytes(B: int, V: int, W: int, tile_rows: int, value_bytes: int = FP32) -> int:
+    """The band loss's (G, tile) training score tile and its gradient tile, per worker (the loss scores one
+    tile of the shard's rows at a time: alterrec_dist/loss.py)."""
+    return 2 * B * min(tile_rows, -(-V // W)) * value_bytes
 
 
 def flops(B: int, V: int, W: int, d: int) -> dict[str, float]:

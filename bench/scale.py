@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
            "finished": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "machine": scale_report.machine(),
            "seconds": time.time() - started, "load": [load_before, os.getloadavg()], "points": points,
            "reference": reference, "reference_kept_memory": kept}
+    if args.out.is_file():  # the run this one replaces, set beside it in the report
+        raw["previous"] = scale_report.previous_figures(args.out.read_text())
     (args.data_dir / f"results-{stamp}.json").write_text(json.dumps(raw))
     scale_report.write(args.out, raw)
     print(f"wrote {args.out} (raw figures: {args.data_dir / f'results-{stamp}.json'})", file=sys.stderr)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from alterrec_dist.dataset import atomic_write_bytes
+from alterrec_dist.device import CPU_TILE_ROWS
 from bench import formulas
 
 SECTIONS = ("mining", "loss", "encoder", "optimizer")
@@ -142,7 +144,44 @@ def render(raw: dict) -> str:
     if raw.get("reference"):
         L += reference_section(raw["reference"], raw.get("reference_kept_memory"))
     L += targets_section(summaries, raw.get("reference"), raw.get("reference_kept_memory"), cuda, a["k1"])
+    if raw.get("previous"):
+        L += previous_section(summaries, raw["previous"])
     return "\n".join(L) + "\n"
+
+
+def previous_figures(report: str) -> dict:
+    """What an earlier RESULTS.md says, to set beside a new run: when it ran, sessions/s per (V, W, phase,
+    merge) and peak RSS (GiB) per (V, W), read from its tables."""
+    finished = re.search(r"Run finished ([^,]+), ([\d.]+) min wall", report)
+    rates, rss = {}, {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 12 and cells[2] in ("random", "hard", "augmented") and cells[0][:1].isdigit():
+            rates["/".join(cells[:4]).replace(",", "")] = float(cells[4].replace(",", ""))
+        elif len(cells) >= 7 and cells[3].endswith("MiB") and cells[5].endswith("GiB"):
+            rss["/".join(cells[:2]).replace(",", "")] = float(cells[5].split()[0])
+    return {"finished": finished.group(1) if finished else "?", "sessions_per_s": rates, "peak_rss_gib": rss}
+
+
+def previous_section(summaries: dict, previous: dict) -> list[str]:
+    """This run beside the one whose RESULTS.md it replaced (same command, earlier code)."""
+    L = ["", f"## Against the previous run ({previous['finished']})", "",
+         "The figures of the RESULTS.md this run replaced, read from its tables, beside this run's; *now / then* is "
+         "the ratio (above 1: faster, or more memory). Both are medians over repeats on the same kind of machine, "
+         "but not in one process: background load differs between the two (see the load averages).", "",
+         "| V | W | phase | merge | sessions/s then | sessions/s now | now / then |", "|---:|---:|---|---|---:|---:|---:|"]
+    for (items, world), s in summaries.items():
+        for c in s["cases"]:
+            then = previous["sessions_per_s"].get(f"{items}/{world}/{c['negatives']}/{c['merge']}")
+            now = s["batch"] / np.median(c["steps"])
+            L.append(f"| {items:,} | {world} | {c['negatives']} | {c['merge']} | "
+                     + (f"{then:,.1f} | {now:,.1f} | {now / then:.2f} |" if then else f"- | {now:,.1f} | - |"))
+    L += ["", "| V | W | peak RSS then | peak RSS now | now / then |", "|---:|---:|---:|---:|---:|"]
+    for (items, world), s in summaries.items():
+        then, now = previous["peak_rss_gib"].get(f"{items}/{world}"), s["rss"] / 2**30
+        L.append(f"| {items:,} | {world} | " + (f"{then:.2f} GiB | {now:.2f} GiB | {now / then:.2f} |" if then
+                                               else f"- | {now:.2f} GiB | - |"))
+    return L
 
 
 def training_section(summaries: dict, cuda: bool) -> list[str]:
@@ -206,7 +245,7 @@ def memory_section(summaries: dict, cuda: bool) -> list[str]:
     L = ["", "## Memory per worker", "",
          "Item table = this worker's ID rows + their gradient + AdamW state + float16 text features + the frozen "
          "network's item matrix, summed from the tensors themselves. Peak RSS = `getrusage` of the worker process "
-         "(max over workers; includes Python, torch and the G x V/W training score matrix and its gradient)."
+         "(max over workers; includes Python, torch and the training score tile and its gradient)."
          + (" Device peak = `torch.cuda.max_memory_allocated`." if cuda else ""), "",
          "| V | W | rows per worker | item table | vs W=1 | peak RSS | vs W=1 |" + (" device peak |" if cuda else ""),
          "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
@@ -227,8 +266,8 @@ def model_section(summaries: dict, a: dict) -> list[str]:
          "Per worker: S = B x V/W training scores per step (G = B gathered queries x the shard's rows), R = V/W x d "
          "row values. *loss* and *mining* are ns per score (random and hard/threshold phases), *optimizer* ns per row "
          "value (random phase); flat columns mean the time follows the model. *table* is the measured item table "
-         "against `formulas.table_bytes`; *rest of RSS* = peak RSS - table - the 2 x 4 x S bytes of the untiled "
-         "scores and their gradient.", "",
+         "against `formulas.table_bytes`; *rest of RSS* = peak RSS - table - the 2 x 4 x B x tile bytes of one "
+         "training score tile and its gradient (`formulas.score_tile_bytes`).", "",
          "| V | W | S (M) | loss ns/score | mining ns/score | optimizer ns/value | table measured - formula | rest of RSS |",
          "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (items, world), s in summaries.items():
@@ -237,7 +276,7 @@ def model_section(summaries: dict, a: dict) -> list[str]:
         by = {(c["negatives"], c["merge"]): c for c in s["cases"]}
         random, hard = by[("random", "-")], by[("hard", "threshold")]
         table = formulas.table_bytes(items, world, a["dim"], a["text_dim"])
-        rest = s["rss"] - s["table"] - formulas.score_matrix_bytes(s["batch"], items, world)
+        rest = s["rss"] - s["table"] - formulas.score_tile_bytes(s["batch"], items, world, CPU_TILE_ROWS)
         L.append(f"| {items:,} | {world} | {S / 1e6:,.1f} | {random['sections']['loss'] / S * 1e9:.1f} | "
                  f"{hard['sections']['mining'] / S * 1e9:.1f} | {random['sections']['optimizer'] / R * 1e9:.2f} | "
                  f"{s['table'] - table:+,.0f} B | {rest / 2**30:.2f} GiB |")
