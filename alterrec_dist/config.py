@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LOGIT_FORMS = ("dot", "cosine")
+TEXT_ADAPTERS = ("mlp", "whitening", "moe")
 METHODS = ("alterrec", "alterrec_aug", "alterrec_random", "id_only", "text_only", "nfrec_sum", "nfrec_concat")
 
 
@@ -34,6 +36,11 @@ class ModelConfig:
     dropout: float = 0.1
     text_hidden: int = 0           # hidden width of the text MLP; 0 means a single linear layer
     text_temperature: float = 1.0  # text logits are divided by this (the official code uses 0.07)
+    id_temperature: float = 1.0    # ID logits are divided by this (with id_logits = "cosine", e.g. 0.07)
+    id_logits: str = "dot"         # ID network's scores: "dot" (the paper) or "cosine" (unit rows and queries)
+    text_logits: str = "dot"       # text network's scores: "dot" (the paper) or "cosine"
+    text_adapter: str = "mlp"      # text features -> rows: "mlp" (the paper; text_hidden), "whitening" ((f - b) W) or "moe" (UniSRec's 8 gated whitenings)
+    id_init: str = "random"        # ID table start: "random" N(0, init_std) or "text" (fixed random projection of the text features)
     item_layernorm: bool = False   # LayerNorm over the item rows of both tables (official code: on)
     init_std: float = 0.02         # std of the ID table initialisation
 
@@ -43,7 +50,8 @@ class TrainConfig:
     method: str = "alterrec"       # one of METHODS
     m_random: int = 2              # Algorithm 1: epochs per network with random negatives first
     m_gap: int = 2                 # then alternate every m_gap epochs, ID first
-    m_max: int = 10                # epochs in all (the paper uses 30)
+    m_max: int = 10                # epochs in all (the paper uses 30); the ceiling with patience
+    patience: int = 0              # stop after this many epochs past the warm-up without a better eval.metric; 0: off
     k1: int = 20                   # hard negatives are the other network's ranks k1..k2 (0-based, k2 exclusive)
     k2: int = 500
     hard_fraction: float = 1.0     # share of the k2-k1 negatives that are hard; the rest uniform random
@@ -54,6 +62,8 @@ class TrainConfig:
     lr_id: float = 1e-3
     lr_text: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # "constant" (the paper) or "warmup_cosine" over each network's own steps
+    lr_warmup: float = 0.1         # warmup_cosine: share of the network's own steps spent ramping up
     seed: int = 0
     checkpoint_every: int = 0      # steps between training checkpoints (also one at each phase end); 0: none
 
@@ -99,6 +109,10 @@ class Config:
             (t.method != "alterrec_aug" or t.p < t.k1, f"augmentation needs train.p < train.k1, got p={t.p} k1={t.k1}"),
             (0.0 <= t.hard_fraction <= 1.0, "train.hard_fraction must be in [0, 1]"),
             (t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}"),
+            (t.patience >= 0, f"train.patience must be >= 0, got {t.patience}"),
+            (t.lr_schedule in ("constant", "warmup_cosine"),
+             f"train.lr_schedule must be constant or warmup_cosine, got {t.lr_schedule!r}"),
+            (0.0 <= t.lr_warmup < 1.0, f"train.lr_warmup must be in [0, 1), got {t.lr_warmup}"),
             (self.trainer.max_failures >= -1, f"trainer.max_failures must be >= -1, got {self.trainer.max_failures}"),
             (t.m_random >= 0 and t.m_gap >= 1 and t.m_max >= 1, "need m_random >= 0, m_gap >= 1, m_max >= 1"),
             (t.global_batch_size % self.trainer.num_workers == 0,
@@ -116,6 +130,14 @@ class Config:
             (r.zero_stage == 0 or r.engine == "deepspeed",
              f"trainer.zero_stage={r.zero_stage} needs trainer.engine=deepspeed"),
             (m.text_temperature > 0, "model.text_temperature must be > 0"),
+            (m.id_temperature > 0, "model.id_temperature must be > 0"),
+            (m.id_logits in LOGIT_FORMS and m.text_logits in LOGIT_FORMS,
+             f"model.id_logits and model.text_logits must be dot or cosine, got {m.id_logits!r}, {m.text_logits!r}"),
+            (m.id_logits == m.text_logits == "dot" or not t.method.startswith("nfrec"),
+             "cosine logits apply to the separate id and text networks, not to NFRec's fused one"),
+            (m.text_adapter in TEXT_ADAPTERS, f"model.text_adapter must be one of {', '.join(TEXT_ADAPTERS)}, got {m.text_adapter!r}"),
+            (m.text_adapter == "mlp" or m.text_hidden == 0, "model.text_hidden applies to model.text_adapter = mlp"),
+            (m.id_init in ("random", "text"), f"model.id_init must be random or text, got {m.id_init!r}"),
             (m.encoder != "transformer" or m.dim % m.heads == 0,
              f"model.dim={m.dim} must be divisible by model.heads={m.heads} for the transformer encoder"),
         ]
