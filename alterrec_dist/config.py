@@ -41,7 +41,7 @@ class ModelConfig:
     text_logits: str = "dot"       # text network's scores: "dot" (the paper) or "cosine"
     text_adapter: str = "mlp"      # text features -> rows: "mlp" (the paper; text_hidden), "whitening" ((f - b) W) or "moe" (UniSRec's 8 gated whitenings)
     id_init: str = "random"        # ID table start: "random" N(0, init_std) or "text" (fixed random projection of the text features)
-    item_layernorm: bool = False   # LayerNorm over the item rows of both tables (official code: on)
+    item_layernorm: bool = True    # LayerNorm over the item rows of both tables (the official code's; off: the paper's text)
     init_std: float = 0.02         # std of the ID table initialisation
 
 
@@ -58,7 +58,7 @@ class TrainConfig:
     p: int = 5                     # augmented positives: the other network's top-p (alterrec_aug)
     beta: float = 0.5              # weight of the augmented positives' loss
     merge: str = "threshold"       # band merge across shards: "threshold" (bisection) or "allgather"
-    global_batch_size: int = 256   # sessions per step over all workers; each worker takes an equal slice
+    global_batch_size: int = 1024  # sessions per step over all workers; each worker takes an equal slice
     lr_id: float = 1e-3
     lr_text: float = 1e-3
     weight_decay: float = 0.0

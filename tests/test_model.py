@@ -109,7 +109,7 @@ def test_text_mlp_shape_knob():
 
 def test_item_layernorm_knob():
     x, f = torch.randn(5, 8) * 3 + 1, torch.randn(5, D_TEXT)
-    plain = Network("id", ModelConfig(dim=8), text_dim=D_TEXT, max_len=5)
+    plain = Network("id", ModelConfig(dim=8, item_layernorm=False), text_dim=D_TEXT, max_len=5)
     assert plain.id_norm is None and torch.equal(plain.item_rows(x, None), x)
     for kind, args in (("id", (x, None)), ("text", (None, f))):
         rows = Network(kind, ModelConfig(dim=8, item_layernorm=True), text_dim=D_TEXT, max_len=5).item_rows(*args)
@@ -133,7 +133,8 @@ def test_text_temperature_scales_text_logits_only():
 
 @pytest.mark.parametrize("encoder", ["mean", "transformer"])
 def test_cosine_logits_are_cosines_over_the_temperature(encoder):
-    cfg = ModelConfig(dim=8, encoder=encoder, dropout=0.0, id_logits="cosine", id_temperature=0.1)
+    cfg = ModelConfig(dim=8, encoder=encoder, dropout=0.0, id_logits="cosine", id_temperature=0.1,
+                      item_layernorm=False)
     net = Network("id", cfg, text_dim=D_TEXT, max_len=5).eval()
     x = torch.randn(6, 8) * 3
     rows = net.item_rows(x, None)
@@ -150,7 +151,7 @@ def test_cosine_logits_are_cosines_over_the_temperature(encoder):
 
 @pytest.mark.parametrize("adapter", ["whitening", "moe"])
 def test_whitening_adapters(adapter):
-    cfg = ModelConfig(dim=8, text_adapter=adapter, dropout=0.0)
+    cfg = ModelConfig(dim=8, text_adapter=adapter, dropout=0.0, item_layernorm=False)
     net = Network("text", cfg, text_dim=D_TEXT, max_len=5)
     f = torch.randn(5, D_TEXT)
     experts = net.text_mlp.experts if adapter == "moe" else [net.text_mlp]
