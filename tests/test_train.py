@@ -97,6 +97,11 @@ def test_format_summary_table():
     del s["test"]["fused"]["mrr@20"]
     out = format_summary(s, Path("/r")).splitlines()
     assert [ln.split()[0] for ln in out[1:-2]] == ["id", "fused"] and out[2].split()[-1] == "-"
+    # with eval.alpha_sweep, the weight chosen on validation gets its own row
+    s = fake_summary()
+    s["alpha"] = {"chosen": 0.3, "selection": "fused/ndcg@10", "valid": {}, "test": dict(s["test"]["fused"])}
+    row = format_summary(s, Path("/r")).splitlines()[4]
+    assert row.split()[0] == "fused@0.3" and row.endswith("(alpha chosen on valid fused/ndcg@10)")
 
 
 def test_read_summary(tmp_path):
