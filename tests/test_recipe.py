@@ -35,9 +35,12 @@ COMMON = ["train.m_random=1", "train.m_gap=1", "train.m_max=4", "train.global_ba
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
-    ["train.method=alterrec_aug", "train.merge=threshold", "model.encoder=transformer"],
-    ["train.method=alterrec_aug", "train.merge=allgather", "train.hard_fraction=0.5", "model.item_layernorm=true"],
-    ["train.method=nfrec_concat", "model.encoder=mean"],
+    ["train.method=alterrec_aug", "train.merge=threshold", "model.encoder=transformer", "model.id_logits=cosine",
+     "model.id_temperature=0.1", "model.text_logits=cosine", "model.text_temperature=0.1",
+     "train.lr_schedule=warmup_cosine", "model.text_adapter=moe"],
+    ["train.method=alterrec_aug", "train.merge=allgather", "train.hard_fraction=0.5", "model.item_layernorm=true",
+     "model.text_adapter=whitening"],
+    ["train.method=nfrec_concat", "model.encoder=mean", "model.id_init=text"],
 ], ids=["aug-threshold-transformer", "aug-allgather-mixed", "nfrec"])
 def test_two_workers_compute_what_one_computes(tmp_path, overrides):
     data = tiny_dataset(tmp_path / "data")
