@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LOGIT_FORMS = ("dot", "cosine")
+TEXT_ADAPTERS = ("mlp", "whitening", "moe")
 METHODS = ("alterrec", "alterrec_aug", "alterrec_random", "id_only", "text_only", "nfrec_sum", "nfrec_concat")
 
 
@@ -35,7 +37,12 @@ class ModelConfig:
     dropout: float = 0.1
     text_hidden: int = 0           # hidden width of the text MLP; 0 means a single linear layer
     text_temperature: float = 1.0  # text logits are divided by this (the official code uses 0.07)
-    item_layernorm: bool = False   # LayerNorm over the item rows of both tables (official code: on)
+    id_temperature: float = 1.0    # ID logits are divided by this (with id_logits = "cosine", e.g. 0.07)
+    id_logits: str = "dot"         # ID network's scores: "dot" (the paper) or "cosine" (unit rows and queries)
+    text_logits: str = "dot"       # text network's scores: "dot" (the paper) or "cosine"
+    text_adapter: str = "mlp"      # text features -> rows: "mlp" (the paper; text_hidden), "whitening" ((f - b) W) or "moe" (UniSRec's 8 gated whitenings)
+    id_init: str = "random"        # ID table start: "random" N(0, init_std) or "text" (fixed random projection of the text features)
+    item_layernorm: bool = True    # LayerNorm over the item rows of both tables (the official code's; off: the paper's text)
     init_std: float = 0.02         # std of the ID table initialisation
 
 
@@ -44,17 +51,20 @@ class TrainConfig:
     method: str = "alterrec"       # one of METHODS
     m_random: int = 2              # Algorithm 1: epochs per network with random negatives first
     m_gap: int = 2                 # then alternate every m_gap epochs, ID first
-    m_max: int = 10                # epochs in all (the paper uses 30)
+    m_max: int = 10                # epochs in all (the paper uses 30); the ceiling with patience
+    patience: int = 0              # stop after this many epochs past the warm-up without a better eval.metric; 0: off
     k1: int = 20                   # hard negatives are the other network's ranks k1..k2 (0-based, k2 exclusive)
     k2: int = 500
     hard_fraction: float = 1.0     # share of the k2-k1 negatives that are hard; the rest uniform random
     p: int = 5                     # augmented positives: the other network's top-p (alterrec_aug)
     beta: float = 0.5              # weight of the augmented positives' loss
     merge: str = "threshold"       # band merge across shards: "threshold" (bisection) or "allgather"
-    global_batch_size: int = 256   # sessions per step over all workers; each worker takes an equal slice
+    global_batch_size: int = 1024  # sessions per step over all workers; each worker takes an equal slice
     lr_id: float = 1e-3
     lr_text: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # "constant" (the paper) or "warmup_cosine" over each network's own steps
+    lr_warmup: float = 0.1         # warmup_cosine: share of the network's own steps spent ramping up
     seed: int = 0
     checkpoint_every: int = 0      # steps between training checkpoints (also one at each phase end); 0: none
 
@@ -129,6 +139,11 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
     "model.text_hidden": _at_least(0),
     "model.text_temperature": _positive_float(),
     "model.init_std": _positive_float(),
+    "model.id_temperature": _positive_float(),
+    "model.id_logits": _one_of(*LOGIT_FORMS),
+    "model.text_logits": _one_of(*LOGIT_FORMS),
+    "model.text_adapter": _one_of(*TEXT_ADAPTERS),
+    "model.id_init": _one_of("random", "text"),
     "train.method": _one_of(*METHODS),
     "train.m_random": _at_least(0),
     "train.m_gap": _at_least(1),
@@ -145,6 +160,9 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
     "train.weight_decay": _finite_at_least_zero(),
     "train.seed": _at_least(0),
     "train.checkpoint_every": _at_least(0),
+    "train.patience": _at_least(0),
+    "train.lr_schedule": _one_of("constant", "warmup_cosine"),
+    "train.lr_warmup": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "eval.alpha": _unit_interval(),
     "eval.alpha_sweep": (lambda v: all(0.0 <= a <= 1.0 for a in v), "values in [0, 1]"),
     "eval.metric": (_valid_metric, "<id|text|fused>/<hit@10|hit@20|ndcg@10|ndcg@20|mrr@20>, like fused/ndcg@10"),
@@ -189,6 +207,9 @@ class Config:
             (r.precision != "fp16" or r.use_gpu, "trainer.precision=fp16 needs trainer.use_gpu=true (bf16 runs on CPU)"),
             (r.zero_stage == 0 or r.engine == "deepspeed",
              f"trainer.zero_stage={r.zero_stage} needs trainer.engine=deepspeed"),
+            (m.id_logits == m.text_logits == "dot" or not t.method.startswith("nfrec"),
+             "cosine logits apply to the separate id and text networks, not to NFRec's fused one"),
+            (m.text_adapter == "mlp" or m.text_hidden == 0, "model.text_hidden applies to model.text_adapter = mlp"),
             (m.encoder != "transformer" or m.dim % m.heads == 0,
              f"model.dim={m.dim} must be divisible by model.heads={m.heads} for the transformer encoder"),
         ]

@@ -221,6 +221,18 @@ class Stepper:
         self.engine, self.row_param = engine, rows
         self.rows = torch.optim.AdamW([rows], lr=lr, weight_decay=weight_decay, fused=True) \
             if rows is not None else None
+        self.base_lrs = [g["lr"] for g in self._param_groups()]
+
+    def _param_groups(self) -> list[dict]:
+        """Every optimizer param group this stepper steps: the engine's (DDP's AdamW, or DeepSpeed's
+        optimizer, whose groups are the ones its step reads) and the rows'."""
+        dense = getattr(self.engine, "optimizer", None) or getattr(getattr(self.engine, "ds", None), "optimizer", None)
+        return [*(dense.param_groups if dense is not None else []), *(self.rows.param_groups if self.rows else [])]
+
+    def scale_lr(self, factor: float) -> None:
+        """Set every group's lr to its base lr times `factor` (train.lr_schedule), before a step."""
+        for group, base in zip(self._param_groups(), self.base_lrs):
+            group["lr"] = base * factor
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()

@@ -13,6 +13,7 @@ from .config import ModelConfig
 
 KINDS = ("id", "text", "sum", "concat")
 POS_INIT_STD = 0.02  # SASRec/BERT scale: positions of unit std would swamp item rows of std 0.02
+MOE_EXPERTS = 8      # UniSRec's MoE adapter default (n_exps)
 
 
 def _zero_key_bias_grad(grad: Tensor) -> Tensor:
@@ -73,6 +74,47 @@ class SessionEncoder(nn.Module):
         return h[torch.arange(h.shape[0], device=h.device), last]
 
 
+class Whitening(nn.Module):
+    """UniSRec's parametric whitening: (f - b) W. Sentence embeddings are anisotropic (all items close
+    to one mean direction); the learned shift b takes that common part out before the projection."""
+
+    def __init__(self, text_dim: int, dim: int, dropout: float):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.shift = nn.Parameter(torch.zeros(text_dim, device="cpu"))  # built on the CPU as every layer; .to moves it
+        self.proj = nn.Linear(text_dim, dim, bias=False)
+
+    def forward(self, f: Tensor) -> Tensor:
+        return self.proj(self.drop(f) - self.shift)
+
+
+class MoEWhitening(nn.Module):
+    """UniSRec's MoE adapter: MOE_EXPERTS whitenings mixed by a softmax gate on the features."""
+
+    def __init__(self, text_dim: int, dim: int, dropout: float):
+        super().__init__()
+        self.experts = nn.ModuleList(Whitening(text_dim, dim, dropout) for _ in range(MOE_EXPERTS))
+        self.gate = nn.Linear(text_dim, MOE_EXPERTS, bias=False)
+
+    def forward(self, f: Tensor) -> Tensor:
+        weights = self.gate(f).softmax(-1)                           # (n, E)
+        outs = torch.stack([e(f) for e in self.experts], dim=-2)     # (n, E, d)
+        return (weights.unsqueeze(-1) * outs).sum(-2)
+
+
+def text_adapter(cfg: ModelConfig, text_dim: int) -> nn.Module:
+    """Frozen text features -> item rows of width cfg.dim (model.text_adapter)."""
+    d = cfg.dim
+    if cfg.text_adapter == "whitening":
+        return Whitening(text_dim, d, cfg.dropout)
+    if cfg.text_adapter == "moe":
+        return MoEWhitening(text_dim, d, cfg.dropout)
+    if cfg.text_hidden == 0:
+        return nn.Linear(text_dim, d)
+    h = cfg.text_hidden
+    return nn.Sequential(nn.Linear(text_dim, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, d))
+
+
 class Network(nn.Module):
     """One network of AlterRec: item rows from the tables, a session encoder, dot-product scores.
 
@@ -87,17 +129,16 @@ class Network(nn.Module):
         self.kind, self.dim = kind, cfg.dim
         d = cfg.dim
         if self.uses_text:
-            if cfg.text_hidden == 0:
-                self.text_mlp = nn.Linear(text_dim, d)
-            else:
-                h = cfg.text_hidden
-                self.text_mlp = nn.Sequential(nn.Linear(text_dim, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, d))
+            self.text_mlp = text_adapter(cfg, text_dim)  # the name of today's checkpoints, whatever the adapter
         # The official code normalises both tables' rows; one LayerNorm per table since X and
         # MLP(F) have unrelated scales.
         self.id_norm = nn.LayerNorm(d) if cfg.item_layernorm and self.uses_id else None
         self.text_norm = nn.LayerNorm(d) if cfg.item_layernorm and self.uses_text else None
         self.out_dim = 2 * d if kind == "concat" else d
-        self.logit_scale = 1.0 / cfg.text_temperature if kind == "text" else 1.0
+        self.logit_scale = 1.0 / (cfg.text_temperature if kind == "text" else cfg.id_temperature)
+        # cosine: unit item rows and unit queries, so every path that scores q @ rows.T * logit_scale
+        # (training, mining, evaluation) gets cosine / temperature; NFRec's kinds stay dot (config checks)
+        self.cosine = (cfg.text_logits if kind == "text" else cfg.id_logits) == "cosine"
         self.encoder = SessionEncoder(self.out_dim, cfg.encoder, max_len, cfg.layers, cfg.heads, cfg.dropout)
 
     @property
@@ -123,10 +164,13 @@ class Network(nn.Module):
     def item_rows(self, x: Tensor | None, f: Tensor | None) -> Tensor:
         """x (n, d) ID rows, f (n, D) float text features -> (n, out_dim) rows to score against."""
         if self.kind == "id":
-            return self._id_part(x)
+            return self._unit(self._id_part(x))
         if self.kind == "text":
-            return self._text_part(f)
+            return self._unit(self._text_part(f))
         return self.join_parts(*self.part_rows(x, f))
+
+    def _unit(self, v: Tensor) -> Tensor:
+        return nn.functional.normalize(v, dim=-1) if self.cosine else v
 
     def join_parts(self, id_part: Tensor, text_part: Tensor) -> Tensor:
         """NFRec only: the item rows from their (id, text) parts, by sum or concatenation."""
@@ -141,10 +185,10 @@ class Network(nn.Module):
 
     def encode(self, rows: Tensor, mask: Tensor) -> Tensor:
         """rows (b, L, out_dim) of the session's items, mask (b, L) -> queries (b, out_dim)."""
-        return self.encoder(rows, mask)
+        return self._unit(self.encoder(rows, mask))
 
     def logits(self, q: Tensor, rows: Tensor) -> Tensor:
-        """(b, n) scores; the text network's are divided by its temperature."""
+        """(b, n) scores, divided by the network's temperature (cosine ones: q and rows are unit already)."""
         scores = q @ rows.T
         return scores if self.logit_scale == 1.0 else scores * self.logit_scale  # x * 1.0 == x: skip a pass over G x V
 
@@ -155,6 +199,18 @@ class Network(nn.Module):
 def init_id_rows(num_rows: int, dim: int, std: float, generator: torch.Generator) -> Tensor:
     """Fresh ID table rows ~ N(0, std); the caller's generator decides which rows they are."""
     return torch.randn(num_rows, dim, generator=generator, device=generator.device) * std
+
+
+def text_init_rows(x: Tensor, f: Tensor, mean: Tensor, std: float, seed: int) -> Tensor:
+    """ID rows started from the text (model.id_init = "text", as LLM2SASRec): each item's centred
+    features (f - mean) through one fixed random projection, scaled to the norm an N(0, std) row has
+    (std * sqrt(d)). The projection depends on the seed alone and a row on its own item's features,
+    so every world size starts item i alike. Items without text (all-zero features) keep their row in x."""
+    g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + 7)  # CPU draws: the same on any device
+    proj = torch.randn(f.shape[1], x.shape[1], generator=g, device="cpu").to(f.device)
+    rows = nn.functional.normalize((f - mean) @ proj, dim=1) * (std * x.shape[1] ** 0.5)
+    has_text = (f != 0).any(1, keepdim=True)
+    return torch.where(has_text, rows, x)
 
 
 def build_networks(method: str, cfg: ModelConfig, text_dim: int, max_len: int) -> dict[str, Network]:

@@ -38,9 +38,9 @@ from alterrec_dist.engine import Stepper, build_stepper
 from alterrec_dist.evaluate import evaluate, item_matrix
 from alterrec_dist.loss import tiled_band_loss
 from alterrec_dist.mining import Band, capped_k2, exclude_items, mine_band, random_band, top_items
-from alterrec_dist.model import Network, build_networks
+from alterrec_dist.model import Network, build_networks, text_init_rows
 from alterrec_dist.reader import Batch, SessionReader
-from alterrec_dist.schedule import Phase, plan
+from alterrec_dist.schedule import Phase, lr_factor, own_step, patience_exhausted, plan, warmup_epochs
 from alterrec_dist.sharded import Comm, ShardedItemTable
 
 OTHER = {"id": "text", "text": "id"}
@@ -69,6 +69,15 @@ class Run:
                         r.steps_per_epoch(), self.popularity, e.alpha, e.longtail_bins, e.tile_rows,
                         desc=f"{split} e{epoch}",
                         alpha_sweep=tuple(e.alpha_sweep))
+
+    def lr_factor(self, epoch: int, step: int) -> float:
+        """train.lr_schedule's factor at this step of `epoch`, over the trained network's own steps."""
+        t = self.cfg.train
+        if t.lr_schedule == "constant":
+            return 1.0
+        done, total = own_step(plan(t.method, t.m_random, t.m_gap, t.m_max), epoch, step,
+                               self.train_reader.steps_per_epoch())
+        return lr_factor(t.lr_schedule, done, total, t.lr_warmup)
 
 
 def build_run(cfg: Config, comm: Comm) -> Run:
@@ -105,6 +114,10 @@ def assemble_run(cfg: Config, comm: Comm, num_items: int, text_dim: int,
     local_items = np.arange(comm.rank, num_items, comm.world)
     table = ShardedItemTable(num_items, cfg.model.dim, comm, text_features(local_items) if uses_text else None,
                              cfg.model.init_std, t.seed, with_id=uses_id, device=device)
+    if cfg.model.id_init == "text" and uses_id:
+        with torch.no_grad():  # the centring mean over all items: one all-reduce of D floats
+            table.x.copy_(text_init_rows(table.x, table.f, comm.all_reduce(table.f.sum(0)) / num_items,
+                                         cfg.model.init_std, t.seed))
     return Run(comm, cfg, networks, table,
                steppers={name: build_stepper(comm, name, net, table, cfg) for name, net in networks.items()},
                train_reader=train_reader, eval_readers=eval_readers, popularity=popularity,
@@ -135,6 +148,7 @@ def run_worker(cfg: Config, run_dir: Path, report: Report | None = None) -> dict
     part, _, metric = cfg.eval.metric.partition("/")
     part = {"id_only": "id", "text_only": "text"}.get(t.method, part)  # a lone network is judged on itself
     phases = plan(t.method, t.m_random, t.m_gap, t.m_max)
+    warmup = warmup_epochs(t.method, t.m_random, t.m_max)
     steps_per_epoch = run.train_reader.steps_per_epoch()
     progress = resume(run, run_dir)
 
@@ -157,6 +171,12 @@ def run_worker(cfg: Config, run_dir: Path, report: Report | None = None) -> dict
     log_path = run_dir / "metrics.jsonl"
     for phase in tqdm(phases[progress.epoch:], desc="epochs", initial=progress.epoch, total=len(phases),
                       disable=comm.rank != 0):
+        # checked before each epoch, a resumed run included: the checkpoint holds the epoch and the best
+        if patience_exhausted(progress.epoch, progress.best.get("epoch"), t.patience, warmup):
+            if comm.rank == 0:
+                tqdm.write(f"early stop: no better valid {part}/{metric} in the {t.patience} epochs after epoch "
+                           f"{max(progress.best['epoch'], warmup - 1)}")
+            break
         if phase.key != prev_key:
             prev_key = phase.key
             # B is frozen for the whole phase: its item matrix is computed once, here.
@@ -193,14 +213,31 @@ def run_worker(cfg: Config, run_dir: Path, report: Report | None = None) -> dict
     best = progress.best
     summary = {
         "best_epoch": best["epoch"],
+        "epochs_trained": progress.epoch,  # below m_max when train.patience stopped the run
         "selection": f"{part}/{metric}",
         "valid": best["valid"],
         "test": {k: {m: v for m, v in best["test"][k].items() if m != "longtail"} for k in best["test"]},
         "longtail": {k: best["test"][k]["longtail"] for k in best["test"]},
     }
+    alpha = chosen_alpha(best, cfg.eval.alpha, cfg.eval.alpha_sweep, metric)
+    if alpha is not None:
+        summary["alpha"] = alpha
     if comm.rank == 0:
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def chosen_alpha(best: dict, alpha: float, sweep: list[float], metric: str) -> dict | None:
+    """The fusion weight among eval.alpha and eval.alpha_sweep with the best validation `metric` at the
+    best epoch, and the test metrics at it; None without a sweep (or a method without fused@ kinds).
+    Ties go to eval.alpha, then to the earlier sweep value."""
+    kinds = {alpha: "fused"} | {a: f"fused@{a:g}" for a in sweep}
+    if not sweep or any(k not in best["valid"] for k in kinds.values()):
+        return None
+    chosen = max(kinds, key=lambda a: best["valid"][kinds[a]][metric])  # max keeps the first of equals
+    kind = kinds[chosen]
+    return {"chosen": chosen, "selection": f"fused/{metric}", "valid": best["valid"][kind],
+            "test": {m: v for m, v in best["test"][kind].items() if m != "longtail"}}
 
 
 def resume(run: Run, run_dir: Path) -> Progress:
@@ -264,6 +301,7 @@ def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None, logs: 
         loss, logged = train_step(run.comm, run.cfg, phase, trained, frozen, frozen_rows, run.table,
                                   batch.to(run.device), step, run.k2)
         stepper.backward(loss)
+        stepper.scale_lr(run.lr_factor(phase.epoch, step))
         stepper.step()
         logs.append(logged)
         if on_step is not None:

@@ -154,19 +154,22 @@ def open_run_dir(cfg: Config, out: str | None, resume_dir: Path | None) -> Path:
 # -- the summary table ------------------------------------------------------------------------
 
 def format_summary(summary: dict, run_dir: Path, metric: str = "") -> str:
-    """The test table (rows id/text/fused, columns METRIC_COLUMNS), best epoch and run dir."""
+    """The test table (rows id/text/fused, and with eval.alpha_sweep the fused weight chosen on
+    validation; columns METRIC_COLUMNS), best epoch and run dir."""
     test = summary.get("test", {})
+    rows = [(row, test[row], "") for row in SCORE_ROWS if row in test]
+    alpha = summary.get("alpha")
+    if alpha:
+        rows.append((f"fused@{alpha['chosen']:g}", alpha["test"], f"  (alpha chosen on valid {alpha['selection']})"))
     width = max(len(c) for c in METRIC_COLUMNS) + 2
-    lines = [f"{'test':<6}" + "".join(f"{c:>{width}}" for c in METRIC_COLUMNS)]
-    for row in SCORE_ROWS:
-        vals = test.get(row)
-        if vals is None:
-            continue
+    first = max([6] + [len(r[0]) + 1 for r in rows])
+    lines = [f"{'test':<{first}}" + "".join(f"{c:>{width}}" for c in METRIC_COLUMNS)]
+    for row, vals, note in rows:
         cells = []
         for c in METRIC_COLUMNS:
             v = vals.get(c)
             cells.append(f"{v:>{width}.4f}" if isinstance(v, (int, float)) else f"{'-':>{width}}")
-        lines.append(f"{row:<6}" + "".join(cells))
+        lines.append(f"{row:<{first}}" + "".join(cells) + note)
     chosen = f" (selected on valid {metric})" if metric else ""
     lines.append(f"best epoch: {summary.get('best_epoch', '?')}{chosen}")
     lines.append(f"run dir: {run_dir}")

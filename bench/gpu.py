@@ -134,6 +134,7 @@ class BandRecorder:
 def small_run(comm: Comm, use_gpu: bool, precision: str, tf32: bool, shape: Shape) -> dict:
     """The recipe on shards/default at W = 1: hard phases only, no dropout, `shape.small_steps` steps an epoch."""
     cfg = load_config(None, ["train.m_random=0", "train.m_gap=1", "train.m_max=2", "model.dropout=0.0",
+                             "train.global_batch_size=256",
                              "trainer.num_workers=1", f"trainer.use_gpu={use_gpu}", f"trainer.precision={precision}",
                              f"trainer.tf32={tf32}", "eval.batch_size=512"])
     run = build_run(cfg, comm)

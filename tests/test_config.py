@@ -160,6 +160,15 @@ def test_missing_file(tmp_path):
     (["train.weight_decay=nan"], "train.weight_decay must be a finite number >= 0"),
     (["eval.alpha=nan"], "eval.alpha must be in [0, 1]"),
     (["data.path= "], "data.path must be a dataset directory"),
+    (["model.id_temperature=0"], "model.id_temperature must be a finite number > 0"),
+    (["model.id_logits=l2"], "model.id_logits must be one of dot, cosine"),
+    (["train.method=nfrec_sum", "model.text_logits=cosine"], "not to NFRec's fused one"),
+    (["model.text_adapter=linear"], "model.text_adapter must be one of mlp, whitening, moe"),
+    (["model.text_adapter=whitening", "model.text_hidden=32"], "model.text_hidden applies to"),
+    (["model.id_init=zeros"], "model.id_init must be one of random, text"),
+    (["train.patience=-1"], "train.patience must be >= 0"),
+    (["train.lr_schedule=step"], "train.lr_schedule must be one of constant, warmup_cosine"),
+    (["train.lr_warmup=1.0"], "train.lr_warmup must be in [0, 1)"),
 ])
 def test_validation(overrides, fragment):
     with pytest.raises(ConfigError) as e:

@@ -134,6 +134,16 @@ def refusals(run) -> list[str]:
     return errors
 
 
+def scaled_first_step(run, factor: float) -> dict:
+    """The largest change of the dense weights and of the ID rows in a first step at lr * factor."""
+    for stepper in run.steppers.values():
+        stepper.scale_lr(factor)
+    before = weights(run)
+    _, after = first_step(run)
+    dense = max((after[k] - before[k]).abs().max().item() for k in before if k.startswith("id.") and k != "x")
+    return {"dense": dense, "x": (after["x"] - before["x"]).abs().max().item()}
+
+
 def engines_world(rank, world, data):
     """Everything the in-process tests check, in one world (DeepSpeed's import costs seconds a process)."""
     out = {"first_step": {n: first_step(build(data, world, o)) for n, o in {"ddp": [], "zero0": DS, **FP32}.items()}}
@@ -142,6 +152,7 @@ def engines_world(rank, world, data):
     out["evaluated"] = evaluated_as_fp32(runs["zero2-bf16"], data, world)
     out["round_trip"] = {name: round_trip(data, world, o) for name, o in ROUND_TRIP.items()}
     out["refusals"] = refusals(build(data, world, BF16["zero1-bf16"]))
+    out["scaled_lr"] = {name: scaled_first_step(build(data, world, o), 0.25) for name, o in {"ddp": [], **FP32}.items()}
     return out
 
 
@@ -239,3 +250,12 @@ def test_driver_deepspeed_bf16_ends_with_the_metrics_of_ddp_fp32(tmp_path):
         for kind in ("id", "text", "fused"):
             for metric, value in ddp[split][kind].items():
                 assert ds[split][kind][metric] == pytest.approx(value, abs=TOLERANCE), (split, kind, metric)
+
+
+def test_scale_lr_reaches_the_engine_and_the_rows(world2):
+    """train.lr_schedule sets the lr through Stepper.scale_lr: AdamW's first step moves each weight by
+    about lr (|m / sqrt(v)| = 1), so the largest move shows the lr each optimizer actually used."""
+    for r in world2:
+        for name, moved in r["scaled_lr"].items():
+            assert moved["dense"] == pytest.approx(0.25 * LR, rel=0.02), name
+            assert moved["x"] == pytest.approx(0.25 * LR, rel=0.02), name

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from alterrec_dist.config import ModelConfig
-from alterrec_dist.model import Network, SessionEncoder, build_networks, init_id_rows
+from alterrec_dist.model import MOE_EXPERTS, Network, SessionEncoder, build_networks, init_id_rows, text_init_rows
 
 D_TEXT = 12
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def test_text_mlp_shape_knob():
 
 def test_item_layernorm_knob():
     x, f = torch.randn(5, 8) * 3 + 1, torch.randn(5, D_TEXT)
-    plain = Network("id", ModelConfig(dim=8), text_dim=D_TEXT, max_len=5)
+    plain = Network("id", ModelConfig(dim=8, item_layernorm=False), text_dim=D_TEXT, max_len=5)
     assert plain.id_norm is None and torch.equal(plain.item_rows(x, None), x)
     for kind, args in (("id", (x, None)), ("text", (None, f))):
         rows = Network(kind, ModelConfig(dim=8, item_layernorm=True), text_dim=D_TEXT, max_len=5).item_rows(*args)
@@ -128,6 +128,64 @@ def test_text_temperature_scales_text_logits_only():
     torch.testing.assert_close(text.logits(q, rows), (q @ rows.T) / 0.07)
     for kind in ("id", "sum"):
         assert Network(kind, cfg, text_dim=D_TEXT, max_len=5).logit_scale == 1.0
+    assert Network("id", ModelConfig(dim=8, id_temperature=0.5), text_dim=D_TEXT, max_len=5).logit_scale == 2.0
+
+
+@pytest.mark.parametrize("encoder", ["mean", "transformer"])
+def test_cosine_logits_are_cosines_over_the_temperature(encoder):
+    cfg = ModelConfig(dim=8, encoder=encoder, dropout=0.0, id_logits="cosine", id_temperature=0.1,
+                      item_layernorm=False)
+    net = Network("id", cfg, text_dim=D_TEXT, max_len=5).eval()
+    x = torch.randn(6, 8) * 3
+    rows = net.item_rows(x, None)
+    torch.testing.assert_close(rows, x / x.norm(dim=1, keepdim=True))
+    q = net.encode(rows[torch.tensor([[0, 1, 2], [3, 4, 0]])], torch.tensor([[True, True, True], [True, True, False]]))
+    torch.testing.assert_close(q.norm(dim=1), torch.ones(2))
+    scores = net.logits(q, rows)
+    assert scores.abs().max() <= 10.0 + 1e-5  # |cos| <= 1, over 0.1
+    # the text network keeps its dot product unless asked: the switch is per network
+    text = Network("text", cfg, text_dim=D_TEXT, max_len=5)
+    f = torch.randn(6, D_TEXT)
+    torch.testing.assert_close(text.item_rows(None, f), text.text_mlp(f))
+
+
+@pytest.mark.parametrize("adapter", ["whitening", "moe"])
+def test_whitening_adapters(adapter):
+    cfg = ModelConfig(dim=8, text_adapter=adapter, dropout=0.0, item_layernorm=False)
+    net = Network("text", cfg, text_dim=D_TEXT, max_len=5)
+    f = torch.randn(5, D_TEXT)
+    experts = net.text_mlp.experts if adapter == "moe" else [net.text_mlp]
+    assert len(experts) == (MOE_EXPERTS if adapter == "moe" else 1)
+    with torch.no_grad():
+        for e in experts:
+            e.shift.copy_(f[0])  # a whitening removes its shift before projecting: item 0 maps to 0
+    rows = net.item_rows(None, f)
+    assert rows.shape == (5, 8)
+    torch.testing.assert_close(rows[0], torch.zeros(8))
+    w = experts[0].proj.weight
+    if adapter == "whitening":
+        torch.testing.assert_close(rows, (f - f[0]) @ w.T)
+    rows.sum().backward()
+    assert all(p.grad is not None for p in net.text_mlp.parameters())  # shift, projections (and the gate) learn
+
+
+def test_id_rows_from_text():
+    x = init_id_rows(6, 8, 0.02, torch.Generator().manual_seed(1))
+    f = torch.randn(6, D_TEXT)
+    f[4] = 0  # an item without text
+    mean = f[f.any(1)].mean(0)
+    rows = text_init_rows(x, f, mean, std=0.02, seed=3)
+    torch.testing.assert_close(rows[4], x[4])  # keeps its random row
+    torch.testing.assert_close(rows.norm(dim=1)[[0, 1, 2, 3, 5]], torch.full((5,), 0.02 * 8 ** 0.5))
+    # a row is a function of its own item's features: any subset (a shard) gives the same rows
+    part = [5, 1, 3]
+    torch.testing.assert_close(text_init_rows(x[part], f[part], mean, 0.02, 3), rows[part])
+    # similar text, similar rows (a projection keeps the geometry roughly)
+    g = f.clone()
+    g[1] = f[0] + 0.01 * torch.randn(D_TEXT)
+    near = text_init_rows(x, g, mean, 0.02, 3)
+    assert torch.cosine_similarity(near[0], near[1], dim=0) > 0.99
+    assert not torch.equal(rows, text_init_rows(x, f, mean, 0.02, 4))  # the seed picks the projection
 
 
 def test_build_networks_and_deterministic_init():

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from alterrec_dist.config import load_config
-from alterrec_dist.recipe import build_run, frozen_item_rows, train_epoch
+from alterrec_dist.recipe import build_run, chosen_alpha, frozen_item_rows, train_epoch
 from alterrec_dist.schedule import plan
 from alterrec_dist.sharded import Comm
 from tests.dist_harness import run_world
 from tests.tiny_data import tiny_dataset
 
-pytestmark = pytest.mark.slow
+
+
 def train_and_collect(rank, world, data_path, overrides):
     cfg = load_config(None, [f"data.path={data_path}", f"trainer.num_workers={world}", *overrides])
     run = build_run(cfg, Comm())
@@ -32,10 +33,14 @@ COMMON = ["train.m_random=1", "train.m_gap=1", "train.m_max=4", "train.global_ba
           "train.lr_id=0.05", "train.lr_text=0.05"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
-    ["train.method=alterrec_aug", "train.merge=threshold", "model.encoder=transformer"],
-    ["train.method=alterrec_aug", "train.merge=allgather", "train.hard_fraction=0.5", "model.item_layernorm=true"],
-    ["train.method=nfrec_concat", "model.encoder=mean"],
+    ["train.method=alterrec_aug", "train.merge=threshold", "model.encoder=transformer", "model.id_logits=cosine",
+     "model.id_temperature=0.1", "model.text_logits=cosine", "model.text_temperature=0.1",
+     "train.lr_schedule=warmup_cosine", "model.text_adapter=moe"],
+    ["train.method=alterrec_aug", "train.merge=allgather", "train.hard_fraction=0.5", "model.item_layernorm=true",
+     "model.text_adapter=whitening"],
+    ["train.method=nfrec_concat", "model.encoder=mean", "model.id_init=text"],
 ], ids=["aug-threshold-transformer", "aug-allgather-mixed", "nfrec"])
 def test_two_workers_compute_what_one_computes(tmp_path, overrides):
     data = tiny_dataset(tmp_path / "data")
@@ -52,3 +57,24 @@ def test_two_workers_compute_what_one_computes(tmp_path, overrides):
         x[r[2]] = r[3]
     torch.testing.assert_close(x, one[3], rtol=1e-5, atol=1e-5)
     assert one[0][0] != one[0][-1], "training moved the parameters"
+
+
+def test_alpha_is_chosen_on_validation_and_reported_on_test():
+    def scores(ndcg: float) -> dict:
+        return {"ndcg@10": ndcg, "hit@10": 2 * ndcg, "longtail": {}}
+    best = {"valid": {"id": scores(0.2), "text": scores(0.1), "fused": scores(0.25), "fused@0.3": scores(0.27),
+                      "fused@0.7": scores(0.26)},
+            "test": {"id": scores(0.2), "text": scores(0.1), "fused": scores(0.3), "fused@0.3": scores(0.21),
+                     "fused@0.7": scores(0.4)}}
+    got = chosen_alpha(best, 0.5, [0.3, 0.7], "ndcg@10")
+    # 0.3 is best on validation, so its test figures are reported even though 0.7 is better on test
+    assert got == {"chosen": 0.3, "selection": "fused/ndcg@10", "valid": best["valid"]["fused@0.3"],
+                   "test": {"ndcg@10": 0.21, "hit@10": 0.42}}
+    assert chosen_alpha(best, 0.5, [0.3, 0.7], "hit@10")["chosen"] == 0.3
+    assert chosen_alpha(best, 0.5, [], "ndcg@10") is None  # no sweep, nothing chosen
+    best["valid"]["fused@0.3"] = scores(0.25)
+    assert chosen_alpha(best, 0.5, [0.3, 0.7], "ndcg@10")["chosen"] == 0.7
+    best["valid"]["fused@0.7"] = scores(0.25)
+    assert chosen_alpha(best, 0.5, [0.3, 0.7], "ndcg@10")["chosen"] == 0.5  # a tie keeps eval.alpha
+    del best["valid"]["fused@0.7"]  # a method without the sweep's kinds (NFRec, single networks)
+    assert chosen_alpha(best, 0.5, [0.3, 0.7], "ndcg@10") is None

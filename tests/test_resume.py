@@ -329,3 +329,27 @@ def test_ray_worker_killed_mid_run_recovers(tmp_path):
     assert resumed, out[-4000:]
     print(f"killed worker {workers[-1].pid}; {resumed[-1]}")  # shown with pytest -rP
     assert_same_run(killed_run, tmp_path / "whole", rel=1e-6, abs_=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path):
+    """With nothing to learn (lr 0) validation never improves on epoch 0: patience 2 stops the run after
+    epoch 2 of 6. A copy cut back to the checkpoint before the last one resumes and stops there too."""
+    data = tiny_dataset(tmp_path / "data")
+    settings = ["train.method=id_only", "train.m_max=6", "train.patience=2", "train.lr_id=0", "train.lr_text=0",
+                "train.global_batch_size=40", "eval.batch_size=50", "model.dim=8", "model.dropout=0.0",
+                "train.checkpoint_every=1", f"data.path={data}"]
+    whole = tmp_path / "whole"
+    r = torchrun(1, ["--out", str(whole), *sets(settings)], tmp_path)
+    summary, log = results(whole)
+    assert (summary["best_epoch"], summary["epochs_trained"], len(log)) == (0, 3, 3)
+    assert "early stop: no better valid id/ndcg@10 in the 2 epochs after epoch 0" in r.stdout + r.stderr
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    newest, older = sorted((cut / "checkpoints").iterdir(), reverse=True)
+    shutil.rmtree(newest)
+    r = torchrun(1, ["--resume", str(cut)], tmp_path)
+    assert f"resuming from {older}" in r.stdout + r.stderr
+    assert_same_run(cut, whole)
+    assert results(cut)[0]["epochs_trained"] == 3

@@ -9,7 +9,8 @@ import pytest
 
 from alterrec_dist.cli import run_cli
 from alterrec_dist.dataset import SPLITS, Dataset
-from alterrec_dist.synth import SESSIONS_PER_SEED, main, make_catalog, write_synth
+from alterrec_dist.synth import (LINE_SIZE, LINE_SWITCH, SESSIONS_PER_SEED, TOPIC_SWITCH, main, make_catalog,
+                                 write_synth)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,36 @@ def test_text_carries_topic_signal(big, big_sessions):
     pairs = np.concatenate([np.stack([s[:-1], s[1:]], 1) for s in big_sessions[:20_000]])
     pair_overlap = np.array([len(words[i] & words[j]) for i, j in pairs[:20_000]])
     assert pair_overlap.mean() > overlap.mean() + 1.0
+
+
+def test_lines_nest_in_topics_and_carry_the_next_item(big, big_sessions):
+    """Product lines: what the ID table must learn per item and the title's brand word states."""
+    cat = make_catalog(20_000, seed=3)
+    assert (cat.topic[cat.by_line] == np.repeat(np.arange(cat.num_topics), np.diff(cat.line_start[cat.topic_lines]))).all()
+    sizes = np.bincount(cat.line, minlength=cat.num_lines)
+    assert abs(sizes.mean() - LINE_SIZE) < 0.1 and (sizes == 0).mean() < 0.02  # an empty line has no mass: never drawn
+    np.testing.assert_allclose(cat.line_mass[-1], 1.0)
+    # the brand word is in the title (twice) and in no other line's title
+    titles = big.items()["text"].to_pylist()
+    brand = [cat.vocab[w] for w in cat.line_word[cat.line]]
+    assert all(t.split()[0] == b and t.split()[-1] == b for t, b in zip(titles[:1000], brand))
+    assert len(set(cat.vocab[w] for w in cat.line_word)) == cat.num_lines
+    # consecutive items stay in their line about (1 - TOPIC_SWITCH) * (1 - LINE_SWITCH) of the time
+    pairs = np.concatenate([np.stack([s[:-1], s[1:]], 1) for s in big_sessions[:20_000]])
+    stay = (cat.line[pairs[:, 0]] == cat.line[pairs[:, 1]]).mean()
+    assert abs(stay - (1 - TOPIC_SWITCH) * (1 - LINE_SWITCH)) < 0.05, stay
+    # and the text features say so: line-mates are closer than topic-mates of other lines
+    feats = big.text_features().astype(np.float32)
+    rng = np.random.default_rng(1)
+    a = rng.integers(20_000, size=20_000)
+    mates = cat.by_line[np.minimum(cat.line_start[cat.line[a]] + rng.integers(0, 5, size=20_000),
+                                   cat.line_start[cat.line[a] + 1] - 1)]
+    keep = mates != a
+    same_line = (feats[a] * feats[mates]).sum(1)[keep].mean()
+    b = rng.integers(20_000, size=200_000)
+    c = rng.integers(20_000, size=200_000)
+    other = (cat.topic[b] == cat.topic[c]) & (cat.line[b] != cat.line[c])
+    assert same_line > (feats[b] * feats[c]).sum(1)[other].mean() + 0.1
 
 
 def test_deterministic_for_a_seed_and_independent_of_block_size(tmp_path):

@@ -97,6 +97,11 @@ def test_format_summary_table():
     del s["test"]["fused"]["mrr@20"]
     out = format_summary(s, Path("/r")).splitlines()
     assert [ln.split()[0] for ln in out[1:-2]] == ["id", "fused"] and out[2].split()[-1] == "-"
+    # with eval.alpha_sweep, the weight chosen on validation gets its own row
+    s = fake_summary()
+    s["alpha"] = {"chosen": 0.3, "selection": "fused/ndcg@10", "valid": {}, "test": dict(s["test"]["fused"])}
+    row = format_summary(s, Path("/r")).splitlines()[4]
+    assert row.split()[0] == "fused@0.3" and row.endswith("(alpha chosen on valid fused/ndcg@10)")
 
 
 def test_read_summary(tmp_path):
@@ -240,3 +245,24 @@ def test_torchrun_launcher_standalone(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     check_run_dir(run, 3, r.stdout, workers=1)
 
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_default_data_shows_alterrecs_effect(tmp_path):
+    """The embedded default on shards/default, cut to 6 epochs (ID, text warm-up, then ID on the text
+    network's hard negatives), one process: validation picks an epoch past the warm-up, and there
+    the fused score beats both networks on test. Before the generator had product lines and the
+    default its item LayerNorm, the best epoch was 0 and fused fell below ID (issue 14)."""
+    run = tmp_path / "run"
+    env = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = cli(["--launcher", "torchrun", "--set", "train.m_max=6", "--out", str(run)], tmp_path, timeout=840, env=env)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = Config()
+    assert summary["best_epoch"] >= 2 * cfg.train.m_random, summary["best_epoch"]
+    test = {k: v["ndcg@10"] for k, v in summary["test"].items()}
+    assert test["fused"] > test["id"] and test["fused"] > test["text"], test
+    warmup_best = max(json.loads(ln)["valid"]["fused"]["ndcg@10"]
+                      for ln in (run / "metrics.jsonl").read_text().splitlines()[:2 * cfg.train.m_random])
+    assert summary["valid"]["fused"]["ndcg@10"] > warmup_best
