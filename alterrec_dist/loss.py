@@ -23,10 +23,23 @@ from alterrec_dist.mining import Band
 from alterrec_dist.sharded import Comm
 
 
-def _in_tile(index: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(column of each index within the tile [start, stop), clamped into it; whether it lies there)."""
-    inside = (index >= start) & (index < stop)
-    return (index - start).clamp_(0, stop - start - 1), inside
+class Tiling:
+    """Where each (G, m) index lies in tiles of `tile_rows` of the shard's `num_rows` rows: its tile and its
+    column there, computed once; a tile's entries are then one comparison and one gather away. One tile
+    (a GPU's default, or a small shard) needs neither."""
+
+    def __init__(self, index: torch.Tensor, tile_rows: int, num_rows: int):
+        self.one = num_rows <= tile_rows
+        self.tile_rows = tile_rows
+        self.tile = None if self.one else index.div(tile_rows, rounding_mode="floor")
+        self.col = index if self.one else index.remainder(tile_rows)
+
+    def at(self, k: int, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(columns, clamped into a tile of `width` columns: the last one may be narrower; whether each entry
+        lies in tile k, None when every entry does)."""
+        if self.one:
+            return self.col, None
+        return self.col.clamp(max=width - 1) if width < self.tile_rows else self.col, self.tile == k
 
 
 class BandLogits(torch.autograd.Function):
@@ -38,40 +51,43 @@ class BandLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries: torch.Tensor, rows: torch.Tensor, band_rows: torch.Tensor, band_mask: torch.Tensor,
                 pos_rows: torch.Tensor, scale: float, tile_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        neg = torch.full(band_rows.shape, float("-inf"), device=queries.device)
-        pos = torch.zeros(pos_rows.shape, device=queries.device)
-        for start in range(0, len(rows), tile_rows):
+        tilings = (Tiling(band_rows, tile_rows, len(rows)), Tiling(pos_rows, tile_rows, len(rows)))
+        out = [torch.full(band_rows.shape, float("-inf"), device=queries.device),
+               torch.zeros(pos_rows.shape, device=queries.device)]  # (neg, pos)
+        for k, start in enumerate(range(0, len(rows), tile_rows)):
             stop = min(start + tile_rows, len(rows))
             logits = (queries @ rows[start:stop].T).float()
             if scale != 1.0:  # x * 1.0 == x: skip a pass over the tile
                 logits.mul_(scale)
-            for index, out, keep in ((band_rows, neg, band_mask), (pos_rows, pos, None)):
-                cols, inside = _in_tile(index, start, stop)
-                take = inside if keep is None else inside & keep
-                out.copy_(torch.where(take, torch.gather(logits, 1, cols), out))
-        ctx.save_for_backward(queries, rows, band_rows, band_mask, pos_rows)
-        ctx.scale, ctx.tile_rows = scale, tile_rows
+            for j, (tiling, keep) in enumerate(zip(tilings, (band_mask, None))):
+                cols, inside = tiling.at(k, stop - start)
+                take = keep if inside is None else inside if keep is None else inside & keep
+                values = torch.gather(logits, 1, cols)
+                out[j] = values if take is None else torch.where(take, values, out[j])
+        neg, pos = out
+        ctx.save_for_backward(queries, rows, band_mask)
+        ctx.tilings, ctx.scale, ctx.tile_rows = tilings, scale, tile_rows
         return neg, pos
 
     @staticmethod
     def backward(ctx, grad_neg: torch.Tensor, grad_pos: torch.Tensor):
-        queries, rows, band_rows, band_mask, pos_rows = ctx.saved_tensors
+        queries, rows, band_mask = ctx.saved_tensors
         grad_neg = grad_neg.masked_fill(~band_mask, 0.0)  # off the band the output is a constant -inf
         grad_q = torch.zeros_like(queries) if ctx.needs_input_grad[0] else None
-        grad_rows = torch.zeros_like(rows) if ctx.needs_input_grad[1] else None
-        for start in range(0, len(rows), ctx.tile_rows):
+        grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[1] else None
+        for k, start in enumerate(range(0, len(rows), ctx.tile_rows)):
             stop = min(start + ctx.tile_rows, len(rows))
             tile = torch.zeros(len(queries), stop - start, dtype=grad_neg.dtype, device=grad_neg.device)
-            for index, grad in ((band_rows, grad_neg), (pos_rows, grad_pos)):
-                cols, inside = _in_tile(index, start, stop)
-                tile.scatter_add_(1, cols, grad.masked_fill(~inside, 0.0))
+            for tiling, grad in zip(ctx.tilings, (grad_neg, grad_pos)):
+                cols, inside = tiling.at(k, stop - start)
+                tile.scatter_add_(1, cols, grad if inside is None else grad * inside)
             if ctx.scale != 1.0:
                 tile.mul_(ctx.scale)
             tile = tile.to(queries.dtype)
             if grad_q is not None:
-                grad_q += tile @ rows[start:stop]
+                grad_q.addmm_(tile, rows[start:stop])
             if grad_rows is not None:
-                grad_rows[start:stop] = tile.T @ queries
+                torch.mm(tile.T, queries, out=grad_rows[start:stop])
         return grad_q, grad_rows, None, None, None, None, None
 
 
