@@ -23,9 +23,10 @@ def test_the_gpu_check_dry_runs_on_the_cpu_and_writes_its_report(tmp_path):
         assert heading in text
     raw = json.loads(re.search(r"```json\n(.*)\n```", text, re.S).group(1))
     exact = raw["correctness"]["fp32"]
-    # on the CPU the "device" run is a second CPU run: the same bands, losses and metrics exactly
+    # on the CPU the "device" run is a second CPU run: the same bands, and losses and metrics to the last bits
+    # (a CPU BLAS may pick another kernel for another buffer alignment: 9e-8 relative seen once)
     assert exact["bands"]["identical"] == 1.0 and exact["bands"]["queries"] > 0
-    assert exact["loss_max_rel_diff"] == 0.0 and exact["valid_max_abs_diff"] == 0.0
+    assert exact["loss_max_rel_diff"] < 1e-6 and exact["valid_max_abs_diff"] < 1e-6
     assert raw["correctness"]["bf16_tf32"]["loss_max_rel_diff"] < 2e-2  # bf16 autocast stays within tolerance
     assert raw["correctness"]["brute_force"]["equal"]
     assert [t["items"] for t in raw["throughput"]] == [5_000, 20_000]

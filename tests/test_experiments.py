@@ -39,7 +39,7 @@ def write_grid(tmp_path):
         method = "alterrec"
         [[dataset.sweep]]
         key = "model.item_layernorm"
-        values = [true]
+        values = [false]   # the default data's config turns it on
         method = "alterrec"
         [[dataset.peer]]
         name = "Peer"
@@ -69,7 +69,7 @@ def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     assert f"| ID only (id) | 1 | {summary['test']['id']['hit@10']:.4f} |" in report
     assert "| Peer (peer, RecBole) | 1 | 0.5000 |" in report and "| Published (published) | – | 0.9000 |" in report
     assert "| k2 | 100 | 500 |" in report
-    assert "| model.item_layernorm = true |" in report
+    assert "| model.item_layernorm = false |" in report
     pngs = sorted(p.name for p in (tmp_path / "docs/img").iterdir())
     assert pngs == ["default_alterrec_curves.png", "default_longtail.png", "default_nfrec_imbalance.png",
                     "default_sensitivity.png"]

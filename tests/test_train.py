@@ -143,7 +143,7 @@ def test_cli_one_line_errors(tmp_path, no_ray_env, case):
         "bad_set_value": ([*ok, "--set", "train.m_max=three"], "train.m_max: expected int"),
         "missing_dataset": (["--set", f"data.path={tmp_path}/gone"], f"{tmp_path}/gone: dataset not found"),
         "not_a_dataset": (["--set", f"data.path={tmp_path}/notdata"], "no dataset manifest"),
-        "run_dir_exists": (["--set", f"data.path={data}", "--out", "taken"], "exists and is not empty"),
+        "run_dir_exists": ([*ok[:2], "--set", "train.global_batch_size=16", "--out", "taken"], "exists and is not empty"),
         "bad_launcher": ([*ok, "--set", "trainer.launcher=mpi"], "trainer.launcher"),
         "batch_over_data": ([*ok, "--set", "train.global_batch_size=1024"], "more than the 400 train rows"),
     }[case]
