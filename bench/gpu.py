@@ -31,7 +31,7 @@ import platform
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -385,7 +385,7 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
     shape = SMALL if args.small else FULL
     if args.items:
-        shape.items = tuple(int(float(v)) for v in args.items.split(","))
+        shape = replace(shape, items=tuple(int(float(v)) for v in args.items.split(",")))
     start = time.perf_counter()
     comm, cpu_comm = join_group(device)
     try:

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 def test_the_gpu_check_dry_runs_on_the_cpu_and_writes_its_report(tmp_path):
     out = tmp_path / "GPU.md"
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--device", "cpu", "--small", "--out", str(out)],
+    # one catalog of the two --small has: the second adds suite time, not coverage
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--device", "cpu", "--small", "--items", "5000",
+                           "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
@@ -29,7 +31,7 @@ def test_the_gpu_check_dry_runs_on_the_cpu_and_writes_its_report(tmp_path):
     assert exact["loss_max_rel_diff"] < 1e-6 and exact["valid_max_abs_diff"] < 1e-6
     assert raw["correctness"]["bf16_tf32"]["loss_max_rel_diff"] < 2e-2  # bf16 autocast stays within tolerance
     assert raw["correctness"]["brute_force"]["equal"]
-    assert [t["items"] for t in raw["throughput"]] == [5_000, 20_000]
+    assert [t["items"] for t in raw["throughput"]] == [5_000]
     for t in raw["throughput"]:
         assert [c["phase"] for c in t["cases"]] == ["random", "hard", "augmented"]
         assert all(c["sessions_per_s"] > 0 and c["split_ms"]["mining"] >= 0 for c in t["cases"])
