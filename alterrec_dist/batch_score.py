@@ -37,16 +37,15 @@ import torch
 
 from alterrec_dist import ray_watchdog
 from alterrec_dist.cli import run_cli
-from alterrec_dist.config import ConfigError
-from alterrec_dist.dataset import (SPLITS, DataError, Dataset, atomic_write_json, check_out, gather_ranges, make_parent,
-                                   read_json, remove_stale_siblings, replace_into_place, temp_sibling)
+from alterrec_dist.dataset import SPLITS, Dataset, gather_ranges
+from alterrec_dist.errors import ConfigError, DataError
 from alterrec_dist.export import Bundle, add_device_argument, encode_sessions, load_bundle
+from alterrec_dist.files import Staged, atomic_write_json, check_out, read_json
 from alterrec_dist.metrics import METRICS, MetricSums, popularity_groups
-from alterrec_dist.reader import Rows, to_batch
+from alterrec_dist.reader import Rows, local_batch, rank_slice
 
 SESSION_COLUMNS = ("history", "target", "user", "session")
 PASSTHROUGH = ("user", "session")
-MAIN_KINDS = ("id", "text", "fused")
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -182,18 +181,9 @@ def table_to_rows(table: pa.Table, first: int, max_len: int, num_items: int, whe
 
 
 def local_batches(rows: Rows, batch_size: int, world: int) -> list:
-    """One global eval batch (<= batch_size rows) as the engine's per-rank batches: rank r takes rows
-    [r*b, (r+1)*b), b = batch_size // world; a short last batch is padded with copies of its first
-    row, marked invalid (`SessionReader._padded_last_batch`)."""
-    b = batch_size // world
-    out = []
-    for r in range(world):
-        mine = np.arange(r * b, (r + 1) * b)
-        valid = mine < len(rows)
-        part = rows.take(np.where(valid, mine, 0))
-        part.example[~valid] = -1
-        out.append(to_batch(part, valid))
-    return out
+    """One global eval batch (<= batch_size rows) as the engine's per-rank batches, the reader's way
+    (`reader.local_batch`: a short last batch padded, marked invalid)."""
+    return [local_batch(rows, rank_slice(r, batch_size, world)) for r in range(world)]
 
 
 # -- scoring ------------------------------------------------------------------------------------------
@@ -295,9 +285,8 @@ class ParquetOut:
         self.path = check_out(path, overwrite)
         if self.path.is_dir():
             raise DataError(f"{self.path}: --out is a directory (give a .parquet file name)")
-        make_parent(self.path)
-        remove_stale_siblings(self.path)  # temp files of killed runs
-        self.tmp = temp_sibling(self.path)
+        self.staged = Staged(self.path)
+        self.tmp = self.staged.tmp
         self.writer = None
         self.rows = 0
 
@@ -311,12 +300,12 @@ class ParquetOut:
         if self.writer is None:
             raise DataError(f"{self.path}: nothing to write (no input rows)")
         self.writer.close()
-        replace_into_place(self.tmp, self.path)
+        self.staged.commit()
 
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        self.tmp.unlink(missing_ok=True)
+        self.staged.abort()
 
 
 def _with_example(table: pa.Table, first: int) -> pa.Table:

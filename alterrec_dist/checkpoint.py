@@ -21,15 +21,14 @@ best validation so far with its test metrics, lines of metrics.jsonl) plus the p
     model/                    the best model as it was then: hard links to RUN_DIR/model's files (a copy where
                               links are impossible), restored on resume with the `best` record it goes with
 
-Rank r holds items r, r+W, r+2W, ... (the modulo rule of `ShardedItemTable`), so a table is
-reassembled, or re-cut for another world size (`repartition`), from each file's `items`; no process
+Rank r holds items r, r+W, r+2W, ... (`Placement`), so a table is
+reassembled, or re-cut for another world size (`Placement.repartition`), from each file's `items`; no process
 group is needed for that. A directory is written under a temp name and renamed into place, so a
 reader sees the old one or the new one, never a mix; the checksums catch what the rename cannot
 (a disk that lost or damaged data after the fact).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -37,13 +36,15 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from alterrec_dist.dataset import DataError, atomic_write_json, file_sha256, read_json
+from alterrec_dist.errors import DataError
+from alterrec_dist.files import Staged, atomic_write_json, file_sha256, read_manifest
+from alterrec_dist.sharded import Placement
 
-PARTITION = "item i on rank i mod world_size, local row i div world_size"
+PARTITION = "item i on rank i mod world_size, local row i div world_size"  # `Placement`, as words for the manifest
 KEEP = 2  # training checkpoints kept: the newest, and one to fall back on if it turns out damaged
 CHECKPOINT_NAME = re.compile(r"e\d{5}-s\d{7}")
+MODEL_KEYS = {"files": dict, "world_size": int, "num_items": int}  # what loading a model relies on
 
 
 def shard_name(rank: int, world: int) -> str:
@@ -83,17 +84,14 @@ def publish(comm, target: Path, own: tuple[str, object], shared: dict[str, objec
     `shared` files and, if `model_dir` holds a model, links it in as model/; then rank 0 writes
     manifest.json (meta, world size, partition rule, sha256 of every file) and renames the directory
     into place. Collective: every rank calls it. Every tensor is saved from the CPU (`on_cpu`)."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp")
-    if comm.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-        tmp.mkdir(parents=True)
-    comm.barrier()
+    staged = Staged(target) if comm.rank == 0 else None
+    if staged is not None:
+        staged.tmp.mkdir()
+    tmp = comm.broadcast_object(staged.tmp if staged is not None else None)  # rank 0's temp directory
     name, obj = own
     torch.save(on_cpu(obj), tmp / name)
     # each rank hashes its own file, in parallel and while it is still in the page cache
-    digests: list = [None] * comm.world
-    dist.all_gather_object(digests, (name, file_sha256(tmp / name)), group=comm.group)
+    digests = comm.all_gather_object((name, file_sha256(tmp / name)))
     if comm.rank == 0:
         files = dict(digests)
         for shared_name, shared_obj in shared.items():
@@ -103,18 +101,8 @@ def publish(comm, target: Path, own: tuple[str, object], shared: dict[str, objec
             files |= _link_model(Path(model_dir), tmp / "model")
         atomic_write_json(tmp / "manifest.json", {**meta, "world_size": comm.world, "partition": PARTITION,
                                                   "files": dict(sorted(files.items()))})
-        _swap_in(tmp, target)
+        staged.commit()
     comm.barrier()
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Rename `tmp` to `target`, replacing any directory there (moved aside first, then removed)."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _link_dir(src: Path, dst: Path) -> None:
@@ -132,7 +120,7 @@ def _link_dir(src: Path, dst: Path) -> None:
 def _link_model(model_dir: Path, dst: Path) -> dict[str, str]:
     """Link the model in `model_dir` into `dst`; its files' sha256 under dst's name, carried over from
     the model's manifest (not recomputed), plus that of the manifest itself."""
-    digests = json.loads((model_dir / "manifest.json").read_text())["files"]
+    digests = saved_manifest(model_dir)["files"]
     _link_dir(model_dir, dst)
     return {f"{dst.name}/{n}": d for n, d in digests.items()} | {
         f"{dst.name}/manifest.json": file_sha256(dst / "manifest.json")}
@@ -159,12 +147,11 @@ def load_model(model_dir: Path) -> tuple[dict, dict, torch.Tensor | None]:
     """(manifest, {name: state_dict}, the full (V, d) ID table or None), checksums verified."""
     model_dir = Path(model_dir)
     manifest_path = model_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise DataError(f"{manifest_path}: no saved model (train a run first; the model is saved at its best epoch)")
-    manifest = read_manifest(model_dir)
+    manifest = saved_manifest(model_dir, "no saved model (train a run first; the model is saved at its best epoch)",
+                              MODEL_KEYS)
     for key in ("world_size", "num_items"):
-        if not isinstance(manifest.get(key), int) or manifest[key] < 1:
-            raise DataError(f"{manifest_path}: {key} is missing or not a positive integer")
+        if manifest[key] < 1:
+            raise DataError(f"{manifest_path}: {key} must be >= 1, got {manifest[key]}")
     verify_files(model_dir, manifest["files"], manifest_path)
     states = load_cpu(model_dir / "networks.pt")
     W, V = manifest["world_size"], manifest["num_items"]
@@ -185,10 +172,8 @@ def restore_model(checkpoint: Path | None, model_dir: Path) -> None:
     if src is None or not src.is_dir():
         shutil.rmtree(model_dir, ignore_errors=True)
         return
-    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _link_dir(src, tmp)
-    _swap_in(tmp, model_dir)
+    with Staged(model_dir) as staged:
+        _link_dir(src, staged.tmp)
 
 
 # -- training checkpoints ----------------------------------------------------------------------
@@ -259,13 +244,10 @@ def checkpoints(store: Path) -> list[Path]:
     return sorted(p for p in store.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name))
 
 
-def read_manifest(checkpoint: Path) -> dict:
-    """The manifest.json of a checkpoint or a saved model; DataError naming it if it is damaged."""
-    path = Path(checkpoint) / "manifest.json"
-    manifest = read_json(path)
-    if not isinstance(manifest.get("files"), dict):
-        raise DataError(f"{path}: no file checksums")
-    return manifest
+def saved_manifest(directory: Path, absent: str = "missing", keys: dict[str, type] | None = None) -> dict:
+    """The manifest.json of a checkpoint or a saved model, with its file checksums (and `keys`)."""
+    return read_manifest(directory, absent, {"files": dict, **(keys or {})},
+                         remedy="a damaged checkpoint or model: save it again")
 
 
 def newest_good(store: Path) -> tuple[Path, dict] | None:
@@ -275,7 +257,7 @@ def newest_good(store: Path) -> tuple[Path, dict] | None:
     problems = []
     for checkpoint in reversed(checkpoints(store)):
         try:
-            manifest = read_manifest(checkpoint)
+            manifest = saved_manifest(checkpoint)
             verify_files(checkpoint, manifest["files"], checkpoint / "manifest.json")
         except DataError as e:
             problems.append(str(e))
@@ -292,29 +274,16 @@ def newest_good(store: Path) -> tuple[Path, dict] | None:
 def find_resume_point(comm, store: Path) -> tuple[Path, dict] | None:
     """`newest_good(store)` decided once, on rank 0 (every file is read once, not once per rank), and
     handed to every rank; its DataError is raised on every rank."""
-    box = [None, None]
+    found, error = None, None
     if comm.rank == 0:
         try:
-            box = [newest_good(store), None]
+            found = newest_good(store)
         except DataError as e:
-            box = [None, str(e)]
-    dist.broadcast_object_list(box, src=0, group=comm.group)
-    if box[1] is not None:
-        raise DataError(box[1])
-    return box[0]
-
-
-def repartition(shards: list[dict], rank: int, world: int) -> dict:
-    """Rank `rank`'s rows at world size `world` (items rank, rank+world, ... in that order, i.e. its
-    local rows i div world), gathered from row shards cut for any world size.
-
-    Each shard is {"items": (n,) global ids, "rows": {key: (n, ...) tensor}}, rows aligned with
-    items; the result has the same form. Pure, no process group."""
-    picks = [s["items"] % world == rank for s in shards]
-    items = torch.cat([s["items"][p] for s, p in zip(shards, picks)])
-    order = torch.argsort(items)
-    rows = {k: torch.cat([s["rows"][k][p] for s, p in zip(shards, picks)])[order] for k in shards[0]["rows"]}
-    return {"items": items[order], "rows": rows}
+            error = str(e)
+    found, error = comm.broadcast_object((found, error))
+    if error is not None:
+        raise DataError(error)
+    return found
 
 
 def load_checkpoint(comm, checkpoint: Path, manifest: dict, networks: dict, table, steppers: dict) -> None:
@@ -336,8 +305,8 @@ def load_checkpoint(comm, checkpoint: Path, manifest: dict, networks: dict, tabl
     def shard(r: int) -> dict:  # memory-mapped: only the rows taken from it are read
         return load_cpu(checkpoint / rank_file(r, old), mmap=True)
 
-    holders = {r: shard(r) for r in torch.unique(table.global_ids % old).tolist()}
-    mine = repartition(list(holders.values()), comm.rank, comm.world)
+    holders = {r: shard(r) for r in torch.unique(Placement(old).owner(table.global_ids)).tolist()}
+    mine = table.placement.repartition(list(holders.values()), comm.rank)
     if not torch.equal(mine["items"], table.global_ids.cpu()):
         raise DataError(f"{checkpoint}: its shards do not hold every item of rank {comm.rank}")
     with torch.no_grad():

@@ -4,8 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from alterrec_dist.config import ConfigError
-from alterrec_dist.dataset import DataError
+from alterrec_dist.errors import ConfigError, DataError
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

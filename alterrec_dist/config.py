@@ -12,14 +12,17 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alterrec_dist.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOGIT_FORMS = ("dot", "cosine")
 TEXT_ADAPTERS = ("mlp", "whitening", "moe")
 METHODS = ("alterrec", "alterrec_aug", "alterrec_random", "id_only", "text_only", "nfrec_sum", "nfrec_concat")
 
 
-class ConfigError(Exception):
-    """A config value or override that cannot be used; the message says which and why."""
+def shown(path: Path) -> Path:
+    """A path as a user would type it: relative to the project root when inside it."""
+    return path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path
 
 
 @dataclass

@@ -12,11 +12,6 @@ Writers build everything in a hidden sibling directory and rename it into place 
 """
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
-import os
-import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from alterrec_dist.errors import DataError, one_line
+from alterrec_dist.files import Staged, atomic_write_json, check_keys, check_out, file_sha256, read_manifest
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -46,54 +44,6 @@ ITEM_SCHEMA = pa.schema(
 )
 
 
-class DataError(Exception):
-    """Bad input. The message is one line that names the file (and row/column where it applies)."""
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write beside, then rename: readers see the old file or the new one, never a torn one."""
-    path = Path(path)
-    remove_stale_siblings(path)
-    tmp = temp_sibling(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: str | Path) -> dict:
-    """A JSON object from `path`; DataError naming the file if it is missing, truncated or not an object."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing") from None
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise DataError(f"{path}: not valid JSON (truncated?) ({_one_line(e)})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not isinstance(doc, dict):
-        raise DataError(f"{path}: not a JSON object")
-    return doc
-
-
 def gather_ranges(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The ragged rows values[starts[i] : starts[i] + lens[i]] laid end to end: (offsets, values).
 
@@ -105,73 +55,6 @@ def gather_ranges(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> t
 
 def _part_name(i: int, ext: str) -> str:
     return f"part-{i:05d}.{ext}"
-
-
-# Every writer of an output OUT works beside it: `.OUT.tmp-PID` (built, then renamed to OUT) and, when
-# replacing, `.OUT.old-PID` (the previous OUT, removed after the swap). These two names are the rule.
-def temp_sibling(out: Path, kind: str = "tmp") -> Path:
-    return out.parent / f".{out.name}.{kind}-{os.getpid()}"
-
-
-def remove_stale_siblings(out: str | Path) -> None:
-    """A writer killed by SIGKILL cannot clean up: remove the temp siblings of `out` (files or
-    directories) whose process is gone, and our own pid's, left by an earlier writer in this process."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        return
-    for kind in ("tmp", "old"):
-        for stale in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
-            pid = stale.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
-                remove_path(stale)
-
-
-def remove_path(path: Path) -> None:
-    """Remove a file or a directory tree, whichever it is; nothing if it is gone."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def replace_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`, replacing what is there (a file or a directory)."""
-    if out.exists() or out.is_symlink():
-        old = temp_sibling(out, "old")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        remove_path(old)
-    else:
-        os.replace(tmp, out)
-
-
-def check_out(out: str | Path, overwrite: bool) -> Path:
-    """OUT as an absolute path, refused (DataError) if it exists and `overwrite` is off: every
-    command checks this first, before any slow work."""
-    out = Path(out).absolute()
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise DataError(f"{out}: output exists (pass --overwrite to replace it)")
-    return out
-
-
-def make_parent(out: Path) -> None:
-    """Create the directory OUT goes in; DataError (one line) if it cannot be."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{out}: cannot create its directory {out.parent} ({e.strerror or e})") from None
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise DataError(f"{out}: its directory {out.parent} is not writable")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class DatasetWriter:
@@ -186,15 +69,14 @@ class DatasetWriter:
                  feature_rows_per_part: int = 262_144):
         self.out = check_out(out, overwrite).resolve()
         self.overwrite = overwrite
-        self.tmp = temp_sibling(self.out)
-        make_parent(self.out)
-        remove_stale_siblings(self.out)
+        self.staged = Staged(self.out)
+        self.tmp = self.staged.tmp
         try:
             (self.tmp / "text_features").mkdir(parents=True)
             for split in SPLITS:
                 (self.tmp / "sessions" / split).mkdir(parents=True)
         except OSError as e:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.staged.abort()
             raise DataError(f"{self.out}: cannot write beside it ({e.strerror or e})") from None
         self.rows_per_part = rows_per_part
         self.feature_rows_per_part = feature_rows_per_part
@@ -334,11 +216,10 @@ class DatasetWriter:
         }
         manifest["sha256"] = {name: file_sha256(self.tmp / name) for name in data_files(manifest)}
         atomic_write_json(self.tmp / "manifest.json", manifest)
-        replace_into_place(self.tmp, self.out)  # replacing only with overwrite=True (checked at start)
-        return self.out
+        return self.staged.commit()  # replacing only with overwrite=True (checked at start)
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.staged.abort()
 
     def __enter__(self):
         return self
@@ -359,6 +240,7 @@ def data_files(manifest: dict) -> list[str]:
 # The manifest's shape: key -> type, and the keys of its sub-tables (what the read side relies on).
 MANIFEST_KEYS = {"format_version": int, "num_items": int, "splits": dict, "session_files": dict, "text": dict}
 TEXT_KEYS = {"dim": int, "files": list, "has_text": str}
+INCOMPLETE = "an incomplete manifest: make the dataset again"
 
 
 class Dataset:
@@ -368,23 +250,16 @@ class Dataset:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        mpath = self.mpath = self.path / "manifest.json"
-        if not mpath.is_file():
-            raise DataError(f"{mpath}: no dataset manifest (make one with `python -m alterrec_dist.prepare` or `synth`)")
-        self.manifest = read_json(mpath)
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{mpath}: format_version {self.manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+        self.mpath = self.path / "manifest.json"
+        self.manifest = read_manifest(self.path, "no dataset manifest (make one with `python -m alterrec_dist.prepare` "
+                                      "or `synth`)", MANIFEST_KEYS, FORMAT_VERSION, INCOMPLETE)
         self._check_keys()
         self.num_items: int = self.manifest["num_items"]
         self.text_dim: int = self.manifest["text"]["dim"]
 
     def _check_keys(self) -> None:
         m = self.manifest
-        for table, keys, where in ((m, MANIFEST_KEYS, ""), (m.get("text"), TEXT_KEYS, "text.")):
-            for key, typ in keys.items():
-                if not isinstance(table.get(key), typ) or isinstance(table.get(key), bool):
-                    raise DataError(f"{self.mpath}: {where}{key} is missing or not a {typ.__name__} "
-                                    "(an incomplete manifest: make the dataset again)")
+        check_keys(self.mpath, m["text"], TEXT_KEYS, INCOMPLETE, prefix="text.")
         for split in SPLITS:
             parts = m["session_files"].get(split)
             if not isinstance(m["splits"].get(split), int) or not isinstance(parts, list) or not all(
@@ -448,7 +323,7 @@ class Dataset:
         try:
             return pq.ParquetFile(path).metadata
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file (truncated?) ({_one_line(e)})") from None
+            raise DataError(f"{path}: not a readable Parquet file (truncated?) ({one_line(e)})") from None
 
     def _check_items_parquet(self) -> None:
         path = self._file("items.parquet")
@@ -466,7 +341,7 @@ class Dataset:
                 got_shape, fortran, got_dtype = read_header(f)
                 header = f.tell()
         except (ValueError, OSError, EOFError) as e:
-            raise DataError(f"{path}: not a .npy file (truncated?) ({_one_line(e)})") from None
+            raise DataError(f"{path}: not a .npy file (truncated?) ({one_line(e)})") from None
         if got_shape != shape or got_dtype != dtype or fortran:
             raise DataError(f"{path}: array {got_dtype}{list(got_shape)}, the manifest says {dtype}{list(shape)}")
         size, want = path.stat().st_size, header + int(np.prod(shape)) * dtype.itemsize
@@ -503,7 +378,7 @@ class Dataset:
         try:
             table = pq.read_table(path, columns=["history", "target"])
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: cannot read ({_one_line(e)})") from None
+            raise DataError(f"{path}: cannot read ({one_line(e)})") from None
         values = [table["history"].combine_chunks().flatten(), table["target"].combine_chunks()]
         if any(v.null_count for v in values):
             raise DataError(f"{path}: null item index")

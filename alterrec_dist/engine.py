@@ -74,10 +74,10 @@ class DeepSpeedEngine:
     * DeepSpeed's data-parallel group is the default group, the one `Comm()` wraps.
     """
 
-    def __init__(self, net: nn.Module, lr: float, weight_decay: float, precision: str, zero_stage: int,
+    def __init__(self, comm: Comm, net: nn.Module, lr: float, weight_decay: float, precision: str, zero_stage: int,
                  micro_batch: int, use_gpu: bool):
         deepspeed = import_deepspeed(use_gpu)
-        self.precision, self.zero_stage = precision, zero_stage
+        self.comm, self.precision, self.zero_stage = comm, precision, zero_stage
         optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
         self.ds, *_ = deepspeed.initialize(model=net, optimizer=optimizer,
                                            config=deepspeed_config(precision, zero_stage, micro_batch))
@@ -107,7 +107,7 @@ class DeepSpeedEngine:
 
     def _layout(self) -> dict:
         """What a saved state must match: under ZeRO 1-2 it is one rank's partition of a given world size."""
-        part = {"rank": dist.get_rank(), "world": dist.get_world_size()} if self.zero_stage else {}
+        part = {"rank": self.comm.rank, "world": self.comm.world} if self.zero_stage else {}
         return {"engine": "deepspeed", "precision": self.precision, "zero_stage": self.zero_stage, **part}
 
     def state_dict(self) -> dict:
@@ -127,7 +127,7 @@ class DeepSpeedEngine:
         if self.zero_stage:
             # DeepSpeed's loader takes every rank's state and, at an unchanged world size, reads this rank's;
             # from the fp32 copies, not from the bf16/fp16 weights (which would lose the master precision).
-            parts = [state["optimizer"]] * dist.get_world_size()
+            parts = [state["optimizer"]] * self.comm.world
             self.ds.optimizer.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
         else:
             self.ds.optimizer.load_state_dict(state["optimizer"])
@@ -265,7 +265,7 @@ def build_stepper(comm: Comm, name: str, net, table, cfg: Config) -> Stepper:
     lr = t.lr_text if name == "text" else t.lr_id
     params = net.dense_parameters()
     if r.engine == "deepspeed" and params:  # DeepSpeed needs parameters; without any there is nothing to step
-        engine = DeepSpeedEngine(net, lr, t.weight_decay, r.precision, r.zero_stage,
+        engine = DeepSpeedEngine(comm, net, lr, t.weight_decay, r.precision, r.zero_stage,
                                  t.global_batch_size // comm.world, r.use_gpu)
     else:
         engine = DDPEngine(comm, params, lr, t.weight_decay)

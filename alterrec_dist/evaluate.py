@@ -16,7 +16,7 @@ from alterrec_dist.device import tile_rows as resolve_tile_rows
 from alterrec_dist.metrics import MetricSums, popularity_groups
 from alterrec_dist.model import Network
 from alterrec_dist.reader import Batch
-from alterrec_dist.sharded import Comm, ShardedItemTable
+from alterrec_dist.sharded import Comm, Placement, ShardedItemTable
 
 @torch.no_grad()
 def item_matrix(net: Network, table: ShardedItemTable, tile_rows: int, parts: bool = False):
@@ -96,25 +96,54 @@ def count_above_target(comm: Comm, scorer: Scorer, queries: list[torch.Tensor], 
     """(G, K): for each of the scorer's K kinds, how many items order before the target, over all shards;
     tile_rows rows at a time (0: the device's default, `device.tile_rows`)."""
     tile_rows = resolve_tile_rows(tile_rows, target.device, len(target))
-    owned = target % comm.world == comm.rank
-    row = torch.where(owned, target // comm.world, 0)
-    target_parts = torch.stack([
-        torch.where(owned, (q * m[row]).sum(1) * s, 0.0) for q, m, s in zip(queries, scorer.matrices, scorer.scales)
-    ], 1)
+    row, owned = Placement(comm.world).owned_rows(target, comm.rank)
+    target_parts = torch.where(owned[:, None], component_scores(queries, scorer.matrices, scorer.scales, row), 0.0)
     target_parts = comm.all_reduce(target_parts)  # (G, C): only the owner contributed
-    kinds = list(scorer.weights)
-    weights = torch.tensor([scorer.weights[k] for k in kinds], dtype=target_parts.dtype, device=target.device)
-    target_scores = target_parts @ weights.T  # (G, K)
-
-    counts = torch.zeros(len(target), len(kinds), dtype=torch.long, device=target.device)
-    for s in range(0, len(ids), tile_rows):
-        tile_ids = ids[s:s + tile_rows]
-        parts = [(q @ m[s:s + tile_rows].T) * sc for q, m, sc in zip(queries, scorer.matrices, scorer.scales)]
-        not_target = tile_ids[None, :] != target[:, None]
-        before_by_id = tile_ids[None, :] < target[:, None]
-        for i, kind in enumerate(kinds):
-            scores = sum(w * p for w, p in zip(scorer.weights[kind], parts) if w)
-            t = target_scores[:, i:i + 1]
-            before = (scores > t) | ((scores == t) & before_by_id)
-            counts[:, i] += (before & not_target).sum(1)
+    tiles = [(s, min(s + tile_rows, len(ids))) for s in range(0, len(ids), tile_rows)]
+    counts = rank_tiles(queries, scorer.matrices, scorer.scales, scorer.weights, tiles, ids,
+                        target, kind_scores(target_parts, scorer.weights))
     return comm.all_reduce(counts)
+
+
+# -- the ranking loop, shared with serving (`serve`'s exact scoring runs it over every shard) --------------
+
+def component_scores(queries: list[torch.Tensor], matrices: list[torch.Tensor], scales: list[float],
+                     rows: torch.Tensor) -> torch.Tensor:
+    """(G, C): each session's score of its own item row `rows[g]`, per component: (q_c . M_c[row]) * s_c."""
+    return torch.stack([(q * m[rows]).sum(1) * s for q, m, s in zip(queries, matrices, scales)], 1)
+
+
+def kind_scores(parts: torch.Tensor, weights: dict[str, list[float]]) -> torch.Tensor:
+    """(G, K) scores of every kind from (G, C) component scores: `parts @ W.T`."""
+    w = torch.tensor([weights[k] for k in weights], dtype=parts.dtype, device=parts.device)
+    return parts @ w.T
+
+
+def rank_tiles(queries: list[torch.Tensor], matrices: list[torch.Tensor], scales: list[float],
+               weights: dict[str, list[float]], tiles: list[tuple[int, int]], ids: torch.Tensor,
+               target: torch.Tensor | None = None, target_scores: torch.Tensor | None = None,
+               top_kind: str | None = None, on_top=None) -> torch.Tensor | None:
+    """The engine's ranking loop over item rows [start, stop) of each tile (ids: their global ids):
+    part_c = (q_c @ M_c[tile].T) * s_c, a kind's score = sum(w * part for w, part if w). With a target:
+    (G, K) counts per kind of the items that order before it (higher score, or an equal score and a
+    smaller id), else None. `on_top(scores, tile_ids, parts)` sees each tile's `top_kind` scores."""
+    kinds = list(weights)
+    counts = None if target is None else torch.zeros(len(target), len(kinds), dtype=torch.long,
+                                                     device=target.device)
+    for s, e in tiles:
+        tile_ids = ids[s:e]
+        parts = [(q @ m[s:e].T) * sc for q, m, sc in zip(queries, matrices, scales)]
+        if target is not None:
+            not_target = tile_ids[None, :] != target[:, None]
+            before_by_id = tile_ids[None, :] < target[:, None]
+        for i, kind in enumerate(kinds):
+            if target is None and kind != top_kind:
+                continue
+            scores = sum(w * p for w, p in zip(weights[kind], parts) if w)
+            if target is not None:
+                t = target_scores[:, i:i + 1]
+                before = (scores > t) | ((scores == t) & before_by_id)
+                counts[:, i] += (before & not_target).sum(1)
+            if kind == top_kind:
+                on_top(scores, tile_ids, parts)
+    return counts

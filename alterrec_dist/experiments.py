@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alterrec_dist.cli import run_cli
-from alterrec_dist.config import PROJECT_ROOT, ConfigError, load_config, read_toml
+from alterrec_dist.config import PROJECT_ROOT, load_config, read_toml, shown
+from alterrec_dist.errors import ConfigError
 
 
 @dataclass
@@ -159,11 +160,6 @@ def prepare_datasets(grid: Grid) -> None:
         cmd = [sys.executable, "-m", "alterrec_dist.prepare", *d.prepare]
         print(f"preparing {d.name}: {shlex.join(cmd)}", flush=True)
         subprocess.run(cmd, cwd=PROJECT_ROOT, check=True)
-
-
-def shown(path: Path) -> Path:
-    """A path as a user would type it: relative to the project root when inside it."""
-    return path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path
 
 
 def run_one(spec: RunSpec, threads: int) -> tuple[RunSpec, int, float]:

@@ -38,13 +38,15 @@ import torch
 
 from alterrec_dist.checkpoint import load_model, on_cpu, verify_files
 from alterrec_dist.cli import run_cli
-from alterrec_dist.config import ConfigError, ModelConfig, load_config
-from alterrec_dist.dataset import (DataError, Dataset, atomic_write_json, check_out, file_sha256, make_parent,
-                                   read_json, remove_path, remove_stale_siblings, replace_into_place, temp_sibling)
+from alterrec_dist.config import ModelConfig, load_config
+from alterrec_dist.dataset import Dataset
 from alterrec_dist.device import tile_rows as device_tile_rows
-from alterrec_dist.evaluate import Scorer, session_queries
+from alterrec_dist.errors import ConfigError, DataError
+from alterrec_dist.evaluate import Scorer, component_scores, kind_scores, rank_tiles, session_queries
+from alterrec_dist.files import Staged, atomic_write_json, check_out, file_sha256, read_json, read_manifest
 from alterrec_dist.model import Network, build_networks
-from alterrec_dist.reader import Batch
+from alterrec_dist.reader import Batch, Rows, to_batch
+from alterrec_dist.sharded import Placement
 
 FORMAT_VERSION = 1
 COMPONENTS = ("id", "text")
@@ -133,7 +135,7 @@ def _scorer_spec(networks: dict[str, Network], x, f16, world: int, tile_rows: in
     V = len(f16)
     mats, scorer = None, None
     for rank in range(world):
-        rows = torch.arange(rank, V, world, device=f16.device)
+        rows = Placement(world).ids_of(rank, V, f16.device)
         table = SimpleNamespace(num_local=len(rows), x=x[rows] if x is not None else None, f16=f16[rows])
         scorer = Scorer.build(networks, table, alpha, tile_rows, tuple(alpha_sweep))
         if mats is None:
@@ -254,23 +256,18 @@ def session_batch(histories: list[list[int]], max_len: int) -> Batch:
     hist = [h[-max_len:] for h in histories]
     if any(not h for h in hist):
         raise DataError("empty session")
-    width = max(len(h) for h in hist)
-    items = torch.zeros(len(hist), width, dtype=torch.long, device="cpu")
-    mask = torch.zeros(len(hist), width, dtype=torch.bool, device="cpu")
-    for i, h in enumerate(hist):
-        items[i, :len(h)] = torch.tensor(h, dtype=torch.long, device="cpu")
-        mask[i, :len(h)] = True
     n = len(hist)
-    return Batch(items, mask, torch.zeros(n, dtype=torch.long, device="cpu"), torch.arange(n, device="cpu"),
-                 torch.ones(n, dtype=torch.bool, device="cpu"))
+    offsets = np.cumsum([0] + [len(h) for h in hist], dtype=np.int64)
+    values = np.fromiter((i for h in hist for i in h), dtype=np.int64, count=int(offsets[-1]))
+    return to_batch(Rows(np.arange(n, dtype=np.int64), offsets, values, np.zeros(n, dtype=np.int64)),
+                    np.ones(n, dtype=bool))
 
 
 # -- the item side: the engine's exact scores, ranks and top-N -------------------------------------
 
 class Scoring:
-    """Scores in the engine's float order over the engine's shard layout and tiles:
-    part_c = (q_c @ M_c[tile].T) * s_c, kind = sum(w * part for w, part if w), rank by
-    (score desc, item index asc): `evaluate.count_above_target`, expression for expression."""
+    """Scores in the engine's float order over the engine's shard layout and tiles: the engine's own
+    ranking loop (`evaluate.rank_tiles`) run over every shard's rows in turn."""
 
     def __init__(self, bundle: Bundle):
         V, W = bundle.num_items, bundle.world
@@ -279,48 +276,29 @@ class Scoring:
         self.scales = bundle.scales
         self.matrices = bundle.matrices
         self.device = bundle.device
+        placement = Placement(W)
         # shard-major, as the ranks hold them
-        order = torch.cat([torch.arange(r, V, W, device=self.device) for r in range(W)])
-        self.shard_matrices = [m[order].contiguous() for m in bundle.matrices]
+        self.ids = placement.shard_major(V, self.device)
+        self.shard_matrices = [m[self.ids].contiguous() for m in bundle.matrices]
         tile = device_tile_rows(bundle.tile_rows, self.device, bundle.eval_batch_size)
         self.tiles = []  # (start, stop) in shard-major rows, never across a shard
         start = 0
         for r in range(W):
-            n = len(range(r, V, W))
+            n = len(placement.ids_of(r, V))
             self.tiles += [(start + s, start + min(s + tile, n)) for s in range(0, n, tile)]
             start += n
-        self.ids = order
 
     @torch.no_grad()
     def run(self, queries: list[torch.Tensor], top: int, target: torch.Tensor | None = None,
             top_kind: str = "fused") -> tuple[torch.Tensor | None, "TopN"]:
         """(counts (G, K) of items ordering before each target per kind, or None without targets;
         the top-`top` items of `top_kind` with their part scores)."""
-        counts, target_scores = None, None
+        target_scores = None
         if target is not None:
-            target_parts = torch.stack([(q * m[target]).sum(1) * s
-                                        for q, m, s in zip(queries, self.matrices, self.scales)], 1)
-            weights = torch.tensor([self.weights[k] for k in self.kinds], dtype=target_parts.dtype,
-                                   device=self.device)
-            target_scores = target_parts @ weights.T
-            counts = torch.zeros(len(target), len(self.kinds), dtype=torch.long, device=self.device)
+            target_scores = kind_scores(component_scores(queries, self.matrices, self.scales, target), self.weights)
         best = TopN(top, len(queries[0]), len(queries), self.device)
-        for s, e in self.tiles:
-            tile_ids = self.ids[s:e]
-            parts = [(q @ m[s:e].T) * sc for q, m, sc in zip(queries, self.shard_matrices, self.scales)]
-            if target is not None:
-                not_target = tile_ids[None, :] != target[:, None]
-                before_by_id = tile_ids[None, :] < target[:, None]
-            for i, kind in enumerate(self.kinds):
-                if target is None and kind != top_kind:
-                    continue
-                scores = sum(w * p for w, p in zip(self.weights[kind], parts) if w)
-                if target is not None:
-                    t = target_scores[:, i:i + 1]
-                    before = (scores > t) | ((scores == t) & before_by_id)
-                    counts[:, i] += (before & not_target).sum(1)
-                if kind == top_kind:
-                    best.add(scores, tile_ids, parts)
+        counts = rank_tiles(queries, self.shard_matrices, self.scales, self.weights, self.tiles, self.ids,
+                            target, target_scores, top_kind, best.add)
         return counts, best
 
     @torch.no_grad()
@@ -379,10 +357,8 @@ def _vectors(m: torch.Tensor) -> pa.FixedSizeListArray:
 def write_export(bundle: Bundle, out: str | Path, overwrite: bool = False) -> Path:
     """Write `bundle` to `out` through a temp directory renamed into place."""
     out = check_out(out, overwrite)
-    make_parent(out)
-    remove_stale_siblings(out)  # temp directories of killed exports
-    tmp = temp_sibling(out)
-    try:
+    with Staged(out) as staged:
+        tmp = staged.tmp
         (tmp / "tables").mkdir(parents=True)
         V = bundle.num_items
         fused = bundle.fused_vectors()
@@ -419,10 +395,6 @@ def write_export(bundle: Bundle, out: str | Path, overwrite: bool = False) -> Pa
                        "longtail_bins": bundle.longtail_bins},
             "files": {name: file_sha256(tmp / name) for name in files},
         })
-        replace_into_place(tmp, out)
-    except BaseException:
-        remove_path(tmp)
-        raise
     return out
 
 
@@ -442,17 +414,11 @@ def _column(table: pa.Table, name: str) -> torch.Tensor:
 def load_export(export_dir: str | Path, verify: bool = True) -> Bundle:
     """An export directory -> Bundle (checksums verified)."""
     export_dir = Path(export_dir)
-    mpath = export_dir / "manifest.json"
-    if not mpath.is_file():
-        raise DataError(f"{mpath}: no export manifest (make one with `python -m alterrec_dist.export`)")
-    manifest = read_json(mpath)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{mpath}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
-    missing = [k for k in ("files", "scoring", "engine") if not isinstance(manifest.get(k), dict)]
-    if missing:
-        raise DataError(f"{mpath}: no {', '.join(missing)} (an incomplete export manifest: export again)")
+    manifest = read_manifest(export_dir, "no export manifest (make one with `python -m alterrec_dist.export`)",
+                             {"files": dict, "scoring": dict, "engine": dict}, FORMAT_VERSION,
+                             "an incomplete export manifest: export again")
     if verify:
-        verify_files(export_dir, manifest["files"], mpath)
+        verify_files(export_dir, manifest["files"], export_dir / "manifest.json")
     method, cfg, networks = load_encoders(export_dir / "encoders.pt")
     items = pq.read_table(export_dir / "items.parquet")
     x_path = export_dir / "tables" / "id_rows.npy"

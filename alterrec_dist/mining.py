@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from alterrec_dist.device import tile_rows as resolve_tile_rows
-from alterrec_dist.sharded import Comm
+from alterrec_dist.sharded import Comm, Placement
 
 ID_MASK = (1 << 32) - 1
 INT64_MIN = -(1 << 63)
@@ -308,8 +308,7 @@ def random_band(comm: Comm, num_queries: int, count: int, num_items: int, genera
     generator's device (a CUDA generator draws other numbers than a CPU one from the same seed).
     """
     ids = torch.randint(num_items, (num_queries, count), generator=generator, device=generator.device)
-    mine = ids % comm.world == comm.rank
-    return Band(torch.where(mine, ids // comm.world, 0), mine)  # other ranks' items: masked, row 0
+    return Band(*Placement(comm.world).owned_rows(ids, comm.rank))  # other ranks' items: masked, row 0
 
 
 def exclude_items(band: Band, pos_rows: torch.Tensor, pos_owned: torch.Tensor) -> Band:

@@ -196,11 +196,6 @@ class Network(nn.Module):
         return list(self.parameters())
 
 
-def init_id_rows(num_rows: int, dim: int, std: float, generator: torch.Generator) -> Tensor:
-    """Fresh ID table rows ~ N(0, std); the caller's generator decides which rows they are."""
-    return torch.randn(num_rows, dim, generator=generator, device=generator.device) * std
-
-
 def text_init_rows(x: Tensor, f: Tensor, mean: Tensor, std: float, seed: int) -> Tensor:
     """ID rows started from the text (model.id_init = "text", as LLM2SASRec): each item's centred
     features (f - mean) through one fixed random projection, scaled to the norm an N(0, std) row has

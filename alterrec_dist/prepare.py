@@ -17,7 +17,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from alterrec_dist.cli import run_cli
-from alterrec_dist.dataset import SPLITS, DataError, Dataset, DatasetWriter, data_files, file_sha256
+from alterrec_dist.dataset import SPLITS, Dataset, DatasetWriter, data_files
+from alterrec_dist.errors import DataError
+from alterrec_dist.files import file_sha256
 from alterrec_dist.sources import Source, read_amazon_m2, read_log, read_recbole
 from alterrec_dist.text_features import DEFAULT_BATCH_SIZE, EncodeStats, encode_texts, text_model_name
 

@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from alterrec_dist.dataset import DataError, gather_ranges
+from alterrec_dist.dataset import gather_ranges
+from alterrec_dist.errors import DataError
 
 PADDING_EXAMPLE = -1  # `example` of the rows that pad the last evaluation batch
 
@@ -114,6 +115,21 @@ def to_batch(rows: Rows, valid: np.ndarray) -> Batch:
                  example=torch.from_numpy(rows.example), valid=torch.from_numpy(valid))
 
 
+def rank_slice(rank: int, global_batch_size: int, world_size: int) -> np.ndarray:
+    """The positions in a global batch that `rank` keeps: [rank*b, (rank+1)*b), b = global_batch_size // world_size."""
+    b = global_batch_size // world_size
+    return np.arange(rank * b, (rank + 1) * b)
+
+
+def local_batch(rows: Rows, mine: np.ndarray) -> Batch:
+    """A rank's slice `mine` (`rank_slice`) of one global batch's rows; a short (last) batch is filled up
+    with copies of its first row, marked invalid."""
+    valid = mine < len(rows)
+    part = rows.take(np.where(valid, mine, 0))
+    part.example[~valid] = PADDING_EXAMPLE
+    return to_batch(part, valid)
+
+
 class SessionReader:
     """This rank's slices of the global batches of one split; see the module docstring."""
 
@@ -177,7 +193,7 @@ class SessionReader:
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
         B, b = self.global_batch_size, self.local_batch_size
-        mine = np.arange(self.rank * b, (self.rank + 1) * b)
+        mine = rank_slice(self.rank, B, self.world_size)
         pending: Rows | None = None  # rows of the stream not yet in a global batch (< B of them)
         for piece in self._windows(epoch):
             stream = piece if pending is None else Rows.concat([pending, piece])
@@ -186,11 +202,4 @@ class SessionReader:
                 yield to_batch(stream.take(k * B + mine), np.ones(b, dtype=bool))
             pending = stream.take(np.arange(full * B, len(stream)))
         if pending is not None and len(pending) and not self.drop_last:
-            yield self._padded_last_batch(pending, mine)
-
-    def _padded_last_batch(self, pending: Rows, mine: np.ndarray) -> Batch:
-        """The final partial global batch filled up to B with copies of its first row, marked invalid."""
-        valid = mine < len(pending)
-        rows = pending.take(np.where(valid, mine, 0))
-        rows.example[~valid] = PADDING_EXAMPLE
-        return to_batch(rows, valid)
+            yield local_batch(pending, mine)  # the final partial global batch, padded

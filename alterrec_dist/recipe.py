@@ -30,18 +30,20 @@ import torch
 from tqdm import tqdm
 
 from alterrec_dist.checkpoint import (checkpoint_name, find_resume_point, load_checkpoint, restore_model,
-                                     save_checkpoint, save_model)
+                                      save_checkpoint, save_model)
 from alterrec_dist.config import Config
-from alterrec_dist.dataset import DataError, Dataset, atomic_write_bytes, atomic_write_json
+from alterrec_dist.dataset import Dataset
 from alterrec_dist.device import configure_matmuls, trained_autocast, worker_device
 from alterrec_dist.engine import Stepper, build_stepper
+from alterrec_dist.errors import DataError
 from alterrec_dist.evaluate import evaluate, item_matrix
+from alterrec_dist.files import atomic_write_bytes, atomic_write_json
 from alterrec_dist.loss import tiled_band_loss
 from alterrec_dist.mining import Band, capped_k2, exclude_items, mine_band, random_band, top_items
 from alterrec_dist.model import Network, build_networks, text_init_rows
 from alterrec_dist.reader import Batch, SessionReader
 from alterrec_dist.schedule import Phase, lr_factor, own_step, patience_exhausted, plan, warmup_epochs
-from alterrec_dist.sharded import Comm, ShardedItemTable
+from alterrec_dist.sharded import Comm, Placement, ShardedItemTable
 
 OTHER = {"id": "text", "text": "id"}
 
@@ -111,7 +113,7 @@ def assemble_run(cfg: Config, comm: Comm, num_items: int, text_dim: int,
                 for name, net in build_networks(t.method, cfg.model, text_dim, cfg.data.max_len).items()}
     uses_text = any(n.uses_text for n in networks.values())
     uses_id = any(n.uses_id for n in networks.values())
-    local_items = np.arange(comm.rank, num_items, comm.world)
+    local_items = Placement(comm.world).ids_of(comm.rank, num_items).numpy()
     table = ShardedItemTable(num_items, cfg.model.dim, comm, text_features(local_items) if uses_text else None,
                              cfg.model.init_std, t.seed, with_id=uses_id, device=device)
     if cfg.model.id_init == "text" and uses_id:
@@ -360,8 +362,7 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
         # keyed by (seed, epoch, step): the same draws for a global batch whatever the world size
         g = torch.Generator(device=device).manual_seed((t.seed * 1_000_003 + phase.epoch) * 1_000_003 + step)
         bands.append(random_band(comm, len(target), num_neg - num_hard, table.num_items, g))
-    owned = table.owner(positives) == comm.rank
-    pos_rows = torch.where(owned, table.local_row(positives), 0)
+    pos_rows, owned = table.placement.owned_rows(positives, comm.rank)
     band = exclude_items(bands[0] if len(bands) == 1 else Band.cat(*bands), pos_rows, owned)
 
     nfrec = trained.kind in ("sum", "concat")

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from alterrec_dist.cli import run_cli
-from alterrec_dist.config import ConfigError
-from alterrec_dist.dataset import DataError
+from alterrec_dist.errors import ConfigError, DataError
 from alterrec_dist.export import Bundle, Queries, add_device_argument, encode_sessions, load_bundle, session_batch
 
 INDEXES = ("exact", "faiss", "faiss-hnsw")

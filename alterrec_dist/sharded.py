@@ -1,21 +1,21 @@
 """All parallelism lives here: the collectives (with byte counters) and the row-sharded item table.
 
-Item i lives on rank `i mod W` at local row `i div W`; its learnable ID row and its frozen text
-features are co-located. Queries travel, items stay: workers all-gather session embeddings and
+Item i lives on rank `i mod W` at local row `i div W` (`Placement`, the one place that rule is
+written); its learnable ID row and its frozen text features are co-located. Queries travel, items stay: workers all-gather session embeddings and
 every shard scores them against its own rows. World size 1 runs exactly the same code.
 """
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_autograd
 from torch import nn
-
-from alterrec_dist.model import init_id_rows
 
 # torch 2.13 marks the autograd collectives deprecated in favour of the private
 # _functional_collectives; they remain the public API with gloo support, so keep the logs quiet.
@@ -58,6 +58,21 @@ class Comm:
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's picklable `obj`, in rank order (counted as its pickled size)."""
+        self.bytes["all_gather_object"] += len(pickle.dumps(obj))
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank `src`'s picklable `obj` on every rank (counted on `src`, as its pickled size)."""
+        if self.rank == src:
+            self.bytes["broadcast_object"] += len(pickle.dumps(obj))
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
+
     def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM, autograd: bool = False) -> torch.Tensor:
         """Reduced copy of `t`. With autograd (SUM only) the backward all-reduces the grads: correct
         when each rank's loss covers only its own queries, as in `band_loss`."""
@@ -86,6 +101,48 @@ class Comm:
         return list(out.split(out_rows))
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where every item lives at world size `world`: item i on rank `i mod world`, at local row `i div
+    world`. The only code that knows the rule; the table, mining, evaluation, checkpoints and serving ask it."""
+    world: int
+
+    def owner(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids % self.world
+
+    def local_row(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids // self.world
+
+    def owned_rows(self, ids: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local rows of `ids` on `rank`, 0 where another rank owns the item; whether `rank` owns it)."""
+        mine = self.owner(ids) == rank
+        return torch.where(mine, self.local_row(ids), 0), mine
+
+    def ids_of(self, rank: int, num_items: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The global ids of `rank`'s rows, in local row order."""
+        return torch.arange(rank, num_items, self.world, device=device)
+
+    def shard_major(self, num_items: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Every global id, rank 0's rows first, then rank 1's, ...: the rows as the ranks hold them."""
+        return torch.cat([self.ids_of(r, num_items, device) for r in range(self.world)])
+
+    def repartition(self, shards: list[dict], rank: int) -> dict:
+        """`rank`'s rows at this placement, gathered from row shards cut for any world size.
+
+        Each shard is {"items": (n,) global ids, "rows": {key: (n, ...) tensor}}, rows aligned with
+        items; the result has the same form, in local row order. Pure, no process group."""
+        picks = [self.owner(s["items"]) == rank for s in shards]
+        items = torch.cat([s["items"][p] for s, p in zip(shards, picks)])
+        order = torch.argsort(items)
+        rows = {k: torch.cat([s["rows"][k][p] for s, p in zip(shards, picks)])[order] for k in shards[0]["rows"]}
+        return {"items": items[order], "rows": rows}
+
+
+def init_id_rows(num_rows: int, dim: int, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Fresh ID table rows ~ N(0, std); the caller's generator decides which rows they are."""
+    return torch.randn(num_rows, dim, generator=generator, device=generator.device) * std
+
+
 class ShardedItemTable(nn.Module):
     """This rank's rows of the item tables: learnable ID rows `x` and frozen text features `f`.
 
@@ -98,9 +155,9 @@ class ShardedItemTable(nn.Module):
                  init_std: float, seed: int, with_id: bool = True, device: torch.device | str = "cpu"):
         super().__init__()
         self.num_items, self.comm = num_items, comm
+        self.placement = Placement(comm.world)
         # global id of each local row
-        self.register_buffer("global_ids", torch.arange(comm.rank, num_items, comm.world, device=device),
-                             persistent=False)
+        self.register_buffer("global_ids", self.placement.ids_of(comm.rank, num_items, device), persistent=False)
         self.num_local = len(self.global_ids)
         self.x = nn.Parameter(self._init_rows(dim, init_std, seed).to(device)) if with_id else None
         f = torch.zeros(self.num_local, 0, dtype=torch.float16, device=device) if text_features is None else \
@@ -118,18 +175,12 @@ class ShardedItemTable(nn.Module):
             g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + start // block)
             full = init_id_rows(min(block, self.num_items - start), dim, std, g)
             mine = ids[(ids >= start) & (ids < start + block)]
-            rows[mine // self.comm.world] = full[mine - start]
+            rows[self.placement.local_row(mine)] = full[mine - start]
         return rows
 
     @property
     def f(self) -> torch.Tensor:
         return self.f16.float()
-
-    def owner(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids % self.comm.world
-
-    def local_row(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids // self.comm.world
 
     def fetch(self, ids: torch.Tensor, need_x: bool, need_f: bool):
         """Rows of the distinct `ids` from their owners: (x rows with autograd, f rows as float32,
@@ -142,14 +193,14 @@ class ShardedItemTable(nn.Module):
         """
         W = self.comm.world
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        owners = self.owner(uniq)
+        owners = self.placement.owner(uniq)
         order = torch.argsort(owners, stable=True)
         send_counts = torch.bincount(owners, minlength=W)
         recv_counts = torch.cat(self.comm.all_to_all(list(send_counts.view(W, 1)), [1] * W))
         # all-to-all split sizes are host integers: the one host read of a lookup, both counts at once
         send_counts, recv_counts = torch.stack([send_counts, recv_counts]).tolist()
         requests = self.comm.all_to_all(list(uniq[order].split(send_counts)), recv_counts)
-        local = [self.local_row(r) for r in requests]
+        local = [self.placement.local_row(r) for r in requests]
         position = torch.empty_like(order)
         # where each distinct id sits in the by-owner order
         position[order] = torch.arange(len(order), device=order.device)

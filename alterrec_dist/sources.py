@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from alterrec_dist.dataset import SPLITS, DataError, gather_ranges
+from alterrec_dist.dataset import SPLITS, gather_ranges
+from alterrec_dist.errors import DataError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TRAIN, VALID, TEST = SPLITS

@@ -29,10 +29,12 @@ import sys
 from pathlib import Path
 
 from alterrec_dist import ray_watchdog
-from alterrec_dist.cli import run_cli
-from alterrec_dist.config import Config, ConfigError, load_config, to_toml
 from alterrec_dist.checkpoint import newest_good
-from alterrec_dist.dataset import DataError, Dataset, atomic_write_bytes
+from alterrec_dist.cli import run_cli
+from alterrec_dist.config import Config, load_config, to_toml
+from alterrec_dist.dataset import Dataset
+from alterrec_dist.errors import ConfigError, DataError
+from alterrec_dist.files import atomic_write_bytes, read_json
 
 METRIC_COLUMNS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
 SCORE_ROWS = ("id", "text", "fused")
@@ -181,7 +183,7 @@ def read_summary(run_dir: Path, fallback: dict | None = None) -> dict:
     file is not visible here (a multi-node cluster whose storage_path is not shared)."""
     path = run_dir / "summary.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_json(path)
     if fallback is not None:
         print(f"note: {path} is not on this node; showing the summary rank 0 reported", file=sys.stderr)
         return fallback
@@ -329,6 +331,7 @@ def launch_torchrun(cfg: Config, out: str | None, resume_dir: Path | None) -> tu
     import torch.distributed as dist
 
     from alterrec_dist import recipe
+    from alterrec_dist.sharded import Comm
 
     standalone = "WORLD_SIZE" not in os.environ
     world = 1 if standalone else int(os.environ["WORLD_SIZE"])
@@ -343,24 +346,23 @@ def launch_torchrun(cfg: Config, out: str | None, resume_dir: Path | None) -> tu
     else:
         dist.init_process_group(backend)  # env:// — RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
     try:
-        rank = dist.get_rank()
+        comm = Comm()
         # Rank 0 makes the run directory (one timestamp for all); the others learn it or the error.
-        box: list = [None, None]
-        if rank == 0:
+        run_dir, err = None, None
+        if comm.rank == 0:
             try:
-                box = [str(open_run_dir(cfg, out, resume_dir)), None]
+                run_dir = str(open_run_dir(cfg, out, resume_dir))
             except (ConfigError, DataError) as e:
-                box = [None, e]
-        dist.broadcast_object_list(box, src=0)
-        run_dir, err = box
+                err = e
+        run_dir, err = comm.broadcast_object((run_dir, err))
         if err is not None:
-            if rank == 0:
+            if comm.rank == 0:
                 raise err
             raise SystemExit(2)  # rank 0 prints the one line
         run_dir = Path(run_dir)
         summary = recipe.run_worker(cfg, run_dir)
-        dist.barrier()
-        return (read_summary(run_dir, summary), run_dir) if rank == 0 else None
+        comm.barrier()
+        return (read_summary(run_dir, summary), run_dir) if comm.rank == 0 else None
     finally:
         dist.destroy_process_group()
 

@@ -18,7 +18,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alterrec_dist.dataset import SPLITS, Dataset, data_files, file_sha256
+from alterrec_dist.dataset import SPLITS, Dataset, data_files
+from alterrec_dist.files import file_sha256
 from bench.synth_scale import directory_bytes, machine
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -346,7 +346,7 @@ CASES = [
      ["{d}/x/manifest.json: not valid JSON"]),
     ("recommend-export-manifest-missing-key", "recommend", lambda d, r: [
         "--export", str(_export_copy(d, r, lambda x: _pop_key(x / "manifest.json", "scoring"))),
-        "--session", "P0001"], ["{d}/x/manifest.json: no scoring"]),
+        "--session", "P0001"], ["{d}/x/manifest.json: scoring is missing or not a dict"]),
     # batch_score
     ("batch-out-exists", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(_raw(d, "o.parquet", b"keep"))],
@@ -495,7 +495,7 @@ def test_every_writer_sweeps_the_leftovers_of_dead_processes(run, tmp_path, caps
     """export, batch_score, prepare and synth (and atomic_write_json, e.g. --metrics-out) remove the
     `.OUT.tmp-PID` / `.OUT.old-PID` of processes that are gone, and leave none of their own."""
     from alterrec_dist import batch_score, export, prepare, synth
-    from alterrec_dist.dataset import atomic_write_json
+    from alterrec_dist.files import atomic_write_json
 
     outs = {"export": tmp_path / "x", "batch": tmp_path / "o.parquet", "prepare": tmp_path / "p",
             "synth": tmp_path / "s", "json": tmp_path / "m.json"}
@@ -540,7 +540,8 @@ def test_synth_of_one_item(tmp_path):
 
 def test_datasets_carry_checksums_that_verify(tmp_path, capsys):
     from alterrec_dist import prepare
-    from alterrec_dist.dataset import Dataset, data_files, file_sha256
+    from alterrec_dist.dataset import Dataset, data_files
+    from alterrec_dist.files import file_sha256
 
     ds = Dataset(dataset(tmp_path))
     assert sorted(ds.manifest["sha256"]) == sorted(data_files(ds.manifest))

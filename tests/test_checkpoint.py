@@ -4,7 +4,7 @@ import torch
 
 from alterrec_dist.checkpoint import load_model, save_model, shard_name
 from alterrec_dist.config import load_config
-from alterrec_dist.dataset import DataError
+from alterrec_dist.errors import DataError
 from alterrec_dist.recipe import build_run, frozen_item_rows, train_epoch
 from alterrec_dist.schedule import plan
 from alterrec_dist.sharded import Comm

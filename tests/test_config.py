@@ -5,7 +5,8 @@ import dataclasses
 
 import pytest
 
-from alterrec_dist.config import PROJECT_ROOT, Config, ConfigError, load_config, to_toml
+from alterrec_dist.config import PROJECT_ROOT, Config, load_config, to_toml
+from alterrec_dist.errors import ConfigError
 
 
 def write(tmp_path, text: str, name: str = "c.toml"):

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from alterrec_dist.config import ConfigError
+from alterrec_dist.errors import ConfigError
 from alterrec_dist.experiments import expand, load_grid, main
 
 pytestmark = pytest.mark.slow

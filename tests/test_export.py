@@ -20,8 +20,10 @@ import torch.distributed as dist
 from alterrec_dist import export
 from alterrec_dist.checkpoint import load_model
 from alterrec_dist.config import PROJECT_ROOT, load_config
-from alterrec_dist.dataset import DataError, Dataset, DatasetWriter, file_sha256
+from alterrec_dist.dataset import Dataset, DatasetWriter
+from alterrec_dist.errors import DataError
 from alterrec_dist.evaluate import Scorer, count_above_target, session_queries
+from alterrec_dist.files import file_sha256
 from alterrec_dist.model import build_networks
 from alterrec_dist.reader import SessionReader
 from alterrec_dist.sharded import Comm, ShardedItemTable

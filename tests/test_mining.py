@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from alterrec_dist.mining import (CountPacker, exclude_items, from_ordered, key_ids, mine_band, ordered,
-                                  random_band, score_keys, top_items)
+from alterrec_dist.mining import (CountPacker, exclude_items, from_ordered, key_ids, mine_band, ordered, random_band,
+                                  score_keys, top_items)
 from alterrec_dist.sharded import Comm
 from tests.dist_harness import run_world
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from alterrec_dist.config import ModelConfig
-from alterrec_dist.model import MOE_EXPERTS, Network, SessionEncoder, build_networks, init_id_rows, text_init_rows
+from alterrec_dist.model import MOE_EXPERTS, Network, SessionEncoder, build_networks, text_init_rows
+from alterrec_dist.sharded import init_id_rows
 
 D_TEXT = 12
 ROOT = Path(__file__).resolve().parent.parent

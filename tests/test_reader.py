@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from alterrec_dist.config import PROJECT_ROOT
-from alterrec_dist.dataset import SESSION_SCHEMA, DataError, Dataset
+from alterrec_dist.dataset import SESSION_SCHEMA, Dataset
+from alterrec_dist.errors import DataError
 from alterrec_dist.reader import PADDING_EXAMPLE, SessionReader
 
 ROWS_PER_FILE = (130, 0, 97, 200)  # an empty file too: it must not shift the global row indices

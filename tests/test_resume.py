@@ -24,11 +24,13 @@ import pytest
 import torch
 
 from alterrec_dist.checkpoint import (KEEP, checkpoint_name, join_row_state, newest_good, prune, rank_file,
-                                      repartition, split_row_state)
-from alterrec_dist.config import ConfigError, load_config
-from alterrec_dist.dataset import DataError, atomic_write_json, file_sha256
+                                      split_row_state)
+from alterrec_dist.config import load_config
+from alterrec_dist.errors import ConfigError, DataError
+from alterrec_dist.files import atomic_write_json, file_sha256
 from alterrec_dist.recipe import phase_index
 from alterrec_dist.schedule import plan
+from alterrec_dist.sharded import Placement
 from alterrec_dist.train import build_parser, load_run_config
 from tests.test_train import tiny_dataset
 
@@ -50,7 +52,7 @@ def test_repartition_gives_each_rank_its_rows(old, new):
     V = 13
     full = {"x": torch.randn(V, 3), "id.exp_avg": torch.randn(V, 3), "id.exp_avg_sq": torch.rand(V, 3)}
     for rank in range(new):
-        mine = repartition(shards_of(full, old), rank, new)
+        mine = Placement(new).repartition(shards_of(full, old), rank)
         assert torch.equal(mine["items"], torch.arange(rank, V, new))
         for k, v in full.items():
             assert torch.equal(mine["rows"][k], v[rank::new]), (k, rank)
@@ -60,7 +62,7 @@ def test_repartition_takes_only_the_shards_it_is_given():
     """A rank reads only the old shards that hold its items (W=4 -> W=2: rank 1 needs old 1 and 3)."""
     full = {"x": torch.arange(20.0).view(10, 2)}
     old = shards_of(full, 4)
-    mine = repartition([old[1], old[3]], 1, 2)
+    mine = Placement(2).repartition([old[1], old[3]], 1)
     assert mine["items"].tolist() == [1, 3, 5, 7, 9]
     assert torch.equal(mine["rows"]["x"], full["x"][1::2])
 

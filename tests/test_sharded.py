@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from alterrec_dist.sharded import Comm, ShardedItemTable, sum_dense_grads
+from alterrec_dist.sharded import Comm, Placement, ShardedItemTable, sum_dense_grads
 from tests.dist_harness import run_world
 
 V, D, F = 23, 4, 3
@@ -45,6 +45,36 @@ def test_fetch_returns_owner_rows_and_sends_grads_back(world):
         torch.testing.assert_close(f, torch.from_numpy(features()).float()[ids])
         expected_grad.index_add_(0, ids, torch.arange(1.0, D + 1).expand(len(ids), D))
     torch.testing.assert_close(full_grad, expected_grad)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_placement_is_the_modulo_rule(world):
+    p, ids = Placement(world), torch.arange(V)
+    assert torch.equal(p.owner(ids), ids % world) and torch.equal(p.local_row(ids), ids // world)
+    for rank in range(world):
+        mine = p.ids_of(rank, V)
+        assert torch.equal(mine, torch.arange(rank, V, world))
+        assert torch.equal(p.local_row(mine), torch.arange(len(mine))), "local rows are 0..n-1 in id order"
+        rows, owned = p.owned_rows(ids, rank)
+        assert torch.equal(owned, ids % world == rank)
+        assert torch.equal(rows, torch.where(owned, ids // world, 0))
+    assert sorted(p.shard_major(V).tolist()) == list(range(V))
+    assert torch.equal(p.shard_major(V)[:len(p.ids_of(0, V))], p.ids_of(0, V)), "rank 0's rows first"
+
+
+def objects_on_shard(rank, world):
+    comm = Comm()
+    gathered = comm.all_gather_object(("rank", rank))
+    told = comm.broadcast_object({"from": rank})
+    return gathered, told, dict(comm.bytes)
+
+
+@pytest.mark.slow
+def test_object_collectives_go_through_comm_and_are_counted():
+    for rank, (gathered, told, sent) in enumerate(run_world(objects_on_shard, 2)):
+        assert gathered == [("rank", 0), ("rank", 1)] and told == {"from": 0}
+        assert sent["all_gather_object"] > 0
+        assert ("broadcast_object" in sent) == (rank == 0), "counted where it is sent from"
 
 
 def grads_on_shard(rank, world):

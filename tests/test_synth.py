@@ -9,8 +9,7 @@ import pytest
 
 from alterrec_dist.cli import run_cli
 from alterrec_dist.dataset import SPLITS, Dataset
-from alterrec_dist.synth import (LINE_SIZE, LINE_SWITCH, SESSIONS_PER_SEED, TOPIC_SWITCH, main, make_catalog,
-                                 write_synth)
+from alterrec_dist.synth import LINE_SIZE, LINE_SWITCH, SESSIONS_PER_SEED, TOPIC_SWITCH, main, make_catalog, write_synth
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from alterrec_dist.dataset import DataError
+from alterrec_dist.errors import DataError
 from alterrec_dist.text_features import EncodeStats, encode_texts
 
 TITLES = [
