@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alterrec_dist.errors import ConfigError
+from alterrec_dist.methods import METHODS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOGIT_FORMS = ("dot", "cosine")
 TEXT_ADAPTERS = ("mlp", "whitening", "moe")
-METHODS = ("alterrec", "alterrec_aug", "alterrec_random", "id_only", "text_only", "nfrec_sum", "nfrec_concat")
 
 
 def shown(path: Path) -> Path:
@@ -200,7 +200,7 @@ class Config:
         t, m, e, r = self.train, self.model, self.eval, self.trainer
         checks = [
             (t.k1 < t.k2, f"need 0 <= train.k1 < train.k2, got k1={t.k1} k2={t.k2}"),
-            (t.method != "alterrec_aug" or t.p < t.k1, f"augmentation needs train.p < train.k1, got p={t.p} k1={t.k1}"),
+            (not METHODS[t.method].augmented or t.p < t.k1, f"augmentation needs train.p < train.k1, got p={t.p} k1={t.k1}"),
             (t.global_batch_size % r.num_workers == 0,
              f"train.global_batch_size={t.global_batch_size} must be divisible by trainer.num_workers={r.num_workers}"),
             (e.batch_size % r.num_workers == 0,
@@ -210,7 +210,7 @@ class Config:
             (r.precision != "fp16" or r.use_gpu, "trainer.precision=fp16 needs trainer.use_gpu=true (bf16 runs on CPU)"),
             (r.zero_stage == 0 or r.engine == "deepspeed",
              f"trainer.zero_stage={r.zero_stage} needs trainer.engine=deepspeed"),
-            (m.id_logits == m.text_logits == "dot" or not t.method.startswith("nfrec"),
+            (m.id_logits == m.text_logits == "dot" or not METHODS[t.method].fused,
              "cosine logits apply to the separate id and text networks, not to NFRec's fused one"),
             (m.text_adapter == "mlp" or m.text_hidden == 0, "model.text_hidden applies to model.text_adapter = mlp"),
             (m.encoder != "transformer" or m.dim % m.heads == 0,

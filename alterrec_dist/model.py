@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from alterrec_dist.config import ModelConfig
+from alterrec_dist.methods import method as method_of
 
 KINDS = ("id", "text", "sum", "concat")
 POS_INIT_STD = 0.02  # SASRec/BERT scale: positions of unit std would swamp item rows of std 0.02
@@ -209,9 +210,6 @@ def text_init_rows(x: Tensor, f: Tensor, mean: Tensor, std: float, seed: int) ->
 
 
 def build_networks(method: str, cfg: ModelConfig, text_dim: int, max_len: int) -> dict[str, Network]:
-    """The networks a method trains, built in a fixed order so a seeded build is reproducible."""
-    if method in ("nfrec_sum", "nfrec_concat"):
-        return {"fused": Network(method.removeprefix("nfrec_"), cfg, text_dim, max_len)}
-    if method in ("alterrec", "alterrec_aug", "alterrec_random", "id_only", "text_only"):
-        return {"id": Network("id", cfg, text_dim, max_len), "text": Network("text", cfg, text_dim, max_len)}
-    raise ValueError(f"unknown method {method!r}")
+    """The networks a method trains (`methods.Method.networks`), built in a fixed order so a seeded build
+    is reproducible."""
+    return {name: Network(kind, cfg, text_dim, max_len) for name, kind in method_of(method).networks.items()}

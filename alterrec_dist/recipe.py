@@ -39,6 +39,7 @@ from alterrec_dist.errors import DataError
 from alterrec_dist.evaluate import evaluate, item_matrix
 from alterrec_dist.files import atomic_write_bytes, atomic_write_json
 from alterrec_dist.loss import tiled_band_loss
+from alterrec_dist.methods import selection_part
 from alterrec_dist.mining import Band, capped_k2, exclude_items, mine_band, random_band, top_items
 from alterrec_dist.model import Network, build_networks, text_init_rows
 from alterrec_dist.reader import Batch, SessionReader
@@ -148,7 +149,7 @@ def run_worker(cfg: Config, run_dir: Path, report: Report | None = None) -> dict
     comm, t = run.comm, cfg.train
     run_dir = Path(run_dir)
     part, _, metric = cfg.eval.metric.partition("/")
-    part = {"id_only": "id", "text_only": "text"}.get(t.method, part)  # a lone network is judged on itself
+    part = selection_part(t.method, part)  # a lone network is judged on itself
     phases = plan(t.method, t.m_random, t.m_gap, t.m_max)
     warmup = warmup_epochs(t.method, t.m_random, t.m_max)
     steps_per_epoch = run.train_reader.steps_per_epoch()

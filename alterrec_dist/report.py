@@ -24,14 +24,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from alterrec_dist.config import PROJECT_ROOT, shown  # noqa: E402
 from alterrec_dist.files import atomic_write_bytes  # noqa: E402
+from alterrec_dist.methods import METHODS, selection_part  # noqa: E402
 
 TABLE_METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20")
-LABELS = {
-    "alterrec": "AlterRec", "alterrec_aug": "AlterRec + augmentation", "alterrec_random": "AlterRec, random negatives",
-    "nfrec_sum": "NFRec (sum)", "nfrec_concat": "NFRec (concat)", "id_only": "ID only", "text_only": "Text only",
-}
-OWN_KIND = {"id_only": "id", "text_only": "text"}  # a lone network is judged on itself; the rest on fused
 TARGET_GAIN = 0.05
+
+
+def method_label(method: str) -> str:
+    return METHODS[method].label if method in METHODS else method
+
+
+def own_kind(method: str) -> str:
+    """The score a method is reported on: a lone network's own, the rest fused."""
+    return selection_part(method, "fused") if method in METHODS else "fused"
 
 
 # -- reading runs ------------------------------------------------------------------------------
@@ -81,8 +86,8 @@ def table_header(first: str) -> list[str]:
 def main_table(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors: list[dict]) -> list[str]:
     lines = table_header("method (score used)")
     for method, runs in methods.items():
-        kind = OWN_KIND.get(method, "fused")
-        lines.append(metric_row(f"{LABELS.get(method, method)} ({kind})", runs, kind))
+        kind = own_kind(method)
+        lines.append(metric_row(f"{method_label(method)} ({kind})", runs, kind))
     for name, runs in peers.items():
         lines.append(metric_row(f"{name} (peer, RecBole)", runs, "peer"))
     for a in anchors:
@@ -97,9 +102,9 @@ def ablation_table(methods: dict[str, list[dict]]) -> list[str]:
         runs = methods.get(method)
         if not runs:
             continue
-        kinds = [OWN_KIND[method]] if method in OWN_KIND else ["fused", "id", "text"]
+        kinds = [METHODS[method].judged_on] if METHODS[method].judged_on else ["fused", "id", "text"]
         for kind in kinds:
-            lines.append(metric_row(f"{LABELS[method]} ({kind})", runs, kind))
+            lines.append(metric_row(f"{method_label(method)} ({kind})", runs, kind))
     return lines
 
 
@@ -110,7 +115,7 @@ def gains(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors:
     lines = ["| AlterRec (fused) vs | its Hits@10 | its NDCG@10 | AlterRec Hits@10 | AlterRec NDCG@10 | ≥ +5 % on both? |",
              "|---|---|---|---|---|---|"]
     ours = {m: mean_std([r["test"]["fused"][m] for r in methods["alterrec"]])[0] for m in ("hit@10", "ndcg@10")}
-    others = [(f"{LABELS[b]} ({OWN_KIND.get(b, 'fused')})", methods[b], OWN_KIND.get(b, "fused"))
+    others = [(f"{method_label(b)} ({own_kind(b)})", methods[b], own_kind(b))
               for b in ("id_only", "nfrec_sum", "text_only", "alterrec_random") if b in methods]
     others += [(f"{name} (peer)", runs, "peer") for name, runs in peers.items()]
     rows = [(label, {m: mean_std([r["test"][kind][m] for r in runs])[0] for m in ours}) for label, runs, kind in others]
@@ -149,7 +154,7 @@ def select_settings(keys: list[str], runs: list[dict], methods: dict[str, list[d
             methods[method] = ready[best]
             if not lines:
                 lines = ["| method | setting | validation score per value | chosen |", "|---|---|---|---|"]
-            lines.append(f"| {LABELS.get(method, method)} | {key} | "
+            lines.append(f"| {method_label(method)} | {key} | "
                          + ", ".join(f"{v}: {x:.4f}" for v, x in scores.items()) + f" | **{best}** |")
     return lines
 
@@ -203,8 +208,8 @@ def longtail(methods: dict[str, list[dict]], metric: str) -> tuple[list[str], di
     for method, runs in methods.items():
         if method == "id_only":
             continue
-        kind = OWN_KIND.get(method, "fused")
-        ratios[f"{LABELS[method]} ({kind})"] = [mean_metric(runs, kind, g) / ref[g] if ref[g] else float("nan")
+        kind = own_kind(method)
+        ratios[f"{method_label(method)} ({kind})"] = [mean_metric(runs, kind, g) / ref[g] if ref[g] else float("nan")
                                                for g in groups]
     return groups, ratios, counts
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from alterrec_dist.methods import ALTERNATE
+from alterrec_dist.methods import method as method_of
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -24,29 +27,25 @@ class Phase:
 
 
 def plan(method: str, m_random: int, m_gap: int, m_max: int) -> list[Phase]:
-    """One Phase per epoch, m_max of them."""
-    if method in ("id_only", "text_only"):
-        net = method.removesuffix("_only")
-        return [Phase(e, net, "random", False) for e in range(m_max)]
-    if method in ("nfrec_sum", "nfrec_concat"):
-        return [Phase(e, "fused", "random", False) for e in range(m_max)]
-    if method not in ("alterrec", "alterrec_aug", "alterrec_random"):
-        raise ValueError(f"unknown method {method!r}")
-    hard = "random" if method == "alterrec_random" else "hard"
+    """One Phase per epoch, m_max of them (`methods.Method.schedule`)."""
+    m = method_of(method)
+    if m.schedule != ALTERNATE:  # one network, every epoch, on random negatives
+        return [Phase(e, m.schedule, "random", False) for e in range(m_max)]
+    hard = "hard" if m.hard else "random"
     phases = []
     for e in range(m_max):
         if e < 2 * m_random:  # warm-up: each network alone on random negatives, ID first
             phases.append(Phase(e, "id" if e < m_random else "text", "random", False))
         else:
             turn = (e - 2 * m_random) // m_gap
-            phases.append(Phase(e, "id" if turn % 2 == 0 else "text", hard, method == "alterrec_aug"))
+            phases.append(Phase(e, "id" if turn % 2 == 0 else "text", hard, m.augmented))
     return phases
 
 
 def warmup_epochs(method: str, m_random: int, m_max: int) -> int:
     """AlterRec's random warm-up (each network alone, ID then text): before its end the fused score
     still has an untrained text network, so early stopping does not count these epochs."""
-    return min(2 * m_random, m_max) if method.startswith("alterrec") else 0
+    return min(2 * m_random, m_max) if method_of(method).schedule == ALTERNATE else 0
 
 
 def patience_exhausted(next_epoch: int, best_epoch: int | None, patience: int, warmup: int) -> bool:
