@@ -16,12 +16,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from alterrec_dist.cli import run_cli
-from alterrec_dist.dataset import SPLITS, Dataset, DatasetWriter, data_files
-from alterrec_dist.errors import DataError
-from alterrec_dist.files import file_sha256
-from alterrec_dist.sources import Source, read_amazon_m2, read_log, read_recbole
-from alterrec_dist.text_features import DEFAULT_BATCH_SIZE, EncodeStats, encode_texts, text_model_name
+from alterrec_dist.common.cli import run_cli
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.files import file_sha256
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.data.layout import SPLITS, DatasetWriter, data_files
+from alterrec_dist.data.sources.amazon_m2 import read_amazon_m2
+from alterrec_dist.data.sources.log import read_log
+from alterrec_dist.data.sources.recbole import read_recbole
+from alterrec_dist.data.sources.tables import Source
+from alterrec_dist.data.text_features import DEFAULT_BATCH_SIZE, EncodeStats, encode_texts, text_model_name
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,10 +16,10 @@ from itertools import islice
 import numpy as np
 import torch
 
-from alterrec_dist.config import load_config
-from alterrec_dist.recipe import build_run, frozen_item_rows, train_epoch, train_step
-from alterrec_dist.schedule import Phase
-from alterrec_dist.sharded import Comm
+from alterrec_dist.common.config import load_config
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch, train_step
+from alterrec_dist.training.schedule import Phase
 from bench.scale_worker import FixedBatches, Profiler, overrides
 
 

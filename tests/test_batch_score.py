@@ -7,9 +7,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from alterrec_dist import batch_score, export
-from alterrec_dist.dataset import Dataset
-from alterrec_dist.recommend import Searcher
+from alterrec_dist.serve import batch_runners
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.serve.search import Searcher
 from tests.test_export import cli, trained_run
+from alterrec_dist.serve.batch_input import iter_tables, local_batches, session_columns, table_to_rows
+from alterrec_dist.serve.batch_output import OrderedMetrics, ParquetOut, compare, score_rows
+from alterrec_dist.serve.batch_runners import run_local
+from alterrec_dist.serve.export_dir import load_bundle, load_export
+from alterrec_dist.serve.from_run import load_run
+from alterrec_dist.serve.queries import encode_sessions
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
 
@@ -52,7 +59,7 @@ def test_valid_split_equals_summary_too(run, tmp_path):
 
 def test_output_rows_ranks_and_top_lists(scored, run):
     table, _ = scored
-    data = Dataset(export.load_run(run).provenance["dataset"]["path"])
+    data = Dataset(load_run(run).provenance["dataset"]["path"])
     test = data.read_sessions("test")
     assert table.num_rows == test.num_rows == 1976
     assert table["example"].to_pylist() == list(range(1976))
@@ -80,11 +87,11 @@ def test_input_without_targets_streams_in_bounded_batches(scored, run, tmp_path,
     """Sessions without `target`, over two files of several row groups: the same top lists, no metrics,
     and the files are only ever read in batches of at most eval.batch_size rows."""
     table, _ = scored
-    test = Dataset(export.load_run(run).provenance["dataset"]["path"]).read_sessions("test").drop(["target"])
+    test = Dataset(load_run(run).provenance["dataset"]["path"]).read_sessions("test").drop(["target"])
     pq.write_table(test.slice(0, 700), tmp_path / "a.parquet", row_group_size=300)
     pq.write_table(test.slice(700), tmp_path / "b.parquet", row_group_size=250)
     seen = []
-    real = batch_score.score_rows
+    real = score_rows
 
     def spy(bundle, rows, top, has_target):
         seen.append(len(rows))
@@ -94,11 +101,11 @@ def test_input_without_targets_streams_in_bounded_batches(scored, run, tmp_path,
         raise AssertionError("read a whole file")
 
     def load_then_trap(**spec):  # the model's own files may be read whole; the input files may not
-        bundle = export.load_bundle(**spec)
+        bundle = load_bundle(**spec)
         monkeypatch.setattr(pq, "read_table", whole_file)
         monkeypatch.setattr(pq.ParquetFile, "read", whole_file)
         return bundle
-    monkeypatch.setattr(batch_score, "score_rows", spy)
+    monkeypatch.setattr(batch_runners, "score_rows", spy)
     monkeypatch.setattr(batch_score, "load_bundle", load_then_trap)
     code = batch_score.main(["--run", str(run), "--input", str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"),
                              "--out", str(tmp_path / "out.parquet"), "--metrics-out", str(tmp_path / "m.json")])
@@ -114,12 +121,12 @@ def test_input_without_targets_streams_in_bounded_batches(scored, run, tmp_path,
 
 def test_top_lists_are_the_exact_search(scored, run):
     table, _ = scored
-    bundle = export.load_run(run)
+    bundle = load_run(run)
     files = Dataset(bundle.provenance["dataset"]["path"]).session_files("test")
     first = 0
-    for t in batch_score.iter_tables(files, batch_score.session_columns(files), bundle.eval_batch_size):
-        rows = batch_score.table_to_rows(t, first, bundle.max_len, bundle.num_items, "t")
-        q = export.encode_sessions(bundle, batch_score.local_batches(rows, bundle.eval_batch_size, bundle.world))
+    for t in iter_tables(files, session_columns(files), bundle.eval_batch_size):
+        rows = table_to_rows(t, first, bundle.max_len, bundle.num_items, "t")
+        q = encode_sessions(bundle, local_batches(rows, bundle.eval_batch_size, bundle.world))
         _, items, _ = Searcher(bundle).search(q, 20)
         expected = items[:len(rows)].numpy()
         got = np.stack(table["items"].slice(first, len(rows)).to_numpy(zero_copy_only=False))
@@ -147,14 +154,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run, tmp_path, capsys):
 
 def test_metrics_detect_a_different_model(run, tmp_path):
     """The comparison can fail: a wrong alpha changes the fused metrics and is reported unequal."""
-    bundle = export.load_run(run)
+    bundle = load_run(run)
     bundle.weights["fused"] = [0.31, 0.69]
-    metrics = batch_score.OrderedMetrics(bundle.kinds, bundle.eval_batch_size, bundle.popularity, bundle.longtail_bins)
-    out = batch_score.ParquetOut(tmp_path / "o.parquet")
-    batch_score.run_local(bundle, Dataset(bundle.provenance["dataset"]["path"]).session_files("test"), out, 20, metrics)
+    metrics = OrderedMetrics(bundle.kinds, bundle.eval_batch_size, bundle.popularity, bundle.longtail_bins)
+    out = ParquetOut(tmp_path / "o.parquet")
+    run_local(bundle, Dataset(bundle.provenance["dataset"]["path"]).session_files("test"), out, 20, metrics)
     out.commit()
     summary = json.loads((run / "summary.json").read_text())
-    diffs = batch_score.compare(metrics.finish(), summary, "test")
+    diffs = compare(metrics.finish(), summary, "test")
     assert diffs and all(d.startswith(("fused/", "longtail fused")) for d in diffs)
 
 
@@ -189,7 +196,7 @@ def test_other_runs_equal_summary(tmp_path_factory, tmp_path, name, overrides, n
     assert batch_score.main(["--export", str(tmp_path / "export"), "--split", "test", "--out",
                              str(tmp_path / "o.parquet"), "--metrics-out", str(tmp_path / "m.json")]) == 0
     assert_equals_summary(json.loads((tmp_path / "m.json").read_text()), run)
-    bundle = export.load_export(tmp_path / "export")
+    bundle = load_export(tmp_path / "export")
     assert bundle.world == nproc
     if name == "nfrec-concat":
         assert bundle.weights["fused"] == [1.0, 1.0] and bundle.scales == [1.0, 1.0]

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from alterrec_dist.checkpoint import load_model, save_model, shard_name
-from alterrec_dist.config import load_config
-from alterrec_dist.errors import DataError
-from alterrec_dist.recipe import build_run, frozen_item_rows, train_epoch
-from alterrec_dist.schedule import plan
-from alterrec_dist.sharded import Comm
+from alterrec_dist.common.config import load_config
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.saved import load_model, save_model, shard_name
+from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch
+from alterrec_dist.training.schedule import plan
 from tests.dist_harness import run_world
 from tests.tiny_data import V, tiny_dataset
 
@@ -62,7 +62,7 @@ def test_what_is_saved_is_cpu_tensors_whatever_the_device(tmp_path):
     """A GPU run's model and checkpoints load on a CPU-only machine only if every tensor in them was saved from
     the CPU: publish() moves them (on_cpu) and every load names map_location (tests/test_device.py). Loaded here
     without map_location, so a tensor saved from another device would not come back as a CPU one."""
-    from alterrec_dist.checkpoint import on_cpu
+    from alterrec_dist.parallel.saved import on_cpu
     data = tiny_dataset(tmp_path / "data")
     run_world(train_and_save, 2, str(data), str(tmp_path / "model"))
     files = sorted((tmp_path / "model").glob("*.pt"))

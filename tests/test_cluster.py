@@ -402,7 +402,7 @@ def parse_train_command(argv: list[str]):
 def load_command_config(argv: list[str]):
     """The config a train command line resolves to: --config mapped from the image to the
     repository through the Dockerfile's COPY lines, then the project's own --set handling."""
-    from alterrec_dist.config import load_config
+    from alterrec_dist.common.config import load_config
 
     args = parse_train_command(argv)
     assert args.config, "the command names no --config"
@@ -453,12 +453,12 @@ def test_readme_names_the_image_and_existing_manifests():
 def test_gpu_job_driver_starts_on_a_cpu_only_head(monkeypatch):
     import torch
 
-    from alterrec_dist import train
+    from alterrec_dist.training.run_dir import check_resources
 
     cfg, _ = load_command_config(shlex.split(the("RayJob")["spec"]["entrypoint"]))
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # as `ray job submit` sets it
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    train.check_resources(cfg)
+    check_resources(cfg)
 
 
 # -- (d, e) Dockerfile -------------------------------------------------------------------------

@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from alterrec_dist.config import PROJECT_ROOT, Config, load_config, to_toml
-from alterrec_dist.errors import ConfigError
+from alterrec_dist.common.config import PROJECT_ROOT, Config, load_config, to_toml
+from alterrec_dist.common.errors import ConfigError
 
 
 def write(tmp_path, text: str, name: str = "c.toml"):
@@ -222,7 +222,7 @@ def test_from_dict_rejects_bad_input():
 
 def test_every_field_has_a_range():
     """The one place that knows each value's valid range names every field of the config."""
-    from alterrec_dist.config import RANGES
+    from alterrec_dist.common.config import RANGES
     fields = {f"{section}.{key}" for section, table in Config().to_dict().items() for key in table}
     free = {name for name in fields if isinstance(eval(f"Config().{name}"), bool)}  # every value is valid
     free |= {"trainer.storage_path", "trainer.name"}  # any path; make_run_dir reports what fails

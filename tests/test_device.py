@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from alterrec_dist.device import CPU_TILE_ROWS, tile_rows, trained_autocast, worker_device
+from alterrec_dist.common.device import CPU_TILE_ROWS, tile_rows, trained_autocast, worker_device
 
 PACKAGE = Path(__file__).resolve().parent.parent / "alterrec_dist"
 # what runs inside a training worker, or scores a saved model
-ENGINE_MODULES = ("recipe", "mining", "loss", "sharded", "evaluate", "model", "engine", "checkpoint", "metrics",
-                  "device", "export", "batch_score", "recommend")
+ENGINE_FOLDERS = ("parallel", "model", "eval", "training", "serve")  # every module in them
+ENGINE_MODULES = ("common/device", "export", "batch_score", "recommend")
 FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "randint", "randn", "rand", "randperm",
              "linspace", "eye", "Generator"}
 
@@ -50,8 +50,9 @@ def placement_problems(source: str, where: str) -> list[str]:
 
 
 def test_every_tensor_of_the_engine_names_its_device():
-    problems = [p for m in ENGINE_MODULES
-                for p in placement_problems((PACKAGE / f"{m}.py").read_text(), f"alterrec_dist/{m}.py")]
+    files = [PACKAGE / f"{m}.py" for m in ENGINE_MODULES]
+    files += [f for folder in ENGINE_FOLDERS for f in sorted((PACKAGE / folder).rglob("*.py"))]
+    problems = [p for f in files for p in placement_problems(f.read_text(), str(f.relative_to(PACKAGE.parent)))]
     assert not problems, "tensors that would stay on the CPU in a GPU run:\n" + "\n".join(problems)
 
 

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from alterrec_dist.config import load_config
-from alterrec_dist.dataset import Dataset
-from alterrec_dist.metrics import rank_metrics
-from alterrec_dist.recipe import build_run, frozen_item_rows, train_epoch
-from alterrec_dist.schedule import plan
-from alterrec_dist.sharded import Comm
+from alterrec_dist.common.config import load_config
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.eval.metrics import rank_metrics
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch
+from alterrec_dist.training.schedule import plan
 from tests.dist_harness import run_world
 from tests.tiny_data import tiny_dataset
 

@@ -4,8 +4,9 @@ import textwrap
 
 import pytest
 
-from alterrec_dist.errors import ConfigError
-from alterrec_dist.experiments import expand, load_grid, main
+from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.experiments import main
+from alterrec_dist.grid.runner import expand, load_grid
 
 pytestmark = pytest.mark.slow
 

@@ -18,15 +18,21 @@ import torch
 import torch.distributed as dist
 
 from alterrec_dist import export
-from alterrec_dist.checkpoint import load_model
-from alterrec_dist.config import PROJECT_ROOT, load_config
-from alterrec_dist.dataset import Dataset, DatasetWriter
-from alterrec_dist.errors import DataError
-from alterrec_dist.evaluate import Scorer, count_above_target, session_queries
-from alterrec_dist.files import file_sha256
-from alterrec_dist.model import build_networks
-from alterrec_dist.reader import SessionReader
-from alterrec_dist.sharded import Comm, ShardedItemTable
+from alterrec_dist.serve import export_dir
+from alterrec_dist.common.config import PROJECT_ROOT, load_config
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.files import file_sha256
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.data.layout import DatasetWriter
+from alterrec_dist.data.reader import SessionReader
+from alterrec_dist.eval.evaluate import Scorer, count_above_target, session_queries
+from alterrec_dist.model.networks import build_networks
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.saved import load_model
+from alterrec_dist.parallel.table import ShardedItemTable
+from alterrec_dist.serve.export_dir import load_export
+from alterrec_dist.serve.from_run import load_run
+from alterrec_dist.serve.queries import Queries, encode_sessions
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
 PY = sys.executable
@@ -80,7 +86,7 @@ def trained_run(tmp_path_factory, name: str, overrides: list[str] = (), nproc: i
 
 def cli(module: str, args: list[str], capsys) -> tuple[int, str, str]:
     """Run a CLI's main through run_cli in this process: (exit code, stdout, stderr)."""
-    from alterrec_dist.cli import run_cli
+    from alterrec_dist.common.cli import run_cli
     mod = __import__(f"alterrec_dist.{module}", fromlist=["main"])
     with pytest.raises(SystemExit) as e:
         run_cli(mod.main, args)
@@ -182,19 +188,19 @@ def test_export_files_and_manifest(run, exported):
 
 
 def test_exported_vectors_are_the_engine_matrices(exported, engine):
-    bundle = export.load_export(exported)
+    bundle = load_export(exported)
     for ours, theirs in zip(bundle.matrices, engine["matrices"]):
         assert torch.equal(ours, theirs)
 
 
 def split_queries(bundle, split: str) -> list[torch.Tensor]:
     """Per score component, the queries of every session of `split`, encoded by the export's loader."""
-    from alterrec_dist.batch_score import iter_tables, local_batches, session_columns, table_to_rows
+    from alterrec_dist.serve.batch_input import iter_tables, local_batches, session_columns, table_to_rows
     files = Dataset(bundle.provenance["dataset"]["path"]).session_files(split)
     parts, first = [], 0
     for table in iter_tables(files, session_columns(files), bundle.eval_batch_size):
         rows = table_to_rows(table, first, bundle.max_len, bundle.num_items, split)
-        q = export.encode_sessions(bundle, local_batches(rows, bundle.eval_batch_size, bundle.world))
+        q = encode_sessions(bundle, local_batches(rows, bundle.eval_batch_size, bundle.world))
         parts.append([p[:len(rows)] for p in q.parts])
         first += len(rows)
     return [torch.cat(c) for c in zip(*parts)]
@@ -204,7 +210,7 @@ def test_round_trip_queries_without_torch_distributed(exported, run, engine):
     """(e) The export's loader (no process group) encodes every test session to exactly the queries
     the engine computed in its gloo group; and so does loading the run directly."""
     assert not dist.is_initialized()
-    for bundle in (export.load_export(exported), export.load_run(run)):
+    for bundle in (load_export(exported), load_run(run)):
         queries = split_queries(bundle, "test")
         assert not dist.is_initialized()
         for ours, theirs in zip(queries, engine["queries"]):
@@ -218,9 +224,9 @@ def test_fused_index_gives_the_engine_top_n(exported, engine):
     order included. One inner product of fused_vec with the fused query (what an IP index serves)
     is the same score up to float rounding, so it may swap items whose engine scores are within
     rounding of each other (measured: 1 of 1,976 sessions, a 1-ulp pair); it must never do more."""
-    bundle = export.load_export(exported)
-    qs = export.Queries(engine["queries"], bundle.scales, bundle.weights["fused"])
-    from alterrec_dist.recommend import Searcher
+    bundle = load_export(exported)
+    qs = Queries(engine["queries"], bundle.scales, bundle.weights["fused"])
+    from alterrec_dist.serve.search import Searcher
     _, exact, _ = Searcher(bundle, "exact").search(qs, 20)
     assert torch.equal(exact, engine["top"])
 
@@ -248,7 +254,7 @@ def assert_only_near_ties(items: torch.Tensor, engine: dict, tol: float = 1e-6) 
 
 
 def test_engine_order_ranks_equal_count_above_target(exported, engine):
-    bundle = export.load_export(exported)
+    bundle = load_export(exported)
     data = Dataset(bundle.provenance["dataset"]["path"]).read_sessions("test")
     target = torch.from_numpy(data["target"].to_numpy().astype(np.int64))
     B, ranks = bundle.eval_batch_size, []
@@ -284,13 +290,13 @@ def test_corrupt_export_is_refused(exported, tmp_path):
         f.seek(-1, 2)
         f.write(b"\x01")
     with pytest.raises(DataError, match="text_features.npy: missing or corrupt"):
-        export.load_export(copy)
+        load_export(copy)
 
 
 def test_failed_export_leaves_nothing(run, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(export.pq, "write_table", boom)
+    monkeypatch.setattr(export_dir.pq, "write_table", boom)
     with pytest.raises(OSError):
         export.main(["--run", str(run), "--out", str(tmp_path / "out")])
     assert list(tmp_path.iterdir()) == []
@@ -299,7 +305,8 @@ def test_failed_export_leaves_nothing(run, tmp_path, monkeypatch):
 def test_loader_runs_in_a_plain_process(exported):
     """The export needs only the package's model code: a fresh interpreter that never touches
     torch.distributed loads it and encodes a session."""
-    code = ("import sys, torch.distributed as d; from alterrec_dist.export import load_export, encode_sessions, "
+    code = ("import sys, torch.distributed as d; from alterrec_dist.serve.export_dir import load_export; "
+            "from alterrec_dist.serve.queries import encode_sessions, "
             "session_batch; b = load_export(sys.argv[1]); q = encode_sessions(b, [session_batch([[1, 2, 3]], b.max_len)]); "
             "assert not d.is_initialized(); print(q.fused.shape[1])")
     out = subprocess.run([PY, "-c", code, str(exported)], capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)

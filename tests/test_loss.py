@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from alterrec_dist.loss import band_loss, tiled_band_loss
-from alterrec_dist.mining import Band
-from alterrec_dist.sharded import Comm
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.loss import band_loss, tiled_band_loss
+from alterrec_dist.parallel.mining import Band
 from tests.dist_harness import run_world
 
 pytestmark = pytest.mark.slow

@@ -1,11 +1,12 @@
 """The method registry is the one list of methods: config, networks, plan and report all read it."""
 import pytest
 
-from alterrec_dist.config import ConfigError, load_config
-from alterrec_dist.methods import METHODS, method, selection_part
-from alterrec_dist.model import build_networks
-from alterrec_dist.report import method_label, own_kind
-from alterrec_dist.schedule import plan
+from alterrec_dist.common.config import load_config
+from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.methods import METHODS, method, selection_part
+from alterrec_dist.grid.report import method_label, own_kind
+from alterrec_dist.model.networks import build_networks
+from alterrec_dist.training.schedule import plan
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from alterrec_dist.mining import (CountPacker, exclude_items, from_ordered, key_ids, mine_band, ordered, random_band,
-                                  score_keys, top_items)
-from alterrec_dist.sharded import Comm
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.mining import (CountPacker, exclude_items, from_ordered, key_ids, mine_band, ordered,
+                                           random_band, score_keys, top_items)
 from tests.dist_harness import run_world
 
 pytestmark = pytest.mark.slow
@@ -125,7 +125,7 @@ def test_random_negatives_do_not_depend_on_world_size():
 
 @pytest.mark.parametrize("k2, expected", [(50, 37), (37, 37), (20, 20)])
 def test_k2_above_the_catalog_is_capped_with_a_warning(k2, expected, recwarn):
-    from alterrec_dist.mining import capped_k2
+    from alterrec_dist.parallel.mining import capped_k2
     assert capped_k2(k2, 37) == expected
     assert len(recwarn) == (1 if k2 > 37 else 0)
     if k2 > 37:

@@ -13,10 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alterrec_dist.cli import run_cli
-from alterrec_dist.dataset import Dataset, DatasetWriter
+from alterrec_dist.common.cli import run_cli
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.data.layout import DatasetWriter
+from alterrec_dist.data.sources.amazon_m2 import read_amazon_m2
+from alterrec_dist.data.sources.log import read_log
 from alterrec_dist.prepare import main
-from alterrec_dist.sources import read_amazon_m2, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 

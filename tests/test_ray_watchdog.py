@@ -1,4 +1,4 @@
-"""A driver that starts its private local Ray (train._init_ray) and is then SIGKILLed leaves no Ray
+"""A driver that starts its private local Ray (training.launch._init_ray) and is then SIGKILLed leaves no Ray
 process behind: without the watchdog, Ray 2.60's DashboardAgent and RuntimeEnvAgent survive, reparented
 to init, and ignore SIGTERM."""
 import os
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from alterrec_dist.config import PROJECT_ROOT
-from alterrec_dist.ray_watchdog import descendants
+from alterrec_dist.common.config import PROJECT_ROOT
+from alterrec_dist.common.ray_watchdog import descendants
 
 DRIVER = """
 import sys, time
-from alterrec_dist.train import _init_ray
+from alterrec_dist.training.launch import _init_ray
 _init_ray(1)
 print("ray up", flush=True)
 time.sleep(600)
@@ -55,7 +55,7 @@ def test_sigkill_of_the_driver_leaves_no_ray_process(tmp_path):
         assert all(any(n.startswith(a) for n in names) for a in AGENTS), names
         time.sleep(2)  # the watchdog records once a second
         procs = descendants(root)
-        watchdog = [pid for pid in procs if "alterrec_dist.ray_watchdog" in command_line(pid)]
+        watchdog = [pid for pid in procs if "alterrec_dist.common.ray_watchdog" in command_line(pid)]
         assert len(watchdog) == 1
         ray_procs = {pid: t for pid, t in procs.items() if pid not in (driver.pid, *watchdog)}
         assert len(ray_procs) >= 4  # gcs, raylet, dashboard, agents, ...

@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from alterrec_dist.config import PROJECT_ROOT
-from alterrec_dist.dataset import SESSION_SCHEMA, Dataset
-from alterrec_dist.errors import DataError
-from alterrec_dist.reader import PADDING_EXAMPLE, SessionReader
+from alterrec_dist.common.config import PROJECT_ROOT
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.data.layout import SESSION_SCHEMA
+from alterrec_dist.data.reader import PADDING_EXAMPLE, SessionReader
 
 ROWS_PER_FILE = (130, 0, 97, 200)  # an empty file too: it must not shift the global row indices
 ROW_GROUP = 23                     # small row groups: many chunks, several per shuffle window

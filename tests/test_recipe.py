@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from alterrec_dist.config import load_config
-from alterrec_dist.recipe import build_run, chosen_alpha, frozen_item_rows, train_epoch
-from alterrec_dist.schedule import plan
-from alterrec_dist.sharded import Comm
+from alterrec_dist.common.config import load_config
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.training.recipe import build_run, chosen_alpha, frozen_item_rows, train_epoch
+from alterrec_dist.training.schedule import plan
 from tests.dist_harness import run_world
 from tests.tiny_data import tiny_dataset
 

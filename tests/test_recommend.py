@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from alterrec_dist import export
-from alterrec_dist.dataset import Dataset
-from alterrec_dist.recommend import Searcher, recommend
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.serve.search import Searcher, recommend
 from tests.test_export import cli, split_queries, trained_run
+from alterrec_dist.serve.from_run import load_run
+from alterrec_dist.serve.queries import Queries
 
 HNSW_RECALL_FLOOR = 0.95  # measured 1.000 at @10 and @20 (2,000 items, M=32, efSearch=128)
 
@@ -20,12 +22,12 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(run):
-    return export.load_run(run)
+    return load_run(run)
 
 
 @pytest.fixture(scope="module")
 def test_queries(bundle):
-    return export.Queries(split_queries(bundle, "test"), bundle.scales, bundle.weights["fused"])
+    return Queries(split_queries(bundle, "test"), bundle.scales, bundle.weights["fused"])
 
 
 def session_ids(bundle, n=0):
@@ -54,7 +56,7 @@ def test_cli_prints_the_exact_top_n_with_text_and_scores(run, bundle, capsys):
         text = " ".join(e["text"].split())
         assert " ".join(r[5:]) == (text if len(text) <= 70 else text[:67] + "...")
     # the same session through the engine-aligned batch path gives the same items
-    q = export.Queries([p[:1] for p in split_queries(bundle, "test")], bundle.scales, bundle.weights["fused"])
+    q = Queries([p[:1] for p in split_queries(bundle, "test")], bundle.scales, bundle.weights["fused"])
     _, items, _ = Searcher(bundle).search(q, 7)
     assert [bundle.item_ids[i] for i in items[0].tolist()] == [r[1] for r in rows]
 

@@ -1,8 +1,8 @@
 """Report logic on run records (the whole report from real runs is in test_experiments)."""
 from pathlib import Path
 
-from alterrec_dist.experiments import RunSpec
-from alterrec_dist.report import select_settings
+from alterrec_dist.grid.report import select_settings
+from alterrec_dist.grid.runner import RunSpec
 
 
 def run(method: str, seed: int, m_max: int, valid: float, test: float, role: str = "method") -> dict:

@@ -23,15 +23,15 @@ import psutil
 import pytest
 import torch
 
-from alterrec_dist.checkpoint import (KEEP, checkpoint_name, join_row_state, newest_good, prune, rank_file,
-                                      split_row_state)
-from alterrec_dist.config import load_config
-from alterrec_dist.errors import ConfigError, DataError
-from alterrec_dist.files import atomic_write_json, file_sha256
-from alterrec_dist.recipe import phase_index
-from alterrec_dist.schedule import plan
-from alterrec_dist.sharded import Placement
+from alterrec_dist.common.config import load_config
+from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.files import atomic_write_json, file_sha256
+from alterrec_dist.parallel.table import Placement
 from alterrec_dist.train import build_parser, load_run_config
+from alterrec_dist.training.checkpoint import (KEEP, checkpoint_name, join_row_state, newest_good, prune, rank_file,
+                                               split_row_state)
+from alterrec_dist.training.recipe import phase_index
+from alterrec_dist.training.schedule import plan
 from tests.test_train import tiny_dataset
 
 PY = sys.executable

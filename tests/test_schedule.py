@@ -1,6 +1,6 @@
 import pytest
 
-from alterrec_dist.schedule import Phase, lr_factor, own_step, patience_exhausted, plan, warmup_epochs
+from alterrec_dist.training.schedule import Phase, lr_factor, own_step, patience_exhausted, plan, warmup_epochs
 
 I, T, F = "id", "text", "fused"
 R, H = "random", "hard"

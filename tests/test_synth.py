@@ -7,9 +7,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from alterrec_dist.cli import run_cli
-from alterrec_dist.dataset import SPLITS, Dataset
-from alterrec_dist.synth import LINE_SIZE, LINE_SWITCH, SESSIONS_PER_SEED, TOPIC_SWITCH, main, make_catalog, write_synth
+from alterrec_dist.common.cli import run_cli
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.data.layout import SPLITS
+from alterrec_dist.data.synth import LINE_SIZE, LINE_SWITCH, SESSIONS_PER_SEED, TOPIC_SWITCH, make_catalog, write_synth
+from alterrec_dist.synth import main
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,7 @@ def test_existing_out_is_refused_without_overwrite(tmp_path, capsys):
 
 
 def test_sbert_features_when_available(tmp_path, monkeypatch):
-    pytest.importorskip("alterrec_dist.text_features")
+    pytest.importorskip("alterrec_dist.data.text_features")
     monkeypatch.setenv("ALTERREC_CACHE", str(tmp_path / "cache"))  # keep the user's encoding cache clean
     ds = Dataset(write_synth(tmp_path / "s", items=300, sessions=2000, text_features="sbert", progress=False))
     assert ds.text_dim == 384 and ds.has_text().all() and ds.manifest["text"]["model"] == "all-MiniLM-L6-v2"

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from alterrec_dist.errors import DataError
-from alterrec_dist.text_features import EncodeStats, encode_texts
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.data.text_features import EncodeStats, encode_texts
 
 TITLES = [
     "USB-C charging cable, 2 m, braided nylon",

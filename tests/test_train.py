@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alterrec_dist.config import PROJECT_ROOT, Config, load_config
-from alterrec_dist.dataset import DatasetWriter
-from alterrec_dist.errors import ConfigError
-from alterrec_dist.train import METRIC_COLUMNS, default_run_dir, format_summary, make_run_dir, read_summary
+from alterrec_dist.common.config import PROJECT_ROOT, Config, load_config
+from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.data.layout import DatasetWriter
+from alterrec_dist.train import METRIC_COLUMNS, format_summary
+from alterrec_dist.training.run_dir import default_run_dir, make_run_dir, read_summary
 
 PY = sys.executable
 SCORES = ("id", "text", "fused")

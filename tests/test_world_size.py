@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from alterrec_dist.dataset import Dataset
+from alterrec_dist.data.dataset import Dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SETTINGS = ["--set", "model.dropout=0.0", "--set", "train.m_random=1", "--set", "train.m_gap=1",

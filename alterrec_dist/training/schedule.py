@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from alterrec_dist.methods import ALTERNATE
-from alterrec_dist.methods import method as method_of
+from alterrec_dist.common.methods import ALTERNATE, method as method_of
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from alterrec_dist.device import tile_rows as resolve_tile_rows
-from alterrec_dist.sharded import Comm, Placement
+from alterrec_dist.common.device import tile_rows as resolve_tile_rows
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.table import Placement
 
 ID_MASK = (1 << 32) - 1
 INT64_MIN = -(1 << 63)

@@ -1,10 +1,11 @@
 """Shared entry-point behaviour: bad input is one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
-from alterrec_dist.errors import ConfigError, DataError
+from alterrec_dist.common.errors import ConfigError, DataError
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
@@ -18,3 +19,9 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """--device of the commands that score a trained model (export, recommend, batch_score)."""
+    p.add_argument("--device", default="cpu",
+                   help="where the model scores: cpu (default), cuda or cuda:N; a GPU run's model scores on a CPU too")

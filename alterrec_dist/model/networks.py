@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from alterrec_dist.config import ModelConfig
-from alterrec_dist.methods import method as method_of
+from alterrec_dist.common.config import ModelConfig
+from alterrec_dist.common.methods import method as method_of
 
 KINDS = ("id", "text", "sum", "concat")
 POS_INIT_STD = 0.02  # SASRec/BERT scale: positions of unit std would swamp item rows of std 0.02

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from alterrec_dist.device import tile_rows as resolve_tile_rows
-from alterrec_dist.metrics import MetricSums, popularity_groups
-from alterrec_dist.model import Network
-from alterrec_dist.reader import Batch
-from alterrec_dist.sharded import Comm, Placement, ShardedItemTable
+from alterrec_dist.common.device import tile_rows as resolve_tile_rows
+from alterrec_dist.data.reader import Batch
+from alterrec_dist.eval.metrics import MetricSums, popularity_groups
+from alterrec_dist.model.networks import Network
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.table import Placement, ShardedItemTable
 
 @torch.no_grad()
 def item_matrix(net: Network, table: ShardedItemTable, tile_rows: int, parts: bool = False):

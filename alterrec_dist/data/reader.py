@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from alterrec_dist.dataset import gather_ranges
-from alterrec_dist.errors import DataError
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.data.layout import gather_ranges
 
 PADDING_EXAMPLE = -1  # `example` of the rows that pad the last evaluation batch
 

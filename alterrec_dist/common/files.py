@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from alterrec_dist.errors import DataError, one_line
+from alterrec_dist.common.errors import DataError, one_line
 
 
 def file_sha256(path: str | Path) -> str:

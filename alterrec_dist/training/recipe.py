@@ -29,22 +29,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from alterrec_dist.checkpoint import (checkpoint_name, find_resume_point, load_checkpoint, restore_model,
-                                      save_checkpoint, save_model)
-from alterrec_dist.config import Config
-from alterrec_dist.dataset import Dataset
-from alterrec_dist.device import configure_matmuls, trained_autocast, worker_device
-from alterrec_dist.engine import Stepper, build_stepper
-from alterrec_dist.errors import DataError
-from alterrec_dist.evaluate import evaluate, item_matrix
-from alterrec_dist.files import atomic_write_bytes, atomic_write_json
-from alterrec_dist.loss import tiled_band_loss
-from alterrec_dist.methods import selection_part
-from alterrec_dist.mining import Band, capped_k2, exclude_items, mine_band, random_band, top_items
-from alterrec_dist.model import Network, build_networks, text_init_rows
-from alterrec_dist.reader import Batch, SessionReader
-from alterrec_dist.schedule import Phase, lr_factor, own_step, patience_exhausted, plan, warmup_epochs
-from alterrec_dist.sharded import Comm, Placement, ShardedItemTable
+from alterrec_dist.common.config import Config
+from alterrec_dist.common.device import configure_matmuls, trained_autocast, worker_device
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json
+from alterrec_dist.common.methods import selection_part
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.data.reader import Batch, SessionReader
+from alterrec_dist.eval.evaluate import evaluate, item_matrix
+from alterrec_dist.model.networks import Network, build_networks, text_init_rows
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.loss import tiled_band_loss
+from alterrec_dist.parallel.mining import Band, capped_k2, exclude_items, mine_band, random_band, top_items
+from alterrec_dist.parallel.saved import save_model
+from alterrec_dist.parallel.table import Placement, ShardedItemTable
+from alterrec_dist.training.checkpoint import (checkpoint_name, find_resume_point, load_checkpoint, restore_model,
+                                               save_checkpoint)
+from alterrec_dist.training.schedule import Phase, lr_factor, own_step, patience_exhausted, plan, warmup_epochs
+from alterrec_dist.training.stepper import Stepper, build_stepper
 
 OTHER = {"id": "text", "text": "id"}
 

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from alterrec_dist.config import Config
-from alterrec_dist.sharded import Comm, sum_dense_grads
+from alterrec_dist.common.config import Config
+from alterrec_dist.parallel.comm import Comm, sum_dense_grads
 
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from alterrec_dist.device import tile_rows as resolve_tile_rows
-from alterrec_dist.mining import Band
-from alterrec_dist.sharded import Comm
+from alterrec_dist.common.device import tile_rows as resolve_tile_rows
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.mining import Band
 
 
 class Tiling:

@@ -4,7 +4,7 @@ Measured with Ray 2.60: after a SIGKILL of a driver that started a local Ray (`r
 "local")`), the GCS, raylet, dashboard, log monitor and workers go, but the raylet's two agents
 (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`) stay, reparented to init, and ignore SIGTERM.
 
-`start(driver_pid)` launches `python -m alterrec_dist.ray_watchdog` in its own session (a Ctrl-C or
+`start(driver_pid)` launches `python -m alterrec_dist.common.ray_watchdog` in its own session (a Ctrl-C or
 a kill of the driver's process group does not reach it), connected by a pipe whose write end only
 the driver holds. While the driver lives, the watchdog records the driver's descendants (pid and
 start time, so a reused pid is never taken for one of them) once a second. When the pipe closes
@@ -35,7 +35,7 @@ def start(driver_pid: int | None = None) -> subprocess.Popen | None:
     if _watchdog is not None or not Path("/proc/self/stat").exists():
         return _watchdog
     _watchdog = subprocess.Popen(
-        [sys.executable, "-m", "alterrec_dist.ray_watchdog", str(driver_pid or os.getpid())],
+        [sys.executable, "-m", "alterrec_dist.common.ray_watchdog", str(driver_pid or os.getpid())],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     return _watchdog
 

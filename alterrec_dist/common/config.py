@@ -12,10 +12,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alterrec_dist.errors import ConfigError
-from alterrec_dist.methods import METHODS
+from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.methods import METHODS
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # alterrec_dist/common/config.py -> the project
 LOGIT_FORMS = ("dot", "cosine")
 TEXT_ADAPTERS = ("mlp", "whitening", "moe")
 

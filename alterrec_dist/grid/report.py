@@ -22,9 +22,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from alterrec_dist.config import PROJECT_ROOT, shown  # noqa: E402
-from alterrec_dist.files import atomic_write_bytes  # noqa: E402
-from alterrec_dist.methods import METHODS, selection_part  # noqa: E402
+from alterrec_dist.common.config import PROJECT_ROOT, shown  # noqa: E402
+from alterrec_dist.common.files import atomic_write_bytes  # noqa: E402
+from alterrec_dist.common.methods import METHODS, selection_part  # noqa: E402
 
 TABLE_METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20")
 TARGET_GAIN = 0.05

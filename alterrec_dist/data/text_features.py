@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from alterrec_dist.errors import DataError
-from alterrec_dist.files import atomic_write_bytes
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.files import atomic_write_bytes
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 # Texts per forward pass. On CPU small batches cost less: MiniLM on Scientific titles (length-
