@@ -1,5 +1,5 @@
 """`python -m alterrec_dist.prepare {recbole|amazon-m2|log} --out OUT ...`: turn real data into
-the dataset layout of `dataset.py` (sessions, items, frozen text features).
+the dataset layout of `data/layout.py` (sessions, items, frozen text features).
 `python -m alterrec_dist.prepare verify DIR` checks a dataset in full (checksums, item indices).
 
 The source is read and checked in full first, then sessions are streamed to the writer and

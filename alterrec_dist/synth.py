@@ -1,4 +1,4 @@
-"""Synthetic session data shaped like Amazon-M2, written in the dataset layout (dataset.py).
+"""Synthetic session data shaped like Amazon-M2, written in the dataset layout (data/layout.py).
 
     python -m alterrec_dist.synth --items N --sessions M --out OUT [--seed S]
         [--text-features sbert|random-projection] [--text-dim D] [--overwrite]

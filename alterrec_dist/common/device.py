@@ -38,7 +38,7 @@ def tile_rows(setting: int, device: torch.device, num_queries: int) -> int:
 def trained_autocast(device: torch.device, engine: str, precision: str):
     """The ddp engine's bf16: autocast around the trained network's layers (their outputs are cast back to
     fp32 by the caller: scores, the band loss and ranks stay fp32). DeepSpeed casts its weights itself
-    (engine.compute_layers_in), and fp32 needs nothing."""
+    (stepper.compute_layers_in), and fp32 needs nothing."""
     if engine == "ddp" and precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -1,6 +1,6 @@
 """The methods, one entry each: what a method trains, how, and how it is judged and named.
 
-Everything that differs between methods is read from here: the networks (`model.build_networks`),
+Everything that differs between methods is read from here: the networks (`model.networks.build_networks`),
 the epoch plan (`schedule.plan`), the score part its validation selects on (`recipe`) and its row
 in RESULTS.md (`report`). Adding a method means adding one entry (and, for a new kind of plan or
 network, the code that kind needs).

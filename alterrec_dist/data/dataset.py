@@ -1,14 +1,5 @@
-"""The on-disk dataset layout: the one contract between `prepare`/`synth` and training.
-
-    OUT/manifest.json                      format version, V, split sizes, text model/dim, sources, command
-    OUT/items.parquet                      item_idx (0..V-1), item_id, text, popularity (train targets)
-    OUT/text_features/part-NNNNN.npy       float16 rows of the frozen text features, row = item_idx
-    OUT/text_features/has_text.npy         bool[V]: False where the item had no text (its row is zeros)
-    OUT/sessions/{train,valid,test}/part-NNNNN.parquet
-                                           history list<int32> (oldest first), target int32, user, session
-
-Writers build everything in a hidden sibling directory and rename it into place only in
-`commit`, so a crash or a bad input never leaves a half-written OUT behind.
+"""The read side of the dataset layout (`layout.py`): `Dataset` opens a dataset by its manifest
+and checks its files against it, cheaply at every training start (`check`) or in full (`verify`).
 """
 from __future__ import annotations
 

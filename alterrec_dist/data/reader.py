@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -93,14 +94,21 @@ def read_row_group(group: RowGroup, max_len: int) -> Rows:
     where = f"{group.file}: row group {group.index}"
     if target.null_count or history.null_count or history.values.null_count:
         raise DataError(f"{where}: null history, history item or target")
+    offsets, values = cut_histories(history, max_len, where)
+    example = np.arange(group.first, group.first + group.rows, dtype=np.int64)
+    return Rows(example, offsets, values, target.to_numpy().astype(np.int64))
+
+
+def cut_histories(history: pa.ListArray, max_len: int, where: str, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of the histories, each cut to its most recent max_len items; DataError naming
+    the first empty one (its row counted from `first`)."""
     offsets = history.offsets.to_numpy().astype(np.int64)
     lens = np.diff(offsets)
     if (lens == 0).any():
-        raise DataError(f"{where}, row {int(np.argmax(lens == 0))}: empty history")
+        raise DataError(f"{where}, row {first + int(np.argmax(lens == 0))}: empty history")
     keep = np.minimum(lens, max_len)  # the most recent `keep` items end where the row ends
-    offsets, values = gather_ranges(history.values.to_numpy().astype(np.int64), offsets[1:] - keep, keep)
-    example = np.arange(group.first, group.first + group.rows, dtype=np.int64)
-    return Rows(example, offsets, values, target.to_numpy().astype(np.int64))
+    values = history.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    return gather_ranges(values, offsets[1:] - keep, keep)
 
 
 def to_batch(rows: Rows, valid: np.ndarray) -> Batch:

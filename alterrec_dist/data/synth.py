@@ -1,4 +1,4 @@
-"""Synthetic session data shaped like Amazon-M2, written in the dataset layout (dataset.py).
+"""Synthetic session data shaped like Amazon-M2, written in the dataset layout (data/layout.py).
 
     python -m alterrec_dist.synth --items N --sessions M --out OUT [--seed S]
         [--text-features sbert|random-projection] [--text-dim D] [--overwrite]
@@ -226,7 +226,7 @@ def draw_sessions(cat: Catalog, seed: int, unit: int, n: int) -> tuple[np.ndarra
 def write_session_block(writer: DatasetWriter, lengths: np.ndarray, items: np.ndarray, split: np.ndarray,
                         first_session: int) -> None:
     """Train rows: every prefix of a training session -> the item after it; valid/test rows: all
-    but the last item -> the last item. The same row-making as `prepare` (sources.Pairs)."""
+    but the last item -> the last item. The same row-making as `prepare` (sources.tables.Pairs)."""
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     position, length = event_positions(offsets)
     event_split = np.repeat(split, lengths)

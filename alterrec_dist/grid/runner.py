@@ -1,9 +1,5 @@
-"""Experiment grids: methods x datasets x seeds (plus sweeps and peer baselines) through the normal
-driver, resumable, then the report (`docs/RESULTS.md` and its plots) from the run directories alone.
-
-    python -m alterrec_dist.experiments --grid configs/experiments/paper.toml            # run + report
-    python -m alterrec_dist.experiments --grid configs/experiments/paper.toml --report-only
-    python -m alterrec_dist.experiments --grid configs/experiments/paper.toml --dry-run  # list commands
+"""The grid runner behind `python -m alterrec_dist.experiments`: a grid file expanded into one run per
+method x dataset x seed (plus sweeps and peer baselines), each through the normal driver.
 
 A run is done when its directory holds `summary.json` (a peer: `result.json`); a half-finished
 run directory is removed and run again, so an interrupted grid resumes where it stopped. Each

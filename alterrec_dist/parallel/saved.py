@@ -3,7 +3,11 @@ the saved model, the one such directory that serving reads back (`load_model`).
 
     manifest.json      world size, partition rule, item count, the sha256 of every file, and the meta
     networks.pt        {name: state_dict} of every network (rank 0 writes it)
-    <one file a rank>  with a rank-unique name; the model's: shard-RRRRR-of-WWWWW.pt {"items", "x"}
+    <one file a rank>  with a rank-unique name
+
+The best model, RUN_DIR/model/ (meta: epoch, method, selection, valid score, dataset):
+
+    shard-RRRRR-of-WWWWW.pt   {"items": global ids, "x": ID rows or None}
 
 A directory is written under a temp name and swapped into place whole (`files.Staged`); the
 checksums catch what the rename cannot (a disk that lost or damaged data after the fact).
@@ -18,7 +22,6 @@ import torch
 
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import Staged, atomic_write_json, file_sha256, read_manifest
-from alterrec_dist.parallel.table import Placement
 
 
 PARTITION = "item i on rank i mod world_size, local row i div world_size"  # `Placement`, as words for the manifest

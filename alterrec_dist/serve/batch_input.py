@@ -11,8 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.data.layout import gather_ranges
-from alterrec_dist.data.reader import Rows, local_batch, rank_slice
+from alterrec_dist.data.reader import Rows, cut_histories, local_batch, rank_slice
 
 
 SESSION_COLUMNS = ("history", "target", "user", "session")
@@ -129,13 +128,7 @@ def table_to_rows(table: pa.Table, first: int, max_len: int, num_items: int, whe
     history = table["history"].combine_chunks()
     if history.null_count or history.flatten().null_count:
         raise DataError(f"{where}: null history or history item")
-    offsets = history.offsets.to_numpy().astype(np.int64)
-    lens = np.diff(offsets)
-    if (lens == 0).any():
-        raise DataError(f"{where}, row {first + int(np.argmax(lens == 0))}: empty history")
-    keep = np.minimum(lens, max_len)
-    values = history.values.to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets, values = gather_ranges(values, offsets[1:] - keep, keep)
+    offsets, values = cut_histories(history, max_len, where, first)
     if len(values) and (values.min() < 0 or values.max() >= num_items):
         raise DataError(f"{where}: history item outside 0..{num_items - 1}")
     if "target" in table.column_names:

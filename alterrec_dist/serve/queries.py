@@ -49,7 +49,7 @@ def fused_query(parts: list[torch.Tensor], scales: list[float], weights: list[fl
 def encode_sessions(bundle: Bundle, batches: list[Batch]) -> Queries:
     """The session queries of the rows of `batches` (concatenated in order), by the engine's own
     `evaluate.session_queries` on a one-process table. Pass the engine's per-rank slices of a
-    global eval batch (see batch_score.local_batches) to reproduce its queries bit for bit."""
+    global eval batch (see batch_input.local_batches) to reproduce its queries bit for bit."""
     table = LocalTable(bundle.x, bundle.f16)
     per_batch = [session_queries(bundle.networks, table, b.to(bundle.device)) for b in batches]
     parts = [torch.cat(qs) for qs in zip(*per_batch)]

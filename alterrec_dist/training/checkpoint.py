@@ -1,18 +1,10 @@
-"""On disk: the best model, and the training checkpoints a run resumes from.
+"""The training checkpoints a run resumes from, and the best model brought back with them.
 
-Both are directories of per-rank files plus a manifest, written by `publish`:
-
-    manifest.json      world size, partition rule, item count, the sha256 of every file, and the meta below
-    networks.pt        {name: state_dict} of every network (rank 0 writes it)
-    <one file a rank>  with a rank-unique name
-
-The best model, RUN_DIR/model/ (meta: epoch, method, selection, valid score, dataset):
-
-    shard-RRRRR-of-WWWWW.pt   {"items": global ids, "x": ID rows or None}
-
-A training checkpoint, RUN_DIR/checkpoints/eEEEEE-sSSSSSSS/ (epoch E in progress, S of its steps done; the
-names sort in training order). Its meta is the recipe's `Progress` (epoch, steps done with their logged losses,
-best validation so far with its test metrics, lines of metrics.jsonl) plus the phase index and global step:
+A checkpoint is a directory of per-rank files plus a manifest, written by `parallel.saved.publish`
+(which also documents the best model, RUN_DIR/model/). RUN_DIR/checkpoints/eEEEEE-sSSSSSSS/ (epoch E
+in progress, S of its steps done; the names sort in training order). Its meta is the recipe's
+`Progress` (epoch, steps done with their logged losses, best validation so far with its test
+metrics, lines of metrics.jsonl) plus the phase index and global step:
 
     rank-RRRRR-of-WWWWW.pt    {"items": global ids,
                                "rows": {"x": ID rows, "<net>.exp_avg": ..., "<net>.exp_avg_sq": ...}  row-aligned,
@@ -21,11 +13,9 @@ best validation so far with its test metrics, lines of metrics.jsonl) plus the p
     model/                    the best model as it was then: hard links to RUN_DIR/model's files (a copy where
                               links are impossible), restored on resume with the `best` record it goes with
 
-Rank r holds items r, r+W, r+2W, ... (`Placement`), so a table is
-reassembled, or re-cut for another world size (`Placement.repartition`), from each file's `items`; no process
-group is needed for that. A directory is written under a temp name and renamed into place, so a
-reader sees the old one or the new one, never a mix; the checksums catch what the rename cannot
-(a disk that lost or damaged data after the fact).
+Rank r holds items r, r+W, r+2W, ... (`Placement`), so a table is reassembled, or re-cut for
+another world size (`Placement.repartition`), from each file's `items`; no process group is
+needed for that.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Readers for the inputs `prepare` accepts: RecBole atomic files, Amazon-M2 (KDD Cup 2023
-task 2) sessions, and any interaction log with an item table.
+"""What every reader of an input format shares: one table loader for CSV/TSV and Parquet, the column
+checks, and the `Source` (item ids in item_idx order, their texts, each split's rows as `Pairs`)
+that each reader (recbole.py, amazon_m2.py, log.py) returns.
 
 Each reader validates its whole input before returning, so `prepare` fails fast, before the
-slow text encoding. It returns a `Source`: item ids in item_idx order, their texts, and each
-split's rows as `Pairs`. Bad input raises `DataError` with one line naming the file; "row N"
-in a message is the N-th data row of that file, counting from 1 and not counting the header.
+slow text encoding. Bad input raises `DataError` with one line naming the file; "row N" in a
+message is the N-th data row of that file, counting from 1 and not counting the header.
 """
 from __future__ import annotations
 
