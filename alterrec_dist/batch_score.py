@@ -34,8 +34,8 @@ from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import SPLITS
 from alterrec_dist.eval.metrics import METRICS
 from alterrec_dist.serve.batch_input import check_input, input_files, session_columns
-from alterrec_dist.serve.batch_output import OrderedMetrics, ParquetOut, compare, summary_for
-from alterrec_dist.serve.batch_runners import ray_requested, run_local, run_ray
+from alterrec_dist.serve.batch_output import summary_comparison
+from alterrec_dist.serve.batch_runners import ray_requested, score_files
 from alterrec_dist.serve.export_dir import load_bundle
 
 
@@ -85,38 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         files = input_files(args.input)
     check_input(files, session_columns(files), bundle.num_items)  # bad rows: one line, before scoring or Ray
     top = min(args.top, bundle.num_items)
-    metrics = OrderedMetrics(bundle.kinds, bundle.eval_batch_size, bundle.popularity, bundle.longtail_bins)
-    out = ParquetOut(Path(args.out), args.overwrite)
     use_ray = ray_requested(args.ray)
-    try:
-        if use_ray:
-            run_ray(spec, bundle, files, out, top, metrics, args.ray_workers)
-        else:
-            run_local(bundle, files, out, top, metrics)
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
+    out, metrics = score_files(spec, bundle, files, Path(args.out), args.overwrite, top, use_ray, args.ray_workers)
     print(f"scored {out.rows} sessions ({'Ray Data' if use_ray else 'in-process'}), top {top} -> {out.path}")
     report = {"sessions": out.rows, "ray": use_ray, "out": str(out.path)}
     if metrics.count:
         result = metrics.finish()
         print(format_metrics(result, bundle.kinds))
-        report.update(result)
-        summary, why = summary_for(bundle, args.split)
-        if summary is not None:
-            diffs = compare(result, summary, args.split)
-            report["summary_equal"] = not diffs
-            report["summary_differences"] = diffs
-            where = Path(bundle.provenance["run"]["path"]) / "summary.json"
-            if diffs:
-                print(f"NOT equal to {where} {args.split} metrics: " + "; ".join(diffs[:5]))
-            else:
-                extra = " and long-tail groups" if args.split == "test" else ""
-                print(f"equal to {where} {args.split} metrics (best epoch {summary['best_epoch']}): "
-                      f"all {len(summary[args.split])} kinds{extra}, exactly")
-        elif why:
-            print(f"no summary.json comparison ({why})")
+        fields, line = summary_comparison(bundle, result, args.split)
+        report |= result | fields
+        if line:
+            print(line)
     if args.metrics_out:
         atomic_write_json(args.metrics_out, report)
     return 0

@@ -5,7 +5,7 @@ this process, and asserts the project's promise: exit code 2, exactly one line o
 `error: FILE: problem` naming the file (and the row where there is one), and nothing left behind: the
 directory holds exactly what it held before (no output, no run directory, no `.OUT.tmp-PID` or
 `.OUT.old-PID`, an existing output untouched). No case may start Ray: `training.launch._init_ray` and
-`batch_score.run_ray` fail the case if reached. The export/recommend/batch_score cases use the real
+`serve.batch_runners.run_ray` fail the case if reached. The export/recommend/batch_score cases use the real
 trained run of tests/test_export.py (torchrun launcher, no Ray).
 """
 from __future__ import annotations
@@ -49,13 +49,13 @@ def run_command(module: str, argv: list[str], capsys) -> tuple[object, str]:
 @pytest.fixture(autouse=True)
 def no_ray(monkeypatch):
     """The matrix is in the fast tier: reaching Ray fails the case."""
-    from alterrec_dist import batch_score
+    from alterrec_dist.serve import batch_runners
     from alterrec_dist.training import launch
 
     def refuse(*a, **k):
         raise AssertionError("Ray was started for a bad input")
     monkeypatch.setattr(launch, "_init_ray", refuse)
-    monkeypatch.setattr(batch_score, "run_ray", refuse)
+    monkeypatch.setattr(batch_runners, "run_ray", refuse)
 
 
 # -- input builders ---------------------------------------------------------------------------------

@@ -181,3 +181,20 @@ def compare(result: dict, summary: dict, split: str) -> list[str]:
             if result["longtail"].get(kind) != groups:
                 diffs.append(f"longtail {kind}: differs")
     return diffs
+
+
+def summary_comparison(bundle: Bundle, result: dict, split: str | None) -> tuple[dict, str | None]:
+    """Whether `result` equals the run's summary.json metrics of `split`: (the report's fields, the
+    line that says so; None where there is nothing to say)."""
+    summary, why = summary_for(bundle, split)
+    if summary is None:
+        return {}, (f"no summary.json comparison ({why})" if why else None)
+    diffs = compare(result, summary, split)
+    where = Path(bundle.provenance["run"]["path"]) / "summary.json"
+    if diffs:
+        line = f"NOT equal to {where} {split} metrics: " + "; ".join(diffs[:5])
+    else:
+        extra = " and long-tail groups" if split == "test" else ""
+        line = (f"equal to {where} {split} metrics (best epoch {summary['best_epoch']}): "
+                f"all {len(summary[split])} kinds{extra}, exactly")
+    return {"summary_equal": not diffs, "summary_differences": diffs}, line

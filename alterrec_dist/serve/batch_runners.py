@@ -97,3 +97,21 @@ def run_ray(spec: dict, bundle: Bundle, files: list[Path], out: ParquetOut, top:
         if started:
             ray.shutdown()
             ray_watchdog.stop()
+
+
+def score_files(spec: dict, bundle: Bundle, files: list[Path], out_path: Path, overwrite: bool, top: int,
+                use_ray: bool, workers: int) -> tuple[ParquetOut, OrderedMetrics]:
+    """Score every session of `files` into the Parquet file `out_path`, swapped in whole (nothing is
+    left on a failure), on Ray Data or here: (the output, the metrics summed in the engine's order)."""
+    metrics = OrderedMetrics(bundle.kinds, bundle.eval_batch_size, bundle.popularity, bundle.longtail_bins)
+    out = ParquetOut(out_path, overwrite)
+    try:
+        if use_ray:
+            run_ray(spec, bundle, files, out, top, metrics, workers)
+        else:
+            run_local(bundle, files, out, top, metrics)
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    return out, metrics
