@@ -6,7 +6,7 @@ this process, and asserts the project's promise: exit code 2, exactly one line o
 directory holds exactly what it held before (no output, no run directory, no `.OUT.tmp-PID` or
 `.OUT.old-PID`, an existing output untouched). No case may start Ray: `training.launch._init_ray` and
 `serve.batch_runners.run_ray` fail the case if reached. The export/recommend/batch_score cases use the real
-trained run of tests/test_export.py (torchrun launcher, no Ray).
+trained run of tests/serve/test_export.py (torchrun launcher, no Ray).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from alterrec_dist.common.cli import run_cli
-from tests.test_export import trained_run
+from tests.serve.test_export import trained_run
 from tests.tiny_data import V, tiny_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
@@ -94,7 +94,7 @@ def log_argv(inter: Path, items: Path, out: Path, *extra) -> list[str]:
 
 
 def recbole(d: Path) -> Path:
-    from tests.test_prepare import write_recbole
+    from tests.data.test_prepare import write_recbole
     return write_recbole(d / "rb")
 
 

@@ -32,7 +32,7 @@ def test_one_and_two_workers_end_with_the_same_metrics(tmp_path):
     # Two workers sum each gradient in another order than one, so the last bits of the weights differ and a
     # session whose target is tied with another item to those bits may rank one place apart. Each such
     # session moves a hit/MRR/NDCG mean by at most 1/n; allow two of them, nothing more.
-    data = Dataset(Path(__file__).resolve().parent.parent / "shards/default")
+    data = Dataset(Path(__file__).resolve().parents[2] / "shards/default")
     for split in ("valid", "test"):
         two_sessions = 2 / data.num_rows(split)
         for kind in ("id", "text", "fused"):

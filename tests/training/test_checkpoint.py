@@ -60,7 +60,7 @@ def tensors_in(obj):
 
 def test_what_is_saved_is_cpu_tensors_whatever_the_device(tmp_path):
     """A GPU run's model and checkpoints load on a CPU-only machine only if every tensor in them was saved from
-    the CPU: publish() moves them (on_cpu) and every load names map_location (tests/test_device.py). Loaded here
+    the CPU: publish() moves them (on_cpu) and every load names map_location (tests/common/test_device.py). Loaded here
     without map_location, so a tensor saved from another device would not come back as a CPU one."""
     from alterrec_dist.parallel.saved import on_cpu
     data = tiny_dataset(tmp_path / "data")

@@ -8,7 +8,7 @@ import torch
 from alterrec_dist import export
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.serve.search import Searcher, recommend
-from tests.test_export import cli, split_queries, trained_run
+from tests.serve.test_export import cli, split_queries, trained_run
 from alterrec_dist.serve.from_run import load_run
 from alterrec_dist.serve.queries import Queries
 

@@ -9,7 +9,7 @@ from alterrec_dist.model.networks import MOE_EXPERTS, Network, SessionEncoder, b
 from alterrec_dist.parallel.table import init_id_rows
 
 D_TEXT = 12
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def left_aligned(lengths, L, dim, seed=0):

@@ -20,7 +20,7 @@ from alterrec_dist.data.sources.amazon_m2 import read_amazon_m2
 from alterrec_dist.data.sources.log import read_log
 from alterrec_dist.prepare import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True, scope="module")

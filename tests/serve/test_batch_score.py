@@ -10,7 +10,7 @@ from alterrec_dist import batch_score, export
 from alterrec_dist.serve import batch_runners
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.serve.search import Searcher
-from tests.test_export import cli, trained_run
+from tests.serve.test_export import cli, trained_run
 from alterrec_dist.serve.batch_input import iter_tables, local_batches, session_columns, table_to_rows
 from alterrec_dist.serve.batch_output import OrderedMetrics, ParquetOut, compare, score_rows
 from alterrec_dist.serve.batch_runners import run_local

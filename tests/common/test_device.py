@@ -14,7 +14,7 @@ import torch
 
 from alterrec_dist.common.device import CPU_TILE_ROWS, tile_rows, trained_autocast, worker_device
 
-PACKAGE = Path(__file__).resolve().parent.parent / "alterrec_dist"
+PACKAGE = Path(__file__).resolve().parents[2] / "alterrec_dist"
 # what runs inside a training worker, or scores a saved model
 ENGINE_FOLDERS = ("parallel", "model", "eval", "training", "serve")  # every module in them
 ENGINE_MODULES = ("common/device", "export", "batch_score", "recommend")

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from alterrec_dist.common.config import PROJECT_ROOT
-from tests.test_train import SMALL, check_run_dir
+from tests.e2e.test_train import SMALL, check_run_dir
 
 VENV_BIN = Path(sys.executable).parent  # not resolved: a venv's python is a symlink out of it
 RAY = str(VENV_BIN / "ray")

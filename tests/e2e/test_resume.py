@@ -32,7 +32,7 @@ from alterrec_dist.training.checkpoint import (KEEP, checkpoint_name, join_row_s
                                                split_row_state)
 from alterrec_dist.training.recipe import phase_index
 from alterrec_dist.training.schedule import plan
-from tests.test_train import tiny_dataset
+from tests.e2e.test_train import tiny_dataset
 
 PY = sys.executable
 
