@@ -36,7 +36,7 @@ from alterrec_dist.eval.metrics import METRICS
 from alterrec_dist.serve.batch_input import check_input, input_files, session_columns
 from alterrec_dist.serve.batch_output import summary_comparison
 from alterrec_dist.serve.batch_runners import ray_requested, score_files
-from alterrec_dist.serve.export_dir import load_bundle
+from alterrec_dist.serve.export_dir import load_scoring_model
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--ray-workers must be >= 1, got {args.ray_workers}")
     check_out(args.out, args.overwrite)  # before the model is loaded
     spec = {"run": args.run, "export": args.export, "data": args.data, "device": args.device}
-    bundle = load_bundle(**spec)
+    bundle = load_scoring_model(**spec)
     if args.split:
         files = Dataset(args.data or bundle.provenance["dataset"]["path"]).session_files(args.split)
     else:

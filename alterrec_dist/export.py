@@ -10,7 +10,7 @@
     DIR/tables/id_rows.npy         the learnable ID table X (V, d) float32 (what the ID encoder reads)
     DIR/tables/text_features.npy   the frozen text features F (V, D) float16 (what the text MLP reads)
 
-`load_export(DIR)` (or `load_run(RUN_DIR)`) gives a `Bundle` without any torch.distributed set-up.
+`load_export(DIR)` (or `load_run(RUN_DIR)`) gives a `ScoringModel` without any torch.distributed set-up.
 
 Scores. Per component c (AlterRec: c = id, text; NFRec: the id and text parts of its one network)
 the engine scores `y_c = s_c * M_c[i] . q_c` (s = the text logit scale, 1 for id) and a kind weights

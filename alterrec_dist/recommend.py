@@ -21,7 +21,7 @@ import sys
 
 from alterrec_dist.common.cli import add_device_argument, run_cli
 from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.serve.export_dir import load_bundle
+from alterrec_dist.serve.export_dir import load_scoring_model
 from alterrec_dist.serve.search import INDEXES, Recommendation, Searcher, recommend
 
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     item_ids = [s.strip() for s in args.session.split(",") if s.strip()]
     if not item_ids:
         raise ConfigError("--session is empty (give comma-separated item ids)")
-    bundle = load_bundle(args.run, args.export, args.data, args.device)
+    bundle = load_scoring_model(args.run, args.export, args.data, args.device)
     rec = recommend(bundle, item_ids, args.top, args.skip_unknown, Searcher(bundle, args.index))
     if rec.skipped:
         print(f"warning: skipped {len(rec.skipped)} unknown item id(s): {', '.join(rec.skipped)}", file=sys.stderr)

@@ -30,7 +30,7 @@ class ReferenceStep:
         if run.comm.world != 1:
             raise ValueError("the reference holds the whole table: run it on one worker")
         self.trained, self.frozen = run.networks["id"], run.networks["text"]
-        self.x, self.f16 = run.table.x, run.table.f16  # W=1: local row == item id
+        self.x, self.f16 = run.table.x, run.table.features  # W=1: local row == item id
         self.k1, self.k2 = run.cfg.train.k1, run.k2
         self.optimizer = torch.optim.AdamW([self.x, *self.trained.dense_parameters()], lr=lr)
         self.mining_s = 0.0

@@ -180,7 +180,7 @@ def table_bytes(run: recipe.Run, frozen_rows: torch.Tensor) -> dict[str, int]:
     x = run.table.x
     rows_optimizer = run.steppers["id"].rows  # the ID rows' own AdamW: the only optimizer holding x
     state = sum(nbytes(t) for t in rows_optimizer.state.get(x, {}).values() if torch.is_tensor(t))
-    return {"x": nbytes(x), "x_grad": nbytes(x.grad), "x_optimizer": state, "f16": nbytes(run.table.f16),
+    return {"x": nbytes(x), "x_grad": nbytes(x.grad), "x_optimizer": state, "f16": nbytes(run.table.features),
             "frozen_rows": nbytes(frozen_rows)}
 
 

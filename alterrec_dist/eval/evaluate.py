@@ -23,11 +23,11 @@ from alterrec_dist.parallel.table import Placement, ShardedItemTable
 def item_matrix(net: Network, table: ShardedItemTable, tile_rows: int, parts: bool = False):
     """This shard's item rows of `net` (or its (id, text) part rows for NFRec), without grad; tile_rows rows
     at a time (0: the device's default, `device.tile_rows`)."""
-    tile_rows = resolve_tile_rows(tile_rows, table.f16.device, 1)
+    tile_rows = resolve_tile_rows(tile_rows, table.features.device, 1)
     out = []
     for s in range(0, table.num_local, tile_rows):
         x = table.x[s:s + tile_rows] if net.uses_id else None
-        f = table.f16[s:s + tile_rows].float() if net.uses_text else None
+        f = table.features[s:s + tile_rows].float() if net.uses_text else None
         out.append(net.part_rows(x, f) if parts else (net.item_rows(x, f),))
     return tuple(torch.cat(cols) for cols in zip(*out))
 

@@ -79,7 +79,7 @@ class ShardedItemTable(nn.Module):
             torch.from_numpy(np.ascontiguousarray(text_features)).to(device)
         if len(f) != self.num_local:
             raise ValueError(f"{len(f)} text feature rows for {self.num_local} local items")
-        self.register_buffer("f16", f, persistent=False)  # float16 at rest: half the memory
+        self.register_buffer("features", f, persistent=False)  # float16 at rest: half the memory (`f` is float32)
 
     def _init_rows(self, dim: int, std: float, seed: int, block: int = 1 << 16) -> torch.Tensor:
         """Rows drawn per block of *global* ids, so every world size initialises item i alike; drawn by a
@@ -95,7 +95,7 @@ class ShardedItemTable(nn.Module):
 
     @property
     def f(self) -> torch.Tensor:
-        return self.f16.float()
+        return self.features.float()
 
     def fetch(self, ids: torch.Tensor, need_x: bool, need_f: bool):
         """Rows of the distinct `ids` from their owners: (x rows with autograd, f rows as float32,
@@ -125,5 +125,5 @@ class ShardedItemTable(nn.Module):
             return torch.cat(answers)[position]
 
         x = exchange(self.x, autograd=True) if need_x else None
-        f = exchange(self.f16, autograd=False).float() if need_f else None
+        f = exchange(self.features, autograd=False).float() if need_f else None
         return x, f, inverse

@@ -1,1 +1,1 @@
-"""Serving a trained model on one process: the bundle (from a run or an export), queries, exact scoring, search and batch scoring."""
+"""Serving a trained model on one process: the scoring model (from a run or an export), queries, exact scoring, search and batch scoring."""

@@ -15,7 +15,7 @@ from alterrec_dist.common.files import Staged, check_out, read_json
 from alterrec_dist.data.reader import Rows
 from alterrec_dist.eval.metrics import MetricSums, popularity_groups
 from alterrec_dist.serve.batch_input import local_batches
-from alterrec_dist.serve.bundle import Bundle
+from alterrec_dist.serve.scoring_model import ScoringModel
 from alterrec_dist.serve.queries import encode_sessions
 
 
@@ -24,7 +24,7 @@ PASSTHROUGH = ("user", "session")
 
 # -- scoring ------------------------------------------------------------------------------------------
 
-def score_rows(bundle: Bundle, rows: Rows, top: int, has_target: bool) -> dict:
+def score_rows(bundle: ScoringModel, rows: Rows, top: int, has_target: bool) -> dict:
     """Ranks (per kind) and the fused top-N of `rows`, one engine global batch at a time."""
     B = bundle.eval_batch_size
     out = {"ranks": [], "items": [], "scores": [], "parts": []}
@@ -49,7 +49,7 @@ def _lists(values: np.ndarray, typ) -> pa.ListArray:
                                     pa.array(values.reshape(-1), type=typ))
 
 
-def output_table(bundle: Bundle, table: pa.Table, rows: Rows, res: dict, has_target: bool) -> pa.Table:
+def output_table(bundle: ScoringModel, table: pa.Table, rows: Rows, res: dict, has_target: bool) -> pa.Table:
     """The output columns (without `example`, which the caller numbers)."""
     cols = {c: table[c].cast(pa.string()) for c in PASSTHROUGH if c in table.column_names}
     if has_target:
@@ -66,7 +66,7 @@ def output_table(bundle: Bundle, table: pa.Table, rows: Rows, res: dict, has_tar
     return pa.table(cols)
 
 
-def _item_id_array(bundle: Bundle) -> pa.Array:
+def _item_id_array(bundle: ScoringModel) -> pa.Array:
     if not hasattr(bundle, "_item_id_array"):
         bundle._item_id_array = pa.array(bundle.item_ids, type=pa.string())
     return bundle._item_id_array
@@ -152,7 +152,7 @@ def rank_matrix(table: pa.Table, kinds: list[str]) -> np.ndarray:
     return np.stack([table[f"rank_{k}"].to_numpy() for k in kinds], 1).astype(np.int64)
 
 
-def summary_for(bundle: Bundle, split: str | None) -> tuple[dict | None, str]:
+def summary_for(bundle: ScoringModel, split: str | None) -> tuple[dict | None, str]:
     """The run's summary.json metrics of `split` (test/valid), if this model is the one it describes."""
     run = bundle.provenance.get("run") or {}
     if split not in ("test", "valid") or not run.get("path"):
@@ -183,7 +183,7 @@ def compare(result: dict, summary: dict, split: str) -> list[str]:
     return diffs
 
 
-def summary_comparison(bundle: Bundle, result: dict, split: str | None) -> tuple[dict, str | None]:
+def summary_comparison(bundle: ScoringModel, result: dict, split: str | None) -> tuple[dict, str | None]:
     """Whether `result` equals the run's summary.json metrics of `split`: (the report's fields, the
     line that says so; None where there is nothing to say)."""
     summary, why = summary_for(bundle, split)

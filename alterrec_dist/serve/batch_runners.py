@@ -13,13 +13,13 @@ from alterrec_dist.common import ray_watchdog
 from alterrec_dist.serve.batch_input import iter_tables, session_columns, table_to_rows
 from alterrec_dist.serve.batch_output import (OrderedMetrics, ParquetOut, output_table, rank_matrix, score_rows,
                                               with_example)
-from alterrec_dist.serve.bundle import Bundle
-from alterrec_dist.serve.export_dir import load_bundle
+from alterrec_dist.serve.scoring_model import ScoringModel
+from alterrec_dist.serve.export_dir import load_scoring_model
 
 
 # -- the two runners ----------------------------------------------------------------------------------
 
-def run_local(bundle: Bundle, files: list[Path], out: ParquetOut, top: int, metrics: OrderedMetrics | None) -> None:
+def run_local(bundle: ScoringModel, files: list[Path], out: ParquetOut, top: int, metrics: OrderedMetrics | None) -> None:
     columns = session_columns(files)
     has_target = "target" in columns
     first = 0
@@ -39,7 +39,7 @@ class _RayScorer:
 
     def __init__(self, spec: dict, top: int, has_target: bool):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.bundle = load_bundle(**spec)
+        self.bundle = load_scoring_model(**spec)
         self.top, self.has_target = top, has_target
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -57,7 +57,7 @@ def ray_requested(flag: bool | None) -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
-def run_ray(spec: dict, bundle: Bundle, files: list[Path], out: ParquetOut, top: int, metrics: OrderedMetrics | None,
+def run_ray(spec: dict, bundle: ScoringModel, files: list[Path], out: ParquetOut, top: int, metrics: OrderedMetrics | None,
             workers: int) -> None:
     import logging
 
@@ -99,7 +99,7 @@ def run_ray(spec: dict, bundle: Bundle, files: list[Path], out: ParquetOut, top:
             ray_watchdog.stop()
 
 
-def score_files(spec: dict, bundle: Bundle, files: list[Path], out_path: Path, overwrite: bool, top: int,
+def score_files(spec: dict, bundle: ScoringModel, files: list[Path], out_path: Path, overwrite: bool, top: int,
                 use_ray: bool, workers: int) -> tuple[ParquetOut, OrderedMetrics]:
     """Score every session of `files` into the Parquet file `out_path`, swapped in whole (nothing is
     left on a failure), on Ray Data or here: (the output, the metrics summed in the engine's order)."""

@@ -1,4 +1,4 @@
-"""An export directory: written from a `Bundle` (`write_export`), read back as one (`load_export`)."""
+"""An export directory: written from a `ScoringModel` (`write_export`), read back as one (`load_export`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +15,7 @@ from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import Staged, atomic_write_json, check_out, file_sha256, read_manifest
 from alterrec_dist.model.networks import Network
 from alterrec_dist.parallel.saved import on_cpu, verify_files
-from alterrec_dist.serve.bundle import Bundle
+from alterrec_dist.serve.scoring_model import ScoringModel
 from alterrec_dist.serve.from_run import inference_device, load_networks, load_run
 
 
@@ -30,7 +30,7 @@ def _vectors(m: torch.Tensor) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
 
 
-def write_export(bundle: Bundle, out: str | Path, overwrite: bool = False) -> Path:
+def write_export(bundle: ScoringModel, out: str | Path, overwrite: bool = False) -> Path:
     """Write `bundle` to `out` through a temp directory renamed into place."""
     out = check_out(out, overwrite)
     with Staged(out) as staged:
@@ -49,11 +49,11 @@ def write_export(bundle: Bundle, out: str | Path, overwrite: bool = False) -> Pa
         })
         pq.write_table(table, tmp / "items.parquet")
         torch.save({"method": bundle.method, "model": dataclasses.asdict(bundle.model_cfg),
-                    "text_dim": int(bundle.f16.shape[1]), "max_len": bundle.max_len,
+                    "text_dim": int(bundle.features.shape[1]), "max_len": bundle.max_len,
                     "states": on_cpu({k: n.state_dict() for k, n in bundle.networks.items()})}, tmp / "encoders.pt")
         if bundle.x is not None:
             np.save(tmp / "tables" / "id_rows.npy", bundle.x.detach().cpu().numpy())
-        np.save(tmp / "tables" / "text_features.npy", bundle.f16.cpu().numpy())
+        np.save(tmp / "tables" / "text_features.npy", bundle.features.cpu().numpy())
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         atomic_write_json(tmp / "manifest.json", {
             "format_version": FORMAT_VERSION,
@@ -87,8 +87,8 @@ def _column(table: pa.Table, name: str) -> torch.Tensor:
     return torch.from_numpy(col.values.to_numpy().reshape(len(col), -1).copy()).to("cpu")
 
 
-def load_export(export_dir: str | Path, verify: bool = True) -> Bundle:
-    """An export directory -> Bundle (checksums verified)."""
+def load_export(export_dir: str | Path, verify: bool = True) -> ScoringModel:
+    """An export directory -> ScoringModel (checksums verified)."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir, "no export manifest (make one with `python -m alterrec_dist.export`)",
                              {"files": dict, "scoring": dict, "engine": dict}, FORMAT_VERSION,
@@ -99,17 +99,17 @@ def load_export(export_dir: str | Path, verify: bool = True) -> Bundle:
     items = pq.read_table(export_dir / "items.parquet")
     x_path = export_dir / "tables" / "id_rows.npy"
     x = torch.from_numpy(np.load(x_path)).to("cpu") if x_path.is_file() else None
-    f16 = torch.from_numpy(np.load(export_dir / "tables" / "text_features.npy")).to("cpu")
+    features = torch.from_numpy(np.load(export_dir / "tables" / "text_features.npy")).to("cpu")
     s, eng = manifest["scoring"], manifest["engine"]
-    return Bundle(method, cfg, networks, x, f16, [_column(items, "id_vec"), _column(items, "text_vec")],
+    return ScoringModel(method, cfg, networks, x, features, [_column(items, "id_vec"), _column(items, "text_vec")],
                   [float(v) for v in s["scales"]], {k: [float(w) for w in v] for k, v in zip(s["kinds"], s["weights"])},
                   eng["world_size"], eng["tile_rows"], eng["eval_batch_size"], eng["max_len"], eng["longtail_bins"],
                   items["item_id"].to_pylist(), items["text"].to_pylist(), items["popularity"].to_numpy(),
                   {k: manifest[k] for k in ("run", "dataset") if k in manifest} | {"export": str(export_dir.resolve())})
 
 
-def load_bundle(run: str | None = None, export: str | None = None, data: str | None = None,
-                device: str = "cpu") -> Bundle:
+def load_scoring_model(run: str | None = None, export: str | None = None, data: str | None = None,
+                device: str = "cpu") -> ScoringModel:
     """The CLIs' --run / --export choice, scoring on `device` (--device)."""
     if bool(run) == bool(export):
         raise ConfigError("give exactly one of --run RUN_DIR and --export EXPORT_DIR")

@@ -1,4 +1,4 @@
-"""A training run directory (config.toml + model/) as a `Bundle`, without any torch.distributed set-up."""
+"""A training run directory (config.toml + model/) as a `ScoringModel`, without any torch.distributed set-up."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,18 +15,18 @@ from alterrec_dist.eval.evaluate import Scorer
 from alterrec_dist.model.networks import Network, build_networks
 from alterrec_dist.parallel.saved import load_model
 from alterrec_dist.parallel.table import Placement
-from alterrec_dist.serve.bundle import Bundle
+from alterrec_dist.serve.scoring_model import ScoringModel
 
 
-def _scorer_spec(networks: dict[str, Network], x, f16, world: int, tile_rows: int, alpha: float,
+def _scorer_spec(networks: dict[str, Network], x, features, world: int, tile_rows: int, alpha: float,
                  alpha_sweep) -> tuple[list[torch.Tensor], list[float], dict[str, list[float]]]:
     """The engine's Scorer, built shard by shard exactly as each rank builds it (same rows per
     shard, same tiles), scattered back into item_idx order."""
-    V = len(f16)
+    V = len(features)
     mats, scorer = None, None
     for rank in range(world):
-        rows = Placement(world).ids_of(rank, V, f16.device)
-        table = SimpleNamespace(num_local=len(rows), x=x[rows] if x is not None else None, f16=f16[rows])
+        rows = Placement(world).ids_of(rank, V, features.device)
+        table = SimpleNamespace(num_local=len(rows), x=x[rows] if x is not None else None, features=features[rows])
         scorer = Scorer.build(networks, table, alpha, tile_rows, tuple(alpha_sweep))
         if mats is None:
             mats = [torch.empty(V, m.shape[1], dtype=m.dtype, device=m.device) for m in scorer.matrices]
@@ -42,8 +42,8 @@ def _item_table(data: Dataset) -> tuple[list[str], list[str | None], np.ndarray]
     return items["item_id"].to_pylist(), items["text"].to_pylist(), items["popularity"].to_numpy()
 
 
-def load_run(run_dir: str | Path, data_path: str | Path | None = None, device: torch.device | str = "cpu") -> Bundle:
-    """A training run directory (config.toml + model/) -> Bundle on `device` (its item matrices computed
+def load_run(run_dir: str | Path, data_path: str | Path | None = None, device: torch.device | str = "cpu") -> ScoringModel:
+    """A training run directory (config.toml + model/) -> ScoringModel on `device` (its item matrices computed
     there); DataError/ConfigError if unusable."""
     device = torch.device(device)
     run_dir = Path(run_dir)
@@ -69,9 +69,9 @@ def load_run(run_dir: str | Path, data_path: str | Path | None = None, device: t
     networks = {k: net.to(device) for k, net in
                 load_networks(cfg.train.method, cfg.model, data.text_dim, cfg.data.max_len, states, run_dir / "model").items()}
     x = x.to(device) if x is not None else None
-    f16 = torch.from_numpy(np.ascontiguousarray(data.text_features())).to(device)
+    features = torch.from_numpy(np.ascontiguousarray(data.text_features())).to(device)
     e = cfg.eval
-    mats, scales, weights = _scorer_spec(networks, x, f16, manifest["world_size"], e.tile_rows, e.alpha, e.alpha_sweep)
+    mats, scales, weights = _scorer_spec(networks, x, features, manifest["world_size"], e.tile_rows, e.alpha, e.alpha_sweep)
     item_ids, texts, popularity = _item_table(data)
     summary_path = run_dir / "summary.json"
     summary = read_json(summary_path) if summary_path.is_file() else None
@@ -91,7 +91,7 @@ def load_run(run_dir: str | Path, data_path: str | Path | None = None, device: t
             "num_items": data.num_items,
         },
     }
-    return Bundle(cfg.train.method, cfg.model, networks, x, f16, mats, scales, weights, manifest["world_size"],
+    return ScoringModel(cfg.train.method, cfg.model, networks, x, features, mats, scales, weights, manifest["world_size"],
                   e.tile_rows, e.batch_size, cfg.data.max_len, list(e.longtail_bins), item_ids, texts, popularity,
                   provenance)
 

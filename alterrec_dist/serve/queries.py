@@ -9,7 +9,7 @@ import torch
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.data.reader import Batch, Rows, to_batch
 from alterrec_dist.eval.evaluate import session_queries
-from alterrec_dist.serve.bundle import Bundle
+from alterrec_dist.serve.scoring_model import ScoringModel
 
 
 # -- the query side: one function for recommend, batch scoring and serving ----------------------
@@ -18,14 +18,14 @@ class LocalTable:
     """The whole item table on one process, shaped like `ShardedItemTable` for the engine's
     `session_queries` (fetch: distinct ids, their rows, the inverse) and `item_matrix`."""
 
-    def __init__(self, x: torch.Tensor | None, f16: torch.Tensor):
-        self.x, self.f16 = x, f16
-        self.num_local = len(f16)
+    def __init__(self, x: torch.Tensor | None, features: torch.Tensor):
+        self.x, self.features = x, features
+        self.num_local = len(features)
 
     def fetch(self, ids: torch.Tensor, need_x: bool, need_f: bool):
         uniq, inverse = torch.unique(ids, return_inverse=True)
         x = self.x[uniq] if need_x else None
-        f = self.f16[uniq].float() if need_f else None
+        f = self.features[uniq].float() if need_f else None
         return x, f, inverse
 
 
@@ -46,11 +46,11 @@ def fused_query(parts: list[torch.Tensor], scales: list[float], weights: list[fl
 
 
 @torch.no_grad()
-def encode_sessions(bundle: Bundle, batches: list[Batch]) -> Queries:
+def encode_sessions(bundle: ScoringModel, batches: list[Batch]) -> Queries:
     """The session queries of the rows of `batches` (concatenated in order), by the engine's own
     `evaluate.session_queries` on a one-process table. Pass the engine's per-rank slices of a
     global eval batch (see batch_input.local_batches) to reproduce its queries bit for bit."""
-    table = LocalTable(bundle.x, bundle.f16)
+    table = LocalTable(bundle.x, bundle.features)
     per_batch = [session_queries(bundle.networks, table, b.to(bundle.device)) for b in batches]
     parts = [torch.cat(qs) for qs in zip(*per_batch)]
     return Queries(parts, bundle.scales, bundle.weights["fused"])

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.serve.bundle import Bundle
+from alterrec_dist.serve.scoring_model import ScoringModel
 from alterrec_dist.serve.queries import Queries, encode_sessions, session_batch
 
 
@@ -27,7 +27,7 @@ def import_faiss():
 class Searcher:
     """Top-N of the fused kind: exact engine-order scoring, or FAISS candidates re-ranked by it."""
 
-    def __init__(self, bundle: Bundle, index: str = "exact"):
+    def __init__(self, bundle: ScoringModel, index: str = "exact"):
         if index not in INDEXES:
             raise ConfigError(f"--index must be one of {', '.join(INDEXES)}, got {index!r}")
         self.bundle, self.kind = bundle, index
@@ -67,7 +67,7 @@ class Recommendation:
     rows: list[dict]                  # rank, item_idx, item_id, text, fused, id, text_score
 
 
-def resolve_session(bundle: Bundle, item_ids: list[str], skip_unknown: bool) -> tuple[list[int], list[str], list[str]]:
+def resolve_session(bundle: ScoringModel, item_ids: list[str], skip_unknown: bool) -> tuple[list[int], list[str], list[str]]:
     index = bundle.index_of()
     known = [i for i in item_ids if i in index]
     unknown = [i for i in item_ids if i not in index]
@@ -80,7 +80,7 @@ def resolve_session(bundle: Bundle, item_ids: list[str], skip_unknown: bool) -> 
     return [index[i] for i in known], known, unknown
 
 
-def recommend(bundle: Bundle, item_ids: list[str], top: int = 10, skip_unknown: bool = False,
+def recommend(bundle: ScoringModel, item_ids: list[str], top: int = 10, skip_unknown: bool = False,
               searcher: Searcher | None = None) -> Recommendation:
     history, known, unknown = resolve_session(bundle, item_ids, skip_unknown)
     queries = encode_sessions(bundle, [session_batch([history], bundle.max_len)])

@@ -14,7 +14,7 @@ from tests.serve.test_export import cli, trained_run
 from alterrec_dist.serve.batch_input import iter_tables, local_batches, session_columns, table_to_rows
 from alterrec_dist.serve.batch_output import OrderedMetrics, ParquetOut, compare, score_rows
 from alterrec_dist.serve.batch_runners import run_local
-from alterrec_dist.serve.export_dir import load_bundle, load_export
+from alterrec_dist.serve.export_dir import load_scoring_model, load_export
 from alterrec_dist.serve.from_run import load_run
 from alterrec_dist.serve.queries import encode_sessions
 
@@ -101,12 +101,12 @@ def test_input_without_targets_streams_in_bounded_batches(scored, run, tmp_path,
         raise AssertionError("read a whole file")
 
     def load_then_trap(**spec):  # the model's own files may be read whole; the input files may not
-        bundle = load_bundle(**spec)
+        bundle = load_scoring_model(**spec)
         monkeypatch.setattr(pq, "read_table", whole_file)
         monkeypatch.setattr(pq.ParquetFile, "read", whole_file)
         return bundle
     monkeypatch.setattr(batch_runners, "score_rows", spy)
-    monkeypatch.setattr(batch_score, "load_bundle", load_then_trap)
+    monkeypatch.setattr(batch_score, "load_scoring_model", load_then_trap)
     code = batch_score.main(["--run", str(run), "--input", str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"),
                              "--out", str(tmp_path / "out.parquet"), "--metrics-out", str(tmp_path / "m.json")])
     monkeypatch.undo()

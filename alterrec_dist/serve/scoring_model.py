@@ -1,4 +1,4 @@
-"""A trained model ready to score on one process (`Bundle`), and its exact scorer: the engine's
+"""A trained model ready to score on one process (`ScoringModel`), and its exact scorer: the engine's
 ranking loop over the engine's shard layout and tiles, so ranks and top-N equal the training run's.
 """
 from __future__ import annotations
@@ -18,13 +18,13 @@ from alterrec_dist.parallel.table import Placement
 # -- the bundle: everything scoring needs, from a run or from an export ------------------------
 
 @dataclass
-class Bundle:
+class ScoringModel:
     """A trained model ready to score, on one process. Item arrays are in item_idx order."""
     method: str
     model_cfg: ModelConfig
     networks: dict[str, Network]
     x: torch.Tensor | None            # (V, d) learnable ID table (None: the method has none)
-    f16: torch.Tensor                 # (V, D) float16 frozen text features
+    features: torch.Tensor            # (V, D) float16 frozen text features
     matrices: list[torch.Tensor]      # per component, (V, d_c): the engine's Scorer rows
     scales: list[float]               # per component logit scale
     weights: dict[str, list[float]]   # kind -> weight per component, as evaluate.Scorer
@@ -44,15 +44,15 @@ class Bundle:
 
     @property
     def device(self) -> torch.device:
-        return self.f16.device
+        return self.features.device
 
-    def to(self, device: torch.device | str) -> "Bundle":
+    def to(self, device: torch.device | str) -> "ScoringModel":
         """Everything that scores on `device` (networks, tables, item matrices); loading is always on the CPU."""
         device = torch.device(device)
         for net in self.networks.values():
             net.to(device)
         self.x = self.x.to(device) if self.x is not None else None
-        self.f16 = self.f16.to(device)
+        self.features = self.features.to(device)
         self.matrices = [m.to(device) for m in self.matrices]
         self.__dict__.pop("_scoring", None)
         return self
@@ -82,7 +82,7 @@ class Scoring:
     """Scores in the engine's float order over the engine's shard layout and tiles: the engine's own
     ranking loop (`evaluate.rank_tiles`) run over every shard's rows in turn."""
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: ScoringModel):
         V, W = bundle.num_items, bundle.world
         self.kinds = bundle.kinds
         self.weights = bundle.weights
