@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from alterrec_dist.common.cli import add_device_argument, run_cli
+from alterrec_dist.common.cli import add_device_argument, add_model_arguments, run_cli
+from alterrec_dist.common.config import METRICS
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import atomic_write_json, check_out
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import SPLITS
-from alterrec_dist.eval.metrics import METRICS
 from alterrec_dist.serve.batch_input import check_input, input_files, session_columns
 from alterrec_dist.serve.batch_output import summary_comparison
 from alterrec_dist.serve.batch_runners import ray_requested, score_files
@@ -43,9 +43,7 @@ from alterrec_dist.serve.export_dir import load_scoring_model
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m alterrec_dist.batch_score", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", help="training run directory")
-    p.add_argument("--export", help="export directory (from `python -m alterrec_dist.export`), instead of --run")
-    p.add_argument("--data", help="dataset directory (default: the one the run's model names)")
+    add_model_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", help="session Parquet files or directories of them")
     src.add_argument("--split", choices=SPLITS, help="a split of the run's dataset")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alterrec_dist.common.cli import add_device_argument, run_cli
+from alterrec_dist.common.cli import add_device_argument, add_model_arguments, run_cli
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.serve.export_dir import load_scoring_model
 from alterrec_dist.serve.search import INDEXES, Recommendation, Searcher, recommend
@@ -39,9 +39,7 @@ def format_recommendation(rec: Recommendation, width: int = 70) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m alterrec_dist.recommend", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", help="training run directory")
-    p.add_argument("--export", help="export directory (from `python -m alterrec_dist.export`), instead of --run")
-    p.add_argument("--data", help="dataset directory (default: the one the run's model names)")
+    add_model_arguments(p)
     p.add_argument("--session", required=True, help="comma-separated item ids, oldest first")
     p.add_argument("--top", type=int, default=10, help="items to recommend (default 10)")
     p.add_argument("--skip-unknown", action="store_true", help="drop unknown item ids with a warning")

@@ -25,14 +25,12 @@ import sys
 from pathlib import Path
 
 from alterrec_dist.common.cli import run_cli
-from alterrec_dist.common.config import Config, load_config
+from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, load_config
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.training.launch import TrainingError, check_ray_train_v2, launch_ray, launch_torchrun
 from alterrec_dist.training.run_dir import check_dataset, check_resources, default_run_dir, open_run_dir
 
 
-METRIC_COLUMNS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
-SCORE_ROWS = ("id", "text", "fused")
 
 
 def load_run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
@@ -64,18 +62,18 @@ def load_run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 def format_summary(summary: dict, run_dir: Path, metric: str = "") -> str:
     """The test table (rows id/text/fused, and with eval.alpha_sweep the fused weight chosen on
-    validation; columns METRIC_COLUMNS), best epoch and run dir."""
+    validation; columns METRICS), best epoch and run dir."""
     test = summary.get("test", {})
-    rows = [(row, test[row], "") for row in SCORE_ROWS if row in test]
+    rows = [(row, test[row], "") for row in SCORE_PARTS if row in test]
     alpha = summary.get("alpha")
     if alpha:
         rows.append((f"fused@{alpha['chosen']:g}", alpha["test"], f"  (alpha chosen on valid {alpha['selection']})"))
-    width = max(len(c) for c in METRIC_COLUMNS) + 2
+    width = max(len(c) for c in METRICS) + 2
     first = max([6] + [len(r[0]) + 1 for r in rows])
-    lines = [f"{'test':<{first}}" + "".join(f"{c:>{width}}" for c in METRIC_COLUMNS)]
+    lines = [f"{'test':<{first}}" + "".join(f"{c:>{width}}" for c in METRICS)]
     for row, vals, note in rows:
         cells = []
-        for c in METRIC_COLUMNS:
+        for c in METRICS:
             v = vals.get(c)
             cells.append(f"{v:>{width}.4f}" if isinstance(v, (int, float)) else f"{'-':>{width}}")
         lines.append(f"{row:<{first}}" + "".join(cells) + note)

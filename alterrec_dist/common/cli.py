@@ -25,3 +25,10 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
     """--device of the commands that score a trained model (export, recommend, batch_score)."""
     p.add_argument("--device", default="cpu",
                    help="where the model scores: cpu (default), cuda or cuda:N; a GPU run's model scores on a CPU too")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--run / --export / --data: where the commands that score (recommend, batch_score) find the model."""
+    p.add_argument("--run", help="training run directory")
+    p.add_argument("--export", help="export directory (from `python -m alterrec_dist.export`), instead of --run")
+    p.add_argument("--data", help="dataset directory (default: the one the run's model names)")

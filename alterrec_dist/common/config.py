@@ -18,6 +18,8 @@ from alterrec_dist.common.methods import METHODS
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # alterrec_dist/common/config.py -> the project
 LOGIT_FORMS = ("dot", "cosine")
 TEXT_ADAPTERS = ("mlp", "whitening", "moe")
+METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")  # the ranking metrics (eval.metrics), in report order
+SCORE_PARTS = ("id", "text", "fused")  # the scores every method is evaluated on
 
 
 def shown(path: Path) -> Path:
@@ -128,7 +130,7 @@ def _increasing_bins(bins: list[int]) -> bool:
 
 def _valid_metric(metric: str) -> bool:
     part, _, name = metric.partition("/")
-    return part in ("id", "text", "fused") and name in ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
+    return part in SCORE_PARTS and name in METRICS
 
 
 RANGES: dict[str, tuple[typing.Callable, str]] = {
@@ -168,7 +170,7 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
     "train.lr_warmup": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "eval.alpha": _unit_interval(),
     "eval.alpha_sweep": (lambda v: all(0.0 <= a <= 1.0 for a in v), "values in [0, 1]"),
-    "eval.metric": (_valid_metric, "<id|text|fused>/<hit@10|hit@20|ndcg@10|ndcg@20|mrr@20>, like fused/ndcg@10"),
+    "eval.metric": (_valid_metric, f"<{'|'.join(SCORE_PARTS)}>/<{'|'.join(METRICS)}>, like fused/ndcg@10"),
     "eval.batch_size": _at_least(1),
     "eval.tile_rows": (lambda v: v >= 0, ">= 0 (0: automatic, per device)"),
     "eval.longtail_bins": (_increasing_bins, "non-negative and strictly increasing, like [30, 100]"),

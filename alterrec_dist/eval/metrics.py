@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
+from alterrec_dist.common.config import METRICS
 
 
 def _per_row(ranks: Tensor) -> Tensor:

@@ -15,8 +15,8 @@ from alterrec_dist.common.files import Staged, check_out, read_json
 from alterrec_dist.data.reader import Rows
 from alterrec_dist.eval.metrics import MetricSums, popularity_groups
 from alterrec_dist.serve.batch_input import local_batches
-from alterrec_dist.serve.scoring_model import ScoringModel
 from alterrec_dist.serve.queries import encode_sessions
+from alterrec_dist.serve.scoring_model import ScoringModel
 
 
 PASSTHROUGH = ("user", "session")

@@ -13,8 +13,8 @@ from alterrec_dist.common import ray_watchdog
 from alterrec_dist.serve.batch_input import iter_tables, session_columns, table_to_rows
 from alterrec_dist.serve.batch_output import (OrderedMetrics, ParquetOut, output_table, rank_matrix, score_rows,
                                               with_example)
-from alterrec_dist.serve.scoring_model import ScoringModel
 from alterrec_dist.serve.export_dir import load_scoring_model
+from alterrec_dist.serve.scoring_model import ScoringModel
 
 
 # -- the two runners ----------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import Staged, atomic_write_json, check_out, file_sha256, read_manifest
 from alterrec_dist.model.networks import Network
 from alterrec_dist.parallel.saved import on_cpu, verify_files
-from alterrec_dist.serve.scoring_model import ScoringModel
 from alterrec_dist.serve.from_run import inference_device, load_networks, load_run
+from alterrec_dist.serve.scoring_model import ScoringModel
 
 
 FORMAT_VERSION = 1

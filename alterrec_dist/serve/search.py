@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.serve.scoring_model import ScoringModel
 from alterrec_dist.serve.queries import Queries, encode_sessions, session_batch
+from alterrec_dist.serve.scoring_model import ScoringModel
 
 
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 128

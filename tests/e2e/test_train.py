@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alterrec_dist.common.config import PROJECT_ROOT, Config, load_config
+from alterrec_dist.common.config import METRICS, PROJECT_ROOT, Config, load_config
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.data.layout import DatasetWriter
-from alterrec_dist.train import METRIC_COLUMNS, format_summary
+from alterrec_dist.train import format_summary
 from alterrec_dist.training.run_dir import default_run_dir, make_run_dir, read_summary
 
 PY = sys.executable
@@ -35,7 +35,7 @@ def tiny_dataset(out: Path, num_items: int = 60, dim: int = 16, seed: int = 0) -
 
 
 def fake_summary(best_epoch: int = 2) -> dict:
-    block = {s: {m: 0.1 * (i + 1) for i, m in enumerate(METRIC_COLUMNS)} for s in SCORES}
+    block = {s: {m: 0.1 * (i + 1) for i, m in enumerate(METRICS)} for s in SCORES}
     return {"best_epoch": best_epoch, "valid": block, "test": block, "longtail": {}}
 
 
@@ -89,7 +89,7 @@ def test_make_run_dir_relative_out_is_cwd_relative(tmp_path, monkeypatch):
 def test_format_summary_table():
     text = format_summary(fake_summary(best_epoch=7), Path("/r/x"), "fused/ndcg@10")
     lines = text.splitlines()
-    assert lines[0].split() == ["test", *METRIC_COLUMNS]
+    assert lines[0].split() == ["test", *METRICS]
     assert [ln.split()[0] for ln in lines[1:4]] == ["id", "text", "fused"]
     assert lines[1].split()[1:] == ["0.1000", "0.2000", "0.3000", "0.4000", "0.5000"]
     assert "best epoch: 7" in text and lines[-1] == "run dir: /r/x"
@@ -193,8 +193,8 @@ def check_run_dir(run: Path, epochs: int, stdout: str, workers: int) -> None:
     for part in ("valid", "test"):
         assert set(summary[part]) <= set(SCORES) and "fused" in summary[part], summary[part]
         for scores in summary[part].values():
-            assert set(METRIC_COLUMNS) <= set(scores)
-            assert all(0.0 <= scores[m] <= 1.0 for m in METRIC_COLUMNS)
+            assert set(METRICS) <= set(scores)
+            assert all(0.0 <= scores[m] <= 1.0 for m in METRICS)
     assert "longtail" in summary
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [ln["epoch"] for ln in lines] == list(range(epochs))

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from alterrec_dist.eval.metrics import METRICS, MetricSums, popularity_groups, rank_metrics
+from alterrec_dist.common.config import METRICS
+from alterrec_dist.eval.metrics import MetricSums, popularity_groups, rank_metrics
 
 RANKS = [1, 2, 10, 11, 20, 21, 100]
 # by hand: 1/log2(2) = 1, 1/log2(3) = 0.6309297535714575, 1/log2(11) = 0.2890648263178879,

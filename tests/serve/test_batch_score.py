@@ -7,14 +7,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from alterrec_dist import batch_score, export
-from alterrec_dist.serve import batch_runners
 from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.serve import batch_runners
 from alterrec_dist.serve.search import Searcher
 from tests.serve.test_export import cli, trained_run
 from alterrec_dist.serve.batch_input import iter_tables, local_batches, session_columns, table_to_rows
 from alterrec_dist.serve.batch_output import OrderedMetrics, ParquetOut, compare, score_rows
 from alterrec_dist.serve.batch_runners import run_local
-from alterrec_dist.serve.export_dir import load_scoring_model, load_export
+from alterrec_dist.serve.export_dir import load_export, load_scoring_model
 from alterrec_dist.serve.from_run import load_run
 from alterrec_dist.serve.queries import encode_sessions
 

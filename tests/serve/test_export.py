@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from alterrec_dist import export
-from alterrec_dist.serve import export_dir
 from alterrec_dist.common.config import PROJECT_ROOT, load_config
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import file_sha256
@@ -30,6 +29,7 @@ from alterrec_dist.model.networks import build_networks
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.saved import load_model
 from alterrec_dist.parallel.table import ShardedItemTable
+from alterrec_dist.serve import export_dir
 from alterrec_dist.serve.export_dir import load_export
 from alterrec_dist.serve.from_run import load_run
 from alterrec_dist.serve.queries import Queries, encode_sessions
