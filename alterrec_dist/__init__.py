@@ -1,6 +1,9 @@
 """alterrec_dist: AlterRec session recommenders trained at catalog scale.
 
-Layers (arrows point one way):
-  CLI (train, prepare, synth) -> recipe -> {model, sharded/mining/loss, reader/dataset, evaluate/metrics}
-The model code never imports torch.distributed; all parallelism lives in `sharded.py`.
+The commands are the top-level modules (`python -m alterrec_dist.train`, ...); the machinery is in
+folders by concern, whose imports point one way (tests/test_layering.py):
+
+  commands -> training / serve / grid -> eval -> parallel, model, data -> common
+
+The model code never imports torch.distributed; every collective goes through `parallel.comm.Comm`.
 """

@@ -1,5 +1,5 @@
 """`python -m alterrec_dist.prepare {recbole|amazon-m2|log} --out OUT ...`: turn real data into
-the dataset layout of `dataset.py` (sessions, items, frozen text features).
+the dataset layout of `data/layout.py` (sessions, items, frozen text features).
 `python -m alterrec_dist.prepare verify DIR` checks a dataset in full (checksums, item indices).
 
 The source is read and checked in full first, then sessions are streamed to the writer and
@@ -9,17 +9,19 @@ sibling of OUT and renamed into place at the end, so bad input, Ctrl-C or SIGTER
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
-from tqdm import tqdm
-
-from alterrec_dist.cli import run_cli
-from alterrec_dist.dataset import SPLITS, DataError, Dataset, DatasetWriter, data_files, file_sha256
-from alterrec_dist.sources import Source, read_amazon_m2, read_log, read_recbole
-from alterrec_dist.text_features import DEFAULT_BATCH_SIZE, EncodeStats, encode_texts, text_model_name
+from alterrec_dist.common.cli import run_cli
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.data.build import build_dataset
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.data.layout import SPLITS, data_files
+from alterrec_dist.data.sources.amazon_m2 import read_amazon_m2
+from alterrec_dist.data.sources.log import read_log
+from alterrec_dist.data.sources.recbole import read_recbole
+from alterrec_dist.data.sources.tables import Source
+from alterrec_dist.data.text_features import DEFAULT_BATCH_SIZE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,22 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.source == "verify":
         return verify(args.dataset)
-    with _sigterm_as_exit(), DatasetWriter(args.out, args.overwrite) as writer:
-        source = read_source(args)
-        _write_sessions(writer, source, progress=not args.no_progress)
-        writer.set_items(source.item_ids, source.texts)
-        stats = EncodeStats()
-        features, has_text = encode_texts(source.texts, args.text_model, batch_size=args.batch_size,
-                                          progress=not args.no_progress, stats=stats)
-        writer.add_text_features(features)
-        writer.set_has_text(has_text)
-        out = writer.commit(
-            source={"kind": source.kind, "files": {str(p): file_sha256(p) for p in source.files},
-                    "params": source.params, **source.notes},
-            text_model=text_model_name(args.text_model),
-            command=[sys.executable, "-m", "alterrec_dist.prepare", *argv],
-            extra={"sessions": {s: source.splits[s].num_sessions for s in SPLITS}},
-        )
+    out, source, has_text, stats = build_dataset(
+        args.out, args.overwrite, lambda: read_source(args), args.text_model, args.batch_size,
+        progress=not args.no_progress, command=[sys.executable, "-m", "alterrec_dist.prepare", *argv])
     rows = ", ".join(f"{s} {len(source.splits[s]):,} ({source.splits[s].num_sessions:,})" for s in SPLITS)
     print(f"prepared {out}: {len(source.item_ids):,} items ({int(has_text.sum()):,} with text), "
           f"rows (sessions): {rows}; "
@@ -127,30 +116,6 @@ def verify(path: str) -> int:
     print(f"verified {path}: {data.num_items:,} items, rows {rows}; "
           f"{len(data_files(data.manifest))} files checked")
     return 0
-
-
-def _write_sessions(writer: DatasetWriter, source: Source, progress: bool) -> None:
-    total = sum(len(p) for p in source.splits.values())
-    with tqdm(total=total, desc="writing sessions", unit="row", disable=not progress) as bar:
-        for split in SPLITS:
-            for history, target, user, session in source.splits[split].blocks():
-                writer.add_sessions(split, history, target, user=user, session=session)
-                bar.update(len(target))
-
-
-@contextmanager
-def _sigterm_as_exit():
-    """SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C, so the writer's temp
-    directory is removed. Only the main thread may set handlers; elsewhere this is a no-op."""
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alterrec_dist.dataset import SPLITS, Dataset, data_files, file_sha256
+from alterrec_dist.common.files import file_sha256
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.data.layout import SPLITS, data_files
 from bench.synth_scale import directory_bytes, machine
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -40,15 +40,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from alterrec_dist import recipe
-from alterrec_dist.config import load_config
-from alterrec_dist.device import configure_matmuls
-from alterrec_dist.evaluate import evaluate
-from alterrec_dist.mining import mine_band
-from alterrec_dist.reader import Batch
-from alterrec_dist.recipe import assemble_run, build_run, frozen_item_rows, train_epoch
-from alterrec_dist.schedule import Phase, plan
-from alterrec_dist.sharded import Comm
+from alterrec_dist.common.config import load_config
+from alterrec_dist.common.device import configure_matmuls
+from alterrec_dist.data.reader import Batch
+from alterrec_dist.eval.evaluate import evaluate
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.mining import mine_band
+from alterrec_dist.training import recipe
+from alterrec_dist.training.recipe import assemble_run, build_run, frozen_item_rows, train_epoch
+from alterrec_dist.training.schedule import Phase, plan
 from bench.scale_worker import CASES, FixedBatches, Profiler
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from alterrec_dist import loss as tiled
-from alterrec_dist.mining import Band
-from alterrec_dist.sharded import Comm
+from alterrec_dist.parallel import loss as tiled
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.mining import Band
 
 ROOT = Path(__file__).resolve().parent.parent
 UNTILED_AT = "1b57529"

@@ -16,10 +16,10 @@ from itertools import islice
 import numpy as np
 import torch
 
-from alterrec_dist.config import load_config
-from alterrec_dist.recipe import build_run, frozen_item_rows, train_epoch, train_step
-from alterrec_dist.schedule import Phase
-from alterrec_dist.sharded import Comm
+from alterrec_dist.common.config import load_config
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch, train_step
+from alterrec_dist.training.schedule import Phase
 from bench.scale_worker import FixedBatches, Profiler, overrides
 
 
@@ -30,7 +30,7 @@ class ReferenceStep:
         if run.comm.world != 1:
             raise ValueError("the reference holds the whole table: run it on one worker")
         self.trained, self.frozen = run.networks["id"], run.networks["text"]
-        self.x, self.f16 = run.table.x, run.table.f16  # W=1: local row == item id
+        self.x, self.f16 = run.table.x, run.table.features  # W=1: local row == item id
         self.k1, self.k2 = run.cfg.train.k1, run.k2
         self.optimizer = torch.optim.AdamW([self.x, *self.trained.dense_parameters()], lr=lr)
         self.mining_s = 0.0

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from alterrec_dist.recipe import frozen_item_rows, train_epoch
-from alterrec_dist.schedule import Phase
+from alterrec_dist.training.recipe import frozen_item_rows, train_epoch
+from alterrec_dist.training.schedule import Phase
 from bench.gpu import FULL, PHASES, join_group, synthetic_run
 
 ROOT = Path(__file__).resolve().parent.parent

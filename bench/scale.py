@@ -30,8 +30,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from alterrec_dist.dataset import Dataset, DataError
-from alterrec_dist.synth import write_synth
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.data.synth import write_synth
 from bench import reference_step, scale_report, scale_worker
 
 ROOT = Path(__file__).resolve().parent.parent

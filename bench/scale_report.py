@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alterrec_dist.dataset import atomic_write_bytes
-from alterrec_dist.device import CPU_TILE_ROWS
+from alterrec_dist.common.device import CPU_TILE_ROWS
+from alterrec_dist.common.files import atomic_write_bytes
 from bench import formulas
 
 SECTIONS = ("mining", "loss", "encoder", "optimizer")

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from alterrec_dist import recipe
-from alterrec_dist.config import load_config
-from alterrec_dist.evaluate import evaluate
-from alterrec_dist.mining import CountPacker
-from alterrec_dist.recipe import build_run, frozen_item_rows, train_epoch
-from alterrec_dist.schedule import Phase
-from alterrec_dist.sharded import Comm
+from alterrec_dist.common.config import load_config
+from alterrec_dist.eval.evaluate import evaluate
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.mining import CountPacker
+from alterrec_dist.training import recipe
+from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch
+from alterrec_dist.training.schedule import Phase
 
 # (negatives, merge): the three phase kinds, the mined ones under both band merges
 CASES = (("random", "-"), ("hard", "threshold"), ("hard", "allgather"),
@@ -180,7 +180,7 @@ def table_bytes(run: recipe.Run, frozen_rows: torch.Tensor) -> dict[str, int]:
     x = run.table.x
     rows_optimizer = run.steppers["id"].rows  # the ID rows' own AdamW: the only optimizer holding x
     state = sum(nbytes(t) for t in rows_optimizer.state.get(x, {}).values() if torch.is_tensor(t))
-    return {"x": nbytes(x), "x_grad": nbytes(x.grad), "x_optimizer": state, "f16": nbytes(run.table.f16),
+    return {"x": nbytes(x), "x_grad": nbytes(x.grad), "x_optimizer": state, "f16": nbytes(run.table.features),
             "frozen_rows": nbytes(frozen_rows)}
 
 

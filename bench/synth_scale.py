@@ -25,7 +25,7 @@ import pyarrow
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from alterrec_dist.dataset import Dataset  # noqa: E402
+from alterrec_dist.data.dataset import Dataset  # noqa: E402
 
 
 def machine() -> str:

@@ -4,9 +4,9 @@ Each case builds its inputs in a fresh directory, runs the command's `main` thro
 this process, and asserts the project's promise: exit code 2, exactly one line on stderr of the form
 `error: FILE: problem` naming the file (and the row where there is one), and nothing left behind: the
 directory holds exactly what it held before (no output, no run directory, no `.OUT.tmp-PID` or
-`.OUT.old-PID`, an existing output untouched). No case may start Ray: `train._init_ray` and
-`batch_score.run_ray` fail the case if reached. The export/recommend/batch_score cases use the real
-trained run of tests/test_export.py (torchrun launcher, no Ray).
+`.OUT.old-PID`, an existing output untouched). No case may start Ray: `training.launch._init_ray` and
+`serve.batch_runners.run_ray` fail the case if reached. The export/recommend/batch_score cases use the real
+trained run of tests/serve/test_export.py (torchrun launcher, no Ray).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alterrec_dist.cli import run_cli
-from tests.test_export import trained_run
+from alterrec_dist.common.cli import run_cli
+from tests.serve.test_export import trained_run
 from tests.tiny_data import V, tiny_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
@@ -49,12 +49,13 @@ def run_command(module: str, argv: list[str], capsys) -> tuple[object, str]:
 @pytest.fixture(autouse=True)
 def no_ray(monkeypatch):
     """The matrix is in the fast tier: reaching Ray fails the case."""
-    from alterrec_dist import batch_score, train
+    from alterrec_dist.serve import batch_runners
+    from alterrec_dist.training import launch
 
     def refuse(*a, **k):
         raise AssertionError("Ray was started for a bad input")
-    monkeypatch.setattr(train, "_init_ray", refuse)
-    monkeypatch.setattr(batch_score, "run_ray", refuse)
+    monkeypatch.setattr(launch, "_init_ray", refuse)
+    monkeypatch.setattr(batch_runners, "run_ray", refuse)
 
 
 # -- input builders ---------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def log_argv(inter: Path, items: Path, out: Path, *extra) -> list[str]:
 
 
 def recbole(d: Path) -> Path:
-    from tests.test_prepare import write_recbole
+    from tests.data.test_prepare import write_recbole
     return write_recbole(d / "rb")
 
 
@@ -346,7 +347,7 @@ CASES = [
      ["{d}/x/manifest.json: not valid JSON"]),
     ("recommend-export-manifest-missing-key", "recommend", lambda d, r: [
         "--export", str(_export_copy(d, r, lambda x: _pop_key(x / "manifest.json", "scoring"))),
-        "--session", "P0001"], ["{d}/x/manifest.json: no scoring"]),
+        "--session", "P0001"], ["{d}/x/manifest.json: scoring is missing or not a dict"]),
     # batch_score
     ("batch-out-exists", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(_raw(d, "o.parquet", b"keep"))],
@@ -495,7 +496,7 @@ def test_every_writer_sweeps_the_leftovers_of_dead_processes(run, tmp_path, caps
     """export, batch_score, prepare and synth (and atomic_write_json, e.g. --metrics-out) remove the
     `.OUT.tmp-PID` / `.OUT.old-PID` of processes that are gone, and leave none of their own."""
     from alterrec_dist import batch_score, export, prepare, synth
-    from alterrec_dist.dataset import atomic_write_json
+    from alterrec_dist.common.files import atomic_write_json
 
     outs = {"export": tmp_path / "x", "batch": tmp_path / "o.parquet", "prepare": tmp_path / "p",
             "synth": tmp_path / "s", "json": tmp_path / "m.json"}
@@ -515,7 +516,7 @@ def test_overwrite_replaces_a_regular_file_and_leaves_no_old_copy(run, tmp_path)
     """prepare, export and batch_score --overwrite over a file: replaced; no `.OUT.old-PID` stays
     (prepare failed with exit 1 after renaming the dataset into place; export left the old file)."""
     from alterrec_dist import batch_score, export, prepare
-    from alterrec_dist.dataset import Dataset
+    from alterrec_dist.data.dataset import Dataset
 
     outs = [tmp_path / "p", tmp_path / "x", tmp_path / "o.parquet"]
     for out in outs:
@@ -531,7 +532,7 @@ def test_overwrite_replaces_a_regular_file_and_leaves_no_old_copy(run, tmp_path)
 
 def test_synth_of_one_item(tmp_path):
     from alterrec_dist import synth
-    from alterrec_dist.dataset import Dataset
+    from alterrec_dist.data.dataset import Dataset
 
     assert synth.main(["--items", "1", "--sessions", "40", "--text-features", "random-projection",
                        "--out", str(tmp_path / "one"), "--no-progress"]) == 0
@@ -540,7 +541,9 @@ def test_synth_of_one_item(tmp_path):
 
 def test_datasets_carry_checksums_that_verify(tmp_path, capsys):
     from alterrec_dist import prepare
-    from alterrec_dist.dataset import Dataset, data_files, file_sha256
+    from alterrec_dist.common.files import file_sha256
+    from alterrec_dist.data.dataset import Dataset
+    from alterrec_dist.data.layout import data_files
 
     ds = Dataset(dataset(tmp_path))
     assert sorted(ds.manifest["sha256"]) == sorted(data_files(ds.manifest))

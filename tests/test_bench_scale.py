@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from alterrec_dist.synth import write_synth
+from alterrec_dist.data.synth import write_synth
 from bench import formulas, reference_step, scale, scale_worker
 from tests.dist_harness import run_world
 

@@ -1,7 +1,7 @@
 """A tiny real dataset (Parquet shards, manifest, text features) for the multi-process engine tests."""
 import numpy as np
 
-from alterrec_dist.dataset import DatasetWriter
+from alterrec_dist.data.layout import DatasetWriter
 
 V, TEXT_DIM = 41, 8
 

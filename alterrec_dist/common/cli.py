@@ -1,0 +1,34 @@
+"""Shared entry-point behaviour: bad input is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from alterrec_dist.common.errors import ConfigError, DataError
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run `main(argv)`; a DataError/ConfigError becomes `error: <message>` and exit code 2."""
+    try:
+        code = main(argv)
+    except (DataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """--device of the commands that score a trained model (export, recommend, batch_score)."""
+    p.add_argument("--device", default="cpu",
+                   help="where the model scores: cpu (default), cuda or cuda:N; a GPU run's model scores on a CPU too")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--run / --export / --data: where the commands that score (recommend, batch_score) find the model."""
+    p.add_argument("--run", help="training run directory")
+    p.add_argument("--export", help="export directory (from `python -m alterrec_dist.export`), instead of --run")
+    p.add_argument("--data", help="dataset directory (default: the one the run's model names)")

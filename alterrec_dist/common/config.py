@@ -1,0 +1,341 @@
+"""Typed run configuration: dataclasses, loaded from TOML, overridden by `--set a.b=c`.
+
+Every knob has a default here, so `python -m alterrec_dist.train` with no file runs the
+embedded default. The resolved config is written next to the results (`config.toml`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.methods import METHODS
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # alterrec_dist/common/config.py -> the project
+LOGIT_FORMS = ("dot", "cosine")
+TEXT_ADAPTERS = ("mlp", "whitening", "moe")
+METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")  # the ranking metrics (eval.metrics), in report order
+SCORE_PARTS = ("id", "text", "fused")  # the scores every method is evaluated on
+
+
+def shown(path: Path) -> Path:
+    """A path as a user would type it: relative to the project root when inside it."""
+    return path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path
+
+
+@dataclass
+class DataConfig:
+    path: str = "shards/default"   # a dataset made by `prepare` or `synth`; relative to the project root
+    max_len: int = 50              # histories are cut to their most recent max_len items
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 64                  # d: item and session embedding size of both networks
+    encoder: str = "mean"          # session encoder g: "mean" or "transformer"
+    layers: int = 2                # transformer layers
+    heads: int = 2                 # transformer attention heads
+    dropout: float = 0.1
+    text_hidden: int = 0           # hidden width of the text MLP; 0 means a single linear layer
+    text_temperature: float = 1.0  # text logits are divided by this (the official code uses 0.07)
+    id_temperature: float = 1.0    # ID logits are divided by this (with id_logits = "cosine", e.g. 0.07)
+    id_logits: str = "dot"         # ID network's scores: "dot" (the paper) or "cosine" (unit rows and queries)
+    text_logits: str = "dot"       # text network's scores: "dot" (the paper) or "cosine"
+    text_adapter: str = "mlp"      # text features -> rows: "mlp" (the paper; text_hidden), "whitening" ((f - b) W) or "moe" (UniSRec's 8 gated whitenings)
+    id_init: str = "random"        # ID table start: "random" N(0, init_std) or "text" (fixed random projection of the text features)
+    item_layernorm: bool = True    # LayerNorm over the item rows of both tables (the official code's; off: the paper's text)
+    init_std: float = 0.02         # std of the ID table initialisation
+
+
+@dataclass
+class TrainConfig:
+    method: str = "alterrec"       # one of METHODS
+    m_random: int = 2              # Algorithm 1: epochs per network with random negatives first
+    m_gap: int = 2                 # then alternate every m_gap epochs, ID first
+    m_max: int = 10                # epochs in all (the paper uses 30); the ceiling with patience
+    patience: int = 0              # stop after this many epochs past the warm-up without a better eval.metric; 0: off
+    k1: int = 20                   # hard negatives are the other network's ranks k1..k2 (0-based, k2 exclusive)
+    k2: int = 500
+    hard_fraction: float = 1.0     # share of the k2-k1 negatives that are hard; the rest uniform random
+    p: int = 5                     # augmented positives: the other network's top-p (alterrec_aug)
+    beta: float = 0.5              # weight of the augmented positives' loss
+    merge: str = "threshold"       # band merge across shards: "threshold" (bisection) or "allgather"
+    global_batch_size: int = 1024  # sessions per step over all workers; each worker takes an equal slice
+    lr_id: float = 1e-3
+    lr_text: float = 1e-3
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # "constant" (the paper) or "warmup_cosine" over each network's own steps
+    lr_warmup: float = 0.1         # warmup_cosine: share of the network's own steps spent ramping up
+    seed: int = 0
+    checkpoint_every: int = 0      # steps between training checkpoints (also one at each phase end); 0: none
+
+
+@dataclass
+class EvalConfig:
+    alpha: float = 0.5             # fused score = alpha * id + (1 - alpha) * text
+    alpha_sweep: list[float] = field(default_factory=list)  # extra fused kinds "fused@<a>" (sensitivity)
+    metric: str = "fused/ndcg@10"  # model selection on validation: "<id|text|fused>/<metric>"
+    batch_size: int = 512          # eval sessions per step over all workers
+    tile_rows: int = 0             # item rows scored at once per shard (training, mining, evaluation): bounds
+                                   # the score tile in memory; 0: 65,536 on a CPU, one tile of <= 4 GiB on a GPU
+    longtail_bins: list[int] = field(default_factory=lambda: [30, 100])  # [0,30], (30,100], (100,inf)
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 2
+    use_gpu: bool = False          # each worker on cuda:<local rank>, collectives over nccl
+    launcher: str = "ray"          # "ray" (TorchTrainer) or "torchrun" (GPU machines without Ray)
+    storage_path: str = "runs"     # where run directories go; relative to the project root
+    name: str = ""                 # run directory name; empty means <method>-<timestamp>
+    max_failures: int = 2          # ray: restarts of the workers, each from the newest checkpoint; -1: no limit
+    engine: str = "ddp"            # dense parameters: "ddp" (all-reduce + AdamW) or "deepspeed" (README: Engines)
+    precision: str = "fp32"        # trained layers: "fp32", "bf16" (ddp: autocast; deepspeed: bf16 weights) or
+                                   # "fp16" (deepspeed on GPU); scores, band loss and ranks stay fp32
+    zero_stage: int = 0            # deepspeed ZeRO: 0 replicated, 1 optimizer state, 2 + gradients partitioned
+    tf32: bool = True              # on GPU: fp32 matmuls on TF32 tensor cores; false: exact fp32
+
+
+# -- valid ranges: the one place that knows them ----------------------------------------------------
+# "section.key" -> (predicate, what the value must be). `Config.validate` checks every entry before
+# the combinations below it, so a new field needs one line here. NaN fails every float check.
+
+def _at_least(low: int):
+    return lambda v: v >= low, f">= {low}"
+
+
+def _positive_float():
+    return lambda v: math.isfinite(v) and v > 0, "a finite number > 0"
+
+
+def _finite_at_least_zero():
+    return lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"
+
+
+def _unit_interval():
+    return lambda v: 0.0 <= v <= 1.0, "in [0, 1]"
+
+
+def _one_of(*choices):
+    return lambda v: v in choices, "one of " + ", ".join(map(str, choices))
+
+
+def _increasing_bins(bins: list[int]) -> bool:
+    return all(b >= 0 for b in bins) and all(a < b for a, b in zip(bins, bins[1:]))
+
+
+def _valid_metric(metric: str) -> bool:
+    part, _, name = metric.partition("/")
+    return part in SCORE_PARTS and name in METRICS
+
+
+RANGES: dict[str, tuple[typing.Callable, str]] = {
+    "data.path": (lambda v: v.strip() != "", "a dataset directory, not empty"),
+    "data.max_len": _at_least(1),
+    "model.dim": _at_least(1),
+    "model.encoder": _one_of("mean", "transformer"),
+    "model.layers": _at_least(1),
+    "model.heads": _at_least(1),
+    "model.dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "model.text_hidden": _at_least(0),
+    "model.text_temperature": _positive_float(),
+    "model.init_std": _positive_float(),
+    "model.id_temperature": _positive_float(),
+    "model.id_logits": _one_of(*LOGIT_FORMS),
+    "model.text_logits": _one_of(*LOGIT_FORMS),
+    "model.text_adapter": _one_of(*TEXT_ADAPTERS),
+    "model.id_init": _one_of("random", "text"),
+    "train.method": _one_of(*METHODS),
+    "train.m_random": _at_least(0),
+    "train.m_gap": _at_least(1),
+    "train.m_max": _at_least(1),
+    "train.k1": _at_least(0),
+    "train.k2": _at_least(1),
+    "train.hard_fraction": _unit_interval(),
+    "train.p": _at_least(1),
+    "train.beta": _finite_at_least_zero(),
+    "train.merge": _one_of("threshold", "allgather"),
+    "train.global_batch_size": _at_least(1),
+    "train.lr_id": _positive_float(),
+    "train.lr_text": _positive_float(),
+    "train.weight_decay": _finite_at_least_zero(),
+    "train.seed": _at_least(0),
+    "train.checkpoint_every": _at_least(0),
+    "train.patience": _at_least(0),
+    "train.lr_schedule": _one_of("constant", "warmup_cosine"),
+    "train.lr_warmup": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "eval.alpha": _unit_interval(),
+    "eval.alpha_sweep": (lambda v: all(0.0 <= a <= 1.0 for a in v), "values in [0, 1]"),
+    "eval.metric": (_valid_metric, f"<{'|'.join(SCORE_PARTS)}>/<{'|'.join(METRICS)}>, like fused/ndcg@10"),
+    "eval.batch_size": _at_least(1),
+    "eval.tile_rows": (lambda v: v >= 0, ">= 0 (0: automatic, per device)"),
+    "eval.longtail_bins": (_increasing_bins, "non-negative and strictly increasing, like [30, 100]"),
+    "trainer.num_workers": _at_least(1),
+    "trainer.launcher": _one_of("ray", "torchrun"),
+    "trainer.max_failures": _at_least(-1),
+    "trainer.engine": _one_of("ddp", "deepspeed"),
+    "trainer.precision": _one_of("fp32", "bf16", "fp16"),
+    "trainer.zero_stage": _one_of(0, 1, 2),
+}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> "Config":
+        """ConfigError with one line on the first value out of its range (`RANGES`), then on the
+        first invalid combination. Runs on the driver, before anything starts."""
+        for name, (ok, what) in RANGES.items():
+            section, key = name.split(".")
+            value = getattr(getattr(self, section), key)
+            if not ok(value):
+                raise ConfigError(f"{name} must be {what}, got {value!r}")
+        t, m, e, r = self.train, self.model, self.eval, self.trainer
+        checks = [
+            (t.k1 < t.k2, f"need 0 <= train.k1 < train.k2, got k1={t.k1} k2={t.k2}"),
+            (not METHODS[t.method].augmented or t.p < t.k1, f"augmentation needs train.p < train.k1, got p={t.p} k1={t.k1}"),
+            (t.global_batch_size % r.num_workers == 0,
+             f"train.global_batch_size={t.global_batch_size} must be divisible by trainer.num_workers={r.num_workers}"),
+            (e.batch_size % r.num_workers == 0,
+             f"eval.batch_size={e.batch_size} must be divisible by trainer.num_workers={r.num_workers}"),
+            (r.precision != "fp16" or r.engine == "deepspeed",
+             "trainer.precision=fp16 needs trainer.engine=deepspeed (its loss scaling; the ddp engine does bf16)"),
+            (r.precision != "fp16" or r.use_gpu, "trainer.precision=fp16 needs trainer.use_gpu=true (bf16 runs on CPU)"),
+            (r.zero_stage == 0 or r.engine == "deepspeed",
+             f"trainer.zero_stage={r.zero_stage} needs trainer.engine=deepspeed"),
+            (m.id_logits == m.text_logits == "dot" or not METHODS[t.method].fused,
+             "cosine logits apply to the separate id and text networks, not to NFRec's fused one"),
+            (m.text_adapter == "mlp" or m.text_hidden == 0, "model.text_hidden applies to model.text_adapter = mlp"),
+            (m.encoder != "transformer" or m.dim % m.heads == 0,
+             f"model.dim={m.dim} must be divisible by model.heads={m.heads} for the transformer encoder"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+    def resolve_path(self, p: str) -> Path:
+        path = Path(p)
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, typ, where: str):
+    """Convert a TOML value or an override string to the field's declared type."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (elem,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, elem, where) for v in value]
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except ValueError:
+        pass
+    raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+
+
+def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
+    if section not in {f.name for f in dataclasses.fields(Config)}:
+        raise ConfigError(f"{where}: unknown section [{section}]")
+    sub = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sub))
+    if key not in hints:
+        raise ConfigError(f"{where}: unknown key {section}.{key}")
+    setattr(sub, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+
+
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file as a dict; ConfigError naming the file if it is missing or not TOML."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: {what} file is a directory") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: {what} file is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} file ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the TOML file, then each `section.key=value` override, then validation."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        doc = read_toml(path, "config")
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+            for key, value in table.items():
+                _apply(cfg, section, key, value, str(path))
+    for item in overrides:
+        name, eq, value = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not eq or not dot:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _apply(cfg, section, key.strip(), value.strip(), f"--set {item}")
+    return cfg.validate()
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (written next to the results; loadable with --config)."""
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+    lines = []
+    for section, table in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in table.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _config_from_dict(cls, doc: dict) -> Config:
+    """Inverse of `Config.to_dict` (how the resolved config travels to Ray workers); validated."""
+    cfg = cls()
+    for section, table in doc.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"config dict: {section!r} must map to a section table")
+        for key, value in table.items():
+            _apply(cfg, section, key, value, "config dict")
+    return cfg.validate()
+
+
+Config.from_dict = classmethod(_config_from_dict)

@@ -1,0 +1,198 @@
+"""The read side of the dataset layout (`layout.py`): `Dataset` opens a dataset by its manifest
+and checks its files against it, cheaply at every training start (`check`) or in full (`verify`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from alterrec_dist.common.errors import DataError, one_line
+from alterrec_dist.common.files import check_keys, file_sha256, read_manifest
+from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, MANIFEST_KEYS, SESSION_SCHEMA, SPLITS, TEXT_KEYS,
+                                       data_files)
+
+
+class Dataset:
+    """Read side of the layout. Cheap to open: only the manifest is read eagerly (and checked for
+    the keys the readers use). `check()` is the cheap always-on check of the files against it,
+    `verify()` the full one (checksums, every item index)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.mpath = self.path / "manifest.json"
+        self.manifest = read_manifest(self.path, "no dataset manifest (make one with `python -m alterrec_dist.prepare` "
+                                      "or `synth`)", MANIFEST_KEYS, FORMAT_VERSION, INCOMPLETE)
+        self._check_keys()
+        self.num_items: int = self.manifest["num_items"]
+        self.text_dim: int = self.manifest["text"]["dim"]
+
+    def _check_keys(self) -> None:
+        m = self.manifest
+        check_keys(self.mpath, m["text"], TEXT_KEYS, INCOMPLETE, prefix="text.")
+        for split in SPLITS:
+            parts = m["session_files"].get(split)
+            if not isinstance(m["splits"].get(split), int) or not isinstance(parts, list) or not all(
+                    isinstance(p, dict) and isinstance(p.get("file"), str) and isinstance(p.get("rows"), int)
+                    for p in parts):
+                raise DataError(f"{self.mpath}: splits/session_files of {split!r} missing or malformed")
+        if not all(isinstance(p, dict) and isinstance(p.get("file"), str) and isinstance(p.get("rows"), int)
+                   for p in m["text"]["files"]):
+            raise DataError(f"{self.mpath}: text.files entries need a file and rows")
+        if m["num_items"] < 1 or m["text"]["dim"] < 1:
+            raise DataError(f"{self.mpath}: num_items and text.dim must be >= 1")
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check(self) -> None:
+        """The cheap check run at every training start: every file the manifest names is there
+        with the size, shape and row count it says, and every item index is in 0..V-1 by the
+        Parquet statistics (min/max per row group; a file without them is read). DataError naming
+        the file otherwise. Reads metadata and .npy headers only: milliseconds at V = 1M."""
+        V, m = self.num_items, self.manifest
+        self._check_items_parquet()
+        self._check_npy(m["text"]["has_text"], (V,), np.dtype(bool))
+        rows = 0
+        for part in m["text"]["files"]:
+            self._check_npy(part["file"], (part["rows"], self.text_dim), np.dtype(np.float16))
+            rows += part["rows"]
+        if rows != V:
+            raise DataError(f"{self.mpath}: text.files hold {rows:,} rows for {V:,} items")
+        for split in SPLITS:
+            parts = m["session_files"][split]
+            if sum(p["rows"] for p in parts) != m["splits"][split]:
+                raise DataError(f"{self.mpath}: the {split} files hold {sum(p['rows'] for p in parts):,} rows, "
+                                f"splits.{split} says {m['splits'][split]:,}")
+            for part in parts:
+                self._check_sessions(part["file"], part["rows"], full=False)
+
+    def verify(self) -> list[str]:
+        """`check()`, then every file's sha256 against the manifest and every item index read in
+        full. Returns notes (e.g. a dataset made before checksums were recorded); DataError on damage."""
+        self.check()
+        notes = []
+        digests = self.manifest.get("sha256")
+        if not isinstance(digests, dict):
+            notes.append(f"{self.mpath}: no sha256 recorded (made before checksums were); sizes, shapes "
+                         "and item indices checked")
+        else:
+            for name in data_files(self.manifest):
+                if digests.get(name) != file_sha256(self.path / name):
+                    raise DataError(f"{self.path / name}: sha256 does not match {self.mpath}")
+        for split in SPLITS:
+            for part in self.manifest["session_files"][split]:
+                self._check_sessions(part["file"], part["rows"], full=True)
+        return notes
+
+    def _file(self, name: str) -> Path:
+        path = self.path / name
+        if not path.is_file():
+            raise DataError(f"{path}: missing (named in {self.mpath})")
+        return path
+
+    def _parquet_metadata(self, path: Path):
+        try:
+            return pq.ParquetFile(path).metadata
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file (truncated?) ({one_line(e)})") from None
+
+    def _check_items_parquet(self) -> None:
+        path = self._file("items.parquet")
+        meta = self._parquet_metadata(path)
+        if meta.num_rows != self.num_items:
+            raise DataError(f"{path}: {meta.num_rows:,} rows, the manifest says {self.num_items:,} items")
+
+    def _check_npy(self, name: str, shape: tuple, dtype: np.dtype) -> None:
+        path = self._file(name)
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                got_shape, fortran, got_dtype = read_header(f)
+                header = f.tell()
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"{path}: not a .npy file (truncated?) ({one_line(e)})") from None
+        if got_shape != shape or got_dtype != dtype or fortran:
+            raise DataError(f"{path}: array {got_dtype}{list(got_shape)}, the manifest says {dtype}{list(shape)}")
+        size, want = path.stat().st_size, header + int(np.prod(shape)) * dtype.itemsize
+        if size != want:
+            raise DataError(f"{path}: {size:,} bytes, a {dtype}{list(shape)} array takes {want:,} (truncated?)")
+
+    def _check_sessions(self, name: str, rows: int, full: bool) -> None:
+        path = self._file(name)
+        meta = self._parquet_metadata(path)
+        if meta.num_rows != rows:
+            raise DataError(f"{path}: {meta.num_rows:,} rows, the manifest says {rows:,}")
+        columns = {meta.schema.column(j).path.split(".")[0]: j for j in range(meta.num_columns)}
+        if "history" not in columns or "target" not in columns:
+            raise DataError(f"{path}: no history/target column (not a session file)")
+        lo, hi = (self._read_index_range(path) if full else self._stats_index_range(path, meta, columns))
+        if lo is not None and (lo < 0 or hi >= self.num_items):
+            bad = lo if lo < 0 else hi
+            raise DataError(f"{path}: item index {bad} outside 0..{self.num_items - 1} (V = {self.num_items:,})")
+
+    def _stats_index_range(self, path: Path, meta, columns: dict) -> tuple:
+        lo, hi = None, None
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for name in ("history", "target"):
+                stats = group.column(columns[name]).statistics
+                if group.num_rows and (stats is None or not stats.has_min_max):
+                    return self._read_index_range(path)  # no statistics: read the indices
+                if group.num_rows:
+                    lo = stats.min if lo is None else min(lo, stats.min)
+                    hi = stats.max if hi is None else max(hi, stats.max)
+        return lo, hi
+
+    def _read_index_range(self, path: Path) -> tuple:
+        try:
+            table = pq.read_table(path, columns=["history", "target"])
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: cannot read ({one_line(e)})") from None
+        values = [table["history"].combine_chunks().flatten(), table["target"].combine_chunks()]
+        if any(v.null_count for v in values):
+            raise DataError(f"{path}: null item index")
+        mins = [pc.min(v).as_py() for v in values if len(v)]
+        maxs = [pc.max(v).as_py() for v in values if len(v)]
+        return (min(mins), max(maxs)) if mins else (None, None)
+
+    def num_rows(self, split: str) -> int:
+        return self.manifest["splits"][split]
+
+    def session_files(self, split: str) -> list[Path]:
+        return [self.path / p["file"] for p in self.manifest["session_files"][split]]
+
+    def read_sessions(self, split: str) -> pa.Table:
+        """The whole split as one table (tests and small data; training streams with reader.py)."""
+        return pa.concat_tables(pq.read_table(f, schema=SESSION_SCHEMA) for f in self.session_files(split))
+
+    def items(self) -> pa.Table:
+        return pq.read_table(self.path / "items.parquet")
+
+    def popularity(self) -> np.ndarray:
+        return pq.read_table(self.path / "items.parquet", columns=["popularity"])["popularity"].to_numpy()
+
+    def has_text(self) -> np.ndarray:
+        return np.load(self.path / self.manifest["text"]["has_text"])
+
+    def text_features(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """float16 rows `rows` (item_idx, any order) of the text features; all rows if None.
+
+        Parts are memory-mapped, so a worker that owns rows r, r+W, ... reads only those.
+        """
+        parts = self.manifest["text"]["files"]
+        if rows is None:
+            return np.concatenate([np.load(self.path / p["file"]) for p in parts])
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.text_dim), dtype=np.float16)
+        start = 0
+        for p in parts:
+            stop = start + p["rows"]
+            sel = np.nonzero((rows >= start) & (rows < stop))[0]
+            if len(sel):
+                out[sel] = np.load(self.path / p["file"], mmap_mode="r")[rows[sel] - start]
+            start = stop
+        return out

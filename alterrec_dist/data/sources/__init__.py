@@ -1,0 +1,1 @@
+"""The readers of the input formats `prepare` accepts, one file per format, over one shared table loader (tables.py)."""

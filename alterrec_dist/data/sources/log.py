@@ -1,0 +1,134 @@
+"""Any interaction log (user, item, time; CSV or Parquet) and its item table, cut into sessions and split by time."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.data.layout import SPLITS
+from alterrec_dist.data.sources.tables import (TEST, TRAIN, VALID, Pairs, Source, check_unique_ids,
+                                               counts_to_offsets, event_positions, join_texts, keep_long_sessions,
+                                               nan_mask, raise_at_first, read_table, string_column)
+
+
+# -- any interaction log + item table ---------------------------------------------------------------
+def read_log(interactions: str | Path, items: str | Path, user_col: str, item_col: str, time_col: str,
+             text_cols: list[str], session_col: str | None = None, item_id_col: str | None = None,
+             split: str = "leave-last-out", cutoff: str | None = None, valid_cutoff: str | None = None,
+             drop_short: bool = False) -> Source:
+    """Sessions from `session_col`, else each user's events; ordered by time (file order on ties).
+
+    leave-last-out: per session the last event is the test target, the second last the valid
+    target, the rest train prefix pairs. A 2-event session gives a test row only, a 3-event
+    one test + valid: short sessions fill test first, then valid, then train.
+    time: a row (history = all earlier events of its session) goes to train if its target
+    time is before `valid_cutoff`, valid if before `cutoff`, else test.
+    Items are the item table's rows in file order.
+    """
+    interactions, items = Path(interactions), Path(items)
+    item_id_col = item_id_col or item_col
+    item_table = read_table(items, [item_id_col, *text_cols])
+    item_ids = string_column(item_table, item_id_col, items)
+    check_unique_ids(item_ids, items, item_id_col)
+    texts = join_texts(item_table, text_cols)
+
+    table = read_table(interactions, [user_col, item_col, time_col] + ([session_col] if session_col else []))
+    users = string_column(table, user_col, interactions)
+    idx = pc.index_in(string_column(table, item_col, interactions), value_set=item_ids)
+    raise_at_first(pc.is_null(idx).to_numpy(zero_copy_only=False), interactions, item_col,
+                    f"item not in the item table {items}")
+    times, time_kind = _time_numbers(table[time_col].combine_chunks(), f"{interactions}: column {time_col}")
+    key_col = session_col or user_col
+    keys = pc.dictionary_encode(users if session_col is None else string_column(table, session_col, interactions))
+    codes = keys.indices.to_numpy().astype(np.int64)  # codes follow first appearance: a stable session order
+    order = np.lexsort((np.arange(len(codes)), times, codes))
+    counts = np.bincount(codes, minlength=len(keys.dictionary))
+    first_row = order[counts_to_offsets(counts)[:-1]]
+
+    def describe(g: int) -> str:
+        kind = "session" if session_col else "user"
+        return f"{interactions}: {kind} {keys.dictionary[g].as_py()!r} (row {first_row[g] + 1}, column {key_col})"
+
+    keep = keep_long_sessions(counts, describe, drop_short)
+    order = order[np.repeat(keep, counts)]
+    offsets = counts_to_offsets(counts[keep])
+    values, times = idx.to_numpy().astype(np.int64)[order], times[order]
+    user = users.take(pa.array(first_row[keep]))
+    session = keys.dictionary.filter(pa.array(keep)) if session_col else None
+    rel, length = event_positions(offsets)
+    if split == "leave-last-out":
+        masks = {TRAIN: (rel >= 1) & (rel <= length - 3), VALID: (rel == length - 2) & (length >= 3),
+                 TEST: rel == length - 1}
+    elif split == "time":
+        valid_at = _cutoff(valid_cutoff, "--valid-cutoff", time_kind)
+        test_at = _cutoff(cutoff, "--cutoff", time_kind)
+        if valid_at > test_at:
+            raise DataError(f"--valid-cutoff {valid_cutoff} is after --cutoff {cutoff}")
+        masks = {TRAIN: (rel >= 1) & (times < valid_at), VALID: (rel >= 1) & (times >= valid_at) & (times < test_at),
+                 TEST: (rel >= 1) & (times >= test_at)}
+    else:
+        raise DataError(f"--split {split}: expected leave-last-out or time")
+    params = {"interactions": str(interactions), "items": str(items), "user_col": user_col, "item_col": item_col,
+              "time_col": time_col, "session_col": session_col, "item_id_col": item_id_col, "text_cols": text_cols,
+              "split": split, "cutoff": cutoff, "valid_cutoff": valid_cutoff, "drop_short": drop_short}
+    splits = {s: Pairs.where(values, offsets, masks[s], user=user, session=session) for s in SPLITS}
+    return Source("log", [interactions, items], params, item_ids, texts, splits,
+                  notes={"dropped_short_sessions": int((~keep).sum())})
+
+
+TIME_FORMATS = ((pa.int64(), "number"), (pa.float64(), "number"),
+                (pa.timestamp("ns"), "time"), (pa.timestamp("ns", "UTC"), "time"))
+
+
+def _time_numbers(col: pa.Array, where: str) -> tuple[np.ndarray, str]:
+    """Times as sortable numbers, and their kind ("number" or "time": ISO-8601 in ns).
+
+    Delimited files give strings: the first format that reads the first value must read all."""
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        values, kind = col, "number"
+    elif pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+        values, kind = pc.cast(col, pa.timestamp("ns", getattr(col.type, "tz", None))).cast(pa.int64()), "time"
+    else:
+        values, kind = _parse_times(col.cast(pa.string()), where)
+    if values.null_count:
+        raise DataError(f"{where}: row {int(np.argmax(pc.is_null(values).to_numpy(zero_copy_only=False))) + 1}: empty time")
+    nan = nan_mask(values)
+    if nan.any():
+        raise DataError(f"{where}: row {int(np.argmax(nan)) + 1}: time is NaN")
+    return values.to_numpy(), kind
+
+
+def _parse_times(col: pa.Array, where: str) -> tuple[pa.Array, str]:
+    for target, kind in TIME_FORMATS:
+        try:
+            pc.cast(col.slice(0, 1), target)
+        except pa.ArrowInvalid:
+            continue
+        try:
+            values = pc.cast(col, target)
+        except pa.ArrowInvalid:
+            bad = next(i for i, v in enumerate(col.to_pylist()) if not _casts(v, target))
+            raise DataError(f"{where}: row {bad + 1}: {col[bad].as_py()!r} is not in the format of row 1 "
+                            f"({col[0].as_py()!r})") from None
+        return (values.cast(pa.int64()) if kind == "time" else values), kind
+    raise DataError(f"{where}: row 1: {col[0].as_py()!r} is neither a number nor an ISO-8601 time")
+
+
+def _casts(value, target: pa.DataType) -> bool:
+    try:
+        pc.cast(pa.array([value], pa.string()), target)
+        return True
+    except pa.ArrowInvalid:
+        return False
+
+
+def _cutoff(value: str | None, flag: str, kind: str):
+    if value is None:
+        raise DataError(f"{flag} is required with --split time")
+    (number,), value_kind = _time_numbers(pa.array([value]), flag)
+    if value_kind != kind:
+        raise DataError(f"{flag} {value}: a {value_kind}, but the time column holds {kind}s")
+    return number

@@ -1,0 +1,1 @@
+"""Ranking metrics and the sharded full-ranking loop that training and serving share."""

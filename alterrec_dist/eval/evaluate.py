@@ -1,0 +1,150 @@
+"""Full-ranking evaluation over all V items, sharded: ranks come from all-reduced counts.
+
+The rank of a target is 1 + the number of other items that order before it (higher score, or an
+equal score and a smaller id: the same order mining uses). Each shard counts its own rows, one
+tile of the score matrix at a time, and an all-reduce of G counts per score kind gives the ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from alterrec_dist.common.device import tile_rows as resolve_tile_rows
+from alterrec_dist.data.reader import Batch
+from alterrec_dist.eval.metrics import MetricSums, popularity_groups
+from alterrec_dist.model.networks import Network
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.table import Placement, ShardedItemTable
+
+@torch.no_grad()
+def item_matrix(net: Network, table: ShardedItemTable, tile_rows: int, parts: bool = False):
+    """This shard's item rows of `net` (or its (id, text) part rows for NFRec), without grad; tile_rows rows
+    at a time (0: the device's default, `device.tile_rows`)."""
+    tile_rows = resolve_tile_rows(tile_rows, table.features.device, 1)
+    out = []
+    for s in range(0, table.num_local, tile_rows):
+        x = table.x[s:s + tile_rows] if net.uses_id else None
+        f = table.features[s:s + tile_rows].float() if net.uses_text else None
+        out.append(net.part_rows(x, f) if parts else (net.item_rows(x, f),))
+    return tuple(torch.cat(cols) for cols in zip(*out))
+
+
+@dataclass
+class Scorer:
+    """Score components per kind: score_kind = sum_c weight[kind][c] * scale_c * Q_c @ M_c^T."""
+    matrices: list[torch.Tensor]            # per component, (V_local, d_c)
+    scales: list[float]
+    weights: dict[str, list[float]]         # kind -> weight per component
+
+    @staticmethod
+    def build(networks: dict[str, Network], table: ShardedItemTable, alpha: float, tile_rows: int,
+              alpha_sweep: tuple[float, ...] = ()) -> "Scorer":
+        """id, text and fused kinds; for AlterRec also "fused@<a>" for each a of `alpha_sweep`."""
+        if "fused" in networks:  # NFRec: y = y_id + y_text (paper App. B)
+            id_part, text_part = item_matrix(networks["fused"], table, tile_rows, parts=True)
+            return Scorer([id_part, text_part], [1.0, 1.0], {"id": [1, 0], "text": [0, 1], "fused": [1, 1]})
+        mats = [item_matrix(networks[n], table, tile_rows)[0] for n in ("id", "text")]
+        scales = [networks[n].logit_scale for n in ("id", "text")]
+        sweep = {f"fused@{a:g}": [a, 1 - a] for a in alpha_sweep}
+        return Scorer(mats, scales, {"id": [1, 0], "text": [0, 1], "fused": [alpha, 1 - alpha], **sweep})
+
+
+@torch.no_grad()
+def session_queries(networks: dict[str, Network], table: ShardedItemTable, batch: Batch) -> list[torch.Tensor]:
+    """Per score component, the local queries (b, d_c) of this worker's sessions."""
+    need_x = any(n.uses_id for n in networks.values())
+    need_f = any(n.uses_text for n in networks.values())
+    x, f, inverse = table.fetch(batch.items.flatten(), need_x, need_f)
+
+    def encode(net: Network) -> torch.Tensor:
+        rows = net.item_rows(x if net.uses_id else None, f if net.uses_text else None)
+        return net.encode(rows[inverse].view(*batch.items.shape, -1), batch.mask)
+
+    if "fused" in networks:
+        return list(networks["fused"].part_queries(encode(networks["fused"])))
+    return [encode(networks[n]) for n in ("id", "text")]
+
+
+@torch.no_grad()
+def evaluate(comm: Comm, networks: dict[str, Network], table: ShardedItemTable, batches, num_batches: int,
+             popularity: np.ndarray, alpha: float, bins: list[int], tile_rows: int, desc: str = "eval",
+             alpha_sweep: tuple[float, ...] = ()) -> dict:
+    """Metrics for id, text and fused scores (and the swept fused kinds) over the batches of one split,
+    with long-tail groups."""
+    for net in networks.values():
+        net.eval()
+    scorer = Scorer.build(networks, table, alpha, tile_rows, alpha_sweep)
+    kinds = list(scorer.weights)
+    group_of_item, labels = popularity_groups(popularity, bins)
+    ids = table.global_ids
+    group_of_item = torch.from_numpy(group_of_item).to(ids.device)
+    sums = {k: MetricSums(labels, ids.device) for k in kinds}
+    for batch in tqdm(batches, total=num_batches, desc=desc, disable=comm.rank != 0, leave=False):
+        queries = [comm.all_gather(q) for q in session_queries(networks, table, batch)]
+        target = comm.all_gather(batch.target)
+        valid = comm.all_gather(batch.valid)
+        counts = count_above_target(comm, scorer, queries, target, ids, tile_rows)
+        for i, kind in enumerate(kinds):
+            sums[kind].add(1 + counts[:, i], valid, group_of_item[target])
+    return {k: {**sums[k].result(), "longtail": sums[k].group_results()} for k in kinds}
+
+
+def count_above_target(comm: Comm, scorer: Scorer, queries: list[torch.Tensor], target: torch.Tensor,
+                       ids: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """(G, K): for each of the scorer's K kinds, how many items order before the target, over all shards;
+    tile_rows rows at a time (0: the device's default, `device.tile_rows`)."""
+    tile_rows = resolve_tile_rows(tile_rows, target.device, len(target))
+    row, owned = Placement(comm.world).owned_rows(target, comm.rank)
+    target_parts = torch.where(owned[:, None], component_scores(queries, scorer.matrices, scorer.scales, row), 0.0)
+    target_parts = comm.all_reduce(target_parts)  # (G, C): only the owner contributed
+    tiles = [(s, min(s + tile_rows, len(ids))) for s in range(0, len(ids), tile_rows)]
+    counts = rank_tiles(queries, scorer.matrices, scorer.scales, scorer.weights, tiles, ids,
+                        target, kind_scores(target_parts, scorer.weights))
+    return comm.all_reduce(counts)
+
+
+# -- the ranking loop, shared with serving (`serve`'s exact scoring runs it over every shard) --------------
+
+def component_scores(queries: list[torch.Tensor], matrices: list[torch.Tensor], scales: list[float],
+                     rows: torch.Tensor) -> torch.Tensor:
+    """(G, C): each session's score of its own item row `rows[g]`, per component: (q_c . M_c[row]) * s_c."""
+    return torch.stack([(q * m[rows]).sum(1) * s for q, m, s in zip(queries, matrices, scales)], 1)
+
+
+def kind_scores(parts: torch.Tensor, weights: dict[str, list[float]]) -> torch.Tensor:
+    """(G, K) scores of every kind from (G, C) component scores: `parts @ W.T`."""
+    w = torch.tensor([weights[k] for k in weights], dtype=parts.dtype, device=parts.device)
+    return parts @ w.T
+
+
+def rank_tiles(queries: list[torch.Tensor], matrices: list[torch.Tensor], scales: list[float],
+               weights: dict[str, list[float]], tiles: list[tuple[int, int]], ids: torch.Tensor,
+               target: torch.Tensor | None = None, target_scores: torch.Tensor | None = None,
+               top_kind: str | None = None, on_top=None) -> torch.Tensor | None:
+    """The engine's ranking loop over item rows [start, stop) of each tile (ids: their global ids):
+    part_c = (q_c @ M_c[tile].T) * s_c, a kind's score = sum(w * part for w, part if w). With a target:
+    (G, K) counts per kind of the items that order before it (higher score, or an equal score and a
+    smaller id), else None. `on_top(scores, tile_ids, parts)` sees each tile's `top_kind` scores."""
+    kinds = list(weights)
+    counts = None if target is None else torch.zeros(len(target), len(kinds), dtype=torch.long,
+                                                     device=target.device)
+    for s, e in tiles:
+        tile_ids = ids[s:e]
+        parts = [(q @ m[s:e].T) * sc for q, m, sc in zip(queries, matrices, scales)]
+        if target is not None:
+            not_target = tile_ids[None, :] != target[:, None]
+            before_by_id = tile_ids[None, :] < target[:, None]
+        for i, kind in enumerate(kinds):
+            if target is None and kind != top_kind:
+                continue
+            scores = sum(w * p for w, p in zip(weights[kind], parts) if w)
+            if target is not None:
+                t = target_scores[:, i:i + 1]
+                before = (scores > t) | ((scores == t) & before_by_id)
+                counts[:, i] += (before & not_target).sum(1)
+            if kind == top_kind:
+                on_top(scores, tile_ids, parts)
+    return counts

@@ -1,0 +1,189 @@
+"""The grid runner behind `python -m alterrec_dist.experiments`: a grid file expanded into one run per
+method x dataset x seed (plus sweeps and peer baselines), each through the normal driver.
+
+A run is done when its directory holds `summary.json` (a peer: `result.json`); a half-finished
+run directory is removed and run again, so an interrupted grid resumes where it stopped. Each
+run's exact command is written to `command.txt` beside its results.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alterrec_dist.common.config import PROJECT_ROOT, load_config, read_toml, shown
+from alterrec_dist.common.errors import ConfigError
+
+
+@dataclass
+class RunSpec:
+    """One training (or peer) run of the grid: where it goes and the command that makes it."""
+    dataset: str
+    label: str                 # method, or method + swept setting, or peer name
+    seed: int
+    run_dir: Path
+    command: list[str]
+    done_file: str = "summary.json"
+    role: str = "method"       # "method" | "sweep" | "peer"
+    method: str = ""
+    sweeps: dict[str, object] = field(default_factory=dict)  # swept key -> this run's value (several if shared)
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / self.done_file).exists()
+
+    @property
+    def log(self) -> Path:
+        return self.run_dir.with_name(self.run_dir.name + ".log")
+
+
+@dataclass
+class DatasetGrid:
+    name: str
+    title: str
+    config: str
+    methods: list[str]
+    seeds: list[int]
+    sets: list[str] = field(default_factory=list)
+    method_sets: dict[str, list[str]] = field(default_factory=dict)
+    prepare: list[str] = field(default_factory=list)
+    note: str = ""
+    sweeps: list[dict] = field(default_factory=list)
+    peers: list[dict] = field(default_factory=list)
+    anchors: list[dict] = field(default_factory=list)
+    select: list[str] = field(default_factory=list)  # swept keys whose value each method picks on validation
+
+
+@dataclass
+class Grid:
+    path: Path
+    out: Path
+    report: Path
+    images: Path
+    jobs: int
+    threads: int
+    datasets: list[DatasetGrid]
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    doc = read_toml(path, "grid")
+    seeds = doc.get("seeds", [0, 1, 2])
+    datasets = []
+    for d in doc.get("dataset", []):
+        try:
+            datasets.append(DatasetGrid(
+                name=d["name"], title=d.get("title", d["name"]), config=d["config"], methods=d["methods"],
+                seeds=d.get("seeds", seeds), sets=d.get("set", []), method_sets=d.get("method_set", {}),
+                prepare=d.get("prepare", []),
+                note=d.get("note", ""), sweeps=d.get("sweep", []), peers=d.get("peer", []),
+                anchors=d.get("anchor", []), select=d.get("select", [])))
+        except KeyError as e:
+            raise ConfigError(f"{path}: [[dataset]] entry misses key {e}") from None
+    if not datasets:
+        raise ConfigError(f"{path}: no [[dataset]] entries")
+    root = PROJECT_ROOT
+    return Grid(path, root / doc.get("out", f"runs/experiments/{path.stem}"),
+                root / doc.get("report", "docs/RESULTS.md"), root / doc.get("images", "docs/img"),
+                int(doc.get("jobs", 1)), int(doc.get("threads", 1)), datasets)
+
+
+def train_command(d: DatasetGrid, method: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
+    """The normal driver, one worker through the torchrun launcher (W=2 computes the same; see the parity tests)."""
+    sets = ["trainer.num_workers=1", f"train.method={method}", f"train.seed={seed}", *d.sets,
+            *d.method_sets.get(method, []), *extra]
+    cmd = [sys.executable, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--config", d.config]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd + ["--out", str(run_dir)]
+
+
+def expand(grid: Grid) -> list[RunSpec]:
+    """Every run of the grid; a sweep point equal to the base config reuses the method's run."""
+    specs: dict[Path, RunSpec] = {}
+    for d in grid.datasets:
+        base = grid.out / d.name
+        for method in d.methods:
+            for seed in d.seeds:
+                run_dir = base / f"{method}-s{seed}"
+                specs[run_dir] = RunSpec(d.name, method, seed, run_dir, train_command(d, method, seed, run_dir),
+                                         method=method)
+        for sw in d.sweeps:
+            key, method = sw["key"], sw["method"]
+            cfg = load_config(PROJECT_ROOT / d.config, [f"train.method={method}", *d.sets,
+                                                         *d.method_sets.get(method, [])])
+            section, _, name = key.partition(".")
+            default = getattr(getattr(cfg, section), name)
+            for value in sw["values"]:
+                for seed in sw.get("seeds", d.seeds):
+                    if value == default:
+                        run_dir = base / f"{method}-s{seed}"
+                        extra = []
+                    else:
+                        text = str(value).lower() if isinstance(value, bool) else str(value)  # as TOML writes it
+                        run_dir = base / f"{method}-{name}={text}-s{seed}"
+                        extra = [f"{key}={text}"]
+                    spec = specs.get(run_dir) or RunSpec(
+                        d.name, f"{method} {key}={value}", seed, run_dir,
+                        train_command(d, method, seed, run_dir, extra), role="sweep", method=method)
+                    spec.sweeps[key] = value
+                    specs[run_dir] = spec
+        for peer in d.peers:
+            for seed in peer.get("seeds", d.seeds):
+                run_dir = base / "peers" / f"{peer['name']}-s{seed}"
+                cmd = [part.replace("{python}", sys.executable) for part in peer["command"]]
+                specs[run_dir] = RunSpec(d.name, peer["name"], seed, run_dir,
+                                         cmd + ["--seed", str(seed), "--out", str(run_dir)],
+                                         done_file="result.json", role="peer")
+    return list(specs.values())
+
+
+def prepare_datasets(grid: Grid) -> None:
+    """Make each dataset the grid needs if its directory is missing (the command is in the grid)."""
+    for d in grid.datasets:
+        cfg = load_config(PROJECT_ROOT / d.config)
+        path = cfg.resolve_path(cfg.data.path)
+        if path.exists() or not d.prepare:
+            continue
+        cmd = [sys.executable, "-m", "alterrec_dist.prepare", *d.prepare]
+        print(f"preparing {d.name}: {shlex.join(cmd)}", flush=True)
+        subprocess.run(cmd, cwd=PROJECT_ROOT, check=True)
+
+
+def run_one(spec: RunSpec, threads: int) -> tuple[RunSpec, int, float]:
+    if spec.run_dir.exists():  # half-finished: start it again from scratch
+        shutil.rmtree(spec.run_dir)
+    spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    with open(spec.log, "w") as log:
+        log.write(f"$ {shlex.join(spec.command)}\n")
+        log.flush()
+        rc = subprocess.run(spec.command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL).returncode
+    seconds = time.perf_counter() - start
+    if rc == 0 and spec.done:
+        (spec.run_dir / "command.txt").write_text(shlex.join(spec.command) + "\n")
+    return spec, rc, seconds
+
+
+def run_grid(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
+    """Run what is not done, `grid.jobs` at a time; returns the runs that failed."""
+    todo = [s for s in specs if not s.done]
+    print(f"{len(specs) - len(todo)} of {len(specs)} runs already done; {len(todo)} to run, {grid.jobs} at a time",
+          flush=True)
+    failed = []
+    with ThreadPoolExecutor(grid.jobs) as pool:
+        for i, (spec, rc, seconds) in enumerate(pool.map(lambda s: run_one(s, grid.threads), todo), 1):
+            ok = rc == 0 and spec.done
+            print(f"[{i}/{len(todo)}] {'ok  ' if ok else 'FAIL'} {shown(spec.run_dir)} "
+                  f"({seconds / 60:.1f} min){'' if ok else f', exit {rc}, see {spec.log}'}", flush=True)
+            if not ok:
+                failed.append(spec)
+    return failed

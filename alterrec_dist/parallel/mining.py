@@ -1,0 +1,324 @@
+"""Negatives for the band loss: the other network's ranks k1..k2, or uniform random items.
+
+Ranks are global over the whole catalog but no shard ever sees more than its own rows:
+1. every shard keeps, per query, its top k2+1 scores (unsorted: a selection, not a sort) as
+   `Candidates`;
+2. the global scores at ranks k1 and k2, t1 >= t2, are found by one of two exact merges:
+   - "allgather": gather every shard's candidate scores and select (traffic W*G*(k2+1) floats);
+   - "threshold": bisection on the score, each round one all-reduce of G packed counts. A bracket
+     from the shards' own ranks starts it, the counts of both ranks share one int32, and a float32
+     has 32 bits, so it sends at most 20 + 32*4 bytes per query whatever V, W or k2.
+3. the band is every item with t2 < score <= t1: a mask over each shard's own candidates. No ids move.
+
+Ties: an item tied with rank k1 is in the band and one tied with rank k2 is not. Without ties the band
+is exactly ranks k1..k2-1; with them it is the same set at any world size, and every band item is
+among its shard's candidates (fewer than k2+1 of the shard's items score above t2).
+"""
+from __future__ import annotations
+
+import warnings
+import math
+from dataclasses import dataclass
+
+import torch
+
+from alterrec_dist.common.device import tile_rows as resolve_tile_rows
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.table import Placement
+
+ID_MASK = (1 << 32) - 1
+INT64_MIN = -(1 << 63)
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Band:
+    """Per query g, this shard's negatives: local rows `rows[g, j]` where `mask[g, j]`."""
+    rows: torch.Tensor  # (G, n) int64 local row index
+    mask: torch.Tensor  # (G, n) bool
+
+    @staticmethod
+    def cat(a: "Band", b: "Band") -> "Band":
+        return Band(torch.cat([a.rows, b.rows], 1), torch.cat([a.mask, b.mask], 1))
+
+
+@dataclass
+class Candidates:
+    """Per query, this shard's top-n scores (in no particular order) and their local rows."""
+    scores: torch.Tensor  # (G, n) float32
+    rows: torch.Tensor    # (G, n) int64
+
+
+def ordered(scores: torch.Tensor) -> torch.Tensor:
+    """Monotone map of float32 scores onto integers (int64, so midpoints cannot overflow)."""
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 maps -0.0 to +0.0
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+
+
+def from_ordered(values: torch.Tensor) -> torch.Tensor:
+    bits = values.int()
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32)
+
+
+def score_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Unique int64 keys ordering (score desc, id asc): `(ordered score << 32) + (2^32 - 1 - id)`."""
+    return (ordered(scores) << 32) + (ID_MASK - ids)
+
+
+def key_ids(keys: torch.Tensor) -> torch.Tensor:
+    return ID_MASK - (keys & ID_MASK)
+
+
+def local_candidates(queries: torch.Tensor, item_rows: torch.Tensor, k: int, scale: float,
+                     tile_rows: int) -> Candidates:
+    """This shard's top-k scores per query, scored tile by tile (a selection: nothing is sorted);
+    tile_rows 0: the device's default (`device.tile_rows`)."""
+    device = queries.device
+    tile_rows = resolve_tile_rows(tile_rows, device, len(queries))
+    best = Candidates(torch.empty(len(queries), 0, device=device),
+                      torch.empty(len(queries), 0, dtype=torch.long, device=device))
+    for start in range(0, len(item_rows), tile_rows):
+        scores = torch.mm(queries, item_rows[start:start + tile_rows].T).mul_(scale)
+        rows = torch.arange(start, start + scores.shape[1], device=device).expand_as(scores)
+        merged = best.scores.shape[1] > 0
+        if merged:
+            scores, rows = torch.cat([best.scores, scores], 1), torch.cat([best.rows, rows], 1)
+        if scores.shape[1] > k:
+            top = torch.topk(scores, k, dim=1, sorted=False)
+            # the first tile's column j is row j: no gather over the (G, k) indices needed
+            scores, rows = top.values, torch.gather(rows, 1, top.indices) if merged else top.indices
+        best = Candidates(scores, rows)
+    return best
+
+
+def packed_left(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the columns where `keep` holds, packed to the left: (columns, valid), both
+    (G, most kept in a row); invalid slots hold column 0. A scatter by running count, not `nonzero`
+    (about twice as slow on wide rows)."""
+    counts = keep.sum(1)
+    width = int(counts.max()) if len(keep) else 0  # a host read: the output's shape
+    slot = torch.where(keep, keep.cumsum(1) - 1, width)  # dropped columns all land in a spare slot
+    cols = torch.zeros((len(keep), width + 1), dtype=torch.long, device=keep.device)
+    cols.scatter_(1, slot, torch.arange(keep.shape[1], device=keep.device).expand_as(slot))
+    valid = torch.arange(width, device=keep.device) < counts[:, None]
+    return cols[:, :width].masked_fill_(~valid, 0), valid
+
+
+def packs_left(t: torch.Tensor) -> bool:
+    """Whether narrowing a selection pays for its host read: on the CPU the read is free and narrower rows
+    make every later pass cheaper; on a GPU the read stalls the stream, and a full pass over the unpacked
+    columns costs microseconds."""
+    return t.device.type == "cpu"
+
+
+def kept_columns(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns to visit for the entries where `keep` holds, as (columns, valid): packed to the left
+    where that pays (`packs_left`), else every column, valid where kept (no host read)."""
+    if packs_left(keep):
+        return packed_left(keep)
+    return torch.arange(keep.shape[1], device=keep.device).expand_as(keep), keep
+
+
+def local_rank_score(scores: torch.Tensor, k: int, lowest: torch.Tensor) -> torch.Tensor:
+    """This shard's score at 0-based rank k among `scores` (its top list, whose minimum is `lowest`),
+    -inf if it has no rank k."""
+    n = scores.shape[1]
+    if k >= n:
+        return torch.full((len(scores),), NEG_INF, device=scores.device)
+    return lowest if k == n - 1 else torch.kthvalue(scores, n - k, dim=1).values
+
+
+def bracket(comm: Comm, cand: Candidates, k1: int, k2: int, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds lower <= t <= upper, (G, 2) each, on the global scores t1, t2 at ranks k1 and k2, from the
+    shards' own ranks, in one all-reduce of 5 floats per query:
+    - a shard's rank-k score is a lower bound: that shard alone has k+1 items at or above it;
+      so is the lowest score anywhere (every item is at or above it);
+    - some shard holds ceil((k+1)/W) of the global top k+1, so the highest local rank ceil((k+1)/W)-1
+      is an upper bound. At W = 1 the bounds meet and no bisection round is needed.
+    """
+    s, W = cand.scores, comm.world
+    few = min(k1 + 1, s.shape[1])
+    top = torch.topk(s, few, dim=1).values if few else s  # sorted: both of t1's ranks from one small selection
+    lowest = s.min(1).values if s.shape[1] else torch.full((len(s),), float("inf"), device=s.device)
+    top_lowest = top[:, -1] if few else lowest
+    local = torch.stack([local_rank_score(top, k1, top_lowest), local_rank_score(s, k2, lowest), -lowest,
+                         local_rank_score(top, -(-(k1 + 1) // W) - 1, top_lowest),
+                         local_rank_score(s, -(-(k2 + 1) // W) - 1, lowest)], 1)
+    best = comm.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+    lower = torch.stack([best[:, 0], torch.maximum(best[:, 1], -best[:, 2])], 1)
+    upper = best[:, 3:].clone()
+    if k2 >= num_items:  # no rank k2: every item below t1 is in the band
+        lower[:, 1] = upper[:, 1] = NEG_INF
+    return lower, upper
+
+
+class CountPacker:
+    """The counts of several ranks in one integer per query: count j is clamped to need_j (all a
+    round asks is whether the global count reaches need_j, and a sum of clamped counts reaches it
+    exactly when the true sum does) and stored in base W*need_j + 1. int32 when it fits. Its constants
+    are host integers, so packing and unpacking never copy to or read from the device."""
+
+    def __init__(self, need, world: int):
+        self.need = [int(n) for n in need]
+        self.radix = [world * n + 1 for n in self.need]
+        self.base = [math.prod(self.radix[:j]) for j in range(len(self.radix))]
+        self.dtype = torch.int32 if math.prod(self.radix) <= 2**31 else torch.int64
+
+    def pack(self, counts: torch.Tensor) -> torch.Tensor:
+        return sum(counts[:, j].clamp(max=n) * b for j, (n, b) in enumerate(zip(self.need, self.base))).to(self.dtype)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        packed = packed.long()
+        return torch.stack([packed // b % r for b, r in zip(self.base, self.radix)], 1)
+
+    def reached(self, packed: torch.Tensor) -> torch.Tensor:
+        """(G, J) bool: whether each packed sum of counts reaches its need."""
+        counts = self.unpack(packed)
+        return torch.stack([counts[:, j] >= n for j, n in enumerate(self.need)], 1)
+
+
+class Shrinking:
+    """The scores still inside one query's bisection interval, and how many lie above it: a round
+    counts only these, and each round drops about half of them (repacked once half are gone)."""
+
+    def __init__(self, scores: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
+        self.above = (scores > upper[:, None]).sum(1)
+        cols, valid = kept_columns((scores >= lower[:, None]) & (scores <= upper[:, None]))
+        self.inside = torch.gather(scores, 1, cols).masked_fill_(~valid, float("nan"))  # NaN: never counted
+        self.live = valid.sum(1)
+
+    def count_at_or_above(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(which inside scores are >= x, how many of them are)."""
+        at_or_above = self.inside >= x[:, None]
+        return at_or_above, at_or_above.sum(1)
+
+    def narrow(self, at_or_above: torch.Tensor, n: torch.Tensor, went_up: torch.Tensor) -> None:
+        """went_up: the interval is now [x, hi] (drop what lies below x), else [lo, x) (the n inside
+        scores at or above x move to `above`)."""
+        self.above += torch.where(went_up, 0, n)
+        self.live = torch.where(went_up, n, self.live - n)
+        keep = torch.where(went_up[:, None], at_or_above, ~at_or_above)
+        self.inside.masked_fill_(~keep, float("nan"))
+        if packs_left(self.inside) and len(self.live) and int(self.live.max()) <= self.inside.shape[1] // 2:
+            cols, valid = packed_left(~torch.isnan(self.inside))
+            self.inside = torch.gather(self.inside, 1, cols).masked_fill_(~valid, float("nan"))
+
+
+def thresholds_by_bisection(comm: Comm, cand: Candidates, k1: int, k2: int, num_items: int) -> torch.Tensor:
+    """(G, 2) global scores at ranks k1 and k2: for each, the largest x with #{score >= x} >= k+1.
+
+    Bisection on the ordered integer image of x inside the bracket, every rank running the same
+    number of rounds (from the all-reduced bracket), so the collectives stay in lockstep. Counting
+    over the local top-(k2+1) list is exact for ranks <= k2: a shard whose list is capped already
+    holds k2+1 scores at or above any x in the bracket.
+    """
+    lower, upper = bracket(comm, cand, k1, k2, num_items)
+    lo, hi = ordered(lower), ordered(upper)
+    # each round halves every interval; the one host read of the merge (it spares every round at W = 1)
+    rounds = int((hi - lo).max()).bit_length() if lo.numel() else 0
+    packer = CountPacker([k1 + 1, k2 + 1], comm.world)
+    sets = [Shrinking(cand.scores, lower[:, j], upper[:, j]) for j in range(2)] if rounds else []
+    for _ in range(rounds):
+        mid = lo + (hi - lo + 1) // 2
+        x = from_ordered(mid)
+        counted = [s.count_at_or_above(x[:, j]) for j, s in enumerate(sets)]
+        local = torch.stack([s.above + n for s, (_, n) in zip(sets, counted)], 1)
+        ok = packer.reached(comm.all_reduce(packer.pack(local)))
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid - 1)
+        for j, (s, (at_or_above, n)) in enumerate(zip(sets, counted)):
+            s.narrow(at_or_above, n, ok[:, j])
+    return from_ordered(lo)
+
+
+def gather_padded(comm: Comm, values: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """Every shard's (G, <= width) values per query, padded with `fill` to equal shapes: (G, W * width)."""
+    padded = torch.full((len(values), width), fill, dtype=values.dtype, device=values.device)
+    padded[:, :values.shape[1]] = values
+    every = comm.all_gather(padded.T.contiguous())  # (W * width, G)
+    return every.view(comm.world, width, -1).permute(2, 0, 1).reshape(len(values), -1)
+
+
+def thresholds_by_allgather(comm: Comm, cand: Candidates, k1: int, k2: int, num_items: int) -> torch.Tensor:
+    """Same result from every shard's top-(k2+1) scores, padded with -inf."""
+    n = k2 + 1
+    scores = cand.scores if cand.scores.shape[1] <= n else torch.topk(cand.scores, n, dim=1, sorted=False).values
+    every = gather_padded(comm, scores, n, NEG_INF)
+    t1 = torch.topk(every, k1 + 1, dim=1, sorted=False).values.min(1).values
+    t2 = torch.kthvalue(every, every.shape[1] - k2, dim=1).values if k2 < num_items else torch.full_like(t1, NEG_INF)
+    return torch.stack([t1, t2], 1)
+
+
+def mine_band(comm: Comm, queries: torch.Tensor, item_rows: torch.Tensor, k1: int, k2: int, num_items: int,
+              scale: float = 1.0, merge: str = "threshold", tile_rows: int = 65_536,
+              extra: int = 0) -> tuple[Band, Candidates]:
+    """The frozen network's ranks k1..k2-1 (0-based) for every query, on this shard.
+
+    queries: (G, d) all gathered queries of the frozen network; item_rows: its (V_local, d) rows.
+    Returns (band, candidates); the candidates also serve `top_items`. `extra` widens the local
+    list so callers can ask for a few more top items (augmentation).
+    """
+    k2 = min(k2, num_items)
+    if k1 >= k2:
+        raise ValueError(f"band is empty: k1={k1} >= min(k2, V={num_items})")
+    cand = local_candidates(queries, item_rows, max(k2 + 1, extra), scale, tile_rows)
+    find = thresholds_by_allgather if merge == "allgather" else thresholds_by_bisection
+    t = find(comm, cand, k1, k2, num_items)
+    return Band(cand.rows, (cand.scores > t[:, 1:]) & (cand.scores <= t[:, :1])), cand
+
+
+def capped_k2(k2: int, num_items: int) -> int:
+    if k2 > num_items:
+        warnings.warn(f"k2={k2} is larger than the catalog (V={num_items}); using k2={num_items}", stacklevel=2)
+    return min(k2, num_items)
+
+
+def kth_keys_allgather(comm: Comm, local_keys: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Global key at each 0-based rank in `ks`, for every query: (G, len(ks)). Keys padded with
+    INT64_MIN so shards with fewer rows than the ranks still send equal shapes."""
+    k = max(ks) + 1
+    every = gather_padded(comm, local_keys[:, :k], k, INT64_MIN)
+    top = torch.topk(every, k, dim=1, sorted=True).values
+    return top[:, ks]
+
+
+def top_items(comm: Comm, cand: Candidates, global_ids: torch.Tensor, p: int, exclude: torch.Tensor) -> torch.Tensor:
+    """Global top-p item ids per query by (score desc, id asc), skipping `exclude[g]` (the target): (G, p).
+
+    Cheap: every shard sends its top p+1 keys; p is small (augmentation uses p=5). Keys are made only
+    for the candidates at or above the local (p+1)-th score, ties included, so ties go to the lower id.
+    """
+    s = cand.scores
+    few = min(p + 1, s.shape[1])
+    cut = torch.topk(s, few, dim=1, sorted=False).values.min(1, keepdim=True).values if few else s[:, :1]
+    cols, valid = kept_columns(s >= cut)
+    keys = score_keys(torch.gather(s, 1, cols), global_ids[torch.gather(cand.rows, 1, cols)])
+    keys = torch.topk(keys.masked_fill_(~valid, INT64_MIN), few, dim=1).values
+    ids = key_ids(kth_keys_allgather(comm, keys, list(range(p + 1))))
+    # ids are unique, so the target is in at most one column; without it, drop the (p+1)-th instead
+    is_target = ids == exclude[:, None]
+    dropped = torch.where(is_target.any(1), is_target.int().argmax(1), p)
+    cols = torch.arange(p, device=ids.device)
+    return torch.gather(ids, 1, cols + (cols >= dropped[:, None]))
+
+
+def random_band(comm: Comm, num_queries: int, count: int, num_items: int, generator: torch.Generator) -> Band:
+    """`count` uniform random items per query (with replacement), this shard's share of them.
+
+    Every rank draws the same (G, count) matrix from the same generator, keyed by the global
+    batch, so the negatives of a session do not depend on the world size. The draws happen on the
+    generator's device (a CUDA generator draws other numbers than a CPU one from the same seed).
+    """
+    ids = torch.randint(num_items, (num_queries, count), generator=generator, device=generator.device)
+    return Band(*Placement(comm.world).owned_rows(ids, comm.rank))  # other ranks' items: masked, row 0
+
+
+def exclude_items(band: Band, pos_rows: torch.Tensor, pos_owned: torch.Tensor) -> Band:
+    """Remove positives (target, augmented items) from the band: they are never negatives.
+
+    pos_rows/pos_owned: (G, P) local rows of the positives and whether this shard owns them.
+    """
+    rows = torch.where(pos_owned, pos_rows, -1)  # -1 matches no row
+    hit = band.rows == rows[:, :1]
+    for j in range(1, rows.shape[1]):
+        hit |= band.rows == rows[:, j:j + 1]
+    return Band(band.rows, band.mask & ~hit)

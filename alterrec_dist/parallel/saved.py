@@ -1,0 +1,144 @@
+"""Directories of per-rank files plus a manifest, written by every rank at once (`publish`), and
+the saved model, the one such directory that serving reads back (`load_model`).
+
+    manifest.json      world size, partition rule, item count, the sha256 of every file, and the meta
+    networks.pt        {name: state_dict} of every network (rank 0 writes it)
+    <one file a rank>  with a rank-unique name
+
+The best model, RUN_DIR/model/ (meta: epoch, method, selection, valid score, dataset):
+
+    shard-RRRRR-of-WWWWW.pt   {"items": global ids, "x": ID rows or None}
+
+A directory is written under a temp name and swapped into place whole (`files.Staged`); the
+checksums catch what the rename cannot (a disk that lost or damaged data after the fact).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.files import Staged, atomic_write_json, file_sha256, read_manifest
+
+
+PARTITION = "item i on rank i mod world_size, local row i div world_size"  # `Placement`, as words for the manifest
+MODEL_KEYS = {"files": dict, "world_size": int, "num_items": int}  # what loading a model relies on
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.pt"
+
+
+# -- writing a directory of per-rank files -----------------------------------------------------
+
+def on_cpu(obj):
+    """`obj` with every tensor in it (through dicts, lists and tuples) copied to the CPU: what is saved
+    loads on any machine, a CPU-only one included, whatever device trained it."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
+def load_cpu(path: Path, mmap: bool = False):
+    """A file `publish` wrote, as CPU tensors (`map_location`: whatever the writer's device was)."""
+    return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+
+
+def publish(comm, target: Path, own: tuple[str, object], shared: dict[str, object], meta: dict,
+            model_dir: Path | None = None) -> None:
+    """Write directory `target` from every rank: each saves `own` (name, object), rank 0 also the
+    `shared` files and, if `model_dir` holds a model, links it in as model/; then rank 0 writes
+    manifest.json (meta, world size, partition rule, sha256 of every file) and renames the directory
+    into place. Collective: every rank calls it. Every tensor is saved from the CPU (`on_cpu`)."""
+    staged = Staged(target) if comm.rank == 0 else None
+    if staged is not None:
+        staged.tmp.mkdir()
+    tmp = comm.broadcast_object(staged.tmp if staged is not None else None)  # rank 0's temp directory
+    name, obj = own
+    torch.save(on_cpu(obj), tmp / name)
+    # each rank hashes its own file, in parallel and while it is still in the page cache
+    digests = comm.all_gather_object((name, file_sha256(tmp / name)))
+    if comm.rank == 0:
+        files = dict(digests)
+        for shared_name, shared_obj in shared.items():
+            torch.save(on_cpu(shared_obj), tmp / shared_name)
+            files[shared_name] = file_sha256(tmp / shared_name)
+        if model_dir is not None and (Path(model_dir) / "manifest.json").is_file():
+            files |= _link_model(Path(model_dir), tmp / "model")
+        atomic_write_json(tmp / "manifest.json", {**meta, "world_size": comm.world, "partition": PARTITION,
+                                                  "files": dict(sorted(files.items()))})
+        staged.commit()
+    comm.barrier()
+
+
+def link_dir(src: Path, dst: Path) -> None:
+    """Every file of `src` into the new directory `dst`: hard links, so nothing is written twice (the
+    model's files are never modified in place: a new model is a new directory), copies where the
+    file system has no links."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+def _link_model(model_dir: Path, dst: Path) -> dict[str, str]:
+    """Link the model in `model_dir` into `dst`; its files' sha256 under dst's name, carried over from
+    the model's manifest (not recomputed), plus that of the manifest itself."""
+    digests = saved_manifest(model_dir)["files"]
+    link_dir(model_dir, dst)
+    return {f"{dst.name}/{n}": d for n, d in digests.items()} | {
+        f"{dst.name}/manifest.json": file_sha256(dst / "manifest.json")}
+
+
+# -- the best model ----------------------------------------------------------------------------
+
+def save_model(comm, networks: dict, table, model_dir: Path, meta: dict) -> None:
+    """Every rank writes its ID rows; rank 0 the networks and the manifest, then swaps the directory in."""
+    publish(comm, model_dir, (shard_name(comm.rank, comm.world), {"items": table.global_ids, "x": table.x}),
+            {"networks.pt": {name: net.state_dict() for name, net in networks.items()}},
+            {**meta, "num_items": table.num_items})
+
+
+def verify_files(directory: Path, digests: dict[str, str], manifest_path: Path) -> None:
+    """DataError naming the first file of `digests` that is missing or whose sha256 differs."""
+    for name, digest in digests.items():
+        path = Path(directory) / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise DataError(f"{path}: missing or corrupt (sha256 does not match {manifest_path})")
+
+
+def load_model(model_dir: Path) -> tuple[dict, dict, torch.Tensor | None]:
+    """(manifest, {name: state_dict}, the full (V, d) ID table or None), checksums verified."""
+    model_dir = Path(model_dir)
+    manifest_path = model_dir / "manifest.json"
+    manifest = saved_manifest(model_dir, "no saved model (train a run first; the model is saved at its best epoch)",
+                              MODEL_KEYS)
+    for key in ("world_size", "num_items"):
+        if manifest[key] < 1:
+            raise DataError(f"{manifest_path}: {key} must be >= 1, got {manifest[key]}")
+    verify_files(model_dir, manifest["files"], manifest_path)
+    states = load_cpu(model_dir / "networks.pt")
+    W, V = manifest["world_size"], manifest["num_items"]
+    x = None
+    for rank in range(W):
+        shard = load_cpu(model_dir / shard_name(rank, W))
+        if shard["x"] is not None:
+            if x is None:
+                x = torch.empty(V, shard["x"].shape[1], dtype=shard["x"].dtype, device="cpu")
+            x[shard["items"]] = shard["x"]
+    return manifest, states, x
+
+
+def saved_manifest(directory: Path, absent: str = "missing", keys: dict[str, type] | None = None) -> dict:
+    """The manifest.json of a checkpoint or a saved model, with its file checksums (and `keys`)."""
+    return read_manifest(directory, absent, {"files": dict, **(keys or {})},
+                         remedy="a damaged checkpoint or model: save it again")

@@ -1,0 +1,117 @@
+"""The two ways batch scoring runs: in this process, or on Ray Data (order preserved)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from alterrec_dist.common import ray_watchdog
+from alterrec_dist.serve.batch_input import iter_tables, session_columns, table_to_rows
+from alterrec_dist.serve.batch_output import (OrderedMetrics, ParquetOut, output_table, rank_matrix, score_rows,
+                                              with_example)
+from alterrec_dist.serve.export_dir import load_scoring_model
+from alterrec_dist.serve.scoring_model import ScoringModel
+
+
+# -- the two runners ----------------------------------------------------------------------------------
+
+def run_local(bundle: ScoringModel, files: list[Path], out: ParquetOut, top: int, metrics: OrderedMetrics | None) -> None:
+    columns = session_columns(files)
+    has_target = "target" in columns
+    first = 0
+    for table in iter_tables(files, columns, bundle.eval_batch_size):
+        rows = table_to_rows(table, first, bundle.max_len, bundle.num_items,
+                             f"{files[0] if len(files) == 1 else 'input'} rows {first}..{first + len(table) - 1}")
+        res = score_rows(bundle, rows, top, has_target)
+        result = with_example(output_table(bundle, table, rows, res, has_target), first)
+        out.write(result)
+        if metrics is not None and has_target:
+            metrics.add(res["ranks"], rows.target)
+        first += len(table)
+
+
+class _RayScorer:
+    """Ray Data map_batches UDF: loads the model once per actor, scores each batch of sessions."""
+
+    def __init__(self, spec: dict, top: int, has_target: bool):
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.bundle = load_scoring_model(**spec)
+        self.top, self.has_target = top, has_target
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        rows = table_to_rows(table, 0, self.bundle.max_len, self.bundle.num_items, "input")
+        res = score_rows(self.bundle, rows, self.top, self.has_target)
+        return output_table(self.bundle, table, rows, res, self.has_target)
+
+
+def ray_requested(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def run_ray(spec: dict, bundle: ScoringModel, files: list[Path], out: ParquetOut, top: int, metrics: OrderedMetrics | None,
+            workers: int) -> None:
+    import logging
+
+    import ray
+    import ray.data
+
+    started = False
+    if not ray.is_initialized():
+        common = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(**common)
+        else:  # a private local Ray, never some other cluster found in /tmp/ray; the scoring actors
+            # hold one CPU each, so keep one more for the read tasks (else they wait forever)
+            ray_watchdog.start()  # tears it down should this process die without ray.shutdown()
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers + 1), include_dashboard=False,
+                     **common)
+        started = True
+    try:
+        columns = session_columns(files)
+        has_target = "target" in columns
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the output and the metric batches follow input order
+        ctx.enable_progress_bars = False
+        ds = ray.data.read_parquet([str(f.absolute()) for f in files]).select_columns(columns)
+        ds = ds.map_batches(_RayScorer, fn_constructor_kwargs={"spec": spec, "top": top, "has_target": has_target},
+                            batch_size=bundle.eval_batch_size, batch_format="pyarrow", concurrency=workers, num_cpus=1,
+                            num_gpus=1 if bundle.device.type == "cuda" else 0)  # --device cuda: a GPU per actor
+        first = 0
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if not len(table):
+                continue
+            out.write(with_example(table, first))
+            if metrics is not None and has_target:
+                metrics.add(rank_matrix(table, bundle.kinds), table["target"].to_numpy().astype(np.int64))
+            first += len(table)
+    finally:
+        if started:
+            ray.shutdown()
+            ray_watchdog.stop()
+
+
+def score_files(spec: dict, bundle: ScoringModel, files: list[Path], out_path: Path, overwrite: bool, top: int,
+                use_ray: bool, workers: int) -> tuple[ParquetOut, OrderedMetrics]:
+    """Score every session of `files` into the Parquet file `out_path`, swapped in whole (nothing is
+    left on a failure), on Ray Data or here: (the output, the metrics summed in the engine's order)."""
+    metrics = OrderedMetrics(bundle.kinds, bundle.eval_batch_size, bundle.popularity, bundle.longtail_bins)
+    out = ParquetOut(out_path, overwrite)
+    try:
+        if use_ray:
+            run_ray(spec, bundle, files, out, top, metrics, workers)
+        else:
+            run_local(bundle, files, out, top, metrics)
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    return out, metrics

@@ -1,0 +1,117 @@
+"""An export directory: written from a `ScoringModel` (`write_export`), read back as one (`load_export`)."""
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from alterrec_dist.common.config import ModelConfig
+from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.files import Staged, atomic_write_json, check_out, file_sha256, read_manifest
+from alterrec_dist.model.networks import Network
+from alterrec_dist.parallel.saved import on_cpu, verify_files
+from alterrec_dist.serve.from_run import inference_device, load_networks, load_run
+from alterrec_dist.serve.scoring_model import ScoringModel
+
+
+FORMAT_VERSION = 1
+COMPONENTS = ("id", "text")
+
+
+# -- writing and reading an export ----------------------------------------------------------------
+
+def _vectors(m: torch.Tensor) -> pa.FixedSizeListArray:
+    m = m.detach().cpu().contiguous().numpy().astype(np.float32, copy=False)
+    return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
+
+
+def write_export(bundle: ScoringModel, out: str | Path, overwrite: bool = False) -> Path:
+    """Write `bundle` to `out` through a temp directory renamed into place."""
+    out = check_out(out, overwrite)
+    with Staged(out) as staged:
+        tmp = staged.tmp
+        (tmp / "tables").mkdir(parents=True)
+        V = bundle.num_items
+        fused = bundle.fused_vectors()
+        table = pa.table({
+            "item_idx": pa.array(np.arange(V, dtype=np.int32)),
+            "item_id": pa.array(bundle.item_ids, type=pa.string()),
+            "text": pa.array(bundle.texts, type=pa.string()),
+            "popularity": pa.array(np.asarray(bundle.popularity, dtype=np.int64)),
+            "id_vec": _vectors(bundle.matrices[0]),
+            "text_vec": _vectors(bundle.matrices[1]),
+            "fused_vec": _vectors(fused),
+        })
+        pq.write_table(table, tmp / "items.parquet")
+        torch.save({"method": bundle.method, "model": dataclasses.asdict(bundle.model_cfg),
+                    "text_dim": int(bundle.features.shape[1]), "max_len": bundle.max_len,
+                    "states": on_cpu({k: n.state_dict() for k, n in bundle.networks.items()})}, tmp / "encoders.pt")
+        if bundle.x is not None:
+            np.save(tmp / "tables" / "id_rows.npy", bundle.x.detach().cpu().numpy())
+        np.save(tmp / "tables" / "text_features.npy", bundle.features.cpu().numpy())
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        atomic_write_json(tmp / "manifest.json", {
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "method": bundle.method,
+            **bundle.provenance,
+            # kinds as a list: their order is the column order of the engine's weight matrix
+            "scoring": {"components": list(COMPONENTS), "scales": bundle.scales, "kinds": bundle.kinds,
+                        "weights": [bundle.weights[k] for k in bundle.kinds],
+                        "fused": "fused_vec . [w_id*s_id*q_id, w_text*s_text*q_text]",
+                        "dims": {"id_vec": int(bundle.matrices[0].shape[1]), "text_vec": int(bundle.matrices[1].shape[1]),
+                                 "fused_vec": int(fused.shape[1])}},
+            "engine": {"world_size": bundle.world, "tile_rows": bundle.tile_rows,
+                       "eval_batch_size": bundle.eval_batch_size, "max_len": bundle.max_len,
+                       "longtail_bins": bundle.longtail_bins},
+            "files": {name: file_sha256(tmp / name) for name in files},
+        })
+    return out
+
+
+def load_encoders(path: str | Path) -> tuple[str, ModelConfig, dict[str, Network]]:
+    """encoders.pt -> (method, model config, {name: Network} in eval mode); plain torch, no process group."""
+    blob = torch.load(path, weights_only=True, map_location="cpu")
+    cfg = ModelConfig(**blob["model"])
+    return blob["method"], cfg, load_networks(blob["method"], cfg, blob["text_dim"], blob["max_len"], blob["states"],
+                                          Path(path))
+
+
+def _column(table: pa.Table, name: str) -> torch.Tensor:
+    col = table[name].combine_chunks()
+    return torch.from_numpy(col.values.to_numpy().reshape(len(col), -1).copy()).to("cpu")
+
+
+def load_export(export_dir: str | Path, verify: bool = True) -> ScoringModel:
+    """An export directory -> ScoringModel (checksums verified)."""
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir, "no export manifest (make one with `python -m alterrec_dist.export`)",
+                             {"files": dict, "scoring": dict, "engine": dict}, FORMAT_VERSION,
+                             "an incomplete export manifest: export again")
+    if verify:
+        verify_files(export_dir, manifest["files"], export_dir / "manifest.json")
+    method, cfg, networks = load_encoders(export_dir / "encoders.pt")
+    items = pq.read_table(export_dir / "items.parquet")
+    x_path = export_dir / "tables" / "id_rows.npy"
+    x = torch.from_numpy(np.load(x_path)).to("cpu") if x_path.is_file() else None
+    features = torch.from_numpy(np.load(export_dir / "tables" / "text_features.npy")).to("cpu")
+    s, eng = manifest["scoring"], manifest["engine"]
+    return ScoringModel(method, cfg, networks, x, features, [_column(items, "id_vec"), _column(items, "text_vec")],
+                  [float(v) for v in s["scales"]], {k: [float(w) for w in v] for k, v in zip(s["kinds"], s["weights"])},
+                  eng["world_size"], eng["tile_rows"], eng["eval_batch_size"], eng["max_len"], eng["longtail_bins"],
+                  items["item_id"].to_pylist(), items["text"].to_pylist(), items["popularity"].to_numpy(),
+                  {k: manifest[k] for k in ("run", "dataset") if k in manifest} | {"export": str(export_dir.resolve())})
+
+
+def load_scoring_model(run: str | None = None, export: str | None = None, data: str | None = None,
+                device: str = "cpu") -> ScoringModel:
+    """The CLIs' --run / --export choice, scoring on `device` (--device)."""
+    if bool(run) == bool(export):
+        raise ConfigError("give exactly one of --run RUN_DIR and --export EXPORT_DIR")
+    device = inference_device(device)
+    return load_run(run, data, device) if run else load_export(export).to(device)

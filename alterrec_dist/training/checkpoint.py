@@ -1,0 +1,198 @@
+"""The training checkpoints a run resumes from, and the best model brought back with them.
+
+A checkpoint is a directory of per-rank files plus a manifest, written by `parallel.saved.publish`
+(which also documents the best model, RUN_DIR/model/). RUN_DIR/checkpoints/eEEEEE-sSSSSSSS/ (epoch E
+in progress, S of its steps done; the names sort in training order). Its meta is the recipe's
+`Progress` (epoch, steps done with their logged losses, best validation so far with its test
+metrics, lines of metrics.jsonl) plus the phase index and global step:
+
+    rank-RRRRR-of-WWWWW.pt    {"items": global ids,
+                               "rows": {"x": ID rows, "<net>.exp_avg": ..., "<net>.exp_avg_sq": ...}  row-aligned,
+                               "row_optim": {net: the ID rows' AdamW state without its row tensors},
+                               "engines": {net: the dense engine's state}, "rng": {"torch", "cuda"}}
+    model/                    the best model as it was then: hard links to RUN_DIR/model's files (a copy where
+                              links are impossible), restored on resume with the `best` record it goes with
+
+Rank r holds items r, r+W, r+2W, ... (`Placement`), so a table is reassembled, or re-cut for
+another world size (`Placement.repartition`), from each file's `items`; no process group is
+needed for that.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.files import Staged
+from alterrec_dist.parallel.saved import link_dir, load_cpu, publish, saved_manifest, verify_files
+from alterrec_dist.parallel.table import Placement
+
+
+KEEP = 2  # training checkpoints kept: the newest, and one to fall back on if it turns out damaged
+CHECKPOINT_NAME = re.compile(r"e\d{5}-s\d{7}")
+
+
+def rank_file(rank: int, world: int) -> str:
+    return f"rank-{rank:05d}-of-{world:05d}.pt"
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return f"e{epoch:05d}-s{step:07d}"
+
+
+def restore_model(checkpoint: Path | None, model_dir: Path) -> None:
+    """Make `model_dir` the best model that `checkpoint` recorded, or remove it if there was none yet:
+    a model saved after the checkpoint belongs to training that is being redone."""
+    src = checkpoint / "model" if checkpoint is not None else None
+    if src is None or not src.is_dir():
+        shutil.rmtree(model_dir, ignore_errors=True)
+        return
+    with Staged(model_dir) as staged:
+        link_dir(src, staged.tmp)
+
+
+# -- training checkpoints ----------------------------------------------------------------------
+
+def save_checkpoint(comm, store: Path, name: str, networks: dict, table, steppers: dict, meta: dict,
+                    model_dir: Path) -> Path:
+    """Write checkpoint `name` into `store` (collective), then keep only the newest KEEP there.
+    Returns its directory."""
+    target = Path(store) / name
+    publish(comm, target, (rank_file(comm.rank, comm.world), _rank_state(table, steppers)),
+            {"networks.pt": {n: net.state_dict() for n, net in networks.items()}},
+            {**meta, "num_items": table.num_items}, model_dir)
+    if comm.rank == 0:
+        prune(store, KEEP)
+    return target
+
+
+def _rank_state(table, steppers: dict) -> dict:
+    rows = {"x": table.x.detach()} if table.x is not None else {}
+    row_optim, engines = {}, {}
+    for name, stepper in steppers.items():
+        state = stepper.state_dict()
+        # Every rank's own engine state: replicated for DDP, but a sharding engine's would not be.
+        engines[name] = state["engine"]
+        if state["rows"] is not None:
+            row_optim[name], moments = split_row_state(state["rows"])
+            rows |= {f"{name}.{k}": v for k, v in moments.items()}
+    # the CPU generator, and the GPU's of this rank's device when it trains on one
+    cuda = table.global_ids.device.type == "cuda"
+    rng = {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(table.global_ids.device)] if cuda else []}
+    return {"items": table.global_ids, "rows": rows, "row_optim": row_optim, "engines": engines, "rng": rng}
+
+
+def split_row_state(state: dict) -> tuple[dict, dict]:
+    """(AdamW state over the one ID-rows parameter without its per-row tensors, those tensors).
+
+    exp_avg and exp_avg_sq are row-aligned with the rows and move with them to their new owner; the
+    step count is the same on every rank (all ranks step their rows together) and stays put."""
+    per_param = state["state"].get(0, {})  # empty before the first step
+    moments = {k: v for k, v in per_param.items() if v.dim() > 0}
+    rest = {k: v for k, v in per_param.items() if v.dim() == 0}
+    return {**state, "state": {0: rest} if per_param else {}}, moments
+
+
+def join_row_state(rest: dict, moments: dict) -> dict:
+    """The inverse of `split_row_state`."""
+    return {**rest, "state": {0: {**rest["state"][0], **moments}}} if moments else rest
+
+
+def prune(store: Path, keep: int) -> None:
+    """Remove everything in `store` but its newest `keep` checkpoints (older ones and the temp
+    directories of saves that were killed)."""
+    kept = set(checkpoints(store)[-keep:])
+    for p in Path(store).iterdir():
+        if p in kept:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def checkpoints(store: Path) -> list[Path]:
+    """The checkpoint directories in `store`, oldest first."""
+    store = Path(store)
+    if not store.is_dir():
+        return []
+    return sorted(p for p in store.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name))
+
+
+def newest_good(store: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint in `store` whose every file matches its manifest's sha256, with its
+    manifest; None if the store holds no checkpoint. Each newer one that fails is a one-line warning
+    on stderr naming the bad file; DataError if they all fail."""
+    problems = []
+    for checkpoint in reversed(checkpoints(store)):
+        try:
+            manifest = saved_manifest(checkpoint)
+            verify_files(checkpoint, manifest["files"], checkpoint / "manifest.json")
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            print(f"warning: {problem}; resuming from the older checkpoint {checkpoint.name}", file=sys.stderr,
+                  flush=True)
+        return checkpoint, manifest
+    if problems:
+        raise DataError(f"{store}: none of its {len(problems)} checkpoints is intact; newest: {problems[0]}")
+    return None
+
+
+def find_resume_point(comm, store: Path) -> tuple[Path, dict] | None:
+    """`newest_good(store)` decided once, on rank 0 (every file is read once, not once per rank), and
+    handed to every rank; its DataError is raised on every rank."""
+    found, error = None, None
+    if comm.rank == 0:
+        try:
+            found = newest_good(store)
+        except DataError as e:
+            error = str(e)
+    found, error = comm.broadcast_object((found, error))
+    if error is not None:
+        raise DataError(error)
+    return found
+
+
+def load_checkpoint(comm, checkpoint: Path, manifest: dict, networks: dict, table, steppers: dict) -> None:
+    """Load a checkpoint into this rank's networks, ID rows and steppers, at any world size.
+
+    At the saved world size every rank reads its own file and gets back exactly its state, RNG
+    included. At another world size each rank takes its rows (and their AdamW moments) from the old
+    shards that hold them, the dense engine state of old rank 0 (the DDP engine's is replicated), and
+    keeps the RNG of a fresh start: per-rank RNG streams do not map across world sizes, so with
+    dropout the continuation differs from an uninterrupted run (without dropout it is the same)."""
+    checkpoint, old = Path(checkpoint), manifest["world_size"]
+    if manifest["num_items"] != table.num_items:
+        raise DataError(f"{checkpoint / 'manifest.json'}: {manifest['num_items']} items, the dataset has "
+                        f"{table.num_items}")
+    states = load_cpu(checkpoint / "networks.pt")
+    for name, net in networks.items():
+        net.load_state_dict(states[name])
+
+    def shard(r: int) -> dict:  # memory-mapped: only the rows taken from it are read
+        return load_cpu(checkpoint / rank_file(r, old), mmap=True)
+
+    holders = {r: shard(r) for r in torch.unique(Placement(old).owner(table.global_ids)).tolist()}
+    mine = table.placement.repartition(list(holders.values()), comm.rank)
+    if not torch.equal(mine["items"], table.global_ids.cpu()):
+        raise DataError(f"{checkpoint}: its shards do not hold every item of rank {comm.rank}")
+    with torch.no_grad():
+        if table.x is not None:
+            table.x.copy_(mine["rows"]["x"])
+    same = old == comm.world
+    own = holders[comm.rank] if same else holders.get(0) or shard(0)
+    for name, stepper in steppers.items():
+        rest = own["row_optim"].get(name)
+        moments = {k.removeprefix(f"{name}."): v for k, v in mine["rows"].items() if k.startswith(f"{name}.")}
+        stepper.load_state_dict({"engine": own["engines"][name],
+                                 "rows": join_row_state(rest, moments) if rest is not None else None})
+    if same:
+        torch.set_rng_state(own["rng"]["torch"])
+        if own["rng"]["cuda"] and table.global_ids.device.type == "cuda":  # a CPU run's, or a GPU run's on a CPU: fresh
+            torch.cuda.set_rng_state(own["rng"]["cuda"][0], table.global_ids.device)

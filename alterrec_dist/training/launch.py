@@ -1,0 +1,191 @@
+"""The two launchers; the same worker code (`recipe.run_worker`) runs under both.
+
+* `launch_ray`: a Ray Train `TorchTrainer` with `trainer.num_workers` workers (gloo on CPU, nccl on
+  GPU). With no `RAY_ADDRESS` it starts a private local Ray; under `ray job submit` (which sets
+  `RAY_ADDRESS`) it joins that cluster.
+* `launch_torchrun`: every process joins the process group from the torchrun environment; without
+  `WORLD_SIZE` it runs a group of one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from alterrec_dist.common import ray_watchdog
+from alterrec_dist.common.config import Config
+from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.training.run_dir import open_run_dir, read_summary
+
+
+# -- launcher: Ray Train ----------------------------------------------------------------------
+
+# Ray streams worker output line by line, so every progress-bar refresh becomes a console line:
+# refresh the recipe's tqdm bars at most every few seconds there (tqdm reads TQDM_* at import).
+WORKER_ENV = {"TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5")}
+
+
+def check_ray_train_v2() -> None:
+    """This driver uses the Ray Train V2 API (the default in Ray 2.60: RunConfig.logging_config,
+    worker_runtime_env, the V2 report barrier). Same rule as ray.train.v2's env_bool."""
+    if os.environ.get("RAY_TRAIN_V2_ENABLED", "1").lower() not in ("1", "true"):
+        raise ConfigError("RAY_TRAIN_V2_ENABLED is off: the legacy Ray Train V1 API is not supported; unset it")
+
+
+def ray_worker(loop_config: dict) -> None:
+    """`train_loop_per_worker`: runs in every Ray Train worker, process group already up."""
+    import ray.train
+
+    from alterrec_dist.training import recipe
+
+    _quiet_report_log()
+    cfg = Config.from_dict(loop_config["config"])
+    if cfg.trainer.use_gpu:
+        import ray.train.torch
+        import torch
+
+        torch.cuda.set_device(ray.train.torch.get_device())
+    summary = recipe.run_worker(cfg, Path(loop_config["run_dir"]), report=_report_to_ray)
+    # One last report on every rank (reports are a barrier): the driver gets the summary even
+    # when rank 0 ran on another node and run_dir is not shared.
+    ray.train.report({"summary": summary})
+
+
+def _report_to_ray(metrics: dict, checkpoint: Path | None) -> None:
+    """`ray.train.report` from every rank (it is a barrier), with the checkpoint directory registered
+    where it lies: it is inside Ray's experiment directory (the run directory), so nothing is copied."""
+    import ray.train
+
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+
+
+def _quiet_report_log() -> None:
+    """Ray 2.60 logs every report() at INFO ("Reporting training result N: TrainingReport(...)")
+    through `logging.getLogger(__file__)` in ray/train/v2/_internal/execution/context.py: a
+    logger outside `ray.train`, so RunConfig's LoggingConfig does not reach it. Raise it here."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # Train V1, or the module moved: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _init_ray(num_workers: int) -> bool:
+    """Connect to the cluster in RAY_ADDRESS, or start a private local Ray. True if started here."""
+    import logging
+
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    common = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    if os.environ.get("RAY_ADDRESS"):
+        # `ray job submit` sets RAY_ADDRESS for the entrypoint; ray.init resolves it (also "auto").
+        ray.init(**common)
+        return False
+    # A driver killed without ray.shutdown() would leave Ray's agents running: the watchdog
+    # (started first, so it sees every Ray process appear) removes them when this process ends.
+    ray_watchdog.start()
+    # address="local": never attach to some other cluster found in /tmp/ray by accident.
+    # Each CPU worker reserves one CPU: on a small machine oversubscribe rather than wait forever.
+    # The dashboard (~2 s) serves the State API that Ray Train V2's placement-group cleaner polls;
+    # without it that actor logs a warning every second for the whole run.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers),
+             include_dashboard=True, **common)
+    return True
+
+
+def launch_ray(cfg: Config, run_dir: Path) -> dict:
+    import ray
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    # Ray's record of the checkpoints reported by an earlier attempt (resumed here) lists directories
+    # that checkpoint.prune has removed since, and Ray refuses to start on such a record. The workers
+    # find their checkpoint in RUN_DIR/checkpoints, not there, so the record starts afresh.
+    (run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).unlink(missing_ok=True)
+    started = _init_ray(cfg.trainer.num_workers)
+    try:
+        trainer = TorchTrainer(
+            ray_worker,
+            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir)},
+            torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
+            # Ray's own files (its run-state snapshot) go into run_dir itself, so the checkpoints the
+            # workers write to run_dir/checkpoints are Ray's to register in place. Ray deletes none
+            # (CheckpointConfig's num_to_keep stays None): checkpoint.prune is their one owner, under
+            # either launcher. After a failure Ray restarts the workers, which resume by themselves.
+            run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                                 failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+                                 worker_runtime_env={"env_vars": WORKER_ENV},
+                                 # INFO would echo every ray.train.report() dict from every worker
+                                 logging_config=LoggingConfig(log_level="WARNING")),
+        )
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:
+            raise TrainingError(f"training failed: {e}") from None
+        reported = (result.metrics or {}).get("summary")
+        return read_summary(run_dir, reported)
+    finally:
+        if started:
+            ray.shutdown()
+            ray_watchdog.stop()
+
+
+class TrainingError(Exception):
+    """The workers failed; the message (and Ray's log above it) says how."""
+
+
+# -- launcher: torchrun -----------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_torchrun(cfg: Config, out: str | None, resume_dir: Path | None) -> tuple[dict, Path] | None:
+    """Join the torchrun process group (or make one of size 1) and run the recipe in this
+    process. Returns (summary, run_dir) on rank 0, None on the others."""
+    import torch
+    import torch.distributed as dist
+
+    from alterrec_dist.parallel.comm import Comm
+    from alterrec_dist.training import recipe
+
+    standalone = "WORLD_SIZE" not in os.environ
+    world = 1 if standalone else int(os.environ["WORLD_SIZE"])
+    if cfg.trainer.num_workers != world:
+        cfg.trainer.num_workers = world  # the resolved config records the world actually used
+        cfg.validate()
+    backend = "nccl" if cfg.trainer.use_gpu else "gloo"
+    if cfg.trainer.use_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if standalone:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend)  # env:// — RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    try:
+        comm = Comm()
+        # Rank 0 makes the run directory (one timestamp for all); the others learn it or the error.
+        run_dir, err = None, None
+        if comm.rank == 0:
+            try:
+                run_dir = str(open_run_dir(cfg, out, resume_dir))
+            except (ConfigError, DataError) as e:
+                err = e
+        run_dir, err = comm.broadcast_object((run_dir, err))
+        if err is not None:
+            if comm.rank == 0:
+                raise err
+            raise SystemExit(2)  # rank 0 prints the one line
+        run_dir = Path(run_dir)
+        summary = recipe.run_worker(cfg, run_dir)
+        comm.barrier()
+        return (read_summary(run_dir, summary), run_dir) if comm.rank == 0 else None
+    finally:
+        dist.destroy_process_group()

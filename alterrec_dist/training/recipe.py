@@ -1,0 +1,394 @@
+"""The training recipe: AlterRec's Algorithm 1 on row-sharded item tables, read top to bottom.
+
+    for each epoch of the plan (random warm-up for ID then text, then alternate every m_gap):
+        A = the network trained this epoch, B = the other one, frozen
+        once per phase: B's item matrix on this shard
+        for each global batch:
+            queries of A (autograd) and of B (frozen), all-gathered
+            negatives = B's ranks k1..k2 (mined per shard, merged) or uniform random items
+            positives = the target (+ B's top-p, weighted beta, when augmented)
+            band loss over A's scores on this shard; step A (and its ID rows)
+            every train.checkpoint_every steps: a training checkpoint
+        evaluate id, text and fused on validation; test and save the model when validation improves
+        at the end of each phase: a training checkpoint
+
+A run starts from the newest intact checkpoint in RUN_DIR/checkpoints, if any (see `resume`).
+
+Runs on every worker after the default process group exists (Ray Train or torchrun set it up).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from alterrec_dist.common.config import Config
+from alterrec_dist.common.device import configure_matmuls, trained_autocast, worker_device
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json
+from alterrec_dist.common.methods import selection_part
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.data.reader import Batch, SessionReader
+from alterrec_dist.eval.evaluate import evaluate, item_matrix
+from alterrec_dist.model.networks import Network, build_networks, text_init_rows
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.loss import tiled_band_loss
+from alterrec_dist.parallel.mining import Band, capped_k2, exclude_items, mine_band, random_band, top_items
+from alterrec_dist.parallel.saved import save_model
+from alterrec_dist.parallel.table import Placement, ShardedItemTable
+from alterrec_dist.training.checkpoint import (checkpoint_name, find_resume_point, load_checkpoint, restore_model,
+                                               save_checkpoint)
+from alterrec_dist.training.schedule import Phase, lr_factor, own_step, patience_exhausted, plan, warmup_epochs
+from alterrec_dist.training.stepper import Stepper, build_stepper
+
+OTHER = {"id": "text", "text": "id"}
+
+
+@dataclass
+class Run:
+    """Everything one worker holds: its shard of the tables, the networks, their steppers and readers."""
+    comm: Comm
+    cfg: Config
+    networks: dict[str, Network]
+    table: ShardedItemTable
+    steppers: dict[str, Stepper]
+    train_reader: SessionReader
+    eval_readers: dict[str, SessionReader]
+    popularity: np.ndarray
+    k2: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.table.global_ids.device
+
+    def evaluate(self, split: str, epoch: int) -> dict:
+        r, e = self.eval_readers[split], self.cfg.eval
+        return evaluate(self.comm, self.networks, self.table, (b.to(self.device) for b in r.epoch(0)),
+                        r.steps_per_epoch(), self.popularity, e.alpha, e.longtail_bins, e.tile_rows,
+                        desc=f"{split} e{epoch}",
+                        alpha_sweep=tuple(e.alpha_sweep))
+
+    def lr_factor(self, epoch: int, step: int) -> float:
+        """train.lr_schedule's factor at this step of `epoch`, over the trained network's own steps."""
+        t = self.cfg.train
+        if t.lr_schedule == "constant":
+            return 1.0
+        done, total = own_step(plan(t.method, t.m_random, t.m_gap, t.m_max), epoch, step,
+                               self.train_reader.steps_per_epoch())
+        return lr_factor(t.lr_schedule, done, total, t.lr_warmup)
+
+
+def build_run(cfg: Config, comm: Comm) -> Run:
+    """This worker's part of a run on the dataset of `cfg`, on its device (`trainer.use_gpu`: the
+    launcher's current GPU)."""
+    t = cfg.train
+    data = Dataset(cfg.resolve_path(cfg.data.path))
+
+    def reader(split: str, batch: int, train: bool) -> SessionReader:
+        return SessionReader(data.session_files(split), rank=comm.rank, world_size=comm.world, global_batch_size=batch,
+                             max_len=cfg.data.max_len, seed=t.seed, shuffle=train, drop_last=train)
+
+    train_reader = reader("train", t.global_batch_size, True)
+    if train_reader.steps_per_epoch() == 0:
+        raise DataError(f"{data.path}: {data.num_rows('train')} train rows make no full global batch of "
+                        f"train.global_batch_size={t.global_batch_size}")
+    return assemble_run(cfg, comm, data.num_items, data.text_dim, data.text_features, train_reader,
+                        {s: reader(s, cfg.eval.batch_size, False) for s in ("valid", "test")}, data.popularity())
+
+
+def assemble_run(cfg: Config, comm: Comm, num_items: int, text_dim: int,
+                 text_features: Callable[[np.ndarray], np.ndarray], train_reader, eval_readers: dict,
+                 popularity: np.ndarray) -> Run:
+    """A run from its parts: `text_features(items)` gives the rows of the given items; the readers yield
+    `Batch`es (a SessionReader, or anything with `epoch(e)` and `steps_per_epoch()`)."""
+    t = cfg.train
+    device = worker_device(cfg.trainer.use_gpu)
+    configure_matmuls(device, cfg.trainer.tf32)
+    torch.manual_seed(t.seed)  # same dense initialisation on every rank, drawn on the CPU on every device
+    networks = {name: net.to(device)
+                for name, net in build_networks(t.method, cfg.model, text_dim, cfg.data.max_len).items()}
+    uses_text = any(n.uses_text for n in networks.values())
+    uses_id = any(n.uses_id for n in networks.values())
+    local_items = Placement(comm.world).ids_of(comm.rank, num_items).numpy()
+    table = ShardedItemTable(num_items, cfg.model.dim, comm, text_features(local_items) if uses_text else None,
+                             cfg.model.init_std, t.seed, with_id=uses_id, device=device)
+    if cfg.model.id_init == "text" and uses_id:
+        with torch.no_grad():  # the centring mean over all items: one all-reduce of D floats
+            table.x.copy_(text_init_rows(table.x, table.f, comm.all_reduce(table.f.sum(0)) / num_items,
+                                         cfg.model.init_std, t.seed))
+    return Run(comm, cfg, networks, table,
+               steppers={name: build_stepper(comm, name, net, table, cfg) for name, net in networks.items()},
+               train_reader=train_reader, eval_readers=eval_readers, popularity=popularity,
+               k2=capped_k2(t.k2, num_items))
+
+
+# How the workers hand Ray a result: report(metrics, checkpoint directory or None); None under torchrun.
+Report = Callable[[dict, Path | None], None]
+
+
+@dataclass
+class Progress:
+    """Where training stands; a checkpoint's manifest records it (all of it JSON)."""
+    epoch: int = 0                                   # the epoch in progress, or the next one between epochs
+    steps: list[dict] = field(default_factory=list)  # the logged losses of its steps done so far
+    best: dict = field(default_factory=lambda: {"score": -1.0})  # best validation so far: epoch, valid, test
+    log_lines: int = 0                               # lines of metrics.jsonl written
+
+
+def run_worker(cfg: Config, run_dir: Path, report: Report | None = None) -> dict:
+    """Train by the plan, validate every epoch, test and save the model at the best; rank 0 writes the
+    run files. Starts from the newest intact checkpoint in RUN_DIR/checkpoints when there is one (a
+    `--resume`, or Ray restarting the workers after a failure) and takes one at the end of every
+    phase and every `train.checkpoint_every` steps."""
+    run = build_run(cfg, Comm())
+    comm, t = run.comm, cfg.train
+    run_dir = Path(run_dir)
+    part, _, metric = cfg.eval.metric.partition("/")
+    part = selection_part(t.method, part)  # a lone network is judged on itself
+    phases = plan(t.method, t.m_random, t.m_gap, t.m_max)
+    warmup = warmup_epochs(t.method, t.m_random, t.m_max)
+    steps_per_epoch = run.train_reader.steps_per_epoch()
+    progress = resume(run, run_dir)
+
+    def checkpoint(metrics: dict) -> None:
+        read_logs(progress.steps)
+        done = len(progress.steps)
+        path = save_checkpoint(comm, run_dir / "checkpoints", checkpoint_name(progress.epoch, done), run.networks,
+                               run.table, run.steppers,
+                               {**asdict(progress), "step": done, "phase": phase_index(phases, progress.epoch),
+                                "global_step": progress.epoch * steps_per_epoch + done, "method": t.method},
+                               run_dir / "model")
+        if report is not None:
+            report(metrics, path)
+
+    def every_n_steps() -> None:
+        if t.checkpoint_every and (progress.epoch * steps_per_epoch + len(progress.steps)) % t.checkpoint_every == 0:
+            checkpoint({"epoch": progress.epoch, "step": len(progress.steps)})
+
+    prev_key, frozen_rows = None, None
+    log_path = run_dir / "metrics.jsonl"
+    for phase in tqdm(phases[progress.epoch:], desc="epochs", initial=progress.epoch, total=len(phases),
+                      disable=comm.rank != 0):
+        # checked before each epoch, a resumed run included: the checkpoint holds the epoch and the best
+        if patience_exhausted(progress.epoch, progress.best.get("epoch"), t.patience, warmup):
+            if comm.rank == 0:
+                tqdm.write(f"early stop: no better valid {part}/{metric} in the {t.patience} epochs after epoch "
+                           f"{max(progress.best['epoch'], warmup - 1)}")
+            break
+        if phase.key != prev_key:
+            prev_key = phase.key
+            # B is frozen for the whole phase: its item matrix is computed once, here.
+            frozen_rows = frozen_item_rows(run, phase)
+        start, resumed_steps = time.perf_counter(), len(progress.steps)
+        steps = train_epoch(run, phase, frozen_rows, progress.steps, every_n_steps)
+        seconds = time.perf_counter() - start
+        losses = {k: float(np.mean([s[k] for s in steps])) for k in steps[0]}
+        valid = run.evaluate("valid", phase.epoch)
+        line = {
+            "epoch": phase.epoch, "phase": phase_index(phases, phase.epoch), "network": phase.network,
+            "negatives": phase.negatives, "augmented": phase.augmented, **losses,
+            "valid": {k: {m: v for m, v in valid[k].items() if m != "longtail"} for k in valid},
+            "sessions_per_s": (len(steps) - resumed_steps) * t.global_batch_size / seconds,  # this attempt's steps
+            "train_seconds": seconds,
+        }
+        if valid[part][metric] > progress.best["score"]:
+            progress.best = {"score": valid[part][metric], "epoch": phase.epoch, "valid": line["valid"],
+                             "test": run.evaluate("test", phase.epoch)}
+            save_model(comm, run.networks, run.table, run_dir / "model",
+                       {"epoch": phase.epoch, "method": t.method, "selection": f"{part}/{metric}",
+                        "valid_score": progress.best["score"], "dataset": str(cfg.resolve_path(cfg.data.path))})
+        if comm.rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            tqdm.write(f"epoch {phase.epoch:3d} {phase.network:5s} {phase.negatives:6s} loss {losses['loss']:.4f} "
+                       f"valid {part}/{metric} {valid[part][metric]:.4f} ({line['sessions_per_s']:.0f} sessions/s)")
+        progress.epoch, progress.steps, progress.log_lines = phase.epoch + 1, [], progress.log_lines + 1
+        metrics = {k: v for k, v in line.items() if k != "valid"} | {f"valid_{part}_{metric}": valid[part][metric]}
+        if phase_index(phases, progress.epoch) != line["phase"]:  # the phase ends with this epoch
+            checkpoint(metrics)
+        elif report is not None:
+            report(metrics, None)
+    best = progress.best
+    summary = {
+        "best_epoch": best["epoch"],
+        "epochs_trained": progress.epoch,  # below m_max when train.patience stopped the run
+        "selection": f"{part}/{metric}",
+        "valid": best["valid"],
+        "test": {k: {m: v for m, v in best["test"][k].items() if m != "longtail"} for k in best["test"]},
+        "longtail": {k: best["test"][k]["longtail"] for k in best["test"]},
+    }
+    alpha = chosen_alpha(best, cfg.eval.alpha, cfg.eval.alpha_sweep, metric)
+    if alpha is not None:
+        summary["alpha"] = alpha
+    if comm.rank == 0:
+        atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def chosen_alpha(best: dict, alpha: float, sweep: list[float], metric: str) -> dict | None:
+    """The fusion weight among eval.alpha and eval.alpha_sweep with the best validation `metric` at the
+    best epoch, and the test metrics at it; None without a sweep (or a method without fused@ kinds).
+    Ties go to eval.alpha, then to the earlier sweep value."""
+    kinds = {alpha: "fused"} | {a: f"fused@{a:g}" for a in sweep}
+    if not sweep or any(k not in best["valid"] for k in kinds.values()):
+        return None
+    chosen = max(kinds, key=lambda a: best["valid"][kinds[a]][metric])  # max keeps the first of equals
+    kind = kinds[chosen]
+    return {"chosen": chosen, "selection": f"fused/{metric}", "valid": best["valid"][kind],
+            "test": {m: v for m, v in best["test"][kind].items() if m != "longtail"}}
+
+
+def resume(run: Run, run_dir: Path) -> Progress:
+    """The progress to go on from: the newest intact checkpoint in RUN_DIR/checkpoints, loaded into the
+    run, or the start. Rank 0 brings the run files back to the same point (metrics.jsonl cut to the
+    checkpoint's lines, RUN_DIR/model back to the best model it recorded): what came after the
+    checkpoint is redone."""
+    found = find_resume_point(run.comm, run_dir / "checkpoints")
+    progress = Progress()
+    if found is not None:
+        load_checkpoint(run.comm, *found, run.networks, run.table, run.steppers)
+        progress = Progress(**{f.name: found[1][f.name] for f in fields(Progress)})
+    if run.comm.rank == 0:
+        keep_lines(run_dir / "metrics.jsonl", progress.log_lines)
+        restore_model(found[0] if found else None, run_dir / "model")
+        if found is not None:
+            tqdm.write(f"resuming from {found[0]}: epoch {progress.epoch}, {len(progress.steps)} steps done")
+    return progress
+
+
+def keep_lines(path: Path, n: int) -> None:
+    """Cut the text file `path` (if any) to its first n lines."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        if len(lines) > n:
+            atomic_write_bytes(path, "".join(lines[:n]).encode())
+
+
+def phase_index(phases: list[Phase], epoch: int) -> int:
+    """The 0-based phase (a run of epochs with one key) of `epoch`; past the plan counts as a new one."""
+    return sum(a.key != b.key for a, b in zip(phases, phases[1:epoch + 1])) + (epoch >= len(phases))
+
+
+def frozen_item_rows(run: Run, phase: Phase) -> torch.Tensor | None:
+    """B's item matrix on this shard, for a phase that mines B's ranks (None otherwise)."""
+    if phase.negatives != "hard":
+        return None
+    frozen = run.networks[OTHER[phase.network]].eval()
+    return item_matrix(frozen, run.table, run.cfg.eval.tile_rows)[0]
+
+
+def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None, logs: list[dict] | None = None,
+                on_step: Callable[[], None] | None = None) -> list[dict]:
+    """One epoch of the phase's network; returns the logged losses of every step.
+
+    `logs` holds the steps already done in this epoch (a resumed epoch): their batches are skipped,
+    which restores the data position because the batch sequence depends only on (seed, epoch).
+    Each step's log is appended to it, then `on_step()` runs (the periodic checkpoint). The logged
+    losses stay on the device until they are read (`read_logs`): once per epoch, and at a checkpoint."""
+    trained = run.networks[phase.network]
+    frozen = run.networks[OTHER[phase.network]] if frozen_rows is not None else None
+    stepper = run.steppers[phase.network]
+    trained.train()
+    logs = [] if logs is None else logs
+    reader = run.train_reader
+    batches = itertools.islice(reader.epoch(phase.epoch), len(logs), None)
+    for step, batch in enumerate(tqdm(batches, total=reader.steps_per_epoch(), initial=len(logs),
+                                      desc=f"train e{phase.epoch}", disable=run.comm.rank != 0, leave=False),
+                                 start=len(logs)):
+        stepper.zero_grad()
+        loss, logged = train_step(run.comm, run.cfg, phase, trained, frozen, frozen_rows, run.table,
+                                  batch.to(run.device), step, run.k2)
+        stepper.backward(loss)
+        stepper.scale_lr(run.lr_factor(phase.epoch, step))
+        stepper.step()
+        logs.append(logged)
+        if on_step is not None:
+            on_step()
+    return read_logs(logs)
+
+
+def read_logs(logs: list[dict]) -> list[dict]:
+    """The logged losses as floats, in place: every value still on the device comes over in one read."""
+    pending = [(i, k) for i, log in enumerate(logs) for k, v in log.items() if torch.is_tensor(v)]
+    if pending:
+        values = torch.stack([logs[i][k] for i, k in pending]).tolist()
+        for (i, k), v in zip(pending, values):
+            logs[i][k] = v
+    return logs
+
+
+def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: Network | None,
+               frozen_rows: torch.Tensor | None, table: ShardedItemTable, batch: Batch, step: int,
+               k2: int) -> tuple[torch.Tensor, dict]:
+    """One global batch: this rank's share of the loss (to backward) and the logged global losses (0-dim
+    tensors on the device: reading them here would wait for the step). The batch is on the table's device.
+
+    The trained network's layers compute under `trained_autocast` (the ddp engine's bf16); their outputs,
+    the scores and the band loss are fp32."""
+    t = cfg.train
+    device = table.global_ids.device
+    compute = trained_autocast(device, cfg.trainer.engine, cfg.trainer.precision)
+    nets = [trained] + ([frozen] if frozen else [])
+    x, f, inverse = table.fetch(batch.items.flatten(), any(n.uses_id for n in nets), any(n.uses_text for n in nets))
+
+    def history_rows(net: Network, x_rows) -> torch.Tensor:
+        rows = net.item_rows(x_rows if net.uses_id else None, f if net.uses_text else None)
+        return rows[inverse].view(*batch.items.shape, -1)
+
+    with compute:
+        q = trained.encode(history_rows(trained, x), batch.mask).float()
+    queries = comm.all_gather(q, autograd=True)  # (G, d): queries travel, items stay
+    target = comm.all_gather(batch.target)
+    positives = target[:, None]
+
+    num_neg = k2 - t.k1
+    num_hard = round(t.hard_fraction * num_neg) if frozen else 0
+    bands = []
+    if num_hard:
+        with torch.no_grad():
+            frozen_queries = comm.all_gather(frozen.encode(history_rows(frozen, x.detach() if x is not None else None),
+                                                           batch.mask))
+            band, candidates = mine_band(comm, frozen_queries, frozen_rows, t.k1, t.k1 + num_hard, table.num_items,
+                                         frozen.logit_scale, t.merge, cfg.eval.tile_rows,
+                                         extra=t.p + 1 if phase.augmented else 0)
+            if phase.augmented:
+                positives = torch.cat([positives, top_items(comm, candidates, table.global_ids, t.p, target)], 1)
+        bands.append(band)
+    if num_neg - num_hard:
+        # keyed by (seed, epoch, step): the same draws for a global batch whatever the world size
+        g = torch.Generator(device=device).manual_seed((t.seed * 1_000_003 + phase.epoch) * 1_000_003 + step)
+        bands.append(random_band(comm, len(target), num_neg - num_hard, table.num_items, g))
+    pos_rows, owned = table.placement.owned_rows(positives, comm.rank)
+    band = exclude_items(bands[0] if len(bands) == 1 else Band.cat(*bands), pos_rows, owned)
+
+    nfrec = trained.kind in ("sum", "concat")
+    with compute:
+        if nfrec:  # parts kept: the imbalance diagnostic below scores them without recomputing the MLP
+            parts = [p.float() for p in trained.part_rows(table.x, table.f)]
+            rows = trained.join_parts(*parts)
+        else:
+            rows = trained.item_rows(table.x if trained.uses_id else None,
+                                     table.f if trained.uses_text else None).float()
+    weight = torch.full(positives.shape, t.beta, device=device)  # filled on the device: no host copy
+    weight[:, 0] = 1.0
+
+    def loss_of(qq: torch.Tensor, rr: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # the (G, V_local) logits on this shard only, one tile at a time
+        return tiled_band_loss(comm, qq, rr, scale, band, pos_rows, owned, weight, t.global_batch_size,
+                               cfg.eval.tile_rows)
+
+    loss, per_query = loss_of(queries, rows, trained.logit_scale)
+    logged = {"loss": per_query.mean()}
+    if nfrec:  # the imbalance diagnostic: y = y_id + y_text, the loss of each part alone
+        with torch.no_grad():
+            q_id, q_text = trained.part_queries(queries)
+            for name, qq, rr in (("loss_id", q_id, parts[0]), ("loss_text", q_text, parts[1])):
+                logged[name] = loss_of(qq, rr, 1.0)[1].mean()
+    return loss, logged

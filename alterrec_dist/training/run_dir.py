@@ -1,0 +1,116 @@
+"""The run directory and what is checked on the driver before anything launches: the dataset, the
+resources, the directory itself (new, or the one a resume goes on in), and the summary read back.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+from alterrec_dist.common.config import Config, to_toml
+from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.files import atomic_write_bytes, read_json
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.training.checkpoint import newest_good
+
+
+# -- checks and the run directory ------------------------------------------------------------
+
+def check_dataset(cfg: Config) -> Path:
+    """The dataset directory of `cfg` as an absolute path; DataError if it is not a dataset."""
+    path = cfg.resolve_path(cfg.data.path)
+    if not path.exists():
+        raise DataError(
+            f"{path}: dataset not found (data.path={cfg.data.path!r}; make one with "
+            "`python -m alterrec_dist.prepare` or `python -m alterrec_dist.synth`)")
+    data = Dataset(path)  # reads the manifest: DataError naming the file if it is missing or broken
+    data.check()  # every file's size and shape, item indices in range: before Ray, not in the workers
+    rows = data.num_rows("train")
+    if rows < cfg.train.global_batch_size:  # training drops the last partial batch: no step at all
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is more than the {rows} train rows of {path}")
+    return path
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail fast on a GPU request this machine cannot meet (a local Ray would wait forever).
+    Joining a cluster (RAY_ADDRESS), the GPUs are the workers': the driver may run on a CPU-only head."""
+    if not cfg.trainer.use_gpu or (cfg.trainer.launcher == "ray" and os.environ.get("RAY_ADDRESS")):
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if have == 0:
+        raise ConfigError("trainer.use_gpu = true but no CUDA device is visible")
+    if cfg.trainer.launcher == "ray" and have < cfg.trainer.num_workers:
+        raise ConfigError(
+            f"trainer.num_workers={cfg.trainer.num_workers} GPU workers need as many GPUs; this machine has {have}")
+
+
+def default_run_dir(cfg: Config, now: datetime.datetime | None = None) -> Path:
+    name = cfg.trainer.name or f"{cfg.train.method}-{(now or datetime.datetime.now()):%Y%m%d-%H%M%S}"
+    return cfg.resolve_path(cfg.trainer.storage_path) / name
+
+
+def make_run_dir(cfg: Config, out: str | None) -> Path:
+    """Create the (absolute) run directory and write `config.toml` into it.
+
+    `--out` is taken relative to the current directory; `trainer.storage_path` relative to the
+    project root. An explicitly named directory that exists and is not empty is refused; an
+    auto-named one (`<method>-<timestamp>`) that collides gets a `-1`, `-2`, ... suffix.
+    """
+    if out:
+        run_dir = Path(out).expanduser().absolute()
+        auto = False
+    else:
+        run_dir = default_run_dir(cfg).absolute()
+        auto = not cfg.trainer.name
+    if auto:
+        base, i = run_dir, 0
+        while run_dir.exists():
+            i += 1
+            run_dir = base.with_name(f"{base.name}-{i}")
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise ConfigError(f"{run_dir}: run directory path exists and is not a directory")
+        if any(run_dir.iterdir()):
+            raise ConfigError(
+                f"{run_dir}: run directory exists and is not empty (pick another --out or trainer.name, "
+                "or continue that run with --resume)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
+    atomic_write_bytes(run_dir / "config.toml", to_toml(cfg).encode())
+    return run_dir
+
+
+def reopen_run_dir(cfg: Config, run_dir: Path) -> Path:
+    """Go on in an existing run directory: check its checkpoints (one-line warnings for damaged
+    newer ones, DataError if none is intact), then record the config it now runs with.
+
+    The workers verify the checkpoint again when they load it (they also resume on their own after
+    a failure, with no driver involved): the price of failing here, before anything starts."""
+    found = newest_good(run_dir / "checkpoints")
+    if found is None:
+        print(f"{run_dir}: no checkpoint yet, starting from the beginning", file=sys.stderr, flush=True)
+    atomic_write_bytes(run_dir / "config.toml", to_toml(cfg).encode())
+    return run_dir
+
+
+def open_run_dir(cfg: Config, out: str | None, resume_dir: Path | None) -> Path:
+    return reopen_run_dir(cfg, resume_dir) if resume_dir is not None else make_run_dir(cfg, out)
+
+
+def read_summary(run_dir: Path, fallback: dict | None = None) -> dict:
+    """`run_dir/summary.json`, or `fallback` (the summary rank 0 reported through Ray) when the
+    file is not visible here (a multi-node cluster whose storage_path is not shared)."""
+    path = run_dir / "summary.json"
+    if path.is_file():
+        return read_json(path)
+    if fallback is not None:
+        print(f"note: {path} is not on this node; showing the summary rank 0 reported", file=sys.stderr)
+        return fallback
+    raise RuntimeError(f"{path}: training finished without writing a summary")

@@ -1,0 +1,77 @@
+"""Algorithm 1 of AlterRec as a plan: which network trains each epoch, and on which negatives.
+
+alterrec: m_random epochs of the ID network on random negatives, m_random of the text network,
+then alternate every m_gap epochs, ID first, on hard negatives mined by the frozen other network,
+until m_max epochs in all. The baselines are the degenerate plans of the same engine.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from alterrec_dist.common.methods import ALTERNATE, method as method_of
+
+
+@dataclass(frozen=True)
+class Phase:
+    epoch: int
+    network: str    # "id" | "text" | "fused"
+    negatives: str  # "random" | "hard"
+    augmented: bool  # add the other network's top-p as extra positives
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """Equal keys on consecutive epochs = same phase (the frozen network's state can be reused)."""
+        return self.network, self.negatives, self.augmented
+
+
+def plan(method: str, m_random: int, m_gap: int, m_max: int) -> list[Phase]:
+    """One Phase per epoch, m_max of them (`methods.Method.schedule`)."""
+    m = method_of(method)
+    if m.schedule != ALTERNATE:  # one network, every epoch, on random negatives
+        return [Phase(e, m.schedule, "random", False) for e in range(m_max)]
+    hard = "hard" if m.hard else "random"
+    phases = []
+    for e in range(m_max):
+        if e < 2 * m_random:  # warm-up: each network alone on random negatives, ID first
+            phases.append(Phase(e, "id" if e < m_random else "text", "random", False))
+        else:
+            turn = (e - 2 * m_random) // m_gap
+            phases.append(Phase(e, "id" if turn % 2 == 0 else "text", hard, m.augmented))
+    return phases
+
+
+def warmup_epochs(method: str, m_random: int, m_max: int) -> int:
+    """AlterRec's random warm-up (each network alone, ID then text): before its end the fused score
+    still has an untrained text network, so early stopping does not count these epochs."""
+    return min(2 * m_random, m_max) if method_of(method).schedule == ALTERNATE else 0
+
+
+def patience_exhausted(next_epoch: int, best_epoch: int | None, patience: int, warmup: int) -> bool:
+    """Early stopping: whether `patience` epochs have ended, counted after the warm-up, since the best
+    validation epoch (`best_epoch`; None if none yet) once epochs 0..next_epoch-1 are done. A
+    function of what a checkpoint records, so a resumed run stops where the uninterrupted one did."""
+    if patience <= 0 or next_epoch <= warmup:
+        return False
+    since = max(best_epoch if best_epoch is not None else -1, warmup - 1)
+    return next_epoch - 1 - since >= patience
+
+
+def own_step(phases: list[Phase], epoch: int, step: int, steps_per_epoch: int) -> tuple[int, int]:
+    """(steps the network of `epoch` has taken before this one, steps it takes in the whole plan): a
+    network's schedule runs over its OWN steps, so it is not stretched by the other network's turns."""
+    net = phases[epoch].network
+    mine = [p.epoch for p in phases if p.network == net]
+    return sum(e < epoch for e in mine) * steps_per_epoch + step, len(mine) * steps_per_epoch
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
+    """The factor on the base lr at a network's own step (0-based) of `total`: "constant" 1;
+    "warmup_cosine" linear from 1/W to 1 over the first W = ceil(warmup * total) steps, then a cosine
+    to 0 at the end. Stateless, so a checkpoint needs no scheduler state."""
+    if schedule == "constant":
+        return 1.0
+    ramp = math.ceil(warmup * total)
+    if step < ramp:
+        return (step + 1) / ramp
+    return 0.5 * (1.0 + math.cos(math.pi * (step - ramp) / max(1, total - ramp)))

@@ -1,0 +1,230 @@
+"""Config: TOML loading, --set coercion, errors, validation, to_toml/from_dict round trips."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from alterrec_dist.common.config import PROJECT_ROOT, Config, load_config, to_toml
+from alterrec_dist.common.errors import ConfigError
+
+
+def write(tmp_path, text: str, name: str = "c.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_embedded_default_is_all_dataclass_defaults():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.data.path == "shards/default"
+    assert cfg.trainer.num_workers == 2 and cfg.trainer.use_gpu is False and cfg.trainer.launcher == "ray"
+
+
+def test_configs_default_toml_matches_embedded_default():
+    path = PROJECT_ROOT / "configs" / "default.toml"
+    if not path.exists():
+        pytest.skip("configs/default.toml not written yet")
+    assert load_config(path) == Config()
+
+
+def test_all_shipped_configs_load():
+    for path in sorted((PROJECT_ROOT / "configs").glob("*.toml")):
+        load_config(path)  # raises ConfigError naming the file if one is stale
+
+
+def test_load_from_toml(tmp_path):
+    p = write(tmp_path, """
+[model]
+dim = 32
+encoder = "transformer"
+[train]
+method = "alterrec_aug"
+lr_id = 5e-4
+k1 = 10
+k2 = 100
+[eval]
+longtail_bins = [10, 20, 40]
+[trainer]
+use_gpu = true
+""")
+    cfg = load_config(p)
+    assert cfg.model.dim == 32 and cfg.model.encoder == "transformer"
+    assert cfg.train.method == "alterrec_aug" and cfg.train.lr_id == 5e-4
+    assert (cfg.train.k1, cfg.train.k2) == (10, 100)
+    assert cfg.eval.longtail_bins == [10, 20, 40]
+    assert cfg.trainer.use_gpu is True
+    assert cfg.model.layers == Config().model.layers  # untouched keys keep their defaults
+
+
+@pytest.mark.parametrize("override, get, expected", [
+    ("model.dim=128", lambda c: c.model.dim, 128),
+    ("train.global_batch_size=1_024", lambda c: c.train.global_batch_size, 1024),
+    ("train.lr_text=3e-4", lambda c: c.train.lr_text, 3e-4),
+    ("eval.alpha=1", lambda c: c.eval.alpha, 1.0),
+    ("trainer.use_gpu=true", lambda c: c.trainer.use_gpu, True),
+    ("trainer.engine=deepspeed", lambda c: c.trainer.engine, "deepspeed"),
+    ("model.item_layernorm=False", lambda c: c.model.item_layernorm, False),
+    ("model.item_layernorm=1", lambda c: c.model.item_layernorm, True),
+    ("train.method=nfrec_sum", lambda c: c.train.method, "nfrec_sum"),
+    ("trainer.name= my run ", lambda c: c.trainer.name, "my run"),
+    ("eval.longtail_bins=[5,50]", lambda c: c.eval.longtail_bins, [5, 50]),
+    ("eval.longtail_bins=7", lambda c: c.eval.longtail_bins, [7]),
+    ("data.path=/tmp/x=y", lambda c: c.data.path, "/tmp/x=y"),
+])
+def test_set_coercion(override, get, expected):
+    cfg = load_config(None, [override])
+    value = get(cfg)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_set_overrides_file(tmp_path):
+    p = write(tmp_path, "[train]\nm_max = 10\nseed = 4\n")
+    cfg = load_config(p, ["train.m_max=3"])
+    assert cfg.train.m_max == 3 and cfg.train.seed == 4
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.dim=abc", "model.dim: expected int"),
+    ("model.dim=1.5", "model.dim: expected int"),
+    ("train.lr_id=fast", "train.lr_id: expected float"),
+    ("trainer.use_gpu=maybe", "trainer.use_gpu: expected bool"),
+    ("eval.longtail_bins=[a,b]", "eval.longtail_bins: expected int"),
+    ("nosuch.key=1", "unknown section [nosuch]"),
+    ("model.nosuch=1", "unknown key model.nosuch"),
+    ("model.dim", "expected section.key=value"),
+    ("dim=3", "expected section.key=value"),
+])
+def test_bad_set(override, fragment):
+    with pytest.raises(ConfigError, match=".*") as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert fragment in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[nosuch]\na = 1\n", "unknown section [nosuch]"),
+    ("[model]\nwidth = 3\n", "unknown key model.width"),
+    ("[model]\ndim = \"big\"\n", "model.dim: expected int"),
+    ("[train]\nm_max = true\n", "train.m_max: expected int"),
+    ("[eval]\nlongtail_bins = 3.5\n", "eval.longtail_bins: expected a list"),
+    ("dim = 3\n", "must be a [section]"),
+    ("[model\n", "not valid TOML"),
+])
+def test_bad_file(tmp_path, text, fragment):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert fragment in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["train.method=sasrec"], "train.method must be one of"),
+    (["model.encoder=gru"], "model.encoder must be one of mean, transformer"),
+    (["train.merge=ring"], "train.merge must be"),
+    (["train.k1=600"], "need 0 <= train.k1 < train.k2"),
+    (["train.method=alterrec_aug", "train.p=30"], "augmentation needs train.p < train.k1"),
+    (["train.hard_fraction=1.5"], "train.hard_fraction"),
+    (["train.m_gap=0"], "train.m_gap must be >= 1"),
+    (["trainer.num_workers=3"], "must be divisible by trainer.num_workers=3"),
+    (["eval.alpha=-0.1"], "eval.alpha"),
+    (["trainer.launcher=mpirun"], "trainer.launcher"),
+    (["trainer.engine=horovod"], "trainer.engine must be one of ddp, deepspeed"),
+    (["trainer.precision=fp8"], "trainer.precision must be one of fp32, bf16, fp16"),
+    (["trainer.precision=fp16", "trainer.use_gpu=true"], "trainer.precision=fp16 needs trainer.engine=deepspeed"),
+    (["trainer.engine=deepspeed", "trainer.precision=fp16"], "trainer.precision=fp16 needs trainer.use_gpu=true"),
+    (["trainer.engine=deepspeed", "trainer.zero_stage=3"], "trainer.zero_stage must be one of 0, 1, 2"),
+    (["trainer.zero_stage=1"], "trainer.zero_stage=1 needs trainer.engine=deepspeed"),
+    (["model.text_temperature=0"], "model.text_temperature"),
+    (["eval.metric=fused/auc"], "eval.metric must be <id|text|fused>/"),
+    (["eval.metric=both/ndcg@10"], "eval.metric must be <id|text|fused>/"),
+    # issue 15: ranges that only the workers found, after a Ray start
+    (["train.global_batch_size=0"], "train.global_batch_size must be >= 1, got 0"),
+    (["train.global_batch_size=-4"], "train.global_batch_size must be >= 1, got -4"),
+    (["train.lr_id=nan"], "train.lr_id must be a finite number > 0, got nan"),
+    (["train.lr_text=-0.001"], "train.lr_text must be a finite number > 0, got -0.001"),
+    (["train.lr_id=inf"], "train.lr_id must be a finite number > 0"),
+    (["eval.longtail_bins=[100,30]"], "eval.longtail_bins must be non-negative and strictly increasing"),
+    (["eval.longtail_bins=[30,30]"], "eval.longtail_bins must be non-negative and strictly increasing"),
+    (["trainer.num_workers=0"], "trainer.num_workers must be >= 1, got 0"),
+    (["data.max_len=0"], "data.max_len must be >= 1"),
+    (["model.dim=0"], "model.dim must be >= 1"),
+    (["model.dropout=1.0"], "model.dropout must be in [0, 1)"),
+    (["eval.batch_size=0"], "eval.batch_size must be >= 1"),
+    (["eval.tile_rows=-1"], "eval.tile_rows must be >= 0 (0: automatic"),
+    (["train.weight_decay=nan"], "train.weight_decay must be a finite number >= 0"),
+    (["eval.alpha=nan"], "eval.alpha must be in [0, 1]"),
+    (["data.path= "], "data.path must be a dataset directory"),
+    (["model.id_temperature=0"], "model.id_temperature must be a finite number > 0"),
+    (["model.id_logits=l2"], "model.id_logits must be one of dot, cosine"),
+    (["train.method=nfrec_sum", "model.text_logits=cosine"], "not to NFRec's fused one"),
+    (["model.text_adapter=linear"], "model.text_adapter must be one of mlp, whitening, moe"),
+    (["model.text_adapter=whitening", "model.text_hidden=32"], "model.text_hidden applies to"),
+    (["model.id_init=zeros"], "model.id_init must be one of random, text"),
+    (["train.patience=-1"], "train.patience must be >= 0"),
+    (["train.lr_schedule=step"], "train.lr_schedule must be one of constant, warmup_cosine"),
+    (["train.lr_warmup=1.0"], "train.lr_warmup must be in [0, 1)"),
+])
+def test_validation(overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert fragment in str(e.value)
+
+
+def _nondefault() -> Config:
+    return load_config(None, [
+        "data.path=/data/my \"quoted\" set", "model.dim=48", "model.encoder=transformer",
+        "model.item_layernorm=true", "train.method=alterrec_aug", "train.k1=8", "train.k2=64", "train.p=3",
+        "train.lr_id=0.0005", "train.hard_fraction=0.25", "eval.longtail_bins=[3,9,27]",
+        "trainer.num_workers=4", "trainer.name=run\\one", "eval.metric=id/mrr@20",
+        "trainer.engine=deepspeed", "trainer.precision=bf16", "trainer.zero_stage=2",
+    ])
+
+
+def test_deepspeed_settings_that_validate():
+    cfg = load_config(None, ["trainer.engine=deepspeed", "trainer.precision=fp16", "trainer.use_gpu=true",
+                             "trainer.zero_stage=1"])
+    assert (cfg.trainer.engine, cfg.trainer.precision, cfg.trainer.zero_stage) == ("deepspeed", "fp16", 1)
+    assert (Config().trainer.engine, Config().trainer.precision, Config().trainer.zero_stage) == ("ddp", "fp32", 0)
+
+
+@pytest.mark.parametrize("cfg", [Config(), _nondefault()], ids=["default", "nondefault"])
+def test_to_toml_round_trip(tmp_path, cfg):
+    p = write(tmp_path, to_toml(cfg))
+    back = load_config(p)
+    assert back == cfg
+    assert to_toml(back) == to_toml(cfg)
+
+
+@pytest.mark.parametrize("cfg", [Config(), _nondefault()], ids=["default", "nondefault"])
+def test_from_dict_round_trip(cfg):
+    back = Config.from_dict(cfg.to_dict())
+    assert back == cfg and back is not cfg
+    assert dataclasses.asdict(back) == cfg.to_dict()
+
+
+def test_from_dict_rejects_bad_input():
+    d = Config().to_dict()
+    d["model"]["nosuch"] = 1
+    with pytest.raises(ConfigError, match="unknown key model.nosuch"):
+        Config.from_dict(d)
+    d = Config().to_dict()
+    d["train"]["k1"] = 10_000
+    with pytest.raises(ConfigError, match="train.k1"):
+        Config.from_dict(d)
+
+
+def test_every_field_has_a_range():
+    """The one place that knows each value's valid range names every field of the config."""
+    from alterrec_dist.common.config import RANGES
+    fields = {f"{section}.{key}" for section, table in Config().to_dict().items() for key in table}
+    free = {name for name in fields if isinstance(eval(f"Config().{name}"), bool)}  # every value is valid
+    free |= {"trainer.storage_path", "trainer.name"}  # any path; make_run_dir reports what fails
+    assert fields - free <= set(RANGES), "give the new field a line in config.RANGES"
+    assert set(RANGES) <= fields

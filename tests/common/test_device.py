@@ -1,0 +1,84 @@
+"""Device placement, checked without a GPU.
+
+A tensor made without a device lands on the CPU; on a GPU run it then meets CUDA tensors and the step
+dies (or, worse, silently computes on the CPU). No CPU test can see that by running the code, so these
+read it: every tensor factory in the modules a worker or a scorer runs names its device (or derives it
+with `*_like`), every `torch.from_numpy` is moved on at once, every generator names its device, and every
+`torch.load` says where its tensors go. A deliberate CPU tensor says `device="cpu"`.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from alterrec_dist.common.device import CPU_TILE_ROWS, tile_rows, trained_autocast, worker_device
+
+PACKAGE = Path(__file__).resolve().parents[2] / "alterrec_dist"
+# what runs inside a training worker, or scores a saved model
+ENGINE_FOLDERS = ("parallel", "model", "eval", "training", "serve")  # every module in them
+ENGINE_MODULES = ("common/device", "export", "batch_score", "recommend")
+FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "randint", "randn", "rand", "randperm",
+             "linspace", "eye", "Generator"}
+
+
+def torch_calls(tree: ast.AST):
+    """(call, name) for every `torch.NAME(...)` call, with each node's parent set."""
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            child.parent = node
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+            yield node, node.func.attr
+
+
+def placement_problems(source: str, where: str) -> list[str]:
+    problems = []
+    for call, name in torch_calls(ast.parse(source)):
+        keywords = {k.arg for k in call.keywords}
+        line = f"{where}:{call.lineno}: torch.{name}"
+        if name in FACTORIES and "device" not in keywords:
+            problems.append(f"{line} without device=")
+        if name == "from_numpy":
+            parent = getattr(call, "parent", None)
+            if not (isinstance(parent, ast.Attribute) and parent.attr == "to"):
+                problems.append(f"{line} not followed by .to(device)")
+        if name == "load" and "map_location" not in keywords:
+            problems.append(f"{line} without map_location=")
+    return problems
+
+
+def test_every_tensor_of_the_engine_names_its_device():
+    files = [PACKAGE / f"{m}.py" for m in ENGINE_MODULES]
+    files += [f for folder in ENGINE_FOLDERS for f in sorted((PACKAGE / folder).rglob("*.py"))]
+    problems = [p for f in files for p in placement_problems(f.read_text(), str(f.relative_to(PACKAGE.parent)))]
+    assert not problems, "tensors that would stay on the CPU in a GPU run:\n" + "\n".join(problems)
+
+
+def test_the_check_finds_what_it_is_for():
+    """The checker itself: each kind of misplacement is reported, and the placed forms pass."""
+    bad = ("torch.zeros(3)\ntorch.arange(n, dtype=torch.long)\ntorch.Generator().manual_seed(1)\n"
+           "torch.from_numpy(a)\ntorch.load(path, weights_only=True)\n")
+    good = ("torch.zeros(3, device=d)\ntorch.zeros_like(x)\ntorch.Generator(device=d)\n"
+            "torch.from_numpy(a).to(d)\ntorch.load(p, map_location='cpu')\n")
+    assert len(placement_problems(bad, "bad")) == 5
+    assert placement_problems(good, "good") == []
+
+
+def test_cpu_workers_and_their_defaults():
+    cpu = worker_device(False)
+    assert cpu == torch.device("cpu")
+    assert tile_rows(0, cpu, 1024) == CPU_TILE_ROWS and tile_rows(7, cpu, 1024) == 7
+    # a GPU gets one wide tile: a 1M-row shard at G = 1024 in one fp32 (G, tile) score tile of 4 GiB
+    assert tile_rows(0, torch.device("cuda", 0), 1024) == 1 << 20
+    assert tile_rows(0, torch.device("cuda", 0), 1 << 20) == CPU_TILE_ROWS  # never narrower than the CPU's
+
+
+@pytest.mark.parametrize("engine, precision, autocast", [("ddp", "bf16", True), ("ddp", "fp32", False),
+                                                         ("deepspeed", "bf16", False)])
+def test_only_the_ddp_engine_autocasts_and_only_in_bf16(engine, precision, autocast):
+    layer = torch.nn.Linear(4, 4)
+    with trained_autocast(torch.device("cpu"), engine, precision):
+        out = layer(torch.randn(2, 4))
+    assert (out.dtype == torch.bfloat16) == autocast

@@ -1,0 +1,226 @@
+"""Training checkpoints and resume in real runs (the pure parts: tests/training/test_resume_state.py).
+
+Slow tests (real processes, no mocks):
+* a 2-worker Ray run whose Ray Train worker is SIGKILLed mid-run recovers from its checkpoint and
+  ends with the summary.json of an uninterrupted run;
+* resuming a W=2 run at W=1 and a W=1 run at W=2 (torchrun) continues with the same losses;
+* a damaged newest checkpoint is named in a warning and the older one is used; all damaged is a
+  one-line error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from alterrec_dist.common.config import load_config
+from alterrec_dist.training.checkpoint import newest_good, rank_file
+from tests.e2e.test_train import tiny_dataset
+
+
+PY = sys.executable
+
+# -- slow: real runs ---------------------------------------------------------------------------
+
+# 3 epochs (ID random, text random, ID hard: 3 phases) of 10 steps; a checkpoint every 7 steps,
+# so the two kept at the end are e00002-s0000008 (mid-epoch, 2 steps to go) and e00003-s0000000.
+SMALL = ["train.m_max=3", "train.m_random=1", "train.m_gap=1", "train.k1=5", "train.k2=30",
+         "train.global_batch_size=40", "eval.batch_size=50", "model.dim=16", "model.dropout=0.0",
+         "train.checkpoint_every=7", "train.seed=5"]
+LAST, MID = "e00003-s0000000", "e00002-s0000008"
+
+
+def sets(settings: list[str]) -> list[str]:
+    return [a for s in settings for a in ("--set", s)]
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return env | extra
+
+
+def torchrun(workers: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    launch = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}"]
+    r = subprocess.run([*launch, "-m", "alterrec_dist.train", "--launcher", "torchrun", *args], cwd=cwd,
+                       capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL, env=clean_env())
+    assert r.returncode == 0, "\n".join(ln for ln in (r.stdout + r.stderr).splitlines() if "\r" not in ln)[-6000:]
+    return r
+
+
+def results(run: Path) -> tuple[dict, list[dict]]:
+    return (json.loads((run / "summary.json").read_text()),
+            [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
+
+
+def assert_same_run(got: Path, want: Path, rel: float = 1e-5, abs_: float = 1e-6) -> None:
+    (summary, log), (want_summary, want_log) = results(got), results(want)
+    assert [e["epoch"] for e in log] == [e["epoch"] for e in want_log]  # metrics.jsonl was cut back
+    for a, b in zip(log, want_log):
+        assert a["loss"] == pytest.approx(b["loss"], rel=rel), a["epoch"]
+    assert summary["best_epoch"] == want_summary["best_epoch"]
+    for split in ("valid", "test"):
+        for kind, metrics in want_summary[split].items():
+            for m, v in metrics.items():
+                assert summary[split][kind][m] == pytest.approx(v, abs=abs_), (split, kind, m)
+    model = json.loads((got / "model" / "manifest.json").read_text())
+    assert model["epoch"] == summary["best_epoch"]  # the best model went back with the `best` record
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, Path]:
+    """The same run, uninterrupted, at W=1 and W=2 (torchrun)."""
+    base = tmp_path_factory.mktemp("resume")
+    data = tiny_dataset(base / "data")
+    runs = {}
+    for workers in (1, 2):
+        runs[workers] = base / f"w{workers}"
+        torchrun(workers, ["--out", str(runs[workers]), *sets(SMALL + [f"data.path={data}"])], base)
+        assert sorted(p.name for p in (runs[workers] / "checkpoints").iterdir()) == [MID, LAST]
+    return runs
+
+
+def interrupted_copy(run: Path, to: Path) -> Path:
+    """The run as if it had died just before its last checkpoint: the newest is gone, and
+    metrics.jsonl and model/ are ahead of the newest left (they must be brought back)."""
+    shutil.copytree(run, to)
+    shutil.rmtree(to / "checkpoints" / LAST)
+    return to
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("old,new", [(2, 1), (1, 2)])
+def test_resume_at_another_world_size(uninterrupted, tmp_path, old, new):
+    run = interrupted_copy(uninterrupted[old], tmp_path / "run")
+    r = torchrun(new, ["--resume", str(run)], tmp_path)
+    assert f"resuming from {run / 'checkpoints' / MID}: epoch 2, 8 steps done" in r.stdout + r.stderr
+    assert load_config(run / "config.toml").trainer.num_workers == new
+    assert_same_run(run, uninterrupted[new])
+    assert_same_run(run, uninterrupted[old])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_damaged_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted[1], run)
+    damaged = run / "checkpoints" / LAST / rank_file(0, 1)
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # truncated
+    r = torchrun(1, ["--resume", str(run)], tmp_path)
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
+    assert warnings and all(str(damaged) in w and MID in w for w in warnings), r.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoints' / MID}" in r.stdout + r.stderr
+    assert_same_run(run, uninterrupted[1])
+    assert newest_good(run / "checkpoints")[0].name == LAST  # taken again, intact this time
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_no_intact_checkpoint_is_a_one_line_error(uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted[2], run)
+    (run / "checkpoints" / LAST / "networks.pt").write_bytes(b"not a checkpoint")
+    flipped = run / "checkpoints" / MID / rank_file(1, 2)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    shadow = tmp_path / "shadow" / "ray"  # the check runs on the driver: Ray never starts
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('ray must not be imported on this path')\n")
+    r = subprocess.run([PY, "-m", "alterrec_dist.train", "--resume", str(run)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL,
+                       env=clean_env(PYTHONPATH=str(shadow.parent)))
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run / 'checkpoints'}: none of its 2 checkpoints"), lines
+    assert "networks.pt" in lines[0]
+
+
+def ray_train(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "alterrec_dist.train", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, env=clean_env(),
+                            start_new_session=True)
+
+
+def train_workers(driver: subprocess.Popen) -> list[psutil.Process]:
+    """This run's Ray Train worker processes (descendants of its driver: other Ray instances on the
+    machine are not touched)."""
+    found = []
+    for p in psutil.Process(driver.pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ray_worker_killed_mid_run_recovers(tmp_path):
+    """SIGKILL one of 2 Ray Train workers after the first mid-epoch checkpoint: Ray restarts the
+    workers (FailureConfig max_failures), they resume from the newest checkpoint, and the run ends
+    with the summary.json of an uninterrupted run. Dropout is on: the RNG state comes back too."""
+    data = tiny_dataset(tmp_path / "data")
+    # 3 epochs of 20 steps, a checkpoint every 5: the kill lands well before the end
+    settings = sets([s for s in SMALL if not s.startswith(("train.checkpoint_every", "model.dropout"))]
+                    + ["train.global_batch_size=20", "train.checkpoint_every=5", "model.dropout=0.1",
+                       f"data.path={data}", "trainer.max_failures=1"])
+    whole = ray_train(["--out", str(tmp_path / "whole"), *settings], tmp_path)
+    out, _ = whole.communicate(timeout=400)
+    assert whole.returncode == 0, out[-4000:]
+
+    killed_run = tmp_path / "killed"
+    driver = ray_train(["--out", str(killed_run), *settings], tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(p.name.endswith(("-s0000005", "-s0000010", "-s0000015")) for p in
+                      (killed_run / "checkpoints").glob("e*")):
+            assert driver.poll() is None and time.monotonic() < deadline, "no mid-epoch checkpoint appeared"
+            time.sleep(0.05)
+        workers = train_workers(driver)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        out, _ = driver.communicate(timeout=500)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, out[-4000:]
+    resumed = [line for line in out.splitlines() if "resuming from" in line]
+    assert resumed, out[-4000:]
+    print(f"killed worker {workers[-1].pid}; {resumed[-1]}")  # shown with pytest -rP
+    assert_same_run(killed_run, tmp_path / "whole", rel=1e-6, abs_=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path):
+    """With nothing to learn (lr 1e-30: no update survives fp32 rounding) validation never improves on epoch 0: patience 2 stops the run after
+    epoch 2 of 6. A copy cut back to the checkpoint before the last one resumes and stops there too."""
+    data = tiny_dataset(tmp_path / "data")
+    settings = ["train.method=id_only", "train.m_max=6", "train.patience=2", "train.lr_id=1e-30", "train.lr_text=1e-30",
+                "train.global_batch_size=40", "eval.batch_size=50", "model.dim=8", "model.dropout=0.0",
+                "train.checkpoint_every=1", f"data.path={data}"]
+    whole = tmp_path / "whole"
+    r = torchrun(1, ["--out", str(whole), *sets(settings)], tmp_path)
+    summary, log = results(whole)
+    assert (summary["best_epoch"], summary["epochs_trained"], len(log)) == (0, 3, 3)
+    assert "early stop: no better valid id/ndcg@10 in the 2 epochs after epoch 0" in r.stdout + r.stderr
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    newest, older = sorted((cut / "checkpoints").iterdir(), reverse=True)
+    shutil.rmtree(newest)
+    r = torchrun(1, ["--resume", str(cut)], tmp_path)
+    assert f"resuming from {older}" in r.stdout + r.stderr
+    assert_same_run(cut, whole)
+    assert results(cut)[0]["epochs_trained"] == 3

@@ -1,0 +1,276 @@
+"""The training driver: run directory, summary table, one-line CLI errors, end-to-end runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alterrec_dist.common.config import METRICS, PROJECT_ROOT, Config, load_config
+from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.data.layout import DatasetWriter
+from alterrec_dist.train import format_summary
+from alterrec_dist.training.run_dir import default_run_dir, make_run_dir, read_summary
+
+PY = sys.executable
+SCORES = ("id", "text", "fused")
+
+
+def tiny_dataset(out: Path, num_items: int = 60, dim: int = 16, seed: int = 0) -> Path:
+    """A small valid dataset: random walks over V items, random text features."""
+    rng = np.random.default_rng(seed)
+    with DatasetWriter(out) as w:
+        for split, n in (("train", 400), ("valid", 50), ("test", 50)):
+            hist = [rng.integers(0, num_items, rng.integers(1, 8)).tolist() for _ in range(n)]
+            w.add_sessions(split, hist, rng.integers(0, num_items, n))
+        w.set_items([f"item{i}" for i in range(num_items)], [f"text {i}" for i in range(num_items)])
+        w.add_text_features(rng.standard_normal((num_items, dim)))
+        w.commit(source={"kind": "test"}, text_model=None, command=["tiny_dataset"])
+    return out
+
+
+def fake_summary(best_epoch: int = 2) -> dict:
+    block = {s: {m: 0.1 * (i + 1) for i, m in enumerate(METRICS)} for s in SCORES}
+    return {"best_epoch": best_epoch, "valid": block, "test": block, "longtail": {}}
+
+
+def cli(args: list[str], tmp_path: Path, timeout: float = 120, env: dict | None = None):
+    return subprocess.run([PY, "-m", "alterrec_dist.train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+
+
+# -- run directory and summary (in-process) ----------------------------------------------------
+
+def test_default_run_dir_name():
+    import datetime
+
+    cfg = load_config(None, ["train.method=id_only"])
+    d = default_run_dir(cfg, datetime.datetime(2024, 5, 6, 7, 8, 9))
+    assert d == PROJECT_ROOT / "runs" / "id_only-20240506-070809"
+    cfg = load_config(None, ["trainer.name=exp1", "trainer.storage_path=/abs/runs"])
+    assert default_run_dir(cfg) == Path("/abs/runs/exp1")
+
+
+def test_make_run_dir_writes_config_and_refuses_nonempty(tmp_path):
+    cfg = load_config(None, ["train.m_max=3", "model.dim=8"])
+    run = make_run_dir(cfg, str(tmp_path / "a" / "run"))
+    assert run.is_absolute() and run.is_dir()
+    assert load_config(run / "config.toml") == cfg
+    with pytest.raises(ConfigError, match="exists and is not empty") as e:
+        make_run_dir(cfg, str(run))
+    assert str(run) in str(e.value)
+    (tmp_path / "empty").mkdir()
+    assert make_run_dir(cfg, str(tmp_path / "empty")) == tmp_path / "empty"  # an empty dir is fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        make_run_dir(cfg, str(tmp_path / "file"))
+
+
+def test_make_run_dir_named_and_auto(tmp_path):
+    cfg = load_config(None, [f"trainer.storage_path={tmp_path}", "trainer.name=exp"])
+    assert make_run_dir(cfg, None) == tmp_path / "exp"
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        make_run_dir(cfg, None)  # a chosen name is never silently changed
+    cfg = load_config(None, [f"trainer.storage_path={tmp_path}"])
+    a, b = make_run_dir(cfg, None), make_run_dir(cfg, None)  # same second: b gets a suffix
+    assert a != b and a.name.startswith("alterrec-") and b.name.startswith(a.name[:len("alterrec-")])
+
+
+def test_make_run_dir_relative_out_is_cwd_relative(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert make_run_dir(Config(), "rel/run") == tmp_path / "rel" / "run"
+
+
+def test_format_summary_table():
+    text = format_summary(fake_summary(best_epoch=7), Path("/r/x"), "fused/ndcg@10")
+    lines = text.splitlines()
+    assert lines[0].split() == ["test", *METRICS]
+    assert [ln.split()[0] for ln in lines[1:4]] == ["id", "text", "fused"]
+    assert lines[1].split()[1:] == ["0.1000", "0.2000", "0.3000", "0.4000", "0.5000"]
+    assert "best epoch: 7" in text and lines[-1] == "run dir: /r/x"
+    # a method that has no text side (id_only) just leaves that row out; missing cells show "-"
+    s = fake_summary()
+    del s["test"]["text"]
+    del s["test"]["fused"]["mrr@20"]
+    out = format_summary(s, Path("/r")).splitlines()
+    assert [ln.split()[0] for ln in out[1:-2]] == ["id", "fused"] and out[2].split()[-1] == "-"
+    # with eval.alpha_sweep, the weight chosen on validation gets its own row
+    s = fake_summary()
+    s["alpha"] = {"chosen": 0.3, "selection": "fused/ndcg@10", "valid": {}, "test": dict(s["test"]["fused"])}
+    row = format_summary(s, Path("/r")).splitlines()[4]
+    assert row.split()[0] == "fused@0.3" and row.endswith("(alpha chosen on valid fused/ndcg@10)")
+
+
+def test_read_summary(tmp_path):
+    with pytest.raises(RuntimeError, match="without writing a summary"):
+        read_summary(tmp_path)
+    assert read_summary(tmp_path, {"best_epoch": 1}) == {"best_epoch": 1}
+    (tmp_path / "summary.json").write_text(json.dumps(fake_summary(3)))
+    assert read_summary(tmp_path, {"best_epoch": 1})["best_epoch"] == 3
+
+
+# -- CLI errors: one line, exit 2, Ray never imported -----------------------------------------
+
+@pytest.fixture
+def no_ray_env(tmp_path):
+    """An environment in which importing ray fails loudly: proves the error path never starts it."""
+    shadow = tmp_path / "shadow"
+    (shadow / "ray").mkdir(parents=True)
+    (shadow / "ray" / "__init__.py").write_text("raise ImportError('ray must not be imported on this path')\n")
+    env = dict(os.environ, PYTHONPATH=str(shadow))
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.mark.parametrize("case", ["missing_config", "invalid_toml", "bad_set_key", "bad_set_value",
+                                  "missing_dataset", "not_a_dataset", "run_dir_exists", "bad_launcher",
+                                  "batch_over_data"])
+def test_cli_one_line_errors(tmp_path, monkeypatch, capsys, case):
+    """In this process, with Ray refused (test_bad_input's `no_ray`): the subprocess tests below show
+    the same path in a real process whose `import ray` fails."""
+    from tests.test_bad_input import run_command
+    from alterrec_dist import train
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started for a bad input")
+    monkeypatch.setattr(train, "_init_ray", refuse)
+    monkeypatch.chdir(tmp_path)
+    data = tiny_dataset(tmp_path / "data")
+    (tmp_path / "bad.toml").write_text("[model\n")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "notdata").mkdir()
+    ok = ["--set", f"data.path={data}", "--out", str(tmp_path / "run")]
+    args, fragment = {
+        "missing_config": (["--config", "nope.toml"], "nope.toml: config file not found"),
+        "invalid_toml": (["--config", "bad.toml"], "bad.toml: not valid TOML"),
+        "bad_set_key": ([*ok, "--set", "model.nosuch=1"], "unknown key model.nosuch"),
+        "bad_set_value": ([*ok, "--set", "train.m_max=three"], "train.m_max: expected int"),
+        "missing_dataset": (["--set", f"data.path={tmp_path}/gone"], f"{tmp_path}/gone: dataset not found"),
+        "not_a_dataset": (["--set", f"data.path={tmp_path}/notdata"], "no dataset manifest"),
+        "run_dir_exists": ([*ok[:2], "--set", "train.global_batch_size=16", "--out", "taken"], "exists and is not empty"),
+        "bad_launcher": ([*ok, "--set", "trainer.launcher=mpi"], "trainer.launcher"),
+        "batch_over_data": ([*ok, "--set", "train.global_batch_size=1024"], "more than the 400 train rows"),
+    }[case]
+    capsys.readouterr()
+    code, err = run_command("train", args, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+    assert not (tmp_path / "run").exists()  # nothing was created before the error
+
+
+@pytest.mark.timeout(120)
+def test_cli_relative_dataset_resolves_against_project_root(tmp_path, no_ray_env):
+    """data.path is relative to the repository root, not the current directory; the error names it."""
+    r = cli(["--set", "data.path=shards/nosuch"], tmp_path, env=no_ray_env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert f"{PROJECT_ROOT / 'shards' / 'nosuch'}: dataset not found" in r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_cli_refuses_ray_train_v1(tmp_path, no_ray_env):
+    r = cli(["--out", str(tmp_path / "run")], tmp_path, env=dict(no_ray_env, RAY_TRAIN_V2_ENABLED="0"))
+    assert r.returncode == 2 and "RAY_TRAIN_V2_ENABLED" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+# 3 epochs that cover the schedule's phases: ID on random negatives, text on random, ID on hard
+# negatives mined by the frozen text network. Large batches keep an epoch of shards/default short.
+SMALL = ["train.m_max=3", "train.m_random=1", "train.m_gap=1", "train.k1=5", "train.k2=100",
+         "train.global_batch_size=1024", "eval.batch_size=1024", "model.dim=32"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # a private local Ray, whatever the caller's shell has
+    return env
+
+
+def check_run_dir(run: Path, epochs: int, stdout: str, workers: int) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    assert isinstance(summary["best_epoch"], int) and 0 <= summary["best_epoch"] < epochs
+    for part in ("valid", "test"):
+        assert set(summary[part]) <= set(SCORES) and "fused" in summary[part], summary[part]
+        for scores in summary[part].values():
+            assert set(METRICS) <= set(scores)
+            assert all(0.0 <= scores[m] <= 1.0 for m in METRICS)
+    assert "longtail" in summary
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["epoch"] for ln in lines] == list(range(epochs))
+    assert [(ln["network"], ln["negatives"]) for ln in lines] == [("id", "random"), ("text", "random"), ("id", "hard")]
+    cfg = load_config(run / "config.toml")
+    assert cfg.train.m_max == epochs and cfg.trainer.num_workers == workers
+    assert f"run dir: {run}" in stdout and "fused" in stdout and f"best epoch: {summary['best_epoch']}" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ray_end_to_end_two_workers(tmp_path):
+    """The default config (shards/default, 2 CPU workers, gloo) through Ray Train, at small settings."""
+    run = tmp_path / "run"
+    args = [*[a for s in SMALL for a in ("--set", s)], "--out", str(run)]
+    r = cli(args, tmp_path, timeout=840, env=_env())
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    check_run_dir(run, 3, r.stdout, workers=2)
+    assert "train e2" in r.stdout + r.stderr  # the workers' progress bars reach the console
+    for noise in ("Reporting training result", "Failed to query Ray Train Controller"):
+        assert noise not in r.stdout + r.stderr  # Ray chatter the driver turns off
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_torchrun_launcher(tmp_path):
+    """`torchrun --nproc_per_node 2 -m alterrec_dist.train --launcher torchrun` (no Ray)."""
+    run = tmp_path / "run"
+    torchrun = str(Path(PY).with_name("torchrun"))
+    args = [*[a for s in SMALL for a in ("--set", s)], "--out", str(run)]
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "alterrec_dist.train",
+                        "--launcher", "torchrun", *args], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=540, stdin=subprocess.DEVNULL, env=_env())
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    check_run_dir(run, 3, r.stdout, workers=2)
+    assert r.stdout.count("run dir:") == 1  # only rank 0 prints
+    assert load_config(run / "config.toml").trainer.launcher == "torchrun"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_launcher_standalone(tmp_path):
+    """`python -m alterrec_dist.train --launcher torchrun` without torchrun: a group of one."""
+    run = tmp_path / "run"
+    data = tiny_dataset(tmp_path / "data")
+    args = [*[a for s in SMALL for a in ("--set", s)], "--set", f"data.path={data}", "--out", str(run),
+            "--set", "train.global_batch_size=128", "--launcher", "torchrun"]
+    env = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = cli(args, tmp_path, timeout=240, env=env)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    check_run_dir(run, 3, r.stdout, workers=1)
+
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_default_data_shows_alterrecs_effect(tmp_path):
+    """The embedded default on shards/default, cut to 6 epochs (ID, text warm-up, then ID on the text
+    network's hard negatives), one process: validation picks an epoch past the warm-up, and there
+    the fused score beats both networks on test. Before the generator had product lines and the
+    default its item LayerNorm, the best epoch was 0 and fused fell below ID (issue 14)."""
+    run = tmp_path / "run"
+    env = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = cli(["--launcher", "torchrun", "--set", "train.m_max=6", "--out", str(run)], tmp_path, timeout=840, env=env)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = Config()
+    assert summary["best_epoch"] >= 2 * cfg.train.m_random, summary["best_epoch"]
+    test = {k: v["ndcg@10"] for k, v in summary["test"].items()}
+    assert test["fused"] > test["id"] and test["fused"] > test["text"], test
+    warmup_best = max(json.loads(ln)["valid"]["fused"]["ndcg@10"]
+                      for ln in (run / "metrics.jsonl").read_text().splitlines()[:2 * cfg.train.m_random])
+    assert summary["valid"]["fused"]["ndcg@10"] > warmup_best

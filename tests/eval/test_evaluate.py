@@ -1,0 +1,72 @@
+"""Sharded full-ranking evaluation equals a dense evaluation of the whole score matrix."""
+import pytest
+import torch
+
+from alterrec_dist.common.config import load_config
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.eval.metrics import rank_metrics
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch
+from alterrec_dist.training.schedule import plan
+from tests.dist_harness import run_world
+from tests.tiny_data import tiny_dataset
+
+pytestmark = pytest.mark.slow
+OVERRIDES = ["train.m_random=1", "train.m_gap=1", "train.m_max=2", "train.global_batch_size=12", "train.k1=2",
+             "train.k2=12", "model.dim=8", "model.dropout=0.0", "eval.batch_size=6", "eval.tile_rows=5",
+             "eval.alpha=0.3", "model.text_temperature=0.5", "eval.longtail_bins=[2,3]",
+             "eval.alpha_sweep=[0.3,0.8]"]
+
+
+def trained_run(rank, world, data_path, dense: bool):
+    cfg = load_config(None, [f"data.path={data_path}", f"trainer.num_workers={world}", *OVERRIDES])
+    run = build_run(cfg, Comm())
+    for phase in plan(cfg.train.method, 1, 1, 2):
+        train_epoch(run, phase, frozen_item_rows(run, phase))
+    result = run.evaluate("test", 0)
+    return (result, dense_metrics(run, Dataset(data_path))) if dense else result
+
+
+@torch.no_grad()
+def dense_metrics(run, data):
+    """Score every test session against all V items at once; rank by (score desc, id asc)."""
+    nets = {k: n.eval() for k, n in run.networks.items()}
+    x, f = run.table.x, run.table.f  # W = 1: the whole catalog
+    sessions = data.read_sessions("test")
+    scores = {}
+    for kind in ("id", "text"):
+        net = nets[kind]
+        rows = net.item_rows(x if kind == "id" else None, f if kind == "text" else None)
+        qs = [net.encode(rows[torch.tensor(h)][None], torch.ones(1, len(h), dtype=torch.bool))[0]
+              for h in sessions["history"].to_pylist()]
+        scores[kind] = net.logits(torch.stack(qs), rows)
+    scores["fused"] = 0.3 * scores["id"] + 0.7 * scores["text"]
+    scores["fused@0.3"] = scores["fused"]  # the sweep's kinds rank like the main alpha would
+    scores["fused@0.8"] = 0.8 * scores["id"] + 0.2 * scores["text"]
+    targets = sessions["target"].to_numpy()
+    out = {}
+    for kind, s in scores.items():
+        ranks = []
+        for g, t in enumerate(targets):
+            row = s[g].tolist()
+            order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+            ranks.append(order.index(t) + 1)
+        out[kind] = rank_metrics(torch.tensor(ranks))
+    return out
+
+
+def test_sharded_evaluation_equals_dense(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    [(single, dense)] = run_world(trained_run, 1, str(data), True)
+    assert set(single) == set(dense) == {"id", "text", "fused", "fused@0.3", "fused@0.8"}
+    for kind in dense:
+        for metric, value in dense[kind].items():
+            assert single[kind][metric] == pytest.approx(value, abs=1e-9), (kind, metric)
+        groups = single[kind]["longtail"]
+        assert sum(g["n"] for g in groups.values()) == 24
+        assert set(groups) == {"[0,2]", "(2,3]", "(3,inf)"}
+    for world in (2, 3):
+        for r in run_world(trained_run, world, str(data), False):
+            for kind in dense:
+                for metric, value in dense[kind].items():
+                    assert r[kind][metric] == pytest.approx(value, abs=1e-6), (world, kind, metric)

@@ -1,0 +1,132 @@
+"""Band mining across shards equals a brute-force sort of the dense score matrix."""
+import pytest
+import torch
+
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.mining import (CountPacker, exclude_items, from_ordered, key_ids, mine_band, ordered,
+                                           random_band, score_keys, top_items)
+from tests.dist_harness import run_world
+
+pytestmark = pytest.mark.slow
+
+
+def brute_force_band(scores: torch.Tensor, k1: int, k2: int, exclude: torch.Tensor) -> list[set[int]]:
+    """Items scoring in (t2, t1], t1 and t2 the scores at ranks k1 and k2 (t2 = -inf past the catalog)."""
+    out = []
+    for g, row in enumerate(scores.tolist()):
+        desc = sorted(row, reverse=True)
+        t1, t2 = desc[k1], desc[k2] if k2 < len(row) else float("-inf")
+        out.append({i for i, s in enumerate(row) if t2 < s <= t1} - set(exclude[g].tolist()))
+    return out
+
+
+def problem(seed: int, G=6, V=37, d=4, ties=True):
+    g = torch.Generator().manual_seed(seed)
+    if ties:  # integer-valued rows and queries: many exact ties in the scores
+        q = torch.randint(-2, 3, (G, d), generator=g).float()
+        items = torch.randint(-2, 3, (V, d), generator=g).float()
+    else:
+        q, items = torch.randn(G, d, generator=g), torch.randn(V, d, generator=g)
+    target = torch.randint(V, (G,), generator=g)
+    return q, items, target
+
+
+def mine_on_shard(rank, world, seed, k1, k2, merge, p, ties, tile_rows=5):
+    q, items, target = problem(seed, ties=ties)
+    comm = Comm()
+    ids = torch.arange(rank, len(items), world)
+    band, cand = mine_band(comm, q, items[ids], k1, k2, len(items), merge=merge, tile_rows=tile_rows, extra=p + 1)
+    merge_bytes = dict(comm.bytes)
+    aug = top_items(comm, cand, ids, p, target)
+    positives = torch.cat([target[:, None], aug], 1)
+    band = exclude_items(band, positives // world, positives % world == rank)
+    chosen = [set(ids[band.rows[g][band.mask[g]]].tolist()) for g in range(len(q))]
+    return chosen, aug, merge_bytes
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("merge", ["threshold", "allgather"])
+@pytest.mark.parametrize("k1, k2, tile_rows", [(4, 20, 5), (2, 8, 5), (2, 8, 64), (4, 37, 5)])
+def test_band_equals_brute_force_with_ties_and_short_shards(world, merge, k1, k2, tile_rows):
+    """k2=20 exceeds a shard's 12-19 rows at W=2,3; k2=8 cuts every shard's list inside tie groups,
+    merging tiles of 5 rows or selecting from one tile; k2=37 is the whole catalog (no rank k2: the
+    band runs to the bottom)."""
+    seed, p = 3, 2
+    results = run_world(mine_on_shard, world, seed, k1, k2, merge, p, True, tile_rows)
+    q, items, target = problem(seed)
+    scores = q @ items.T
+    assert len(set(scores.flatten().tolist())) < scores.numel() / 3, "the case must contain ties"
+    aug = results[0][1]
+    for g in range(len(q)):
+        order = sorted(range(len(items)), key=lambda i: (-scores[g, i].item(), i))
+        expected_aug = [i for i in order if i != target[g].item()][:p]
+        assert aug[g].tolist() == expected_aug
+    expected = brute_force_band(scores, k1, k2, torch.cat([target[:, None], aug], 1))
+    union = [set().union(*(r[0][g] for r in results)) for g in range(len(q))]
+    assert union == expected
+    for g in range(len(q)):  # shards are disjoint
+        assert sum(len(r[0][g]) for r in results) == len(expected[g])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_without_ties_the_band_is_ranks_k1_to_k2_and_w1_needs_no_round(world):
+    k1, k2, p = 3, 15, 0
+    results = run_world(mine_on_shard, world, 5, k1, k2, "threshold", p, False)
+    q, items, target = problem(5, ties=False)
+    scores = q @ items.T
+    for g in range(len(q)):
+        order = sorted(range(len(items)), key=lambda i: -scores[g, i].item())
+        assert set().union(*(r[0][g] for r in results)) == set(order[k1:k2]) - {target[g].item()}
+    sent = results[0][2]
+    assert sent["all_reduce_RedOpType.MAX"] == 5 * 4 * len(q)  # the bracket: 5 floats per query
+    rounds = sent.get("all_reduce_RedOpType.SUM", 0) // (4 * len(q))  # one packed int32 per query per round
+    assert sent.get("all_reduce_RedOpType.SUM", 0) == rounds * 4 * len(q)
+    assert (rounds == 0) if world == 1 else (0 < rounds <= 32)  # at W=1 the bracket is exact
+
+
+def test_counts_of_both_ranks_share_one_integer():
+    need = torch.tensor([21, 20_001])
+    packer = CountPacker(need, world=8)
+    assert packer.dtype == torch.int32  # 8*21+1 times 8*20001+1 fits
+    counts = torch.tensor([[0, 0], [5, 19_999], [21, 20_001], [400, 10**6]])
+    summed = packer.unpack(packer.pack(counts) * 8)  # as if 8 shards sent the same counts
+    assert summed.tolist() == [[0, 0], [40, 159_992], [168, 160_008], [168, 160_008]]  # clamped, no carry
+    assert CountPacker(torch.tensor([10**5, 10**5]), world=64).dtype == torch.int64
+
+
+def test_ordered_is_monotone_and_invertible():
+    x = torch.tensor([float("-inf"), -3.5, -1e-40, -0.0, 0.0, 1e-40, 2.0, float("inf")])
+    o = ordered(x)
+    assert (o[1:] >= o[:-1]).all() and o[3] == o[4]  # -0.0 and 0.0 compare equal
+    assert torch.equal(from_ordered(o), x + 0.0)
+
+
+def test_score_keys_order_matches_score_then_id():
+    scores = torch.tensor([[1.5, -0.0, 0.0, -2.0, 1.5, float("-inf")]])
+    ids = torch.arange(6)
+    order = torch.argsort(score_keys(scores, ids), descending=True)[0].tolist()
+    assert order == [0, 4, 1, 2, 3, 5]  # ties (1.5, 0.0/-0.0) broken by the smaller id
+    assert key_ids(score_keys(scores, ids)).tolist() == [[0, 1, 2, 3, 4, 5]]
+
+
+def random_on_shard(rank, world):
+    g = torch.Generator().manual_seed(7)
+    band = random_band(Comm(), 4, 50, 23, g)
+    ids = torch.arange(rank, 23, world)
+    return [sorted(ids[band.rows[i][band.mask[i]]].tolist()) for i in range(4)]
+
+
+def test_random_negatives_do_not_depend_on_world_size():
+    one = run_world(random_on_shard, 1)[0]
+    two = run_world(random_on_shard, 2)
+    assert [sorted(a + b) for a, b in zip(*two)] == one
+    assert all(len(row) == 50 for row in one)
+
+
+@pytest.mark.parametrize("k2, expected", [(50, 37), (37, 37), (20, 20)])
+def test_k2_above_the_catalog_is_capped_with_a_warning(k2, expected, recwarn):
+    from alterrec_dist.parallel.mining import capped_k2
+    assert capped_k2(k2, 37) == expected
+    assert len(recwarn) == (1 if k2 > 37 else 0)
+    if k2 > 37:
+        assert "larger than the catalog" in str(recwarn[0].message)

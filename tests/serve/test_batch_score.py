@@ -1,0 +1,202 @@
+"""Batch scoring on real trained runs: metrics EQUAL to summary.json, output, streaming, Ray Data."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alterrec_dist import batch_score, export
+from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.serve import batch_runners
+from alterrec_dist.serve.search import Searcher
+from tests.serve.test_export import cli, trained_run
+from alterrec_dist.serve.batch_input import iter_tables, local_batches, session_columns, table_to_rows
+from alterrec_dist.serve.batch_output import OrderedMetrics, ParquetOut, compare, score_rows
+from alterrec_dist.serve.batch_runners import run_local
+from alterrec_dist.serve.export_dir import load_export, load_scoring_model
+from alterrec_dist.serve.from_run import load_run
+from alterrec_dist.serve.queries import encode_sessions
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory, "alterrec")
+
+
+@pytest.fixture(scope="module")
+def scored(run, tmp_path_factory):
+    """`--split test` in process: (output table, the metrics report)."""
+    d = tmp_path_factory.mktemp("scored")
+    code = batch_score.main(["--run", str(run), "--split", "test", "--out", str(d / "test.parquet"),
+                             "--metrics-out", str(d / "m.json"), "--no-ray"])
+    assert code == 0
+    return pq.read_table(d / "test.parquet"), json.loads((d / "m.json").read_text())
+
+
+def assert_equals_summary(report: dict, run, split: str = "test") -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    assert report["metrics"] == summary[split]  # every kind, every metric and n: exact float equality
+    if split == "test":
+        assert report["longtail"] == summary["longtail"]
+    assert report["summary_equal"] is True and report["summary_differences"] == []
+
+
+def test_metrics_equal_summary_exactly(scored, run):
+    """(c) Hits/NDCG/MRR@10/20 of id, text, fused and fused@0.7 == summary.json's test metrics."""
+    _, report = scored
+    assert set(report["metrics"]) == {"id", "text", "fused", "fused@0.7"}
+    assert_equals_summary(report, run)
+
+
+def test_valid_split_equals_summary_too(run, tmp_path):
+    assert batch_score.main(["--run", str(run), "--split", "valid", "--out", str(tmp_path / "v.parquet"),
+                             "--metrics-out", str(tmp_path / "m.json"), "--top", "3"]) == 0
+    assert_equals_summary(json.loads((tmp_path / "m.json").read_text()), run, "valid")
+
+
+def test_output_rows_ranks_and_top_lists(scored, run):
+    table, _ = scored
+    data = Dataset(load_run(run).provenance["dataset"]["path"])
+    test = data.read_sessions("test")
+    assert table.num_rows == test.num_rows == 1976
+    assert table["example"].to_pylist() == list(range(1976))
+    assert table["session"].to_pylist() == test["session"].to_pylist()
+    assert table["target"].to_pylist() == test["target"].to_pylist()
+    items = np.stack(table["items"].to_numpy(zero_copy_only=False))
+    assert items.shape == (1976, 20)
+    ids = data.items()["item_id"].to_pylist()
+    assert table["item_ids"].to_pylist() == [[ids[i] for i in row] for row in items]
+    scores = np.stack(table["scores"].to_numpy(zero_copy_only=False))
+    assert (np.diff(scores, axis=1) <= 0).all()
+    parts = [np.stack(table[c].to_numpy(zero_copy_only=False)) for c in ("id_scores", "text_scores")]
+    np.testing.assert_allclose(scores, 0.3 * parts[0] + 0.7 * parts[1], rtol=1e-5, atol=1e-6)
+    # the fused rank of the target agrees with where it sits in the top-20
+    rank = table["rank_fused"].to_numpy()
+    target = table["target"].to_numpy()
+    for r, t, row in zip(rank, target, items):
+        if r <= 20:
+            assert row[r - 1] == t
+        else:
+            assert t not in row
+
+
+def test_input_without_targets_streams_in_bounded_batches(scored, run, tmp_path, monkeypatch):
+    """Sessions without `target`, over two files of several row groups: the same top lists, no metrics,
+    and the files are only ever read in batches of at most eval.batch_size rows."""
+    table, _ = scored
+    test = Dataset(load_run(run).provenance["dataset"]["path"]).read_sessions("test").drop(["target"])
+    pq.write_table(test.slice(0, 700), tmp_path / "a.parquet", row_group_size=300)
+    pq.write_table(test.slice(700), tmp_path / "b.parquet", row_group_size=250)
+    seen = []
+    real = score_rows
+
+    def spy(bundle, rows, top, has_target):
+        seen.append(len(rows))
+        return real(bundle, rows, top, has_target)
+
+    def whole_file(*a, **k):
+        raise AssertionError("read a whole file")
+
+    def load_then_trap(**spec):  # the model's own files may be read whole; the input files may not
+        bundle = load_scoring_model(**spec)
+        monkeypatch.setattr(pq, "read_table", whole_file)
+        monkeypatch.setattr(pq.ParquetFile, "read", whole_file)
+        return bundle
+    monkeypatch.setattr(batch_runners, "score_rows", spy)
+    monkeypatch.setattr(batch_score, "load_scoring_model", load_then_trap)
+    code = batch_score.main(["--run", str(run), "--input", str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"),
+                             "--out", str(tmp_path / "out.parquet"), "--metrics-out", str(tmp_path / "m.json")])
+    monkeypatch.undo()
+    assert code == 0
+    assert max(seen) <= 512 and sum(seen) == 1976
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert "target" not in out.column_names and not any(c.startswith("rank_") for c in out.column_names)
+    assert out["example"].to_pylist() == list(range(1976))
+    assert out["items"].to_pylist() == table["items"].to_pylist()
+    assert "metrics" not in json.loads((tmp_path / "m.json").read_text())
+
+
+def test_top_lists_are_the_exact_search(scored, run):
+    table, _ = scored
+    bundle = load_run(run)
+    files = Dataset(bundle.provenance["dataset"]["path"]).session_files("test")
+    first = 0
+    for t in iter_tables(files, session_columns(files), bundle.eval_batch_size):
+        rows = table_to_rows(t, first, bundle.max_len, bundle.num_items, "t")
+        q = encode_sessions(bundle, local_batches(rows, bundle.eval_batch_size, bundle.world))
+        _, items, _ = Searcher(bundle).search(q, 20)
+        expected = items[:len(rows)].numpy()
+        got = np.stack(table["items"].slice(first, len(rows)).to_numpy(zero_copy_only=False))
+        np.testing.assert_array_equal(got, expected)
+        first += len(rows)
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(run, tmp_path, capsys):
+    out = tmp_path / "out.parquet"
+    code, _, err = cli("batch_score", ["--run", str(run), "--input", str(tmp_path / "nope.parquet"), "--out", str(out)],
+                       capsys)
+    assert code == 2 and "input not found" in err and err.count("\n") == 1
+    pq.write_table(pa.table({"history": [[1, 2], [3, 5000]], "target": [1, 2]}), tmp_path / "bad.parquet")
+    code, _, err = cli("batch_score", ["--run", str(run), "--input", str(tmp_path / "bad.parquet"), "--out", str(out)],
+                       capsys)
+    assert code == 2 and "history item outside 0..1999" in err and err.count("\n") == 1
+    pq.write_table(pa.table({"items": [[1, 2]]}), tmp_path / "nohist.parquet")
+    code, _, err = cli("batch_score", ["--run", str(run), "--input", str(tmp_path / "nohist.parquet"), "--out", str(out)],
+                       capsys)
+    assert code == 2 and "no `history` column" in err
+    code, _, err = cli("batch_score", ["--run", str(tmp_path), "--split", "test", "--out", str(out)], capsys)
+    assert code == 2 and "no config.toml" in err
+    assert list(tmp_path.glob("*out*")) == []
+
+
+def test_metrics_detect_a_different_model(run, tmp_path):
+    """The comparison can fail: a wrong alpha changes the fused metrics and is reported unequal."""
+    bundle = load_run(run)
+    bundle.weights["fused"] = [0.31, 0.69]
+    metrics = OrderedMetrics(bundle.kinds, bundle.eval_batch_size, bundle.popularity, bundle.longtail_bins)
+    out = ParquetOut(tmp_path / "o.parquet")
+    run_local(bundle, Dataset(bundle.provenance["dataset"]["path"]).session_files("test"), out, 20, metrics)
+    out.commit()
+    summary = json.loads((run / "summary.json").read_text())
+    diffs = compare(metrics.finish(), summary, "test")
+    assert diffs and all(d.startswith(("fused/", "longtail fused")) for d in diffs)
+
+
+# -- slow: Ray Data, a 2-process run with the transformer encoder, NFRec and id_only -------------------
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own DataContext deprecations
+def test_ray_data_path_equals_summary_and_in_process_output(scored, run, tmp_path):
+    pytest.importorskip("ray")
+    code = batch_score.main(["--run", str(run), "--split", "test", "--out", str(tmp_path / "ray.parquet"),
+                             "--metrics-out", str(tmp_path / "m.json"), "--ray", "--ray-workers", "1"])
+    assert code == 0
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["ray"] is True
+    assert_equals_summary(report, run)
+    table, _ = scored
+    assert pq.read_table(tmp_path / "ray.parquet").equals(table)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,overrides,nproc", [
+    ("w2-transformer", ["model.encoder=transformer", "model.text_hidden=32", "model.item_layernorm=true",
+                        "model.dim=32"], 2),
+    ("nfrec-concat", ["train.method=nfrec_concat"], 1),
+    ("id-only", ["train.method=id_only"], 1),
+])
+def test_other_runs_equal_summary(tmp_path_factory, tmp_path, name, overrides, nproc):
+    """A 2-process run (shard layout, per-rank eval slices, transformer, MLP and LayerNorm rows),
+    NFRec (one network, parts) and id_only: export, then batch metrics from the export == summary."""
+    run = trained_run(tmp_path_factory, name, overrides, nproc)
+    assert export.main(["--run", str(run), "--out", str(tmp_path / "export")]) == 0
+    assert batch_score.main(["--export", str(tmp_path / "export"), "--split", "test", "--out",
+                             str(tmp_path / "o.parquet"), "--metrics-out", str(tmp_path / "m.json")]) == 0
+    assert_equals_summary(json.loads((tmp_path / "m.json").read_text()), run)
+    bundle = load_export(tmp_path / "export")
+    assert bundle.world == nproc
+    if name == "nfrec-concat":
+        assert bundle.weights["fused"] == [1.0, 1.0] and bundle.scales == [1.0, 1.0]

@@ -1,0 +1,75 @@
+"""The saved model: per-rank shards reassemble into the full ID table; corruption is detected."""
+import pytest
+import torch
+
+from alterrec_dist.common.config import load_config
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.saved import load_model, save_model, shard_name
+from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch
+from alterrec_dist.training.schedule import plan
+from tests.dist_harness import run_world
+from tests.tiny_data import V, tiny_dataset
+
+pytestmark = pytest.mark.slow
+
+
+def train_and_save(rank, world, data_path, model_dir):
+    cfg = load_config(None, [f"data.path={data_path}", f"trainer.num_workers={world}", "train.global_batch_size=12",
+                             "train.k1=2", "train.k2=12", "model.dim=8", "eval.batch_size=6", "train.m_max=2"])
+    run = build_run(cfg, Comm())
+    for phase in plan(cfg.train.method, 1, 1, 2):  # both networks change from their initialisation
+        train_epoch(run, phase, frozen_item_rows(run, phase))
+    save_model(run.comm, run.networks, run.table, model_dir, {"epoch": 1})
+    full = torch.zeros(V, 8)
+    full[run.table.global_ids] = run.table.x.detach()
+    full = run.comm.all_reduce(full)  # every row comes from exactly one owner
+    return full, {k: {n: p.clone() for n, p in net.state_dict().items()} for k, net in run.networks.items()}
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_saved_shards_reassemble_the_table(tmp_path, world):
+    data = tiny_dataset(tmp_path / "data")
+    results = run_world(train_and_save, world, str(data), str(tmp_path / "model"))
+    full, states = results[0]
+    manifest, loaded_states, x = load_model(tmp_path / "model")
+    assert manifest["world_size"] == world and manifest["epoch"] == 1 and manifest["num_items"] == V
+    assert sorted(manifest["files"]) == sorted(["networks.pt"] + [shard_name(r, world) for r in range(world)])
+    assert torch.equal(x, full)
+    for name, state in states.items():
+        for key, value in state.items():
+            assert torch.equal(loaded_states[name][key], value), (name, key)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp directory left behind
+
+    shard = tmp_path / "model" / shard_name(0, world)
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated
+    with pytest.raises(DataError, match=shard.name):
+        load_model(tmp_path / "model")
+
+
+def tensors_in(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
+
+
+def test_what_is_saved_is_cpu_tensors_whatever_the_device(tmp_path):
+    """A GPU run's model and checkpoints load on a CPU-only machine only if every tensor in them was saved from
+    the CPU: publish() moves them (on_cpu) and every load names map_location (tests/common/test_device.py). Loaded here
+    without map_location, so a tensor saved from another device would not come back as a CPU one."""
+    from alterrec_dist.parallel.saved import on_cpu
+    data = tiny_dataset(tmp_path / "data")
+    run_world(train_and_save, 2, str(data), str(tmp_path / "model"))
+    files = sorted((tmp_path / "model").glob("*.pt"))
+    assert len(files) == 3
+    for f in files:
+        tensors = list(tensors_in(torch.load(f, weights_only=True)))
+        assert tensors and all(t.device.type == "cpu" for t in tensors), f.name
+    # on_cpu reaches into every container a saved state holds
+    nested = {"a": [torch.zeros(2), (torch.ones(1), {"b": torch.arange(3)})], "n": None, "s": "x"}
+    assert [t.tolist() for t in tensors_in(on_cpu(nested))] == [[0.0, 0.0], [1.0], [0, 1, 2]]
