@@ -90,7 +90,7 @@ def projection(V: int, W: int, B_per_worker: int, d: int, D: int, k2: int, floor
     table = -(-V // W) * (4 * d * FP32 + 2 * D) + bf16_rows
     step = {m: collective_bytes("hard", m, B, W, d, k2, 0, value_bytes=2) for m in ("threshold", "allgather")}
     rate = W * floor_sessions_per_s_1m * 1e6 / V * efficiency
-    return {"table_gb": table / 1e9, "scores_untiled_gb": score_matrix_bytes(B, V, W, 2) / 1e9,
+    return {"table_gb": table / 1e9, "scores_untiled_gb": score_tile_bytes(B, V, W, V, 2) / 1e9,
             "merge_threshold_mb": threshold_merge_bytes(B, W, 20, k2) / 1e6, "merge_allgather_gb": B * (k2 + 1) * FP32 / 1e9,
             "step_threshold_mb": sum(step["threshold"].values()) / 1e6,
             "step_allgather_gb": sum(step["allgather"].values()) / 1e9,

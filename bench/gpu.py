@@ -43,7 +43,6 @@ import torch.distributed as dist
 from alterrec_dist.common.config import load_config
 from alterrec_dist.common.device import configure_matmuls
 from alterrec_dist.data.reader import Batch
-from alterrec_dist.eval.evaluate import evaluate
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.mining import mine_band
 from alterrec_dist.training import recipe

@@ -18,7 +18,6 @@ layer as each collective is called (and, for autograd collectives, as their back
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import resource
 import time

@@ -4,7 +4,6 @@ resources, the directory itself (new, or the one a resume goes on in), and the s
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
 from pathlib import Path

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from alterrec_dist.common.config import PROJECT_ROOT
-from tests.e2e.test_train import SMALL, check_run_dir
+from tests.e2e.test_train_runs import SMALL, check_run_dir
 
 VENV_BIN = Path(sys.executable).parent  # not resolved: a venv's python is a symlink out of it
 RAY = str(VENV_BIN / "ray")
@@ -224,6 +224,9 @@ def test_ray_job_submit_default_config(tmp_path):
         logs = job_logs(head, job_id)
         assert info["status"] == "SUCCEEDED", f"job {job_id}: {info}\n--- job logs ---\n{logs[-6000:]}"
         check_run_dir(run, 3, logs, workers=2)
+        assert "train e2" in logs  # the workers' progress bars reach the job's log
+        for noise in ("Reporting training result", "Failed to query Ray Train Controller"):
+            assert noise not in logs  # Ray chatter the driver turns off
     finally:
         stop_head(head)
     assert head_processes(head) == [], f"processes of the head in {head.temp_dir} survived"

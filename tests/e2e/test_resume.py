@@ -20,11 +20,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from alterrec_dist.common.config import load_config
 from alterrec_dist.training.checkpoint import newest_good, rank_file
-from tests.e2e.test_train import tiny_dataset
+from tests.test_train import tiny_dataset
 
 
 PY = sys.executable

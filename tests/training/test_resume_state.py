@@ -5,7 +5,6 @@ The real interrupted and resumed runs are in tests/e2e/test_resume.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
