@@ -3,13 +3,15 @@ back through TensorBoard's EventAccumulator and the MLflow client (a local file:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from alterrec_dist.common.config import METRICS, Config
 from alterrec_dist.training.metric_sinks import MetricSinks, mlflow_env
-from tests.test_train import SCORES
+from tests.e2e.test_train_runs import SMALL, _env
+from tests.test_train import SCORES, cli, tiny_dataset
 
 F32 = 1e-6  # TensorBoard keeps float32 values
 
@@ -105,3 +107,52 @@ def test_mlflow_env_hands_on_what_is_set(monkeypatch):
     assert mlflow_env() == {"MLFLOW_TRACKING_URI": "file:/x"}
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert mlflow_env() == {}
+
+
+def test_tracking_uri_without_mlflow_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys):
+    from alterrec_dist.training import launch
+    from tests.test_bad_input import run_command
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started although MLflow cannot log")
+    monkeypatch.setattr(launch, "_init_ray", refuse)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    data = tiny_dataset(tmp_path / "data")
+    args = ["--set", f"data.path={data}", "--set", "train.global_batch_size=128", "--out", str(tmp_path / "run")]
+    code, err = run_command("train", args, capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: MLFLOW_TRACKING_URI is set but mlflow is not installed: pip install -e '.[mlflow]', or unset it"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_training_run_logs_what_metrics_jsonl_holds(tmp_path, file_store):
+    """A real run (torchrun launcher, a group of one, 3 epochs): every step's loss, and each epoch's
+    validation metrics and sessions/s, in TensorBoard and MLflow, equal to metrics.jsonl."""
+    run = tmp_path / "run"
+    data = tiny_dataset(tmp_path / "data")
+    args = [*[a for s in SMALL for a in ("--set", s)], "--set", f"data.path={data}", "--out", str(run),
+            "--set", "train.global_batch_size=128", "--set", "train.log_every=1", "--launcher", "torchrun"]
+    env = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = cli(args, tmp_path, timeout=240, env=env)  # _env(): with file_store's variables
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    scalars = tensorboard_scalars(run / "tensorboard")
+    per_epoch = 400 // 128  # the tiny dataset's 400 train rows, full batches only
+    assert len(lines) == 3 and sum(len(v) for t, v in scalars.items() if t.startswith("loss/")) == 3 * per_epoch
+    for e, line in enumerate(lines):
+        end = (e + 1) * per_epoch
+        losses = [v for step, v in scalars[f"loss/{line['network']}"].items() if end - per_epoch < step <= end]
+        assert len(losses) == per_epoch and sum(losses) / per_epoch == pytest.approx(line["loss"], rel=1e-5)
+        for part in SCORES:
+            for m in METRICS:
+                assert scalars[f"valid/{part}/{m}"][end] == pytest.approx(line["valid"][part][m], rel=F32)
+        assert scalars["throughput/sessions_per_s"][end] == pytest.approx(line["sessions_per_s"], rel=F32)
+
+    logged = mlflow_metrics(run, file_store)
+    assert set(logged) == {t.replace("@", "_at_") for t in scalars}
+    for tag, points in scalars.items():
+        assert_points(dict(logged[tag.replace("@", "_at_")]), points)
