@@ -28,6 +28,7 @@ from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, load_config
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.training.launch import TrainingError, check_ray_train_v2, launch_ray, launch_torchrun
+from alterrec_dist.training.metric_sinks import check_mlflow
 from alterrec_dist.training.run_dir import check_dataset, check_resources, default_run_dir, open_run_dir
 
 
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.trainer.launcher = args.launcher
     check_dataset(cfg)
     check_resources(cfg)
+    check_mlflow()
     if cfg.trainer.launcher == "torchrun":
         done = launch_torchrun(cfg, args.out, resume_dir)
         if done is None:

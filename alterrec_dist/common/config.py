@@ -72,6 +72,7 @@ class TrainConfig:
     lr_warmup: float = 0.1         # warmup_cosine: share of the network's own steps spent ramping up
     seed: int = 0
     checkpoint_every: int = 0      # steps between training checkpoints (also one at each phase end); 0: none
+    log_every: int = 10            # steps between per-step losses to TensorBoard/MLflow (one host read each); 0: none
 
 
 @dataclass
@@ -165,6 +166,7 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
     "train.weight_decay": _finite_at_least_zero(),
     "train.seed": _at_least(0),
     "train.checkpoint_every": _at_least(0),
+    "train.log_every": _at_least(0),
     "train.patience": _at_least(0),
     "train.lr_schedule": _one_of("constant", "warmup_cosine"),
     "train.lr_warmup": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),

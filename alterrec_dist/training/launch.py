@@ -15,6 +15,7 @@ from pathlib import Path
 from alterrec_dist.common import ray_watchdog
 from alterrec_dist.common.config import Config
 from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.training.metric_sinks import mlflow_env
 from alterrec_dist.training.run_dir import open_run_dir, read_summary
 
 
@@ -120,7 +121,7 @@ def launch_ray(cfg: Config, run_dir: Path) -> dict:
             # either launcher. After a failure Ray restarts the workers, which resume by themselves.
             run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                                  failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-                                 worker_runtime_env={"env_vars": WORKER_ENV},
+                                 worker_runtime_env={"env_vars": WORKER_ENV | mlflow_env()},
                                  # INFO would echo every ray.train.report() dict from every worker
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )

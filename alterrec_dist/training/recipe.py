@@ -8,6 +8,7 @@
             negatives = B's ranks k1..k2 (mined per shard, merged) or uniform random items
             positives = the target (+ B's top-p, weighted beta, when augmented)
             band loss over A's scores on this shard; step A (and its ID rows)
+            every train.log_every steps: the loss to TensorBoard (and MLflow)
             every train.checkpoint_every steps: a training checkpoint
         evaluate id, text and fused on validation; test and save the model when validation improves
         at the end of each phase: a training checkpoint
@@ -18,8 +19,8 @@ Runs on every worker after the default process group exists (Ray Train or torchr
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
-import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -45,6 +46,7 @@ from alterrec_dist.parallel.saved import save_model
 from alterrec_dist.parallel.table import Placement, ShardedItemTable
 from alterrec_dist.training.checkpoint import (checkpoint_name, find_resume_point, load_checkpoint, restore_model,
                                                save_checkpoint)
+from alterrec_dist.training.metric_sinks import MetricSinks
 from alterrec_dist.training.schedule import Phase, lr_factor, own_step, patience_exhausted, plan, warmup_epochs
 from alterrec_dist.training.stepper import Stepper, build_stepper
 
@@ -144,9 +146,9 @@ class Progress:
 
 def run_worker(cfg: Config, run_dir: Path, report: Report | None = None) -> dict:
     """Train by the plan, validate every epoch, test and save the model at the best; rank 0 writes the
-    run files. Starts from the newest intact checkpoint in RUN_DIR/checkpoints when there is one (a
-    `--resume`, or Ray restarting the workers after a failure) and takes one at the end of every
-    phase and every `train.checkpoint_every` steps."""
+    run files and the metrics (`MetricSinks`). Starts from the newest intact checkpoint in
+    RUN_DIR/checkpoints when there is one (a `--resume`, or Ray restarting the workers after a failure)
+    and takes one at the end of every phase and every `train.checkpoint_every` steps."""
     run = build_run(cfg, Comm())
     comm, t = run.comm, cfg.train
     run_dir = Path(run_dir)
@@ -157,64 +159,69 @@ def run_worker(cfg: Config, run_dir: Path, report: Report | None = None) -> dict
     steps_per_epoch = run.train_reader.steps_per_epoch()
     progress = resume(run, run_dir)
 
+    def steps_done() -> int:
+        return progress.epoch * steps_per_epoch + len(progress.steps)
+
     def checkpoint(metrics: dict) -> None:
         read_logs(progress.steps)
         done = len(progress.steps)
         path = save_checkpoint(comm, run_dir / "checkpoints", checkpoint_name(progress.epoch, done), run.networks,
                                run.table, run.steppers,
                                {**asdict(progress), "step": done, "phase": phase_index(phases, progress.epoch),
-                                "global_step": progress.epoch * steps_per_epoch + done, "method": t.method},
+                                "global_step": steps_done(), "method": t.method},
                                run_dir / "model")
         if report is not None:
             report(metrics, path)
 
-    def every_n_steps() -> None:
-        if t.checkpoint_every and (progress.epoch * steps_per_epoch + len(progress.steps)) % t.checkpoint_every == 0:
+    def after_step(network: str) -> None:  # `sinks`: rank 0's, bound by the `with` below (None elsewhere)
+        if sinks is not None and t.log_every and steps_done() % t.log_every == 0:
+            # the interval's one host read: its steps' losses, still on the device, come over together
+            sinks.step(network, read_logs(progress.steps)[-1], steps_done())
+        if t.checkpoint_every and steps_done() % t.checkpoint_every == 0:
             checkpoint({"epoch": progress.epoch, "step": len(progress.steps)})
 
     prev_key, frozen_rows = None, None
-    log_path = run_dir / "metrics.jsonl"
-    for phase in tqdm(phases[progress.epoch:], desc="epochs", initial=progress.epoch, total=len(phases),
-                      disable=comm.rank != 0):
-        # checked before each epoch, a resumed run included: the checkpoint holds the epoch and the best
-        if patience_exhausted(progress.epoch, progress.best.get("epoch"), t.patience, warmup):
+    with MetricSinks(run_dir, cfg, steps_done()) if comm.rank == 0 else contextlib.nullcontext() as sinks:
+        for phase in tqdm(phases[progress.epoch:], desc="epochs", initial=progress.epoch, total=len(phases),
+                          disable=comm.rank != 0):
+            # checked before each epoch, a resumed run included: the checkpoint holds the epoch and the best
+            if patience_exhausted(progress.epoch, progress.best.get("epoch"), t.patience, warmup):
+                if comm.rank == 0:
+                    tqdm.write(f"early stop: no better valid {part}/{metric} in the {t.patience} epochs after epoch "
+                               f"{max(progress.best['epoch'], warmup - 1)}")
+                break
+            if phase.key != prev_key:
+                prev_key = phase.key
+                # B is frozen for the whole phase: its item matrix is computed once, here.
+                frozen_rows = frozen_item_rows(run, phase)
+            start, resumed_steps = time.perf_counter(), len(progress.steps)
+            steps = train_epoch(run, phase, frozen_rows, progress.steps, lambda: after_step(phase.network))
+            seconds = time.perf_counter() - start
+            losses = {k: float(np.mean([s[k] for s in steps])) for k in steps[0]}
+            valid = run.evaluate("valid", phase.epoch)
+            line = {
+                "epoch": phase.epoch, "phase": phase_index(phases, phase.epoch), "network": phase.network,
+                "negatives": phase.negatives, "augmented": phase.augmented, **losses,
+                "valid": {k: {m: v for m, v in valid[k].items() if m != "longtail"} for k in valid},
+                "sessions_per_s": (len(steps) - resumed_steps) * t.global_batch_size / seconds,  # this attempt's steps
+                "train_seconds": seconds,
+            }
+            if valid[part][metric] > progress.best["score"]:
+                progress.best = {"score": valid[part][metric], "epoch": phase.epoch, "valid": line["valid"],
+                                 "test": run.evaluate("test", phase.epoch)}
+                save_model(comm, run.networks, run.table, run_dir / "model",
+                           {"epoch": phase.epoch, "method": t.method, "selection": f"{part}/{metric}",
+                            "valid_score": progress.best["score"], "dataset": str(cfg.resolve_path(cfg.data.path))})
             if comm.rank == 0:
-                tqdm.write(f"early stop: no better valid {part}/{metric} in the {t.patience} epochs after epoch "
-                           f"{max(progress.best['epoch'], warmup - 1)}")
-            break
-        if phase.key != prev_key:
-            prev_key = phase.key
-            # B is frozen for the whole phase: its item matrix is computed once, here.
-            frozen_rows = frozen_item_rows(run, phase)
-        start, resumed_steps = time.perf_counter(), len(progress.steps)
-        steps = train_epoch(run, phase, frozen_rows, progress.steps, every_n_steps)
-        seconds = time.perf_counter() - start
-        losses = {k: float(np.mean([s[k] for s in steps])) for k in steps[0]}
-        valid = run.evaluate("valid", phase.epoch)
-        line = {
-            "epoch": phase.epoch, "phase": phase_index(phases, phase.epoch), "network": phase.network,
-            "negatives": phase.negatives, "augmented": phase.augmented, **losses,
-            "valid": {k: {m: v for m, v in valid[k].items() if m != "longtail"} for k in valid},
-            "sessions_per_s": (len(steps) - resumed_steps) * t.global_batch_size / seconds,  # this attempt's steps
-            "train_seconds": seconds,
-        }
-        if valid[part][metric] > progress.best["score"]:
-            progress.best = {"score": valid[part][metric], "epoch": phase.epoch, "valid": line["valid"],
-                             "test": run.evaluate("test", phase.epoch)}
-            save_model(comm, run.networks, run.table, run_dir / "model",
-                       {"epoch": phase.epoch, "method": t.method, "selection": f"{part}/{metric}",
-                        "valid_score": progress.best["score"], "dataset": str(cfg.resolve_path(cfg.data.path))})
-        if comm.rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
-            tqdm.write(f"epoch {phase.epoch:3d} {phase.network:5s} {phase.negatives:6s} loss {losses['loss']:.4f} "
-                       f"valid {part}/{metric} {valid[part][metric]:.4f} ({line['sessions_per_s']:.0f} sessions/s)")
-        progress.epoch, progress.steps, progress.log_lines = phase.epoch + 1, [], progress.log_lines + 1
-        metrics = {k: v for k, v in line.items() if k != "valid"} | {f"valid_{part}_{metric}": valid[part][metric]}
-        if phase_index(phases, progress.epoch) != line["phase"]:  # the phase ends with this epoch
-            checkpoint(metrics)
-        elif report is not None:
-            report(metrics, None)
+                sinks.epoch(line, steps_done())
+                tqdm.write(f"epoch {phase.epoch:3d} {phase.network:5s} {phase.negatives:6s} loss {losses['loss']:.4f} "
+                           f"valid {part}/{metric} {valid[part][metric]:.4f} ({line['sessions_per_s']:.0f} sessions/s)")
+            progress.epoch, progress.steps, progress.log_lines = phase.epoch + 1, [], progress.log_lines + 1
+            metrics = {k: v for k, v in line.items() if k != "valid"} | {f"valid_{part}_{metric}": valid[part][metric]}
+            if phase_index(phases, progress.epoch) != line["phase"]:  # the phase ends with this epoch
+                checkpoint(metrics)
+            elif report is not None:
+                report(metrics, None)
     best = progress.best
     summary = {
         "best_epoch": best["epoch"],
@@ -291,7 +298,8 @@ def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None, logs: 
     `logs` holds the steps already done in this epoch (a resumed epoch): their batches are skipped,
     which restores the data position because the batch sequence depends only on (seed, epoch).
     Each step's log is appended to it, then `on_step()` runs (the periodic checkpoint). The logged
-    losses stay on the device until they are read (`read_logs`): once per epoch, and at a checkpoint."""
+    losses stay on the device until they are read (`read_logs`): once per epoch, at a checkpoint, and on
+    rank 0 every `train.log_every` steps (the metric sinks' per-step loss)."""
     trained = run.networks[phase.network]
     frozen = run.networks[OTHER[phase.network]] if frozen_rows is not None else None
     stepper = run.steppers[phase.network]

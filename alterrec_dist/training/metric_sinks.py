@@ -1,0 +1,125 @@
+"""Where rank 0's metrics go: `metrics.jsonl` (one JSON line per epoch), TensorBoard event files in
+RUN_DIR/tensorboard, and an MLflow run when MLFLOW_TRACKING_URI is set (the optional `mlflow` extra).
+
+Every scalar is logged at the global step (steps done since the run started): the trained network's
+loss every `train.log_every` steps as `loss/<network>`, and at an epoch's last step its validation
+metrics as `valid/<id|text|fused>/<metric>` and its throughput as `throughput/sessions_per_s`. One
+step axis for all of them lets a resumed run drop what it redoes, as metrics.jsonl is cut back:
+TensorBoard discards the earlier attempts' events from the resume point on (`purge_step`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from alterrec_dist.common.config import METRICS, Config
+from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.files import atomic_write_bytes
+
+TRACKING_URI = "MLFLOW_TRACKING_URI"
+# Handed to the Ray workers: rank 0 may run on a node whose environment lacks them (MLflow 3.17
+# refuses a local file: store without MLFLOW_ALLOW_FILE_STORE=true). Credentials (MLFLOW_TRACKING_TOKEN,
+# ...) are not: a runtime env is visible on Ray's dashboard.
+MLFLOW_ENV = (TRACKING_URI, "MLFLOW_EXPERIMENT_NAME", "MLFLOW_ALLOW_FILE_STORE")
+
+
+def epoch_scalars(line: dict) -> dict[str, float]:
+    """The per-epoch scalars of a metrics.jsonl line, by tag."""
+    scalars = {f"valid/{part}/{m}": scores[m] for part, scores in line["valid"].items() for m in METRICS
+               if m in scores}
+    scalars["throughput/sessions_per_s"] = line["sessions_per_s"]
+    return scalars
+
+
+def loss_scalars(network: str, losses: dict[str, float]) -> dict[str, float]:
+    """One step's logged losses by tag: `loss/<network>`, and NFRec's id and text parts (`loss_id`,
+    `loss_text`) as `loss/<network>/id` and `loss/<network>/text`."""
+    return {f"loss/{network}" + ("" if key == "loss" else "/" + key.removeprefix("loss_")): value
+            for key, value in losses.items()}
+
+
+def mlflow_name(tag: str) -> str:
+    """A tag as an MLflow metric name, which may not hold '@': valid/fused/ndcg@10 -> valid/fused/ndcg_at_10."""
+    return tag.replace("@", "_at_")
+
+
+def mlflow_env() -> dict[str, str]:
+    """The driver's MLflow settings that the workers need (`MLFLOW_ENV`), those that are set."""
+    return {k: os.environ[k] for k in MLFLOW_ENV if os.environ.get(k)}
+
+
+def import_mlflow():
+    """mlflow, for a run that logs to MLFLOW_TRACKING_URI; a one-line error if it is not installed."""
+    try:
+        import mlflow
+    except ImportError:
+        raise ConfigError(f"{TRACKING_URI} is set but mlflow is not installed: "
+                          "pip install -e '.[mlflow]', or unset it") from None
+    return mlflow
+
+
+def check_mlflow() -> None:
+    """On the driver, before anything starts: a run told to log to MLflow can."""
+    if os.environ.get(TRACKING_URI):
+        import_mlflow()
+
+
+class MlflowRun:
+    """The run's MLflow run. Its id is kept in RUN_DIR/mlflow_run_id, so that a resumed attempt goes on
+    logging into the same MLflow run; the config goes in as parameters when the run is created."""
+
+    def __init__(self, run_dir: Path, cfg: Config):
+        self.mlflow = import_mlflow()
+        id_file = run_dir / "mlflow_run_id"
+        if id_file.is_file():
+            self.mlflow.start_run(run_id=id_file.read_text().strip())
+            return
+        run = self.mlflow.start_run(run_name=run_dir.name, tags={"run_dir": str(run_dir)})
+        atomic_write_bytes(id_file, run.info.run_id.encode())
+        self.mlflow.log_params({f"{section}.{key}": value for section, table in cfg.to_dict().items()
+                                for key, value in table.items()})
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics({mlflow_name(tag): value for tag, value in scalars.items()}, step=step)
+
+    def end(self, failed: bool) -> None:
+        self.mlflow.end_run("FAILED" if failed else "FINISHED")
+
+
+class MetricSinks:
+    """Rank 0's metric writers for one attempt of a run, which resumes after `steps_done` global steps.
+    A context manager: leaving it closes the event file and ends the MLflow run (FAILED on an error)."""
+
+    def __init__(self, run_dir: Path, cfg: Config, steps_done: int):
+        from torch.utils.tensorboard import SummaryWriter  # here: the other ranks never load it
+
+        self.jsonl = run_dir / "metrics.jsonl"
+        # events at steps >= purge_step in the earlier attempts' files are the redone steps': dropped
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=steps_done + 1)
+        self.mlflow = MlflowRun(run_dir, cfg) if os.environ.get(TRACKING_URI) else None
+
+    def step(self, network: str, losses: dict[str, float], step: int) -> None:
+        """The losses of global step `step` (as floats), `network` being the one trained."""
+        self._scalars(loss_scalars(network, losses), step)
+
+    def epoch(self, line: dict, step: int) -> None:
+        """An epoch's metrics.jsonl line, at the global step that ended it."""
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        self._scalars(epoch_scalars(line), step)
+        self.tensorboard.flush()  # an epoch's events are on disk with its line, not up to 2 minutes later
+
+    def _scalars(self, scalars: dict[str, float], step: int) -> None:
+        for tag, value in scalars.items():
+            self.tensorboard.add_scalar(tag, value, step)
+        if self.mlflow is not None:
+            self.mlflow.log(scalars, step)
+
+    def __enter__(self) -> MetricSinks:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.tensorboard.close()
+        if self.mlflow is not None:
+            self.mlflow.end(failed=exc_type is not None)

@@ -1,0 +1,158 @@
+"""The metric sinks: metrics.jsonl, TensorBoard event files and MLflow carry the same values, read
+back through TensorBoard's EventAccumulator and the MLflow client (a local file: store)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from alterrec_dist.common.config import METRICS, Config
+from alterrec_dist.training.metric_sinks import MetricSinks, mlflow_env
+from tests.e2e.test_train_runs import SMALL, _env
+from tests.test_train import SCORES, cli, tiny_dataset
+
+F32 = 1e-6  # TensorBoard keeps float32 values
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in the event files of `logdir`, by tag and step (a step logged twice fails)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    scalars = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    assert all(len(scalars[tag]) == len(acc.Scalars(tag)) for tag in scalars), "a step logged twice"
+    return scalars
+
+
+def mlflow_metrics(run_dir: Path, uri: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of the run directory's MLflow run, by name, as (step, value) in step order."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+            for name in client.get_run(run_id).data.metrics}
+
+
+def assert_points(got: dict[int, float], want: dict[int, float]) -> None:
+    """The same steps, and at each the same value up to float32 rounding."""
+    assert sorted(got) == sorted(want)
+    assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(want)], rel=F32)
+
+
+@pytest.fixture
+def file_store(tmp_path, monkeypatch) -> str:
+    """MLflow logging on, to a local file: store (MLflow 3.17 wants the opt-in for one); its URI."""
+    uri = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+def epoch_line(epoch: int, scale: float) -> dict:
+    """A metrics.jsonl line of the ID network's epoch as the recipe writes it (values made up)."""
+    return {"epoch": epoch, "phase": epoch, "network": "id", "negatives": "random", "augmented": False,
+            "loss": scale, "valid": {p: {m: scale * (i + 1) / 10 for i, m in enumerate(METRICS)} for p in SCORES},
+            "sessions_per_s": 1000.0 * scale, "train_seconds": 1.5}
+
+
+def write_attempt(run: Path, first_step: int, last_step: int, scale: float, steps_per_epoch: int = 3) -> list[dict]:
+    """One attempt of a run from `first_step` (steps done) to `last_step`: a loss every step, an epoch line at
+    each epoch end. Returns the lines."""
+    lines = []
+    with MetricSinks(run, Config(), first_step) as sinks:
+        for step in range(first_step + 1, last_step + 1):
+            sinks.step("id", {"loss": scale * step}, step)
+            if step % steps_per_epoch == 0:
+                lines.append(epoch_line(step // steps_per_epoch - 1, scale))
+                sinks.epoch(lines[-1], step)
+    return lines
+
+
+def test_every_sink_gets_the_same_values_and_a_resume_replaces_the_redone_steps(tmp_path, file_store):
+    """Two attempts: the first runs 2 epochs of 3 steps, the second resumes after epoch 0 and redoes
+    epoch 1 with other values. metrics.jsonl (cut back as `recipe.resume` does), TensorBoard and MLflow
+    then hold epoch 0 of the first and epoch 1 of the second, each step once in TensorBoard."""
+    from alterrec_dist.training.recipe import keep_lines
+
+    run = tmp_path / "run"
+    run.mkdir()
+    first = write_attempt(run, 0, 6, scale=1.0)
+    keep_lines(run / "metrics.jsonl", 1)
+    second = write_attempt(run, 3, 6, scale=2.0)
+    lines = [first[0], second[0]]
+    assert (run / "metrics.jsonl").read_text() == "".join(json.dumps(ln) + "\n" for ln in lines)  # as before the sinks
+
+    scalars = tensorboard_scalars(run / "tensorboard")
+    assert_points(scalars["loss/id"], {s: s * (1.0 if s <= 3 else 2.0) for s in range(1, 7)})
+    for part in SCORES:
+        for m in METRICS:
+            assert_points(scalars[f"valid/{part}/{m}"], {3: lines[0]["valid"][part][m], 6: lines[1]["valid"][part][m]})
+    assert_points(scalars["throughput/sessions_per_s"], {3: 1000.0, 6: 2000.0})
+
+    logged = mlflow_metrics(run, file_store)
+    assert set(logged) == {t.replace("@", "_at_") for t in scalars}  # one MLflow run for both attempts
+    # MLflow keeps every value: the redone epoch's twice
+    assert logged["valid/fused/ndcg_at_10"] == [(3, pytest.approx(0.3)), (6, pytest.approx(0.3)),
+                                                (6, pytest.approx(0.6))]
+
+
+def test_mlflow_env_hands_on_what_is_set(monkeypatch):
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:/x")
+    assert mlflow_env() == {"MLFLOW_TRACKING_URI": "file:/x"}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert mlflow_env() == {}
+
+
+def test_tracking_uri_without_mlflow_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys):
+    from alterrec_dist.training import launch
+    from tests.test_bad_input import run_command
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started although MLflow cannot log")
+    monkeypatch.setattr(launch, "_init_ray", refuse)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    data = tiny_dataset(tmp_path / "data")
+    args = ["--set", f"data.path={data}", "--set", "train.global_batch_size=128", "--out", str(tmp_path / "run")]
+    code, err = run_command("train", args, capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: MLFLOW_TRACKING_URI is set but mlflow is not installed: pip install -e '.[mlflow]', or unset it"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_training_run_logs_what_metrics_jsonl_holds(tmp_path, file_store):
+    """A real run (torchrun launcher, a group of one, 3 epochs): every step's loss, and each epoch's
+    validation metrics and sessions/s, in TensorBoard and MLflow, equal to metrics.jsonl."""
+    run = tmp_path / "run"
+    data = tiny_dataset(tmp_path / "data")
+    args = [*[a for s in SMALL for a in ("--set", s)], "--set", f"data.path={data}", "--out", str(run),
+            "--set", "train.global_batch_size=128", "--set", "train.log_every=1", "--launcher", "torchrun"]
+    env = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = cli(args, tmp_path, timeout=240, env=env)  # _env(): with file_store's variables
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    scalars = tensorboard_scalars(run / "tensorboard")
+    per_epoch = 400 // 128  # the tiny dataset's 400 train rows, full batches only
+    assert len(lines) == 3 and sum(len(v) for t, v in scalars.items() if t.startswith("loss/")) == 3 * per_epoch
+    for e, line in enumerate(lines):
+        end = (e + 1) * per_epoch
+        losses = [v for step, v in scalars[f"loss/{line['network']}"].items() if end - per_epoch < step <= end]
+        assert len(losses) == per_epoch and sum(losses) / per_epoch == pytest.approx(line["loss"], rel=1e-5)
+        for part in SCORES:
+            for m in METRICS:
+                assert scalars[f"valid/{part}/{m}"][end] == pytest.approx(line["valid"][part][m], rel=F32)
+        assert scalars["throughput/sessions_per_s"][end] == pytest.approx(line["sessions_per_s"], rel=F32)
+
+    logged = mlflow_metrics(run, file_store)
+    assert set(logged) == {t.replace("@", "_at_") for t in scalars}
+    for tag, points in scalars.items():
+        assert_points(dict(logged[tag.replace("@", "_at_")]), points)
