@@ -13,3 +13,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (clone the repo with shared/ beside it)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Commands run in this process for bad input: reaching Ray (training's or batch scoring's) fails the test."""
+    from alterrec_dist.serve import batch_runners
+    from alterrec_dist.training import launch
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started for a bad input")
+    monkeypatch.setattr(launch, "_init_ray", refuse)
+    monkeypatch.setattr(batch_runners, "run_ray", refuse)

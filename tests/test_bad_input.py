@@ -19,11 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alterrec_dist.common.cli import run_cli
+from tests.commands import run_command
 from tests.serve.test_export import trained_run
 from tests.tiny_data import V, tiny_dataset
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
+# The matrix is in the fast tier: reaching Ray fails a case (conftest `no_ray`).
+pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning"),
+              pytest.mark.usefixtures("no_ray")]
 
 
 # -- what every case asserts -----------------------------------------------------------------------
@@ -31,31 +33,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (-1, 0)
             for p in sorted(root.rglob("*"))}
-
-
-def run_command(module: str, argv: list[str], capsys) -> tuple[object, str]:
-    """(exit code, or the exception a traceback would show; stderr)."""
-    mod = __import__(f"alterrec_dist.{module}", fromlist=["main"])
-    try:
-        run_cli(mod.main, argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    except Exception as e:  # noqa: BLE001 -- a traceback is what the matrix exists to catch
-        code = f"{type(e).__name__}: {e}"
-    return code, capsys.readouterr().err
-
-
-@pytest.fixture(autouse=True)
-def no_ray(monkeypatch):
-    """The matrix is in the fast tier: reaching Ray fails the case."""
-    from alterrec_dist.serve import batch_runners
-    from alterrec_dist.training import launch
-
-    def refuse(*a, **k):
-        raise AssertionError("Ray was started for a bad input")
-    monkeypatch.setattr(launch, "_init_ray", refuse)
-    monkeypatch.setattr(batch_runners, "run_ray", refuse)
 
 
 # -- input builders ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.data.layout import DatasetWriter
 from alterrec_dist.train import format_summary
 from alterrec_dist.training.run_dir import default_run_dir, make_run_dir, read_summary
+from tests.commands import run_command
 
 PY = sys.executable
 SCORES = ("id", "text", "fused")
@@ -130,15 +131,9 @@ def no_ray_env(tmp_path):
 @pytest.mark.parametrize("case", ["missing_config", "invalid_toml", "bad_set_key", "bad_set_value",
                                   "missing_dataset", "not_a_dataset", "run_dir_exists", "bad_launcher",
                                   "batch_over_data"])
-def test_cli_one_line_errors(tmp_path, monkeypatch, capsys, case):
-    """In this process, with Ray refused (test_bad_input's `no_ray`): the subprocess tests below show
-    the same path in a real process whose `import ray` fails."""
-    from alterrec_dist.training import launch
-    from tests.test_bad_input import run_command
-
-    def refuse(*a, **k):
-        raise AssertionError("Ray was started for a bad input")
-    monkeypatch.setattr(launch, "_init_ray", refuse)
+def test_cli_one_line_errors(tmp_path, monkeypatch, capsys, no_ray, case):
+    """In this process, with Ray refused: the subprocess tests below show the same path in a real
+    process whose `import ray` fails."""
     monkeypatch.chdir(tmp_path)
     data = tiny_dataset(tmp_path / "data")
     (tmp_path / "bad.toml").write_text("[model\n")

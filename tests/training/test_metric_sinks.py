@@ -11,6 +11,7 @@ import pytest
 from alterrec_dist.common.config import METRICS, Config
 from alterrec_dist.training.metric_sinks import MetricSinks, mlflow_env
 from tests.e2e.test_train_runs import SMALL, _env
+from tests.commands import run_command
 from tests.test_train import SCORES, cli, tiny_dataset
 
 F32 = 1e-6  # TensorBoard keeps float32 values
@@ -109,13 +110,7 @@ def test_mlflow_env_hands_on_what_is_set(monkeypatch):
     assert mlflow_env() == {}
 
 
-def test_tracking_uri_without_mlflow_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys):
-    from alterrec_dist.training import launch
-    from tests.test_bad_input import run_command
-
-    def refuse(*a, **k):
-        raise AssertionError("Ray was started although MLflow cannot log")
-    monkeypatch.setattr(launch, "_init_ray", refuse)
+def test_tracking_uri_without_mlflow_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys, no_ray):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
     data = tiny_dataset(tmp_path / "data")
