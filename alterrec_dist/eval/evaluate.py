@@ -19,6 +19,7 @@ from alterrec_dist.model.networks import Network
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.table import Placement, ShardedItemTable
 
+
 @torch.no_grad()
 def item_matrix(net: Network, table: ShardedItemTable, tile_rows: int, parts: bool = False):
     """This shard's item rows of `net` (or its (id, text) part rows for NFRec), without grad; tile_rows rows
