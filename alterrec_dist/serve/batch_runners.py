@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from alterrec_dist.common import ray_watchdog
+from alterrec_dist.common.ray_local import ray_session
 from alterrec_dist.serve.batch_input import iter_tables, session_columns, table_to_rows
 from alterrec_dist.serve.batch_output import (OrderedMetrics, ParquetOut, output_table, rank_matrix, score_rows,
                                               with_example)
@@ -59,23 +59,10 @@ def ray_requested(flag: bool | None) -> bool:
 
 def run_ray(spec: dict, bundle: ScoringModel, files: list[Path], out: ParquetOut, top: int, metrics: OrderedMetrics | None,
             workers: int) -> None:
-    import logging
-
-    import ray
     import ray.data
 
-    started = False
-    if not ray.is_initialized():
-        common = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(**common)
-        else:  # a private local Ray, never some other cluster found in /tmp/ray; the scoring actors
-            # hold one CPU each, so keep one more for the read tasks (else they wait forever)
-            ray_watchdog.start()  # tears it down should this process die without ray.shutdown()
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers + 1), include_dashboard=False,
-                     **common)
-        started = True
-    try:
+    # The scoring actors hold one CPU each: keep one more for the read tasks (else they wait forever).
+    with ray_session(num_cpus=max(os.cpu_count() or 1, workers + 1)):
         columns = session_columns(files)
         has_target = "target" in columns
         ctx = ray.data.DataContext.get_current()
@@ -93,10 +80,6 @@ def run_ray(spec: dict, bundle: ScoringModel, files: list[Path], out: ParquetOut
             if metrics is not None and has_target:
                 metrics.add(rank_matrix(table, bundle.kinds), table["target"].to_numpy().astype(np.int64))
             first += len(table)
-    finally:
-        if started:
-            ray.shutdown()
-            ray_watchdog.stop()
 
 
 def score_files(spec: dict, bundle: ScoringModel, files: list[Path], out_path: Path, overwrite: bool, top: int,

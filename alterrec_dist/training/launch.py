@@ -12,9 +12,9 @@ import os
 import socket
 from pathlib import Path
 
-from alterrec_dist.common import ray_watchdog
 from alterrec_dist.common.config import Config
 from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.ray_local import init_ray, stop_ray
 from alterrec_dist.training.metric_sinks import mlflow_env
 from alterrec_dist.training.run_dir import open_run_dir, read_summary
 
@@ -76,30 +76,13 @@ def _quiet_report_log() -> None:
 
 def _init_ray(num_workers: int) -> bool:
     """Connect to the cluster in RAY_ADDRESS, or start a private local Ray. True if started here."""
-    import logging
-
-    import ray
-
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    common = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
-    if os.environ.get("RAY_ADDRESS"):
-        # `ray job submit` sets RAY_ADDRESS for the entrypoint; ray.init resolves it (also "auto").
-        ray.init(**common)
-        return False
-    # A driver killed without ray.shutdown() would leave Ray's agents running: the watchdog
-    # (started first, so it sees every Ray process appear) removes them when this process ends.
-    ray_watchdog.start()
-    # address="local": never attach to some other cluster found in /tmp/ray by accident.
     # Each CPU worker reserves one CPU: on a small machine oversubscribe rather than wait forever.
     # The dashboard (~2 s) serves the State API that Ray Train V2's placement-group cleaner polls;
     # without it that actor logs a warning every second for the whole run.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers),
-             include_dashboard=True, **common)
-    return True
+    return init_ray(num_cpus=max(os.cpu_count() or 1, num_workers), dashboard=True)
 
 
 def launch_ray(cfg: Config, run_dir: Path) -> dict:
-    import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
@@ -133,8 +116,7 @@ def launch_ray(cfg: Config, run_dir: Path) -> dict:
         return read_summary(run_dir, reported)
     finally:
         if started:
-            ray.shutdown()
-            ray_watchdog.stop()
+            stop_ray()
 
 
 class TrainingError(Exception):
