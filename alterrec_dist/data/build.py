@@ -16,22 +16,22 @@ from tqdm import tqdm
 from alterrec_dist.common.files import file_sha256
 from alterrec_dist.data.layout import SPLITS, DatasetWriter
 from alterrec_dist.data.sources.tables import Source
-from alterrec_dist.data.text_features import EncodeStats, encode_texts, text_model_name
+from alterrec_dist.data.text_features import EncodeStats, Encoder, text_model_name, write_text_features
 
 
 def build_dataset(out: str | Path, overwrite: bool, read_source: Callable[[], Source], text_model: str | None,
-                  batch_size: int, progress: bool, command: list[str]) -> tuple[Path, Source, np.ndarray, EncodeStats]:
+                  batch_size: int, progress: bool, command: list[str],
+                  encoder: Encoder | None = None) -> tuple[Path, Source, np.ndarray, EncodeStats]:
     """OUT from the source `read_source()` returns (read once OUT is known to be writable): (OUT, the
-    source, which items had text, the encoding counts)."""
+    source, which items had text, the encoding counts). `encoder` encodes the texts the cache lacks
+    (default: in this process)."""
     with _sigterm_as_exit(), DatasetWriter(out, overwrite) as writer:
         source = read_source()
         _write_sessions(writer, source, progress)
         writer.set_items(source.item_ids, source.texts)
         stats = EncodeStats()
-        features, has_text = encode_texts(source.texts, text_model, batch_size=batch_size, progress=progress,
-                                          stats=stats)
-        writer.add_text_features(features)
-        writer.set_has_text(has_text)
+        has_text = write_text_features(writer, source.texts, text_model, batch_size=batch_size, progress=progress,
+                                       stats=stats, encoder=encoder)
         out = writer.commit(
             source={"kind": source.kind, "files": {str(p): file_sha256(p) for p in source.files},
                     "params": source.params, **source.notes},

@@ -319,10 +319,8 @@ def write_synth(out: str | Path, *, items: int, sessions: int, seed: int = 0,
         titles = all_titles(cat, seed, progress)
         writer.set_items(item_ids(items), titles)
         if text_features == "sbert":
-            from alterrec_dist.data.text_features import encode_texts, text_model_name  # heavy: torch
-            features, has_text = encode_texts(titles.to_pylist(), progress=progress)
-            writer.add_text_features(features)
-            writer.set_has_text(has_text)
+            from alterrec_dist.data.text_features import text_model_name, write_text_features  # heavy: torch
+            write_text_features(writer, titles.to_pylist(), progress=progress)
             text_model = text_model_name(None)
         else:
             for block in random_projection_features(cat, seed, text_dim, progress):

@@ -4,6 +4,10 @@ Encoding a large catalog is the slow part of `prepare`, so every encoded text is
 cache keyed on (model identity, sha256 of the text): a re-run, or a run interrupted half-way,
 encodes only what is new. Cache files are written beside and renamed into place, so a crash
 never leaves a torn one.
+
+The features stream: every distinct text is first encoded into the cache (in this process, or on
+Ray with `data/text_ray.py`), then the item rows are gathered from the cache one dataset part at a
+time, so the V×D array is never held whole.
 """
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ import json
 import os
 import sys
 import zipfile
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -29,11 +35,20 @@ DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 # batches' activations spill out of cache. Raise it on a GPU.
 DEFAULT_BATCH_SIZE = 32
 CACHE_CHUNK_ROWS = 8_192  # texts per cache file: bounds what an interrupted run loses
+# Torch threads of every encoding process, here and in each Ray actor: the same count everywhere,
+# since a matmul's reduction order (so its last bits) may follow it; one, since a second thread
+# buys MiniLM no wall time at batch 32 (above). More cores: more Ray actors.
+ENCODE_THREADS = 1
+
+# An encoder: text batches in, their float16 vectors out, batch by batch in the same order. The
+# batches are formed here (`_encode_plan`), so every encoder runs the model on the same batches:
+# sentence-transformers' outputs depend on a batch's padded length.
+Encoder = Callable[[Path, Iterable[list[str]], bool], Iterator[np.ndarray]]
 
 
 @dataclass
 class EncodeStats:
-    """What one `encode_texts` call did; pass one in to read it back."""
+    """What one `write_text_features` call did; pass one in to read it back."""
 
     encoded: int = 0        # distinct texts run through the model
     cached: int = 0         # distinct texts found in the cache
@@ -56,41 +71,35 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ALTERREC_CACHE") or Path.home() / ".cache" / "alterrec_dist" / "text")
 
 
-def encode_texts(texts: list[str | None], model: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 cache_dir: str | Path | None = None, progress: bool = True,
-                 stats: EncodeStats | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Features (float16, V×D) and has_text (bool, V) for `texts`, one per item.
+def write_text_features(writer, texts: list[str | None], model: str | None = None,
+                        batch_size: int = DEFAULT_BATCH_SIZE, cache_dir: str | Path | None = None,
+                        progress: bool = True, stats: EncodeStats | None = None,
+                        encoder: Encoder | None = None) -> np.ndarray:
+    """Encode `texts` (one per item) into `writer` (a `DatasetWriter`): the feature rows in item
+    order, one part at a time, and the has_text mask, which is also returned.
 
     `model` is a local sentence-transformers directory (None: the bundled all-MiniLM-L6-v2).
-    Items with no text (None, empty or blank) get a zero row and has_text False. Outputs are
-    what the model's own `encode` gives (MiniLM: mean pooling + L2 normalisation).
+    Items with no text (None, empty or blank) get a zero row and has_text False. Rows are what the
+    model's own `encode` gives (MiniLM: mean pooling + L2 normalisation) as float16. `encoder`
+    encodes the distinct texts the cache lacks (default `encode_here`: in this process).
     """
     stats = stats if stats is not None else EncodeStats()
     model_dir = _resolve_model_dir(model)
     has_text = np.array([bool(t and t.strip()) for t in texts], dtype=bool)
     stats.without_text = int((~has_text).sum())
-    unique = list(dict.fromkeys(t for t, h in zip(texts, has_text) if h))
-    if not unique:  # nothing to encode: the dimension comes from the config, no model load
-        return np.zeros((len(texts), _embedding_dim(model_dir)), dtype=np.float16), has_text
-
-    cache = _EncodingCache(Path(cache_dir) if cache_dir is not None else default_cache_dir(), model_dir)
-    keys = np.frombuffer(b"".join(hashlib.sha256(t.encode()).digest() for t in unique), dtype="V32")
-    vectors, found = cache.lookup(keys)
-    stats.cached = int(found.sum())
-    missing = np.nonzero(~found)[0]
-    if len(missing):
-        encoded = _encode_missing(model_dir, [unique[i] for i in missing], keys[missing], cache,
-                                  batch_size, progress, stats)
-        if vectors is None:
-            vectors = np.zeros((len(unique), encoded.shape[1]), dtype=np.float16)
-        vectors[missing] = encoded
-    stats.encoded = len(missing)
-
-    row_of_text = {t: i for i, t in enumerate(unique)}
-    features = np.zeros((len(texts), vectors.shape[1]), dtype=np.float16)
-    rows = np.nonzero(has_text)[0]
-    features[rows] = vectors[[row_of_text[texts[r]] for r in rows]]
-    return features, has_text
+    writer.set_has_text(has_text)
+    row_of_text: dict[str, int] = {}  # distinct text -> its row among the distinct texts
+    text_row = np.array([row_of_text.setdefault(t, len(row_of_text)) if h else -1 for t, h in zip(texts, has_text)],
+                        dtype=np.int64)
+    if row_of_text:
+        cache = _EncodingCache(Path(cache_dir) if cache_dir is not None else default_cache_dir(), model_dir)
+        where = _fill_cache(cache, model_dir, list(row_of_text), batch_size, progress, stats, encoder or encode_here)
+    else:  # nothing to encode: the dimension comes from the config, no model load
+        where = _Located(file=np.zeros(0, dtype=np.int64), row=np.zeros(0, dtype=np.int64),
+                         dim=_embedding_dim(model_dir))
+    for block in where.gather(text_row, writer.feature_rows_per_part):
+        writer.add_text_features(block)
+    return has_text
 
 
 def _resolve_model_dir(model: str | None) -> Path:
@@ -102,32 +111,69 @@ def _resolve_model_dir(model: str | None) -> Path:
     return path.resolve()
 
 
-def _encode_missing(model_dir: Path, texts: list[str], keys: np.ndarray, cache: "_EncodingCache",
-                    batch_size: int, progress: bool, stats: EncodeStats) -> np.ndarray:
-    """Encode longest first (as sentence-transformers does: batches of similar length pad
-    least), saving to the cache every CACHE_CHUNK_ROWS texts so an interrupted run resumes."""
-    st_model = _load_model(model_dir, progress)
+def _fill_cache(cache: "_EncodingCache", model_dir: Path, texts: list[str], batch_size: int, progress: bool,
+                stats: EncodeStats, encoder: Encoder) -> "_Located":
+    """Where each of the distinct `texts` is in the cache, once `encoder` has encoded those it lacked."""
+    keys = np.frombuffer(b"".join(hashlib.sha256(t.encode()).digest() for t in texts), dtype="V32")
+    where = cache.locate(keys)
+    missing = np.nonzero(where.file < 0)[0]
+    stats.cached, stats.encoded = len(texts) - len(missing), len(missing)
+    if not len(missing):
+        return where
     stats.model_loaded = True
+    chunks = [[missing[b] for b in chunk] for chunk in _encode_plan([texts[i] for i in missing], batch_size)]
+    vectors = encoder(model_dir, ([texts[i] for i in batch] for chunk in chunks for batch in chunk), progress)
+    try:
+        with tqdm(total=len(missing), desc="encoding texts", unit="text", disable=not progress) as bar:
+            for chunk in chunks:
+                parts = []
+                for batch in chunk:
+                    parts.append(next(vectors))
+                    bar.update(len(batch))
+                rows = np.concatenate(chunk)
+                # Saved chunk by chunk: an interrupted run loses at most one chunk.
+                where.add(cache.save(keys[rows], np.concatenate(parts)), rows)
+    finally:
+        vectors.close()  # an encoder holds its model (or its Ray session) until its generator ends
+    return where
+
+
+def _encode_plan(texts: list[str], batch_size: int) -> list[list[np.ndarray]]:
+    """Cache chunks of batches (indices into `texts`), longest text first as sentence-transformers
+    does (batches of similar length pad least); a chunk's last batch may be short."""
     order = np.argsort([-len(t) for t in texts], kind="stable")
-    out: np.ndarray | None = None
-    with tqdm(total=len(texts), desc="encoding texts", unit="text", disable=not progress) as bar:
-        for lo in range(0, len(order), CACHE_CHUNK_ROWS):
-            chunk = order[lo: lo + CACHE_CHUNK_ROWS]
-            parts = []
-            for b in range(0, len(chunk), batch_size):
-                batch = [texts[i] for i in chunk[b: b + batch_size]]
-                parts.append(st_model.encode(batch, batch_size=len(batch), convert_to_numpy=True,
-                                             show_progress_bar=False).astype(np.float16))
-                bar.update(len(batch))
-            vecs = np.concatenate(parts)
-            cache.save(keys[chunk], vecs)
-            if out is None:
-                out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float16)
-            out[chunk] = vecs
-    return out
+    chunks = (order[lo: lo + CACHE_CHUNK_ROWS] for lo in range(0, len(order), CACHE_CHUNK_ROWS))
+    return [[chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)] for chunk in chunks]
 
 
-def _load_model(model_dir: Path, progress: bool):
+def encode_here(model_dir: Path, batches: Iterable[list[str]], progress: bool) -> Iterator[np.ndarray]:
+    """The in-process `Encoder`."""
+    st_model = load_encoding_model(model_dir, progress)
+    with _torch_threads(ENCODE_THREADS):
+        for batch in batches:
+            yield encode_batch(st_model, batch)
+
+
+def encode_batch(st_model, texts: list[str]) -> np.ndarray:
+    """One forward pass over `texts` as one batch: every encoder's unit of work."""
+    return st_model.encode(texts, batch_size=len(texts), convert_to_numpy=True,
+                           show_progress_bar=False).astype(np.float16)
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """`n` torch threads while encoding, the caller's count restored after (it is process-wide)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def load_encoding_model(model_dir: Path, progress: bool):
     # The model is always a local directory: never let the hub client go online (it hangs
     # without network).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -155,7 +201,7 @@ def _embedding_dim(model_dir: Path) -> int:
             return _pooling_dim(config)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return int(_load_model(model_dir, progress=False).get_embedding_dimension())
+    return int(load_encoding_model(model_dir, progress=False).get_embedding_dimension())
 
 
 def _pooling_dim(config: dict) -> int:
@@ -167,6 +213,41 @@ def _pooling_dim(config: dict) -> int:
     return dim * max(1, sum(bool(v) for k, v in config.items() if k.startswith("pooling_mode_")))
 
 
+@dataclass
+class _Located:
+    """Where distinct texts are in the cache: row[i] of file `files[file[i]]` (file[i] = -1: not cached)."""
+
+    file: np.ndarray
+    row: np.ndarray
+    files: list[Path] = field(default_factory=list)
+    dim: int | None = None  # the width of the rows; read from the cache when needed
+
+    def add(self, path: Path, texts: np.ndarray) -> None:
+        """The texts `texts` are now the rows of the cache file `path`, in order."""
+        self.files.append(path)
+        self.file[texts] = len(self.files) - 1
+        self.row[texts] = np.arange(len(texts))
+
+    def gather(self, text_row: np.ndarray, block_rows: int) -> Iterator[np.ndarray]:
+        """Item feature blocks of `block_rows` rows in item order (`text_row[i]`: item i's distinct text,
+        -1: none, a zero row). A block loads only the cache files its texts are in, each once."""
+        for lo in range(0, len(text_row), block_rows):
+            texts = text_row[lo: lo + block_rows]
+            block = np.zeros((len(texts), self._dim()), dtype=np.float16)
+            items = np.nonzero(texts >= 0)[0]
+            files, rows = self.file[texts[items]], self.row[texts[items]]
+            by_file = np.argsort(files, kind="stable")
+            for group in np.split(by_file, np.nonzero(np.diff(files[by_file]))[0] + 1):
+                if len(group):
+                    block[items[group]] = _EncodingCache.vectors(self.files[files[group[0]]])[rows[group]]
+            yield block
+
+    def _dim(self) -> int:
+        if self.dim is None:
+            self.dim = _EncodingCache.vectors(self.files[self.file[0]]).shape[1]
+        return self.dim
+
+
 class _EncodingCache:
     """Files `chunk-<sha>.npz` (keys: sha256 of each text, vectors: float16 rows) in one
     directory per model identity (a hash of the model's files, see `_model_identity`)."""
@@ -174,31 +255,20 @@ class _EncodingCache:
     def __init__(self, root: Path, model_dir: Path):
         self.dir = root / _model_identity(model_dir)
 
-    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        """(vectors, found): rows for `keys` found in the cache; vectors is None if none were.
-
-        One intersection over all cached keys, then only the chunks with hits load vectors."""
-        found = np.zeros(len(keys), dtype=bool)
+    def locate(self, keys: np.ndarray) -> _Located:
+        """Where each of `keys` is in the cache: one intersection over all cached keys, no vectors read."""
+        where = _Located(file=np.full(len(keys), -1, dtype=np.int64), row=np.zeros(len(keys), dtype=np.int64))
         chunks = [(path, k) for path in sorted(self.dir.glob("chunk-*.npz")) if (k := self._keys(path)) is not None]
         if not chunks:
-            return None, found
+            return where
         cached = np.unique(np.concatenate([k for _, k in chunks]), return_index=True)
         _, want, have = np.intersect1d(keys, cached[0], assume_unique=True, return_indices=True)
-        if not len(want):
-            return None, found
         starts = np.cumsum([0] + [len(k) for _, k in chunks])
         flat_row = cached[1][have]  # row in the concatenation of all chunks
-        chunk_of = np.searchsorted(starts, flat_row, side="right") - 1
-        vectors = None
-        for c in np.unique(chunk_of):
-            sel = chunk_of == c
-            with np.load(chunks[c][0]) as z:
-                chunk_vectors = z["vectors"]
-            if vectors is None:
-                vectors = np.zeros((len(keys), chunk_vectors.shape[1]), dtype=np.float16)
-            vectors[want[sel]] = chunk_vectors[flat_row[sel] - starts[c]]
-        found[want] = True
-        return vectors, found
+        where.files = [path for path, _ in chunks]
+        where.file[want] = np.searchsorted(starts, flat_row, side="right") - 1
+        where.row[want] = flat_row - starts[where.file[want]]
+        return where
 
     @staticmethod
     def _keys(path: Path) -> np.ndarray | None:
@@ -210,12 +280,18 @@ class _EncodingCache:
             print(f"warning: ignoring unreadable text cache file {path} ({e})", file=sys.stderr)
             return None
 
-    def save(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+    @staticmethod
+    def vectors(path: Path) -> np.ndarray:
+        with np.load(path) as z:
+            return z["vectors"]
+
+    def save(self, keys: np.ndarray, vectors: np.ndarray) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, keys=keys, vectors=vectors)
-        name = f"chunk-{hashlib.sha256(keys.tobytes()).hexdigest()[:32]}.npz"
-        atomic_write_bytes(self.dir / name, buf.getvalue())
+        path = self.dir / f"chunk-{hashlib.sha256(keys.tobytes()).hexdigest()[:32]}.npz"
+        atomic_write_bytes(path, buf.getvalue())
+        return path
 
 
 def _model_identity(model_dir: Path) -> str:
