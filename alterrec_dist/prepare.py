@@ -22,6 +22,7 @@ from alterrec_dist.data.sources.log import read_log
 from alterrec_dist.data.sources.recbole import read_recbole
 from alterrec_dist.data.sources.tables import Source
 from alterrec_dist.data.text_features import DEFAULT_BATCH_SIZE
+from alterrec_dist.data.text_ray import ray_encoder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local sentence-transformers model directory (default: bundled all-MiniLM-L6-v2)")
     common.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
                         help=f"texts per encoding batch (default {DEFAULT_BATCH_SIZE}: fastest on CPU; raise it on a GPU)")
+    common.add_argument("--ray", action="store_true",
+                        help="encode the texts the cache lacks on Ray Data: the cluster in RAY_ADDRESS, else a "
+                             "private local Ray (same output, byte for byte)")
+    common.add_argument("--ray-actors", type=_positive_int, metavar="N",
+                        help="with --ray: encoding actors (default: one per GPU of the cluster, else one per CPU)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     common.add_argument("--drop-short", action="store_true",
                         help="skip sessions shorter than 2 events with a warning instead of failing")
@@ -92,12 +98,16 @@ def read_source(args: argparse.Namespace) -> Source:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "ray_actors", None) and not args.ray:
+        parser.error("--ray-actors needs --ray")
     if args.source == "verify":
         return verify(args.dataset)
     out, source, has_text, stats = build_dataset(
         args.out, args.overwrite, lambda: read_source(args), args.text_model, args.batch_size,
-        progress=not args.no_progress, command=[sys.executable, "-m", "alterrec_dist.prepare", *argv])
+        progress=not args.no_progress, command=[sys.executable, "-m", "alterrec_dist.prepare", *argv],
+        encoder=ray_encoder(args.ray_actors) if args.ray else None)
     rows = ", ".join(f"{s} {len(source.splits[s]):,} ({source.splits[s].num_sessions:,})" for s in SPLITS)
     print(f"prepared {out}: {len(source.item_ids):,} items ({int(has_text.sum()):,} with text), "
           f"rows (sessions): {rows}; "
