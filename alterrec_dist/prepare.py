@@ -3,7 +3,8 @@ the dataset layout of `data/layout.py` (sessions, items, frozen text features).
 `python -m alterrec_dist.prepare verify DIR` checks a dataset in full (checksums, item indices).
 
 The source is read and checked in full first, then sessions are streamed to the writer and
-item texts are encoded (cached, see text_features.py). Everything is built in a hidden
+item texts are encoded (cached, see text_features.py; in this process, or with --ray on Ray Data,
+see text_ray.py). Everything is built in a hidden
 sibling of OUT and renamed into place at the end, so bad input, Ctrl-C or SIGTERM leave no OUT.
 """
 from __future__ import annotations

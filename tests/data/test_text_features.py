@@ -1,9 +1,11 @@
-"""The real bundled all-MiniLM-L6-v2 through `encode_texts`: meaning, missing text, the cache."""
+"""The real bundled all-MiniLM-L6-v2 through `write_text_features`: meaning, missing text, the cache,
+the rows streamed to the writer part by part."""
 import numpy as np
 import pytest
 
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.data.text_features import EncodeStats, encode_texts
+from alterrec_dist.data import text_features
+from alterrec_dist.data.text_features import EncodeStats, write_text_features
 
 TITLES = [
     "USB-C charging cable, 2 m, braided nylon",
@@ -15,11 +17,35 @@ TITLES = [
 ]
 
 
+class Blocks:
+    """The writer's side of `write_text_features`: what it was handed, block by block."""
+
+    def __init__(self, rows_per_part: int = 262_144):
+        self.feature_rows_per_part = rows_per_part
+        self.blocks: list[np.ndarray] = []
+        self.has_text = None
+
+    def add_text_features(self, block: np.ndarray) -> None:
+        self.blocks.append(block)
+
+    def set_has_text(self, mask: np.ndarray) -> None:
+        self.has_text = mask
+
+
+def encode(texts, rows_per_part=262_144, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """(features, has_text) as one array each, the blocks checked to be parts of `rows_per_part` rows."""
+    sink = Blocks(rows_per_part)
+    has_text = write_text_features(sink, texts, progress=False, **kw)
+    assert [len(b) for b in sink.blocks[:-1]] == [rows_per_part] * (len(sink.blocks) - 1)
+    assert sink.has_text is has_text
+    return np.concatenate(sink.blocks), has_text
+
+
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory):
     cache = tmp_path_factory.mktemp("text-cache")
     stats = EncodeStats()
-    features, has_text = encode_texts(TITLES, cache_dir=cache, progress=False, stats=stats)
+    features, has_text = encode(TITLES, cache_dir=cache, stats=stats)
     return features, has_text, stats, cache
 
 
@@ -47,31 +73,62 @@ def test_cache_serves_a_second_call(encoded):
     features, _, first, cache = encoded
     assert (first.encoded, first.cached) == (3, 0)
     stats = EncodeStats()
-    again, _ = encode_texts(TITLES[:3] + ["A new title never seen before"], cache_dir=cache, progress=False, stats=stats)
+    again, _ = encode(TITLES[:3] + ["A new title never seen before"], cache_dir=cache, stats=stats)
     assert (stats.cached, stats.encoded) == (3, 1)
     np.testing.assert_array_equal(again[:3], features[:3])
-    # Hits now span two cache files (one per call); every row lands in its own place.
+    # Hits now span two cache files (one per call); every row lands in its own place, in parts of
+    # any size (a part gathers from each file it needs).
     stats = EncodeStats()
-    mixed, _ = encode_texts([TITLES[2], "A new title never seen before", TITLES[0]], cache_dir=cache,
-                            progress=False, stats=stats)
-    assert (stats.cached, stats.encoded) == (3, 0)
-    np.testing.assert_array_equal(mixed, again[[2, 3, 0]])
+    mixed, _ = encode([TITLES[2], None, "A new title never seen before", TITLES[0], TITLES[2]], rows_per_part=2,
+                      cache_dir=cache, stats=stats)
+    assert (stats.cached, stats.encoded, stats.model_loaded) == (3, 0, False)
+    np.testing.assert_array_equal(mixed, np.concatenate([again[[2]], np.zeros((1, 384), np.float16), again[[3, 0, 2]]]))
+
+
+def test_an_unreadable_cache_file_is_a_warning_and_a_miss(encoded, tmp_path, capsys):
+    features, _, _, cache = encoded
+    for f in cache.rglob("chunk-*.npz"):
+        (tmp_path / f.parent.name).mkdir(exist_ok=True)
+        (tmp_path / f.parent.name / f.name).write_bytes(f.read_bytes()[:100])  # torn: not a zip
+    stats = EncodeStats()
+    again, _ = encode(TITLES, cache_dir=tmp_path, stats=stats)
+    assert "warning: ignoring unreadable text cache file" in capsys.readouterr().err
+    assert (stats.cached, stats.encoded) == (0, 3)
+    np.testing.assert_array_equal(again, features)
+
+
+def test_an_interrupted_run_resumes_from_its_saved_chunks(tmp_path, monkeypatch):
+    """Chunks of 2 texts: a run killed in its second chunk keeps the first; the rerun encodes the rest."""
+    monkeypatch.setattr(text_features, "CACHE_CHUNK_ROWS", 2)
+    texts = [f"item number {i} of a small catalog" + "!" * i for i in range(5)]
+    real = text_features.encode_here
+
+    def dies_at_the_third_batch(model_dir, batches, progress):
+        for i, vectors in enumerate(real(model_dir, batches, progress)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield vectors
+    with pytest.raises(KeyboardInterrupt):
+        encode(texts, cache_dir=tmp_path, batch_size=1, encoder=dies_at_the_third_batch)
+    stats = EncodeStats()
+    encode(texts, cache_dir=tmp_path, batch_size=1, stats=stats)
+    assert (stats.cached, stats.encoded) == (2, 3)
 
 
 def test_duplicate_texts_are_encoded_once(tmp_path):
     stats = EncodeStats()
-    f, _ = encode_texts(["same words", "same words", "other words"], cache_dir=tmp_path, progress=False, stats=stats)
+    f, _ = encode(["same words", "same words", "other words"], cache_dir=tmp_path, stats=stats)
     assert stats.encoded == 2
     np.testing.assert_array_equal(f[0], f[1])
 
 
 def test_no_text_at_all_loads_no_model(tmp_path):
     stats = EncodeStats()
-    f, has_text = encode_texts([None, ""], cache_dir=tmp_path, progress=False, stats=stats)
-    assert f.shape == (2, 384) and not f.any() and not has_text.any()
+    f, has_text = encode([None, "", None], rows_per_part=2, cache_dir=tmp_path, stats=stats)
+    assert f.shape == (3, 384) and not f.any() and not has_text.any()
     assert not stats.model_loaded and not any(tmp_path.iterdir())
 
 
 def test_text_model_must_be_a_local_model_directory(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path)):
-        encode_texts(["x"], model=str(tmp_path), cache_dir=tmp_path, progress=False)
+        encode(["x"], model=str(tmp_path), cache_dir=tmp_path)
