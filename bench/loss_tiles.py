@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import importlib.util
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,20 +23,10 @@ import torch.distributed as dist
 from alterrec_dist.parallel import loss as tiled
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.mining import Band
+from bench.at_commit import module_at
 
 ROOT = Path(__file__).resolve().parent.parent
 UNTILED_AT = "1b57529"
-
-
-def untiled_module():
-    source = subprocess.run(["git", "show", f"{UNTILED_AT}:alterrec_dist/loss.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "untiled_loss.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("untiled_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def measure(comm: Comm, untiled, rows: int, G: int, d: int, band: int, reps: int) -> dict:
@@ -79,7 +67,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
     try:
-        untiled = untiled_module()
+        untiled = module_at(UNTILED_AT, "alterrec_dist/loss.py")
         results = [measure(Comm(), untiled, int(float(r)), args.batch, args.dim, args.band, args.reps)
                    for r in args.rows.split(",")]
     finally:
