@@ -99,6 +99,7 @@ def write_text_features(writer, texts: list[str | None], model: str | None = Non
                          dim=_embedding_dim(model_dir))
     for block in where.gather(text_row, writer.feature_rows_per_part):
         writer.add_text_features(block)
+        del block  # a whole part, saved by now: free it before the next one is gathered
     return has_text
 
 
@@ -232,15 +233,22 @@ class _Located:
         """Item feature blocks of `block_rows` rows in item order (`text_row[i]`: item i's distinct text,
         -1: none, a zero row). A block loads only the cache files its texts are in, each once."""
         for lo in range(0, len(text_row), block_rows):
-            texts = text_row[lo: lo + block_rows]
-            block = np.zeros((len(texts), self._dim()), dtype=np.float16)
-            items = np.nonzero(texts >= 0)[0]
-            files, rows = self.file[texts[items]], self.row[texts[items]]
-            by_file = np.argsort(files, kind="stable")
-            for group in np.split(by_file, np.nonzero(np.diff(files[by_file]))[0] + 1):
-                if len(group):
-                    block[items[group]] = _EncodingCache.vectors(self.files[files[group[0]]])[rows[group]]
-            yield block
+            # Not bound to a name here, so a block saved by the writer is freed before the next is made.
+            yield self._block(text_row[lo: lo + block_rows])
+
+    def _block(self, texts: np.ndarray) -> np.ndarray:
+        block = np.zeros((len(texts), self._dim()), dtype=np.float16)
+        items = np.nonzero(texts >= 0)[0]
+        files, rows = self.file[texts[items]], self.row[texts[items]]
+        by_file = np.argsort(files, kind="stable")
+        for group in np.split(by_file, np.nonzero(np.diff(files[by_file]))[0] + 1):
+            if not len(group):
+                continue
+            vectors = _EncodingCache.vectors(self.files[files[group[0]]])
+            # Copied a cache file's worth at a time: a block-sized temporary would double the block.
+            for part in np.array_split(group, -(-len(group) // CACHE_CHUNK_ROWS)):
+                block[items[part]] = vectors[rows[part]]
+        return block
 
     def _dim(self) -> int:
         if self.dim is None:
