@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -18,5 +19,6 @@ def module_at(commit: str, path: str) -> ModuleType:
     file.write_text(source)
     spec = importlib.util.spec_from_file_location(f"{Path(path).stem}_at_{commit}", file)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
