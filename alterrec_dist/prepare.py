@@ -10,6 +10,7 @@ sibling of OUT and renamed into place at the end, so bad input, Ctrl-C or SIGTER
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from alterrec_dist.data.sources.amazon_m2 import read_amazon_m2
 from alterrec_dist.data.sources.log import read_log
 from alterrec_dist.data.sources.recbole import read_recbole
 from alterrec_dist.data.sources.tables import Source
-from alterrec_dist.data.text_features import DEFAULT_BATCH_SIZE
+from alterrec_dist.data.text_features import DEFAULT_BATCH_SIZE, encode_here
 from alterrec_dist.data.text_ray import ray_encoder
 
 
@@ -38,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="encode the texts the cache lacks on Ray Data: the cluster in RAY_ADDRESS, else a "
                              "private local Ray (same output, byte for byte)")
     common.add_argument("--ray-actors", type=_positive_int, metavar="N",
-                        help="with --ray: encoding actors (default: one per GPU of the cluster, else one per CPU)")
+                        help="with --ray: encoding actors (default: one per GPU of the cluster, else one per "
+                             "--encode-threads CPUs)")
+    common.add_argument("--encode-threads", type=_positive_int, metavar="T",
+                        help="torch threads of each encoding process, here or each Ray actor (which reserves T "
+                             "CPUs); the same T gives the same bytes (default: torch's, every core of this machine)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     common.add_argument("--drop-short", action="store_true",
                         help="skip sessions shorter than 2 events with a warning instead of failing")
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     out, source, has_text, stats = build_dataset(
         args.out, args.overwrite, lambda: read_source(args), args.text_model, args.batch_size,
         progress=not args.no_progress, command=[sys.executable, "-m", "alterrec_dist.prepare", *argv],
-        encoder=ray_encoder(args.ray_actors) if args.ray else None)
+        encoder=(ray_encoder(args.ray_actors, args.encode_threads) if args.ray
+                 else functools.partial(encode_here, threads=args.encode_threads)))
     rows = ", ".join(f"{s} {len(source.splits[s]):,} ({source.splits[s].num_sessions:,})" for s in SPLITS)
     print(f"prepared {out}: {len(source.item_ids):,} items ({int(has_text.sum()):,} with text), "
           f"rows (sessions): {rows}; "

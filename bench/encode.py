@@ -7,7 +7,8 @@ Every figure comes from a fresh child process (`--child MODE`), so nothing loade
 torch, Ray) counts in another's memory, each with its own cache directory (the cache_dir argument):
 
 * rate: the distinct texts written by `write_text_features` into a DatasetWriter from an empty cache,
-  in this process (one torch thread) and with --actors Ray actors (a private local Ray): end to end is
+  in this process (one torch thread, and torch's default: every core) and with --actors Ray actors of one
+  thread (a private local Ray): end to end is
   the whole call; start-up is the same call on one batch of texts (model load; on Ray also Ray's start
   and each actor's model load), and the rate after start-up is the difference of the two. (Timing the
   results as they reach the driver would flatter Ray: the actors work ahead of the first result.)
@@ -20,6 +21,7 @@ torch, Ray) counts in another's memory, each with its own cache directory (the c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -28,7 +30,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alterrec_dist.data.text_features import DEFAULT_BATCH_SIZE
+from alterrec_dist.data.text_features import DEFAULT_BATCH_SIZE, default_threads
 from bench.at_commit import module_at
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +38,7 @@ SCIENTIFIC = ROOT.parent / "shared" / "data" / "scientific" / "Scientific.text"
 OLD_COMMIT = "a5ffadc"  # main's HEAD before issue 17 part 3: encode_texts returned V×D whole
 D = 384
 ONE_BATCH = DEFAULT_BATCH_SIZE  # texts of the run that measures start-up alone
+RATES = ("rate-here", "rate-here-all", "rate-ray")
 
 
 def distinct_texts(n: int) -> list[str]:
@@ -60,7 +63,9 @@ def child(mode: str, distinct: int, items: int, actors: int, cache: str) -> dict
     rss_before = status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now
     stats = EncodeStats()
-    encoder = ray_encoder(actors) if mode == "rate-ray" else encode_here
+    # rate-here and rate-ray: one torch thread a process; rate-here-all and peak: the default (every core)
+    encoder = (ray_encoder(actors, threads=1) if mode == "rate-ray" else
+               functools.partial(encode_here, threads=1) if mode == "rate-here" else encode_here)
     with tempfile.TemporaryDirectory() as tmp, DatasetWriter(Path(tmp) / "out") as writer:
         start = time.perf_counter()
         if old is None:
@@ -89,8 +94,8 @@ def run_child(mode: str, args: argparse.Namespace, cache: Path, distinct: int | 
 def report(args: argparse.Namespace, r: dict) -> str:
     from bench.synth_scale import machine
 
-    n, v = args.distinct, args.items
-    net = {m: (n - ONE_BATCH) / (r[m]["wall_s"] - r[m + "-one-batch"]["wall_s"]) for m in ("rate-here", "rate-ray")}
+    n, v, threads = args.distinct, args.items, default_threads()
+    net = {m: (n - ONE_BATCH) / (r[m]["wall_s"] - r[m + "-one-batch"]["wall_s"]) for m in RATES}
     old_bytes = v * D * 2
     lines = [
         "# Item-text encoding: memory and rate",
@@ -125,11 +130,14 @@ def report(args: argparse.Namespace, r: dict) -> str:
         f"{ONE_BATCH}) | items/s after start-up |",
         "|---|---|---|---|---|",
         *(f"| {label} | {r[m]['wall_s']:.1f} s | {n / r[m]['wall_s']:.1f} | {r[m + '-one-batch']['wall_s']:.1f} s | "
-          f"{net[m]:.1f} |" for m, label in (("rate-here", "in this process (1 torch thread)"),
-                                             ("rate-ray", f"Ray Data, {args.actors} CPU actors (1 thread each)"))),
+          f"{net[m]:.1f} |" for m, label in (("rate-here", "in this process, 1 torch thread"),
+                                             ("rate-here-all", f"in this process, {threads} torch threads (default)"),
+                                             ("rate-ray", f"Ray Data, {args.actors} CPU actors of 1 thread"))),
         "",
-        f"Ray / in-process: {net['rate-ray'] / net['rate-here']:.2f}× after start-up, "
-        f"{r['rate-here']['wall_s'] / r['rate-ray']['wall_s']:.2f}× end to end. Start-up is the model load here; "
+        f"Ray / in-process at 1 thread: {net['rate-ray'] / net['rate-here']:.2f}× after start-up, "
+        f"{r['rate-here']['wall_s'] / r['rate-ray']['wall_s']:.2f}× end to end; Ray / in-process at {threads} threads: "
+        f"{net['rate-ray'] / net['rate-here-all']:.2f}× and {r['rate-here-all']['wall_s'] / r['rate-ray']['wall_s']:.2f}×. "
+        "Start-up is the model load here; "
         "on Ray, Ray's start and each actor's model load. After start-up = "
         f"({n:,} − {ONE_BATCH}) / (end to end − start-up).",
         "",
@@ -153,7 +161,7 @@ def main() -> None:
         return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("rate-here", "rate-ray"):
+        for mode in RATES:
             results[mode] = run_child(mode, args, Path(tmp) / mode)
             results[f"{mode}-one-batch"] = run_child(mode, args, Path(tmp) / f"{mode}-one-batch", ONE_BATCH)
         for mode in ("peak-new", "peak-old"):

@@ -31,14 +31,9 @@ from alterrec_dist.common.files import atomic_write_bytes
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 # Texts per forward pass. On CPU small batches cost less: MiniLM on Scientific titles (length-
 # sorted batches either way) took 22 s of CPU per 1,097 texts at 32 against 42 s at 256 with
-# one torch thread, and 24 s against 30 s per 549 texts with two at the same wall time; big
-# batches' activations spill out of cache. Raise it on a GPU.
+# one torch thread; big batches' activations spill out of cache. Raise it on a GPU.
 DEFAULT_BATCH_SIZE = 32
 CACHE_CHUNK_ROWS = 8_192  # texts per cache file: bounds what an interrupted run loses
-# Torch threads of every encoding process, here and in each Ray actor: the same count everywhere,
-# since a matmul's reduction order (so its last bits) may follow it; one, since a second thread
-# buys MiniLM no wall time at batch 32 (above). More cores: more Ray actors.
-ENCODE_THREADS = 1
 
 # An encoder: text batches in, their float16 vectors out, batch by batch in the same order. The
 # batches are formed here (`_encode_plan`), so every encoder runs the model on the same batches:
@@ -147,12 +142,23 @@ def _encode_plan(texts: list[str], batch_size: int) -> list[list[np.ndarray]]:
     return [[chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)] for chunk in chunks]
 
 
-def encode_here(model_dir: Path, batches: Iterable[list[str]], progress: bool) -> Iterator[np.ndarray]:
-    """The in-process `Encoder`."""
+def encode_here(model_dir: Path, batches: Iterable[list[str]], progress: bool,
+                threads: int | None = None) -> Iterator[np.ndarray]:
+    """The in-process `Encoder`, on `threads` torch threads (None: torch's default, every core)."""
     st_model = load_encoding_model(model_dir, progress)
-    with _torch_threads(ENCODE_THREADS):
+    with _torch_threads(threads or default_threads()):
         for batch in batches:
             yield encode_batch(st_model, batch)
+
+
+def default_threads() -> int:
+    """Torch threads of an encoding process unless told: torch's own default here (every physical core).
+    Every encoding process of one run uses one count (Ray's actors too): a matmul's reduction order,
+    so its last bits, may follow it. MiniLM at batch 32 encoded 29 texts/s on one thread and 45-50
+    on two (2-core machine, loaded)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def encode_batch(st_model, texts: list[str]) -> np.ndarray:
