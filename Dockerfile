@@ -25,7 +25,7 @@ COPY alterrec_dist ./alterrec_dist
 RUN pip install setuptools==84.2.1 wheel==0.48.0 \
     && pip install torch==2.13.0 \
     && DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8 \
-    && pip install -e . \
+    && pip install -e ".[mlflow]" \
     && chown alterrec:alterrec /app
 COPY configs ./configs
 COPY shards ./shards

@@ -25,7 +25,6 @@ in float (they are for the mean encoder, measured; the transformer's padding len
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from alterrec_dist.common.cli import add_device_argument, add_model_arguments, run_cli
 from alterrec_dist.common.config import METRICS
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     check_input(files, session_columns(files), bundle.num_items)  # bad rows: one line, before scoring or Ray
     top = min(args.top, bundle.num_items)
     use_ray = ray_requested(args.ray)
-    out, metrics = score_files(spec, bundle, files, Path(args.out), args.overwrite, top, use_ray, args.ray_workers)
+    out, metrics = score_files(spec, bundle, files, args.out, args.overwrite, top, use_ray, args.ray_workers)
     print(f"scored {out.rows} sessions ({'Ray Data' if use_ray else 'in-process'}), top {top} -> {out.path}")
     report = {"sessions": out.rows, "ray": use_ray, "out": str(out.path)}
     if metrics.count:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from pathlib import Path
 
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.files import resolve_location
 from alterrec_dist.data.build import build_dataset
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import SPLITS, data_files
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def verify(path: str) -> int:
     """`prepare verify DIR`: Dataset.verify and one line of result; damage is the usual one-line error."""
-    if not Path(path).is_dir():
+    if not resolve_location(path).is_dir():
         raise DataError(f"{path}: no such dataset directory")
     data = Dataset(path)
     for note in data.verify():

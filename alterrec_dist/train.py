@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, load_config
 from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.files import resolve_location
+from alterrec_dist.common.storage import Location
 from alterrec_dist.training.launch import TrainingError, check_ray_train_v2, launch_ray, launch_torchrun
 from alterrec_dist.training.metric_sinks import check_mlflow
 from alterrec_dist.training.run_dir import check_dataset, check_resources, default_run_dir, open_run_dir
@@ -34,7 +35,7 @@ from alterrec_dist.training.run_dir import check_dataset, check_resources, defau
 
 
 
-def load_run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
+def load_run_config(args: argparse.Namespace) -> tuple[Config, Location | None]:
     """The config to run and, when an existing run goes on, its directory (else None: a new run).
 
     `--resume RUN_DIR`: RUN_DIR's config.toml with the `--set` values on top (e.g. another
@@ -47,13 +48,13 @@ def load_run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
         cfg = load_config(args.config, args.overrides)
         if not (args.out or cfg.trainer.name):
             raise ConfigError("--resume auto needs a run directory a retry finds again: --out or trainer.name")
-        run_dir = Path(args.out).expanduser().absolute() if args.out else default_run_dir(cfg).absolute()
+        run_dir = resolve_location(args.out) if args.out else default_run_dir(cfg).absolute()
         if not (run_dir / "config.toml").is_file():
             return cfg, None
     else:
         if args.config or args.out:
             raise ConfigError("--resume RUN_DIR goes on with the run's own config.toml: drop --config and --out")
-        run_dir = Path(args.resume).expanduser().absolute()
+        run_dir = resolve_location(args.resume)
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"{run_dir}: not a run directory (no config.toml)")
     return load_config(run_dir / "config.toml", args.overrides), run_dir
@@ -61,7 +62,7 @@ def load_run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 # -- the summary table ------------------------------------------------------------------------
 
-def format_summary(summary: dict, run_dir: Path, metric: str = "") -> str:
+def format_summary(summary: dict, run_dir: Location, metric: str = "") -> str:
     """The test table (rows id/text/fused, and with eval.alpha_sweep the fused weight chosen on
     validation; columns METRICS), best epoch and run dir."""
     test = summary.get("test", {})

@@ -25,3 +25,24 @@ def no_ray(monkeypatch):
         raise AssertionError("Ray was started for a bad input")
     monkeypatch.setattr(launch, "_init_ray", refuse)
     monkeypatch.setattr(batch_runners, "run_ray", refuse)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the whole session (tests/object_store.py)."""
+    from tests.object_store import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch) -> str:
+    """`s3://<a fresh bucket>`, with this process's environment pointing at the test server."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    from alterrec_dist.common import storage
+
+    storage._filesystem.cache_clear()  # made for another server's environment, if any
+    return f"s3://{s3_server.new_bucket()}"

@@ -160,6 +160,23 @@ def test_cli_one_line_errors(tmp_path, monkeypatch, capsys, no_ray, case):
     assert not (tmp_path / "run").exists()  # nothing was created before the error
 
 
+@pytest.mark.parametrize("case", ["missing_dataset", "missing_bucket", "other_scheme"])
+def test_cli_store_paths_one_line_errors(tmp_path, monkeypatch, capsys, no_ray, bucket, case):
+    """Store URIs are paths in the store, never local folders named `s3:`: what is not there is one line."""
+    monkeypatch.chdir(tmp_path)
+    data = tiny_dataset(f"{bucket}/data")
+    args, fragment = {
+        "missing_dataset": (["--set", f"data.path={bucket}/gone"], f"{bucket}/gone: dataset not found"),
+        "missing_bucket": (["--set", f"data.path={data}", "--set", "trainer.storage_path=s3://no-such-bucket/runs",
+                            "--set", "train.global_batch_size=16"], "bucket s3://no-such-bucket not found"),
+        "other_scheme": (["--set", "data.path=hdfs://nn/data"], "hdfs://nn/data: unsupported URI scheme"),
+    }[case]
+    code, err = run_command("train", args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.timeout(120)
 def test_cli_relative_dataset_resolves_against_project_root(tmp_path, no_ray_env):
     """data.path is relative to the repository root, not the current directory; the error names it."""

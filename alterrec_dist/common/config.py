@@ -12,7 +12,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alterrec_dist.common import storage
 from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.storage import Location
 from alterrec_dist.common.methods import METHODS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # alterrec_dist/common/config.py -> the project
@@ -225,8 +227,12 @@ class Config:
                 raise ConfigError(msg)
         return self
 
-    def resolve_path(self, p: str) -> Path:
-        path = Path(p)
+    def resolve_path(self, p: str) -> Location:
+        """A config path as an absolute location: a store URI as it is, a relative path from the project root."""
+        try:
+            path = storage.location(p)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return path if path.is_absolute() else PROJECT_ROOT / path
 
     def to_dict(self) -> dict:
@@ -278,7 +284,7 @@ def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
 def read_toml(path: Path, what: str) -> dict:
     """A TOML file as a dict; ConfigError naming the file if it is missing or not TOML."""
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return tomllib.loads(storage.location(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} file not found") from None
     except IsADirectoryError:
@@ -295,7 +301,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults, then the TOML file, then each `section.key=value` override, then validation."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
+        path = storage.location(path)
         doc = read_toml(path, "config")
         for section, table in doc.items():
             if not isinstance(table, dict):

@@ -1,8 +1,17 @@
 """Files written whole or not at all, and the manifests that describe directories of them.
 
-Every writer of an output OUT works beside it (`Staged`): it builds `.OUT.tmp-PID` and renames it to
-OUT, moving a previous OUT aside to `.OUT.old-PID` and removing that after the swap; so a reader sees
-the old OUT or the new one, never a mix, and a crash leaves only siblings that the next writer removes.
+On a local disk every writer of an output OUT works beside it (`Staged`): it builds `.OUT.tmp-PID`
+and renames it to OUT, moving a previous OUT aside to `.OUT.old-PID` and removing that after the
+swap; so a reader sees the old OUT or the new one, never a mix, and a crash leaves only siblings that
+the next writer removes.
+
+In an object store (`storage.StorePath`) there is no rename. A file is one upload, which appears
+whole or not at all. A directory is built in a local temp directory and uploaded by
+`storage.copy_tree` (one that every rank writes at once: `parallel/saved.py`): the old manifest is
+removed first, the new one is uploaded last, and its arrival is the commit. Every reader opens a directory through `read_manifest` and checks the files
+against the sha256 it lists, so a directory whose upload was cut short (no manifest) is never read,
+and a file that does not match its manifest is an error naming it.
+
 A manifest is `DIR/manifest.json`, read by `read_manifest`, whose errors are one line naming it.
 """
 from __future__ import annotations
@@ -11,23 +20,29 @@ import glob
 import hashlib
 import json
 import os
-import shutil
+import tempfile
 from pathlib import Path
 
+from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError, one_line
+from alterrec_dist.common.storage import Location, StorePath
 
 
-def file_sha256(path: str | Path) -> str:
+def file_sha256(path: str | Location) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_input(storage.location(path)) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write beside, then rename: readers see the old file or the new one, never a torn one."""
-    path = Path(path)
+def atomic_write_bytes(path: str | Location, data: bytes) -> None:
+    """Write beside, then rename (in a store: one upload): readers see the old file or the new one,
+    never a torn one."""
+    path = storage.location(path)
+    if isinstance(path, StorePath):
+        path.write_bytes(data)
+        return
     remove_stale_siblings(path)
     tmp = temp_sibling(path)
     with open(tmp, "wb") as f:
@@ -41,9 +56,9 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(path: str | Path) -> dict:
+def read_json(path: str | Location) -> dict:
     """A JSON object from `path`; DataError naming the file if it is missing, truncated or not an object."""
-    path = Path(path)
+    path = storage.location(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -73,15 +88,7 @@ def remove_stale_siblings(out: str | Path) -> None:
         for stale in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
             pid = stale.name.rsplit("-", 1)[-1]
             if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
-                remove_path(stale)
-
-
-def remove_path(path: Path) -> None:
-    """Remove a file or a directory tree, whichever it is; nothing if it is gone."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+                storage.remove_tree(stale)
 
 
 def replace_into_place(tmp: Path, out: Path) -> None:
@@ -90,18 +97,28 @@ def replace_into_place(tmp: Path, out: Path) -> None:
         old = temp_sibling(out, "old")
         os.replace(out, old)
         os.replace(tmp, out)
-        remove_path(old)
+        storage.remove_tree(old)
     else:
         os.replace(tmp, out)
 
 
-def check_out(out: str | Path, overwrite: bool) -> Path:
-    """OUT as an absolute path, refused (DataError) if it exists and `overwrite` is off: every
-    command checks this first, before any slow work."""
-    out = Path(out).absolute()
+def check_out(out: str | Location, overwrite: bool) -> Location:
+    """OUT as an absolute path (or a store URI), refused (DataError) if it exists and `overwrite` is off:
+    every command checks this first, before any slow work."""
+    out = resolve_location(out)
+    if isinstance(out, StorePath):
+        out.check_bucket()
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise DataError(f"{out}: output exists (pass --overwrite to replace it)")
     return out
+
+
+def resolve_location(out: str | Location) -> Location:
+    """A path the user gave as an absolute local path, or a store URI; DataError for any other scheme."""
+    try:
+        return storage.location(out).absolute()
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def make_parent(out: Path) -> None:
@@ -125,21 +142,36 @@ def _process_alive(pid: int) -> bool:
 
 
 class Staged:
-    """An output (file or directory) built at `tmp`, a temp sibling of `out`, and swapped in whole by
-    `commit`; `abort` removes it. As a context manager: committed when the block ends, removed when it raises."""
+    """An output (file or directory) built at the local path `tmp` and put in place whole by `commit`;
+    `abort` removes it. As a context manager: committed when the block ends, removed when it raises.
 
-    def __init__(self, out: str | Path):
-        self.out = Path(out)
+    Locally `tmp` is a temp sibling of `out`, renamed onto it. For an `out` in a store, `tmp` is in a
+    local temp directory and `commit` uploads it: a file in one upload, a directory manifest last."""
+
+    def __init__(self, out: str | Location):
+        self.out = storage.location(out)
+        if isinstance(self.out, StorePath):
+            self._local = Path(tempfile.mkdtemp(prefix="alterrec-upload-"))
+            self.tmp = self._local / self.out.name
+            return
+        self._local = None
         make_parent(self.out)
         remove_stale_siblings(self.out)  # left by writers that were killed
         self.tmp = temp_sibling(self.out)
 
-    def commit(self) -> Path:
-        replace_into_place(self.tmp, self.out)
+    def commit(self) -> Location:
+        if self._local is None:
+            replace_into_place(self.tmp, self.out)
+            return self.out
+        if self.tmp.is_dir():
+            storage.copy_tree(self.tmp, self.out)
+        else:
+            storage.copy_file(self.tmp, self.out)
+        self.abort()
         return self.out
 
     def abort(self) -> None:
-        remove_path(self.tmp)
+        storage.remove_tree(self._local if self._local is not None else self.tmp)
 
     def __enter__(self) -> "Staged":
         return self
@@ -152,12 +184,12 @@ class Staged:
         return False
 
 
-def read_manifest(directory: str | Path, absent: str, keys: dict[str, type] | None = None,
+def read_manifest(directory: str | Location, absent: str, keys: dict[str, type] | None = None,
                   format_version: int | None = None, remedy: str = "a damaged manifest") -> dict:
     """DIR/manifest.json as a dict, checked: DataError in one line naming it when it is not there
     (`absent` says what to do), not a JSON object, of another `format_version`, or without one of
     `keys` of its type (`remedy` says what to do)."""
-    path = Path(directory) / "manifest.json"
+    path = storage.location(directory) / "manifest.json"
     if not path.is_file():
         raise DataError(f"{path}: {absent}")
     manifest = read_json(path)

@@ -3,15 +3,16 @@ and checks its files against it, cheaply at every training start (`check`) or in
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.files import check_keys, file_sha256, read_manifest
+from alterrec_dist.common.storage import Location
 from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, MANIFEST_KEYS, SESSION_SCHEMA, SPLITS, TEXT_KEYS,
                                        data_files)
 
@@ -19,10 +20,11 @@ from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, MANIFEST_KEYS
 class Dataset:
     """Read side of the layout. Cheap to open: only the manifest is read eagerly (and checked for
     the keys the readers use). `check()` is the cheap always-on check of the files against it,
-    `verify()` the full one (checksums, every item index)."""
+    `verify()` the full one (checksums, every item index). The dataset may be in an object store
+    (`path` an s3:// or gs:// URI): every file is then read through the store, Parquet by ranges."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Location):
+        self.path = storage.location(path)
         self.mpath = self.path / "manifest.json"
         self.manifest = read_manifest(self.path, "no dataset manifest (make one with `python -m alterrec_dist.prepare` "
                                       "or `synth`)", MANIFEST_KEYS, FORMAT_VERSION, INCOMPLETE)
@@ -86,15 +88,16 @@ class Dataset:
                 self._check_sessions(part["file"], part["rows"], full=True)
         return notes
 
-    def _file(self, name: str) -> Path:
+    def _file(self, name: str) -> Location:
         path = self.path / name
         if not path.is_file():
             raise DataError(f"{path}: missing (named in {self.mpath})")
         return path
 
-    def _parquet_metadata(self, path: Path):
+    def _parquet_metadata(self, path: Location):
         try:
-            return pq.ParquetFile(path).metadata
+            with storage.open_input(path) as f:
+                return pq.ParquetFile(f).metadata
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: not a readable Parquet file (truncated?) ({one_line(e)})") from None
 
@@ -107,7 +110,7 @@ class Dataset:
     def _check_npy(self, name: str, shape: tuple, dtype: np.dtype) -> None:
         path = self._file(name)
         try:
-            with open(path, "rb") as f:
+            with storage.open_input(path) as f:
                 version = np.lib.format.read_magic(f)
                 read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                else np.lib.format.read_array_header_2_0)
@@ -117,7 +120,7 @@ class Dataset:
             raise DataError(f"{path}: not a .npy file (truncated?) ({one_line(e)})") from None
         if got_shape != shape or got_dtype != dtype or fortran:
             raise DataError(f"{path}: array {got_dtype}{list(got_shape)}, the manifest says {dtype}{list(shape)}")
-        size, want = path.stat().st_size, header + int(np.prod(shape)) * dtype.itemsize
+        size, want = storage.size_of(path), header + int(np.prod(shape)) * dtype.itemsize
         if size != want:
             raise DataError(f"{path}: {size:,} bytes, a {dtype}{list(shape)} array takes {want:,} (truncated?)")
 
@@ -134,7 +137,7 @@ class Dataset:
             bad = lo if lo < 0 else hi
             raise DataError(f"{path}: item index {bad} outside 0..{self.num_items - 1} (V = {self.num_items:,})")
 
-    def _stats_index_range(self, path: Path, meta, columns: dict) -> tuple:
+    def _stats_index_range(self, path: Location, meta, columns: dict) -> tuple:
         lo, hi = None, None
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
@@ -147,9 +150,9 @@ class Dataset:
                     hi = stats.max if hi is None else max(hi, stats.max)
         return lo, hi
 
-    def _read_index_range(self, path: Path) -> tuple:
+    def _read_index_range(self, path: Location) -> tuple:
         try:
-            table = pq.read_table(path, columns=["history", "target"])
+            table = read_parquet(path, columns=["history", "target"])
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: cannot read ({one_line(e)})") from None
         values = [table["history"].combine_chunks().flatten(), table["target"].combine_chunks()]
@@ -162,30 +165,31 @@ class Dataset:
     def num_rows(self, split: str) -> int:
         return self.manifest["splits"][split]
 
-    def session_files(self, split: str) -> list[Path]:
+    def session_files(self, split: str) -> list[Location]:
         return [self.path / p["file"] for p in self.manifest["session_files"][split]]
 
     def read_sessions(self, split: str) -> pa.Table:
         """The whole split as one table (tests and small data; training streams with reader.py)."""
-        return pa.concat_tables(pq.read_table(f, schema=SESSION_SCHEMA) for f in self.session_files(split))
+        return pa.concat_tables(read_parquet(f, schema=SESSION_SCHEMA) for f in self.session_files(split))
 
     def items(self) -> pa.Table:
-        return pq.read_table(self.path / "items.parquet")
+        return read_parquet(self.path / "items.parquet")
 
     def popularity(self) -> np.ndarray:
-        return pq.read_table(self.path / "items.parquet", columns=["popularity"])["popularity"].to_numpy()
+        return read_parquet(self.path / "items.parquet", columns=["popularity"])["popularity"].to_numpy()
 
     def has_text(self) -> np.ndarray:
-        return np.load(self.path / self.manifest["text"]["has_text"])
+        return storage.load_npy(self.path / self.manifest["text"]["has_text"])
 
     def text_features(self, rows: np.ndarray | None = None) -> np.ndarray:
         """float16 rows `rows` (item_idx, any order) of the text features; all rows if None.
 
-        Parts are memory-mapped, so a worker that owns rows r, r+W, ... reads only those.
+        Local parts are memory-mapped, so a worker that owns rows r, r+W, ... reads only those; from a
+        store each part is read once, whole, and only the wanted rows kept (memory: one part).
         """
         parts = self.manifest["text"]["files"]
         if rows is None:
-            return np.concatenate([np.load(self.path / p["file"]) for p in parts])
+            return np.concatenate([storage.load_npy(self.path / p["file"]) for p in parts])
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.text_dim), dtype=np.float16)
         start = 0
@@ -193,6 +197,12 @@ class Dataset:
             stop = start + p["rows"]
             sel = np.nonzero((rows >= start) & (rows < stop))[0]
             if len(sel):
-                out[sel] = np.load(self.path / p["file"], mmap_mode="r")[rows[sel] - start]
+                out[sel] = storage.load_npy(self.path / p["file"], mmap=True)[rows[sel] - start]
             start = stop
         return out
+
+
+def read_parquet(path: Location, **kwargs) -> pa.Table:
+    """A whole Parquet file, local or in a store (`kwargs` as for `pq.read_table`)."""
+    with storage.open_input(path) as f:
+        return pq.read_table(f, **kwargs)

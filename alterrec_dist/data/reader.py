@@ -21,7 +21,6 @@ The same (seed, epoch) gives the same order; different epochs give different ord
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -29,7 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.storage import Location
 from alterrec_dist.data.layout import gather_ranges
 
 PADDING_EXAMPLE = -1  # `example` of the rows that pad the last evaluation batch
@@ -54,7 +55,7 @@ class Batch:
 
 @dataclass
 class RowGroup:
-    file: Path
+    file: Location  # a local path, or an object in a store (read by ranges)
     index: int     # row group number within the file
     first: int     # global index of its first row in the split
     rows: int
@@ -89,7 +90,8 @@ class Rows:
 def read_row_group(group: RowGroup, max_len: int) -> Rows:
     """One row group's rows, histories cut to their most recent max_len items (here, so that a
     shuffle window holds at most max_len items per row)."""
-    table = pq.ParquetFile(group.file).read_row_group(group.index, columns=["history", "target"])
+    with storage.open_input(group.file) as f:
+        table = pq.ParquetFile(f).read_row_group(group.index, columns=["history", "target"])
     history, target = table["history"].combine_chunks(), table["target"]
     where = f"{group.file}: row group {group.index}"
     if target.null_count or history.null_count or history.values.null_count:
@@ -141,7 +143,7 @@ def local_batch(rows: Rows, mine: np.ndarray) -> Batch:
 class SessionReader:
     """This rank's slices of the global batches of one split; see the module docstring."""
 
-    def __init__(self, files: list[Path], *, rank: int, world_size: int, global_batch_size: int,
+    def __init__(self, files: list[str | Location], *, rank: int, world_size: int, global_batch_size: int,
                  max_len: int, seed: int, shuffle: bool, drop_last: bool, shuffle_window_rows: int = 262_144):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
@@ -155,15 +157,16 @@ class SessionReader:
         self.global_batch_size, self.local_batch_size = global_batch_size, global_batch_size // world_size
         self.max_len, self.seed, self.shuffle, self.drop_last = max_len, seed, shuffle, drop_last
         self.shuffle_window_rows = shuffle_window_rows
-        self.groups = self._row_groups([Path(f) for f in files])
+        self.groups = self._row_groups([storage.location(f) for f in files])
         self.num_rows = sum(g.rows for g in self.groups)
 
     @staticmethod
-    def _row_groups(files: list[Path]) -> list[RowGroup]:
+    def _row_groups(files: list[Location]) -> list[RowGroup]:
         groups, first = [], 0
         for f in files:
             try:
-                meta = pq.ParquetFile(f).metadata
+                with storage.open_input(f) as source:
+                    meta = pq.ParquetFile(source).metadata
             except (OSError, ValueError) as e:
                 raise DataError(f"{f}: cannot read Parquet metadata ({e})") from None
             for i in range(meta.num_row_groups):

@@ -9,19 +9,25 @@ The best model, RUN_DIR/model/ (meta: epoch, method, selection, valid score, dat
 
     shard-RRRRR-of-WWWWW.pt   {"items": global ids, "x": ID rows or None}
 
-A directory is written under a temp name and swapped into place whole (`files.Staged`); the
-checksums catch what the rename cannot (a disk that lost or damaged data after the fact).
+Locally a directory is written under a temp name and swapped into place whole (`files.Staged`). In
+an object store (`storage.StorePath`), which has no rename and which every rank reaches on its own,
+each rank uploads its file straight into the directory, whose old manifest rank 0 removed first, and
+rank 0 uploads manifest.json last, once every file is there: a directory without one is never read.
+The checksums catch what neither can (a disk or an upload that lost or damaged data).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
-from pathlib import Path
 
 import torch
 
+from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import Staged, atomic_write_json, file_sha256, read_manifest
+from alterrec_dist.common.storage import Location, StorePath
 
 
 PARTITION = "item i on rank i mod world_size, local row i div world_size"  # `Placement`, as words for the manifest
@@ -46,42 +52,67 @@ def on_cpu(obj):
     return obj
 
 
-def load_cpu(path: Path, mmap: bool = False):
-    """A file `publish` wrote, as CPU tensors (`map_location`: whatever the writer's device was)."""
+def load_cpu(path: Location, mmap: bool = False):
+    """A file `publish` wrote, as CPU tensors (`map_location`: whatever the writer's device was);
+    memory-mapped when local and asked for, read whole from a store."""
+    if isinstance(path, StorePath):
+        return torch.load(io.BytesIO(path.read_bytes()), weights_only=True, map_location="cpu")
     return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
 
 
-def publish(comm, target: Path, own: tuple[str, object], shared: dict[str, object], meta: dict,
-            model_dir: Path | None = None) -> None:
+def save_file(path: Location, obj) -> str:
+    """`torch.save(obj)` to `path`, local or in a store (one upload); the file's sha256."""
+    if isinstance(path, StorePath):
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        path.write_bytes(buffer.getbuffer())
+        return hashlib.sha256(buffer.getbuffer()).hexdigest()
+    torch.save(obj, path)
+    return file_sha256(path)  # hashed while it is still in the page cache
+
+
+def publish(comm, target: Location, own: tuple[str, object], shared: dict[str, object], meta: dict,
+            model_dir: Location | None = None) -> None:
     """Write directory `target` from every rank: each saves `own` (name, object), rank 0 also the
     `shared` files and, if `model_dir` holds a model, links it in as model/; then rank 0 writes
     manifest.json (meta, world size, partition rule, sha256 of every file) and renames the directory
-    into place. Collective: every rank calls it. Every tensor is saved from the CPU (`on_cpu`)."""
-    staged = Staged(target) if comm.rank == 0 else None
-    if staged is not None:
-        staged.tmp.mkdir()
-    tmp = comm.broadcast_object(staged.tmp if staged is not None else None)  # rank 0's temp directory
+    into place (in a store: see the module docstring). Collective: every rank calls it. Every tensor is
+    saved from the CPU (`on_cpu`)."""
+    staged = None
+    if isinstance(target, StorePath):
+        if comm.rank == 0:
+            target.remove_tree()  # its old manifest first: from here on no reader trusts it
+        comm.barrier()
+        tmp = target
+    else:
+        staged = Staged(target) if comm.rank == 0 else None
+        if staged is not None:
+            staged.tmp.mkdir()
+        tmp = comm.broadcast_object(staged.tmp if staged is not None else None)  # rank 0's temp directory
     name, obj = own
-    torch.save(on_cpu(obj), tmp / name)
-    # each rank hashes its own file, in parallel and while it is still in the page cache
-    digests = comm.all_gather_object((name, file_sha256(tmp / name)))
+    # each rank hashes its own file, in parallel
+    digests = comm.all_gather_object((name, save_file(tmp / name, on_cpu(obj))))
     if comm.rank == 0:
         files = dict(digests)
         for shared_name, shared_obj in shared.items():
-            torch.save(on_cpu(shared_obj), tmp / shared_name)
-            files[shared_name] = file_sha256(tmp / shared_name)
-        if model_dir is not None and (Path(model_dir) / "manifest.json").is_file():
-            files |= _link_model(Path(model_dir), tmp / "model")
+            files[shared_name] = save_file(tmp / shared_name, on_cpu(shared_obj))
+        if model_dir is not None and (model_dir / "manifest.json").is_file():
+            files |= _link_model(model_dir, tmp / "model")
         atomic_write_json(tmp / "manifest.json", {**meta, "world_size": comm.world, "partition": PARTITION,
                                                   "files": dict(sorted(files.items()))})
-        staged.commit()
+        if staged is not None:
+            staged.commit()
     comm.barrier()
 
 
-def link_dir(src: Path, dst: Path) -> None:
+def link_dir(src: Location, dst: Location) -> None:
     """Every file of `src` into the new directory `dst`: hard links, so nothing is written twice (the
     model's files are never modified in place: a new model is a new directory), copies where the
-    file system has no links."""
+    file system has no links (in a store, the store copies them)."""
+    if isinstance(src, StorePath) or isinstance(dst, StorePath):
+        for name in storage.files_under(src):
+            storage.copy_file(src / name, dst / name)
+        return
     dst.mkdir(parents=True)
     for f in src.iterdir():
         try:
@@ -90,7 +121,7 @@ def link_dir(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def _link_model(model_dir: Path, dst: Path) -> dict[str, str]:
+def _link_model(model_dir: Location, dst: Location) -> dict[str, str]:
     """Link the model in `model_dir` into `dst`; its files' sha256 under dst's name, carried over from
     the model's manifest (not recomputed), plus that of the manifest itself."""
     digests = saved_manifest(model_dir)["files"]
@@ -101,24 +132,24 @@ def _link_model(model_dir: Path, dst: Path) -> dict[str, str]:
 
 # -- the best model ----------------------------------------------------------------------------
 
-def save_model(comm, networks: dict, table, model_dir: Path, meta: dict) -> None:
+def save_model(comm, networks: dict, table, model_dir: Location, meta: dict) -> None:
     """Every rank writes its ID rows; rank 0 the networks and the manifest, then swaps the directory in."""
     publish(comm, model_dir, (shard_name(comm.rank, comm.world), {"items": table.global_ids, "x": table.x}),
             {"networks.pt": {name: net.state_dict() for name, net in networks.items()}},
             {**meta, "num_items": table.num_items})
 
 
-def verify_files(directory: Path, digests: dict[str, str], manifest_path: Path) -> None:
+def verify_files(directory: Location, digests: dict[str, str], manifest_path: Location) -> None:
     """DataError naming the first file of `digests` that is missing or whose sha256 differs."""
     for name, digest in digests.items():
-        path = Path(directory) / name
+        path = directory / name
         if not path.is_file() or file_sha256(path) != digest:
             raise DataError(f"{path}: missing or corrupt (sha256 does not match {manifest_path})")
 
 
-def load_model(model_dir: Path) -> tuple[dict, dict, torch.Tensor | None]:
+def load_model(model_dir: str | Location) -> tuple[dict, dict, torch.Tensor | None]:
     """(manifest, {name: state_dict}, the full (V, d) ID table or None), checksums verified."""
-    model_dir = Path(model_dir)
+    model_dir = storage.location(model_dir)
     manifest_path = model_dir / "manifest.json"
     manifest = saved_manifest(model_dir, "no saved model (train a run first; the model is saved at its best epoch)",
                               MODEL_KEYS)
@@ -138,7 +169,7 @@ def load_model(model_dir: Path) -> tuple[dict, dict, torch.Tensor | None]:
     return manifest, states, x
 
 
-def saved_manifest(directory: Path, absent: str = "missing", keys: dict[str, type] | None = None) -> dict:
+def saved_manifest(directory: Location, absent: str = "missing", keys: dict[str, type] | None = None) -> dict:
     """The manifest.json of a checkpoint or a saved model, with its file checksums (and `keys`)."""
     return read_manifest(directory, absent, {"files": dict, **(keys or {})},
                          remedy="a damaged checkpoint or model: save it again")

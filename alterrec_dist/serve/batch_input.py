@@ -3,14 +3,16 @@ global eval batches and cut into its per-rank batches.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.files import resolve_location
+from alterrec_dist.common.storage import Location
 from alterrec_dist.data.reader import Rows, cut_histories, local_batch, rank_slice
 
 
@@ -19,11 +21,12 @@ SESSION_COLUMNS = ("history", "target", "user", "session")
 
 # -- reading ----------------------------------------------------------------------------------------
 
-def input_files(paths: list[str]) -> list[Path]:
+def input_files(paths: list[str]) -> list[Location]:
+    """The Parquet files given (local or in a store), a directory standing for its *.parquet files."""
     files = []
-    for p in map(Path, paths):
+    for p in map(resolve_location, paths):
         if p.is_dir():
-            found = sorted(p.glob("*.parquet"))
+            found = sorted(f for f in p.iterdir() if f.name.endswith(".parquet"))
             if not found:
                 raise DataError(f"{p}: no .parquet files in this directory")
             files += found
@@ -34,12 +37,13 @@ def input_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def session_columns(files: list[Path]) -> list[str]:
+def session_columns(files: list[Location]) -> list[str]:
     """The session columns the files have (the same in every file); `history` is required."""
     cols = None
     for f in files:
         try:
-            names = pq.ParquetFile(f).schema_arrow.names
+            with storage.open_input(f) as source:
+                names = pq.ParquetFile(source).schema_arrow.names
         except (OSError, ValueError) as e:
             raise DataError(f"{f}: cannot read Parquet metadata ({e})") from None
         have = [c for c in SESSION_COLUMNS if c in names]
@@ -55,7 +59,7 @@ SESSION_TYPES = {"history": pa.list_(pa.int64()), "target": pa.int64(), "user": 
 CHECK_ROWS = 65_536  # rows read at a time by check_input
 
 
-def check_input(files: list[Path], columns: list[str], num_items: int) -> int:
+def check_input(files: list[Location], columns: list[str], num_items: int) -> int:
     """Every row of the input is a session the engine can score: a non-empty history of item
     indices in 0..V-1 and, where there is a target column, a target in that range. Read once,
     streamed, before any scoring (and before Ray starts), so bad input is one line naming the
@@ -65,7 +69,7 @@ def check_input(files: list[Path], columns: list[str], num_items: int) -> int:
     for f in files:
         first = 0
         try:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=CHECK_ROWS, columns=checked):
+            for rb in parquet_batches(f, CHECK_ROWS, checked):
                 _check_rows(rb, f, first, num_items)
                 first += rb.num_rows
         except (pa.ArrowException, OSError) as e:
@@ -76,7 +80,7 @@ def check_input(files: list[Path], columns: list[str], num_items: int) -> int:
     return total
 
 
-def _check_rows(rb: pa.RecordBatch, f: Path, first: int, num_items: int) -> None:
+def _check_rows(rb: pa.RecordBatch, f: Location, first: int, num_items: int) -> None:
     def fail_at(mask, what: str, rows: np.ndarray | None = None) -> None:
         mask = np.asarray(mask, dtype=bool)
         if mask.any():
@@ -103,13 +107,13 @@ def _check_rows(rb: pa.RecordBatch, f: Path, first: int, num_items: int) -> None
         fail_at((t < 0) | (t >= num_items), f"target outside 0..{num_items - 1}")
 
 
-def iter_tables(files: list[Path], columns: list[str], rows: int):
+def iter_tables(files: list[Location], columns: list[str], rows: int):
     """The input as consecutive tables of `rows` rows (the last may be shorter), streamed: at most
     about 2 * `rows` rows are held at a time."""
     schema = pa.schema([(c, SESSION_TYPES[c]) for c in columns])
     pending, held = [], 0
     for f in files:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=columns):
+        for rb in parquet_batches(f, rows, columns):
             try:
                 pending.append(pa.Table.from_batches([rb]).select(columns).cast(schema))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
@@ -147,3 +151,9 @@ def local_batches(rows: Rows, batch_size: int, world: int) -> list:
     """One global eval batch (<= batch_size rows) as the engine's per-rank batches, the reader's way
     (`reader.local_batch`: a short last batch padded, marked invalid)."""
     return [local_batch(rows, rank_slice(r, batch_size, world)) for r in range(world)]
+
+
+def parquet_batches(path: Location, rows: int, columns: list[str]):
+    """The record batches of one Parquet file, local or in a store, read by ranges."""
+    with storage.open_input(path) as source:
+        yield from pq.ParquetFile(source).iter_batches(batch_size=rows, columns=columns)

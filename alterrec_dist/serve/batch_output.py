@@ -3,7 +3,6 @@ written beside its place, the metrics summed in the engine's order, and their co
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +10,8 @@ import pyarrow.parquet as pq
 import torch
 
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.common.files import Staged, check_out, read_json
+from alterrec_dist.common.files import Staged, check_out, read_json, resolve_location
+from alterrec_dist.common.storage import Location
 from alterrec_dist.data.reader import Rows
 from alterrec_dist.eval.metrics import MetricSums, popularity_groups
 from alterrec_dist.serve.batch_input import local_batches
@@ -117,7 +117,7 @@ class OrderedMetrics:
 class ParquetOut:
     """Streamed Parquet output: a temp file beside `path`, renamed into place by `commit`."""
 
-    def __init__(self, path: Path, overwrite: bool = False):
+    def __init__(self, path: str | Location, overwrite: bool = False):
         self.path = check_out(path, overwrite)
         if self.path.is_dir():
             raise DataError(f"{self.path}: --out is a directory (give a .parquet file name)")
@@ -157,7 +157,7 @@ def summary_for(bundle: ScoringModel, split: str | None) -> tuple[dict | None, s
     run = bundle.provenance.get("run") or {}
     if split not in ("test", "valid") or not run.get("path"):
         return None, ""
-    path = Path(run["path"]) / "summary.json"
+    path = resolve_location(run["path"]) / "summary.json"
     if not path.is_file():
         return None, f"{path}: not found"
     summary = read_json(path)
@@ -190,7 +190,7 @@ def summary_comparison(bundle: ScoringModel, result: dict, split: str | None) ->
     if summary is None:
         return {}, (f"no summary.json comparison ({why})" if why else None)
     diffs = compare(result, summary, split)
-    where = Path(bundle.provenance["run"]["path"]) / "summary.json"
+    where = resolve_location(bundle.provenance["run"]["path"]) / "summary.json"
     if diffs:
         line = f"NOT equal to {where} {split} metrics: " + "; ".join(diffs[:5])
     else:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from alterrec_dist.common.ray_local import ray_session
+from alterrec_dist.common.storage import Location
 from alterrec_dist.serve.batch_input import iter_tables, session_columns, table_to_rows
 from alterrec_dist.serve.batch_output import (OrderedMetrics, ParquetOut, output_table, rank_matrix, score_rows,
                                               with_example)
@@ -19,7 +19,7 @@ from alterrec_dist.serve.scoring_model import ScoringModel
 
 # -- the two runners ----------------------------------------------------------------------------------
 
-def run_local(bundle: ScoringModel, files: list[Path], out: ParquetOut, top: int, metrics: OrderedMetrics | None) -> None:
+def run_local(bundle: ScoringModel, files: list[Location], out: ParquetOut, top: int, metrics: OrderedMetrics | None) -> None:
     columns = session_columns(files)
     has_target = "target" in columns
     first = 0
@@ -57,7 +57,7 @@ def ray_requested(flag: bool | None) -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
-def run_ray(spec: dict, bundle: ScoringModel, files: list[Path], out: ParquetOut, top: int, metrics: OrderedMetrics | None,
+def run_ray(spec: dict, bundle: ScoringModel, files: list[Location], out: ParquetOut, top: int, metrics: OrderedMetrics | None,
             workers: int) -> None:
     import ray.data
 
@@ -82,7 +82,7 @@ def run_ray(spec: dict, bundle: ScoringModel, files: list[Path], out: ParquetOut
             first += len(table)
 
 
-def score_files(spec: dict, bundle: ScoringModel, files: list[Path], out_path: Path, overwrite: bool, top: int,
+def score_files(spec: dict, bundle: ScoringModel, files: list[Location], out_path: str | Location, overwrite: bool, top: int,
                 use_ray: bool, workers: int) -> tuple[ParquetOut, OrderedMetrics]:
     """Score every session of `files` into the Parquet file `out_path`, swapped in whole (nothing is
     left on a failure), on Ray Data or here: (the output, the metrics summed in the engine's order)."""

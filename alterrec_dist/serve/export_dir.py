@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from alterrec_dist.common import storage
 from alterrec_dist.common.config import ModelConfig
 from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.common.files import Staged, atomic_write_json, check_out, file_sha256, read_manifest
+from alterrec_dist.common.files import Staged, atomic_write_json, check_out, file_sha256, read_manifest, resolve_location
+from alterrec_dist.common.storage import Location
+from alterrec_dist.data.dataset import read_parquet
 from alterrec_dist.model.networks import Network
-from alterrec_dist.parallel.saved import on_cpu, verify_files
+from alterrec_dist.parallel.saved import load_cpu, on_cpu, verify_files
 from alterrec_dist.serve.from_run import inference_device, load_networks, load_run
 from alterrec_dist.serve.scoring_model import ScoringModel
 
@@ -30,8 +32,8 @@ def _vectors(m: torch.Tensor) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
 
 
-def write_export(bundle: ScoringModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write `bundle` to `out` through a temp directory renamed into place."""
+def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = False) -> Location:
+    """Write `bundle` to `out` through a temp directory renamed into place (in a store: uploaded, manifest last)."""
     out = check_out(out, overwrite)
     with Staged(out) as staged:
         tmp = staged.tmp
@@ -74,12 +76,12 @@ def write_export(bundle: ScoringModel, out: str | Path, overwrite: bool = False)
     return out
 
 
-def load_encoders(path: str | Path) -> tuple[str, ModelConfig, dict[str, Network]]:
+def load_encoders(path: Location) -> tuple[str, ModelConfig, dict[str, Network]]:
     """encoders.pt -> (method, model config, {name: Network} in eval mode); plain torch, no process group."""
-    blob = torch.load(path, weights_only=True, map_location="cpu")
+    blob = load_cpu(path)
     cfg = ModelConfig(**blob["model"])
     return blob["method"], cfg, load_networks(blob["method"], cfg, blob["text_dim"], blob["max_len"], blob["states"],
-                                          Path(path))
+                                          path)
 
 
 def _column(table: pa.Table, name: str) -> torch.Tensor:
@@ -87,19 +89,19 @@ def _column(table: pa.Table, name: str) -> torch.Tensor:
     return torch.from_numpy(col.values.to_numpy().reshape(len(col), -1).copy()).to("cpu")
 
 
-def load_export(export_dir: str | Path, verify: bool = True) -> ScoringModel:
-    """An export directory -> ScoringModel (checksums verified)."""
-    export_dir = Path(export_dir)
+def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel:
+    """An export directory, local or in a store -> ScoringModel (checksums verified)."""
+    export_dir = resolve_location(export_dir)
     manifest = read_manifest(export_dir, "no export manifest (make one with `python -m alterrec_dist.export`)",
                              {"files": dict, "scoring": dict, "engine": dict}, FORMAT_VERSION,
                              "an incomplete export manifest: export again")
     if verify:
         verify_files(export_dir, manifest["files"], export_dir / "manifest.json")
     method, cfg, networks = load_encoders(export_dir / "encoders.pt")
-    items = pq.read_table(export_dir / "items.parquet")
+    items = read_parquet(export_dir / "items.parquet")
     x_path = export_dir / "tables" / "id_rows.npy"
-    x = torch.from_numpy(np.load(x_path)).to("cpu") if x_path.is_file() else None
-    features = torch.from_numpy(np.load(export_dir / "tables" / "text_features.npy")).to("cpu")
+    x = torch.from_numpy(storage.load_npy(x_path)).to("cpu") if x_path.is_file() else None
+    features = torch.from_numpy(storage.load_npy(export_dir / "tables" / "text_features.npy")).to("cpu")
     s, eng = manifest["scoring"], manifest["engine"]
     return ScoringModel(method, cfg, networks, x, features, [_column(items, "id_vec"), _column(items, "text_vec")],
                   [float(v) for v in s["scales"]], {k: [float(w) for w in v] for k, v in zip(s["kinds"], s["weights"])},

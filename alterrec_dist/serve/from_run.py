@@ -1,7 +1,6 @@
 """A training run directory (config.toml + model/) as a `ScoringModel`, without any torch.distributed set-up."""
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,7 +8,8 @@ import torch
 
 from alterrec_dist.common.config import ModelConfig, load_config
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import file_sha256, read_json
+from alterrec_dist.common.files import file_sha256, read_json, resolve_location
+from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.eval.evaluate import Scorer
 from alterrec_dist.model.networks import Network, build_networks
@@ -42,11 +42,11 @@ def _item_table(data: Dataset) -> tuple[list[str], list[str | None], np.ndarray]
     return items["item_id"].to_pylist(), items["text"].to_pylist(), items["popularity"].to_numpy()
 
 
-def load_run(run_dir: str | Path, data_path: str | Path | None = None, device: torch.device | str = "cpu") -> ScoringModel:
+def load_run(run_dir: str | Location, data_path: str | Location | None = None, device: torch.device | str = "cpu") -> ScoringModel:
     """A training run directory (config.toml + model/) -> ScoringModel on `device` (its item matrices computed
     there); DataError/ConfigError if unusable."""
     device = torch.device(device)
-    run_dir = Path(run_dir)
+    run_dir = resolve_location(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: run directory not found")
     if not (run_dir / "config.toml").is_file():
@@ -56,7 +56,7 @@ def load_run(run_dir: str | Path, data_path: str | Path | None = None, device: t
                         "validation epoch)")
     cfg = load_config(run_dir / "config.toml")
     manifest, states, x = load_model(run_dir / "model")
-    path = Path(data_path) if data_path else Path(manifest.get("dataset") or cfg.resolve_path(cfg.data.path))
+    path = resolve_location(data_path or manifest.get("dataset") or cfg.resolve_path(cfg.data.path))
     if not path.exists():
         raise DataError(f"{path}: dataset of run {run_dir} not found (pass --data)")
     data = Dataset(path)
@@ -97,7 +97,7 @@ def load_run(run_dir: str | Path, data_path: str | Path | None = None, device: t
 
 
 def load_networks(method: str, model_cfg: ModelConfig, text_dim: int, max_len: int, states: dict,
-              where: Path) -> dict[str, Network]:
+              where: Location) -> dict[str, Network]:
     networks = build_networks(method, model_cfg, text_dim, max_len)
     if set(states) != set(networks):
         raise DataError(f"{where}: networks {sorted(states)} do not match method {method!r} ({sorted(networks)})")

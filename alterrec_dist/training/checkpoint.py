@@ -20,14 +20,14 @@ needed for that.
 from __future__ import annotations
 
 import re
-import shutil
 import sys
-from pathlib import Path
 
 import torch
 
+from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import Staged
+from alterrec_dist.common.storage import Location, StorePath
 from alterrec_dist.parallel.saved import link_dir, load_cpu, publish, saved_manifest, verify_files
 from alterrec_dist.parallel.table import Placement
 
@@ -44,12 +44,15 @@ def checkpoint_name(epoch: int, step: int) -> str:
     return f"e{epoch:05d}-s{step:07d}"
 
 
-def restore_model(checkpoint: Path | None, model_dir: Path) -> None:
+def restore_model(checkpoint: Location | None, model_dir: Location) -> None:
     """Make `model_dir` the best model that `checkpoint` recorded, or remove it if there was none yet:
     a model saved after the checkpoint belongs to training that is being redone."""
     src = checkpoint / "model" if checkpoint is not None else None
     if src is None or not src.is_dir():
-        shutil.rmtree(model_dir, ignore_errors=True)
+        storage.remove_tree(model_dir)
+        return
+    if isinstance(model_dir, StorePath):  # copied inside the store, manifest last
+        storage.copy_tree(src, model_dir)
         return
     with Staged(model_dir) as staged:
         link_dir(src, staged.tmp)
@@ -57,11 +60,11 @@ def restore_model(checkpoint: Path | None, model_dir: Path) -> None:
 
 # -- training checkpoints ----------------------------------------------------------------------
 
-def save_checkpoint(comm, store: Path, name: str, networks: dict, table, steppers: dict, meta: dict,
-                    model_dir: Path) -> Path:
+def save_checkpoint(comm, store: Location, name: str, networks: dict, table, steppers: dict, meta: dict,
+                    model_dir: Location) -> Location:
     """Write checkpoint `name` into `store` (collective), then keep only the newest KEEP there.
     Returns its directory."""
-    target = Path(store) / name
+    target = store / name
     publish(comm, target, (rank_file(comm.rank, comm.world), _rank_state(table, steppers)),
             {"networks.pt": {n: net.state_dict() for n, net in networks.items()}},
             {**meta, "num_items": table.num_items}, model_dir)
@@ -102,28 +105,23 @@ def join_row_state(rest: dict, moments: dict) -> dict:
     return {**rest, "state": {0: {**rest["state"][0], **moments}}} if moments else rest
 
 
-def prune(store: Path, keep: int) -> None:
-    """Remove everything in `store` but its newest `keep` checkpoints (older ones and the temp
-    directories of saves that were killed)."""
+def prune(store: Location, keep: int) -> None:
+    """Remove everything in `store` but its newest `keep` checkpoints (older ones, the temp directories
+    of saves that were killed and, in a store, checkpoints whose upload was cut short)."""
     kept = set(checkpoints(store)[-keep:])
-    for p in Path(store).iterdir():
-        if p in kept:
-            continue
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+    for p in store.iterdir():
+        if p not in kept:
+            storage.remove_tree(p)
 
 
-def checkpoints(store: Path) -> list[Path]:
+def checkpoints(store: Location) -> list[Location]:
     """The checkpoint directories in `store`, oldest first."""
-    store = Path(store)
     if not store.is_dir():
         return []
     return sorted(p for p in store.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name))
 
 
-def newest_good(store: Path) -> tuple[Path, dict] | None:
+def newest_good(store: Location) -> tuple[Location, dict] | None:
     """The newest checkpoint in `store` whose every file matches its manifest's sha256, with its
     manifest; None if the store holds no checkpoint. Each newer one that fails is a one-line warning
     on stderr naming the bad file; DataError if they all fail."""
@@ -144,7 +142,7 @@ def newest_good(store: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def find_resume_point(comm, store: Path) -> tuple[Path, dict] | None:
+def find_resume_point(comm, store: Location) -> tuple[Location, dict] | None:
     """`newest_good(store)` decided once, on rank 0 (every file is read once, not once per rank), and
     handed to every rank; its DataError is raised on every rank."""
     found, error = None, None
@@ -159,7 +157,7 @@ def find_resume_point(comm, store: Path) -> tuple[Path, dict] | None:
     return found
 
 
-def load_checkpoint(comm, checkpoint: Path, manifest: dict, networks: dict, table, steppers: dict) -> None:
+def load_checkpoint(comm, checkpoint: Location, manifest: dict, networks: dict, table, steppers: dict) -> None:
     """Load a checkpoint into this rank's networks, ID rows and steppers, at any world size.
 
     At the saved world size every rank reads its own file and gets back exactly its state, RNG
@@ -167,7 +165,7 @@ def load_checkpoint(comm, checkpoint: Path, manifest: dict, networks: dict, tabl
     shards that hold them, the dense engine state of old rank 0 (the DDP engine's is replicated), and
     keeps the RNG of a fresh start: per-rank RNG streams do not map across world sizes, so with
     dropout the continuation differs from an uninterrupted run (without dropout it is the same)."""
-    checkpoint, old = Path(checkpoint), manifest["world_size"]
+    old = manifest["world_size"]
     if manifest["num_items"] != table.num_items:
         raise DataError(f"{checkpoint / 'manifest.json'}: {manifest['num_items']} items, the dataset has "
                         f"{table.num_items}")
@@ -175,7 +173,7 @@ def load_checkpoint(comm, checkpoint: Path, manifest: dict, networks: dict, tabl
     for name, net in networks.items():
         net.load_state_dict(states[name])
 
-    def shard(r: int) -> dict:  # memory-mapped: only the rows taken from it are read
+    def shard(r: int) -> dict:  # memory-mapped (locally): only the rows taken from it are read
         return load_cpu(checkpoint / rank_file(r, old), mmap=True)
 
     holders = {r: shard(r) for r in torch.unique(Placement(old).owner(table.global_ids)).tolist()}

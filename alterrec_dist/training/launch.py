@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
+from alterrec_dist.common import storage
 from alterrec_dist.common.config import Config
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.ray_local import init_ray, stop_ray
+from alterrec_dist.common.storage import Location
 from alterrec_dist.training.metric_sinks import mlflow_env
 from alterrec_dist.training.run_dir import open_run_dir, read_summary
 
@@ -46,18 +47,19 @@ def ray_worker(loop_config: dict) -> None:
         import torch
 
         torch.cuda.set_device(ray.train.torch.get_device())
-    summary = recipe.run_worker(cfg, Path(loop_config["run_dir"]), report=_report_to_ray)
+    summary = recipe.run_worker(cfg, storage.location(loop_config["run_dir"]), report=_report_to_ray)
     # One last report on every rank (reports are a barrier): the driver gets the summary even
     # when rank 0 ran on another node and run_dir is not shared.
     ray.train.report({"summary": summary})
 
 
-def _report_to_ray(metrics: dict, checkpoint: Path | None) -> None:
+def _report_to_ray(metrics: dict, checkpoint: Location | None) -> None:
     """`ray.train.report` from every rank (it is a barrier), with the checkpoint directory registered
-    where it lies: it is inside Ray's experiment directory (the run directory), so nothing is copied."""
+    where it lies: it is inside Ray's experiment directory (the run directory, local or a store URI),
+    so nothing is copied."""
     import ray.train
 
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None,
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(checkpoint)) if checkpoint else None,
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
@@ -82,7 +84,7 @@ def _init_ray(num_workers: int) -> bool:
     return init_ray(num_cpus=max(os.cpu_count() or 1, num_workers), dashboard=True)
 
 
-def launch_ray(cfg: Config, run_dir: Path) -> dict:
+def launch_ray(cfg: Config, run_dir: Location) -> dict:
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
@@ -131,7 +133,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_torchrun(cfg: Config, out: str | None, resume_dir: Path | None) -> tuple[dict, Path] | None:
+def launch_torchrun(cfg: Config, out: str | None, resume_dir: Location | None) -> tuple[dict, Location] | None:
     """Join the torchrun process group (or make one of size 1) and run the recipe in this
     process. Returns (summary, run_dir) on rank 0, None on the others."""
     import torch
@@ -166,7 +168,7 @@ def launch_torchrun(cfg: Config, out: str | None, resume_dir: Path | None) -> tu
             if comm.rank == 0:
                 raise err
             raise SystemExit(2)  # rank 0 prints the one line
-        run_dir = Path(run_dir)
+        run_dir = storage.location(run_dir)
         summary = recipe.run_worker(cfg, run_dir)
         comm.barrier()
         return (read_summary(run_dir, summary), run_dir) if comm.rank == 0 else None

@@ -6,16 +6,23 @@ loss every `train.log_every` steps as `loss/<network>`, and at an epoch's last s
 metrics as `valid/<id|text|fused>/<metric>` and its throughput as `throughput/sessions_per_s`. One
 step axis for all of them lets a resumed run drop what it redoes, as metrics.jsonl is cut back:
 TensorBoard discards the earlier attempts' events from the resume point on (`purge_step`).
+
+A run directory in an object store gets the same files: an object cannot be appended to, so
+metrics.jsonl is uploaded whole with each line, and the event file is written in a local temp
+directory and uploaded at every epoch and at the end.
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
+from alterrec_dist.common import storage
 from alterrec_dist.common.config import METRICS, Config
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import atomic_write_bytes
+from alterrec_dist.common.storage import Location, StorePath
 
 TRACKING_URI = "MLFLOW_TRACKING_URI"
 # Handed to the Ray workers: rank 0 may run on a node whose environment lacks them (MLflow 3.17
@@ -69,7 +76,7 @@ class MlflowRun:
     """The run's MLflow run. Its id is kept in RUN_DIR/mlflow_run_id, so that a resumed attempt goes on
     logging into the same MLflow run; the config goes in as parameters when the run is created."""
 
-    def __init__(self, run_dir: Path, cfg: Config):
+    def __init__(self, run_dir: Location, cfg: Config):
         self.mlflow = import_mlflow()
         id_file = run_dir / "mlflow_run_id"
         if id_file.is_file():
@@ -91,12 +98,16 @@ class MetricSinks:
     """Rank 0's metric writers for one attempt of a run, which resumes after `steps_done` global steps.
     A context manager: leaving it closes the event file and ends the MLflow run (FAILED on an error)."""
 
-    def __init__(self, run_dir: Path, cfg: Config, steps_done: int):
+    def __init__(self, run_dir: Location, cfg: Config, steps_done: int):
         from torch.utils.tensorboard import SummaryWriter  # here: the other ranks never load it
 
         self.jsonl = run_dir / "metrics.jsonl"
+        self.events = run_dir / "tensorboard"
+        # in a store, this attempt's event file is written here and uploaded (`_upload_events`)
+        self.local_events = Path(tempfile.mkdtemp(prefix="alterrec-tensorboard-")) \
+            if isinstance(self.events, StorePath) else self.events
         # events at steps >= purge_step in the earlier attempts' files are the redone steps': dropped
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=steps_done + 1)
+        self.tensorboard = SummaryWriter(str(self.local_events), purge_step=steps_done + 1)
         self.mlflow = MlflowRun(run_dir, cfg) if os.environ.get(TRACKING_URI) else None
 
     def step(self, network: str, losses: dict[str, float], step: int) -> None:
@@ -105,10 +116,15 @@ class MetricSinks:
 
     def epoch(self, line: dict, step: int) -> None:
         """An epoch's metrics.jsonl line, at the global step that ended it."""
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_line(self.jsonl, json.dumps(line))
         self._scalars(epoch_scalars(line), step)
         self.tensorboard.flush()  # an epoch's events are on disk with its line, not up to 2 minutes later
+        self._upload_events()
+
+    def _upload_events(self) -> None:
+        if self.local_events != self.events:
+            for name in storage.files_under(self.local_events):
+                storage.copy_file(self.local_events / name, self.events / name)
 
     def _scalars(self, scalars: dict[str, float], step: int) -> None:
         for tag, value in scalars.items():
@@ -121,5 +137,18 @@ class MetricSinks:
 
     def __exit__(self, exc_type, *_) -> None:
         self.tensorboard.close()
+        self._upload_events()
+        if self.local_events != self.events:
+            storage.remove_tree(self.local_events)
         if self.mlflow is not None:
             self.mlflow.end(failed=exc_type is not None)
+
+
+def append_line(path: Location, line: str) -> None:
+    """One line at the end of a text file; in a store, whose objects cannot be appended to, the file is
+    uploaded again whole (metrics.jsonl: one line an epoch)."""
+    if isinstance(path, StorePath):
+        path.write_text((path.read_text() if path.is_file() else "") + line + "\n")
+        return
+    with open(path, "a") as f:
+        f.write(line + "\n")

@@ -23,18 +23,19 @@ import contextlib
 import itertools
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from alterrec_dist.common import storage
 from alterrec_dist.common.config import Config
 from alterrec_dist.common.device import configure_matmuls, trained_autocast, worker_device
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json
 from alterrec_dist.common.methods import selection_part
+from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.reader import Batch, SessionReader
 from alterrec_dist.eval.evaluate import evaluate, item_matrix
@@ -132,7 +133,7 @@ def assemble_run(cfg: Config, comm: Comm, num_items: int, text_dim: int,
 
 
 # How the workers hand Ray a result: report(metrics, checkpoint directory or None); None under torchrun.
-Report = Callable[[dict, Path | None], None]
+Report = Callable[[dict, Location | None], None]
 
 
 @dataclass
@@ -144,14 +145,14 @@ class Progress:
     log_lines: int = 0                               # lines of metrics.jsonl written
 
 
-def run_worker(cfg: Config, run_dir: Path, report: Report | None = None) -> dict:
+def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = None) -> dict:
     """Train by the plan, validate every epoch, test and save the model at the best; rank 0 writes the
     run files and the metrics (`MetricSinks`). Starts from the newest intact checkpoint in
     RUN_DIR/checkpoints when there is one (a `--resume`, or Ray restarting the workers after a failure)
     and takes one at the end of every phase and every `train.checkpoint_every` steps."""
     run = build_run(cfg, Comm())
     comm, t = run.comm, cfg.train
-    run_dir = Path(run_dir)
+    run_dir = storage.location(run_dir)
     part, _, metric = cfg.eval.metric.partition("/")
     part = selection_part(t.method, part)  # a lone network is judged on itself
     phases = plan(t.method, t.m_random, t.m_gap, t.m_max)
@@ -252,7 +253,7 @@ def chosen_alpha(best: dict, alpha: float, sweep: list[float], metric: str) -> d
             "test": {m: v for m, v in best["test"][kind].items() if m != "longtail"}}
 
 
-def resume(run: Run, run_dir: Path) -> Progress:
+def resume(run: Run, run_dir: Location) -> Progress:
     """The progress to go on from: the newest intact checkpoint in RUN_DIR/checkpoints, loaded into the
     run, or the start. Rank 0 brings the run files back to the same point (metrics.jsonl cut to the
     checkpoint's lines, RUN_DIR/model back to the best model it recorded): what came after the
@@ -270,7 +271,7 @@ def resume(run: Run, run_dir: Path) -> Progress:
     return progress
 
 
-def keep_lines(path: Path, n: int) -> None:
+def keep_lines(path: Location, n: int) -> None:
     """Cut the text file `path` (if any) to its first n lines."""
     if path.is_file():
         lines = path.read_text().splitlines(keepends=True)

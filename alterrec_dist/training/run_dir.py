@@ -6,18 +6,18 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-from pathlib import Path
 
 from alterrec_dist.common.config import Config, to_toml
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import atomic_write_bytes, read_json
+from alterrec_dist.common.files import atomic_write_bytes, read_json, resolve_location
+from alterrec_dist.common.storage import Location, StorePath
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.training.checkpoint import newest_good
 
 
 # -- checks and the run directory ------------------------------------------------------------
 
-def check_dataset(cfg: Config) -> Path:
+def check_dataset(cfg: Config) -> Location:
     """The dataset directory of `cfg` as an absolute path; DataError if it is not a dataset."""
     path = cfg.resolve_path(cfg.data.path)
     if not path.exists():
@@ -48,24 +48,27 @@ def check_resources(cfg: Config) -> None:
             f"trainer.num_workers={cfg.trainer.num_workers} GPU workers need as many GPUs; this machine has {have}")
 
 
-def default_run_dir(cfg: Config, now: datetime.datetime | None = None) -> Path:
+def default_run_dir(cfg: Config, now: datetime.datetime | None = None) -> Location:
     name = cfg.trainer.name or f"{cfg.train.method}-{(now or datetime.datetime.now()):%Y%m%d-%H%M%S}"
     return cfg.resolve_path(cfg.trainer.storage_path) / name
 
 
-def make_run_dir(cfg: Config, out: str | None) -> Path:
+def make_run_dir(cfg: Config, out: str | None) -> Location:
     """Create the (absolute) run directory and write `config.toml` into it.
 
     `--out` is taken relative to the current directory; `trainer.storage_path` relative to the
-    project root. An explicitly named directory that exists and is not empty is refused; an
-    auto-named one (`<method>-<timestamp>`) that collides gets a `-1`, `-2`, ... suffix.
+    project root; either may be a store URI (s3://, gs://). An explicitly named directory that exists
+    and is not empty is refused; an auto-named one (`<method>-<timestamp>`) that collides gets a `-1`,
+    `-2`, ... suffix.
     """
     if out:
-        run_dir = Path(out).expanduser().absolute()
+        run_dir = resolve_location(out)
         auto = False
     else:
         run_dir = default_run_dir(cfg).absolute()
         auto = not cfg.trainer.name
+    if isinstance(run_dir, StorePath):
+        run_dir.check_bucket()
     if auto:
         base, i = run_dir, 0
         while run_dir.exists():
@@ -86,7 +89,7 @@ def make_run_dir(cfg: Config, out: str | None) -> Path:
     return run_dir
 
 
-def reopen_run_dir(cfg: Config, run_dir: Path) -> Path:
+def reopen_run_dir(cfg: Config, run_dir: Location) -> Location:
     """Go on in an existing run directory: check its checkpoints (one-line warnings for damaged
     newer ones, DataError if none is intact), then record the config it now runs with.
 
@@ -99,11 +102,11 @@ def reopen_run_dir(cfg: Config, run_dir: Path) -> Path:
     return run_dir
 
 
-def open_run_dir(cfg: Config, out: str | None, resume_dir: Path | None) -> Path:
+def open_run_dir(cfg: Config, out: str | None, resume_dir: Location | None) -> Location:
     return reopen_run_dir(cfg, resume_dir) if resume_dir is not None else make_run_dir(cfg, out)
 
 
-def read_summary(run_dir: Path, fallback: dict | None = None) -> dict:
+def read_summary(run_dir: Location, fallback: dict | None = None) -> dict:
     """`run_dir/summary.json`, or `fallback` (the summary rank 0 reported through Ray) when the
     file is not visible here (a multi-node cluster whose storage_path is not shared)."""
     path = run_dir / "summary.json"

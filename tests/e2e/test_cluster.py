@@ -550,7 +550,7 @@ def test_dockerfile_pins_match_pyproject():
                 if "pip" in words and "install" in words:
                     installs.append([w for w in words[words.index("install") + 1:] if not w.startswith("-")])
     named = [(i, r.split("==")[0].lower(), r.partition("==")[2]) for i, reqs in enumerate(installs) for r in reqs]
-    project = [i for i, name, _ in named if name == "."]
+    project = [i for i, name, _ in named if name.split("[")[0] == "."]  # the project, with its extras
     torch_at = [i for i, name, _ in named if name == "torch"]
     assert torch_at and installs[torch_at[0]] == [f"torch=={pins['torch']}"], installs
     assert project and project[0] == len(installs) - 1, "install the project (-e .) last"

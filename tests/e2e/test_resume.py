@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from alterrec_dist.common.config import load_config
-from alterrec_dist.training.checkpoint import newest_good, rank_file
+from alterrec_dist.training.checkpoint import checkpoints, newest_good, rank_file
 from tests.test_train import tiny_dataset
 
 
@@ -145,9 +145,9 @@ def test_no_intact_checkpoint_is_a_one_line_error(uninterrupted, tmp_path):
     assert "networks.pt" in lines[0]
 
 
-def ray_train(args: list[str], cwd: Path) -> subprocess.Popen:
+def ray_train(args: list[str], cwd: Path, **env) -> subprocess.Popen:
     return subprocess.Popen([PY, "-m", "alterrec_dist.train", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, env=clean_env(),
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, env=clean_env(**env),
                             start_new_session=True)
 
 
@@ -162,6 +162,26 @@ def train_workers(driver: subprocess.Popen) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return found
+
+
+def kill_a_worker_after_a_mid_epoch_checkpoint(driver: subprocess.Popen, store) -> tuple[str, int]:
+    """Once `store` (local or a store URI's StorePath) holds a complete mid-epoch checkpoint of a run of
+    20-step epochs checkpointed every 5 steps, SIGKILL one of the driver's 2 Ray Train workers; then
+    (the driver's output, the killed pid) when the driver ends."""
+    try:
+        deadline = time.monotonic() + 300
+        while not any(c.name.endswith(("-s0000005", "-s0000010", "-s0000015")) and (c / "manifest.json").is_file()
+                      for c in checkpoints(store)):
+            assert driver.poll() is None and time.monotonic() < deadline, "no mid-epoch checkpoint appeared"
+            time.sleep(0.1)
+        workers = train_workers(driver)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        out, _ = driver.communicate(timeout=500)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    return out, workers[-1].pid
 
 
 @pytest.mark.slow
@@ -181,23 +201,11 @@ def test_ray_worker_killed_mid_run_recovers(tmp_path):
 
     killed_run = tmp_path / "killed"
     driver = ray_train(["--out", str(killed_run), *settings], tmp_path)
-    try:
-        deadline = time.monotonic() + 300
-        while not any(p.name.endswith(("-s0000005", "-s0000010", "-s0000015")) for p in
-                      (killed_run / "checkpoints").glob("e*")):
-            assert driver.poll() is None and time.monotonic() < deadline, "no mid-epoch checkpoint appeared"
-            time.sleep(0.05)
-        workers = train_workers(driver)
-        assert len(workers) == 2, workers
-        os.kill(workers[-1].pid, signal.SIGKILL)
-        out, _ = driver.communicate(timeout=500)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    out, killed = kill_a_worker_after_a_mid_epoch_checkpoint(driver, killed_run / "checkpoints")
     assert driver.returncode == 0, out[-4000:]
     resumed = [line for line in out.splitlines() if "resuming from" in line]
     assert resumed, out[-4000:]
-    print(f"killed worker {workers[-1].pid}; {resumed[-1]}")  # shown with pytest -rP
+    print(f"killed worker {killed}; {resumed[-1]}")  # shown with pytest -rP
     assert_same_run(killed_run, tmp_path / "whole", rel=1e-6, abs_=1e-6)
 
 
