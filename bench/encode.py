@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -141,7 +142,8 @@ def report(args: argparse.Namespace, r: dict) -> str:
         "on Ray, Ray's start and each actor's model load. After start-up = "
         f"({n:,} − {ONE_BATCH}) / (end to end − start-up).",
         "",
-        f"Machine: {machine()}. Shared with other jobs while measured, so rates are lower bounds.",
+        f"Machine: {machine()}; load average {os.getloadavg()[0]:.1f} when the rates were written (2 cores: "
+        "anything much above 0 means other jobs shared them, and the rates are lower bounds).",
         "",
     ]
     return "\n".join(lines)
