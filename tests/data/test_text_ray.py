@@ -1,5 +1,7 @@
 """`prepare --ray` against in-process encoding on a slice of real Scientific item texts (real MiniLM,
 real Ray): the same bytes, one cache for both, and the streamed rows are the model's own encoding."""
+from __future__ import annotations
+
 import csv
 import io
 from pathlib import Path
@@ -46,6 +48,8 @@ def cache_bytes(cache: Path) -> dict[str, bytes]:
 
 
 def test_ray_writes_the_same_bytes_and_shares_the_cache(scientific_slice, tmp_path, monkeypatch, capsys):
+    """In-process and on Ray: the same feature and cache bytes, each path reads the other's cache, and the
+    streamed part is the model's own encoding of the whole array, as the code before streaming wrote it."""
     src, texts = scientific_slice
     distinct = len({t for t in texts if t})
     here, said = prepare(src, tmp_path / "here", tmp_path / "cache-here", monkeypatch, capsys)
@@ -60,13 +64,12 @@ def test_ray_writes_the_same_bytes_and_shares_the_cache(scientific_slice, tmp_pa
     ray_again, said = prepare(src, tmp_path / "ray-again", tmp_path / "cache-here", monkeypatch, capsys, "--ray")
     assert f"0 encoded, {distinct} from cache" in said
     assert feature_bytes(again) == feature_bytes(ray_again) == feature_bytes(here)
+    assert feature_bytes(here)["part-00000.npy"] == whole_array_encoding(texts)
 
 
-def test_streamed_rows_are_the_models_own_encoding(scientific_slice, tmp_path, monkeypatch, capsys):
+def whole_array_encoding(texts: list[str]) -> bytes:
     """The bytes the pre-streaming code wrote: each distinct text encoded in the length-sorted batches of
     32, the V×D float16 array assembled whole (zero rows without text), saved as one .npy part."""
-    src, texts = scientific_slice
-    ds, _ = prepare(src, tmp_path / "ds", tmp_path / "cache", monkeypatch, capsys)
     distinct = list(dict.fromkeys(t for t in texts if t))
     model = load_encoding_model(default_model_path(), progress=False)
     longest_first = sorted(range(len(distinct)), key=lambda i: -len(distinct[i]))
@@ -79,4 +82,4 @@ def test_streamed_rows_are_the_models_own_encoding(scientific_slice, tmp_path, m
     features[with_text] = vectors[[distinct.index(texts[i]) for i in with_text]]
     expected = io.BytesIO()
     np.save(expected, features)
-    assert feature_bytes(ds)["part-00000.npy"] == expected.getvalue()
+    return expected.getvalue()

@@ -1,20 +1,26 @@
 """Data and runs in an object store, end to end, against a real S3 server on 127.0.0.1 (moto's, see
 tests/object_store.py): prepare → train (Ray, 2 workers, one SIGKILLed mid-run) → resume → export →
-batch_score, with every path an s3:// URI and nothing written to the local disk in their place.
+batch_score, with every path an s3:// URI and nothing written to the local disk in their place. The
+killed run ends with the summary.json and metrics.jsonl of an uninterrupted run (dropout on: the RNG
+state comes back too).
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from alterrec_dist.common.storage import StorePath, files_under
 from alterrec_dist.data.dataset import Dataset, read_parquet
 from alterrec_dist.training.checkpoint import checkpoints
-from tests.e2e.test_resume import PY, clean_env, kill_a_worker_after_a_mid_epoch_checkpoint, ray_train, sets
+from tests.e2e.test_resume import PY, assert_same_run, clean_env, sets
 from tests.e2e.test_train_runs import check_run_dir
 
 V = 41
@@ -39,6 +45,45 @@ def write_recbole_source(directory: Path) -> Path:
     return directory
 
 
+def ray_train(args: list[str], cwd: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "alterrec_dist.train", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, env=clean_env(**env),
+                            start_new_session=True)
+
+
+def train_workers(driver: subprocess.Popen) -> list[psutil.Process]:
+    """This run's Ray Train worker processes (descendants of its driver: other Ray instances on the
+    machine are not touched)."""
+    found = []
+    for p in psutil.Process(driver.pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def kill_a_worker_after_a_mid_epoch_checkpoint(driver: subprocess.Popen, store) -> tuple[str, int]:
+    """Once `store` (local or a store URI's StorePath) holds a complete mid-epoch checkpoint of a run of
+    20-step epochs checkpointed every 5 steps, SIGKILL one of the driver's 2 Ray Train workers; then
+    (the driver's output, the killed pid) when the driver ends."""
+    try:
+        deadline = time.monotonic() + 300
+        while not any(c.name.endswith(("-s0000005", "-s0000010", "-s0000015")) and (c / "manifest.json").is_file()
+                      for c in checkpoints(store)):
+            assert driver.poll() is None and time.monotonic() < deadline, "no mid-epoch checkpoint appeared"
+            time.sleep(0.1)
+        workers = train_workers(driver)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        out, _ = driver.communicate(timeout=500)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    return out, workers[-1].pid
+
+
 def command(module: str, args: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     r = subprocess.run([PY, "-m", f"alterrec_dist.{module}", *args], cwd=cwd, env=env, capture_output=True,
                        text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -61,12 +106,19 @@ def test_prepare_train_kill_resume_export_score_in_the_store(s3_server, bucket, 
     assert dataset.verify() == [] and dataset.num_items == V and dataset.manifest["splits"]["train"] == 400
     assert dataset.has_text().all() and dataset.text_dim == 384  # MiniLM, encoded and uploaded
 
-    driver = ray_train(["--out", run, *sets(SETTINGS + [f"data.path={data}"])], work, **env_extra)
-    out, _ = kill_a_worker_after_a_mid_epoch_checkpoint(driver, StorePath(run) / "checkpoints")
+    settings = sets(SETTINGS + [f"data.path={data}"])
+    whole = ray_train(["--out", str(tmp_path / "whole"), *settings], work, **env_extra)  # a local run dir
+    out, _ = whole.communicate(timeout=400)
+    assert whole.returncode == 0, out[-4000:]
+
+    driver = ray_train(["--out", run, *settings], work, **env_extra)
+    out, killed = kill_a_worker_after_a_mid_epoch_checkpoint(driver, StorePath(run) / "checkpoints")
     assert driver.returncode == 0, out[-4000:]
+    print(f"killed worker {killed}")  # shown with pytest -rP
     assert f"resuming from {run}/checkpoints/" in out, out[-4000:]  # Ray restarted the workers, they resumed
     run_dir = StorePath(run)
     check_run_dir(run_dir, 3, out, 2)
+    assert_same_run(run_dir, tmp_path / "whole", rel=1e-6, abs_=1e-6)
     names = files_under(run_dir)
     assert "model/manifest.json" in names and any(n.startswith("tensorboard/events.out.tfevents") for n in names)
     assert [c.name for c in checkpoints(run_dir / "checkpoints")] == ["e00002-s0000020", "e00003-s0000000"]

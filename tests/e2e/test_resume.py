@@ -1,8 +1,7 @@
 """Training checkpoints and resume in real runs (the pure parts: tests/training/test_resume_state.py).
 
-Slow tests (real processes, no mocks):
-* a 2-worker Ray run whose Ray Train worker is SIGKILLed mid-run recovers from its checkpoint and
-  ends with the summary.json of an uninterrupted run;
+Slow tests (real processes, no mocks; a Ray Train worker SIGKILLed mid-run is in
+tests/e2e/test_object_store.py, whose killed run keeps its run directory in an object store):
 * resuming a W=2 run at W=1 and a W=1 run at W=2 (torchrun) continues with the same losses;
 * a damaged newest checkpoint is named in a warning and the older one is used; all damaged is a
   one-line error.
@@ -12,17 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from alterrec_dist.common.config import load_config
-from alterrec_dist.training.checkpoint import checkpoints, newest_good, rank_file
+from alterrec_dist.training.checkpoint import newest_good, rank_file
 from tests.test_train import tiny_dataset
 
 
@@ -143,70 +139,6 @@ def test_no_intact_checkpoint_is_a_one_line_error(uninterrupted, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {run / 'checkpoints'}: none of its 2 checkpoints"), lines
     assert "networks.pt" in lines[0]
-
-
-def ray_train(args: list[str], cwd: Path, **env) -> subprocess.Popen:
-    return subprocess.Popen([PY, "-m", "alterrec_dist.train", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, env=clean_env(**env),
-                            start_new_session=True)
-
-
-def train_workers(driver: subprocess.Popen) -> list[psutil.Process]:
-    """This run's Ray Train worker processes (descendants of its driver: other Ray instances on the
-    machine are not touched)."""
-    found = []
-    for p in psutil.Process(driver.pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
-def kill_a_worker_after_a_mid_epoch_checkpoint(driver: subprocess.Popen, store) -> tuple[str, int]:
-    """Once `store` (local or a store URI's StorePath) holds a complete mid-epoch checkpoint of a run of
-    20-step epochs checkpointed every 5 steps, SIGKILL one of the driver's 2 Ray Train workers; then
-    (the driver's output, the killed pid) when the driver ends."""
-    try:
-        deadline = time.monotonic() + 300
-        while not any(c.name.endswith(("-s0000005", "-s0000010", "-s0000015")) and (c / "manifest.json").is_file()
-                      for c in checkpoints(store)):
-            assert driver.poll() is None and time.monotonic() < deadline, "no mid-epoch checkpoint appeared"
-            time.sleep(0.1)
-        workers = train_workers(driver)
-        assert len(workers) == 2, workers
-        os.kill(workers[-1].pid, signal.SIGKILL)
-        out, _ = driver.communicate(timeout=500)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    return out, workers[-1].pid
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_ray_worker_killed_mid_run_recovers(tmp_path):
-    """SIGKILL one of 2 Ray Train workers after the first mid-epoch checkpoint: Ray restarts the
-    workers (FailureConfig max_failures), they resume from the newest checkpoint, and the run ends
-    with the summary.json of an uninterrupted run. Dropout is on: the RNG state comes back too."""
-    data = tiny_dataset(tmp_path / "data")
-    # 3 epochs of 20 steps, a checkpoint every 5: the kill lands well before the end
-    settings = sets([s for s in SMALL if not s.startswith(("train.checkpoint_every", "model.dropout"))]
-                    + ["train.global_batch_size=20", "train.checkpoint_every=5", "model.dropout=0.1",
-                       f"data.path={data}", "trainer.max_failures=1"])
-    whole = ray_train(["--out", str(tmp_path / "whole"), *settings], tmp_path)
-    out, _ = whole.communicate(timeout=400)
-    assert whole.returncode == 0, out[-4000:]
-
-    killed_run = tmp_path / "killed"
-    driver = ray_train(["--out", str(killed_run), *settings], tmp_path)
-    out, killed = kill_a_worker_after_a_mid_epoch_checkpoint(driver, killed_run / "checkpoints")
-    assert driver.returncode == 0, out[-4000:]
-    resumed = [line for line in out.splitlines() if "resuming from" in line]
-    assert resumed, out[-4000:]
-    print(f"killed worker {killed}; {resumed[-1]}")  # shown with pytest -rP
-    assert_same_run(killed_run, tmp_path / "whole", rel=1e-6, abs_=1e-6)
 
 
 @pytest.mark.slow
