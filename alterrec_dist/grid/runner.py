@@ -1,9 +1,10 @@
 """The grid runner behind `python -m alterrec_dist.experiments`: a grid file expanded into one run per
 method x dataset x seed (plus sweeps and peer baselines), each through the normal driver.
 
-A run is done when its directory holds `summary.json` (a peer: `result.json`); a half-finished
-run directory is removed and run again, so an interrupted grid resumes where it stopped. Each
-run's exact command is written to `command.txt` beside its results.
+A run is done when its directory holds `summary.json` (a peer: `result.json`). A half-finished
+training run goes on from its newest checkpoint (`train --resume auto`); a half-finished peer, which
+keeps none, is removed and run again. So an interrupted grid resumes where it stopped. Each run's
+exact command is written to `command.txt` beside its results.
 """
 from __future__ import annotations
 
@@ -95,13 +96,14 @@ def load_grid(path: str | Path) -> Grid:
 
 
 def train_command(d: DatasetGrid, method: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
-    """The normal driver, one worker through the torchrun launcher (W=2 computes the same; see the parity tests)."""
+    """The normal driver, one worker through the torchrun launcher (W=2 computes the same; see the parity tests).
+    `--resume auto`: a run directory that an interrupted attempt started goes on from its newest checkpoint."""
     sets = ["trainer.num_workers=1", f"train.method={method}", f"train.seed={seed}", *d.sets,
             *d.method_sets.get(method, []), *extra]
     cmd = [sys.executable, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--config", d.config]
     for s in sets:
         cmd += ["--set", s]
-    return cmd + ["--out", str(run_dir)]
+    return cmd + ["--out", str(run_dir), "--resume", "auto"]
 
 
 def expand(grid: Grid) -> list[RunSpec]:
@@ -157,7 +159,8 @@ def prepare_datasets(grid: Grid) -> None:
 
 
 def run_one(spec: RunSpec, threads: int) -> tuple[RunSpec, int, float]:
-    if spec.run_dir.exists():  # half-finished: start it again from scratch
+    resumable = spec.role != "peer" and (spec.run_dir / "config.toml").is_file()
+    if spec.run_dir.exists() and not resumable:  # half-finished with nothing to go on from: start again
         shutil.rmtree(spec.run_dir)
     spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

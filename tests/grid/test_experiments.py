@@ -75,14 +75,17 @@ def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     assert pngs == ["default_alterrec_curves.png", "default_longtail.png", "default_nfrec_imbalance.png",
                     "default_sensitivity.png"]
 
-    # A half-finished run (no summary.json) is run again; the finished ones are not.
+    # A half-finished run (no summary.json) goes on from its newest checkpoint; the finished ones are not run.
     (tmp_path / "runs/default/id_only-s0/summary.json").unlink()
+    lines = (tmp_path / "runs/default/id_only-s0/metrics.jsonl").read_text()
     before = (tmp_path / "runs/default/alterrec-s0/summary.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["--grid", str(grid_path)]) == 0
     out = capsys.readouterr().out
     assert "6 of 7 runs already done; 1 to run" in out and "id_only-s0" in out
     assert (tmp_path / "runs/default/id_only-s0/summary.json").exists()
+    assert "resuming from" in (tmp_path / "runs/default/id_only-s0.log").read_text()  # not started again
+    assert (tmp_path / "runs/default/id_only-s0/metrics.jsonl").read_text() == lines
     assert (tmp_path / "runs/default/alterrec-s0/summary.json").stat().st_mtime_ns == before
 
     # The report alone: rewritten from the run directories, nothing trained.
