@@ -106,7 +106,7 @@ class StorePath:
     def absolute(self) -> StorePath:  # a URI is absolute already
         return self
 
-    resolve = expanduser = absolute
+    resolve = absolute
 
     def is_absolute(self) -> bool:
         return True

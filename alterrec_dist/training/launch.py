@@ -47,7 +47,7 @@ def ray_worker(loop_config: dict) -> None:
         import torch
 
         torch.cuda.set_device(ray.train.torch.get_device())
-    summary = recipe.run_worker(cfg, storage.location(loop_config["run_dir"]), report=_report_to_ray)
+    summary = recipe.run_worker(cfg, loop_config["run_dir"], report=_report_to_ray)  # a path or a store URI
     # One last report on every rank (reports are a barrier): the driver gets the summary even
     # when rank 0 ran on another node and run_dir is not shared.
     ray.train.report({"summary": summary})
