@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.report_only:
         prepare_datasets(grid)
-        failed = run_grid(grid, specs)
+        specs, failed = run_grid(grid)
     from alterrec_dist.grid.report import write_report  # plotting libraries only when reporting
 
     write_report(grid, specs, " ".join(["python -m alterrec_dist.experiments", *(argv or sys.argv[1:])]))

@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""Peer baseline: RecBole's SASRec on the exact Scientific split, in its own venv.
+"""Peer baselines on the exact Scientific split, each from its own public code, in its own venv:
+RecBole's SASRec, CORE, BERT4Rec and SR-GNN, and UniSRec (github RUCAIBox/UniSRec, built on RecBole)
+trained from scratch in its transductive (ID + text) mode on the project's MiniLM item features.
 
     python3 bench/recbole_peer.py --model SASRec --seed 0 --out runs/peers/scientific/SASRec-s0 \
-        [--data ../shared/data/scientific] [--epochs 50]
+        [--data ../shared/data/scientific] [--epochs 50] [--max-minutes 60]
+    python3 bench/recbole_peer.py --model UniSRec --unisrec-src ../peers/UniSRec --features data/scientific \
+        --seed 0 --out runs/peers/scientific/UniSRec-s0
 
 RecBole is never a project dependency: this script (standard library only at top level) creates
 `.venv-recbole/` in the repository root on first use (torch==2.13.0 first, the CPU wheel on disk,
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import shlex
@@ -55,7 +60,20 @@ DEPS = [
     "thop==0.1.1.post2209072238",
 ]
 SETUP_STAMP = json.dumps({"torch": TORCH_PIN, "recbole": RECBOLE_VERSION, "deps": DEPS})
-MODELS = ("SASRec", "FDSA")
+MODELS = ("SASRec", "CORE", "BERT4Rec", "SRGNN", "UniSRec", "FDSA")
+UNISREC_COMMIT = "05aa5cba2809112c32808f70d16abc61c05c6538"  # github RUCAIBox/UniSRec, the code that was run
+# UniSRec's props/UniSRec.yaml + props/finetune.yaml at that commit, as its `finetune.py -d Scientific`
+# (no -p: from scratch) reads them; only the text width differs: MiniLM rows are 384 wide, not BERT's 768.
+UNISREC_PROPS = {
+    "n_layers": 2, "n_heads": 2, "hidden_size": 300, "inner_size": 256,
+    "hidden_dropout_prob": 0.5, "attn_dropout_prob": 0.5, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+    "initializer_range": 0.02, "loss_type": "CE",
+    "item_drop_ratio": 0.2, "item_drop_coefficient": 0.9, "lambda": 1e-3,
+    "plm_suffix": "feat1CLS", "plm_suffix_aug": "feat2CLS", "train_stage": "transductive_ft",
+    "adaptor_dropout_prob": 0.2, "temperature": 0.07, "n_exps": 8,
+    "unisrec_transform": None,
+    "stopping_step": 10, "epochs": 300, "train_batch_size": 2048,  # RecBole's defaults, which UniSRec keeps
+}
 # Tried once (bench/PEER.md): FDSA runs on Scientific.text re-keyed as a .item token_seq feature,
 # but RecBole's FeatureSeqEmbLayer embeds every text token of every history item per batch.
 FDSA_REFUSAL = (
@@ -70,7 +88,11 @@ SPLITS = ("train", "valid", "test")
 
 
 class Fail(Exception):
-    pass
+    """The run failed (exit 1)."""
+
+
+class BadInput(Fail):
+    """What the user gave is wrong (exit 2), found before the venv or any training."""
 
 
 # ----------------------------------------------------------------------------------------- venv
@@ -110,11 +132,11 @@ def count_rows(path: Path) -> int:
 
 def check_data(data: Path) -> dict:
     if not data.is_dir():
-        raise Fail(f"data dir not found: {data}")
+        raise BadInput(f"data dir not found: {data}")
     need = [f"{DATASET}.{s}.inter" for s in SPLITS] + [f"{DATASET}.item2index"]
     missing = [n for n in need if not (data / n).is_file()]
     if missing:
-        raise Fail(f"data dir {data} lacks {', '.join(missing)}")
+        raise BadInput(f"data dir {data} lacks {', '.join(missing)}")
     with open(data / f"{DATASET}.item2index") as f:
         n_items = sum(1 for line in f if line.strip())
     return {
@@ -131,7 +153,48 @@ def stage_dataset(data: Path, stage: Path) -> None:
         (d / f"{DATASET}.{s}.inter").symlink_to(data / f"{DATASET}.{s}.inter")
 
 
-def recbole_config(seed: int, epochs: int, batch_size: int, stage: Path, out: Path) -> dict:
+def unisrec_inputs(src: Path | None, features: Path, items: int) -> dict:
+    """Where UniSRec's code and its item text features come from, checked before any training.
+    The features are the project's own MiniLM rows (row i = item index i of the RecBole files)."""
+    if src is None or not (src / "unisrec.py").is_file() or not (src / "data" / "dataset.py").is_file():
+        raise BadInput(f"--unisrec-src {src}: not a checkout of github RUCAIBox/UniSRec "
+                       "(no unisrec.py, data/dataset.py)")
+    manifest = features / "manifest.json"
+    if not manifest.is_file():
+        raise BadInput(f"--features {features}: no manifest.json "
+                       "(make it with `python -m alterrec_dist.prepare recbole`)")
+    m = json.loads(manifest.read_text())
+    text, source = m.get("text") or {}, m.get("source") or {}
+    if m.get("num_items") != items or source.get("kind") != "recbole" or source.get("item_index_base") != 0:
+        raise BadInput(f"{manifest}: not a RecBole dataset of the same {items} items indexed from 0")
+    if text.get("num_with_text") != items:
+        raise BadInput(f"{manifest}: {text.get('num_with_text')} of {items} items have text features")
+    return {"unisrec_src": str(src.resolve()), "unisrec_code_sha256": {
+                f: hashlib.sha256((src / f).read_bytes()).hexdigest() for f in ("unisrec.py", "data/dataset.py")},
+            "features": str(features.resolve()), "text_model": text.get("model"), "plm_size": text["dim"],
+            "feature_parts": [str((features / part["file"]).resolve()) for part in text["files"]]}
+
+
+# RecBole's SASRec defaults, spelled out so result.json records them (the other RecBole models take
+# their defaults from RecBole's own properties/model/<Model>.yaml, which the run's log records).
+SASREC_DEFAULTS = {
+    "n_layers": 2,
+    "n_heads": 2,
+    "hidden_size": 64,
+    "inner_size": 256,
+    "hidden_dropout_prob": 0.5,
+    "attn_dropout_prob": 0.5,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "initializer_range": 0.02,
+    "loss_type": "CE",
+}
+
+
+def recbole_config(model: str, seed: int, epochs: int | None, batch_size: int | None, stage: Path, out: Path,
+                   plm_size: int = 0) -> dict:
+    """The whole RecBole config of one run: shared data/eval settings, then the model's own;
+    `epochs`/`batch_size` None keep the model's default here."""
     cfg = {
         # data: the pre-split atomic files, used as given
         "data_path": str(stage),
@@ -145,11 +208,11 @@ def recbole_config(seed: int, epochs: int, batch_size: int, stage: Path, out: Pa
         # training
         "seed": seed,
         "reproducibility": True,
-        "epochs": epochs,
-        # RecBole's default is 2048 = 17 steps/epoch here: after 4 epochs the CE loss was still
+        "epochs": 50,
+        # RecBole's default is 2048 = 17 steps/epoch here: after 4 epochs SASRec's CE loss was still
         # 7.9 (ln 4386 = 8.4) and valid NDCG@10 0.021, hopeless inside 50 epochs; 512 (the
         # project's own global batch) gives 67 steps/epoch at the same cost per epoch.
-        "train_batch_size": batch_size,
+        "train_batch_size": 512,
         "learning_rate": 0.001,
         "stopping_step": 10,
         "train_neg_sample_args": None,  # CE loss over all items
@@ -166,18 +229,15 @@ def recbole_config(seed: int, epochs: int, batch_size: int, stage: Path, out: Pa
         "save_dataset": False,
         "save_dataloaders": False,
         "log_wandb": False,
-        # model: RecBole's SASRec defaults, spelled out so result.json records them
-        "n_layers": 2,
-        "n_heads": 2,
-        "hidden_size": 64,
-        "inner_size": 256,
-        "hidden_dropout_prob": 0.5,
-        "attn_dropout_prob": 0.5,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-12,
-        "initializer_range": 0.02,
-        "loss_type": "CE",
     }
+    if model == "SASRec":
+        cfg.update(SASREC_DEFAULTS)
+    if model == "UniSRec":
+        cfg.update(UNISREC_PROPS, plm_size=plm_size, adaptor_layers=[plm_size, UNISREC_PROPS["hidden_size"]])
+    if epochs:
+        cfg["epochs"] = epochs
+    if batch_size:
+        cfg["train_batch_size"] = batch_size
     return cfg
 
 
@@ -202,8 +262,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--epochs", type=int, default=50)
-    ap.add_argument("--batch-size", type=int, default=512, help="train_batch_size (see bench/PEER.md)")
+    ap.add_argument("--epochs", type=int, help="epoch ceiling (default: 50; UniSRec: its code's 300)")
+    ap.add_argument("--batch-size", type=int,
+                    help="train_batch_size (default: 512, see bench/PEER.md; UniSRec: its code's 2048)")
+    ap.add_argument("--max-minutes", type=float, default=0,
+                    help="stop training after the first validation past this many minutes of the run's CPU time "
+                         "(one thread: a busy machine does not shorten it), then test the best-valid checkpoint; "
+                         "0: no cap")
+    ap.add_argument("--unisrec-src", type=Path, help=f"UniSRec: a checkout of github RUCAIBox/UniSRec "
+                                                     f"(run at {UNISREC_COMMIT[:7]})")
+    ap.add_argument("--features", type=Path, default=REPO / "data" / "scientific",
+                    help="UniSRec: the project's prepared dataset whose MiniLM text features it is fed")
     a = ap.parse_args(argv)
     command = shlex.join(["python3", *sys.argv])
     if a.model == "FDSA":
@@ -216,12 +285,15 @@ def main(argv=None) -> int:
     try:
         data = a.data.resolve()
         expect = check_data(data)
+        extra = {"max_minutes": a.max_minutes}
+        if a.model == "UniSRec":
+            extra.update(unisrec_inputs(a.unisrec_src, a.features, expect["items"]))
         py = ensure_venv()
         out.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".dataset-", dir=out))
         try:
             stage_dataset(data, stage)
-            cfg = recbole_config(a.seed, a.epochs, a.batch_size, stage, out)
+            cfg = recbole_config(a.model, a.seed, a.epochs, a.batch_size, stage, out, extra.get("plm_size", 0))
             write_yaml(cfg, out / "recbole.yaml")
             drv_out = out / "driver_result.json"
             drv_out.unlink(missing_ok=True)
@@ -232,7 +304,7 @@ def main(argv=None) -> int:
                        MALLOC_TOP_PAD_="1073741824")
             env.pop("PYTHONPATH", None)  # nothing of the project's venv leaks in
             cmd = [str(py), str(Path(__file__).resolve()), "--_drive", str(out / "recbole.yaml"),
-                   a.model, str(drv_out), json.dumps(expect)]
+                   a.model, str(drv_out), json.dumps(expect), json.dumps(extra)]
             start = time.time()
             with open(out / "recbole.log", "w") as log:
                 r = subprocess.run(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -258,12 +330,14 @@ def main(argv=None) -> int:
             "dataset_stats": drv["stats"],
             "torch_version": drv["torch_version"],
             "epochs_run": drv["epochs_run"],
+            "stopped_by": drv["stopped_by"],
+            "inputs": {k: v for k, v in extra.items() if k != "feature_parts"},
             "valid_ndcg10_by_epoch": drv["valid_curve"],
         }
         atomic_write_json(out / "result.json", result)
     except Fail as e:
         print(f"recbole_peer: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, BadInput) else 1
     t, v = result["test"], result["valid"]
     print(f"recbole_peer: {a.model} seed {a.seed}: best epoch {result['best_epoch']}, "
           f"valid ndcg@10 {v['ndcg@10']:.4f}, test hit@10 {t['hit@10']:.4f} ndcg@10 {t['ndcg@10']:.4f} "
@@ -272,7 +346,20 @@ def main(argv=None) -> int:
 
 
 # --------------------------------------------------------------------- driver (inside the venv)
-def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str) -> None:
+class TimeCap(Exception):
+    """Raised after a validation once --max-minutes of CPU time have passed (the best checkpoint is saved by then)."""
+
+
+def write_plm_features(parts: list[str], dim: int, path: Path) -> None:
+    """UniSRec reads <dataset>.feat1CLS as raw float32 rows in item-index order."""
+    import numpy as np
+
+    rows = np.concatenate([np.load(part).astype(np.float32) for part in parts])
+    assert rows.shape[1] == dim, f"text features are {rows.shape[1]} wide, manifest says {dim}"
+    rows.tofile(path)
+
+
+def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str, extra_json: str) -> None:
     """Runs under .venv-recbole's python with cwd = OUT (RecBole writes ./log, ./log_tensorboard)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     import logging
@@ -296,13 +383,24 @@ def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str) -> No
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_model, get_trainer, init_logger, init_seed
 
-    expect = json.loads(expect_json)
-    config = Config(model=model_name, dataset=DATASET, config_file_list=[cfg_path])
+    expect, extra = json.loads(expect_json), json.loads(extra_json)
+    if model_name == "UniSRec":  # its own code, imported from the checkout; RecBole does the rest
+        sys.path.insert(0, extra["unisrec_src"])
+        from data.dataset import UniSRecDataset
+        from unisrec import UniSRec
+
+        model_class, make_dataset = UniSRec, UniSRecDataset
+    else:
+        model_class, make_dataset = get_model(model_name), create_dataset
+    config = Config(model=model_class, dataset=DATASET, config_file_list=[cfg_path])
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = logging.getLogger()
     logger.info(config)
-    dataset = create_dataset(config)
+    if model_name == "UniSRec":
+        write_plm_features(extra["feature_parts"], config["plm_size"],
+                           Path(config["data_path"]) / f"{DATASET}.{config['plm_suffix']}")
+    dataset = make_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
 
@@ -331,12 +429,23 @@ def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str) -> No
     logger.info(f"split check ok: {stats}")
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model = model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    curve = []
-    _, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False,
-                                callback_fn=lambda epoch, score: curve.append((epoch, float(score))))
+    curve, start, cap = [], time.process_time(), extra["max_minutes"] * 60
+
+    def after_validation(epoch, score):
+        curve.append((epoch, float(score)))
+        if cap and time.process_time() - start > cap:
+            raise TimeCap
+
+    stopped_by = "early stopping or the epoch ceiling"
+    try:
+        trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=after_validation)
+    except TimeCap:
+        stopped_by = f"the time cap ({extra['max_minutes']:g} CPU min) after {len(curve)} epochs"
+        logger.info(f"stopped by {stopped_by}")
+    best_valid = trainer.best_valid_result
     test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     logger.info(f"best valid: {best_valid}")
     logger.info(f"test result: {test}")
@@ -347,6 +456,7 @@ def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str) -> No
         "torch_version": torch.__version__,
         "best_epoch": best_epoch,
         "epochs_run": len(curve),
+        "stopped_by": stopped_by,
         "valid_curve": [round(s, 6) for _, s in curve],
         "valid": {k: float(best_valid[k]) for k in METRICS},
         "test": {k: float(test[k]) for k in METRICS},
@@ -357,6 +467,6 @@ def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str) -> No
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--_drive":
-        drive(*sys.argv[2:6])
+        drive(*sys.argv[2:7])
         sys.exit(0)
     sys.exit(main())

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from alterrec_dist.common.config import PROJECT_ROOT, shown  # noqa: E402
 from alterrec_dist.common.files import atomic_write_bytes  # noqa: E402
 from alterrec_dist.common.methods import METHODS, selection_part  # noqa: E402
+from alterrec_dist.grid.selection import choose  # noqa: E402
 
 TABLE_METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20")
 TARGET_GAIN = 0.05
@@ -128,34 +129,12 @@ def gains(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors:
     return lines
 
 
-def valid_score(run: dict) -> float:
-    """The validation value the run selected its epoch on (e.g. fused/ndcg@10)."""
-    kind, _, metric = run["selection"].partition("/")
-    return run["valid"][kind][metric]
-
-
-def select_settings(keys: list[str], runs: list[dict], methods: dict[str, list[dict]]) -> list[str]:
-    """For each swept key in `keys`, each method takes the value whose runs score best on validation
-    (mean over seeds); its runs in `methods` become those. Returns table lines saying what was chosen.
-    A value is a candidate only once all its seeds have finished, so a half-run grid cannot flatter it."""
-    lines = []
-    for key in keys:
-        for method in list(methods):
-            by_value: dict[str, list[dict]] = {}
-            for r in runs:
-                if r["spec"].method == method and key in r["spec"].sweeps and r["spec"].role != "peer":
-                    by_value.setdefault(str(r["spec"].sweeps[key]), []).append(r)
-            seeds = len(methods[method])
-            ready = {v: rs for v, rs in by_value.items() if len(rs) == seeds}
-            if len(ready) < 2:
-                continue
-            scores = {v: statistics.mean(valid_score(r) for r in rs) for v, rs in ready.items()}
-            best = max(scores, key=scores.get)
-            methods[method] = ready[best]
-            if not lines:
-                lines = ["| method | setting | validation score per value | chosen |", "|---|---|---|---|"]
-            lines.append(f"| {method_label(method)} | {key} | "
-                         + ", ".join(f"{v}: {x:.4f}" for v, x in scores.items()) + f" | **{best}** |")
+def choice_table(choices: list) -> list[str]:
+    lines = ["| method | validation score on the selection seeds: base, then each switch alone | chosen |",
+             "|---|---|---|"]
+    for c in choices:
+        lines.append(f"| {method_label(c.method)} | " + ", ".join(f"{v}: {x:.4f}" for v, x in c.scores.items())
+                     + f" | **{c.chosen}** |")
     return lines
 
 
@@ -252,20 +231,27 @@ def sensitivity_figure(alphas, alpha_vals, k2s, k2_vals, path: Path) -> None:
     save(fig, path)
 
 
-def switch_table(runs: list[dict], exclude: list[str]) -> list[str]:
-    """One row per value of each swept setting other than k2 (which has its own figure) and `exclude`."""
-    keys = sorted({k for r in runs for k in r["spec"].sweeps if k != "train.k2" and k not in exclude})
+def switch_table(runs: list[dict]) -> list[str]:
+    """One row per method and value of each swept setting other than k2 (which has its own figure),
+    scored on the method's own kind (fused for AlterRec and NFRec): the measured switch ablation."""
+    keys = sorted({k for r in runs for k in r["spec"].sweeps if k != "train.k2"})
     if not keys:
         return []
-    lines = ["| setting | valid hit@10 | valid ndcg@10 | test hit@10 | test ndcg@10 | best epoch |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | setting | seeds | valid hit@10 | valid ndcg@10 | test hit@10 | test ndcg@10 | best epochs |",
+             "|---|---|---|---|---|---|---|---|"]
     for key in keys:
-        for r in sorted((r for r in runs if key in r["spec"].sweeps), key=lambda r: str(r["spec"].sweeps[key])):
-            v, t = r["valid"]["fused"], r["test"]["fused"]
-            value = r["spec"].sweeps[key]
-            lines.append(f"| {key} = {str(value).lower() if isinstance(value, bool) else value} | "
-                         f"{v['hit@10']:.4f} | {v['ndcg@10']:.4f} | {t['hit@10']:.4f} | {t['ndcg@10']:.4f} | "
-                         f"{r['best_epoch']} |")
+        points: dict[tuple[str, str], list[dict]] = {}
+        for r in runs:
+            if key in r["spec"].sweeps:
+                value = r["spec"].sweeps[key]
+                points.setdefault((r["spec"].method, str(value).lower() if isinstance(value, bool) else str(value)),
+                                  []).append(r)
+        for (method, value), rs in sorted(points.items()):
+            kind = own_kind(method)
+            lines.append(f"| {method_label(method)} ({kind}) | {key} = {value} | {len(rs)} | "
+                         + " | ".join(cell([r[split][kind][m] for r in rs])
+                                      for split in ("valid", "test") for m in ("hit@10", "ndcg@10"))
+                         + f" | {','.join(str(r['best_epoch']) for r in rs)} |")
     return lines
 
 
@@ -290,7 +276,10 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
     for r in runs:
         if r["spec"].role == "peer":
             peers.setdefault(r["spec"].label, []).append(r)
-    chosen = select_settings(d.select, runs, methods)
+    by_dir = {r["spec"].run_dir: r for r in runs}
+    choices = [c for c in (choose(specs, d, m) for m in methods) if c]
+    for c in choices:  # Table 1 and the figures report each method's chosen runs
+        methods[c.method] = [by_dir[s.run_dir] for s in c.runs if s.run_dir in by_dir]
     expected = sum(1 for s in specs if s.dataset == d.name)
     lines += [f"## {d.title}", ""]
     if d.note:
@@ -303,9 +292,10 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
         lines.append(f"- {a['name']}: {a['source']}")
     if d.anchors:
         lines.append("")
-    if chosen:
-        lines += ["Chosen on validation (mean over seeds of each run's own selection metric; Table 1 and the "
-                  "figures use the chosen runs):", ""] + chosen + [""]
+    if choices:
+        lines += [f"Chosen on validation (seeds {d.select_seeds or d.seeds}: mean of each run's own selection "
+                  "metric; Table 1 and the figures use the chosen setting's runs on every seed):", ""]
+        lines += choice_table(choices) + [""]
     g = gains(methods, peers, d.anchors)
     if g:
         lines += ["Fused AlterRec relative to each of the others (means over seeds; the target is ≥ +5 % over ID "
@@ -344,7 +334,8 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
             lines.append("")
     if "alterrec" in methods and any(k.startswith("fused@") for k in methods["alterrec"][0]["test"]):
         alphas, alpha_vals = alpha_curve(methods["alterrec"])
-        k2_runs = sorted((r for r in runs if "train.k2" in r["spec"].sweeps), key=lambda r: r["spec"].sweeps["train.k2"])
+        k2_runs = sorted((r for r in runs if "train.k2" in r["spec"].sweeps and r["spec"].method == "alterrec"),
+                         key=lambda r: r["spec"].sweeps["train.k2"])
         k2s = [r["spec"].sweeps["train.k2"] for r in k2_runs]
         k2_vals = {(split, m): [r[split]["fused"][m] for r in k2_runs]
                    for split in ("valid", "test") for m in ("hit@10", "ndcg@10")}
@@ -365,12 +356,13 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
             for (split, m), ys in k2_vals.items():
                 lines.append(f"| {split} {m} | " + " | ".join(f"{y:.4f}" for y in ys) + " |")
         lines.append("")
-    switches = switch_table(runs, d.select)
+    switches = switch_table(runs)
     if switches:
-        lines += ["### Switches of the official code (AlterRec, seed 0, one at a time)", "",
-                  "Each row changes one setting of the dataset's config (epoch budget included, not the one "
-                  "chosen on validation); the default row is that config's own run. "
-                  "Fused scores at the epoch best on validation.", ""] + switches + [""]
+        lines += ["### Switches, one at a time", "",
+                  "Each row changes one setting of the dataset's config; the row at the config's own value is "
+                  "the method's base run. Each method is scored on its own kind at its best validation epoch, "
+                  "mean ± std over the seeds listed. Settings are chosen on the validation columns only.", ""]
+        lines += switches + [""]
     lines += ["### Runs", "", "| run directory | best epoch | command |", "|---|---|---|"]
     for r in runs:
         lines.append(f"| `{shown(r['spec'].run_dir)}` | {r['best_epoch']} | `{r['command']}` |")

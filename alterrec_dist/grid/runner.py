@@ -1,6 +1,10 @@
 """The grid runner behind `python -m alterrec_dist.experiments`: a grid file expanded into one run per
 method x dataset x seed (plus sweeps and peer baselines), each through the normal driver.
 
+Tuning (a dataset's `select` keys): each method's sweeps over them run on the selection seeds
+(`select_seeds`); once they have all finished, the setting chosen on validation (grid/selection.py)
+runs on the dataset's other seeds too, so the chosen settings are reported over every seed.
+
 A run is done when its directory holds `summary.json` (a peer: `result.json`). A half-finished
 training run goes on from its newest checkpoint (`train --resume auto`); a half-finished peer, which
 keeps none, is removed and run again. So an interrupted grid resumes where it stopped. Each run's
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from alterrec_dist.common.config import PROJECT_ROOT, load_config, read_toml, shown
 from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.grid.selection import choose
 
 
 @dataclass
@@ -34,6 +39,7 @@ class RunSpec:
     role: str = "method"       # "method" | "sweep" | "peer"
     method: str = ""
     sweeps: dict[str, object] = field(default_factory=dict)  # swept key -> this run's value (several if shared)
+    extra: list[str] = field(default_factory=list)            # the --set overrides of its sweep point
 
     @property
     def done(self) -> bool:
@@ -59,6 +65,8 @@ class DatasetGrid:
     peers: list[dict] = field(default_factory=list)
     anchors: list[dict] = field(default_factory=list)
     select: list[str] = field(default_factory=list)  # swept keys whose value each method picks on validation
+    select_seeds: list[int] = field(default_factory=list)  # seeds the select sweeps run on; empty: all
+    tuned: list[str] = field(default_factory=list)  # methods a sweep without method(s) tunes; empty: all
 
 
 @dataclass
@@ -84,7 +92,8 @@ def load_grid(path: str | Path) -> Grid:
                 seeds=d.get("seeds", seeds), sets=d.get("set", []), method_sets=d.get("method_set", {}),
                 prepare=d.get("prepare", []),
                 note=d.get("note", ""), sweeps=d.get("sweep", []), peers=d.get("peer", []),
-                anchors=d.get("anchor", []), select=d.get("select", [])))
+                anchors=d.get("anchor", []), select=d.get("select", []), select_seeds=d.get("select_seeds", []),
+                tuned=d.get("tuned", [])))
         except KeyError as e:
             raise ConfigError(f"{path}: [[dataset]] entry misses key {e}") from None
     if not datasets:
@@ -106,8 +115,41 @@ def train_command(d: DatasetGrid, method: str, seed: int, run_dir: Path, extra: 
     return cmd + ["--out", str(run_dir), "--resume", "auto"]
 
 
+def sweep_methods(d: DatasetGrid, sw: dict) -> list[str]:
+    """The methods a sweep tunes: its `method`, its `methods`, or (neither) the dataset's `tuned` methods
+    (default: all), which is how a grid gives each method the same tuning budget over the same switches."""
+    if "method" in sw:
+        return [sw["method"]]
+    return sw.get("methods", d.tuned or d.methods)
+
+
+def sweep_points(sw: dict, default) -> list[tuple[object, list[str]]]:
+    """(value, the --set overrides that make it) per point of a sweep; [] means the base config.
+    `values` sweep one config key; `variants` name bundles of overrides (e.g. cosine logits + temperature)."""
+    if "variants" in sw:
+        return list(sw["variants"].items())
+    return [(value, [] if value == default else [f"{sw['key']}={as_toml(value)}"]) for value in sw["values"]]
+
+
+def as_toml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def method_config(d: DatasetGrid, method: str, extra: list[str] = ()):
+    """A method's config in this grid (raises ConfigError where the overrides do not fit it)."""
+    return load_config(PROJECT_ROOT / d.config, [f"train.method={method}", *d.sets, *d.method_sets.get(method, []),
+                                                 *extra])
+
+
+def key_value(cfg, key: str):
+    """A config key's value; None for a variants sweep's free label (e.g. "logits")."""
+    section, dot, name = key.partition(".")
+    return getattr(getattr(cfg, section), name) if dot and hasattr(cfg, section) else None
+
+
 def expand(grid: Grid) -> list[RunSpec]:
-    """Every run of the grid; a sweep point equal to the base config reuses the method's run."""
+    """Every run of the grid; a sweep point equal to the base config reuses the method's run, and a
+    point a method's config refuses (e.g. cosine logits for NFRec's one fused network) is left out."""
     specs: dict[Path, RunSpec] = {}
     for d in grid.datasets:
         base = grid.out / d.name
@@ -117,25 +159,30 @@ def expand(grid: Grid) -> list[RunSpec]:
                 specs[run_dir] = RunSpec(d.name, method, seed, run_dir, train_command(d, method, seed, run_dir),
                                          method=method)
         for sw in d.sweeps:
-            key, method = sw["key"], sw["method"]
-            cfg = load_config(PROJECT_ROOT / d.config, [f"train.method={method}", *d.sets,
-                                                         *d.method_sets.get(method, [])])
-            section, _, name = key.partition(".")
-            default = getattr(getattr(cfg, section), name)
-            for value in sw["values"]:
-                for seed in sw.get("seeds", d.seeds):
-                    if value == default:
-                        run_dir = base / f"{method}-s{seed}"
-                        extra = []
-                    else:
-                        text = str(value).lower() if isinstance(value, bool) else str(value)  # as TOML writes it
-                        run_dir = base / f"{method}-{name}={text}-s{seed}"
-                        extra = [f"{key}={text}"]
-                    spec = specs.get(run_dir) or RunSpec(
-                        d.name, f"{method} {key}={value}", seed, run_dir,
-                        train_command(d, method, seed, run_dir, extra), role="sweep", method=method)
-                    spec.sweeps[key] = value
-                    specs[run_dir] = spec
+            key = sw["key"]
+            name = key.partition(".")[2] or key
+            refused: dict[str, list[str]] = {}  # point -> why each method's config refused it
+            for method in sweep_methods(d, sw):
+                for value, extra in sweep_points(sw, key_value(method_config(d, method), key)):
+                    try:
+                        method_config(d, method, extra)
+                    except ConfigError as e:
+                        refused.setdefault(str(value), []).append(str(e))
+                        continue
+                    for seed in sw.get("seeds", d.select_seeds if key in d.select and d.select_seeds else d.seeds):
+                        run_dir = base / (f"{method}-{name}={as_toml(value)}-s{seed}" if extra else f"{method}-s{seed}")
+                        spec = specs.get(run_dir) or RunSpec(
+                            d.name, f"{method} {key}={value}", seed, run_dir,
+                            train_command(d, method, seed, run_dir, extra), role="sweep", method=method,
+                            extra=extra)
+                        spec.sweeps[key] = value
+                        specs[run_dir] = spec
+            for value, why in refused.items():
+                if len(why) == len(sweep_methods(d, sw)):  # a typo, not a point that fits only some methods
+                    raise ConfigError(f"{grid.path}: sweep {key} = {value} fits no method: {why[0]}")
+        for method in d.methods:
+            for spec in confirm_runs(d, method, list(specs.values())):
+                specs.setdefault(spec.run_dir, spec)
         for peer in d.peers:
             for seed in peer.get("seeds", d.seeds):
                 run_dir = base / "peers" / f"{peer['name']}-s{seed}"
@@ -144,6 +191,22 @@ def expand(grid: Grid) -> list[RunSpec]:
                                          cmd + ["--seed", str(seed), "--out", str(run_dir)],
                                          done_file="result.json", role="peer")
     return list(specs.values())
+
+
+def confirm_runs(d: DatasetGrid, method: str, specs: list[RunSpec]) -> list[RunSpec]:
+    """The chosen sweep point on the seeds it has not run on (none until the choice is made)."""
+    choice = choose(specs, d, method)
+    if choice is None or choice.runs[0].role != "sweep":
+        return []
+    template, have = choice.runs[0], {s.seed for s in choice.runs}
+    stem = template.run_dir.name.rsplit("-s", 1)[0]
+    runs = []
+    for seed in (s for s in d.seeds if s not in have):
+        run_dir = template.run_dir.with_name(f"{stem}-s{seed}")
+        runs.append(RunSpec(d.name, template.label, seed, run_dir,
+                            train_command(d, method, seed, run_dir, template.extra), role="sweep", method=method,
+                            sweeps=dict(template.sweeps), extra=template.extra))
+    return runs
 
 
 def prepare_datasets(grid: Grid) -> None:
@@ -176,17 +239,22 @@ def run_one(spec: RunSpec, threads: int) -> tuple[RunSpec, int, float]:
     return spec, rc, seconds
 
 
-def run_grid(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
-    """Run what is not done, `grid.jobs` at a time; returns the runs that failed."""
-    todo = [s for s in specs if not s.done]
-    print(f"{len(specs) - len(todo)} of {len(specs)} runs already done; {len(todo)} to run, {grid.jobs} at a time",
-          flush=True)
-    failed = []
-    with ThreadPoolExecutor(grid.jobs) as pool:
-        for i, (spec, rc, seconds) in enumerate(pool.map(lambda s: run_one(s, grid.threads), todo), 1):
-            ok = rc == 0 and spec.done
-            print(f"[{i}/{len(todo)}] {'ok  ' if ok else 'FAIL'} {shown(spec.run_dir)} "
-                  f"({seconds / 60:.1f} min){'' if ok else f', exit {rc}, see {spec.log}'}", flush=True)
-            if not ok:
-                failed.append(spec)
-    return failed
+def run_grid(grid: Grid) -> tuple[list[RunSpec], list[RunSpec]]:
+    """Run what is not done, `grid.jobs` at a time, then again what the finished runs add (the chosen
+    settings' other seeds); returns every run of the grid and the runs that failed."""
+    failed: list[RunSpec] = []
+    while True:
+        specs = expand(grid)
+        tried = {s.run_dir for s in failed}
+        todo = [s for s in specs if not s.done and s.run_dir not in tried]
+        if not todo:
+            return specs, failed
+        print(f"{len(specs) - len(todo)} of {len(specs)} runs already done; {len(todo)} to run, {grid.jobs} at a time",
+              flush=True)
+        with ThreadPoolExecutor(grid.jobs) as pool:
+            for i, (spec, rc, seconds) in enumerate(pool.map(lambda s: run_one(s, grid.threads), todo), 1):
+                ok = rc == 0 and spec.done
+                print(f"[{i}/{len(todo)}] {'ok  ' if ok else 'FAIL'} {shown(spec.run_dir)} "
+                      f"({seconds / 60:.1f} min){'' if ok else f', exit {rc}, see {spec.log}'}", flush=True)
+                if not ok:
+                    failed.append(spec)

@@ -34,14 +34,15 @@ def write_grid(tmp_path):
         methods = ["alterrec", "nfrec_sum", "id_only", "text_only"]
         set = ["train.m_max=3", "train.m_random=1", "train.m_gap=1"]
         method_set = {{ alterrec = ["eval.alpha_sweep=[0.0,0.5,1.0]"] }}
+        select = ["logits"]
         [[dataset.sweep]]
         key = "train.k2"
         values = [100, 500]   # 500 is the default: it reuses the alterrec run
         method = "alterrec"
-        [[dataset.sweep]]
-        key = "model.item_layernorm"
-        values = [false]   # the default data's config turns it on
-        method = "alterrec"
+        [[dataset.sweep]]   # no method: every method that takes it (NFRec's one fused network does not)
+        key = "logits"
+        variants = {{ cosine = ["model.id_logits=cosine", "model.text_logits=cosine", "model.id_temperature=0.07",
+                                "model.text_temperature=0.07"] }}
         [[dataset.peer]]
         name = "Peer"
         command = ["{{python}}", "{tmp_path}/peer.py"]
@@ -56,21 +57,31 @@ def write_grid(tmp_path):
 def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     grid_path = write_grid(tmp_path)
     specs = expand(load_grid(grid_path))
-    assert len(specs) == 7  # 4 methods + 1 new k2 point + 1 LayerNorm switch + 1 peer
+    assert len(specs) == 9  # 4 methods + 1 new k2 point + cosine logits for 3 of the 4 methods + 1 peer
+    assert not any("nfrec_sum-logits" in str(s.run_dir) for s in specs)
     assert main(["--grid", str(grid_path)]) == 0
     assert all(s.done for s in specs)
     cmd = (tmp_path / "runs/default/alterrec-k2=100-s0/command.txt").read_text()
     assert "--set train.k2=100" in cmd and "--set train.method=alterrec" in cmd and "alpha_sweep" in cmd
     assert "alpha_sweep" not in (tmp_path / "runs/default/id_only-s0/command.txt").read_text()
+    cmd = (tmp_path / "runs/default/text_only-logits=cosine-s0/command.txt").read_text()
+    assert "--set model.text_logits=cosine --set model.id_temperature=0.07" in cmd
 
     report = (tmp_path / "docs/RESULTS.md").read_text()
     for heading in ("Table 1", "Table 2", "Fig. 3", "Fig. 5", "Fig. 6", "Fig. 7", "### Runs"):
         assert heading in report, heading
-    summary = json.loads((tmp_path / "runs/default/id_only-s0/summary.json").read_text())
-    assert f"| ID only (id) | 1 | {summary['test']['id']['hit@10']:.4f} |" in report
     assert "| Peer (peer, RecBole) | 1 | 0.5000 |" in report and "| Published (published) | – | 0.9000 |" in report
     assert "| k2 | 100 | 500 |" in report
-    assert "| model.item_layernorm = false |" in report
+    for method in ("AlterRec (fused)", "ID only (id)", "Text only (text)"):
+        assert f"| {method} | logits = cosine | 1 |" in report, method
+    # Each method chose base or cosine on validation, and Table 1 reports the chosen run's test metrics.
+    chosen = [line for line in report.splitlines() if line.startswith("| ID only | base: ")]
+    assert len(chosen) == 1 and "logits = cosine: " in chosen[0], chosen
+    scores = dict(part.split(": ") for part in chosen[0].split(" | ")[1].split(", "))
+    run = "id_only-s0" if float(scores["base"]) >= float(scores["logits = cosine"]) else "id_only-logits=cosine-s0"
+    assert chosen[0].endswith(f"| **{'base' if run == 'id_only-s0' else 'logits = cosine'}** |")
+    summary = json.loads((tmp_path / f"runs/default/{run}/summary.json").read_text())
+    assert f"| ID only (id) | 1 | {summary['test']['id']['hit@10']:.4f} |" in report
     pngs = sorted(p.name for p in (tmp_path / "docs/img").iterdir())
     assert pngs == ["default_alterrec_curves.png", "default_longtail.png", "default_nfrec_imbalance.png",
                     "default_sensitivity.png"]
@@ -82,7 +93,7 @@ def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--grid", str(grid_path)]) == 0
     out = capsys.readouterr().out
-    assert "6 of 7 runs already done; 1 to run" in out and "id_only-s0" in out
+    assert "8 of 9 runs already done; 1 to run" in out and "id_only-s0" in out
     assert (tmp_path / "runs/default/id_only-s0/summary.json").exists()
     assert "resuming from" in (tmp_path / "runs/default/id_only-s0.log").read_text()  # not started again
     assert (tmp_path / "runs/default/id_only-s0/metrics.jsonl").read_text() == lines

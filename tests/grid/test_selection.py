@@ -1,0 +1,65 @@
+"""The choice on validation (grid/selection.py) and the chosen setting's other seeds (runner)."""
+import json
+from pathlib import Path
+
+from alterrec_dist.grid.runner import DatasetGrid, RunSpec, confirm_runs
+from alterrec_dist.grid.selection import choose
+
+
+def grid(select=("train.m_max",), **kw) -> DatasetGrid:
+    return DatasetGrid("d", "d", "configs/default.toml", ["alterrec", "nfrec_sum", "id_only"], [0, 1],
+                       select=list(select), **kw)
+
+
+def run(tmp: Path, method: str, seed: int, point: str, valid: float | None, test: float = 0.0,
+        key="train.m_max", extra=()) -> RunSpec:
+    """A run whose summary.json says `valid` (None: unfinished); `point` "" is the method's base run."""
+    run_dir = tmp / (f"{method}-{point}-s{seed}" if point else f"{method}-s{seed}")
+    run_dir.mkdir()
+    if valid is not None:
+        summary = {"selection": "fused/ndcg@10", "valid": {"fused": {"ndcg@10": valid}},
+                   "test": {"fused": {"ndcg@10": test}}}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    value = int(point.split("=")[1]) if point else 16
+    return RunSpec("d", method, seed, run_dir, [], role="sweep" if point else "method", method=method,
+                   sweeps={key: value}, extra=list(extra))
+
+
+def test_each_method_takes_the_setting_best_on_validation_never_test(tmp_path):
+    base = [run(tmp_path, "alterrec", s, "", 0.060, 0.050) for s in (0, 1)]
+    longer = [run(tmp_path, "alterrec", s, "m_max=30", 0.062, 0.040) for s in (0, 1)]  # better valid, worse test
+    nf_base = [run(tmp_path, "nfrec_sum", s, "", 0.061, 0.049) for s in (0, 1)]
+    nf_longer = [run(tmp_path, "nfrec_sum", s, "m_max=30", 0.059, 0.055) for s in (0, 1)]  # worse valid, better test
+    specs = base + longer + nf_base + nf_longer
+    ours, theirs = choose(specs, grid(), "alterrec"), choose(specs, grid(), "nfrec_sum")
+    assert (ours.chosen, ours.runs) == ("train.m_max = 30", longer)
+    assert ours.scores == {"base (train.m_max = 16)": 0.060, "train.m_max = 30": 0.062}
+    assert (theirs.chosen, theirs.runs) == ("base (train.m_max = 16)", nf_base)
+
+
+def test_the_best_switch_over_all_selected_keys_wins(tmp_path):
+    base = [run(tmp_path, "id_only", s, "", 0.060) for s in (0, 1)]
+    best = [run(tmp_path, "id_only", s, "m_max=30", 0.065) for s in (0, 1)]
+    later = [run(tmp_path, "id_only", s, "k2=1", 0.061, key="train.k2") for s in (0, 1)]  # the later key's best
+    choice = choose(base + best + later, grid(select=["train.m_max", "train.k2"]), "id_only")
+    assert choice.chosen == "train.m_max = 30" and choice.scores["train.k2 = 1"] == 0.061
+
+
+def test_nothing_is_chosen_until_every_candidate_has_finished(tmp_path):
+    base = [run(tmp_path, "alterrec", s, "", 0.060) for s in (0, 1)]
+    partial = [run(tmp_path, "alterrec", 0, "m_max=30", 0.070), run(tmp_path, "alterrec", 1, "m_max=30", None)]
+    assert choose(base + partial, grid(), "alterrec") is None
+
+
+def test_sweeps_on_the_selection_seeds_then_the_chosen_point_on_the_others(tmp_path):
+    d = grid(select_seeds=[0])
+    base = [run(tmp_path, "alterrec", s, "", 0.060) for s in (0, 1)]
+    point = run(tmp_path, "alterrec", 0, "m_max=30", None, extra=["train.m_max=30"])
+    assert confirm_runs(d, "alterrec", base + [point]) == []  # not chosen yet
+    (point.run_dir / "summary.json").write_text(json.dumps({"selection": "fused/ndcg@10",
+                                                            "valid": {"fused": {"ndcg@10": 0.07}}}))
+    [more] = confirm_runs(d, "alterrec", base + [point])
+    assert (more.seed, more.run_dir.name, more.role) == (1, "alterrec-m_max=30-s1", "sweep")
+    assert "train.m_max=30" in more.command and "train.seed=1" in more.command
+    assert choose(base + [point, more], d, "alterrec").runs == [point, more]
+    assert confirm_runs(d, "id_only", base + [point]) == []  # another method's sweep is not its own

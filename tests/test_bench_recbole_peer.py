@@ -1,0 +1,36 @@
+"""bench/recbole_peer.py refuses bad input in one line, exit 2, before it builds its venv or trains."""
+import subprocess
+import sys
+
+from alterrec_dist.common.config import PROJECT_ROOT
+
+
+def peer(*args, tmp):
+    out = tmp / "out"
+    r = subprocess.run([sys.executable, str(PROJECT_ROOT / "bench/recbole_peer.py"), *args, "--seed", "0",
+                        "--out", str(out)], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
+    return r, out
+
+
+def test_unisrec_needs_its_code_and_the_projects_features(tmp_path, shared_data):
+    data = ["--data", str(shared_data / "scientific")]
+    r, out = peer("--model", "UniSRec", *data, tmp=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--unisrec-src None: not a checkout" in r.stderr
+    src = tmp_path / "UniSRec"
+    (src / "data").mkdir(parents=True)
+    (src / "unisrec.py").write_text("")
+    (src / "data" / "dataset.py").write_text("")
+    r, out = peer("--model", "UniSRec", *data, "--unisrec-src", str(src), "--features", str(tmp_path), tmp=tmp_path)
+    assert r.returncode == 2 and f"--features {tmp_path}: no manifest.json" in r.stderr
+    (tmp_path / "manifest.json").write_text('{"num_items": 10, "source": {"kind": "recbole", "item_index_base": 0}}')
+    r, out = peer("--model", "UniSRec", *data, "--unisrec-src", str(src), "--features", str(tmp_path), tmp=tmp_path)
+    assert r.returncode == 2 and "not a RecBole dataset of the same 4385 items" in r.stderr
+    assert not out.exists()
+
+
+def test_a_missing_split_file_is_named(tmp_path):
+    (tmp_path / "Scientific.train.inter").write_text("user_id:token\n")
+    r, out = peer("--model", "CORE", "--data", str(tmp_path), tmp=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "lacks Scientific.valid.inter, Scientific.test.inter, Scientific.item2index" in r.stderr
+    assert not out.exists()
