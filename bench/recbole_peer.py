@@ -153,6 +153,20 @@ def stage_dataset(data: Path, stage: Path) -> None:
         (d / f"{DATASET}.{s}.inter").symlink_to(data / f"{DATASET}.{s}.inter")
 
 
+def parse_sets(sets: list[str]) -> dict:
+    """--set KEY=VALUE pairs: VALUE read as JSON (0.2, [1, 2], true), else kept as a string."""
+    out = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise BadInput(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def unisrec_inputs(src: Path | None, features: Path, items: int) -> dict:
     """Where UniSRec's code and its item text features come from, checked before any training.
     The features are the project's own MiniLM rows (row i = item index i of the RecBole files)."""
@@ -273,6 +287,9 @@ def main(argv=None) -> int:
                                                      f"(run at {UNISREC_COMMIT[:7]})")
     ap.add_argument("--features", type=Path, default=REPO / "data" / "scientific",
                     help="UniSRec: the project's prepared dataset whose MiniLM text features it is fed")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a RecBole config value over the model's (VALUE as JSON, else a string), e.g. "
+                         "hidden_dropout_prob=0.2; repeatable (a grid's peer sweeps tune with these)")
     a = ap.parse_args(argv)
     command = shlex.join(["python3", *sys.argv])
     if a.model == "FDSA":
@@ -285,6 +302,7 @@ def main(argv=None) -> int:
     try:
         data = a.data.resolve()
         expect = check_data(data)
+        overrides = parse_sets(a.set)
         extra = {"max_minutes": a.max_minutes}
         if a.model == "UniSRec":
             extra.update(unisrec_inputs(a.unisrec_src, a.features, expect["items"]))
@@ -294,6 +312,7 @@ def main(argv=None) -> int:
         try:
             stage_dataset(data, stage)
             cfg = recbole_config(a.model, a.seed, a.epochs, a.batch_size, stage, out, extra.get("plm_size", 0))
+            cfg.update(overrides)
             write_yaml(cfg, out / "recbole.yaml")
             drv_out = out / "driver_result.json"
             drv_out.unlink(missing_ok=True)

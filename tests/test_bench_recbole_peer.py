@@ -34,3 +34,9 @@ def test_a_missing_split_file_is_named(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "lacks Scientific.valid.inter, Scientific.test.inter, Scientific.item2index" in r.stderr
     assert not out.exists()
+
+
+def test_a_setting_without_a_value_is_refused(tmp_path, shared_data):
+    r, out = peer("--model", "SASRec", "--data", str(shared_data / "scientific"), "--set", "hidden_size", tmp=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--set 'hidden_size': expected KEY=VALUE" in r.stderr
+    assert not out.exists()

@@ -184,13 +184,29 @@ def expand(grid: Grid) -> list[RunSpec]:
             for spec in confirm_runs(d, method, list(specs.values())):
                 specs.setdefault(spec.run_dir, spec)
         for peer in d.peers:
-            for seed in peer.get("seeds", d.seeds):
-                run_dir = base / "peers" / f"{peer['name']}-s{seed}"
-                cmd = [part.replace("{python}", sys.executable) for part in peer["command"]]
-                specs[run_dir] = RunSpec(d.name, peer["name"], seed, run_dir,
-                                         cmd + ["--seed", str(seed), "--out", str(run_dir)],
-                                         done_file="result.json", role="peer")
+            cmd = [part.replace("{python}", sys.executable) for part in peer["command"]]
+            for key, value, sets in [("", "", []), *peer_points(peer)]:
+                for seed in peer.get("seeds", d.seeds):
+                    run_dir = base / "peers" / (f"{peer['name']}-{key}={value}-s{seed}" if sets
+                                                else f"{peer['name']}-s{seed}")
+                    args = [a for item in sets for a in ("--set", item)]
+                    specs[run_dir] = RunSpec(d.name, peer["name"], seed, run_dir,
+                                             cmd + args + ["--seed", str(seed), "--out", str(run_dir)],
+                                             done_file="result.json", role="peer", method=peer["name"],
+                                             sweeps={key: value} if sets else {}, extra=sets)
     return list(specs.values())
+
+
+def peer_points(peer: dict) -> list[tuple[str, object, list[str]]]:
+    """(key, value, the peer's own KEY=VALUE settings) per point of its sweeps, which tune it on
+    validation as `select` tunes a method: `values` of one key of its config, or named `variants`."""
+    points = []
+    for sw in peer.get("sweep", []):
+        if "variants" in sw:
+            points += [(sw["key"], name, sets) for name, sets in sw["variants"].items()]
+        else:
+            points += [(sw["key"], value, [f"{sw['key']}={as_toml(value)}"]) for value in sw["values"]]
+    return points
 
 
 def confirm_runs(d: DatasetGrid, method: str, specs: list[RunSpec]) -> list[RunSpec]:

@@ -12,10 +12,14 @@ pytestmark = pytest.mark.slow
 
 PEER = '''
 import argparse, json, pathlib
-p = argparse.ArgumentParser(); p.add_argument("--seed"); p.add_argument("--out"); a = p.parse_args()
+p = argparse.ArgumentParser(); p.add_argument("--seed"); p.add_argument("--out")
+p.add_argument("--set", action="append", default=[]); a = p.parse_args()
 m = {"hit@10": 0.5, "hit@20": 0.6, "ndcg@10": 0.3, "ndcg@20": 0.35, "mrr@20": 0.2}
+if a.set == ["width=2"]:  # the better setting on validation (and worse on test)
+    m = {**m, "ndcg@10": 0.31}
 out = pathlib.Path(a.out); out.mkdir(parents=True)
-(out / "result.json").write_text(json.dumps({"valid": m, "test": m, "best_epoch": 1, "command": "peer"}))
+(out / "result.json").write_text(json.dumps({"valid": m, "test": {**m, "hit@10": 0.4 if a.set else 0.5},
+                                             "best_epoch": 1, "command": "peer"}))
 '''
 
 
@@ -46,6 +50,9 @@ def write_grid(tmp_path):
         [[dataset.peer]]
         name = "Peer"
         command = ["{{python}}", "{tmp_path}/peer.py"]
+        [[dataset.peer.sweep]]
+        key = "width"
+        values = [2, 3]
         [[dataset.anchor]]
         name = "Published"
         "hit@10" = 0.9
@@ -57,7 +64,7 @@ def write_grid(tmp_path):
 def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     grid_path = write_grid(tmp_path)
     specs = expand(load_grid(grid_path))
-    assert len(specs) == 9  # 4 methods + 1 new k2 point + cosine logits for 3 of the 4 methods + 1 peer
+    assert len(specs) == 11  # 4 methods + 1 k2 point + cosine logits for 3 of the 4 methods + 1 peer, 2 tuned
     assert not any("nfrec_sum-logits" in str(s.run_dir) for s in specs)
     assert main(["--grid", str(grid_path)]) == 0
     assert all(s.done for s in specs)
@@ -70,7 +77,9 @@ def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     report = (tmp_path / "docs/RESULTS.md").read_text()
     for heading in ("Table 1", "Table 2", "Fig. 3", "Fig. 5", "Fig. 6", "Fig. 7", "### Runs"):
         assert heading in report, heading
-    assert "| Peer (peer, RecBole) | 1 | 0.5000 |" in report and "| Published (published) | – | 0.9000 |" in report
+    assert "| Published (published) | – | 0.9000 |" in report
+    assert "| Peer | base: 0.3000, width = 2: 0.3100, width = 3: 0.3000 | **width = 2** |" in report
+    assert "| Peer (peer, RecBole) | 1 | 0.4000 |" in report  # the chosen setting's test, though worse
     assert "| k2 | 100 | 500 |" in report
     for method in ("AlterRec (fused)", "ID only (id)", "Text only (text)"):
         assert f"| {method} | logits = cosine | 1 |" in report, method
@@ -93,7 +102,7 @@ def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--grid", str(grid_path)]) == 0
     out = capsys.readouterr().out
-    assert "8 of 9 runs already done; 1 to run" in out and "id_only-s0" in out
+    assert "10 of 11 runs already done; 1 to run" in out and "id_only-s0" in out
     assert (tmp_path / "runs/default/id_only-s0/summary.json").exists()
     assert "resuming from" in (tmp_path / "runs/default/id_only-s0.log").read_text()  # not started again
     assert (tmp_path / "runs/default/id_only-s0/metrics.jsonl").read_text() == lines

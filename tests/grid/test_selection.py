@@ -22,7 +22,7 @@ def run(tmp: Path, method: str, seed: int, point: str, valid: float | None, test
         (run_dir / "summary.json").write_text(json.dumps(summary))
     value = int(point.split("=")[1]) if point else 16
     return RunSpec("d", method, seed, run_dir, [], role="sweep" if point else "method", method=method,
-                   sweeps={key: value}, extra=list(extra))
+                   sweeps={key: value}, extra=list(extra) or ([f"{key}={value}"] if point else []))
 
 
 def test_each_method_takes_the_setting_best_on_validation_never_test(tmp_path):
@@ -63,3 +63,17 @@ def test_sweeps_on_the_selection_seeds_then_the_chosen_point_on_the_others(tmp_p
     assert "train.m_max=30" in more.command and "train.seed=1" in more.command
     assert choose(base + [point, more], d, "alterrec").runs == [point, more]
     assert confirm_runs(d, "id_only", base + [point]) == []  # another method's sweep is not its own
+
+
+def test_a_peer_is_tuned_on_its_own_validation_ndcg(tmp_path):
+    def peer(point: str, valid: float) -> RunSpec:
+        run_dir = tmp_path / (f"SASRec-{point}-s0" if point else "SASRec-s0")
+        run_dir.mkdir()
+        (run_dir / "result.json").write_text(json.dumps({"valid": {"ndcg@10": valid}, "test": {"ndcg@10": 0.0}}))
+        key, _, value = point.partition("=")
+        return RunSpec("d", "SASRec", 0, run_dir, [], done_file="result.json", role="peer", method="SASRec",
+                       sweeps={key: value} if point else {}, extra=[point] if point else [])
+    runs = [peer("", 0.058), peer("hidden_size=300", 0.061), peer("learning_rate=0.003", 0.055)]
+    choice = choose(runs, grid(select=()), "SASRec")  # a peer's sweeps tune it without `select`
+    assert choice.chosen == "hidden_size = 300" and choice.runs == [runs[1]]
+    assert choice.scores == {"base": 0.058, "hidden_size = 300": 0.061, "learning_rate = 0.003": 0.055}
