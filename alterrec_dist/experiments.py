@@ -14,6 +14,8 @@ import shlex
 import sys
 
 from alterrec_dist.common.cli import run_cli
+from alterrec_dist.common.config import shown
+from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.grid.runner import expand, load_grid, prepare_datasets, run_grid
 
 
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'done' if s.done else 'todo'}  {shlex.join(s.command)}")
         return 0
     failed = []
+    if args.report_only and not any(s.done for s in specs):  # would replace the report with empty tables
+        raise ConfigError(f"{args.grid}: no finished run under {shown(grid.out)}, nothing to report "
+                          f"(run the grid first; {shown(grid.report)} is left as it is)")
     if not args.report_only:
         prepare_datasets(grid)
         specs, failed = run_grid(grid)

@@ -6,6 +6,7 @@ import pytest
 
 from alterrec_dist.common.config import PROJECT_ROOT
 from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.experiments import main
 from alterrec_dist.grid.runner import expand, load_grid
 
 # What a method's config refuses or ignores, and so is not one of its switches.
@@ -53,3 +54,20 @@ def test_a_sweep_point_no_method_takes_is_an_error(tmp_path):
     '''))
     with pytest.raises(ConfigError, match=r"grid.toml: sweep logits = cosine fits no method: .*id_logit"):
         expand(load_grid(grid))
+
+
+def test_report_only_without_runs_leaves_the_report_alone(tmp_path):
+    grid = tmp_path / "grid.toml"
+    report = tmp_path / "RESULTS.md"
+    report.write_text("the last report\n")
+    grid.write_text(textwrap.dedent(f'''
+        out = "{tmp_path}/runs"
+        report = "{report}"
+        [[dataset]]
+        name = "default"
+        config = "configs/default.toml"
+        methods = ["id_only"]
+    '''))
+    with pytest.raises(ConfigError, match=r"grid.toml: no finished run under .*/runs, nothing to report"):
+        main(["--grid", str(grid), "--report-only"])
+    assert report.read_text() == "the last report\n"
