@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from alterrec_dist.common.config import PROJECT_ROOT, shown  # noqa: E402
 from alterrec_dist.common.files import atomic_write_bytes  # noqa: E402
 from alterrec_dist.common.methods import METHODS, selection_part  # noqa: E402
+from alterrec_dist.grid.runner import as_toml  # noqa: E402
 from alterrec_dist.grid.selection import choose  # noqa: E402
 
 TABLE_METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20")
@@ -244,8 +245,7 @@ def switch_table(runs: list[dict]) -> list[str]:
         for r in runs:
             if key in r["spec"].sweeps:
                 value = r["spec"].sweeps[key]
-                points.setdefault((r["spec"].method, str(value).lower() if isinstance(value, bool) else str(value)),
-                                  []).append(r)
+                points.setdefault((r["spec"].method, as_toml(value)), []).append(r)
         for (method, value), rs in sorted(points.items()):
             kind = "peer" if rs[0]["spec"].role == "peer" else own_kind(method)
             lines.append(f"| {method_label(method)} ({kind}) | {key} = {value} | {len(rs)} | "
