@@ -194,7 +194,14 @@ def expand(grid: Grid) -> list[RunSpec]:
                                              cmd + args + ["--seed", str(seed), "--out", str(run_dir)],
                                              done_file="result.json", role="peer", method=peer["name"],
                                              sweeps={key: value} if sets else {}, extra=sets)
-    return list(specs.values())
+    return selection_first(grid, list(specs.values()))
+
+
+def selection_first(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
+    """The runs on the selection seeds first, so the choice (and its other seeds) need not wait for the
+    base runs of seeds 1-2: on this machine the whole grid is days of CPU, spread over sessions."""
+    picking = {d.name: set(d.select_seeds) for d in grid.datasets}
+    return sorted(specs, key=lambda s: s.seed not in picking[s.dataset])
 
 
 def peer_points(peer: dict) -> list[tuple[str, object, list[str]]]:

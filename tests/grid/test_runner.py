@@ -33,6 +33,8 @@ def test_the_committed_grid_tunes_each_method_over_the_same_switches():
     assert len(everything) == 12 and set(d.select) == {k for k, _ in everything}
     # The base runs have every seed; seeds 1-2 of a chosen switch come once seed 0 has been compared.
     assert {s.seed for s in specs if s.role == "method" and s.method == "id_only"} == {0, 1, 2}
+    # ... and run after every seed-0 run, so the choice is made first.
+    assert [s.seed for s in specs] == sorted((s.seed for s in specs), key=lambda seed: seed != 0)
     # RecBole's SASRec is tuned too: its own settings, one at a time, through the peer's --set.
     sasrec = {s.run_dir.name: s.command for s in specs if s.method == "SASRec"}
     assert len(sasrec) == 7 and "SASRec-s0" in sasrec
