@@ -40,3 +40,11 @@ def test_a_setting_without_a_value_is_refused(tmp_path, shared_data):
     r, out = peer("--model", "SASRec", "--data", str(shared_data / "scientific"), "--set", "hidden_size", tmp=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--set 'hidden_size': expected KEY=VALUE" in r.stderr
     assert not out.exists()
+
+
+def test_fdsa_needs_the_item_text_it_takes_as_its_feature(tmp_path, shared_data):
+    for name in ["train.inter", "valid.inter", "test.inter", "item2index"]:
+        (tmp_path / f"Scientific.{name}").symlink_to(shared_data / "scientific" / f"Scientific.{name}")
+    r, out = peer("--model", "FDSA", "--data", str(tmp_path), tmp=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "lacks Scientific.text" in r.stderr
+    assert not out.exists()

@@ -61,6 +61,26 @@ def test_transformer_is_causal_and_reads_last_real_position():
     torch.testing.assert_close(enc(rows, mask), torch.stack([h[0, 5], h[1, 3]]))
 
 
+def test_packed_transformer_computes_what_the_stock_padded_layers_do():
+    """The encoder runs nn.TransformerEncoderLayer's weights on the real positions only; on those it must
+    give the stock padded forward's outputs and the same gradients for every parameter."""
+    torch.manual_seed(0)
+    enc = SessionEncoder(12, "transformer", max_len=9, layers=2, heads=3, dropout=0.1).eval()
+    rows, mask = left_aligned([1, 9, 4, 2], L=9, dim=12)
+    rows.requires_grad_(True)
+    causal = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    stock = enc.layers(enc.drop(enc.norm(rows + enc.pos.weight)), mask=causal, src_key_padding_mask=~mask,
+                       is_causal=True)
+    packed = enc.hidden(rows, mask)
+    torch.testing.assert_close(packed[mask], stock[mask])
+    assert (packed[~mask] == 0).all()
+    weights = torch.randn(stock[mask].shape)
+    grads = [torch.autograd.grad((out[mask] * weights).sum(), [rows, *enc.parameters()])
+             for out in (stock, enc.hidden(rows, mask))]
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
 def test_transformer_uses_positions():
     torch.manual_seed(0)
     enc = SessionEncoder(8, "transformer", max_len=6, layers=1, heads=2, dropout=0.0).eval()
