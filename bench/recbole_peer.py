@@ -61,7 +61,7 @@ DEPS = [
     "thop==0.1.1.post2209072238",
 ]
 SETUP_STAMP = json.dumps({"torch": TORCH_PIN, "recbole": RECBOLE_VERSION, "deps": DEPS})
-MODELS = ("SASRec", "CORE", "BERT4Rec", "SRGNN", "UniSRec", "FDSA")
+MODELS = ("SASRec", "CORE", "BERT4Rec", "SRGNN", "UniSRec", "FDSA", "S3Rec")
 UNISREC_COMMIT = "05aa5cba2809112c32808f70d16abc61c05c6538"  # github RUCAIBox/UniSRec, the code that was run
 # UniSRec's props/UniSRec.yaml + props/finetune.yaml at that commit, as its `finetune.py -d Scientific`
 # (no -p: from scratch) reads them; only the text width differs: MiniLM rows are 384 wide, not BERT's 768.
@@ -80,6 +80,22 @@ UNISREC_PROPS = {
 # 142 words and batch 2048 that was 15 GB RSS and 60-100 s a batch here (bench/PEER.md). Cut to 32 words
 # (the mean is 26) and at the peers' batch of 512 it fits beside the project's runs.
 TEXT_WORDS = 32
+# S3-Rec's item attributes: the words of the category path most item texts carry ("<title>. Industrial &
+# Scientific <path>. <brand>. ", 4,251 of 4,385 items). Its pre-training builds a batch x 50 x attributes
+# multi-hot in Python lists every batch, so the text's 16k words (410M elements at 512) are out of reach.
+CATEGORY_ROOT = "Industrial & Scientific"
+
+
+def text_words(text: str) -> list[str]:
+    return text.split()[:TEXT_WORDS]
+
+
+def category_words(text: str) -> list[str]:
+    _, found, path = text.partition(CATEGORY_ROOT)
+    return path.split(". ")[0].split() if found else []
+
+
+ITEM_FEATURE = {"FDSA": ("text", text_words), "S3Rec": ("category", category_words)}  # model -> (field, words)
 METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
 DATASET = "Scientific"  # file prefix and RecBole dataset name
 SPLITS = ("train", "valid", "test")
@@ -132,7 +148,7 @@ def check_data(data: Path, model: str) -> dict:
     if not data.is_dir():
         raise BadInput(f"data dir not found: {data}")
     need = [f"{DATASET}.{s}.inter" for s in SPLITS] + [f"{DATASET}.item2index"]
-    need += [f"{DATASET}.text"] if model == "FDSA" else []
+    need += [f"{DATASET}.text"] if model in ITEM_FEATURE else []
     missing = [n for n in need if not (data / n).is_file()]
     if missing:
         raise BadInput(f"data dir {data} lacks {', '.join(missing)}")
@@ -145,19 +161,19 @@ def check_data(data: Path, model: str) -> dict:
 
 
 def stage_dataset(data: Path, stage: Path, model: str) -> None:
-    """RecBole reads DATA_PATH/<dataset>/<dataset>.<suffix>: link the files (no copies); FDSA also gets
-    the item text as a .item feature."""
+    """RecBole reads DATA_PATH/<dataset>/<dataset>.<suffix>: link the files (no copies); FDSA and S3-Rec
+    also get their item feature from the text, as a .item file."""
     d = stage / DATASET
     d.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
         (d / f"{DATASET}.{s}.inter").symlink_to(data / f"{DATASET}.{s}.inter")
-    if model == "FDSA":
-        write_item_words(data, d / f"{DATASET}.item")
+    if model in ITEM_FEATURE:
+        write_item_feature(data, d / f"{DATASET}.item", *ITEM_FEATURE[model])
 
 
-def write_item_words(data: Path, path: Path) -> None:
-    """Scientific.text (keyed by ASIN) re-keyed through item2index into the .inter files' item tokens,
-    each item's text cut to its first TEXT_WORDS words."""
+def write_item_feature(data: Path, path: Path, field: str, words) -> None:
+    """`field`: the words `words` finds in each item's Scientific.text (keyed by ASIN), re-keyed through
+    item2index into the .inter files' item tokens."""
     with open(data / f"{DATASET}.item2index") as f:
         index = dict(line.rstrip("\n").split("\t") for line in f if line.strip())
     rows = {}
@@ -166,10 +182,10 @@ def write_item_words(data: Path, path: Path) -> None:
         for line in f:
             asin, _, text = line.rstrip("\n").partition("\t")
             if asin in index:
-                rows[index[asin]] = " ".join(text.split()[:TEXT_WORDS])
+                rows[index[asin]] = " ".join(words(text))
     if len(rows) != len(index):
         raise BadInput(f"{data / (DATASET + '.text')}: text for {len(rows)} of the {len(index)} items")
-    path.write_text("item_id:token\ttext:token_seq\n" + "".join(f"{i}\t{t}\n" for i, t in rows.items()))
+    path.write_text(f"item_id:token\t{field}:token_seq\n" + "".join(f"{i}\t{t}\n" for i, t in rows.items()))
 
 
 def parse_sets(sets: list[str]) -> dict:
@@ -265,9 +281,13 @@ def recbole_config(model: str, seed: int, epochs: int | None, batch_size: int | 
     }
     if model == "SASRec":
         cfg.update(SASREC_DEFAULTS)
-    if model == "FDSA":  # its item feature: the text's words (RecBole's default names a 'class' field)
-        cfg["load_col"]["item"] = ["item_id", "text"]
-        cfg["selected_features"] = ["text"]
+    if model in ITEM_FEATURE:  # RecBole's defaults name a 'class' field, which this split lacks
+        field = ITEM_FEATURE[model][0]
+        cfg["load_col"]["item"] = ["item_id", field]
+        if model == "FDSA":
+            cfg["selected_features"] = [field]
+        else:
+            cfg["item_attribute"] = field
     if model == "UniSRec":
         cfg.update(UNISREC_PROPS, plm_size=plm_size, adaptor_layers=[plm_size, UNISREC_PROPS["hidden_size"]])
     if epochs:
@@ -303,8 +323,8 @@ def main(argv=None) -> int:
                     help="train_batch_size (default: 512, see bench/PEER.md; UniSRec: its code's 2048)")
     ap.add_argument("--max-minutes", type=float, default=0,
                     help="stop training after the first validation past this many minutes of the run's CPU time "
-                         "(one thread: a busy machine does not shorten it), then test the best-valid checkpoint; "
-                         "0: no cap")
+                         "(one thread: a busy machine does not shorten it), then test the best-valid checkpoint "
+                         "(S3Rec: pre-training stops at half of it); 0: no cap")
     ap.add_argument("--unisrec-src", type=Path, help=f"UniSRec: a checkout of github RUCAIBox/UniSRec "
                                                      f"(run at {UNISREC_COMMIT[:7]})")
     ap.add_argument("--features", type=Path, default=REPO / "data" / "scientific",
@@ -397,6 +417,33 @@ def write_plm_features(parts: list[str], dim: int, path: Path) -> None:
     rows.tofile(path)
 
 
+def pretrain_s3rec(cfg_path: str, train_data, until: float | None, logger) -> str:
+    """S3-Rec's first stage, its four self-supervised losses on the training sessions (RecBole's own trainer,
+    a checkpoint every epoch), stopped before an epoch that would start past `until` (process time; None:
+    RecBole's pretrain_epochs). Returns the last checkpoint, which the fine-tuning stage loads."""
+    from recbole.config import Config
+    from recbole.utils import get_model, get_trainer, init_seed
+
+    config = Config(model="S3Rec", dataset=DATASET, config_file_list=[cfg_path],
+                    config_dict={"train_stage": "pretrain", "save_step": 1})
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model("S3Rec")(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], "S3Rec")(config, model)
+    train_epoch = trainer._train_epoch
+
+    def capped_epoch(*args, **kwargs):
+        if until is not None and trainer.saved_model_file and time.process_time() > until:
+            raise TimeCap
+        return train_epoch(*args, **kwargs)
+
+    trainer._train_epoch, trainer.saved_model_file = capped_epoch, None
+    try:
+        trainer.fit(train_data, show_progress=False)
+    except TimeCap:
+        logger.info(f"pre-training stopped by the time cap; fine-tuning from {trainer.saved_model_file}")
+    return trainer.saved_model_file
+
+
 def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str, extra_json: str) -> None:
     """Runs under .venv-recbole's python with cwd = OUT (RecBole writes ./log, ./log_tensorboard)."""
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -466,11 +513,15 @@ def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str, extra
             raise SystemExit(f"split check failed: {msg}")
     logger.info(f"split check ok: {stats}")
 
+    start, cap = time.process_time(), extra["max_minutes"] * 60
+    if model_name == "S3Rec":  # fine-tuning starts from the pre-trained weights
+        pretrained = pretrain_s3rec(cfg_path, train_data, start + cap / 2 if cap else None, logger)
+        config["pre_model_path"] = pretrained
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    curve, start, cap = [], time.process_time(), extra["max_minutes"] * 60
+    curve = []
 
     def after_validation(epoch, score):
         curve.append((epoch, float(score)))
@@ -483,6 +534,8 @@ def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str, extra
     except TimeCap:
         stopped_by = f"the time cap ({extra['max_minutes']:g} CPU min) after {len(curve)} epochs"
         logger.info(f"stopped by {stopped_by}")
+    if model_name == "S3Rec":
+        stopped_by += f" of fine-tuning from {Path(pretrained).name}"
     best_valid = trainer.best_valid_result
     test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     logger.info(f"best valid: {best_valid}")

@@ -1,6 +1,10 @@
-"""bench/recbole_peer.py refuses bad input in one line, exit 2, before it builds its venv or trains."""
+"""bench/recbole_peer.py: bad input refused in one line, exit 2, before it builds its venv or trains; the item
+features it derives from the text (FDSA, S3-Rec)."""
+import importlib.util
 import subprocess
 import sys
+
+import pytest
 
 from alterrec_dist.common.config import PROJECT_ROOT
 
@@ -42,9 +46,21 @@ def test_a_setting_without_a_value_is_refused(tmp_path, shared_data):
     assert not out.exists()
 
 
-def test_fdsa_needs_the_item_text_it_takes_as_its_feature(tmp_path, shared_data):
+@pytest.mark.parametrize("model", ["FDSA", "S3Rec"])
+def test_the_models_with_item_features_need_the_item_text(model, tmp_path, shared_data):
     for name in ["train.inter", "valid.inter", "test.inter", "item2index"]:
         (tmp_path / f"Scientific.{name}").symlink_to(shared_data / "scientific" / f"Scientific.{name}")
-    r, out = peer("--model", "FDSA", "--data", str(tmp_path), tmp=tmp_path)
+    r, out = peer("--model", model, "--data", str(tmp_path), tmp=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "lacks Scientific.text" in r.stderr
     assert not out.exists()
+
+
+def test_s3rec_attributes_are_the_words_of_the_category_path():
+    spec = importlib.util.spec_from_file_location("recbole_peer", PROJECT_ROOT / "bench/recbole_peer.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # standard library only at its top level
+    text = ("PORTER-CABLE 740000801 4 1/2-Inch x 10yd 80 Grit Adhesive-Backed Sanding Roll. Industrial & Scientific "
+            "Abrasive & Finishing Products Manual Sanding Products Sanding Rolls. PORTER-CABLE. ")
+    assert script.category_words(text) == "Abrasive & Finishing Products Manual Sanding Products Sanding Rolls".split()
+    assert script.category_words("A title. A brand. ") == []
+    assert script.text_words(text) == text.split()[:32]
