@@ -44,10 +44,10 @@ def clean_env(**extra) -> dict:
     return env | extra
 
 
-def torchrun(workers: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(workers: int, args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     launch = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}"]
     r = subprocess.run([*launch, "-m", "alterrec_dist.train", "--launcher", "torchrun", *args], cwd=cwd,
-                       capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL, env=clean_env())
+                       capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL, env=clean_env(**env))
     assert r.returncode == 0, "\n".join(ln for ln in (r.stdout + r.stderr).splitlines() if "\r" not in ln)[-6000:]
     return r
 
