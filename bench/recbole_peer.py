@@ -286,8 +286,9 @@ def recbole_config(model: str, seed: int, epochs: int | None, batch_size: int | 
         cfg["load_col"]["item"] = ["item_id", field]
         if model == "FDSA":
             cfg["selected_features"] = [field]
-        else:
+        else:  # S3-Rec: the run's own stage is fine-tuning (RecBole's default is pretrain; see pretrain_s3rec)
             cfg["item_attribute"] = field
+            cfg["train_stage"] = "finetune"
     if model == "UniSRec":
         cfg.update(UNISREC_PROPS, plm_size=plm_size, adaptor_layers=[plm_size, UNISREC_PROPS["hidden_size"]])
     if epochs:
