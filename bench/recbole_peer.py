@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Peer baselines on the exact Scientific split, each from its own public code, in its own venv:
-RecBole's SASRec, CORE, BERT4Rec, SR-GNN and FDSA (the item text's words as its feature), and UniSRec
-(github RUCAIBox/UniSRec, built on RecBole) trained from scratch in its transductive (ID + text) mode on
-the project's MiniLM item features.
+RecBole's SASRec, CORE, BERT4Rec, SR-GNN, FDSA (the item text's words as its feature) and S3-Rec (the
+category path's words as its attributes, pre-trained then fine-tuned), and UniSRec (github RUCAIBox/UniSRec,
+built on RecBole) trained from scratch in its transductive (ID + text) mode on the project's MiniLM item
+features.
 
     python3 bench/recbole_peer.py --model SASRec --seed 0 --out runs/peers/scientific/SASRec-s0 \
         [--data ../shared/data/scientific] [--epochs 50] [--max-minutes 60]
