@@ -5,7 +5,10 @@ Tuning (a dataset's `select` keys): each method's sweeps over them run on the se
 (`select_seeds`); once they have all finished, the setting chosen on validation (grid/selection.py)
 runs on the dataset's other seeds too, so the chosen settings are reported over every seed.
 
-A run is done when its directory holds `summary.json` (a peer: `result.json`). A half-finished
+A run is done when its directory holds `summary.json` (a peer: `result.json`). The paper grid's
+directories are under `results/`, whose .gitignore keeps each finished run's record (summary, per-epoch
+metrics, resolved config, command) in git and the rest (checkpoints, models, logs) on the machine: the grid
+goes on over sessions and machines, and its report regenerates from a clean checkout. A half-finished
 training run goes on from its newest checkpoint (`train --resume auto`); a half-finished peer, which
 keeps none, is removed and run again. So an interrupted grid resumes where it stopped. Each run's
 exact command is written to `command.txt` beside its results.
@@ -258,8 +261,16 @@ def run_one(spec: RunSpec, threads: int) -> tuple[RunSpec, int, float]:
                             stdin=subprocess.DEVNULL).returncode
     seconds = time.perf_counter() - start
     if rc == 0 and spec.done:
-        (spec.run_dir / "command.txt").write_text(shlex.join(spec.command) + "\n")
+        (spec.run_dir / "command.txt").write_text(shown_command(spec.command) + "\n")
     return spec, rc, seconds
+
+
+def shown_command(command: list[str]) -> str:
+    """A run's command as a user would type it from the project root: its record is committed and read
+    on other machines, where this one's interpreter and checkout paths mean nothing."""
+    parts = ["python" if part == sys.executable else str(shown(Path(part))) if part.startswith("/") else part
+             for part in command]
+    return shlex.join(parts)
 
 
 def run_grid(grid: Grid) -> tuple[list[RunSpec], list[RunSpec]]:

@@ -1,4 +1,6 @@
 """Grid expansion: the committed grid's tuning budget, and sweeps that fit no method."""
+import subprocess
+import sys
 import textwrap
 from collections import defaultdict
 
@@ -7,7 +9,7 @@ import pytest
 from alterrec_dist.common.config import PROJECT_ROOT
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.experiments import main
-from alterrec_dist.grid.runner import expand, load_grid
+from alterrec_dist.grid.runner import expand, load_grid, shown_command
 
 # What a method's config refuses or ignores, and so is not one of its switches.
 NOT_THEIRS = {
@@ -73,3 +75,26 @@ def test_report_only_without_runs_leaves_the_report_alone(tmp_path):
     with pytest.raises(ConfigError, match=r"grid.toml: no finished run under .*/runs, nothing to report"):
         main(["--grid", str(grid), "--report-only"])
     assert report.read_text() == "the last report\n"
+
+
+def test_git_keeps_a_finished_runs_record_and_leaves_its_checkpoints_out(tmp_path):
+    """results/.gitignore: what a later session or a clean checkout needs to resume the grid and
+    regenerate its report is committed; the heavy files are not."""
+    grid = load_grid(PROJECT_ROOT / "configs/experiments/paper.toml")
+    run = grid.out / "scientific" / "alterrec-s0"
+    peer = grid.out / "scientific" / "peers" / "SASRec-s0"
+    kept = [run / name for name in ("summary.json", "metrics.jsonl", "config.toml", "command.txt")]
+    kept += [peer / "result.json", peer / "command.txt"]
+    left = [run / "checkpoints/e00003-s0000000/networks.pt", run / "model/manifest.json", run / "tensorboard/ev",
+            run.with_name("alterrec-s0.log"), peer / "saved/SASRec.pth", peer / "config.toml"]
+    paths = [str(p.relative_to(PROJECT_ROOT)) for p in kept + left]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True).stdout.split()
+    assert ignored == paths[len(kept):]
+
+
+def test_a_runs_recorded_command_holds_no_path_of_this_machine():
+    cmd = [sys.executable, "-m", "alterrec_dist.train", "--out", str(PROJECT_ROOT / "results/paper/d/x-s0"),
+           "--set", "eval.alpha_sweep=[0.0,1.0]"]
+    assert shown_command(cmd) == ("python -m alterrec_dist.train --out results/paper/d/x-s0 "
+                                  "--set 'eval.alpha_sweep=[0.0,1.0]'")
