@@ -102,7 +102,7 @@ def load_grid(path: str | Path) -> Grid:
     if not datasets:
         raise ConfigError(f"{path}: no [[dataset]] entries")
     root = PROJECT_ROOT
-    return Grid(path, root / doc.get("out", f"runs/experiments/{path.stem}"),
+    return Grid(path, root / doc.get("out", f"results/{path.stem}"),
                 root / doc.get("report", "docs/RESULTS.md"), root / doc.get("images", "docs/img"),
                 int(doc.get("jobs", 1)), int(doc.get("threads", 1)), datasets)
 
