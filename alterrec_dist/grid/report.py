@@ -26,7 +26,7 @@ from alterrec_dist.common.config import PROJECT_ROOT, shown  # noqa: E402
 from alterrec_dist.common.files import atomic_write_bytes  # noqa: E402
 from alterrec_dist.common.methods import METHODS, selection_part  # noqa: E402
 from alterrec_dist.grid.runner import as_toml  # noqa: E402
-from alterrec_dist.grid.selection import choose  # noqa: E402
+from alterrec_dist.grid.selection import choose, combined_label  # noqa: E402
 
 TABLE_METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20")
 TARGET_GAIN = 0.05
@@ -236,7 +236,11 @@ def switch_table(runs: list[dict]) -> list[str]:
     """One row per method and value of each swept setting other than k2 (which has its own figure),
     scored on the method's own kind (fused for AlterRec and NFRec): the measured switch ablation."""
     keys = sorted({k for r in runs for k in r["spec"].sweeps if k != "train.k2"})
-    if not keys:
+    combined: dict[tuple[str, str], list[dict]] = {}  # the helpful switches together (the grid's `combine`)
+    for r in runs:
+        if r["spec"].combined:
+            combined.setdefault((r["spec"].method, combined_label(r["spec"])), []).append(r)
+    if not keys and not combined:
         return []
     lines = ["| method | setting | seeds | valid hit@10 | valid ndcg@10 | test hit@10 | test ndcg@10 | best epochs |",
              "|---|---|---|---|---|---|---|---|"]
@@ -244,15 +248,18 @@ def switch_table(runs: list[dict]) -> list[str]:
         points: dict[tuple[str, str], list[dict]] = {}
         for r in runs:
             if key in r["spec"].sweeps:
-                value = r["spec"].sweeps[key]
-                points.setdefault((r["spec"].method, as_toml(value)), []).append(r)
-        for (method, value), rs in sorted(points.items()):
-            kind = "peer" if rs[0]["spec"].role == "peer" else own_kind(method)
-            lines.append(f"| {method_label(method)} ({kind}) | {key} = {value} | {len(rs)} | "
-                         + " | ".join(cell([r[split][kind][m] for r in rs])
-                                      for split in ("valid", "test") for m in ("hit@10", "ndcg@10"))
-                         + f" | {','.join(str(r['best_epoch']) for r in rs)} |")
+                points.setdefault((r["spec"].method, f"{key} = {as_toml(r['spec'].sweeps[key])}"), []).append(r)
+        lines += [switch_row(method, setting, rs) for (method, setting), rs in sorted(points.items())]
+    lines += [switch_row(method, setting, rs) for (method, setting), rs in sorted(combined.items())]
     return lines
+
+
+def switch_row(method: str, setting: str, runs: list[dict]) -> str:
+    kind = "peer" if runs[0]["spec"].role == "peer" else own_kind(method)
+    return (f"| {method_label(method)} ({kind}) | {setting} | {len(runs)} | "
+            + " | ".join(cell([r[split][kind][m] for r in runs])
+                         for split in ("valid", "test") for m in ("hit@10", "ndcg@10"))
+            + f" | {','.join(str(r['best_epoch']) for r in runs)} |")
 
 
 # -- the document ------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from alterrec_dist.common.config import PROJECT_ROOT, load_config, read_toml, shown
 from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.grid.selection import choose
+from alterrec_dist.grid.selection import choose, helpful_switches
 
 
 @dataclass
@@ -43,6 +43,7 @@ class RunSpec:
     method: str = ""
     sweeps: dict[str, object] = field(default_factory=dict)  # swept key -> this run's value (several if shared)
     extra: list[str] = field(default_factory=list)            # the --set overrides of its sweep point
+    combined: dict[str, object] = field(default_factory=dict)  # a combined candidate: its switches, key -> value
 
     @property
     def done(self) -> bool:
@@ -70,6 +71,7 @@ class DatasetGrid:
     select: list[str] = field(default_factory=list)  # swept keys whose value each method picks on validation
     select_seeds: list[int] = field(default_factory=list)  # seeds the select sweeps run on; empty: all
     tuned: list[str] = field(default_factory=list)  # methods a sweep without method(s) tunes; empty: all
+    combine: bool = False  # also try, per method and peer, the switches that beat its base, together
 
 
 @dataclass
@@ -96,7 +98,7 @@ def load_grid(path: str | Path) -> Grid:
                 prepare=d.get("prepare", []),
                 note=d.get("note", ""), sweeps=d.get("sweep", []), peers=d.get("peer", []),
                 anchors=d.get("anchor", []), select=d.get("select", []), select_seeds=d.get("select_seeds", []),
-                tuned=d.get("tuned", [])))
+                tuned=d.get("tuned", []), combine=d.get("combine", False)))
         except KeyError as e:
             raise ConfigError(f"{path}: [[dataset]] entry misses key {e}") from None
     if not datasets:
@@ -184,6 +186,9 @@ def expand(grid: Grid) -> list[RunSpec]:
                 if len(why) == len(sweep_methods(d, sw)):  # a typo, not a point that fits only some methods
                     raise ConfigError(f"{grid.path}: sweep {key} = {value} fits no method: {why[0]}")
         for method in d.methods:
+            for spec in combined_runs(d, method, list(specs.values())):
+                specs.setdefault(spec.run_dir, spec)
+        for method in d.methods:
             for spec in confirm_runs(d, method, list(specs.values())):
                 specs.setdefault(spec.run_dir, spec)
         for peer in d.peers:
@@ -197,6 +202,8 @@ def expand(grid: Grid) -> list[RunSpec]:
                                              cmd + args + ["--seed", str(seed), "--out", str(run_dir)],
                                              done_file="result.json", role="peer", method=peer["name"],
                                              sweeps={key: value} if sets else {}, extra=sets)
+            for spec in combined_runs(d, peer["name"], list(specs.values()), cmd):
+                specs.setdefault(spec.run_dir, spec)
     return selection_first(grid, list(specs.values()))
 
 
@@ -219,6 +226,37 @@ def peer_points(peer: dict) -> list[tuple[str, object, list[str]]]:
     return points
 
 
+def combined_runs(d: DatasetGrid, name: str, specs: list[RunSpec], peer_command: list[str] = ()) -> list[RunSpec]:
+    """With `combine`: a method's (or peer's) switches that beat its base on validation, all together, as one
+    more candidate on the selection seeds; none until the single switches have all finished, or where
+    fewer than two helped (the combination would be one of them) or the method's config refuses it."""
+    switches = helpful_switches(specs, d, name) if d.combine else None
+    if not switches or len(switches) < 2:
+        return []
+    extra = [override for _, _, run in switches for override in run.extra]
+    combined = {key: value for key, value, _ in switches}
+    template = switches[0][2]
+    if template.role != "peer":
+        try:
+            method_config(d, name, extra)
+        except ConfigError:
+            return []
+    base_seeds = {s.seed for s in specs if s.dataset == d.name and s.method == name and not s.extra}
+    runs = []
+    for seed in sorted(base_seeds & set(d.select_seeds or d.seeds)):
+        run_dir = template.run_dir.with_name(f"{name}-combined-s{seed}")
+        if template.role == "peer":
+            args = [a for item in extra for a in ("--set", item)]
+            runs.append(RunSpec(d.name, name, seed, run_dir, [*peer_command, *args, "--seed", str(seed), "--out",
+                                                              str(run_dir)], done_file="result.json", role="peer",
+                                method=name, extra=extra, combined=combined))
+        else:
+            runs.append(RunSpec(d.name, f"{name} combined", seed, run_dir,
+                                train_command(d, name, seed, run_dir, extra), role="sweep", method=name,
+                                extra=extra, combined=combined))
+    return runs
+
+
 def confirm_runs(d: DatasetGrid, method: str, specs: list[RunSpec]) -> list[RunSpec]:
     """The chosen sweep point on the seeds it has not run on (none until the choice is made)."""
     choice = choose(specs, d, method)
@@ -231,7 +269,7 @@ def confirm_runs(d: DatasetGrid, method: str, specs: list[RunSpec]) -> list[RunS
         run_dir = template.run_dir.with_name(f"{stem}-s{seed}")
         runs.append(RunSpec(d.name, template.label, seed, run_dir,
                             train_command(d, method, seed, run_dir, template.extra), role="sweep", method=method,
-                            sweeps=dict(template.sweeps), extra=template.extra))
+                            sweeps=dict(template.sweeps), extra=template.extra, combined=dict(template.combined)))
     return runs
 
 

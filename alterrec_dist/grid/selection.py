@@ -3,10 +3,11 @@ other seeds) and the report (which reports the chosen runs) both follow.
 
 A method's candidates are its base runs and each point of its sweeps over the dataset's `select`
 keys (one switch at a time from the base config); a peer's are its base runs and each point of its
-own sweeps. They are compared on the selection seeds (the dataset's `select_seeds`, else all its
-seeds, that the base runs have) by the mean of the validation score each run chose its own epoch on. Nothing is chosen until
-every candidate has finished on those seeds, so a half-run grid cannot flatter one. Test metrics are
-never read here.
+own sweeps. Where the grid sets `combine`, one more candidate joins the switches that beat the base:
+per key, its best point. They are compared on the selection seeds (the dataset's `select_seeds`, else
+all its seeds, that the base runs have) by the mean of the validation score each run chose its own
+epoch on. Nothing is chosen until every candidate has finished on those seeds, so a half-run grid
+cannot flatter one. Test metrics are never read here.
 """
 from __future__ import annotations
 
@@ -37,33 +38,79 @@ def validation_score(spec) -> float | None:
     return result["valid"][kind][metric]
 
 
+def switch_points(ours: list, d) -> dict[tuple[str, object], list]:
+    """(key, value) -> the runs of that single switch: each point of each sweep that tunes the method
+    (a method's over the `select` keys, a peer's all of its own)."""
+    points: dict[tuple[str, object], list] = {}
+    for s in ours:
+        for key, value in s.sweeps.items():
+            if s.extra and not s.combined and (key in d.select or s.role == "peer"):
+                points.setdefault((key, value), []).append(s)
+    return points
+
+
+def combined_label(spec) -> str:
+    return "combined (" + ", ".join(f"{k} = {v}" for k, v in spec.combined.items()) + ")"
+
+
 def candidates(specs: list, d, method: str) -> dict[str, list]:
-    """Candidate label -> its runs: the base runs (no overrides), then each point of each sweep that
-    tunes it (a method's over the `select` keys, a peer's all of its own)."""
+    """Candidate label -> its runs: the base runs (no overrides), each single switch, then the helpful
+    switches combined (once the runner has added that run)."""
     ours = [s for s in specs if s.dataset == d.name and s.method == method]
     base = [s for s in ours if not s.extra]
     shown = ", ".join(f"{k} = {base[0].sweeps[k]}" for k in d.select if base and k in base[0].sweeps)
     out = {f"{BASE} ({shown})" if shown else BASE: base}
+    out.update({f"{key} = {value}": runs for (key, value), runs in switch_points(ours, d).items()})
     for s in ours:
-        for key, value in s.sweeps.items():
-            if s.extra and (key in d.select or s.role == "peer"):
-                out.setdefault(f"{key} = {value}", []).append(s)
+        if s.combined:
+            out.setdefault(combined_label(s), []).append(s)
     return out
 
 
-def choose(specs: list, d, name: str) -> Choice | None:
-    """The candidate of a method or peer best on validation, or None (nothing to choose, or not all
-    finished)."""
-    cands = candidates(specs, d, name)
+def selection_seeds(cands: dict[str, list], d) -> list[int]:
     base_seeds = {s.seed for s in next(iter(cands.values()))}  # a peer may run fewer seeds than the dataset
-    seeds = [s for s in (d.select_seeds or d.seeds) if s in base_seeds]
-    if len(cands) < 2 or not seeds:
-        return None
+    return [s for s in (d.select_seeds or d.seeds) if s in base_seeds]
+
+
+def mean_scores(cands: dict[str, list], seeds: list[int]) -> dict[str, float] | None:
+    """Each candidate's mean validation score on `seeds`; None until every one has finished there."""
     scores = {}
     for label, runs in cands.items():
         values = [validation_score(s) for s in runs if s.seed in seeds]
         if len(values) < len(seeds) or None in values:
             return None
         scores[label] = statistics.mean(values)
+    return scores
+
+
+def choose(specs: list, d, name: str) -> Choice | None:
+    """The candidate of a method or peer best on validation, or None (nothing to choose, or not all
+    finished)."""
+    cands = candidates(specs, d, name)
+    seeds = selection_seeds(cands, d)
+    if len(cands) < 2 or not seeds:
+        return None
+    scores = mean_scores(cands, seeds)
+    if scores is None:
+        return None
     chosen = max(scores, key=scores.get)
     return Choice(name, scores, chosen, sorted(cands[chosen], key=lambda s: s.seed))
+
+
+def helpful_switches(specs: list, d, name: str) -> list[tuple[str, object, object]] | None:
+    """The single switches to combine: per swept key, (key, value, its run on the first selection seed,
+    whose overrides the combination joins) for the point best on validation where that beats the base.
+    None until every single switch has finished on the selection seeds. Test metrics are never read."""
+    ours = [s for s in specs if s.dataset == d.name and s.method == name and not s.combined]
+    cands = candidates(ours, d, name)
+    seeds = selection_seeds(cands, d)
+    scores = mean_scores(cands, seeds) if seeds else None
+    if scores is None:
+        return None
+    base = scores[next(iter(cands))]
+    best: dict[str, tuple[float, object, object]] = {}  # key -> (score, value, run)
+    for (key, value), runs in switch_points(ours, d).items():
+        score = scores[f"{key} = {value}"]
+        if score > base and score > best.get(key, (float("-inf"),))[0]:
+            best[key] = (score, value, next(s for s in runs if s.seed == seeds[0]))
+    return [(key, value, run) for key, (_, value, run) in best.items()]

@@ -1,8 +1,10 @@
 """Grid expansion: the committed grid's tuning budget, and sweeps that fit no method."""
+import json
 import subprocess
 import sys
 import textwrap
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +100,49 @@ def test_a_runs_recorded_command_holds_no_path_of_this_machine():
            "--set", "eval.alpha_sweep=[0.0,1.0]"]
     assert shown_command(cmd) == ("python -m alterrec_dist.train --out results/paper/d/x-s0 "
                                   "--set 'eval.alpha_sweep=[0.0,1.0]'")
+
+
+def test_a_grid_with_combine_adds_the_combination_once_its_switches_have_run(tmp_path):
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text(textwrap.dedent(f'''
+        out = "{tmp_path}/runs"
+        seeds = [0, 1]
+        [[dataset]]
+        name = "d"
+        config = "configs/default.toml"
+        methods = ["id_only"]
+        select = ["train.m_max", "train.m_gap"]
+        select_seeds = [0]
+        combine = true
+        [[dataset.sweep]]
+        key = "train.m_max"
+        values = [30]
+        [[dataset.sweep]]
+        key = "train.m_gap"
+        values = [1]
+        [[dataset.peer]]
+        name = "P"
+        command = ["python3", "peer.py"]
+        seeds = [0]
+        [[dataset.peer.sweep]]
+        key = "a"
+        values = [1]
+        [[dataset.peer.sweep]]
+        key = "b"
+        values = [2]
+    '''))
+    grid = load_grid(grid_file)
+    specs = expand(grid)
+    assert not any(s.combined for s in specs)
+    for s in specs:  # every single switch beats its base on validation
+        s.run_dir.mkdir(parents=True)
+        valid = 0.05 + 0.01 * bool(s.extra)
+        result = ({"valid": {"ndcg@10": valid}} if s.role == "peer"
+                  else {"selection": "id/ndcg@10", "valid": {"id": {"ndcg@10": valid}}})
+        (s.run_dir / s.done_file).write_text(json.dumps(result))
+    combined = {s.run_dir.relative_to(grid.out): s.command for s in expand(grid) if s.combined}
+    assert set(combined) == {Path("d/id_only-combined-s0"), Path("d/peers/P-combined-s0")}
+    cmd = combined[Path("d/id_only-combined-s0")]
+    assert cmd[cmd.index("train.m_max=30") - 1:cmd.index("--out")] == ["--set", "train.m_max=30",
+                                                                        "--set", "train.m_gap=1"]
+    assert combined[Path("d/peers/P-combined-s0")][:-4] == ["python3", "peer.py", "--set", "a=1", "--set", "b=2"]

@@ -2,8 +2,8 @@
 import json
 from pathlib import Path
 
-from alterrec_dist.grid.runner import DatasetGrid, RunSpec, confirm_runs
-from alterrec_dist.grid.selection import choose
+from alterrec_dist.grid.runner import DatasetGrid, RunSpec, combined_runs, confirm_runs
+from alterrec_dist.grid.selection import choose, helpful_switches
 
 
 def grid(select=("train.m_max",), **kw) -> DatasetGrid:
@@ -77,3 +77,36 @@ def test_a_peer_is_tuned_on_its_own_validation_ndcg(tmp_path):
     choice = choose(runs, grid(select=()), "SASRec")  # a peer's sweeps tune it without `select`
     assert choice.chosen == "hidden_size = 300" and choice.runs == [runs[1]]
     assert choice.scores == {"base": 0.058, "hidden_size = 300": 0.061, "learning_rate = 0.003": 0.055}
+
+
+def test_the_switches_that_beat_the_base_on_validation_run_together_then_compete(tmp_path):
+    d = grid(select=["train.m_max", "train.m_gap", "train.patience"], select_seeds=[0], combine=True)
+    base = [run(tmp_path, "alterrec", s, "", 0.060, 0.070) for s in (0, 1)]
+    singles = [run(tmp_path, "alterrec", 0, "m_max=30", 0.064, 0.010),
+               run(tmp_path, "alterrec", 0, "m_max=20", 0.062),                        # beats base, not m_max=30
+               run(tmp_path, "alterrec", 0, "m_gap=1", 0.061, key="train.m_gap"),
+               run(tmp_path, "alterrec", 0, "patience=3", 0.059, key="train.patience")]  # below base: left out
+    pending = run(tmp_path, "alterrec", 0, "patience=4", None, key="train.patience")
+    assert combined_runs(d, "alterrec", base + singles + [pending]) == []  # not until every switch has finished
+    specs = base + singles
+    assert helpful_switches(specs, d, "alterrec") == [("train.m_max", 30, singles[0]), ("train.m_gap", 1, singles[2])]
+    [both] = combined_runs(d, "alterrec", specs)
+    assert (both.run_dir.name, both.seed, both.combined) == ("alterrec-combined-s0", 0,
+                                                              {"train.m_max": 30, "train.m_gap": 1})
+    assert both.extra == ["train.m_max=30", "train.m_gap=1"] and "train.m_gap=1" in both.command
+    assert choose(specs + [both], d, "alterrec") is None  # the combination is a candidate: wait for it
+    both.run_dir.mkdir()
+    (both.run_dir / "summary.json").write_text(json.dumps({"selection": "fused/ndcg@10",
+                                                           "valid": {"fused": {"ndcg@10": 0.066}}}))
+    choice = choose(specs + [both], d, "alterrec")
+    assert choice.chosen == "combined (train.m_max = 30, train.m_gap = 1)" and choice.runs == [both]
+    [more] = confirm_runs(d, "alterrec", specs + [both])
+    assert (more.run_dir.name, more.combined, more.extra) == ("alterrec-combined-s1", both.combined, both.extra)
+    assert not combined_runs(grid(select=d.select, select_seeds=[0]), "alterrec", specs)  # only with `combine`
+
+
+def test_one_helpful_switch_makes_no_combination(tmp_path):
+    d = grid(select=["train.m_max", "train.m_gap"], select_seeds=[0], combine=True)
+    specs = [run(tmp_path, "id_only", 0, "", 0.060), run(tmp_path, "id_only", 0, "m_max=30", 0.064),
+             run(tmp_path, "id_only", 0, "m_gap=1", 0.058, key="train.m_gap")]
+    assert combined_runs(d, "id_only", specs) == []
