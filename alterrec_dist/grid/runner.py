@@ -120,6 +120,20 @@ def train_command(d: DatasetGrid, method: str, seed: int, run_dir: Path, extra: 
     return cmd + ["--out", str(run_dir), "--resume", "auto"]
 
 
+def sweep_run(d: DatasetGrid, method: str, label: str, seed: int, run_dir: Path, extra: list[str], **kw) -> RunSpec:
+    """A method's training run with overrides on top of its config: a sweep point, or a combination."""
+    return RunSpec(d.name, label, seed, run_dir, train_command(d, method, seed, run_dir, extra), role="sweep",
+                   method=method, extra=list(extra), **kw)
+
+
+def peer_run(d: DatasetGrid, name: str, seed: int, run_dir: Path, command: list[str], sets: list[str],
+             **kw) -> RunSpec:
+    """A peer's run from its own command, with its KEY=VALUE settings passed as --set."""
+    args = [a for item in sets for a in ("--set", item)]
+    return RunSpec(d.name, name, seed, run_dir, [*command, *args, "--seed", str(seed), "--out", str(run_dir)],
+                   done_file="result.json", role="peer", method=name, extra=list(sets), **kw)
+
+
 def sweep_methods(d: DatasetGrid, sw: dict) -> list[str]:
     """The methods a sweep tunes: its `method`, its `methods`, or (neither) the dataset's `tuned` methods
     (default: all), which is how a grid gives each method the same tuning budget over the same switches."""
@@ -176,10 +190,8 @@ def expand(grid: Grid) -> list[RunSpec]:
                         continue
                     for seed in sw.get("seeds", d.select_seeds if key in d.select and d.select_seeds else d.seeds):
                         run_dir = base / (f"{method}-{name}={as_toml(value)}-s{seed}" if extra else f"{method}-s{seed}")
-                        spec = specs.get(run_dir) or RunSpec(
-                            d.name, f"{method} {key}={value}", seed, run_dir,
-                            train_command(d, method, seed, run_dir, extra), role="sweep", method=method,
-                            extra=extra)
+                        spec = specs.get(run_dir) or sweep_run(d, method, f"{method} {key}={value}", seed,
+                                                               run_dir, extra)
                         spec.sweeps[key] = value
                         specs[run_dir] = spec
             for value, why in refused.items():
@@ -197,11 +209,8 @@ def expand(grid: Grid) -> list[RunSpec]:
                 for seed in peer.get("seeds", d.seeds):
                     run_dir = base / "peers" / (f"{peer['name']}-{key}={value}-s{seed}" if sets
                                                 else f"{peer['name']}-s{seed}")
-                    args = [a for item in sets for a in ("--set", item)]
-                    specs[run_dir] = RunSpec(d.name, peer["name"], seed, run_dir,
-                                             cmd + args + ["--seed", str(seed), "--out", str(run_dir)],
-                                             done_file="result.json", role="peer", method=peer["name"],
-                                             sweeps={key: value} if sets else {}, extra=sets)
+                    specs[run_dir] = peer_run(d, peer["name"], seed, run_dir, cmd, sets,
+                                              sweeps={key: value} if sets else {})
             for spec in combined_runs(d, peer["name"], list(specs.values()), cmd):
                 specs.setdefault(spec.run_dir, spec)
     return selection_first(grid, list(specs.values()))
@@ -245,15 +254,9 @@ def combined_runs(d: DatasetGrid, name: str, specs: list[RunSpec], peer_command:
     runs = []
     for seed in sorted(base_seeds & set(d.select_seeds or d.seeds)):
         run_dir = template.run_dir.with_name(f"{name}-combined-s{seed}")
-        if template.role == "peer":
-            args = [a for item in extra for a in ("--set", item)]
-            runs.append(RunSpec(d.name, name, seed, run_dir, [*peer_command, *args, "--seed", str(seed), "--out",
-                                                              str(run_dir)], done_file="result.json", role="peer",
-                                method=name, extra=extra, combined=combined))
-        else:
-            runs.append(RunSpec(d.name, f"{name} combined", seed, run_dir,
-                                train_command(d, name, seed, run_dir, extra), role="sweep", method=name,
-                                extra=extra, combined=combined))
+        runs.append(peer_run(d, name, seed, run_dir, peer_command, extra, combined=combined)
+                    if template.role == "peer" else
+                    sweep_run(d, name, f"{name} combined", seed, run_dir, extra, combined=combined))
     return runs
 
 
@@ -267,9 +270,8 @@ def confirm_runs(d: DatasetGrid, method: str, specs: list[RunSpec]) -> list[RunS
     runs = []
     for seed in (s for s in d.seeds if s not in have):
         run_dir = template.run_dir.with_name(f"{stem}-s{seed}")
-        runs.append(RunSpec(d.name, template.label, seed, run_dir,
-                            train_command(d, method, seed, run_dir, template.extra), role="sweep", method=method,
-                            sweeps=dict(template.sweeps), extra=template.extra, combined=dict(template.combined)))
+        runs.append(sweep_run(d, method, template.label, seed, run_dir, template.extra,
+                              sweeps=dict(template.sweeps), combined=dict(template.combined)))
     return runs
 
 
