@@ -131,11 +131,14 @@ def gains(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors:
 
 
 def choice_table(choices: list) -> list[str]:
-    lines = ["| method | validation score on the selection seeds: base, then each switch alone | chosen |",
-             "|---|---|---|"]
+    """Each method's candidates on validation, the chosen one, and the overrides that make it (what a
+    config such as configs/scientific.toml takes over)."""
+    lines = ["| method | validation score on the selection seeds: base, each switch alone, the helpful ones together "
+             "| chosen | its overrides |", "|---|---|---|---|"]
     for c in choices:
+        overrides = " ".join(f"`{o}`" for o in c.runs[0].extra) or "none"
         lines.append(f"| {method_label(c.method)} | " + ", ".join(f"{v}: {x:.4f}" for v, x in c.scores.items())
-                     + f" | **{c.chosen}** |")
+                     + f" | **{c.chosen}** | {overrides} |")
     return lines
 
 

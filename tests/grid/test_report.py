@@ -1,8 +1,9 @@
-"""The report's switch ablation: a row per single switch and one per combination of the helpful ones."""
+"""The report's tables of the tuning: the switch ablation (each switch, and the helpful ones combined) and the choice."""
 from pathlib import Path
 
-from alterrec_dist.grid.report import switch_table
+from alterrec_dist.grid.report import choice_table, switch_table
 from alterrec_dist.grid.runner import RunSpec
+from alterrec_dist.grid.selection import Choice
 
 
 def result(spec: RunSpec, valid: float, test: float) -> dict:
@@ -23,3 +24,14 @@ def test_the_switch_table_shows_each_switch_and_the_combination():
         "| AlterRec (fused) | lr = 3e-3 | 1 | 0.1240 | 0.0620 | 0.1040 | 0.0520 | 7 |",
         "| AlterRec (fused) | model.dropout = 0.5 | 1 | 0.1220 | 0.0610 | 0.1020 | 0.0510 | 7 |",
         "| AlterRec (fused) | combined (model.dropout = 0.5, lr = 3e-3) | 1 | 0.1320 | 0.0660 | 0.1100 | 0.0550 | 7 |"]
+
+
+def test_the_choice_table_gives_the_chosen_overrides_a_config_takes_over():
+    chosen = RunSpec("d", "id_only", 0, Path("x"), [], role="sweep", method="id_only", extra=["model.dropout=0.5"])
+    base = RunSpec("d", "nfrec_sum", 0, Path("y"), [], method="nfrec_sum")
+    lines = choice_table([Choice("id_only", {"base": 0.060, "model.dropout = 0.5": 0.063}, "model.dropout = 0.5",
+                                 [chosen]),
+                          Choice("nfrec_sum", {"base": 0.061, "model.dropout = 0.5": 0.059}, "base", [base])])
+    assert lines[2:] == ["| ID only | base: 0.0600, model.dropout = 0.5: 0.0630 | **model.dropout = 0.5** | "
+                         "`model.dropout=0.5` |",
+                         "| NFRec (sum) | base: 0.0610, model.dropout = 0.5: 0.0590 | **base** | none |"]
