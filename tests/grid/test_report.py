@@ -1,4 +1,4 @@
-"""The report's tables of the tuning: the switch ablation (each switch, and the helpful ones combined) and the choice."""
+"""The report's tables of the tuning: the switch ablation (each switch, the helpful ones combined), the choice."""
 from pathlib import Path
 
 from alterrec_dist.grid.report import choice_table, switch_table
