@@ -15,7 +15,7 @@ from pathlib import Path
 from alterrec_dist.common import storage
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.storage import Location
-from alterrec_dist.common.methods import METHODS
+from alterrec_dist.common.methods import ALTERNATE, METHODS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # alterrec_dist/common/config.py -> the project
 LOGIT_FORMS = ("dot", "cosine")
@@ -60,6 +60,8 @@ class TrainConfig:
     m_gap: int = 2                 # then alternate every m_gap epochs, ID first
     m_max: int = 10                # epochs in all (the paper uses 30); the ceiling with patience
     patience: int = 0              # stop after this many epochs past the warm-up without a better eval.metric; 0: off
+    reject_worse: bool = False     # beyond the paper: a phase after the warm-up that leaves its network worse on
+                                   # validation (its own eval.metric) is undone, back to the phase's start
     k1: int = 20                   # hard negatives are the other network's ranks k1..k2 (0-based, k2 exclusive)
     k2: int = 500
     hard_fraction: float = 1.0     # share of the k2-k1 negatives that are hard; the rest uniform random
@@ -219,6 +221,8 @@ class Config:
             (m.id_logits == m.text_logits == "dot" or not METHODS[t.method].fused,
              "cosine logits apply to the separate id and text networks, not to NFRec's fused one"),
             (m.text_adapter == "mlp" or m.text_hidden == 0, "model.text_hidden applies to model.text_adapter = mlp"),
+            (not t.reject_worse or METHODS[t.method].schedule == ALTERNATE,
+             f"train.reject_worse applies to methods that alternate two networks, not {t.method}"),
             (m.encoder != "transformer" or m.dim % m.heads == 0,
              f"model.dim={m.dim} must be divisible by model.heads={m.heads} for the transformer encoder"),
         ]

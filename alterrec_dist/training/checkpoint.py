@@ -44,6 +44,9 @@ def checkpoint_name(epoch: int, step: int) -> str:
     return f"e{epoch:05d}-s{step:07d}"
 
 
+PHASE_END = checkpoint_name(0, 0)[-9:]  # "-s0000000": only the checkpoint at a phase's end is taken between epochs
+
+
 def restore_model(checkpoint: Location | None, model_dir: Location) -> None:
     """Make `model_dir` the best model that `checkpoint` recorded, or remove it if there was none yet:
     a model saved after the checkpoint belongs to training that is being redone."""
@@ -106,9 +109,11 @@ def join_row_state(rest: dict, moments: dict) -> dict:
 
 
 def prune(store: Location, keep: int) -> None:
-    """Remove everything in `store` but its newest `keep` checkpoints (older ones, the temp directories
-    of saves that were killed and, in a store, checkpoints whose upload was cut short)."""
-    kept = set(checkpoints(store)[-keep:])
+    """Remove everything in `store` but its newest `keep` checkpoints and the newest one taken at a phase's
+    end, which `train.reject_worse` goes back to (older ones, the temp directories of saves that were killed
+    and, in a store, checkpoints whose upload was cut short)."""
+    found = checkpoints(store)
+    kept = set(found[-keep:] + [p for p in found if p.name.endswith(PHASE_END)][-1:])
     for p in store.iterdir():
         if p not in kept:
             storage.remove_tree(p)

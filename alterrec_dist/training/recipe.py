@@ -43,7 +43,7 @@ from alterrec_dist.model.networks import Network, build_networks, text_init_rows
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.loss import tiled_band_loss
 from alterrec_dist.parallel.mining import Band, capped_k2, exclude_items, mine_band, random_band, top_items
-from alterrec_dist.parallel.saved import save_model
+from alterrec_dist.parallel.saved import save_model, saved_manifest
 from alterrec_dist.parallel.table import Placement, ShardedItemTable
 from alterrec_dist.training.checkpoint import (checkpoint_name, find_resume_point, load_checkpoint, restore_model,
                                                save_checkpoint)
@@ -143,6 +143,8 @@ class Progress:
     steps: list[dict] = field(default_factory=list)  # the logged losses of its steps done so far
     best: dict = field(default_factory=lambda: {"score": -1.0})  # best validation so far: epoch, valid, test
     log_lines: int = 0                               # lines of metrics.jsonl written
+    own: dict = field(default_factory=dict)          # each network's own validation score at the last epoch
+    phase_before: float | None = None                # the phase's network's own score when the phase began
 
 
 def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = None) -> dict:
@@ -195,6 +197,8 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
                 prev_key = phase.key
                 # B is frozen for the whole phase: its item matrix is computed once, here.
                 frozen_rows = frozen_item_rows(run, phase)
+            if phase_starts(phases, phase.epoch) and not progress.steps:  # (a resumed phase has it already)
+                progress.phase_before = progress.own.get(phase.network)
             start, resumed_steps = time.perf_counter(), len(progress.steps)
             steps = train_epoch(run, phase, frozen_rows, progress.steps, lambda: after_step(phase.network))
             seconds = time.perf_counter() - start
@@ -207,6 +211,12 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
                 "sessions_per_s": (len(steps) - resumed_steps) * t.global_batch_size / seconds,  # this attempt's steps
                 "train_seconds": seconds,
             }
+            phase_ends = phase_index(phases, phase.epoch + 1) != line["phase"]
+            rejected = (t.reject_worse and phase_ends and phase.epoch >= warmup and progress.phase_before is not None
+                        and valid[phase.network][metric] < progress.phase_before)
+            if t.reject_worse:
+                line["rejected"] = rejected
+                progress.own = {n: valid[n][metric] for n in run.networks}
             if valid[part][metric] > progress.best["score"]:
                 progress.best = {"score": valid[part][metric], "epoch": phase.epoch, "valid": line["valid"],
                                  "test": run.evaluate("test", phase.epoch)}
@@ -217,9 +227,15 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
                 sinks.epoch(line, steps_done())
                 tqdm.write(f"epoch {phase.epoch:3d} {phase.network:5s} {phase.negatives:6s} loss {losses['loss']:.4f} "
                            f"valid {part}/{metric} {valid[part][metric]:.4f} ({line['sessions_per_s']:.0f} sessions/s)")
+            if rejected:
+                undo_phase(run, run_dir / "checkpoints", phase_first_epoch(phases, phase.epoch))
+                progress.own[phase.network] = progress.phase_before
+                if comm.rank == 0:
+                    tqdm.write(f"phase rejected: valid {phase.network}/{metric} {valid[phase.network][metric]:.4f} "
+                               f"< {progress.phase_before:.4f} at its start; {phase.network} goes back to it")
             progress.epoch, progress.steps, progress.log_lines = phase.epoch + 1, [], progress.log_lines + 1
             metrics = {k: v for k, v in line.items() if k != "valid"} | {f"valid_{part}_{metric}": valid[part][metric]}
-            if phase_index(phases, progress.epoch) != line["phase"]:  # the phase ends with this epoch
+            if phase_ends:
                 checkpoint(metrics)
             elif report is not None:
                 report(metrics, None)
@@ -262,7 +278,7 @@ def resume(run: Run, run_dir: Location) -> Progress:
     progress = Progress()
     if found is not None:
         load_checkpoint(run.comm, *found, run.networks, run.table, run.steppers)
-        progress = Progress(**{f.name: found[1][f.name] for f in fields(Progress)})
+        progress = Progress(**{f.name: found[1][f.name] for f in fields(Progress) if f.name in found[1]})
     if run.comm.rank == 0:
         keep_lines(run_dir / "metrics.jsonl", progress.log_lines)
         restore_model(found[0] if found else None, run_dir / "model")
@@ -277,6 +293,25 @@ def keep_lines(path: Location, n: int) -> None:
         lines = path.read_text().splitlines(keepends=True)
         if len(lines) > n:
             atomic_write_bytes(path, "".join(lines[:n]).encode())
+
+
+def phase_starts(phases: list[Phase], epoch: int) -> bool:
+    return epoch == 0 or phases[epoch].key != phases[epoch - 1].key
+
+
+def phase_first_epoch(phases: list[Phase], epoch: int) -> int:
+    while not phase_starts(phases, epoch):
+        epoch -= 1
+    return epoch
+
+
+def undo_phase(run: Run, store: Location, first_epoch: int) -> None:
+    """`train.reject_worse`: every rank takes back its state from the checkpoint taken when the phase began
+    (at the previous phase's end; `checkpoint.prune` keeps it). The other network was frozen for the whole
+    phase, so only the phase's network (rows, dense weights, optimizer state) changes, and the RNG goes back
+    with it: a resumed run rejects the same way."""
+    start = store / checkpoint_name(first_epoch, 0)
+    load_checkpoint(run.comm, start, saved_manifest(start), run.networks, run.table, run.steppers)
 
 
 def phase_index(phases: list[Phase], epoch: int) -> int:

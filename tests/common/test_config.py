@@ -170,6 +170,7 @@ def test_missing_file(tmp_path):
     (["train.patience=-1"], "train.patience must be >= 0"),
     (["train.lr_schedule=step"], "train.lr_schedule must be one of constant, warmup_cosine"),
     (["train.lr_warmup=1.0"], "train.lr_warmup must be in [0, 1)"),
+    (["train.method=nfrec_sum", "train.reject_worse=true"], "train.reject_worse applies to methods that alternate"),
 ])
 def test_validation(overrides, fragment):
     with pytest.raises(ConfigError) as e:

@@ -163,3 +163,36 @@ def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path):
     assert f"resuming from {older}" in r.stdout + r.stderr
     assert_same_run(cut, whole)
     assert results(cut)[0]["epochs_trained"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_phase_that_leaves_its_network_worse_is_undone(tmp_path):
+    """train.reject_worse, at an lr (0.3) whose hard phases overshoot on the tiny data: a phase whose network
+    ends below its own validation score at the phase's start is undone, so the next epoch scores that network
+    exactly as before the phase; the checkpoint it goes back to outlives the mid-epoch ones (a checkpoint
+    every step); and two workers reject what one rejects."""
+    data = tiny_dataset(tmp_path / "data")
+    settings = ["train.m_max=8", "train.m_random=1", "train.m_gap=2", "train.k1=2", "train.k2=20",
+                "train.global_batch_size=24", "eval.batch_size=24", "model.dim=16", "model.dropout=0.0",
+                "train.lr_id=0.3", "train.lr_text=0.3", "train.checkpoint_every=1", "train.reject_worse=true",
+                f"data.path={data}"]
+    logs = {}
+    for workers in (1, 2):
+        run = tmp_path / f"w{workers}"
+        r = torchrun(workers, ["--out", str(run), *sets(settings + [f"trainer.num_workers={workers}"])], tmp_path)
+        logs[workers] = results(run)[1]
+    log = logs[1]
+    rejected = [e for e in log if e["rejected"]]
+    assert rejected and "phase rejected: valid " in r.stdout + r.stderr
+    for e in log:
+        net, epoch = e["network"], e["epoch"]
+        start = epoch - 1 if epoch % 2 else epoch  # phases of 2 epochs after the 2 warm-up epochs
+        before = log[start - 1]["valid"][net]["ndcg@10"]
+        worse = e["valid"][net]["ndcg@10"] < before
+        assert e["rejected"] == (epoch >= 2 and epoch % 2 == 1 and worse), epoch
+        if e["rejected"] and epoch + 1 < len(log):
+            assert log[epoch + 1]["valid"][net]["ndcg@10"] == before  # back at the phase's start, exactly
+    assert [e["rejected"] for e in logs[2]] == [e["rejected"] for e in log]
+    for a, b in zip(log, logs[2]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)

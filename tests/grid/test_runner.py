@@ -14,10 +14,10 @@ from alterrec_dist.experiments import main
 from alterrec_dist.grid.runner import expand, load_grid, shown_command
 
 # What a method's config refuses or ignores, and so is not one of its switches.
-NOT_THEIRS = {
-    "nfrec_sum": {"logits", "train.method"},       # one fused network: no per-network cosine logits
-    "id_only": {"model.text_adapter", "train.method"},
-    "text_only": {"model.id_init", "train.method"},
+NOT_THEIRS = {  # (train.method and train.reject_worse: AlterRec's own switches, which no other method has)
+    "nfrec_sum": {"logits", "train.method", "train.reject_worse"},  # one fused network: no per-network cosine logits
+    "id_only": {"model.text_adapter", "train.method", "train.reject_worse"},
+    "text_only": {"model.id_init", "train.method", "train.reject_worse"},
     "alterrec": set(),
 }
 
@@ -34,7 +34,7 @@ def test_the_committed_grid_tunes_each_method_over_the_same_switches():
     everything = points["alterrec"]
     for method, skipped in NOT_THEIRS.items():
         assert points[method] == {(k, v) for k, v in everything if k not in skipped}, method
-    assert len(everything) == 12 and set(d.select) == {k for k, _ in everything}
+    assert len(everything) == 13 and set(d.select) == {k for k, _ in everything}
     # The base runs have every seed; seeds 1-2 of a chosen switch come once seed 0 has been compared.
     assert {s.seed for s in specs if s.role == "method" and s.method == "id_only"} == {0, 1, 2}
     # ... and run after every seed-0 run, so the choice is made first.
