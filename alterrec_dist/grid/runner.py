@@ -27,7 +27,7 @@ from pathlib import Path
 
 from alterrec_dist.common.config import PROJECT_ROOT, load_config, read_toml, shown
 from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.grid.selection import choose, helpful_switches
+from alterrec_dist.grid.selection import candidates, choose, helpful_switches, selection_seeds
 
 
 @dataclass
@@ -250,9 +250,8 @@ def combined_runs(d: DatasetGrid, name: str, specs: list[RunSpec], peer_command:
             method_config(d, name, extra)
         except ConfigError:
             return []
-    base_seeds = {s.seed for s in specs if s.dataset == d.name and s.method == name and not s.extra}
     runs = []
-    for seed in sorted(base_seeds & set(d.select_seeds or d.seeds)):
+    for seed in selection_seeds(candidates(specs, d, name), d):
         run_dir = template.run_dir.with_name(f"{name}-combined-s{seed}")
         runs.append(peer_run(d, name, seed, run_dir, peer_command, extra, combined=combined)
                     if template.role == "peer" else
