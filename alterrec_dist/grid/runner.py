@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,14 +213,37 @@ def expand(grid: Grid) -> list[RunSpec]:
                                               sweeps={key: value} if sets else {})
             for spec in combined_runs(d, peer["name"], list(specs.values()), cmd):
                 specs.setdefault(spec.run_dir, spec)
-    return selection_first(grid, list(specs.values()))
+    return run_order(grid, list(specs.values()))
 
 
-def selection_first(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
-    """The runs on the selection seeds first, so the choice (and its other seeds) need not wait for the
-    base runs of seeds 1-2: on this machine the whole grid is days of CPU, spread over sessions."""
-    picking = {d.name: set(d.select_seeds) for d in grid.datasets}
-    return sorted(specs, key=lambda s: s.seed not in picking[s.dataset])
+def run_order(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
+    """The order runs start in. On this machine the grid is days of CPU spread over sessions, so what a
+    result waits for goes first:
+      0. each tuned method's candidates on the selection seeds, method by method in the grid's order, so
+         the first method's choice (and its combination) comes as early as it can;
+      1. the chosen settings' other seeds;
+      2. the peers: their candidates (or their one run) and chosen runs;
+      3. the rest: the sensitivity sweeps, untuned methods, base runs on seeds no choice needs.
+    Datasets in the grid's order within a tier. `run_grid` re-reads it after each finished run."""
+    tier: dict[Path, int] = {}
+    rank: dict[str, int] = {}  # method or peer -> its place in the grid
+    for d in grid.datasets:
+        names = [(m, 0) for m in d.methods] + [(p["name"], 2) for p in d.peers]
+        for name, first in names:
+            rank.setdefault(name, len(rank))
+            cands = candidates(specs, d, name)
+            if len(cands) < 2 and not first:  # an untuned method: no result waits for its runs
+                continue
+            seeds = selection_seeds(cands, d)
+            for runs in cands.values():
+                for s in runs:
+                    tier.setdefault(s.run_dir, first if s.seed in seeds else 3)
+            choice = choose(specs, d, name)
+            for s in choice.runs if choice else []:
+                tier[s.run_dir] = min(tier[s.run_dir], first + 1)
+    datasets = [d.name for d in grid.datasets]
+    return sorted(specs, key=lambda s: (tier.get(s.run_dir, 3), datasets.index(s.dataset), rank.get(s.method, 0),
+                                        s.seed))
 
 
 def peer_points(peer: dict) -> list[tuple[str, object, list[str]]]:
@@ -313,21 +336,29 @@ def shown_command(command: list[str]) -> str:
 
 
 def run_grid(grid: Grid) -> tuple[list[RunSpec], list[RunSpec]]:
-    """Run what is not done, `grid.jobs` at a time, then again what the finished runs add (the chosen
-    settings' other seeds); returns every run of the grid and the runs that failed."""
+    """Run what is not done, `grid.jobs` at a time in `run_order`; after each finished run the grid is
+    expanded again, so a combination or a chosen setting's other seeds start as soon as they are known.
+    Returns every run of the grid and the runs that failed."""
     failed: list[RunSpec] = []
-    while True:
-        specs = expand(grid)
-        tried = {s.run_dir for s in failed}
-        todo = [s for s in specs if not s.done and s.run_dir not in tried]
-        if not todo:
-            return specs, failed
-        print(f"{len(specs) - len(todo)} of {len(specs)} runs already done; {len(todo)} to run, {grid.jobs} at a time",
-              flush=True)
-        with ThreadPoolExecutor(grid.jobs) as pool:
-            for i, (spec, rc, seconds) in enumerate(pool.map(lambda s: run_one(s, grid.threads), todo), 1):
+    running: dict[Future, Path] = {}
+    with ThreadPoolExecutor(grid.jobs) as pool:
+        while True:
+            specs = expand(grid)
+            skip = {s.run_dir for s in failed} | set(running.values())
+            todo = [s for s in specs if not s.done and s.run_dir not in skip]
+            if not running:
+                if not todo:
+                    return specs, failed
+                print(f"{sum(s.done for s in specs)} of {len(specs)} runs already done; {len(todo)} to run, "
+                      f"{grid.jobs} at a time", flush=True)
+            for spec in todo[:grid.jobs - len(running)]:
+                running[pool.submit(run_one, spec, grid.threads)] = spec.run_dir
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                del running[future]
+                spec, rc, seconds = future.result()
                 ok = rc == 0 and spec.done
-                print(f"[{i}/{len(todo)}] {'ok  ' if ok else 'FAIL'} {shown(spec.run_dir)} "
-                      f"({seconds / 60:.1f} min){'' if ok else f', exit {rc}, see {spec.log}'}", flush=True)
+                print(f"{'ok  ' if ok else 'FAIL'} {shown(spec.run_dir)} ({seconds / 60:.1f} min)"
+                      f"{'' if ok else f', exit {rc}, see {spec.log}'}", flush=True)
                 if not ok:
                     failed.append(spec)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import Callable, TypeVar
 
 import torch
 
@@ -34,6 +35,7 @@ from alterrec_dist.parallel.table import Placement
 
 KEEP = 2  # training checkpoints kept: the newest, and one to fall back on if it turns out damaged
 CHECKPOINT_NAME = re.compile(r"e\d{5}-s\d{7}")
+T = TypeVar("T")
 
 
 def rank_file(rank: int, world: int) -> str:
@@ -126,15 +128,20 @@ def checkpoints(store: Location) -> list[Location]:
     return sorted(p for p in store.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name))
 
 
+def intact_manifest(checkpoint: Location) -> dict:
+    """The checkpoint's manifest once its every file matches the manifest's sha256 (else DataError)."""
+    manifest = saved_manifest(checkpoint)
+    verify_files(checkpoint, manifest["files"], checkpoint / "manifest.json")
+    return manifest
+
+
 def newest_good(store: Location) -> tuple[Location, dict] | None:
-    """The newest checkpoint in `store` whose every file matches its manifest's sha256, with its
-    manifest; None if the store holds no checkpoint. Each newer one that fails is a one-line warning
-    on stderr naming the bad file; DataError if they all fail."""
+    """The newest intact checkpoint in `store`, with its manifest; None if the store holds no checkpoint.
+    Each newer one that fails is a one-line warning on stderr naming the bad file; DataError if they all fail."""
     problems = []
     for checkpoint in reversed(checkpoints(store)):
         try:
-            manifest = saved_manifest(checkpoint)
-            verify_files(checkpoint, manifest["files"], checkpoint / "manifest.json")
+            manifest = intact_manifest(checkpoint)
         except DataError as e:
             problems.append(str(e))
             continue
@@ -147,19 +154,24 @@ def newest_good(store: Location) -> tuple[Location, dict] | None:
     return None
 
 
-def find_resume_point(comm, store: Location) -> tuple[Location, dict] | None:
-    """`newest_good(store)` decided once, on rank 0 (every file is read once, not once per rank), and
-    handed to every rank; its DataError is raised on every rank."""
+def checked_on_rank0(comm, check: Callable[[], T]) -> T:
+    """`check()` run on rank 0 alone (every file is read once, not once per rank) and its result handed to
+    every rank; its DataError is raised on every rank, so none is left waiting in a collective."""
     found, error = None, None
     if comm.rank == 0:
         try:
-            found = newest_good(store)
+            found = check()
         except DataError as e:
             error = str(e)
     found, error = comm.broadcast_object((found, error))
     if error is not None:
         raise DataError(error)
     return found
+
+
+def find_resume_point(comm, store: Location) -> tuple[Location, dict] | None:
+    """`newest_good(store)`, decided once on rank 0 for every rank."""
+    return checked_on_rank0(comm, lambda: newest_good(store))
 
 
 def load_checkpoint(comm, checkpoint: Location, manifest: dict, networks: dict, table, steppers: dict) -> None:

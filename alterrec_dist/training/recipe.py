@@ -43,10 +43,10 @@ from alterrec_dist.model.networks import Network, build_networks, text_init_rows
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.loss import tiled_band_loss
 from alterrec_dist.parallel.mining import Band, capped_k2, exclude_items, mine_band, random_band, top_items
-from alterrec_dist.parallel.saved import save_model, saved_manifest
+from alterrec_dist.parallel.saved import save_model
 from alterrec_dist.parallel.table import Placement, ShardedItemTable
-from alterrec_dist.training.checkpoint import (checkpoint_name, find_resume_point, load_checkpoint, restore_model,
-                                               save_checkpoint)
+from alterrec_dist.training.checkpoint import (checked_on_rank0, checkpoint_name, find_resume_point, intact_manifest,
+                                               load_checkpoint, restore_model, save_checkpoint)
 from alterrec_dist.training.metric_sinks import MetricSinks
 from alterrec_dist.training.schedule import Phase, lr_factor, own_step, patience_exhausted, plan, warmup_epochs
 from alterrec_dist.training.stepper import Stepper, build_stepper
@@ -309,9 +309,11 @@ def undo_phase(run: Run, store: Location, first_epoch: int) -> None:
     """`train.reject_worse`: every rank takes back its state from the checkpoint taken when the phase began
     (at the previous phase's end; `checkpoint.prune` keeps it). The other network was frozen for the whole
     phase, so only the phase's network (rows, dense weights, optimizer state) changes, and the RNG goes back
-    with it: a resumed run rejects the same way."""
+    with it: a resumed run rejects the same way. Its files are checked against their sha256 first: a damaged
+    one is a one-line DataError naming it, not a silently different network."""
     start = store / checkpoint_name(first_epoch, 0)
-    load_checkpoint(run.comm, start, saved_manifest(start), run.networks, run.table, run.steppers)
+    manifest = checked_on_rank0(run.comm, lambda: intact_manifest(start))
+    load_checkpoint(run.comm, start, manifest, run.networks, run.table, run.steppers)
 
 
 def phase_index(phases: list[Phase], epoch: int) -> int:

@@ -11,7 +11,7 @@ import pytest
 from alterrec_dist.common.config import PROJECT_ROOT
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.experiments import main
-from alterrec_dist.grid.runner import expand, load_grid, shown_command
+from alterrec_dist.grid.runner import expand, load_grid, run_grid, shown_command
 
 # What a method's config refuses or ignores, and so is not one of its switches.
 NOT_THEIRS = {  # (train.method and train.reject_worse: AlterRec's own switches, which no other method has)
@@ -37,8 +37,14 @@ def test_the_committed_grid_tunes_each_method_over_the_same_switches():
     assert len(everything) == 13 and set(d.select) == {k for k, _ in everything}
     # The base runs have every seed; seeds 1-2 of a chosen switch come once seed 0 has been compared.
     assert {s.seed for s in specs if s.role == "method" and s.method == "id_only"} == {0, 1, 2}
-    # ... and run after every seed-0 run, so the choice is made first.
-    assert [s.seed for s in specs] == sorted((s.seed for s in specs), key=lambda seed: seed != 0)
+    # Run order: every tuned method's seed-0 candidates first, AlterRec's before the others', then the peers,
+    # then the rest (the sensitivity sweeps and seeds 1-2, which no choice waits for).
+    order = [(s.role, s.method, s.seed, bool(s.extra) and not set(s.sweeps) & set(d.select)) for s in specs]
+    tuned = [i for i, (role, method, seed, _) in enumerate(order) if role != "peer" and method in NOT_THEIRS
+             and seed == 0 and not order[i][3]]
+    peers = [i for i, (role, *_) in enumerate(order) if role == "peer"]
+    assert tuned == list(range(len(tuned))) and peers == list(range(len(tuned), len(tuned) + len(peers)))
+    assert [order[i][1] for i in tuned] == sorted((order[i][1] for i in tuned), key=d.methods.index)
     # RecBole's SASRec is tuned too: its own settings, one at a time, through the peer's --set.
     sasrec = {s.run_dir.name: s.command for s in specs if s.method == "SASRec"}
     assert len(sasrec) == 7 and "SASRec-s0" in sasrec
@@ -102,27 +108,31 @@ def test_a_runs_recorded_command_holds_no_path_of_this_machine():
                                   "--set 'eval.alpha_sweep=[0.0,1.0]'")
 
 
-def test_a_grid_with_combine_adds_the_combination_once_its_switches_have_run(tmp_path):
+def tiny_peer_grid(tmp_path, dataset: str) -> Path:
+    """A grid of `dataset`'s methods and sweeps and a peer with two switches, whose runs are a stand-in
+    script that writes its result (every switch better on validation, two together more)."""
+    (tmp_path / "peer.py").write_text(textwrap.dedent('''
+        import argparse, json, pathlib
+        p = argparse.ArgumentParser(); p.add_argument("--seed"); p.add_argument("--out")
+        p.add_argument("--set", action="append", default=[]); a = p.parse_args()
+        m = {"ndcg@10": 0.3 + 0.01 * len(a.set)}  # every switch helps, two together more
+        pathlib.Path(a.out).mkdir(parents=True)
+        (pathlib.Path(a.out) / "result.json").write_text(json.dumps({"valid": m, "test": m}))
+    '''))
     grid_file = tmp_path / "grid.toml"
     grid_file.write_text(textwrap.dedent(f'''
         out = "{tmp_path}/runs"
+        jobs = 2
         seeds = [0, 1]
         [[dataset]]
         name = "d"
         config = "configs/default.toml"
-        methods = ["id_only"]
-        select = ["train.m_max", "train.m_gap"]
         select_seeds = [0]
         combine = true
-        [[dataset.sweep]]
-        key = "train.m_max"
-        values = [30]
-        [[dataset.sweep]]
-        key = "train.m_gap"
-        values = [1]
+        {textwrap.indent(textwrap.dedent(dataset), " " * 8).strip()}
         [[dataset.peer]]
         name = "P"
-        command = ["python3", "peer.py"]
+        command = ["{{python}}", "{tmp_path}/peer.py"]
         seeds = [0]
         [[dataset.peer.sweep]]
         key = "a"
@@ -131,6 +141,19 @@ def test_a_grid_with_combine_adds_the_combination_once_its_switches_have_run(tmp
         key = "b"
         values = [2]
     '''))
+    return grid_file
+
+
+def test_a_grid_with_combine_adds_the_combination_once_its_switches_have_run(tmp_path):
+    grid_file = tiny_peer_grid(tmp_path, '''
+        methods = ["id_only"]
+        select = ["train.m_max", "train.m_gap"]
+        [[dataset.sweep]]
+        key = "train.m_max"
+        values = [30]
+        [[dataset.sweep]]
+        key = "train.m_gap"
+        values = [1]''')
     grid = load_grid(grid_file)
     specs = expand(grid)
     assert not any(s.combined for s in specs)
@@ -145,4 +168,32 @@ def test_a_grid_with_combine_adds_the_combination_once_its_switches_have_run(tmp
     cmd = combined[Path("d/id_only-combined-s0")]
     assert cmd[cmd.index("train.m_max=30") - 1:cmd.index("--out")] == ["--set", "train.m_max=30",
                                                                         "--set", "train.m_gap=1"]
-    assert combined[Path("d/peers/P-combined-s0")][:-4] == ["python3", "peer.py", "--set", "a=1", "--set", "b=2"]
+    assert combined[Path("d/peers/P-combined-s0")][1:-4] == [f"{tmp_path}/peer.py", "--set", "a=1", "--set", "b=2"]
+
+
+def test_a_choice_made_mid_grid_sends_its_other_seeds_ahead_of_the_peers(tmp_path):
+    grid = load_grid(tiny_peer_grid(tmp_path, '''
+        methods = ["id_only"]
+        select = ["train.m_max"]
+        [[dataset.sweep]]
+        key = "train.m_max"
+        values = [30]'''))
+    names = lambda: [s.run_dir.name for s in expand(grid)]  # noqa: E731
+    assert names() == ["id_only-s0", "id_only-m_max=30-s0", "P-s0", "P-a=1-s0", "P-b=2-s0", "id_only-s1"]
+    for s in expand(grid)[:2]:  # seed 0 has run: the switch is better on validation
+        s.run_dir.mkdir(parents=True)
+        valid = 0.05 + 0.01 * bool(s.extra)
+        (s.run_dir / "summary.json").write_text(json.dumps({"selection": "id/ndcg@10",
+                                                            "valid": {"id": {"ndcg@10": valid}}}))
+    assert names()[2:] == ["id_only-m_max=30-s1", "P-s0", "P-a=1-s0", "P-b=2-s0", "id_only-s1"]
+
+
+def test_the_grid_starts_a_run_the_finished_ones_add_in_the_same_call(tmp_path, capsys):
+    """A peer's combination exists only once its switches have finished: run_grid expands again after each
+    run, so one call runs it too, and reports every run as done."""
+    grid = load_grid(tiny_peer_grid(tmp_path, "methods = []"))
+    assert [s.run_dir.name for s in expand(grid)] == ["P-s0", "P-a=1-s0", "P-b=2-s0"]
+    specs, failed = run_grid(grid)
+    assert failed == [] and all(s.done for s in specs)
+    assert [s.run_dir.name for s in specs if s.combined] == ["P-combined-s0"]
+    assert "ok   runs/d/peers/P-combined-s0" in capsys.readouterr().out.replace(f"{tmp_path}/", "")

@@ -1,4 +1,6 @@
 """The saved model: per-rank shards reassemble into the full ID table; corruption is detected."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -6,7 +8,8 @@ from alterrec_dist.common.config import load_config
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.saved import load_model, save_model, shard_name
-from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch
+from alterrec_dist.training.checkpoint import checkpoint_name, rank_file, save_checkpoint
+from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch, undo_phase
 from alterrec_dist.training.schedule import plan
 from tests.dist_harness import run_world
 from tests.tiny_data import V, tiny_dataset
@@ -73,3 +76,36 @@ def test_what_is_saved_is_cpu_tensors_whatever_the_device(tmp_path):
     # on_cpu reaches into every container a saved state holds
     nested = {"a": [torch.zeros(2), (torch.ones(1), {"b": torch.arange(3)})], "n": None, "s": "x"}
     assert [t.tolist() for t in tensors_in(on_cpu(nested))] == [[0.0, 0.0], [1.0], [0, 1, 2]]
+
+
+def train_then_undo(rank, world, data_path, store, damage):
+    """Checkpoint, train one ID epoch, then `undo_phase` back to the checkpoint (whose shard of rank 1 is
+    cut short first if `damage`): (this rank's rows are back as they were, the error it raised)."""
+    cfg = load_config(None, [f"data.path={data_path}", f"trainer.num_workers={world}", "train.global_batch_size=12",
+                             "train.k1=2", "train.k2=12", "model.dim=8", "eval.batch_size=6"])
+    run = build_run(cfg, Comm())
+    rows = run.table.x.detach().clone()
+    save_checkpoint(run.comm, Path(store), checkpoint_name(1, 0), run.networks, run.table, run.steppers,
+                    {"epoch": 1}, Path(store) / "no-model")
+    phase = plan(cfg.train.method, 1, 1, 2)[0]
+    train_epoch(run, phase, frozen_item_rows(run, phase))
+    assert not torch.equal(run.table.x, rows)
+    shard = Path(store) / checkpoint_name(1, 0) / rank_file(1, world)
+    if damage and rank == 0:
+        shard.write_bytes(shard.read_bytes()[:-10])
+    run.comm.barrier()
+    try:
+        undo_phase(run, Path(store), 1)
+    except DataError as e:
+        return None, str(e)
+    return torch.equal(run.table.x, rows), None
+
+
+def test_undoing_a_phase_restores_its_start_and_refuses_a_damaged_checkpoint(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    assert run_world(train_then_undo, 2, str(data), str(tmp_path / "good"), False) == [(True, None)] * 2
+    results = run_world(train_then_undo, 2, str(data), str(tmp_path / "bad"), True)
+    assert [rows for rows, _ in results] == [None, None]  # every rank refuses, none is left in a collective
+    shard = tmp_path / "bad" / checkpoint_name(1, 0) / rank_file(1, 2)
+    assert all(error == f"{shard}: missing or corrupt (sha256 does not match {shard.parent / 'manifest.json'})"
+               for _, error in results)
