@@ -1,5 +1,7 @@
 """The causal Transformer session encoder, packed (the model's) against the stock padded layers it replaced,
-one training step (forward + backward) side by side on batches drawn from Scientific's real history lengths.
+one training step (forward + backward) side by side on batches drawn from Scientific's real history lengths:
+the stock padded layers, the packed tokens with attention on one padded (batch, window) grid (the encoder
+until 2026-12-02), and the packed tokens with attention per length group (`networks.length_groups`, now).
 
     python -m bench.session_encoder [--data ../shared/data/scientific] [--steps 6] [--out bench/ENCODER.md]
 
@@ -19,7 +21,8 @@ from pathlib import Path
 import torch
 
 from alterrec_dist.common.files import atomic_write_bytes
-from alterrec_dist.model.networks import SessionEncoder
+from alterrec_dist.model import networks
+from alterrec_dist.model.networks import LengthGroup, SessionEncoder
 
 DIM, LAYERS, HEADS, WINDOW, BATCH = 300, 2, 2, 50, 512
 
@@ -39,6 +42,20 @@ def padded_forward(enc: SessionEncoder, rows: torch.Tensor, mask: torch.Tensor) 
     h = enc.layers(enc.drop(enc.norm(rows + enc.pos.weight[:L])), mask=causal, src_key_padding_mask=~mask,
                    is_causal=True)
     return h[torch.arange(len(h)), mask.sum(1) - 1]
+
+
+def one_grid(mask: torch.Tensor) -> list[LengthGroup]:
+    """Every session in one attention grid as long as the window: what the encoder did before length groups."""
+    real = mask.nonzero(as_tuple=True)
+    return [LengthGroup(tuple(mask.shape), real, torch.arange(len(real[0])))]
+
+
+def one_grid_forward(enc: SessionEncoder, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    grouped, networks.length_groups = networks.length_groups, one_grid
+    try:
+        return enc(rows, mask)
+    finally:
+        networks.length_groups = grouped
 
 
 def step_seconds(forward, enc, batches) -> float:
@@ -67,6 +84,7 @@ def main(argv=None) -> int:
         batches.append((torch.randn(BATCH, WINDOW, DIM) * 0.02, torch.arange(WINDOW) < n.unsqueeze(1)))
     enc = SessionEncoder(DIM, "transformer", WINDOW, LAYERS, HEADS, dropout=0.5).train()
     padded = step_seconds(padded_forward, enc, batches)
+    one = step_seconds(one_grid_forward, enc, batches)
     packed = step_seconds(SessionEncoder.forward, enc, batches)
     real = sum(int(m.sum()) for _, m in batches) / (len(batches) * BATCH * WINDOW)
     command = shlex.join(["python", "-m", "bench.session_encoder", *(argv if argv is not None else sys.argv[1:])])
@@ -77,8 +95,10 @@ def main(argv=None) -> int:
         f"d = {DIM}, {LAYERS} layers, {HEADS} heads, batch {BATCH}, dropout 0.5; median of {a.steps} steps "
         "after a warm-up.\n\n"
         "| path | forward + backward (s) | ratio |\n|---|---|---|\n"
-        f"| padded (stock nn.TransformerEncoder, before) | {padded:.3f} | 1.00 |\n"
-        f"| packed (SessionEncoder now) | {packed:.3f} | {padded / packed:.2f}x faster |\n").encode())
+        f"| padded (stock nn.TransformerEncoder) | {padded:.3f} | 1.00 |\n"
+        f"| packed, attention on one padded grid (before 2026-12-02) | {one:.3f} | {padded / one:.2f}x faster |\n"
+        f"| packed, attention per length group (SessionEncoder now) | {packed:.3f} | {padded / packed:.2f}x faster "
+        f"({one / packed:.2f}x the one grid) |\n").encode())
     print(a.out.read_text())
     return 0
 

@@ -6,6 +6,8 @@ knows nothing of ranks or collectives and every parameter it owns is dense and r
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -26,6 +28,31 @@ def _zero_key_bias_grad(grad: Tensor) -> Tensor:
     third = len(grad) // 3
     grad[third:2 * third] = 0
     return grad
+
+
+class LengthGroup(NamedTuple):
+    """Sessions of similar length laid out as one (b_g, L_g) attention grid."""
+    shape: tuple[int, int]           # (sessions, grid length)
+    real: tuple[Tensor, Tensor]      # the grid's real positions (session in the group, position)
+    tokens: Tensor                   # their rows in the packed (n, dim) layout, in the same order
+
+
+def length_groups(mask: Tensor) -> list[LengthGroup]:
+    """The sessions of a left-aligned batch grouped by length, each group in a grid as long as its longest
+    power of two (capped at the window): attention costs L^2 per session, and most sessions are far shorter
+    than the window while a batch's longest is often the whole window (Scientific: mean 4 of 50, 99th
+    percentile 23), so one padded grid spent nearly all of attention's work on padding."""
+    lengths = mask.sum(1)
+    starts = lengths.cumsum(0) - lengths  # session i's tokens are packed rows starts[i] .. starts[i] + len - 1
+    groups, low, window = [], 0, mask.shape[1]
+    while low < window:
+        high = min(max(2 * low, 1), window)
+        members = ((lengths > low) & (lengths <= high)).nonzero().squeeze(1)
+        if len(members):
+            real = mask[members, :high].nonzero(as_tuple=True)
+            groups.append(LengthGroup((len(members), high), real, starts[members][real[0]] + real[1]))
+        low = high
+    return groups
 
 
 class SessionEncoder(nn.Module):
@@ -67,24 +94,28 @@ class SessionEncoder(nn.Module):
         """The stock post-norm layers (nn.TransformerEncoderLayer's own weights and dropouts), with every
         per-token step on the real positions only, packed (n, dim): sessions here average ~4 items in a
         window of 50, so the padded layout spent >90% of the projections and feed-forward on padding.
-        Only attention runs on the padded grid, where left alignment + the causal mask keep every real
-        query on real keys. (Finding the real positions is one host read per batch on a GPU.)"""
+        Attention runs per length group (`length_groups`), where left alignment + the causal mask keep every
+        real query on real keys. (Finding the real positions is a few host reads per batch on a GPU.)"""
+        groups = length_groups(mask)
         x = self.drop(self.norm(rows[real] + self.pos.weight[real[1]]))
         for block in self.layers.layers:
-            x = block.norm1(x + block.dropout1(self._attend(block.self_attn, x, real, mask.shape)))
+            x = block.norm1(x + block.dropout1(self._attend(block.self_attn, x, groups)))
             x = block.norm2(x + block.dropout2(block.linear2(block.dropout(block.activation(block.linear1(x))))))
         return x
 
-    def _attend(self, attn: nn.MultiheadAttention, x: Tensor, real: tuple[Tensor, Tensor],
-                shape: torch.Size) -> Tensor:
+    def _attend(self, attn: nn.MultiheadAttention, x: Tensor, groups: list[LengthGroup]) -> Tensor:
         """nn.MultiheadAttention's causal self-attention with q, k, v projected on the packed tokens."""
-        b, L = shape
         heads, dim = attn.num_heads, x.shape[1]
-        grid = x.new_zeros(b, L, 3 * dim)
-        grid[real] = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = grid.view(b, L, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)  # each (b, heads, L, dim/heads)
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if self.training else 0.0, is_causal=True)
-        return attn.out_proj(o.transpose(1, 2).reshape(b, L, dim)[real])
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+        o = x.new_empty(x.shape)
+        for g in groups:
+            grid = x.new_zeros(*g.shape, 3 * dim)
+            grid[g.real] = qkv[g.tokens]
+            q, k, v = grid.view(*g.shape, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)  # (b_g, heads, L_g, ...)
+            drop = attn.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+            o[g.tokens] = out.transpose(1, 2).reshape(*g.shape, dim)[g.real]
+        return attn.out_proj(o)
 
     def forward(self, rows: Tensor, mask: Tensor) -> Tensor:
         if self.kind == "mean":

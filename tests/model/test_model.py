@@ -66,7 +66,7 @@ def test_packed_transformer_computes_what_the_stock_padded_layers_do():
     give the stock padded forward's outputs and the same gradients for every parameter."""
     torch.manual_seed(0)
     enc = SessionEncoder(12, "transformer", max_len=9, layers=2, heads=3, dropout=0.1).eval()
-    rows, mask = left_aligned([1, 9, 4, 2], L=9, dim=12)
+    rows, mask = left_aligned([1, 9, 4, 2, 3, 7, 9, 5, 1], L=9, dim=12)  # every length group, most with several
     rows.requires_grad_(True)
     causal = torch.ones(9, 9, dtype=torch.bool).triu(1)
     stock = enc.layers(enc.drop(enc.norm(rows + enc.pos.weight)), mask=causal, src_key_padding_mask=~mask,
