@@ -61,8 +61,9 @@ def test_sigkill_of_the_driver_leaves_no_ray_process(tmp_path):
         assert len(ray_procs) >= 4  # gcs, raylet, dashboard, agents, ...
         driver.send_signal(signal.SIGKILL)
         driver.wait()
+        watched = {**ray_procs, watchdog[0]: procs[watchdog[0]]}  # the watchdog exits once it has cleaned up
         deadline = time.monotonic() + 30
-        while descendants(ray_procs) and time.monotonic() < deadline:
+        while descendants(watched) and time.monotonic() < deadline:
             time.sleep(0.5)
         left = {pid: command_line(pid)[:80] for pid in descendants(ray_procs)}
         assert left == {}, f"still running after the driver's SIGKILL: {left}"
