@@ -219,12 +219,12 @@ def expand(grid: Grid) -> list[RunSpec]:
 def run_order(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
     """The order runs start in. On this machine the grid is days of CPU spread over sessions, so what a
     result waits for goes first:
-      0. each tuned method's candidates on the selection seeds, method by method in the grid's order, so
-         the first method's choice (and its combination) comes as early as it can;
-      1. the chosen settings' other seeds;
-      2. the peers: their candidates (or their one run) and chosen runs;
-      3. the rest: the sensitivity sweeps, untuned methods, base runs on seeds no choice needs.
-    Datasets in the grid's order within a tier. `run_grid` re-reads it after each finished run."""
+      1. each tuned method in the grid's order: its candidates on the selection seeds (0), then, once it is
+         chosen, the chosen setting's other seeds (1), so the first method's result is whole as early as it
+         can be, before the next method starts;
+      2. the peers: their candidates (or their one run) and chosen runs (2);
+      3. the rest: the sensitivity sweeps, untuned methods, base runs on seeds no choice needs (3).
+    Datasets in the grid's order within each. `run_grid` re-reads it after each finished run."""
     tier: dict[Path, int] = {}
     rank: dict[str, int] = {}  # method or peer -> its place in the grid
     for d in grid.datasets:
@@ -242,8 +242,11 @@ def run_order(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
             for s in choice.runs if choice else []:
                 tier[s.run_dir] = min(tier[s.run_dir], first + 1)
     datasets = [d.name for d in grid.datasets]
-    return sorted(specs, key=lambda s: (tier.get(s.run_dir, 3), datasets.index(s.dataset), rank.get(s.method, 0),
-                                        s.seed))
+
+    def key(s: RunSpec) -> tuple:
+        t = tier.get(s.run_dir, 3)
+        return max(t - 1, 0), datasets.index(s.dataset), rank.get(s.method, 0), t, s.seed
+    return sorted(specs, key=key)
 
 
 def peer_points(peer: dict) -> list[tuple[str, object, list[str]]]:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ import pytest
 from alterrec_dist.common.config import PROJECT_ROOT
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.experiments import main
-from alterrec_dist.grid.runner import expand, load_grid, run_grid, shown_command
+from alterrec_dist.common.config import load_config
+from alterrec_dist.grid.runner import expand, load_grid, method_config, run_grid, shown_command
+from alterrec_dist.grid.selection import choose
 
 # What a method's config refuses or ignores, and so is not one of its switches.
 NOT_THEIRS = {  # (train.method and train.reject_worse: AlterRec's own switches, which no other method has)
@@ -37,14 +40,14 @@ def test_the_committed_grid_tunes_each_method_over_the_same_switches():
     assert len(everything) == 13 and set(d.select) == {k for k, _ in everything}
     # The base runs have every seed; seeds 1-2 of a chosen switch come once seed 0 has been compared.
     assert {s.seed for s in specs if s.role == "method" and s.method == "id_only"} == {0, 1, 2}
-    # Run order: every tuned method's seed-0 candidates first, AlterRec's before the others', then the peers,
-    # then the rest (the sensitivity sweeps and seeds 1-2, which no choice waits for).
-    order = [(s.role, s.method, s.seed, bool(s.extra) and not set(s.sweeps) & set(d.select)) for s in specs]
-    tuned = [i for i, (role, method, seed, _) in enumerate(order) if role != "peer" and method in NOT_THEIRS
-             and seed == 0 and not order[i][3]]
-    peers = [i for i, (role, *_) in enumerate(order) if role == "peer"]
-    assert tuned == list(range(len(tuned))) and peers == list(range(len(tuned), len(tuned) + len(peers)))
-    assert [order[i][1] for i in tuned] == sorted((order[i][1] for i in tuned), key=d.methods.index)
+    # Run order: each tuned method's seed-0 candidates and its chosen setting's other seeds, method by method
+    # (AlterRec first), then the peers, then the rest (the sensitivity sweeps, seeds 1-2 no choice needs).
+    chosen = {s.run_dir for m in NOT_THEIRS for s in (getattr(choose(specs, d, m), "runs", None) or [])}
+    first = [i for i, s in enumerate(specs) if s.role != "peer" and s.method in NOT_THEIRS and (
+        s.run_dir in chosen or s.seed == 0 and not (s.extra and not set(s.sweeps) & set(d.select)))]
+    peers = [i for i, s in enumerate(specs) if s.role == "peer"]
+    assert first == list(range(len(first))) and peers == list(range(len(first), len(first) + len(peers)))
+    assert [specs[i].method for i in first] == sorted((specs[i].method for i in first), key=d.methods.index)
     # RecBole's SASRec is tuned too: its own settings, one at a time, through the peer's --set.
     sasrec = {s.run_dir.name: s.command for s in specs if s.method == "SASRec"}
     assert len(sasrec) == 7 and "SASRec-s0" in sasrec
@@ -171,21 +174,23 @@ def test_a_grid_with_combine_adds_the_combination_once_its_switches_have_run(tmp
     assert combined[Path("d/peers/P-combined-s0")][1:-4] == [f"{tmp_path}/peer.py", "--set", "a=1", "--set", "b=2"]
 
 
-def test_a_choice_made_mid_grid_sends_its_other_seeds_ahead_of_the_peers(tmp_path):
+def test_a_choice_made_mid_grid_sends_its_other_seeds_ahead_of_the_next_method_and_the_peers(tmp_path):
     grid = load_grid(tiny_peer_grid(tmp_path, '''
-        methods = ["id_only"]
+        methods = ["id_only", "text_only"]
         select = ["train.m_max"]
         [[dataset.sweep]]
         key = "train.m_max"
         values = [30]'''))
     names = lambda: [s.run_dir.name for s in expand(grid)]  # noqa: E731
-    assert names() == ["id_only-s0", "id_only-m_max=30-s0", "P-s0", "P-a=1-s0", "P-b=2-s0", "id_only-s1"]
-    for s in expand(grid)[:2]:  # seed 0 has run: the switch is better on validation
+    assert names() == ["id_only-s0", "id_only-m_max=30-s0", "text_only-s0", "text_only-m_max=30-s0",
+                       "P-s0", "P-a=1-s0", "P-b=2-s0", "id_only-s1", "text_only-s1"]
+    for s in expand(grid)[:2]:  # ID only's seed 0 has run: the switch is better on validation
         s.run_dir.mkdir(parents=True)
         valid = 0.05 + 0.01 * bool(s.extra)
         (s.run_dir / "summary.json").write_text(json.dumps({"selection": "id/ndcg@10",
                                                             "valid": {"id": {"ndcg@10": valid}}}))
-    assert names()[2:] == ["id_only-m_max=30-s1", "P-s0", "P-a=1-s0", "P-b=2-s0", "id_only-s1"]
+    assert names()[2:] == ["id_only-m_max=30-s1", "text_only-s0", "text_only-m_max=30-s0",
+                           "P-s0", "P-a=1-s0", "P-b=2-s0", "id_only-s1", "text_only-s1"]
 
 
 def test_the_grid_starts_a_run_the_finished_ones_add_in_the_same_call(tmp_path, capsys):
@@ -197,3 +202,14 @@ def test_the_grid_starts_a_run_the_finished_ones_add_in_the_same_call(tmp_path, 
     assert failed == [] and all(s.done for s in specs)
     assert [s.run_dir.name for s in specs if s.combined] == ["P-combined-s0"]
     assert "ok   runs/d/peers/P-combined-s0" in capsys.readouterr().out.replace(f"{tmp_path}/", "")
+
+
+def test_configs_scientific_holds_what_the_paper_grid_chose_for_alterrec():
+    """configs/scientific.toml is the grid's base (configs/scientific_paper.toml) with the grid's own settings
+    (epoch budget, alpha chosen on validation) and AlterRec's candidate chosen on validation (the base until
+    the grid has chosen), so `--config configs/scientific.toml` runs the headline setting."""
+    grid = load_grid(PROJECT_ROOT / "configs/experiments/paper.toml")
+    [d] = [d for d in grid.datasets if d.name == "scientific"]
+    choice = choose(expand(grid), d, "alterrec")
+    chosen = method_config(d, "alterrec", choice.runs[0].extra if choice else [])
+    assert asdict(load_config(PROJECT_ROOT / "configs/scientific.toml")) == asdict(chosen)
