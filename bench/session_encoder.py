@@ -12,6 +12,7 @@ on all 50 positions. One torch thread; the ratio is what counts (absolute times 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shlex
 import sys
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     command = shlex.join(["python", "-m", "bench.session_encoder", *(argv if argv is not None else sys.argv[1:])])
     atomic_write_bytes(a.out, (
         "# Session encoder: packed against padded (one training step, CPU, one thread)\n\n"
-        f"Made by `{command}` on {a.data}/Scientific.train.inter's history lengths "
+        f"Made by `{command}` on {os.path.relpath(a.data)}/Scientific.train.inter's history lengths "
         f"(mean {sum(lengths) / len(lengths):.1f}, window {WINDOW}: {real:.1%} of the positions are real).\n"
         f"d = {DIM}, {LAYERS} layers, {HEADS} heads, batch {BATCH}, dropout 0.5; median of {a.steps} steps "
         "after a warm-up.\n\n"
