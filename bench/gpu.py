@@ -45,7 +45,7 @@ from alterrec_dist.common.device import configure_matmuls
 from alterrec_dist.data.reader import Batch
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.mining import mine_band
-from alterrec_dist.training import recipe
+from alterrec_dist.training import step
 from alterrec_dist.training.recipe import assemble_run, build_run, frozen_item_rows, train_epoch
 from alterrec_dist.training.schedule import Phase, plan
 from bench.scale_worker import CASES, FixedBatches, Profiler
@@ -109,13 +109,13 @@ def timed_ms(fn, device: torch.device, reps: int, warm: int = 1) -> float:
 # -- (a) correctness ------------------------------------------------------------------------------
 
 class BandRecorder:
-    """Wraps recipe.mine_band to keep each step's band as sorted global item ids per query."""
+    """Wraps step.mine_band to keep each step's band as sorted global item ids per query."""
 
     def __init__(self):
         self.bands: list[list[list[int]]] = []
 
     def __enter__(self):
-        self.inner = recipe.mine_band
+        self.inner = step.mine_band
 
         def recording(comm, queries, item_rows, k1, k2, num_items, *args, **kwargs):
             band, cand = self.inner(comm, queries, item_rows, k1, k2, num_items, *args, **kwargs)
@@ -123,11 +123,11 @@ class BandRecorder:
             self.bands.append([[i for i in row if i >= 0] for row in ids.tolist()])
             return band, cand
 
-        recipe.mine_band = recording
+        step.mine_band = recording
         return self
 
     def __exit__(self, *exc):
-        recipe.mine_band = self.inner
+        step.mine_band = self.inner
 
 
 def small_run(comm: Comm, use_gpu: bool, precision: str, tf32: bool, shape: Shape) -> dict:

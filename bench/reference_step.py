@@ -18,7 +18,8 @@ import torch
 
 from alterrec_dist.common.config import load_config
 from alterrec_dist.parallel.comm import Comm
-from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch, train_step
+from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch
+from alterrec_dist.training.step import train_step
 from alterrec_dist.training.schedule import Phase
 from bench.scale_worker import FixedBatches, Profiler, overrides
 

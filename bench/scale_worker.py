@@ -33,7 +33,7 @@ from alterrec_dist.common.config import load_config
 from alterrec_dist.eval.evaluate import evaluate
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.mining import CountPacker
-from alterrec_dist.training import recipe
+from alterrec_dist.training import recipe, step
 from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch
 from alterrec_dist.training.schedule import Phase
 
@@ -51,7 +51,7 @@ def nbytes(t: torch.Tensor | None) -> int:
 class Profiler:
     """Seconds per section and collective bytes per wrapped call, accumulated until `reset`.
 
-    Wrappers are installed on the recipe module and on the classes of the run's objects, and
+    Wrappers are installed on the step module (`training/step.py`) and on the classes of the run's objects, and
     removed on exit. Sections never nest inside a training step; a wrapper says so if they do.
     `sync` (on a GPU, torch.cuda.synchronize) runs at every section edge, so a section's seconds are
     its kernels' and not their launches'; it slows the step, so time throughput without it.
@@ -87,7 +87,7 @@ class Profiler:
             self.collective_bytes[call, collective] += total - before[collective]
 
     def _replace(self, owner, name: str, wrapper) -> None:
-        fn = getattr(owner, name)  # AttributeError: the recipe no longer calls it; update the bench
+        fn = getattr(owner, name)  # AttributeError: the step no longer calls it; update the bench
         self._undo.append((owner, name, fn, name in vars(owner)))
         setattr(owner, name, wrapper(fn))
 
@@ -135,7 +135,7 @@ class Profiler:
 
     def install(self, run: recipe.Run) -> None:
         for name, section in RECIPE_CALLS.items():
-            self.section(recipe, name, section)
+            self.section(step, name, section)
         net = type(run.networks["id"])
         self.section(net, "item_rows", "encoder")
         self.section(net, "encode", "encoder", after=self._mark_query_grad)

@@ -41,6 +41,23 @@ def plan(method: str, m_random: int, m_gap: int, m_max: int) -> list[Phase]:
     return phases
 
 
+def phase_starts(phases: list[Phase], epoch: int) -> bool:
+    """Whether `epoch` is the first of its phase (a run of consecutive epochs with one key)."""
+    return epoch == 0 or phases[epoch].key != phases[epoch - 1].key
+
+
+def phase_first_epoch(phases: list[Phase], epoch: int) -> int:
+    """The first epoch of the phase `epoch` is in."""
+    while not phase_starts(phases, epoch):
+        epoch -= 1
+    return epoch
+
+
+def phase_index(phases: list[Phase], epoch: int) -> int:
+    """The 0-based phase (a run of epochs with one key) of `epoch`; past the plan counts as a new one."""
+    return sum(a.key != b.key for a, b in zip(phases, phases[1:epoch + 1])) + (epoch >= len(phases))
+
+
 def warmup_epochs(method: str, m_random: int, m_max: int) -> int:
     """AlterRec's random warm-up (each network alone, ID then text): before its end the fused score
     still has an untrained text network, so early stopping does not count these epochs."""
