@@ -1,7 +1,9 @@
-"""The report's tables of the tuning: the switch ablation (each switch, the helpful ones combined), the choice."""
+"""The report's tables: the methods with the fusion weight chosen on validation, the switch ablation (each
+switch, the helpful ones combined), the choice."""
+import json
 from pathlib import Path
 
-from alterrec_dist.grid.report import choice_table, switch_table
+from alterrec_dist.grid.report import choice_table, gains, main_table, read_run, switch_table
 from alterrec_dist.grid.runner import RunSpec
 from alterrec_dist.grid.selection import Choice
 
@@ -35,3 +37,38 @@ def test_the_choice_table_gives_the_chosen_overrides_a_config_takes_over():
     assert lines[2:] == ["| ID only | base: 0.0600, model.dropout = 0.5: 0.0630 | **model.dropout = 0.5** | "
                          "`model.dropout=0.5` |",
                          "| NFRec (sum) | base: 0.0610, model.dropout = 0.5: 0.0590 | **base** | none |"]
+
+
+def finished_run(tmp_path: Path, method: str, seed: int, fused: float, alpha: tuple[float, float] | None) -> dict:
+    """A finished run's record as the recipe writes it: summary.json (with the alpha chosen on validation and
+    its test NDCG@10 when `alpha` is given), metrics.jsonl, command.txt; read back as the report reads it."""
+    d = tmp_path / f"{method}-s{seed}"
+    d.mkdir()
+    scores = {k: {"hit@10": 2 * fused, "hit@20": 3 * fused, "ndcg@10": fused, "ndcg@20": 1.5 * fused}
+              for k in ("fused", "id", "text")}
+    summary = {"best_epoch": 3, "epochs_trained": 9, "selection": "fused/ndcg@10", "valid": scores, "test": scores,
+               "longtail": {}}
+    if alpha is not None:
+        chosen, ndcg = alpha
+        summary["alpha"] = {"chosen": chosen, "selection": "fused/ndcg@10", "valid": scores["fused"],
+                            "test": {"hit@10": 2 * ndcg, "hit@20": 3 * ndcg, "ndcg@10": ndcg, "ndcg@20": 1.5 * ndcg}}
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "metrics.jsonl").write_text("{}\n")
+    (d / "command.txt").write_text("python -m alterrec_dist.train\n")
+    return read_run(RunSpec("d", method, seed, d, [], method=method))
+
+
+def test_the_headline_is_fused_at_the_alpha_each_run_chose_on_validation(tmp_path):
+    alterrec = [finished_run(tmp_path, "alterrec", 0, 0.060, (0.7, 0.063)),
+                finished_run(tmp_path, "alterrec", 1, 0.060, (0.8, 0.065))]
+    nfrec = [finished_run(tmp_path, "nfrec_sum", 0, 0.058, None)]  # one fused network: no alpha to choose
+    table = main_table({"alterrec": alterrec, "nfrec_sum": nfrec}, {}, [])
+    assert table[2:] == [
+        "| AlterRec (fused, α on valid: 0.7,0.8) | 2 | 0.1280 ± 0.0028 | 0.1920 ± 0.0042 | 0.0640 ± 0.0014 "
+        "| 0.0960 ± 0.0021 | 3,3 |",
+        "| NFRec (sum) (fused) | 1 | 0.1160 | 0.1740 | 0.0580 | 0.0870 | 3 |"]
+    assert gains({"alterrec": alterrec, "nfrec_sum": nfrec}, {}, [])[2:] == [
+        "| NFRec (sum) (fused) | 0.1160 | 0.0580 | +10.3 % | +10.3 % | yes |"]
+    # a run without a sweep has no chosen alpha: the method then reports the fixed-alpha fused score
+    mixed = alterrec + [finished_run(tmp_path, "alterrec", 2, 0.061, None)]
+    assert main_table({"alterrec": mixed}, {}, [])[2].startswith("| AlterRec (fused) | 3 | 0.1207 ± 0.0012 |")
