@@ -12,9 +12,14 @@ goes on over sessions and machines, and its report regenerates from a clean chec
 training run goes on from its newest checkpoint (`train --resume auto`); a half-finished peer, which
 keeps none, is removed and run again. So an interrupted grid resumes where it stopped. Each run's
 exact command is written to `command.txt` beside its results.
+
+Several runners may work on one grid at once (another `--jobs`, another machine on the same file system):
+a runner holds an exclusive lock on `<run dir>.lock` while it runs that run, and skips the runs whose lock
+another holds (`claim`). The OS drops the lock when its holder dies, so a killed runner blocks nothing.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import shutil
@@ -52,6 +57,10 @@ class RunSpec:
     @property
     def log(self) -> Path:
         return self.run_dir.with_name(self.run_dir.name + ".log")
+
+    @property
+    def lock(self) -> Path:
+        return self.run_dir.with_name(self.run_dir.name + ".lock")
 
 
 @dataclass
@@ -312,6 +321,19 @@ def prepare_datasets(grid: Grid) -> None:
         subprocess.run(cmd, cwd=PROJECT_ROOT, check=True)
 
 
+def claim(spec: RunSpec) -> int | None:
+    """An open descriptor holding the exclusive lock on the run's `.lock` file, or None when another runner
+    holds it (that run is under way there). Closing the descriptor, or the holder's death, releases it."""
+    spec.lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(spec.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def run_one(spec: RunSpec, threads: int) -> tuple[RunSpec, int, float]:
     resumable = spec.role != "peer" and (spec.run_dir / "config.toml").is_file()
     if spec.run_dir.exists() and not resumable:  # half-finished with nothing to go on from: start again
@@ -343,22 +365,33 @@ def run_grid(grid: Grid) -> tuple[list[RunSpec], list[RunSpec]]:
     expanded again, so a combination or a chosen setting's other seeds start as soon as they are known.
     Returns every run of the grid and the runs that failed."""
     failed: list[RunSpec] = []
-    running: dict[Future, Path] = {}
+    running: dict[Future, tuple[Path, int]] = {}  # each run under way here: its directory, its claim
     with ThreadPoolExecutor(grid.jobs) as pool:
         while True:
             specs = expand(grid)
-            skip = {s.run_dir for s in failed} | set(running.values())
+            skip = {s.run_dir for s in failed} | {d for d, _ in running.values()}
             todo = [s for s in specs if not s.done and s.run_dir not in skip]
             if not running:
                 if not todo:
                     return specs, failed
                 print(f"{sum(s.done for s in specs)} of {len(specs)} runs already done; {len(todo)} to run, "
                       f"{grid.jobs} at a time", flush=True)
-            for spec in todo[:grid.jobs - len(running)]:
-                running[pool.submit(run_one, spec, grid.threads)] = spec.run_dir
+            for spec in todo:
+                if len(running) == grid.jobs:
+                    break
+                fd = claim(spec)
+                if fd is None:  # another runner has it under way
+                    continue
+                if spec.done:  # another runner finished it since `expand` looked
+                    os.close(fd)
+                    continue
+                running[pool.submit(run_one, spec, grid.threads)] = spec.run_dir, fd
+            if not running:  # everything left is under way in other runners
+                print(f"{len(todo)} runs left, all under way in other runners", flush=True)
+                return specs, failed
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                del running[future]
+                os.close(running.pop(future)[1])
                 spec, rc, seconds = future.result()
                 ok = rc == 0 and spec.done
                 print(f"{'ok  ' if ok else 'FAIL'} {shown(spec.run_dir)} ({seconds / 60:.1f} min)"

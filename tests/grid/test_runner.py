@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -115,11 +116,14 @@ def tiny_peer_grid(tmp_path, dataset: str) -> Path:
     """A grid of `dataset`'s methods and sweeps and a peer with two switches, whose runs are a stand-in
     script that writes its result (every switch better on validation, two together more)."""
     (tmp_path / "peer.py").write_text(textwrap.dedent('''
-        import argparse, json, pathlib
+        import argparse, json, os, pathlib, time
         p = argparse.ArgumentParser(); p.add_argument("--seed"); p.add_argument("--out")
         p.add_argument("--set", action="append", default=[]); a = p.parse_args()
         m = {"ndcg@10": 0.3 + 0.01 * len(a.set)}  # every switch helps, two together more
         pathlib.Path(a.out).mkdir(parents=True)
+        with open(pathlib.Path(__file__).with_name("ran.txt"), "a") as ran:  # who ran, for the tests
+            ran.write(pathlib.Path(a.out).name + "\\n")
+        time.sleep(float(os.environ.get("PEER_SECONDS", "0")))
         (pathlib.Path(a.out) / "result.json").write_text(json.dumps({"valid": m, "test": m}))
     '''))
     grid_file = tmp_path / "grid.toml"
@@ -202,6 +206,40 @@ def test_the_grid_starts_a_run_the_finished_ones_add_in_the_same_call(tmp_path, 
     assert failed == [] and all(s.done for s in specs)
     assert [s.run_dir.name for s in specs if s.combined] == ["P-combined-s0"]
     assert "ok   runs/d/peers/P-combined-s0" in capsys.readouterr().out.replace(f"{tmp_path}/", "")
+
+
+def test_a_run_another_runner_holds_is_left_to_it(tmp_path, capsys):
+    """A run whose lock another process holds (a second runner on the same grid) is not started here; once
+    that holder is gone (its lock dies with it), the run and what waited on it run."""
+    grid = load_grid(tiny_peer_grid(tmp_path, "methods = []"))
+    held = next(s for s in expand(grid) if s.run_dir.name == "P-a=1-s0")
+    held.lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f'''
+        import fcntl, sys, time
+        f = open({str(held.lock)!r}, "w"); fcntl.flock(f, fcntl.LOCK_EX); print("held", flush=True); time.sleep(600)
+    ''')], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        specs, failed = run_grid(grid)
+        assert failed == [] and sorted(s.run_dir.name for s in specs if s.done) == ["P-b=2-s0", "P-s0"]
+        assert "1 runs left, all under way in other runners" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+    specs, failed = run_grid(grid)
+    assert failed == [] and all(s.done for s in specs) and len(specs) == 4  # the combination too
+    assert sorted((tmp_path / "ran.txt").read_text().split()) == ["P-a=1-s0", "P-b=2-s0", "P-combined-s0", "P-s0"]
+
+
+def test_two_runners_on_one_grid_share_its_runs_and_run_each_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEER_SECONDS", "1")  # long enough for both runners to be at work together
+    grid_file = tiny_peer_grid(tmp_path, "methods = []")
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: run_grid(load_grid(grid_file)), range(2)))
+    assert all(failed == [] for _, failed in results)
+    assert all(s.done for s in expand(load_grid(grid_file)))
+    ran = (tmp_path / "ran.txt").read_text().split()
+    assert sorted(ran) == ["P-a=1-s0", "P-b=2-s0", "P-combined-s0", "P-s0"]  # each once, none twice
 
 
 def test_configs_scientific_holds_what_the_paper_grid_chose_for_alterrec():
