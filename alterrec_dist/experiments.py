@@ -16,7 +16,7 @@ import sys
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.config import shown
 from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.grid.runner import expand, load_grid, prepare_datasets, run_grid
+from alterrec_dist.grid.runner import expand, load_grid, prepare_datasets, run_grid, under_way
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = expand(grid)
     if args.dry_run:
         for s in specs:
-            print(f"{'done' if s.done else 'todo'}  {shlex.join(s.command)}")
+            print(f"{'done' if s.done else 'busy' if under_way(s) else 'todo'}  {shlex.join(s.command)}")
         return 0
     failed = []
     if args.report_only and not any(s.done for s in specs):  # would replace the report with empty tables

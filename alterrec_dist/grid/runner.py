@@ -334,6 +334,17 @@ def claim(spec: RunSpec) -> int | None:
     return fd
 
 
+def under_way(spec: RunSpec) -> bool:
+    """Whether a runner holds the run's lock now (`--dry-run`'s "busy")."""
+    if not spec.lock.exists():
+        return False
+    fd = claim(spec)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
 def run_one(spec: RunSpec, threads: int) -> tuple[RunSpec, int, float]:
     resumable = spec.role != "peer" and (spec.run_dir / "config.toml").is_file()
     if spec.run_dir.exists() and not resumable:  # half-finished with nothing to go on from: start again

@@ -211,7 +211,8 @@ def test_the_grid_starts_a_run_the_finished_ones_add_in_the_same_call(tmp_path, 
 def test_a_run_another_runner_holds_is_left_to_it(tmp_path, capsys):
     """A run whose lock another process holds (a second runner on the same grid) is not started here; once
     that holder is gone (its lock dies with it), the run and what waited on it run."""
-    grid = load_grid(tiny_peer_grid(tmp_path, "methods = []"))
+    grid_file = tiny_peer_grid(tmp_path, "methods = []")
+    grid = load_grid(grid_file)
     held = next(s for s in expand(grid) if s.run_dir.name == "P-a=1-s0")
     held.lock.parent.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f'''
@@ -220,6 +221,9 @@ def test_a_run_another_runner_holds_is_left_to_it(tmp_path, capsys):
     ''')], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
+        assert main(["--grid", str(grid_file), "--dry-run"]) == 0
+        states = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+        assert states == ["todo", "busy", "todo"]  # P-s0, P-a=1-s0, P-b=2-s0
         specs, failed = run_grid(grid)
         assert failed == [] and sorted(s.run_dir.name for s in specs if s.done) == ["P-b=2-s0", "P-s0"]
         assert "1 runs left, all under way in other runners" in capsys.readouterr().out
