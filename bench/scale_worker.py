@@ -40,7 +40,7 @@ from alterrec_dist.training.schedule import Phase
 # (negatives, merge): the three phase kinds, the mined ones under both band merges
 CASES = (("random", "-"), ("hard", "threshold"), ("hard", "allgather"),
          ("augmented", "threshold"), ("augmented", "allgather"))
-RECIPE_CALLS = {"mine_band": "mining", "top_items": "mining", "random_band": "mining",
+STEP_CALLS = {"mine_band": "mining", "top_items": "mining", "random_band": "mining",
                 "exclude_items": "mining", "tiled_band_loss": "loss"}
 
 
@@ -134,7 +134,7 @@ class Profiler:
         self._replace(owner, "backward", wrapper)
 
     def install(self, run: recipe.Run) -> None:
-        for name, section in RECIPE_CALLS.items():
+        for name, section in STEP_CALLS.items():
             self.section(step, name, section)
         net = type(run.networks["id"])
         self.section(net, "item_rows", "encoder")

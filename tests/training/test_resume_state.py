@@ -17,8 +17,7 @@ from alterrec_dist.parallel.table import Placement
 from alterrec_dist.train import build_parser, load_run_config
 from alterrec_dist.training.checkpoint import (KEEP, checkpoint_name, join_row_state, newest_good, prune, rank_file,
                                                split_row_state)
-from alterrec_dist.training.schedule import phase_index
-from alterrec_dist.training.schedule import plan
+from alterrec_dist.training.schedule import phase_index, plan
 
 
 # -- fast: the pure parts ----------------------------------------------------------------------
