@@ -160,8 +160,8 @@ def gains(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors:
 def choice_table(choices: list) -> list[str]:
     """Each method's candidates on validation, the chosen one, and the overrides that make it (what a
     config such as configs/scientific.toml takes over)."""
-    lines = ["| method | validation score on the selection seeds: base, each switch alone, the helpful ones together "
-             "| chosen | its overrides |", "|---|---|---|---|"]
+    lines = ["| method | validation score on the selection seeds: base, each switch alone, the helpful ones together, "
+             "round 2 (the winner with one more switch) | chosen | its overrides |", "|---|---|---|---|"]
     for c in choices:
         overrides = " ".join(f"`{o}`" for o in c.runs[0].extra) or "none"
         lines.append(f"| {method_label(c.method)} | " + ", ".join(f"{v}: {x:.4f}" for v, x in c.scores.items())

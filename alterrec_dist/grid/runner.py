@@ -2,8 +2,9 @@
 method x dataset x seed (plus sweeps and peer baselines), each through the normal driver.
 
 Tuning (a dataset's `select` keys): each method's sweeps over them run on the selection seeds
-(`select_seeds`); once they have all finished, the setting chosen on validation (grid/selection.py)
-runs on the dataset's other seeds too, so the chosen settings are reported over every seed.
+(`select_seeds`), then (`combine`) the switches that helped together, then (`refine`) round 2: the winner
+with each other switch on top. Once a round has finished, the setting chosen on validation
+(grid/selection.py) runs on the dataset's other seeds too, so the chosen settings are reported over every seed.
 
 A run is done when its directory holds `summary.json` (a peer: `result.json`). The paper grid's
 directories are under `results/`, whose .gitignore keeps each finished run's record (summary, per-epoch
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from alterrec_dist.common.config import PROJECT_ROOT, load_config, read_toml, shown
 from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.grid.selection import candidates, choose, helpful_switches, selection_seeds
+from alterrec_dist.grid.selection import candidates, choose, helpful_switches, second_round, selection_seeds
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RunSpec:
     sweeps: dict[str, object] = field(default_factory=dict)  # swept key -> this run's value (several if shared)
     extra: list[str] = field(default_factory=list)            # the --set overrides of its sweep point
     combined: dict[str, object] = field(default_factory=dict)  # a combined candidate: its switches, key -> value
+    tuning_round: int = 1      # 2: a second-round candidate (the round-1 winner with one more switch)
 
     @property
     def done(self) -> bool:
@@ -81,6 +83,7 @@ class DatasetGrid:
     select_seeds: list[int] = field(default_factory=list)  # seeds the select sweeps run on; empty: all
     tuned: list[str] = field(default_factory=list)  # methods a sweep without method(s) tunes; empty: all
     combine: bool = False  # also try, per method and peer, the switches that beat its base, together
+    refine: bool = False   # then a second round: the winner with each switch it lacks on top, one at a time
 
 
 @dataclass
@@ -107,7 +110,8 @@ def load_grid(path: str | Path) -> Grid:
                 prepare=d.get("prepare", []),
                 note=d.get("note", ""), sweeps=d.get("sweep", []), peers=d.get("peer", []),
                 anchors=d.get("anchor", []), select=d.get("select", []), select_seeds=d.get("select_seeds", []),
-                tuned=d.get("tuned", []), combine=d.get("combine", False)))
+                tuned=d.get("tuned", []), combine=d.get("combine", False),
+                refine=d.get("refine", False)))
         except KeyError as e:
             raise ConfigError(f"{path}: [[dataset]] entry misses key {e}") from None
     if not datasets:
@@ -209,6 +213,8 @@ def expand(grid: Grid) -> list[RunSpec]:
         for method in d.methods:
             for spec in combined_runs(d, method, list(specs.values())):
                 specs.setdefault(spec.run_dir, spec)
+            for spec in second_round_runs(d, method, list(specs.values())):
+                specs.setdefault(spec.run_dir, spec)
         for method in d.methods:
             for spec in confirm_runs(d, method, list(specs.values())):
                 specs.setdefault(spec.run_dir, spec)
@@ -222,39 +228,42 @@ def expand(grid: Grid) -> list[RunSpec]:
                                               sweeps={key: value} if sets else {})
             for spec in combined_runs(d, peer["name"], list(specs.values()), cmd):
                 specs.setdefault(spec.run_dir, spec)
+            for spec in second_round_runs(d, peer["name"], list(specs.values()), cmd):
+                specs.setdefault(spec.run_dir, spec)
     return run_order(grid, list(specs.values()))
 
 
 def run_order(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
     """The order runs start in. On this machine the grid is days of CPU spread over sessions, so what a
     result waits for goes first:
-      1. each tuned method in the grid's order: its candidates on the selection seeds (0), then, once it is
-         chosen, the chosen setting's other seeds (1), so the first method's result is whole as early as it
+      0. each tuned method in the grid's order: its round-1 candidates on the selection seeds, then, once it
+         is chosen, the chosen setting's other seeds, so the first method's result is whole as early as it
          can be, before the next method starts;
-      2. the peers: their candidates (or their one run) and chosen runs (2);
-      3. the rest: the sensitivity sweeps, untuned methods, base runs on seeds no choice needs (3).
+      1. the peers: their candidates (or their one run) and chosen runs;
+      2. round 2 (`refine`), methods then peers, each with its chosen setting's other seeds;
+      3. the rest: the sensitivity sweeps, untuned methods, base runs on seeds no choice needs.
     Datasets in the grid's order within each. `run_grid` re-reads it after each finished run."""
-    tier: dict[Path, int] = {}
+    place: dict[Path, tuple[int, int]] = {}  # run -> (group, 0 candidate | 1 chosen setting's other seed)
     rank: dict[str, int] = {}  # method or peer -> its place in the grid
     for d in grid.datasets:
-        names = [(m, 0) for m in d.methods] + [(p["name"], 2) for p in d.peers]
-        for name, first in names:
+        names = [(m, 0) for m in d.methods] + [(p["name"], 1) for p in d.peers]
+        for name, group in names:
             rank.setdefault(name, len(rank))
             cands = candidates(specs, d, name)
-            if len(cands) < 2 and not first:  # an untuned method: no result waits for its runs
+            if len(cands) < 2 and group == 0:  # an untuned method: no result waits for its runs
                 continue
             seeds = selection_seeds(cands, d)
             for runs in cands.values():
                 for s in runs:
-                    tier.setdefault(s.run_dir, first if s.seed in seeds else 3)
+                    place.setdefault(s.run_dir, (2 if s.tuning_round == 2 else group, 0) if s.seed in seeds else (3, 0))
             choice = choose(specs, d, name)
             for s in choice.runs if choice else []:
-                tier[s.run_dir] = min(tier[s.run_dir], first + 1)
+                place[s.run_dir] = min(place[s.run_dir], (2 if s.tuning_round == 2 else group, 1))
     datasets = [d.name for d in grid.datasets]
 
     def key(s: RunSpec) -> tuple:
-        t = tier.get(s.run_dir, 3)
-        return max(t - 1, 0), datasets.index(s.dataset), rank.get(s.method, 0), t, s.seed
+        group, chosen = place.get(s.run_dir, (3, 0))
+        return group, datasets.index(s.dataset), rank.get(s.method, 0), chosen, s.seed
     return sorted(specs, key=key)
 
 
@@ -279,7 +288,30 @@ def combined_runs(d: DatasetGrid, name: str, specs: list[RunSpec], peer_command:
         return []
     extra = [override for _, _, run in switches for override in run.extra]
     combined = {key: value for key, value, _ in switches}
-    template = switches[0][2]
+    return candidate_runs(d, name, specs, switches[0][2], f"{name}-combined", extra, combined, 1, peer_command)
+
+
+def second_round_runs(d: DatasetGrid, name: str, specs: list[RunSpec], peer_command: list[str] = ()) -> list[RunSpec]:
+    """With `refine`: round 2's candidates on the selection seeds (grid/selection.py `second_round`), one per
+    switch the round-1 winner lacks; none until round 1 is chosen, its combination included."""
+    known = {s.run_dir for s in specs}
+    if any(s.run_dir not in known for s in combined_runs(d, name, specs, peer_command)):
+        return []
+    settings = second_round(specs, d, name) if d.refine else None
+    if not settings:
+        return []
+    template = next(s for s in specs if s.dataset == d.name and s.method == name and s.extra)
+    return [run for key, value, setting, extra in settings
+            for run in candidate_runs(d, name, specs, template,
+                                      f"{name}-round2-{key.partition('.')[2] or key}={as_toml(value)}",
+                                      extra, setting, 2, peer_command)]
+
+
+def candidate_runs(d: DatasetGrid, name: str, specs: list[RunSpec], template: RunSpec, stem: str, extra: list[str],
+                   setting: dict, tuning_round: int, peer_command: list[str]) -> list[RunSpec]:
+    """A candidate made of several switches (`setting`, made by the overrides `extra`), on the selection seeds,
+    in `stem`-s<seed> beside `template` (one of its method's or peer's runs); none where a method's config
+    refuses it."""
     if template.role != "peer":
         try:
             method_config(d, name, extra)
@@ -287,10 +319,10 @@ def combined_runs(d: DatasetGrid, name: str, specs: list[RunSpec], peer_command:
             return []
     runs = []
     for seed in selection_seeds(candidates(specs, d, name), d):
-        run_dir = template.run_dir.with_name(f"{name}-combined-s{seed}")
-        runs.append(peer_run(d, name, seed, run_dir, peer_command, extra, combined=combined)
-                    if template.role == "peer" else
-                    sweep_run(d, name, f"{name} combined", seed, run_dir, extra, combined=combined))
+        run_dir = template.run_dir.with_name(f"{stem}-s{seed}")
+        kw = dict(combined=dict(setting), tuning_round=tuning_round)
+        runs.append(peer_run(d, name, seed, run_dir, peer_command, extra, **kw) if template.role == "peer" else
+                    sweep_run(d, name, f"{name} {stem.removeprefix(name + '-')}", seed, run_dir, extra, **kw))
     return runs
 
 
@@ -305,7 +337,8 @@ def confirm_runs(d: DatasetGrid, method: str, specs: list[RunSpec]) -> list[RunS
     for seed in (s for s in d.seeds if s not in have):
         run_dir = template.run_dir.with_name(f"{stem}-s{seed}")
         runs.append(sweep_run(d, method, template.label, seed, run_dir, template.extra,
-                              sweeps=dict(template.sweeps), combined=dict(template.combined)))
+                              sweeps=dict(template.sweeps), combined=dict(template.combined),
+                              tuning_round=template.tuning_round))
     return runs
 
 

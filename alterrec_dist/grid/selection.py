@@ -4,10 +4,13 @@ other seeds) and the report (which reports the chosen runs) both follow.
 A method's candidates are its base runs and each point of its sweeps over the dataset's `select`
 keys (one switch at a time from the base config); a peer's are its base runs and each point of its
 own sweeps. Where the grid sets `combine`, one more candidate joins the switches that beat the base:
-per key, its best point. They are compared on the selection seeds (the dataset's `select_seeds`, else
-all its seeds, that the base runs have) by the mean of the validation score each run chose its own
-epoch on. Nothing is chosen until every candidate has finished on those seeds, so a half-run grid
-cannot flatter one. Test metrics are never read here.
+per key, its best point. That is round 1. Where the grid sets `refine`, round 2 starts from round 1's
+winner and tries each switch it lacks on top of it, one at a time (a switch that lost alone against the
+base may still help the winner: `train.reject_worse` did for AlterRec's Transformer, in a probe).
+Candidates are compared on the selection seeds (the dataset's `select_seeds`, else all its seeds, that
+the base runs have) by the mean of the validation score each run chose its own epoch on. Nothing is
+chosen from a round until every candidate of it has finished, so a half-run grid cannot flatter one;
+until round 2 has finished, round 1's winner stands. Test metrics are never read here.
 """
 from __future__ import annotations
 
@@ -50,13 +53,16 @@ def switch_points(ours: list, d) -> dict[tuple[str, object], list]:
 
 
 def combined_label(spec) -> str:
-    return "combined (" + ", ".join(f"{k} = {v}" for k, v in spec.combined.items()) + ")"
+    """A combination's label: round 1's helpful switches together, or a round-2 setting (the winner's
+    switches, then the one tried on top)."""
+    name = "combined" if spec.tuning_round == 1 else "round 2"
+    return f"{name} (" + ", ".join(f"{k} = {v}" for k, v in spec.combined.items()) + ")"
 
 
-def candidates(specs: list, d, method: str) -> dict[str, list]:
+def candidates(specs: list, d, method: str, last_round: int = 2) -> dict[str, list]:
     """Candidate label -> its runs: the base runs (no overrides), each single switch, then the helpful
-    switches combined (once the runner has added that run)."""
-    ours = [s for s in specs if s.dataset == d.name and s.method == method]
+    switches combined, then round 2's settings (once the runner has added those runs), up to `last_round`."""
+    ours = [s for s in specs if s.dataset == d.name and s.method == method and s.tuning_round <= last_round]
     base = [s for s in ours if not s.extra]
     shown = ", ".join(f"{k} = {base[0].sweeps[k]}" for k in d.select if base and k in base[0].sweeps)
     out = {f"{BASE} ({shown})" if shown else BASE: base}
@@ -83,18 +89,19 @@ def mean_scores(cands: dict[str, list], seeds: list[int]) -> dict[str, float] | 
     return scores
 
 
-def choose(specs: list, d, name: str) -> Choice | None:
-    """The candidate of a method or peer best on validation, or None (nothing to choose, or not all
-    finished)."""
-    cands = candidates(specs, d, name)
-    seeds = selection_seeds(cands, d)
-    if len(cands) < 2 or not seeds:
-        return None
-    scores = mean_scores(cands, seeds)
-    if scores is None:
-        return None
-    chosen = max(scores, key=scores.get)
-    return Choice(name, scores, chosen, sorted(cands[chosen], key=lambda s: s.seed))
+def choose(specs: list, d, name: str, last_round: int = 2) -> Choice | None:
+    """The candidate of a method or peer best on validation over its rounds up to `last_round` that have
+    finished, or None (nothing to choose, or round 1 not all finished)."""
+    for rounds in range(last_round, 0, -1):
+        cands = candidates(specs, d, name, rounds)
+        seeds = selection_seeds(cands, d)
+        if len(cands) < 2 or not seeds:
+            return None
+        scores = mean_scores(cands, seeds)
+        if scores is not None:
+            chosen = max(scores, key=scores.get)
+            return Choice(name, scores, chosen, sorted(cands[chosen], key=lambda s: s.seed))
+    return None
 
 
 def helpful_switches(specs: list, d, name: str) -> list[tuple[str, object, object]] | None:
@@ -114,3 +121,29 @@ def helpful_switches(specs: list, d, name: str) -> list[tuple[str, object, objec
         if score > base and score > best.get(key, (float("-inf"),))[0]:
             best[key] = (score, value, next(s for s in runs if s.seed == seeds[0]))
     return [(key, value, run) for key, (_, value, run) in best.items()]
+
+
+def second_round(specs: list, d, name: str) -> list[tuple[str, object, dict, list[str]]] | None:
+    """Round 2's settings: per single switch the round-1 winner lacks (another point of a key it sets
+    included), (key, value, the winner's setting with that switch on top, the overrides that make it).
+    None until round 1 is chosen; none when the base won (round 1 already tried each switch on it), or
+    for a setting round 1 already ran (a winning switch plus the one other that helped is the combination)."""
+    leader = choose(specs, d, name, last_round=1)
+    if leader is None:
+        return None
+    won = leader.runs[0]
+    setting = dict(won.combined) or (dict(won.sweeps) if won.extra else {})
+    if not setting:
+        return []
+    ours = [s for s in specs if s.dataset == d.name and s.method == name and s.tuning_round == 1]
+    points = switch_points(ours, d)
+    ran = [dict(s.combined) for s in ours if s.combined] + [{k: v} for k, v in points]
+    out = []
+    for key, value in points:
+        tried = {**setting, key: value}
+        if tried in ran:
+            continue
+        ran.append(tried)
+        extra = [o for k, v in tried.items() for o in points[(k, v)][0].extra]
+        out.append((key, value, tried, extra))
+    return out

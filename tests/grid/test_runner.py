@@ -45,12 +45,16 @@ def test_the_committed_grid_tunes_each_method_over_the_same_switches():
     # The base runs have every seed; seeds 1-2 of a chosen switch come once seed 0 has been compared.
     assert {s.seed for s in specs if s.role == "method" and s.method == "id_only"} == {0, 1, 2}
     # Run order: each tuned method's seed-0 candidates and its chosen setting's other seeds, method by method
-    # (AlterRec first), then the peers, then the rest (the sensitivity sweeps, seeds 1-2 no choice needs).
-    first = [i for i, s in enumerate(specs) if s.role != "peer" and s.method in NOT_THEIRS and (
+    # (AlterRec first), then the peers, then round 2, then the rest (the sensitivity sweeps, seeds 1-2 no
+    # choice needs).
+    first = [i for i, s in enumerate(specs) if s.role != "peer" and s.method in NOT_THEIRS and s.tuning_round == 1 and (
         s.run_dir in chosen or s.seed == 0 and not (s.extra and not {*s.sweeps, *s.combined} & set(d.select)))]
-    peers = [i for i, s in enumerate(specs) if s.role == "peer"]
-    assert first == list(range(len(first))) and peers == list(range(len(first), len(first) + len(peers)))
+    peers = [i for i, s in enumerate(specs) if s.role == "peer" and s.tuning_round == 1]
+    second = [i for i, s in enumerate(specs) if s.tuning_round == 2]
+    assert first + peers + second == list(range(len(first) + len(peers) + len(second)))
     assert [specs[i].method for i in first] == sorted((specs[i].method for i in first), key=d.methods.index)
+    # Round 2 tries on AlterRec's winner what lost alone against the base, the alternation's own stopping too.
+    assert any(specs[i].combined.get("train.reject_worse") for i in second if specs[i].method == "alterrec")
     # RecBole's SASRec is tuned too: its own settings, one at a time, through the peer's --set.
     sasrec = {s.run_dir.name: s.command for s in specs if s.method == "SASRec"}
     assert len(sasrec) == 7 and "SASRec-s0" in sasrec
@@ -197,6 +201,37 @@ def test_a_choice_made_mid_grid_sends_its_other_seeds_ahead_of_the_next_method_a
                                                             "valid": {"id": {"ndcg@10": valid}}}))
     assert names()[2:] == ["id_only-m_max=30-s1", "text_only-s0", "text_only-m_max=30-s0",
                            "P-s0", "P-a=1-s0", "P-b=2-s0", "id_only-s1", "text_only-s1"]
+
+
+def test_round_two_runs_after_the_peers_and_its_winner_then_runs_on_the_other_seeds(tmp_path):
+    grid = load_grid(tiny_peer_grid(tmp_path, '''
+        refine = true
+        methods = ["id_only"]
+        select = ["train.m_max", "train.m_gap", "train.patience"]
+        [[dataset.sweep]]
+        key = "train.m_max"
+        values = [30]
+        [[dataset.sweep]]
+        key = "train.m_gap"
+        values = [1]
+        [[dataset.sweep]]
+        key = "train.patience"
+        values = [3]'''))
+
+    def finish(name: str, valid: float) -> None:
+        [s] = [s for s in expand(grid) if s.run_dir.name == name]
+        s.run_dir.mkdir(parents=True)
+        (s.run_dir / "summary.json").write_text(json.dumps({"selection": "id/ndcg@10",
+                                                            "valid": {"id": {"ndcg@10": valid}}}))
+    for name, valid in [("id_only-s0", 0.05), ("id_only-m_max=30-s0", 0.06), ("id_only-m_gap=1-s0", 0.06),
+                        ("id_only-patience=3-s0", 0.04), ("id_only-combined-s0", 0.07)]:
+        finish(name, valid)
+    todo = lambda: [s.run_dir.name for s in expand(grid) if not s.done]  # noqa: E731
+    # round 1's winner stands (its other seed first) while round 2 waits behind the peers
+    assert todo() == ["id_only-combined-s1", "P-s0", "P-a=1-s0", "P-b=2-s0", "id_only-round2-patience=3-s0",
+                      "id_only-s1"]
+    finish("id_only-round2-patience=3-s0", 0.08)
+    assert todo() == ["P-s0", "P-a=1-s0", "P-b=2-s0", "id_only-round2-patience=3-s1", "id_only-s1"]
 
 
 def test_the_grid_starts_a_run_the_finished_ones_add_in_the_same_call(tmp_path, capsys):
