@@ -33,8 +33,6 @@ from alterrec_dist.training.metric_sinks import check_mlflow
 from alterrec_dist.training.run_dir import check_dataset, check_resources, default_run_dir, open_run_dir
 
 
-
-
 def load_run_config(args: argparse.Namespace) -> tuple[Config, Location | None]:
     """The config to run and, when an existing run goes on, its directory (else None: a new run).
 

@@ -296,10 +296,6 @@ def keep_lines(path: Location, n: int) -> None:
             atomic_write_bytes(path, "".join(lines[:n]).encode())
 
 
-
-
-
-
 def undo_phase(run: Run, store: Location, first_epoch: int) -> None:
     """`train.reject_worse`: every rank takes back its state from the checkpoint taken when the phase began
     (at the previous phase's end; `checkpoint.prune` keeps it). The other network was frozen for the whole
@@ -309,8 +305,6 @@ def undo_phase(run: Run, store: Location, first_epoch: int) -> None:
     start = store / checkpoint_name(first_epoch, 0)
     manifest = checked_on_rank0(run.comm, lambda: intact_manifest(start))
     load_checkpoint(run.comm, start, manifest, run.networks, run.table, run.steppers)
-
-
 
 
 def frozen_item_rows(run: Run, phase: Phase) -> torch.Tensor | None:

@@ -74,7 +74,6 @@ def test_torchrun_launcher_standalone(tmp_path):
     check_run_dir(run, 3, r.stdout, workers=1)
 
 
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_default_data_shows_alterrecs_effect(tmp_path):

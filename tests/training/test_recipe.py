@@ -15,7 +15,6 @@ from tests.dist_harness import run_world
 from tests.tiny_data import tiny_dataset
 
 
-
 def train_and_collect(rank, world, data_path, overrides):
     cfg = load_config(None, [f"data.path={data_path}", f"trainer.num_workers={world}", *overrides])
     run = build_run(cfg, Comm())
