@@ -167,6 +167,11 @@ def as_toml(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def point_name(key: str, value) -> str:
+    """A sweep point in a run directory's name: `model.dropout` = 0.1 is `dropout=0.1`."""
+    return f"{key.partition('.')[2] or key}={as_toml(value)}"
+
+
 def method_config(d: DatasetGrid, method: str, extra: list[str] = ()):
     """A method's config in this grid (raises ConfigError where the overrides do not fit it)."""
     return load_config(PROJECT_ROOT / d.config, [f"train.method={method}", *d.sets, *d.method_sets.get(method, []),
@@ -192,7 +197,6 @@ def expand(grid: Grid) -> list[RunSpec]:
                                          method=method)
         for sw in d.sweeps:
             key = sw["key"]
-            name = key.partition(".")[2] or key
             refused: dict[str, list[str]] = {}  # point -> why each method's config refused it
             for method in sweep_methods(d, sw):
                 for value, extra in sweep_points(sw, key_value(method_config(d, method), key)):
@@ -202,7 +206,7 @@ def expand(grid: Grid) -> list[RunSpec]:
                         refused.setdefault(str(value), []).append(str(e))
                         continue
                     for seed in sw.get("seeds", d.select_seeds if key in d.select and d.select_seeds else d.seeds):
-                        run_dir = base / (f"{method}-{name}={as_toml(value)}-s{seed}" if extra else f"{method}-s{seed}")
+                        run_dir = base / (f"{method}-{point_name(key, value)}-s{seed}" if extra else f"{method}-s{seed}")
                         spec = specs.get(run_dir) or sweep_run(d, method, f"{method} {key}={value}", seed,
                                                                run_dir, extra)
                         spec.sweeps[key] = value
@@ -300,10 +304,10 @@ def second_round_runs(d: DatasetGrid, name: str, specs: list[RunSpec], peer_comm
     settings = second_round(specs, d, name) if d.refine else None
     if not settings:
         return []
-    template = next(s for s in specs if s.dataset == d.name and s.method == name and s.extra)
+    winner = choose(specs, d, name, last_round=1).runs[0]
     return [run for key, value, setting, extra in settings
-            for run in candidate_runs(d, name, specs, template,
-                                      f"{name}-round2-{key.partition('.')[2] or key}={as_toml(value)}",
+            for run in candidate_runs(d, name, specs, winner,
+                                      f"{name}-round2-{point_name(key, value)}",
                                       extra, setting, 2, peer_command)]
 
 
