@@ -206,7 +206,8 @@ def expand(grid: Grid) -> list[RunSpec]:
                         refused.setdefault(str(value), []).append(str(e))
                         continue
                     for seed in sw.get("seeds", d.select_seeds if key in d.select and d.select_seeds else d.seeds):
-                        run_dir = base / (f"{method}-{point_name(key, value)}-s{seed}" if extra else f"{method}-s{seed}")
+                        stem = f"{method}-{point_name(key, value)}" if extra else method
+                        run_dir = base / f"{stem}-s{seed}"
                         spec = specs.get(run_dir) or sweep_run(d, method, f"{method} {key}={value}", seed,
                                                                run_dir, extra)
                         spec.sweeps[key] = value
