@@ -104,6 +104,13 @@ def choose(specs: list, d, name: str, last_round: int = 2) -> Choice | None:
     return None
 
 
+def round_two_progress(specs: list, d, name: str) -> tuple[int, int]:
+    """(finished, all) of a method's or peer's round-2 runs on the selection seeds; (0, 0) before round 2."""
+    seeds = selection_seeds(candidates(specs, d, name), d)
+    runs = [s for s in specs if s.dataset == d.name and s.method == name and s.tuning_round == 2 and s.seed in seeds]
+    return sum(s.done for s in runs), len(runs)
+
+
 def helpful_switches(specs: list, d, name: str) -> list[tuple[str, object, object]] | None:
     """The single switches to combine: per swept key, (key, value, its run on the first selection seed,
     whose overrides the combination joins) for the point best on validation where that beats the base.
