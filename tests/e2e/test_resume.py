@@ -4,21 +4,26 @@ Slow tests (real processes, no mocks; a Ray Train worker SIGKILLed mid-run is in
 tests/e2e/test_object_store.py, whose killed run keeps its run directory in an object store):
 * resuming a W=2 run at W=1 and a W=1 run at W=2 (torchrun) continues with the same losses;
 * a damaged newest checkpoint is named in a warning and the older one is used; all damaged is a
-  one-line error.
+  one-line error;
+* `train.patience` stops a run, and a resumed one at the same epoch;
+* `train.reject_worse` undoes a phase that leaves its network worse, at W=1 and W=2, and a run SIGKILLed
+  inside such a phase resumes and undoes it the same way.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from alterrec_dist.common.config import load_config
-from alterrec_dist.training.checkpoint import newest_good, rank_file
+from alterrec_dist.training.checkpoint import checkpoint_name, checkpoints, newest_good, rank_file
 from tests.test_train import tiny_dataset
 
 
@@ -144,8 +149,8 @@ def test_no_intact_checkpoint_is_a_one_line_error(uninterrupted, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path):
-    """With nothing to learn (lr 1e-30: no update survives fp32 rounding) validation never improves on epoch 0: patience 2 stops the run after
-    epoch 2 of 6. A copy cut back to the checkpoint before the last one resumes and stops there too."""
+    """With nothing to learn (lr 1e-30: no update survives fp32 rounding) validation never improves on epoch 0:
+    patience 2 stops the run after epoch 2 of 6. A copy cut back to the checkpoint before the last one resumes and stops there too."""
     data = tiny_dataset(tmp_path / "data")
     settings = ["train.method=id_only", "train.m_max=6", "train.patience=2", "train.lr_id=1e-30", "train.lr_text=1e-30",
                 "train.global_batch_size=40", "eval.batch_size=50", "model.dim=8", "model.dropout=0.0",
@@ -165,26 +170,33 @@ def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path):
     assert results(cut)[0]["epochs_trained"] == 3
 
 
+# train.reject_worse at an lr (0.3) whose hard phases overshoot on the tiny data, a checkpoint every step:
+# 2 warm-up epochs, then phases of 2 epochs (ID 2-3, text 4-5, ID 6-7) of 16 steps each.
+REJECTING = ["train.m_max=8", "train.m_random=1", "train.m_gap=2", "train.k1=2", "train.k2=20",
+             "train.global_batch_size=24", "eval.batch_size=24", "model.dim=16", "model.dropout=0.0",
+             "train.lr_id=0.3", "train.lr_text=0.3", "train.checkpoint_every=1", "train.reject_worse=true"]
+
+
+@pytest.fixture(scope="module")
+def rejecting(tmp_path_factory) -> tuple[list[str], Path, str]:
+    """(its settings, the uninterrupted W=1 run, its output) of the REJECTING run."""
+    base = tmp_path_factory.mktemp("reject")
+    settings = REJECTING + [f"data.path={tiny_dataset(base / 'data')}"]
+    r = torchrun(1, ["--out", str(base / "w1"), *sets(settings)], base)
+    return settings, base / "w1", r.stdout + r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_phase_that_leaves_its_network_worse_is_undone(tmp_path):
-    """train.reject_worse, at an lr (0.3) whose hard phases overshoot on the tiny data: a phase whose network
-    ends below its own validation score at the phase's start is undone, so the next epoch scores that network
-    exactly as before the phase; the checkpoint it goes back to outlives the mid-epoch ones (a checkpoint
-    every step); and two workers reject what one rejects."""
-    data = tiny_dataset(tmp_path / "data")
-    settings = ["train.m_max=8", "train.m_random=1", "train.m_gap=2", "train.k1=2", "train.k2=20",
-                "train.global_batch_size=24", "eval.batch_size=24", "model.dim=16", "model.dropout=0.0",
-                "train.lr_id=0.3", "train.lr_text=0.3", "train.checkpoint_every=1", "train.reject_worse=true",
-                f"data.path={data}"]
-    logs = {}
-    for workers in (1, 2):
-        run = tmp_path / f"w{workers}"
-        r = torchrun(workers, ["--out", str(run), *sets(settings + [f"trainer.num_workers={workers}"])], tmp_path)
-        logs[workers] = results(run)[1]
-    log = logs[1]
+def test_a_phase_that_leaves_its_network_worse_is_undone(rejecting, tmp_path):
+    """A phase whose network ends below its own validation score at the phase's start is undone, so the next
+    epoch scores that network exactly as before the phase; the checkpoint it goes back to outlives the
+    mid-epoch ones (a checkpoint every step); and two workers reject what one rejects."""
+    settings, w1, out = rejecting
+    torchrun(2, ["--out", str(tmp_path / "w2"), *sets(settings + ["trainer.num_workers=2"])], tmp_path)
+    log, log2 = results(w1)[1], results(tmp_path / "w2")[1]
     rejected = [e for e in log if e["rejected"]]
-    assert rejected and "phase rejected: valid " in r.stdout + r.stderr
+    assert rejected and "phase rejected: valid " in out
     for e in log:
         net, epoch = e["network"], e["epoch"]
         start = epoch - 1 if epoch % 2 else epoch  # phases of 2 epochs after the 2 warm-up epochs
@@ -193,6 +205,44 @@ def test_a_phase_that_leaves_its_network_worse_is_undone(tmp_path):
         assert e["rejected"] == (epoch >= 2 and epoch % 2 == 1 and worse), epoch
         if e["rejected"] and epoch + 1 < len(log):
             assert log[epoch + 1]["valid"][net]["ndcg@10"] == before  # back at the phase's start, exactly
-    assert [e["rejected"] for e in logs[2]] == [e["rejected"] for e in log]
-    for a, b in zip(log, logs[2]):
+    assert [e["rejected"] for e in log2] == [e["rejected"] for e in log]
+    for a, b in zip(log, log2):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def kill_at(launch: list[str], cwd: Path, checkpoint: Path) -> None:
+    """Start `launch` in its own process group and SIGKILL the group once `checkpoint` is complete (its
+    directory appears by an atomic rename, manifest included)."""
+    proc = subprocess.Popen(launch, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, env=clean_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (checkpoint / "manifest.json").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, f"{checkpoint.name} never appeared"
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_run_killed_inside_a_phase_it_rejects_resumes_and_rejects_it_the_same_way(rejecting, tmp_path):
+    """SIGKILLed in the second epoch of a phase the uninterrupted run rejects, the run resumes from its
+    mid-epoch checkpoint, with the phase's starting score from that checkpoint and the phase-start
+    checkpoint still there to go back to: it rejects the phase and ends as the uninterrupted run did."""
+    settings, whole, _ = rejecting
+    log = results(whole)[1]
+    epoch = next(e["epoch"] for e in log if e["rejected"] and e["epoch"] > 3)  # not the first phase after warm-up
+    run = tmp_path / "run"
+    # one process (no WORLD_SIZE: world size 1 in the process itself), so the kill reaches the trainer
+    launch = [PY, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--out", str(run), *sets(settings)]
+    kill_at(launch, tmp_path, run / "checkpoints" / checkpoint_name(epoch, 8))
+    newest = checkpoints(run / "checkpoints")[-1].name
+    assert checkpoint_name(epoch, 8) <= newest < checkpoint_name(epoch + 1, 0), newest  # killed inside the phase
+    r = torchrun(1, ["--resume", str(run)], tmp_path)
+    assert f"resuming from {run / 'checkpoints' / newest}: epoch {epoch}" in r.stdout + r.stderr
+    assert f"phase rejected: valid {log[epoch]['network']}/ndcg@10" in r.stdout + r.stderr
+    resumed = results(run)[1]
+    assert [e["rejected"] for e in resumed] == [e["rejected"] for e in log]
+    assert_same_run(run, whole)
