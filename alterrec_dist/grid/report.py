@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from alterrec_dist.common.config import PROJECT_ROOT, shown  # noqa: E402
+from alterrec_dist.common.config import PROJECT_ROOT, read_toml, shown  # noqa: E402
 from alterrec_dist.common.files import atomic_write_bytes  # noqa: E402
 from alterrec_dist.common.methods import METHODS, selection_part  # noqa: E402
 from alterrec_dist.grid.runner import as_toml  # noqa: E402
@@ -63,24 +63,46 @@ def kind_label(kind: str, runs: list[dict]) -> str:
 # -- reading runs ------------------------------------------------------------------------------
 
 def read_run(spec) -> dict | None:
-    """The results of one finished run: summary (or peer result), per-epoch log, command."""
+    """The results of one finished run: summary (or peer result), per-epoch log, command, and whether it
+    ended on its budget rather than on patience (`ended_on_budget`)."""
     if not spec.done:
         return None
     d = spec.run_dir
     if spec.role == "peer":
         res = json.loads((d / "result.json").read_text())
         return {"spec": spec, "test": {"peer": res["test"]}, "valid": {"peer": res["valid"]},
-                "best_epoch": res.get("best_epoch"), "command": res.get("command", shlex.join(spec.command))}
+                "best_epoch": res.get("best_epoch"), "command": res.get("command", shlex.join(spec.command)),
+                "on_budget": peer_cut_at_its_best(res)}
     summary = json.loads((d / "summary.json").read_text())
     epochs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
     command = (d / "command.txt").read_text().strip() if (d / "command.txt").exists() else shlex.join(spec.command)
     run = {"spec": spec, "test": summary["test"], "valid": summary["valid"], "best_epoch": summary["best_epoch"],
-           "selection": summary["selection"], "longtail": summary["longtail"], "epochs": epochs, "command": command}
+           "selection": summary["selection"], "longtail": summary["longtail"], "epochs": epochs, "command": command,
+           "on_budget": ended_on_budget(d, summary)}
     if "alpha" in summary:
         alpha = summary["alpha"]
         run |= {"alpha": alpha["chosen"], "test": run["test"] | {ALPHA_ON_VALID: alpha["test"]},
                 "valid": run["valid"] | {ALPHA_ON_VALID: alpha["valid"]}}
     return run
+
+
+def ended_on_budget(run_dir: Path, summary: dict) -> bool:
+    """A run of ours that trained every epoch of its `train.m_max`: patience never stopped it, so its best
+    epoch came within the last `train.patience` epochs and more epochs might still raise it."""
+    m_max = read_toml(run_dir / "config.toml", "run config")["train"]["m_max"]
+    return summary.get("epochs_trained") == m_max
+
+
+def peer_cut_at_its_best(result: dict) -> bool:
+    """A peer its time cap (bench/recbole_peer.py's `--max-minutes`) stopped at its best validation epoch so far."""
+    return "time cap" in result.get("stopped_by", "") and result.get("best_epoch") == result.get("epochs_run", 0) - 1
+
+
+ON_BUDGET = "*"  # beside a best epoch: the run ended on its budget, not on patience
+
+
+def best_epochs(runs: list[dict]) -> str:
+    return ",".join(f"{r['best_epoch']}{ON_BUDGET if r.get('on_budget') else ''}" for r in runs)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -100,8 +122,7 @@ def rel(a: float, b: float) -> str:
 
 def metric_row(label: str, runs: list[dict], kind: str) -> str:
     cells = [cell([r["test"][kind][m] for r in runs]) for m in TABLE_METRICS]
-    epochs = ",".join(str(r["best_epoch"]) for r in runs)
-    return f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {epochs} |"
+    return f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {best_epochs(runs)} |"
 
 
 def table_header(first: str) -> list[str]:
@@ -299,7 +320,7 @@ def switch_row(method: str, setting: str, runs: list[dict]) -> str:
     return (f"| {method_label(method)} ({kind}) | {setting} | {len(runs)} | "
             + " | ".join(cell([r[split][kind][m] for r in runs])
                          for split in ("valid", "test") for m in ("hit@10", "ndcg@10"))
-            + f" | {','.join(str(r['best_epoch']) for r in runs)} |")
+            + f" | {best_epochs(runs)} |")
 
 
 # -- the document ------------------------------------------------------------------------------
@@ -340,6 +361,10 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
         lines += [f"({ALPHA_ON_VALID}: the fused score at the fusion weight each run chose on validation NDCG@10 "
                   "among `eval.alpha` and `eval.alpha_sweep` at its best epoch, the alphas listed per seed; "
                   "(fused) is at the config's `eval.alpha`.)", ""]
+    if any(r["on_budget"] for r in runs):
+        lines += [f"({ON_BUDGET} beside a best epoch, here and below: the run ended on its budget, not on patience. "
+                  "Ours trained every epoch of `train.m_max`; a peer's time cap stopped it at its best epoch so "
+                  "far. More epochs might still raise it.)", ""]
     for a in d.anchors:
         lines.append(f"- {a['name']}: {a['source']}")
     if d.anchors:
@@ -417,7 +442,7 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
         lines += switches + [""]
     lines += ["### Runs", "", "| run directory | best epoch | command |", "|---|---|---|"]
     for r in runs:
-        lines.append(f"| `{shown(r['spec'].run_dir)}` | {r['best_epoch']} | `{r['command']}` |")
+        lines.append(f"| `{shown(r['spec'].run_dir)}` | {best_epochs([r])} | `{r['command']}` |")
     lines.append("")
 
 

@@ -1,5 +1,6 @@
 """The report's tables: the methods with the fusion weight chosen on validation, the switch ablation (each
-switch, the helpful ones combined), the choice and what round 2 may still change."""
+switch, the helpful ones combined), the choice, what round 2 may still change, and runs that ended on their
+budget."""
 import json
 from pathlib import Path
 
@@ -39,15 +40,18 @@ def test_the_choice_table_gives_the_chosen_overrides_a_config_takes_over():
                          "| NFRec (sum) | base: 0.0610, model.dropout = 0.5: 0.0590 | **base** | none |"]
 
 
-def finished_run(tmp_path: Path, method: str, seed: int, fused: float, alpha: tuple[float, float] | None) -> dict:
+def finished_run(tmp_path: Path, method: str, seed: int, fused: float, alpha: tuple[float, float] | None,
+                 epochs_trained: int = 9) -> dict:
     """A finished run's record as the recipe writes it: summary.json (with the alpha chosen on validation and
-    its test NDCG@10 when `alpha` is given), metrics.jsonl, command.txt; read back as the report reads it."""
+    its test NDCG@10 when `alpha` is given), metrics.jsonl, command.txt, config.toml (m_max 30); read back as the
+    report reads it."""
     d = tmp_path / f"{method}-s{seed}"
     d.mkdir()
+    (d / "config.toml").write_text("[train]\nm_max = 30\npatience = 6\n")
     scores = {k: {"hit@10": 2 * fused, "hit@20": 3 * fused, "ndcg@10": fused, "ndcg@20": 1.5 * fused}
               for k in ("fused", "id", "text")}
-    summary = {"best_epoch": 3, "epochs_trained": 9, "selection": "fused/ndcg@10", "valid": scores, "test": scores,
-               "longtail": {}}
+    summary = {"best_epoch": 3, "epochs_trained": epochs_trained, "selection": "fused/ndcg@10", "valid": scores,
+               "test": scores, "longtail": {}}
     if alpha is not None:
         chosen, ndcg = alpha
         summary["alpha"] = {"chosen": chosen, "selection": "fused/ndcg@10", "valid": scores["fused"],
@@ -90,3 +94,21 @@ def test_the_report_says_which_choices_round_two_may_still_change(tmp_path):
         "Round 2 under way (its runs finished so far): AlterRec 1 of 2. Until a method's round 2 has finished, its "
         "round-1 winner above stands and Table 1 reports it.", ""]
     assert round_two_note(specs, d, ["id_only"]) == []  # finished: its choice is final
+
+
+def test_a_best_epoch_is_marked_when_the_run_ended_on_its_budget_not_on_patience(tmp_path):
+    stopped = finished_run(tmp_path, "id_only", 0, 0.05, None)  # patience stopped it after 9 of 30 epochs
+    whole = finished_run(tmp_path, "id_only", 1, 0.05, None, epochs_trained=30)
+    assert main_table({"id_only": [stopped, whole]}, {}, [])[2].endswith("| 3,3* |")
+
+    def peer(name, best_epoch, stopped_by):
+        d = tmp_path / name
+        d.mkdir()
+        scores = {"hit@10": 0.1, "ndcg@10": 0.05}
+        (d / "result.json").write_text(json.dumps({"best_epoch": best_epoch, "epochs_run": 8, "stopped_by": stopped_by,
+                                                   "valid": scores, "test": scores, "command": "x"}))
+        return read_run(RunSpec("d", "UniSRec", 0, d, [], done_file="result.json", role="peer"))["on_budget"]
+    cap = "the time cap (105 CPU min) after 8 epochs"
+    assert peer("cut", 7, cap)  # still at its best when the cap stopped it
+    assert not peer("past", 6, cap)  # had already fallen from its best
+    assert not peer("patience", 7, "early stopping or the epoch ceiling")
