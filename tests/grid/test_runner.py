@@ -130,7 +130,9 @@ def tiny_peer_grid(tmp_path, dataset: str) -> Path:
         with open(pathlib.Path(__file__).with_name("ran.txt"), "a") as ran:  # who ran, for the tests
             ran.write(pathlib.Path(a.out).name + "\\n")
         time.sleep(float(os.environ.get("PEER_SECONDS", "0")))
-        (pathlib.Path(a.out) / "result.json").write_text(json.dumps({"valid": m, "test": m}))
+        tmp = pathlib.Path(a.out) / "result.json.tmp"  # atomic, as bench/recbole_peer.py writes it: the runner
+        tmp.write_text(json.dumps({"valid": m, "test": m}))  # reads a finished run's result while others still run
+        os.replace(tmp, tmp.with_suffix(""))
     '''))
     grid_file = tmp_path / "grid.toml"
     grid_file.write_text(textwrap.dedent(f'''
