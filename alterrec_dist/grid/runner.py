@@ -435,6 +435,7 @@ def run_grid(grid: Grid) -> tuple[list[RunSpec], list[RunSpec]]:
                     os.close(fd)
                     continue
                 running[pool.submit(run_one, spec, grid.threads)] = spec.run_dir, fd
+                print(f"start {shown(spec.run_dir)}", flush=True)  # what is under way, for whoever tails the log
             if not running:  # everything left is under way in other runners
                 print(f"{len(todo)} runs left, all under way in other runners", flush=True)
                 return specs, failed

@@ -244,7 +244,9 @@ def test_the_grid_starts_a_run_the_finished_ones_add_in_the_same_call(tmp_path, 
     specs, failed = run_grid(grid)
     assert failed == [] and all(s.done for s in specs)
     assert [s.run_dir.name for s in specs if s.combined] == ["P-combined-s0"]
-    assert "ok   runs/d/peers/P-combined-s0" in capsys.readouterr().out.replace(f"{tmp_path}/", "")
+    out = capsys.readouterr().out.replace(f"{tmp_path}/", "").splitlines()
+    done = next(i for i, line in enumerate(out) if line.startswith("ok   runs/d/peers/P-combined-s0 ("))
+    assert out.index("start runs/d/peers/P-combined-s0") < done
 
 
 def test_a_run_another_runner_holds_is_left_to_it(tmp_path, capsys):
