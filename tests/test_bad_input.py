@@ -21,6 +21,7 @@ import pytest
 
 from tests.commands import run_command
 from tests.serve.test_export import trained_run
+from tests.test_train import tiny_dataset as dataset_of
 from tests.tiny_data import V, tiny_dataset
 
 # The matrix is in the fast tier: reaching Ray fails a case (conftest `no_ray`).
@@ -90,6 +91,11 @@ M2_GOOD = [["A", "B"], ["B", "C", "D"], ["A", "C"], ["D", "E", "A"]] * 3
 
 def dataset(d: Path) -> Path:
     return tiny_dataset(d / "ds")
+
+
+def catalog_of(d: Path, num_items: int) -> Path:
+    """A valid dataset of 400 train rows over `num_items` items."""
+    return dataset_of(d / "ds", num_items=num_items)
 
 
 def damaged(d: Path, damage) -> Path:
@@ -295,6 +301,11 @@ CASES = [
     ("train-session-file-truncated", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
         d, lambda ds: truncate(ds / "sessions" / "train" / "part-00000.parquet"))),
      ["{d}/ds/sessions/train/part-00000.parquet: not a readable Parquet file"]),
+    ("train-catalog-softmax-too-large", "train", lambda d, r: train_argv(
+        d, "train.random_negatives=catalog", "train.global_batch_size=400", "eval.batch_size=8",
+        "trainer.num_workers=1", data=catalog_of(d, 200_000)),
+     ["train.random_negatives = catalog: 200000 items of {d}/ds in batches of 400 on 1 workers",
+      "use train.random_negatives = sampled"]),
     ("train-has-text-wrong-shape", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
         d, lambda ds: np.save(ds / "text_features" / "has_text.npy", np.ones(V - 1, dtype=bool)))),
      ["{d}/ds/text_features/has_text.npy: array bool[", "the manifest says bool["]),

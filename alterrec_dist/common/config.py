@@ -65,6 +65,8 @@ class TrainConfig:
     k1: int = 20                   # hard negatives are the other network's ranks k1..k2 (0-based, k2 exclusive)
     k2: int = 500
     hard_fraction: float = 1.0     # share of the k2-k1 negatives that are hard; the rest uniform random
+    random_negatives: str = "sampled"  # a random phase's negatives: "sampled" (k2-k1 uniform draws, the paper) or
+                                   # "catalog" (every other item: a softmax over the whole catalog, for small ones)
     p: int = 5                     # augmented positives: the other network's top-p (alterrec_aug)
     beta: float = 0.5              # weight of the augmented positives' loss
     merge: str = "threshold"       # band merge across shards: "threshold" (bisection) or "allgather"
@@ -161,6 +163,7 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
     "train.k1": _at_least(0),
     "train.k2": _at_least(1),
     "train.hard_fraction": _unit_interval(),
+    "train.random_negatives": _one_of("sampled", "catalog"),
     "train.p": _at_least(1),
     "train.beta": _finite_at_least_zero(),
     "train.merge": _one_of("threshold", "allgather"),

@@ -312,6 +312,23 @@ def random_band(comm: Comm, num_queries: int, count: int, num_items: int, genera
     return Band(*Placement(comm.world).owned_rows(ids, comm.rank))  # other ranks' items: masked, row 0
 
 
+# `catalog_band` holds G x V_local entries per rank (their row, mask, logit and gradient: ~25 bytes each);
+# past this many, `train.random_negatives = "catalog"` is refused before training starts.
+CATALOG_BAND_ENTRIES = 1 << 26
+
+
+def catalog_band(num_queries: int, num_local: int, device: torch.device) -> Band:
+    """Every row of this shard for every query: with the positives excluded (`exclude_items`), the band of a
+    softmax over the whole catalog (`train.random_negatives = "catalog"`)."""
+    rows = torch.arange(num_local, device=device).expand(num_queries, num_local)
+    return Band(rows, torch.ones(num_queries, num_local, dtype=torch.bool, device=device))
+
+
+def catalog_band_entries(global_batch: int, num_items: int, world: int) -> int:
+    """The entries of the largest shard's `catalog_band`: the global batch times its rows."""
+    return global_batch * -(-num_items // world)
+
+
 def exclude_items(band: Band, pos_rows: torch.Tensor, pos_owned: torch.Tensor) -> Band:
     """Remove positives (target, augmented items) from the band: they are never negatives.
 

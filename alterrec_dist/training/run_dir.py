@@ -12,6 +12,7 @@ from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import atomic_write_bytes, read_json, resolve_location
 from alterrec_dist.common.storage import Location, StorePath
 from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.parallel.mining import CATALOG_BAND_ENTRIES, catalog_band_entries
 from alterrec_dist.training.checkpoint import newest_good
 
 
@@ -26,10 +27,16 @@ def check_dataset(cfg: Config) -> Location:
             "`python -m alterrec_dist.prepare` or `python -m alterrec_dist.synth`)")
     data = Dataset(path)  # reads the manifest: DataError naming the file if it is missing or broken
     data.check()  # every file's size and shape, item indices in range: before Ray, not in the workers
+    t = cfg.train
     rows = data.num_rows("train")
-    if rows < cfg.train.global_batch_size:  # training drops the last partial batch: no step at all
+    if rows < t.global_batch_size:  # training drops the last partial batch: no step at all
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is more than the {rows} train rows of {path}")
+    entries = catalog_band_entries(t.global_batch_size, data.num_items, cfg.trainer.num_workers)
+    if t.random_negatives == "catalog" and entries > CATALOG_BAND_ENTRIES:
         raise ConfigError(
-            f"train.global_batch_size={cfg.train.global_batch_size} is more than the {rows} train rows of {path}")
+            f"train.random_negatives = catalog: {data.num_items} items of {path} in batches of {t.global_batch_size} "
+            f"on {cfg.trainer.num_workers} workers make {entries} negatives per worker and step, above "
+            f"{CATALOG_BAND_ENTRIES}; use train.random_negatives = sampled (k2-k1 random draws)")
     return path
 
 

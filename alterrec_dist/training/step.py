@@ -11,7 +11,7 @@ from alterrec_dist.data.reader import Batch
 from alterrec_dist.model.networks import Network
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.loss import tiled_band_loss
-from alterrec_dist.parallel.mining import Band, exclude_items, mine_band, random_band, top_items
+from alterrec_dist.parallel.mining import Band, catalog_band, exclude_items, mine_band, random_band, top_items
 from alterrec_dist.parallel.table import ShardedItemTable
 from alterrec_dist.training.schedule import Phase
 
@@ -53,7 +53,9 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
             if phase.augmented:
                 positives = torch.cat([positives, top_items(comm, candidates, table.global_ids, t.p, target)], 1)
         bands.append(band)
-    if num_neg - num_hard:
+    if phase.negatives == "random" and t.random_negatives == "catalog":
+        bands.append(catalog_band(len(target), table.num_local, device))
+    elif num_neg - num_hard:
         # keyed by (seed, epoch, step): the same draws for a global batch whatever the world size
         g = torch.Generator(device=device).manual_seed((t.seed * 1_000_003 + phase.epoch) * 1_000_003 + step)
         bands.append(random_band(comm, len(target), num_neg - num_hard, table.num_items, g))

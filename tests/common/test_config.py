@@ -131,6 +131,7 @@ def test_missing_file(tmp_path):
     (["train.k1=600"], "need 0 <= train.k1 < train.k2"),
     (["train.method=alterrec_aug", "train.p=30"], "augmentation needs train.p < train.k1"),
     (["train.hard_fraction=1.5"], "train.hard_fraction"),
+    (["train.random_negatives=all"], "train.random_negatives must be one of sampled, catalog"),
     (["train.m_gap=0"], "train.m_gap must be >= 1"),
     (["trainer.num_workers=3"], "must be divisible by trainer.num_workers=3"),
     (["eval.alpha=-0.1"], "eval.alpha"),
@@ -182,7 +183,8 @@ def _nondefault() -> Config:
     return load_config(None, [
         "data.path=/data/my \"quoted\" set", "model.dim=48", "model.encoder=transformer",
         "model.item_layernorm=true", "train.method=alterrec_aug", "train.k1=8", "train.k2=64", "train.p=3",
-        "train.lr_id=0.0005", "train.hard_fraction=0.25", "eval.longtail_bins=[3,9,27]",
+        "train.lr_id=0.0005", "train.hard_fraction=0.25", "train.random_negatives=catalog",
+        "eval.longtail_bins=[3,9,27]",
         "trainer.num_workers=4", "trainer.name=run\\one", "eval.metric=id/mrr@20",
         "trainer.engine=deepspeed", "trainer.precision=bf16", "trainer.zero_stage=2",
     ])

@@ -4,7 +4,7 @@ import torch
 
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.loss import band_loss, tiled_band_loss
-from alterrec_dist.parallel.mining import Band
+from alterrec_dist.parallel.mining import Band, catalog_band, exclude_items
 from tests.dist_harness import run_world
 
 pytestmark = pytest.mark.slow
@@ -95,3 +95,37 @@ def test_tiled_band_loss_equals_the_untiled_one_in_value_and_gradient(world, til
         for a, b in zip(untiled, tiled):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
         assert untiled[3].abs().sum() > 0 and untiled[2].abs().sum() > 0  # the gradients are not trivially zero
+
+
+def catalog_loss(rank, world):
+    """`train.random_negatives = catalog` on this shard: the tiled band loss of the catalog band, positives
+    excluded, for the target alone; (per-query loss, query grad, row grad, the shard's ids)."""
+    queries, items, positives, _ = problem()
+    comm = Comm()
+    ids = torch.arange(rank, V, world)
+    target = positives[:, :1]
+    owned = target % world == rank
+    pos_rows = torch.where(owned, target // world, 0)
+    band = exclude_items(catalog_band(G, len(ids), queries.device), pos_rows, owned)
+    q, rows = queries.clone().requires_grad_(), items[ids].clone().requires_grad_()
+    loss, per_query = tiled_band_loss(comm, q, rows, 1 / 0.07, band, pos_rows, owned, torch.ones(G, 1), G, 4)
+    loss.backward()
+    return per_query, q.grad, rows.grad, ids
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_catalog_band_is_a_softmax_over_the_whole_catalog(world):
+    """Every item but the target is a negative: the loss is plain cross-entropy over all V logits."""
+    queries, items, positives, _ = problem()
+    q, it = queries.clone().requires_grad_(), items.clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy((q @ it.T) / 0.07, positives[:, 0], reduction="none")
+    expected.mean().backward()
+    results = run_world(catalog_loss, world)
+    for per_query, *_ in results:
+        torch.testing.assert_close(per_query, expected.detach(), rtol=1e-5, atol=1e-5)
+    # each rank's query grad covers the whole batch through the all-reduce: summed over ranks it is the total
+    torch.testing.assert_close(sum(r[1] for r in results), q.grad, rtol=1e-5, atol=1e-6)
+    row_grads = torch.zeros_like(items)
+    for r in results:
+        row_grads[r[3]] = r[2]
+    torch.testing.assert_close(row_grads, it.grad, rtol=1e-5, atol=1e-6)

@@ -38,8 +38,8 @@ COMMON = ["train.m_random=1", "train.m_gap=1", "train.m_max=4", "train.global_ba
      "model.id_temperature=0.1", "model.text_logits=cosine", "model.text_temperature=0.1",
      "train.lr_schedule=warmup_cosine", "model.text_adapter=moe"],
     ["train.method=alterrec_aug", "train.merge=allgather", "train.hard_fraction=0.5", "model.item_layernorm=true",
-     "model.text_adapter=whitening"],
-    ["train.method=nfrec_concat", "model.encoder=mean", "model.id_init=text"],
+     "model.text_adapter=whitening", "train.random_negatives=catalog"],
+    ["train.method=nfrec_concat", "model.encoder=mean", "model.id_init=text", "train.random_negatives=catalog"],
 ], ids=["aug-threshold-transformer", "aug-allgather-mixed", "nfrec"])
 def test_two_workers_compute_what_one_computes(tmp_path, overrides):
     data = tiny_dataset(tmp_path / "data")
