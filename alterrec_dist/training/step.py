@@ -1,7 +1,7 @@
 """One global batch of Algorithm 1's inner loop: the trained network's queries travel to every rank, the
 negatives (the frozen network's ranks k1..k2, mined per shard and merged, or uniform random items, or
-every item: `train.random_negatives`) and
-the positives are fixed, and the band loss is computed on each rank's shard of the item rows."""
+every item: `train.random_negatives`) and the positives are fixed, and the band loss is computed on each
+rank's shard of the item rows."""
 from __future__ import annotations
 
 import torch
