@@ -28,7 +28,8 @@ from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, load_confi
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import resolve_location
 from alterrec_dist.common.storage import Location
-from alterrec_dist.training.launch import TrainingError, check_ray_train_v2, launch_ray, launch_torchrun
+from alterrec_dist.training.launch import (TrainingError, adopt_torchrun_world, check_ray_train_v2, launch_ray,
+                                           launch_torchrun)
 from alterrec_dist.training.metric_sinks import check_mlflow
 from alterrec_dist.training.run_dir import check_dataset, check_resources, default_run_dir, open_run_dir
 
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, resume_dir = load_run_config(args)
     if args.launcher:
         cfg.trainer.launcher = args.launcher
+    if cfg.trainer.launcher == "torchrun":
+        adopt_torchrun_world(cfg)
     check_dataset(cfg)
     check_resources(cfg)
     check_mlflow()

@@ -306,6 +306,11 @@ CASES = [
         "trainer.num_workers=1", data=catalog_of(d, 200_000)),
      ["train.random_negatives = catalog: 200000 items of {d}/ds in batches of 400 on 1 workers",
       "use train.random_negatives = sampled"]),
+    # torchrun's world, not trainer.num_workers, sets the shard size: at 4 workers this would fit
+    ("train-catalog-softmax-too-large-for-torchruns-world", "train", lambda d, r: train_argv(
+        d, "train.random_negatives=catalog", "train.global_batch_size=400", "eval.batch_size=8",
+        "trainer.num_workers=4", data=catalog_of(d, 200_000), extra=("--launcher", "torchrun")),
+     ["train.random_negatives = catalog: 200000 items of {d}/ds in batches of 400 on 1 workers"]),
     ("train-has-text-wrong-shape", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
         d, lambda ds: np.save(ds / "text_features" / "has_text.npy", np.ones(V - 1, dtype=bool)))),
      ["{d}/ds/text_features/has_text.npy: array bool[", "the manifest says bool["]),

@@ -133,9 +133,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def adopt_torchrun_world(cfg: Config) -> None:
+    """Under torchrun the world is torchrun's WORLD_SIZE (1 without it), whatever trainer.num_workers says:
+    set it before the driver's checks (the catalog softmax's size depends on it) and the resolved config."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.trainer.num_workers != world:
+        cfg.trainer.num_workers = world
+        cfg.validate()
+
+
 def launch_torchrun(cfg: Config, out: str | None, resume_dir: Location | None) -> tuple[dict, Location] | None:
     """Join the torchrun process group (or make one of size 1) and run the recipe in this
-    process. Returns (summary, run_dir) on rank 0, None on the others."""
+    process; `cfg` has been through `adopt_torchrun_world`. Returns (summary, run_dir) on rank 0,
+    None on the others."""
     import torch
     import torch.distributed as dist
 
@@ -143,10 +153,6 @@ def launch_torchrun(cfg: Config, out: str | None, resume_dir: Location | None) -
     from alterrec_dist.training import recipe
 
     standalone = "WORLD_SIZE" not in os.environ
-    world = 1 if standalone else int(os.environ["WORLD_SIZE"])
-    if cfg.trainer.num_workers != world:
-        cfg.trainer.num_workers = world  # the resolved config records the world actually used
-        cfg.validate()
     backend = "nccl" if cfg.trainer.use_gpu else "gloo"
     if cfg.trainer.use_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
