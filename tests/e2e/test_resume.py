@@ -150,7 +150,8 @@ def test_no_intact_checkpoint_is_a_one_line_error(uninterrupted, tmp_path):
 @pytest.mark.timeout(600)
 def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path):
     """With nothing to learn (lr 1e-30: no update survives fp32 rounding) validation never improves on epoch 0:
-    patience 2 stops the run after epoch 2 of 6. A copy cut back to the checkpoint before the last one resumes and stops there too."""
+    patience 2 stops the run after epoch 2 of 6. A copy cut back to the checkpoint before the last one resumes
+    and stops there too."""
     data = tiny_dataset(tmp_path / "data")
     settings = ["train.method=id_only", "train.m_max=6", "train.patience=2", "train.lr_id=1e-30", "train.lr_text=1e-30",
                 "train.global_batch_size=40", "eval.batch_size=50", "model.dim=8", "model.dropout=0.0",
