@@ -56,8 +56,13 @@ def test_the_committed_grid_tunes_each_method_over_the_same_switches():
     # Round 2 tries on AlterRec's winner what lost alone against the base, the alternation's own stopping too.
     assert any(specs[i].combined.get("train.reject_worse") for i in second if specs[i].method == "alterrec")
     # RecBole's SASRec is tuned too: its own settings, one at a time, through the peer's --set.
-    sasrec = {s.run_dir.name: s.command for s in specs if s.method == "SASRec"}
+    sasrec = {s.run_dir.name: s.command for s in specs if s.method == "SASRec" and not s.combined}
     assert len(sasrec) == 7 and "SASRec-s0" in sasrec
+    # Once those have run, the switches that beat its base run together: only switches it ran one at a time.
+    singles = {(k, str(v)) for s in specs if s.method == "SASRec" and not s.combined for k, v in s.sweeps.items()}
+    for s in specs:
+        if s.method == "SASRec" and s.combined:
+            assert len(s.combined) >= 2 and {(k, str(v)) for k, v in s.combined.items()} <= singles, s.run_dir
     cmd = sasrec["SASRec-dropout=0.1-s0"]
     assert cmd[cmd.index("--set"):cmd.index("--seed")] == ["--set", "hidden_dropout_prob=0.1",
                                                             "--set", "attn_dropout_prob=0.1"]
