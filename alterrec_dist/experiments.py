@@ -4,6 +4,7 @@ driver, resumable, then the report (`docs/RESULTS.md` and its plots) from the ru
     python -m alterrec_dist.experiments --grid configs/experiments/paper.toml            # run + report
     python -m alterrec_dist.experiments --grid configs/experiments/paper.toml --report-only
     python -m alterrec_dist.experiments --grid configs/experiments/paper.toml --dry-run  # list commands
+    python -m alterrec_dist.experiments --grid configs/experiments/paper.toml --only 'scientific/alterrec-round2-*'
 
 The command line only: the machinery is in `grid/runner.py`.
 """
@@ -16,7 +17,7 @@ import sys
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.config import shown
 from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.grid.runner import expand, load_grid, prepare_datasets, run_grid, under_way
+from alterrec_dist.grid.runner import expand, load_grid, prepare_datasets, run_grid, selected, under_way
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="write the report from existing runs; train nothing")
     p.add_argument("--dry-run", action="store_true", help="print each run's state and command; run nothing")
     p.add_argument("--jobs", type=int, help="runs at once (overrides the grid's jobs)")
+    p.add_argument("--only", metavar="GLOB", help="only the runs whose directory under the grid's out matches, "
+                   "e.g. 'scientific/alterrec-round2-*': run them ahead of their turn beside another runner")
     return p
 
 
@@ -34,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs:
         grid.jobs = args.jobs
     specs = expand(grid)
+    if args.only and not any(selected(s, grid, args.only) for s in specs):
+        raise ConfigError(f"{args.grid}: --only {args.only!r} matches none of the grid's {len(specs)} runs "
+                          f"(a glob on their directories under {shown(grid.out)}: DATASET/RUN or "
+                          f"DATASET/peers/RUN, e.g. 'scientific/alterrec-round2-*')")
     if args.dry_run:
-        for s in specs:
+        for s in (s for s in specs if selected(s, grid, args.only)):
             print(f"{'done' if s.done else 'busy' if under_way(s) else 'todo'}  {shlex.join(s.command)}")
         return 0
     failed = []
@@ -44,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"(run the grid first; {shown(grid.report)} is left as it is)")
     if not args.report_only:
         prepare_datasets(grid)
-        specs, failed = run_grid(grid)
+        specs, failed = run_grid(grid, args.only)
     from alterrec_dist.grid.report import write_report  # plotting libraries only when reporting
 
     write_report(grid, specs, " ".join(["python -m alterrec_dist.experiments", *(argv or sys.argv[1:])]))

@@ -17,10 +17,13 @@ exact command is written to `command.txt` beside its results.
 Several runners may work on one grid at once (another `--jobs`, another machine on the same file system):
 a runner holds an exclusive lock on `<run dir>.lock` while it runs that run, and skips the runs whose lock
 another holds (`claim`). The OS drops the lock when its holder dies, so a killed runner blocks nothing.
+A runner given `only` (a glob on the run directories) runs those runs alone, ahead of their turn in the
+grid's order, while another runner works through the rest.
 """
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import os
 import shlex
 import shutil
@@ -409,17 +412,23 @@ def shown_command(command: list[str]) -> str:
     return shlex.join(parts)
 
 
-def run_grid(grid: Grid) -> tuple[list[RunSpec], list[RunSpec]]:
-    """Run what is not done, `grid.jobs` at a time in `run_order`; after each finished run the grid is
-    expanded again, so a combination or a chosen setting's other seeds start as soon as they are known.
-    Returns every run of the grid and the runs that failed."""
+def selected(spec: RunSpec, grid: Grid, only: str | None) -> bool:
+    """Whether the glob `only` picks the run: it matches the run's directory under the grid's `out`
+    (e.g. "scientific/alterrec-round2-*"); no glob picks every run."""
+    return only is None or fnmatch.fnmatchcase(spec.run_dir.relative_to(grid.out).as_posix(), only)
+
+
+def run_grid(grid: Grid, only: str | None = None) -> tuple[list[RunSpec], list[RunSpec]]:
+    """Run what is not done (of it, what `only` selects), `grid.jobs` at a time in `run_order`; after each
+    finished run the grid is expanded again, so a combination or a chosen setting's other seeds start as soon
+    as they are known. Returns every run of the grid and the runs that failed."""
     failed: list[RunSpec] = []
     running: dict[Future, tuple[Path, int]] = {}  # each run under way here: its directory, its claim
     with ThreadPoolExecutor(grid.jobs) as pool:
         while True:
             specs = expand(grid)
             skip = {s.run_dir for s in failed} | {d for d, _ in running.values()}
-            todo = [s for s in specs if not s.done and s.run_dir not in skip]
+            todo = [s for s in specs if not s.done and s.run_dir not in skip and selected(s, grid, only)]
             if not running:
                 if not todo:
                     return specs, failed

@@ -281,6 +281,21 @@ def test_a_run_another_runner_holds_is_left_to_it(tmp_path, capsys):
     assert sorted((tmp_path / "ran.txt").read_text().split()) == ["P-a=1-s0", "P-b=2-s0", "P-combined-s0", "P-s0"]
 
 
+def test_only_runs_the_runs_its_glob_selects_and_an_unmatched_glob_is_an_error(tmp_path, capsys):
+    """`--only` runs a part of the grid ahead of its turn (beside another runner that works through the rest)."""
+    grid_file = tiny_peer_grid(tmp_path, "methods = []")
+    specs, failed = run_grid(load_grid(grid_file), only="d/peers/P-b=*")
+    assert failed == [] and [s.run_dir.name for s in specs if s.done] == ["P-b=2-s0"]
+    assert (tmp_path / "ran.txt").read_text().split() == ["P-b=2-s0"]
+    capsys.readouterr()
+    assert main(["--grid", str(grid_file), "--dry-run", "--only", "d/peers/P-[sa]*"]) == 0
+    listed = [line.split() for line in capsys.readouterr().out.splitlines()]  # state, command ... --out RUN_DIR
+    assert [(words[0], Path(words[-1]).name) for words in listed] == [("todo", "P-s0"), ("todo", "P-a=1-s0")]
+    with pytest.raises(ConfigError, match=r"grid.toml: --only 'P-\*' matches none of the grid's 3 runs"):
+        main(["--grid", str(grid_file), "--only", "P-*"])  # the glob is on DATASET/..., not the bare name
+    assert (tmp_path / "ran.txt").read_text().split() == ["P-b=2-s0"]
+
+
 def test_two_runners_on_one_grid_share_its_runs_and_run_each_once(tmp_path, monkeypatch):
     monkeypatch.setenv("PEER_SECONDS", "1")  # long enough for both runners to be at work together
     grid_file = tiny_peer_grid(tmp_path, "methods = []")
