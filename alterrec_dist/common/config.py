@@ -59,7 +59,7 @@ class TrainConfig:
     m_random: int = 2              # Algorithm 1: epochs per network with random negatives first
     m_gap: int = 2                 # then alternate every m_gap epochs, ID first
     m_max: int = 10                # epochs in all (the paper uses 30); the ceiling with patience
-    patience: int = 0              # stop after this many epochs past the warm-up without a better eval.metric; 0: off
+    patience: int = 0              # stop after this many epochs past the warm-ups without a better eval.metric; 0: off
     reject_worse: bool = False     # beyond the paper: a phase after the warm-up that leaves its network worse on
                                    # validation (its own eval.metric) is undone, back to the phase's start
     k1: int = 20                   # hard negatives are the other network's ranks k1..k2 (0-based, k2 exclusive)

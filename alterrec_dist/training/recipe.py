@@ -47,8 +47,8 @@ from alterrec_dist.parallel.table import Placement, ShardedItemTable
 from alterrec_dist.training.checkpoint import (checked_on_rank0, checkpoint_name, find_resume_point, intact_manifest,
                                                load_checkpoint, restore_model, save_checkpoint)
 from alterrec_dist.training.metric_sinks import MetricSinks
-from alterrec_dist.training.schedule import (Phase, lr_factor, own_step, patience_exhausted, phase_first_epoch,
-                                             phase_index, phase_starts, plan, warmup_epochs)
+from alterrec_dist.training.schedule import (Phase, lr_factor, lr_ramp_epochs, own_step, patience_exhausted,
+                                             phase_first_epoch, phase_index, phase_starts, plan, warmup_epochs)
 from alterrec_dist.training.step import train_step
 from alterrec_dist.training.stepper import Stepper, build_stepper
 
@@ -161,6 +161,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     phases = plan(t.method, t.m_random, t.m_gap, t.m_max)
     warmup = warmup_epochs(t.method, t.m_random, t.m_max)
     steps_per_epoch = run.train_reader.steps_per_epoch()
+    unjudged = max(warmup, lr_ramp_epochs(phases, t.lr_schedule, t.lr_warmup, steps_per_epoch))  # by patience
     progress = resume(run, run_dir)
 
     def steps_done() -> int:
@@ -189,10 +190,10 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
         for phase in tqdm(phases[progress.epoch:], desc="epochs", initial=progress.epoch, total=len(phases),
                           disable=comm.rank != 0):
             # checked before each epoch, a resumed run included: the checkpoint holds the epoch and the best
-            if patience_exhausted(progress.epoch, progress.best.get("epoch"), t.patience, warmup):
+            if patience_exhausted(progress.epoch, progress.best.get("epoch"), t.patience, unjudged):
                 if comm.rank == 0:
                     tqdm.write(f"early stop: no better valid {part}/{metric} in the {t.patience} epochs after epoch "
-                               f"{max(progress.best['epoch'], warmup - 1)}")
+                               f"{max(progress.best['epoch'], unjudged - 1)}")
                 break
             if phase.key != prev_key:
                 prev_key = phase.key

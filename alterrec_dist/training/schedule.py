@@ -64,6 +64,22 @@ def warmup_epochs(method: str, m_random: int, m_max: int) -> int:
     return min(2 * m_random, m_max) if method_of(method).schedule == ALTERNATE else 0
 
 
+def lr_ramp_epochs(phases: list[Phase], schedule: str, warmup: float, steps_per_epoch: int) -> int:
+    """The epochs until every network's lr has ended warmup_cosine's ramp (`lr_factor` over `own_step`).
+    Early stopping does not count them either: while a network's lr still climbs, its first low-lr epoch
+    can score above the next ones (text only, seed 0: 0.042 at epoch 0, 0.027 at epoch 2, then rising),
+    and patience counted from there stopped a run that was still improving."""
+    if schedule == "constant":
+        return 0
+    end = 0
+    for net in {p.network for p in phases}:
+        mine = [p.epoch for p in phases if p.network == net]
+        ramp = math.ceil(warmup * len(mine) * steps_per_epoch)  # as lr_factor computes it, in own steps
+        if ramp:
+            end = max(end, mine[(ramp - 1) // steps_per_epoch] + 1)
+    return end
+
+
 def patience_exhausted(next_epoch: int, best_epoch: int | None, patience: int, warmup: int) -> bool:
     """Early stopping: whether `patience` epochs have ended, counted after the warm-up, since the best
     validation epoch (`best_epoch`; None if none yet) once epochs 0..next_epoch-1 are done. A

@@ -1,6 +1,7 @@
 import pytest
 
-from alterrec_dist.training.schedule import Phase, lr_factor, own_step, patience_exhausted, plan, warmup_epochs
+from alterrec_dist.training.schedule import (Phase, lr_factor, lr_ramp_epochs, own_step, patience_exhausted, plan,
+                                             warmup_epochs)
 
 I, T, F = "id", "text", "fused"
 R, H = "random", "hard"
@@ -82,6 +83,30 @@ def test_patience_does_not_count_the_warm_up():
     assert stopped_after(curve, patience=1, warmup=0) == 2
     assert stopped_after(curve, patience=1, warmup=4) == 5   # counted from the end of epoch 3
     assert stopped_after(curve, patience=2, warmup=4) == 6
+
+
+@pytest.mark.parametrize("method,m_random,spe,expected", [
+    ("text_only", 2, 66, 3),  # Scientific's text only: 0.1 * 30 * 66 = 198 steps, epochs 0..2
+    ("text_only", 2, 70, 3),  # 210 steps: epochs 0..2 again
+    ("alterrec", 2, 66, 4),   # ID: 16 own epochs, 106 steps (epochs 0, 1); text: 14, 93 steps (epochs 2, 3)
+    ("alterrec", 1, 10, 5),   # ID's own epochs 0, 2, 3, ...; text's 1, 4, 5, ...: the ramp's 2nd own epoch
+])
+def test_lr_ramp_epochs_end_where_lr_factor_leaves_its_ramp(method, m_random, spe, expected):
+    phases = plan(method, m_random, 2, 30)
+    end = lr_ramp_epochs(phases, "warmup_cosine", 0.1, spe)
+    assert end == expected
+
+    def factors(epoch: int) -> list[float]:
+        return [lr_factor("warmup_cosine", *own_step(phases, epoch, s, spe), 0.1) for s in range(spe)]
+
+    # the epoch before ends on the way up (or at the peak); from `end` on every epoch only decays
+    assert factors(end - 1)[0] < factors(end - 1)[-1]
+    assert all(f == sorted(f, reverse=True) for f in map(factors, range(end, 30)))
+
+
+def test_no_lr_ramp_without_warmup_cosine():
+    assert lr_ramp_epochs(plan("text_only", 2, 2, 30), "constant", 0.1, 66) == 0
+    assert lr_ramp_epochs(plan("text_only", 2, 2, 30), "warmup_cosine", 0.0, 66) == 0
 
 
 def test_patience_is_a_function_of_what_a_checkpoint_holds():
