@@ -381,6 +381,7 @@ def main(argv=None) -> int:
         print("error: --device cuda but no CUDA device is visible (a dry run: --device cpu --small)", file=sys.stderr)
         return 2
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)  # set_device refuses a bare "cuda" (torch 2.11)
         torch.cuda.set_device(device)
     shape = SMALL if args.small else FULL
     if args.items:
