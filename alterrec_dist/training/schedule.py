@@ -71,13 +71,12 @@ def lr_ramp_epochs(phases: list[Phase], schedule: str, warmup: float, steps_per_
     and patience counted from there stopped a run that was still improving."""
     if schedule == "constant":
         return 0
-    end = 0
-    for net in {p.network for p in phases}:
-        mine = [p.epoch for p in phases if p.network == net]
-        ramp = math.ceil(warmup * len(mine) * steps_per_epoch)  # as lr_factor computes it, in own steps
-        if ramp:
-            end = max(end, mine[(ramp - 1) // steps_per_epoch] + 1)
-    return end
+
+    def starts_in_ramp(epoch: int) -> bool:
+        done, total = own_step(phases, epoch, 0, steps_per_epoch)
+        return done < ramp_steps(warmup, total)
+
+    return max((p.epoch for p in phases if starts_in_ramp(p.epoch)), default=-1) + 1
 
 
 def patience_exhausted(next_epoch: int, best_epoch: int | None, patience: int, warmup: int) -> bool:
@@ -98,13 +97,18 @@ def own_step(phases: list[Phase], epoch: int, step: int, steps_per_epoch: int) -
     return sum(e < epoch for e in mine) * steps_per_epoch + step, len(mine) * steps_per_epoch
 
 
+def ramp_steps(warmup: float, total: int) -> int:
+    """warmup_cosine's ramp: the first ceil(warmup * total) of a network's `total` own steps."""
+    return math.ceil(warmup * total)
+
+
 def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
     """The factor on the base lr at a network's own step (0-based) of `total`: "constant" 1;
     "warmup_cosine" linear from 1/W to 1 over the first W = ceil(warmup * total) steps, then a cosine
     to 0 at the end. Stateless, so a checkpoint needs no scheduler state."""
     if schedule == "constant":
         return 1.0
-    ramp = math.ceil(warmup * total)
+    ramp = ramp_steps(warmup, total)
     if step < ramp:
         return (step + 1) / ramp
     return 0.5 * (1.0 + math.cos(math.pi * (step - ramp) / max(1, total - ramp)))
