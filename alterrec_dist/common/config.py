@@ -77,7 +77,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "constant" (the paper) or "warmup_cosine" over each network's own steps
     lr_warmup: float = 0.1         # warmup_cosine: share of the network's own steps spent ramping up
     seed: int = 0
-    checkpoint_every: int = 0      # steps between training checkpoints (also one at each phase end); 0: none
+    checkpoint_every: int = 0      # steps between mid-epoch training checkpoints (each epoch ends with one); 0: none
     log_every: int = 10            # steps between per-step losses to TensorBoard/MLflow (one host read each); 0: none
 
 

@@ -46,8 +46,6 @@ def checkpoint_name(epoch: int, step: int) -> str:
     return f"e{epoch:05d}-s{step:07d}"
 
 
-PHASE_END = checkpoint_name(0, 0)[-9:]  # "-s0000000": only the checkpoint at a phase's end is taken between epochs
-
 
 def restore_model(checkpoint: Location | None, model_dir: Location) -> None:
     """Make `model_dir` the best model that `checkpoint` recorded, or remove it if there was none yet:
@@ -66,15 +64,15 @@ def restore_model(checkpoint: Location | None, model_dir: Location) -> None:
 # -- training checkpoints ----------------------------------------------------------------------
 
 def save_checkpoint(comm, store: Location, name: str, networks: dict, table, steppers: dict, meta: dict,
-                    model_dir: Location) -> Location:
-    """Write checkpoint `name` into `store` (collective), then keep only the newest KEEP there.
-    Returns its directory."""
+                    model_dir: Location, pinned: str | None = None) -> Location:
+    """Write checkpoint `name` into `store` (collective), then keep only the newest KEEP there and the
+    one named `pinned`. Returns its directory."""
     target = store / name
     publish(comm, target, (rank_file(comm.rank, comm.world), _rank_state(table, steppers)),
             {"networks.pt": {n: net.state_dict() for n, net in networks.items()}},
             {**meta, "num_items": table.num_items}, model_dir)
     if comm.rank == 0:
-        prune(store, KEEP)
+        prune(store, KEEP, pinned)
     return target
 
 
@@ -110,12 +108,13 @@ def join_row_state(rest: dict, moments: dict) -> dict:
     return {**rest, "state": {0: {**rest["state"][0], **moments}}} if moments else rest
 
 
-def prune(store: Location, keep: int) -> None:
-    """Remove everything in `store` but its newest `keep` checkpoints and the newest one taken at a phase's
-    end, which `train.reject_worse` goes back to (older ones, the temp directories of saves that were killed
-    and, in a store, checkpoints whose upload was cut short)."""
+def prune(store: Location, keep: int, pinned: str | None = None) -> None:
+    """Remove everything in `store` but its newest `keep` checkpoints and the one named `pinned` (the
+    recipe pins the checkpoint its phase in progress began from, which `train.reject_worse` goes back to):
+    older ones, the temp directories of saves that were killed and, in a store, checkpoints whose upload
+    was cut short."""
     found = checkpoints(store)
-    kept = set(found[-keep:] + [p for p in found if p.name.endswith(PHASE_END)][-1:])
+    kept = set(found[-keep:] + [p for p in found if p.name == pinned])
     for p in store.iterdir():
         if p not in kept:
             storage.remove_tree(p)

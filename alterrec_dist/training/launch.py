@@ -53,13 +53,13 @@ def ray_worker(loop_config: dict) -> None:
     ray.train.report({"summary": summary})
 
 
-def _report_to_ray(metrics: dict, checkpoint: Location | None) -> None:
+def _report_to_ray(metrics: dict, checkpoint: Location) -> None:
     """`ray.train.report` from every rank (it is a barrier), with the checkpoint directory registered
     where it lies: it is inside Ray's experiment directory (the run directory, local or a store URI),
     so nothing is copied."""
     import ray.train
 
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(checkpoint)) if checkpoint else None,
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(checkpoint)),
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 

@@ -11,7 +11,7 @@
             every train.log_every steps: the loss to TensorBoard (and MLflow)
             every train.checkpoint_every steps: a training checkpoint
         evaluate id, text and fused on validation; test and save the model when validation improves
-        at the end of each phase: a training checkpoint
+        at the end of each epoch: a training checkpoint
 
 A run starts from the newest intact checkpoint in RUN_DIR/checkpoints, if any (see `resume`).
 
@@ -133,8 +133,8 @@ def assemble_run(cfg: Config, comm: Comm, num_items: int, text_dim: int,
                k2=capped_k2(t.k2, num_items))
 
 
-# How the workers hand Ray a result: report(metrics, checkpoint directory or None); None under torchrun.
-Report = Callable[[dict, Location | None], None]
+# How the workers hand Ray a result: report(metrics, the checkpoint just taken); None under torchrun.
+Report = Callable[[dict, Location], None]
 
 
 @dataclass
@@ -152,7 +152,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     """Train by the plan, validate every epoch, test and save the model at the best; rank 0 writes the
     run files and the metrics (`MetricSinks`). Starts from the newest intact checkpoint in
     RUN_DIR/checkpoints when there is one (a `--resume`, or Ray restarting the workers after a failure)
-    and takes one at the end of every phase and every `train.checkpoint_every` steps."""
+    and takes one at the end of every epoch and every `train.checkpoint_every` steps."""
     run = build_run(cfg, Comm())
     comm, t = run.comm, cfg.train
     run_dir = storage.location(run_dir)
@@ -170,11 +170,14 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     def checkpoint(metrics: dict) -> None:
         read_logs(progress.steps)
         done = len(progress.steps)
+        # the checkpoint the phase in progress began from outlives the newer ones: reject_worse goes back to it
+        phase_start = (checkpoint_name(phase_first_epoch(phases, progress.epoch), 0)
+                       if progress.epoch < len(phases) else None)
         path = save_checkpoint(comm, run_dir / "checkpoints", checkpoint_name(progress.epoch, done), run.networks,
                                run.table, run.steppers,
                                {**asdict(progress), "step": done, "phase": phase_index(phases, progress.epoch),
                                 "global_step": steps_done(), "method": t.method},
-                               run_dir / "model")
+                               run_dir / "model", pinned=phase_start)
         if report is not None:
             report(metrics, path)
 
@@ -236,11 +239,9 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
                     tqdm.write(f"phase rejected: valid {phase.network}/{metric} {valid[phase.network][metric]:.4f} "
                                f"< {progress.phase_before:.4f} at its start; {phase.network} goes back to it")
             progress.epoch, progress.steps, progress.log_lines = phase.epoch + 1, [], progress.log_lines + 1
-            metrics = {k: v for k, v in line.items() if k != "valid"} | {f"valid_{part}_{metric}": valid[part][metric]}
-            if phase_ends:
-                checkpoint(metrics)
-            elif report is not None:
-                report(metrics, None)
+            # every epoch, not at phase ends only: a lone network's run is one phase of m_max epochs
+            checkpoint({k: v for k, v in line.items() if k != "valid"}
+                       | {f"valid_{part}_{metric}": valid[part][metric]})
     best = progress.best
     summary = {
         "best_epoch": best["epoch"],
@@ -299,8 +300,8 @@ def keep_lines(path: Location, n: int) -> None:
 
 def undo_phase(run: Run, store: Location, first_epoch: int) -> None:
     """`train.reject_worse`: every rank takes back its state from the checkpoint taken when the phase began
-    (at the previous phase's end; `checkpoint.prune` keeps it). The other network was frozen for the whole
-    phase, so only the phase's network (rows, dense weights, optimizer state) changes, and the RNG goes back
+    (at the previous phase's end; `checkpoint.prune` keeps it, pinned). The other network was frozen for the
+    whole phase, so only the phase's network (rows, dense weights, optimizer state) changes, and the RNG goes back
     with it: a resumed run rejects the same way. Its files are checked against their sha256 first: a damaged
     one is a one-line DataError naming it, not a silently different network."""
     start = store / checkpoint_name(first_epoch, 0)

@@ -150,12 +150,12 @@ def test_no_intact_checkpoint_is_a_one_line_error(uninterrupted, tmp_path):
 @pytest.mark.timeout(600)
 def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path):
     """With nothing to learn (lr 1e-30: no update survives fp32 rounding) validation never improves on epoch 0:
-    patience 2 stops the run after epoch 2 of 6. A copy cut back to the checkpoint before the last one resumes
-    and stops there too."""
+    patience 2 stops the run after epoch 2 of 6. A lone network's run is one phase, yet every epoch ended with a
+    checkpoint; a copy cut back to the one before the last resumes and stops there too."""
     data = tiny_dataset(tmp_path / "data")
     settings = ["train.method=id_only", "train.m_max=6", "train.patience=2", "train.lr_id=1e-30", "train.lr_text=1e-30",
                 "train.global_batch_size=40", "eval.batch_size=50", "model.dim=8", "model.dropout=0.0",
-                "train.checkpoint_every=1", f"data.path={data}"]
+                f"data.path={data}"]
     whole = tmp_path / "whole"
     r = torchrun(1, ["--out", str(whole), *sets(settings)], tmp_path)
     summary, log = results(whole)
@@ -164,6 +164,7 @@ def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path):
     cut = tmp_path / "cut"
     shutil.copytree(whole, cut)
     newest, older = sorted((cut / "checkpoints").iterdir(), reverse=True)
+    assert (newest.name, older.name) == ("e00003-s0000000", "e00002-s0000000")
     shutil.rmtree(newest)
     r = torchrun(1, ["--resume", str(cut)], tmp_path)
     assert f"resuming from {older}" in r.stdout + r.stderr

@@ -99,16 +99,16 @@ def test_newest_good_checkpoint_and_fallback(tmp_path, capsys):
     assert "\n" not in str(e.value)
 
 
-def test_prune_keeps_the_newest_and_the_last_phase_end(tmp_path):
-    """The checkpoint at the last phase's end (step 0 of the next epoch) is the one a rejected phase
-    (train.reject_worse) goes back to, however many mid-epoch ones came after it."""
+def test_prune_keeps_the_newest_and_the_pinned_one(tmp_path):
+    """The checkpoint the phase in progress began from (pinned by the recipe) is the one a rejected phase
+    (train.reject_worse) goes back to: it outlives however many epoch-end and mid-epoch ones came after it."""
     store = tmp_path / "checkpoints"
-    made = [fake_checkpoint(store, e, s) for e, s in ((0, 5), (1, 0), (1, 5), (1, 10), (2, 3))]
+    made = [fake_checkpoint(store, e, s) for e, s in ((0, 5), (1, 0), (1, 5), (2, 0), (2, 3))]
     (store / ".e00002-s0000000.tmp").mkdir()
-    prune(store, KEEP)
+    prune(store, KEEP, pinned="e00001-s0000000")
     assert sorted(store.iterdir()) == [made[1], *made[-KEEP:]]
     fake_checkpoint(store, 3, 0)
-    prune(store, KEEP)
+    prune(store, KEEP)  # nothing pinned (the plan's end)
     assert [p.name for p in sorted(store.iterdir())] == ["e00002-s0000003", "e00003-s0000000"]
 
 
