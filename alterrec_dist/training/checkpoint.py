@@ -46,7 +46,6 @@ def checkpoint_name(epoch: int, step: int) -> str:
     return f"e{epoch:05d}-s{step:07d}"
 
 
-
 def restore_model(checkpoint: Location | None, model_dir: Location) -> None:
     """Make `model_dir` the best model that `checkpoint` recorded, or remove it if there was none yet:
     a model saved after the checkpoint belongs to training that is being redone."""
