@@ -171,8 +171,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
         read_logs(progress.steps)
         done = len(progress.steps)
         # the checkpoint the phase in progress began from outlives the newer ones: reject_worse goes back to it
-        phase_start = (checkpoint_name(phase_first_epoch(phases, progress.epoch), 0)
-                       if progress.epoch < len(phases) else None)
+        phase_start = phase_start_checkpoint(phases, progress.epoch) if progress.epoch < len(phases) else None
         path = save_checkpoint(comm, run_dir / "checkpoints", checkpoint_name(progress.epoch, done), run.networks,
                                run.table, run.steppers,
                                {**asdict(progress), "step": done, "phase": phase_index(phases, progress.epoch),
@@ -233,7 +232,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
                 tqdm.write(f"epoch {phase.epoch:3d} {phase.network:5s} {phase.negatives:6s} loss {losses['loss']:.4f} "
                            f"valid {part}/{metric} {valid[part][metric]:.4f} ({line['sessions_per_s']:.0f} sessions/s)")
             if rejected:
-                undo_phase(run, run_dir / "checkpoints", phase_first_epoch(phases, phase.epoch))
+                undo_phase(run, run_dir / "checkpoints" / phase_start_checkpoint(phases, phase.epoch))
                 progress.own[phase.network] = progress.phase_before
                 if comm.rank == 0:
                     tqdm.write(f"phase rejected: valid {phase.network}/{metric} {valid[phase.network][metric]:.4f} "
@@ -298,13 +297,18 @@ def keep_lines(path: Location, n: int) -> None:
             atomic_write_bytes(path, "".join(lines[:n]).encode())
 
 
-def undo_phase(run: Run, store: Location, first_epoch: int) -> None:
-    """`train.reject_worse`: every rank takes back its state from the checkpoint taken when the phase began
-    (at the previous phase's end; `checkpoint.prune` keeps it, pinned). The other network was frozen for the
-    whole phase, so only the phase's network (rows, dense weights, optimizer state) changes, and the RNG goes back
-    with it: a resumed run rejects the same way. Its files are checked against their sha256 first: a damaged
-    one is a one-line DataError naming it, not a silently different network."""
-    start = store / checkpoint_name(first_epoch, 0)
+def phase_start_checkpoint(phases: list[Phase], epoch: int) -> str:
+    """The name of the checkpoint that the phase `epoch` is in began from: the one taken at the end of the
+    epoch before it (step 0 of its first epoch)."""
+    return checkpoint_name(phase_first_epoch(phases, epoch), 0)
+
+
+def undo_phase(run: Run, start: Location) -> None:
+    """`train.reject_worse`: every rank takes back its state from `start`, the checkpoint the phase began
+    from (`phase_start_checkpoint`; `checkpoint.prune` keeps it, pinned). The other network was frozen for the
+    whole phase, so only the phase's network (rows, dense weights, optimizer state) changes, and the RNG goes
+    back with it: a resumed run rejects the same way. Its files are checked against their sha256 first: a
+    damaged one is a one-line DataError naming it, not a silently different network."""
     manifest = checked_on_rank0(run.comm, lambda: intact_manifest(start))
     load_checkpoint(run.comm, start, manifest, run.networks, run.table, run.steppers)
 

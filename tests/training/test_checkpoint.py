@@ -95,7 +95,7 @@ def train_then_undo(rank, world, data_path, store, damage):
         shard.write_bytes(shard.read_bytes()[:-10])
     run.comm.barrier()
     try:
-        undo_phase(run, Path(store), 1)
+        undo_phase(run, Path(store) / checkpoint_name(1, 0))
     except DataError as e:
         return None, str(e)
     return torch.equal(run.table.x, rows), None
