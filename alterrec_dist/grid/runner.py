@@ -335,18 +335,22 @@ def candidate_runs(d: DatasetGrid, name: str, specs: list[RunSpec], template: Ru
 
 
 def confirm_runs(d: DatasetGrid, method: str, specs: list[RunSpec]) -> list[RunSpec]:
-    """The chosen sweep point on the seeds it has not run on (none until the choice is made)."""
+    """The chosen sweep point on the seeds it has not run on (none until the choice is made), and any other
+    candidate's runs on those seeds that have finished: a former choice's, which a later round replaced,
+    stay in the grid (and its report) rather than drop out of it."""
     choice = choose(specs, d, method)
-    if choice is None or choice.runs[0].role != "sweep":
-        return []
-    template, have = choice.runs[0], {s.seed for s in choice.runs}
-    stem = template.run_dir.name.rsplit("-s", 1)[0]
     runs = []
-    for seed in (s for s in d.seeds if s not in have):
-        run_dir = template.run_dir.with_name(f"{stem}-s{seed}")
-        runs.append(sweep_run(d, method, template.label, seed, run_dir, template.extra,
-                              sweeps=dict(template.sweeps), combined=dict(template.combined),
-                              tuning_round=template.tuning_round))
+    for label, cands in candidates(specs, d, method).items():
+        if not cands or cands[0].role != "sweep":  # the base runs every seed already
+            continue
+        template, have = cands[0], {s.seed for s in cands}
+        stem = template.run_dir.name.rsplit("-s", 1)[0]
+        for seed in (s for s in d.seeds if s not in have):
+            run = sweep_run(d, method, template.label, seed, template.run_dir.with_name(f"{stem}-s{seed}"),
+                            template.extra, sweeps=dict(template.sweeps), combined=dict(template.combined),
+                            tuning_round=template.tuning_round)
+            if (choice and label == choice.chosen) or run.done:
+                runs.append(run)
     return runs
 
 

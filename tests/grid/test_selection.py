@@ -136,12 +136,16 @@ def test_round_two_tries_each_switch_the_winner_lacks_on_top_of_it_and_the_choic
     assert "train.patience=3" in on_top.command
     finish(other, 0.063)
     assert choose(specs + [other, on_top], d, "alterrec").runs == [both]  # round 1's winner until round 2 is whole
-    assert [s.run_dir.name for s in confirm_runs(d, "alterrec", specs + [other, on_top])] == ["alterrec-combined-s1"]
+    [former] = confirm_runs(d, "alterrec", specs + [other, on_top])
+    assert former.run_dir.name == "alterrec-combined-s1"
+    finish(former, 0.065)
     finish(on_top, 0.068)
     choice = choose(specs + [other, on_top], d, "alterrec")
     assert choice.chosen == "round 2 (train.m_max = 30, train.m_gap = 1, train.patience = 3)"
     assert choice.scores["combined (train.m_max = 30, train.m_gap = 1)"] == 0.066 and choice.runs == [on_top]
-    [more] = confirm_runs(d, "alterrec", specs + [other, on_top])
+    # the new choice's other seed is added; the former choice's finished one stays in the grid, not rerun
+    kept, more = confirm_runs(d, "alterrec", specs + [other, on_top])
+    assert (kept.run_dir.name, kept.done) == ("alterrec-combined-s1", True)
     assert (more.run_dir.name, more.tuning_round, more.extra) == ("alterrec-round2-patience=3-s1", 2, on_top.extra)
     assert not second_round_runs(grid(select=d.select, select_seeds=[0], combine=True), "alterrec", specs)
 
