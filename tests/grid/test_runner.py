@@ -17,11 +17,13 @@ from alterrec_dist.common.config import load_config
 from alterrec_dist.grid.runner import expand, load_grid, method_config, run_grid, shown_command
 from alterrec_dist.grid.selection import choose
 
-# What a method's config refuses or ignores, and so is not one of its switches.
+# What a method's config refuses or ignores, and so is not one of its switches: a key, or one point of it. AlterRec's
+# two networks each take a logit form of their own; ID only's and text only's one network has it as `cosine`.
+PER_NETWORK = {"logits=id_cosine", "logits=text_cosine"}
 NOT_THEIRS = {  # (train.method and train.reject_worse: AlterRec's own switches, which no other method has)
     "nfrec_sum": {"logits", "train.method", "train.reject_worse"},  # one fused network: no per-network cosine logits
-    "id_only": {"model.text_adapter", "train.method", "train.reject_worse"},
-    "text_only": {"model.id_init", "train.method", "train.reject_worse"},
+    "id_only": {"model.text_adapter", "train.method", "train.reject_worse", *PER_NETWORK},
+    "text_only": {"model.id_init", "train.method", "train.reject_worse", *PER_NETWORK},
     "alterrec": set(),
 }
 
@@ -41,8 +43,10 @@ def test_the_committed_grid_tunes_each_method_over_the_same_switches():
             points[s.method] |= {(k, str(v)) for k, v in s.sweeps.items() if k in d.select}
     everything = points["alterrec"]
     for method, skipped in NOT_THEIRS.items():
-        assert points[method] == {(k, v) for k, v in everything if k not in skipped}, method
-    assert len(everything) == 13 and set(d.select) == {k for k, _ in everything}
+        theirs = {(k, v) for k, v in everything if k not in skipped and f"{k}={v}" not in skipped}
+        assert points[method] == theirs, method
+    assert len(everything) == 15 and {f"{k}={v}" for k, v in everything} > PER_NETWORK
+    assert set(d.select) == {k for k, _ in everything}
     # The base runs have every seed; seeds 1-2 of a chosen switch come once seed 0 has been compared.
     assert {s.seed for s in specs if s.role == "method" and s.method == "id_only"} == {0, 1, 2}
     # Run order: each tuned method's seed-0 candidates and its chosen setting's other seeds, method by method
