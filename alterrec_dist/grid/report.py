@@ -26,7 +26,7 @@ from alterrec_dist.common.config import PROJECT_ROOT, read_toml, shown  # noqa: 
 from alterrec_dist.common.files import atomic_write_bytes  # noqa: E402
 from alterrec_dist.common.methods import METHODS, selection_part  # noqa: E402
 from alterrec_dist.grid.runner import as_toml  # noqa: E402
-from alterrec_dist.grid.selection import choose, combined_label, round_two_progress  # noqa: E402
+from alterrec_dist.grid.selection import choose, combined_label, round_progress  # noqa: E402
 
 TABLE_METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20")
 TARGET_GAIN = 0.05
@@ -182,7 +182,7 @@ def choice_table(choices: list) -> list[str]:
     """Each method's candidates on validation, the chosen one, and the overrides that make it (what a
     config such as configs/scientific.toml takes over)."""
     lines = ["| method | validation score on the selection seeds: base, each switch alone, the helpful ones together, "
-             "round 2 (the winner with one more switch) | chosen | its overrides |", "|---|---|---|---|"]
+             "each later round (the winner so far with one more switch) | chosen | its overrides |", "|---|---|---|---|"]
     for c in choices:
         overrides = " ".join(f"`{o}`" for o in c.runs[0].extra) or "none"
         lines.append(f"| {method_label(c.method)} | " + ", ".join(f"{v}: {x:.4f}" for v, x in c.scores.items())
@@ -190,14 +190,16 @@ def choice_table(choices: list) -> list[str]:
     return lines
 
 
-def round_two_note(specs: list, d, names: list[str]) -> list[str]:
-    """Which choices round 2 may still change: the methods and peers whose round 2 has not finished."""
-    progress = {name: round_two_progress(specs, d, name) for name in names}
-    pending = [f"{method_label(name)} {done} of {total}" for name, (done, total) in progress.items() if done < total]
+def rounds_note(specs: list, d, names: list[str]) -> list[str]:
+    """Which choices a round under way may still change: the methods and peers whose latest round has not
+    finished (so that methods compared at different rounds are seen to be)."""
+    progress = {name: round_progress(specs, d, name) for name in names}
+    pending = [f"{method_label(name)} round {n}, {done} of {total}"
+               for name, (n, done, total) in progress.items() if done < total]
     if not pending:
         return []
-    return [f"Round 2 under way (its runs finished so far): {', '.join(pending)}. Until a method's round 2 has "
-            "finished, its round-1 winner above stands and Table 1 reports it.", ""]
+    return [f"Rounds under way (their runs finished so far): {'; '.join(pending)}. Until a method's latest round "
+            "has finished, the winner of its rounds before stands and Table 1 reports it.", ""]
 
 
 # -- figures -----------------------------------------------------------------------------------
@@ -372,7 +374,7 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
     if choices:
         lines += [f"Chosen on validation (seeds {d.select_seeds or d.seeds}: mean of each run's own selection "
                   "metric; Table 1 and the figures use the chosen setting's runs on every seed):", ""]
-        lines += choice_table(choices) + [""] + round_two_note(specs, d, [c.method for c in choices])
+        lines += choice_table(choices) + [""] + rounds_note(specs, d, [c.method for c in choices])
     g = gains(methods, peers, d.anchors)
     if g:
         lines += ["Fused AlterRec relative to each of the others (means over seeds; the target is ≥ +5 % over ID "

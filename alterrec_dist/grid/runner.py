@@ -2,8 +2,8 @@
 method x dataset x seed (plus sweeps and peer baselines), each through the normal driver.
 
 Tuning (a dataset's `select` keys): each method's sweeps over them run on the selection seeds
-(`select_seeds`), then (`combine`) the switches that helped together, then (`refine`) round 2: the winner
-with each other switch on top. Once a round has finished, the setting chosen on validation
+(`select_seeds`), then (`combine`) the switches that helped together, then (`rounds`) further rounds: the
+winner so far with each other switch on top. Once a round has finished, the setting chosen on validation
 (grid/selection.py) runs on the dataset's other seeds too, so the chosen settings are reported over every seed.
 
 A run is done when its directory holds `summary.json` (a peer: `result.json`). The paper grid's
@@ -36,7 +36,8 @@ from pathlib import Path
 
 from alterrec_dist.common.config import PROJECT_ROOT, load_config, read_toml, shown
 from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.grid.selection import candidates, choose, helpful_switches, second_round, selection_seeds
+from alterrec_dist.grid.selection import (candidates, choose, choose_after, helpful_switches, next_round,
+                                          selection_seeds)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class RunSpec:
     sweeps: dict[str, object] = field(default_factory=dict)  # swept key -> this run's value (several if shared)
     extra: list[str] = field(default_factory=list)            # the --set overrides of its sweep point
     combined: dict[str, object] = field(default_factory=dict)  # a combined candidate: its switches, key -> value
-    tuning_round: int = 1      # 2: a second-round candidate (the round-1 winner with one more switch)
+    tuning_round: int = 1      # n >= 2: a round-n candidate (the winner so far with one more switch)
 
     @property
     def done(self) -> bool:
@@ -86,7 +87,7 @@ class DatasetGrid:
     select_seeds: list[int] = field(default_factory=list)  # seeds the select sweeps run on; empty: all
     tuned: list[str] = field(default_factory=list)  # methods a sweep without method(s) tunes; empty: all
     combine: bool = False  # also try, per method and peer, the switches that beat its base, together
-    refine: bool = False   # then a second round: the winner with each switch it lacks on top, one at a time
+    rounds: int = 1        # up to this many rounds: each after the first, the winner with one more switch
 
 
 @dataclass
@@ -114,7 +115,7 @@ def load_grid(path: str | Path) -> Grid:
                 note=d.get("note", ""), sweeps=d.get("sweep", []), peers=d.get("peer", []),
                 anchors=d.get("anchor", []), select=d.get("select", []), select_seeds=d.get("select_seeds", []),
                 tuned=d.get("tuned", []), combine=d.get("combine", False),
-                refine=d.get("refine", False)))
+                rounds=int(d.get("rounds", 1))))
         except KeyError as e:
             raise ConfigError(f"{path}: [[dataset]] entry misses key {e}") from None
     if not datasets:
@@ -221,7 +222,7 @@ def expand(grid: Grid) -> list[RunSpec]:
         for method in d.methods:
             for spec in combined_runs(d, method, list(specs.values())):
                 specs.setdefault(spec.run_dir, spec)
-            for spec in second_round_runs(d, method, list(specs.values())):
+            for spec in refined_runs(d, method, list(specs.values())):
                 specs.setdefault(spec.run_dir, spec)
         for method in d.methods:
             for spec in confirm_runs(d, method, list(specs.values())):
@@ -236,7 +237,7 @@ def expand(grid: Grid) -> list[RunSpec]:
                                               sweeps={key: value} if sets else {})
             for spec in combined_runs(d, peer["name"], list(specs.values()), cmd):
                 specs.setdefault(spec.run_dir, spec)
-            for spec in second_round_runs(d, peer["name"], list(specs.values()), cmd):
+            for spec in refined_runs(d, peer["name"], list(specs.values()), cmd):
                 specs.setdefault(spec.run_dir, spec)
     return run_order(grid, list(specs.values()))
 
@@ -248,7 +249,7 @@ def run_order(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
          is chosen, the chosen setting's other seeds, so the first method's result is whole as early as it
          can be, before the next method starts;
       1. the peers: their candidates (or their one run) and chosen runs;
-      2. round 2 (`refine`), methods then peers, each with its chosen setting's other seeds;
+      2. the later rounds (`rounds`), methods then peers, each with its chosen setting's other seeds;
       3. the rest: the sensitivity sweeps, untuned methods, base runs on seeds no choice needs.
     Datasets in the grid's order within each. `run_grid` re-reads it after each finished run."""
     place: dict[Path, tuple[int, int]] = {}  # run -> (group, 0 candidate | 1 chosen setting's other seed)
@@ -263,10 +264,10 @@ def run_order(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
             seeds = selection_seeds(cands, d)
             for runs in cands.values():
                 for s in runs:
-                    place.setdefault(s.run_dir, (2 if s.tuning_round == 2 else group, 0) if s.seed in seeds else (3, 0))
+                    place.setdefault(s.run_dir, (2 if s.tuning_round > 1 else group, 0) if s.seed in seeds else (3, 0))
             choice = choose(specs, d, name)
             for s in choice.runs if choice else []:
-                place[s.run_dir] = min(place[s.run_dir], (2 if s.tuning_round == 2 else group, 1))
+                place[s.run_dir] = min(place[s.run_dir], (2 if s.tuning_round > 1 else group, 1))
     datasets = [d.name for d in grid.datasets]
 
     def key(s: RunSpec) -> tuple:
@@ -299,20 +300,24 @@ def combined_runs(d: DatasetGrid, name: str, specs: list[RunSpec], peer_command:
     return candidate_runs(d, name, specs, switches[0][2], f"{name}-combined", extra, combined, 1, peer_command)
 
 
-def second_round_runs(d: DatasetGrid, name: str, specs: list[RunSpec], peer_command: list[str] = ()) -> list[RunSpec]:
-    """With `refine`: round 2's candidates on the selection seeds (grid/selection.py `second_round`), one per
-    switch the round-1 winner lacks; none until round 1 is chosen, its combination included."""
+def refined_runs(d: DatasetGrid, name: str, specs: list[RunSpec], peer_command: list[str] = ()) -> list[RunSpec]:
+    """Rounds 2..`rounds`' candidates on the selection seeds (grid/selection.py `next_round`), one per switch
+    the winner so far lacks; a round's none until the rounds before it have finished, round 1's combination
+    included."""
     known = {s.run_dir for s in specs}
     if any(s.run_dir not in known for s in combined_runs(d, name, specs, peer_command)):
         return []
-    settings = second_round(specs, d, name) if d.refine else None
-    if not settings:
-        return []
-    winner = choose(specs, d, name, last_round=1).runs[0]
-    return [run for key, value, setting, extra in settings
-            for run in candidate_runs(d, name, specs, winner,
-                                      f"{name}-round2-{point_name(key, value)}",
-                                      extra, setting, 2, peer_command)]
+    runs: list[RunSpec] = []
+    for n in range(2, d.rounds + 1):
+        so_far = [*specs, *runs]
+        settings = next_round(so_far, d, name, n)
+        if not settings:
+            break
+        winner = choose_after(so_far, d, name, n - 1).runs[0]
+        runs += [run for key, value, setting, extra in settings
+                 for run in candidate_runs(d, name, so_far, winner, f"{name}-round{n}-{point_name(key, value)}",
+                                           extra, setting, n, peer_command)]
+    return runs
 
 
 def candidate_runs(d: DatasetGrid, name: str, specs: list[RunSpec], template: RunSpec, stem: str, extra: list[str],

@@ -4,13 +4,14 @@ other seeds) and the report (which reports the chosen runs) both follow.
 A method's candidates are its base runs and each point of its sweeps over the dataset's `select`
 keys (one switch at a time from the base config); a peer's are its base runs and each point of its
 own sweeps. Where the grid sets `combine`, one more candidate joins the switches that beat the base:
-per key, its best point. That is round 1. Where the grid sets `refine`, round 2 starts from round 1's
-winner and tries each switch it lacks on top of it, one at a time (a switch that lost alone against the
-base may still help the winner: `train.reject_worse` did for AlterRec's Transformer, in a probe).
+per key, its best point. That is round 1. Where the grid sets `rounds` above 1, each further round starts
+from the winner so far and tries each switch it lacks on top of it, one at a time (a switch that lost alone
+against the base may still help the winner: `train.reject_worse` did for AlterRec's Transformer, in a
+probe); the rounds stop early once one leaves the winner unchanged (the next would repeat it).
 Candidates are compared on the selection seeds (the dataset's `select_seeds`, else all its seeds, that
 the base runs have) by the mean of the validation score each run chose its own epoch on. Nothing is
 chosen from a round until every candidate of it has finished, so a half-run grid cannot flatter one;
-until round 2 has finished, round 1's winner stands. Test metrics are never read here.
+until a round has finished, the winner of the rounds before it stands. Test metrics are never read here.
 """
 from __future__ import annotations
 
@@ -53,16 +54,18 @@ def switch_points(ours: list, d) -> dict[tuple[str, object], list]:
 
 
 def combined_label(spec) -> str:
-    """A combination's label: round 1's helpful switches together, or a round-2 setting (the winner's
+    """A combination's label: round 1's helpful switches together, or a later round's setting (the winner's
     switches, then the one tried on top)."""
-    name = "combined" if spec.tuning_round == 1 else "round 2"
+    name = "combined" if spec.tuning_round == 1 else f"round {spec.tuning_round}"
     return f"{name} (" + ", ".join(f"{k} = {v}" for k, v in spec.combined.items()) + ")"
 
 
-def candidates(specs: list, d, method: str, last_round: int = 2) -> dict[str, list]:
+def candidates(specs: list, d, method: str, last_round: int | None = None) -> dict[str, list]:
     """Candidate label -> its runs: the base runs (no overrides), each single switch, then the helpful
-    switches combined, then round 2's settings (once the runner has added those runs), up to `last_round`."""
-    ours = [s for s in specs if s.dataset == d.name and s.method == method and s.tuning_round <= last_round]
+    switches combined, then the later rounds' settings (once the runner has added those runs), up to
+    `last_round` (None: every round)."""
+    ours = [s for s in specs if s.dataset == d.name and s.method == method
+            and (last_round is None or s.tuning_round <= last_round)]
     base = [s for s in ours if not s.extra]
     shown = ", ".join(f"{k} = {base[0].sweeps[k]}" for k in d.select if base and k in base[0].sweeps)
     out = {f"{BASE} ({shown})" if shown else BASE: base}
@@ -89,26 +92,41 @@ def mean_scores(cands: dict[str, list], seeds: list[int]) -> dict[str, float] | 
     return scores
 
 
-def choose(specs: list, d, name: str, last_round: int = 2) -> Choice | None:
-    """The candidate of a method or peer best on validation over its rounds up to `last_round` that have
-    finished, or None (nothing to choose, or round 1 not all finished)."""
-    for rounds in range(last_round, 0, -1):
-        cands = candidates(specs, d, name, rounds)
-        seeds = selection_seeds(cands, d)
-        if len(cands) < 2 or not seeds:
-            return None
-        scores = mean_scores(cands, seeds)
-        if scores is not None:
-            chosen = max(scores, key=scores.get)
-            return Choice(name, scores, chosen, sorted(cands[chosen], key=lambda s: s.seed))
+def last_round(specs: list, d, name: str) -> int:
+    """The latest tuning round a method or peer has runs of (1 before any refinement)."""
+    return max((s.tuning_round for s in specs if s.dataset == d.name and s.method == name), default=1)
+
+
+def choose_after(specs: list, d, name: str, rounds: int) -> Choice | None:
+    """The candidate best on validation over rounds 1..`rounds`, or None until every one of them has finished
+    on the selection seeds (or with nothing to choose from)."""
+    cands = candidates(specs, d, name, rounds)
+    seeds = selection_seeds(cands, d)
+    scores = mean_scores(cands, seeds) if len(cands) > 1 and seeds else None
+    if scores is None:
+        return None
+    chosen = max(scores, key=scores.get)
+    return Choice(name, scores, chosen, sorted(cands[chosen], key=lambda s: s.seed))
+
+
+def choose(specs: list, d, name: str) -> Choice | None:
+    """The candidate of a method or peer best on validation over the rounds that have finished (a round
+    under way leaves the winner of those before it standing), or None (round 1 not all finished)."""
+    for rounds in range(last_round(specs, d, name), 0, -1):
+        choice = choose_after(specs, d, name, rounds)
+        if choice is not None:
+            return choice
     return None
 
 
-def round_two_progress(specs: list, d, name: str) -> tuple[int, int]:
-    """(finished, all) of a method's or peer's round-2 runs on the selection seeds; (0, 0) before round 2."""
+def round_progress(specs: list, d, name: str) -> tuple[int, int, int]:
+    """(round, finished, all) of a method's or peer's latest round's runs on the selection seeds; round 1's
+    count is (1, 0, 0): only the later rounds are under way while an earlier winner stands."""
+    n = last_round(specs, d, name)
     seeds = selection_seeds(candidates(specs, d, name), d)
-    runs = [s for s in specs if s.dataset == d.name and s.method == name and s.tuning_round == 2 and s.seed in seeds]
-    return sum(s.done for s in runs), len(runs)
+    runs = [s for s in specs if s.dataset == d.name and s.method == name and s.tuning_round == n > 1
+            and s.seed in seeds]
+    return n, sum(s.done for s in runs), len(runs)
 
 
 def helpful_switches(specs: list, d, name: str) -> list[tuple[str, object, object]] | None:
@@ -130,19 +148,20 @@ def helpful_switches(specs: list, d, name: str) -> list[tuple[str, object, objec
     return [(key, value, run) for key, (_, value, run) in best.items()]
 
 
-def second_round(specs: list, d, name: str) -> list[tuple[str, object, dict, list[str]]] | None:
-    """Round 2's settings: per single switch the round-1 winner lacks (another point of a key it sets
-    included), (key, value, the winner's setting with that switch on top, the overrides that make it).
-    None until round 1 is chosen; none when the base won (round 1 already tried each switch on it), or
-    for a setting round 1 already ran (a winning switch plus the one other that helped is the combination)."""
-    leader = choose(specs, d, name, last_round=1)
+def next_round(specs: list, d, name: str, n: int) -> list[tuple[str, object, dict, list[str]]] | None:
+    """Round `n`'s settings (n >= 2): per single switch the winner of rounds 1..n-1 lacks (another point of a
+    key it sets included), (key, value, the winner's setting with that switch on top, the overrides that
+    make it). None until those rounds have finished; none when the winner is the base (round 1 tried each
+    switch on it) or no candidate of round n-1 (which already tried each switch on it), or for a setting an
+    earlier round ran (e.g. a winning switch plus the one other that helped is the combination)."""
+    leader = choose_after(specs, d, name, n - 1)
     if leader is None:
         return None
     won = leader.runs[0]
     setting = dict(won.combined) or (dict(won.sweeps) if won.extra else {})
-    if not setting:
+    if not setting or won.tuning_round < n - 1:
         return []
-    ours = [s for s in specs if s.dataset == d.name and s.method == name and s.tuning_round == 1]
+    ours = [s for s in specs if s.dataset == d.name and s.method == name and s.tuning_round < n]
     points = switch_points(ours, d)
     ran = [dict(s.combined) for s in ours if s.combined] + [{k: v} for k, v in points]
     out = []

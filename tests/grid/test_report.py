@@ -4,7 +4,7 @@ budget."""
 import json
 from pathlib import Path
 
-from alterrec_dist.grid.report import choice_table, gains, main_table, read_run, round_two_note, switch_table
+from alterrec_dist.grid.report import choice_table, gains, main_table, read_run, rounds_note, switch_table
 from alterrec_dist.grid.runner import DatasetGrid, RunSpec
 from alterrec_dist.grid.selection import Choice
 
@@ -78,22 +78,22 @@ def test_the_headline_is_fused_at_the_alpha_each_run_chose_on_validation(tmp_pat
     assert main_table({"alterrec": mixed}, {}, [])[2].startswith("| AlterRec (fused) | 3 | 0.1207 ± 0.0012 |")
 
 
-def test_the_report_says_which_choices_round_two_may_still_change(tmp_path):
+def test_the_report_says_which_choices_a_round_under_way_may_still_change(tmp_path):
     d = DatasetGrid("d", "d", "configs/default.toml", ["alterrec", "id_only"], [0], select=["model.dropout"])
 
     def spec(name, method, tuning_round=1, done=False):
         s = RunSpec("d", name, 0, tmp_path / name, [], role="sweep", method=method, tuning_round=tuning_round,
-                    combined={"model.dropout": 0.5} if tuning_round == 2 else {})
+                    combined={"model.dropout": 0.5} if tuning_round > 1 else {})
         if done:
             s.run_dir.mkdir()
             (s.run_dir / "summary.json").write_text("{}")
         return s
-    specs = [spec("a", "alterrec"), spec("a2", "alterrec", 2, done=True), spec("b2", "alterrec", 2),
-             spec("i", "id_only"), spec("i2", "id_only", 2, done=True)]
-    assert round_two_note(specs, d, ["alterrec", "id_only"]) == [
-        "Round 2 under way (its runs finished so far): AlterRec 1 of 2. Until a method's round 2 has finished, its "
-        "round-1 winner above stands and Table 1 reports it.", ""]
-    assert round_two_note(specs, d, ["id_only"]) == []  # finished: its choice is final
+    specs = [spec("a", "alterrec"), spec("a2", "alterrec", 2, done=True), spec("a3", "alterrec", 3, done=True),
+             spec("b3", "alterrec", 3), spec("i", "id_only"), spec("i2", "id_only", 2, done=True)]
+    assert rounds_note(specs, d, ["alterrec", "id_only"]) == [
+        "Rounds under way (their runs finished so far): AlterRec round 3, 1 of 2. Until a method's latest round has "
+        "finished, the winner of its rounds before stands and Table 1 reports it.", ""]
+    assert rounds_note(specs, d, ["id_only"]) == []  # finished: its choice is final
 
 
 def test_a_best_epoch_is_marked_when_the_run_ended_on_its_budget_not_on_patience(tmp_path):

@@ -50,16 +50,16 @@ def test_the_committed_grid_tunes_each_method_over_the_same_switches():
     # The base runs have every seed; seeds 1-2 of a chosen switch come once seed 0 has been compared.
     assert {s.seed for s in specs if s.role == "method" and s.method == "id_only"} == {0, 1, 2}
     # Run order: each tuned method's seed-0 candidates and its chosen setting's other seeds, method by method
-    # (AlterRec first), then the peers, then round 2, then the rest (the sensitivity sweeps, seeds 1-2 no
+    # (AlterRec first), then the peers, then the later rounds, then the rest (the sensitivity sweeps, seeds 1-2 no
     # choice needs).
     first = [i for i, s in enumerate(specs) if s.role != "peer" and s.method in NOT_THEIRS and s.tuning_round == 1 and (
         s.run_dir in chosen or s.seed == 0 and not (s.extra and not {*s.sweeps, *s.combined} & set(d.select)))]
     peers = [i for i, s in enumerate(specs) if s.role == "peer" and s.tuning_round == 1]
-    second = [i for i, s in enumerate(specs) if s.tuning_round == 2]
-    assert first + peers + second == list(range(len(first) + len(peers) + len(second)))
+    later = [i for i, s in enumerate(specs) if s.tuning_round > 1]
+    assert first + peers + later == list(range(len(first) + len(peers) + len(later)))
     assert [specs[i].method for i in first] == sorted((specs[i].method for i in first), key=d.methods.index)
     # Round 2 tries on AlterRec's winner what lost alone against the base, the alternation's own stopping too.
-    assert any(specs[i].combined.get("train.reject_worse") for i in second if specs[i].method == "alterrec")
+    assert any(specs[i].combined.get("train.reject_worse") for i in later if specs[i].method == "alterrec")
     # RecBole's SASRec is tuned too: its own settings, one at a time, through the peer's --set.
     sasrec = {s.run_dir.name: s.command for s in specs if s.method == "SASRec" and not s.combined}
     assert len(sasrec) == 7 and "SASRec-s0" in sasrec
@@ -217,7 +217,7 @@ def test_a_choice_made_mid_grid_sends_its_other_seeds_ahead_of_the_next_method_a
 
 def test_round_two_runs_after_the_peers_and_its_winner_then_runs_on_the_other_seeds(tmp_path):
     grid = load_grid(tiny_peer_grid(tmp_path, '''
-        refine = true
+        rounds = 2
         methods = ["id_only"]
         select = ["train.m_max", "train.m_gap", "train.patience"]
         [[dataset.sweep]]

@@ -1,8 +1,8 @@
-"""The choice on validation (grid/selection.py), its two rounds, and the chosen setting's other seeds (runner)."""
+"""The choice on validation (grid/selection.py), its rounds, and the chosen setting's other seeds (runner)."""
 import json
 from pathlib import Path
 
-from alterrec_dist.grid.runner import DatasetGrid, RunSpec, combined_runs, confirm_runs, second_round_runs
+from alterrec_dist.grid.runner import DatasetGrid, RunSpec, combined_runs, confirm_runs, refined_runs
 from alterrec_dist.grid.selection import choose, helpful_switches
 
 
@@ -119,16 +119,16 @@ def finish(spec: RunSpec, valid: float) -> None:
 
 
 def test_round_two_tries_each_switch_the_winner_lacks_on_top_of_it_and_the_choice_waits_for_it(tmp_path):
-    d = grid(select=["train.m_max", "train.m_gap", "train.patience"], select_seeds=[0], combine=True, refine=True)
+    d = grid(select=["train.m_max", "train.m_gap", "train.patience"], select_seeds=[0], combine=True, rounds=2)
     base = [run(tmp_path, "alterrec", s, "", 0.060) for s in (0, 1)]
     singles = [run(tmp_path, "alterrec", 0, "m_max=30", 0.064), run(tmp_path, "alterrec", 0, "m_max=20", 0.062),
                run(tmp_path, "alterrec", 0, "m_gap=1", 0.061, key="train.m_gap"),
                run(tmp_path, "alterrec", 0, "patience=3", 0.059, key="train.patience")]  # lost alone
-    assert second_round_runs(d, "alterrec", base + singles) == []  # round 1 waits for its combination
+    assert refined_runs(d, "alterrec", base + singles) == []  # round 1 waits for its combination
     [both] = combined_runs(d, "alterrec", base + singles)
     finish(both, 0.066)
     specs = base + singles + [both]
-    other, on_top = second_round_runs(d, "alterrec", specs)  # m_max=30 and m_gap=1 are the winner's already
+    other, on_top = refined_runs(d, "alterrec", specs)  # m_max=30 and m_gap=1 are the winner's already
     assert (other.run_dir.name, other.combined) == ("alterrec-round2-m_max=20-s0",
                                                     {"train.m_max": 20, "train.m_gap": 1})
     assert (on_top.run_dir.name, on_top.tuning_round) == ("alterrec-round2-patience=3-s0", 2)
@@ -147,17 +147,44 @@ def test_round_two_tries_each_switch_the_winner_lacks_on_top_of_it_and_the_choic
     kept, more = confirm_runs(d, "alterrec", specs + [other, on_top])
     assert (kept.run_dir.name, kept.done) == ("alterrec-combined-s1", True)
     assert (more.run_dir.name, more.tuning_round, more.extra) == ("alterrec-round2-patience=3-s1", 2, on_top.extra)
-    assert not second_round_runs(grid(select=d.select, select_seeds=[0], combine=True), "alterrec", specs)
+    assert not refined_runs(grid(select=d.select, select_seeds=[0], combine=True), "alterrec", specs)
 
 
 def test_round_two_on_a_single_winning_switch_skips_what_round_one_ran_and_none_follows_a_winning_base(tmp_path):
-    d = grid(select=["train.m_max", "train.m_gap", "train.patience"], select_seeds=[0], combine=True, refine=True)
+    d = grid(select=["train.m_max", "train.m_gap", "train.patience"], select_seeds=[0], combine=True, rounds=2)
     specs = [run(tmp_path, "id_only", 0, "", 0.060), run(tmp_path, "id_only", 0, "m_max=30", 0.064),
              run(tmp_path, "id_only", 0, "m_gap=1", 0.061, key="train.m_gap"),
              run(tmp_path, "id_only", 0, "patience=3", 0.059, key="train.patience")]
     [both] = combined_runs(d, "id_only", specs)
     finish(both, 0.063)  # the combination lost to m_max=30 alone, whose round 2 adds patience only
-    [on_top] = second_round_runs(d, "id_only", specs + [both])
+    [on_top] = refined_runs(d, "id_only", specs + [both])
     assert on_top.combined == {"train.m_max": 30, "train.patience": 3}
     losing = [run(tmp_path, "text_only", 0, "", 0.070), run(tmp_path, "text_only", 0, "m_max=30", 0.064)]
-    assert second_round_runs(d, "text_only", losing) == []  # the base won: round 1 already tried each switch on it
+    assert refined_runs(d, "text_only", losing) == []  # the base won: round 1 already tried each switch on it
+
+
+def test_round_three_starts_from_round_two_s_winner_and_none_follows_a_round_that_changed_nothing(tmp_path):
+    d = grid(select=["train.m_max", "train.m_gap", "train.patience"], select_seeds=[0], combine=True, rounds=3)
+    base = [run(tmp_path, "alterrec", s, "", 0.060) for s in (0, 1)]
+    singles = [run(tmp_path, "alterrec", 0, "m_max=30", 0.064), run(tmp_path, "alterrec", 0, "m_max=20", 0.062),
+               run(tmp_path, "alterrec", 0, "m_gap=1", 0.061, key="train.m_gap"),
+               run(tmp_path, "alterrec", 0, "patience=3", 0.059, key="train.patience")]
+    [both] = combined_runs(d, "alterrec", base + singles)
+    finish(both, 0.066)
+    specs = base + singles + [both]
+    other, on_top = refined_runs(d, "alterrec", specs)  # round 3 waits for round 2
+    finish(other, 0.067)  # round 2's winner: m_max=20 with m_gap=1
+    finish(on_top, 0.063)
+    *second, third = refined_runs(d, "alterrec", specs)
+    assert [s.run_dir for s in second] == [other.run_dir, on_top.run_dir]
+    # from round 2's winner, only patience=3 is new (m_max=30 with m_gap=1 is round 1's combination)
+    assert (third.run_dir.name, third.tuning_round) == ("alterrec-round3-patience=3-s0", 3)
+    assert third.combined == {"train.m_max": 20, "train.m_gap": 1, "train.patience": 3}
+    assert third.extra == ["train.m_max=20", "train.m_gap=1", "train.patience=3"]
+    assert choose(specs + [other, on_top, third], d, "alterrec").runs == [other]  # until round 3 is whole
+    finish(third, 0.070)
+    choice = choose(specs + [other, on_top, third], d, "alterrec")
+    assert choice.chosen == "round 3 (train.m_max = 20, train.m_gap = 1, train.patience = 3)"
+    assert len(refined_runs(d, "alterrec", specs)) == 3  # `rounds` = 3: no fourth
+    finish(other, 0.063)  # had round 2 left round 1's winner standing, round 3 would repeat round 2
+    assert [s.run_dir for s in refined_runs(d, "alterrec", specs)] == [other.run_dir, on_top.run_dir]
