@@ -182,7 +182,8 @@ def choice_table(choices: list) -> list[str]:
     """Each method's candidates on validation, the chosen one, and the overrides that make it (what a
     config such as configs/scientific.toml takes over)."""
     lines = ["| method | validation score on the selection seeds: base, each switch alone, the helpful ones together, "
-             "each later round (the winner so far with one more switch) | chosen | its overrides |", "|---|---|---|---|"]
+             "each later round (the winner so far with one more switch) | chosen | its overrides |",
+             "|---|---|---|---|"]
     for c in choices:
         overrides = " ".join(f"`{o}`" for o in c.runs[0].extra) or "none"
         lines.append(f"| {method_label(c.method)} | " + ", ".join(f"{v}: {x:.4f}" for v, x in c.scores.items())

@@ -92,7 +92,7 @@ def mean_scores(cands: dict[str, list], seeds: list[int]) -> dict[str, float] | 
     return scores
 
 
-def last_round(specs: list, d, name: str) -> int:
+def latest_round(specs: list, d, name: str) -> int:
     """The latest tuning round a method or peer has runs of (1 before any refinement)."""
     return max((s.tuning_round for s in specs if s.dataset == d.name and s.method == name), default=1)
 
@@ -112,7 +112,7 @@ def choose_after(specs: list, d, name: str, rounds: int) -> Choice | None:
 def choose(specs: list, d, name: str) -> Choice | None:
     """The candidate of a method or peer best on validation over the rounds that have finished (a round
     under way leaves the winner of those before it standing), or None (round 1 not all finished)."""
-    for rounds in range(last_round(specs, d, name), 0, -1):
+    for rounds in range(latest_round(specs, d, name), 0, -1):
         choice = choose_after(specs, d, name, rounds)
         if choice is not None:
             return choice
@@ -122,7 +122,7 @@ def choose(specs: list, d, name: str) -> Choice | None:
 def round_progress(specs: list, d, name: str) -> tuple[int, int, int]:
     """(round, finished, all) of a method's or peer's latest round's runs on the selection seeds; round 1's
     count is (1, 0, 0): only the later rounds are under way while an earlier winner stands."""
-    n = last_round(specs, d, name)
+    n = latest_round(specs, d, name)
     seeds = selection_seeds(candidates(specs, d, name), d)
     runs = [s for s in specs if s.dataset == d.name and s.method == name and s.tuning_round == n > 1
             and s.seed in seeds]
