@@ -55,7 +55,7 @@ def test_the_committed_grid_tunes_each_method_over_the_same_switches():
     first = [i for i, s in enumerate(specs) if s.role != "peer" and s.method in NOT_THEIRS and s.tuning_round == 1 and (
         s.run_dir in chosen or s.seed == 0 and not (s.extra and not {*s.sweeps, *s.combined} & set(d.select)))]
     peers = [i for i, s in enumerate(specs) if s.role == "peer" and s.tuning_round == 1]
-    later = [i for i, s in enumerate(specs) if s.tuning_round > 1]
+    later = [i for i, s in enumerate(specs) if s.tuning_round > 1 and (s.seed in d.select_seeds or s.run_dir in chosen)]
     assert first + peers + later == list(range(len(first) + len(peers) + len(later)))
     assert [specs[i].method for i in first] == sorted((specs[i].method for i in first), key=d.methods.index)
     # Round 2 tries on AlterRec's winner what lost alone against the base, the alternation's own stopping too.
