@@ -36,8 +36,7 @@ from pathlib import Path
 
 from alterrec_dist.common.config import PROJECT_ROOT, load_config, read_toml, shown
 from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.grid.selection import (candidates, choose, choose_after, helpful_switches, next_round,
-                                          selection_seeds)
+from alterrec_dist.grid.selection import candidates, choose, helpful_switches, next_round, selection_seeds
 
 
 @dataclass
@@ -310,10 +309,10 @@ def refined_runs(d: DatasetGrid, name: str, specs: list[RunSpec], peer_command: 
     runs: list[RunSpec] = []
     for n in range(2, d.rounds + 1):
         so_far = [*specs, *runs]
-        settings = next_round(so_far, d, name, n)
-        if not settings:
+        step = next_round(so_far, d, name, n)
+        if step is None or not step[1]:
             break
-        winner = choose_after(so_far, d, name, n - 1).runs[0]
+        winner, settings = step
         runs += [run for key, value, setting, extra in settings
                  for run in candidate_runs(d, name, so_far, winner, f"{name}-round{n}-{point_name(key, value)}",
                                            extra, setting, n, peer_command)]

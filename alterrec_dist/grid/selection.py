@@ -148,19 +148,20 @@ def helpful_switches(specs: list, d, name: str) -> list[tuple[str, object, objec
     return [(key, value, run) for key, (_, value, run) in best.items()]
 
 
-def next_round(specs: list, d, name: str, n: int) -> list[tuple[str, object, dict, list[str]]] | None:
-    """Round `n`'s settings (n >= 2): per single switch the winner of rounds 1..n-1 lacks (another point of a
-    key it sets included), (key, value, the winner's setting with that switch on top, the overrides that
-    make it). None until those rounds have finished; none when the winner is the base (round 1 tried each
-    switch on it) or no candidate of round n-1 (which already tried each switch on it), or for a setting an
-    earlier round ran (e.g. a winning switch plus the one other that helped is the combination)."""
+def next_round(specs: list, d, name: str, n: int) -> tuple[object, list[tuple[str, object, dict, list[str]]]] | None:
+    """The winner of rounds 1..n-1 (its first run) and round `n`'s settings (n >= 2): per single switch the
+    winner lacks (another point of a key it sets included), (key, value, the winner's setting with that switch
+    on top, the overrides that make it). None until those rounds have finished; no settings when the winner
+    is the base (round 1 tried each switch on it) or no candidate of round n-1 (which already tried each
+    switch on it), nor for a setting an earlier round ran (e.g. a winning switch plus the one other that
+    helped is the combination)."""
     leader = choose_after(specs, d, name, n - 1)
     if leader is None:
         return None
     won = leader.runs[0]
     setting = dict(won.combined) or (dict(won.sweeps) if won.extra else {})
     if not setting or won.tuning_round < n - 1:
-        return []
+        return won, []
     ours = [s for s in specs if s.dataset == d.name and s.method == name and s.tuning_round < n]
     points = switch_points(ours, d)
     ran = [dict(s.combined) for s in ours if s.combined] + [{k: v} for k, v in points]
@@ -172,4 +173,4 @@ def next_round(specs: list, d, name: str, n: int) -> list[tuple[str, object, dic
         ran.append(tried)
         extra = [o for k, v in tried.items() for o in points[(k, v)][0].extra]
         out.append((key, value, tried, extra))
-    return out
+    return won, out
