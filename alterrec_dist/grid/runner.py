@@ -241,6 +241,11 @@ def expand(grid: Grid) -> list[RunSpec]:
     return run_order(grid, list(specs.values()))
 
 
+def tuning_group(spec: RunSpec, first_round_group: int) -> int:
+    """`run_order`'s group for a tuning run: a later round waits behind every method's and peer's round 1."""
+    return 2 if spec.tuning_round > 1 else first_round_group
+
+
 def run_order(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
     """The order runs start in. On this machine the grid is days of CPU spread over sessions, so what a
     result waits for goes first:
@@ -263,10 +268,10 @@ def run_order(grid: Grid, specs: list[RunSpec]) -> list[RunSpec]:
             seeds = selection_seeds(cands, d)
             for runs in cands.values():
                 for s in runs:
-                    place.setdefault(s.run_dir, (2 if s.tuning_round > 1 else group, 0) if s.seed in seeds else (3, 0))
+                    place.setdefault(s.run_dir, (tuning_group(s, group), 0) if s.seed in seeds else (3, 0))
             choice = choose(specs, d, name)
             for s in choice.runs if choice else []:
-                place[s.run_dir] = min(place[s.run_dir], (2 if s.tuning_round > 1 else group, 1))
+                place[s.run_dir] = min(place[s.run_dir], (tuning_group(s, group), 1))
     datasets = [d.name for d in grid.datasets]
 
     def key(s: RunSpec) -> tuple:
