@@ -1,0 +1,55 @@
+"""bench/fusion_rules.py on a real trained AlterRec run: its linear rule is the engine's (summary.json's
+fused metrics at the chosen alpha), every rule is reported, and a run whose model and summary disagree
+is refused in one line, exit 2, with no report written."""
+import json
+import shutil
+
+import pytest
+
+from alterrec_dist.common.cli import run_cli
+from bench import fusion_rules
+from tests.serve.test_export import trained_run
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory, "alterrec")
+
+
+def test_linear_rule_is_the_engines_and_every_rule_is_reported(run, tmp_path):
+    results = fusion_rules.run_rules(run)
+    chosen = json.loads((run / "summary.json").read_text())["alpha"]
+    assert results["linear"]["alpha"] == chosen["chosen"]
+    for split in ("valid", "test"):
+        for m in ("hit@10", "ndcg@10"):
+            assert results["linear"][split][m] == pytest.approx(chosen[split][m], abs=1e-6)
+    assert set(results) == set(fusion_rules.RULES)
+    # binned's coordinate ascent starts at linear's choice, so on validation it can only match or beat it
+    assert results["binned"]["valid"]["ndcg@10"] >= results["linear"]["valid"]["ndcg@10"]
+
+    out = tmp_path / "FUSION.md"
+    with pytest.raises(SystemExit) as e:
+        run_cli(fusion_rules.main, [str(run), "--out", str(out)])
+    assert e.value.code == 0
+    text = out.read_text()
+    assert f"python -m bench.fusion_rules {run}" in text
+    assert all(f"| {rule} |" in text for rule in fusion_rules.RULES) and "Best on validation" in text
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["runs"][str(run)]["linear"]["alpha"] == chosen["chosen"]
+
+
+def test_model_and_summary_that_disagree_are_refused(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["alpha"]["test"]["ndcg@10"] += 0.01
+    (copy / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "FUSION.md"
+    with pytest.raises(SystemExit) as e:
+        run_cli(fusion_rules.main, [str(copy), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert str(copy) in err and "test ndcg@10" in err
+    assert not out.exists() and not out.with_suffix(".json").exists()
