@@ -32,6 +32,7 @@ from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json, read_json
 from alterrec_dist.common.methods import PAIR, method
 from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.eval.metrics import popularity_groups, rank_metrics
 from alterrec_dist.serve.from_run import load_run
 from alterrec_dist.serve.queries import encode_sessions, session_batch
 
@@ -57,10 +58,10 @@ def split_scores(bundle, data: Dataset, split: str) -> tuple[list[torch.Tensor],
 
 
 def hit_ndcg(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Hit@10 and NDCG@10 with the target's rank = the items scored strictly above it."""
-    rank = (scores > scores.gather(1, targets[:, None])).sum(1).float()
-    hit = (rank < 10).float()
-    return {"hit@10": hit.mean().item(), "ndcg@10": (hit / torch.log2(rank + 2)).mean().item()}
+    """Hit@10 and NDCG@10 (the engine's definitions) with the target's rank = 1 + the items scored strictly
+    above it."""
+    metrics = rank_metrics((scores > scores.gather(1, targets[:, None])).sum(1) + 1)
+    return {m: metrics[m] for m in ("hit@10", "ndcg@10")}
 
 
 # -- the rules ---------------------------------------------------------------------------------------
@@ -106,8 +107,7 @@ def run_rules(run_dir: Path) -> dict:
     summary = read_json(run_dir / "summary.json")
     data = Dataset(bundle.provenance["dataset"]["path"])
     valid, test = split_scores(bundle, data, "valid"), split_scores(bundle, data, "test")
-    item_bin = torch.bucketize(torch.tensor(bundle.popularity, dtype=torch.float32),
-                               torch.tensor(bundle.longtail_bins, dtype=torch.float32))  # [0,b0], (b0,b1], ...
+    item_bin = torch.from_numpy(popularity_groups(bundle.popularity, bundle.longtail_bins)[0])
     chosen = summary["alpha"]  # the engine's linear rule at its chosen alpha: the scoring here must equal it
     for split, (parts, targets) in (("valid", valid), ("test", test)):
         mine = hit_ndcg(fuse("linear", parts, chosen["chosen"], item_bin), targets)
