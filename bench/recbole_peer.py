@@ -15,7 +15,9 @@ RecBole is never a project dependency: this script (standard library only at top
 then recbole==1.2.1 with pinned, compatible numpy/scipy/pandas), writes the RecBole config into
 OUT, runs RecBole in that venv (this same file, `--_drive`, as a subprocess on one CPU thread),
 and writes OUT/result.json atomically. An existing OUT/result.json is left alone (exit 0), so an
-experiment runner can resume a grid. See bench/PEER.md.
+experiment runner can resume a grid; a run that was stopped half-way goes on from OUT/resume.pth, the
+training state after its last validation (RecBole keeps only the best epoch's weights, which cannot
+resume an interrupted run: SASRec at d = 300 takes hours here). See bench/PEER.md.
 
 The dataset is read through RecBole's pre-split route (`benchmark_filename: [train, valid,
 test]`, `item_id_list` loaded from the files, `alias_of_item_id: [item_id_list]`), so the split is
@@ -99,6 +101,7 @@ def category_words(text: str) -> list[str]:
 ITEM_FEATURE = {"FDSA": ("text", text_words), "S3Rec": ("category", category_words)}  # model -> (field, words)
 METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
 DATASET = "Scientific"  # file prefix and RecBole dataset name
+RESUME = "resume.pth"  # in OUT: the training state after the last validation, while the run is unfinished
 SPLITS = ("train", "valid", "test")
 
 
@@ -355,6 +358,10 @@ def main(argv=None) -> int:
             cfg = recbole_config(a.model, a.seed, a.epochs, a.batch_size, stage, out, extra.get("plm_size", 0))
             cfg.update(overrides)
             write_yaml(cfg, out / "recbole.yaml")
+            # what a saved training state must match to be resumed: everything but the staging dir
+            extra["fingerprint"] = hashlib.sha256(json.dumps(
+                [a.model, {k: v for k, v in cfg.items() if k != "data_path"}, expect,
+                 {k: v for k, v in extra.items() if k != "feature_parts"}], sort_keys=True).encode()).hexdigest()
             drv_out = out / "driver_result.json"
             drv_out.unlink(missing_ok=True)
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
@@ -366,7 +373,7 @@ def main(argv=None) -> int:
             cmd = [str(py), str(Path(__file__).resolve()), "--_drive", str(out / "recbole.yaml"),
                    a.model, str(drv_out), json.dumps(expect), json.dumps(extra)]
             start = time.time()
-            with open(out / "recbole.log", "w") as log:
+            with open(out / "recbole.log", "a" if (out / RESUME).exists() else "w") as log:
                 r = subprocess.run(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
             seconds = time.time() - start
             if r.returncode != 0 or not drv_out.exists():
@@ -374,6 +381,7 @@ def main(argv=None) -> int:
                 raise Fail(f"RecBole run failed (exit {r.returncode}): "
                            f"{lines[-1] if lines else 'no output'} (see {out / 'recbole.log'})")
             drv = json.loads(drv_out.read_text())
+            seconds += drv["seconds_before"]  # the earlier, interrupted attempts' share
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         cfg["data_path"] = str(data)  # the real files the staged links pointed at
@@ -393,8 +401,10 @@ def main(argv=None) -> int:
             "stopped_by": drv["stopped_by"],
             "inputs": {k: v for k, v in extra.items() if k != "feature_parts"},
             "valid_ndcg10_by_epoch": drv["valid_curve"],
+            "resumed_at_epochs": drv["resumed_at_epochs"],
         }
         atomic_write_json(out / "result.json", result)
+        (out / RESUME).unlink(missing_ok=True)  # done: the best epoch's weights stay in OUT/saved
     except Fail as e:
         print(f"recbole_peer: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, BadInput) else 1
@@ -444,6 +454,71 @@ def pretrain_s3rec(cfg_path: str, train_data, until: float | None, logger) -> st
     except TimeCap:
         logger.info(f"pre-training stopped by the time cap; fine-tuning from {trainer.saved_model_file}")
     return trainer.saved_model_file
+
+
+def write_best_model_atomically(trainer) -> None:
+    """RecBole overwrites its best-epoch file in place; a kill mid-write would leave the resumed run a torn one."""
+    save = trainer._save_checkpoint
+
+    def atomic(epoch, verbose=True, **kwargs):
+        path = kwargs.pop("saved_model_file", trainer.saved_model_file)
+        save(epoch, verbose=verbose, saved_model_file=path + ".tmp", **kwargs)
+        os.replace(path + ".tmp", path)
+
+    trainer._save_checkpoint = atomic
+
+
+def save_training_state(trainer, train_data, epoch: int, extra: dict) -> None:
+    """OUT/resume.pth after each validation: what RecBole's fit loop carries from one epoch to the next,
+    the random streams included (dropout, the loader's shuffle, numpy's samplers), so that a resumed run
+    trains exactly as an uninterrupted one would."""
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {**extra, "next_epoch": epoch + 1, "cur_step": trainer.cur_step,
+             "best_valid_score": trainer.best_valid_score, "best_valid_result": trainer.best_valid_result,
+             "saved_model_file": trainer.saved_model_file, "model": trainer.model.state_dict(),
+             "other_parameter": trainer.model.other_parameter(), "optimizer": trainer.optimizer.state_dict(),
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                     "loader": train_data.generator.get_state()}}
+    torch.save(state, RESUME + ".tmp")
+    os.replace(RESUME + ".tmp", RESUME)
+
+
+def read_training_state(fingerprint: str, logger) -> dict | None:
+    """The state an interrupted attempt of this same run left, or None (then the run starts afresh)."""
+    import torch
+
+    if not Path(RESUME).exists():
+        return None
+    state = torch.load(RESUME, weights_only=False)
+    if state["fingerprint"] != fingerprint:
+        logger.info(f"{RESUME} is from another configuration: starting afresh")
+        return None
+    return state
+
+
+def restore_training_state(state: dict, trainer, train_data, logger) -> tuple[list, list, bool]:
+    import random
+
+    import numpy as np
+    import torch
+
+    trainer.model.load_state_dict(state["model"])
+    trainer.model.load_other_parameter(state["other_parameter"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.start_epoch, trainer.cur_step = state["next_epoch"], state["cur_step"]
+    trainer.best_valid_score, trainer.best_valid_result = state["best_valid_score"], state["best_valid_result"]
+    trainer.saved_model_file = state["saved_model_file"]
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    train_data.generator.set_state(rng["loader"])
+    logger.info(f"resumed from {RESUME}: epoch {state['next_epoch']}, best valid so far {state['best_valid_score']}")
+    return state["curve"], state["resumed_at_epochs"] + [state["next_epoch"]], state["capped"]
 
 
 def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str, extra_json: str) -> None:
@@ -515,25 +590,41 @@ def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str, extra
             raise SystemExit(f"split check failed: {msg}")
     logger.info(f"split check ok: {stats}")
 
-    start, cap = time.process_time(), extra["max_minutes"] * 60
+    state = read_training_state(extra["fingerprint"], logger)
+    wall_start = time.time() - (state["wall_seconds"] if state else 0)
+    # the cap counts the CPU time of every attempt; S3-Rec's pre-training ran in the first
+    start, cap = time.process_time() - (state["cpu_seconds"] if state else 0), extra["max_minutes"] * 60
     if model_name == "S3Rec":  # fine-tuning starts from the pre-trained weights
-        pretrained = pretrain_s3rec(cfg_path, train_data, start + cap / 2 if cap else None, logger)
+        pretrained = state["pre_model_path"] if state else pretrain_s3rec(
+            cfg_path, train_data, start + cap / 2 if cap else None, logger)
         config["pre_model_path"] = pretrained
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    curve = []
+    write_best_model_atomically(trainer)
+    curve, resumed_at, capped = [], [], False
+    if state:
+        curve, resumed_at, capped = restore_training_state(state, trainer, train_data, logger)
 
     def after_validation(epoch, score):
+        nonlocal capped
         curve.append((epoch, float(score)))
-        if cap and time.process_time() - start > cap:
+        capped = bool(cap) and time.process_time() - start > cap
+        save_training_state(trainer, train_data, epoch, {
+            "fingerprint": extra["fingerprint"], "curve": curve, "resumed_at_epochs": resumed_at,
+            "capped": capped, "cpu_seconds": time.process_time() - start, "wall_seconds": time.time() - wall_start,
+            "pre_model_path": config["pre_model_path"] if model_name == "S3Rec" else None})
+        if capped:
             raise TimeCap
 
     stopped_by = "early stopping or the epoch ceiling"
-    try:
-        trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=after_validation)
-    except TimeCap:
+    if not capped and trainer.start_epoch < trainer.epochs and trainer.cur_step <= trainer.stopping_step:
+        try:
+            trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=after_validation)
+        except TimeCap:
+            pass
+    if capped:
         stopped_by = f"the time cap ({extra['max_minutes']:g} CPU min) after {len(curve)} epochs"
         logger.info(f"stopped by {stopped_by}")
     if model_name == "S3Rec":
@@ -551,6 +642,8 @@ def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str, extra
         "epochs_run": len(curve),
         "stopped_by": stopped_by,
         "valid_curve": [round(s, 6) for _, s in curve],
+        "resumed_at_epochs": resumed_at,
+        "seconds_before": round(state["wall_seconds"], 1) if state else 0.0,
         "valid": {k: float(best_valid[k]) for k in METRICS},
         "test": {k: float(test[k]) for k in METRICS},
         "stats": stats,

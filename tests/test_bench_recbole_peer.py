@@ -1,8 +1,13 @@
 """bench/recbole_peer.py: bad input refused in one line, exit 2, before it builds its venv or trains; the item
-features it derives from the text (FDSA, S3-Rec)."""
+features it derives from the text (FDSA, S3-Rec); a killed run resumes to the uninterrupted run's result."""
 import importlib.util
+import json
+import os
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -64,3 +69,55 @@ def test_s3rec_attributes_are_the_words_of_the_category_path():
     assert script.category_words(text) == "Abrasive & Finishing Products Manual Sanding Products Sanding Rolls".split()
     assert script.category_words("A title. A brand. ") == []
     assert script.text_words(text) == text.split()[:32]
+
+
+def write_tiny_split(d):
+    """A RecBole split of 30 items and 150 users in Scientific's file layout: every item appears, one
+    valid and one test row per user, the training rows every prefix of the rest. Sessions mostly step
+    to the next item, so there is something to learn."""
+    rng = random.Random(0)
+    d.mkdir()
+    rows = {"train": [], "valid": [], "test": []}
+    for u in range(150):
+        seq = [u % 30]
+        for _ in range(rng.randrange(4, 12)):
+            seq.append((seq[-1] + 1) % 30 if rng.random() < 0.7 else rng.randrange(30))
+        rows["train"] += [(u, seq[:t], seq[t]) for t in range(1, len(seq) - 2)]
+        rows["valid"].append((u, seq[:-2], seq[-2]))
+        rows["test"].append((u, seq[:-1], seq[-1]))
+    for split, lines in rows.items():
+        (d / f"Scientific.{split}.inter").write_text("user_id:token\titem_id_list:token_seq\titem_id:token\n" + "".join(
+            f"{u}\t{' '.join(map(str, h))}\t{i}\n" for u, h, i in lines))
+    (d / "Scientific.item2index").write_text("".join(f"A{i}\t{i}\n" for i in range(30)))
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL the whole run after its first validation; the same command then goes on from OUT/resume.pth and
+    ends with the uninterrupted run's validation curve, best epoch and test metrics (one CPU thread: exact)."""
+    data = tmp_path / "data"
+    write_tiny_split(data)
+
+    def command(out):
+        return [sys.executable, str(PROJECT_ROOT / "bench/recbole_peer.py"), "--model", "SASRec", "--data", str(data),
+                "--seed", "0", "--out", str(out), "--epochs", "25", "--batch-size", "64",
+                "--set", "hidden_size=16", "--set", "inner_size=32", "--set", "stopping_step=30"]
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run(command(whole), check=True, cwd=PROJECT_ROOT, timeout=1200, capture_output=True)
+    run = subprocess.Popen(command(cut), cwd=PROJECT_ROOT, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (cut / "resume.pth").exists():
+        assert run.poll() is None, "the run ended before its first validation was saved"
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not (cut / "result.json").exists()
+    subprocess.run(command(cut), check=True, cwd=PROJECT_ROOT, timeout=600, capture_output=True)
+    a, b = (json.loads((d / "result.json").read_text()) for d in (whole, cut))
+    assert a["resumed_at_epochs"] == [] and len(b["resumed_at_epochs"]) == 1 and 1 <= b["resumed_at_epochs"][0] < 25
+    assert a["epochs_run"] == b["epochs_run"] == 25
+    assert b["valid_ndcg10_by_epoch"] == a["valid_ndcg10_by_epoch"]
+    assert (b["best_epoch"], b["valid"], b["test"]) == (a["best_epoch"], a["valid"], a["test"])
+    assert a["test"]["hit@10"] > 0.6  # it learned (chance is 1/3), so the curves compared are not flat
+    assert not (cut / "resume.pth").exists()

@@ -10,8 +10,9 @@ A run is done when its directory holds `summary.json` (a peer: `result.json`). T
 directories are under `results/`, whose .gitignore keeps each finished run's record (summary, per-epoch
 metrics, resolved config, command) in git and the rest (checkpoints, models, logs) on the machine: the grid
 goes on over sessions and machines, and its report regenerates from a clean checkout. A half-finished
-training run goes on from its newest checkpoint (`train --resume auto`); a half-finished peer, which
-keeps none, is removed and run again. So an interrupted grid resumes where it stopped. Each run's
+training run goes on from its newest checkpoint (`train --resume auto`), a half-finished peer from the
+state its own command keeps in its directory (bench/recbole_peer.py: `resume.pth`). So an interrupted grid
+resumes where it stopped. Each run's
 exact command is written to `command.txt` beside its results.
 
 Several runners may work on one grid at once (another `--jobs`, another machine on the same file system):
@@ -400,8 +401,9 @@ def under_way(spec: RunSpec) -> bool:
 
 
 def run_one(spec: RunSpec, threads: int) -> tuple[RunSpec, int, float]:
-    resumable = spec.role != "peer" and (spec.run_dir / "config.toml").is_file()
-    if spec.run_dir.exists() and not resumable:  # half-finished with nothing to go on from: start again
+    # A training run that never wrote its config has nothing to go on from: start it again. A peer's
+    # directory is its command's own to resume or restart.
+    if spec.role != "peer" and spec.run_dir.exists() and not (spec.run_dir / "config.toml").is_file():
         shutil.rmtree(spec.run_dir)
     spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

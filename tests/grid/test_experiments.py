@@ -18,9 +18,10 @@ p.add_argument("--set", action="append", default=[]); a = p.parse_args()
 m = {"hit@10": 0.5, "hit@20": 0.6, "ndcg@10": 0.3, "ndcg@20": 0.35, "mrr@20": 0.2}
 if a.set == ["width=2"]:  # the better setting on validation (and worse on test)
     m = {**m, "ndcg@10": 0.31}
-out = pathlib.Path(a.out); out.mkdir(parents=True)
+out = pathlib.Path(a.out); out.mkdir(parents=True, exist_ok=True)
 (out / "result.json").write_text(json.dumps({"valid": m, "test": {**m, "hit@10": 0.4 if a.set else 0.5},
-                                             "best_epoch": 1, "command": "peer"}))
+                                             "best_epoch": 1, "command": "peer",
+                                             "resumed": (out / "resume.pth").exists()}))
 '''
 
 
@@ -99,14 +100,19 @@ def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     assert pngs == ["default_alterrec_curves.png", "default_longtail.png", "default_nfrec_imbalance.png",
                     "default_sensitivity.png"]
 
-    # A half-finished run (no summary.json) goes on from its newest checkpoint; the finished ones are not run.
+    # A half-finished run (no summary.json) goes on from its newest checkpoint, a half-finished peer from the
+    # state it left in its directory; the finished ones are not run.
     (tmp_path / "runs/default/id_only-s0/summary.json").unlink()
+    peer_dir = tmp_path / "runs/default/peers/Peer-s0"
+    (peer_dir / "result.json").unlink()
+    (peer_dir / "resume.pth").write_text("")
     lines = (tmp_path / "runs/default/id_only-s0/metrics.jsonl").read_text()
     before = (tmp_path / "runs/default/alterrec-s0/summary.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["--grid", str(grid_path)]) == 0
     out = capsys.readouterr().out
-    assert "10 of 11 runs already done; 1 to run" in out and "id_only-s0" in out
+    assert "9 of 11 runs already done; 2 to run" in out and "id_only-s0" in out
+    assert json.loads((peer_dir / "result.json").read_text())["resumed"]  # its directory was left to it
     assert (tmp_path / "runs/default/id_only-s0/summary.json").exists()
     assert "resuming from" in (tmp_path / "runs/default/id_only-s0.log").read_text()  # not started again
     assert (tmp_path / "runs/default/id_only-s0/metrics.jsonl").read_text() == lines
