@@ -1,4 +1,4 @@
-"""How AlterRec's two networks are fused at inference: the paper's linear rule against three others, on
+"""How AlterRec's two networks are fused at inference: the paper's linear rule against four others, on
 trained runs' saved models (no training). Each rule's weights are chosen on validation NDCG@10, then tested.
 
     python -m bench.fusion_rules RUN_DIR [RUN_DIR ...] [--out bench/FUSION.md]
@@ -10,9 +10,14 @@ Rules, each over the run's own candidates for alpha (`eval.alpha`, then `eval.al
 - probmix:  log(alpha * p_id + (1 - alpha) * p_text), the mixture of the two softmax distributions;
 - binned:   linear with one alpha per popularity bin of the scored item (the run's `eval.longtail_bins`),
             chosen by coordinate ascent from linear's alpha: the paper's reason for the text network is
-            the rarely seen item, so a rule could lean on text there only.
+            the rarely seen item, so a rule could lean on text there only;
+- rrf:      alpha / (60 + rank_id) + (1 - alpha) / (60 + rank_text), weighted reciprocal-rank fusion (Cormack
+            et al., 2009, with its k = 60): only each network's order counts, not its scores.
+Ranks follow the engine's order (`evaluate.orders_before`: equal scores go by item id), for the target and,
+in rrf, for every item: the text network scores items with the same text the same.
 Scores come from the serving path (`load_run`, `encode_sessions`: the engine's queries and item matrices),
-so `linear` at the run's chosen alpha equals its summary.json (checked: the run is refused otherwise).
+so the ID network's score and `linear` at the run's chosen alpha equal its summary.json (checked: the run is
+refused otherwise).
 """
 from __future__ import annotations
 
@@ -32,11 +37,13 @@ from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json, read_json
 from alterrec_dist.common.methods import PAIR, method
 from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.eval.evaluate import orders_before
 from alterrec_dist.eval.metrics import popularity_groups, rank_metrics
 from alterrec_dist.serve.from_run import load_run
 from alterrec_dist.serve.queries import encode_sessions, session_batch
 
-RULES = ("linear", "zscore", "probmix", "binned")
+RULES = ("linear", "zscore", "probmix", "binned", "rrf")
+RRF_K = 60
 SELECT = "ndcg@10"
 
 
@@ -58,9 +65,11 @@ def split_scores(bundle, data: Dataset, split: str) -> tuple[list[torch.Tensor],
 
 
 def hit_ndcg(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Hit@10 and NDCG@10 (the engine's definitions) with the target's rank = 1 + the items scored strictly
-    above it."""
-    metrics = rank_metrics((scores > scores.gather(1, targets[:, None])).sum(1) + 1)
+    """Hit@10 and NDCG@10 (the engine's definitions) with the target's rank = 1 + the items that order
+    before it (the engine's order)."""
+    before_by_id = torch.arange(scores.shape[1])[None, :] < targets[:, None]
+    before = orders_before(scores, scores.gather(1, targets[:, None]), before_by_id)
+    metrics = rank_metrics(before.sum(1) + 1)
     return {m: metrics[m] for m in ("hit@10", "ndcg@10")}
 
 
@@ -68,6 +77,14 @@ def hit_ndcg(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
 
 def standardised(s: torch.Tensor) -> torch.Tensor:
     return (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True)
+
+
+def reciprocal_rank(s: torch.Tensor) -> torch.Tensor:
+    """1 / (RRF_K + rank) of every item, rank from 1 in the engine's order (columns are in id order, so a stable
+    descending sort puts equal scores in id order)."""
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(1, s.shape[1] + 1).expand_as(order).contiguous())
+    return 1.0 / (RRF_K + ranks.to(s.dtype))
 
 
 def fuse(rule: str, parts: list[torch.Tensor], alpha, item_bin: torch.Tensor) -> torch.Tensor:
@@ -82,6 +99,8 @@ def fuse(rule: str, parts: list[torch.Tensor], alpha, item_bin: torch.Tensor) ->
     if rule == "binned":
         a = torch.tensor(alpha, dtype=s_id.dtype)[item_bin][None, :]
         return a * s_id + (1 - a) * s_text
+    if rule == "rrf":
+        return alpha * reciprocal_rank(s_id) + (1 - alpha) * reciprocal_rank(s_text)
     raise ValueError(rule)
 
 
@@ -108,13 +127,17 @@ def run_rules(run_dir: Path) -> dict:
     data = Dataset(bundle.provenance["dataset"]["path"])
     valid, test = split_scores(bundle, data, "valid"), split_scores(bundle, data, "test")
     item_bin = torch.from_numpy(popularity_groups(bundle.popularity, bundle.longtail_bins)[0])
-    chosen = summary["alpha"]  # the engine's linear rule at its chosen alpha: the scoring here must equal it
+    # The engine's scores (linear at the chosen alpha, the ID network) must equal these. Not the text network's
+    # alone: items with the same text tie there (Scientific: 17 pairs), and the engine scores a target by its own
+    # row's dot product but the catalog by a matmul, so float rounding orders a target among its twins there.
+    chosen = summary["alpha"]["chosen"]
     for split, (parts, targets) in (("valid", valid), ("test", test)):
-        mine = hit_ndcg(fuse("linear", parts, chosen["chosen"], item_bin), targets)
-        for m, value in mine.items():
-            if abs(value - chosen[split][m]) > 1e-4:
-                raise DataError(f"{run_dir}: {split} {m} at alpha {chosen['chosen']} is {value:.5f} here, "
-                                f"{chosen[split][m]:.5f} in summary.json (model/ and summary.json disagree)")
+        engine = {f"alpha {chosen}": summary["alpha"][split], "id": summary[split]["id"]}
+        for what, scores in ((f"alpha {chosen}", fuse("linear", parts, chosen, item_bin)), ("id", parts[0])):
+            for m, value in hit_ndcg(scores, targets).items():
+                if abs(value - engine[what][m]) > 1e-4:
+                    raise DataError(f"{run_dir}: {split} {m} at {what} is {value:.5f} here, {engine[what][m]:.5f} "
+                                    "in summary.json (model/ and summary.json disagree)")
     out = {}
     for rule in RULES:
         alpha = choose(rule, valid, grid, item_bin, out.get("linear", {}).get("alpha", 0.5))

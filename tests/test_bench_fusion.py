@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from alterrec_dist.common.cli import run_cli
 from bench import fusion_rules
@@ -53,3 +54,14 @@ def test_model_and_summary_that_disagree_are_refused(run, tmp_path, capsys):
     assert e.value.code == 2 and len(err.splitlines()) == 1
     assert str(copy) in err and "test ndcg@10" in err
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_ranks_follow_the_engines_order_where_scores_tie():
+    # items 0-2 share the target's score (the text network scores items with the same text the same): the
+    # engine puts the smaller ids first, so target 2 ranks 3rd and target 0 1st; item 3 scores below
+    scores = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    assert fusion_rules.hit_ndcg(scores, torch.tensor([2, 2]))["ndcg@10"] == pytest.approx(0.5)
+    assert fusion_rules.hit_ndcg(scores, torch.tensor([0, 0]))["ndcg@10"] == pytest.approx(1.0)
+    # and rrf's per-item ranks: the same order, ranks from 1
+    rr = fusion_rules.reciprocal_rank(scores[:1])
+    assert torch.equal(rr, 1 / (fusion_rules.RRF_K + torch.tensor([[1.0, 2.0, 3.0, 4.0]])))

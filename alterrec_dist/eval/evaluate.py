@@ -121,6 +121,12 @@ def kind_scores(parts: torch.Tensor, weights: dict[str, list[float]]) -> torch.T
     return parts @ w.T
 
 
+def orders_before(scores: torch.Tensor, target_scores: torch.Tensor, before_by_id: torch.Tensor) -> torch.Tensor:
+    """The engine's one order of items: an item comes before the target if it scores higher, or scores the
+    same and has a smaller id (`before_by_id`); so equal scores (items with the same text) never flatter a rank."""
+    return (scores > target_scores) | ((scores == target_scores) & before_by_id)
+
+
 def rank_tiles(queries: list[torch.Tensor], matrices: list[torch.Tensor], scales: list[float],
                weights: dict[str, list[float]], tiles: list[tuple[int, int]], ids: torch.Tensor,
                target: torch.Tensor | None = None, target_scores: torch.Tensor | None = None,
@@ -143,8 +149,7 @@ def rank_tiles(queries: list[torch.Tensor], matrices: list[torch.Tensor], scales
                 continue
             scores = sum(w * p for w, p in zip(weights[kind], parts) if w)
             if target is not None:
-                t = target_scores[:, i:i + 1]
-                before = (scores > t) | ((scores == t) & before_by_id)
+                before = orders_before(scores, target_scores[:, i:i + 1], before_by_id)
                 counts[:, i] += (before & not_target).sum(1)
             if kind == top_kind:
                 on_top(scores, tile_ids, parts)
