@@ -123,7 +123,7 @@ def kind_scores(parts: torch.Tensor, weights: dict[str, list[float]]) -> torch.T
 
 def orders_before(scores: torch.Tensor, target_scores: torch.Tensor, before_by_id: torch.Tensor) -> torch.Tensor:
     """The engine's one order of items: an item comes before the target if it scores higher, or scores the
-    same and has a smaller id (`before_by_id`); so equal scores (items with the same text) never flatter a rank."""
+    same and has a smaller id (`before_by_id`), so a tie never flatters a rank."""
     return (scores > target_scores) | ((scores == target_scores) & before_by_id)
 
 
