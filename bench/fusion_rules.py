@@ -87,20 +87,28 @@ def reciprocal_rank(s: torch.Tensor) -> torch.Tensor:
     return 1.0 / (RRF_K + ranks.to(s.dtype))
 
 
+# Each rule's view of a network's scores: it depends on no weight, so it is made once per split (`rule_parts`),
+# not once per candidate weight.
+VIEWS = {"zscore": standardised, "probmix": lambda s: torch.log_softmax(s, 1), "rrf": reciprocal_rank}
+
+
+def rule_parts(rule: str, split: tuple[list[torch.Tensor], torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A split's ([S_id, S_text], targets) as `rule` weighs them (its view of each network's scores)."""
+    parts, targets = split
+    view = VIEWS.get(rule)
+    return ([view(p) for p in parts] if view else parts), targets
+
+
 def fuse(rule: str, parts: list[torch.Tensor], alpha, item_bin: torch.Tensor) -> torch.Tensor:
+    """The fused score of `parts` in `rule`'s view (`rule_parts`)."""
     s_id, s_text = parts
-    if rule == "linear":
+    if rule in ("linear", "zscore", "rrf"):
         return alpha * s_id + (1 - alpha) * s_text
-    if rule == "zscore":
-        return alpha * standardised(s_id) + (1 - alpha) * standardised(s_text)
     if rule == "probmix":  # log of 0 weight: that network's distribution drops out
-        return torch.logaddexp(math.log(max(alpha, 1e-12)) + torch.log_softmax(s_id, 1),
-                               math.log(max(1 - alpha, 1e-12)) + torch.log_softmax(s_text, 1))
+        return torch.logaddexp(math.log(max(alpha, 1e-12)) + s_id, math.log(max(1 - alpha, 1e-12)) + s_text)
     if rule == "binned":
         a = torch.tensor(alpha, dtype=s_id.dtype)[item_bin][None, :]
         return a * s_id + (1 - a) * s_text
-    if rule == "rrf":
-        return alpha * reciprocal_rank(s_id) + (1 - alpha) * reciprocal_rank(s_text)
     raise ValueError(rule)
 
 
@@ -140,9 +148,10 @@ def run_rules(run_dir: Path) -> dict:
                                     "in summary.json (model/ and summary.json disagree)")
     out = {}
     for rule in RULES:
-        alpha = choose(rule, valid, grid, item_bin, out.get("linear", {}).get("alpha", 0.5))
-        out[rule] = {"alpha": alpha, "valid": hit_ndcg(fuse(rule, valid[0], alpha, item_bin), valid[1]),
-                     "test": hit_ndcg(fuse(rule, test[0], alpha, item_bin), test[1])}
+        valid_view, test_view = rule_parts(rule, valid), rule_parts(rule, test)
+        alpha = choose(rule, valid_view, grid, item_bin, out.get("linear", {}).get("alpha", 0.5))
+        out[rule] = {"alpha": alpha, "valid": hit_ndcg(fuse(rule, valid_view[0], alpha, item_bin), valid_view[1]),
+                     "test": hit_ndcg(fuse(rule, test_view[0], alpha, item_bin), test_view[1])}
     return out
 
 
