@@ -55,7 +55,10 @@ def scored(run: Run, epoch: int) -> dict:
     e = run.cfg.eval
     best = {"valid": run.evaluate("valid", epoch), "test": run.evaluate("test", epoch)}
     alpha = chosen_alpha(best, e.alpha, e.alpha_sweep, e.metric.partition("/")[2])
-    pick = lambda d: {m: d[m] for m in METRICS}  # noqa: E731
+
+    def pick(metrics: dict) -> dict:
+        return {m: metrics[m] for m in METRICS}
+
     return {"epoch": epoch, "alpha": alpha["chosen"], "valid": pick(alpha["valid"]), "test": pick(alpha["test"]),
             **{f"{split}_{net}": pick(best[split][net]) for split in best for net in ("id", "text")}}
 
@@ -73,7 +76,8 @@ def check_start(row: dict, run_dir: Path) -> None:
 def fused_epoch(run: Run, optimizer: torch.optim.Optimizer, alpha: float, epoch: int) -> float:
     """One epoch of both networks on the fused score's full-catalog softmax; the mean loss."""
     ids, text, table = run.networks["id"], run.networks["text"], run.table
-    ids.train(), text.train()
+    ids.train()
+    text.train()
     losses = []
     reader = run.train_reader
     for batch in tqdm(reader.epoch(epoch), total=reader.steps_per_epoch(), desc=f"joint e{epoch}", leave=False):
