@@ -2,14 +2,13 @@
 fused metrics at the chosen alpha), every rule is reported, and a run whose model and summary disagree
 is refused in one line, exit 2, with no report written."""
 import json
-import shutil
 
 import pytest
 import torch
 
 from alterrec_dist.common.cli import run_cli
 from bench import fusion_rules
-from tests.serve.test_export import trained_run
+from tests.serve.test_export import run_with_summary_off, trained_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
 
@@ -42,11 +41,7 @@ def test_linear_rule_is_the_engines_and_every_rule_is_reported(run, tmp_path):
 
 
 def test_model_and_summary_that_disagree_are_refused(run, tmp_path, capsys):
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
-    summary = json.loads((copy / "summary.json").read_text())
-    summary["alpha"]["test"]["ndcg@10"] += 0.01
-    (copy / "summary.json").write_text(json.dumps(summary))
+    copy = run_with_summary_off(run, tmp_path, "test")
     out = tmp_path / "FUSION.md"
     with pytest.raises(SystemExit) as e:
         run_cli(fusion_rules.main, [str(copy), "--out", str(out)])

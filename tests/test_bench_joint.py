@@ -2,13 +2,12 @@
 figures), a joint epoch changes both networks, the report and its command are written, and a run whose model
 and summary disagree is refused in one line, exit 2, with no report written."""
 import json
-import shutil
 
 import pytest
 
 from alterrec_dist.common.cli import run_cli
 from bench import joint_finetune
-from tests.serve.test_export import trained_run
+from tests.serve.test_export import run_with_summary_off, trained_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
 
@@ -36,11 +35,7 @@ def test_starts_from_the_saved_model_and_trains_both_networks(run, tmp_path):
 
 
 def test_model_and_summary_that_disagree_are_refused(run, tmp_path, capsys):
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
-    summary = json.loads((copy / "summary.json").read_text())
-    summary["alpha"]["valid"]["ndcg@10"] += 0.01
-    (copy / "summary.json").write_text(json.dumps(summary))
+    copy = run_with_summary_off(run, tmp_path, "valid")
     out = tmp_path / "JOINT.md"
     with pytest.raises(SystemExit) as e:
         run_cli(joint_finetune.main, [str(copy), "--epochs", "1", "--out", str(out)])

@@ -7,6 +7,7 @@ seconds. `trained_run` caches each run for the pytest session (the other export 
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,17 @@ def trained_run(tmp_path_factory, name: str, overrides: list[str] = (), nproc: i
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
+
+
+def run_with_summary_off(run: Path, tmp_path: Path, split: str) -> Path:
+    """A copy of `run` (model and files, no checkpoints) whose summary.json's chosen-alpha ndcg@10 on `split` is
+    0.01 off what its model scores: a model and summary that are not one run."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["alpha"][split]["ndcg@10"] += 0.01
+    (copy / "summary.json").write_text(json.dumps(summary))
+    return copy
 
 
 def cli(module: str, args: list[str], capsys) -> tuple[int, str, str]:
