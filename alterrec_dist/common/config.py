@@ -222,10 +222,12 @@ class Config:
             (r.zero_stage == 0 or r.engine == "deepspeed",
              f"trainer.zero_stage={r.zero_stage} needs trainer.engine=deepspeed"),
             (m.id_logits == m.text_logits == "dot" or not METHODS[t.method].fused,
-             "cosine logits apply to the separate id and text networks, not to NFRec's fused one"),
+             "cosine logits apply to the separate id and text networks, not to NFRec's fused one: set "
+             "model.id_logits=dot and model.text_logits=dot"),
             (m.text_adapter == "mlp" or m.text_hidden == 0, "model.text_hidden applies to model.text_adapter = mlp"),
             (not t.reject_worse or METHODS[t.method].schedule == ALTERNATE,
-             f"train.reject_worse applies to methods that alternate two networks, not {t.method}"),
+             f"train.reject_worse applies to methods that alternate two networks, not {t.method}: set "
+             "train.reject_worse=false"),
             (m.encoder != "transformer" or m.dim % m.heads == 0,
              f"model.dim={m.dim} must be divisible by model.heads={m.heads} for the transformer encoder"),
         ]
