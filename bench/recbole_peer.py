@@ -10,6 +10,10 @@ features.
     python3 bench/recbole_peer.py --model UniSRec --unisrec-src ../peers/UniSRec --features data/scientific \
         --seed 0 --out runs/peers/scientific/UniSRec-s0
 
+Another dataset in the project's layout runs the same way once `python -m bench.recbole_files` has written it
+as RecBole's files (the ID-only models: SASRec, CORE, BERT4Rec, SR-GNN), e.g. a synthetic proxy for data we
+do not have.
+
 RecBole is never a project dependency: this script (standard library only at top level) creates
 `.venv-recbole/` in the repository root on first use (torch==2.13.0 first, the CPU wheel on disk,
 then recbole==1.2.1 with pinned, compatible numpy/scipy/pandas), writes the RecBole config into
@@ -100,7 +104,7 @@ def category_words(text: str) -> list[str]:
 
 ITEM_FEATURE = {"FDSA": ("text", text_words), "S3Rec": ("category", category_words)}  # model -> (field, words)
 METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
-DATASET = "Scientific"  # file prefix and RecBole dataset name
+CATALOG = "item"  # <name>.item with an item_id column alone: every item, also those no row names
 RESUME = "resume.pth"  # in OUT: the training state after the last validation, while the run is unfinished
 SPLITS = ("train", "valid", "test")
 
@@ -148,47 +152,62 @@ def count_rows(path: Path) -> int:
         return sum(1 for _ in f) - 1  # header
 
 
+def dataset_name(data: Path) -> str:
+    """The files' prefix (Scientific for ../shared/data/scientific), which RecBole takes as the dataset's name."""
+    names = sorted(p.name.removesuffix(".train.inter") for p in data.glob("*.train.inter"))
+    if len(names) != 1:
+        raise BadInput(f"data dir {data} needs one <name>.train.inter, has {len(names)}")
+    return names[0]
+
+
 def check_data(data: Path, model: str) -> dict:
+    """What the driver checks RecBole's dataset against: the name, the item count, the rows per split, and
+    whether a catalog file (<name>.item, item_id alone: bench/recbole_files.py writes one) lists the items."""
     if not data.is_dir():
         raise BadInput(f"data dir not found: {data}")
-    need = [f"{DATASET}.{s}.inter" for s in SPLITS] + [f"{DATASET}.item2index"]
-    need += [f"{DATASET}.text"] if model in ITEM_FEATURE else []
+    name = dataset_name(data)
+    need = [f"{name}.{s}.inter" for s in SPLITS] + [f"{name}.item2index"]
+    need += [f"{name}.text"] if model in ITEM_FEATURE else []
     missing = [n for n in need if not (data / n).is_file()]
     if missing:
         raise BadInput(f"data dir {data} lacks {', '.join(missing)}")
-    with open(data / f"{DATASET}.item2index") as f:
+    with open(data / f"{name}.item2index") as f:
         n_items = sum(1 for line in f if line.strip())
     return {
+        "name": name,
         "items": n_items,
-        "rows": {s: count_rows(data / f"{DATASET}.{s}.inter") for s in SPLITS},
+        "rows": {s: count_rows(data / f"{name}.{s}.inter") for s in SPLITS},
+        "catalog": model not in ITEM_FEATURE and (data / f"{name}.{CATALOG}").is_file(),
     }
 
 
-def stage_dataset(data: Path, stage: Path, model: str) -> None:
-    """RecBole reads DATA_PATH/<dataset>/<dataset>.<suffix>: link the files (no copies); FDSA and S3-Rec
-    also get their item feature from the text, as a .item file."""
-    d = stage / DATASET
+def stage_dataset(data: Path, stage: Path, model: str, expect: dict) -> None:
+    """RecBole reads DATA_PATH/<dataset>/<dataset>.<suffix>: link the files (no copies), the catalog file
+    too where there is one; FDSA and S3-Rec get their item feature from the text instead, as the .item file."""
+    name = expect["name"]
+    d = stage / name
     d.mkdir(parents=True, exist_ok=True)
-    for s in SPLITS:
-        (d / f"{DATASET}.{s}.inter").symlink_to(data / f"{DATASET}.{s}.inter")
+    for s in SPLITS + ((CATALOG,) if expect["catalog"] else ()):
+        suffix = f"{s}.inter" if s in SPLITS else s
+        (d / f"{name}.{suffix}").symlink_to(data / f"{name}.{suffix}")
     if model in ITEM_FEATURE:
-        write_item_feature(data, d / f"{DATASET}.item", *ITEM_FEATURE[model])
+        write_item_feature(data, name, d / f"{name}.item", *ITEM_FEATURE[model])
 
 
-def write_item_feature(data: Path, path: Path, field: str, words) -> None:
-    """`field`: the words `words` finds in each item's Scientific.text (keyed by ASIN), re-keyed through
+def write_item_feature(data: Path, name: str, path: Path, field: str, words) -> None:
+    """`field`: the words `words` finds in each item's <name>.text (keyed by ASIN), re-keyed through
     item2index into the .inter files' item tokens."""
-    with open(data / f"{DATASET}.item2index") as f:
+    with open(data / f"{name}.item2index") as f:
         index = dict(line.rstrip("\n").split("\t") for line in f if line.strip())
     rows = {}
-    with open(data / f"{DATASET}.text") as f:
+    with open(data / f"{name}.text") as f:
         next(f)
         for line in f:
             asin, _, text = line.rstrip("\n").partition("\t")
             if asin in index:
                 rows[index[asin]] = " ".join(words(text))
     if len(rows) != len(index):
-        raise BadInput(f"{data / (DATASET + '.text')}: text for {len(rows)} of the {len(index)} items")
+        raise BadInput(f"{data / (name + '.text')}: text for {len(rows)} of the {len(index)} items")
     path.write_text(f"item_id:token\t{field}:token_seq\n" + "".join(f"{i}\t{t}\n" for i, t in rows.items()))
 
 
@@ -245,7 +264,7 @@ SASREC_DEFAULTS = {
 
 
 def recbole_config(model: str, seed: int, epochs: int | None, batch_size: int | None, stage: Path, out: Path,
-                   plm_size: int = 0) -> dict:
+                   catalog: bool, plm_size: int = 0) -> dict:
     """The whole RecBole config of one run: shared data/eval settings, then the model's own;
     `epochs`/`batch_size` None keep the model's default here."""
     cfg = {
@@ -283,6 +302,8 @@ def recbole_config(model: str, seed: int, epochs: int | None, batch_size: int | 
         "save_dataloaders": False,
         "log_wandb": False,
     }
+    if catalog:  # the catalog is every item listed, not only those the rows name
+        cfg["load_col"]["item"] = ["item_id"]
     if model == "SASRec":
         cfg.update(SASREC_DEFAULTS)
     if model in ITEM_FEATURE:  # RecBole's defaults name a 'class' field, which this split lacks
@@ -354,8 +375,9 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".dataset-", dir=out))
         try:
-            stage_dataset(data, stage, a.model)
-            cfg = recbole_config(a.model, a.seed, a.epochs, a.batch_size, stage, out, extra.get("plm_size", 0))
+            stage_dataset(data, stage, a.model, expect)
+            cfg = recbole_config(a.model, a.seed, a.epochs, a.batch_size, stage, out, expect["catalog"],
+                                 extra.get("plm_size", 0))
             cfg.update(overrides)
             write_yaml(cfg, out / "recbole.yaml")
             # what a saved training state must match to be resumed: everything but the staging dir
@@ -429,14 +451,14 @@ def write_plm_features(parts: list[str], dim: int, path: Path) -> None:
     rows.tofile(path)
 
 
-def pretrain_s3rec(cfg_path: str, train_data, until: float | None, logger) -> str:
+def pretrain_s3rec(cfg_path: str, dataset: str, train_data, until: float | None, logger) -> str:
     """S3-Rec's first stage, its four self-supervised losses on the training sessions (RecBole's own trainer,
     a checkpoint every epoch), stopped before an epoch that would start past `until` (process time; None:
     RecBole's pretrain_epochs). Returns the last checkpoint, which the fine-tuning stage loads."""
     from recbole.config import Config
     from recbole.utils import get_model, get_trainer, init_seed
 
-    config = Config(model="S3Rec", dataset=DATASET, config_file_list=[cfg_path],
+    config = Config(model="S3Rec", dataset=dataset, config_file_list=[cfg_path],
                     config_dict={"train_stage": "pretrain", "save_step": 1})
     init_seed(config["seed"], config["reproducibility"])
     model = get_model("S3Rec")(config, train_data._dataset).to(config["device"])
@@ -554,14 +576,14 @@ def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str, extra
         model_class, make_dataset = UniSRec, UniSRecDataset
     else:
         model_class, make_dataset = get_model(model_name), create_dataset
-    config = Config(model=model_class, dataset=DATASET, config_file_list=[cfg_path])
+    config = Config(model=model_class, dataset=expect["name"], config_file_list=[cfg_path])
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = logging.getLogger()
     logger.info(config)
     if model_name == "UniSRec":
         write_plm_features(extra["feature_parts"], config["plm_size"],
-                           Path(config["data_path"]) / f"{DATASET}.{config['plm_suffix']}")
+                           Path(config["data_path"]) / f"{expect['name']}.{config['plm_suffix']}")
     dataset = make_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
@@ -596,7 +618,7 @@ def drive(cfg_path: str, model_name: str, out_json: str, expect_json: str, extra
     start, cap = time.process_time() - (state["cpu_seconds"] if state else 0), extra["max_minutes"] * 60
     if model_name == "S3Rec":  # fine-tuning starts from the pre-trained weights
         pretrained = state["pre_model_path"] if state else pretrain_s3rec(
-            cfg_path, train_data, start + cap / 2 if cap else None, logger)
+            cfg_path, expect["name"], train_data, start + cap / 2 if cap else None, logger)
         config["pre_model_path"] = pretrained
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = model_class(config, train_data._dataset).to(config["device"])
