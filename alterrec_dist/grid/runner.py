@@ -99,6 +99,7 @@ class Grid:
     jobs: int
     threads: int
     datasets: list[DatasetGrid]
+    title: str  # the report's heading
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -123,7 +124,8 @@ def load_grid(path: str | Path) -> Grid:
     root = PROJECT_ROOT
     return Grid(path, root / doc.get("out", f"results/{path.stem}"),
                 root / doc.get("report", "docs/RESULTS.md"), root / doc.get("images", "docs/img"),
-                int(doc.get("jobs", 1)), int(doc.get("threads", 1)), datasets)
+                int(doc.get("jobs", 1)), int(doc.get("threads", 1)), datasets,
+                doc.get("title", "Results: AlterRec against its baselines and peers, on real data"))
 
 
 def train_command(d: DatasetGrid, method: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
@@ -365,12 +367,18 @@ def confirm_runs(d: DatasetGrid, method: str, specs: list[RunSpec]) -> list[RunS
 
 
 def prepare_datasets(grid: Grid) -> None:
-    """Make each dataset the grid needs if its directory is missing (the command is in the grid)."""
+    """Make each dataset the grid's methods train on if its directory is missing (the command is in the grid);
+    one the grid cannot make is a one-line error here rather than every run failing on it."""
     for d in grid.datasets:
-        cfg = load_config(PROJECT_ROOT / d.config)
-        path = cfg.resolve_path(cfg.data.path)
-        if path.exists() or not d.prepare:
+        if not d.methods:
             continue
+        cfg = method_config(d, d.methods[0])  # the dataset's `set` may move data.path off its config's
+        path = cfg.resolve_path(cfg.data.path)
+        if path.exists():
+            continue
+        if not d.prepare:
+            raise ConfigError(f"{grid.path}: dataset {d.name!r} has no data at {shown(path)} and no `prepare` "
+                              "command to make it: make it first (the grid file says how)")
         cmd = [sys.executable, "-m", "alterrec_dist.prepare", *d.prepare]
         print(f"preparing {d.name}: {shlex.join(cmd)}", flush=True)
         subprocess.run(cmd, cwd=PROJECT_ROOT, check=True)

@@ -30,6 +30,7 @@ def write_grid(tmp_path):
     tiny_dataset(tmp_path / "tiny")  # the runner's mechanics, not the methods' quality: each run is mostly start-up
     grid = tmp_path / "grid.toml"
     grid.write_text(textwrap.dedent(f'''
+        title = "A tiny grid"
         out = "{tmp_path}/runs"
         report = "{tmp_path}/docs/RESULTS.md"
         images = "{tmp_path}/docs/img"
@@ -79,6 +80,7 @@ def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     assert "--set model.text_logits=cosine --set model.id_temperature=0.07" in cmd
 
     report = (tmp_path / "docs/RESULTS.md").read_text()
+    assert report.startswith("# A tiny grid\n")
     for heading in ("Table 1", "Table 2", "Fig. 3", "Fig. 5", "Fig. 6", "Fig. 7", "### Runs"):
         assert heading in report, heading
     assert "| Published (published) | – | 0.9000 |" in report

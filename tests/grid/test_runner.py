@@ -321,3 +321,37 @@ def test_configs_scientific_holds_what_the_paper_grid_chose_for_alterrec():
     choice = choose(expand(grid), d, "alterrec")
     chosen = method_config(d, "alterrec", choice.runs[0].extra if choice else [])
     assert asdict(load_config(PROJECT_ROOT / "configs/scientific.toml")) == asdict(chosen)
+
+
+def test_the_carryover_check_runs_configs_scientific_as_it_is_on_other_data():
+    """configs/experiments/carryover.toml checks whether scientific.toml's settings carry: each method's config
+    there is scientific.toml's but for the data, the method, and only what that method needs to take it at all."""
+    grid = load_grid(PROJECT_ROOT / "configs/experiments/carryover.toml")
+    [d] = grid.datasets
+    specs = expand(grid)
+    assert sorted(s.run_dir.name for s in specs) == sorted(
+        [f"{m}-s{seed}" for m in ("alterrec", "id_only", "nfrec_sum") for seed in (0, 1, 2)] + ["SASRec-s0"])
+    base = asdict(load_config(PROJECT_ROOT / "configs/scientific.toml"))
+    needs = {"alterrec": {}, "id_only": {("train", "reject_worse"): False},
+             "nfrec_sum": {("train", "reject_worse"): False, ("model", "text_logits"): "dot"}}
+    for method, own in needs.items():
+        cfg = asdict(method_config(d, method))
+        differ = {(section, key): value for section, values in cfg.items() for key, value in values.items()
+                  if base[section][key] != value}
+        assert differ == {("data", "path"): "data/synth-sparse", **({("train", "method"): method}
+                                                                   if method != "alterrec" else {}), **own}, method
+
+
+def test_a_dataset_the_grid_cannot_make_is_one_error_before_any_run(tmp_path):
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text(textwrap.dedent(f'''
+        out = "{tmp_path}/runs"
+        [[dataset]]
+        name = "elsewhere"
+        config = "configs/default.toml"
+        set = ["data.path={tmp_path}/absent"]
+        methods = ["id_only"]
+    '''))
+    with pytest.raises(ConfigError, match=r"grid.toml: dataset 'elsewhere' has no data at .*absent and no `prepare`"):
+        main(["--grid", str(grid_file)])
+    assert not (tmp_path / "runs").exists()
