@@ -24,9 +24,14 @@ HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
 
 
 def inter_lines(rows: dict) -> str:
-    owners = [s if s is not None else u for s, u in zip(rows["session"], rows["user"])]
-    return HEADER + "".join(f"{owner if owner is not None else n}\t{' '.join(map(str, history))}\t{target}\n"
-                            for n, (owner, history, target) in enumerate(zip(owners, rows["history"], rows["target"])))
+    """One line per row; RecBole's user_id is the sequence a row belongs to: its session, else its user, else
+    the row alone (the sequential models score each line on its own history)."""
+    lines = [HEADER]
+    for n, (session, user, history, target) in enumerate(zip(rows["session"], rows["user"], rows["history"],
+                                                             rows["target"])):
+        owner = session if session is not None else user if user is not None else n
+        lines.append(f"{owner}\t{' '.join(map(str, history))}\t{target}\n")
+    return "".join(lines)
 
 
 def write_recbole_files(data: Dataset, out: Path, name: str) -> None:
