@@ -61,9 +61,9 @@ def load_run_config(args: argparse.Namespace) -> tuple[Config, Location | None]:
 
 # -- the summary table ------------------------------------------------------------------------
 
-def format_summary(summary: dict, run_dir: Location, metric: str = "") -> str:
+def format_summary(summary: dict, run_dir: Location) -> str:
     """The test table (rows id/text/fused, and with eval.alpha_sweep the fused weight chosen on
-    validation; columns METRICS), best epoch and run dir."""
+    validation; columns METRICS), best epoch (with the metric that chose it) and run dir."""
     test = summary.get("test", {})
     rows = [(row, test[row], "") for row in SCORE_PARTS if row in test]
     alpha = summary.get("alpha")
@@ -78,7 +78,8 @@ def format_summary(summary: dict, run_dir: Location, metric: str = "") -> str:
             v = vals.get(c)
             cells.append(f"{v:>{width}.4f}" if isinstance(v, (int, float)) else f"{'-':>{width}}")
         lines.append(f"{row:<{first}}" + "".join(cells) + note)
-    chosen = f" (selected on valid {metric})" if metric else ""
+    # the run's own selection (a one-network method is chosen on its own score, whatever eval.metric says)
+    chosen = f" (selected on valid {summary['selection']})" if "selection" in summary else ""
     lines.append(f"best epoch: {summary.get('best_epoch', '?')}{chosen}")
     lines.append(f"run dir: {run_dir}")
     return "\n".join(lines)
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    print(format_summary(summary, run_dir, cfg.eval.metric), flush=True)
+    print(format_summary(summary, run_dir), flush=True)
     return 0
 
 

@@ -88,12 +88,13 @@ def test_make_run_dir_relative_out_is_cwd_relative(tmp_path, monkeypatch):
 
 
 def test_format_summary_table():
-    text = format_summary(fake_summary(best_epoch=7), Path("/r/x"), "fused/ndcg@10")
+    # an ID-only run is chosen on its own score, whatever eval.metric names: the line says the run's selection
+    text = format_summary(fake_summary(best_epoch=7) | {"selection": "id/ndcg@10"}, Path("/r/x"))
     lines = text.splitlines()
     assert lines[0].split() == ["test", *METRICS]
     assert [ln.split()[0] for ln in lines[1:4]] == ["id", "text", "fused"]
     assert lines[1].split()[1:] == ["0.1000", "0.2000", "0.3000", "0.4000", "0.5000"]
-    assert "best epoch: 7" in text and lines[-1] == "run dir: /r/x"
+    assert lines[-2] == "best epoch: 7 (selected on valid id/ndcg@10)" and lines[-1] == "run dir: /r/x"
     # a method that has no text side (id_only) just leaves that row out; missing cells show "-"
     s = fake_summary()
     del s["test"]["text"]
