@@ -242,9 +242,10 @@ def training_curves(runs: list[dict], losses: dict[str, str], title: str, path: 
 
 
 def longtail(methods: dict[str, list[dict]], metric: str) -> tuple[list[str], dict[str, list[float]], dict]:
-    """Per popularity group of the target: each method's mean test metric relative to id_only's."""
+    """Per popularity group of the target: each method's mean test metric relative to id_only's (groups no
+    test target falls in, e.g. the most popular one on a dataset without such items, left out)."""
     base = methods["id_only"]
-    groups = list(base[0]["longtail"]["id"])
+    groups = [g for g, cell in base[0]["longtail"]["id"].items() if cell["n"]]
     def mean_metric(runs, kind, g):
         return statistics.mean(r["longtail"][kind][g][metric] for r in runs)
     ref = {g: mean_metric(base, "id", g) for g in groups}
