@@ -187,9 +187,9 @@ def stage_dataset(data: Path, stage: Path, model: str, expect: dict) -> None:
     name = expect["name"]
     d = stage / name
     d.mkdir(parents=True, exist_ok=True)
-    for s in SPLITS + ((CATALOG,) if expect["catalog"] else ()):
-        suffix = f"{s}.inter" if s in SPLITS else s
-        (d / f"{name}.{suffix}").symlink_to(data / f"{name}.{suffix}")
+    files = [f"{name}.{s}.inter" for s in SPLITS] + ([f"{name}.{CATALOG}"] if expect["catalog"] else [])
+    for file in files:
+        (d / file).symlink_to(data / file)
     if model in ITEM_FEATURE:
         write_item_feature(data, name, d / f"{name}.item", *ITEM_FEATURE[model])
 
