@@ -250,7 +250,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
         "test": {k: {m: v for m, v in best["test"][k].items() if m != "longtail"} for k in best["test"]},
         "longtail": {k: best["test"][k]["longtail"] for k in best["test"]},
     }
-    alpha = chosen_alpha(best, cfg.eval.alpha, cfg.eval.alpha_sweep, metric)
+    alpha = chosen_alpha(best, cfg.eval.alpha, cfg.eval.alpha_sweep, part, metric)
     if alpha is not None:
         summary["alpha"] = alpha
     if comm.rank == 0:
@@ -258,12 +258,14 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     return summary
 
 
-def chosen_alpha(best: dict, alpha: float, sweep: list[float], metric: str) -> dict | None:
+def chosen_alpha(best: dict, alpha: float, sweep: list[float], part: str, metric: str) -> dict | None:
     """The fusion weight among eval.alpha and eval.alpha_sweep with the best validation `metric` at the
-    best epoch, and the test metrics at it; None without a sweep (or a method without fused@ kinds).
-    Ties go to eval.alpha, then to the earlier sweep value."""
+    best epoch, and the test metrics at it; None without a sweep, for a method without fused@ kinds
+    (NFRec) or for a run selected on one network's score (`part` not fused: ID or text only, whose other
+    network is never trained, so a weight over it means nothing). Ties go to eval.alpha, then to the
+    earlier sweep value."""
     kinds = {alpha: "fused"} | {a: f"fused@{a:g}" for a in sweep}
-    if not sweep or any(k not in best["valid"] for k in kinds.values()):
+    if part != "fused" or not sweep or any(k not in best["valid"] for k in kinds.values()):
         return None
     chosen = max(kinds, key=lambda a: best["valid"][kinds[a]][metric])  # max keeps the first of equals
     kind = kinds[chosen]

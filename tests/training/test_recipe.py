@@ -65,15 +65,17 @@ def test_alpha_is_chosen_on_validation_and_reported_on_test():
                       "fused@0.7": scores(0.26)},
             "test": {"id": scores(0.2), "text": scores(0.1), "fused": scores(0.3), "fused@0.3": scores(0.21),
                      "fused@0.7": scores(0.4)}}
-    got = chosen_alpha(best, 0.5, [0.3, 0.7], "ndcg@10")
+    got = chosen_alpha(best, 0.5, [0.3, 0.7], "fused", "ndcg@10")
     # 0.3 is best on validation, so its test figures are reported even though 0.7 is better on test
     assert got == {"chosen": 0.3, "selection": "fused/ndcg@10", "valid": best["valid"]["fused@0.3"],
                    "test": {"ndcg@10": 0.21, "hit@10": 0.42}}
-    assert chosen_alpha(best, 0.5, [0.3, 0.7], "hit@10")["chosen"] == 0.3
-    assert chosen_alpha(best, 0.5, [], "ndcg@10") is None  # no sweep, nothing chosen
+    assert chosen_alpha(best, 0.5, [0.3, 0.7], "fused", "hit@10")["chosen"] == 0.3
+    assert chosen_alpha(best, 0.5, [], "fused", "ndcg@10") is None  # no sweep, nothing chosen
     best["valid"]["fused@0.3"] = scores(0.25)
-    assert chosen_alpha(best, 0.5, [0.3, 0.7], "ndcg@10")["chosen"] == 0.7
+    assert chosen_alpha(best, 0.5, [0.3, 0.7], "fused", "ndcg@10")["chosen"] == 0.7
     best["valid"]["fused@0.7"] = scores(0.25)
-    assert chosen_alpha(best, 0.5, [0.3, 0.7], "ndcg@10")["chosen"] == 0.5  # a tie keeps eval.alpha
-    del best["valid"]["fused@0.7"]  # a method without the sweep's kinds (NFRec, single networks)
-    assert chosen_alpha(best, 0.5, [0.3, 0.7], "ndcg@10") is None
+    assert chosen_alpha(best, 0.5, [0.3, 0.7], "fused", "ndcg@10")["chosen"] == 0.5  # a tie keeps eval.alpha
+    # a run judged on one network (ID or text only): its other network is untrained, no weight is chosen
+    assert chosen_alpha(best, 0.5, [0.3, 0.7], "id", "ndcg@10") is None
+    del best["valid"]["fused@0.7"]  # a method without the sweep's kinds (NFRec)
+    assert chosen_alpha(best, 0.5, [0.3, 0.7], "fused", "ndcg@10") is None
