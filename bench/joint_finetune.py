@@ -54,7 +54,8 @@ def scored(run: Run, epoch: int) -> dict:
     """Validation and test at the alpha chosen on validation, and each network alone."""
     e = run.cfg.eval
     best = {"valid": run.evaluate("valid", epoch), "test": run.evaluate("test", epoch)}
-    alpha = chosen_alpha(best, e.alpha, e.alpha_sweep, e.metric.partition("/")[2])
+    part, _, metric = e.metric.partition("/")
+    alpha = chosen_alpha(best, e.alpha, e.alpha_sweep, part, metric)
 
     def pick(metrics: dict) -> dict:
         return {m: metrics[m] for m in METRICS}
