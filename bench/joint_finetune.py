@@ -28,7 +28,7 @@ from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.config import load_config
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json, read_json
-from alterrec_dist.common.methods import method
+from alterrec_dist.common.methods import method, selection
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.saved import load_model
 from alterrec_dist.training.recipe import Run, build_run, chosen_alpha
@@ -54,7 +54,7 @@ def scored(run: Run, epoch: int) -> dict:
     """Validation and test at the alpha chosen on validation, and each network alone."""
     e = run.cfg.eval
     best = {"valid": run.evaluate("valid", epoch), "test": run.evaluate("test", epoch)}
-    part, _, metric = e.metric.partition("/")
+    part, metric = selection(run.cfg.train.method, e.metric)
     alpha = chosen_alpha(best, e.alpha, e.alpha_sweep, part, metric)
 
     def pick(metrics: dict) -> dict:

@@ -49,3 +49,10 @@ def method(name: str) -> Method:
 def selection_part(name: str, metric_part: str) -> str:
     """The score part `name` is judged on: its own network's for a lone network, else eval.metric's part."""
     return method(name).judged_on or metric_part
+
+
+def selection(name: str, eval_metric: str) -> tuple[str, str]:
+    """(score part, metric) a run of `name` is selected on: eval.metric's, e.g. ("fused", "ndcg@10"), with a lone
+    network judged on its own score (`selection_part`)."""
+    part, _, metric = eval_metric.partition("/")
+    return selection_part(name, part), metric

@@ -34,7 +34,7 @@ from alterrec_dist.common.config import Config
 from alterrec_dist.common.device import configure_matmuls, worker_device
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json
-from alterrec_dist.common.methods import selection_part
+from alterrec_dist.common.methods import selection
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.reader import SessionReader
@@ -156,8 +156,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     run = build_run(cfg, Comm())
     comm, t = run.comm, cfg.train
     run_dir = storage.location(run_dir)
-    part, _, metric = cfg.eval.metric.partition("/")
-    part = selection_part(t.method, part)  # a lone network is judged on itself
+    part, metric = selection(t.method, cfg.eval.metric)
     phases = plan(t.method, t.m_random, t.m_gap, t.m_max)
     warmup = warmup_epochs(t.method, t.m_random, t.m_max)
     steps_per_epoch = run.train_reader.steps_per_epoch()

@@ -3,7 +3,7 @@ import pytest
 
 from alterrec_dist.common.config import load_config
 from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.common.methods import METHODS, method, selection_part
+from alterrec_dist.common.methods import METHODS, method, selection, selection_part
 from alterrec_dist.grid.report import method_label, own_kind
 from alterrec_dist.model.networks import build_networks
 from alterrec_dist.training.schedule import plan
@@ -25,3 +25,10 @@ def test_unknown_methods_are_refused_in_one_place():
     with pytest.raises(ConfigError, match="train.method must be one of alterrec, "):
         load_config(None, ["train.method=nope"])
     assert len({m.label for m in METHODS.values()}) == len(METHODS)
+
+
+def test_a_run_is_selected_on_eval_metric_or_its_lone_networks_own_score():
+    assert selection("alterrec", "fused/ndcg@10") == ("fused", "ndcg@10")
+    assert selection("alterrec", "id/hit@20") == ("id", "hit@20")
+    assert selection("id_only", "fused/ndcg@10") == ("id", "ndcg@10")  # its text network is never trained
+    assert selection("text_only", "fused/mrr@20") == ("text", "mrr@20")
