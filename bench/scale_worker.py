@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from alterrec_dist.common.config import load_config
-from alterrec_dist.eval.evaluate import evaluate
+from alterrec_dist.eval.evaluate import evaluate, kind_weights
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.mining import CountPacker
 from alterrec_dist.training import recipe, step
@@ -242,8 +242,8 @@ def measure(spec: dict) -> dict:
     comm.bytes.clear()
     e = cfg.eval
     start = time.perf_counter()
-    evaluate(comm, run.networks, run.table, eval_batches, len(eval_batches), run.popularity, e.alpha,
-             e.longtail_bins, e.tile_rows, desc="eval")
+    evaluate(comm, run.networks, run.table, eval_batches, len(eval_batches), run.popularity,
+             kind_weights(cfg.train.method, e.alpha), e.longtail_bins, e.tile_rows, desc="eval")
     eval_s = time.perf_counter() - start
     return {"rank": comm.rank, "world": comm.world, "items": run.table.num_items, "local_items": run.table.num_local,
             "batch": cfg.train.global_batch_size, "k2": run.k2, "build_s": build_s, "cases": cases,

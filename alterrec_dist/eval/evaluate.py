@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from alterrec_dist.common.device import tile_rows as resolve_tile_rows
+from alterrec_dist.common.methods import method
 from alterrec_dist.data.reader import Batch
 from alterrec_dist.eval.metrics import MetricSums, popularity_groups
 from alterrec_dist.model.networks import Network
@@ -41,16 +42,27 @@ class Scorer:
     weights: dict[str, list[float]]         # kind -> weight per component
 
     @staticmethod
-    def build(networks: dict[str, Network], table: ShardedItemTable, alpha: float, tile_rows: int,
-              alpha_sweep: tuple[float, ...] = ()) -> "Scorer":
-        """id, text and fused kinds; for AlterRec also "fused@<a>" for each a of `alpha_sweep`."""
-        if "fused" in networks:  # NFRec: y = y_id + y_text (paper App. B)
-            id_part, text_part = item_matrix(networks["fused"], table, tile_rows, parts=True)
-            return Scorer([id_part, text_part], [1.0, 1.0], {"id": [1, 0], "text": [0, 1], "fused": [1, 1]})
+    def build(networks: dict[str, Network], table: ShardedItemTable, weights: dict[str, list[float]],
+              tile_rows: int) -> "Scorer":
+        """This shard's component rows of `networks`, scored as `weights` (`kind_weights`) says."""
+        if "fused" in networks:  # NFRec: y = y_id + y_text (paper App. B), one network's two parts
+            return Scorer(list(item_matrix(networks["fused"], table, tile_rows, parts=True)), [1.0, 1.0], weights)
         mats = [item_matrix(networks[n], table, tile_rows)[0] for n in ("id", "text")]
-        scales = [networks[n].logit_scale for n in ("id", "text")]
-        sweep = {f"fused@{a:g}": [a, 1 - a] for a in alpha_sweep}
-        return Scorer(mats, scales, {"id": [1, 0], "text": [0, 1], "fused": [alpha, 1 - alpha], **sweep})
+        return Scorer(mats, [networks[n].logit_scale for n in ("id", "text")], weights)
+
+
+def kind_weights(method_name: str, alpha: float, alpha_sweep: tuple[float, ...] = ()) -> dict[str, list[float]]:
+    """The kinds a run of `method_name` is scored on, kind -> weight per component (id, text). "fused" is the
+    score the method serves (recommend, export, batch scoring rank by it): AlterRec's alpha-weighted sum, with
+    "fused@<a>" for each a of `alpha_sweep`; NFRec's plain sum. A lone network (ID or text only) has just its
+    own kind, and serves it as "fused": its other network is never trained, so any score over it is noise."""
+    parts = {"id": [1.0, 0.0], "text": [0.0, 1.0]}
+    m = method(method_name)
+    if m.judged_on:
+        return {m.judged_on: parts[m.judged_on], "fused": parts[m.judged_on]}
+    if m.fused:
+        return {**parts, "fused": [1.0, 1.0]}
+    return {**parts, "fused": [alpha, 1 - alpha], **{f"fused@{a:g}": [a, 1 - a] for a in alpha_sweep}}
 
 
 @torch.no_grad()
@@ -71,13 +83,12 @@ def session_queries(networks: dict[str, Network], table: ShardedItemTable, batch
 
 @torch.no_grad()
 def evaluate(comm: Comm, networks: dict[str, Network], table: ShardedItemTable, batches, num_batches: int,
-             popularity: np.ndarray, alpha: float, bins: list[int], tile_rows: int, desc: str = "eval",
-             alpha_sweep: tuple[float, ...] = ()) -> dict:
-    """Metrics for id, text and fused scores (and the swept fused kinds) over the batches of one split,
-    with long-tail groups."""
+             popularity: np.ndarray, weights: dict[str, list[float]], bins: list[int], tile_rows: int,
+             desc: str = "eval") -> dict:
+    """Metrics for each kind of `weights` (`kind_weights`) over the batches of one split, with long-tail groups."""
     for net in networks.values():
         net.eval()
-    scorer = Scorer.build(networks, table, alpha, tile_rows, alpha_sweep)
+    scorer = Scorer.build(networks, table, weights, tile_rows)
     kinds = list(scorer.weights)
     group_of_item, labels = popularity_groups(popularity, bins)
     ids = table.global_ids

@@ -11,15 +11,15 @@ from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import file_sha256, read_json, resolve_location
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import Dataset
-from alterrec_dist.eval.evaluate import Scorer
+from alterrec_dist.eval.evaluate import Scorer, kind_weights
 from alterrec_dist.model.networks import Network, build_networks
 from alterrec_dist.parallel.saved import load_model
 from alterrec_dist.parallel.table import Placement
 from alterrec_dist.serve.scoring_model import ScoringModel
 
 
-def _scorer_spec(networks: dict[str, Network], x, features, world: int, tile_rows: int, alpha: float,
-                 alpha_sweep) -> tuple[list[torch.Tensor], list[float], dict[str, list[float]]]:
+def _scorer_spec(networks: dict[str, Network], x, features, world: int, tile_rows: int,
+                 weights: dict[str, list[float]]) -> tuple[list[torch.Tensor], list[float], dict[str, list[float]]]:
     """The engine's Scorer, built shard by shard exactly as each rank builds it (same rows per
     shard, same tiles), scattered back into item_idx order."""
     V = len(features)
@@ -27,7 +27,7 @@ def _scorer_spec(networks: dict[str, Network], x, features, world: int, tile_row
     for rank in range(world):
         rows = Placement(world).ids_of(rank, V, features.device)
         table = SimpleNamespace(num_local=len(rows), x=x[rows] if x is not None else None, features=features[rows])
-        scorer = Scorer.build(networks, table, alpha, tile_rows, tuple(alpha_sweep))
+        scorer = Scorer.build(networks, table, weights, tile_rows)
         if mats is None:
             mats = [torch.empty(V, m.shape[1], dtype=m.dtype, device=m.device) for m in scorer.matrices]
         for full, m in zip(mats, scorer.matrices):
@@ -71,7 +71,8 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
     x = x.to(device) if x is not None else None
     features = torch.from_numpy(np.ascontiguousarray(data.text_features())).to(device)
     e = cfg.eval
-    mats, scales, weights = _scorer_spec(networks, x, features, manifest["world_size"], e.tile_rows, e.alpha, e.alpha_sweep)
+    mats, scales, weights = _scorer_spec(networks, x, features, manifest["world_size"], e.tile_rows,
+                                         kind_weights(cfg.train.method, e.alpha, tuple(e.alpha_sweep)))
     item_ids, texts, popularity = _item_table(data)
     summary_path = run_dir / "summary.json"
     summary = read_json(summary_path) if summary_path.is_file() else None

@@ -38,7 +38,7 @@ from alterrec_dist.common.methods import selection
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.reader import SessionReader
-from alterrec_dist.eval.evaluate import evaluate, item_matrix
+from alterrec_dist.eval.evaluate import evaluate, item_matrix, kind_weights
 from alterrec_dist.model.networks import Network, build_networks, text_init_rows
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.mining import capped_k2
@@ -75,9 +75,9 @@ class Run:
     def evaluate(self, split: str, epoch: int) -> dict:
         r, e = self.eval_readers[split], self.cfg.eval
         return evaluate(self.comm, self.networks, self.table, (b.to(self.device) for b in r.epoch(0)),
-                        r.steps_per_epoch(), self.popularity, e.alpha, e.longtail_bins, e.tile_rows,
-                        desc=f"{split} e{epoch}",
-                        alpha_sweep=tuple(e.alpha_sweep))
+                        r.steps_per_epoch(), self.popularity,
+                        kind_weights(self.cfg.train.method, e.alpha, tuple(e.alpha_sweep)), e.longtail_bins,
+                        e.tile_rows, desc=f"{split} e{epoch}")
 
     def lr_factor(self, epoch: int, step: int) -> float:
         """train.lr_schedule's factor at this step of `epoch`, over the trained network's own steps."""
@@ -260,9 +260,8 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
 def chosen_alpha(best: dict, alpha: float, sweep: list[float], part: str, metric: str) -> dict | None:
     """The fusion weight among eval.alpha and eval.alpha_sweep with the best validation `metric` at the
     best epoch, and the test metrics at it; None without a sweep, for a method without fused@ kinds
-    (NFRec) or for a run selected on one network's score (`part` not fused: ID or text only, whose other
-    network is never trained, so a weight over it means nothing). Ties go to eval.alpha, then to the
-    earlier sweep value."""
+    (NFRec, ID or text only: `kind_weights`) or for a run selected on something else than the fused score
+    (`part` not fused). Ties go to eval.alpha, then to the earlier sweep value."""
     kinds = {alpha: "fused"} | {a: f"fused@{a:g}" for a in sweep}
     if part != "fused" or not sweep or any(k not in best["valid"] for k in kinds.values()):
         return None

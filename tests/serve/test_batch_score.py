@@ -200,3 +200,7 @@ def test_other_runs_equal_summary(tmp_path_factory, tmp_path, name, overrides, n
     assert bundle.world == nproc
     if name == "nfrec-concat":
         assert bundle.weights["fused"] == [1.0, 1.0] and bundle.scales == [1.0, 1.0]
+    if name == "id-only":  # it serves its own score: no kind weighs in its never-trained text network
+        assert bundle.weights == {"id": [1.0, 0.0], "fused": [1.0, 0.0]}
+        test = json.loads((run / "summary.json").read_text())["test"]
+        assert set(test) == {"id", "fused"} and test["fused"] == test["id"]

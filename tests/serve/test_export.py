@@ -25,7 +25,7 @@ from alterrec_dist.common.files import file_sha256
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import DatasetWriter
 from alterrec_dist.data.reader import SessionReader
-from alterrec_dist.eval.evaluate import Scorer, count_above_target, session_queries
+from alterrec_dist.eval.evaluate import Scorer, count_above_target, kind_weights, session_queries
 from alterrec_dist.model.networks import build_networks
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.saved import load_model
@@ -128,7 +128,7 @@ def engine_results(run: Path, top: int, split: str = "test") -> dict:
         with torch.no_grad():
             table.x.copy_(x[table.global_ids])
         e = cfg.eval
-        scorer = Scorer.build(nets, table, e.alpha, e.tile_rows, tuple(e.alpha_sweep))
+        scorer = Scorer.build(nets, table, kind_weights(cfg.train.method, e.alpha, tuple(e.alpha_sweep)), e.tile_rows)
         reader = SessionReader(data.session_files(split), rank=0, world_size=1, global_batch_size=e.batch_size,
                                max_len=cfg.data.max_len, seed=0, shuffle=False, drop_last=False)
         out = {"queries": [], "ranks": [], "top": [], "fused": []}
