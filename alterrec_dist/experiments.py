@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         specs, failed = run_grid(grid, args.only)
     from alterrec_dist.grid.report import write_report  # plotting libraries only when reporting
 
-    write_report(grid, specs, " ".join(["python -m alterrec_dist.experiments", *(argv or sys.argv[1:])]))
+    write_report(grid, specs, args.grid)
     print(f"report: {grid.report}", flush=True)
     if failed:
         print(f"error: {len(failed)} run(s) failed: " + ", ".join(str(s.log) for s in failed), file=sys.stderr)
