@@ -1,4 +1,5 @@
-"""Recommend for one session: the top-N items with their text and their id, text and fused scores.
+"""Recommend for one session: the top-N items with their text, their fused score and the component scores it
+weighs (id and text; a lone network's model shows its own only).
 
     python -m alterrec_dist.recommend --run RUN_DIR --session ITEM_ID,ITEM_ID,... [--top 10]
         [--skip-unknown] [--index exact|faiss|faiss-hnsw]      (or --export EXPORT_DIR instead of --run)
@@ -27,13 +28,14 @@ from alterrec_dist.serve.search import INDEXES, Recommendation, Searcher, recomm
 
 def format_recommendation(rec: Recommendation, width: int = 70) -> str:
     lines = [f"session ({len(rec.session)} items, oldest first): {' '.join(rec.session)}",
-             f"{'rank':>4}  {'item_id':<14}{'fused':>11}{'id':>11}{'text':>11}  text"]
+             f"{'rank':>4}  {'item_id':<14}{'fused':>11}" + "".join(f"{c:>11}" for c in rec.components) + "  text"]
     for r in rec.rows:
         text = r["text"] if r["text"] else r["item_id"]
         text = " ".join(text.split())
         if len(text) > width:
             text = text[:width - 3] + "..."
-        lines.append(f"{r['rank']:>4}  {r['item_id']:<14}{r['fused']:>11.5f}{r['id']:>11.5f}{r['text_score']:>11.5f}  {text}")
+        scores = "".join(f"{r['scores'][c]:>11.5f}" for c in rec.components)
+        lines.append(f"{r['rank']:>4}  {r['item_id']:<14}{r['fused']:>11.5f}{scores}  {text}")
     return "\n".join(lines)
 
 

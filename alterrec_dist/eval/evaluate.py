@@ -20,6 +20,10 @@ from alterrec_dist.model.networks import Network
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.table import Placement, ShardedItemTable
 
+# The score components, in the order of every per-component list (matrices, scales, weights, queries):
+# AlterRec's two networks, or NFRec's two parts.
+COMPONENTS = ("id", "text")
+
 
 @torch.no_grad()
 def item_matrix(net: Network, table: ShardedItemTable, tile_rows: int, parts: bool = False):
@@ -47,8 +51,8 @@ class Scorer:
         """This shard's component rows of `networks`, scored as `weights` (`kind_weights`) says."""
         if "fused" in networks:  # NFRec: y = y_id + y_text (paper App. B), one network's two parts
             return Scorer(list(item_matrix(networks["fused"], table, tile_rows, parts=True)), [1.0, 1.0], weights)
-        mats = [item_matrix(networks[n], table, tile_rows)[0] for n in ("id", "text")]
-        return Scorer(mats, [networks[n].logit_scale for n in ("id", "text")], weights)
+        mats = [item_matrix(networks[n], table, tile_rows)[0] for n in COMPONENTS]
+        return Scorer(mats, [networks[n].logit_scale for n in COMPONENTS], weights)
 
 
 def kind_weights(method_name: str, alpha: float, alpha_sweep: tuple[float, ...] = ()) -> dict[str, list[float]]:
@@ -56,7 +60,7 @@ def kind_weights(method_name: str, alpha: float, alpha_sweep: tuple[float, ...] 
     score the method serves (recommend, export, batch scoring rank by it): AlterRec's alpha-weighted sum, with
     "fused@<a>" for each a of `alpha_sweep`; NFRec's plain sum. A lone network (ID or text only) has just its
     own kind, and serves it as "fused": its other network is never trained, so any score over it is noise."""
-    parts = {"id": [1.0, 0.0], "text": [0.0, 1.0]}
+    parts = {"id": [1.0, 0.0], "text": [0.0, 1.0]}  # each component alone, in COMPONENTS order
     m = method(method_name)
     if m.judged_on:
         return {m.judged_on: parts[m.judged_on], "fused": parts[m.judged_on]}
@@ -78,7 +82,7 @@ def session_queries(networks: dict[str, Network], table: ShardedItemTable, batch
 
     if "fused" in networks:
         return list(networks["fused"].part_queries(encode(networks["fused"])))
-    return [encode(networks[n]) for n in ("id", "text")]
+    return [encode(networks[n]) for n in COMPONENTS]
 
 
 @torch.no_grad()

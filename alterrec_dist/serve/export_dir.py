@@ -15,6 +15,7 @@ from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import Staged, atomic_write_json, check_out, file_sha256, read_manifest, resolve_location
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import read_parquet
+from alterrec_dist.eval.evaluate import COMPONENTS
 from alterrec_dist.model.networks import Network
 from alterrec_dist.parallel.saved import load_cpu, on_cpu, verify_files
 from alterrec_dist.serve.from_run import inference_device, load_networks, load_run
@@ -22,7 +23,6 @@ from alterrec_dist.serve.scoring_model import ScoringModel
 
 
 FORMAT_VERSION = 1
-COMPONENTS = ("id", "text")
 
 
 # -- writing and reading an export ----------------------------------------------------------------

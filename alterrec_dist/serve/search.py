@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.eval.evaluate import COMPONENTS
 from alterrec_dist.serve.queries import Queries, encode_sessions, session_batch
 from alterrec_dist.serve.scoring_model import ScoringModel
 
@@ -64,7 +65,8 @@ class Searcher:
 class Recommendation:
     session: list[str]                # the known item ids used, oldest first
     skipped: list[str]                # unknown ids dropped under skip_unknown
-    rows: list[dict]                  # rank, item_idx, item_id, text, fused, id, text_score
+    components: list[str]             # the components the fused score weighs (an ID-only model: just "id")
+    rows: list[dict]                  # rank, item_idx, item_id, text, fused, scores (component -> scaled score)
 
 
 def resolve_session(bundle: ScoringModel, item_ids: list[str], skip_unknown: bool) -> tuple[list[int], list[str], list[str]]:
@@ -85,9 +87,10 @@ def recommend(bundle: ScoringModel, item_ids: list[str], top: int = 10, skip_unk
     history, known, unknown = resolve_session(bundle, item_ids, skip_unknown)
     queries = encode_sessions(bundle, [session_batch([history], bundle.max_len)])
     scores, items, parts = (searcher or Searcher(bundle)).search(queries, top)
-    rows = []
-    for rank, (i, s, a, b) in enumerate(zip(items[0].tolist(), scores[0].tolist(), parts[0][0].tolist(),
-                                            parts[1][0].tolist()), 1):
-        rows.append({"rank": rank, "item_idx": i, "item_id": bundle.item_ids[i], "text": bundle.texts[i],
-                     "fused": s, "id": a, "text_score": b})
-    return Recommendation(known, unknown, rows)
+    # a component the fused score gives no weight (a lone network's never-trained other one) is not shown
+    shown = [c for c, w in zip(COMPONENTS, bundle.weights["fused"]) if w]
+    part_of = {c: p[0].tolist() for c, p in zip(COMPONENTS, parts)}
+    rows = [{"rank": rank, "item_idx": i, "item_id": bundle.item_ids[i], "text": bundle.texts[i], "fused": s,
+             "scores": {c: part_of[c][rank - 1] for c in shown}}
+            for rank, (i, s) in enumerate(zip(items[0].tolist(), scores[0].tolist()), 1)]
+    return Recommendation(known, unknown, shown, rows)

@@ -188,7 +188,7 @@ def test_ray_data_path_equals_summary_and_in_process_output(scored, run, tmp_pat
     ("nfrec-concat", ["train.method=nfrec_concat"], 1),
     ("id-only", ["train.method=id_only"], 1),
 ])
-def test_other_runs_equal_summary(tmp_path_factory, tmp_path, name, overrides, nproc):
+def test_other_runs_equal_summary(tmp_path_factory, tmp_path, capsys, name, overrides, nproc):
     """A 2-process run (shard layout, per-rank eval slices, transformer, MLP and LayerNorm rows),
     NFRec (one network, parts) and id_only: export, then batch metrics from the export == summary."""
     run = trained_run(tmp_path_factory, name, overrides, nproc)
@@ -204,3 +204,9 @@ def test_other_runs_equal_summary(tmp_path_factory, tmp_path, name, overrides, n
         assert bundle.weights == {"id": [1.0, 0.0], "fused": [1.0, 0.0]}
         test = json.loads((run / "summary.json").read_text())["test"]
         assert set(test) == {"id", "fused"} and test["fused"] == test["id"]
+        # recommend shows the score it ranks by and the ID score it is, not the text network's
+        code, out, _ = cli("recommend", ["--export", str(tmp_path / "export"), "--session",
+                                         ",".join(bundle.item_ids[:3])], capsys)
+        header, *rows = out.splitlines()[1:]
+        assert code == 0 and header.split() == ["rank", "item_id", "fused", "id", "text"] and len(rows) == 10
+        assert all(r.split()[2] == r.split()[3] for r in rows)

@@ -100,6 +100,7 @@ def cli(module: str, args: list[str], capsys) -> tuple[int, str, str]:
     """Run a CLI's main through run_cli in this process: (exit code, stdout, stderr)."""
     from alterrec_dist.common.cli import run_cli
     mod = __import__(f"alterrec_dist.{module}", fromlist=["main"])
+    capsys.readouterr()  # drop what the test printed before: only this command's output
     with pytest.raises(SystemExit) as e:
         run_cli(mod.main, args)
     out = capsys.readouterr()
