@@ -8,7 +8,8 @@ Input: session files in the dataset layout (`history` list<int> of item_idx, old
 Output (written to a temp file, renamed into place): `example` (the row's index in the input, file
 order), `user`/`session` when present, `target` and `rank_<kind>` (1 = first) when targets are
 present, and the fused top-N: `items` (item_idx), `item_ids`, `scores` (fused), `id_scores`,
-`text_scores` (the two component scores, scaled, before the alpha weighting; NFRec: its two parts).
+`text_scores` (the two component scores, scaled, before the alpha weighting; NFRec: its two parts; null for
+the component a lone network's model gives no weight).
 
 With targets, Hits/NDCG/MRR for every kind (id, text, fused, fused@a) are computed exactly as the
 engine does: each global batch of `eval.batch_size` rows is cut into the training world size's

@@ -13,6 +13,7 @@ from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import Staged, check_out, read_json, resolve_location
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.reader import Rows
+from alterrec_dist.eval.evaluate import COMPONENTS
 from alterrec_dist.eval.metrics import MetricSums, popularity_groups
 from alterrec_dist.serve.batch_input import local_batches
 from alterrec_dist.serve.queries import encode_sessions
@@ -61,8 +62,10 @@ def output_table(bundle: ScoringModel, table: pa.Table, rows: Rows, res: dict, h
     cols["items"] = _lists(items.astype(np.int32), pa.int32())
     cols["item_ids"] = pa.ListArray.from_arrays(cols["items"].offsets, ids.take(pa.array(items.reshape(-1))))
     cols["scores"] = _lists(res["scores"].astype(np.float32), pa.float32())
-    cols["id_scores"] = _lists(res["parts"][0].astype(np.float32), pa.float32())
-    cols["text_scores"] = _lists(res["parts"][1].astype(np.float32), pa.float32())
+    for c, part, weight in zip(COMPONENTS, res["parts"], bundle.weights["fused"]):
+        # null where the fused score gives a component no weight (a lone network's never-trained other one)
+        cols[f"{c}_scores"] = (_lists(part.astype(np.float32), pa.float32()) if weight
+                               else pa.nulls(len(items), pa.list_(pa.float32())))
     return pa.table(cols)
 
 

@@ -204,6 +204,9 @@ def test_other_runs_equal_summary(tmp_path_factory, tmp_path, capsys, name, over
         assert bundle.weights == {"id": [1.0, 0.0], "fused": [1.0, 0.0]}
         test = json.loads((run / "summary.json").read_text())["test"]
         assert set(test) == {"id", "fused"} and test["fused"] == test["id"]
+        scored = pq.read_table(tmp_path / "o.parquet")
+        assert scored["text_scores"].null_count == len(scored) > 0  # not the untrained text network's scores
+        assert scored["id_scores"].equals(scored["scores"])
         # recommend shows the score it ranks by and the ID score it is, not the text network's
         code, out, _ = cli("recommend", ["--export", str(tmp_path / "export"), "--session",
                                          ",".join(bundle.item_ids[:3])], capsys)
