@@ -7,7 +7,8 @@ Input: session files in the dataset layout (`history` list<int> of item_idx, old
 `target`, `user`, `session`), read in bounded batches of `eval.batch_size` rows, never whole.
 Output (written to a temp file, renamed into place): `example` (the row's index in the input, file
 order), `user`/`session` when present, `target` and `rank_<kind>` (1 = first) when targets are
-present, and the fused top-N: `items` (item_idx), `item_ids`, `scores` (fused), `id_scores`,
+present, and the top-N of the served score (the fused score at the alpha the run chose on validation, the
+summary's `alpha.chosen`; `eval.alpha` without a choice): `items` (item_idx), `item_ids`, `scores`, `id_scores`,
 `text_scores` (the two component scores, scaled, before the alpha weighting; NFRec: its two parts; null for
 the component a lone network's model gives no weight).
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     top = min(args.top, bundle.num_items)
     use_ray = ray_requested(args.ray)
     out, metrics = score_files(spec, bundle, files, args.out, args.overwrite, top, use_ray, args.ray_workers)
-    print(f"scored {out.rows} sessions ({'Ray Data' if use_ray else 'in-process'}), top {top} -> {out.path}")
+    print(f"scored {out.rows} sessions ({'Ray Data' if use_ray else 'in-process'}), top {top} by {bundle.served} "
+          f"-> {out.path}")
     report = {"sessions": out.rows, "ray": use_ray, "out": str(out.path)}
     if metrics.count:
         result = metrics.finish()

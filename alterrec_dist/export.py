@@ -14,7 +14,9 @@
 
 Scores. Per component c (AlterRec: c = id, text; NFRec: the id and text parts of its one network)
 the engine scores `y_c = s_c * M_c[i] . q_c` (s = the text logit scale, 1 for id) and a kind weights
-them: fused = alpha*y_id + (1-alpha)*y_text. `id_vec`/`text_vec` are the M_c rows and
+them: fused = alpha*y_id + (1-alpha)*y_text. The model serves (ranks by) one kind, `scoring.served` in the
+manifest: the fused score at the alpha its run chose on validation (`fused@<a>`; `fused` at `eval.alpha`
+where the run chose none). `id_vec`/`text_vec` are the M_c rows and
 `fused_vec = [id_vec, text_vec]`, so the fused score is ONE inner product of `fused_vec` with
 `fused_query = [w_id*s_id*q_id, w_text*s_text*q_text]` (`Queries.fused`), which is what an inner-product
 index (FAISS) serves. That equals the engine's score up to float rounding only: the engine forms the

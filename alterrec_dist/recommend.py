@@ -1,6 +1,9 @@
 """Recommend for one session: the top-N items with their text, their fused score and the component scores it
 weighs (id and text; a lone network's model shows its own only).
 
+The fused score is the one the model serves: at the alpha its run chose on validation (summary.json's
+`alpha.chosen`), or `eval.alpha` where the run chose none.
+
     python -m alterrec_dist.recommend --run RUN_DIR --session ITEM_ID,ITEM_ID,... [--top 10]
         [--skip-unknown] [--index exact|faiss|faiss-hnsw]      (or --export EXPORT_DIR instead of --run)
 

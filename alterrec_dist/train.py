@@ -28,6 +28,7 @@ from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, load_confi
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import resolve_location
 from alterrec_dist.common.storage import Location
+from alterrec_dist.eval.evaluate import sweep_kind
 from alterrec_dist.training.launch import (TrainingError, adopt_torchrun_world, check_ray_train_v2, launch_ray,
                                            launch_torchrun)
 from alterrec_dist.training.metric_sinks import check_mlflow
@@ -68,7 +69,8 @@ def format_summary(summary: dict, run_dir: Location) -> str:
     rows = [(row, test[row], "") for row in SCORE_PARTS if row in test]
     alpha = summary.get("alpha")
     if alpha:
-        rows.append((f"fused@{alpha['chosen']:g}", alpha["test"], f"  (alpha chosen on valid {alpha['selection']})"))
+        rows.append((sweep_kind(alpha["chosen"]), alpha["test"],
+                     f"  (alpha chosen on valid {alpha['selection']}: the model serves it)"))
     width = max(len(c) for c in METRICS) + 2
     first = max([6] + [len(r[0]) + 1 for r in rows])
     lines = [f"{'test':<{first}}" + "".join(f"{c:>{width}}" for c in METRICS)]

@@ -105,7 +105,7 @@ def test_format_summary_table():
     s = fake_summary()
     s["alpha"] = {"chosen": 0.3, "selection": "fused/ndcg@10", "valid": {}, "test": dict(s["test"]["fused"])}
     row = format_summary(s, Path("/r")).splitlines()[4]
-    assert row.split()[0] == "fused@0.3" and row.endswith("(alpha chosen on valid fused/ndcg@10)")
+    assert row.split()[0] == "fused@0.3" and row.endswith("(alpha chosen on valid fused/ndcg@10: the model serves it)")
 
 
 def test_read_summary(tmp_path):

@@ -66,7 +66,12 @@ def kind_weights(method_name: str, alpha: float, alpha_sweep: tuple[float, ...] 
         return {m.judged_on: parts[m.judged_on], "fused": parts[m.judged_on]}
     if m.fused:
         return {**parts, "fused": [1.0, 1.0]}
-    return {**parts, "fused": [alpha, 1 - alpha], **{f"fused@{a:g}": [a, 1 - a] for a in alpha_sweep}}
+    return {**parts, "fused": [alpha, 1 - alpha], **{sweep_kind(a): [a, 1 - a] for a in alpha_sweep}}
+
+
+def sweep_kind(alpha: float) -> str:
+    """The kind of the fused score at one `eval.alpha_sweep` value."""
+    return f"fused@{alpha:g}"
 
 
 @torch.no_grad()

@@ -62,8 +62,8 @@ def output_table(bundle: ScoringModel, table: pa.Table, rows: Rows, res: dict, h
     cols["items"] = _lists(items.astype(np.int32), pa.int32())
     cols["item_ids"] = pa.ListArray.from_arrays(cols["items"].offsets, ids.take(pa.array(items.reshape(-1))))
     cols["scores"] = _lists(res["scores"].astype(np.float32), pa.float32())
-    for c, part, weight in zip(COMPONENTS, res["parts"], bundle.weights["fused"]):
-        # null where the fused score gives a component no weight (a lone network's never-trained other one)
+    for c, part, weight in zip(COMPONENTS, res["parts"], bundle.weights[bundle.served]):
+        # null where the served score gives a component no weight (a lone network's never-trained other one)
         cols[f"{c}_scores"] = (_lists(part.astype(np.float32), pa.float32()) if weight
                                else pa.nulls(len(items), pa.list_(pa.float32())))
     return pa.table(cols)

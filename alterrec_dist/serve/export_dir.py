@@ -64,7 +64,7 @@ def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = Fa
             **bundle.provenance,
             # kinds as a list: their order is the column order of the engine's weight matrix
             "scoring": {"components": list(COMPONENTS), "scales": bundle.scales, "kinds": bundle.kinds,
-                        "weights": [bundle.weights[k] for k in bundle.kinds],
+                        "weights": [bundle.weights[k] for k in bundle.kinds], "served": bundle.served,
                         "fused": "fused_vec . [w_id*s_id*q_id, w_text*s_text*q_text]",
                         "dims": {"id_vec": int(bundle.matrices[0].shape[1]), "text_vec": int(bundle.matrices[1].shape[1]),
                                  "fused_vec": int(fused.shape[1])}},
@@ -107,7 +107,8 @@ def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel
                   [float(v) for v in s["scales"]], {k: [float(w) for w in v] for k, v in zip(s["kinds"], s["weights"])},
                   eng["world_size"], eng["tile_rows"], eng["eval_batch_size"], eng["max_len"], eng["longtail_bins"],
                   items["item_id"].to_pylist(), items["text"].to_pylist(), items["popularity"].to_numpy(),
-                  {k: manifest[k] for k in ("run", "dataset") if k in manifest} | {"export": str(export_dir.resolve())})
+                  {k: manifest[k] for k in ("run", "dataset") if k in manifest} | {"export": str(export_dir.resolve())},
+                  s.get("served", "fused"))  # exports made before the served kind was recorded served "fused"
 
 
 def load_scoring_model(run: str | None = None, export: str | None = None, data: str | None = None,

@@ -11,7 +11,7 @@ from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import file_sha256, read_json, resolve_location
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import Dataset
-from alterrec_dist.eval.evaluate import Scorer, kind_weights
+from alterrec_dist.eval.evaluate import Scorer, kind_weights, sweep_kind
 from alterrec_dist.model.networks import Network, build_networks
 from alterrec_dist.parallel.saved import load_model
 from alterrec_dist.parallel.table import Placement
@@ -76,6 +76,7 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
     item_ids, texts, popularity = _item_table(data)
     summary_path = run_dir / "summary.json"
     summary = read_json(summary_path) if summary_path.is_file() else None
+    served = served_kind(summary, e.alpha, weights, summary_path)
     provenance = {
         "run": {
             "path": str(run_dir.resolve()),
@@ -94,7 +95,19 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
     }
     return ScoringModel(cfg.train.method, cfg.model, networks, x, features, mats, scales, weights, manifest["world_size"],
                   e.tile_rows, e.batch_size, cfg.data.max_len, list(e.longtail_bins), item_ids, texts, popularity,
-                  provenance)
+                  provenance, served)
+
+
+def served_kind(summary: dict | None, alpha: float, weights: dict[str, list[float]], where: Location) -> str:
+    """The kind a run's model serves: the fused score at the alpha its summary chose on validation (`eval.alpha`
+    without a choice: no sweep, or a method with no alpha), so what recommend and batch scoring rank by is what the
+    run reported as its result."""
+    chosen = (summary or {}).get("alpha", {}).get("chosen")
+    if chosen is None or chosen == alpha:
+        return "fused"
+    if sweep_kind(chosen) not in weights:
+        raise DataError(f"{where}: chosen alpha {chosen} is not among config.toml's eval.alpha_sweep")
+    return sweep_kind(chosen)
 
 
 def load_networks(method: str, model_cfg: ModelConfig, text_dim: int, max_len: int, states: dict,

@@ -37,6 +37,7 @@ class ScoringModel:
     texts: list[str | None]
     popularity: np.ndarray
     provenance: dict = field(default_factory=dict)
+    served: str = "fused"             # the kind it serves (ranks by): a run's chosen alpha (`from_run.served_kind`)
 
     @property
     def num_items(self) -> int:
@@ -86,6 +87,7 @@ class Scoring:
         V, W = bundle.num_items, bundle.world
         self.kinds = bundle.kinds
         self.weights = bundle.weights
+        self.served = bundle.served
         self.scales = bundle.scales
         self.matrices = bundle.matrices
         self.device = bundle.device
@@ -103,9 +105,10 @@ class Scoring:
 
     @torch.no_grad()
     def run(self, queries: list[torch.Tensor], top: int, target: torch.Tensor | None = None,
-            top_kind: str = "fused") -> tuple[torch.Tensor | None, "TopN"]:
+            top_kind: str | None = None) -> tuple[torch.Tensor | None, "TopN"]:
         """(counts (G, K) of items ordering before each target per kind, or None without targets;
-        the top-`top` items of `top_kind` with their part scores)."""
+        the top-`top` items of `top_kind` (default: the served kind) with their part scores)."""
+        top_kind = top_kind or self.served
         target_scores = None
         if target is not None:
             target_scores = kind_scores(component_scores(queries, self.matrices, self.scales, target), self.weights)
@@ -115,12 +118,12 @@ class Scoring:
         return counts, best
 
     @torch.no_grad()
-    def rescore(self, queries: list[torch.Tensor], candidates: torch.Tensor, top: int, kind: str = "fused"):
-        """Re-rank candidate item indices (G, C) (-1 = none) by the engine-order score of `kind`:
-        (scores (G, top), items (G, top), parts [(G, top)] per component)."""
+    def rescore(self, queries: list[torch.Tensor], candidates: torch.Tensor, top: int, kind: str | None = None):
+        """Re-rank candidate item indices (G, C) (-1 = none) by the engine-order score of `kind` (default: the
+        served kind): (scores (G, top), items (G, top), parts [(G, top)] per component)."""
         cand = candidates.clamp(min=0)
         parts = [torch.einsum("gd,gcd->gc", q, m[cand]) * sc for q, m, sc in zip(queries, self.matrices, self.scales)]
-        scores = sum(w * p for w, p in zip(self.weights[kind], parts) if w)
+        scores = sum(w * p for w, p in zip(self.weights[kind or self.served], parts) if w)
         scores = torch.where(candidates >= 0, scores, float("-inf"))
         order = _order_desc(scores, candidates)[:, :top]
         return (scores.gather(1, order), candidates.gather(1, order), [p.gather(1, order) for p in parts])

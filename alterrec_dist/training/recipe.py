@@ -38,7 +38,7 @@ from alterrec_dist.common.methods import selection
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.reader import SessionReader
-from alterrec_dist.eval.evaluate import evaluate, item_matrix, kind_weights
+from alterrec_dist.eval.evaluate import evaluate, item_matrix, kind_weights, sweep_kind
 from alterrec_dist.model.networks import Network, build_networks, text_init_rows
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.mining import capped_k2
@@ -262,7 +262,7 @@ def chosen_alpha(best: dict, alpha: float, sweep: list[float], part: str, metric
     best epoch, and the test metrics at it; None without a sweep, for a method without fused@ kinds
     (NFRec, ID or text only: `kind_weights`) or for a run selected on something else than the fused score
     (`part` not fused). Ties go to eval.alpha, then to the earlier sweep value."""
-    kinds = {alpha: "fused"} | {a: f"fused@{a:g}" for a in sweep}
+    kinds = {alpha: "fused"} | {a: sweep_kind(a) for a in sweep}
     if part != "fused" or not sweep or any(k not in best["valid"] for k in kinds.values()):
         return None
     chosen = max(kinds, key=lambda a: best["valid"][kinds[a]][metric])  # max keeps the first of equals

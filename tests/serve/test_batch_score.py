@@ -72,9 +72,11 @@ def test_output_rows_ranks_and_top_lists(scored, run):
     scores = np.stack(table["scores"].to_numpy(zero_copy_only=False))
     assert (np.diff(scores, axis=1) <= 0).all()
     parts = [np.stack(table[c].to_numpy(zero_copy_only=False)) for c in ("id_scores", "text_scores")]
-    np.testing.assert_allclose(scores, 0.3 * parts[0] + 0.7 * parts[1], rtol=1e-5, atol=1e-6)
-    # the fused rank of the target agrees with where it sits in the top-20
-    rank = table["rank_fused"].to_numpy()
+    # the top lists are the served score's: the run chose alpha 0.7 on validation (eval.alpha is 0.3)
+    assert json.loads((run / "summary.json").read_text())["alpha"]["chosen"] == 0.7
+    np.testing.assert_allclose(scores, 0.7 * parts[0] + 0.3 * parts[1], rtol=1e-5, atol=1e-6)
+    # the served kind's rank of the target agrees with where it sits in the top-20
+    rank = table["rank_fused@0.7"].to_numpy()
     target = table["target"].to_numpy()
     for r, t, row in zip(rank, target, items):
         if r <= 20:

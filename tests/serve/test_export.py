@@ -32,7 +32,7 @@ from alterrec_dist.parallel.saved import load_model
 from alterrec_dist.parallel.table import ShardedItemTable
 from alterrec_dist.serve import export_dir
 from alterrec_dist.serve.export_dir import load_export
-from alterrec_dist.serve.from_run import load_run
+from alterrec_dist.serve.from_run import load_run, served_kind
 from alterrec_dist.serve.queries import Queries, encode_sessions
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
@@ -109,7 +109,8 @@ def cli(module: str, args: list[str], capsys) -> tuple[int, str, str]:
 
 def engine_results(run: Path, top: int, split: str = "test") -> dict:
     """The engine's own pieces in a real (one-process) gloo group: queries, ranks by
-    count_above_target, and the fused top-`top` of its full score matrix, per session of `split`."""
+    count_above_target, and the top-`top` of its full score matrix by the fused score at the alpha the run
+    chose on validation (what the model serves), per session of `split`."""
     assert not dist.is_initialized()
     init = run.parent / f".init-{run.name}-{os.getpid()}"
     init.unlink(missing_ok=True)
@@ -129,6 +130,8 @@ def engine_results(run: Path, top: int, split: str = "test") -> dict:
         with torch.no_grad():
             table.x.copy_(x[table.global_ids])
         e = cfg.eval
+        chosen = json.loads((run / "summary.json").read_text())["alpha"]["chosen"]
+        served = "fused" if chosen == e.alpha else f"fused@{chosen:g}"
         scorer = Scorer.build(nets, table, kind_weights(cfg.train.method, e.alpha, tuple(e.alpha_sweep)), e.tile_rows)
         reader = SessionReader(data.session_files(split), rank=0, world_size=1, global_batch_size=e.batch_size,
                                max_len=cfg.data.max_len, seed=0, shuffle=False, drop_last=False)
@@ -138,7 +141,7 @@ def engine_results(run: Path, top: int, split: str = "test") -> dict:
                 qs = [comm.all_gather(q) for q in session_queries(nets, table, batch)]
                 counts = count_above_target(comm, scorer, qs, batch.target, table.global_ids, e.tile_rows)
                 parts = [(q @ m.T) * s for q, m, s in zip(qs, scorer.matrices, scorer.scales)]
-                fused = sum(w * p for w, p in zip(scorer.weights["fused"], parts) if w)
+                fused = sum(w * p for w, p in zip(scorer.weights[served], parts) if w)
                 n = int(batch.valid.sum())
                 out["queries"].append([q[:n] for q in qs])
                 out["ranks"].append(1 + counts[:n])
@@ -196,8 +199,21 @@ def test_export_files_and_manifest(run, exported):
     assert m["scoring"]["kinds"] == ["id", "text", "fused", "fused@0.7"]
     assert m["scoring"]["scales"] == [1.0, 2.0]  # text temperature 0.5
     assert m["scoring"]["weights"][2] == [0.3, 0.7]
+    # it serves the alpha the run chose on validation, not eval.alpha; so does the run loaded directly
+    assert summary["alpha"]["chosen"] == 0.7
+    assert m["scoring"]["served"] == load_export(exported).served == load_run(run).served == "fused@0.7"
     assert {f: file_sha256(exported / f) for f in m["files"]} == m["files"]
     assert not list(exported.parent.glob(".*tmp*"))
+
+
+def test_served_kind_is_the_chosen_alpha():
+    weights = kind_weights("alterrec", 0.5, (0.5, 0.7))
+    assert served_kind(None, 0.5, weights, "run") == "fused"  # no summary.json: eval.alpha
+    assert served_kind({"best_epoch": 3}, 0.5, weights, "run") == "fused"  # no choice (no sweep, NFRec, lone)
+    assert served_kind({"alpha": {"chosen": 0.5}}, 0.5, weights, "run") == "fused"
+    assert served_kind({"alpha": {"chosen": 0.7}}, 0.5, weights, "run") == "fused@0.7"
+    with pytest.raises(DataError, match="run: chosen alpha 0.9 is not among"):
+        served_kind({"alpha": {"chosen": 0.9}}, 0.5, weights, "run")
 
 
 def test_exported_vectors_are_the_engine_matrices(exported, engine):
@@ -238,7 +254,7 @@ def test_fused_index_gives_the_engine_top_n(exported, engine):
     is the same score up to float rounding, so it may swap items whose engine scores are within
     rounding of each other (measured: 1 of 1,976 sessions, a 1-ulp pair); it must never do more."""
     bundle = load_export(exported)
-    qs = Queries(engine["queries"], bundle.scales, bundle.weights["fused"])
+    qs = Queries(engine["queries"], bundle.scales, bundle.weights[bundle.served])
     from alterrec_dist.serve.search import Searcher
     _, exact, _ = Searcher(bundle, "exact").search(qs, 20)
     assert torch.equal(exact, engine["top"])

@@ -27,7 +27,7 @@ def bundle(run):
 
 @pytest.fixture(scope="module")
 def test_queries(bundle):
-    return Queries(split_queries(bundle, "test"), bundle.scales, bundle.weights["fused"])
+    return Queries(split_queries(bundle, "test"), bundle.scales, bundle.weights[bundle.served])
 
 
 def session_ids(bundle, n=0):
@@ -49,14 +49,16 @@ def test_cli_prints_the_exact_top_n_with_text_and_scores(run, bundle, capsys):
     assert [int(r[0]) for r in rows] == list(range(1, 8))
     expected = recommend(bundle, ids, 7)
     assert [r[1] for r in rows] == [e["item_id"] for e in expected.rows]
-    # scores: fused = alpha*id + (1-alpha)*text, printed with 5 decimals; the item's text follows
+    # scores: fused = alpha*id + (1-alpha)*text at the alpha the run chose on validation (0.7; eval.alpha is 0.3),
+    # printed with 5 decimals; the item's text follows
+    assert bundle.served == "fused@0.7"
     for r, e in zip(rows, expected.rows):
         fused, id_s, text_s = map(float, r[2:5])
-        assert fused == pytest.approx(0.3 * id_s + 0.7 * text_s, abs=2e-5)
+        assert fused == pytest.approx(0.7 * id_s + 0.3 * text_s, abs=2e-5)
         text = " ".join(e["text"].split())
         assert " ".join(r[5:]) == (text if len(text) <= 70 else text[:67] + "...")
     # the same session through the engine-aligned batch path gives the same items
-    q = Queries([p[:1] for p in split_queries(bundle, "test")], bundle.scales, bundle.weights["fused"])
+    q = Queries([p[:1] for p in split_queries(bundle, "test")], bundle.scales, bundle.weights[bundle.served])
     _, items, _ = Searcher(bundle).search(q, 7)
     assert [bundle.item_ids[i] for i in items[0].tolist()] == [r[1] for r in rows]
 
