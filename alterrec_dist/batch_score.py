@@ -61,11 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def format_metrics(result: dict, kinds: list[str]) -> str:
+def format_metrics(result: dict, kinds: list[str], served: str) -> str:
     lines = [f"{'kind':<10}{'n':>7}" + "".join(f"{m:>10}" for m in METRICS)]
     for k in kinds:
         r = result["metrics"][k]
-        lines.append(f"{k:<10}{r['n']:>7}" + "".join(f"{r[m]:>10.4f}" for m in METRICS))
+        lines.append(f"{k:<10}{r['n']:>7}" + "".join(f"{r[m]:>10.4f}" for m in METRICS)
+                     + ("  (served: the top lists' score)" if k == served else ""))
     return "\n".join(lines)
 
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"sessions": out.rows, "ray": use_ray, "out": str(out.path)}
     if metrics.count:
         result = metrics.finish()
-        print(format_metrics(result, bundle.kinds))
+        print(format_metrics(result, bundle.kinds, bundle.served))
         fields, line = summary_comparison(bundle, result, args.split)
         report |= result | fields
         if line:

@@ -65,7 +65,7 @@ class Searcher:
 class Recommendation:
     session: list[str]                # the known item ids used, oldest first
     skipped: list[str]                # unknown ids dropped under skip_unknown
-    components: list[str]             # the components the fused score weighs (an ID-only model: just "id")
+    components: list[str]             # the components the served score weighs (an ID-only model: just "id")
     rows: list[dict]                  # rank, item_idx, item_id, text, fused, scores (component -> scaled score)
 
 

@@ -51,10 +51,15 @@ def test_metrics_equal_summary_exactly(scored, run):
     assert_equals_summary(report, run)
 
 
-def test_valid_split_equals_summary_too(run, tmp_path):
+def test_valid_split_equals_summary_too(run, tmp_path, capsys):
+    capsys.readouterr()
     assert batch_score.main(["--run", str(run), "--split", "valid", "--out", str(tmp_path / "v.parquet"),
                              "--metrics-out", str(tmp_path / "m.json"), "--top", "3"]) == 0
     assert_equals_summary(json.loads((tmp_path / "m.json").read_text()), run, "valid")
+    # the output says which kind its top lists rank by: the alpha the run chose (0.7), not eval.alpha (0.3)
+    out = capsys.readouterr().out.splitlines()
+    assert "top 3 by fused@0.7 ->" in out[0]
+    assert [line.split()[0] for line in out if line.endswith("(served: the top lists' score)")] == ["fused@0.7"]
 
 
 def test_output_rows_ranks_and_top_lists(scored, run):
