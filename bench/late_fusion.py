@@ -4,13 +4,14 @@
         [--out bench/LATE_FUSION.md]
 
 Each run is scored by the score it serves (what `recommend` and `batch_score` rank by: AlterRec's fused score at
-the alpha it chose on validation; ID only's and text only's own network's), and a pair is fused by the paper's linear rule,
-alpha * s_A + (1 - alpha) * s_B, with alpha chosen on validation NDCG@10 among 0, 0.1, ..., 1 (so never below
-either run alone on validation), then tested. Two pairs answer two questions about a method's gain over its baselines:
+the alpha it chose on validation; ID only's and text only's own network's), and a pair is fused by the paper's
+linear rule, alpha * s_A + (1 - alpha) * s_B, with alpha chosen on validation NDCG@10 among 0, 0.1, ..., 1 (so
+never below either run alone on validation), then tested. Two pairs answer two questions about a method's gain
+over its baselines:
 - ID only + text only, trained apart: naive late fusion of the same two networks AlterRec trains in turns;
 - two seeds of one method: a seed ensemble, what fusing any two models of that kind gives.
 Pairs under one label (e.g. seed 0 with seed 0, seed 1 with seed 1) are reported as mean ± std. A reference
-row reads a run's summary.json only (test `fused`, at its chosen alpha), e.g. the grid's AlterRec records.
+row reads runs' summary.json only (valid and test of the score each serves), e.g. the grid's AlterRec records.
 Scores come from the serving path (`bench.fusion_rules.split_scores`), and every run's served score must give
 its summary.json's test metrics (refused otherwise).
 """
@@ -82,14 +83,13 @@ def report(pairs: dict[str, list[dict]], references: dict[str, list[dict]], chec
            minutes: float) -> str:
     rows = []
     for label, results in pairs.items():
-        col = lambda key, m, r=results: [x[key]["test"][m] if key != "fused" else x["test"][m] for x in r]  # noqa: E731
-        alone = [max(x["alone"]["a"]["test"]["ndcg@10"], x["alone"]["b"]["test"]["ndcg@10"]) for x in results]
-        gain = statistics.mean(col("fused", "ndcg@10")) / statistics.mean(alone) - 1
+        fused = lambda split, m, r=results: [x[split][m] for x in r]  # noqa: E731
+        alone = lambda run, r=results: [x["alone"][run]["test"]["ndcg@10"] for x in r]  # noqa: E731
+        gain = statistics.mean(fused("test", "ndcg@10")) / statistics.mean(map(max, alone("a"), alone("b"))) - 1
         rows.append(f"| {label} | {len(results)} | {'; '.join(str(x['alpha']) for x in results)} | "
-                    f"{mean_std([x['valid']['ndcg@10'] for x in results])} | {mean_std(col('fused', 'hit@10'))} | "
-                    f"{mean_std(col('fused', 'ndcg@10'))} | "
-                    f"{mean_std([x['alone']['a']['test']['ndcg@10'] for x in results])} | "
-                    f"{mean_std([x['alone']['b']['test']['ndcg@10'] for x in results])} | {gain:+.1%} |")
+                    f"{mean_std(fused('valid', 'ndcg@10'))} | {mean_std(fused('test', 'hit@10'))} | "
+                    f"{mean_std(fused('test', 'ndcg@10'))} | {mean_std(alone('a'))} | {mean_std(alone('b'))} | "
+                    f"{gain:+.1%} |")
     for label, runs in references.items():
         col = lambda split, m, r=runs: [x[split][m] for x in r]  # noqa: E731
         rows.append(f"| {label} (reference: summary.json) | {len(runs)} | its own | {mean_std(col('valid', 'ndcg@10'))} "
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="two training run directories (config.toml, model/, summary.json) to fuse; repeat a label "
                         "for more pairs of the same kind")
     p.add_argument("--reference", nargs="+", action="append", default=[], metavar="LABEL RUN",
-                   help="a label and run directories whose summary.json test fused is shown beside the pairs")
+                   help="a label and run directories whose summary.json figures (of the score each serves) are "
+                        "shown beside the pairs")
     p.add_argument("--out", default="bench/LATE_FUSION.md",
                    help="markdown report (default bench/LATE_FUSION.md; the figures beside it as .json)")
     args = p.parse_args(argv)
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs.setdefault(label, []).append({"runs": [a, b], **fuse_pair(Path(a), Path(b), scored)})
         print(label, a, b, {k: round(v, 4) for k, v in pairs[label][-1]["test"].items()}, flush=True)
     references = {r[0]: [summary_served(Path(d)) for d in r[1:]] for r in args.reference}
-    command = "python -m bench.late_fusion " + shlex.join(
-        [w for x in args.pair for w in ("--pair", *x)] + [w for r in args.reference for w in ("--reference", *r)] + ["--out", args.out])
+    words = [w for x in args.pair for w in ("--pair", *x)] + [w for r in args.reference for w in ("--reference", *r)]
+    command = "python -m bench.late_fusion " + shlex.join([*words, "--out", args.out])
     checks = {str(run): s["check"] for run, s in scored.items()}
     text = report(pairs, references, checks, command, (time.time() - started) / 60)
     atomic_write_bytes(args.out, text.encode())
