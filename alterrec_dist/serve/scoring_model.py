@@ -10,7 +10,7 @@ import torch
 
 from alterrec_dist.common.config import ModelConfig
 from alterrec_dist.common.device import tile_rows as device_tile_rows
-from alterrec_dist.eval.evaluate import component_scores, kind_scores, rank_tiles
+from alterrec_dist.eval.evaluate import component_scores, kind_scores, rank_tiles, row_keys
 from alterrec_dist.model.networks import Network
 from alterrec_dist.parallel.table import Placement
 
@@ -95,6 +95,8 @@ class Scoring:
         # shard-major, as the ranks hold them
         self.ids = placement.shard_major(V, self.device)
         self.shard_matrices = [m[self.ids].contiguous() for m in bundle.matrices]
+        self.keys = row_keys(bundle.matrices)  # item_idx order; shard-major below, as the ranks hold them
+        self.shard_keys = self.keys[self.ids]
         tile = device_tile_rows(bundle.tile_rows, self.device, bundle.eval_batch_size)
         self.tiles = []  # (start, stop) in shard-major rows, never across a shard
         start = 0
@@ -114,7 +116,8 @@ class Scoring:
             target_scores = kind_scores(component_scores(queries, self.matrices, self.scales, target), self.weights)
         best = TopN(top, len(queries[0]), len(queries), self.device)
         counts = rank_tiles(queries, self.shard_matrices, self.scales, self.weights, self.tiles, self.ids,
-                            target, target_scores, top_kind, best.add)
+                            target, target_scores, top_kind, best.add, self.shard_keys,
+                            None if target is None else self.keys[target])
         return counts, best
 
     @torch.no_grad()
