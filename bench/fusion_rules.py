@@ -136,8 +136,8 @@ def run_rules(run_dir: Path) -> dict:
     valid, test = split_scores(bundle, data, "valid"), split_scores(bundle, data, "test")
     item_bin = torch.from_numpy(popularity_groups(bundle.popularity, bundle.longtail_bins)[0])
     # The engine's scores (linear at the chosen alpha, the ID network) must equal these. Not the text network's
-    # alone: items with the same text tie there (Scientific: 17 pairs), and the engine scores a target by its own
-    # row's dot product but the catalog by a matmul, so float rounding orders a target among its twins there.
+    # alone: items with the same text tie there (Scientific: 17 pairs), and runs made before 7f8a7ba (the grid's)
+    # let float rounding order a target among its twins there (the engine now orders them by id, as here).
     chosen = summary["alpha"]["chosen"]
     for split, (parts, targets) in (("valid", valid), ("test", test)):
         engine = {f"alpha {chosen}": summary["alpha"][split], "id": summary[split]["id"]}

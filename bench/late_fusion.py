@@ -31,12 +31,13 @@ from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.serve.from_run import load_run
 from bench.fusion_rules import SELECT, hit_ndcg, mean_std, split_scores
 
-# The engine scores a target by its own row's dot product and the catalog by a matmul, so where a target's text
-# equals another item's (Scientific: 17 pairs, the targets of 195 of 8,442 test sessions) float rounding orders
-# it among its twins, where these scores (one matrix for both) tie and go by item id. A text network's served
-# score moves by that (measured: text only, seed 0, test NDCG@10 0.06063 here against 0.06127 in summary.json),
-# a score with an ID part by less than 1e-4 (bench/fusion_rules.py); a model that is not the summary's run
-# differs by far more. Each run's figures on both sides go into the report's .json.
+# Runs made before 7f8a7ba (the grid's, and their retrained copies) scored a target by its own row's dot product
+# and the catalog by a matmul, so where a target's text equals another item's (Scientific: 17 pairs, the targets of
+# 195 of 8,442 test sessions) float rounding ordered it among its twins, where these scores (one matrix for both)
+# tie and go by item id, as the engine now does too. A text network's served score moves by that (measured: text
+# only, seed 0, test NDCG@10 0.06063 here against 0.06127 in summary.json), a score with an ID part by less than
+# 1e-4 (bench/fusion_rules.py); a model that is not the summary's run differs by far more. Each run's figures on
+# both sides go into the report's .json.
 SUMMARY_TOLERANCE = 1e-3
 ALPHAS = [a / 10 for a in range(10, -1, -1)]  # 1 (run A alone) first: ties go to it, then to more of A
 
