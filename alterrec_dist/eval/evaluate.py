@@ -44,8 +44,8 @@ def row_keys(matrices: list[torch.Tensor]) -> torch.Tensor:
     """(V_local, C) int64: per component, a hash of the exact bits of each item's row (the same on every rank and
     device for the same row). Items with identical rows score the same in exact arithmetic, but a target's own
     score (a row dot product) and the catalog's (a matmul) round differently, so without these keys float luck, not
-    the id rule, would order a target among its twins (Scientific: 17 same-text pairs; text NDCG@10 moved by up to
-    1.2 % between two CPUs). `rank_tiles` orders twins by id."""
+    the id rule, would order a target among its twins (Scientific: 17 same-text pairs; one training command's text
+    NDCG@10 came out 1.2 % apart on two CPUs). `rank_tiles` orders twins by id."""
     keys = []
     for m in matrices:
         # drawn on the CPU whatever the device: every rank and every loader gets the same multipliers
