@@ -64,8 +64,11 @@ class Scorer:
     scales: list[float]
     weights: dict[str, list[float]]         # kind -> weight per component
 
-    def __post_init__(self):
-        self.keys = row_keys(self.matrices)  # (V_local, C): rows that are twins rank by id (`rank_tiles`)
+    @functools.cached_property
+    def keys(self) -> torch.Tensor:
+        """(V_local, C) `row_keys`: rows that are twins rank by id (`rank_tiles`). Made on first ranking only:
+        serving's loader builds Scorers for their rows and scores, and its `Scoring` keys the whole table itself."""
+        return row_keys(self.matrices)
 
     @staticmethod
     def build(networks: dict[str, Network], table: ShardedItemTable, weights: dict[str, list[float]],
