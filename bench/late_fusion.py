@@ -54,11 +54,10 @@ def served_scores(run_dir: Path) -> dict:
     checked against its summary.json."""
     bundle = load_run(run_dir)
     data = Dataset(bundle.provenance["dataset"]["path"])
-    weights = bundle.weights[bundle.served]
     out = {}
     for split in ("valid", "test"):
         parts, targets = split_scores(bundle, data, split)
-        scores = sum(w * p for w, p in zip(weights, parts) if w)
+        scores = sum(w * p for w, p in zip(bundle.served_weights, parts) if w)
         out[split] = (scores, targets)
     here, engine = hit_ndcg(*out["test"]), summary_served(run_dir)["test"]
     for m, value in here.items():

@@ -62,7 +62,7 @@ def output_table(bundle: ScoringModel, table: pa.Table, rows: Rows, res: dict, h
     cols["items"] = _lists(items.astype(np.int32), pa.int32())
     cols["item_ids"] = pa.ListArray.from_arrays(cols["items"].offsets, ids.take(pa.array(items.reshape(-1))))
     cols["scores"] = _lists(res["scores"].astype(np.float32), pa.float32())
-    for c, part, weight in zip(COMPONENTS, res["parts"], bundle.weights[bundle.served]):
+    for c, part, weight in zip(COMPONENTS, res["parts"], bundle.served_weights):
         # null where the served score gives a component no weight (a lone network's never-trained other one)
         cols[f"{c}_scores"] = (_lists(part.astype(np.float32), pa.float32()) if weight
                                else pa.nulls(len(items), pa.list_(pa.float32())))

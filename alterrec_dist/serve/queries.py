@@ -53,7 +53,7 @@ def encode_sessions(bundle: ScoringModel, batches: list[Batch]) -> Queries:
     table = LocalTable(bundle.x, bundle.features)
     per_batch = [session_queries(bundle.networks, table, b.to(bundle.device)) for b in batches]
     parts = [torch.cat(qs) for qs in zip(*per_batch)]
-    return Queries(parts, bundle.scales, bundle.weights[bundle.served])
+    return Queries(parts, bundle.scales, bundle.served_weights)
 
 
 def session_batch(histories: list[list[int]], max_len: int) -> Batch:

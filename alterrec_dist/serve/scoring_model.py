@@ -62,6 +62,11 @@ class ScoringModel:
     def kinds(self) -> list[str]:
         return list(self.weights)
 
+    @property
+    def served_weights(self) -> list[float]:
+        """Per component, the weight of the score it serves (`served`)."""
+        return self.weights[self.served]
+
     def fused_vectors(self) -> torch.Tensor:
         """(V, sum d_c): [id_vec, text_vec] per item; fused score = fused_vec . Queries.fused."""
         return torch.cat(self.matrices, dim=1)

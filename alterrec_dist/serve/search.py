@@ -88,7 +88,7 @@ def recommend(bundle: ScoringModel, item_ids: list[str], top: int = 10, skip_unk
     queries = encode_sessions(bundle, [session_batch([history], bundle.max_len)])
     scores, items, parts = (searcher or Searcher(bundle)).search(queries, top)
     # a component the served score gives no weight (a lone network's never-trained other one) is not shown
-    shown = [c for c, w in zip(COMPONENTS, bundle.weights[bundle.served]) if w]
+    shown = [c for c, w in zip(COMPONENTS, bundle.served_weights) if w]
     part_of = {c: p[0].tolist() for c, p in zip(COMPONENTS, parts)}
     rows = [{"rank": rank, "item_idx": i, "item_id": bundle.item_ids[i], "text": bundle.texts[i], "fused": s,
              "scores": {c: part_of[c][rank - 1] for c in shown}}

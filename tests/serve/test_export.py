@@ -254,7 +254,7 @@ def test_fused_index_gives_the_engine_top_n(exported, engine):
     is the same score up to float rounding, so it may swap items whose engine scores are within
     rounding of each other (measured: 1 of 1,976 sessions, a 1-ulp pair); it must never do more."""
     bundle = load_export(exported)
-    qs = Queries(engine["queries"], bundle.scales, bundle.weights[bundle.served])
+    qs = Queries(engine["queries"], bundle.scales, bundle.served_weights)
     from alterrec_dist.serve.search import Searcher
     _, exact, _ = Searcher(bundle, "exact").search(qs, 20)
     assert torch.equal(exact, engine["top"])

@@ -27,7 +27,7 @@ def bundle(run):
 
 @pytest.fixture(scope="module")
 def test_queries(bundle):
-    return Queries(split_queries(bundle, "test"), bundle.scales, bundle.weights[bundle.served])
+    return Queries(split_queries(bundle, "test"), bundle.scales, bundle.served_weights)
 
 
 def session_ids(bundle, n=0):
@@ -58,7 +58,7 @@ def test_cli_prints_the_exact_top_n_with_text_and_scores(run, bundle, capsys):
         text = " ".join(e["text"].split())
         assert " ".join(r[5:]) == (text if len(text) <= 70 else text[:67] + "...")
     # the same session through the engine-aligned batch path gives the same items
-    q = Queries([p[:1] for p in split_queries(bundle, "test")], bundle.scales, bundle.weights[bundle.served])
+    q = Queries([p[:1] for p in split_queries(bundle, "test")], bundle.scales, bundle.served_weights)
     _, items, _ = Searcher(bundle).search(q, 7)
     assert [bundle.item_ids[i] for i in items[0].tolist()] == [r[1] for r in rows]
 
