@@ -103,8 +103,9 @@ def report(pairs: dict[str, list[dict]], references: dict[str, list[dict]], chec
         "| pair | pairs | alpha per pair | valid ndcg@10 | test hit@10 | test ndcg@10 | A alone test ndcg@10 | "
         "B alone test ndcg@10 | gain over the better alone |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|", *rows, "",
-        "Each run alone here against its summary.json, test NDCG@10 (equal scores go by item id here; the engine orders "
-        "a target among items of the same text by float rounding, see SUMMARY_TOLERANCE in bench/late_fusion.py):", "",
+        "Each run alone here against its summary.json, test NDCG@10 (equal scores go by item id here, as in the "
+        "engine since 7f8a7ba; a run made before it ordered a target among items of the same text by float "
+        "rounding, see SUMMARY_TOLERANCE in bench/late_fusion.py):", "",
         *[f"- {run}: {c['here']['ndcg@10']:.5f} here, {c['summary']['ndcg@10']:.5f} in summary.json"
           for run, c in checks.items()], ""])
 
