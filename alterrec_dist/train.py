@@ -24,7 +24,7 @@ import argparse
 import sys
 
 from alterrec_dist.common.cli import run_cli
-from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, load_config
+from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, check_resumable, load_config
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import resolve_location
 from alterrec_dist.common.storage import Location
@@ -41,23 +41,27 @@ def load_run_config(args: argparse.Namespace) -> tuple[Config, Location | None]:
     `--resume RUN_DIR`: RUN_DIR's config.toml with the `--set` values on top (e.g. another
     trainer.num_workers). `--resume auto` (a retried job with a fixed command line): the same for the
     run directory that `--out` or `trainer.name` names, if an attempt has started there (it holds a
-    config.toml), else a new run there from `--config` and `--set`."""
+    config.toml), else a new run there from `--config` and `--set`. Either way a change to what the run
+    trains (`config.check_resumable`) is refused: the job's own config for `auto`, the `--set` values else."""
     if args.resume is None:
         return load_config(args.config, args.overrides), None
     if args.resume == "auto":
-        cfg = load_config(args.config, args.overrides)
-        if not (args.out or cfg.trainer.name):
+        requested = load_config(args.config, args.overrides)
+        if not (args.out or requested.trainer.name):
             raise ConfigError("--resume auto needs a run directory a retry finds again: --out or trainer.name")
-        run_dir = resolve_location(args.out) if args.out else default_run_dir(cfg).absolute()
+        run_dir = resolve_location(args.out) if args.out else default_run_dir(requested).absolute()
         if not (run_dir / "config.toml").is_file():
-            return cfg, None
+            return requested, None
+        cfg = load_config(run_dir / "config.toml", args.overrides)
     else:
         if args.config or args.out:
             raise ConfigError("--resume RUN_DIR goes on with the run's own config.toml: drop --config and --out")
         run_dir = resolve_location(args.resume)
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"{run_dir}: not a run directory (no config.toml)")
-    return load_config(run_dir / "config.toml", args.overrides), run_dir
+        cfg = requested = load_config(run_dir / "config.toml", args.overrides)
+    check_resumable(load_config(run_dir / "config.toml"), requested, str(run_dir / "config.toml"))
+    return cfg, run_dir
 
 
 # -- the summary table ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,10 @@ import pytest
 
 from alterrec_dist.common.config import METRICS, PROJECT_ROOT, Config, load_config
 from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import DatasetWriter
-from alterrec_dist.train import format_summary
-from alterrec_dist.training.run_dir import default_run_dir, make_run_dir, read_summary
+from alterrec_dist.train import build_parser, format_summary, load_run_config
+from alterrec_dist.training.run_dir import DATASET_RECORD, default_run_dir, make_run_dir, read_summary, reopen_run_dir
 from tests.commands import run_command
 
 PY = sys.executable
@@ -159,6 +161,45 @@ def test_cli_one_line_errors(tmp_path, monkeypatch, capsys, no_ray, case):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
     assert not (tmp_path / "run").exists()  # nothing was created before the error
+
+
+@pytest.mark.parametrize("case", ["changed_setting", "changed_retry_config", "data_remade_in_place"])
+def test_cli_resume_refuses_another_run(tmp_path, monkeypatch, capsys, no_ray, case):
+    """A resume that would train another model or on other data than its checkpoints hold is one line, exit 2,
+    before Ray, and leaves the run directory as it was."""
+    monkeypatch.chdir(tmp_path)
+    data = tiny_dataset(tmp_path / "data")
+    run = make_run_dir(load_config(None, [f"data.path={data}", "train.global_batch_size=16"]), str(tmp_path / "run"))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    args, fragment = {
+        "changed_setting": (["--resume", str(run), "--set", "model.dim=32"],
+                            "a resumed run keeps its settings, but model.dim would change (model.dim: 64 -> 32)"),
+        "changed_retry_config": (["--resume", "auto", "--out", str(run), "--set", f"data.path={data}",
+                                  "--set", "train.global_batch_size=16", "--set", "train.seed=1"],
+                                 "but train.seed would change"),
+        "data_remade_in_place": (["--resume", str(run)], "not the data this run started on"),
+    }[case]
+    if case == "data_remade_in_place":
+        shutil.rmtree(data)
+        tiny_dataset(data, seed=1)
+    code, err = run_command("train", args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_resume_takes_the_same_data_elsewhere_and_resumable_settings(tmp_path):
+    """What a resume may change: where the same files live (data.path), the world size, the epoch budget."""
+    data = tiny_dataset(tmp_path / "data")
+    run = make_run_dir(load_config(None, [f"data.path={data}"]), str(tmp_path / "run"))
+    assert json.loads((run / DATASET_RECORD).read_text())["sha256"] == Dataset(data).file_digests
+    shutil.copytree(data, tmp_path / "moved")
+    changes = [f"data.path={tmp_path / 'moved'}", "trainer.num_workers=1", "train.m_max=20", "train.patience=3"]
+    args = build_parser().parse_args(["--resume", str(run), *[a for c in changes for a in ("--set", c)]])
+    cfg, resume_dir = load_run_config(args)
+    assert resume_dir == run and reopen_run_dir(cfg, run) == run
+    assert load_config(run / "config.toml") == cfg  # the config it now runs with, and where its data is now
+    assert json.loads((run / DATASET_RECORD).read_text())["path"] == str(tmp_path / "moved")
 
 
 @pytest.mark.parametrize("case", ["missing_dataset", "missing_bucket", "other_scheme"])

@@ -326,6 +326,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg.validate()
 
 
+# What `--resume` may change (`--set`, or a retried job's own config): where and how the run executes, when it
+# stops, how often it saves and logs, how much it scores at once, and where its data lives (the data's content is
+# checked apart, `run_dir.check_same_dataset`). Anything else would make the continuation another run than the one
+# its checkpoints and best record hold: another model, plan, seed, loss or selection.
+RESUMABLE = ("trainer.*", "train.m_max", "train.patience", "train.checkpoint_every", "train.log_every",
+             "eval.batch_size", "eval.tile_rows", "data.path")
+
+
+def changed_keys(before: Config, after: Config) -> list[str]:
+    """The `section.key` names whose values differ between two configs, in config order."""
+    a, b = before.to_dict(), after.to_dict()
+    return [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k]]
+
+
+def check_resumable(saved: Config, resumed: Config, where: str) -> None:
+    """ConfigError in one line if `resumed` changes a key of `saved` (the run's config.toml, `where`) that a
+    resumed run must keep (anything outside `RESUMABLE`)."""
+    fixed = [k for k in changed_keys(saved, resumed)
+             if k not in RESUMABLE and f"{k.partition('.')[0]}.*" not in RESUMABLE]
+    if fixed:
+        s, k = fixed[0].split(".")
+        was, now = getattr(getattr(saved, s), k), getattr(getattr(resumed, s), k)
+        raise ConfigError(
+            f"{where}: a resumed run keeps its settings, but {', '.join(fixed)} would change "
+            f"({fixed[0]}: {was!r} -> {now!r}); only {', '.join(RESUMABLE)} may (start a new run for another setting)")
+
+
 def to_toml(cfg: Config) -> str:
     """The resolved config as TOML (written next to the results; loadable with --config)."""
     def fmt(v):

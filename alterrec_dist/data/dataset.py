@@ -47,6 +47,13 @@ class Dataset:
         if m["num_items"] < 1 or m["text"]["dim"] < 1:
             raise DataError(f"{self.mpath}: num_items and text.dim must be >= 1")
 
+    @property
+    def file_digests(self) -> dict[str, str] | None:
+        """File name -> sha256 from the manifest: what the dataset holds, wherever it lives (None for a dataset
+        made before checksums were recorded)."""
+        digests = self.manifest.get("sha256")
+        return digests if isinstance(digests, dict) else None
+
     # -- checks ---------------------------------------------------------------------------------
     def check(self) -> None:
         """The cheap check run at every training start: every file the manifest names is there
@@ -75,8 +82,8 @@ class Dataset:
         full. Returns notes (e.g. a dataset made before checksums were recorded); DataError on damage."""
         self.check()
         notes = []
-        digests = self.manifest.get("sha256")
-        if not isinstance(digests, dict):
+        digests = self.file_digests
+        if digests is None:
             notes.append(f"{self.mpath}: no sha256 recorded (made before checksums were); sizes, shapes "
                          "and item indices checked")
         else:

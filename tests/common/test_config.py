@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from alterrec_dist.common.config import PROJECT_ROOT, Config, load_config, to_toml
+from alterrec_dist.common.config import PROJECT_ROOT, RESUMABLE, Config, check_resumable, load_config, to_toml
 from alterrec_dist.common.errors import ConfigError
 
 
@@ -231,3 +231,16 @@ def test_every_field_has_a_range():
     free |= {"trainer.storage_path", "trainer.name"}  # any path; make_run_dir reports what fails
     assert fields - free <= set(RANGES), "give the new field a line in config.RANGES"
     assert set(RANGES) <= fields
+
+
+def test_check_resumable_allows_only_what_keeps_the_run():
+    saved = load_config(None, ["train.m_max=10"])
+    free = load_config(None, ["train.m_max=30", "trainer.num_workers=1", "trainer.engine=deepspeed",
+                              "train.checkpoint_every=5", "eval.batch_size=256", "data.path=elsewhere"])
+    check_resumable(saved, free, "run/config.toml")
+    for change in ["model.dropout=0.3", "train.lr_id=0.01", "train.seed=1", "train.method=id_only", "eval.alpha=0.3",
+                   "eval.metric=id/ndcg@10", "data.max_len=20"]:
+        with pytest.raises(ConfigError, match=f"run/config.toml: a resumed run keeps its settings, but "
+                                              f"{change.split('=')[0]} would change") as e:
+            check_resumable(saved, load_config(None, ["train.m_max=10", change]), "run/config.toml")
+        assert all(k in str(e.value) for k in RESUMABLE)
