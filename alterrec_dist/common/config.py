@@ -334,23 +334,22 @@ RESUMABLE = ("trainer.*", "train.m_max", "train.patience", "train.checkpoint_eve
              "eval.batch_size", "eval.tile_rows", "data.path")
 
 
-def changed_keys(before: Config, after: Config) -> list[str]:
-    """The `section.key` names whose values differ between two configs, in config order."""
+def changed_values(before: Config, after: Config) -> dict[str, tuple]:
+    """`section.key` -> (before, after) for every value that differs between two configs, in config order."""
     a, b = before.to_dict(), after.to_dict()
-    return [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k]]
+    return {f"{s}.{k}": (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]}
 
 
 def check_resumable(saved: Config, resumed: Config, where: str) -> None:
     """ConfigError in one line if `resumed` changes a key of `saved` (the run's config.toml, `where`) that a
     resumed run must keep (anything outside `RESUMABLE`)."""
-    fixed = [k for k in changed_keys(saved, resumed)
-             if k not in RESUMABLE and f"{k.partition('.')[0]}.*" not in RESUMABLE]
+    fixed = {k: v for k, v in changed_values(saved, resumed).items()
+             if k not in RESUMABLE and f"{k.partition('.')[0]}.*" not in RESUMABLE}
     if fixed:
-        s, k = fixed[0].split(".")
-        was, now = getattr(getattr(saved, s), k), getattr(getattr(resumed, s), k)
+        first, (was, now) = next(iter(fixed.items()))
         raise ConfigError(
             f"{where}: a resumed run keeps its settings, but {', '.join(fixed)} would change "
-            f"({fixed[0]}: {was!r} -> {now!r}); only {', '.join(RESUMABLE)} may (start a new run for another setting)")
+            f"({first}: {was!r} -> {now!r}); only {', '.join(RESUMABLE)} may (start a new run for another setting)")
 
 
 def to_toml(cfg: Config) -> str:
