@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import METRICS, PROJECT_ROOT, Config, load_config
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import DatasetWriter
 from alterrec_dist.train import build_parser, format_summary, load_run_config
-from alterrec_dist.training.run_dir import DATASET_RECORD, default_run_dir, make_run_dir, read_summary, reopen_run_dir
+from alterrec_dist.training.run_dir import default_run_dir, make_run_dir, read_summary, reopen_run_dir
 from tests.commands import run_command
 
 PY = sys.executable
@@ -192,14 +193,14 @@ def test_resume_takes_the_same_data_elsewhere_and_resumable_settings(tmp_path):
     """What a resume may change: where the same files live (data.path), the world size, the epoch budget."""
     data = tiny_dataset(tmp_path / "data")
     run = make_run_dir(load_config(None, [f"data.path={data}"]), str(tmp_path / "run"))
-    assert json.loads((run / DATASET_RECORD).read_text())["sha256"] == Dataset(data).file_digests
+    assert json.loads((run / run_layout.DATASET).read_text())["sha256"] == Dataset(data).file_digests
     shutil.copytree(data, tmp_path / "moved")
     changes = [f"data.path={tmp_path / 'moved'}", "trainer.num_workers=1", "train.m_max=20", "train.patience=3"]
     args = build_parser().parse_args(["--resume", str(run), *[a for c in changes for a in ("--set", c)]])
     cfg, resume_dir = load_run_config(args)
     assert resume_dir == run and reopen_run_dir(cfg, run) == run
     assert load_config(run / "config.toml") == cfg  # the config it now runs with, and where its data is now
-    assert json.loads((run / DATASET_RECORD).read_text())["path"] == str(tmp_path / "moved")
+    assert json.loads((run / run_layout.DATASET).read_text())["path"] == str(tmp_path / "moved")
 
 
 @pytest.mark.parametrize("case", ["missing_dataset", "missing_bucket", "other_scheme"])

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError, one_line
-from alterrec_dist.common.files import check_keys, file_sha256, read_manifest
+from alterrec_dist.common.files import check_keys, file_sha256, read_json, read_manifest
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, MANIFEST_KEYS, SESSION_SCHEMA, SPLITS, TEXT_KEYS,
-                                       data_files)
+                                       data_files, item_files)
 
 
 class Dataset:
@@ -53,6 +53,31 @@ class Dataset:
         made before checksums were recorded)."""
         digests = self.manifest.get("sha256")
         return digests if isinstance(digests, dict) else None
+
+    def identity(self) -> dict:
+        """What a run records of the data it trains on: where it is, its item count, its files' sha256."""
+        return {"path": str(self.path), "num_items": self.num_items, "sha256": self.file_digests}
+
+    def unlike(self, record: Location, items_only: bool = False) -> str | None:
+        """How this dataset differs from the `identity()` a run recorded in `record` (RUN/dataset.json), in
+        words; None if it holds the same files. Where it lives is not compared: a moved copy is the same data.
+        `items_only` compares the item side alone (`layout.item_files`): what a trained model needs, whatever
+        the sessions. Nothing to compare (None) without a record (a run made before it), or when it has no
+        checksums (its dataset was made before them)."""
+        if not record.is_file():
+            return None
+        identity = read_json(record)
+        was, now = identity.get("sha256"), self.file_digests or {}
+        if was is None:
+            return None
+        names = set(item_files(self.manifest)) if items_only else was.keys() | now.keys()
+        differ = sorted(name for name in names if was.get(name) != now.get(name))
+        if differ:
+            more = f", ... ({len(differ)} in all)" if len(differ) > 2 else ""
+            return f"files that differ: {', '.join(differ[:2])}{more}"
+        if identity["num_items"] != self.num_items:
+            return f"{identity['num_items']} items, not {self.num_items}"
+        return None
 
     # -- checks ---------------------------------------------------------------------------------
     def check(self) -> None:

@@ -230,11 +230,16 @@ class DatasetWriter:
         return False
 
 
+def item_files(manifest: dict) -> list[str]:
+    """The item side of a dataset (items table, text features), relative to its directory: what a trained
+    model's item rows belong to, whatever sessions it is given."""
+    text = manifest["text"]
+    return ["items.parquet", text["has_text"]] + [p["file"] for p in text["files"]]
+
+
 def data_files(manifest: dict) -> list[str]:
     """Every file a dataset manifest names, relative to the dataset directory."""
-    text = manifest["text"]
-    return (["items.parquet", text["has_text"]] + [p["file"] for p in text["files"]]
-            + [p["file"] for s in SPLITS for p in manifest["session_files"][s]])
+    return item_files(manifest) + [p["file"] for s in SPLITS for p in manifest["session_files"][s]]
 
 
 # The manifest's shape: key -> type, and the keys of its sub-tables (what the read side relies on).

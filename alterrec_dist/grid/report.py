@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from alterrec_dist.common import run_layout  # noqa: E402
 from alterrec_dist.common.config import PROJECT_ROOT, read_toml, shown  # noqa: E402
 from alterrec_dist.common.files import atomic_write_bytes  # noqa: E402
 from alterrec_dist.common.methods import METHODS, selection_part  # noqa: E402
@@ -73,8 +74,8 @@ def read_run(spec) -> dict | None:
         return {"spec": spec, "test": {"peer": res["test"]}, "valid": {"peer": res["valid"]},
                 "best_epoch": res.get("best_epoch"), "command": res.get("command", shlex.join(spec.command)),
                 "on_budget": peer_cut_at_its_best(res)}
-    summary = json.loads((d / "summary.json").read_text())
-    epochs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary = json.loads((d / run_layout.SUMMARY).read_text())
+    epochs = [json.loads(line) for line in (d / run_layout.METRICS).read_text().splitlines() if line.strip()]
     command = (d / "command.txt").read_text().strip() if (d / "command.txt").exists() else shlex.join(spec.command)
     run = {"spec": spec, "test": summary["test"], "valid": summary["valid"], "best_epoch": summary["best_epoch"],
            "selection": summary["selection"], "longtail": summary["longtail"], "epochs": epochs, "command": command,
@@ -89,7 +90,7 @@ def read_run(spec) -> dict | None:
 def ended_on_budget(run_dir: Path, summary: dict) -> bool:
     """A run of ours that trained every epoch of its `train.m_max`: patience never stopped it, so its best
     epoch came within the last `train.patience` epochs and more epochs might still raise it."""
-    m_max = read_toml(run_dir / "config.toml", "run config")["train"]["m_max"]
+    m_max = read_toml(run_dir / run_layout.CONFIG, "run config")["train"]["m_max"]
     return summary.get("epochs_trained") == m_max
 
 

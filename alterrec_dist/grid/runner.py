@@ -35,6 +35,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import PROJECT_ROOT, load_config, read_toml, shown
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.grid.selection import candidates, choose, helpful_switches, next_round, selection_seeds
@@ -48,7 +49,7 @@ class RunSpec:
     seed: int
     run_dir: Path
     command: list[str]
-    done_file: str = "summary.json"
+    done_file: str = run_layout.SUMMARY
     role: str = "method"       # "method" | "sweep" | "peer"
     method: str = ""
     sweeps: dict[str, object] = field(default_factory=dict)  # swept key -> this run's value (several if shared)
@@ -411,7 +412,7 @@ def under_way(spec: RunSpec) -> bool:
 def run_one(spec: RunSpec, threads: int) -> tuple[RunSpec, int, float]:
     # A training run that never wrote its config has nothing to go on from: start it again. A peer's
     # directory is its command's own to resume or restart.
-    if spec.role != "peer" and spec.run_dir.exists() and not (spec.run_dir / "config.toml").is_file():
+    if spec.role != "peer" and spec.run_dir.exists() and not (spec.run_dir / run_layout.CONFIG).is_file():
         shutil.rmtree(spec.run_dir)
     spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

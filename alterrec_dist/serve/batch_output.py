@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from alterrec_dist.common import run_layout
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import Staged, check_out, read_json, resolve_location
 from alterrec_dist.common.storage import Location
@@ -160,7 +161,7 @@ def summary_for(bundle: ScoringModel, split: str | None) -> tuple[dict | None, s
     run = bundle.provenance.get("run") or {}
     if split not in ("test", "valid") or not run.get("path"):
         return None, ""
-    path = resolve_location(run["path"]) / "summary.json"
+    path = resolve_location(run["path"]) / run_layout.SUMMARY
     if not path.is_file():
         return None, f"{path}: not found"
     summary = read_json(path)
@@ -193,7 +194,7 @@ def summary_comparison(bundle: ScoringModel, result: dict, split: str | None) ->
     if summary is None:
         return {}, (f"no summary.json comparison ({why})" if why else None)
     diffs = compare(result, summary, split)
-    where = resolve_location(bundle.provenance["run"]["path"]) / "summary.json"
+    where = resolve_location(bundle.provenance["run"]["path"]) / run_layout.SUMMARY
     if diffs:
         line = f"NOT equal to {where} {split} metrics: " + "; ".join(diffs[:5])
     else:

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import ModelConfig, load_config
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import file_sha256, read_json, resolve_location
@@ -49,13 +50,13 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
     run_dir = resolve_location(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: run directory not found")
-    if not (run_dir / "config.toml").is_file():
+    if not (run_dir / run_layout.CONFIG).is_file():
         raise DataError(f"{run_dir}: no config.toml (not a training run directory)")
-    if not (run_dir / "model").is_dir():
+    if not (run_dir / run_layout.MODEL).is_dir():
         raise DataError(f"{run_dir}: no model/ (the run has not saved a model: it is written at its best "
                         "validation epoch)")
-    cfg = load_config(run_dir / "config.toml")
-    manifest, states, x = load_model(run_dir / "model")
+    cfg = load_config(run_dir / run_layout.CONFIG)
+    manifest, states, x = load_model(run_dir / run_layout.MODEL)
     path = resolve_location(data_path or manifest.get("dataset") or cfg.resolve_path(cfg.data.path))
     if not path.exists():
         raise DataError(f"{path}: dataset of run {run_dir} not found (pass --data)")
@@ -63,18 +64,23 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
     data.check()
     if data.num_items != manifest["num_items"]:
         raise DataError(f"{path}: {data.num_items} items, the model of {run_dir} has {manifest['num_items']}")
+    record = run_dir / run_layout.DATASET
+    unlike = data.unlike(record, items_only=True)
+    if unlike:
+        raise DataError(f"{path}: not the items the model of {run_dir} was trained on ({record}: {unlike}); "
+                        "pass --data with the run's dataset")
     if manifest.get("method", cfg.train.method) != cfg.train.method:
         raise DataError(f"{run_dir}: model/ was saved by method {manifest['method']!r}, config.toml says "
                         f"{cfg.train.method!r}")
-    networks = {k: net.to(device) for k, net in
-                load_networks(cfg.train.method, cfg.model, data.text_dim, cfg.data.max_len, states, run_dir / "model").items()}
+    networks = {k: net.to(device) for k, net in load_networks(cfg.train.method, cfg.model, data.text_dim,
+                                                              cfg.data.max_len, states, run_dir / run_layout.MODEL).items()}
     x = x.to(device) if x is not None else None
     features = torch.from_numpy(np.ascontiguousarray(data.text_features())).to(device)
     e = cfg.eval
     mats, scales, weights = _scorer_spec(networks, x, features, manifest["world_size"], e.tile_rows,
                                          kind_weights(cfg.train.method, e.alpha, tuple(e.alpha_sweep)))
     item_ids, texts, popularity = _item_table(data)
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / run_layout.SUMMARY
     summary = read_json(summary_path) if summary_path.is_file() else None
     served = served_kind(summary, e.alpha, weights, summary_path)
     provenance = {
@@ -83,7 +89,7 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
             "summary_best_epoch": summary.get("best_epoch") if summary else None,
             "selection": summary.get("selection") if summary else None,
             "model_epoch": manifest.get("epoch"),
-            "model_manifest_sha256": file_sha256(run_dir / "model" / "manifest.json"),
+            "model_manifest_sha256": file_sha256(run_dir / run_layout.MODEL / "manifest.json"),
             "model_files_sha256": manifest["files"],
         },
         "dataset": {

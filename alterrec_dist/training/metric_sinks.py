@@ -18,7 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from alterrec_dist.common import storage
+from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import METRICS, Config
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import atomic_write_bytes
@@ -101,8 +101,8 @@ class MetricSinks:
     def __init__(self, run_dir: Location, cfg: Config, steps_done: int):
         from torch.utils.tensorboard import SummaryWriter  # here: the other ranks never load it
 
-        self.jsonl = run_dir / "metrics.jsonl"
-        self.events = run_dir / "tensorboard"
+        self.jsonl = run_dir / run_layout.METRICS
+        self.events = run_dir / run_layout.TENSORBOARD
         # in a store, this attempt's event file is written here and uploaded (`_upload_events`)
         self.local_events = Path(tempfile.mkdtemp(prefix="alterrec-tensorboard-")) \
             if isinstance(self.events, StorePath) else self.events

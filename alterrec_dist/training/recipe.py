@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from alterrec_dist.common import storage
+from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import Config
 from alterrec_dist.common.device import configure_matmuls, worker_device
 from alterrec_dist.common.errors import DataError
@@ -171,11 +171,11 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
         done = len(progress.steps)
         # the checkpoint the phase in progress began from outlives the newer ones: reject_worse goes back to it
         phase_start = phase_start_checkpoint(phases, progress.epoch) if progress.epoch < len(phases) else None
-        path = save_checkpoint(comm, run_dir / "checkpoints", checkpoint_name(progress.epoch, done), run.networks,
-                               run.table, run.steppers,
+        path = save_checkpoint(comm, run_dir / run_layout.CHECKPOINTS, checkpoint_name(progress.epoch, done),
+                               run.networks, run.table, run.steppers,
                                {**asdict(progress), "step": done, "phase": phase_index(phases, progress.epoch),
                                 "global_step": steps_done(), "method": t.method},
-                               run_dir / "model", pinned=phase_start)
+                               run_dir / run_layout.MODEL, pinned=phase_start)
         if report is not None:
             report(metrics, path)
 
@@ -223,7 +223,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
             if valid[part][metric] > progress.best["score"]:
                 progress.best = {"score": valid[part][metric], "epoch": phase.epoch, "valid": line["valid"],
                                  "test": run.evaluate("test", phase.epoch)}
-                save_model(comm, run.networks, run.table, run_dir / "model",
+                save_model(comm, run.networks, run.table, run_dir / run_layout.MODEL,
                            {"epoch": phase.epoch, "method": t.method, "selection": f"{part}/{metric}",
                             "valid_score": progress.best["score"], "dataset": str(cfg.resolve_path(cfg.data.path))})
             if comm.rank == 0:
@@ -231,7 +231,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
                 tqdm.write(f"epoch {phase.epoch:3d} {phase.network:5s} {phase.negatives:6s} loss {losses['loss']:.4f} "
                            f"valid {part}/{metric} {valid[part][metric]:.4f} ({line['sessions_per_s']:.0f} sessions/s)")
             if rejected:
-                undo_phase(run, run_dir / "checkpoints" / phase_start_checkpoint(phases, phase.epoch))
+                undo_phase(run, run_dir / run_layout.CHECKPOINTS / phase_start_checkpoint(phases, phase.epoch))
                 progress.own[phase.network] = progress.phase_before
                 if comm.rank == 0:
                     tqdm.write(f"phase rejected: valid {phase.network}/{metric} {valid[phase.network][metric]:.4f} "
@@ -253,7 +253,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     if alpha is not None:
         summary["alpha"] = alpha
     if comm.rank == 0:
-        atomic_write_json(run_dir / "summary.json", summary)
+        atomic_write_json(run_dir / run_layout.SUMMARY, summary)
     return summary
 
 
@@ -276,14 +276,14 @@ def resume(run: Run, run_dir: Location) -> Progress:
     run, or the start. Rank 0 brings the run files back to the same point (metrics.jsonl cut to the
     checkpoint's lines, RUN_DIR/model back to the best model it recorded): what came after the
     checkpoint is redone."""
-    found = find_resume_point(run.comm, run_dir / "checkpoints")
+    found = find_resume_point(run.comm, run_dir / run_layout.CHECKPOINTS)
     progress = Progress()
     if found is not None:
         load_checkpoint(run.comm, *found, run.networks, run.table, run.steppers)
         progress = Progress(**{f.name: found[1][f.name] for f in fields(Progress) if f.name in found[1]})
     if run.comm.rank == 0:
-        keep_lines(run_dir / "metrics.jsonl", progress.log_lines)
-        restore_model(found[0] if found else None, run_dir / "model")
+        keep_lines(run_dir / run_layout.METRICS, progress.log_lines)
+        restore_model(found[0] if found else None, run_dir / run_layout.MODEL)
         if found is not None:
             tqdm.write(f"resuming from {found[0]}: epoch {progress.epoch}, {len(progress.steps)} steps done")
     return progress

@@ -7,6 +7,7 @@ import datetime
 import os
 import sys
 
+from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import Config, to_toml
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json, read_json, resolve_location
@@ -14,8 +15,6 @@ from alterrec_dist.common.storage import Location, StorePath
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.parallel.mining import CATALOG_BAND_ENTRIES, catalog_band_entries
 from alterrec_dist.training.checkpoint import newest_good
-
-DATASET_RECORD = "dataset.json"  # in the run directory: the data it trains on (`record_dataset`)
 
 
 # -- checks and the run directory ------------------------------------------------------------
@@ -94,7 +93,7 @@ def make_run_dir(cfg: Config, out: str | None) -> Location:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
-    atomic_write_bytes(run_dir / "config.toml", to_toml(cfg).encode())
+    atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
     record_dataset(Dataset(cfg.resolve_path(cfg.data.path)), run_dir)
     return run_dir
 
@@ -108,34 +107,28 @@ def reopen_run_dir(cfg: Config, run_dir: Location) -> Location:
     a failure, with no driver involved): the price of failing here, before anything starts."""
     data = Dataset(cfg.resolve_path(cfg.data.path))
     check_same_dataset(data, run_dir)
-    found = newest_good(run_dir / "checkpoints")
+    found = newest_good(run_dir / run_layout.CHECKPOINTS)
     if found is None:
         print(f"{run_dir}: no checkpoint yet, starting from the beginning", file=sys.stderr, flush=True)
-    atomic_write_bytes(run_dir / "config.toml", to_toml(cfg).encode())
+    atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
     record_dataset(data, run_dir)  # where it is now; a run made before the record gets it here
     return run_dir
 
 
 def record_dataset(data: Dataset, run_dir: Location) -> None:
     """RUN_DIR/dataset.json: where the run's data was and what it held (its files' sha256), which a resume
-    checks (`check_same_dataset`)."""
-    atomic_write_json(run_dir / DATASET_RECORD, {"path": str(data.path), "num_items": data.num_items,
-                                                 "sha256": data.file_digests})
+    checks (`check_same_dataset`) and serving compares the items with."""
+    atomic_write_json(run_dir / run_layout.DATASET, data.identity())
 
 
 def check_same_dataset(data: Dataset, run_dir: Location) -> None:
     """DataError in one line if `data` holds other files than the run started on (a dataset remade in place, or
     another one): its checkpoints' item rows and batch order belong to those. The same files elsewhere (a moved
     copy) are fine. Nothing to check for a run made before the record, or on data without checksums."""
-    record = run_dir / DATASET_RECORD
-    was = read_json(record) if record.is_file() else {}
-    if was.get("sha256") is None:
-        return
-    now = data.file_digests or {}
-    differ = sorted(name for name in was["sha256"].keys() | now.keys() if was["sha256"].get(name) != now.get(name))
-    if differ or was["num_items"] != data.num_items:
-        what = f"{len(differ)} files differ, e.g. {differ[0]}" if differ else f"{was['num_items']} items, not {data.num_items}"
-        raise DataError(f"{data.mpath}: not the data this run started on ({record}: {what}); resume on that data "
+    record = run_dir / run_layout.DATASET
+    unlike = data.unlike(record)
+    if unlike:
+        raise DataError(f"{data.mpath}: not the data this run started on ({record}: {unlike}); resume on that data "
                         "or start a new run")
 
 
@@ -146,7 +139,7 @@ def open_run_dir(cfg: Config, out: str | None, resume_dir: Location | None) -> L
 def read_summary(run_dir: Location, fallback: dict | None = None) -> dict:
     """`run_dir/summary.json`, or `fallback` (the summary rank 0 reported through Ray) when the
     file is not visible here (a multi-node cluster whose storage_path is not shared)."""
-    path = run_dir / "summary.json"
+    path = run_dir / run_layout.SUMMARY
     if path.is_file():
         return read_json(path)
     if fallback is not None:

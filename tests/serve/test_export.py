@@ -50,20 +50,24 @@ def small_default(base: Path) -> Path:
     """shards/default with its train split cut to the first TRAIN_ROWS rows (items, features, valid
     and test splits unchanged)."""
     out = base / "default-small"
-    if (out / "manifest.json").exists():
-        return out
-    src = Dataset(SOURCE)
+    return out if (out / "manifest.json").exists() else copy_dataset(SOURCE, out, TRAIN_ROWS)
+
+
+def copy_dataset(source: Path, out: Path, train_rows: int | None = None, features: np.ndarray | None = None) -> Path:
+    """A new dataset (its own manifest and checksums) from `source`: its train split cut to `train_rows`, its text
+    features replaced by `features`."""
+    src = Dataset(source)
     items = src.items()
     with DatasetWriter(out) as w:
         for split in ("train", "valid", "test"):
             t = src.read_sessions(split)
-            if split == "train":
-                t = t.slice(0, TRAIN_ROWS)
+            if split == "train" and train_rows is not None:
+                t = t.slice(0, train_rows)
             w.add_sessions(split, t["history"], t["target"].to_numpy(), t["user"].to_pylist(), t["session"].to_pylist())
         w.set_items(items["item_id"].to_pylist(), items["text"].to_pylist())
-        w.add_text_features(src.text_features())
+        w.add_text_features(src.text_features() if features is None else features)
         w.set_has_text(src.has_text())
-        w.commit(source={"kind": "subset", "of": str(SOURCE), "train_rows": TRAIN_ROWS}, text_model="copied")
+        w.commit(source={"kind": "subset", "of": str(source), "train_rows": train_rows}, text_model="copied")
     return out
 
 
@@ -309,6 +313,19 @@ def test_cli_errors_are_one_line_exit_2(run, exported, tmp_path, capsys):
     code, _, err = cli("export", ["--run", str(run), "--out", str(exported)], capsys)
     assert code == 2 and "output exists" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_data_with_other_items_is_refused(run, tmp_path, capsys):
+    """--data is checked against the item side the run recorded (dataset.json): the same item count with other text
+    features is one line, exit 2, nothing written; the same files elsewhere are the run's data."""
+    data = Path(json.loads((run / "dataset.json").read_text())["path"])
+    other = copy_dataset(data, tmp_path / "other", features=np.roll(Dataset(data).text_features(), 1, axis=0))
+    code, _, err = cli("export", ["--run", str(run), "--data", str(other), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert f"not the items the model of {run} was trained on" in err and "text_features/part-00000.npy" in err
+    assert not (tmp_path / "o").exists()
+    shutil.copytree(data, tmp_path / "moved")
+    assert load_run(run, tmp_path / "moved").provenance["dataset"]["path"] == str(tmp_path / "moved")
 
 
 def test_corrupt_export_is_refused(exported, tmp_path):

@@ -1,0 +1,18 @@
+"""The run directory's layout: the one place that names its files. Training writes them; resume, serving, the
+grid and its report read them (README "Outputs of a run" says what each holds).
+
+    RUN/config.toml       the resolved config, written before training starts and at each resume
+    RUN/dataset.json      the data it trains on: path, item count, every file's sha256 (`Dataset.identity`)
+    RUN/metrics.jsonl     one JSON line per epoch
+    RUN/summary.json      the result: best epoch, validation and test metrics, the chosen alpha
+    RUN/model/            the model at the best validation epoch (`parallel/saved.py`)
+    RUN/checkpoints/      the newest training checkpoints (`training/checkpoint.py`)
+    RUN/tensorboard/      TensorBoard event files
+"""
+CONFIG = "config.toml"
+DATASET = "dataset.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+MODEL = "model"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
