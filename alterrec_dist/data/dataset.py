@@ -3,6 +3,8 @@ and checks its files against it, cheaply at every training start (`check`) or in
 """
 from __future__ import annotations
 
+import hashlib
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -55,26 +57,37 @@ class Dataset:
         return digests if isinstance(digests, dict) else None
 
     def identity(self) -> dict:
-        """What a run records of the data it trains on: where it is, its item count, its files' sha256."""
-        return {"path": str(self.path), "num_items": self.num_items, "sha256": self.file_digests}
+        """What a run records of the data it trains on: where it is, its item count, its files' sha256 and its
+        item ids' (`item_ids_sha256`)."""
+        return {"path": str(self.path), "num_items": self.num_items, "sha256": self.file_digests,
+                "item_ids_sha256": self.item_ids_sha256()}
+
+    def item_ids_sha256(self) -> str:
+        """sha256 of the item ids in item_idx order: which item each row is. items.parquet's own sha256 also
+        covers the popularity, which moves with the train sessions."""
+        ids = read_parquet(self.path / "items.parquet", columns=["item_id"])["item_id"].to_pylist()
+        return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
     def unlike(self, record: Location, items_only: bool = False) -> str | None:
         """How this dataset differs from the `identity()` a run recorded in `record` (RUN/dataset.json), in
-        words; None if it holds the same files. Where it lives is not compared: a moved copy is the same data.
-        `items_only` compares the item side alone (`layout.item_files`): what a trained model needs, whatever
-        the sessions. Nothing to compare (None) without a record (a run made before it), or when it has no
-        checksums (its dataset was made before them)."""
+        words; None if it holds the same data. Where it lives is not compared: a moved copy is the same data.
+        `items_only` compares what a trained model's item rows belong to, whatever the sessions: the item ids
+        and the text features (`layout.item_files`). Nothing to compare (None) without a record (a run made
+        before it), or when it has no checksums (its dataset was made before them)."""
         if not record.is_file():
             return None
         identity = read_json(record)
-        was, now = identity.get("sha256"), self.file_digests or {}
-        if was is None:
+        if identity.get("sha256") is None:
             return None
+        was, now = dict(identity["sha256"]), dict(self.file_digests or {})
         names = set(item_files(self.manifest)) if items_only else was.keys() | now.keys()
+        if items_only and "item_ids_sha256" in identity:  # the ids, not items.parquet's popularity
+            names = names - {"items.parquet"} | {"item ids"}
+            was["item ids"], now["item ids"] = identity["item_ids_sha256"], self.item_ids_sha256()
         differ = sorted(name for name in names if was.get(name) != now.get(name))
         if differ:
             more = f", ... ({len(differ)} in all)" if len(differ) > 2 else ""
-            return f"files that differ: {', '.join(differ[:2])}{more}"
+            return f"not the same {', '.join(differ[:2])}{more}"
         if identity["num_items"] != self.num_items:
             return f"{identity['num_items']} items, not {self.num_items}"
         return None

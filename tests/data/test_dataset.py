@@ -10,21 +10,21 @@ from alterrec_dist.data.layout import DatasetWriter
 V = 30
 
 
-def dataset(out, test_seed: int = 0, features_seed: int = 0):
-    """Items, features and train split fixed; the test split and the features drawn from the seeds given."""
-    rng, test_rng = np.random.default_rng(0), np.random.default_rng(test_seed)
+def dataset(out, train_seed: int = 0, test_seed: int = 0, features_seed: int = 0, id_prefix: str = "item"):
+    """A small dataset whose parts are drawn from their own seeds (the valid split is fixed)."""
+    train, test = np.random.default_rng(train_seed), np.random.default_rng(test_seed)
     with DatasetWriter(out) as w:
-        w.add_sessions("train", [rng.integers(0, V, 3).tolist() for _ in range(40)], rng.integers(0, V, 40))
+        w.add_sessions("train", [train.integers(0, V, 3).tolist() for _ in range(40)], train.integers(0, V, 40))
         w.add_sessions("valid", [[1, 2]] * 5, np.arange(5))
-        w.add_sessions("test", [test_rng.integers(0, V, 3).tolist() for _ in range(5)], test_rng.integers(0, V, 5))
-        w.set_items([f"item{i}" for i in range(V)], [f"text {i}" for i in range(V)])
+        w.add_sessions("test", [test.integers(0, V, 3).tolist() for _ in range(5)], test.integers(0, V, 5))
+        w.set_items([f"{id_prefix}{i}" for i in range(V)], [f"text {i}" for i in range(V)])
         w.add_text_features(np.random.default_rng(features_seed).standard_normal((V, 8)))
         w.commit(source={"kind": "test"}, text_model=None)
     return Dataset(out)
 
 
-def record(data: Dataset, path):
-    path.write_text(json.dumps(data.identity()))
+def record(data: Dataset, path, **drop):
+    path.write_text(json.dumps({k: v for k, v in data.identity().items() if k not in drop}))
     return path
 
 
@@ -38,12 +38,20 @@ def test_unlike_compares_content_not_place(tmp_path):
     assert data.unlike(tmp_path / "no-record.json") is None  # a run made before the record: nothing to compare
 
 
-def test_unlike_names_the_files_that_differ(tmp_path):
+def test_unlike_names_what_differs(tmp_path):
     rec = record(dataset(tmp_path / "data"), tmp_path / "dataset.json")
-    other_test = dataset(tmp_path / "other-test", test_seed=1)
-    assert other_test.unlike(rec) == "files that differ: sessions/test/part-00000.parquet"
-    assert other_test.unlike(rec, items_only=True) is None  # a model's items are the same: other sessions are fine
-    other_features = dataset(tmp_path / "other-features", test_seed=1, features_seed=1)
-    assert other_features.unlike(rec, items_only=True) == "files that differ: text_features/part-00000.npy"
-    assert other_features.unlike(rec) == ("files that differ: sessions/test/part-00000.parquet, "
-                                          "text_features/part-00000.npy")
+    other_sessions = dataset(tmp_path / "other-sessions", train_seed=1, test_seed=1)
+    # other train targets: another popularity column, so items.parquet differs too, but not the items
+    assert other_sessions.unlike(rec) == "not the same items.parquet, sessions/test/part-00000.parquet, ... (3 in all)"
+    assert other_sessions.unlike(rec, items_only=True) is None  # a model's items are all there: sessions may change
+    other_features = dataset(tmp_path / "other-features", features_seed=1)
+    assert other_features.unlike(rec, items_only=True) == "not the same text_features/part-00000.npy"
+    other_ids = dataset(tmp_path / "other-ids", id_prefix="sku")
+    assert other_ids.unlike(rec, items_only=True) == "not the same item ids"
+
+
+def test_a_record_without_item_ids_compares_the_items_file(tmp_path):
+    """dataset.json as runs wrote it before item_ids_sha256: the items file stands in for the ids."""
+    rec = record(dataset(tmp_path / "data"), tmp_path / "dataset.json", item_ids_sha256=None)
+    other_sessions = dataset(tmp_path / "other-sessions", train_seed=1)
+    assert other_sessions.unlike(rec, items_only=True) == "not the same items.parquet"
