@@ -64,12 +64,15 @@ def split_scores(bundle, data: Dataset, split: str) -> tuple[list[torch.Tensor],
     return [torch.cat(p) for p in parts], torch.tensor(targets)
 
 
-def hit_ndcg(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Hit@10 and NDCG@10 (the engine's definitions) with the target's rank = 1 + the items that order
-    before it (the engine's order)."""
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) each target's rank from 1: 1 + the items that order before it (the engine's order)."""
     before_by_id = torch.arange(scores.shape[1])[None, :] < targets[:, None]
-    before = orders_before(scores, scores.gather(1, targets[:, None]), before_by_id)
-    metrics = rank_metrics(before.sum(1) + 1)
+    return orders_before(scores, scores.gather(1, targets[:, None]), before_by_id).sum(1) + 1
+
+
+def hit_ndcg(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Hit@10 and NDCG@10 (the engine's definitions) of the targets' ranks."""
+    metrics = rank_metrics(target_ranks(scores, targets))
     return {m: metrics[m] for m in ("hit@10", "ndcg@10")}
 
 

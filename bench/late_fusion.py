@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json, read_json
@@ -68,11 +70,16 @@ def served_scores(run_dir: Path) -> dict:
     return out
 
 
+def choose_alpha(valid_a: torch.Tensor, valid_b: torch.Tensor, targets: torch.Tensor) -> float:
+    """The alpha of ALPHAS whose alpha * A + (1 - alpha) * B has the best validation NDCG@10 (ties: the first)."""
+    return max(ALPHAS, key=lambda a: hit_ndcg(a * valid_a + (1 - a) * valid_b, targets)[SELECT])
+
+
 def fuse_pair(run_a: Path, run_b: Path, scored: dict) -> dict:
     """alpha chosen on validation for alpha * s_A + (1 - alpha) * s_B, and each run alone, on both splits."""
     (va, vt), (ta, tt) = scored[run_a]["valid"], scored[run_a]["test"]
     vb, tb = scored[run_b]["valid"][0], scored[run_b]["test"][0]
-    alpha = max(ALPHAS, key=lambda a: hit_ndcg(a * va + (1 - a) * vb, vt)[SELECT])
+    alpha = choose_alpha(va, vb, vt)
     return {"alpha": alpha,
             "valid": hit_ndcg(alpha * va + (1 - alpha) * vb, vt), "test": hit_ndcg(alpha * ta + (1 - alpha) * tb, tt),
             "alone": {"a": {"valid": hit_ndcg(va, vt), "test": hit_ndcg(ta, tt)},

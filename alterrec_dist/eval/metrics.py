@@ -12,8 +12,8 @@ from torch import Tensor
 from alterrec_dist.common.config import METRICS
 
 
-def _per_row(ranks: Tensor) -> Tensor:
-    """(n,) ranks -> (n, len(METRICS)) float64 metric values per session."""
+def per_session(ranks: Tensor) -> Tensor:
+    """(n,) ranks -> (n, len(METRICS)) float64 metric values per session (their mean is the metric)."""
     r = ranks.to(torch.float64)
     ndcg = 1.0 / torch.log2(r + 1.0)
     in10, in20 = (r <= 10).to(r.dtype), (r <= 20).to(r.dtype)
@@ -33,7 +33,7 @@ class MetricSums:
 
     def add(self, ranks: Tensor, valid: Tensor | None = None, groups: Tensor | None = None) -> None:
         """ranks (n,) from 1; valid (n,) bool drops padding rows; groups (n,) the targets' group index."""
-        vals = torch.cat([torch.ones_like(ranks, dtype=torch.float64).unsqueeze(1), _per_row(ranks)], dim=1)
+        vals = torch.cat([torch.ones_like(ranks, dtype=torch.float64).unsqueeze(1), per_session(ranks)], dim=1)
         if valid is not None:
             vals = vals * valid.unsqueeze(1).to(vals.dtype)
         vals = vals.to(self.sums.device)

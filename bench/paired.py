@@ -1,0 +1,183 @@
+"""Paired comparison on the same test sessions: how much of a measured gain the test set's sampling could move.
+
+    python -m bench.paired --method LABEL RUN [RUN ...] [--method ...] [--late-fusion LABEL A B]
+        --compare A B [--compare ...] [--resamples 10000] [--out bench/PAIRED.md]
+
+Each method's runs (one per seed, in the same seed order for every method) are scored by the score each serves
+(`bench.late_fusion.served_scores`, checked against its summary.json). `--late-fusion LABEL A B` adds a method
+whose i-th run is method A's i-th run fused with method B's i-th by the linear rule, alpha chosen on validation
+NDCG@10 (`bench.late_fusion.choose_alpha`). A method's per-session test hit@10 and NDCG@10 are the means over its
+seeds, so their mean over the sessions is the mean-of-seeds figure the results tables give.
+
+`--compare A B` resamples the test sessions with replacement, the same sessions for both (a paired bootstrap),
+and gives A's relative gain over B on each metric: the measured gain, its 95 % percentile interval, and the share
+of resamples in which the gain is above 0 and in which it reaches the issue's +5 %. That is the test set's
+sampling noise only, for these trained models; the seeds' spread is the ± beside each method.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from alterrec_dist.common.cli import run_cli
+from alterrec_dist.common.config import METRICS
+from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json
+from alterrec_dist.eval.metrics import per_session
+from bench.fusion_rules import target_ranks
+from bench.late_fusion import choose_alpha, served_scores
+
+SHOWN = ("hit@10", "ndcg@10")
+TARGET_GAIN = 0.05  # issue 14: "at least 5 % above our own ID-only and NFRec (sum)"
+RESAMPLE_SEED = 0
+CHUNK = 250  # resamples drawn at once: CHUNK x sessions indices
+
+
+def session_metrics(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N, len(SHOWN)) float64: each session's hit@10 and NDCG@10 under `scores`."""
+    return per_session(target_ranks(scores, targets))[:, [METRICS.index(m) for m in SHOWN]]
+
+
+def method_sessions(runs: list[Path], scored: dict) -> list[torch.Tensor]:
+    """Per run (seed), its served score's per-session test metrics."""
+    return [session_metrics(*scored[run]["test"]) for run in runs]
+
+
+def late_fusion_sessions(runs_a: list[Path], runs_b: list[Path], scored: dict) -> tuple[list[torch.Tensor], list[float]]:
+    """Per seed i, A's i-th run fused with B's i-th at the alpha validation chose: per-session test metrics, alphas."""
+    sessions, alphas = [], []
+    for a, b in zip(runs_a, runs_b):
+        (va, vt), (ta, tt) = scored[a]["valid"], scored[a]["test"]
+        alpha = choose_alpha(va, scored[b]["valid"][0], vt)
+        sessions.append(session_metrics(alpha * ta + (1 - alpha) * scored[b]["test"][0], tt))
+        alphas.append(alpha)
+    return sessions, alphas
+
+
+def paired_gain(a: torch.Tensor, b: torch.Tensor, resamples: int) -> dict[str, dict]:
+    """A's relative gain over B per metric (a, b: (N, metrics) per-session values of the same sessions), with the
+    paired bootstrap's 95 % interval and the shares of resamples with gain > 0 and gain >= TARGET_GAIN."""
+    n = len(a)
+    generator = torch.Generator().manual_seed(RESAMPLE_SEED)
+    gains = []
+    for start in range(0, resamples, CHUNK):
+        idx = torch.randint(n, (min(CHUNK, resamples - start), n), generator=generator)
+        gains.append(a[idx].mean(1) / b[idx].mean(1) - 1)
+    gains = torch.cat(gains)
+    low, high = torch.quantile(gains, torch.tensor([0.025, 0.975], dtype=gains.dtype), dim=0)
+    return {m: {"a": a[:, j].mean().item(), "b": b[:, j].mean().item(),
+                "gain": (a[:, j].mean() / b[:, j].mean() - 1).item(), "low": low[j].item(), "high": high[j].item(),
+                "above_0": (gains[:, j] > 0).double().mean().item(),
+                "above_target": (gains[:, j] >= TARGET_GAIN).double().mean().item()}
+            for j, m in enumerate(SHOWN)}
+
+
+def check_same_sessions(scored: dict) -> None:
+    """Every run must rank the same test sessions' targets, in the same order, or pairing means nothing."""
+    first, *rest = scored
+    for run in rest:
+        if not torch.equal(scored[run]["test"][1], scored[first]["test"][1]):
+            raise DataError(f"{run}: other test sessions than {first} (runs of other datasets cannot be paired)")
+
+
+def parse_methods(args: argparse.Namespace) -> dict[str, list[Path]]:
+    methods = {label: [Path(r) for r in runs] for label, *runs in args.method}
+    if any(not runs for runs in methods.values()):
+        raise ConfigError("--method needs a label and at least one run directory")
+    for label, a, b in args.late_fusion:
+        for name in (a, b):
+            if name not in methods:
+                raise ConfigError(f"--late-fusion {label!r}: no --method {name!r}")
+    known = set(methods) | {x[0] for x in args.late_fusion}
+    for a, b in args.compare:
+        for name in (a, b):
+            if name not in known:
+                raise ConfigError(f"--compare {a!r} {b!r}: no method {name!r} (--method or --late-fusion)")
+    seeds = {len(runs) for runs in methods.values()}
+    if len(seeds) > 1:
+        raise ConfigError(f"every --method needs as many runs (one per seed, same order): {sorted(seeds)}")
+    return methods
+
+
+def report(table: dict, comparisons: list[dict], checks: dict, resamples: int, command: str, minutes: float) -> str:
+    methods = []
+    for label, m in table.items():
+        per_seed = lambda j, m=m: [s[:, j].mean().item() for s in m["sessions"]]  # noqa: E731
+        alpha = f" (alpha on valid: {', '.join(map(str, m['alphas']))})" if m.get("alphas") else ""
+        cells = " | ".join(f"{statistics.mean(per_seed(j)):.4f} ± "
+                           f"{statistics.stdev(per_seed(j)) if len(per_seed(j)) > 1 else 0.0:.4f}"
+                           for j in range(len(SHOWN)))
+        methods.append(f"| {label}{alpha} | {len(m['sessions'])} | {cells} |")
+    rows = [f"| {c['a']} against {c['b']} | {metric} | {g['a']:.4f} | {g['b']:.4f} | {g['gain']:+.1%} | "
+            f"{g['low']:+.1%} … {g['high']:+.1%} | {g['above_0']:.1%} | {g['above_target']:.1%} |"
+            for c in comparisons for metric, g in c["gains"].items()]
+    n = len(next(iter(table.values()))["sessions"][0])
+    return "\n".join([
+        "# Paired comparison on the same test sessions", "",
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {minutes:.1f} min).",
+        "Each run scored by the score it serves; a method's figure is the mean over its seeds; a late fusion fuses "
+        "the two methods' runs of one seed, alpha chosen on validation NDCG@10 (bench/paired.py).", "",
+        f"## Methods (test, {n:,} sessions, mean ± std over seeds)", "",
+        "| method | seeds | hit@10 | ndcg@10 |", "|---|---|---:|---:|", *methods, "",
+        f"## Gains, with the test sessions resampled ({resamples:,} paired bootstrap resamples)", "",
+        "The interval is the test set's sampling noise for these models, not the seeds' (the ± above).", "",
+        f"| comparison | metric | A | B | gain | 95 % interval | resamples with gain > 0 | with gain ≥ "
+        f"{TARGET_GAIN:+.0%} |", "|---|---|---:|---:|---:|---|---:|---:|", *rows, "",
+        "Each run's served test NDCG@10 here against its summary.json:", "",
+        *[f"- {run}: {c['here']['ndcg@10']:.5f} here, {c['summary']['ndcg@10']:.5f} in summary.json"
+          for run, c in checks.items()], ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.paired", description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", nargs="+", action="append", required=True, metavar="LABEL RUN",
+                   help="a label and its runs (training run directories with model/ and summary.json), one per "
+                        "seed, in the same seed order for every method")
+    p.add_argument("--late-fusion", nargs=3, action="append", default=[], metavar=("LABEL", "A", "B"),
+                   help="a method made of methods A's and B's runs of each seed fused, alpha on validation")
+    p.add_argument("--compare", nargs=2, action="append", required=True, metavar=("A", "B"),
+                   help="report A's gain over B with its bootstrap interval")
+    p.add_argument("--resamples", type=int, default=10_000, help="paired bootstrap resamples (default 10000)")
+    p.add_argument("--out", default="bench/PAIRED.md", help="markdown report (the figures beside it as .json)")
+    args = p.parse_args(argv)
+    if args.resamples < 100:
+        raise ConfigError(f"--resamples {args.resamples}: at least 100 for a 95 % interval")
+    methods = parse_methods(args)
+    started = time.time()
+    scored = {run: served_scores(run) for run in dict.fromkeys(r for runs in methods.values() for r in runs)}
+    check_same_sessions(scored)
+    table = {label: {"runs": [str(r) for r in runs], "sessions": method_sessions(runs, scored)}
+             for label, runs in methods.items()}
+    for label, a, b in args.late_fusion:
+        sessions, alphas = late_fusion_sessions(methods[a], methods[b], scored)
+        table[label] = {"runs": [*table[a]["runs"], *table[b]["runs"]], "sessions": sessions, "alphas": alphas}
+    comparisons = []
+    for a, b in args.compare:
+        mean_a, mean_b = (torch.stack(table[x]["sessions"]).mean(0) for x in (a, b))
+        comparisons.append({"a": a, "b": b, "gains": paired_gain(mean_a, mean_b, args.resamples)})
+        print(a, "against", b, {m: f"{g['gain']:+.2%} [{g['low']:+.2%}, {g['high']:+.2%}]"
+                                for m, g in comparisons[-1]["gains"].items()}, flush=True)
+    words = [w for x in args.method for w in ("--method", *x)] + \
+        [w for x in args.late_fusion for w in ("--late-fusion", *x)] + [w for x in args.compare for w in ("--compare", *x)]
+    command = "python -m bench.paired " + shlex.join([*words, "--resamples", str(args.resamples), "--out", args.out])
+    checks = {str(run): s["check"] for run, s in scored.items()}
+    text = report(table, comparisons, checks, args.resamples, command, (time.time() - started) / 60)
+    atomic_write_bytes(args.out, text.encode())
+    atomic_write_json(Path(args.out).with_suffix(".json"), {
+        "command": command, "resamples": args.resamples, "resample_seed": RESAMPLE_SEED,
+        "methods": {label: {"runs": m["runs"], "alphas": m.get("alphas"),
+                            "test": [{k: s[:, j].mean().item() for j, k in enumerate(SHOWN)} for s in m["sessions"]]}
+                    for label, m in table.items()},
+        "comparisons": comparisons, "summary_check": checks})
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

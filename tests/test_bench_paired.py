@@ -1,0 +1,74 @@
+"""bench/paired.py: the paired bootstrap's interval on constructed sessions (a constant ratio has no spread; equal
+methods straddle 0), and on real trained runs each method's figure is what its summary.json reports, a method
+against itself gains exactly 0, and bad arguments are one line, exit 2, no report."""
+import json
+
+import pytest
+import torch
+
+from alterrec_dist.common.cli import run_cli
+from bench import late_fusion, paired
+from tests.serve.test_export import trained_run
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
+
+
+def main(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as e:
+        run_cli(paired.main, args)
+    return e.value.code
+
+
+def test_a_constant_ratio_has_no_spread_and_equal_methods_straddle_zero():
+    g = torch.Generator().manual_seed(1)
+    b = torch.rand(20_000, 2, generator=g, dtype=torch.float64)
+    scaled = paired.paired_gain(1.1 * b, b, resamples=500)
+    for m in paired.SHOWN:  # every resample keeps the ratio: the interval is the point
+        assert scaled[m]["gain"] == pytest.approx(0.1)
+        assert scaled[m]["low"] == pytest.approx(0.1) and scaled[m]["high"] == pytest.approx(0.1)
+        assert scaled[m]["above_0"] == 1.0 and scaled[m]["above_target"] == 1.0
+    other = torch.rand(20_000, 2, generator=g, dtype=torch.float64)  # the same distribution, other sessions' draws
+    equal = paired.paired_gain(other, b, resamples=500)
+    for m in paired.SHOWN:
+        assert equal[m]["low"] < 0 < equal[m]["high"]
+        assert equal[m]["low"] <= equal[m]["gain"] <= equal[m]["high"]
+        assert 0.02 < equal[m]["above_0"] < 0.98 and equal[m]["above_target"] < 0.05
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--method", "A", "x", "--compare", "A", "B"], "no method 'B'"),
+    (["--method", "A", "x", "y", "--method", "B", "z", "--compare", "A", "B"], "as many runs"),
+    (["--method", "A", "x", "--late-fusion", "F", "A", "C", "--compare", "F", "A"], "no --method 'C'"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(args, words, tmp_path, capsys):
+    out = tmp_path / "P.md"
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+@pytest.mark.slow
+def test_methods_are_their_summaries_and_gains_are_paired(tmp_path_factory, tmp_path):
+    alterrec = trained_run(tmp_path_factory, "alterrec")
+    id_only = trained_run(tmp_path_factory, "id-only", ["train.method=id_only"])
+    out = tmp_path / "PAIRED.md"
+    assert main(["--method", "AlterRec", str(alterrec), "--method", "ID only", str(id_only),
+                 "--late-fusion", "late", "ID only", "AlterRec", "--compare", "AlterRec", "ID only",
+                 "--compare", "AlterRec", "AlterRec", "--resamples", "300", "--out", str(out)]) == 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    a = json.loads((alterrec / "summary.json").read_text())["alpha"]["test"]  # what AlterRec serves
+    b = json.loads((id_only / "summary.json").read_text())["test"]["id"]
+    for m in paired.SHOWN:
+        assert saved["methods"]["AlterRec"]["test"][0][m] == pytest.approx(a[m], abs=1e-6)
+        assert saved["methods"]["ID only"]["test"][0][m] == pytest.approx(b[m], abs=1e-6)
+    against_id, against_self = (c["gains"] for c in saved["comparisons"])
+    for m in paired.SHOWN:
+        assert against_id[m]["gain"] == pytest.approx(a[m] / b[m] - 1, abs=1e-5)
+        assert against_id[m]["low"] <= against_id[m]["gain"] <= against_id[m]["high"]
+        assert against_self[m] | {"a": 0, "b": 0} == {"a": 0, "b": 0, "gain": 0.0, "low": 0.0, "high": 0.0,
+                                                      "above_0": 0.0, "above_target": 0.0}
+    assert saved["methods"]["late"]["alphas"][0] in late_fusion.ALPHAS
+    text = out.read_text()
+    assert f"--method AlterRec {alterrec} --method 'ID only' {id_only}" in text
+    assert "| AlterRec against ID only | ndcg@10 |" in text
