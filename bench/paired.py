@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from alterrec_dist.common.config import METRICS
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json
 from alterrec_dist.eval.metrics import per_session
-from bench.fusion_rules import target_ranks
+from bench.fusion_rules import mean_std, target_ranks
 from bench.late_fusion import choose_alpha, served_scores
 
 SHOWN = ("hit@10", "ndcg@10")
@@ -105,25 +104,22 @@ def parse_methods(args: argparse.Namespace) -> dict[str, list[Path]]:
     return methods
 
 
-def report(table: dict, comparisons: list[dict], checks: dict, resamples: int, command: str, minutes: float) -> str:
+def report(table: dict, comparisons: list[dict], checks: dict, sessions: int, resamples: int, command: str,
+           minutes: float) -> str:
     methods = []
     for label, m in table.items():
-        per_seed = lambda j, m=m: [s[:, j].mean().item() for s in m["sessions"]]  # noqa: E731
         alpha = f" (alpha on valid: {', '.join(map(str, m['alphas']))})" if m.get("alphas") else ""
-        cells = " | ".join(f"{statistics.mean(per_seed(j)):.4f} ± "
-                           f"{statistics.stdev(per_seed(j)) if len(per_seed(j)) > 1 else 0.0:.4f}"
-                           for j in range(len(SHOWN)))
-        methods.append(f"| {label}{alpha} | {len(m['sessions'])} | {cells} |")
+        cells = " | ".join(mean_std([seed[k] for seed in m["test"]]) for k in SHOWN)
+        methods.append(f"| {label}{alpha} | {len(m['test'])} | {cells} |")
     rows = [f"| {c['a']} against {c['b']} | {metric} | {g['a']:.4f} | {g['b']:.4f} | {g['gain']:+.1%} | "
             f"{g['low']:+.1%} … {g['high']:+.1%} | {g['above_0']:.1%} | {g['above_target']:.1%} |"
             for c in comparisons for metric, g in c["gains"].items()]
-    n = len(next(iter(table.values()))["sessions"][0])
     return "\n".join([
         "# Paired comparison on the same test sessions", "",
         f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {minutes:.1f} min).",
         "Each run scored by the score it serves; a method's figure is the mean over its seeds; a late fusion fuses "
         "the two methods' runs of one seed, alpha chosen on validation NDCG@10 (bench/paired.py).", "",
-        f"## Methods (test, {n:,} sessions, mean ± std over seeds)", "",
+        f"## Methods (test, {sessions:,} sessions, mean ± std over seeds)", "",
         "| method | seeds | hit@10 | ndcg@10 |", "|---|---|---:|---:|", *methods, "",
         f"## Gains, with the test sessions resampled ({resamples:,} paired bootstrap resamples)", "",
         "The interval is the test set's sampling noise for these models, not the seeds' (the ± above).", "",
@@ -157,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, a, b in args.late_fusion:
         sessions, alphas = late_fusion_sessions(methods[a], methods[b], scored)
         table[label] = {"runs": [*table[a]["runs"], *table[b]["runs"]], "sessions": sessions, "alphas": alphas}
+    for m in table.values():  # each seed's test figures, for the report and its .json
+        m["test"] = [{k: s[:, j].mean().item() for j, k in enumerate(SHOWN)} for s in m["sessions"]]
     comparisons = []
     for a, b in args.compare:
         mean_a, mean_b = (torch.stack(table[x]["sessions"]).mean(0) for x in (a, b))
@@ -167,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         [w for x in args.late_fusion for w in ("--late-fusion", *x)] + [w for x in args.compare for w in ("--compare", *x)]
     command = "python -m bench.paired " + shlex.join([*words, "--resamples", str(args.resamples), "--out", args.out])
     checks = {str(run): s["check"] for run, s in scored.items()}
-    text = report(table, comparisons, checks, args.resamples, command, (time.time() - started) / 60)
+    text = report(table, comparisons, checks, len(next(iter(scored.values()))["test"][1]), args.resamples, command,
+                  (time.time() - started) / 60)
     atomic_write_bytes(args.out, text.encode())
     atomic_write_json(Path(args.out).with_suffix(".json"), {
         "command": command, "resamples": args.resamples, "resample_seed": RESAMPLE_SEED,
-        "methods": {label: {"runs": m["runs"], "alphas": m.get("alphas"),
-                            "test": [{k: s[:, j].mean().item() for j, k in enumerate(SHOWN)} for s in m["sessions"]]}
+        "methods": {label: {"runs": m["runs"], "alphas": m.get("alphas"), "test": m["test"]}
                     for label, m in table.items()},
         "comparisons": comparisons, "summary_check": checks})
     print(text)
