@@ -51,17 +51,19 @@ def load_run_config(args: argparse.Namespace) -> tuple[Config, Location | None]:
         if not (args.out or requested.trainer.name):
             raise ConfigError("--resume auto needs a run directory a retry finds again: --out or trainer.name")
         run_dir = resolve_location(args.out) if args.out else default_run_dir(requested).absolute()
-        if not (run_dir / run_layout.CONFIG).is_file():
+        saved = run_dir / run_layout.CONFIG
+        if not saved.is_file():
             return requested, None
-        cfg = load_config(run_dir / run_layout.CONFIG, args.overrides)
+        cfg = load_config(saved, args.overrides)
     else:
         if args.config or args.out:
             raise ConfigError("--resume RUN_DIR goes on with the run's own config.toml: drop --config and --out")
         run_dir = resolve_location(args.resume)
-        if not (run_dir / run_layout.CONFIG).is_file():
+        saved = run_dir / run_layout.CONFIG
+        if not saved.is_file():
             raise ConfigError(f"{run_dir}: not a run directory (no config.toml)")
-        cfg = requested = load_config(run_dir / run_layout.CONFIG, args.overrides)
-    check_resumable(load_config(run_dir / run_layout.CONFIG), requested, str(run_dir / run_layout.CONFIG))
+        cfg = requested = load_config(saved, args.overrides)
+    check_resumable(load_config(saved), requested, str(saved))
     return cfg, run_dir
 
 

@@ -39,6 +39,7 @@ from alterrec_dist.common.methods import PAIR, method
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.eval.evaluate import orders_before
 from alterrec_dist.eval.metrics import popularity_groups, rank_metrics
+from alterrec_dist.grid.report import cell
 from alterrec_dist.serve.from_run import load_run
 from alterrec_dist.serve.queries import encode_sessions, session_batch
 
@@ -160,10 +161,6 @@ def run_rules(run_dir: Path) -> dict:
 
 # -- report ------------------------------------------------------------------------------------------
 
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
-
-
 def report(results: dict[str, dict], command: str, minutes: float) -> str:
     per_run = list(results.values())
     col = lambda rule, split, m: [r[rule][split][m] for r in per_run]  # noqa: E731
@@ -171,8 +168,8 @@ def report(results: dict[str, dict], command: str, minutes: float) -> str:
     rows = []
     for rule in RULES:
         alphas = "; ".join(str(r[rule]["alpha"]) for r in per_run)
-        rows.append(f"| {rule} | {alphas} | {mean_std(col(rule, 'valid', 'ndcg@10'))} | "
-                    f"{mean_std(col(rule, 'test', 'hit@10'))} | {mean_std(col(rule, 'test', 'ndcg@10'))} | "
+        rows.append(f"| {rule} | {alphas} | {cell(col(rule, 'valid', 'ndcg@10'))} | "
+                    f"{cell(col(rule, 'test', 'hit@10'))} | {cell(col(rule, 'test', 'ndcg@10'))} | "
                     f"{statistics.mean(col(rule, 'test', 'ndcg@10')) / base - 1:+.1%} |")
     best = max(RULES, key=lambda rule: statistics.mean(col(rule, "valid", "ndcg@10")))
     return "\n".join([

@@ -30,8 +30,9 @@ from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json, read_json
 from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.grid.report import cell
 from alterrec_dist.serve.from_run import load_run
-from bench.fusion_rules import SELECT, hit_ndcg, mean_std, split_scores
+from bench.fusion_rules import SELECT, hit_ndcg, split_scores
 
 # Runs made before 7f8a7ba (the grid's, and their retrained copies) scored a target by its own row's dot product
 # and the catalog by a matmul, so where a target's text equals another item's (Scientific: 17 pairs, the targets of
@@ -94,13 +95,13 @@ def report(pairs: dict[str, list[dict]], references: dict[str, list[dict]], chec
         alone = lambda run, r=results: [x["alone"][run]["test"]["ndcg@10"] for x in r]  # noqa: E731
         gain = statistics.mean(fused("test", "ndcg@10")) / statistics.mean(map(max, alone("a"), alone("b"))) - 1
         rows.append(f"| {label} | {len(results)} | {'; '.join(str(x['alpha']) for x in results)} | "
-                    f"{mean_std(fused('valid', 'ndcg@10'))} | {mean_std(fused('test', 'hit@10'))} | "
-                    f"{mean_std(fused('test', 'ndcg@10'))} | {mean_std(alone('a'))} | {mean_std(alone('b'))} | "
+                    f"{cell(fused('valid', 'ndcg@10'))} | {cell(fused('test', 'hit@10'))} | "
+                    f"{cell(fused('test', 'ndcg@10'))} | {cell(alone('a'))} | {cell(alone('b'))} | "
                     f"{gain:+.1%} |")
     for label, runs in references.items():
         col = lambda split, m, r=runs: [x[split][m] for x in r]  # noqa: E731
-        rows.append(f"| {label} (reference: summary.json) | {len(runs)} | its own | {mean_std(col('valid', 'ndcg@10'))} "
-                    f"| {mean_std(col('test', 'hit@10'))} | {mean_std(col('test', 'ndcg@10'))} | | | |")
+        rows.append(f"| {label} (reference: summary.json) | {len(runs)} | its own | {cell(col('valid', 'ndcg@10'))} "
+                    f"| {cell(col('test', 'hit@10'))} | {cell(col('test', 'ndcg@10'))} | | | |")
     return "\n".join([
         "# Late fusion of runs trained apart", "",
         f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {minutes:.1f} min).",

@@ -29,7 +29,8 @@ from alterrec_dist.common.config import METRICS
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json
 from alterrec_dist.eval.metrics import per_session
-from bench.fusion_rules import mean_std, target_ranks
+from alterrec_dist.grid.report import cell
+from bench.fusion_rules import target_ranks
 from bench.late_fusion import choose_alpha, served_scores
 
 SHOWN = ("hit@10", "ndcg@10")
@@ -109,7 +110,7 @@ def report(table: dict, comparisons: list[dict], checks: dict, sessions: int, re
     methods = []
     for label, m in table.items():
         alpha = f" (alpha on valid: {', '.join(map(str, m['alphas']))})" if m.get("alphas") else ""
-        cells = " | ".join(mean_std([seed[k] for seed in m["test"]]) for k in SHOWN)
+        cells = " | ".join(cell([seed[k] for seed in m["test"]]) for k in SHOWN)
         methods.append(f"| {label}{alpha} | {len(m['test'])} | {cells} |")
     rows = [f"| {c['a']} against {c['b']} | {metric} | {g['a']:.4f} | {g['b']:.4f} | {g['gain']:+.1%} | "
             f"{g['low']:+.1%} … {g['high']:+.1%} | {g['above_0']:.1%} | {g['above_target']:.1%} |"
