@@ -21,18 +21,32 @@ def main(args: list[str]) -> int:
 
 def test_a_constant_ratio_has_no_spread_and_equal_methods_straddle_zero():
     g = torch.Generator().manual_seed(1)
-    b = torch.rand(20_000, 2, generator=g, dtype=torch.float64)
+    b = torch.rand(2, 20_000, 2, generator=g, dtype=torch.float64)  # (seeds, sessions, metrics)
     scaled = paired.paired_gain(1.1 * b, b, resamples=500)
-    for m in paired.SHOWN:  # every resample keeps the ratio: the interval is the point
-        assert scaled[m]["gain"] == pytest.approx(0.1)
-        assert scaled[m]["low"] == pytest.approx(0.1) and scaled[m]["high"] == pytest.approx(0.1)
-        assert scaled[m]["above_0"] == 1.0 and scaled[m]["above_target"] == 1.0
-    other = torch.rand(20_000, 2, generator=g, dtype=torch.float64)  # the same distribution, other sessions' draws
+    for m in paired.SHOWN:  # every resample of sessions, and of seeds, keeps the ratio: the interval is the point
+        for i in (scaled[m], scaled[m]["seeds_too"]):
+            assert scaled[m]["gain"] == pytest.approx(0.1)
+            assert i["low"] == pytest.approx(0.1) and i["high"] == pytest.approx(0.1)
+            assert i["above_0"] == 1.0 and i["above_target"] == 1.0
+    other = torch.rand(2, 20_000, 2, generator=g, dtype=torch.float64)  # the same distribution, other draws
     equal = paired.paired_gain(other, b, resamples=500)
     for m in paired.SHOWN:
-        assert equal[m]["low"] < 0 < equal[m]["high"]
-        assert equal[m]["low"] <= equal[m]["gain"] <= equal[m]["high"]
-        assert 0.02 < equal[m]["above_0"] < 0.98 and equal[m]["above_target"] < 0.05
+        for i in (equal[m], equal[m]["seeds_too"]):
+            assert i["low"] < 0 < i["high"]
+            assert i["low"] <= equal[m]["gain"] <= i["high"]
+            assert 0.02 < i["above_0"] < 0.98 and i["above_target"] < 0.05
+
+
+def test_seeds_too_holds_the_seeds_spread_that_sessions_alone_do_not():
+    b = torch.rand(1, 20_000, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64).expand(2, -1, -1)
+    a = b * torch.tensor([1.0, 1.2], dtype=torch.float64)[:, None, None]  # seed 0 gains 0 %, seed 1 gains 20 %
+    gains = paired.paired_gain(a, b, resamples=1000)
+    for m in paired.SHOWN:
+        assert gains[m]["gain"] == pytest.approx(0.1)  # the means over seeds
+        assert gains[m]["low"] == pytest.approx(0.1) and gains[m]["high"] == pytest.approx(0.1)
+        seeds = gains[m]["seeds_too"]  # seed draws {0,0}, {0,1}, {1,1}: gains 0, 10 % and 20 %
+        assert seeds["low"] == pytest.approx(0.0) and seeds["high"] == pytest.approx(0.2)
+        assert 0.65 < seeds["above_0"] < 0.85 and seeds["above_target"] == seeds["above_0"]
 
 
 @pytest.mark.parametrize("args, words", [
@@ -66,8 +80,8 @@ def test_methods_are_their_summaries_and_gains_are_paired(tmp_path_factory, tmp_
     for m in paired.SHOWN:
         assert against_id[m]["gain"] == pytest.approx(a[m] / b[m] - 1, abs=1e-5)
         assert against_id[m]["low"] <= against_id[m]["gain"] <= against_id[m]["high"]
-        assert against_self[m] | {"a": 0, "b": 0} == {"a": 0, "b": 0, "gain": 0.0, "low": 0.0, "high": 0.0,
-                                                      "above_0": 0.0, "above_target": 0.0}
+        nothing = {"low": 0.0, "high": 0.0, "above_0": 0.0, "above_target": 0.0}
+        assert against_self[m] | {"a": 0, "b": 0} == {"a": 0, "b": 0, "gain": 0.0, **nothing, "seeds_too": nothing}
     assert saved["methods"]["late"]["alphas"][0] in late_fusion.ALPHAS
     text = out.read_text()
     assert f"--method AlterRec {alterrec} --method 'ID only' {id_only}" in text
