@@ -144,7 +144,7 @@ def report(table: dict, comparisons: list[dict], checks: dict, sessions: int, re
         "the two methods' runs of one seed, alpha chosen on validation NDCG@10 (bench/paired.py).", "",
         f"## Methods (test, {sessions:,} sessions, mean ± std over seeds)", "",
         "| method | seeds | hit@10 | ndcg@10 |", "|---|---|---:|---:|", *methods, "",
-        f"## Gains, with the test sessions resampled ({resamples:,} paired bootstrap resamples)", "",
+        f"## Gains, resampled ({resamples:,} paired bootstrap resamples)", "",
         "Sessions: the test sessions drawn with replacement, the same for both methods: the test set's sampling "
         "noise for these trained models. Seeds too: each resample first draws the seeds with replacement, the same "
         "seed numbers for both, then the sessions: the training seeds' noise as well (with a few seeds it "
