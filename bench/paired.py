@@ -127,8 +127,8 @@ def parse_methods(args: argparse.Namespace) -> dict[str, list[Path]]:
     return methods
 
 
-def report(table: dict, comparisons: list[dict], checks: dict, sessions: int, resamples: int, command: str,
-           minutes: float) -> str:
+def report(table: dict, comparisons: list[dict], checks: dict, resamples: int, command: str, minutes: float) -> str:
+    sessions = len(next(iter(table.values()))["sessions"][0])  # every run ranks the same (check_same_sessions)
     methods = []
     for label, m in table.items():
         alpha = f" (alpha on valid: {', '.join(map(str, m['alphas']))})" if m.get("alphas") else ""
@@ -192,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         [w for x in args.late_fusion for w in ("--late-fusion", *x)] + [w for x in args.compare for w in ("--compare", *x)]
     command = "python -m bench.paired " + shlex.join([*words, "--resamples", str(args.resamples), "--out", args.out])
     checks = {str(run): s["check"] for run, s in scored.items()}
-    text = report(table, comparisons, checks, len(next(iter(scored.values()))["test"][1]), args.resamples, command,
-                  (time.time() - started) / 60)
+    text = report(table, comparisons, checks, args.resamples, command, (time.time() - started) / 60)
     atomic_write_bytes(args.out, text.encode())
     atomic_write_json(Path(args.out).with_suffix(".json"), {
         "command": command, "resamples": args.resamples, "resample_seed": RESAMPLE_SEED,
