@@ -71,14 +71,16 @@ def bootstrap_gains(a: torch.Tensor, b: torch.Tensor, resamples: int, seeds_too:
     gains = []
     for start in range(0, resamples, CHUNK):
         count = min(CHUNK, resamples - start)
-        if seeds_too:
+        if seeds_too:  # how often each seed was drawn: a drawn seed set's mean is these weights' sum
             pick = torch.randint(n_seeds, (count, n_seeds), generator=generator)
-            mean_a, mean_b = a[pick].mean(1), b[pick].mean(1)  # (count, N, metrics)
+            weights = torch.nn.functional.one_hot(pick, n_seeds).sum(1).to(a.dtype)
         else:
-            mean_a, mean_b = a.mean(0).expand(count, -1, -1), b.mean(0).expand(count, -1, -1)
+            weights = torch.ones(count, n_seeds, dtype=a.dtype)
         idx = torch.randint(n, (count, n), generator=generator)
-        rows = torch.arange(count)[:, None]
-        gains.append(mean_a[rows, idx].mean(1) / mean_b[rows, idx].mean(1) - 1)
+        # one seed gathered at a time: the chunk holds (count, N, metrics), not that times the seeds
+        sums_a, sums_b = (torch.stack([x[s][idx].sum(1) for s in range(n_seeds)], 1) for x in (a, b))
+        weights = weights[:, :, None]
+        gains.append((weights * sums_a).sum(1) / (weights * sums_b).sum(1) - 1)
     return torch.cat(gains)
 
 
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     for a, b in args.compare:
         gains = paired_gain(*(torch.stack(table[x]["sessions"]) for x in (a, b)), args.resamples)
         comparisons.append({"a": a, "b": b, "gains": gains})
-        print(a, "against", b, {m: f"{g['gain']:+.2%} [{g['low']:+.2%}, {g['high']:+.2%}]"
+        print(a, "against", b, {m: f"{g['gain']:+.2%} [{g['low']:+.2%}, {g['high']:+.2%}], seeds too "
+                                   f"[{g['seeds_too']['low']:+.2%}, {g['seeds_too']['high']:+.2%}]"
                                 for m, g in comparisons[-1]["gains"].items()}, flush=True)
     words = [w for x in args.method for w in ("--method", *x)] + \
         [w for x in args.late_fusion for w in ("--late-fusion", *x)] + [w for x in args.compare for w in ("--compare", *x)]

@@ -49,6 +49,22 @@ def test_seeds_too_holds_the_seeds_spread_that_sessions_alone_do_not():
         assert 0.65 < seeds["above_0"] < 0.85 and seeds["above_target"] == seeds["above_0"]
 
 
+def test_seeds_too_is_the_literal_resample_of_seeds_then_sessions():
+    """The seeds' weights stand for the drawn seed set: each resample's gain is the ratio of the drawn seeds' mean
+    over the drawn sessions, computed here by gathering every drawn seed's rows, from the same random draws."""
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.rand(3, 50, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    resamples = paired.CHUNK + 7  # a full chunk and a short one
+    draws, literal = torch.Generator().manual_seed(paired.RESAMPLE_SEED), []
+    for start in range(0, resamples, paired.CHUNK):
+        count = min(paired.CHUNK, resamples - start)
+        pick = torch.randint(3, (count, 3), generator=draws)
+        idx = torch.randint(50, (count, 50), generator=draws)
+        for r in range(count):
+            literal.append(a[pick[r]][:, idx[r]].mean((0, 1)) / b[pick[r]][:, idx[r]].mean((0, 1)) - 1)
+    assert torch.allclose(paired.bootstrap_gains(a, b, resamples, seeds_too=True), torch.stack(literal))
+
+
 @pytest.mark.parametrize("args, words", [
     (["--method", "A", "x", "--compare", "A", "B"], "no method 'B'"),
     (["--method", "A", "x", "y", "--method", "B", "z", "--compare", "A", "B"], "as many runs"),
