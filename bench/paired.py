@@ -71,7 +71,7 @@ def bootstrap_gains(a: torch.Tensor, b: torch.Tensor, resamples: int, seeds_too:
     gains = []
     for start in range(0, resamples, CHUNK):
         count = min(CHUNK, resamples - start)
-        if seeds_too:  # how often each seed was drawn: a drawn seed set's mean is these weights' sum
+        if seeds_too:  # each seed weighted by how often it was drawn (the constant 1/seeds cancels in the ratio)
             pick = torch.randint(n_seeds, (count, n_seeds), generator=generator)
             weights = torch.nn.functional.one_hot(pick, n_seeds).sum(1).to(a.dtype)
         else:
