@@ -10,6 +10,7 @@ trained run of tests/serve/test_export.py (torchrun launcher, no Ray).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 from pathlib import Path
@@ -171,6 +172,25 @@ CASES = [
     ("log-parquet-null-user", "prepare", lambda d, r: log_argv(
         log_parquet(d, user=pa.array(["u1"] * 5 + [None] + ["u2"] * 2)), log_items(d), d / "out"),
      ["{d}/inter.parquet: row 6, column user: empty value"]),
+    # prepare log: a value with no form the command can use, and an OUT in directories the command made
+    ("log-parquet-time-past-2262", "prepare", lambda d, r: log_argv(
+        log_parquet(d, ts=pa.array([datetime.datetime(2024, 1, 1 + t) for t in range(7)] + [datetime.datetime(3000, 1, 1)],
+                                   pa.timestamp("us"))), log_items(d), d / "out"),
+     ["{d}/inter.parquet: column ts: row 8: a time outside the years 1677..2262"]),
+    ("log-parquet-list-text", "prepare", lambda d, r: log_argv(
+        log_parquet(d), _parquet(d, "items.parquet", item=ITEMS, tags=[["x"]] * len(ITEMS)), d / "out",
+        "--text-cols", "tags"),
+     ["{d}/items.parquet: column tags: list<", "values cannot be read as text"]),
+    ("log-parquet-text-not-utf8", "prepare", lambda d, r: log_argv(
+        log_parquet(d), _parquet(d, "items.parquet", item=ITEMS, title=pa.array([b"\xff"] * len(ITEMS), pa.binary())),
+        d / "out", "--text-cols", "title"),
+     ["{d}/items.parquet: column title: binary values cannot be read as text"]),
+    ("log-out-in-new-directories", "prepare", lambda d, r: log_argv(
+        log_csv(d, GOOD_LOG + ["u2,Z,9"]), log_items(d), d / "new" / "deeper" / "out"),
+     ["{d}/inter.csv: row 9, column item: item not in the item table"]),
+    ("log-csv-long-field-and-a-bad-row", "prepare", lambda d, r: log_argv(
+        log_csv(d, GOOD_LOG), _raw(d, "items.csv", b"item,title\nA," + b"x" * 200_000 + b"\nB,b,extra\n"), d / "out"),
+     ["{d}/items.csv: cannot read as delimited text", "Expected 2 columns, got 3"]),
     ("log-parquet-nan-item", "prepare", lambda d, r: log_argv(
         log_parquet(d, item=pa.array([1.0, 2.0, float("nan"), 3.0] * 2)), log_items(d, ["1.0", "2.0", "3.0"]),
         d / "out"), ["{d}/inter.parquet: row 3, column item: NaN is not an id"]),
@@ -225,6 +245,9 @@ CASES = [
     ("m2-parquet-null-list", "prepare", lambda d, r: m2_parquet(
         d, pa.array(M2_GOOD[:2] + [None] + M2_GOOD[3:], pa.list_(pa.string()))),
      ["{d}/sessions.parquet: row 3, column prev_items: null list"]),
+    ("m2-parquet-nested-lists", "prepare", lambda d, r: m2_parquet(
+        d, pa.array([[[i] for i in items] for items in M2_GOOD], pa.list_(pa.list_(pa.string())))),
+     ["{d}/sessions.parquet: column prev_items: list<", "values cannot be read as text"]),
     ("m2-labels-misaligned", "prepare", lambda d, r: m2_parquet(
         d, pa.array(M2_GOOD, pa.list_(pa.string())), labels=["A"] * 5),
      ["{d}/labels.parquet: 5 labels for 12 sessions"]),
@@ -373,6 +396,11 @@ CASES = [
 
 
 # -- small helpers used by the table -----------------------------------------------------------------
+
+def _parquet(d: Path, name: str, **columns) -> Path:
+    pq.write_table(pa.table(columns), d / name)
+    return d / name
+
 
 def _raw(d: Path, name: str, data: bytes) -> Path:
     (d / name).write_bytes(data)

@@ -121,14 +121,31 @@ def resolve_location(out: str | Location) -> Location:
         raise DataError(str(e)) from None
 
 
-def make_parent(out: Path) -> None:
-    """Create the directory OUT goes in; DataError (one line) if it cannot be."""
+def make_parent(out: Path) -> Path | None:
+    """Create the directory OUT goes in; DataError (one line) if it cannot be. Returns the outermost
+    directory it created (None if OUT's directory was there), for `remove_made_parents` to take back."""
+    made = next((d for d in reversed(out.parents) if not d.exists()), None)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{out}: cannot create its directory {out.parent} ({e.strerror or e})") from None
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise DataError(f"{out}: its directory {out.parent} is not writable")
+    return made
+
+
+def remove_made_parents(out: Path, made: Path | None) -> None:
+    """Remove the directories `make_parent` created for OUT, innermost first, while they are empty: a
+    failed command leaves nothing behind, and one that ran beside it into the same directory keeps it."""
+    if made is None:
+        return
+    for directory in (out.parent, *out.parent.parents):
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        if directory == made:
+            return
 
 
 def _process_alive(pid: int) -> bool:
@@ -155,7 +172,7 @@ class Staged:
             self.tmp = self._local / self.out.name
             return
         self._local = None
-        make_parent(self.out)
+        self._made = make_parent(self.out)
         remove_stale_siblings(self.out)  # left by writers that were killed
         self.tmp = temp_sibling(self.out)
 
@@ -172,6 +189,8 @@ class Staged:
 
     def abort(self) -> None:
         storage.remove_tree(self._local if self._local is not None else self.tmp)
+        if self._local is None:
+            remove_made_parents(self.out, self._made)
 
     def __enter__(self) -> "Staged":
         return self

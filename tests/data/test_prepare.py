@@ -391,6 +391,18 @@ def test_log_text_columns_join_non_blank_values(tmp_path):
     assert src.texts[:5] == ["Title 1. about 1", "Title 2. about 2", "Title 3. about 3", "Title 4. about 4", None]
 
 
+
+def test_log_text_nan_is_blank_and_a_column_may_serve_two_roles(tmp_path):
+    """pandas writes a missing text as a float NaN: it is blank, not the text "nan". The id column named as a
+    text column too is read once and used for both."""
+    inter, _ = write_log(tmp_path, "parquet")
+    items = tmp_path / "nan_items.parquet"
+    pq.write_table(pa.table({"item": [r[0] for r in ITEMS],
+                             "brand": [float("nan") if k % 2 else None for k in range(len(ITEMS))]}), items)
+    assert read_log(inter, items, "user", "item", "ts", ["brand"]).texts == [None] * len(ITEMS)
+    src = read_log(inter, items, "user", "item", "ts", ["brand", "item"])
+    assert src.texts == [r[0] for r in ITEMS]
+
 # -- bad input: one line naming the file, exit 2, nothing left behind -------------------------------------
 @pytest.mark.slow
 def test_missing_file_subprocess(tmp_path):

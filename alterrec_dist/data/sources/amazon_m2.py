@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.data.sources.tables import (TEST, TRAIN, VALID, Pairs, Source, append_targets, check_unique_ids,
-                                               counts_to_offsets, event_positions, first_duplicate, join_texts,
-                                               keep_long_sessions, nan_mask, raise_at_first, read_table,
+from alterrec_dist.data.sources.tables import (TEST, TRAIN, VALID, Pairs, Source, append_targets, as_text,
+                                               check_unique_ids, counts_to_offsets, event_positions, first_duplicate,
+                                               join_texts, keep_long_sessions, nan_mask, raise_at_first, read_table,
                                                split_tokens, string_column)
 
 
@@ -114,7 +114,7 @@ def _session_items(col: pa.Array, path: Path) -> tuple[pa.Array, np.ndarray]:
         flat = pc.list_flatten(col)
         rows = pc.list_parent_indices(col).to_numpy()
         raise_at_first(nan_mask(flat), path, "prev_items", "NaN is not an item id", rows)
-        tokens = flat.cast(pa.string())
+        tokens = as_text(flat, path, "prev_items")
         bad = pc.or_kleene(pc.is_null(tokens), pc.equal(tokens, "")).fill_null(True)
         raise_at_first(bad, path, "prev_items", "null or empty item id", rows)
         return tokens, pc.list_value_length(col).to_numpy().astype(np.int64)
@@ -159,7 +159,7 @@ def _read_products(path: Path, locales: set[str] | None) -> tuple[pa.Array, list
     else:
         check_unique_ids(ids, path, "id")
     first = np.unique(pc.dictionary_encode(ids).indices.to_numpy(), return_index=True)[1]
-    texts = join_texts(table, [c for c in ("title", "brand", "desc") if c in table.column_names])
+    texts = join_texts(table, [c for c in ("title", "brand", "desc") if c in table.column_names], path)
     return ids.take(pa.array(first)), [texts[i] for i in first]
 
 

@@ -33,7 +33,7 @@ def read_log(interactions: str | Path, items: str | Path, user_col: str, item_co
     item_table = read_table(items, [item_id_col, *text_cols])
     item_ids = string_column(item_table, item_id_col, items)
     check_unique_ids(item_ids, items, item_id_col)
-    texts = join_texts(item_table, text_cols)
+    texts = join_texts(item_table, text_cols, items)
 
     table = read_table(interactions, [user_col, item_col, time_col] + ([session_col] if session_col else []))
     users = string_column(table, user_col, interactions)
@@ -90,7 +90,13 @@ def _time_numbers(col: pa.Array, where: str) -> tuple[np.ndarray, str]:
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
         values, kind = col, "number"
     elif pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-        values, kind = pc.cast(col, pa.timestamp("ns", getattr(col.type, "tz", None))).cast(pa.int64()), "time"
+        try:
+            values = pc.cast(col, pa.timestamp("ns", getattr(col.type, "tz", None))).cast(pa.int64())
+        except pa.ArrowInvalid:  # nanoseconds since 1970 in an int64 reach the years 1677..2262 only
+            years = pc.year(col).to_numpy(zero_copy_only=False)
+            row = "".join(f"row {i + 1}: " for i in np.nonzero((years < 1678) | (years > 2261))[0][:1])
+            raise DataError(f"{where}: {row}a time outside the years 1677..2262, which nanoseconds cannot hold") from None
+        kind = "time"
     else:
         values, kind = _parse_times(col.cast(pa.string()), where)
     if values.null_count:

@@ -66,7 +66,7 @@ def _read_recbole_text(path: Path, item_ids: pa.Array) -> list[str | None]:
     idx = pc.index_in(ids, value_set=item_ids)
     raise_at_first(pc.is_null(idx).to_numpy(zero_copy_only=False), path, "item_id", "item not in item2index")
     texts: list[str | None] = [None] * len(item_ids)
-    for i, text in zip(idx.to_numpy(), join_texts(table, ["text"])):
+    for i, text in zip(idx.to_numpy(), join_texts(table, ["text"], path)):
         texts[i] = text
     return texts
 

@@ -73,7 +73,8 @@ def _present(path: Path, names: list[str], columns: list[str], optional: list[st
     missing = [c for c in columns if c not in names]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(names)})")
-    return list(columns) + [c for c in optional if c in names and c not in columns]
+    wanted = list(dict.fromkeys(columns))  # a column two roles name (the item id as text too) is read once
+    return wanted + [c for c in optional if c in names and c not in wanted]
 
 
 def _read_delimited(path: Path, columns, optional, delimiter, column_names, typed_header) -> pa.Table:
@@ -121,7 +122,10 @@ def _raise_at_invalid_utf8(path: Path, delimiter: str | None, header: bool) -> N
             yield line
 
     with open(path, "rb") as f:
-        records = sum(1 for _ in csv.reader(decoded_lines(f), delimiter=delimiter, quoting=quoting))
+        try:
+            records = sum(1 for _ in csv.reader(decoded_lines(f), delimiter=delimiter, quoting=quoting))
+        except csv.Error:  # a line csv cannot read either (a field over its size limit): not this check's to name
+            return
     if not bad:
         return
     where = f"line {bad['line']}, byte {bad['byte']} of the line"
@@ -133,13 +137,29 @@ def _raise_at_invalid_utf8(path: Path, delimiter: str | None, header: bool) -> N
 
 
 # -- column checks ------------------------------------------------------------------------------
+def decoded_column(table: pa.Table, name: str) -> pa.Array:
+    """Column `name` in one chunk, a dictionary-encoded one decoded."""
+    col = table[name].combine_chunks()
+    return col.dictionary_decode() if pa.types.is_dictionary(col.type) else col
+
+
+def as_text(col: pa.Array, path: Path, name: str) -> pa.Array:
+    """`col` as strings: Parquet numbers as their digits, a float NaN as null (cast, it would be the text "nan").
+    DataError for a type with no text form (a list, a struct) or bytes that are not UTF-8."""
+    nan = nan_mask(col)
+    if nan.any():
+        col = pc.if_else(pa.array(nan), pa.scalar(None, col.type), col)
+    try:
+        return col.cast(pa.string())
+    except pa.ArrowException as e:
+        raise DataError(f"{path}: column {name}: {col.type} values cannot be read as text ({one_line(e)})") from None
+
+
 def string_column(table: pa.Table, name: str, path: Path) -> pa.Array:
     """A non-null, non-empty string column (ids): Parquet numbers are turned into strings."""
-    col = table[name].combine_chunks()
-    if pa.types.is_dictionary(col.type):
-        col = col.dictionary_decode()
+    col = decoded_column(table, name)
     raise_at_first(nan_mask(col), path, name, "NaN is not an id")
-    col = col.cast(pa.string())
+    col = as_text(col, path, name)
     bad = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), "")).fill_null(True)
     raise_at_first(bad, path, name, "empty value")
     return col
@@ -200,11 +220,11 @@ def split_tokens(col: pa.Array) -> tuple[pa.Array, np.ndarray]:
     return tokens.filter(keep), np.bincount(parent[keep], minlength=len(col)).astype(np.int64)
 
 
-def join_texts(table: pa.Table, columns: list[str]) -> list[str | None]:
-    """Per row, the non-blank values of `columns` joined by ". "; None where all are blank."""
+def join_texts(table: pa.Table, columns: list[str], path: Path) -> list[str | None]:
+    """Per row, the non-blank values of `columns` joined by ". "; None where all are blank (null or NaN too)."""
     # Plain Python on purpose: pyarrow 26's binary_join_element_wise(null_handling="skip")
     # drops rows whose values are all null instead of returning null for them.
-    cols = [pc.utf8_trim_whitespace(table[name].combine_chunks().cast(pa.string())).to_pylist() for name in columns]
+    cols = [pc.utf8_trim_whitespace(as_text(decoded_column(table, name), path, name)).to_pylist() for name in columns]
     return [". ".join(v for v in values if v) or None for values in zip(*cols)] if cols else [None] * table.num_rows
 
 
