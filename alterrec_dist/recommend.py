@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     rec = recommend(bundle, item_ids, args.top, args.skip_unknown, Searcher(bundle, args.index))
     if rec.skipped:
         print(f"warning: skipped {len(rec.skipped)} unknown item id(s): {', '.join(rec.skipped)}", file=sys.stderr)
+    asked = min(args.top, bundle.num_items)
+    if len(rec.rows) < asked:
+        print(f"warning: --index {args.index} found {len(rec.rows)} of the {asked} items asked (use --index exact "
+              "for a full list)", file=sys.stderr)
     print(format_recommendation(rec))
     return 0
 

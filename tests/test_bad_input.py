@@ -174,8 +174,8 @@ CASES = [
      ["{d}/inter.parquet: row 6, column user: empty value"]),
     # prepare log: a value with no form the command can use, and an OUT in directories the command made
     ("log-parquet-time-past-2262", "prepare", lambda d, r: log_argv(
-        log_parquet(d, ts=pa.array([datetime.datetime(2024, 1, 1 + t) for t in range(7)] + [datetime.datetime(3000, 1, 1)],
-                                   pa.timestamp("us"))), log_items(d), d / "out"),
+        log_parquet(d, ts=pa.array([datetime.datetime(2024, 1, 1 + t) for t in range(7)]
+                                   + [datetime.datetime(3000, 1, 1)], pa.timestamp("us"))), log_items(d), d / "out"),
      ["{d}/inter.parquet: column ts: row 8: a time outside the years 1677..2262"]),
     ("log-parquet-list-text", "prepare", lambda d, r: log_argv(
         log_parquet(d), _parquet(d, "items.parquet", item=ITEMS, tags=[["x"]] * len(ITEMS)), d / "out",

@@ -51,7 +51,8 @@ class Searcher:
         return torch.from_numpy(ids.astype(np.int64)).to(self.bundle.device)
 
     def search(self, queries: Queries, top: int):
-        """(scores (G, top), items (G, top), [id scores, text scores]), by (fused desc, index asc)."""
+        """(scores (G, top), items (G, top), [id scores, text scores]), by (fused desc, index asc). An HNSW
+        index may find fewer than `top`: item -1 with score -inf fills the rest of a row."""
         top = min(top, self.bundle.num_items)
         if self.index is None:
             _, best = self.bundle.scoring().run(queries.parts, top)
@@ -90,7 +91,8 @@ def recommend(bundle: ScoringModel, item_ids: list[str], top: int = 10, skip_unk
     # a component the served score gives no weight (a lone network's never-trained other one) is not shown
     shown = [c for c, w in zip(COMPONENTS, bundle.served_weights) if w]
     part_of = {c: p[0].tolist() for c, p in zip(COMPONENTS, parts)}
+    # an approximate index may find fewer candidates than asked (-1, ranked last): they are not items
     rows = [{"rank": rank, "item_idx": i, "item_id": bundle.item_ids[i], "text": bundle.texts[i], "fused": s,
              "scores": {c: part_of[c][rank - 1] for c in shown}}
-            for rank, (i, s) in enumerate(zip(items[0].tolist(), scores[0].tolist()), 1)]
+            for rank, (i, s) in enumerate(zip(items[0].tolist(), scores[0].tolist()), 1) if i >= 0]
     return Recommendation(known, unknown, shown, rows)

@@ -118,3 +118,19 @@ def test_faiss_recall_against_exact_search(bundle, test_queries, top):
     r = recall(items, exact)
     print(f"recall@{top}: flat 1.000, hnsw raw {r_raw:.4f}, hnsw re-ranked {r:.4f}")
     assert r >= HNSW_RECALL_FLOOR and r_raw >= HNSW_RECALL_FLOOR
+
+
+def test_hnsw_asked_for_most_of_the_catalog_lists_only_items_it_found(run, bundle, capsys):
+    """HNSW finds fewer candidates than asked when `top` nears the catalog (faiss pads with -1): the list is
+    shorter, with a warning, never the last item repeated (-1 read as an index) with -inf scores."""
+    pytest.importorskip("faiss")
+    top = bundle.num_items * 9 // 10
+    rows = recommend(bundle, session_ids(bundle), top, searcher=Searcher(bundle, "faiss-hnsw")).rows
+    ids = [r["item_id"] for r in rows]
+    assert len(ids) == len(set(ids)) and all(np.isfinite(r["fused"]) for r in rows)
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1)) and 0.5 * top < len(rows) < top
+    code, out, err = cli("recommend", ["--run", str(run), "--session", ",".join(session_ids(bundle)), "--top",
+                                       str(top), "--index", "faiss-hnsw"], capsys)
+    assert code == 0 and len(result_rows(out)) == len(rows)
+    assert err.startswith(f"warning: --index faiss-hnsw found {len(rows)} of the {top} items asked") and \
+        err.count("\n") == 1
