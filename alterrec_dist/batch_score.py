@@ -30,8 +30,8 @@ import argparse
 
 from alterrec_dist.common.cli import add_device_argument, add_model_arguments, run_cli
 from alterrec_dist.common.config import METRICS
-from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.common.files import atomic_write_json, check_out
+from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.files import atomic_write_json, check_file_out, check_out
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import SPLITS
 from alterrec_dist.serve.batch_input import check_input, input_files, session_columns
@@ -77,10 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray_workers < 1:
         raise ConfigError(f"--ray-workers must be >= 1, got {args.ray_workers}")
     check_out(args.out, args.overwrite)  # before the model is loaded
+    if args.metrics_out:
+        check_file_out(args.metrics_out)
     spec = {"run": args.run, "export": args.export, "data": args.data, "device": args.device}
     bundle = load_scoring_model(**spec)
     if args.split:
-        files = Dataset(args.data or bundle.provenance["dataset"]["path"]).session_files(args.split)
+        data = Dataset(args.data or bundle.provenance["dataset"]["path"])
+        if args.export and data.item_ids() != bundle.item_ids:  # --run checks its own
+            raise DataError(f"{data.path}: not the items of the export {args.export} (its sessions' item "
+                            "indices would name other items)")
+        files = data.session_files(args.split)
     else:
         files = input_files(args.input)
     check_input(files, session_columns(files), bundle.num_items)  # bad rows: one line, before scoring or Ray

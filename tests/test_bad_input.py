@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -386,6 +387,22 @@ CASES = [
     ("batch-ray-bad-input", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES[:2] + [[3, -1]] + GOOD_HISTORIES[3:])),
         "--out", str(d / "o.parquet"), "--ray"], ["{d}/in.parquet: row 3: history item outside"]),
+    ("batch-metrics-out-no-directory", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
+        "--metrics-out", str(d / "nowhere" / "m.json")], ["{d}/nowhere/m.json: its directory {d}/nowhere does not exist"]),
+    ("batch-metrics-out-is-a-directory", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
+        "--metrics-out", str(d)], ["{d}: is a directory"]),
+    ("batch-ray-user-not-text", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(_parquet(d, "in.parquet", history=pa.array(GOOD_HISTORIES),
+                                                  user=pa.array([["u"]] * len(GOOD_HISTORIES)))),
+        "--out", str(d / "o.parquet"), "--ray"], ["{d}/in.parquet: column user: list<", "cannot be read as string"]),
+    ("batch-export-with-other-items", "batch_score", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: None)), "--split", "test", "--data", str(_other_items(d, r)),
+        "--out", str(d / "o.parquet")], ["{d}/other: not the items of the export {d}/x"]),
+    ("batch-out-is-a-pipe", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(_fifo(d / "pipe")),
+        "--overwrite"], ["{d}/pipe: not a regular file or directory"]),
     ("batch-input-not-parquet", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(_raw(d, "in.parquet", b"not parquet")), "--out", str(d / "o.parquet")],
      ["{d}/in.parquet: cannot read Parquet metadata"]),
@@ -449,6 +466,19 @@ def _pop_key(path: Path, key: str) -> None:
     doc = json.loads(path.read_text())
     doc.pop(key)
     path.write_text(json.dumps(doc))
+
+
+def _other_items(d: Path, run: Path) -> Path:
+    """The run's dataset with every item renamed: the same shapes, other items."""
+    from tests.serve.test_export import copy_dataset
+    data = Path(json.loads((run / "dataset.json").read_text())["path"])
+    from alterrec_dist.data.dataset import Dataset
+    return copy_dataset(data, d / "other", item_ids=[f"other-{i}" for i in range(Dataset(data).num_items)])
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
 
 
 def _export_copy(d: Path, run: Path, damage) -> Path:

@@ -45,11 +45,15 @@ def atomic_write_bytes(path: str | Location, data: bytes) -> None:
         return
     remove_stale_siblings(path)
     tmp = temp_sibling(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -110,6 +114,20 @@ def check_out(out: str | Location, overwrite: bool) -> Location:
         out.check_bucket()
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise DataError(f"{out}: output exists (pass --overwrite to replace it)")
+    if isinstance(out, Path) and out.exists() and not (out.is_file() or out.is_dir()):  # /dev/null, a pipe
+        raise DataError(f"{out}: not a regular file or directory, which no command replaces")
+    return out
+
+
+def check_file_out(path: str | Location) -> Location:
+    """A file a command writes whole at its end, replacing one there (--metrics-out): refused before the
+    command's work if it cannot be written (a directory there, no directory to put it in)."""
+    out = check_out(path, overwrite=True)
+    if isinstance(out, Path):
+        if out.is_dir():
+            raise DataError(f"{out}: is a directory (give a file name)")
+        if not out.parent.is_dir():
+            raise DataError(f"{out}: its directory {out.parent} does not exist")
     return out
 
 

@@ -65,8 +65,11 @@ class Dataset:
     def item_ids_sha256(self) -> str:
         """sha256 of the item ids in item_idx order: which item each row is. items.parquet's own sha256 also
         covers the popularity, which moves with the train sessions."""
-        ids = read_parquet(self.path / "items.parquet", columns=["item_id"])["item_id"].to_pylist()
-        return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(self.item_ids()).encode()).hexdigest()
+
+    def item_ids(self) -> list[str]:
+        """The item ids in item_idx order (items.parquet's id column alone, not its texts)."""
+        return read_parquet(self.path / "items.parquet", columns=["item_id"])["item_id"].to_pylist()
 
     def unlike(self, record: Location, items_only: bool = False) -> str | None:
         """How this dataset differs from the `identity()` a run recorded in `record` (RUN/dataset.json), in

@@ -61,15 +61,15 @@ CHECK_ROWS = 65_536  # rows read at a time by check_input
 
 def check_input(files: list[Location], columns: list[str], num_items: int) -> int:
     """Every row of the input is a session the engine can score: a non-empty history of item
-    indices in 0..V-1 and, where there is a target column, a target in that range. Read once,
-    streamed, before any scoring (and before Ray starts), so bad input is one line naming the
+    indices in 0..V-1 and, where there is a target column, a target in that range; user and
+    session read as strings. Read once, every column, streamed, before any scoring (and before
+    Ray starts, whose workers' errors are not one line), so bad input is one line naming the
     file and its row (1-based), not a failure after most of the file was scored. Returns the rows."""
     total = 0
-    checked = [c for c in ("history", "target") if c in columns]
     for f in files:
         first = 0
         try:
-            for rb in parquet_batches(f, CHECK_ROWS, checked):
+            for rb in parquet_batches(f, CHECK_ROWS, columns):
                 _check_rows(rb, f, first, num_items)
                 first += rb.num_rows
         except (pa.ArrowException, OSError) as e:
@@ -87,12 +87,14 @@ def _check_rows(rb: pa.RecordBatch, f: Location, first: int, num_items: int) -> 
             i = int(np.argmax(mask))
             raise DataError(f"{f}: row {first + 1 + int(rows[i] if rows is not None else i)}: {what}")
 
-    try:
-        history = rb.column("history").cast(SESSION_TYPES["history"])
-        target = rb.column("target").cast(SESSION_TYPES["target"]) if "target" in rb.schema.names else None
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise DataError(f"{f}: history/target are not lists of item indices / item indices "
-                        f"({rb.schema.field('history').type}; {' '.join(str(e).split())})") from None
+    cast = {}
+    for name in rb.schema.names:  # the types the scorer casts to, each column once
+        try:
+            cast[name] = rb.column(name).cast(SESSION_TYPES[name])
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise DataError(f"{f}: column {name}: {rb.schema.field(name).type} cannot be read as "
+                            f"{SESSION_TYPES[name]} ({' '.join(str(e).split())})") from None
+    history, target = cast["history"], cast.get("target")
     fail_at(pc.is_null(history).to_numpy(zero_copy_only=False), "null history")
     fail_at(pc.equal(pc.list_value_length(history), 0).fill_null(False).to_numpy(zero_copy_only=False),
             "empty history")

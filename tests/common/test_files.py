@@ -2,7 +2,7 @@
 import pytest
 
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.common.files import Staged, read_manifest
+from alterrec_dist.common.files import Staged, atomic_write_bytes, read_manifest
 
 
 def one_line_error(directory, **kw) -> str:
@@ -52,3 +52,12 @@ def test_staged_output_is_swapped_in_whole_or_not_at_all(tmp_path, kind):
     with Staged(out) as staged:
         build(staged, "new")
     assert content() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path):
+    """The rename onto a directory fails after the temp file is written: the temp file goes too."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("keep")
+    with pytest.raises(OSError):
+        atomic_write_bytes(tmp_path / "out", b"data")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "keep").read_text() == "keep"

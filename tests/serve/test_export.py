@@ -53,9 +53,10 @@ def small_default(base: Path) -> Path:
     return out if (out / "manifest.json").exists() else copy_dataset(SOURCE, out, TRAIN_ROWS)
 
 
-def copy_dataset(source: Path, out: Path, train_rows: int | None = None, features: np.ndarray | None = None) -> Path:
+def copy_dataset(source: Path, out: Path, train_rows: int | None = None, features: np.ndarray | None = None,
+                 item_ids: list[str] | None = None) -> Path:
     """A new dataset (its own manifest and checksums) from `source`: its train split cut to `train_rows`, its text
-    features replaced by `features`."""
+    features replaced by `features`, its item ids by `item_ids`."""
     src = Dataset(source)
     items = src.items()
     with DatasetWriter(out) as w:
@@ -64,7 +65,7 @@ def copy_dataset(source: Path, out: Path, train_rows: int | None = None, feature
             if split == "train" and train_rows is not None:
                 t = t.slice(0, train_rows)
             w.add_sessions(split, t["history"], t["target"].to_numpy(), t["user"].to_pylist(), t["session"].to_pylist())
-        w.set_items(items["item_id"].to_pylist(), items["text"].to_pylist())
+        w.set_items(items["item_id"].to_pylist() if item_ids is None else item_ids, items["text"].to_pylist())
         w.add_text_features(src.text_features() if features is None else features)
         w.set_has_text(src.has_text())
         w.commit(source={"kind": "subset", "of": str(source), "train_rows": train_rows}, text_model="copied")
