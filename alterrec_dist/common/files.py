@@ -111,6 +111,8 @@ def check_out(out: str | Location, overwrite: bool) -> Location:
     every command checks this first, before any slow work."""
     out = resolve_location(out)
     if isinstance(out, StorePath):
+        if out == out.bucket:
+            raise DataError(f"{out}: an output goes under a key in the bucket ({out}/NAME), not the bucket itself")
         out.check_bucket()
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise DataError(f"{out}: output exists (pass --overwrite to replace it)")
@@ -123,11 +125,10 @@ def check_file_out(path: str | Location) -> Location:
     """A file a command writes whole at its end, replacing one there (--metrics-out): refused before the
     command's work if it cannot be written (a directory there, no directory to put it in)."""
     out = check_out(path, overwrite=True)
-    if isinstance(out, Path):
-        if out.is_dir():
-            raise DataError(f"{out}: is a directory (give a file name)")
-        if not out.parent.is_dir():
-            raise DataError(f"{out}: its directory {out.parent} does not exist")
+    if out.is_dir():  # in a store: a prefix with objects under it, which an object of its name would hide
+        raise DataError(f"{out}: is a directory (give a file name)")
+    if isinstance(out, Path) and not out.parent.is_dir():
+        raise DataError(f"{out}: its directory {out.parent} does not exist")
     return out
 
 

@@ -66,11 +66,16 @@ class StorePath:
         parts = [p for p in rest.split("/") if p not in ("", ".")]
         if scheme not in SCHEMES or not parts:
             raise ValueError(f"{uri}: not a store URI with a bucket")
+        if ".." in parts:  # the client resolves it for one object but not for a listing: two names, one object
+            raise ValueError(f"{uri}: '..' in an object key (give the key without it)")
         self.scheme, self.key = scheme, "/".join(parts)
 
     @property
     def fs(self) -> pafs.FileSystem:
-        return _filesystem(self.scheme, self.key.split("/", 1)[0])
+        try:
+            return _filesystem(self.scheme, self.key.split("/", 1)[0])
+        except pa.ArrowInvalid as e:  # a bucket name the client cannot parse ("bad bucket", "b:99999")
+            raise DataError(f"{self}: not a bucket the store client accepts ({one_line(e)})") from None
 
     # -- names --------------------------------------------------------------------------------
     def __truediv__(self, other: str) -> StorePath:
@@ -199,7 +204,10 @@ class StorePath:
 
     def remove_tree(self) -> None:
         """The object, or every object under this prefix; the manifest first, so the directory stops
-        being trusted before its files go (a removal cut short leaves files no reader takes)."""
+        being trusted before its files go (a removal cut short leaves files no reader takes). Never a
+        whole bucket: no output is one, and the client would empty it before refusing to delete it."""
+        if self == self.bucket:
+            raise DataError(f"{self}: a whole bucket, which nothing here removes")
         kind = self._type()
         if kind == pafs.FileType.File:
             self.unlink(missing_ok=True)
@@ -255,9 +263,13 @@ def copy_file(src: Path | StorePath, dst: Path | StorePath) -> None:
             src.fs.copy_file(src.key, dst.key)
         return
     if isinstance(dst, StorePath):
-        with open_input(src) as f, dst._errors(), dst.fs.open_output_stream(dst.key) as out:
-            while block := f.read(1 << 24):
-                out.write(block)
+        try:
+            with open_input(src) as f, dst._errors(), dst.fs.open_output_stream(dst.key) as out:
+                while block := f.read(1 << 24):
+                    out.write(block)
+        except BaseException:  # the stream's close completed the upload with the parts sent: take it back
+            dst.unlink(missing_ok=True)
+            raise
         return
     with open_input(src) as f, open(dst, "wb") as out:
         while block := f.read(1 << 24):

@@ -12,7 +12,8 @@ from alterrec_dist.common import storage
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.config import load_config
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import Staged, atomic_write_json, check_out, file_sha256, read_json, read_manifest
+from alterrec_dist.common.files import (Staged, atomic_write_json, check_file_out, check_out, file_sha256, read_json,
+                                        read_manifest)
 from alterrec_dist.common.storage import StorePath, files_under, location
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.synth import main as synth_main
@@ -26,6 +27,10 @@ def test_location_tells_uris_from_local_paths(tmp_path):
     assert location(tmp_path / "x") == tmp_path / "x" and isinstance(location("relative/s3:"), Path)
     with pytest.raises(ValueError, match="hdfs://nn/x: unsupported URI scheme"):
         location("hdfs://nn/x")
+    with pytest.raises(ValueError, match=r"s3://b/x/\.\./d: '\.\.' in an object key"):
+        location("s3://b/x/../d")  # the client would write s3://b/d, then list nothing under s3://b/x/../d
+    with pytest.raises(DataError, match=r"^s3://bad bucket: not a bucket the store client accepts \(.*\)$"):
+        check_out("s3://bad bucket/d", overwrite=False)  # was pyarrow's ArrowInvalid traceback
     with pytest.raises(ConfigError, match="unsupported URI scheme"):
         load_config(None, ["data.path=azure://c/x"]).resolve_path("azure://c/x")
 
@@ -94,6 +99,49 @@ def test_staged_file_is_one_upload_and_an_error_leaves_nothing(bucket):
     assert out.read_bytes() == b"whole"
     with pytest.raises(DataError, match="output exists"):
         check_out(out, overwrite=False)
+
+
+def test_an_output_is_never_a_whole_bucket(bucket):
+    """`--out s3://BUCKET --overwrite` would empty the bucket (the client deletes its objects, then refuses to
+    delete the bucket): refused before anything, and no removal takes a whole bucket."""
+    keep = StorePath(f"{bucket}/precious/model.bin")
+    keep.write_bytes(b"keep")
+    with pytest.raises(DataError, match=rf"^{bucket}: an output goes under a key in the bucket"):
+        check_out(bucket, overwrite=True)
+    with pytest.raises(DataError, match="a whole bucket"):
+        StorePath(bucket).remove_tree()
+    assert keep.read_bytes() == b"keep"
+
+
+def test_a_file_output_that_would_hide_a_store_directory_is_refused(bucket):
+    (StorePath(f"{bucket}/data") / "manifest.json").write_bytes(b"{}")
+    with pytest.raises(DataError, match=rf"{bucket}/data: is a directory"):
+        check_file_out(f"{bucket}/data")
+    assert check_file_out(f"{bucket}/metrics.json") == StorePath(f"{bucket}/metrics.json")
+
+
+def test_an_upload_cut_short_leaves_no_object(bucket, tmp_path, monkeypatch):
+    """Closing the output stream on an error completes the upload with what was sent: it is taken back."""
+    class CutShort:
+        reads = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, n):
+            self.reads += 1
+            if self.reads > 1:
+                raise KeyboardInterrupt
+            return b"x" * 1000
+
+    monkeypatch.setattr(storage, "open_input", lambda src: CutShort())
+    out = StorePath(f"{bucket}/scores.parquet")
+    with pytest.raises(KeyboardInterrupt):
+        storage.copy_file(tmp_path / "scores.parquet", out)
+    assert not out.exists()
 
 
 def test_a_missing_bucket_fails_before_any_work(bucket):
