@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     grid = load_grid(args.grid)
-    if args.jobs:
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
         grid.jobs = args.jobs
     specs = expand(grid)
     if args.only and not any(selected(s, grid, args.only) for s in specs):

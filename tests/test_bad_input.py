@@ -304,6 +304,9 @@ CASES = [
                                                      "--out", str(d / "run")],
      ["{d}/c.toml: config file is not UTF-8 text"]),
     # train: dataset damage past the manifest, found on the driver before Ray
+    ("train-k1-past-the-catalog", "train", lambda d, r: train_argv(d, *TINY_TRAIN, f"train.k1={V}", f"train.k2={V + 9}",
+                                                                   data=dataset(d)),
+     [f"train.k1={V}: the negatives' band starts past the {V} items of {{d}}/ds"]),
     ("train-truncated-features", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
         d, lambda ds: truncate(ds / "text_features" / "part-00000.npy"))),
      ["{d}/ds/text_features/part-00000.npy: ", "truncated"]),

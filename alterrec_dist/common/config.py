@@ -272,10 +272,14 @@ def _coerce(value, typ, where: str):
                 raise ValueError
             return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
         if typ is float:
+            if isinstance(value, bool):  # TOML's true is not 1.0
+                raise ValueError
             return float(value)
         if typ is str:
+            if isinstance(value, (list, dict)):
+                raise ValueError
             return str(value)
-    except ValueError:
+    except (ValueError, TypeError):  # TypeError: a TOML list or table where a number goes
         pass
     raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
 
@@ -329,9 +333,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 # What `--resume` may change (`--set`, or a retried job's own config): where and how the run executes, when it
 # stops, how often it saves and logs, how much it scores at once, and where its data lives (the data's content is
 # checked apart, `run_dir.check_same_dataset`). Anything else would make the continuation another run than the one
-# its checkpoints and best record hold: another model, plan, seed, loss or selection.
-RESUMABLE = ("trainer.*", "train.m_max", "train.patience", "train.checkpoint_every", "train.log_every",
-             "eval.batch_size", "eval.tile_rows", "data.path")
+# its checkpoints and best record hold: another model, plan, seed, loss or selection; the dense engine, its
+# precision and ZeRO stage also shape the optimizer state a checkpoint holds (`stepper.check_saved_engine`).
+RESUMABLE = ("trainer.num_workers", "trainer.use_gpu", "trainer.launcher", "trainer.storage_path", "trainer.name",
+             "trainer.max_failures", "trainer.tf32", "train.m_max", "train.patience", "train.checkpoint_every",
+             "train.log_every", "eval.batch_size", "eval.tile_rows", "data.path")
 
 
 def changed_values(before: Config, after: Config) -> dict[str, tuple]:
@@ -343,8 +349,7 @@ def changed_values(before: Config, after: Config) -> dict[str, tuple]:
 def check_resumable(saved: Config, resumed: Config, where: str) -> None:
     """ConfigError in one line if `resumed` changes a key of `saved` (the run's config.toml, `where`) that a
     resumed run must keep (anything outside `RESUMABLE`)."""
-    fixed = {k: v for k, v in changed_values(saved, resumed).items()
-             if k not in RESUMABLE and f"{k.partition('.')[0]}.*" not in RESUMABLE}
+    fixed = {k: v for k, v in changed_values(saved, resumed).items() if k not in RESUMABLE}
     if fixed:
         first, (was, now) = next(iter(fixed.items()))
         raise ConfigError(

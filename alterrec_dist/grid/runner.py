@@ -38,6 +38,7 @@ from pathlib import Path
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import PROJECT_ROOT, load_config, read_toml, shown
 from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.methods import METHODS
 from alterrec_dist.grid.selection import candidates, choose, helpful_switches, next_round, selection_seeds
 
 
@@ -103,12 +104,50 @@ class Grid:
     title: str  # the report's heading
 
 
+# A grid file's keys and the type of each value: a key not here is a typo (`sets` for `set`), not ignored.
+GRID_KEYS = {"seeds": list, "dataset": list, "out": str, "report": str, "images": str, "jobs": int, "threads": int,
+             "title": str}
+DATASET_KEYS = {"name": str, "title": str, "config": str, "methods": list, "seeds": list, "set": list,
+                "method_set": dict, "prepare": list, "note": str, "sweep": list, "peer": list, "anchor": list,
+                "select": list, "select_seeds": list, "tuned": list, "combine": bool, "rounds": int}
+
+TYPE_WORDS = {list: "a list", dict: "a table", str: "a string", int: "an integer", bool: "true or false"}
+
+
+def _checked(table: dict, keys: dict[str, type], where: str) -> dict:
+    """`table` with each key known and each value of its type (ConfigError in one line otherwise)."""
+    for key, value in table.items():
+        if key not in keys:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(keys)})")
+        typ = keys[key]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: {key} must be {TYPE_WORDS[typ]}, got {value!r}")
+    for key in ("jobs", "threads", "rounds"):
+        if table.get(key, 1) < 1:
+            raise ConfigError(f"{where}: {key} must be >= 1, got {table[key]}")
+    for key in ("seeds", "select_seeds"):
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in table.get(key, [])):
+            raise ConfigError(f"{where}: {key} must be a list of seeds (integers >= 0), got {table[key]!r}")
+    return table
+
+
 def load_grid(path: str | Path) -> Grid:
+    """The grid file, checked whole before any run: every key known, every value of its type, every method
+    and sweep named (a typo in the last method would otherwise surface after the others had trained)."""
     path = Path(path)
-    doc = read_toml(path, "grid")
+    doc = _checked(read_toml(path, "grid"), GRID_KEYS, str(path))
     seeds = doc.get("seeds", [0, 1, 2])
     datasets = []
-    for d in doc.get("dataset", []):
+    for i, d in enumerate(doc.get("dataset", []), 1):
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: [[dataset]] {i}: not a table")
+        where = f"{path}: [[dataset]] {d.get('name', i)!r}"
+        _checked(d, DATASET_KEYS, where)
+        unknown = [m for m in d.get("methods", []) if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"{where}: unknown method(s) {', '.join(map(repr, unknown))} (known: {', '.join(METHODS)})")
+        if any(not isinstance(sw, dict) or "key" not in sw for sw in d.get("sweep", [])):
+            raise ConfigError(f"{where}: a [[dataset.sweep]] entry without its key")
         try:
             datasets.append(DatasetGrid(
                 name=d["name"], title=d.get("title", d["name"]), config=d["config"], methods=d["methods"],
@@ -117,7 +156,7 @@ def load_grid(path: str | Path) -> Grid:
                 note=d.get("note", ""), sweeps=d.get("sweep", []), peers=d.get("peer", []),
                 anchors=d.get("anchor", []), select=d.get("select", []), select_seeds=d.get("select_seeds", []),
                 tuned=d.get("tuned", []), combine=d.get("combine", False),
-                rounds=int(d.get("rounds", 1))))
+                rounds=d.get("rounds", 1)))
         except KeyError as e:
             raise ConfigError(f"{path}: [[dataset]] entry misses key {e}") from None
     if not datasets:
@@ -125,7 +164,7 @@ def load_grid(path: str | Path) -> Grid:
     root = PROJECT_ROOT
     return Grid(path, root / doc.get("out", f"results/{path.stem}"),
                 root / doc.get("report", "docs/RESULTS.md"), root / doc.get("images", "docs/img"),
-                int(doc.get("jobs", 1)), int(doc.get("threads", 1)), datasets,
+                doc.get("jobs", 1), doc.get("threads", 1), datasets,
                 doc.get("title", "Results: AlterRec against its baselines and peers, on real data"))
 
 

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from alterrec_dist.common.config import ModelConfig
 from alterrec_dist.common.methods import method as method_of
+from alterrec_dist.common.seeds import derived_seed
 
 KINDS = ("id", "text", "sum", "concat")
 POS_INIT_STD = 0.02  # SASRec/BERT scale: positions of unit std would swamp item rows of std 0.02
@@ -255,7 +256,7 @@ def text_init_rows(x: Tensor, f: Tensor, mean: Tensor, std: float, seed: int) ->
     features (f - mean) through one fixed random projection, scaled to the norm an N(0, std) row has
     (std * sqrt(d)). The projection depends on the seed alone and a row on its own item's features,
     so every world size starts item i alike. Items without text (all-zero features) keep their row in x."""
-    g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + 7)  # CPU draws: the same on any device
+    g = torch.Generator(device="cpu").manual_seed(derived_seed(seed, 7))  # CPU draws: the same on any device
     proj = torch.randn(f.shape[1], x.shape[1], generator=g, device="cpu").to(f.device)
     rows = nn.functional.normalize((f - mean) @ proj, dim=1) * (std * x.shape[1] ** 0.5)
     has_text = (f != 0).any(1, keepdim=True)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from alterrec_dist.common.seeds import derived_seed
 from alterrec_dist.parallel.comm import Comm
 
 
@@ -87,7 +88,7 @@ class ShardedItemTable(nn.Module):
         rows = torch.empty(self.num_local, dim, device="cpu")
         ids = self.global_ids.cpu()
         for start in range(0, self.num_items, block):
-            g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + start // block)
+            g = torch.Generator(device="cpu").manual_seed(derived_seed(seed, start // block))
             full = init_id_rows(min(block, self.num_items - start), dim, std, g)
             mine = ids[(ids >= start) & (ids < start + block)]
             rows[self.placement.local_row(mine)] = full[mine - start]

@@ -29,6 +29,9 @@ def check_dataset(cfg: Config) -> Location:
     data = Dataset(path)  # reads the manifest: DataError naming the file if it is missing or broken
     data.check()  # every file's size and shape, item indices in range: before Ray, not in the workers
     t = cfg.train
+    if t.k1 >= data.num_items:  # k2 is capped at the catalog; k1 at or past it leaves no band to mine
+        raise ConfigError(f"train.k1={t.k1}: the negatives' band starts past the {data.num_items} items of {path} "
+                          "(k1 must be below the catalog size)")
     rows = data.num_rows("train")
     if rows < t.global_batch_size:  # training drops the last partial batch: no step at all
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is more than the {rows} train rows of {path}")

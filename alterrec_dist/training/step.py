@@ -8,6 +8,7 @@ import torch
 
 from alterrec_dist.common.config import Config
 from alterrec_dist.common.device import trained_autocast
+from alterrec_dist.common.seeds import derived_seed
 from alterrec_dist.data.reader import Batch
 from alterrec_dist.model.networks import Network
 from alterrec_dist.parallel.comm import Comm
@@ -58,7 +59,7 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
         bands.append(catalog_band(len(target), table.num_local, device))
     elif num_neg - num_hard:
         # keyed by (seed, epoch, step): the same draws for a global batch whatever the world size
-        g = torch.Generator(device=device).manual_seed((t.seed * 1_000_003 + phase.epoch) * 1_000_003 + step)
+        g = torch.Generator(device=device).manual_seed(derived_seed(t.seed, phase.epoch, step))
         bands.append(random_band(comm, len(target), num_neg - num_hard, table.num_items, g))
     pos_rows, owned = table.placement.owned_rows(positives, comm.rank)
     band = exclude_items(bands[0] if len(bands) == 1 else Band.cat(*bands), pos_rows, owned)

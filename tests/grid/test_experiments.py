@@ -136,3 +136,33 @@ def test_bad_grid_is_a_one_line_error(tmp_path):
     bad.write_text('[[dataset]]\nname = "x"\n')
     with pytest.raises(ConfigError, match=r"bad.toml: \[\[dataset\]\] entry misses key 'config'"):
         load_grid(bad)
+
+
+GOOD_DATASET = '[[dataset]]\nname = "x"\nconfig = "c.toml"\nmethods = ["alterrec", "id_only"]\n'
+
+
+@pytest.mark.parametrize("text, message", [
+    # each was a traceback, or was silently ignored, or failed only after other runs had trained
+    ("seeds = 3\n" + GOOD_DATASET, "bad.toml: seeds must be a list, got 3"),
+    ("seed = [5]\n" + GOOD_DATASET, "bad.toml: unknown key 'seed'"),
+    ("jobs = 0\n" + GOOD_DATASET, "bad.toml: jobs must be >= 1, got 0"),
+    ("seeds = [0, -1]\n" + GOOD_DATASET, "bad.toml: seeds must be a list of seeds"),
+    (GOOD_DATASET + 'sets = ["train.k1=3"]\n', "bad.toml: [[dataset]] 'x': unknown key 'sets'"),
+    (GOOD_DATASET + 'rounds = "two"\n', "bad.toml: [[dataset]] 'x': rounds must be an integer, got 'two'"),
+    (GOOD_DATASET.replace('"id_only"', '"alterek"'), "bad.toml: [[dataset]] 'x': unknown method(s) 'alterek'"),
+    (GOOD_DATASET + '[[dataset.sweep]]\nvalues = [1]\n',
+     "bad.toml: [[dataset]] 'x': a [[dataset.sweep]] entry without its key"),
+])
+def test_grid_keys_and_types_are_checked_before_any_run(tmp_path, text, message):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_grid(bad)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_jobs_below_one_is_refused(tmp_path):
+    grid = tmp_path / "g.toml"
+    grid.write_text(GOOD_DATASET)
+    with pytest.raises(ConfigError, match="--jobs must be >= 1, got 0"):
+        main(["--grid", str(grid), "--jobs", "0", "--dry-run"])
