@@ -366,8 +366,16 @@ CASES = [
         "--export", str(_export_copy(d, r, lambda x: truncate(x / "manifest.json"))), "--session", "P0001"],
      ["{d}/x/manifest.json: not valid JSON"]),
     ("recommend-export-manifest-missing-key", "recommend", lambda d, r: [
-        "--export", str(_export_copy(d, r, lambda x: _pop_key(x / "manifest.json", "scoring"))),
-        "--session", "P0001"], ["{d}/x/manifest.json: scoring is missing or not a dict"]),
+        "--export", str(_export_copy(d, r, lambda x: _edit_json(x / "manifest.json", lambda m: m.pop("scoring")))),
+        "--session", "P0001"], ["{d}/x/manifest.json: scoring is missing or not of type dict"]),
+    ("recommend-export-manifest-missing-engine-key", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _edit_json(
+            x / "manifest.json", lambda m: m["engine"].pop("max_len")))),
+        "--session", "P0001"], ["{d}/x/manifest.json: engine.max_len is missing or not of type int"]),
+    ("recommend-export-served-not-a-kind", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _edit_json(
+            x / "manifest.json", lambda m: m["scoring"].update(served="fused@0.9")))),
+        "--session", "P0001"], ["{d}/x/manifest.json: scoring.served 'fused@0.9' is not one of its kinds"]),
     # batch_score
     ("batch-out-exists", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(_raw(d, "o.parquet", b"keep"))],
@@ -392,7 +400,8 @@ CASES = [
         "--out", str(d / "o.parquet"), "--ray"], ["{d}/in.parquet: row 3: history item outside"]),
     ("batch-metrics-out-no-directory", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
-        "--metrics-out", str(d / "nowhere" / "m.json")], ["{d}/nowhere/m.json: its directory {d}/nowhere does not exist"]),
+        "--metrics-out", str(d / "nowhere" / "m.json")],
+     ["{d}/nowhere/m.json: its directory {d}/nowhere does not exist"]),
     ("batch-metrics-out-is-a-directory", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
         "--metrics-out", str(d)], ["{d}: is a directory"]),
@@ -465,9 +474,9 @@ def _flip_last_byte(ds: Path) -> None:
     f.write_bytes(bytes(data))
 
 
-def _pop_key(path: Path, key: str) -> None:
+def _edit_json(path: Path, edit) -> None:
     doc = json.loads(path.read_text())
-    doc.pop(key)
+    edit(doc)
     path.write_text(json.dumps(doc))
 
 

@@ -242,4 +242,4 @@ def check_keys(path: Path, table: dict, keys: dict[str, type], remedy: str, pref
     for key, typ in keys.items():
         value = table.get(key)
         if not isinstance(value, typ) or isinstance(value, bool):
-            raise DataError(f"{path}: {prefix}{key} is missing or not a {typ.__name__} ({remedy})")
+            raise DataError(f"{path}: {prefix}{key} is missing or not of type {typ.__name__} ({remedy})")

@@ -145,7 +145,8 @@ def load_grid(path: str | Path) -> Grid:
         _checked(d, DATASET_KEYS, where)
         unknown = [m for m in d.get("methods", []) if m not in METHODS]
         if unknown:
-            raise ConfigError(f"{where}: unknown method(s) {', '.join(map(repr, unknown))} (known: {', '.join(METHODS)})")
+            raise ConfigError(f"{where}: unknown method(s) {', '.join(map(repr, unknown))} "
+                              f"(known: {', '.join(METHODS)})")
         if any(not isinstance(sw, dict) or "key" not in sw for sw in d.get("sweep", [])):
             raise ConfigError(f"{where}: a [[dataset.sweep]] entry without its key")
         try:

@@ -11,8 +11,9 @@ import torch
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.config import ModelConfig
-from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.common.files import Staged, atomic_write_json, check_out, file_sha256, read_manifest, resolve_location
+from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.files import (Staged, atomic_write_json, check_keys, check_out, file_sha256, read_manifest,
+                                        resolve_location)
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import read_parquet
 from alterrec_dist.eval.evaluate import COMPONENTS
@@ -92,9 +93,17 @@ def _column(table: pa.Table, name: str) -> torch.Tensor:
 def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel:
     """An export directory, local or in a store -> ScoringModel (checksums verified)."""
     export_dir = resolve_location(export_dir)
+    remedy = "an incomplete export manifest: export again"
     manifest = read_manifest(export_dir, "no export manifest (make one with `python -m alterrec_dist.export`)",
-                             {"files": dict, "scoring": dict, "engine": dict}, FORMAT_VERSION,
-                             "an incomplete export manifest: export again")
+                             {"files": dict, "scoring": dict, "engine": dict}, FORMAT_VERSION, remedy)
+    where = export_dir / "manifest.json"
+    check_keys(where, manifest["scoring"], {"scales": list, "kinds": list, "weights": list}, remedy, "scoring.")
+    check_keys(where, manifest["engine"], {"world_size": int, "tile_rows": int, "eval_batch_size": int, "max_len": int,
+                                           "longtail_bins": list}, remedy, "engine.")
+    served = manifest["scoring"].get("served", "fused")  # exports made before the served kind was recorded: "fused"
+    if served not in manifest["scoring"]["kinds"]:
+        raise DataError(f"{where}: scoring.served {served!r} is not one of its kinds {manifest['scoring']['kinds']} "
+                        f"({remedy})")
     if verify:
         verify_files(export_dir, manifest["files"], export_dir / "manifest.json")
     method, cfg, networks = load_encoders(export_dir / "encoders.pt")
@@ -108,7 +117,7 @@ def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel
                   eng["world_size"], eng["tile_rows"], eng["eval_batch_size"], eng["max_len"], eng["longtail_bins"],
                   items["item_id"].to_pylist(), items["text"].to_pylist(), items["popularity"].to_numpy(),
                   {k: manifest[k] for k in ("run", "dataset") if k in manifest} | {"export": str(export_dir.resolve())},
-                  s.get("served", "fused"))  # exports made before the served kind was recorded served "fused"
+                  served)
 
 
 def load_scoring_model(run: str | None = None, export: str | None = None, data: str | None = None,

@@ -23,7 +23,7 @@ def test_manifest_errors_are_one_line_naming_the_file(tmp_path):
     assert one_line_error(tmp_path, format_version=1) == f"{path}: format_version 2, expected 1"
     path.write_text('{"format_version": 1, "files": true}')
     assert one_line_error(tmp_path, keys={"files": dict}, format_version=1, remedy="write it again") == \
-        f"{path}: files is missing or not a dict (write it again)"
+        f"{path}: files is missing or not of type dict (write it again)"
     path.write_text('{"format_version": 1, "files": {}}')
     assert read_manifest(tmp_path, "absent", {"files": dict}, 1) == {"format_version": 1, "files": {}}
 
