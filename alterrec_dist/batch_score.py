@@ -76,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     if args.ray_workers < 1:
         raise ConfigError(f"--ray-workers must be >= 1, got {args.ray_workers}")
-    check_out(args.out, args.overwrite)  # before the model is loaded
+    check_out(args.out, args.overwrite, [*(args.input or []), args.run, args.export, args.data])  # before the model
     if args.metrics_out:
         check_file_out(args.metrics_out)
     spec = {"run": args.run, "export": args.export, "data": args.data, "device": args.device}
     bundle = load_scoring_model(**spec)
     if args.split:
         data = Dataset(args.data or bundle.provenance["dataset"]["path"])
+        check_out(args.out, args.overwrite, [data.path])  # the run's dataset, known now
         if args.export and data.item_ids() != bundle.item_ids:  # --run checks its own
             raise DataError(f"{data.path}: not the items of the export {args.export} (its sessions' item "
                             "indices would name other items)")

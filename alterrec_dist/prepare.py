@@ -15,7 +15,7 @@ import sys
 
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.common.files import resolve_location
+from alterrec_dist.common.files import check_out, resolve_location
 from alterrec_dist.data.build import build_dataset
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import SPLITS, data_files
@@ -102,6 +102,15 @@ def read_source(args: argparse.Namespace) -> Source:
                     args.split, args.cutoff, args.valid_cutoff, drop_short=args.drop_short)
 
 
+def source_paths(args: argparse.Namespace) -> list[str | None]:
+    """What `read_source` reads (None: not given), which OUT must not hold."""
+    if args.source == "recbole":
+        return [args.path]
+    if args.source == "amazon-m2":
+        return [args.sessions, args.labels, args.products]
+    return [args.interactions, args.items]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -110,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ray-actors needs --ray")
     if args.source == "verify":
         return verify(args.dataset)
+    check_out(args.out, args.overwrite, source_paths(args))
     out, source, has_text, stats = build_dataset(
         args.out, args.overwrite, lambda: read_source(args), args.text_model, args.batch_size,
         progress=not args.no_progress, command=[sys.executable, "-m", "alterrec_dist.prepare", *argv],

@@ -126,6 +126,18 @@ def session_with_item(ds: Path, index: int) -> None:
     pq.write_table(t.set_column(0, "history", pa.array(hist, pa.list_(pa.int32()))), f)
 
 
+def _test_sessions(ds: Path) -> Path:
+    return ds / "sessions" / "test" / "part-00000.parquet"
+
+
+def _resigned(ds: Path, f: Path, edit) -> None:
+    """Rewrite Parquet file `f` of dataset `ds` through `edit` and record its new sha256 in the manifest: damage
+    that the checksums no longer see, as a dataset written wrong in the first place would carry."""
+    from alterrec_dist.common.files import file_sha256
+    pq.write_table(edit(pq.read_table(f)), f)
+    _edit_json(ds / "manifest.json", lambda m: m["sha256"].update({str(f.relative_to(ds)): file_sha256(f)}))
+
+
 def train_argv(d: Path, *sets: str, data: Path | None = None, extra=()) -> list[str]:
     sets = (*sets, f"data.path={data}") if data else sets
     return [*[a for s in sets for a in ("--set", s)], "--out", str(d / "run"), *extra]
@@ -192,6 +204,9 @@ CASES = [
     ("log-csv-long-field-and-a-bad-row", "prepare", lambda d, r: log_argv(
         log_csv(d, GOOD_LOG), _raw(d, "items.csv", b"item,title\nA," + b"x" * 200_000 + b"\nB,b,extra\n"), d / "out"),
      ["{d}/items.csv: cannot read as delimited text", "Expected 2 columns, got 3"]),
+    ("log-out-holds-its-input", "prepare", lambda d, r: log_argv(
+        log_csv(d, GOOD_LOG), log_items(d), d, "--overwrite"),
+     ["{d}: holds the input {d}/inter.csv, which writing it would delete"]),
     ("log-parquet-nan-item", "prepare", lambda d, r: log_argv(
         log_parquet(d, item=pa.array([1.0, 2.0, float("nan"), 3.0] * 2)), log_items(d, ["1.0", "2.0", "3.0"]),
         d / "out"), ["{d}/inter.parquet: row 3, column item: NaN is not an id"]),
@@ -273,6 +288,25 @@ CASES = [
     ("verify-index-out-of-range", "prepare", lambda d, r: ["verify", str(damaged(
         d, lambda ds: session_with_item(ds, V)))],
      [f"{{d}}/ds/sessions/test/part-00000.parquet: item index {V} outside 0..{V - 1}"]),
+    ("verify-target-not-an-index", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: _resigned(ds, _test_sessions(ds), lambda t: t.set_column(
+            1, "target", t["target"].cast(pa.string())))))],
+     ["{d}/ds/sessions/test/part-00000.parquet: history list<element: int32>, target string: expected"]),
+    ("verify-history-of-strings", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: _resigned(ds, _test_sessions(ds), lambda t: t.set_column(
+            0, "history", t["history"].cast(pa.list_(pa.string()))))))],
+     ["{d}/ds/sessions/test/part-00000.parquet: history list<element: string>"]),
+    ("verify-empty-history", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: _resigned(ds, _test_sessions(ds), lambda t: t.set_column(
+            0, "history", pa.array([[]] + t["history"].to_pylist()[1:], pa.list_(pa.int32()))))))],
+     ["{d}/ds/sessions/test/part-00000.parquet: row 1: empty or null history"]),
+    ("verify-items-without-ids", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: _resigned(ds, ds / "items.parquet", lambda t: t.drop_columns(["item_id"]))))],
+     ["{d}/ds/items.parquet: no item_id column of strings"]),
+    ("verify-file-listed-twice", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: _edit_json(ds / "manifest.json", lambda m: m["session_files"]["train"].append(
+            m["session_files"]["test"][0]) or m["splits"].update(train=m["splits"]["train"] + m["splits"]["test"]))))],
+     ["{d}/ds/manifest.json: session file sessions/test/part-00000.parquet is listed more than once"]),
     # synth
     ("synth-out-under-a-file", "synth", lambda d, r: ["--items", "50", "--sessions", "50", "--text-features",
                                                       "random-projection", "--out", str(_raw(d, "f", b"x") / "o"),
@@ -376,6 +410,15 @@ CASES = [
         "--export", str(_export_copy(d, r, lambda x: _edit_json(
             x / "manifest.json", lambda m: m["scoring"].update(served="fused@0.9")))),
         "--session", "P0001"], ["{d}/x/manifest.json: scoring.served 'fused@0.9' is not one of its kinds"]),
+    ("export-out-is-the-run", "export", lambda d, r: [
+        "--run", str(run_copy(d, r)), "--out", str(d / "run"), "--overwrite"],
+     ["{d}/run: holds the input {d}/run, which writing it would delete"]),
+    ("export-out-holds-the-run", "export", lambda d, r: [
+        "--run", str(run_copy(d, r)), "--out", str(d), "--overwrite"],
+     ["{d}: holds the input {d}/run"]),
+    ("export-out-is-the-dataset", "export", lambda d, r: [
+        "--run", str(r), "--data", str(_run_dataset_copy(d, r)), "--out", str(d / "ds"), "--overwrite"],
+     ["{d}/ds: holds the input {d}/ds"]),
     # batch_score
     ("batch-out-exists", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(_raw(d, "o.parquet", b"keep"))],
@@ -415,6 +458,9 @@ CASES = [
     ("batch-out-is-a-pipe", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(_fifo(d / "pipe")),
         "--overwrite"], ["{d}/pipe: not a regular file or directory"]),
+    ("batch-out-is-its-input", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "in.parquet"),
+        "--overwrite"], ["{d}/in.parquet: holds the input {d}/in.parquet"]),
     ("batch-input-not-parquet", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(_raw(d, "in.parquet", b"not parquet")), "--out", str(d / "o.parquet")],
      ["{d}/in.parquet: cannot read Parquet metadata"]),
@@ -480,10 +526,18 @@ def _edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(doc))
 
 
+def _run_dataset(run: Path) -> Path:
+    return Path(json.loads((run / "dataset.json").read_text())["path"])
+
+
+def _run_dataset_copy(d: Path, run: Path) -> Path:
+    return Path(shutil.copytree(_run_dataset(run), d / "ds"))
+
+
 def _other_items(d: Path, run: Path) -> Path:
     """The run's dataset with every item renamed: the same shapes, other items."""
     from tests.serve.test_export import copy_dataset
-    data = Path(json.loads((run / "dataset.json").read_text())["path"])
+    data = _run_dataset(run)
     from alterrec_dist.data.dataset import Dataset
     return copy_dataset(data, d / "other", item_ids=[f"other-{i}" for i in range(Dataset(data).num_items)])
 

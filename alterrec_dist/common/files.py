@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from alterrec_dist.common import storage
@@ -106,10 +107,14 @@ def replace_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def check_out(out: str | Location, overwrite: bool) -> Location:
-    """OUT as an absolute path (or a store URI), refused (DataError) if it exists and `overwrite` is off:
-    every command checks this first, before any slow work."""
+def check_out(out: str | Location, overwrite: bool, inputs: Iterable[str | Location | None] = ()) -> Location:
+    """OUT as an absolute path (or a store URI), refused (DataError) if it exists and `overwrite` is off, or
+    if it is, or holds, one of the command's `inputs` (None: not given): replacing it would delete what the
+    command reads (`export --run R --out R --overwrite` did). Every command checks this first."""
     out = resolve_location(out)
+    for source in (resolve_location(s) for s in inputs if s is not None):
+        if _within(source, out):
+            raise DataError(f"{out}: holds the input {source}, which writing it would delete")
     if isinstance(out, StorePath):
         if out == out.bucket:
             raise DataError(f"{out}: an output goes under a key in the bucket ({out}/NAME), not the bucket itself")
@@ -119,6 +124,14 @@ def check_out(out: str | Location, overwrite: bool) -> Location:
     if isinstance(out, Path) and out.exists() and not (out.is_file() or out.is_dir()):  # /dev/null, a pipe
         raise DataError(f"{out}: not a regular file or directory, which no command replaces")
     return out
+
+
+def _within(path: Location, directory: Location) -> bool:
+    """Whether `path` is `directory` or lies under it (local paths with links resolved)."""
+    if isinstance(path, StorePath) or isinstance(directory, StorePath):
+        return str(path) == str(directory) or str(path).startswith(f"{directory}/")
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
 
 
 def check_file_out(path: str | Location) -> Location:

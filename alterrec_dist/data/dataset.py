@@ -110,6 +110,10 @@ class Dataset:
             rows += part["rows"]
         if rows != V:
             raise DataError(f"{self.mpath}: text.files hold {rows:,} rows for {V:,} items")
+        names = [p["file"] for split in SPLITS for p in m["session_files"][split]]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # its rows would be trained (or scored) twice, or in two splits
+            raise DataError(f"{self.mpath}: session file {twice[0]} is listed more than once")
         for split in SPLITS:
             parts = m["session_files"][split]
             if sum(p["rows"] for p in parts) != m["splits"][split]:
@@ -154,6 +158,9 @@ class Dataset:
         meta = self._parquet_metadata(path)
         if meta.num_rows != self.num_items:
             raise DataError(f"{path}: {meta.num_rows:,} rows, the manifest says {self.num_items:,} items")
+        id_type = meta.schema.to_arrow_schema().field("item_id").type if "item_id" in meta.schema.names else None
+        if id_type is None or not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+            raise DataError(f"{path}: no item_id column of strings ({id_type or 'none'})")
 
     def _check_npy(self, name: str, shape: tuple, dtype: np.dtype) -> None:
         path = self._file(name)
@@ -180,6 +187,11 @@ class Dataset:
         columns = {meta.schema.column(j).path.split(".")[0]: j for j in range(meta.num_columns)}
         if "history" not in columns or "target" not in columns:
             raise DataError(f"{path}: no history/target column (not a session file)")
+        schema = meta.schema.to_arrow_schema()
+        history, target = schema.field("history").type, schema.field("target").type
+        if not (pa.types.is_list(history) and pa.types.is_integer(history.value_type) and pa.types.is_integer(target)):
+            raise DataError(f"{path}: history {history}, target {target}: expected lists of item indices (integers) "
+                            "and an item index")
         lo, hi = (self._read_index_range(path) if full else self._stats_index_range(path, meta, columns))
         if lo is not None and (lo < 0 or hi >= self.num_items):
             bad = lo if lo < 0 else hi
@@ -203,7 +215,11 @@ class Dataset:
             table = read_parquet(path, columns=["history", "target"])
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: cannot read ({one_line(e)})") from None
-        values = [table["history"].combine_chunks().flatten(), table["target"].combine_chunks()]
+        history = table["history"].combine_chunks()
+        empty = np.flatnonzero(pc.list_value_length(history).fill_null(0).to_numpy(zero_copy_only=False) == 0)
+        if len(empty):  # training would stop there, mid-run
+            raise DataError(f"{path}: row {empty[0] + 1}: empty or null history")
+        values = [history.flatten(), table["target"].combine_chunks()]
         if any(v.null_count for v in values):
             raise DataError(f"{path}: null item index")
         mins = [pc.min(v).as_py() for v in values if len(v)]

@@ -35,7 +35,9 @@ def _vectors(m: torch.Tensor) -> pa.FixedSizeListArray:
 
 def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = False) -> Location:
     """Write `bundle` to `out` through a temp directory renamed into place (in a store: uploaded, manifest last)."""
-    out = check_out(out, overwrite)
+    prov = bundle.provenance  # what the bundle was read from: a run and its dataset, or an export
+    out = check_out(out, overwrite, [prov.get("run", {}).get("path"), prov.get("dataset", {}).get("path"),
+                                     prov.get("export")])
     with Staged(out) as staged:
         tmp = staged.tmp
         (tmp / "tables").mkdir(parents=True)
