@@ -2,7 +2,9 @@
 the floor measured in the same call, and evaluation speed. Writes bench/GPU.md (the command, the machine,
 the figures).
 
-    python -m bench.gpu                          # on a machine with one CUDA GPU (H100 / H200): a few minutes
+    python -m bench.gpu --out "$OUT/GPU.md"      # one CUDA GPU: a few minutes; V = 10M peaks at ~91 GiB (an
+                                                 # H200; on an H100's 78 GiB add --items 1e6, or 10M is recorded
+                                                 # as out of memory)
     python -m bench.gpu --device cpu --small     # the dry run the test suite makes: seconds, same code
 
 Needs only PyTorch, numpy, pyarrow and tqdm (no Ray, no DeepSpeed, no network): one process joins a process
@@ -343,8 +345,9 @@ def report(results: dict) -> str:
               "B / (mine + loss) of the floor.", "",
               "| V | phase | sessions/s | step ms | vs floor | mining | loss | encoder | optimizer | other | "
               "rows touched | peak GPU memory |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    loss_ms = next(t["floor"]["loss_ms"] for t in results["throughput"] if "loss_ms" in t["floor"])
-    for t in results["throughput"]:
+    measured = [t for t in results["throughput"] if "out_of_memory" not in t]
+    loss_ms = next((t["floor"]["loss_ms"] for t in measured if "loss_ms" in t["floor"]), math.nan)
+    for t in measured:
         floor_step = t["floor"]["mine_ms"] + loss_ms
         peak = f"{t['peak_bytes'] / 2**30:.1f} GiB" if t["peak_bytes"] is not None else "-"
         for case in t["cases"]:
@@ -355,12 +358,14 @@ def report(results: dict) -> str:
                          + f" | {case['rows_touched']:.1%} | {peak} |")
     lines += ["", "Floor (this machine, this call):", "", "| V | score + top-k2 ms | band loss fwd+bwd ms | "
               "floor sessions/s |", "|---:|---:|---:|---:|"]
-    for t in results["throughput"]:
+    for t in measured:
         f = t["floor"]
         lines.append(f"| {t['items']:,} | {f['mine_ms']:.1f} | {loss_ms:.1f} | "
                      f"{s['batch'] / (f['mine_ms'] + loss_ms) * 1e3:,.0f} |")
     lines += ["", "## (c) Full-ranking evaluation", "", "| V | sessions/s (id, text and fused ranks) |", "|---:|---:|"]
-    lines += [f"| {t['items']:,} | {t['eval_sessions_per_s']:,.0f} |" for t in results["throughput"]]
+    lines += [f"| {t['items']:,} | {t['eval_sessions_per_s']:,.0f} |" for t in measured]
+    lines += [f"\nV = {t['items']:,}: out of memory on this device ({t['out_of_memory']})."
+              for t in results["throughput"] if "out_of_memory" in t]
     lines += ["", "## Raw figures", "", "```json", json.dumps(results, indent=1), "```", ""]
     return "\n".join(lines)
 
@@ -394,16 +399,26 @@ def main(argv=None) -> int:
         results["correctness"] = correctness(comm, cpu_comm, device, shape)
         print(json.dumps(results["correctness"]), flush=True)
         results["throughput"] = []
+        write_report(args.out, results, start, done=False)
         for V in shape.items:
-            results["throughput"].append(throughput(comm, device, shape, V))
+            try:
+                results["throughput"].append(throughput(comm, device, shape, V))
+            except torch.OutOfMemoryError as e:  # a catalog this device cannot hold: recorded, the others kept
+                results["throughput"].append({"items": V, "out_of_memory": " ".join(str(e).split())[:300]})
+                torch.cuda.empty_cache()
             print(json.dumps(results["throughput"][-1]), flush=True)
+            # after each catalog: a call cut short by its time limit still brings back what it measured
+            write_report(args.out, results, start, done=V == shape.items[-1])
     finally:
         dist.destroy_process_group()
-    results["wall_s"] = time.perf_counter() - start
-    results["finished"] = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
-    args.out.write_text(report(results))
     print(f"wrote {args.out}")
     return 0
+
+
+def write_report(out: Path, results: dict, start: float, done: bool) -> None:
+    results["wall_s"] = time.perf_counter() - start
+    results["finished"] = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC" + ("" if done else ", partial")
+    out.write_text(report(results))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,3 +38,22 @@ def test_the_gpu_check_dry_runs_on_the_cpu_and_writes_its_report(tmp_path):
         assert all(c["sessions_per_s"] > 0 and c["split_ms"]["mining"] >= 0 for c in t["cases"])
         assert t["floor"]["mine_ms"] > 0 and t["eval_sessions_per_s"] > 0
     assert "loss_ms" in raw["throughput"][0]["floor"]
+
+
+def test_a_catalog_the_device_cannot_hold_is_recorded_and_the_rest_reported(tmp_path, monkeypatch):
+    """V = 10M peaks at ~91 GiB: on an H100 (78 GiB) it runs out of memory. The report keeps the catalogs
+    measured and names the one that did not fit, instead of the call bringing back nothing."""
+    from bench import gpu
+    measure = gpu.throughput
+
+    def throughput(comm, device, shape, V):
+        if V == 20_000:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+        return measure(comm, device, shape, V)
+
+    monkeypatch.setattr(gpu, "throughput", throughput)
+    out = tmp_path / "GPU.md"
+    assert gpu.main(["--device", "cpu", "--small", "--items", "5000,20000", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "V = 20,000: out of memory on this device (CUDA out of memory. Tried to allocate 40.00 GiB)." in text
+    assert "| 5,000 | random |" in text and "| 20,000 |" not in text and ", partial" not in text
