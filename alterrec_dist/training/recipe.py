@@ -169,8 +169,11 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     def checkpoint(metrics: dict) -> None:
         read_logs(progress.steps)
         done = len(progress.steps)
-        # the checkpoint the phase in progress began from outlives the newer ones: reject_worse goes back to it
-        phase_start = phase_start_checkpoint(phases, progress.epoch) if progress.epoch < len(phases) else None
+        # the checkpoint the phase in progress began from outlives the newer ones: reject_worse goes back to it;
+        # under reject_worse at the end too, as a resume with a larger train.m_max may go on with the last phase
+        ended = progress.epoch >= len(phases)
+        phase_start = (phase_start_checkpoint(phases, min(progress.epoch, len(phases) - 1))
+                       if not ended or t.reject_worse else None)
         path = save_checkpoint(comm, run_dir / run_layout.CHECKPOINTS, checkpoint_name(progress.epoch, done),
                                run.networks, run.table, run.steppers,
                                {**asdict(progress), "step": done, "phase": phase_index(phases, progress.epoch),

@@ -113,6 +113,9 @@ def reopen_run_dir(cfg: Config, run_dir: Location) -> Location:
     found = newest_good(run_dir / run_layout.CHECKPOINTS)
     if found is None:
         print(f"{run_dir}: no checkpoint yet, starting from the beginning", file=sys.stderr, flush=True)
+    elif found[1].get("epoch", 0) > cfg.train.m_max:  # nothing to train, and config.toml would stop describing it
+        raise ConfigError(f"{found[0]}: the run has trained {found[1]['epoch']} epochs, train.m_max={cfg.train.m_max} "
+                          f"is fewer (resume with train.m_max >= {found[1]['epoch']}, or start a new run)")
     atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
     record_dataset(data, run_dir)  # where it is now; a run made before the record gets it here
     return run_dir

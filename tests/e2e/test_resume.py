@@ -212,6 +212,30 @@ def test_a_phase_that_leaves_its_network_worse_is_undone(rejecting, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_finished_run_given_a_longer_plan_can_still_undo_its_last_phase(rejecting, tmp_path):
+    """A run that ended inside a phase the longer run rejects, resumed with a larger train.m_max, goes on with
+    that phase and undoes it from its start checkpoint (it was pruned at the end: every later resume failed on
+    it). Not the longer run's numbers: the shorter plan ended that phase at its own last epoch and judged it
+    there. A smaller train.m_max than the epochs done is refused, config.toml untouched."""
+    settings, whole, _ = rejecting
+    log = results(whole)[1]
+    epoch = next(e["epoch"] for e in log if e["rejected"])  # the second epoch of its phase
+    run = tmp_path / "run"
+    torchrun(1, ["--out", str(run), *sets(settings + [f"train.m_max={epoch}"])], tmp_path)
+    r = torchrun(1, ["--resume", str(run), "--set", "train.m_max=8"], tmp_path)
+    assert f"phase rejected: valid {log[epoch]['network']}/ndcg@10" in r.stdout + r.stderr
+    summary, resumed = results(run)
+    assert summary["epochs_trained"] == 8 and [e["epoch"] for e in resumed] == list(range(8))
+    config = (run / "config.toml").read_text()
+    r = subprocess.run([PY, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--resume", str(run), "--set",
+                        "train.m_max=2"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       stdin=subprocess.DEVNULL, env=clean_env())
+    assert r.returncode == 2 and "the run has trained 8 epochs, train.m_max=2 is fewer" in r.stderr, r.stderr[-2000:]
+    assert (run / "config.toml").read_text() == config
+
+
 def kill_at(launch: list[str], cwd: Path, checkpoint: Path) -> None:
     """Start `launch` in its own process group and SIGKILL the group once `checkpoint` is complete (its
     directory appears by an atomic rename, manifest included)."""
