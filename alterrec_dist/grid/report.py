@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from alterrec_dist.common import run_layout  # noqa: E402
 from alterrec_dist.common.config import PROJECT_ROOT, read_toml, shown  # noqa: E402
-from alterrec_dist.common.files import atomic_write_bytes  # noqa: E402
+from alterrec_dist.common.errors import DataError  # noqa: E402
+from alterrec_dist.common.files import atomic_write_bytes, read_json  # noqa: E402
 from alterrec_dist.common.methods import METHODS, selection_part  # noqa: E402
 from alterrec_dist.grid.runner import as_toml  # noqa: E402
 from alterrec_dist.grid.selection import choose, combined_label, round_progress  # noqa: E402
@@ -74,17 +75,35 @@ def read_run(spec) -> dict | None:
         return {"spec": spec, "test": {"peer": res["test"]}, "valid": {"peer": res["valid"]},
                 "best_epoch": res.get("best_epoch"), "command": res.get("command", shlex.join(spec.command)),
                 "on_budget": peer_cut_at_its_best(res)}
-    summary = json.loads((d / run_layout.SUMMARY).read_text())
-    epochs = [json.loads(line) for line in (d / run_layout.METRICS).read_text().splitlines() if line.strip()]
+    summary = read_json(d / run_layout.SUMMARY)
+    epochs = read_epochs(d / run_layout.METRICS)
     command = (d / "command.txt").read_text().strip() if (d / "command.txt").exists() else shlex.join(spec.command)
-    run = {"spec": spec, "test": summary["test"], "valid": summary["valid"], "best_epoch": summary["best_epoch"],
-           "selection": summary["selection"], "longtail": summary["longtail"], "epochs": epochs, "command": command,
-           "on_budget": ended_on_budget(d, summary)}
+    try:
+        run = {"spec": spec, "test": summary["test"], "valid": summary["valid"], "best_epoch": summary["best_epoch"],
+               "selection": summary["selection"], "longtail": summary["longtail"], "epochs": epochs,
+               "command": command, "on_budget": ended_on_budget(d, summary)}
+    except KeyError as e:
+        raise DataError(f"{d / run_layout.SUMMARY}: no {e} (a damaged summary: rerun the run)") from None
     if "alpha" in summary:
         alpha = summary["alpha"]
         run |= {"alpha": alpha["chosen"], "test": run["test"] | {ALPHA_ON_VALID: alpha["test"]},
                 "valid": run["valid"] | {ALPHA_ON_VALID: alpha["valid"]}}
     return run
+
+
+def read_epochs(path: Path) -> list[dict]:
+    """metrics.jsonl's lines; a last line cut short (a run killed while writing it) is not one yet."""
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]
+    epochs = []
+    for number, line in enumerate(lines, 1):
+        try:
+            epochs.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: line {number} is not JSON") from None
+    return epochs
 
 
 def ended_on_budget(run_dir: Path, summary: dict) -> bool:

@@ -15,9 +15,12 @@ until a round has finished, the winner of the rounds before it stands. Test metr
 """
 from __future__ import annotations
 
-import json
+import math
 import statistics
 from dataclasses import dataclass
+
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.files import read_json
 
 BASE = "base"
 
@@ -35,11 +38,18 @@ def validation_score(spec) -> float | None:
     is NDCG@10); None if unfinished."""
     if not spec.done:
         return None
-    result = json.loads((spec.run_dir / spec.done_file).read_text())
-    if spec.role == "peer":
-        return result["valid"]["ndcg@10"]
-    kind, _, metric = result["selection"].partition("/")
-    return result["valid"][kind][metric]
+    path = spec.run_dir / spec.done_file
+    result = read_json(path)
+    try:
+        if spec.role == "peer":
+            score = result["valid"]["ndcg@10"]
+        else:
+            kind, _, metric = result["selection"].partition("/")
+            score = result["valid"][kind][metric]
+    except (KeyError, TypeError):
+        raise DataError(f"{path}: no validation score to select on (a damaged result: rerun the run)") from None
+    # a run that diverged ranks last: NaN would win or lose `max` by its place in the candidates
+    return float("-inf") if math.isnan(score) else score
 
 
 def switch_points(ours: list, d) -> dict[tuple[str, object], list]:

@@ -4,9 +4,13 @@ budget."""
 import json
 from pathlib import Path
 
+import pytest
+
+from alterrec_dist.common.errors import DataError
+
 from alterrec_dist.grid.report import choice_table, gains, main_table, read_run, rounds_note, switch_table
 from alterrec_dist.grid.runner import DatasetGrid, RunSpec
-from alterrec_dist.grid.selection import Choice
+from alterrec_dist.grid.selection import Choice, validation_score
 
 
 def result(spec: RunSpec, valid: float, test: float) -> dict:
@@ -112,3 +116,29 @@ def test_a_best_epoch_is_marked_when_the_run_ended_on_its_budget_not_on_patience
     assert peer("cut", 7, cap)  # still at its best when the cap stopped it
     assert not peer("past", 6, cap)  # had already fallen from its best
     assert not peer("patience", 7, "early stopping or the epoch ceiling")
+
+
+def test_damaged_results_are_named_and_a_diverged_run_ranks_last(tmp_path):
+    """A run's NaN validation score made `max` keep the base whatever the switches scored; a summary without a
+    key, or a metrics.jsonl line that is not JSON, stopped the whole report with a bare traceback."""
+    run = finished_run(tmp_path, "alterrec", 0, 0.06, None)["spec"]
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    summary["valid"]["fused"]["ndcg@10"] = float("nan")
+    (run.run_dir / "summary.json").write_text(json.dumps(summary))
+    assert validation_score(run) == float("-inf")
+    del summary["valid"]
+    (run.run_dir / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(DataError, match=r"summary.json: no validation score to select on"):
+        validation_score(run)
+    with pytest.raises(DataError, match=r"summary.json: no 'valid' \(a damaged summary"):
+        read_run(run)
+
+
+def test_a_metrics_line_cut_short_is_not_read_and_a_bad_one_is_named(tmp_path):
+    run = finished_run(tmp_path, "alterrec", 0, 0.06, None)["spec"]
+    metrics = run.run_dir / "metrics.jsonl"
+    metrics.write_text('{"epoch": 0}\n{"epoch": 1}\n{"epo')  # a run killed while writing its line
+    assert read_run(run)["epochs"] == [{"epoch": 0}, {"epoch": 1}]
+    metrics.write_text('{"epoch": 0}\nnot json\n{"epoch": 2}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl: line 2 is not JSON"):
+        read_run(run)
