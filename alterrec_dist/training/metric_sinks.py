@@ -67,9 +67,15 @@ def import_mlflow():
 
 
 def check_mlflow() -> None:
-    """On the driver, before anything starts: a run told to log to MLflow can."""
-    if os.environ.get(TRACKING_URI):
+    """On the driver, before anything starts: a run told to log to MLflow can (a refused file store stopped
+    the run at its first epoch with MLflow's traceback and a half-made run directory)."""
+    uri = os.environ.get(TRACKING_URI)
+    if uri:
         import_mlflow()
+        file_store = uri.startswith("file:") or "://" not in uri and ":" not in uri.split("/", 1)[0]
+        if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            raise ConfigError(f"{TRACKING_URI}={uri}: MLflow opens a local file store only with "
+                              "MLFLOW_ALLOW_FILE_STORE=true (set it, or use a tracking server)")
 
 
 class MlflowRun:

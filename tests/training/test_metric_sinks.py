@@ -121,6 +121,21 @@ def test_tracking_uri_without_mlflow_is_one_line_before_anything_starts(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("uri", ["file:{d}/mlruns", "{d}/mlruns"])
+def test_a_file_store_mlflow_refuses_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys, no_ray, uri):
+    """Without MLFLOW_ALLOW_FILE_STORE=true, MLflow refused the store at the first epoch: a traceback, exit 1,
+    and a run directory that made the same --out refused next time."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(d=tmp_path))
+    data = tiny_dataset(tmp_path / "data")
+    args = ["--set", f"data.path={data}", "--set", "train.global_batch_size=128", "--out", str(tmp_path / "run")]
+    code, err = run_command("train", args, capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: MLFLOW_TRACKING_URI={uri.format(d=tmp_path)}: MLflow opens a local file store only with "
+        "MLFLOW_ALLOW_FILE_STORE=true (set it, or use a tracking server)"]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_training_run_logs_what_metrics_jsonl_holds(tmp_path, file_store):
