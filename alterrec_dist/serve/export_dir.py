@@ -107,7 +107,7 @@ def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel
         raise DataError(f"{where}: scoring.served {served!r} is not one of its kinds {manifest['scoring']['kinds']} "
                         f"({remedy})")
     if verify:
-        verify_files(export_dir, manifest["files"], export_dir / "manifest.json")
+        verify_files(export_dir, manifest["files"], where)
     method, cfg, networks = load_encoders(export_dir / "encoders.pt")
     items = read_parquet(export_dir / "items.parquet")
     x_path = export_dir / "tables" / "id_rows.npy"

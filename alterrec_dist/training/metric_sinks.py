@@ -72,7 +72,7 @@ def check_mlflow() -> None:
     uri = os.environ.get(TRACKING_URI)
     if uri:
         import_mlflow()
-        file_store = uri.startswith("file:") or "://" not in uri and ":" not in uri.split("/", 1)[0]
+        file_store = uri.startswith("file:") or ("://" not in uri and ":" not in uri.split("/", 1)[0])  # or a path
         if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
             raise ConfigError(f"{TRACKING_URI}={uri}: MLflow opens a local file store only with "
                               "MLFLOW_ALLOW_FILE_STORE=true (set it, or use a tracking server)")

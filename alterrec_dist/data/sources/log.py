@@ -94,7 +94,8 @@ def _time_numbers(col: pa.Array, where: str) -> tuple[np.ndarray, str]:
             values = pc.cast(col, pa.timestamp("ns", getattr(col.type, "tz", None))).cast(pa.int64())
         except pa.ArrowInvalid:  # nanoseconds since 1970 in an int64 reach the years 1677..2262 only
             years = pc.year(col).to_numpy(zero_copy_only=False)
-            row = "".join(f"row {i + 1}: " for i in np.nonzero((years < 1678) | (years > 2261))[0][:1])
+            outside = (years < 1678) | (years > 2261)
+            row = f"row {int(np.argmax(outside)) + 1}: " if outside.any() else ""
             raise DataError(f"{where}: {row}a time outside the years 1677..2262 (nanoseconds cannot hold it)") from None
         kind = "time"
     else:
