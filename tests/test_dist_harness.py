@@ -1,0 +1,65 @@
+"""The harness starts a world again only when its gloo group could not be made, never when the
+code under test failed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.multiprocessing.spawn import ProcessRaisedException
+
+from tests import dist_harness
+from tests.dist_harness import run_world
+
+
+def rank_sum(rank: int, world: int) -> int:
+    x = torch.tensor([rank + 1])
+    dist.all_reduce(x)
+    return int(x)
+
+
+def failing_on_rank0(rank: int, world: int, calls: str) -> int:
+    if rank == 0:
+        with open(calls, "a") as f:
+            f.write("call\n")
+        raise ValueError("the code under test failed")
+    return rank
+
+
+def _init_failing(times: int, calls: Path):
+    """init_process_group that fails like gloo's connect the first `times` calls (across ranks and
+    attempts: a line per call in `calls`), then is the real one."""
+    real = dist.init_process_group
+
+    def init(*args, **kwargs):
+        with open(calls, "a") as f:
+            f.write("init\n")
+        if len(calls.read_text().splitlines()) <= times:
+            raise RuntimeError("Gloo connectFullMesh failed with [pair.cc:553] Connection closed by peer")
+        return real(*args, **kwargs)
+    return init
+
+
+def test_a_world_whose_group_was_not_made_is_started_again(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    calls.touch()
+    monkeypatch.setattr(dist_harness.dist, "init_process_group", _init_failing(1, calls))  # forked ranks see it
+    with pytest.warns(UserWarning, match="gloo group of 2 not made"):
+        assert run_world(rank_sum, 2) == [3, 3]
+
+
+def test_a_group_never_made_fails_after_the_last_attempt(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    calls.touch()
+    monkeypatch.setattr(dist_harness.dist, "init_process_group", _init_failing(10**6, calls))
+    with pytest.warns(UserWarning), pytest.raises(ProcessRaisedException, match="connectFullMesh"):
+        run_world(rank_sum, 1)
+    assert len(calls.read_text().splitlines()) == dist_harness.SETUP_ATTEMPTS
+
+
+def test_a_failure_in_the_code_under_test_is_not_retried(tmp_path):
+    calls = tmp_path / "calls"
+    with pytest.raises(ProcessRaisedException, match="the code under test failed"):
+        run_world(failing_on_rank0, 2, str(calls))
+    assert calls.read_text().splitlines() == ["call"]
