@@ -107,10 +107,16 @@ def read_epochs(path: Path) -> list[dict]:
 
 
 def ended_on_budget(run_dir: Path, summary: dict) -> bool:
-    """A run of ours that trained every epoch of its `train.m_max`: patience never stopped it, so its best
-    epoch came within the last `train.patience` epochs and more epochs might still raise it."""
-    m_max = read_toml(run_dir / run_layout.CONFIG, "run config")["train"]["m_max"]
-    return summary.get("epochs_trained") == m_max
+    """A run of ours that `train.m_max` ended, not patience: its best epoch came within the last
+    `train.patience` epochs, and more epochs might still raise it. The recipe says so (`stopped_by`); for a
+    summary written before it did, the same test counted from the best epoch alone (patience ran out with the
+    last epoch when it is `patience` epochs back), which the warm-up epochs patience skips change only for a
+    run whose warm-up took all but `patience` of its epochs."""
+    if "stopped_by" in summary:
+        return summary["stopped_by"] == "m_max"
+    train = read_toml(run_dir / run_layout.CONFIG, "run config")["train"]
+    return (summary.get("epochs_trained") == train["m_max"]
+            and not (train["patience"] > 0 and train["m_max"] - 1 - summary["best_epoch"] >= train["patience"]))
 
 
 def peer_cut_at_its_best(result: dict) -> bool:

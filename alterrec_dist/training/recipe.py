@@ -48,7 +48,8 @@ from alterrec_dist.training.checkpoint import (checked_on_rank0, checkpoint_name
                                                load_checkpoint, restore_model, save_checkpoint)
 from alterrec_dist.training.metric_sinks import MetricSinks
 from alterrec_dist.training.schedule import (Phase, lr_factor, lr_ramp_epochs, own_step, patience_exhausted,
-                                             phase_first_epoch, phase_index, phase_starts, plan, warmup_epochs)
+                                             phase_first_epoch, phase_index, phase_starts, plan, stop_reason,
+                                             warmup_epochs)
 from alterrec_dist.training.step import train_step
 from alterrec_dist.training.stepper import Stepper, build_stepper
 
@@ -247,6 +248,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     summary = {
         "best_epoch": best["epoch"],
         "epochs_trained": progress.epoch,  # below m_max when train.patience stopped the run
+        "stopped_by": stop_reason(progress.epoch, best["epoch"], t.patience, unjudged),
         "selection": f"{part}/{metric}",
         "valid": best["valid"],
         "test": {k: {m: v for m, v in best["test"][k].items() if m != "longtail"} for k in best["test"]},

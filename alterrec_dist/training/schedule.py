@@ -89,6 +89,13 @@ def patience_exhausted(next_epoch: int, best_epoch: int | None, patience: int, w
     return next_epoch - 1 - since >= patience
 
 
+def stop_reason(epochs_done: int, best_epoch: int | None, patience: int, unjudged: int) -> str:
+    """What ended a run after `epochs_done` epochs: "patience" when it is exhausted there (also when that
+    happened with the last epoch of train.m_max: more epochs would not have run), else "m_max" (the run
+    was still within patience of its best epoch, which more epochs might raise)."""
+    return "patience" if patience_exhausted(epochs_done, best_epoch, patience, unjudged) else "m_max"
+
+
 def own_step(phases: list[Phase], epoch: int, step: int, steps_per_epoch: int) -> tuple[int, int]:
     """(steps the network of `epoch` has taken before this one, steps it takes in the whole plan): a
     network's schedule runs over its OWN steps, so it is not stretched by the other network's turns."""

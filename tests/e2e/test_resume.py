@@ -159,7 +159,7 @@ def test_patience_stops_and_a_resumed_run_stops_at_the_same_epoch(tmp_path):
     whole = tmp_path / "whole"
     r = torchrun(1, ["--out", str(whole), *sets(settings)], tmp_path)
     summary, log = results(whole)
-    assert (summary["best_epoch"], summary["epochs_trained"], len(log)) == (0, 3, 3)
+    assert (summary["best_epoch"], summary["epochs_trained"], summary["stopped_by"], len(log)) == (0, 3, "patience", 3)
     assert "early stop: no better valid id/ndcg@10 in the 2 epochs after epoch 0" in r.stdout + r.stderr
     cut = tmp_path / "cut"
     shutil.copytree(whole, cut)

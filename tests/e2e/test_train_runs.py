@@ -30,6 +30,7 @@ def _env() -> dict:
 def check_run_dir(run: Path, epochs: int, stdout: str, workers: int) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert isinstance(summary["best_epoch"], int) and 0 <= summary["best_epoch"] < epochs
+    assert (summary["epochs_trained"], summary["stopped_by"]) == (epochs, "m_max")  # no patience: the budget
     for part in ("valid", "test"):
         assert set(summary[part]) <= set(SCORES) and "fused" in summary[part], summary[part]
         for scores in summary[part].values():

@@ -45,17 +45,19 @@ def test_the_choice_table_gives_the_chosen_overrides_a_config_takes_over():
 
 
 def finished_run(tmp_path: Path, method: str, seed: int, fused: float, alpha: tuple[float, float] | None,
-                 epochs_trained: int = 9) -> dict:
+                 epochs_trained: int = 9, best_epoch: int = 3, stopped_by: str | None = "patience") -> dict:
     """A finished run's record as the recipe writes it: summary.json (with the alpha chosen on validation and
-    its test NDCG@10 when `alpha` is given), metrics.jsonl, command.txt, config.toml (m_max 30); read back as the
-    report reads it."""
+    its test NDCG@10 when `alpha` is given; without `stopped_by` when None, as summaries written before it had),
+    metrics.jsonl, command.txt, config.toml (m_max 30, patience 6); read back as the report reads it."""
     d = tmp_path / f"{method}-s{seed}"
     d.mkdir()
     (d / "config.toml").write_text("[train]\nm_max = 30\npatience = 6\n")
     scores = {k: {"hit@10": 2 * fused, "hit@20": 3 * fused, "ndcg@10": fused, "ndcg@20": 1.5 * fused}
               for k in ("fused", "id", "text")}
-    summary = {"best_epoch": 3, "epochs_trained": epochs_trained, "selection": "fused/ndcg@10", "valid": scores,
-               "test": scores, "longtail": {}}
+    summary = {"best_epoch": best_epoch, "epochs_trained": epochs_trained, "selection": "fused/ndcg@10",
+               "valid": scores, "test": scores, "longtail": {}}
+    if stopped_by is not None:
+        summary["stopped_by"] = stopped_by
     if alpha is not None:
         chosen, ndcg = alpha
         summary["alpha"] = {"chosen": chosen, "selection": "fused/ndcg@10", "valid": scores["fused"],
@@ -102,8 +104,12 @@ def test_the_report_says_which_choices_a_round_under_way_may_still_change(tmp_pa
 
 def test_a_best_epoch_is_marked_when_the_run_ended_on_its_budget_not_on_patience(tmp_path):
     stopped = finished_run(tmp_path, "id_only", 0, 0.05, None)  # patience stopped it after 9 of 30 epochs
-    whole = finished_run(tmp_path, "id_only", 1, 0.05, None, epochs_trained=30)
-    assert main_table({"id_only": [stopped, whole]}, {}, [])[2].endswith("| 3,3* |")
+    whole = finished_run(tmp_path, "id_only", 1, 0.05, None, epochs_trained=30, best_epoch=26, stopped_by="m_max")
+    assert main_table({"id_only": [stopped, whole]}, {}, [])[2].endswith("| 3,26* |")
+    # a summary from before `stopped_by`: trained all 30 epochs, yet patience (6) ran out with the last one
+    # when the best epoch was 23 (epochs 24..29 no better); one epoch later it had not
+    assert [finished_run(tmp_path, "id_only", seed, 0.05, None, epochs_trained=30, best_epoch=best,
+                         stopped_by=None)["on_budget"] for seed, best in ((2, 23), (3, 24))] == [False, True]
 
     def peer(name, best_epoch, stopped_by):
         d = tmp_path / name

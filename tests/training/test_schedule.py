@@ -1,7 +1,7 @@
 import pytest
 
 from alterrec_dist.training.schedule import (Phase, lr_factor, lr_ramp_epochs, own_step, patience_exhausted, plan,
-                                             warmup_epochs)
+                                             stop_reason, warmup_epochs)
 
 I, T, F = "id", "text", "fused"
 R, H = "random", "hard"
@@ -76,6 +76,15 @@ def test_patience_stops_n_epochs_after_the_best():
     assert stopped_after(curve, patience=2, warmup=0) == 5   # best 0.3 at epoch 2; epochs 3 and 4 worse
     assert stopped_after(curve, patience=3, warmup=0) == 9   # epoch 5 improves; 6, 7, 8 do not
     assert stopped_after(curve, patience=5, warmup=0) == 10  # m_max is the ceiling
+
+
+def test_what_ended_a_run_that_trained_all_its_epochs():
+    # 10 epochs, patience 3: a best epoch of 6 left epochs 7, 8, 9 no better, so patience ran out with the
+    # last one (the run would not have gone on); a best epoch of 7 was still within patience
+    assert [stop_reason(10, best, 3, 0) for best in (6, 7)] == ["patience", "m_max"]
+    assert stop_reason(10, 6, 0, 0) == "m_max"  # patience off
+    assert stop_reason(10, 2, 3, 8) == "m_max"  # the warm-up's epochs do not count: 8 and 9 only
+    assert stop_reason(5, 2, 2, 0) == "patience"  # stopped before the budget
 
 
 def test_patience_does_not_count_the_warm_up():
