@@ -71,10 +71,13 @@ def read_run(spec) -> dict | None:
         return None
     d = spec.run_dir
     if spec.role == "peer":
-        res = json.loads((d / "result.json").read_text())
-        return {"spec": spec, "test": {"peer": res["test"]}, "valid": {"peer": res["valid"]},
-                "best_epoch": res.get("best_epoch"), "command": res.get("command", shlex.join(spec.command)),
-                "on_budget": peer_cut_at_its_best(res)}
+        res = read_json(d / spec.done_file)
+        try:
+            return {"spec": spec, "test": {"peer": res["test"]}, "valid": {"peer": res["valid"]},
+                    "best_epoch": res.get("best_epoch"), "command": res.get("command", shlex.join(spec.command)),
+                    "on_budget": peer_cut_at_its_best(res)}
+        except KeyError as e:
+            raise DataError(f"{d / spec.done_file}: no {e} (a damaged result: rerun the run)") from None
     summary = read_json(d / run_layout.SUMMARY)
     epochs = read_epochs(d / run_layout.METRICS)
     command = (d / "command.txt").read_text().strip() if (d / "command.txt").exists() else shlex.join(spec.command)

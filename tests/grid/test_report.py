@@ -138,6 +138,13 @@ def test_damaged_results_are_named_and_a_diverged_run_ranks_last(tmp_path):
         validation_score(run)
     with pytest.raises(DataError, match=r"summary.json: no 'valid' \(a damaged summary"):
         read_run(run)
+    peer = RunSpec("d", "UniSRec", 0, tmp_path / "peer", [], done_file="result.json", role="peer")
+    peer.run_dir.mkdir()
+    for text, error in (('{"valid": {}, "te', r"result.json: not valid JSON"),
+                        ('{"valid": {"ndcg@10": 0.05}}', r"result.json: no 'test' \(a damaged result")):
+        (peer.run_dir / "result.json").write_text(text)
+        with pytest.raises(DataError, match=error):
+            read_run(peer)
 
 
 def test_a_metrics_line_cut_short_is_not_read_and_a_bad_one_is_named(tmp_path):
