@@ -28,7 +28,7 @@ from alterrec_dist.common.errors import DataError  # noqa: E402
 from alterrec_dist.common.files import atomic_write_bytes, read_json  # noqa: E402
 from alterrec_dist.common.methods import METHODS, selection_part  # noqa: E402
 from alterrec_dist.grid.runner import as_toml  # noqa: E402
-from alterrec_dist.grid.selection import choose, combined_label, round_progress  # noqa: E402
+from alterrec_dist.grid.selection import candidates, choose, combined_label, round_progress  # noqa: E402
 
 TABLE_METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20")
 TARGET_GAIN = 0.05
@@ -229,7 +229,8 @@ def rounds_note(specs: list, d, names: list[str]) -> list[str]:
     if not pending:
         return []
     return [f"Rounds under way (their runs finished so far): {'; '.join(pending)}. Until a method's latest round "
-            "has finished, the winner of its rounds before stands and Table 1 reports it.", ""]
+            "has finished, the winner of its rounds before stands and Table 1 reports it (before round 1 has: "
+            "the base, untuned).", ""]
 
 
 # -- figures -----------------------------------------------------------------------------------
@@ -405,7 +406,8 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
     if choices:
         lines += [f"Chosen on validation (seeds {d.select_seeds or d.seeds}: mean of each run's own selection "
                   "metric; Table 1 and the figures use the chosen setting's runs on every seed):", ""]
-        lines += choice_table(choices) + [""] + rounds_note(specs, d, [c.method for c in choices])
+        lines += choice_table(choices) + [""]
+    lines += rounds_note(specs, d, [m for m in [*methods, *peers] if len(candidates(specs, d, m)) > 1])
     g = gains(methods, peers, d.anchors)
     if g:
         lines += ["Fused AlterRec relative to each of the others (means over seeds; the target is ≥ +5 % over ID "

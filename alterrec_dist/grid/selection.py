@@ -130,13 +130,13 @@ def choose(specs: list, d, name: str) -> Choice | None:
 
 
 def round_progress(specs: list, d, name: str) -> tuple[int, int, int]:
-    """(round, finished, all) of a method's or peer's latest round's runs on the selection seeds; round 1's
-    count is (1, 0, 0): only the later rounds are under way while an earlier winner stands."""
+    """(round, finished, all) of a method's or peer's latest round's candidate runs on the selection seeds
+    (round 1's: the base, each single switch and, once added, their combination)."""
     n = latest_round(specs, d, name)
-    seeds = selection_seeds(candidates(specs, d, name), d)
-    runs = [s for s in specs if s.dataset == d.name and s.method == name and s.tuning_round == n > 1
-            and s.seed in seeds]
-    return n, sum(s.done for s in runs), len(runs)
+    cands = candidates(specs, d, name)
+    seeds = selection_seeds(cands, d)
+    runs = {s.run_dir: s for runs in cands.values() for s in runs if s.tuning_round == n and s.seed in seeds}
+    return n, sum(s.done for s in runs.values()), len(runs)
 
 
 def helpful_switches(specs: list, d, name: str) -> list[tuple[str, object, object]] | None:

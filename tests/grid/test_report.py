@@ -98,8 +98,14 @@ def test_the_report_says_which_choices_a_round_under_way_may_still_change(tmp_pa
              spec("b3", "alterrec", 3), spec("i", "id_only"), spec("i2", "id_only", 2, done=True)]
     assert rounds_note(specs, d, ["alterrec", "id_only"]) == [
         "Rounds under way (their runs finished so far): AlterRec round 3, 1 of 2. Until a method's latest round has "
-        "finished, the winner of its rounds before stands and Table 1 reports it.", ""]
+        "finished, the winner of its rounds before stands and Table 1 reports it (before round 1 has: the base, "
+        "untuned).", ""]
     assert rounds_note(specs, d, ["id_only"]) == []  # finished: its choice is final
+    # round 1 with a switch that never finished (a failed run): Table 1 reports the base, and says so
+    base, switch = spec("t", "text_only", done=True), spec("t-d", "text_only")
+    switch.extra, switch.sweeps = ["--set", "model.dropout=0.5"], {"model.dropout": 0.5}
+    assert rounds_note([base, switch], d, ["text_only"])[0].startswith(
+        "Rounds under way (their runs finished so far): Text only round 1, 1 of 2.")
 
 
 def test_a_best_epoch_is_marked_when_the_run_ended_on_its_budget_not_on_patience(tmp_path):
