@@ -147,6 +147,10 @@ def test_missing_file(tmp_path):
     (["trainer.engine=deepspeed", "trainer.precision=fp16"], "trainer.precision=fp16 needs trainer.use_gpu=true"),
     (["trainer.engine=deepspeed", "trainer.zero_stage=3"], "trainer.zero_stage must be one of 0, 1, 2"),
     (["trainer.zero_stage=1"], "trainer.zero_stage=1 needs trainer.engine=deepspeed"),
+    # a path as trainer.name left trainer.storage_path (an absolute one replaces it when joined)
+    (["trainer.name=/tmp/elsewhere"], "trainer.name must be a directory name under trainer.storage_path"),
+    (["trainer.name=../up"], "trainer.name must be a directory name under trainer.storage_path"),
+    (["trainer.name=.."], "trainer.name must be a directory name under trainer.storage_path"),
     (["model.text_temperature=0"], "model.text_temperature"),
     (["eval.metric=fused/auc"], "eval.metric must be <id|text|fused>/"),
     (["eval.metric=both/ndcg@10"], "eval.metric must be <id|text|fused>/"),
