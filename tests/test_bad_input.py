@@ -318,6 +318,10 @@ CASES = [
     ("synth-empty-split", "synth", lambda d, r: ["--items", "5", "--sessions", "1", "--text-features",
                                                  "random-projection", "--out", str(d / "o"), "--no-progress"],
      ["{d}/o: split 'train' is empty"]),
+    ("synth-more-items-than-memory", "synth", lambda d, r: ["--items", "100000000000", "--sessions", "100",
+                                                            "--text-features", "random-projection", "--out",
+                                                            str(d / "o"), "--no-progress"],
+     ["out of memory: Unable to allocate 745. GiB"]),
     # train: config values (driver only, no run directory)
     ("train-batch-size-zero", "train", lambda d, r: train_argv(d, "train.global_batch_size=0"),
      ["train.global_batch_size must be >= 1, got 0"]),

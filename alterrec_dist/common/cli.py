@@ -9,11 +9,16 @@ from alterrec_dist.common.errors import ConfigError, DataError
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run `main(argv)`; a DataError/ConfigError becomes `error: <message>` and exit code 2."""
+    """Run `main(argv)`; a DataError/ConfigError becomes `error: <message>` and exit code 2, as does a
+    MemoryError (sizes this machine cannot hold, e.g. synth --items 1e11: numpy's message says how much)."""
     try:
         code = main(argv)
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except MemoryError as e:
+        print(f"error: out of memory: {e or 'an allocation failed'} (smaller sizes, or a machine with more memory)",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
