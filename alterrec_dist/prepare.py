@@ -1,6 +1,7 @@
 """`python -m alterrec_dist.prepare {recbole|amazon-m2|log} --out OUT ...`: turn real data into
 the dataset layout of `data/layout.py` (sessions, items, frozen text features).
-`python -m alterrec_dist.prepare verify DIR` checks a dataset in full (checksums, item indices).
+`python -m alterrec_dist.prepare verify DIR` checks a dataset in full (checksums, item indices,
+item ids, finite text features).
 
 The source is read and checked in full first, then sessions are streamed to the writer and
 item texts are encoded (cached, see text_features.py; in this process, or with --ray on Ray Data,
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(and before --cutoff) go to valid; earlier ones to train")
 
     verify = sub.add_parser("verify", help="check a dataset in full: every file's sha256 against its manifest, "
-                                           "sizes and shapes, every item index in 0..V-1")
+                                           "sizes and shapes, every item index in 0..V-1, every item id there once, "
+                                           "every text feature finite")
     verify.add_argument("dataset", metavar="DIR", help="dataset directory")
     return parser
 

@@ -133,9 +133,21 @@ def _test_sessions(ds: Path) -> Path:
 def _resigned(ds: Path, f: Path, edit) -> None:
     """Rewrite Parquet file `f` of dataset `ds` through `edit` and record its new sha256 in the manifest: damage
     that the checksums no longer see, as a dataset written wrong in the first place would carry."""
-    from alterrec_dist.common.files import file_sha256
     pq.write_table(edit(pq.read_table(f)), f)
+    _resign(ds, f)
+
+
+def _resign(ds: Path, f: Path) -> None:
+    from alterrec_dist.common.files import file_sha256
     _edit_json(ds / "manifest.json", lambda m: m["sha256"].update({str(f.relative_to(ds)): file_sha256(f)}))
+
+
+def _nan_text_feature(ds: Path, row: int) -> None:
+    f = ds / json.loads((ds / "manifest.json").read_text())["text"]["files"][0]["file"]
+    x = np.load(f)
+    x[row, 3] = np.nan
+    np.save(f, x)
+    _resign(ds, f)
 
 
 def train_argv(d: Path, *sets: str, data: Path | None = None, extra=()) -> list[str]:
@@ -307,6 +319,18 @@ CASES = [
         d, lambda ds: _edit_json(ds / "manifest.json", lambda m: m["session_files"]["train"].append(
             m["session_files"]["test"][0]) or m["splits"].update(train=m["splits"]["train"] + m["splits"]["test"]))))],
      ["{d}/ds/manifest.json: session file sessions/test/part-00000.parquet is listed more than once"]),
+    ("verify-nan-text-feature", "prepare", lambda d, r: ["verify", str(damaged(d, lambda ds: _nan_text_feature(ds, 7)))],
+     ["{d}/ds/text_features/part-00000.npy: row 7 (item_idx 7): a text feature that is not finite"]),
+    ("verify-item-without-id", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: _resigned(ds, ds / "items.parquet", lambda t: t.set_column(
+            t.schema.get_field_index("item_id"), "item_id", pa.array([None] + t["item_id"].to_pylist()[1:],
+                                                                     pa.string())))))],
+     ["{d}/ds/items.parquet: row 1: no item_id (1 of "]),
+    ("verify-item-id-twice", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: _resigned(ds, ds / "items.parquet", lambda t: t.set_column(
+            t.schema.get_field_index("item_id"), "item_id", pa.array(t["item_id"].to_pylist()[:1] * 2
+                                                                     + t["item_id"].to_pylist()[2:])))))],
+     ["names more than one item (1 ids do)"]),
     # synth
     ("synth-out-under-a-file", "synth", lambda d, r: ["--items", "50", "--sessions", "50", "--text-features",
                                                       "random-projection", "--out", str(_raw(d, "f", b"x") / "o"),

@@ -138,7 +138,31 @@ class Dataset:
         for split in SPLITS:
             for part in self.manifest["session_files"][split]:
                 self._check_sessions(part["file"], part["rows"], full=True)
+        self._check_item_values()
         return notes
+
+    def _check_item_values(self) -> None:
+        """What a checksum cannot tell (it signs whatever the writer wrote): every item has an id and no id
+        is there twice (serving maps an id to one row), and every text feature is finite (one NaN row makes
+        every score NaN, training's loss included)."""
+        path = self.path / "items.parquet"
+        ids = read_parquet(path, columns=["item_id"])["item_id"].combine_chunks()
+        if ids.null_count:
+            row = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{path}: row {row + 1}: no item_id ({ids.null_count:,} of {len(ids):,} items have none)")
+        counts = pc.value_counts(ids)
+        twice = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+        if len(twice):
+            raise DataError(f"{path}: item_id {twice[0].as_py()!r} names more than one item ({len(twice):,} ids do)")
+        start = 0
+        for part in self.manifest["text"]["files"]:
+            features = storage.load_npy(self.path / part["file"], mmap=True)
+            for lo in range(0, len(features), 65536):  # a block at a time: memory stays flat at any V
+                bad = np.flatnonzero(~np.isfinite(features[lo:lo + 65536]).all(axis=1))
+                if len(bad):
+                    raise DataError(f"{self.path / part['file']}: row {lo + bad[0]} (item_idx {start + lo + bad[0]}): "
+                                    "a text feature that is not finite (NaN or inf)")
+            start += part["rows"]
 
     def _file(self, name: str) -> Location:
         path = self.path / name
