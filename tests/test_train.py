@@ -18,6 +18,7 @@ from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import DatasetWriter
 from alterrec_dist.train import build_parser, format_summary, load_run_config
+from alterrec_dist.training.checkpoint import checkpoint_name
 from alterrec_dist.training.run_dir import default_run_dir, make_run_dir, read_summary, reopen_run_dir
 from tests.commands import run_command
 
@@ -164,14 +165,22 @@ def test_cli_one_line_errors(tmp_path, monkeypatch, capsys, no_ray, case):
     assert not (tmp_path / "run").exists()  # nothing was created before the error
 
 
-@pytest.mark.parametrize("case", ["changed_setting", "changed_retry_config", "data_remade_in_place"])
+@pytest.mark.parametrize("case", ["changed_setting", "changed_retry_config", "data_remade_in_place",
+                                  "zero_at_another_world_size"])
 def test_cli_resume_refuses_another_run(tmp_path, monkeypatch, capsys, no_ray, case):
-    """A resume that would train another model or on other data than its checkpoints hold is one line, exit 2,
-    before Ray, and leaves the run directory as it was."""
+    """A resume that would train another model or on other data than its checkpoints hold, or that its workers
+    could not load (a ZeRO state split among another number of them), is one line, exit 2, before Ray, and leaves
+    the run directory as it was."""
     monkeypatch.chdir(tmp_path)
     data = tiny_dataset(tmp_path / "data")
-    run = make_run_dir(load_config(None, [f"data.path={data}", "train.global_batch_size=16"]), str(tmp_path / "run"))
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    zero = ["trainer.engine=deepspeed", "trainer.zero_stage=1", "trainer.num_workers=2"]
+    run = make_run_dir(load_config(None, [f"data.path={data}", "train.global_batch_size=16",
+                                          *(zero if case.startswith("zero") else [])]), str(tmp_path / "run"))
+    if case.startswith("zero"):  # a checkpoint the two workers saved (its manifest: what the driver reads of it)
+        checkpoint = run / run_layout.CHECKPOINTS / checkpoint_name(1, 0)
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "manifest.json").write_text(json.dumps({"files": {}, "world_size": 2, "epoch": 1}))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     args, fragment = {
         "changed_setting": (["--resume", str(run), "--set", "model.dim=32"],
                             "a resumed run keeps its settings, but model.dim would change (model.dim: 64 -> 32)"),
@@ -179,6 +188,9 @@ def test_cli_resume_refuses_another_run(tmp_path, monkeypatch, capsys, no_ray, c
                                   "--set", "train.global_batch_size=16", "--set", "train.seed=1"],
                                  "but train.seed would change"),
         "data_remade_in_place": (["--resume", str(run)], "not the data this run started on"),
+        "zero_at_another_world_size": (["--resume", str(run), "--set", "trainer.num_workers=1"],
+                                       "saved by 2 workers under ZeRO stage 1, which splits the optimizer state "
+                                       "among them; resume with trainer.num_workers=2"),
     }[case]
     if case == "data_remade_in_place":
         shutil.rmtree(data)
@@ -186,7 +198,7 @@ def test_cli_resume_refuses_another_run(tmp_path, monkeypatch, capsys, no_ray, c
     code, err = run_command("train", args, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_resume_takes_the_same_data_elsewhere_and_resumable_settings(tmp_path):

@@ -116,6 +116,12 @@ def reopen_run_dir(cfg: Config, run_dir: Location) -> Location:
     elif found[1].get("epoch", 0) > cfg.train.m_max:  # nothing to train, and config.toml would stop describing it
         raise ConfigError(f"{found[0]}: the run has trained {found[1]['epoch']} epochs, train.m_max={cfg.train.m_max} "
                           f"is fewer (resume with train.m_max >= {found[1]['epoch']}, or start a new run)")
+    elif cfg.trainer.zero_stage and found[1].get("world_size") != cfg.trainer.num_workers:
+        # each rank holds its own part of the dense optimizer state, which DeepSpeed does not re-split: the
+        # workers would refuse it after Ray and the launch had started
+        raise ConfigError(f"{found[0]}: saved by {found[1].get('world_size')} workers under ZeRO stage "
+                          f"{cfg.trainer.zero_stage}, which splits the optimizer state among them; resume with "
+                          f"trainer.num_workers={found[1].get('world_size')}")
     atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
     record_dataset(data, run_dir)  # where it is now; a run made before the record gets it here
     return run_dir
