@@ -17,7 +17,8 @@ import sys
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.config import shown
 from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.grid.runner import expand, load_grid, prepare_datasets, run_grid, selected, under_way
+from alterrec_dist.grid.runner import (expand, load_grid, prepare_datasets, run_grid, selected, settings_differ,
+                                       under_way)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,10 +44,19 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{args.grid}: --only {args.only!r} matches none of the grid's {len(specs)} runs "
                           f"(a glob on their directories under {shown(grid.out)}: DATASET/RUN or "
                           f"DATASET/peers/RUN, e.g. 'scientific/alterrec-round2-*')")
+    differ = {s.run_dir: settings_differ(s) for s in specs}
     if args.dry_run:
         for s in (s for s in specs if selected(s, grid, args.only)):
-            print(f"{'done' if s.done else 'busy' if under_way(s) else 'todo'}  {shlex.join(s.command)}")
+            state = "STALE" if differ[s.run_dir] else "done" if s.done else "busy" if under_way(s) else "todo"
+            print(f"{state}  {shlex.join(s.command)}")
         return 0
+    stale = [(run_dir, changes) for run_dir, changes in differ.items() if changes]
+    if stale:
+        run_dir, changes = stale[0]
+        key, (wanted, made) = next(iter(changes.items()))
+        raise ConfigError(f"{shown(run_dir)}: finished with other settings than {args.grid} gives it ({key}: "
+                          f"{made!r} in the run, {wanted!r} in the grid; {len(stale)} run(s) differ, --dry-run lists "
+                          "them as STALE): move them away to run them again, or restore the grid")
     failed = []
     if args.report_only and not any(s.done for s in specs):  # would replace the report with empty tables
         raise ConfigError(f"{args.grid}: no finished run under {shown(grid.out)}, nothing to report "

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alterrec_dist.common import run_layout
-from alterrec_dist.common.config import PROJECT_ROOT, load_config, read_toml, shown
+from alterrec_dist.common.config import PROJECT_ROOT, changed_values, load_config, read_toml, shown
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.methods import METHODS
 from alterrec_dist.grid.selection import candidates, choose, helpful_switches, next_round, selection_seeds
@@ -178,6 +178,20 @@ def train_command(d: DatasetGrid, method: str, seed: int, run_dir: Path, extra: 
     for s in sets:
         cmd += ["--set", s]
     return cmd + ["--out", str(run_dir), "--resume", "auto"]
+
+
+def settings_differ(spec: RunSpec) -> dict[str, tuple]:
+    """How a finished run of ours was made otherwise than its command in the grid now makes it: config key ->
+    (the grid's value, the run's), from the config its `train_command` resolves to and the run's config.toml;
+    empty when they agree (always for a peer or an unfinished run). After an edit of the grid file the old runs
+    would otherwise be reported, and skipped as done, under the new settings."""
+    if spec.role == "peer" or not spec.done:
+        return {}
+    cmd = spec.command
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    wanted = load_config(PROJECT_ROOT / cmd[cmd.index("--config") + 1],
+                         [*sets, f"trainer.launcher={cmd[cmd.index('--launcher') + 1]}"])
+    return changed_values(wanted, load_config(spec.run_dir / run_layout.CONFIG))
 
 
 def sweep_run(d: DatasetGrid, method: str, label: str, seed: int, run_dir: Path, extra: list[str], **kw) -> RunSpec:

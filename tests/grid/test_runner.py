@@ -105,6 +105,41 @@ def test_report_only_without_runs_leaves_the_report_alone(tmp_path):
     assert report.read_text() == "the last report\n"
 
 
+def test_a_finished_run_the_grid_now_makes_otherwise_is_named_not_reported(tmp_path, capsys):
+    """A run left by an earlier version of the grid file was skipped as done and reported under the new
+    settings; now --dry-run marks it STALE and a run or report stops on it, the report left alone."""
+    from alterrec_dist.common.config import to_toml
+    grid, report = tmp_path / "grid.toml", tmp_path / "RESULTS.md"
+    report.write_text("the last report\n")
+    text = textwrap.dedent(f'''
+        out = "{tmp_path}/runs"
+        report = "{report}"
+        [[dataset]]
+        name = "default"
+        config = "configs/default.toml"
+        methods = ["id_only"]
+        seeds = [0]
+        set = ["model.dim=SIZE"]
+    ''')
+    grid.write_text(text.replace("SIZE", "16"))
+    spec = expand(load_grid(grid))[0]
+    spec.run_dir.mkdir(parents=True)  # finished as the grid made it then
+    (spec.run_dir / "config.toml").write_text(to_toml(load_config(
+        PROJECT_ROOT / "configs/default.toml", ["train.method=id_only", "train.seed=0", "model.dim=16",
+                                                "trainer.num_workers=1", "trainer.launcher=torchrun"])))
+    (spec.run_dir / "summary.json").write_text("{}")
+    assert main(["--grid", str(grid), "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("done  ")
+    grid.write_text(text.replace("SIZE", "32"))  # the grid edited since
+    assert main(["--grid", str(grid), "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("STALE  ")
+    for mode in (["--report-only"], []):
+        with pytest.raises(ConfigError, match=r"runs/default/id_only-s0: finished with other settings than .*grid.toml "
+                                              r"gives it \(model.dim: 16 in the run, 32 in the grid; 1 run\(s\) differ"):
+            main(["--grid", str(grid), *mode])
+    assert report.read_text() == "the last report\n"
+
+
 def test_git_keeps_a_finished_runs_record_and_leaves_its_checkpoints_out(tmp_path):
     """results/.gitignore: what a later session or a clean checkout needs to resume the grid and
     regenerate its report is committed; the heavy files are not."""
