@@ -88,9 +88,10 @@ def test_a_sweep_point_no_method_takes_is_an_error(tmp_path):
         expand(load_grid(grid))
 
 
-def test_report_only_without_runs_leaves_the_report_alone(tmp_path):
-    grid = tmp_path / "grid.toml"
-    report = tmp_path / "RESULTS.md"
+def id_only_grid(tmp_path: Path, *lines: str) -> tuple[Path, Path]:
+    """A grid file of ID only on the default data (`lines` added to its dataset), and its report, which holds
+    "the last report"."""
+    grid, report = tmp_path / "grid.toml", tmp_path / "RESULTS.md"
     report.write_text("the last report\n")
     grid.write_text(textwrap.dedent(f'''
         out = "{tmp_path}/runs"
@@ -99,7 +100,12 @@ def test_report_only_without_runs_leaves_the_report_alone(tmp_path):
         name = "default"
         config = "configs/default.toml"
         methods = ["id_only"]
-    '''))
+    ''') + "\n".join(lines) + "\n")
+    return grid, report
+
+
+def test_report_only_without_runs_leaves_the_report_alone(tmp_path):
+    grid, report = id_only_grid(tmp_path)
     with pytest.raises(ConfigError, match=r"grid.toml: no finished run under .*/runs, nothing to report"):
         main(["--grid", str(grid), "--report-only"])
     assert report.read_text() == "the last report\n"
@@ -109,19 +115,7 @@ def test_a_finished_run_the_grid_now_makes_otherwise_is_named_not_reported(tmp_p
     """A run left by an earlier version of the grid file was skipped as done and reported under the new
     settings; now --dry-run marks it STALE and a run or report stops on it, the report left alone."""
     from alterrec_dist.common.config import to_toml
-    grid, report = tmp_path / "grid.toml", tmp_path / "RESULTS.md"
-    report.write_text("the last report\n")
-    text = textwrap.dedent(f'''
-        out = "{tmp_path}/runs"
-        report = "{report}"
-        [[dataset]]
-        name = "default"
-        config = "configs/default.toml"
-        methods = ["id_only"]
-        seeds = [0]
-        set = ["model.dim=SIZE"]
-    ''')
-    grid.write_text(text.replace("SIZE", "16"))
+    grid, report = id_only_grid(tmp_path, "seeds = [0]", 'set = ["model.dim=16"]')
     spec = expand(load_grid(grid))[0]
     spec.run_dir.mkdir(parents=True)  # finished as the grid made it then
     (spec.run_dir / "config.toml").write_text(to_toml(load_config(
@@ -130,7 +124,7 @@ def test_a_finished_run_the_grid_now_makes_otherwise_is_named_not_reported(tmp_p
     (spec.run_dir / "summary.json").write_text("{}")
     assert main(["--grid", str(grid), "--dry-run"]) == 0
     assert capsys.readouterr().out.startswith("done  ")
-    grid.write_text(text.replace("SIZE", "32"))  # the grid edited since
+    grid.write_text(grid.read_text().replace("model.dim=16", "model.dim=32"))  # the grid edited since
     assert main(["--grid", str(grid), "--dry-run"]) == 0
     assert capsys.readouterr().out.startswith("STALE  ")
     for mode in (["--report-only"], []):
