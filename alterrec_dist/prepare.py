@@ -105,12 +105,14 @@ def read_source(args: argparse.Namespace) -> Source:
 
 
 def source_paths(args: argparse.Namespace) -> list[str | None]:
-    """What `read_source` reads (None: not given), which OUT must not hold."""
+    """What `read_source` reads and the text model it encodes with (None: not given), which OUT must not hold."""
     if args.source == "recbole":
-        return [args.path]
-    if args.source == "amazon-m2":
-        return [args.sessions, args.labels, args.products]
-    return [args.interactions, args.items]
+        read = [args.path]
+    elif args.source == "amazon-m2":
+        read = [*args.sessions, *args.labels, args.products]  # each repeatable flag: a list of files
+    else:
+        read = [args.interactions, args.items]
+    return [*read, args.text_model]
 
 
 def main(argv: list[str] | None = None) -> int:

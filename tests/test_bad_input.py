@@ -282,6 +282,17 @@ CASES = [
     ("m2-parquet-null-label", "prepare", lambda d, r: m2_parquet(
         d, pa.array(M2_GOOD, pa.list_(pa.string())), labels=["A"] * 3 + [None] + ["B"] * 8),
      ["{d}/labels.parquet: row 4, column next_item: empty value"]),
+    ("m2-out-holds-its-sessions-and-labels", "prepare", lambda d, r: m2_parquet(
+        d, pa.array(M2_GOOD, pa.list_(pa.string())), labels=["A"] * 12)[:-3] + ["--out", str(d), "--overwrite"],
+     ["{d}: holds the input {d}/sessions.parquet, which writing it would delete"]),
+    ("m2-out-holds-its-labels", "prepare", lambda d, r: m2_parquet(
+        d, pa.array(M2_GOOD, pa.list_(pa.string())), labels=["A"] * 12)[:-3] + [
+        "--sessions", str(_raw(d, "more.csv", b"prev_items\n")), "--labels", str(_mkdir(d / "l") / "x.parquet"),
+        "--out", str(d / "l"), "--overwrite"],
+     ["{d}/l: holds the input {d}/l/x.parquet"]),
+    ("prepare-out-is-its-text-model", "prepare", lambda d, r: [
+        "recbole", "--path", str(recbole(d)), "--text-model", str(_mkdir(d / "model")), "--out", str(d / "model"),
+        "--overwrite", "--no-progress"], ["{d}/model: holds the input {d}/model, which writing it would delete"]),
     ("m2-csv-not-a-list", "prepare", lambda d, r: ["amazon-m2", "--sessions", str(_raw(
         d, "s.csv", b"prev_items,locale\n\"['A' 'B']\",FR\nA B,FR\n")), "--out", str(d / "out"), "--no-progress"],
      ["{d}/s.csv: row 2, column prev_items: not a list like"]),
