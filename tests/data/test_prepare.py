@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from alterrec_dist.common.cli import run_cli
+from alterrec_dist.common.errors import DataError
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import DatasetWriter
 from alterrec_dist.data.sources.amazon_m2 import read_amazon_m2
@@ -264,6 +265,25 @@ def test_amazon_m2_csv_and_parquet_parse_identically(m2_small):
     assert a.items().equals(b.items())
     for split in ("train", "valid", "test"):
         assert a.read_sessions(split).equals(b.read_sessions(split))
+
+
+def test_amazon_m2_sessions_with_their_own_next_item_column(m2_small, capsys):
+    """The release's sessions_train.csv holds prev_items, next_item, locale: its next_item is each session's
+    target (it was ignored, and the last of prev_items taken instead), as a --labels file's would be."""
+    d = m2_small
+    with_labels = pq.read_table(d / "s.parquet")
+    pq.write_table(with_labels.append_column("next_item", pq.read_table(d / "l.parquet")["next_item"]),
+                   d / "train.parquet")
+    main(["amazon-m2", "--sessions", str(d / "s.parquet"), "--labels", str(d / "l.parquet"), "--out",
+          str(d / "labels-file"), "--no-progress"])
+    main(["amazon-m2", "--sessions", str(d / "train.parquet"), "--out", str(d / "own-column"), "--no-progress"])
+    a, b = Dataset(d / "labels-file"), Dataset(d / "own-column")
+    assert a.items().equals(b.items()) and a.num_items > 0
+    for split in ("train", "valid", "test"):
+        assert a.read_sessions(split).equals(b.read_sessions(split))
+    with pytest.raises(DataError, match=r"train.parquet: has its own next_item column, and --labels .*l.parquet "
+                                        r"gives another: give one"):
+        read_amazon_m2([d / "train.parquet"], [d / "l.parquet"])
 
 
 def test_amazon_m2_without_labels_targets_the_last_item(tmp_path):

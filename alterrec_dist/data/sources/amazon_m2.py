@@ -34,8 +34,9 @@ class _M2Sessions:
 def read_amazon_m2(sessions: list[str | Path], labels: list[str | Path] = (), products: str | Path | None = None,
                    locale: str | None = None, valid_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0,
                    drop_short: bool = False) -> Source:
-    """KDD Cup 2023 task-2 sessions (+ row-aligned labels; without labels the last item of a
-    session is its target), split by session at random (seeded) into train/valid/test.
+    """KDD Cup 2023 task-2 sessions (+ their next_item: a column of the sessions file, as in the release's
+    sessions_train.csv, or row-aligned labels files; without either the last item of a session is its
+    target), split by session at random (seeded) into train/valid/test.
 
     Train rows are all prefix→next pairs of a training session; valid/test rows are
     history = prev_items, target = next_item. Items = every ASIN seen (plus products' ids),
@@ -88,13 +89,18 @@ def read_amazon_m2(sessions: list[str | Path], labels: list[str | Path] = (), pr
 
 def _read_m2_file(path: Path, labels: Path | None, locale: str | None, first_row: int,
                   drop_short: bool) -> tuple[_M2Sessions, set[str]]:
-    """One sessions file (+ its labels), restricted to `locale`; also the locales it holds."""
-    table = read_table(path, ["prev_items"], optional=["locale"])
+    """One sessions file (+ its labels: a --labels file, or its own next_item column as in the release's
+    sessions_train.csv), restricted to `locale`; also the locales it holds."""
+    table = read_table(path, ["prev_items"], optional=["locale", "next_item"])
     if locale is not None and "locale" not in table.column_names:
         raise DataError(f"{path}: --locale given but the file has no locale column")
     locales = string_column(table, "locale", path) if "locale" in table.column_names else None
     tokens, counts = _session_items(table["prev_items"].combine_chunks(), path)
-    if labels is not None:
+    if "next_item" in table.column_names:
+        if labels is not None:
+            raise DataError(f"{path}: has its own next_item column, and --labels {labels} gives another: give one")
+        tokens, counts = _append_labels(tokens, counts, string_column(table, "next_item", path))
+    elif labels is not None:
         tokens, counts = _append_labels(tokens, counts, _read_m2_labels(labels, table.num_rows, locales))
     rows = (np.arange(table.num_rows) if locale is None
             else np.nonzero(pc.equal(locales, locale).to_numpy(zero_copy_only=False))[0])
