@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.files import atomic_write_bytes
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -296,8 +296,15 @@ class _EncodingCache:
 
     @staticmethod
     def vectors(path: Path) -> np.ndarray:
-        with np.load(path) as z:
-            return z["vectors"]
+        try:
+            with np.load(path) as z:
+                return z["vectors"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            # Its keys read when the cache was searched (a full check then would read every vector of the
+            # cache), its vectors not: removed, so that the next run encodes its texts instead of failing here.
+            path.unlink(missing_ok=True)
+            raise DataError(f"{path}: a damaged text cache file ({one_line(e)}); removed it: run again to encode "
+                            "its texts anew") from None
 
     def save(self, keys: np.ndarray, vectors: np.ndarray) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,26 @@ def test_an_unreadable_cache_file_is_a_warning_and_a_miss(encoded, tmp_path, cap
     np.testing.assert_array_equal(again, features)
 
 
+def test_a_cache_file_damaged_past_its_keys_is_one_error_then_a_miss(encoded, tmp_path):
+    """Its keys read, its vectors not (a bad CRC): a traceback on every run, the file never replaced. Now one
+    line naming it, the file removed, and the next run encodes those texts again."""
+    import zipfile
+    features, _, _, cache = encoded
+    (chunk,) = [f for f in cache.rglob("chunk-*.npz") if len(np.load(f)["keys"]) == 3]  # the first call's
+    copy = tmp_path / chunk.parent.name / chunk.name
+    copy.parent.mkdir()
+    data = bytearray(chunk.read_bytes())
+    data[zipfile.ZipFile(chunk).getinfo("vectors.npy").header_offset + 300] ^= 0xFF  # inside the vectors
+    copy.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{copy.name}: a damaged text cache file \(Bad CRC-32 .*removed it"):
+        encode(TITLES, cache_dir=tmp_path)
+    assert not copy.exists()
+    stats = EncodeStats()
+    again, _ = encode(TITLES, cache_dir=tmp_path, stats=stats)
+    assert (stats.cached, stats.encoded) == (0, 3)
+    np.testing.assert_array_equal(again, features)
+
+
 def test_an_interrupted_run_resumes_from_its_saved_chunks(tmp_path, monkeypatch):
     """Chunks of 2 texts: a run killed in its second chunk keeps the first; the rerun encodes the rest."""
     monkeypatch.setattr(text_features, "CACHE_CHUNK_ROWS", 2)
