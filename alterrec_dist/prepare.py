@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from typing import Callable
 
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.errors import DataError
@@ -34,15 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     common.add_argument("--text-model", metavar="PATH",
                         help="local sentence-transformers model directory (default: bundled all-MiniLM-L6-v2)")
-    common.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+    common.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULT_BATCH_SIZE,
                         help=f"texts per encoding batch (default {DEFAULT_BATCH_SIZE}: fastest on CPU; raise it on a GPU)")
     common.add_argument("--ray", action="store_true",
                         help="encode the texts the cache lacks on Ray Data: the cluster in RAY_ADDRESS, else a "
                              "private local Ray (same output, byte for byte)")
-    common.add_argument("--ray-actors", type=_positive_int, metavar="N",
+    common.add_argument("--ray-actors", type=_int_at_least(1), metavar="N",
                         help="with --ray: encoding actors (default: one per GPU of the cluster, else one per "
                              "--encode-threads CPUs)")
-    common.add_argument("--encode-threads", type=_positive_int, metavar="T",
+    common.add_argument("--encode-threads", type=_int_at_least(1), metavar="T",
                         help="torch threads of each encoding process, here or each Ray actor (which reserves T "
                              "CPUs); the same T gives the same bytes (default: torch's, every core of this machine)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     m2.add_argument("--locale", help="keep only this locale's sessions, e.g. FR")
     m2.add_argument("--valid-frac", type=float, default=0.1)
     m2.add_argument("--test-frac", type=float, default=0.1)
-    m2.add_argument("--seed", type=int, default=0, help="seed of the session split")
+    m2.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the session split")
 
     log = sub.add_parser("log", parents=[common], help="any interaction log + item table (CSV or Parquet)")
     log.add_argument("--interactions", required=True)
@@ -87,11 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    parse.__name__ = "integer"  # argparse's word for a value it cannot parse: "invalid integer value"
+    return parse
 
 
 def read_source(args: argparse.Namespace) -> Source:

@@ -548,3 +548,14 @@ def test_killed_while_encoding_leaves_no_output(shared_data, tmp_path, sig):
         assert list(tmp_path.glob(".out.tmp-*"))
         DatasetWriter(out).abort()
         assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+@pytest.mark.parametrize("flag, value, error", [("--seed", "-1", "argument --seed: -1 is below 0"),
+                                                ("--batch-size", "0", "argument --batch-size: 0 is below 1")])
+def test_a_count_out_of_range_is_a_usage_error(tmp_path, capsys, flag, value, error):
+    """A negative split seed got past the parser and ended in numpy's ValueError traceback, after reading the
+    sessions (review finding)."""
+    with pytest.raises(SystemExit) as e:
+        main(["amazon-m2", "--sessions", str(tmp_path / "s.parquet"), "--out", str(tmp_path / "out"), flag, value])
+    assert e.value.code == 2 and error in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
