@@ -513,6 +513,17 @@ def test_log_item_absent_from_item_table_on_the_last_row(tmp_path, capsys):
                  capsys)
 
 
+def test_log_times_whole_then_fractional_read_as_numbers(tmp_path):
+    """Row 1's whole number chose integers, and a later 2.5 was refused as "not in the format of row 1"."""
+    _, items = write_log(tmp_path, "csv")
+    inter = tmp_path / "numbers.csv"
+    with open(inter, "w", newline="") as f:  # each hour h as h + 0.5 after the first row
+        csv.writer(f).writerows([["user", "item", "ts"], *[(u, i, h + (0.5 if n else 0)) for n, (u, i, h, _)
+                                                           in enumerate(LOG)]])
+    main(log_argv(inter, items, tmp_path / "out"))
+    assert sessions_as_rows(Dataset(tmp_path / "out"), "test") == EXPECTED["user-leave-last-out"][1]["test"]
+
+
 def test_log_unparseable_time(tmp_path, capsys):
     inter, items = write_log(tmp_path, "csv")
     inter.write_text(inter.read_text() + "u1,i1,yesterday,a\n")
