@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "ray_actors", None) and not args.ray:
         parser.error("--ray-actors needs --ray")
+    if args.source == "log" and args.split != "time" and (args.cutoff or args.valid_cutoff):
+        parser.error("--cutoff and --valid-cutoff need --split time")  # else a leave-last-out split, silently
     if args.source == "verify":
         return verify(args.dataset)
     check_out(args.out, args.overwrite, source_paths(args))

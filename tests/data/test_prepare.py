@@ -561,12 +561,19 @@ def test_killed_while_encoding_leaves_no_output(shared_data, tmp_path, sig):
         assert not list(tmp_path.glob(".out.tmp-*"))
 
 
-@pytest.mark.parametrize("flag, value, error", [("--seed", "-1", "argument --seed: -1 is below 0"),
-                                                ("--batch-size", "0", "argument --batch-size: 0 is below 1")])
-def test_a_count_out_of_range_is_a_usage_error(tmp_path, capsys, flag, value, error):
-    """A negative split seed got past the parser and ended in numpy's ValueError traceback, after reading the
-    sessions (review finding)."""
+M2_ARGS = ["amazon-m2", "--sessions", "s.parquet"]
+LOG_ARGS = ["log", "--interactions", "i.csv", "--items", "t.csv", "--user-col", "u", "--item-col", "i", "--time-col", "t"]
+
+
+@pytest.mark.parametrize("argv, error", [
+    (M2_ARGS + ["--seed", "-1"], "argument --seed: -1 is below 0"),
+    (M2_ARGS + ["--batch-size", "0"], "argument --batch-size: 0 is below 1"),
+    (LOG_ARGS + ["--cutoff", "2024-01-02"], "--cutoff and --valid-cutoff need --split time"),
+])
+def test_a_usage_error_stops_before_anything_is_read(tmp_path, capsys, argv, error):
+    """A negative split seed ended in numpy's ValueError traceback after reading the sessions; a cutoff without
+    --split time was recorded in the manifest and ignored, the split leave-last-out (review findings)."""
     with pytest.raises(SystemExit) as e:
-        main(["amazon-m2", "--sessions", str(tmp_path / "s.parquet"), "--out", str(tmp_path / "out"), flag, value])
+        main([*argv, "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and error in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
