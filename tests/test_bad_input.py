@@ -296,6 +296,9 @@ CASES = [
     ("m2-csv-not-a-list", "prepare", lambda d, r: ["amazon-m2", "--sessions", str(_raw(
         d, "s.csv", b"prev_items,locale\n\"['A' 'B']\",FR\nA B,FR\n")), "--out", str(d / "out"), "--no-progress"],
      ["{d}/s.csv: row 2, column prev_items: not a list like"]),
+    ("m2-csv-id-with-a-space", "prepare", lambda d, r: ["amazon-m2", "--sessions", str(_raw(
+        d, "s.csv", b"prev_items,locale\n\"['A' 'B']\",FR\n\"['A B' 'C' 'D']\",FR\n")), "--out", str(d / "out"),
+        "--no-progress"], ["{d}/s.csv: row 2, column prev_items: not a list like", "(ids without spaces)"]),
     ("m2-csv-invalid-utf8", "prepare", lambda d, r: ["amazon-m2", "--sessions", str(_raw(
         d, "s.csv", b"prev_items,locale\n\"['A' 'B']\",FR\n\"['A' 'B']\",F\xffR\n")), "--out", str(d / "out"),
         "--no-progress"], ["{d}/s.csv: row 2: not UTF-8 text"]),

@@ -286,6 +286,19 @@ def test_amazon_m2_sessions_with_their_own_next_item_column(m2_small, capsys):
         read_amazon_m2([d / "train.parquet"], [d / "l.parquet"])
 
 
+def test_amazon_m2_csv_ids_as_numpy_quotes_them(tmp_path):
+    """numpy writes an id holding an apostrophe in double quotes ("L'Oréal-1"), brackets stay inside an id's
+    quotes: each is one item (stripping every quote and bracket character split them)."""
+    rows = [["L'Oréal-1", "B[2]", "C"], ["C", "L'Oréal-1"], ["B[2]", "C", "D"], ["D", "C"]] * 3
+    with open(tmp_path / "s.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["prev_items"], *[[numpy_style(r)] for r in rows]])
+    assert '"L\'Oréal-1"' in (tmp_path / "s.csv").read_text(encoding="utf-8").replace('""', '"')
+    src = read_amazon_m2([tmp_path / "s.csv"], valid_frac=0.25, test_frac=0.25)
+    assert src.item_ids.to_pylist() == ["B[2]", "C", "D", "L'Oréal-1"]
+    assert full_sessions(src) == {str(r): [src.item_ids.to_pylist().index(i) for i in items]
+                                  for r, items in enumerate(rows)}
+
+
 def test_amazon_m2_without_labels_targets_the_last_item(tmp_path):
     rows = [["A", "B", "C"], ["B", "C"], ["C", "A", "B", "D"], ["D", "E"], ["E", "A"]] * 4
     pq.write_table(pa.table({"prev_items": rows, "locale": ["IT"] * len(rows)}), tmp_path / "s.parquet")

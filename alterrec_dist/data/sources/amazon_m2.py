@@ -16,7 +16,8 @@ from alterrec_dist.data.sources.tables import (TEST, TRAIN, VALID, Pairs, Source
 
 
 # -- Amazon-M2 (KDD Cup 2023, task 2) --------------------------------------------------------------
-NUMPY_LIST = r"""^\s*\[(\s*('[^']*'|"[^"]*"))*\s*\]\s*$"""  # str(np.array([...])), wrapped or not
+# str(np.array([...])), wrapped or not; the ids are then split on whitespace, so an id may not hold any
+NUMPY_LIST = r"""^\s*\[(\s*('[^'\s]*'|"[^"\s]*"))*\s*\]\s*$"""
 
 
 @dataclass
@@ -129,8 +130,11 @@ def _session_items(col: pa.Array, path: Path) -> tuple[pa.Array, np.ndarray]:
     col = col.cast(pa.string())
     ok = pc.match_substring_regex(col, NUMPY_LIST).fill_null(False)
     raise_at_first(pc.invert(ok).to_numpy(zero_copy_only=False), path, "prev_items",
-                    "not a list like \"['B09W9FND7K' 'B09JSPLN1M']\"")
-    return split_tokens(pc.replace_substring_regex(col, r"""[\[\]'"]""", " "))
+                    "not a list like \"['B09W9FND7K' 'B09JSPLN1M']\" (ids without spaces)")
+    # the list's brackets off, split on whitespace, then each id's own quotes off (numpy quotes an id holding
+    # an apostrophe with double quotes: "A'B" is one id, which stripping every quote character split in two)
+    tokens, counts = split_tokens(pc.replace_substring_regex(col, r"^\s*\[|\]\s*$", " "))
+    return pc.replace_substring_regex(tokens, r"""^'(.*)'$|^"(.*)"$""", r"\1\2"), counts
 
 
 def _read_m2_labels(path: Path, num_sessions: int, session_locales: pa.Array | None) -> pa.Array:
