@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from alterrec_dist.common.errors import DataError
@@ -102,6 +103,11 @@ class DatasetWriter:
             return
         hist = history if isinstance(history, (pa.Array, pa.ChunkedArray)) else pa.array(
             history, type=pa.list_(pa.int32()))
+        empty = np.flatnonzero(pc.fill_null(pc.list_value_length(hist), 0).to_numpy(zero_copy_only=False) == 0)
+        if len(empty):  # the start-of-training check cannot see it (Parquet keeps no list lengths): training would
+            # stop at that row, mid-epoch
+            raise ValueError(f"{split} row {self._rows[split] + int(empty[0]) + 1}: empty or null history (a row "
+                             "needs at least one item before its target)")
         table = pa.Table.from_arrays(
             [
                 hist.cast(pa.list_(pa.int32())),

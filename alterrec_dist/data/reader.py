@@ -96,7 +96,7 @@ def read_row_group(group: RowGroup, max_len: int) -> Rows:
     where = f"{group.file}: row group {group.index}"
     if target.null_count or history.null_count or history.values.null_count:
         raise DataError(f"{where}: null history, history item or target")
-    offsets, values = cut_histories(history, max_len, where)
+    offsets, values = cut_histories(history, max_len, where, first=1)  # rows counted from 1, as `verify` does
     example = np.arange(group.first, group.first + group.rows, dtype=np.int64)
     return Rows(example, offsets, values, target.to_numpy().astype(np.int64))
 

@@ -55,3 +55,14 @@ def test_a_record_without_item_ids_compares_the_items_file(tmp_path):
     rec = record(dataset(tmp_path / "data"), tmp_path / "dataset.json", item_ids_sha256=None)
     other_sessions = dataset(tmp_path / "other-sessions", train_seed=1)
     assert other_sessions.unlike(rec, items_only=True) == "not the same items.parquet"
+
+
+def test_the_writer_refuses_an_empty_history_and_leaves_nothing(tmp_path):
+    """A row without history passed the writer and the start-of-training check (Parquet keeps no list lengths),
+    then stopped training at that row mid-epoch (review finding)."""
+    import pytest
+    with pytest.raises(ValueError, match=r"train row 42: empty or null history"):
+        with DatasetWriter(tmp_path / "out") as w:
+            w.add_sessions("train", [[1, 2]] * 40, np.arange(40))
+            w.add_sessions("train", [[3], [], [4]], [1, 2, 3])
+    assert list(tmp_path.iterdir()) == []  # no OUT, no temporary beside it

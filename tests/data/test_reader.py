@@ -131,7 +131,7 @@ def test_bad_arguments_and_bad_rows(files, tmp_path):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pydict({"history": [[1], []], "target": [1, 2], "user": [None, None],
                                          "session": ["a", "b"]}, schema=SESSION_SCHEMA), bad)
-    with pytest.raises(DataError, match="row 1: empty history"):
+    with pytest.raises(DataError, match="row group 0, row 2: empty history"):  # the second row, as verify says
         list(reader([bad], gbs=2).epoch(0))
 
 
