@@ -383,6 +383,9 @@ CASES = [
     ("train-k1-past-the-catalog", "train", lambda d, r: train_argv(d, *TINY_TRAIN, f"train.k1={V}", f"train.k2={V + 9}",
                                                                    data=dataset(d)),
      [f"train.k1={V}: the negatives' band starts past the {V} items of {{d}}/ds"]),
+    ("train-more-workers-than-items", "train", lambda d, r: train_argv(
+        d, "train.global_batch_size=8", "eval.batch_size=8", "trainer.num_workers=4", data=catalog_of(d, 3)),
+     ["trainer.num_workers=4 is more than the 3 items of {d}/ds"]),
     ("train-truncated-features", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
         d, lambda ds: truncate(ds / "text_features" / "part-00000.npy"))),
      ["{d}/ds/text_features/part-00000.npy: ", "truncated"]),

@@ -29,6 +29,9 @@ def check_dataset(cfg: Config) -> Location:
     data = Dataset(path)  # reads the manifest: DataError naming the file if it is missing or broken
     data.check()  # every file's size and shape, item indices in range: before Ray, not in the workers
     t = cfg.train
+    if cfg.trainer.num_workers > data.num_items:  # a worker would hold no item row, which scoring cannot take
+        raise ConfigError(f"trainer.num_workers={cfg.trainer.num_workers} is more than the {data.num_items} items of "
+                          f"{path} (each worker holds a share of the item table)")
     if t.k1 >= data.num_items:  # k2 is capped at the catalog; k1 at or past it leaves no band to mine
         raise ConfigError(f"train.k1={t.k1}: the negatives' band starts past the {data.num_items} items of {path} "
                           "(k1 must be below the catalog size)")
