@@ -7,9 +7,10 @@
 Times, in this process, each step a training start or `prepare verify` takes on that dataset:
 opening it (the manifest and its keys), `Dataset.check()` (the always-on check before training:
 Parquet footers and statistics, .npy headers, file sizes) best of --repeat runs, and once each
-`Dataset.verify()` (check + every file's sha256 + every item index read) and the sha256 of all files
-alone (what `DatasetWriter.commit` adds to prepare and synth). The page cache is warm after the first
-read; the first verify of a dataset read from a cold disk is bounded by disk speed instead.
+`Dataset.verify()` (check + every file's sha256 + every item index, item id and text feature read) and
+the sha256 of all files alone (what `DatasetWriter.commit` adds to prepare and synth). The page cache
+is warm after the first read; the first verify of a dataset read from a cold disk is bounded by disk
+speed instead.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def main() -> None:
         f"| open (manifest and its keys) | every start of train, export, batch_score | {opened * 1e3:.1f} ms |",
         f"| `Dataset.check()`: footers, statistics, .npy headers, sizes | every training start, before Ray (best of {args.repeat}) | {check * 1e3:.1f} ms |",
         f"| sha256 of every file | what `DatasetWriter.commit` adds to prepare / synth | {sha:.2f} s |",
-        f"| `Dataset.verify()`: check + sha256 + every item index read | `python -m alterrec_dist.prepare verify DIR`, on demand | {verify:.2f} s |",
+        f"| `Dataset.verify()`: check + sha256 + every item index, item id and text feature read | `python -m alterrec_dist.prepare verify DIR`, on demand | {verify:.2f} s |",
         "",
         f"Machine: {machine()}. Shared with other jobs while measured, so the second-scale figures are upper bounds.",
         "",
