@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from contextlib import contextmanager
 from typing import Callable
 
 from alterrec_dist.common.errors import ConfigError, DataError
@@ -10,9 +12,11 @@ from alterrec_dist.common.errors import ConfigError, DataError
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run `main(argv)`; a DataError/ConfigError becomes `error: <message>` and exit code 2, as does a
-    MemoryError (sizes this machine cannot hold, e.g. synth --items 1e11: numpy's message says how much)."""
+    MemoryError (sizes this machine cannot hold, e.g. synth --items 1e11: numpy's message says how much).
+    SIGTERM unwinds as Ctrl-C does, so every command's staged output is removed."""
     try:
-        code = main(argv)
+        with sigterm_as_exit():
+            code = main(argv)
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -37,3 +41,20 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", help="training run directory")
     p.add_argument("--export", help="export directory (from `python -m alterrec_dist.export`), instead of --run")
     p.add_argument("--data", help="dataset directory (default: the one the run's model names)")
+
+
+@contextmanager
+def sigterm_as_exit():
+    """SIGTERM (a scheduler stopping the job, `kill`) raises SystemExit(143) instead of ending the process
+    where it stands, so `finally` blocks and the writers' `Staged` temp files are cleaned up (the default
+    left `.OUT.tmp-PID` and the directories made for OUT). Only the main thread may set handlers; elsewhere
+    this is a no-op."""
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

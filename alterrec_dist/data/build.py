@@ -1,12 +1,9 @@
 """A dataset built from a `Source`: its sessions streamed to the writer, its item texts encoded (cached,
 see text_features.py), all in a hidden sibling of OUT renamed into place at the end, so bad input,
-Ctrl-C or SIGTERM leave no OUT.
+Ctrl-C or SIGTERM (`run_cli`) leave no OUT.
 """
 from __future__ import annotations
 
-import signal
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +22,7 @@ def build_dataset(out: str | Path, overwrite: bool, read_source: Callable[[], So
     """OUT from the source `read_source()` returns (read once OUT is known to be writable): (OUT, the
     source, which items had text, the encoding counts). `encoder` encodes the texts the cache lacks
     (default: in this process)."""
-    with _sigterm_as_exit(), DatasetWriter(out, overwrite) as writer:
+    with DatasetWriter(out, overwrite) as writer:
         source = read_source()
         _write_sessions(writer, source, progress)
         writer.set_items(source.item_ids, source.texts)
@@ -49,18 +46,3 @@ def _write_sessions(writer: DatasetWriter, source: Source, progress: bool) -> No
             for history, target, user, session in source.splits[split].blocks():
                 writer.add_sessions(split, history, target, user=user, session=session)
                 bar.update(len(target))
-
-
-@contextmanager
-def _sigterm_as_exit():
-    """SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C, so the writer's temp
-    directory is removed. Only the main thread may set handlers; elsewhere this is a no-op."""
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,29 @@
+"""run_cli: what every command shares when it ends badly."""
+import signal
+import subprocess
+import sys
+import textwrap
+
+from alterrec_dist.common.config import PROJECT_ROOT
+
+
+def test_sigterm_unwinds_and_a_staged_output_is_removed(tmp_path):
+    """A scheduler's SIGTERM ended batch_score or export where they stood, leaving `.OUT.tmp-PID` (tens of MB)
+    and the directories made for OUT; prepare alone turned it into an exit that cleans up (review finding).
+    In a child process: without the handler SIGTERM ends the process that receives it."""
+    command = textwrap.dedent(f"""
+        import os, signal
+        from alterrec_dist.common.cli import run_cli
+        from alterrec_dist.common.files import Staged
+
+        def main(argv):
+            with Staged({str(tmp_path / "new" / "o.parquet")!r}) as staged:
+                staged.tmp.write_bytes(b"half of an output")
+                os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (main) thread at once
+                raise AssertionError("not reached: SIGTERM ends the command")
+
+        run_cli(main, [])
+    """)
+    r = subprocess.run([sys.executable, "-c", command], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    assert list(tmp_path.iterdir()) == []  # no temp file, and the directory made for OUT is gone too
