@@ -31,7 +31,8 @@ import argparse
 from alterrec_dist.common.cli import add_device_argument, add_model_arguments, run_cli
 from alterrec_dist.common.config import METRICS
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import atomic_write_json, check_file_out, check_out
+from alterrec_dist.common.files import atomic_write_json, check_file_out, check_out, resolve_location
+from alterrec_dist.common.run_layout import served_paths
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import SPLITS
 from alterrec_dist.serve.batch_input import check_input, input_files, session_columns
@@ -76,14 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     if args.ray_workers < 1:
         raise ConfigError(f"--ray-workers must be >= 1, got {args.ray_workers}")
-    check_out(args.out, args.overwrite, [*(args.input or []), args.run, args.export, args.data])  # before the model
+    inputs = [*(args.input or []), *served_paths(args.run), args.export, args.data]
+    check_out(args.out, args.overwrite, inputs)  # before the model
     if args.metrics_out:
-        check_file_out(args.metrics_out)
+        if resolve_location(args.metrics_out) == resolve_location(args.out):
+            raise ConfigError(f"--metrics-out {args.metrics_out} is --out: give each its own file")
+        check_file_out(args.metrics_out, inputs)
     spec = {"run": args.run, "export": args.export, "data": args.data, "device": args.device}
     bundle = load_scoring_model(**spec)
     if args.split:
         data = Dataset(args.data or bundle.provenance["dataset"]["path"])
         check_out(args.out, args.overwrite, [data.path])  # the run's dataset, known now
+        if args.metrics_out:
+            check_file_out(args.metrics_out, [data.path])
         if args.export and data.item_ids() != bundle.item_ids:  # --run checks its own
             raise DataError(f"{data.path}: not the items of the export {args.export} (its sessions' item "
                             "indices would name other items)")

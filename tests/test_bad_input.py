@@ -457,7 +457,24 @@ CASES = [
         "--session", "P0001"], ["{d}/x/manifest.json: scoring.served 'fused@0.9' is not one of its kinds"]),
     ("export-out-is-the-run", "export", lambda d, r: [
         "--run", str(run_copy(d, r)), "--out", str(d / "run"), "--overwrite"],
-     ["{d}/run: holds the input {d}/run, which writing it would delete"]),
+     ["{d}/run: holds the input {d}/run/config.toml, which writing it would delete"]),
+    ("export-out-is-the-runs-model", "export", lambda d, r: [
+        "--run", str(run_copy(d, r)), "--out", str(d / "run" / "model"), "--overwrite"],
+     ["{d}/run/model: holds the input {d}/run/model, which writing it would delete"]),
+    ("batch-out-a-file-of-the-dataset", "batch_score", lambda d, r: [
+        "--run", str(r), "--data", str(_run_dataset_copy(d, r)), "--split", "test", "--out",
+        str(d / "ds" / "sessions" / "test" / "part-00000.parquet"), "--overwrite", "--no-ray"],
+     ["{d}/ds/sessions/test/part-00000.parquet: lies in the input {d}/ds, which writing it would change"]),
+    ("batch-out-a-file-of-its-input-directory", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES).parent), "--out", str(d / "in.parquet"),
+        "--overwrite", "--no-ray"], ["{d}/in.parquet: lies in the input {d}, which writing it would change"]),
+    ("batch-metrics-out-the-runs-summary", "batch_score", lambda d, r: [
+        "--run", str(run_copy(d, r)), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
+        "--metrics-out", str(d / "run" / "summary.json"), "--no-ray"],
+     ["{d}/run/summary.json: holds the input {d}/run/summary.json"]),
+    ("batch-metrics-out-is-out", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
+        "--metrics-out", str(d / "o.parquet"), "--no-ray"], ["--metrics-out {d}/o.parquet is --out"]),
     ("export-out-holds-the-run", "export", lambda d, r: [
         "--run", str(run_copy(d, r)), "--out", str(d), "--overwrite"],
      ["{d}: holds the input {d}/run"]),
@@ -492,7 +509,7 @@ CASES = [
      ["{d}/nowhere/m.json: its directory {d}/nowhere does not exist"]),
     ("batch-metrics-out-is-a-directory", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
-        "--metrics-out", str(d)], ["{d}: is a directory"]),
+        "--metrics-out", str(_mkdir(d / "m"))], ["{d}/m: is a directory"]),
     ("batch-ray-user-not-text", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(_parquet(d, "in.parquet", history=pa.array(GOOD_HISTORIES),
                                                   user=pa.array([["u"]] * len(GOOD_HISTORIES)))),

@@ -110,11 +110,15 @@ def replace_into_place(tmp: Path, out: Path) -> None:
 def check_out(out: str | Location, overwrite: bool, inputs: Iterable[str | Location | None] = ()) -> Location:
     """OUT as an absolute path (or a store URI), refused (DataError) if it exists and `overwrite` is off, or
     if it is, or holds, one of the command's `inputs` (None: not given): replacing it would delete what the
-    command reads (`export --run R --out R --overwrite` did). Every command checks this first."""
+    command reads (`export --run R --out R --overwrite` did); or if it exists inside one (a file or directory
+    the command reads as part of it: `--data D --out D/sessions/test/part-00000.parquet --overwrite` replaced
+    the dataset's test split). Every command checks this first."""
     out = resolve_location(out)
     for source in (resolve_location(s) for s in inputs if s is not None):
         if _within(source, out):
             raise DataError(f"{out}: holds the input {source}, which writing it would delete")
+        if _within(out, source) and (out.exists() or out.is_symlink()):
+            raise DataError(f"{out}: lies in the input {source}, which writing it would change")
     if isinstance(out, StorePath):
         if out == out.bucket:
             raise DataError(f"{out}: an output goes under a key in the bucket ({out}/NAME), not the bucket itself")
@@ -134,10 +138,11 @@ def _within(path: Location, directory: Location) -> bool:
     return path == directory or directory in path.parents
 
 
-def check_file_out(path: str | Location) -> Location:
+def check_file_out(path: str | Location, inputs: Iterable[str | Location | None] = ()) -> Location:
     """A file a command writes whole at its end, replacing one there (--metrics-out): refused before the
-    command's work if it cannot be written (a directory there, no directory to put it in)."""
-    out = check_out(path, overwrite=True)
+    command's work if it cannot be written (a directory there, no directory to put it in) or would replace
+    what the command reads (`inputs`, as for `check_out`: a run's summary.json was overwritten silently)."""
+    out = check_out(path, overwrite=True, inputs=inputs)
     if out.is_dir():  # in a store: a prefix with objects under it, which an object of its name would hide
         raise DataError(f"{out}: is a directory (give a file name)")
     if isinstance(out, Path) and not out.parent.is_dir():

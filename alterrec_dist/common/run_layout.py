@@ -16,3 +16,11 @@ SUMMARY = "summary.json"
 MODEL = "model"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
+
+SERVED = (CONFIG, DATASET, SUMMARY, MODEL)  # what serving reads of a run (`serve/from_run.py`)
+
+
+def served_paths(run: str | None) -> list[str]:
+    """What export, recommend and batch_score read of RUN (none if not given): what their outputs may not
+    replace or lie in. Not RUN whole: an export beside the model (RUN/export) takes nothing from the run."""
+    return [] if run is None else [f"{str(run).rstrip('/')}/{name}" for name in SERVED]

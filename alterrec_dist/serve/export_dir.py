@@ -14,6 +14,7 @@ from alterrec_dist.common.config import ModelConfig
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import (Staged, atomic_write_json, check_keys, check_out, file_sha256, read_manifest,
                                         resolve_location)
+from alterrec_dist.common.run_layout import served_paths
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import read_parquet
 from alterrec_dist.eval.evaluate import COMPONENTS
@@ -36,8 +37,8 @@ def _vectors(m: torch.Tensor) -> pa.FixedSizeListArray:
 def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = False) -> Location:
     """Write `bundle` to `out` through a temp directory renamed into place (in a store: uploaded, manifest last)."""
     prov = bundle.provenance  # what the bundle was read from: a run and its dataset, or an export
-    out = check_out(out, overwrite, [prov.get("run", {}).get("path"), prov.get("dataset", {}).get("path"),
-                                     prov.get("export")])
+    out = check_out(out, overwrite, [*served_paths(prov.get("run", {}).get("path")),
+                                     prov.get("dataset", {}).get("path"), prov.get("export")])
     with Staged(out) as staged:
         tmp = staged.tmp
         (tmp / "tables").mkdir(parents=True)

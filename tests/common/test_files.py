@@ -1,8 +1,10 @@
-"""The one manifest reader and the one staged swap that every writer of a directory or file uses."""
+"""The one manifest reader, the one staged swap that every writer of a directory or file uses, and the one check of
+an output against what its command reads."""
 import pytest
 
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.common.files import Staged, atomic_write_bytes, read_manifest
+from alterrec_dist.common.files import Staged, atomic_write_bytes, check_out, read_manifest
+from alterrec_dist.common.run_layout import served_paths
 
 
 def one_line_error(directory, **kw) -> str:
@@ -61,3 +63,18 @@ def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path):
     with pytest.raises(OSError):
         atomic_write_bytes(tmp_path / "out", b"data")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "keep").read_text() == "keep"
+
+
+def test_an_output_may_sit_beside_what_a_command_reads_not_in_it(tmp_path):
+    """Inside an input, an existing OUT is part of what the command reads (a dataset's split file, a run's model);
+    a new one, or an export beside a run's model, replaces nothing the command reads."""
+    run, data = tmp_path / "run", tmp_path / "data"
+    for d in (run / "model", run / "export", data / "sessions"):
+        d.mkdir(parents=True)
+    (data / "sessions" / "part.parquet").write_bytes(b"x")
+    assert check_out(run / "export", True, served_paths(run)) == run / "export"  # an earlier export, replaced
+    assert check_out(data / "scores.parquet", True, [data]) == data / "scores.parquet"  # new: nothing replaced
+    with pytest.raises(DataError, match=r"data/sessions/part.parquet: lies in the input .*data, which writing"):
+        check_out(data / "sessions" / "part.parquet", True, [data])
+    with pytest.raises(DataError, match=r"run/model: holds the input .*run/model, which writing it would delete"):
+        check_out(run / "model", True, served_paths(run))
