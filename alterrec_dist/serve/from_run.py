@@ -108,8 +108,13 @@ def served_kind(summary: dict | None, alpha: float, weights: dict[str, list[floa
     """The kind a run's model serves: the fused score at the alpha its summary chose on validation (`eval.alpha`
     without a choice: no sweep, or a method with no alpha), so what recommend and batch scoring rank by is what the
     run reported as its result."""
-    chosen = (summary or {}).get("alpha", {}).get("chosen")
-    if chosen is None or chosen == alpha:
+    record = (summary or {}).get("alpha")
+    if record is None:
+        return "fused"
+    chosen = record.get("chosen") if isinstance(record, dict) else None
+    if isinstance(chosen, bool) or not isinstance(chosen, (int, float)):  # what training writes: a number
+        raise DataError(f"{where}: alpha.chosen is {chosen!r}, not a number (a damaged summary: rerun the run)")
+    if chosen == alpha:
         return "fused"
     if sweep_kind(chosen) not in weights:
         raise DataError(f"{where}: chosen alpha {chosen} is not among config.toml's eval.alpha_sweep")
