@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         if line:
             print(line)
     if args.metrics_out:
-        atomic_write_json(args.metrics_out, report)
+        try:
+            atomic_write_json(args.metrics_out, report)
+        except OSError as e:
+            raise DataError(f"{args.metrics_out}: cannot write ({e.strerror or e}); the scores are in {out.path}, "
+                            "written before") from None
     return 0
 
 

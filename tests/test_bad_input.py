@@ -476,6 +476,9 @@ CASES = [
         "--run", str(run_copy(d, r)), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
         "--metrics-out", str(d / "run" / "summary.json"), "--no-ray"],
      ["{d}/run/summary.json: holds the input {d}/run/summary.json"]),
+    ("batch-out-cannot-be-written", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", "/proc/o.parquet", "--no-ray"],
+     ["/proc/o.parquet: cannot write ("]),  # as a read-only or full disk: found only at the first write
     ("batch-metrics-out-is-out", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
         "--metrics-out", str(d / "o.parquet"), "--no-ray"], ["--metrics-out {d}/o.parquet is --out"]),
@@ -652,6 +655,17 @@ def test_bad_input(case, tmp_path, capsys, request):
         assert fragment.format(d=d) in lines[0], lines[0]
     after = snapshot(tmp_path)
     assert after == before, f"left behind or changed: {sorted(set(after.items()) ^ set(before.items()))[:5]}"
+
+
+def test_metrics_that_cannot_be_written_say_the_scores_were(run, tmp_path, capsys):
+    """--metrics-out is written after the scores are in place: a failure there was a traceback after them."""
+    out = tmp_path / "o.parquet"
+    code, err = run_command("batch_score", ["--run", str(run), "--input", str(batch_input(tmp_path, GOOD_HISTORIES)),
+                                            "--out", str(out), "--metrics-out", "/proc/m.json", "--no-ray"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: /proc/m.json: cannot write (") and f"the scores are in {out}" in lines[0]
+    assert pq.read_table(out).num_rows == len(GOOD_HISTORIES)
 
 
 # -- the fixed behaviours that are not errors -----------------------------------------------------------

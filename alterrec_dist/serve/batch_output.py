@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import torch
 
 from alterrec_dist.common import run_layout
-from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.files import Staged, check_out, read_json, resolve_location
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.reader import Rows
@@ -131,9 +131,12 @@ class ParquetOut:
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, table.schema)
-        self.writer.write_table(table)
+        try:
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.tmp, table.schema)
+            self.writer.write_table(table)
+        except OSError as e:  # a read-only or full disk: the checks before scoring cannot know
+            raise DataError(f"{self.path}: cannot write ({one_line(e)})") from None
         self.rows += len(table)
 
     def commit(self) -> None:
