@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     rec = recommend(bundle, item_ids, args.top, args.skip_unknown, Searcher(bundle, args.index))
     if rec.skipped:
         print(f"warning: skipped {len(rec.skipped)} unknown item id(s): {', '.join(rec.skipped)}", file=sys.stderr)
+    if rec.cut:
+        print(f"warning: the model reads a session's last {len(rec.session)} items (data.max_len); the {rec.cut} "
+              "older ones were left out", file=sys.stderr)
     asked = min(args.top, bundle.num_items)
     if len(rec.rows) < asked:
         print(f"warning: --index {args.index} found {len(rec.rows)} of the {asked} items asked (use --index exact "

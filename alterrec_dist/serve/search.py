@@ -64,8 +64,9 @@ class Searcher:
 
 @dataclass
 class Recommendation:
-    session: list[str]                # the known item ids used, oldest first
+    session: list[str]                # the known item ids used, oldest first (the last max_len the model reads)
     skipped: list[str]                # unknown ids dropped under skip_unknown
+    cut: int                          # known ids older than those, which the model does not read (data.max_len)
     components: list[str]             # the components the served score weighs (an ID-only model: just "id")
     rows: list[dict]                  # rank, item_idx, item_id, text, fused, scores (component -> scaled score)
 
@@ -95,4 +96,5 @@ def recommend(bundle: ScoringModel, item_ids: list[str], top: int = 10, skip_unk
     rows = [{"rank": rank, "item_idx": i, "item_id": bundle.item_ids[i], "text": bundle.texts[i], "fused": s,
              "scores": {c: part_of[c][rank - 1] for c in shown}}
             for rank, (i, s) in enumerate(zip(items[0].tolist(), scores[0].tolist()), 1) if i >= 0]
-    return Recommendation(known, unknown, shown, rows)
+    used = known[-bundle.max_len:]  # what session_batch keeps: the most recent max_len items
+    return Recommendation(used, unknown, len(known) - len(used), shown, rows)

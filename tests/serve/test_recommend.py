@@ -72,6 +72,17 @@ def test_export_dir_gives_the_same_output(run, bundle, tmp_path, capsys):
     assert from_run == from_export and len(result_rows(from_run)) == 10
 
 
+def test_a_session_longer_than_max_len_shows_what_the_model_reads(run, bundle, capsys):
+    """The printed session was every known id while the model read the last max_len: now those, and a warning."""
+    ids = (bundle.item_ids * 2)[:bundle.max_len + 7]
+    code, out, err = cli("recommend", ["--run", str(run), "--session", ",".join(ids), "--top", "3"], capsys)
+    assert code == 0
+    assert out.splitlines()[0] == f"session ({bundle.max_len} items, oldest first): {' '.join(ids[7:])}"
+    assert err == (f"warning: the model reads a session's last {bundle.max_len} items (data.max_len); the 7 older "
+                   "ones were left out\n")
+    assert recommend(bundle, ids, 3).rows == recommend(bundle, ids[7:], 3).rows
+
+
 def test_unknown_ids_error_or_skip(run, bundle, capsys):
     ids = session_ids(bundle, 3)
     with_unknown = [ids[0], "NO-SUCH-ITEM", *ids[1:], "ALSO-MISSING"]
