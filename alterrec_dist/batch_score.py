@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     if args.ray_workers < 1:
         raise ConfigError(f"--ray-workers must be >= 1, got {args.ray_workers}")
+    if args.export and args.data and not args.split:
+        raise ConfigError("--data with --export names the dataset of --split: without --split it would be ignored")
     inputs = [*(args.input or []), *served_paths(args.run), args.export, args.data]
     check_out(args.out, args.overwrite, inputs)  # before the model
     if args.metrics_out:

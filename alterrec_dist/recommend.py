@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     item_ids = [s.strip() for s in args.session.split(",") if s.strip()]
     if not item_ids:
         raise ConfigError("--session is empty (give comma-separated item ids)")
+    if args.export and args.data:
+        raise ConfigError("--data goes with --run: an export holds its own items (--data would be ignored)")
     bundle = load_scoring_model(args.run, args.export, args.data, args.device)
     rec = recommend(bundle, item_ids, args.top, args.skip_unknown, Searcher(bundle, args.index))
     if rec.skipped:

@@ -479,6 +479,13 @@ CASES = [
     ("batch-out-cannot-be-written", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", "/proc/o.parquet", "--no-ray"],
      ["/proc/o.parquet: cannot write ("]),  # as a read-only or full disk: found only at the first write
+    ("batch-export-data-without-split", "batch_score", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: None)), "--data", str(d), "--input",
+        str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"), "--no-ray"],
+     ["--data with --export names the dataset of --split"]),
+    ("recommend-export-with-data", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: None)), "--data", str(d), "--session", "P0001"],
+     ["--data goes with --run: an export holds its own items"]),
     ("batch-metrics-out-is-out", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
         "--metrics-out", str(d / "o.parquet"), "--no-ray"], ["--metrics-out {d}/o.parquet is --out"]),
