@@ -1,8 +1,8 @@
 """Negatives for the band loss: the other network's ranks k1..k2, or uniform random items.
 
 Ranks are global over the whole catalog but no shard ever sees more than its own rows:
-1. every shard keeps, per query, its top k2+1 scores (unsorted: a selection, not a sort) as
-   `Candidates`;
+1. every shard keeps, per query, its top k2+1 scores (a selection, not a sort) as `Candidates`; for
+   `top_items` (augmentation), by (score desc, id asc): of a tie at its cut, the lowest ids;
 2. the global scores at ranks k1 and k2, t1 >= t2, are found by one of two exact merges:
    - "allgather": gather every shard's candidate scores and select (traffic W*G*(k2+1) floats);
    - "threshold": bisection on the score, each round one all-reduce of G packed counts. A bracket
@@ -11,8 +11,12 @@ Ranks are global over the whole catalog but no shard ever sees more than its own
 3. the band is every item with t2 < score <= t1: a mask over each shard's own candidates. No ids move.
 
 Ties: an item tied with rank k1 is in the band and one tied with rank k2 is not. Without ties the band
-is exactly ranks k1..k2-1; with them it is the same set at any world size, and every band item is
-among its shard's candidates (fewer than k2+1 of the shard's items score above t2).
+is exactly ranks k1..k2-1, and every band item is among its shard's candidates (fewer than k2+1 of the
+shard's items score above t2). The band is a function of the scores the shards computed: it is the same
+set at any world size when every item scores bit for bit the same on any shard, as exact ties do (integer
+rows and queries: exact products and sums). A matmul rounds by its shape, though, so items tied only in
+exact arithmetic (twins: bit-identical rows), or any item within an ulp of t1 or t2, can score one ulp
+apart at another world size and fall on the other side of t1 or t2.
 """
 from __future__ import annotations
 
@@ -44,7 +48,9 @@ class Band:
 
 @dataclass
 class Candidates:
-    """Per query, this shard's top-n scores (in no particular order) and their local rows."""
+    """Per query, this shard's top-n scores and their local rows: in no particular order, or (`ties_by_id`)
+    by (score desc, row asc) in row order. A shard's rows are in global id order, so then ties at its cut go
+    to the lower ids, as `top_items` needs."""
     scores: torch.Tensor  # (G, n) float32
     rows: torch.Tensor    # (G, n) int64
 
@@ -69,10 +75,41 @@ def key_ids(keys: torch.Tensor) -> torch.Tensor:
     return ID_MASK - (keys & ID_MASK)
 
 
+def top_columns(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k highest scores and their columns, (G, k) each, in column order; of a tie group at the
+    cut, the leftmost columns (`torch.topk` keeps any of them).
+
+    One entry more than kept tells which rows the cut splits a tie group in; only those are scanned again
+    (`leftmost_at_cut`). Finding them costs a host read (a stall on a GPU), far less than a pass over every
+    row of a wide tile: in float scores an exact tie at the cut is rare (measured on a CPU: 1 row of 256
+    over 65,536-column tiles of random-normal scores, none of 1,024 rows over one tile of 262,144)."""
+    top = torch.topk(scores, k + 1, dim=1, sorted=False)
+    low = torch.topk(top.values, 2, dim=1, largest=False)  # ranks k and k - 1 (0-based) and where they are
+    cols = top.indices.scatter(1, low.indices[:, :1], scores.shape[1])  # rank k dropped: sorts last
+    cut = low.values[:, 1:]
+    split = torch.nonzero(low.values[:, 0] == cut[:, 0])[:, 0]
+    if len(split):
+        cols[split] = leftmost_at_cut(scores[split], cut[split], top.values[split], cols[split])
+    # column order: merged with the next tile's columns, they stay in row order
+    cols, order = cols.sort(1)
+    return torch.gather(top.values, 1, order[:, :k]), cols[:, :k]
+
+
+def leftmost_at_cut(scores: torch.Tensor, cut: torch.Tensor, values: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`cols` (scoring `values`; past the last column: dropped) with those scoring `cut`, (G, 1), swapped
+    for the leftmost columns of `scores` that score it: one running count over the row, O(n), no sort of
+    it (for the rows `top_columns` found split: as many as a whole tile only where every score ties)."""
+    at_cut = (values == cut) & (cols < scores.shape[1])
+    tied = torch.cumsum(scores == cut, 1, dtype=torch.int32)
+    # the j-th column scoring `cut` is the first whose running count reaches j
+    return torch.where(at_cut, torch.searchsorted(tied, at_cut.cumsum(1, dtype=torch.int32)), cols)
+
+
 def local_candidates(queries: torch.Tensor, item_rows: torch.Tensor, k: int, scale: float,
-                     tile_rows: int) -> Candidates:
-    """This shard's top-k scores per query, scored tile by tile (a selection: nothing is sorted);
-    tile_rows 0: the device's default (`device.tile_rows`)."""
+                     tile_rows: int, ties_by_id: bool = False) -> Candidates:
+    """This shard's top-k scores per query, scored tile by tile (a selection: no row of scores is sorted);
+    tile_rows 0: the device's default (`device.tile_rows`). `ties_by_id`: of a tie at the cut, the lowest
+    rows (`top_columns`: a host read per tile, so only where `top_items` needs it; the band does not)."""
     device = queries.device
     tile_rows = resolve_tile_rows(tile_rows, device, len(queries))
     best = Candidates(torch.empty(len(queries), 0, device=device),
@@ -81,12 +118,16 @@ def local_candidates(queries: torch.Tensor, item_rows: torch.Tensor, k: int, sca
         scores = torch.mm(queries, item_rows[start:start + tile_rows].T).mul_(scale)
         rows = torch.arange(start, start + scores.shape[1], device=device).expand_as(scores)
         merged = best.scores.shape[1] > 0
-        if merged:
+        if merged:  # the kept rows all come before this tile's: in row order if they were
             scores, rows = torch.cat([best.scores, scores], 1), torch.cat([best.rows, rows], 1)
         if scores.shape[1] > k:
-            top = torch.topk(scores, k, dim=1, sorted=False)
-            # the first tile's column j is row j: no gather over the (G, k) indices needed
-            scores, rows = top.values, torch.gather(rows, 1, top.indices) if merged else top.indices
+            if ties_by_id:
+                scores, cols = top_columns(scores, k)
+            else:
+                top = torch.topk(scores, k, dim=1, sorted=False)
+                scores, cols = top.values, top.indices
+            # the first tile's column j is row j: no gather over the (G, k) columns needed
+            rows = torch.gather(rows, 1, cols) if merged else cols
         best = Candidates(scores, rows)
     return best
 
@@ -254,13 +295,13 @@ def mine_band(comm: Comm, queries: torch.Tensor, item_rows: torch.Tensor, k1: in
     """The frozen network's ranks k1..k2-1 (0-based) for every query, on this shard.
 
     queries: (G, d) all gathered queries of the frozen network; item_rows: its (V_local, d) rows.
-    Returns (band, candidates); the candidates also serve `top_items`. `extra` widens the local
-    list so callers can ask for a few more top items (augmentation).
+    Returns (band, candidates). `extra` > 0 (augmentation) makes the candidates also serve `top_items`:
+    the local list is at least that long and keeps the lowest ids of a tie at its cut.
     """
     k2 = min(k2, num_items)
     if k1 >= k2:
         raise ValueError(f"band is empty: k1={k1} >= min(k2, V={num_items})")
-    cand = local_candidates(queries, item_rows, max(k2 + 1, extra), scale, tile_rows)
+    cand = local_candidates(queries, item_rows, max(k2 + 1, extra), scale, tile_rows, ties_by_id=extra > 0)
     find = thresholds_by_allgather if merge == "allgather" else thresholds_by_bisection
     t = find(comm, cand, k1, k2, num_items)
     return Band(cand.rows, (cand.scores > t[:, 1:]) & (cand.scores <= t[:, :1])), cand
@@ -285,7 +326,8 @@ def top_items(comm: Comm, cand: Candidates, global_ids: torch.Tensor, p: int, ex
     """Global top-p item ids per query by (score desc, id asc), skipping `exclude[g]` (the target): (G, p).
 
     Cheap: every shard sends its top p+1 keys; p is small (augmentation uses p=5). Keys are made only
-    for the candidates at or above the local (p+1)-th score, ties included, so ties go to the lower id.
+    for the candidates at or above the local (p+1)-th score, ties included, so ties go to the lower id
+    (`mine_band` with `extra` keeps the lowest ids of a tie at each shard's own cut).
     """
     s = cand.scores
     few = min(p + 1, s.shape[1])

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from alterrec_dist.parallel.comm import Comm
-from alterrec_dist.parallel.mining import (CountPacker, exclude_items, from_ordered, key_ids, mine_band, ordered,
-                                           random_band, score_keys, top_items)
+from alterrec_dist.parallel.mining import (CountPacker, exclude_items, from_ordered, key_ids, local_candidates,
+                                           mine_band, ordered, random_band, score_keys, top_items)
 from tests.dist_harness import run_world
 
 pytestmark = pytest.mark.slow
@@ -82,6 +82,35 @@ def test_without_ties_the_band_is_ranks_k1_to_k2_and_w1_needs_no_round(world):
     rounds = sent.get("all_reduce_RedOpType.SUM", 0) // (4 * len(q))  # one packed int32 per query per round
     assert sent.get("all_reduce_RedOpType.SUM", 0) == rounds * 4 * len(q)
     assert (rounds == 0) if world == 1 else (0 < rounds <= 32)  # at W=1 the bracket is exact
+
+
+@pytest.mark.parametrize("k, tile_rows", [(10, 3), (2, 5), (40, 9), (10, 64)])
+def test_candidates_are_the_top_k_by_score_then_row_in_row_order(k, tile_rows):
+    """Integer rows: the k-th score is tied in most rows; tiles of a few rows merged into the list, or one tile."""
+    q, items, _ = problem(4, V=50)
+    scores = q @ items.T
+    cand = local_candidates(q, items, k, 1.0, tile_rows, ties_by_id=True)
+    for g in range(len(q)):
+        top = sorted(range(len(items)), key=lambda i: (-scores[g, i].item(), i))[:k]
+        assert cand.rows[g].tolist() == sorted(top)
+        assert torch.equal(cand.scores[g], scores[g, cand.rows[g]])
+
+
+def top_items_of_a_tie_on_shard(rank, world, tile_rows):
+    q, items = torch.zeros(2, 4), torch.randn(24, 4, generator=torch.Generator().manual_seed(0))
+    ids = torch.arange(rank, len(items), world)
+    comm = Comm()
+    _, cand = mine_band(comm, q, items[ids], 7, 9, len(items), tile_rows=tile_rows, extra=5)
+    return top_items(comm, cand, ids, 4, torch.tensor([23, 2]))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("tile_rows", [3, 64])
+def test_top_items_of_a_tie_larger_than_the_lists_are_the_lowest_ids(world, tile_rows):
+    """Every item scores 0, so each shard's top-10 list cuts the tie group: the lists must keep its lowest ids
+    (topk keeps any of them), whether merged over tiles of 3 rows or selected from one tile."""
+    results = run_world(top_items_of_a_tie_on_shard, world, tile_rows)
+    assert results[0].tolist() == [[0, 1, 2, 3], [0, 1, 3, 4]]  # the targets 23 and 2 skipped
 
 
 def test_counts_of_both_ranks_share_one_integer():
