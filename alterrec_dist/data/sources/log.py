@@ -111,7 +111,7 @@ def _time_numbers(col: pa.Array, where: str) -> tuple[np.ndarray, str]:
 def _parse_times(col: pa.Array, where: str) -> tuple[pa.Array, str]:
     """The first of TIME_FORMATS that reads every value; one that reads the first value but not all gives
     way to the next (1600000000 reads as an integer, 1600000000.5 in a later row only as a float)."""
-    fits_first = [target for target, _ in TIME_FORMATS if _casts(col[0].as_py(), target)]
+    fits_first = [target for target, _ in TIME_FORMATS if _casts(col.slice(0, 1), target)]  # all, if no rows
     for target, kind in TIME_FORMATS:
         if target not in fits_first:
             continue
@@ -122,13 +122,13 @@ def _parse_times(col: pa.Array, where: str) -> tuple[pa.Array, str]:
         return (values.cast(pa.int64()) if kind == "time" else values), kind
     if not fits_first:
         raise DataError(f"{where}: row 1: {col[0].as_py()!r} is neither a number nor an ISO-8601 time")
-    bad = next(i for i, v in enumerate(col.to_pylist()) if not _casts(v, fits_first[0]))
+    bad = next(i for i, v in enumerate(col.to_pylist()) if not _casts(pa.array([v], pa.string()), fits_first[0]))
     raise DataError(f"{where}: row {bad + 1}: {col[bad].as_py()!r} is not in the format of row 1 ({col[0].as_py()!r})")
 
 
-def _casts(value, target: pa.DataType) -> bool:
+def _casts(values: pa.Array, target: pa.DataType) -> bool:
     try:
-        pc.cast(pa.array([value], pa.string()), target)
+        pc.cast(values, target)
         return True
     except pa.ArrowInvalid:
         return False
