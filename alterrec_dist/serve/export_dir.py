@@ -11,9 +11,9 @@ import torch
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.config import ModelConfig
-from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import (Staged, atomic_write_json, check_keys, check_out, file_sha256, read_manifest,
-                                        resolve_location)
+from alterrec_dist.common.errors import ConfigError, DataError, one_line
+from alterrec_dist.common.files import (Staged, atomic_write_json, check_keys, check_out, file_sha256, read_json,
+                                        read_manifest, resolve_location)
 from alterrec_dist.common.run_layout import served_paths
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import read_parquet
@@ -93,9 +93,33 @@ def _column(table: pa.Table, name: str) -> torch.Tensor:
     return torch.from_numpy(col.values.to_numpy().reshape(len(col), -1).copy()).to("cpu")
 
 
+LOAD_ATTEMPTS = 3
+
+
 def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel:
-    """An export directory, local or in a store -> ScoringModel (checksums verified)."""
+    """An export directory, local or in a store -> ScoringModel (checksums verified).
+
+    `export --overwrite` may replace the directory while a server loads it (two renames locally, objects one by
+    one in a store), so a load could pair one export's manifest with the other's files, silently or as a raw
+    FileNotFoundError. The manifest is read again after the files: a load counts only if it is unchanged, and
+    one that overlapped a replacement starts again (LOAD_ATTEMPTS in all)."""
     export_dir = resolve_location(export_dir)
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        manifest = _export_manifest(export_dir)
+        try:
+            model = _load_export_files(export_dir, manifest, verify)
+        except (DataError, OSError) as e:
+            if attempt < LOAD_ATTEMPTS and _replaced(export_dir, manifest):
+                continue
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{export_dir}: cannot read ({one_line(e)})") from None
+        if not _replaced(export_dir, manifest):
+            return model
+    raise DataError(f"{export_dir}: replaced while being read, {LOAD_ATTEMPTS} times running: load it again")
+
+
+def _export_manifest(export_dir: Location) -> dict:
     remedy = "an incomplete export manifest: export again"
     manifest = read_manifest(export_dir, "no export manifest (make one with `python -m alterrec_dist.export`)",
                              {"files": dict, "scoring": dict, "engine": dict}, FORMAT_VERSION, remedy)
@@ -103,12 +127,28 @@ def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel
     check_keys(where, manifest["scoring"], {"scales": list, "kinds": list, "weights": list}, remedy, "scoring.")
     check_keys(where, manifest["engine"], {"world_size": int, "tile_rows": int, "eval_batch_size": int, "max_len": int,
                                            "longtail_bins": list}, remedy, "engine.")
-    served = manifest["scoring"].get("served", "fused")  # exports made before the served kind was recorded: "fused"
+    served = _served(manifest)
     if served not in manifest["scoring"]["kinds"]:
         raise DataError(f"{where}: scoring.served {served!r} is not one of its kinds {manifest['scoring']['kinds']} "
                         f"({remedy})")
+    return manifest
+
+
+def _served(manifest: dict) -> str:
+    return manifest["scoring"].get("served", "fused")  # exports made before the served kind was recorded: "fused"
+
+
+def _replaced(export_dir: Location, manifest: dict) -> bool:
+    """Whether the export's manifest is no longer `manifest` (gone counts: mid-swap)."""
+    try:
+        return read_json(export_dir / "manifest.json") != manifest
+    except DataError:
+        return True
+
+
+def _load_export_files(export_dir: Location, manifest: dict, verify: bool) -> ScoringModel:
     if verify:
-        verify_files(export_dir, manifest["files"], where)
+        verify_files(export_dir, manifest["files"], export_dir / "manifest.json")
     method, cfg, networks = load_encoders(export_dir / "encoders.pt")
     items = read_parquet(export_dir / "items.parquet")
     x_path = export_dir / "tables" / "id_rows.npy"
@@ -120,7 +160,7 @@ def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel
                   eng["world_size"], eng["tile_rows"], eng["eval_batch_size"], eng["max_len"], eng["longtail_bins"],
                   items["item_id"].to_pylist(), items["text"].to_pylist(), items["popularity"].to_numpy(),
                   {k: manifest[k] for k in ("run", "dataset") if k in manifest} | {"export": str(export_dir.resolve())},
-                  served)
+                  _served(manifest))
 
 
 def load_scoring_model(run: str | None = None, export: str | None = None, data: str | None = None,

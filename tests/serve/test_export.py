@@ -340,6 +340,34 @@ def test_corrupt_export_is_refused(exported, tmp_path):
         load_export(copy)
 
 
+@pytest.mark.parametrize("swap_at", ["verify", "files"])
+def test_a_load_that_overlaps_a_replacement_reads_one_export(exported, tmp_path, monkeypatch, swap_at):
+    """`export --overwrite` swaps the directory in two renames; a server loading it meanwhile paired the old
+    manifest with the new files, silently (here, the swap before the checksums or after them), or, reading between
+    the renames, failed as a raw FileNotFoundError. The manifest is read again after the files: such a load starts
+    again and returns the export now there, whole."""
+    from alterrec_dist.common.files import replace_into_place
+    from alterrec_dist.serve import export_dir
+    live, new = tmp_path / "live", tmp_path / "new"
+    shutil.copytree(exported, live)
+    shutil.copytree(exported, new)
+    manifest = json.loads((new / "manifest.json").read_text())
+    manifest["scoring"]["scales"] = [2 * v for v in manifest["scoring"]["scales"]]  # another export: other scales
+    (new / "manifest.json").write_text(json.dumps(manifest))
+    (new / "tables" / "text_features.npy").write_bytes((live / "tables" / "text_features.npy").read_bytes())
+    real, swaps = getattr(export_dir, {"verify": "verify_files", "files": "load_encoders"}[swap_at]), []
+
+    def swapping(*args):
+        if not swaps:  # the first load is overtaken by the replacement: the directory is `new` from here on
+            swaps.append(1)
+            (live / "tables" / "text_features.npy").unlink()  # what a reader between the renames finds missing
+            replace_into_place(new, live)
+        return real(*args)
+    monkeypatch.setattr(export_dir, real.__name__, swapping)
+    bundle = load_export(live)
+    assert swaps == [1] and bundle.scales == [float(v) for v in manifest["scoring"]["scales"]]
+
+
 def test_failed_export_leaves_nothing(run, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
