@@ -27,6 +27,9 @@ from bench.at_commit import module_at
 
 ROOT = Path(__file__).resolve().parent.parent
 UNTILED_AT = "1b57529"
+# where the modules the untiled loss.py imports live now (the package has had layers since)
+MOVED_SINCE = {"alterrec_dist.mining": "alterrec_dist.parallel.mining",
+               "alterrec_dist.sharded": "alterrec_dist.parallel.comm"}
 
 
 def measure(comm: Comm, untiled, rows: int, G: int, d: int, band: int, reps: int) -> dict:
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
     try:
-        untiled = module_at(UNTILED_AT, "alterrec_dist/loss.py")
+        untiled = module_at(UNTILED_AT, "alterrec_dist/loss.py", moved=MOVED_SINCE)
         results = [measure(Comm(), untiled, int(float(r)), args.batch, args.dim, args.band, args.reps)
                    for r in args.rows.split(",")]
     finally:
