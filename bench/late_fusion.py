@@ -71,6 +71,30 @@ def served_scores(run_dir: Path) -> dict:
     return out
 
 
+def check_same_data(runs: list[Path]) -> None:
+    """Before any scoring: runs trained on other data (their dataset.json records differ) cannot be fused or
+    paired; a pair of two datasets failed only after both were scored, as a tensor size mismatch."""
+    first, *rest = runs
+    data = Dataset(recorded_dataset(first))
+    for run in rest:
+        unlike = data.unlike(run / "dataset.json")
+        if unlike:
+            raise DataError(f"{run}: trained on other data than {first} ({unlike})")
+
+
+def recorded_dataset(run_dir: Path) -> str:
+    return read_json(run_dir / "dataset.json")["path"]
+
+
+def check_same_sessions(scored: dict) -> None:
+    """Every run must rank the same test sessions' targets, in the same order, or pairing means nothing (what
+    `check_same_data` cannot see: runs whose records hold no checksums)."""
+    first, *rest = scored
+    for run in rest:
+        if not torch.equal(scored[run]["test"][1], scored[first]["test"][1]):
+            raise DataError(f"{run}: other test sessions than {first} (runs of other datasets cannot be paired)")
+
+
 def choose_alpha(valid_a: torch.Tensor, valid_b: torch.Tensor, targets: torch.Tensor) -> float:
     """The alpha of ALPHAS whose alpha * A + (1 - alpha) * B has the best validation NDCG@10 (ties: the first)."""
     return max(ALPHAS, key=lambda a: hit_ndcg(a * valid_a + (1 - a) * valid_b, targets)[SELECT])
@@ -133,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         raise DataError("--reference needs a label and at least one run directory")
     started = time.time()
     runs = list(dict.fromkeys(Path(r) for _, a, b in args.pair for r in (a, b)))
+    check_same_data(runs)
     scored = {run: served_scores(run) for run in runs}
+    check_same_sessions(scored)
     pairs: dict[str, list[dict]] = {}
     for label, a, b in args.pair:
         pairs.setdefault(label, []).append({"runs": [a, b], **fuse_pair(Path(a), Path(b), scored)})

@@ -32,7 +32,7 @@ from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json
 from alterrec_dist.eval.metrics import per_session
 from alterrec_dist.grid.report import cell
 from bench.fusion_rules import target_ranks
-from bench.late_fusion import choose_alpha, served_scores
+from bench.late_fusion import check_same_data, check_same_sessions, choose_alpha, served_scores
 
 SHOWN = ("hit@10", "ndcg@10")
 TARGET_GAIN = 0.05  # issue 14: "at least 5 % above our own ID-only and NFRec (sum)"
@@ -102,18 +102,14 @@ def paired_gain(a: torch.Tensor, b: torch.Tensor, resamples: int) -> dict[str, d
             for j, m in enumerate(SHOWN)}
 
 
-def check_same_sessions(scored: dict) -> None:
-    """Every run must rank the same test sessions' targets, in the same order, or pairing means nothing."""
-    first, *rest = scored
-    for run in rest:
-        if not torch.equal(scored[run]["test"][1], scored[first]["test"][1]):
-            raise DataError(f"{run}: other test sessions than {first} (runs of other datasets cannot be paired)")
-
-
 def parse_methods(args: argparse.Namespace) -> dict[str, list[Path]]:
     methods = {label: [Path(r) for r in runs] for label, *runs in args.method}
     if any(not runs for runs in methods.values()):
         raise ConfigError("--method needs a label and at least one run directory")
+    labels = [label for label, *_ in args.method] + [label for label, *_ in args.late_fusion]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:  # the later one replaced the earlier in the table and in every comparison, unsaid
+        raise ConfigError(f"label {twice[0]!r} names two methods (--method and --late-fusion labels must differ)")
     for label, a, b in args.late_fusion:
         for name in (a, b):
             if name not in methods:
@@ -175,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--resamples {args.resamples}: at least 100 for a 95 % interval")
     methods = parse_methods(args)
     started = time.time()
-    scored = {run: served_scores(run) for run in dict.fromkeys(r for runs in methods.values() for r in runs)}
+    runs = list(dict.fromkeys(r for runs in methods.values() for r in runs))
+    check_same_data(runs)
+    scored = {run: served_scores(run) for run in runs}
     check_same_sessions(scored)
     table = {label: {"runs": [str(r) for r in runs], "sessions": method_sessions(runs, scored)}
              for label, runs in methods.items()}

@@ -48,3 +48,21 @@ def test_model_and_summary_that_disagree_are_refused(tmp_path_factory, tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(copy) in err and "test ndcg@10" in err
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_runs_of_other_data_are_refused_before_scoring(tmp_path_factory, tmp_path, capsys):
+    """A pair of runs on two datasets was scored in full, then failed as a tensor size mismatch (or, with two
+    datasets of one size, was fused silently); their dataset.json records now refuse it first (reviewer finding)."""
+    import shutil
+    run = trained_run(tmp_path_factory, "alterrec")
+    other = tmp_path / "other"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("checkpoints"))
+    record = json.loads((other / "dataset.json").read_text())
+    name = sorted(record["sha256"])[0]
+    record["sha256"][name] = "0" * 64  # trained on a dataset whose file differs
+    (other / "dataset.json").write_text(json.dumps(record))
+    out = tmp_path / "LATE.md"
+    assert main(["--pair", "x", str(run), str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {other}: trained on other data than {run} (not the same {name})"
+    assert not out.exists()

@@ -102,3 +102,12 @@ def test_methods_are_their_summaries_and_gains_are_paired(tmp_path_factory, tmp_
     text = out.read_text()
     assert f"--method AlterRec {alterrec} --method 'ID only' {id_only}" in text
     assert "| AlterRec against ID only | ndcg@10 |" in text
+
+
+@pytest.mark.parametrize("labels", [["--method", "A", "a0", "--method", "A", "a1"],
+                                    ["--method", "A", "a0", "--method", "B", "b0", "--late-fusion", "A", "A", "B"]])
+def test_a_label_naming_two_methods_is_refused(labels, capsys):
+    """A later --method or --late-fusion of the same label replaced the earlier one in the table and in every
+    comparison, unsaid (reviewer finding); refused before any run is read."""
+    assert main([*labels, "--compare", "A", "A"]) == 2
+    assert "label 'A' names two methods" in capsys.readouterr().err
