@@ -44,7 +44,14 @@ KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOL
 
 
 def int_list(text: str) -> list[int]:
-    return [int(float(v)) for v in text.split(",") if v.strip()]
+    """Comma-separated positive counts (1e6 reads as 1,000,000)."""
+    try:
+        values = [int(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not comma-separated numbers") from None
+    if not values or min(values) < 1:  # a zero catalog divided the score budget by zero, zero workers indexed none
+        raise argparse.ArgumentTypeError(f"{text!r}: each value must be >= 1")
+    return values
 
 
 def per_catalog(values: list[int] | None, items: list[int], rule) -> list[int]:
@@ -89,6 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report-only", type=Path, default=None, metavar="RAW_JSON",
                    help="rewrite --out from the raw figures a run saved (data/bench/results-*.json); measures nothing")
     args = p.parse_args(argv)
+    if args.report_only is not None and not args.report_only.is_file():
+        p.error(f"--report-only {args.report_only}: no such file (a data/bench/results-*.json a run saved)")
     args.batch = per_catalog(args.batch, args.items, lambda v: max(8, min(128, SCORE_BUDGET // v) // 8 * 8))
     args.steps = per_catalog(args.steps, args.items, lambda v: 3 if v <= 1_000_000 else 2)
     args.repeats = per_catalog(args.repeats, args.items, lambda v: 2)

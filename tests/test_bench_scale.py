@@ -84,3 +84,14 @@ def test_harness_writes_the_results_table(tmp_path):
     again = tmp_path / "AGAIN.md"
     assert scale.main(["--report-only", str(raw), "--out", str(again)]) == 0
     assert again.read_text().split("## Training")[1] == text.split("## Training")[1]
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--items", "0"], "argument --items: '0': each value must be >= 1"),  # was a ZeroDivisionError
+    (["--workers", "0"], "argument --workers: '0': each value must be >= 1"),  # an IndexError after the catalogs
+    (["--report-only", "/no/such.json"], "--report-only /no/such.json: no such file"),  # a FileNotFoundError
+])
+def test_arguments_out_of_range_are_usage_errors(argv, error, capsys):
+    with pytest.raises(SystemExit) as e:
+        scale.parse_args(argv)
+    assert e.value.code == 2 and error in capsys.readouterr().err
