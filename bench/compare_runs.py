@@ -3,20 +3,24 @@
     python bench/compare_runs.py runs/scientific/alterrec-s* -- runs/scientific/id_only-s*
 
 Groups are separated by `--`; each group is labelled by its runs' train.method. The score kind a
-group is judged on is its selection part (fused for AlterRec, id for id_only, ...).
+group is judged on is its selection part (fused for AlterRec, id for id_only, ...), at the config's
+`eval.alpha` (the grid's report gives the fused score at the alpha each run chose on validation).
 """
-import json
 import statistics
 import sys
-import tomllib
 from pathlib import Path
+
+from alterrec_dist.common.cli import run_cli
+from alterrec_dist.common.config import read_toml
+from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.files import read_json
 
 METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
 
 
 def group_row(run_dirs: list[Path]) -> str:
-    summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
-    method = tomllib.loads((run_dirs[0] / "config.toml").read_text())["train"]["method"]
+    summaries = [read_json(d / "summary.json") for d in run_dirs]
+    method = read_toml(run_dirs[0] / "config.toml", "run config")["train"]["method"]
     kind = summaries[0]["selection"].split("/")[0]
     cells = []
     for m in METRICS:
@@ -27,20 +31,30 @@ def group_row(run_dirs: list[Path]) -> str:
     return f"| {method} ({kind}) | {len(run_dirs)} | {' | '.join(cells)} | {epochs} |"
 
 
-def main(argv: list[str]) -> None:
+def groups_of(argv: list[str]) -> list[list[Path]]:
+    """The run directories between `--` separators; an empty group (a stray `--`) is an error."""
     groups, current = [], []
-    for arg in argv:
-        if arg == "--":
-            groups.append(current)
-            current = []
-        else:
+    for arg in [*argv, "--"]:
+        if arg != "--":
             current.append(Path(arg))
-    groups.append(current)
+            continue
+        if not current:
+            raise ConfigError("give run directories, groups separated by -- (an empty group here)")
+        groups.append(current)
+        current = []
+    return groups
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     print(f"| method (scores) | seeds | {' | '.join(METRICS)} | best epochs |")
     print("|---|---|" + "---|" * len(METRICS) + "---|")
-    for g in groups:
+    for g in groups_of(argv):
         print(group_row(sorted(g)))
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:])
