@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import Config
 from alterrec_dist.common.device import configure_matmuls, worker_device
-from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json
 from alterrec_dist.common.methods import selection
 from alterrec_dist.common.storage import Location
@@ -210,6 +211,9 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
             steps = train_epoch(run, phase, frozen_rows, progress.steps, lambda: after_step(phase.network))
             seconds = time.perf_counter() - start
             losses = {k: float(np.mean([s[k] for s in steps])) for k in steps[0]}
+            if not math.isfinite(losses["loss"]):  # before anything is scored, saved or logged from it
+                raise ConfigError(f"epoch {phase.epoch}: the {phase.network} network's training loss is "
+                                  f"{losses['loss']}: the run diverged (lower train.lr_id / train.lr_text)")
             valid = run.evaluate("valid", phase.epoch)
             line = {
                 "epoch": phase.epoch, "phase": phase_index(phases, phase.epoch), "network": phase.network,

@@ -70,3 +70,11 @@ def test_sharded_evaluation_equals_dense(tmp_path):
             for kind in dense:
                 for metric, value in dense[kind].items():
                     assert r[kind][metric] == pytest.approx(value, abs=1e-6), (world, kind, metric)
+
+
+def test_a_target_scored_nan_comes_after_every_item():
+    """A diverged model scores NaN: no comparison with NaN holds, so the target ranked first (metrics 1.0)."""
+    from alterrec_dist.eval.evaluate import orders_before
+    scores, by_id = torch.tensor([[0.1, 0.5, float("nan")]]), torch.tensor([[True, False, False]])
+    assert orders_before(scores, torch.tensor([[float("nan")]]), by_id).tolist() == [[True, True, True]]
+    assert orders_before(scores, torch.tensor([[0.5]]), by_id).tolist() == [[False, False, False]]
