@@ -283,8 +283,8 @@ def chosen_alpha(best: dict, alpha: float, sweep: list[float], part: str, metric
 def resume(run: Run, run_dir: Location) -> Progress:
     """The progress to go on from: the newest intact checkpoint in RUN_DIR/checkpoints, loaded into the
     run, or the start. Rank 0 brings the run files back to the same point (metrics.jsonl cut to the
-    checkpoint's lines, RUN_DIR/model back to the best model it recorded): what came after the
-    checkpoint is redone."""
+    checkpoint's lines, RUN_DIR/model back to the best model it recorded, no summary.json until the run
+    ends again): what came after the checkpoint is redone."""
     found = find_resume_point(run.comm, run_dir / run_layout.CHECKPOINTS)
     progress = Progress()
     if found is not None:
@@ -293,6 +293,9 @@ def resume(run: Run, run_dir: Location) -> Progress:
     if run.comm.rank == 0:
         keep_lines(run_dir / run_layout.METRICS, progress.log_lines)
         restore_model(found[0] if found else None, run_dir / run_layout.MODEL)
+        # an earlier end's summary (a resume with a larger train.m_max) is written again when this attempt ends:
+        # until then it would describe another model than model/ (an attempt killed midway left both)
+        storage.remove_tree(run_dir / run_layout.SUMMARY)
         if found is not None:
             tqdm.write(f"resuming from {found[0]}: epoch {progress.epoch}, {len(progress.steps)} steps done")
     return progress

@@ -291,3 +291,21 @@ def test_a_diverged_run_stops_in_one_line_and_saves_no_model(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == ("error: epoch 0: the id network's training loss is nan: the run "
                                                  "diverged (lower train.lr_id / train.lr_text)")
     assert not (run / "model").exists() and not (run / "summary.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_longer_resume_killed_midway_leaves_no_summary_of_the_shorter_run(tmp_path):
+    """A finished run resumed with a larger train.m_max kept its old summary.json until the new end: killed
+    midway, the run showed that summary (best epoch and alpha of the short run) beside a newer model/ and
+    metrics.jsonl, and serving used it (reviewer finding). Now the summary goes when the attempt starts."""
+    data = tiny_dataset(tmp_path / "data")
+    settings = ["train.method=id_only", "train.m_max=2", "train.global_batch_size=40", "eval.batch_size=50",
+                "model.dim=8", "train.checkpoint_every=5", f"data.path={data}"]
+    run = tmp_path / "run"
+    torchrun(1, ["--out", str(run), *sets(settings)], tmp_path)
+    assert results(run)[0]["epochs_trained"] == 2
+    resume = [PY, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--resume", str(run), "--set", "train.m_max=6"]
+    kill_at(resume, tmp_path, run / "checkpoints" / checkpoint_name(3, 0))  # epoch 3 done, 3 to go
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3 and (run / "model").is_dir()
+    assert not (run / "summary.json").exists()
