@@ -179,7 +179,8 @@ def test_cli_resume_refuses_another_run(tmp_path, monkeypatch, capsys, no_ray, c
     if case.startswith("zero"):  # a checkpoint the two workers saved (its manifest: what the driver reads of it)
         checkpoint = run / run_layout.CHECKPOINTS / checkpoint_name(1, 0)
         checkpoint.mkdir(parents=True)
-        (checkpoint / "manifest.json").write_text(json.dumps({"files": {}, "world_size": 2, "epoch": 1}))
+        (checkpoint / "manifest.json").write_text(json.dumps(
+            {"files": {}, "world_size": 2, "num_items": 30, "epoch": 1, "steps": [], "best": {}, "log_lines": 1}))
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     args, fragment = {
         "changed_setting": (["--resume", str(run), "--set", "model.dim=32"],

@@ -126,9 +126,16 @@ def checkpoints(store: Location) -> list[Location]:
     return sorted(p for p in store.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name))
 
 
-def intact_manifest(checkpoint: Location) -> dict:
-    """The checkpoint's manifest once its every file matches the manifest's sha256 (else DataError)."""
-    manifest = saved_manifest(checkpoint)
+# what is read of a checkpoint's manifest besides its files (a manifest is not signed itself): by
+# `load_checkpoint`, and for a resume also the progress it records
+LOAD_KEYS = {"world_size": int, "num_items": int}
+RESUME_KEYS = LOAD_KEYS | {"epoch": int, "steps": list, "best": dict, "log_lines": int}
+
+
+def intact_manifest(checkpoint: Location, keys: dict[str, type] = LOAD_KEYS) -> dict:
+    """The checkpoint's manifest once it holds `keys` and its every file matches the manifest's sha256 (else
+    DataError)."""
+    manifest = saved_manifest(checkpoint, keys=keys)
     verify_files(checkpoint, manifest["files"], checkpoint / "manifest.json")
     return manifest
 
@@ -139,7 +146,7 @@ def newest_good(store: Location) -> tuple[Location, dict] | None:
     problems = []
     for checkpoint in reversed(checkpoints(store)):
         try:
-            manifest = intact_manifest(checkpoint)
+            manifest = intact_manifest(checkpoint, RESUME_KEYS)
         except DataError as e:
             problems.append(str(e))
             continue

@@ -109,3 +109,20 @@ def test_undoing_a_phase_restores_its_start_and_refuses_a_damaged_checkpoint(tmp
     shard = tmp_path / "bad" / checkpoint_name(1, 0) / rank_file(1, 2)
     assert all(error == f"{shard}: missing or corrupt (sha256 does not match {shard.parent / 'manifest.json'})"
                for _, error in results)
+
+
+def test_a_manifest_without_what_a_resume_reads_is_passed_over(tmp_path, capsys):
+    """A newest checkpoint whose manifest is JSON but lacks a key (or holds "3" for an epoch) was taken as intact
+    and failed the resume with a KeyError or TypeError traceback; now it is a warning and the older one is used
+    (review finding)."""
+    import json
+    from alterrec_dist.training.checkpoint import newest_good
+    full = {"files": {}, "world_size": 1, "num_items": 30, "epoch": 1, "steps": [], "best": {}, "log_lines": 1}
+    for name, manifest in ((checkpoint_name(1, 0), full), (checkpoint_name(2, 0), {"files": {}, "world_size": 1}),
+                           (checkpoint_name(3, 0), full | {"epoch": "3"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+    found, manifest = newest_good(tmp_path)
+    assert found.name == checkpoint_name(1, 0) and manifest == full
+    err = capsys.readouterr().err.splitlines()
+    assert "epoch is missing or not of type int" in err[0] and "num_items is missing" in err[1]
