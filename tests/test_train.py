@@ -166,7 +166,7 @@ def test_cli_one_line_errors(tmp_path, monkeypatch, capsys, no_ray, case):
 
 
 @pytest.mark.parametrize("case", ["changed_setting", "changed_retry_config", "data_remade_in_place",
-                                  "zero_at_another_world_size"])
+                                  "zero_at_another_world_size", "zero_at_another_torchrun_world"])
 def test_cli_resume_refuses_another_run(tmp_path, monkeypatch, capsys, no_ray, case):
     """A resume that would train another model or on other data than its checkpoints hold, or that its workers
     could not load (a ZeRO state split among another number of them), is one line, exit 2, before Ray, and leaves
@@ -192,6 +192,9 @@ def test_cli_resume_refuses_another_run(tmp_path, monkeypatch, capsys, no_ray, c
         "zero_at_another_world_size": (["--resume", str(run), "--set", "trainer.num_workers=1"],
                                        "saved by 2 workers under ZeRO stage 1, which splits the optimizer state "
                                        "among them; resume with trainer.num_workers=2"),
+        # torchrun's world, not trainer.num_workers, is the world size there
+        "zero_at_another_torchrun_world": (["--resume", str(run), "--launcher", "torchrun"],
+                                           "resume with torchrun --nproc_per_node 2"),
     }[case]
     if case == "data_remade_in_place":
         shutil.rmtree(data)

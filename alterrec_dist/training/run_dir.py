@@ -122,9 +122,10 @@ def reopen_run_dir(cfg: Config, run_dir: Location) -> Location:
     elif cfg.trainer.zero_stage and found[1].get("world_size") != cfg.trainer.num_workers:
         # each rank holds its own part of the dense optimizer state, which DeepSpeed does not re-split: the
         # workers would refuse it after Ray and the launch had started
-        raise ConfigError(f"{found[0]}: saved by {found[1].get('world_size')} workers under ZeRO stage "
-                          f"{cfg.trainer.zero_stage}, which splits the optimizer state among them; resume with "
-                          f"trainer.num_workers={found[1].get('world_size')}")
+        world = found[1].get("world_size")
+        how = f"torchrun --nproc_per_node {world}" if cfg.trainer.launcher == "torchrun" else f"trainer.num_workers={world}"
+        raise ConfigError(f"{found[0]}: saved by {world} workers under ZeRO stage {cfg.trainer.zero_stage}, which "
+                          f"splits the optimizer state among them; resume with {how}")
     atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
     record_dataset(data, run_dir)  # where it is now; a run made before the record gets it here
     return run_dir
