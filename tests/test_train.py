@@ -219,7 +219,7 @@ def test_resume_takes_the_same_data_elsewhere_and_resumable_settings(tmp_path):
     assert json.loads((run / run_layout.DATASET).read_text())["path"] == str(tmp_path / "moved")
 
 
-@pytest.mark.parametrize("case", ["missing_dataset", "missing_bucket", "other_scheme"])
+@pytest.mark.parametrize("case", ["missing_dataset", "missing_bucket", "other_scheme", "bucket_root"])
 def test_cli_store_paths_one_line_errors(tmp_path, monkeypatch, capsys, no_ray, bucket, case):
     """Store URIs are paths in the store, never local folders named `s3:`: what is not there is one line."""
     monkeypatch.chdir(tmp_path)
@@ -229,6 +229,9 @@ def test_cli_store_paths_one_line_errors(tmp_path, monkeypatch, capsys, no_ray, 
         "missing_bucket": (["--set", f"data.path={data}", "--set", "trainer.storage_path=s3://no-such-bucket/runs",
                             "--set", "train.global_batch_size=16"], "bucket s3://no-such-bucket not found"),
         "other_scheme": (["--set", "data.path=hdfs://nn/data"], "hdfs://nn/data: unsupported URI scheme"),
+        # Ray Train keeps a run under its parent: every checkpoint of a run at a bucket's root was refused
+        "bucket_root": (["--set", f"data.path={data}", "--set", "train.global_batch_size=16", "--out", bucket],
+                        f"{bucket}: a run directory goes under a key in the bucket"),
     }[case]
     code, err = run_command("train", args, capsys)
     lines = err.strip().splitlines()

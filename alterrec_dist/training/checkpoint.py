@@ -112,7 +112,9 @@ def prune(store: Location, keep: int, pinned: str | None = None) -> None:
     recipe pins the checkpoint its phase in progress began from, which `train.reject_worse` goes back to):
     older ones, the temp directories of saves that were killed and, in a store, checkpoints whose upload
     was cut short."""
-    found = checkpoints(store)
+    # an upload cut short has no manifest (written last): it never counts among the newest, which would
+    # leave fewer intact ones than `keep` (a resume with another train.checkpoint_every names other steps)
+    found = [p for p in checkpoints(store) if (p / "manifest.json").is_file()]
     kept = set(found[-keep:] + [p for p in found if p.name == pinned])
     for p in store.iterdir():
         if p not in kept:

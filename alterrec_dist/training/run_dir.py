@@ -82,6 +82,9 @@ def make_run_dir(cfg: Config, out: str | None) -> Location:
         run_dir = default_run_dir(cfg).absolute()
         auto = not cfg.trainer.name
     if isinstance(run_dir, StorePath):
+        if run_dir == run_dir.bucket:  # Ray Train's storage is the run's parent, which a bucket does not have
+            raise ConfigError(f"{run_dir}: a run directory goes under a key in the bucket ({run_dir}/NAME), "
+                              "not the bucket itself")
         run_dir.check_bucket()
     if auto:
         base, i = run_dir, 0

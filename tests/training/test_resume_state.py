@@ -110,6 +110,11 @@ def test_prune_keeps_the_newest_and_the_pinned_one(tmp_path):
     fake_checkpoint(store, 3, 0)
     prune(store, KEEP)  # nothing pinned (the plan's end)
     assert [p.name for p in sorted(store.iterdir())] == ["e00002-s0000003", "e00003-s0000000"]
+    # an upload cut short (no manifest) newer than both is not one of the newest: it was kept, and the
+    # older intact one removed (review finding)
+    (store / "e00003-s0000009").mkdir()
+    prune(store, KEEP)
+    assert [p.name for p in sorted(store.iterdir())] == ["e00002-s0000003", "e00003-s0000000"]
 
 
 def test_phase_index_counts_runs_of_one_key():
