@@ -31,7 +31,7 @@ import argparse
 from alterrec_dist.common.cli import add_device_argument, add_model_arguments, run_cli
 from alterrec_dist.common.config import METRICS
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import atomic_write_json, check_file_out, check_out, resolve_location
+from alterrec_dist.common.files import atomic_write_json, check_file_out, check_out, same_location
 from alterrec_dist.common.run_layout import served_paths
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import SPLITS
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [*(args.input or []), *served_paths(args.run), args.export, args.data]
     check_out(args.out, args.overwrite, inputs)  # before the model
     if args.metrics_out:
-        if resolve_location(args.metrics_out) == resolve_location(args.out):
+        if same_location(args.metrics_out, args.out):
             raise ConfigError(f"--metrics-out {args.metrics_out} is --out: give each its own file")
         check_file_out(args.metrics_out, inputs)
     spec = {"run": args.run, "export": args.export, "data": args.data, "device": args.device}

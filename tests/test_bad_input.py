@@ -489,6 +489,9 @@ CASES = [
     ("batch-metrics-out-is-out", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
         "--metrics-out", str(d / "o.parquet"), "--no-ray"], ["--metrics-out {d}/o.parquet is --out"]),
+    ("batch-metrics-out-is-out-by-another-path", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
+        "--metrics-out", str(_mkdir(d / "sub") / ".." / "o.parquet"), "--no-ray"], ["is --out: give each its own"]),
     ("export-out-holds-the-run", "export", lambda d, r: [
         "--run", str(run_copy(d, r)), "--out", str(d), "--overwrite"],
      ["{d}: holds the input {d}/run"]),

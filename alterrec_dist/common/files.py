@@ -130,6 +130,12 @@ def check_out(out: str | Location, overwrite: bool, inputs: Iterable[str | Locat
     return out
 
 
+def same_location(a: str | Location, b: str | Location) -> bool:
+    """Whether two locations name one file or directory (local paths with `..` and links resolved)."""
+    a, b = resolve_location(a), resolve_location(b)
+    return _within(a, b) and _within(b, a)
+
+
 def _within(path: Location, directory: Location) -> bool:
     """Whether `path` is `directory` or lies under it (local paths with links resolved)."""
     if isinstance(path, StorePath) or isinstance(directory, StorePath):
