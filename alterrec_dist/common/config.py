@@ -316,7 +316,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults, then the TOML file, then each `section.key=value` override, then validation."""
     cfg = Config()
     if path is not None:
-        path = storage.location(path)
+        try:
+            path = storage.location(path)
+        except ValueError as e:  # another scheme, '..' in a key: one line, as for data.path
+            raise ConfigError(str(e)) from None
         doc = read_toml(path, "config")
         for section, table in doc.items():
             if not isinstance(table, dict):

@@ -33,6 +33,14 @@ def test_location_tells_uris_from_local_paths(tmp_path):
         check_out("s3://bad bucket/d", overwrite=False)  # was pyarrow's ArrowInvalid traceback
     with pytest.raises(ConfigError, match="unsupported URI scheme"):
         load_config(None, ["data.path=azure://c/x"]).resolve_path("azure://c/x")
+    # a slash short wrote a local folder named s3:; a third slash made the key's first part the bucket; a --config
+    # URI with another scheme was a ValueError traceback (review findings)
+    with pytest.raises(ValueError, match=r"s3:/b/d: not a store URI \(s3://BUCKET/KEY\) nor a local path"):
+        location("s3:/b/d")
+    with pytest.raises(ValueError, match="s3:///b/d: not a store URI with a bucket"):
+        location("s3:///b/d")
+    with pytest.raises(ConfigError, match="gcs://b/c.toml: unsupported URI scheme"):
+        load_config("gcs://b/c.toml")
 
 
 def test_objects_round_trip_and_list(bucket):
