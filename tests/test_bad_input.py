@@ -333,6 +333,10 @@ CASES = [
         d, lambda ds: _edit_json(ds / "manifest.json", lambda m: m["session_files"]["train"].append(
             m["session_files"]["test"][0]) or m["splits"].update(train=m["splits"]["train"] + m["splits"]["test"]))))],
      ["{d}/ds/manifest.json: session file sessions/test/part-00000.parquet is listed more than once"]),
+    ("verify-file-outside-the-dataset", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: _edit_json(ds / "manifest.json", lambda m: m["session_files"]["test"][0].update(
+            file="sessions/../sessions/test/part-00000.parquet"))))],
+     ["{d}/ds/manifest.json: file 'sessions/../sessions/test/part-00000.parquet' is not a path inside the dataset"]),
     ("verify-nan-text-feature", "prepare", lambda d, r: ["verify", str(damaged(d, lambda ds: _nan_text_feature(ds, 7)))],
      ["{d}/ds/text_features/part-00000.npy: row 7 (item_idx 7): a text feature that is not finite"]),
     ("verify-item-without-id", "prepare", lambda d, r: ["verify", str(damaged(

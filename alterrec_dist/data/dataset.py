@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +49,9 @@ class Dataset:
             raise DataError(f"{self.mpath}: text.files entries need a file and rows")
         if m["num_items"] < 1 or m["text"]["dim"] < 1:
             raise DataError(f"{self.mpath}: num_items and text.dim must be >= 1")
+        for name in data_files(m):  # read locally it would leave the dataset; in a store it is refused as a key
+            if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+                raise DataError(f"{self.mpath}: file {name!r} is not a path inside the dataset")
 
     @property
     def file_digests(self) -> dict[str, str] | None:
