@@ -223,11 +223,17 @@ class Staged:
         if self._local is None:
             replace_into_place(self.tmp, self.out)
             return self.out
-        if self.tmp.is_dir():
-            storage.copy_tree(self.tmp, self.out)
-        else:
-            storage.copy_file(self.tmp, self.out)
-        self.abort()
+        try:
+            if self.tmp.is_dir():
+                try:
+                    storage.copy_tree(self.tmp, self.out)
+                except BaseException:  # SIGTERM mid-upload: the old objects went first, and part of the new
+                    self.out.remove_tree()  # without its manifest is no output (a rerun found "output exists")
+                    raise
+            else:
+                storage.copy_file(self.tmp, self.out)  # takes back a part upload itself
+        finally:
+            self.abort()  # the local staging, in either case (an interrupted upload left it, 67 MB for an export)
         return self.out
 
     def abort(self) -> None:

@@ -95,6 +95,28 @@ def test_staged_directory_commits_by_its_manifest_last(bucket, tmp_path, monkeyp
         read_manifest(out, "no dataset")
 
 
+def test_a_staged_directory_whose_upload_is_cut_short_leaves_nothing(bucket, monkeypatch):
+    """SIGTERM mid-upload (export, synth, prepare into a store) left the first objects at the final key, so a rerun
+    was refused with "output exists", and the local staging directory (67 MB for an export) behind (review
+    finding): both go, as on a local disk."""
+    out = StorePath(f"{bucket}/export")
+    real_copy, copied = storage.copy_file, []
+
+    def dies_after_one(src, dst):
+        if copied:
+            raise SystemExit(143)  # what run_cli makes of SIGTERM
+        copied.append(dst.name)
+        real_copy(src, dst)
+    monkeypatch.setattr(storage, "copy_file", dies_after_one)
+    with pytest.raises(SystemExit):
+        with Staged(out) as staged:
+            staged.tmp.mkdir()
+            for name in ("a.npy", "b.npy", "manifest.json"):
+                (staged.tmp / name).write_text(name)
+    assert copied == ["a.npy"] and not out.exists() and files_under(out) == []
+    assert not staged.tmp.parent.exists()
+
+
 def test_staged_file_is_one_upload_and_an_error_leaves_nothing(bucket):
     out = StorePath(f"{bucket}/scores.parquet")
     with pytest.raises(RuntimeError):
