@@ -73,7 +73,8 @@ def fake_checkpoint(store: Path, epoch: int, step: int) -> Path:
     for name in (rank_file(0, 1), "networks.pt"):
         (path / name).write_bytes(os.urandom(64))
         files[name] = file_sha256(path / name)
-    atomic_write_json(path / "manifest.json", {"epoch": epoch, "step": step, "files": files})
+    atomic_write_json(path / "manifest.json", {"epoch": epoch, "step": step, "files": files, "world_size": 1,
+                                               "num_items": 30, "steps": [], "best": {}, "log_lines": epoch})
     return path
 
 
