@@ -250,23 +250,30 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _coerce(value, typ, where: str):
-    """Convert a TOML value or an override string to the field's declared type."""
+def _coerce(value, typ, where: str, text: bool = False):
+    """Convert a value to the field's declared type: a TOML (or config dict) value as typed, or (`text`) a
+    `--set` string, which is parsed. A TOML string where a number, a bool or a list goes (m_max = "3") is
+    refused, as is a `--set` list without both of its brackets ([10, was read as [10])."""
     origin = typing.get_origin(typ)
     if origin is list:
         (elem,) = typing.get_args(typ)
-        if isinstance(value, str):
-            value = [v for v in value.strip("[]").split(",") if v.strip()]
+        if isinstance(value, str) and text:
+            inner = value.strip()
+            if inner.startswith("[") != inner.endswith("]"):
+                raise ConfigError(f"{where}: expected a list like [1, 2], got {value!r}")
+            value = [v for v in inner.strip("[]").split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, elem, where) for v in value]
+        return [_coerce(v, elem, where, text) for v in value]
     try:
+        if isinstance(value, str) and typ is not str and not text:
+            raise ValueError
         if typ is bool:
             if isinstance(value, bool):
                 return value
-            if str(value).lower() in ("true", "1", "yes"):
+            if text and value.lower() in ("true", "1", "yes"):
                 return True
-            if str(value).lower() in ("false", "0", "no"):
+            if text and value.lower() in ("false", "0", "no"):
                 return False
             raise ValueError
         if typ is int:
@@ -286,14 +293,14 @@ def _coerce(value, typ, where: str):
     raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
 
 
-def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
+def _apply(cfg: Config, section: str, key: str, value, where: str, text: bool = False) -> None:
     if section not in {f.name for f in dataclasses.fields(Config)}:
         raise ConfigError(f"{where}: unknown section [{section}]")
     sub = getattr(cfg, section)
     hints = typing.get_type_hints(type(sub))
     if key not in hints:
         raise ConfigError(f"{where}: unknown key {section}.{key}")
-    setattr(sub, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+    setattr(sub, key, _coerce(value, hints[key], f"{where}: {section}.{key}", text))
 
 
 def read_toml(path: Path, what: str) -> dict:
@@ -331,7 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         section, dot, key = name.strip().partition(".")
         if not eq or not dot:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
-        _apply(cfg, section, key.strip(), value.strip(), f"--set {item}")
+        _apply(cfg, section, key.strip(), value.strip(), f"--set {item}", text=True)
     return cfg.validate()
 
 

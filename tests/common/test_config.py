@@ -91,6 +91,7 @@ def test_set_overrides_file(tmp_path):
     ("train.lr_id=fast", "train.lr_id: expected float"),
     ("trainer.use_gpu=maybe", "trainer.use_gpu: expected bool"),
     ("eval.longtail_bins=[a,b]", "eval.longtail_bins: expected int"),
+    ("eval.longtail_bins=[10,", "eval.longtail_bins: expected a list like [1, 2], got '[10,'"),  # was [10]
     ("nosuch.key=1", "unknown section [nosuch]"),
     ("model.nosuch=1", "unknown key model.nosuch"),
     ("model.dim", "expected section.key=value"),
@@ -113,6 +114,11 @@ def test_bad_set(override, fragment):
     ("[train]\nk1 = {a = 1}\n", "train.k1: expected int"),
     ("[eval]\nlongtail_bins = [[1]]\n", "eval.longtail_bins: expected int"),
     ("[eval]\nalpha = true\n", "eval.alpha: expected float"),  # was taken as 1.0
+    ("[train]\nm_max = \"3\"\n", "train.m_max: expected int, got '3'"),  # TOML strings were parsed as --set's
+    ("[eval]\nalpha = \"0.5\"\n", "eval.alpha: expected float"),
+    ("[trainer]\nuse_gpu = \"yes\"\n", "trainer.use_gpu: expected bool"),
+    ("[trainer]\nuse_gpu = 1\n", "trainer.use_gpu: expected bool"),
+    ("[eval]\nlongtail_bins = \"[10, 20]\"\n", "eval.longtail_bins: expected a list"),
     ("[data]\npath = [\"a\"]\n", "data.path: expected str"),
     ("dim = 3\n", "must be a [section]"),
     ("[model\n", "not valid TOML"),
