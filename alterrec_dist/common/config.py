@@ -361,7 +361,14 @@ def changed_values(before: Config, after: Config) -> dict[str, tuple]:
 def check_resumable(saved: Config, resumed: Config, where: str) -> None:
     """ConfigError in one line if `resumed` changes a key of `saved` (the run's config.toml, `where`) that a
     resumed run must keep (anything outside `RESUMABLE`)."""
-    fixed = {k: v for k, v in changed_values(saved, resumed).items() if k not in RESUMABLE}
+    changed = changed_values(saved, resumed)
+    if saved.train.lr_schedule == "warmup_cosine" and "train.m_max" in changed:
+        # the ramp and the cosine run over a network's steps in the whole plan: another m_max reshapes the lr of
+        # the epochs already trained, so the run would match neither plan while config.toml named the new one
+        was, now = changed["train.m_max"]
+        raise ConfigError(f"{where}: train.m_max ({was} -> {now}) sets train.lr_schedule = warmup_cosine's "
+                          "schedule, which the epochs trained followed: keep it (start a new run for another)")
+    fixed = {k: v for k, v in changed.items() if k not in RESUMABLE}
     if fixed:
         first, (was, now) = next(iter(fixed.items()))
         raise ConfigError(

@@ -261,3 +261,15 @@ def test_check_resumable_allows_only_what_keeps_the_run():
                                               f"{change.split('=')[0]} would change") as e:
             check_resumable(saved, load_config(None, ["train.m_max=10", change]), "run/config.toml")
         assert all(k in str(e.value) for k in RESUMABLE)
+
+
+def test_a_warmup_cosine_run_keeps_its_m_max_on_resume():
+    """The lr of every epoch already trained followed a schedule over the whole plan: resumed with another m_max
+    the run matched neither plan while config.toml named the new one (review finding: test NDCG@10 0.0682
+    uninterrupted against 0.0624 resumed). A constant schedule still takes a longer m_max."""
+    cosine = load_config(None, ["train.lr_schedule=warmup_cosine", "train.m_max=3"])
+    with pytest.raises(ConfigError, match=r"run/config.toml: train.m_max \(3 -> 5\) sets train.lr_schedule = "
+                                          r"warmup_cosine's schedule"):
+        check_resumable(cosine, load_config(None, ["train.lr_schedule=warmup_cosine", "train.m_max=5"]),
+                        "run/config.toml")
+    check_resumable(load_config(None, ["train.m_max=3"]), load_config(None, ["train.m_max=5"]), "run/config.toml")
