@@ -40,9 +40,9 @@ def load_run_config(args: argparse.Namespace) -> tuple[Config, Location | None]:
     """The config to run and, when an existing run goes on, its directory (else None: a new run).
 
     `--resume RUN_DIR`: RUN_DIR's config.toml with the `--set` values on top (e.g. another
-    trainer.num_workers). `--resume auto` (a retried job with a fixed command line): the same for the
-    run directory that `--out` or `trainer.name` names, if an attempt has started there (it holds a
-    config.toml), else a new run there from `--config` and `--set`. Either way a change to what the run
+    trainer.num_workers). `--resume auto` (a retried job with a fixed command line): the job's own
+    `--config` and `--set` for the run directory that `--out` or `trainer.name` names, going on there if an
+    attempt has started (it holds a config.toml), else a new run there. Either way a change to what the run
     trains (`config.check_resumable`) is refused: the job's own config for `auto`, the `--set` values else."""
     if args.resume is None:
         return load_config(args.config, args.overrides), None
@@ -54,7 +54,9 @@ def load_run_config(args: argparse.Namespace) -> tuple[Config, Location | None]:
         saved = run_dir / run_layout.CONFIG
         if not saved.is_file():
             return requested, None
-        cfg = load_config(saved, args.overrides)
+        # the job's own --config and --set as they are now: what a resume may change (its world size, its
+        # budget) from either, the rest checked equal below (the --config's values were dropped)
+        cfg = requested
     else:
         if args.config or args.out:
             raise ConfigError("--resume RUN_DIR goes on with the run's own config.toml: drop --config and --out")

@@ -150,5 +150,10 @@ def test_resume_auto_starts_or_goes_on(tmp_path):
     (tmp_path / "run" / "config.toml").write_text('[train]\nm_max = 5\n')
     cfg, resume_dir = load_run_config(fresh)  # an attempt started there: go on with its config
     assert resume_dir == tmp_path / "run" and cfg.train.m_max == 3  # --set still applies on top
+    # and so does the job's own --config, for what a resume may change: its m_max was dropped (review finding)
+    (tmp_path / "job.toml").write_text('[train]\nm_max = 7\n')
+    cfg, _ = load_run_config(parse(["--resume", "auto", "--out", str(tmp_path / "run"), "--config",
+                                    str(tmp_path / "job.toml")]))
+    assert cfg.train.m_max == 7
     named = parse(["--resume", "auto", "--set", f"trainer.storage_path={tmp_path}", "--set", "trainer.name=run"])
     assert load_run_config(named)[1] == tmp_path / "run"
