@@ -47,8 +47,9 @@ def location(text: str | Path | StorePath) -> Path | StorePath:
         return StorePath(s)
     if "://" in s:
         raise ValueError(f"{s}: unsupported URI scheme (local paths, {', '.join(f'{x}://' for x in SCHEMES)})")
-    if s.partition(":")[0] in SCHEMES:  # s3:/bucket/key, a slash short, wrote a local folder named s3:
-        raise ValueError(f"{s}: not a store URI ({s.partition(':')[0]}://BUCKET/KEY) nor a local path")
+    scheme, colon, _ = s.partition(":")
+    if colon and scheme in SCHEMES:  # s3:/bucket/key, a slash short, wrote a local folder named s3:
+        raise ValueError(f"{s}: not a store URI ({scheme}://BUCKET/KEY) nor a local path")
     return Path(s).expanduser()
 
 
@@ -66,7 +67,8 @@ class StorePath:
     def __init__(self, uri: str):
         scheme, _, rest = uri.partition("://")
         parts = [p for p in rest.split("/") if p not in ("", ".")]
-        if scheme not in SCHEMES or not parts or rest.startswith("/"):  # s3:///k: the key's first part taken as a bucket
+        # rest.startswith("/"): s3:///k took the key's first part for the bucket
+        if scheme not in SCHEMES or not parts or rest.startswith("/"):
             raise ValueError(f"{uri}: not a store URI with a bucket")
         if ".." in parts:  # the client resolves it for one object but not for a listing: two names, one object
             raise ValueError(f"{uri}: '..' in an object key (give the key without it)")

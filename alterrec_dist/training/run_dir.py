@@ -126,7 +126,8 @@ def reopen_run_dir(cfg: Config, run_dir: Location) -> Location:
         # each rank holds its own part of the dense optimizer state, which DeepSpeed does not re-split: the
         # workers would refuse it after Ray and the launch had started
         world = found[1].get("world_size")
-        how = f"torchrun --nproc_per_node {world}" if cfg.trainer.launcher == "torchrun" else f"trainer.num_workers={world}"
+        how = (f"torchrun --nproc_per_node {world}" if cfg.trainer.launcher == "torchrun"
+               else f"trainer.num_workers={world}")
         raise ConfigError(f"{found[0]}: saved by {world} workers under ZeRO stage {cfg.trainer.zero_stage}, which "
                           f"splits the optimizer state among them; resume with {how}")
     atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())

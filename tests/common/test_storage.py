@@ -39,6 +39,7 @@ def test_location_tells_uris_from_local_paths(tmp_path):
         location("s3:/b/d")
     with pytest.raises(ValueError, match="s3:///b/d: not a store URI with a bucket"):
         location("s3:///b/d")
+    assert location("s3") == Path("s3") and location("gs/x") == Path("gs/x")  # local folders of those names
     with pytest.raises(ConfigError, match="gcs://b/c.toml: unsupported URI scheme"):
         load_config("gcs://b/c.toml")
 
