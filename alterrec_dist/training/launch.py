@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 from alterrec_dist.common import storage
@@ -113,7 +114,7 @@ def launch_ray(cfg: Config, run_dir: Location) -> dict:
         try:
             result = trainer.fit()
         except TrainingFailedError as e:
-            raise TrainingError(f"training failed: {e}") from None
+            raise worker_refusal(str(e)) or TrainingError(f"training failed: {e}") from None
         reported = (result.metrics or {}).get("summary")
         return read_summary(run_dir, reported)
     finally:
@@ -123,6 +124,20 @@ def launch_ray(cfg: Config, run_dir: Location) -> dict:
 
 class TrainingError(Exception):
     """The workers failed; the message (and Ray's log above it) says how."""
+
+
+WORKER_REFUSAL = re.compile(r"alterrec_dist\.common\.errors\.(ConfigError|DataError): (.+)")
+
+
+def worker_refusal(failure: str) -> ConfigError | DataError | None:
+    """The one-line error a worker refused the run with (a diverged loss, damaged data it read), from Ray's
+    failure text, as the torchrun launcher would print it; None for any other failure. Ray ended the run
+    with its traceback and exit code 1 (after its restarts: the refusal came again each time)."""
+    found = WORKER_REFUSAL.findall(failure)
+    if not found:
+        return None
+    kind, message = found[-1]
+    return (ConfigError if kind == "ConfigError" else DataError)(message.strip())
 
 
 # -- launcher: torchrun -----------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from alterrec_dist.common.config import METRICS, Config, load_config
+from alterrec_dist.common.config import METRICS, PROJECT_ROOT, Config, load_config
 from tests.test_train import PY, SCORES, cli, tiny_dataset
 
 
@@ -94,3 +94,20 @@ def test_default_data_shows_alterrecs_effect(tmp_path):
     warmup_best = max(json.loads(ln)["valid"]["fused"]["ndcg@10"]
                       for ln in (run / "metrics.jsonl").read_text().splitlines()[:2 * cfg.train.m_random])
     assert summary["valid"]["fused"]["ndcg@10"] > warmup_best
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_diverged_run_under_ray_is_the_workers_one_line(tmp_path):
+    """The worker's refusal (a NaN loss) reached the driver inside Ray's failure text: a traceback and exit 1. The
+    driver now prints the worker's one line, exit 2, as the torchrun launcher does."""
+    data = tiny_dataset(tmp_path / "data")
+    args = ["--config", "configs/default.toml", *[a for s in SMALL for a in ("--set", s)], "--set", f"data.path={data}",
+            "--set", "train.global_batch_size=40", "--set", "eval.batch_size=50", "--set", "train.lr_id=1e30",
+            "--set", "train.lr_text=1e30", "--set", "trainer.num_workers=1", "--set", "trainer.max_failures=0",
+            "--out", str(tmp_path / "run")]
+    r = subprocess.run([PY, "-m", "alterrec_dist.train", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                       timeout=280, env=_env())
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == ("error: epoch 0: the id network's training loss is nan: the run "
+                                                 "diverged (lower train.lr_id / train.lr_text)")
