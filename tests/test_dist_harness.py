@@ -2,6 +2,7 @@
 code under test failed."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,32 +28,33 @@ def failing_on_rank0(rank: int, world: int, calls: str) -> int:
     return rank
 
 
-def _init_failing(times: int, calls: Path):
-    """init_process_group that fails like gloo's connect the first `times` calls (across ranks and
-    attempts: a line per call in `calls`), then is the real one."""
+def _init_failing(calls: Path, once: bool):
+    """init_process_group that fails like gloo's connect: for the first caller only (`once`: whichever rank
+    creates the marker `calls`, an atomic choice), or always (a line per call in `calls`); else the real one."""
     real = dist.init_process_group
 
     def init(*args, **kwargs):
-        with open(calls, "a") as f:
-            f.write("init\n")
-        if len(calls.read_text().splitlines()) <= times:
-            raise RuntimeError("Gloo connectFullMesh failed with [pair.cc:553] Connection closed by peer")
-        return real(*args, **kwargs)
+        if once:
+            try:
+                os.close(os.open(calls, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return real(*args, **kwargs)
+        else:
+            with open(calls, "a") as f:
+                f.write("init\n")
+        raise RuntimeError("Gloo connectFullMesh failed with [pair.cc:553] Connection closed by peer")
     return init
 
 
 def test_a_world_whose_group_was_not_made_is_started_again(tmp_path, monkeypatch):
-    calls = tmp_path / "calls"
-    calls.touch()
-    monkeypatch.setattr(dist_harness.dist, "init_process_group", _init_failing(1, calls))  # forked ranks see it
+    monkeypatch.setattr(dist_harness.dist, "init_process_group", _init_failing(tmp_path / "failed", once=True))
     with pytest.warns(UserWarning, match="gloo group of 2 not made"):
         assert run_world(rank_sum, 2) == [3, 3]
 
 
 def test_a_group_never_made_fails_after_the_last_attempt(tmp_path, monkeypatch):
-    calls = tmp_path / "calls"
-    calls.touch()
-    monkeypatch.setattr(dist_harness.dist, "init_process_group", _init_failing(10**6, calls))
+    calls = tmp_path / "calls"  # forked ranks see the patched function
+    monkeypatch.setattr(dist_harness.dist, "init_process_group", _init_failing(calls, once=False))
     with pytest.warns(UserWarning), pytest.raises(ProcessRaisedException, match="connectFullMesh"):
         run_world(rank_sum, 1)
     assert len(calls.read_text().splitlines()) == dist_harness.SETUP_ATTEMPTS
