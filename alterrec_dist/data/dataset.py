@@ -17,7 +17,7 @@ from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.files import check_keys, file_sha256, read_json, read_manifest
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, MANIFEST_KEYS, SESSION_SCHEMA, SPLITS, TEXT_KEYS,
-                                       data_files, item_files)
+                                       data_files, empty_history_rows, item_files)
 
 
 class Dataset:
@@ -73,7 +73,10 @@ class Dataset:
 
     def item_ids(self) -> list[str]:
         """The item ids in item_idx order (items.parquet's id column alone, not its texts)."""
-        return read_parquet(self.path / "items.parquet", columns=["item_id"])["item_id"].to_pylist()
+        return self._item_id_column().to_pylist()
+
+    def _item_id_column(self) -> pa.Array:
+        return read_parquet(self.path / "items.parquet", columns=["item_id"])["item_id"].combine_chunks()
 
     def unlike(self, record: Location, items_only: bool = False) -> str | None:
         """How this dataset differs from the `identity()` a run recorded in `record` (RUN/dataset.json), in
@@ -150,7 +153,7 @@ class Dataset:
         is there twice (serving maps an id to one row), and every text feature is finite (one NaN row makes
         every score NaN, training's loss included)."""
         path = self.path / "items.parquet"
-        ids = read_parquet(path, columns=["item_id"])["item_id"].combine_chunks()
+        ids = self._item_id_column()
         if ids.null_count:
             row = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
             raise DataError(f"{path}: row {row + 1}: no item_id ({ids.null_count:,} of {len(ids):,} items have none)")
@@ -244,7 +247,7 @@ class Dataset:
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: cannot read ({one_line(e)})") from None
         history = table["history"].combine_chunks()
-        empty = np.flatnonzero(pc.list_value_length(history).fill_null(0).to_numpy(zero_copy_only=False) == 0)
+        empty = empty_history_rows(history)
         if len(empty):  # training would stop there, mid-run
             raise DataError(f"{path}: row {empty[0] + 1}: empty or null history")
         values = [history.flatten(), table["target"].combine_chunks()]

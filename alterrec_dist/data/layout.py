@@ -103,9 +103,8 @@ class DatasetWriter:
             return
         hist = history if isinstance(history, (pa.Array, pa.ChunkedArray)) else pa.array(
             history, type=pa.list_(pa.int32()))
-        empty = np.flatnonzero(pc.fill_null(pc.list_value_length(hist), 0).to_numpy(zero_copy_only=False) == 0)
-        if len(empty):  # the start-of-training check cannot see it (Parquet keeps no list lengths): training would
-            # stop at that row, mid-epoch
+        empty = empty_history_rows(hist)
+        if len(empty):  # the start-of-training check cannot see it (Parquet keeps no list lengths)
             raise ValueError(f"{split} row {self._rows[split] + int(empty[0]) + 1}: empty or null history (a row "
                              "needs at least one item before its target)")
         table = pa.Table.from_arrays(
@@ -241,6 +240,11 @@ def item_files(manifest: dict) -> list[str]:
     model's item rows belong to, whatever sessions it is given."""
     text = manifest["text"]
     return ["items.parquet", text["has_text"]] + [p["file"] for p in text["files"]]
+
+
+def empty_history_rows(history: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The rows (0-based) whose history is empty or null: no session row may be, training would stop at it."""
+    return np.flatnonzero(pc.fill_null(pc.list_value_length(history), 0).to_numpy() == 0)
 
 
 def data_files(manifest: dict) -> list[str]:
