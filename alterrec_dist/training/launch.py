@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
+import sys
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.config import Config
@@ -42,13 +42,25 @@ def ray_worker(loop_config: dict) -> None:
     from alterrec_dist.training import recipe
 
     _quiet_report_log()
+    refusals = loop_config["refusals"]
+    if ray.get(refusals.first.remote()) is not None:
+        # Every rank reads the same record (the attempt that made it is over), so all return together
+        # and Ray sees a finished run, not another failure to restart.
+        if ray.train.get_context().get_world_rank() == 0:
+            print("an earlier attempt of this launch was refused (its error ends the run): not training again",
+                  file=sys.stderr, flush=True)
+        return
     cfg = Config.from_dict(loop_config["config"])
     if cfg.trainer.use_gpu:
         import ray.train.torch
         import torch
 
         torch.cuda.set_device(ray.train.torch.get_device())
-    summary = recipe.run_worker(cfg, loop_config["run_dir"], report=_report_to_ray)  # a path or a store URI
+    try:
+        summary = recipe.run_worker(cfg, loop_config["run_dir"], report=_report_to_ray)  # a path or a store URI
+    except (ConfigError, DataError) as e:
+        ray.get(refusals.record.remote(e))
+        raise
     # One last report on every rank (reports are a barrier): the driver gets the summary even
     # when rank 0 ran on another node and run_dir is not shared.
     ray.train.report({"summary": summary})
@@ -85,7 +97,25 @@ def _init_ray(num_workers: int) -> bool:
     return init_ray(num_cpus=max(os.cpu_count() or 1, num_workers), dashboard=True)
 
 
+class Refusals:
+    """The first refusal (a ConfigError or DataError: a diverged loss, damaged data) a worker raised in this
+    launch, held by a Ray actor that outlives the workers. A refusal comes again on every attempt, so Ray's
+    restarts (`trainer.max_failures`, forever at -1) would each train up to it again; a restarted worker that
+    finds one here trains nothing, and the driver raises it as the torchrun launcher's rank would."""
+
+    def __init__(self):
+        self._first: ConfigError | DataError | None = None
+
+    def record(self, error: ConfigError | DataError) -> None:
+        if self._first is None:
+            self._first = error
+
+    def first(self) -> ConfigError | DataError | None:
+        return self._first
+
+
 def launch_ray(cfg: Config, run_dir: Location) -> dict:
+    import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
@@ -96,9 +126,10 @@ def launch_ray(cfg: Config, run_dir: Location) -> dict:
     (run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).unlink(missing_ok=True)
     started = _init_ray(cfg.trainer.num_workers)
     try:
+        refusals = ray.remote(num_cpus=0)(Refusals).remote()  # no CPU: the workers may hold every one
         trainer = TorchTrainer(
             ray_worker,
-            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir)},
+            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "refusals": refusals},
             torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
             # Ray's own files (its run-state snapshot) go into run_dir itself, so the checkpoints the
@@ -111,10 +142,18 @@ def launch_ray(cfg: Config, run_dir: Location) -> dict:
                                  # INFO would echo every ray.train.report() dict from every worker
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )
+        result, failure = None, None
         try:
             result = trainer.fit()
         except TrainingFailedError as e:
-            raise worker_refusal(str(e)) or TrainingError(f"training failed: {e}") from None
+            failure = e
+        # a worker's refusal ends the run whether Ray gave up on it (no restart left) or the restarted workers
+        # stopped at once (a finished fit): its one line, not Ray's traceback
+        refused = ray.get(refusals.first.remote())
+        if refused is not None:
+            raise refused from None
+        if failure is not None:
+            raise TrainingError(f"training failed: {failure}") from None
         reported = (result.metrics or {}).get("summary")
         return read_summary(run_dir, reported)
     finally:
@@ -124,20 +163,6 @@ def launch_ray(cfg: Config, run_dir: Location) -> dict:
 
 class TrainingError(Exception):
     """The workers failed; the message (and Ray's log above it) says how."""
-
-
-WORKER_REFUSAL = re.compile(r"alterrec_dist\.common\.errors\.(ConfigError|DataError): (.+)")
-
-
-def worker_refusal(failure: str) -> ConfigError | DataError | None:
-    """The one-line error a worker refused the run with (a diverged loss, damaged data it read), from Ray's
-    failure text, as the torchrun launcher would print it; None for any other failure. Ray ended the run
-    with its traceback and exit code 1 (after its restarts: the refusal came again each time)."""
-    found = WORKER_REFUSAL.findall(failure)
-    if not found:
-        return None
-    kind, message = found[-1]
-    return (ConfigError if kind == "ConfigError" else DataError)(message.strip())
 
 
 # -- launcher: torchrun -----------------------------------------------------------------------

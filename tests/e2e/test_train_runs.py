@@ -98,16 +98,22 @@ def test_default_data_shows_alterrecs_effect(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_diverged_run_under_ray_is_the_workers_one_line(tmp_path):
+@pytest.mark.parametrize("max_failures,workers", [(0, 1), (-1, 2)])
+def test_a_diverged_run_under_ray_is_the_workers_one_line(tmp_path, max_failures, workers):
     """The worker's refusal (a NaN loss) reached the driver inside Ray's failure text: a traceback and exit 1. The
-    driver now prints the worker's one line, exit 2, as the torchrun launcher does."""
+    driver now prints the worker's one line, exit 2, as the torchrun launcher does. And Ray restarted the workers
+    to train up to the same refusal again, forever with trainer.max_failures = -1: now the restarted workers
+    find it recorded and stop at once, so the run ends after one restart."""
     data = tiny_dataset(tmp_path / "data")
     args = ["--config", "configs/default.toml", *[a for s in SMALL for a in ("--set", s)], "--set", f"data.path={data}",
             "--set", "train.global_batch_size=40", "--set", "eval.batch_size=50", "--set", "train.lr_id=1e30",
-            "--set", "train.lr_text=1e30", "--set", "trainer.num_workers=1", "--set", "trainer.max_failures=0",
-            "--out", str(tmp_path / "run")]
+            "--set", "train.lr_text=1e30", "--set", f"trainer.num_workers={workers}",
+            "--set", f"trainer.max_failures={max_failures}", "--out", str(tmp_path / "run")]
     r = subprocess.run([PY, "-m", "alterrec_dist.train", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
                        timeout=280, env=_env())
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1] == ("error: epoch 0: the id network's training loss is nan: the run "
                                                  "diverged (lower train.lr_id / train.lr_text)")
+    # (Ray may echo a worker's line twice, so its presence is what counts)
+    restart_stopped = "an earlier attempt of this launch was refused" in r.stderr
+    assert restart_stopped == (max_failures != 0), r.stderr[-3000:]
