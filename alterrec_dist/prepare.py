@@ -23,9 +23,9 @@ from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import SPLITS, data_files
 from alterrec_dist.data.sources.amazon_m2 import read_amazon_m2
 from alterrec_dist.data.sources.log import read_log
-from alterrec_dist.data.sources.recbole import read_recbole
+from alterrec_dist.data.sources.recbole import read_recbole, recbole_files
 from alterrec_dist.data.sources.tables import Source
-from alterrec_dist.data.text_features import DEFAULT_BATCH_SIZE, encode_here
+from alterrec_dist.data.text_features import DEFAULT_BATCH_SIZE, default_cache_dir, default_model_path, encode_here
 from alterrec_dist.data.text_ray import ray_encoder
 
 
@@ -111,14 +111,14 @@ def read_source(args: argparse.Namespace) -> Source:
 
 
 def source_paths(args: argparse.Namespace) -> list[str | None]:
-    """What `read_source` reads and the text model it encodes with (None: not given), which OUT must not hold."""
+    """What `read_source` reads and the text model it encodes with, which OUT must not hold (None: not given)."""
     if args.source == "recbole":
-        read = [args.path]
+        read = recbole_files(args.path, args.name)  # its files, not the directory: OUT may lie beside them
     elif args.source == "amazon-m2":
         read = [*args.sessions, *args.labels, args.products]  # each repeatable flag: a list of files
     else:
         read = [args.interactions, args.items]
-    return [*read, args.text_model]
+    return [*read, args.text_model or default_model_path()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cutoff and --valid-cutoff need --split time")  # else a leave-last-out split, silently
     if args.source == "verify":
         return verify(args.dataset)
-    check_out(args.out, args.overwrite, source_paths(args))
+    check_out(args.out, args.overwrite, source_paths(args), kept=[default_cache_dir()])  # the text cache
     out, source, has_text, stats = build_dataset(
         args.out, args.overwrite, lambda: read_source(args), args.text_model, args.batch_size,
         progress=not args.no_progress, command=[sys.executable, "-m", "alterrec_dist.prepare", *argv],

@@ -184,10 +184,10 @@ CASES = [
     # prepare log: NaN or null in a key column, of CSV and Parquet
     ("log-csv-nan-time", "prepare", lambda d, r: log_argv(
         log_csv(d, [f"u1,{i},{t}.5" for t, i in enumerate("ABC")] + ["u1,D,nan"]), log_items(d), d / "out"),
-     ["{d}/inter.csv: column ts: row 4: time is NaN"]),
+     ["{d}/inter.csv: column ts: row 4: time is nan (not a finite number)"]),
     ("log-parquet-nan-time", "prepare", lambda d, r: log_argv(
         log_parquet(d, ts=pa.array([0.0, 1.0, float("nan"), 3.0, 0.0, 1.0, 2.0, 3.0])), log_items(d), d / "out"),
-     ["{d}/inter.parquet: column ts: row 3: time is NaN"]),
+     ["{d}/inter.parquet: column ts: row 3: time is nan (not a finite number)"]),
     ("log-parquet-null-time", "prepare", lambda d, r: log_argv(
         log_parquet(d, ts=pa.array([0.0, 1.0, None, 3.0, 0.0, 1.0, 2.0, 3.0])), log_items(d), d / "out"),
      ["{d}/inter.parquet: column ts: row 3: empty time"]),
@@ -338,7 +338,7 @@ CASES = [
             file="sessions/../sessions/test/part-00000.parquet"))))],
      ["{d}/ds/manifest.json: file 'sessions/../sessions/test/part-00000.parquet' is not a path inside the dataset"]),
     ("verify-nan-text-feature", "prepare", lambda d, r: ["verify", str(damaged(d, lambda ds: _nan_text_feature(ds, 7)))],
-     ["{d}/ds/text_features/part-00000.npy: row 7 (item_idx 7): a text feature that is not finite"]),
+     ["{d}/ds/text_features/part-00000.npy: row 8 (item_idx 7): a text feature that is not finite"]),
     ("verify-item-without-id", "prepare", lambda d, r: ["verify", str(damaged(
         d, lambda ds: _resigned(ds, ds / "items.parquet", lambda t: t.set_column(
             t.schema.get_field_index("item_id"), "item_id", pa.array([None] + t["item_id"].to_pylist()[1:],

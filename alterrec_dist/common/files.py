@@ -107,16 +107,20 @@ def replace_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def check_out(out: str | Location, overwrite: bool, inputs: Iterable[str | Location | None] = ()) -> Location:
+def check_out(out: str | Location, overwrite: bool, inputs: Iterable[str | Location | None] = (),
+              kept: Iterable[str | Location] = ()) -> Location:
     """OUT as an absolute path (or a store URI), refused (DataError) if it exists and `overwrite` is off, or
-    if it is, or holds, one of the command's `inputs` (None: not given): replacing it would delete what the
-    command reads (`export --run R --out R --overwrite` did); or if it exists inside one (a file or directory
-    the command reads as part of it: `--data D --out D/sessions/test/part-00000.parquet --overwrite` replaced
-    the dataset's test split). Every command checks this first."""
+    if it is, or holds, one of the command's `inputs` (None: not given) or `kept` directories: replacing it
+    would delete what the command reads (`export --run R --out R --overwrite` did); or if it exists inside an
+    input (a file or directory the command reads as part of it: `--data D --out D/sessions/test/part-00000.parquet
+    --overwrite` replaced the dataset's test split). A kept directory (a cache) may hold OUT: it reads only its
+    own entries. Every command checks this first."""
     out = resolve_location(out)
-    for source in (resolve_location(s) for s in inputs if s is not None):
+    inputs = [resolve_location(s) for s in inputs if s is not None]
+    for source in [*inputs, *map(resolve_location, kept)]:
         if _within(source, out):
             raise DataError(f"{out}: holds the input {source}, which writing it would delete")
+    for source in inputs:
         if _within(out, source) and (out.exists() or out.is_symlink()):
             raise DataError(f"{out}: lies in the input {source}, which writing it would change")
     if isinstance(out, StorePath):

@@ -159,6 +159,25 @@ def test_overwrite_replaces_an_existing_output(tmp_path):
     assert not (out / "stale").exists() and Dataset(out).num_items == 5
 
 
+def test_recbole_output_inside_its_directory_is_replaced_again(tmp_path):
+    """`--path X --out X/prepared` a second time with --overwrite was refused ("lies in the input X"): the
+    directory was taken as the input, not the files read in it."""
+    rb = write_recbole(tmp_path / "rb")
+    for _ in range(2):
+        main(["recbole", "--path", str(rb), "--out", str(rb / "prepared"), "--overwrite", "--no-progress"])
+    assert Dataset(rb / "prepared").num_items == 5
+
+
+def test_output_may_not_replace_the_text_cache(tmp_path, text_cache, capsys):
+    """OUT = the text cache (ALTERREC_CACHE) with --overwrite replaced the cache the run had just filled."""
+    inter, items = write_log(tmp_path / "log", "csv")
+    entries = sorted(p.name for p in text_cache.iterdir())
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, log_argv(inter, items, text_cache, "--overwrite"))
+    assert e.value.code == 2 and f"{text_cache}: holds the input {text_cache}" in capsys.readouterr().err
+    assert sorted(p.name for p in text_cache.iterdir()) == entries
+
+
 @pytest.mark.parametrize("file, line, bad, message", [
     ("X.train.inter", 1, "u1\t0 x\t2", "row 1, column item_id_list: 'x' is not a non-negative integer"),
     ("X.test.inter", 1, "u1\t0 1 2 3\t4.0", "row 1, column item_id: '4.0' is not a non-negative integer"),
@@ -284,6 +303,37 @@ def test_amazon_m2_sessions_with_their_own_next_item_column(m2_small, capsys):
     with pytest.raises(DataError, match=r"train.parquet: has its own next_item column, and --labels .*l.parquet "
                                         r"gives another: give one"):
         read_amazon_m2([d / "train.parquet"], [d / "l.parquet"])
+
+
+def test_amazon_m2_own_next_item_beside_a_labels_file(m2_small):
+    """A file with its own next_item and a test file with a labels file went into one dataset by naming the
+    first as its own --labels (which refused it), and a next_item column left empty on every row (a header only)
+    refused the --labels given, or failed "empty value" without: it now counts as no column."""
+    d = m2_small
+    s, labels = pq.read_table(d / "s.parquet"), pq.read_table(d / "l.parquet")["next_item"]
+    pq.write_table(s.slice(0, 150).append_column("next_item", labels.slice(0, 150)), d / "train.parquet")
+    pq.write_table(s.slice(150), d / "test.parquet")
+    pq.write_table(pq.read_table(d / "l.parquet").slice(150), d / "gt.parquet")
+    mixed = read_amazon_m2([d / "train.parquet", d / "test.parquet"], [d / "train.parquet", d / "gt.parquet"])
+    whole = read_amazon_m2([d / "s.parquet"], [d / "l.parquet"])
+    assert mixed.item_ids.equals(whole.item_ids) and full_sessions(mixed) == full_sessions(whole)
+    assert mixed.files == [d / "train.parquet", d / "test.parquet", d / "gt.parquet"]  # each file once
+
+    pq.write_table(s.append_column("next_item", pa.array([None] * s.num_rows, pa.string())), d / "blank.parquet")
+    assert full_sessions(read_amazon_m2([d / "blank.parquet"], [d / "l.parquet"])) == full_sessions(whole)
+    no_labels = read_amazon_m2([d / "s.parquet"])
+    assert full_sessions(read_amazon_m2([d / "blank.parquet"])) == full_sessions(no_labels)
+
+
+def test_amazon_m2_csv_empty_or_joined_ids_are_refused(tmp_path):
+    """An empty id ('') in a CSV list became an item "" of the catalog, and two ids with no space between their
+    quotes ('A1''A2') became one id "A1''A2": numpy writes neither."""
+    rows = [["A1", "A2", "A3"], ["A2", "A3"], ["A3", "A1"], ["A1", "A2"]]
+    for bad, row, what in [("['' 'A2' 'A3']", 3, "empty item id"), ("['A1''A2' 'A3']", 3, "not a list like")]:
+        with open(tmp_path / "s.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["prev_items"], *[[numpy_style(r)] for r in rows[:2]], [bad], [numpy_style(rows[3])]])
+        with pytest.raises(DataError, match=rf"s.csv: row {row}, column prev_items: {what}"):
+            read_amazon_m2([tmp_path / "s.csv"])
 
 
 def test_amazon_m2_csv_ids_as_numpy_quotes_them(tmp_path):
@@ -535,6 +585,20 @@ def test_log_times_whole_then_fractional_read_as_numbers(tmp_path):
                                                            in enumerate(LOG)]])
     main(log_argv(inter, items, tmp_path / "out"))
     assert sessions_as_rows(Dataset(tmp_path / "out"), "test") == EXPECTED["user-leave-last-out"][1]["test"]
+
+
+@pytest.mark.parametrize("times, message", [
+    (["1", "1.5", "abc"], "row 3: 'abc' is not in the format of row 1 ('1')"),  # it named row 2, which reads
+    (["1", "inf", "2"], "row 2: time is inf (not a finite number)"),  # inf sorted last: a test target
+    (["1", "2", "-Infinity"], "row 3: time is -inf (not a finite number)"),
+])
+def test_log_times_that_read_as_no_time(tmp_path, capsys, times, message):
+    _, items = write_log(tmp_path, "csv")
+    inter = tmp_path / "times.csv"
+    rows = [(u, i, times[n % len(times)] if n < len(times) else str(10 + n)) for n, (u, i, _, _) in enumerate(LOG)]
+    with open(inter, "w", newline="") as f:
+        csv.writer(f).writerows([["user", "item", "ts"], *rows])
+    assert_fails(log_argv(inter, items, tmp_path / "o"), f"{inter}: column ts: {message}", capsys)
 
 
 def test_log_unparseable_time(tmp_path, capsys):

@@ -10,14 +10,15 @@ import pyarrow.compute as pc
 
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.data.sources.tables import (TEST, TRAIN, VALID, Pairs, Source, append_targets, as_text,
-                                               check_unique_ids, counts_to_offsets, event_positions, first_duplicate,
-                                               join_texts, keep_long_sessions, nan_mask, raise_at_first, read_table,
-                                               split_tokens, string_column)
+                                               check_unique_ids, counts_to_offsets, decoded_column, event_positions,
+                                               first_duplicate, join_texts, keep_long_sessions, nan_mask,
+                                               raise_at_first, read_table, split_tokens, string_column)
 
 
 # -- Amazon-M2 (KDD Cup 2023, task 2) --------------------------------------------------------------
 # str(np.array([...])), wrapped or not; the ids are then split on whitespace, so an id may not hold any
-NUMPY_LIST = r"""^\s*\[(\s*('[^'\s]*'|"[^"\s]*"))*\s*\]\s*$"""
+NUMPY_ID = r"""('[^'\s]*'|"[^"\s]*")"""
+NUMPY_LIST = rf"""^\s*\[\s*({NUMPY_ID}(\s+{NUMPY_ID})*)?\s*\]\s*$"""  # ids apart: numpy puts space between them
 
 
 @dataclass
@@ -84,23 +85,26 @@ def read_amazon_m2(sessions: list[str | Path], labels: list[str | Path] = (), pr
     params = {"sessions": [str(p) for p in sessions], "labels": [str(p) for p in labels],
               "products": str(products) if products else None, "locale": locale, "valid_frac": valid_frac,
               "test_frac": test_frac, "seed": seed, "drop_short": drop_short}
-    files = sessions + labels + ([Path(products)] if products else [])
+    files = list(dict.fromkeys(sessions + labels + ([Path(products)] if products else [])))  # --labels may name
+    # a sessions file (its own next_item column)
     return Source("amazon-m2", files, params, item_ids, texts, splits, notes={"dropped_short_sessions": dropped})
 
 
 def _read_m2_file(path: Path, labels: Path | None, locale: str | None, first_row: int,
                   drop_short: bool) -> tuple[_M2Sessions, set[str]]:
     """One sessions file (+ its labels: a --labels file, or its own next_item column as in the release's
-    sessions_train.csv), restricted to `locale`; also the locales it holds."""
+    sessions_train.csv, which --labels may then name), restricted to `locale`; also the locales it holds."""
     table = read_table(path, ["prev_items"], optional=["locale", "next_item"])
     if locale is not None and "locale" not in table.column_names:
         raise DataError(f"{path}: --locale given but the file has no locale column")
     locales = string_column(table, "locale", path) if "locale" in table.column_names else None
     tokens, counts = _session_items(table["prev_items"].combine_chunks(), path)
-    if "next_item" in table.column_names:
-        if labels is not None:
-            raise DataError(f"{path}: has its own next_item column, and --labels {labels} gives another: give one")
-        tokens, counts = _append_labels(tokens, counts, string_column(table, "next_item", path))
+    own = _own_labels(table, path)
+    if own is not None:
+        if labels is not None and labels.resolve() != path.resolve():
+            raise DataError(f"{path}: has its own next_item column, and --labels {labels} gives another: give one "
+                            f"(--labels {path} names its own)")
+        tokens, counts = _append_labels(tokens, counts, own)
     elif labels is not None:
         tokens, counts = _append_labels(tokens, counts, _read_m2_labels(labels, table.num_rows, locales))
     rows = (np.arange(table.num_rows) if locale is None
@@ -111,6 +115,18 @@ def _read_m2_file(path: Path, labels: Path | None, locale: str | None, first_row
     part = _M2Sessions(tokens.filter(pa.array(np.repeat(keep, counts))), counts[keep],
                        np.nonzero(keep)[0] + first_row, table.num_rows, int((~long).sum()))
     return part, set(pc.unique(locales).to_pylist()) if locales is not None else set()
+
+
+def _own_labels(table: pa.Table, path: Path) -> pa.Array | None:
+    """The sessions file's own next_item column; None without one, or where it is empty on every row (a header
+    only: a file written without labels), which leaves the labels to --labels or the last item."""
+    if "next_item" not in table.column_names:
+        return None
+    col = as_text(decoded_column(table, "next_item"), path, "next_item")
+    blank = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), "")).fill_null(True)
+    if blank.to_numpy(zero_copy_only=False).all():
+        return None
+    return string_column(table, "next_item", path)
 
 
 def _session_items(col: pa.Array, path: Path) -> tuple[pa.Array, np.ndarray]:
@@ -134,7 +150,10 @@ def _session_items(col: pa.Array, path: Path) -> tuple[pa.Array, np.ndarray]:
     # the list's brackets off, split on whitespace, then each id's own quotes off (numpy quotes an id holding
     # an apostrophe with double quotes: "A'B" is one id, which stripping every quote character split in two)
     tokens, counts = split_tokens(pc.replace_substring_regex(col, r"^\s*\[|\]\s*$", " "))
-    return pc.replace_substring_regex(tokens, r"""^'(.*)'$|^"(.*)"$""", r"\1\2"), counts
+    tokens = pc.replace_substring_regex(tokens, r"""^'(.*)'$|^"(.*)"$""", r"\1\2")
+    raise_at_first(pc.equal(tokens, "").to_numpy(zero_copy_only=False), path, "prev_items", "empty item id ('')",
+                   np.repeat(np.arange(len(counts)), counts))
+    return tokens, counts
 
 
 def _read_m2_labels(path: Path, num_sessions: int, session_locales: pa.Array | None) -> pa.Array:

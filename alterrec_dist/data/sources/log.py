@@ -11,7 +11,7 @@ from alterrec_dist.common.errors import DataError
 from alterrec_dist.data.layout import SPLITS
 from alterrec_dist.data.sources.tables import (TEST, TRAIN, VALID, Pairs, Source, check_unique_ids,
                                                counts_to_offsets, event_positions, join_texts, keep_long_sessions,
-                                               nan_mask, raise_at_first, read_table, string_column)
+                                               raise_at_first, read_table, string_column)
 
 
 # -- any interaction log + item table ---------------------------------------------------------------
@@ -102,10 +102,11 @@ def _time_numbers(col: pa.Array, where: str) -> tuple[np.ndarray, str]:
         values, kind = _parse_times(col.cast(pa.string()), where)
     if values.null_count:
         raise DataError(f"{where}: row {int(np.argmax(pc.is_null(values).to_numpy(zero_copy_only=False))) + 1}: empty time")
-    nan = nan_mask(values)
-    if nan.any():
-        raise DataError(f"{where}: row {int(np.argmax(nan)) + 1}: time is NaN")
-    return values.to_numpy(), kind
+    numbers = values.to_numpy()
+    if pa.types.is_floating(values.type) and not np.isfinite(numbers).all():  # NaN, or inf sorting last (a target)
+        row = int(np.argmax(~np.isfinite(numbers)))
+        raise DataError(f"{where}: row {row + 1}: time is {numbers[row]} (not a finite number)")
+    return numbers, kind
 
 
 def _parse_times(col: pa.Array, where: str) -> tuple[pa.Array, str]:
@@ -122,7 +123,8 @@ def _parse_times(col: pa.Array, where: str) -> tuple[pa.Array, str]:
         return (values.cast(pa.int64()) if kind == "time" else values), kind
     if not fits_first:
         raise DataError(f"{where}: row 1: {col[0].as_py()!r} is neither a number nor an ISO-8601 time")
-    bad = next(i for i, v in enumerate(col.to_pylist()) if not _casts(pa.array([v], pa.string()), fits_first[0]))
+    bad = next(i for i, v in enumerate(col.to_pylist())  # the first that no format row 1 fits reads
+               if not any(_casts(pa.array([v], pa.string()), target) for target in fits_first))
     raise DataError(f"{where}: row {bad + 1}: {col[bad].as_py()!r} is not in the format of row 1 ({col[0].as_py()!r})")
 
 

@@ -23,15 +23,23 @@ def read_recbole(path: str | Path, name: str | None = None, drop_short: bool = F
     """
     directory = Path(path)
     name = name or _recbole_name(directory)
-    item2index = directory / f"{name}.item2index"
-    text_file = directory / f"{name}.text"
+    *inter_files, item2index, text_file = recbole_files(directory, name)
     item_ids, base = _read_item2index(item2index)
     texts = _read_recbole_text(text_file, item_ids) if text_file.exists() else [None] * len(item_ids)
-    inter = {split: directory / f"{name}.{split}.inter" for split in SPLITS}
+    inter = dict(zip(SPLITS, inter_files))
     splits = {split: _read_recbole_inter(inter[split], len(item_ids), base, drop_short) for split in SPLITS}
     files = [*inter.values(), item2index] + ([text_file] if text_file.exists() else [])
     return Source("recbole", files, {"path": str(directory), "name": name, "drop_short": drop_short},
                   item_ids, texts, splits, notes={"item_index_base": base})
+
+
+def recbole_files(path: str | Path, name: str | None = None) -> list[Path]:
+    """What `read_recbole` reads in directory `path`: NAME.{train,valid,test}.inter, NAME.item2index and
+    NAME.text (read where it exists), in that order; NAME from the one *.train.inter where not given."""
+    directory = Path(path)
+    name = name or _recbole_name(directory)
+    return [*(directory / f"{name}.{split}.inter" for split in SPLITS), directory / f"{name}.item2index",
+            directory / f"{name}.text"]
 
 
 def _recbole_name(directory: Path) -> str:
