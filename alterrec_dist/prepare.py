@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     m2 = sub.add_parser("amazon-m2", parents=[common], help="Amazon-M2 (KDD Cup 2023) task-2 sessions")
     m2.add_argument("--sessions", action="append", required=True, help="CSV or Parquet; repeat to concatenate")
     m2.add_argument("--labels", action="append", default=[],
-                    help="row-aligned next_item file, once per --sessions (not for a sessions file with its own "
-                         "next_item column, e.g. sessions_train.csv)")
+                    help="row-aligned next_item file, once per --sessions; a sessions file with its own next_item "
+                         "column (e.g. sessions_train.csv) needs none, or is named itself here beside the others")
     m2.add_argument("--products", help="products_train.csv: item texts (title. brand. desc)")
     m2.add_argument("--locale", help="keep only this locale's sessions, e.g. FR")
     m2.add_argument("--valid-frac", type=float, default=0.1)
