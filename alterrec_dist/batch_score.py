@@ -31,14 +31,14 @@ import argparse
 from alterrec_dist.common.cli import add_device_argument, add_model_arguments, run_cli
 from alterrec_dist.common.config import METRICS
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import atomic_write_json, check_file_out, check_out, same_location
+from alterrec_dist.common.files import check_file_out, check_out, same_location, write_file_out
 from alterrec_dist.common.run_layout import served_paths
-from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.data.dataset import Dataset, dataset_files
 from alterrec_dist.data.layout import SPLITS
 from alterrec_dist.serve.batch_input import check_input, input_files, session_columns
 from alterrec_dist.serve.batch_output import summary_comparison
 from alterrec_dist.serve.batch_runners import ray_requested, score_files
-from alterrec_dist.serve.export_dir import load_scoring_model
+from alterrec_dist.serve.export_dir import export_files, load_scoring_model
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
@@ -71,6 +71,15 @@ def format_metrics(result: dict, kinds: list[str], served: str) -> str:
     return "\n".join(lines)
 
 
+def check_out_files(args: argparse.Namespace, inputs: list) -> None:
+    """--out and --metrics-out against what the command reads."""
+    check_out(args.out, args.overwrite, inputs)
+    if args.metrics_out:
+        if same_location(args.metrics_out, args.out):
+            raise ConfigError(f"--metrics-out {args.metrics_out} is --out: give each its own file")
+        check_file_out(args.metrics_out, inputs)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.top < 1:
@@ -79,22 +88,23 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--ray-workers must be >= 1, got {args.ray_workers}")
     if args.export and args.data and not args.split:
         raise ConfigError("--data with --export names the dataset of --split: without --split it would be ignored")
-    inputs = [*(args.input or []), *served_paths(args.run), args.export, args.data]
-    check_out(args.out, args.overwrite, inputs)  # before the model
-    if args.metrics_out:
-        if same_location(args.metrics_out, args.out):
-            raise ConfigError(f"--metrics-out {args.metrics_out} is --out: give each its own file")
-        check_file_out(args.metrics_out, inputs)
+    # the files read (a dataset's or an export's: an output may lie beside them, not replace one)
+    inputs = [*(input_files(args.input) if args.input else []), *served_paths(args.run),
+              *(export_files(args.export) if args.export else []), *(dataset_files(args.data) if args.data else [])]
+    check_out_files(args, inputs)  # before the model
     spec = {"run": args.run, "export": args.export, "data": args.data, "device": args.device}
     bundle = load_scoring_model(**spec)
+    # the dataset read besides, known now: the run's (its items), or --split's (its sessions)
+    data_path = args.data or bundle.provenance.get("dataset", {}).get("path") if args.run or args.split else None
+    if data_path:
+        check_out_files(args, dataset_files(data_path))
     if args.split:
-        data = Dataset(args.data or bundle.provenance["dataset"]["path"])
-        check_out(args.out, args.overwrite, [data.path])  # the run's dataset, known now
-        if args.metrics_out:
-            check_file_out(args.metrics_out, [data.path])
-        if args.export and data.item_ids() != bundle.item_ids:  # --run checks its own
-            raise DataError(f"{data.path}: not the items of the export {args.export} (its sessions' item "
-                            "indices would name other items)")
+        data = Dataset(data_path)
+        if args.export:  # --run checks its own
+            data.check()
+            if data.item_ids() != bundle.item_ids:
+                raise DataError(f"{data.path}: not the items of the export {args.export} (its sessions' item "
+                                "indices would name other items)")
         files = data.session_files(args.split)
     else:
         files = input_files(args.input)
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
     if args.metrics_out:
         try:
-            atomic_write_json(args.metrics_out, report)
+            write_file_out(args.metrics_out, report)
         except OSError as e:
             raise DataError(f"{args.metrics_out}: cannot write ({e.strerror or e}); the scores are in {out.path}, "
                             "written before") from None

@@ -31,6 +31,7 @@ import sys
 from alterrec_dist.common.cli import add_device_argument, run_cli
 from alterrec_dist.common.files import check_out
 from alterrec_dist.common.run_layout import served_paths
+from alterrec_dist.data.dataset import dataset_files
 from alterrec_dist.serve.export_dir import write_export
 from alterrec_dist.serve.from_run import inference_device, load_run
 
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = inference_device(args.device)
-    check_out(args.out, args.overwrite, [*served_paths(args.run), args.data])  # before the model is loaded
+    check_out(args.out, args.overwrite, [*served_paths(args.run), *(dataset_files(args.data) if args.data else [])])
     bundle = load_run(args.run, args.data, device)
     out = write_export(bundle, args.out, args.overwrite)
     dims = [m.shape[1] for m in bundle.matrices]

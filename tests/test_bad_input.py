@@ -472,10 +472,14 @@ CASES = [
     ("batch-out-a-file-of-the-dataset", "batch_score", lambda d, r: [
         "--run", str(r), "--data", str(_run_dataset_copy(d, r)), "--split", "test", "--out",
         str(d / "ds" / "sessions" / "test" / "part-00000.parquet"), "--overwrite", "--no-ray"],
-     ["{d}/ds/sessions/test/part-00000.parquet: lies in the input {d}/ds, which writing it would change"]),
+     ["{d}/ds/sessions/test/part-00000.parquet: holds the input {d}/ds/sessions/test/part-00000.parquet"]),
     ("batch-out-a-file-of-its-input-directory", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES).parent), "--out", str(d / "in.parquet"),
-        "--overwrite", "--no-ray"], ["{d}/in.parquet: lies in the input {d}, which writing it would change"]),
+        "--overwrite", "--no-ray"], ["{d}/in.parquet: holds the input {d}/in.parquet"]),
+    ("batch-out-a-file-of-the-runs-dataset-scoring-input", "batch_score", lambda d, r: [
+        "--run", str(_run_on_dataset_copy(d, r)), "--input", str(batch_input(d, GOOD_HISTORIES)),
+        "--out", str(d / "ds" / "items.parquet"), "--overwrite", "--no-ray"],
+     ["{d}/ds/items.parquet: holds the input {d}/ds/items.parquet"]),  # the run's items were replaced
     ("batch-metrics-out-the-runs-summary", "batch_score", lambda d, r: [
         "--run", str(run_copy(d, r)), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
         "--metrics-out", str(d / "run" / "summary.json"), "--no-ray"],
@@ -524,10 +528,10 @@ CASES = [
     ("batch-ray-bad-input", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES[:2] + [[3, -1]] + GOOD_HISTORIES[3:])),
         "--out", str(d / "o.parquet"), "--ray"], ["{d}/in.parquet: row 3: history item outside"]),
-    ("batch-metrics-out-no-directory", "batch_score", lambda d, r: [
+    ("batch-metrics-out-under-a-file", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
-        "--metrics-out", str(d / "nowhere" / "m.json")],
-     ["{d}/nowhere/m.json: its directory {d}/nowhere does not exist"]),
+        "--metrics-out", str(_raw(d, "f", b"x") / "new" / "m.json")],
+     ["{d}/f/new/m.json: {d}/f is not a directory"]),
     ("batch-metrics-out-is-a-directory", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
         "--metrics-out", str(_mkdir(d / "m"))], ["{d}/m: is a directory"]),
@@ -615,6 +619,14 @@ def _run_dataset(run: Path) -> Path:
 
 def _run_dataset_copy(d: Path, run: Path) -> Path:
     return Path(shutil.copytree(_run_dataset(run), d / "ds"))
+
+
+def _run_on_dataset_copy(d: Path, run: Path) -> Path:
+    """A copy of the run whose model names a copy of its dataset (d/ds), as a run trained on it would."""
+    data, copy = _run_dataset_copy(d, run), run_copy(d, run)
+    manifest = json.loads((copy / "model" / "manifest.json").read_text())
+    (copy / "model" / "manifest.json").write_text(json.dumps({**manifest, "dataset": str(data)}))
+    return copy
 
 
 def _other_items(d: Path, run: Path) -> Path:

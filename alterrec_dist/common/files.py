@@ -149,15 +149,26 @@ def _within(path: Location, directory: Location) -> bool:
 
 
 def check_file_out(path: str | Location, inputs: Iterable[str | Location | None] = ()) -> Location:
-    """A file a command writes whole at its end, replacing one there (--metrics-out): refused before the
-    command's work if it cannot be written (a directory there, no directory to put it in) or would replace
-    what the command reads (`inputs`, as for `check_out`: a run's summary.json was overwritten silently)."""
+    """A file a command writes whole at its end (`write_file_out`), replacing one there (--metrics-out):
+    refused before the command's work if it cannot be written (a directory there, a file where its directory
+    would be made) or would replace what the command reads (`inputs`, as for `check_out`: a run's summary.json
+    was overwritten silently)."""
     out = check_out(path, overwrite=True, inputs=inputs)
     if out.is_dir():  # in a store: a prefix with objects under it, which an object of its name would hide
         raise DataError(f"{out}: is a directory (give a file name)")
-    if isinstance(out, Path) and not out.parent.is_dir():
-        raise DataError(f"{out}: its directory {out.parent} does not exist")
+    if isinstance(out, Path):
+        above = next(p for p in out.parents if p.exists())  # its directory, or where that is made
+        if not above.is_dir():
+            raise DataError(f"{out}: {above} is not a directory")
     return out
+
+
+def write_file_out(path: str | Location, obj) -> None:
+    """`obj` as JSON to the file `check_file_out` passed, its directory made first (like --out's)."""
+    path = resolve_location(path)
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, obj)
 
 
 def resolve_location(out: str | Location) -> Location:

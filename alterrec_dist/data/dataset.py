@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError, one_line
-from alterrec_dist.common.files import check_keys, file_sha256, read_json, read_manifest
+from alterrec_dist.common.files import check_keys, file_sha256, read_json, read_manifest, resolve_location
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, MANIFEST_KEYS, SESSION_SCHEMA, SPLITS, TEXT_KEYS,
                                        data_files, empty_history_rows, item_files)
@@ -65,6 +65,14 @@ class Dataset:
         item ids' (`item_ids_sha256`)."""
         return {"path": str(self.path), "num_items": self.num_items, "sha256": self.file_digests,
                 "item_ids_sha256": self.item_ids_sha256()}
+
+    def files(self) -> list[Location]:
+        """Every file reading the dataset reads: its manifest and the files that names. An output may lie beside
+        them in the directory (a scores file), not replace one."""
+        m = self.manifest
+        names = ["items.parquet", m["text"]["has_text"], *(p["file"] for p in m["text"]["files"]),
+                 *(p["file"] for split in SPLITS for p in m["session_files"][split])]
+        return [self.mpath, *(self.path / name for name in names)]
 
     def item_ids_sha256(self) -> str:
         """sha256 of the item ids in item_idx order: which item each row is. items.parquet's own sha256 also
@@ -301,3 +309,12 @@ def read_parquet(path: Location, **kwargs) -> pa.Table:
     """A whole Parquet file, local or in a store (`kwargs` as for `pq.read_table`)."""
     with storage.open_input(path) as f:
         return pq.read_table(f, **kwargs)
+
+
+def dataset_files(path: str | Location) -> list[Location]:
+    """`Dataset(path).files()`, or the directory itself where its manifest cannot be read (nothing in it may
+    then be replaced: which files it would read is not known)."""
+    try:
+        return Dataset(path).files()
+    except DataError:
+        return [resolve_location(path)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -16,7 +17,7 @@ from alterrec_dist.common.files import (Staged, atomic_write_json, check_keys, c
                                         read_manifest, resolve_location)
 from alterrec_dist.common.run_layout import served_paths
 from alterrec_dist.common.storage import Location
-from alterrec_dist.data.dataset import read_parquet
+from alterrec_dist.data.dataset import dataset_files, read_parquet
 from alterrec_dist.eval.evaluate import COMPONENTS
 from alterrec_dist.model.networks import Network
 from alterrec_dist.parallel.saved import load_cpu, on_cpu, verify_files
@@ -37,8 +38,10 @@ def _vectors(m: torch.Tensor) -> pa.FixedSizeListArray:
 def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = False) -> Location:
     """Write `bundle` to `out` through a temp directory renamed into place (in a store: uploaded, manifest last)."""
     prov = bundle.provenance  # what the bundle was read from: a run and its dataset, or an export
+    read = prov.get("dataset", {}).get("path"), prov.get("export")
     out = check_out(out, overwrite, [*served_paths(prov.get("run", {}).get("path")),
-                                     prov.get("dataset", {}).get("path"), prov.get("export")])
+                                     *(dataset_files(read[0]) if read[0] else []),
+                                     *(export_files(read[1]) if read[1] else [])])
     with Staged(out) as staged:
         tmp = staged.tmp
         (tmp / "tables").mkdir(parents=True)
@@ -94,6 +97,19 @@ def _column(table: pa.Table, name: str) -> torch.Tensor:
 
 
 LOAD_ATTEMPTS = 3
+MISSING_MANIFEST = ("no export manifest: not an export (make one with `python -m alterrec_dist.export`), or one "
+                    "being written or replaced now (load it again when that ends)")
+
+
+def export_files(export_dir: str | Location) -> list[Location]:
+    """Every file loading the export reads: its manifest and the files that names (an output may lie beside
+    them); the directory itself where the manifest cannot be read."""
+    export_dir = resolve_location(export_dir)
+    try:
+        names = _export_manifest(export_dir)["files"]
+    except DataError:
+        return [export_dir]
+    return [export_dir / "manifest.json", *(export_dir / name for name in names)]
 
 
 def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel:
@@ -102,9 +118,13 @@ def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel
     `export --overwrite` may replace the directory while a server loads it (two renames locally, objects one by
     one in a store), so a load could pair one export's manifest with the other's files, silently or as a raw
     FileNotFoundError. The manifest is read again after the files: a load counts only if it is unchanged, and
-    one that overlapped a replacement starts again (LOAD_ATTEMPTS in all)."""
+    one that overlapped a replacement starts again (LOAD_ATTEMPTS in all; a manifest missing mid-swap is
+    waited for a second each time)."""
     export_dir = resolve_location(export_dir)
     for attempt in range(1, LOAD_ATTEMPTS + 1):
+        if attempt < LOAD_ATTEMPTS and export_dir.is_dir() and not (export_dir / "manifest.json").is_file():
+            time.sleep(1.0)  # not an export, or one mid-swap: in a store its manifest is uploaded last
+            continue
         manifest = _export_manifest(export_dir)
         try:
             model = _load_export_files(export_dir, manifest, verify)
@@ -121,7 +141,7 @@ def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel
 
 def _export_manifest(export_dir: Location) -> dict:
     remedy = "an incomplete export manifest: export again"
-    manifest = read_manifest(export_dir, "no export manifest (make one with `python -m alterrec_dist.export`)",
+    manifest = read_manifest(export_dir, MISSING_MANIFEST,
                              {"files": dict, "scoring": dict, "engine": dict}, FORMAT_VERSION, remedy)
     where = export_dir / "manifest.json"
     check_keys(where, manifest["scoring"], {"scales": list, "kinds": list, "weights": list}, remedy, "scoring.")

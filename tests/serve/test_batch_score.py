@@ -1,5 +1,7 @@
 """Batch scoring on real trained runs: metrics EQUAL to summary.json, output, streaming, Ray Data."""
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -157,6 +159,41 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run, tmp_path, capsys):
     code, _, err = cli("batch_score", ["--run", str(tmp_path), "--split", "test", "--out", str(out)], capsys)
     assert code == 2 and "no config.toml" in err
     assert list(tmp_path.glob("*out*")) == []
+
+
+def run_dataset_copy(run: Path, out: Path) -> Path:
+    return Path(shutil.copytree(json.loads((run / "dataset.json").read_text())["path"], out))
+
+
+def test_outputs_beside_what_is_read_can_be_written_again(run, tmp_path, capsys):
+    """An output inside an export's or a dataset's directory, which neither reads, was written once and then
+    refused on every rerun ("lies in the input"), a --metrics-out even without --overwrite; a --metrics-out beside
+    a new --out directory was refused ("its directory does not exist"). Each is written again now, while the
+    files the command reads stay refused."""
+    exp, data = tmp_path / "exp", run_dataset_copy(run, tmp_path / "ds")
+    assert cli("export", ["--run", str(run), "--out", str(exp)], capsys)[0] == 0
+    for n in range(2):
+        argv = ["--export", str(exp), "--data", str(data), "--split", "test", "--out", str(data / "scores.parquet"),
+                "--metrics-out", str(exp / "metrics.json"), "--overwrite", "--no-ray"]
+        assert cli("batch_score", argv, capsys)[0] == 0, n
+    assert_equals_summary(json.loads((exp / "metrics.json").read_text()), run)
+    argv = ["--run", str(run), "--split", "test", "--out", str(tmp_path / "new" / "x" / "s.parquet"),
+            "--metrics-out", str(tmp_path / "new" / "x" / "m.json"), "--no-ray"]
+    assert cli("batch_score", argv, capsys)[0] == 0 and (tmp_path / "new" / "x" / "m.json").is_file()
+    code, _, err = cli("batch_score", ["--export", str(exp), "--data", str(data), "--split", "test", "--out",
+                                       str(exp / "items.parquet"), "--overwrite", "--no-ray"], capsys)
+    assert code == 2 and f"holds the input {exp / 'items.parquet'}" in err
+
+
+def test_export_scored_on_a_damaged_dataset_is_one_line(run, tmp_path, capsys):
+    """`--export E --split test --data D` compared D's item ids with a dataset never checked: a missing
+    items.parquet was a FileNotFoundError traceback, exit 1."""
+    exp, data = tmp_path / "exp", run_dataset_copy(run, tmp_path / "ds")
+    assert cli("export", ["--run", str(run), "--out", str(exp)], capsys)[0] == 0
+    (data / "items.parquet").unlink()
+    code, _, err = cli("batch_score", ["--export", str(exp), "--data", str(data), "--split", "test",
+                                       "--out", str(tmp_path / "s.parquet"), "--no-ray"], capsys)
+    assert code == 2 and err.startswith(f"error: {data / 'items.parquet'}") and err.count("\n") == 1, err
 
 
 def test_metrics_detect_a_different_model(run, tmp_path):

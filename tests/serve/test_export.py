@@ -387,3 +387,17 @@ def test_loader_runs_in_a_plain_process(exported):
     out = subprocess.run([PY, "-c", code, str(exported)], capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == 128
+
+
+def test_an_export_without_its_manifest_yet_is_waited_for_then_named(tmp_path, monkeypatch):
+    """A store `export --overwrite` uploads the manifest last: a load during the upload failed at once with
+    "make one with `python -m alterrec_dist.export`", which was wrong advice. It now waits for it (a second per
+    attempt), then says the export may be mid-write."""
+    (tmp_path / "exp" / "tables").mkdir(parents=True)
+    (tmp_path / "exp" / "items.parquet").write_bytes(b"PAR1")  # files of an export still being written
+    waits = []
+    monkeypatch.setattr(export_dir.time, "sleep", waits.append)
+    with pytest.raises(DataError, match=r"exp/manifest.json: no export manifest: not an export .* or one being "
+                                        r"written or replaced now \(load it again when that ends\)$"):
+        load_export(tmp_path / "exp")
+    assert waits == [1.0] * (export_dir.LOAD_ATTEMPTS - 1)
