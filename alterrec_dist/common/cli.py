@@ -21,7 +21,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except MemoryError as e:
-        print(f"error: out of memory: {e or 'an allocation failed'} (smaller sizes, or a machine with more memory)",
+        print(f"error: out of memory: {str(e) or 'an allocation failed'} (smaller sizes, or a machine with more memory)",
               file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

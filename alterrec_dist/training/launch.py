@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.config import Config
-from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.errors import ConfigError, DataError, StoreError
 from alterrec_dist.common.ray_local import init_ray, stop_ray
 from alterrec_dist.common.storage import Location
 from alterrec_dist.training.metric_sinks import mlflow_env
@@ -58,8 +59,9 @@ def ray_worker(loop_config: dict) -> None:
         torch.cuda.set_device(ray.train.torch.get_device())
     try:
         summary = recipe.run_worker(cfg, loop_config["run_dir"], report=_report_to_ray)  # a path or a store URI
-    except (ConfigError, DataError) as e:
-        ray.get(refusals.record.remote(e))
+    except Exception as e:
+        if is_refusal(e):
+            ray.get(refusals.record.remote(e))
         raise
     # One last report on every rank (reports are a barrier): the driver gets the summary even
     # when rank 0 ran on another node and run_dir is not shared.
@@ -97,9 +99,15 @@ def _init_ray(num_workers: int) -> bool:
     return init_ray(num_cpus=max(os.cpu_count() or 1, num_workers), dashboard=True)
 
 
+def is_refusal(error: Exception) -> bool:
+    """Whether a worker's error would come again on every attempt (a diverged loss, damaged data, a setting the
+    workers reject); not a StoreError: a store that failed may answer the next attempt."""
+    return isinstance(error, (ConfigError, DataError)) and not isinstance(error, StoreError)
+
+
 class Refusals:
-    """The first refusal (a ConfigError or DataError: a diverged loss, damaged data) a worker raised in this
-    launch, held by a Ray actor that outlives the workers. A refusal comes again on every attempt, so Ray's
+    """The first refusal (a ConfigError or DataError: a diverged loss, damaged data; not a StoreError) a worker
+    raised in this launch, held by a Ray actor that outlives the workers. A refusal comes again on every attempt, so Ray's
     restarts (`trainer.max_failures`, forever at -1) would each train up to it again; a restarted worker that
     finds one here trains nothing, and the driver raises it as the torchrun launcher's rank would."""
 
@@ -193,6 +201,10 @@ def launch_torchrun(cfg: Config, out: str | None, resume_dir: Location | None) -
     from alterrec_dist.training import recipe
 
     standalone = "WORLD_SIZE" not in os.environ
+    # A rank waits in gloo/nccl calls (the rendezvous, a collective) that a Python signal handler cannot
+    # interrupt: run_cli's SIGTERM-as-exit would keep it there until the call times out. torchrun stops the
+    # ranks with SIGTERM when one fails, so it ends a rank where it stands again (checkpoints are atomic).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     backend = "nccl" if cfg.trainer.use_gpu else "gloo"
     if cfg.trainer.use_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

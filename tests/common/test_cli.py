@@ -4,6 +4,9 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.config import PROJECT_ROOT
 
 
@@ -27,3 +30,15 @@ def test_sigterm_unwinds_and_a_staged_output_is_removed(tmp_path):
     r = subprocess.run([sys.executable, "-c", command], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 128 + signal.SIGTERM, r.stderr
     assert list(tmp_path.iterdir()) == []  # no temp file, and the directory made for OUT is gone too
+
+
+def test_out_of_memory_without_a_message_says_so(capsys):
+    """MemoryError() (no message) printed "error: out of memory:  (smaller sizes, ...)": the exception itself is
+    always true, so its fallback text never showed."""
+    def allocate(argv):
+        raise MemoryError()
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(allocate, [])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: out of memory: an allocation failed (smaller sizes")

@@ -117,3 +117,42 @@ def test_a_diverged_run_under_ray_is_the_workers_one_line(tmp_path, max_failures
     # (Ray may echo a worker's line twice, so its presence is what counts)
     restart_stopped = "an earlier attempt of this launch was refused" in r.stderr
     assert restart_stopped == (max_failures != 0), r.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sigterm_ends_a_torchrun_rank_waiting_for_its_group(tmp_path):
+    """torchrun stops the ranks with SIGTERM when one fails. run_cli's SIGTERM-as-exit handler is Python code,
+    which cannot run while a rank waits inside gloo (here: the rendezvous, for a rank 1 that never comes), so
+    the rank stayed until that call timed out; it now ends where it stands."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tiny_dataset(tmp_path / "data")
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    proc = subprocess.Popen([PY, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--set", f"data.path={data}",
+                             "--set", "train.global_batch_size=40", "--out", str(tmp_path / "run")], cwd=PROJECT_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _listening(port) and time.monotonic() < deadline:  # rank 0 serves the group's store
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        time.sleep(1.0)  # inside the rendezvous's wait for rank 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
