@@ -254,3 +254,16 @@ def test_cli_refuses_ray_train_v1(tmp_path, no_ray_env):
     assert not (tmp_path / "run").exists()
 
 
+
+
+def test_k1_past_the_catalog_is_refused_only_where_k1_is_read(tmp_path):
+    """k1 at or past the catalog leaves no band to mine nor k2 - k1 random draws, so it is refused; but ID only
+    with catalog negatives reads neither, and a small catalog's run of it was refused too."""
+    from alterrec_dist.training.run_dir import check_dataset
+
+    data = tiny_dataset(tmp_path / "ds", num_items=15)
+    base = [f"data.path={data}", "train.global_batch_size=40", "train.k1=20", "train.k2=30"]
+    check_dataset(load_config(None, [*base, "train.method=id_only", "train.random_negatives=catalog"]))
+    for refused in (["train.method=id_only"], ["train.method=alterrec", "train.random_negatives=catalog"]):
+        with pytest.raises(ConfigError, match="train.k1=20: the negatives' band starts past the 15 items"):
+            check_dataset(load_config(None, [*base, *refused]))

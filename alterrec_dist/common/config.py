@@ -184,8 +184,10 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
     "eval.tile_rows": (lambda v: v >= 0, ">= 0 (0: automatic, per device)"),
     "eval.longtail_bins": (_increasing_bins, "non-negative and strictly increasing, like [30, 100]"),
     "trainer.num_workers": _at_least(1),
-    "trainer.name": (lambda v: v == "" or ("/" not in v and v not in (".", "..")),
-                     "a directory name under trainer.storage_path, without '/' (use --out for a path)"),
+    "trainer.name": (lambda v: v == "" or (not v.startswith("/") and "" not in (parts := v.split("/"))
+                                           and "." not in parts and ".." not in parts),
+                     "a directory name under trainer.storage_path (relative, like exp/a; no '..': use --out for "
+                     "a path elsewhere)"),
     "trainer.launcher": _one_of("ray", "torchrun"),
     "trainer.max_failures": _at_least(-1),
     "trainer.engine": _one_of("ddp", "deepspeed"),

@@ -72,8 +72,15 @@ def check_mlflow() -> None:
     uri = os.environ.get(TRACKING_URI)
     if uri:
         import_mlflow()
-        file_store = uri.startswith("file:") or ("://" not in uri and ":" not in uri.split("/", 1)[0])  # or a path
-        if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        # MLflow's own rules: which URIs are a local file store ("databricks" is not), which values allow one
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+        from mlflow.utils.uri import is_local_uri
+
+        try:
+            allowed = MLFLOW_ALLOW_FILE_STORE.get()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if is_local_uri(uri) and not allowed:
             raise ConfigError(f"{TRACKING_URI}={uri}: MLflow opens a local file store only with "
                               "MLFLOW_ALLOW_FILE_STORE=true (set it, or use a tracking server)")
 

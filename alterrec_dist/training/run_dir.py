@@ -10,6 +10,7 @@ import sys
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import Config, to_toml
 from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.methods import method
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json, read_json, resolve_location
 from alterrec_dist.common.storage import Location, StorePath
 from alterrec_dist.data.dataset import Dataset
@@ -32,7 +33,9 @@ def check_dataset(cfg: Config) -> Location:
     if cfg.trainer.num_workers > data.num_items:  # a worker would hold no item row, which scoring cannot take
         raise ConfigError(f"trainer.num_workers={cfg.trainer.num_workers} is more than the {data.num_items} items of "
                           f"{path} (each worker holds a share of the item table)")
-    if t.k1 >= data.num_items:  # k2 is capped at the catalog; k1 at or past it leaves no band to mine
+    # k2 is capped at the catalog; k1 at or past it leaves no band to mine, nor k2 - k1 random draws (a method
+    # with catalog negatives and no hard phase never reads either)
+    if t.k1 >= data.num_items and (method(t.method).hard or t.random_negatives == "sampled"):
         raise ConfigError(f"train.k1={t.k1}: the negatives' band starts past the {data.num_items} items of {path} "
                           "(k1 must be below the catalog size)")
     rows = data.num_rows("train")

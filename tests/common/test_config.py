@@ -69,6 +69,7 @@ use_gpu = true
     ("model.item_layernorm=1", lambda c: c.model.item_layernorm, True),
     ("train.method=nfrec_sum", lambda c: c.train.method, "nfrec_sum"),
     ("trainer.name= my run ", lambda c: c.trainer.name, "my run"),
+    ("trainer.name=exp/a", lambda c: c.trainer.name, "exp/a"),  # under storage_path (it was refused: '/')
     ("eval.longtail_bins=[5,50]", lambda c: c.eval.longtail_bins, [5, 50]),
     ("eval.longtail_bins=7", lambda c: c.eval.longtail_bins, [7]),
     ("data.path=/tmp/x=y", lambda c: c.data.path, "/tmp/x=y"),
@@ -157,6 +158,7 @@ def test_missing_file(tmp_path):
     (["trainer.name=/tmp/elsewhere"], "trainer.name must be a directory name under trainer.storage_path"),
     (["trainer.name=../up"], "trainer.name must be a directory name under trainer.storage_path"),
     (["trainer.name=.."], "trainer.name must be a directory name under trainer.storage_path"),
+    (["trainer.name=exp//a"], "trainer.name must be a directory name under trainer.storage_path"),
     (["model.text_temperature=0"], "model.text_temperature"),
     (["eval.metric=fused/auc"], "eval.metric must be <id|text|fused>/"),
     (["eval.metric=both/ndcg@10"], "eval.metric must be <id|text|fused>/"),

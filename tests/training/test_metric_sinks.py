@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from alterrec_dist.common.config import METRICS, Config
-from alterrec_dist.training.metric_sinks import MetricSinks, mlflow_env
+from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.training.metric_sinks import MetricSinks, check_mlflow, mlflow_env
 from tests.e2e.test_train_runs import SMALL, _env
 from tests.commands import run_command
 from tests.test_train import SCORES, cli, tiny_dataset
@@ -166,3 +167,21 @@ def test_a_training_run_logs_what_metrics_jsonl_holds(tmp_path, file_store):
     assert set(logged) == {t.replace("@", "_at_") for t in scalars}
     for tag, points in scalars.items():
         assert_points(dict(logged[tag.replace("@", "_at_")]), points)
+
+
+@pytest.mark.parametrize("uri, allow, refused", [
+    ("file:{d}/mlruns", "1", None),  # MLflow takes 1 as true; only "true" was accepted
+    ("databricks", None, None),  # a tracking URI, not a path (it was refused as a file store)
+    ("{d}/mlruns", "yes", "MLFLOW_ALLOW_FILE_STORE value must be one of"),
+])
+def test_mlflow_settings_are_judged_by_mlflows_rules(tmp_path, monkeypatch, uri, allow, refused):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(d=tmp_path))
+    if allow is None:
+        monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", allow)
+    if refused:
+        with pytest.raises(ConfigError, match=refused):
+            check_mlflow()
+    else:
+        check_mlflow()
