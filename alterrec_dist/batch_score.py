@@ -31,7 +31,7 @@ import argparse
 from alterrec_dist.common.cli import add_device_argument, add_model_arguments, run_cli
 from alterrec_dist.common.config import METRICS
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import check_file_out, check_out, same_location, write_file_out
+from alterrec_dist.common.files import check_file_out, check_out, within, write_file_out
 from alterrec_dist.common.run_layout import served_paths
 from alterrec_dist.data.dataset import Dataset, dataset_files
 from alterrec_dist.data.layout import SPLITS
@@ -75,8 +75,9 @@ def check_out_files(args: argparse.Namespace, inputs: list) -> None:
     """--out and --metrics-out against what the command reads."""
     check_out(args.out, args.overwrite, inputs)
     if args.metrics_out:
-        if same_location(args.metrics_out, args.out):
-            raise ConfigError(f"--metrics-out {args.metrics_out} is --out: give each its own file")
+        if within(args.metrics_out, args.out):  # the same file, or in the directory --out makes (or replaces)
+            raise ConfigError(f"--metrics-out {args.metrics_out} is or lies in --out {args.out}: give each its own "
+                              "place")
         check_file_out(args.metrics_out, inputs)
 
 

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cutoff and --valid-cutoff need --split time")  # else a leave-last-out split, silently
     if args.source == "verify":
         return verify(args.dataset)
-    check_out(args.out, args.overwrite, source_paths(args), kept=[default_cache_dir()])  # the text cache
+    check_out(args.out, args.overwrite, source_paths(args), apart=[default_cache_dir()])  # the text cache
     out, source, has_text, stats = build_dataset(
         args.out, args.overwrite, lambda: read_source(args), args.text_model, args.batch_size,
         progress=not args.no_progress, command=[sys.executable, "-m", "alterrec_dist.prepare", *argv],

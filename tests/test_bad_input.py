@@ -496,10 +496,13 @@ CASES = [
      ["--data goes with --run: an export holds its own items"]),
     ("batch-metrics-out-is-out", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
-        "--metrics-out", str(d / "o.parquet"), "--no-ray"], ["--metrics-out {d}/o.parquet is --out"]),
+        "--metrics-out", str(d / "o.parquet"), "--no-ray"], ["--metrics-out {d}/o.parquet is or lies in --out"]),
     ("batch-metrics-out-is-out-by-another-path", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
-        "--metrics-out", str(_mkdir(d / "sub") / ".." / "o.parquet"), "--no-ray"], ["is --out: give each its own"]),
+        "--metrics-out", str(_mkdir(d / "sub") / ".." / "o.parquet"), "--no-ray"], ["is or lies in --out"]),
+    ("batch-metrics-out-in-the-out-directory", "batch_score", lambda d, r: [  # refused after scoring (File exists)
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "c" / "a"),
+        "--metrics-out", str(d / "c" / "a" / "m.json"), "--no-ray"], ["--metrics-out {d}/c/a/m.json is or lies in --out"]),
     ("export-out-holds-the-run", "export", lambda d, r: [
         "--run", str(run_copy(d, r)), "--out", str(d), "--overwrite"],
      ["{d}: holds the input {d}/run"]),

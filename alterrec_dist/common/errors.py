@@ -5,11 +5,6 @@ class DataError(Exception):
     """Bad input. The message is one line that names the file (and row/column where it applies)."""
 
 
-class StoreError(DataError):
-    """An object store that could not be reached or answered with an error (network, throttling, credentials):
-    reported as bad input, but it may pass, so a training run's restarts still retry it."""
-
-
 class ConfigError(Exception):
     """A config value or override that cannot be used; the message says which and why."""
 

@@ -108,20 +108,23 @@ def replace_into_place(tmp: Path, out: Path) -> None:
 
 
 def check_out(out: str | Location, overwrite: bool, inputs: Iterable[str | Location | None] = (),
-              kept: Iterable[str | Location] = ()) -> Location:
+              apart: Iterable[str | Location] = ()) -> Location:
     """OUT as an absolute path (or a store URI), refused (DataError) if it exists and `overwrite` is off, or
-    if it is, or holds, one of the command's `inputs` (None: not given) or `kept` directories: replacing it
-    would delete what the command reads (`export --run R --out R --overwrite` did); or if it exists inside an
-    input (a file or directory the command reads as part of it: `--data D --out D/sessions/test/part-00000.parquet
-    --overwrite` replaced the dataset's test split). A kept directory (a cache) may hold OUT: it reads only its
-    own entries. Every command checks this first."""
+    if it is, or holds, one of the command's `inputs` (None: not given): replacing it would delete what the
+    command reads (`export --run R --out R --overwrite` did); or if it exists inside one (a file or directory
+    the command reads as part of it: `--data D --out D/sessions/test/part-00000.parquet --overwrite` replaced
+    the dataset's test split). `apart`: directories the command also writes into (a cache), which OUT may not
+    overlap at all, new or not. Every command checks this first."""
     out = resolve_location(out)
     inputs = [resolve_location(s) for s in inputs if s is not None]
-    for source in [*inputs, *map(resolve_location, kept)]:
-        if _within(source, out):
+    for directory in map(resolve_location, apart):
+        if within(directory, out) or within(out, directory):
+            raise DataError(f"{out}: overlaps {directory}, which this command writes too (keep them apart)")
+    for source in inputs:
+        if within(source, out):
             raise DataError(f"{out}: holds the input {source}, which writing it would delete")
     for source in inputs:
-        if _within(out, source) and (out.exists() or out.is_symlink()):
+        if within(out, source) and (out.exists() or out.is_symlink()):
             raise DataError(f"{out}: lies in the input {source}, which writing it would change")
     if isinstance(out, StorePath):
         if out == out.bucket:
@@ -134,14 +137,9 @@ def check_out(out: str | Location, overwrite: bool, inputs: Iterable[str | Locat
     return out
 
 
-def same_location(a: str | Location, b: str | Location) -> bool:
-    """Whether two locations name one file or directory (local paths with `..` and links resolved)."""
-    a, b = resolve_location(a), resolve_location(b)
-    return _within(a, b) and _within(b, a)
-
-
-def _within(path: Location, directory: Location) -> bool:
-    """Whether `path` is `directory` or lies under it (local paths with links resolved)."""
+def within(path: str | Location, directory: str | Location) -> bool:
+    """Whether `path` is `directory` or lies under it (local paths with `..` and links resolved)."""
+    path, directory = resolve_location(path), resolve_location(directory)
     if isinstance(path, StorePath) or isinstance(directory, StorePath):
         return str(path) == str(directory) or str(path).startswith(f"{directory}/")
     path, directory = path.resolve(), directory.resolve()

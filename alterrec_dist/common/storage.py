@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from alterrec_dist.common.errors import DataError, StoreError, one_line
+from alterrec_dist.common.errors import DataError, one_line
 
 SCHEMES = ("s3", "gs")
 
@@ -129,7 +129,7 @@ class StorePath:
         except FileNotFoundError:
             raise
         except OSError as e:
-            raise StoreError(f"{self}: object store error ({one_line(e)})") from None
+            raise DataError(f"{self}: object store error ({one_line(e)})") from None
 
     # -- what is there ------------------------------------------------------------------------
     def _type(self) -> pafs.FileType:

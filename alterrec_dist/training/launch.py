@@ -15,7 +15,7 @@ import sys
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.config import Config
-from alterrec_dist.common.errors import ConfigError, DataError, StoreError
+from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.ray_local import init_ray, stop_ray
 from alterrec_dist.common.storage import Location
 from alterrec_dist.training.metric_sinks import mlflow_env
@@ -43,8 +43,8 @@ def ray_worker(loop_config: dict) -> None:
     from alterrec_dist.training import recipe
 
     _quiet_report_log()
-    refusals = loop_config["refusals"]
-    if ray.get(refusals.first.remote()) is not None:
+    errors = loop_config["errors"]
+    if ray.get(errors.refusal.remote()) is not None:
         # Every rank reads the same record (the attempt that made it is over), so all return together
         # and Ray sees a finished run, not another failure to restart.
         if ray.train.get_context().get_world_rank() == 0:
@@ -59,9 +59,8 @@ def ray_worker(loop_config: dict) -> None:
         torch.cuda.set_device(ray.train.torch.get_device())
     try:
         summary = recipe.run_worker(cfg, loop_config["run_dir"], report=_report_to_ray)  # a path or a store URI
-    except Exception as e:
-        if is_refusal(e):
-            ray.get(refusals.record.remote(e))
+    except (ConfigError, DataError) as e:
+        ray.get(errors.record.remote(e))
         raise
     # One last report on every rank (reports are a barrier): the driver gets the summary even
     # when rank 0 ran on another node and run_dir is not shared.
@@ -100,26 +99,32 @@ def _init_ray(num_workers: int) -> bool:
 
 
 def is_refusal(error: Exception) -> bool:
-    """Whether a worker's error would come again on every attempt (a diverged loss, damaged data, a setting the
-    workers reject); not a StoreError: a store that failed may answer the next attempt."""
-    return isinstance(error, (ConfigError, DataError)) and not isinstance(error, StoreError)
+    """Whether a worker's error comes again on every attempt: a ConfigError (a setting the run cannot go on
+    with, such as a diverged loss). A DataError may be a file or a store that failed for a moment (its read
+    errors are DataErrors too), so Ray restarts it as it does a killed worker."""
+    return isinstance(error, ConfigError)
 
 
-class Refusals:
-    """The first refusal (a ConfigError or DataError: a diverged loss, damaged data; not a StoreError) a worker
-    raised in this launch, held by a Ray actor that outlives the workers. A refusal comes again on every attempt, so Ray's
-    restarts (`trainer.max_failures`, forever at -1) would each train up to it again; a restarted worker that
-    finds one here trains nothing, and the driver raises it as the torchrun launcher's rank would."""
+class WorkerErrors:
+    """The one-line errors (ConfigError, DataError) the workers raised in this launch, held by a Ray actor that
+    outlives them. A refusal (`is_refusal`) would come again on every attempt, so Ray's restarts
+    (`trainer.max_failures`, forever at -1) would each train up to it again: a restarted worker that finds one
+    trains nothing. Whichever ends the run is the driver's error, as the torchrun launcher's rank prints it."""
 
     def __init__(self):
-        self._first: ConfigError | DataError | None = None
+        self._refusal: ConfigError | None = None
+        self._last: ConfigError | DataError | None = None
 
     def record(self, error: ConfigError | DataError) -> None:
-        if self._first is None:
-            self._first = error
+        self._last = error
+        if self._refusal is None and is_refusal(error):
+            self._refusal = error
 
-    def first(self) -> ConfigError | DataError | None:
-        return self._first
+    def refusal(self) -> ConfigError | None:
+        return self._refusal
+
+    def last(self) -> ConfigError | DataError | None:
+        return self._last
 
 
 def launch_ray(cfg: Config, run_dir: Location) -> dict:
@@ -134,10 +139,10 @@ def launch_ray(cfg: Config, run_dir: Location) -> dict:
     (run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).unlink(missing_ok=True)
     started = _init_ray(cfg.trainer.num_workers)
     try:
-        refusals = ray.remote(num_cpus=0)(Refusals).remote()  # no CPU: the workers may hold every one
+        errors = ray.remote(num_cpus=0)(WorkerErrors).remote()  # no CPU: the workers may hold every one
         trainer = TorchTrainer(
             ray_worker,
-            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "refusals": refusals},
+            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "errors": errors},
             torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
             # Ray's own files (its run-state snapshot) go into run_dir itself, so the checkpoints the
@@ -155,13 +160,15 @@ def launch_ray(cfg: Config, run_dir: Location) -> dict:
             result = trainer.fit()
         except TrainingFailedError as e:
             failure = e
-        # a worker's refusal ends the run whether Ray gave up on it (no restart left) or the restarted workers
-        # stopped at once (a finished fit): its one line, not Ray's traceback
-        refused = ray.get(refusals.first.remote())
+        # a refusal ends the run whether Ray gave up on it (no restart left) or the restarted workers stopped at
+        # once (a finished fit); a worker's last error ends it where Ray's failure is that error: its one line,
+        # not Ray's traceback
+        refused, last = ray.get([errors.refusal.remote(), errors.last.remote()])
         if refused is not None:
             raise refused from None
         if failure is not None:
-            raise TrainingError(f"training failed: {failure}") from None
+            raise (last if last is not None and str(last) in str(failure) else
+                   TrainingError(f"training failed: {failure}")) from None
         reported = (result.metrics or {}).get("summary")
         return read_summary(run_dir, reported)
     finally:
@@ -201,10 +208,12 @@ def launch_torchrun(cfg: Config, out: str | None, resume_dir: Location | None) -
     from alterrec_dist.training import recipe
 
     standalone = "WORLD_SIZE" not in os.environ
-    # A rank waits in gloo/nccl calls (the rendezvous, a collective) that a Python signal handler cannot
-    # interrupt: run_cli's SIGTERM-as-exit would keep it there until the call times out. torchrun stops the
-    # ranks with SIGTERM when one fails, so it ends a rank where it stands again (checkpoints are atomic).
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not standalone:
+        # A rank waits in gloo/nccl calls (the rendezvous, a collective) that a Python signal handler cannot
+        # interrupt: run_cli's SIGTERM-as-exit would keep it there until the call times out. torchrun stops the
+        # ranks with SIGTERM when one fails, so it ends a rank where it stands (checkpoints are atomic; its
+        # MLflow run is left RUNNING). A group of one keeps the handler: it waits on no other rank.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     backend = "nccl" if cfg.trainer.use_gpu else "gloo"
     if cfg.trainer.use_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

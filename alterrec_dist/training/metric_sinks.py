@@ -20,7 +20,7 @@ from pathlib import Path
 
 from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import METRICS, Config
-from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.errors import ConfigError, one_line
 from alterrec_dist.common.files import atomic_write_bytes
 from alterrec_dist.common.storage import Location, StorePath
 
@@ -74,15 +74,15 @@ def check_mlflow() -> None:
         import_mlflow()
         # MLflow's own rules: which URIs are a local file store ("databricks" is not), which values allow one
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+        from mlflow.exceptions import MlflowException
         from mlflow.utils.uri import is_local_uri
 
         try:
-            allowed = MLFLOW_ALLOW_FILE_STORE.get()
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if is_local_uri(uri) and not allowed:
-            raise ConfigError(f"{TRACKING_URI}={uri}: MLflow opens a local file store only with "
-                              "MLFLOW_ALLOW_FILE_STORE=true (set it, or use a tracking server)")
+            if is_local_uri(uri) and not MLFLOW_ALLOW_FILE_STORE.get():  # read only for a file store, as MLflow does
+                raise ConfigError(f"{TRACKING_URI}={uri}: MLflow opens a local file store only with "
+                                  "MLFLOW_ALLOW_FILE_STORE=true (set it, or use a tracking server)")
+        except (MlflowException, ValueError) as e:  # file://otherhost/x; MLFLOW_ALLOW_FILE_STORE=yes
+            raise ConfigError(f"{TRACKING_URI}={uri}: {one_line(e)}") from None
 
 
 class MlflowRun:

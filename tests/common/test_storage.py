@@ -11,7 +11,7 @@ import pytest
 from alterrec_dist.common import storage
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.config import load_config
-from alterrec_dist.common.errors import ConfigError, DataError, StoreError
+from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import (Staged, atomic_write_json, check_file_out, check_out, file_sha256, read_json,
                                         read_manifest)
 from alterrec_dist.common.storage import StorePath, files_under, location
@@ -214,7 +214,7 @@ def test_unreachable_store_is_one_line(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     storage._filesystem.cache_clear()
     try:
-        with pytest.raises(StoreError, match=r"^s3://b/d/manifest.json: object store error \(.*\)$"):
-            read_manifest("s3://b/d", "no dataset")  # bad input to the commands (a DataError), but it may pass
+        with pytest.raises(DataError, match=r"^s3://b/d/manifest.json: object store error \(.*\)$"):
+            read_manifest("s3://b/d", "no dataset")
     finally:
         storage._filesystem.cache_clear()

@@ -50,7 +50,8 @@ def assert_fails(argv: list[str], names: str, capsys) -> str:
 
 
 def run_module(argv: list[str], env_cache: Path, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ALTERREC_CACHE": str(env_cache)}
+    """`prepare` in a child process, its text cache in env_cache/text-cache (apart from every OUT under env_cache)."""
+    env = {**os.environ, "ALTERREC_CACHE": str(env_cache / "text-cache")}
     return subprocess.run([sys.executable, "-m", "alterrec_dist.prepare", *argv, "--no-progress"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120, **kw)
 
@@ -168,13 +169,16 @@ def test_recbole_output_inside_its_directory_is_replaced_again(tmp_path):
     assert Dataset(rb / "prepared").num_items == 5
 
 
-def test_output_may_not_replace_the_text_cache(tmp_path, text_cache, capsys):
-    """OUT = the text cache (ALTERREC_CACHE) with --overwrite replaced the cache the run had just filled."""
+@pytest.mark.parametrize("where", [".", "all-MiniLM-L6-v2"])
+def test_output_may_not_replace_the_text_cache(tmp_path, text_cache, capsys, where):
+    """OUT = the text cache (ALTERREC_CACHE) with --overwrite replaced the cache the run had just filled; so did
+    OUT = a directory inside it (the cache keeps each model's entries in one), new or not."""
     inter, items = write_log(tmp_path / "log", "csv")
     entries = sorted(p.name for p in text_cache.iterdir())
+    out = (text_cache / where).resolve()
     with pytest.raises(SystemExit) as e:
-        run_cli(main, log_argv(inter, items, text_cache, "--overwrite"))
-    assert e.value.code == 2 and f"{text_cache}: holds the input {text_cache}" in capsys.readouterr().err
+        run_cli(main, log_argv(inter, items, out, "--overwrite"))
+    assert e.value.code == 2 and f"{out}: overlaps {text_cache}, which this command writes" in capsys.readouterr().err
     assert sorted(p.name for p in text_cache.iterdir()) == entries
 
 

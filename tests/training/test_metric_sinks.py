@@ -173,6 +173,8 @@ def test_a_training_run_logs_what_metrics_jsonl_holds(tmp_path, file_store):
     ("file:{d}/mlruns", "1", None),  # MLflow takes 1 as true; only "true" was accepted
     ("databricks", None, None),  # a tracking URI, not a path (it was refused as a file store)
     ("{d}/mlruns", "yes", "MLFLOW_ALLOW_FILE_STORE value must be one of"),
+    ("http://mlflow.example:5000", "yes", None),  # a server: MLflow never reads the variable
+    ("file://otherhost/x", None, r"MLFLOW_TRACKING_URI=file://otherhost/x: .*"),  # MLflow's exception, one line
 ])
 def test_mlflow_settings_are_judged_by_mlflows_rules(tmp_path, monkeypatch, uri, allow, refused):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(d=tmp_path))
