@@ -58,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"{made!r} in the run, {wanted!r} in the grid; {len(stale)} run(s) differ, --dry-run lists "
                           "them as STALE): move them away to run them again, or restore the grid")
     failed = []
-    if args.report_only and not any(s.done for s in specs):  # would replace the report with empty tables
-        raise ConfigError(f"{args.grid}: no finished run under {shown(grid.out)}, nothing to report "
-                          f"(run the grid first; {shown(grid.report)} is left as it is)")
     if not args.report_only:
         prepare_datasets(grid)
         specs, failed = run_grid(grid, args.only)
+    if not any(s.done for s in specs):  # would replace the report with empty tables
+        failures = f"; {len(failed)} run(s) failed: " + ", ".join(str(s.log) for s in failed) if failed else ""
+        raise ConfigError(f"{args.grid}: no finished run under {shown(grid.out)}, nothing to report "
+                          f"(run the grid first; {shown(grid.report)} is left as it is){failures}")
     from alterrec_dist.grid.report import write_report  # plotting libraries only when reporting
 
     write_report(grid, specs, args.grid)

@@ -12,7 +12,6 @@ import datetime
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 from pathlib import Path
@@ -27,7 +26,7 @@ from alterrec_dist.common.config import PROJECT_ROOT, read_toml, shown  # noqa: 
 from alterrec_dist.common.errors import DataError  # noqa: E402
 from alterrec_dist.common.files import atomic_write_bytes, read_json  # noqa: E402
 from alterrec_dist.common.methods import METHODS, selection_part  # noqa: E402
-from alterrec_dist.grid.runner import as_toml  # noqa: E402
+from alterrec_dist.grid.runner import as_toml, shown_command  # noqa: E402
 from alterrec_dist.grid.selection import candidates, choose, combined_label, round_progress  # noqa: E402
 
 TABLE_METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20")
@@ -74,13 +73,14 @@ def read_run(spec) -> dict | None:
         res = read_json(d / spec.done_file)
         try:
             return {"spec": spec, "test": {"peer": res["test"]}, "valid": {"peer": res["valid"]},
-                    "best_epoch": res.get("best_epoch"), "command": res.get("command", shlex.join(spec.command)),
+                    "best_epoch": res.get("best_epoch"), "command": res.get("command", shown_command(spec.command)),
                     "on_budget": peer_cut_at_its_best(res)}
         except KeyError as e:
             raise DataError(f"{d / spec.done_file}: no {e} (a damaged result: rerun the run)") from None
     summary = read_json(d / run_layout.SUMMARY)
     epochs = read_epochs(d / run_layout.METRICS)
-    command = (d / "command.txt").read_text().strip() if (d / "command.txt").exists() else shlex.join(spec.command)
+    # (none where the run finished while no runner waited for it: the grid's command, shown as command.txt is)
+    command = (d / "command.txt").read_text().strip() if (d / "command.txt").exists() else shown_command(spec.command)
     try:
         run = {"spec": spec, "test": summary["test"], "valid": summary["valid"], "best_epoch": summary["best_epoch"],
                "selection": summary["selection"], "longtail": summary["longtail"], "epochs": epochs,
@@ -96,7 +96,10 @@ def read_run(spec) -> dict | None:
 
 def read_epochs(path: Path) -> list[dict]:
     """metrics.jsonl's lines; a last line cut short (a run killed while writing it) is not one yet."""
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing (a damaged run: move it away to run it again)") from None
     lines = text.splitlines()
     if lines and not text.endswith("\n"):
         lines = lines[:-1]

@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import fcntl
 import fnmatch
+import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +64,13 @@ class RunSpec:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / self.done_file).exists()
+        """Finished: its result file is there and reads as JSON. One cut short is not done: the run goes again
+        (a training run's resume rewrites it), rather than counting as done and failing the report hours later."""
+        try:
+            json.loads((self.run_dir / self.done_file).read_text())
+        except (OSError, ValueError):
+            return False
+        return True
 
     @property
     def log(self) -> Path:
@@ -441,7 +451,8 @@ def prepare_datasets(grid: Grid) -> None:
 
 def claim(spec: RunSpec) -> int | None:
     """An open descriptor holding the exclusive lock on the run's `.lock` file, or None when another runner
-    holds it (that run is under way there). Closing the descriptor, or the holder's death, releases it."""
+    holds it (that run is under way there). The run's process holds it too (`Children`): it is released when
+    both have closed it, or died."""
     spec.lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(spec.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -463,7 +474,39 @@ def under_way(spec: RunSpec) -> bool:
     return False
 
 
-def run_one(spec: RunSpec, threads: int) -> tuple[RunSpec, int, float]:
+class Children:
+    """The runs this runner has under way, as child processes. Each holds its run's lock too (`claim`'s
+    descriptor is passed on), so a runner killed outright leaves a run under way rather than free for the next
+    runner to start beside it (two trainers wrote one run's metrics.jsonl). Stopping the runner (SIGTERM,
+    Ctrl-C) stops them: a SIGTERM reached the runner alone, which waited for each to train to its end."""
+
+    def __init__(self):
+        self._procs: set[subprocess.Popen] = set()
+        self._guard = threading.Lock()
+        self._stopping = False
+
+    def run(self, command: list[str], lock_fd: int, **kwargs) -> int:
+        with self._guard:
+            if self._stopping:
+                return -signal.SIGTERM
+            proc = subprocess.Popen(command, pass_fds=(lock_fd,), **kwargs)
+            self._procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._guard:
+                self._procs.discard(proc)
+
+    def stop(self) -> None:
+        """SIGTERM to every run under way (each unwinds, its checkpoints intact for a later resume), and none
+        started after."""
+        with self._guard:
+            self._stopping = True
+            for proc in self._procs:
+                proc.terminate()
+
+
+def run_one(spec: RunSpec, threads: int, lock_fd: int, children: Children) -> tuple[RunSpec, int, float]:
     # A training run that never wrote its config has nothing to go on from: start it again. A peer's
     # directory is its command's own to resume or restart.
     if spec.role != "peer" and spec.run_dir.exists() and not (spec.run_dir / run_layout.CONFIG).is_file():
@@ -474,8 +517,8 @@ def run_one(spec: RunSpec, threads: int) -> tuple[RunSpec, int, float]:
     with open(spec.log, "w") as log:
         log.write(f"$ {shlex.join(spec.command)}\n")
         log.flush()
-        rc = subprocess.run(spec.command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL).returncode
+        rc = children.run(spec.command, lock_fd, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     if rc == 0 and spec.done:
         (spec.run_dir / "command.txt").write_text(shown_command(spec.command) + "\n")
@@ -496,13 +539,25 @@ def selected(spec: RunSpec, grid: Grid, only: str | None) -> bool:
     return only is None or fnmatch.fnmatchcase(spec.run_dir.relative_to(grid.out).as_posix(), only)
 
 
+@contextmanager
+def stopping_on_exit(children: Children):
+    """Stop the children when the runner leaves early (SIGTERM's SystemExit, Ctrl-C, an error), before the
+    thread pool waits for them."""
+    try:
+        yield
+    except BaseException:
+        children.stop()
+        raise
+
+
 def run_grid(grid: Grid, only: str | None = None) -> tuple[list[RunSpec], list[RunSpec]]:
     """Run what is not done (of it, what `only` selects), `grid.jobs` at a time in `run_order`; after each
     finished run the grid is expanded again, so a combination or a chosen setting's other seeds start as soon
     as they are known. Returns every run of the grid and the runs that failed."""
     failed: list[RunSpec] = []
     running: dict[Future, tuple[Path, int]] = {}  # each run under way here: its directory, its claim
-    with ThreadPoolExecutor(grid.jobs) as pool:
+    children = Children()
+    with ThreadPoolExecutor(grid.jobs) as pool, stopping_on_exit(children):
         while True:
             specs = expand(grid)
             skip = {s.run_dir for s in failed} | {d for d, _ in running.values()}
@@ -521,7 +576,7 @@ def run_grid(grid: Grid, only: str | None = None) -> tuple[list[RunSpec], list[R
                 if spec.done:  # another runner finished it since `expand` looked
                     os.close(fd)
                     continue
-                running[pool.submit(run_one, spec, grid.threads)] = spec.run_dir, fd
+                running[pool.submit(run_one, spec, grid.threads, fd, children)] = spec.run_dir, fd
                 print(f"start {shown(spec.run_dir)}", flush=True)  # what is under way, for whoever tails the log
             if not running:  # everything left is under way in other runners
                 print(f"{len(todo)} runs left, all under way in other runners", flush=True)

@@ -2,6 +2,7 @@
 switch, the helpful ones combined), the choice, what round 2 may still change, and runs that ended on their
 budget."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,11 +150,28 @@ def test_damaged_results_are_named_and_a_diverged_run_ranks_last(tmp_path):
         read_run(run)
     peer = RunSpec("d", "UniSRec", 0, tmp_path / "peer", [], done_file="result.json", role="peer")
     peer.run_dir.mkdir()
-    for text, error in (('{"valid": {}, "te', r"result.json: not valid JSON"),
-                        ('{"valid": {"ndcg@10": 0.05}}', r"result.json: no 'test' \(a damaged result")):
-        (peer.run_dir / "result.json").write_text(text)
-        with pytest.raises(DataError, match=error):
-            read_run(peer)
+    (peer.run_dir / "result.json").write_text('{"valid": {}, "te')
+    assert not peer.done and read_run(peer) is None  # cut short: not done, so run again (it counted as done)
+    (peer.run_dir / "result.json").write_text('{"valid": {"ndcg@10": 0.05}}')
+    with pytest.raises(DataError, match=r"result.json: no 'test' \(a damaged result"):
+        read_run(peer)
+
+
+def test_a_finished_run_without_its_metrics_log_is_named(tmp_path):
+    """A finished run whose metrics.jsonl is gone stopped the report with a FileNotFoundError traceback."""
+    run = finished_run(tmp_path, "alterrec", 0, 0.06, None)["spec"]
+    (run.run_dir / "metrics.jsonl").unlink()
+    with pytest.raises(DataError, match=r"metrics.jsonl: missing \(a damaged run: move it away to run it again\)"):
+        read_run(run)
+
+
+def test_a_run_finished_without_its_runner_shows_the_grids_command_as_typed(tmp_path):
+    """A run that finished while no runner waited for it has no command.txt: the report showed its command with
+    this machine's interpreter path (/…/.venv/bin/python), not as a user types it."""
+    spec = finished_run(tmp_path, "alterrec", 0, 0.06, None)["spec"]
+    (spec.run_dir / "command.txt").unlink()
+    spec.command = [sys.executable, "-m", "alterrec_dist.train", "--set", "train.seed=0"]
+    assert read_run(spec)["command"] == "python -m alterrec_dist.train --set train.seed=0"
 
 
 def test_a_metrics_line_cut_short_is_not_read_and_a_bad_one_is_named(tmp_path):

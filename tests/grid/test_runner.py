@@ -1,8 +1,11 @@
 """Grid expansion: the committed grid's tuning budget, and sweeps that fit no method."""
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -168,6 +171,8 @@ def tiny_peer_grid(tmp_path, dataset: str) -> Path:
         pathlib.Path(a.out).mkdir(parents=True)
         with open(pathlib.Path(__file__).with_name("ran.txt"), "a") as ran:  # who ran, for the tests
             ran.write(pathlib.Path(a.out).name + "\\n")
+        with open(pathlib.Path(__file__).with_name("pids.txt"), "a") as pids:
+            pids.write(f"{os.getpid()}\\n")
         time.sleep(float(os.environ.get("PEER_SECONDS", "0")))
         tmp = pathlib.Path(a.out) / "result.json.tmp"  # atomic, as bench/recbole_peer.py writes it: the runner
         tmp.write_text(json.dumps({"valid": m, "test": m}))  # reads a finished run's result while others still run
@@ -313,6 +318,73 @@ def test_a_run_another_runner_holds_is_left_to_it(tmp_path, capsys):
     specs, failed = run_grid(grid)
     assert failed == [] and all(s.done for s in specs) and len(specs) == 4  # the combination too
     assert sorted((tmp_path / "ran.txt").read_text().split()) == ["P-a=1-s0", "P-b=2-s0", "P-combined-s0", "P-s0"]
+
+
+def started_runner(tmp_path: Path, grid_file: Path) -> tuple[subprocess.Popen, list[int]]:
+    """`experiments --grid` in a child process, once both of its first runs (2 jobs) are under way: (the runner,
+    their pids)."""
+    env = {**os.environ, "PEER_SECONDS": "600"}
+    runner = subprocess.Popen([sys.executable, "-m", "alterrec_dist.experiments", "--grid", str(grid_file)],
+                              cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids_file, deadline = tmp_path / "pids.txt", time.monotonic() + 60
+    while not (pids_file.exists() and len(pids_file.read_text().split()) == 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return runner, [int(p) for p in pids_file.read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # not a zombie waiting for its parent
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_to_the_runner_stops_its_runs(tmp_path):
+    """SIGTERM (a scheduler) reached the runner alone, which then waited for every run under way to train to
+    its end (minutes to hours); now its runs are stopped with it."""
+    runner, pids = started_runner(tmp_path, tiny_peer_grid(tmp_path, "methods = []"))
+    try:
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=30) == 128 + signal.SIGTERM
+        assert not any(alive(p) for p in pids)
+    finally:
+        runner.kill()
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_runners_runs_keep_their_locks(tmp_path, capsys):
+    """A runner killed outright (SIGKILL) left its runs training without their lock, so the next runner started
+    the same run beside it: two trainers appended to one metrics.jsonl. The run's process holds the lock too."""
+    grid_file = tiny_peer_grid(tmp_path, "methods = []")
+    runner, pids = started_runner(tmp_path, grid_file)
+    try:
+        runner.kill()
+        runner.wait()
+        assert all(alive(p) for p in pids)  # left to finish
+        assert main(["--grid", str(grid_file), "--dry-run"]) == 0
+        assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["busy", "busy", "todo"]
+    finally:
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_a_grid_whose_runs_all_fail_leaves_the_report_alone(tmp_path):
+    """--report-only with nothing finished refused to replace the report with empty tables, but a plain run
+    whose runs all failed replaced it."""
+    grid_file = tiny_peer_grid(tmp_path, "methods = []")
+    (tmp_path / "peer.py").write_text("raise SystemExit(1)\n")
+    report = tmp_path / "RESULTS.md"
+    grid_file.write_text(f'report = "{report}"\n' + grid_file.read_text())
+    report.write_text("the last report\n")
+    with pytest.raises(ConfigError, match=r"no finished run under .*, nothing to report .*; 3 run\(s\) failed"):
+        main(["--grid", str(grid_file)])
+    assert report.read_text() == "the last report\n"
 
 
 def test_only_runs_the_runs_its_glob_selects_and_an_unmatched_glob_is_an_error(tmp_path, capsys):
