@@ -31,7 +31,7 @@ from alterrec_dist.serve.search import INDEXES, Recommendation, Searcher, recomm
 
 def format_recommendation(rec: Recommendation, width: int = 70) -> str:
     lines = [f"session ({len(rec.session)} items, oldest first): {' '.join(rec.session)}",
-             f"{'rank':>4}  {'item_id':<14}{'fused':>11}" + "".join(f"{c:>11}" for c in rec.components) + "  text"]
+             f"{'rank':>4}  {'item_id':<14}{'fused':>11}" + "".join(f"{c:>11}" for c in rec.components) + "  item text"]
     for r in rec.rows:
         text = r["text"] if r["text"] else r["item_id"]
         text = " ".join(text.split())

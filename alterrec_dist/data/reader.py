@@ -87,9 +87,10 @@ class Rows:
         )
 
 
-def read_row_group(group: RowGroup, max_len: int) -> Rows:
+def read_row_group(group: RowGroup, max_len: int, num_items: int | None = None) -> Rows:
     """One row group's rows, histories cut to their most recent max_len items (here, so that a
-    shuffle window holds at most max_len items per row)."""
+    shuffle window holds at most max_len items per row); DataError for an item index outside 0..num_items-1
+    (damaged pages decode to any number, and the start check reads only the Parquet statistics)."""
     with storage.open_input(group.file) as f:
         table = pq.ParquetFile(f).read_row_group(group.index, columns=["history", "target"])
     history, target = table["history"].combine_chunks(), table["target"]
@@ -97,8 +98,14 @@ def read_row_group(group: RowGroup, max_len: int) -> Rows:
     if target.null_count or history.null_count or history.values.null_count:
         raise DataError(f"{where}: null history, history item or target")
     offsets, values = cut_histories(history, max_len, where, first=1)  # rows counted from 1, as `verify` does
+    targets = target.to_numpy().astype(np.int64)
+    if num_items is not None:
+        for name, items in (("history", values), ("target", targets)):
+            if len(items) and not (0 <= items.min() and items.max() < num_items):
+                raise DataError(f"{where}: a {name} item index outside 0..{num_items - 1} (damaged: "
+                                "`python -m alterrec_dist.prepare verify` checks every file)")
     example = np.arange(group.first, group.first + group.rows, dtype=np.int64)
-    return Rows(example, offsets, values, target.to_numpy().astype(np.int64))
+    return Rows(example, offsets, values, targets)
 
 
 def cut_histories(history: pa.ListArray, max_len: int, where: str, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +151,8 @@ class SessionReader:
     """This rank's slices of the global batches of one split; see the module docstring."""
 
     def __init__(self, files: list[str | Location], *, rank: int, world_size: int, global_batch_size: int,
-                 max_len: int, seed: int, shuffle: bool, drop_last: bool, shuffle_window_rows: int = 262_144):
+                 max_len: int, seed: int, shuffle: bool, drop_last: bool, shuffle_window_rows: int = 262_144,
+                 num_items: int | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         if global_batch_size < 1 or global_batch_size % world_size:
@@ -156,7 +164,7 @@ class SessionReader:
         self.rank, self.world_size = rank, world_size
         self.global_batch_size, self.local_batch_size = global_batch_size, global_batch_size // world_size
         self.max_len, self.seed, self.shuffle, self.drop_last = max_len, seed, shuffle, drop_last
-        self.shuffle_window_rows = shuffle_window_rows
+        self.shuffle_window_rows, self.num_items = shuffle_window_rows, num_items
         self.groups = self._row_groups([storage.location(f) for f in files])
         self.num_rows = sum(g.rows for g in self.groups)
 
@@ -184,13 +192,13 @@ class SessionReader:
         """The epoch's row stream in pieces: row groups in file order, or shuffled windows."""
         if not self.shuffle:
             for g in self.groups:
-                yield read_row_group(g, self.max_len)
+                yield read_row_group(g, self.max_len, self.num_items)
             return
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.groups))
         window: list[Rows] = []
         for k, g in enumerate(order):
-            window.append(read_row_group(self.groups[g], self.max_len))
+            window.append(read_row_group(self.groups[g], self.max_len, self.num_items))
             if sum(len(w) for w in window) >= self.shuffle_window_rows or k == len(order) - 1:
                 rows = Rows.concat(window)
                 yield rows.take(rng.permutation(len(rows)))

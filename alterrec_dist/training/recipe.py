@@ -99,7 +99,8 @@ def build_run(cfg: Config, comm: Comm) -> Run:
 
     def reader(split: str, batch: int, train: bool) -> SessionReader:
         return SessionReader(data.session_files(split), rank=comm.rank, world_size=comm.world, global_batch_size=batch,
-                             max_len=cfg.data.max_len, seed=t.seed, shuffle=train, drop_last=train)
+                             max_len=cfg.data.max_len, seed=t.seed, shuffle=train, drop_last=train,
+                             num_items=data.num_items)
 
     train_reader = reader("train", t.global_batch_size, True)
     if train_reader.steps_per_epoch() == 0:

@@ -143,3 +143,16 @@ def test_the_embedded_default_is_readable():
         batches = list(r.epoch(0))
         assert len(batches) == r.steps_per_epoch() > 0
         assert all(int(b.target.max()) < ds.num_items and int(b.items.max()) < ds.num_items for b in batches)
+
+
+@pytest.mark.parametrize("column, bad", [("history", [3, 2_054_817_167]), ("target", -1)])
+def test_an_item_index_outside_the_catalog_is_one_line(tmp_path, column, bad):
+    """Damaged pages decode to any number, and the start check reads only the Parquet statistics: training
+    indexed its item table with 2054817167 (an IndexError traceback, exit 1)."""
+    rows = {"history": [[1, 2], [2, 3]], "target": [3, 4], "user": [None, None], "session": ["a", "b"]}
+    rows[column] = [rows[column][0], bad]
+    pq.write_table(pa.Table.from_pydict(rows, schema=SESSION_SCHEMA), tmp_path / "p.parquet")
+    r = SessionReader([tmp_path / "p.parquet"], rank=0, world_size=1, global_batch_size=2, max_len=50, seed=0,
+                      shuffle=False, drop_last=True, num_items=10)
+    with pytest.raises(DataError, match=rf"p.parquet: row group 0: a {column} item index outside 0..9 \(damaged"):
+        list(r.epoch(0))

@@ -38,6 +38,7 @@ def session_ids(bundle, n=0):
 def result_rows(out: str) -> list[list[str]]:
     lines = out.strip().splitlines()
     assert lines[0].startswith("session (") and lines[1].split()[:5] == ["rank", "item_id", "fused", "id", "text"]
+    assert lines[1].endswith("  item text")  # not a second "text" column beside the text score's
     return [line.split() for line in lines[2:]]
 
 
