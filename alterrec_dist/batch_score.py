@@ -90,15 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.export and args.data and not args.split:
         raise ConfigError("--data with --export names the dataset of --split: without --split it would be ignored")
     # the files read (a dataset's or an export's: an output may lie beside them, not replace one)
-    inputs = [*(input_files(args.input) if args.input else []), *served_paths(args.run),
-              *(export_files(args.export) if args.export else []), *(dataset_files(args.data) if args.data else [])]
+    inputs = [*(input_files(args.input) if args.input else []), *served_paths(args.run), *export_files(args.export),
+              *dataset_files(args.data)]
     check_out_files(args, inputs)  # before the model
     spec = {"run": args.run, "export": args.export, "data": args.data, "device": args.device}
     bundle = load_scoring_model(**spec)
     # the dataset read besides, known now: the run's (its items), or --split's (its sessions)
     data_path = args.data or bundle.provenance.get("dataset", {}).get("path") if args.run or args.split else None
-    if data_path:
-        check_out_files(args, dataset_files(data_path))
+    check_out_files(args, dataset_files(data_path))
     if args.split:
         data = Dataset(data_path)
         if args.export:  # --run checks its own

@@ -311,9 +311,11 @@ def read_parquet(path: Location, **kwargs) -> pa.Table:
         return pq.read_table(f, **kwargs)
 
 
-def dataset_files(path: str | Location) -> list[Location]:
+def dataset_files(path: str | Location | None) -> list[Location]:
     """`Dataset(path).files()`, or the directory itself where its manifest cannot be read (nothing in it may
-    then be replaced: which files it would read is not known)."""
+    then be replaced: which files it would read is not known); none for no dataset (None)."""
+    if path is None:
+        return []
     try:
         return Dataset(path).files()
     except DataError:

@@ -38,10 +38,9 @@ def _vectors(m: torch.Tensor) -> pa.FixedSizeListArray:
 def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = False) -> Location:
     """Write `bundle` to `out` through a temp directory renamed into place (in a store: uploaded, manifest last)."""
     prov = bundle.provenance  # what the bundle was read from: a run and its dataset, or an export
-    read = prov.get("dataset", {}).get("path"), prov.get("export")
     out = check_out(out, overwrite, [*served_paths(prov.get("run", {}).get("path")),
-                                     *(dataset_files(read[0]) if read[0] else []),
-                                     *(export_files(read[1]) if read[1] else [])])
+                                     *dataset_files(prov.get("dataset", {}).get("path")),
+                                     *export_files(prov.get("export"))])
     with Staged(out) as staged:
         tmp = staged.tmp
         (tmp / "tables").mkdir(parents=True)
@@ -101,9 +100,11 @@ MISSING_MANIFEST = ("no export manifest: not an export (make one with `python -m
                     "being written or replaced now (load it again when that ends)")
 
 
-def export_files(export_dir: str | Location) -> list[Location]:
+def export_files(export_dir: str | Location | None) -> list[Location]:
     """Every file loading the export reads: its manifest and the files that names (an output may lie beside
-    them); the directory itself where the manifest cannot be read."""
+    them); the directory itself where the manifest cannot be read; none for no export (None)."""
+    if export_dir is None:
+        return []
     export_dir = resolve_location(export_dir)
     try:
         names = _export_manifest(export_dir)["files"]
