@@ -85,8 +85,8 @@ def read_amazon_m2(sessions: list[str | Path], labels: list[str | Path] = (), pr
     params = {"sessions": [str(p) for p in sessions], "labels": [str(p) for p in labels],
               "products": str(products) if products else None, "locale": locale, "valid_frac": valid_frac,
               "test_frac": test_frac, "seed": seed, "drop_short": drop_short}
-    files = list(dict.fromkeys(sessions + labels + ([Path(products)] if products else [])))  # --labels may name
-    # a sessions file (its own next_item column)
+    # each file once: --labels may name a sessions file (its own next_item column)
+    files = list(dict.fromkeys(sessions + labels + ([Path(products)] if products else [])))
     return Source("amazon-m2", files, params, item_ids, texts, splits, notes={"dropped_short_sessions": dropped})
 
 
