@@ -255,5 +255,5 @@ def test_other_runs_equal_summary(tmp_path_factory, tmp_path, capsys, name, over
         code, out, _ = cli("recommend", ["--export", str(tmp_path / "export"), "--session",
                                          ",".join(bundle.item_ids[:3])], capsys)
         header, *rows = out.splitlines()[1:]
-        assert code == 0 and header.split() == ["rank", "item_id", "fused", "id", "text"] and len(rows) == 10
+        assert code == 0 and header.split() == ["rank", "item_id", "fused", "id", "item", "text"] and len(rows) == 10
         assert all(r.split()[2] == r.split()[3] for r in rows)
