@@ -313,8 +313,9 @@ def read_parquet(path: Location, **kwargs) -> pa.Table:
 
 def dataset_files(path: str | Location | None) -> list[Location]:
     """`Dataset(path).files()`, or the directory itself where its manifest cannot be read (nothing in it may
-    then be replaced: which files it would read is not known); none for no dataset (None)."""
-    if path is None:
+    then be replaced: which files it would read is not known); none for no dataset (None, or "" as an unset
+    shell variable gives)."""
+    if not path:
         return []
     try:
         return Dataset(path).files()

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from alterrec_dist.common import storage
-from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.layout import gather_ranges
 
@@ -91,10 +91,13 @@ def read_row_group(group: RowGroup, max_len: int, num_items: int | None = None) 
     """One row group's rows, histories cut to their most recent max_len items (here, so that a
     shuffle window holds at most max_len items per row); DataError for an item index outside 0..num_items-1
     (damaged pages decode to any number, and the start check reads only the Parquet statistics)."""
-    with storage.open_input(group.file) as f:
-        table = pq.ParquetFile(f).read_row_group(group.index, columns=["history", "target"])
-    history, target = table["history"].combine_chunks(), table["target"]
     where = f"{group.file}: row group {group.index}"
+    try:
+        with storage.open_input(group.file) as f:
+            table = pq.ParquetFile(f).read_row_group(group.index, columns=["history", "target"])
+    except (OSError, pa.ArrowException) as e:  # damaged pages ("Corrupt snappy compressed data"), a failed read
+        raise DataError(f"{where}: cannot read ({one_line(e)})") from None
+    history, target = table["history"].combine_chunks(), table["target"]
     if target.null_count or history.null_count or history.values.null_count:
         raise DataError(f"{where}: null history, history item or target")
     offsets, values = cut_histories(history, max_len, where, first=1)  # rows counted from 1, as `verify` does

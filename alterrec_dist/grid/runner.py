@@ -455,6 +455,10 @@ def claim(spec: RunSpec) -> int | None:
     both have closed it, or died."""
     spec.lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(spec.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    if fd < 3:  # a runner started with stdin/stdout closed: the child's stdin/stdout would replace it there
+        moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        os.close(fd)
+        fd = moved
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -541,10 +545,13 @@ def selected(spec: RunSpec, grid: Grid, only: str | None) -> bool:
 
 @contextmanager
 def stopping_on_exit(children: Children):
-    """Stop the children when the runner leaves early (SIGTERM's SystemExit, Ctrl-C, an error), before the
-    thread pool waits for them."""
+    """Stop the children when the runner leaves early (SIGTERM's SystemExit, an error), before the thread pool
+    waits for them. Not on Ctrl-C: the terminal's SIGINT reached the runs too, and a SIGTERM on top cut their
+    own unwinding short (a checkpoint's temp directory left behind)."""
     try:
         yield
+    except KeyboardInterrupt:
+        raise
     except BaseException:
         children.stop()
         raise

@@ -102,8 +102,8 @@ MISSING_MANIFEST = ("no export manifest: not an export (make one with `python -m
 
 def export_files(export_dir: str | Location | None) -> list[Location]:
     """Every file loading the export reads: its manifest and the files that names (an output may lie beside
-    them); the directory itself where the manifest cannot be read; none for no export (None)."""
-    if export_dir is None:
+    them); the directory itself where the manifest cannot be read; none for no export (None, or "")."""
+    if not export_dir:
         return []
     export_dir = resolve_location(export_dir)
     try:

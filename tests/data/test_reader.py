@@ -156,3 +156,20 @@ def test_an_item_index_outside_the_catalog_is_one_line(tmp_path, column, bad):
                       shuffle=False, drop_last=True, num_items=10)
     with pytest.raises(DataError, match=rf"p.parquet: row group 0: a {column} item index outside 0..9 \(damaged"):
         list(r.epoch(0))
+
+
+def test_a_page_that_does_not_decode_is_one_line(tmp_path):
+    """Damaged compressed pages failed inside pyarrow ("Corrupt snappy compressed data"): an OSError traceback."""
+    n, rng = 2000, np.random.default_rng(0)
+    rows = {"history": rng.integers(0, 7, (n, 3)).tolist(), "target": rng.integers(0, 7, n).tolist(),
+            "user": [None] * n, "session": [str(i) for i in range(n)]}
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pydict(rows, schema=SESSION_SCHEMA), path, compression="snappy")
+    damage_at = pq.ParquetFile(path).metadata.row_group(0).column(0).data_page_offset + 52  # in its compressed data
+    data = bytearray(path.read_bytes())
+    data[damage_at:damage_at + 2] = b"\xff\x7f"
+    path.write_bytes(bytes(data))
+    r = SessionReader([path], rank=0, world_size=1, global_batch_size=10, max_len=50, seed=0, shuffle=False,
+                      drop_last=True, num_items=7)
+    with pytest.raises(DataError, match=r"p.parquet: row group 0: cannot read \(.*\)$"):
+        list(r.epoch(0))

@@ -1,6 +1,7 @@
 """Grid expansion: the committed grid's tuning budget, and sweeps that fit no method."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -320,12 +321,12 @@ def test_a_run_another_runner_holds_is_left_to_it(tmp_path, capsys):
     assert sorted((tmp_path / "ran.txt").read_text().split()) == ["P-a=1-s0", "P-b=2-s0", "P-combined-s0", "P-s0"]
 
 
-def started_runner(tmp_path: Path, grid_file: Path) -> tuple[subprocess.Popen, list[int]]:
-    """`experiments --grid` in a child process, once both of its first runs (2 jobs) are under way: (the runner,
-    their pids)."""
+def started_runner(tmp_path: Path, grid_file: Path, closed: str = "") -> tuple[subprocess.Popen, list[int]]:
+    """`experiments --grid` in a child process (its descriptors in `closed`, e.g. "<&-", closed, as some
+    schedulers start a job), once both of its first runs (2 jobs) are under way: (the runner, their pids)."""
     env = {**os.environ, "PEER_SECONDS": "600"}
-    runner = subprocess.Popen([sys.executable, "-m", "alterrec_dist.experiments", "--grid", str(grid_file)],
-                              cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = shlex.join([sys.executable, "-m", "alterrec_dist.experiments", "--grid", str(grid_file)])
+    runner = subprocess.Popen(["sh", "-c", f"exec {command} >/dev/null 2>&1 {closed}"], cwd=PROJECT_ROOT, env=env)
     pids_file, deadline = tmp_path / "pids.txt", time.monotonic() + 60
     while not (pids_file.exists() and len(pids_file.read_text().split()) == 2) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -357,11 +358,14 @@ def test_sigterm_to_the_runner_stops_its_runs(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_a_killed_runners_runs_keep_their_locks(tmp_path, capsys):
+@pytest.mark.parametrize("closed", ["", "<&-", ">&-"])
+def test_a_killed_runners_runs_keep_their_locks(tmp_path, capsys, closed):
     """A runner killed outright (SIGKILL) left its runs training without their lock, so the next runner started
-    the same run beside it: two trainers appended to one metrics.jsonl. The run's process holds the lock too."""
+    the same run beside it: two trainers appended to one metrics.jsonl. The run's process holds the lock too,
+    also where the runner started with stdin or stdout closed (its lock took descriptor 0 or 1, which the run's
+    own stdin or stdout then replaced)."""
     grid_file = tiny_peer_grid(tmp_path, "methods = []")
-    runner, pids = started_runner(tmp_path, grid_file)
+    runner, pids = started_runner(tmp_path, grid_file, closed)
     try:
         runner.kill()
         runner.wait()
@@ -456,3 +460,20 @@ def test_a_dataset_the_grid_cannot_make_is_one_error_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match=r"grid.toml: dataset 'elsewhere' has no data at .*absent and no `prepare`"):
         main(["--grid", str(grid_file)])
     assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_leaves_the_runs_to_the_terminals_sigint(tmp_path):
+    """Ctrl-C sends SIGINT to the whole process group, so the runs are already unwinding; the runner's SIGTERM on
+    top cut that short (a checkpoint's temp directory left behind). Other early exits still stop them."""
+    from alterrec_dist.grid.runner import Children, stopping_on_exit
+
+    for raised, stopped in ((KeyboardInterrupt, False), (SystemExit, True)):
+        children = Children()
+        lock = os.open(tmp_path / "lock", os.O_RDWR | os.O_CREAT)
+        with ThreadPoolExecutor(1) as pool:
+            rc = pool.submit(children.run, [sys.executable, "-c", "import time; time.sleep(5)"], lock)
+            time.sleep(0.5)
+            with pytest.raises(raised), stopping_on_exit(children):
+                raise raised()
+            assert (rc.result() == -signal.SIGTERM) == stopped  # else it ran its 5 s out
+        os.close(lock)

@@ -401,3 +401,10 @@ def test_an_export_without_its_manifest_yet_is_waited_for_then_named(tmp_path, m
                                         r"written or replaced now \(load it again when that ends\)$"):
         load_export(tmp_path / "exp")
     assert waits == [1.0] * (export_dir.LOAD_ATTEMPTS - 1)
+
+
+def test_an_empty_path_is_no_input():
+    """`--data "$DATA"` with DATA unset gives "": it was the current directory as an input, refusing any output
+    under it."""
+    from alterrec_dist.data.dataset import dataset_files
+    assert export_dir.export_files("") == [] and dataset_files("") == []
