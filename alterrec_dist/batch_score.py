@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = {"run": args.run, "export": args.export, "data": args.data, "device": args.device}
     bundle = load_scoring_model(**spec)
     # the dataset read besides, known now: the run's (its items), or --split's (its sessions)
-    data_path = args.data or bundle.provenance.get("dataset", {}).get("path") if args.run or args.split else None
+    data_path = (args.data or bundle.provenance.get("dataset", {}).get("path")) if args.run or args.split else None
     check_out_files(args, dataset_files(data_path))
     if args.split:
         data = Dataset(data_path)

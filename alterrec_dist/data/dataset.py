@@ -69,10 +69,7 @@ class Dataset:
     def files(self) -> list[Location]:
         """Every file reading the dataset reads: its manifest and the files that names. An output may lie beside
         them in the directory (a scores file), not replace one."""
-        m = self.manifest
-        names = ["items.parquet", m["text"]["has_text"], *(p["file"] for p in m["text"]["files"]),
-                 *(p["file"] for split in SPLITS for p in m["session_files"][split])]
-        return [self.mpath, *(self.path / name for name in names)]
+        return [self.mpath, *(self.path / name for name in data_files(self.manifest))]
 
     def item_ids_sha256(self) -> str:
         """sha256 of the item ids in item_idx order: which item each row is. items.parquet's own sha256 also

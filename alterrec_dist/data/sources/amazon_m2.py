@@ -10,9 +10,9 @@ import pyarrow.compute as pc
 
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.data.sources.tables import (TEST, TRAIN, VALID, Pairs, Source, append_targets, as_text,
-                                               check_unique_ids, counts_to_offsets, decoded_column, event_positions,
-                                               first_duplicate, join_texts, keep_long_sessions, nan_mask,
-                                               raise_at_first, read_table, split_tokens, string_column)
+                                               blank_mask, check_unique_ids, counts_to_offsets, decoded_column,
+                                               event_positions, first_duplicate, join_texts, keep_long_sessions,
+                                               nan_mask, raise_at_first, read_table, split_tokens, string_column)
 
 
 # -- Amazon-M2 (KDD Cup 2023, task 2) --------------------------------------------------------------
@@ -122,9 +122,7 @@ def _own_labels(table: pa.Table, path: Path) -> pa.Array | None:
     only: a file written without labels), which leaves the labels to --labels or the last item."""
     if "next_item" not in table.column_names:
         return None
-    col = as_text(decoded_column(table, "next_item"), path, "next_item")
-    blank = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), "")).fill_null(True)
-    if blank.to_numpy(zero_copy_only=False).all():
+    if blank_mask(as_text(decoded_column(table, "next_item"), path, "next_item")).all():
         return None
     return string_column(table, "next_item", path)
 

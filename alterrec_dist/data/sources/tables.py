@@ -160,9 +160,14 @@ def string_column(table: pa.Table, name: str, path: Path) -> pa.Array:
     col = decoded_column(table, name)
     raise_at_first(nan_mask(col), path, name, "NaN is not an id")
     col = as_text(col, path, name)
-    bad = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), "")).fill_null(True)
-    raise_at_first(bad, path, name, "empty value")
+    raise_at_first(blank_mask(col), path, name, "empty value")
     return col
+
+
+def blank_mask(col: pa.Array) -> np.ndarray:
+    """True where a text column is null, empty or only whitespace."""
+    blank = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), "")).fill_null(True)
+    return blank.to_numpy(zero_copy_only=False)
 
 
 def nan_mask(col: pa.Array) -> np.ndarray:
