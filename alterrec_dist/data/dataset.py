@@ -172,7 +172,8 @@ class Dataset:
             for lo in range(0, len(features), 65536):  # a block at a time: memory stays flat at any V
                 bad = np.flatnonzero(~np.isfinite(features[lo:lo + 65536]).all(axis=1))
                 if len(bad):
-                    raise DataError(f"{self.path / part['file']}: row {lo + bad[0] + 1} (item_idx {start + lo + bad[0]}): "
+                    row = lo + bad[0]
+                    raise DataError(f"{self.path / part['file']}: row {row + 1} (item_idx {start + row}): "
                                     "a text feature that is not finite (NaN or inf)")
             start += part["rows"]
 
