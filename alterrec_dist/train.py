@@ -25,7 +25,7 @@ import sys
 
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.cli import run_cli
-from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, check_resumable, load_config
+from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, changed_values, check_resumable, load_config
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import resolve_location
 from alterrec_dist.common.storage import Location
@@ -43,11 +43,18 @@ def load_run_config(args: argparse.Namespace) -> tuple[Config, Location | None]:
     trainer.num_workers). `--resume auto` (a retried job with a fixed command line): the job's own
     `--config` and `--set` for the run directory that `--out` or `trainer.name` names, going on there if an
     attempt has started (it holds a config.toml), else a new run there. Either way a change to what the run
-    trains (`config.check_resumable`) is refused: the job's own config for `auto`, the `--set` values else."""
+    trains (`config.check_resumable`) is refused: the job's own config for `auto`, the `--set` values else.
+    `--launcher`, and under torchrun its world size, are part of the config before it is checked."""
+    def launching(cfg: Config) -> None:
+        if args.launcher:
+            cfg.trainer.launcher = args.launcher
+        if cfg.trainer.launcher == "torchrun":
+            adopt_torchrun_world(cfg)
+
     if args.resume is None:
-        return load_config(args.config, args.overrides), None
+        return load_config(args.config, args.overrides, launching), None
     if args.resume == "auto":
-        requested = load_config(args.config, args.overrides)
+        requested = load_config(args.config, args.overrides, launching)
         if not (args.out or requested.trainer.name):
             raise ConfigError("--resume auto needs a run directory a retry finds again: --out or trainer.name")
         run_dir = resolve_location(args.out) if args.out else default_run_dir(requested).absolute()
@@ -64,7 +71,11 @@ def load_run_config(args: argparse.Namespace) -> tuple[Config, Location | None]:
         saved = run_dir / run_layout.CONFIG
         if not saved.is_file():
             raise ConfigError(f"{run_dir}: not a run directory (no config.toml)")
-        cfg = requested = load_config(saved, args.overrides)
+        cfg = requested = load_config(saved, args.overrides, launching)
+        moved = [key for key in ("trainer.storage_path", "trainer.name") if key in changed_values(load_config(saved), cfg)]
+        if moved:  # they say where a new run goes: this one would stay where it is, its config.toml saying otherwise
+            raise ConfigError(f"--resume {args.resume}: the run goes on in its own directory, so {moved[0]} cannot "
+                              "change (drop that --set)")
     check_resumable(load_config(saved), requested, str(saved))
     return cfg, run_dir
 
@@ -120,10 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg, resume_dir = load_run_config(args)
-    if args.launcher:
-        cfg.trainer.launcher = args.launcher
-    if cfg.trainer.launcher == "torchrun":
-        adopt_torchrun_world(cfg)
     check_dataset(cfg)
     check_resources(cfg)
     check_mlflow()

@@ -11,17 +11,15 @@ import sys
 from pathlib import Path
 
 from alterrec_dist.common.cli import run_cli
-from alterrec_dist.common.config import read_toml
+from alterrec_dist.common.config import METRICS, read_toml
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import read_json
-
-METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20", "mrr@20")
-
+from alterrec_dist.common.methods import score_and_metric
 
 def group_row(run_dirs: list[Path]) -> str:
     summaries = [read_json(d / "summary.json") for d in run_dirs]
     method = read_toml(run_dirs[0] / "config.toml", "run config")["train"]["method"]
-    kind = summaries[0]["selection"].split("/")[0]
+    kind = score_and_metric(summaries[0]["selection"])[0]
     cells = []
     for m in METRICS:
         values = [s["test"][kind][m] for s in summaries]

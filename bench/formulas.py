@@ -66,15 +66,8 @@ def table_bytes(V: int, W: int, d: int, D: int, frozen: bool = True) -> int:
 
 def score_tile_bytes(B: int, V: int, W: int, tile_rows: int, value_bytes: int = FP32) -> int:
     """The band loss's (G, tile) training score tile and its gradient tile, per worker (the loss scores one
-    tile of the shard's rows at a time: alterrec_dist/loss.py)."""
+    tile of the shard's rows at a time: alterrec_dist/parallel/loss.py)."""
     return 2 * B * min(tile_rows, -(-V // W)) * value_bytes
-
-
-def flops(B: int, V: int, W: int, d: int) -> dict[str, float]:
-    """Multiply-adds x 2 per worker per step for the terms that grow with V: the frozen network's
-    scores for mining, the trained network's scores forward and backward (queries and rows)."""
-    scores = 2.0 * B * (V / W) * d
-    return {"mining": scores, "loss": 3 * scores}
 
 
 def projection(V: int, W: int, B_per_worker: int, d: int, D: int, k2: int, floor_sessions_per_s_1m: float,

@@ -39,6 +39,7 @@ def assert_bytes_follow_formulas(result: dict, world: int) -> None:
         assert c["bytes"]["all_to_all"] > 0 and c["bytes"]["all_to_all_backward"] > 0
 
 
+@pytest.mark.slow  # a forked gloo world
 def test_counted_bytes_and_table_memory_follow_the_formulas(catalog):
     [r] = run_world(measure, 1, spec(catalog))
     assert_bytes_follow_formulas(r, 1)
@@ -52,6 +53,7 @@ def test_counted_bytes_and_table_memory_follow_the_formulas(catalog):
     assert r["peak_rss"] > 0 and r["eval"]["seconds"] > 0
 
 
+@pytest.mark.slow  # a forked gloo world
 def test_reference_step_computes_the_engines_loss(catalog):
     [r] = run_world(compare, 1, spec(catalog, batch=64, k2=500))
     assert r["reference_loss"] == pytest.approx(r["engine_loss"], rel=1e-5)

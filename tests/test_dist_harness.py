@@ -46,12 +46,14 @@ def _init_failing(calls: Path, once: bool):
     return init
 
 
+@pytest.mark.slow  # forked gloo worlds
 def test_a_world_whose_group_was_not_made_is_started_again(tmp_path, monkeypatch):
     monkeypatch.setattr(dist_harness.dist, "init_process_group", _init_failing(tmp_path / "failed", once=True))
     with pytest.warns(UserWarning, match="gloo group of 2 not made"):
         assert run_world(rank_sum, 2) == [3, 3]
 
 
+@pytest.mark.slow  # forked gloo worlds
 def test_a_group_never_made_fails_after_the_last_attempt(tmp_path, monkeypatch):
     calls = tmp_path / "calls"  # forked ranks see the patched function
     monkeypatch.setattr(dist_harness.dist, "init_process_group", _init_failing(calls, once=False))
@@ -60,6 +62,7 @@ def test_a_group_never_made_fails_after_the_last_attempt(tmp_path, monkeypatch):
     assert len(calls.read_text().splitlines()) == dist_harness.SETUP_ATTEMPTS
 
 
+@pytest.mark.slow  # forked gloo worlds
 def test_a_failure_in_the_code_under_test_is_not_retried(tmp_path):
     calls = tmp_path / "calls"
     with pytest.raises(ProcessRaisedException, match="the code under test failed"):

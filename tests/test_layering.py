@@ -114,10 +114,13 @@ def test_model_data_and_common_never_import_distributed():
 
 
 def test_the_placement_rule_is_written_once():
-    """`i mod W` (an owner test, or a rank's ids as a strided range) only in parallel/table.py's `Placement`."""
+    """`i mod W` (an owner test, a rank's ids as a strided range, or the largest shard's rows) only in
+    parallel/table.py's `Placement`."""
     rule = re.compile(r"%\s*(?:self\.|comm\.|self\.comm\.)?(?:world|W)\b\s*==|"
-                      r"arange\(\s*\w*rank\w*\s*,\s*[\w.]+\s*,\s*(?:self\.|comm\.)?(?:world|W)\b")
+                      r"arange\(\s*\w*rank\w*\s*,\s*[\w.]+\s*,\s*(?:self\.|comm\.)?(?:world|W)\b|"
+                      r"-\(\s*-\s*[\w.]+\s*//\s*(?:self\.|comm\.|cfg\.trainer\.)?(?:world|W|num_workers)\b")
     found = [f"{p.relative_to(PACKAGE)}: {m.group(0)}" for p in PACKAGE.rglob("*.py")
              if p != PACKAGE / "parallel" / "table.py" for m in rule.finditer(p.read_text())]
     assert not found, "\n".join(found)
     assert rule.search("owned = ids % comm.world == comm.rank") and rule.search("torch.arange(rank, V, world)")
+    assert rule.search("rows = -(-num_items // world)")

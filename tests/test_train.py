@@ -214,8 +214,12 @@ def test_resume_takes_the_same_data_elsewhere_and_resumable_settings(tmp_path):
     changes = [f"data.path={tmp_path / 'moved'}", "trainer.num_workers=1", "train.m_max=20", "train.patience=3"]
     args = build_parser().parse_args(["--resume", str(run), *[a for c in changes for a in ("--set", c)]])
     cfg, resume_dir = load_run_config(args)
+    (run / run_layout.SUMMARY).write_text(json.dumps(fake_summary()))  # it had finished, on train.m_max=10
     assert resume_dir == run and reopen_run_dir(cfg, run) == run
     assert load_config(run / "config.toml") == cfg  # the config it now runs with, and where its data is now
+    # the old end's summary went with the old config: a resume stopped before its workers removed it left a
+    # run that looked finished under a config.toml that did not make it
+    assert not (run / run_layout.SUMMARY).exists()
     assert json.loads((run / run_layout.DATASET).read_text())["path"] == str(tmp_path / "moved")
 
 
@@ -267,3 +271,31 @@ def test_k1_past_the_catalog_is_refused_only_where_k1_is_read(tmp_path):
     for refused in (["train.method=id_only"], ["train.method=alterrec", "train.random_negatives=catalog"]):
         with pytest.raises(ConfigError, match="train.k1=20: the negatives' band starts past the 15 items"):
             check_dataset(load_config(None, [*base, *refused]))
+
+
+def test_torchruns_world_is_the_config_checked(monkeypatch):
+    """Under torchrun the config was checked against trainer.num_workers (default 2) before torchrun's world size
+    replaced it: a global batch of 999 was refused on a world of 1."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = build_parser().parse_args(["--launcher", "torchrun", "--set", "train.global_batch_size=999"])
+    cfg, _ = load_run_config(args)
+    assert (cfg.trainer.launcher, cfg.trainer.num_workers, cfg.train.global_batch_size) == ("torchrun", 1, 999)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="train.global_batch_size=999 must be divisible by trainer.num_workers=2"):
+        load_run_config(args)
+    monkeypatch.setenv("WORLD_SIZE", "3")  # launched with trainer.num_workers = 2 in its config: torchrun's 3 count
+    assert load_run_config(build_parser().parse_args(["--launcher", "torchrun", "--set", "train.global_batch_size=999",
+                                                      "--set", "eval.batch_size=999", "--set", "trainer.num_workers=2"])
+                           )[0].trainer.num_workers == 3
+
+
+def test_a_resume_stays_in_its_directory_and_says_so(tmp_path):
+    """`--resume RUN --set trainer.name=X` was accepted, the run went on in RUN, and its config.toml then named X.
+    An empty trainer.storage_path (an unset shell variable) put new runs in the project root."""
+    run = make_run_dir(load_config(None, ["train.method=id_only"]), str(tmp_path / "run"))
+    for key, value in (("trainer.name", "elsewhere"), ("trainer.storage_path", str(tmp_path / "other"))):
+        with pytest.raises(ConfigError, match=rf"--resume .*run: the run goes on in its own directory, so {key} cannot"):
+            load_run_config(build_parser().parse_args(["--resume", str(run), "--set", f"{key}={value}"]))
+    assert load_config(run / "config.toml").trainer.name == ""
+    with pytest.raises(ConfigError, match="trainer.storage_path must be a directory, not empty"):
+        load_config(None, ["trainer.storage_path="])

@@ -15,7 +15,7 @@ from pathlib import Path
 from alterrec_dist.common import storage
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.storage import Location
-from alterrec_dist.common.methods import ALTERNATE, METHODS
+from alterrec_dist.common.methods import ALTERNATE, METHODS, score_and_metric
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # alterrec_dist/common/config.py -> the project
 LOGIT_FORMS = ("dot", "cosine")
@@ -136,12 +136,14 @@ def _increasing_bins(bins: list[int]) -> bool:
 
 
 def _valid_metric(metric: str) -> bool:
-    part, _, name = metric.partition("/")
+    part, name = score_and_metric(metric)
     return part in SCORE_PARTS and name in METRICS
 
 
 RANGES: dict[str, tuple[typing.Callable, str]] = {
     "data.path": (lambda v: v.strip() != "", "a dataset directory, not empty"),
+    "trainer.storage_path": (lambda v: v.strip() != "", "a directory, not empty (an unset variable put runs in the "
+                             "project root)"),
     "data.max_len": _at_least(1),
     "model.dim": _at_least(1),
     "model.encoder": _one_of("mean", "transformer"),
@@ -321,8 +323,10 @@ def read_toml(path: Path, what: str) -> dict:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the TOML file, then each `section.key=value` override, then validation."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                launching: typing.Callable[[Config], None] | None = None) -> Config:
+    """Defaults, then the TOML file, then each `section.key=value` override, then `launching` (what the command
+    line and the launcher decide, e.g. torchrun's world size), then validation."""
     cfg = Config()
     if path is not None:
         try:
@@ -341,6 +345,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not eq or not dot:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         _apply(cfg, section, key.strip(), value.strip(), f"--set {item}", text=True)
+    if launching is not None:
+        launching(cfg)
     return cfg.validate()
 
 

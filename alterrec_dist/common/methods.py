@@ -51,8 +51,14 @@ def selection_part(name: str, metric_part: str) -> str:
     return method(name).judged_on or metric_part
 
 
+def score_and_metric(selection: str) -> tuple[str, str]:
+    """"fused/ndcg@10" -> ("fused", "ndcg@10"): eval.metric's form, which a summary's "selection" records."""
+    part, _, metric = selection.partition("/")
+    return part, metric
+
+
 def selection(name: str, eval_metric: str) -> tuple[str, str]:
     """(score part, metric) a run of `name` is selected on: eval.metric's, e.g. ("fused", "ndcg@10"), with a lone
     network judged on its own score (`selection_part`)."""
-    part, _, metric = eval_metric.partition("/")
+    part, metric = score_and_metric(eval_metric)
     return selection_part(name, part), metric

@@ -11,6 +11,10 @@ from typing import Iterator
 
 from alterrec_dist.common import ray_watchdog
 
+# Ray's C++ failure-signal handler takes a driver's SIGTERM too: it printed a crash dump, then aborted the command
+# (exit 134) in about half of the runs stopped that way, before it could unwind (exit 143). `import ray` reads the
+# switch, so it is set here, where every command that starts Ray imports it first.
+os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
 def init_ray(num_cpus: int, dashboard: bool = False) -> bool:
     """Connect to the cluster in RAY_ADDRESS, or start a private local Ray of `num_cpus` CPUs (callers

@@ -8,6 +8,8 @@ grid and its report read them (README "Outputs of a run" says what each holds).
     RUN/model/            the model at the best validation epoch (`parallel/saved.py`)
     RUN/checkpoints/      the newest training checkpoints (`training/checkpoint.py`)
     RUN/tensorboard/      TensorBoard event files
+    RUN/mlflow_run_id     the MLflow run it logs to, when MLflow is on (a resume logs to the same run)
+    RUN/command.txt       the command that made it, written by the grid runner (`grid/runner.py`)
 """
 CONFIG = "config.toml"
 DATASET = "dataset.json"
@@ -16,6 +18,8 @@ SUMMARY = "summary.json"
 MODEL = "model"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
+MLFLOW_RUN_ID = "mlflow_run_id"
+COMMAND = "command.txt"
 
 SERVED = (CONFIG, DATASET, SUMMARY, MODEL)  # what serving reads of a run (`serve/from_run.py`)
 

@@ -16,8 +16,9 @@ def per_session(ranks: Tensor) -> Tensor:
     """(n,) ranks -> (n, len(METRICS)) float64 metric values per session (their mean is the metric)."""
     r = ranks.to(torch.float64)
     ndcg = 1.0 / torch.log2(r + 1.0)
-    in10, in20 = (r <= 10).to(r.dtype), (r <= 20).to(r.dtype)
-    return torch.stack([in10, in20, ndcg * in10, ndcg * in20, in20 / r], dim=1)
+    # each of METRICS by its name (metric@cutoff), so its columns are in METRICS' order whatever that is
+    value = {"hit": lambda within: within, "ndcg": lambda within: ndcg * within, "mrr": lambda within: within / r}
+    return torch.stack([value[name]((r <= int(cutoff)).to(r.dtype)) for name, cutoff in (m.split("@") for m in METRICS)], dim=1)
 
 
 class MetricSums:

@@ -73,18 +73,16 @@ def read_run(spec) -> dict | None:
         res = read_json(d / spec.done_file)
         try:
             return {"spec": spec, "test": {"peer": res["test"]}, "valid": {"peer": res["valid"]},
-                    "best_epoch": res.get("best_epoch"), "command": res.get("command", shown_command(spec.command)),
+                    "best_epoch": res.get("best_epoch"), "command": recorded_command(spec),
                     "on_budget": peer_cut_at_its_best(res)}
         except KeyError as e:
             raise DataError(f"{d / spec.done_file}: no {e} (a damaged result: rerun the run)") from None
     summary = read_json(d / run_layout.SUMMARY)
     epochs = read_epochs(d / run_layout.METRICS)
-    # (none where the run finished while no runner waited for it: the grid's command, shown as command.txt is)
-    command = (d / "command.txt").read_text().strip() if (d / "command.txt").exists() else shown_command(spec.command)
     try:
         run = {"spec": spec, "test": summary["test"], "valid": summary["valid"], "best_epoch": summary["best_epoch"],
                "selection": summary["selection"], "longtail": summary["longtail"], "epochs": epochs,
-               "command": command, "on_budget": ended_on_budget(d, summary)}
+               "command": recorded_command(spec), "on_budget": ended_on_budget(d, summary)}
     except KeyError as e:
         raise DataError(f"{d / run_layout.SUMMARY}: no {e} (a damaged summary: rerun the run)") from None
     if "alpha" in summary:
@@ -92,6 +90,14 @@ def read_run(spec) -> dict | None:
         run |= {"alpha": alpha["chosen"], "test": run["test"] | {ALPHA_ON_VALID: alpha["test"]},
                 "valid": run["valid"] | {ALPHA_ON_VALID: alpha["valid"]}}
     return run
+
+
+def recorded_command(spec) -> str:
+    """The run's command as its `command.txt` records it, a peer's too (its own result's command names this
+    machine's paths). None where the run finished while no runner waited for it: the grid's command, shown as
+    command.txt is."""
+    recorded = spec.run_dir / run_layout.COMMAND
+    return recorded.read_text().strip() if recorded.exists() else shown_command(spec.command)
 
 
 def read_epochs(path: Path) -> list[dict]:

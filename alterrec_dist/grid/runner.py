@@ -41,7 +41,7 @@ from pathlib import Path
 
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import PROJECT_ROOT, changed_values, load_config, read_toml, shown
-from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.methods import METHODS
 from alterrec_dist.grid.selection import candidates, choose, helpful_switches, next_round, selection_seeds
 
@@ -262,6 +262,10 @@ def expand(grid: Grid) -> list[RunSpec]:
     for d in grid.datasets:
         base = grid.out / d.name
         for method in d.methods:
+            try:  # its `set` and `method_set` checked before any run, as the sweeps' points are
+                method_config(d, method)
+            except ConfigError as e:
+                raise ConfigError(f"{grid.path}: dataset {d.name!r}, method {method}: {e}") from None
             for seed in d.seeds:
                 run_dir = base / f"{method}-s{seed}"
                 specs[run_dir] = RunSpec(d.name, method, seed, run_dir, train_command(d, method, seed, run_dir),
@@ -446,7 +450,9 @@ def prepare_datasets(grid: Grid) -> None:
                               "command to make it: make it first (the grid file says how)")
         cmd = [sys.executable, "-m", "alterrec_dist.prepare", *d.prepare]
         print(f"preparing {d.name}: {shlex.join(cmd)}", flush=True)
-        subprocess.run(cmd, cwd=PROJECT_ROOT, check=True)
+        rc = subprocess.run(cmd, cwd=PROJECT_ROOT).returncode
+        if rc != 0:  # its own error is the line above
+            raise DataError(f"{grid.path}: dataset {d.name!r}: its `prepare` command failed (exit {rc})")
 
 
 def claim(spec: RunSpec) -> int | None:
@@ -525,7 +531,7 @@ def run_one(spec: RunSpec, threads: int, lock_fd: int, children: Children) -> tu
                           stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     if rc == 0 and spec.done:
-        (spec.run_dir / "command.txt").write_text(shown_command(spec.command) + "\n")
+        (spec.run_dir / run_layout.COMMAND).write_text(shown_command(spec.command) + "\n")
     return spec, rc, seconds
 
 

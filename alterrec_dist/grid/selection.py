@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import read_json
+from alterrec_dist.common.methods import score_and_metric
 
 BASE = "base"
 
@@ -44,7 +45,7 @@ def validation_score(spec) -> float | None:
         if spec.role == "peer":
             score = result["valid"]["ndcg@10"]
         else:
-            kind, _, metric = result["selection"].partition("/")
+            kind, metric = score_and_metric(result["selection"])
             score = result["valid"][kind][metric]
     except (KeyError, TypeError):
         raise DataError(f"{path}: no validation score to select on (a damaged result: rerun the run)") from None

@@ -368,7 +368,7 @@ def catalog_band(num_queries: int, num_local: int, device: torch.device) -> Band
 
 def catalog_band_entries(global_batch: int, num_items: int, world: int) -> int:
     """The entries of the largest shard's `catalog_band`: the global batch times its rows."""
-    return global_batch * -(-num_items // world)
+    return global_batch * Placement(world).largest_shard(num_items)
 
 
 def exclude_items(band: Band, pos_rows: torch.Tensor, pos_owned: torch.Tensor) -> Band:

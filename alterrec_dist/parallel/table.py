@@ -34,6 +34,10 @@ class Placement:
         mine = self.owner(ids) == rank
         return torch.where(mine, self.local_row(ids), 0), mine
 
+    def largest_shard(self, num_items: int) -> int:
+        """The rows of the rank that holds the most (rank 0's)."""
+        return -(-num_items // self.world)
+
     def ids_of(self, rank: int, num_items: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The global ids of `rank`'s rows, in local row order."""
         return torch.arange(rank, num_items, self.world, device=device)

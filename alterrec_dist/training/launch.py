@@ -156,10 +156,20 @@ def launch_ray(cfg: Config, run_dir: Location) -> dict:
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )
         result, failure = None, None
-        try:
-            result = trainer.fit()
-        except TrainingFailedError as e:
-            failure = e
+        with SignalsSeen() as seen:
+            try:
+                result = trainer.fit()
+            except TrainingFailedError as e:
+                failure = e
+            except SystemExit:
+                # A signal ends fit with SystemExit(1) whatever its handler did (Ctrl-C: fit's own SIGINT handler
+                # aborts the run; SIGTERM: run_cli's exit, inside Ray's wait), so the command ended with exit 1
+                # and nothing said. Each is what it is under the torchrun launcher.
+                if signal.SIGINT in seen:
+                    raise KeyboardInterrupt from None
+                if signal.SIGTERM in seen:
+                    raise SystemExit(128 + signal.SIGTERM) from None
+                raise
         # a refusal ends the run whether Ray gave up on it (no restart left) or the restarted workers stopped at
         # once (a finished fit); a worker's last error ends it where Ray's failure is that error: its one line,
         # not Ray's traceback
@@ -176,6 +186,36 @@ def launch_ray(cfg: Config, run_dir: Location) -> dict:
             stop_ray()
 
 
+class SignalsSeen:
+    """Which signals reached this process while open, whoever's Python handler took them: the interpreter writes
+    each one's number to the wakeup descriptor before any handler runs. Outside the main thread it sees none."""
+
+    def __enter__(self) -> "SignalsSeen":
+        self._seen: set[int] = set()
+        self._reader, self._writer = socket.socketpair()
+        for end in (self._reader, self._writer):
+            end.setblocking(False)  # the interpreter's write must never block; reading drains what is there
+        try:
+            self._previous = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        except ValueError:
+            self._previous = None
+        return self
+
+    def __contains__(self, signum: int) -> bool:
+        try:
+            while chunk := self._reader.recv(256):
+                self._seen.update(chunk)
+        except BlockingIOError:
+            pass
+        return signum in self._seen
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.set_wakeup_fd(self._previous)
+        self._reader.close()
+        self._writer.close()
+
+
 class TrainingError(Exception):
     """The workers failed; the message (and Ray's log above it) says how."""
 
@@ -189,17 +229,15 @@ def _free_port() -> int:
 
 
 def adopt_torchrun_world(cfg: Config) -> None:
-    """Under torchrun the world is torchrun's WORLD_SIZE (1 without it), whatever trainer.num_workers says:
-    set it before the driver's checks (the catalog softmax's size depends on it) and the resolved config."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.trainer.num_workers != world:
-        cfg.trainer.num_workers = world
-        cfg.validate()
+    """Under torchrun the world is torchrun's WORLD_SIZE (1 without it), whatever trainer.num_workers says: set
+    before the config is validated (a global batch divisible by torchrun's world, not by the default 2 workers),
+    the driver's checks (the catalog softmax's size depends on it) and the resolved config."""
+    cfg.trainer.num_workers = int(os.environ.get("WORLD_SIZE", 1))
 
 
 def launch_torchrun(cfg: Config, out: str | None, resume_dir: Location | None) -> tuple[dict, Location] | None:
     """Join the torchrun process group (or make one of size 1) and run the recipe in this
-    process; `cfg` has been through `adopt_torchrun_world`. Returns (summary, run_dir) on rank 0,
+    process; `cfg` has been through `adopt_torchrun_world` (`train.load_run_config`). Returns (summary, run_dir) on rank 0,
     None on the others."""
     import torch
     import torch.distributed as dist

@@ -91,7 +91,7 @@ class MlflowRun:
 
     def __init__(self, run_dir: Location, cfg: Config):
         self.mlflow = import_mlflow()
-        id_file = run_dir / "mlflow_run_id"
+        id_file = run_dir / run_layout.MLFLOW_RUN_ID
         if id_file.is_file():
             self.mlflow.start_run(run_id=id_file.read_text().strip())
             return

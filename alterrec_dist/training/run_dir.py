@@ -7,7 +7,7 @@ import datetime
 import os
 import sys
 
-from alterrec_dist.common import run_layout
+from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import Config, to_toml
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.methods import method
@@ -133,6 +133,9 @@ def reopen_run_dir(cfg: Config, run_dir: Location) -> Location:
                else f"trainer.num_workers={world}")
         raise ConfigError(f"{found[0]}: saved by {world} workers under ZeRO stage {cfg.trainer.zero_stage}, which "
                           f"splits the optimizer state among them; resume with {how}")
+    # An earlier end's summary describes the config being replaced: gone first, so a resume stopped before the
+    # workers start (Ray's start-up, a Ctrl-C) does not leave a run that looks finished under the new config.
+    storage.remove_tree(run_dir / run_layout.SUMMARY)
     atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
     record_dataset(data, run_dir)  # where it is now; a run made before the record gets it here
     return run_dir

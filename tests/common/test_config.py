@@ -23,10 +23,7 @@ def test_embedded_default_is_all_dataclass_defaults():
 
 
 def test_configs_default_toml_matches_embedded_default():
-    path = PROJECT_ROOT / "configs" / "default.toml"
-    if not path.exists():
-        pytest.skip("configs/default.toml not written yet")
-    assert load_config(path) == Config()
+    assert load_config(PROJECT_ROOT / "configs" / "default.toml") == Config()
 
 
 def test_all_shipped_configs_load():

@@ -156,3 +156,42 @@ def _listening(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig,rc,last_line", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, None)])
+def test_a_signal_under_ray_stops_the_run_as_under_torchrun(tmp_path, sig, rc, last_line):
+    """Ctrl-C (SIGINT to the terminal's process group) under the Ray launcher ended the command with exit 1 and
+    nothing said: TorchTrainer.fit's own SIGINT handler aborts the run and fit then raises SystemExit(1). A
+    scheduler's SIGTERM ended it with exit 1 too, or aborted it (134) with a crash dump from Ray's C++ handler.
+    Each is now what it is under torchrun: "interrupted" and 130, or 143; the checkpoints kept for --resume."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    data = tiny_dataset(tmp_path / "data")
+    args = ["--config", "configs/default.toml", *[a for s in SMALL for a in ("--set", s)], "--set", f"data.path={data}",
+            "--set", "train.global_batch_size=40", "--set", "eval.batch_size=50", "--set", "train.m_max=10000",
+            "--out", str(run)]
+    proc = subprocess.Popen([PY, "-m", "alterrec_dist.train", *args], cwd=PROJECT_ROOT, env=_env(), text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 200
+        while not (run / "metrics.jsonl").is_file() and time.monotonic() < deadline:  # an epoch done, Ray up
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+        if sig == "SIGINT":
+            os.killpg(proc.pid, signal.SIGINT)  # as the terminal sends it
+        else:
+            proc.send_signal(signal.SIGTERM)  # as a scheduler or `kill` sends it
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == rc, stderr[-3000:]
+    if last_line:
+        assert stderr.strip().splitlines()[-1] == last_line
+    assert "SIGTERM received" not in stderr  # Ray's crash dump
+    assert any((run / "checkpoints").iterdir())

@@ -182,3 +182,18 @@ def test_a_metrics_line_cut_short_is_not_read_and_a_bad_one_is_named(tmp_path):
     metrics.write_text('{"epoch": 0}\nnot json\n{"epoch": 2}\n')
     with pytest.raises(DataError, match=r"metrics.jsonl: line 2 is not JSON"):
         read_run(run)
+
+
+def test_a_peers_command_is_its_command_txt_not_its_results_own(tmp_path):
+    """A peer's result.json records the command as its script saw it, with this machine's paths (`--out
+    /work/main/results/...`): the report showed that in 17 committed rows, not the runner's command.txt."""
+    d = tmp_path / "peer"
+    d.mkdir()
+    scores = {"hit@10": 0.1, "ndcg@10": 0.05}
+    (d / "result.json").write_text(json.dumps({"valid": scores, "test": scores,
+                                               "command": f"{sys.executable} bench/recbole_peer.py --out {d}"}))
+    (d / "command.txt").write_text("python bench/recbole_peer.py --out results/peer\n")
+    spec = RunSpec("d", "SASRec", 0, d, [sys.executable, "bench/recbole_peer.py"], done_file="result.json", role="peer")
+    assert read_run(spec)["command"] == "python bench/recbole_peer.py --out results/peer"
+    (d / "command.txt").unlink()  # finished while no runner waited: the grid's command, as typed
+    assert read_run(spec)["command"] == "python bench/recbole_peer.py"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from alterrec_dist.common.config import PROJECT_ROOT
-from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.experiments import main
 from alterrec_dist.common.config import load_config
 from alterrec_dist.grid.runner import expand, load_grid, method_config, run_grid, shown_command
@@ -460,6 +460,28 @@ def test_a_dataset_the_grid_cannot_make_is_one_error_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match=r"grid.toml: dataset 'elsewhere' has no data at .*absent and no `prepare`"):
         main(["--grid", str(grid_file)])
     assert not (tmp_path / "runs").exists()
+    # a `prepare` that fails: its own line, then the grid's (a CalledProcessError traceback and exit 1 before)
+    grid_file.write_text(grid_file.read_text() + f'prepare = ["recbole", "--path", "{tmp_path}/nothing", '
+                                                 f'"--out", "{tmp_path}/absent"]\n')
+    with pytest.raises(DataError, match=r"grid.toml: dataset 'elsewhere': its `prepare` command failed \(exit 2\)"):
+        main(["--grid", str(grid_file)])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_methods_own_settings_are_checked_before_any_run(tmp_path):
+    """A method's `method_set` (or the dataset's `set`) that its config refuses failed only when that method's
+    first run came, after every run before it had trained; only sweep points were checked up front."""
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text(textwrap.dedent(f'''
+        out = "{tmp_path}/runs"
+        [[dataset]]
+        name = "def"
+        config = "configs/default.toml"
+        methods = ["id_only", "text_only"]
+        method_set = {{ text_only = ["train.lr_text=-1"] }}
+    '''))
+    with pytest.raises(ConfigError, match=r"grid.toml: dataset 'def', method text_only: train.lr_text must be"):
+        main(["--grid", str(grid_file), "--dry-run"])
 
 
 def test_ctrl_c_leaves_the_runs_to_the_terminals_sigint(tmp_path):

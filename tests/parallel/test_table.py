@@ -101,3 +101,10 @@ def test_model_layer_never_imports_distributed():
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not any(m.startswith("torch.distributed") for m in imported), name
+
+
+def test_the_largest_shard_is_rank_0s_at_every_world():
+    for num_items in (9, 10, 16, 17, 100):
+        for world in (1, 2, 3, 8, 9):
+            sizes = [len(Placement(world).ids_of(r, num_items)) for r in range(world)]
+            assert Placement(world).largest_shard(num_items) == max(sizes) == sizes[0]

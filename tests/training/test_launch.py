@@ -19,3 +19,23 @@ def test_the_first_refusal_stays_and_the_last_error_is_kept():
     errors.record(first)
     errors.record(ConfigError("diverged again"))
     assert errors.refusal() is first and str(errors.last()) == "diverged again"
+
+
+def test_signals_seen_whoever_handles_them():
+    """Ray's TorchTrainer.fit replaces the driver's SIGINT handler with its own, so the launcher learns of a
+    Ctrl-C from the signals the process received, not from a handler of its own."""
+    import os
+    import signal
+
+    from alterrec_dist.training.launch import SignalsSeen
+
+    handled = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: handled.append(signum))
+    try:
+        with SignalsSeen() as seen:
+            assert signal.SIGUSR1 not in seen
+            os.kill(os.getpid(), signal.SIGUSR1)  # delivered to this (main) thread at once
+            assert handled == [signal.SIGUSR1]
+            assert signal.SIGUSR1 in seen and signal.SIGINT not in seen
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
