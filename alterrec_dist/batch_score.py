@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--input", nargs="+", help="session Parquet files or directories of them")
     src.add_argument("--split", choices=SPLITS, help="a split of the run's dataset")
     p.add_argument("--out", required=True, help="output Parquet file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --metrics-out)")
     p.add_argument("--top", type=int, default=20, help="items per session (default 20)")
     ray_group = p.add_mutually_exclusive_group()
     ray_group.add_argument("--ray", dest="ray", action="store_true", default=None,
@@ -78,7 +78,7 @@ def check_out_files(args: argparse.Namespace, inputs: list) -> None:
         if within(args.metrics_out, args.out):  # the same file, or in the directory --out makes (or replaces)
             raise ConfigError(f"--metrics-out {args.metrics_out} is or lies in --out {args.out}: give each its own "
                               "place")
-        check_file_out(args.metrics_out, inputs)
+        check_file_out(args.metrics_out, args.overwrite, inputs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     data_path = (args.data or bundle.provenance.get("dataset", {}).get("path")) if args.run or args.split else None
     check_out_files(args, dataset_files(data_path))
     if args.split:
-        data = Dataset(data_path)
+        try:
+            data = Dataset(data_path)
+        except DataError as e:
+            if args.export and not args.data:  # the path the export recorded: a dataset moved since
+                raise DataError(f"{e}; the export {args.export} names it: pass --data with where it is now") from None
+            raise
         if args.export:  # --run checks its own
             data.check()
             if data.item_ids() != bundle.item_ids:
@@ -108,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         files = data.session_files(args.split)
     else:
         files = input_files(args.input)
-    check_input(files, session_columns(files), bundle.num_items)  # bad rows: one line, before scoring or Ray
+    sessions = check_input(files, session_columns(files), bundle.num_items)  # bad rows: one line, before scoring
     top = min(args.top, bundle.num_items)
     use_ray = ray_requested(args.ray)
-    out, metrics = score_files(spec, bundle, files, args.out, args.overwrite, top, use_ray, args.ray_workers)
+    out, metrics = score_files(spec, bundle, files, sessions, args.out, args.overwrite, top, use_ray, args.ray_workers)
     print(f"scored {out.rows} sessions ({'Ray Data' if use_ray else 'in-process'}), top {top} by {bundle.served} "
           f"-> {out.path}")
     report = {"sessions": out.rows, "ray": use_ray, "out": str(out.path)}

@@ -21,6 +21,7 @@ FAISS is optional (`pip install 'alterrec_dist[faiss]'`).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from alterrec_dist.common.cli import add_device_argument, add_model_arguments, run_cli
@@ -45,7 +46,8 @@ def format_recommendation(rec: Recommendation, width: int = 70) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m alterrec_dist.recommend", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
-    p.add_argument("--session", required=True, help="comma-separated item ids, oldest first")
+    p.add_argument("--session", required=True, help="comma-separated item ids, oldest first, each exactly as the "
+                   "dataset spells it; or a JSON list of them (for ids that hold a comma)")
     p.add_argument("--top", type=int, default=10, help="items to recommend (default 10)")
     p.add_argument("--skip-unknown", action="store_true", help="drop unknown item ids with a warning")
     p.add_argument("--index", choices=INDEXES, default="exact", help="exact (default), faiss (flat inner product) "
@@ -54,11 +56,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def session_ids(session: str) -> list[str]:
+    """--session's ids as given: not stripped, since an id may hold spaces (" x" was read as another item "x")."""
+    if session.lstrip().startswith("["):
+        try:
+            ids = json.loads(session)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--session: not a JSON list of item ids ({e})") from None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ConfigError("--session: a JSON list of item ids must hold strings only")
+        return [i for i in ids if i]
+    return [i for i in session.split(",") if i]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
-    item_ids = [s.strip() for s in args.session.split(",") if s.strip()]
+    item_ids = session_ids(args.session)
     if not item_ids:
         raise ConfigError("--session is empty (give comma-separated item ids)")
     if args.export and args.data:
@@ -66,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_scoring_model(args.run, args.export, args.data, args.device)
     rec = recommend(bundle, item_ids, args.top, args.skip_unknown, Searcher(bundle, args.index))
     if rec.skipped:
-        print(f"warning: skipped {len(rec.skipped)} unknown item id(s): {', '.join(rec.skipped)}", file=sys.stderr)
+        print(f"warning: skipped {len(rec.skipped)} unknown item id(s): {', '.join(map(repr, rec.skipped))}",
+              file=sys.stderr)
     if rec.cut:
         print(f"warning: the model reads a session's last {len(rec.session)} items (data.max_len); the {rec.cut} "
               "older ones were left out", file=sys.stderr)

@@ -329,6 +329,11 @@ CASES = [
     ("verify-items-without-ids", "prepare", lambda d, r: ["verify", str(damaged(
         d, lambda ds: _resigned(ds, ds / "items.parquet", lambda t: t.drop_columns(["item_id"]))))],
      ["{d}/ds/items.parquet: no item_id column of strings"]),
+    ("recommend-items-without-text", "recommend", lambda d, r: [  # a KeyError traceback
+        "--run", str(r), "--data", str(damaged(d, lambda ds: _resigned(ds, ds / "items.parquet",
+                                                                       lambda t: t.drop_columns(["text"])))),
+        "--session", "P0001"],
+     ["{d}/ds/items.parquet: no text column (the item table has item_idx, item_id, text, popularity)"]),
     ("verify-file-listed-twice", "prepare", lambda d, r: ["verify", str(damaged(
         d, lambda ds: _edit_json(ds / "manifest.json", lambda m: m["session_files"]["train"].append(
             m["session_files"]["test"][0]) or m["splits"].update(train=m["splits"]["train"] + m["splits"]["test"]))))],
@@ -487,6 +492,8 @@ CASES = [
     ("batch-out-cannot-be-written", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", "/proc/o.parquet", "--no-ray"],
      ["/proc/o.parquet: cannot write ("]),  # as a read-only or full disk: found only at the first write
+    ("export-out-cannot-be-written", "export", lambda d, r: ["--run", str(r), "--out", "/proc/x"],
+     ["/proc/x: cannot write beside it ("]),  # a FileNotFoundError traceback
     ("batch-export-data-without-split", "batch_score", lambda d, r: [
         "--export", str(_export_copy(d, r, lambda x: None)), "--data", str(d), "--input",
         str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"), "--no-ray"],
@@ -537,7 +544,7 @@ CASES = [
      ["{d}/f/new/m.json: {d}/f is not a directory"]),
     ("batch-metrics-out-is-a-directory", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
-        "--metrics-out", str(_mkdir(d / "m"))], ["{d}/m: is a directory"]),
+        "--metrics-out", str(_mkdir(d / "m")), "--overwrite"], ["{d}/m: is a directory"]),
     ("batch-ray-user-not-text", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(_parquet(d, "in.parquet", history=pa.array(GOOD_HISTORIES),
                                                   user=pa.array([["u"]] * len(GOOD_HISTORIES)))),
@@ -695,6 +702,34 @@ def test_metrics_that_cannot_be_written_say_the_scores_were(run, tmp_path, capsy
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("error: /proc/m.json: cannot write (") and f"the scores are in {out}" in lines[0]
     assert pq.read_table(out).num_rows == len(GOOD_HISTORIES)
+
+
+@pytest.mark.parametrize("command", ["synth", "export", "batch_score"])
+def test_an_empty_out_is_refused_not_the_current_directory(command, run, tmp_path, monkeypatch, capsys):
+    """`--out "$UNSET" --overwrite` resolved to the current directory and replaced it with the output: a user's
+    files there were deleted (exit 0)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "thesis.tex").write_text("keep")
+    monkeypatch.chdir(cwd)
+    argv = {"synth": ["--items", "50", "--sessions", "200", "--text-features", "random-projection"],
+            "export": ["--run", str(run)],
+            "batch_score": ["--run", str(run), "--split", "test", "--no-ray"]}[command]
+    code, err = run_command(command, [*argv, "--out", "", "--overwrite"], capsys)
+    assert code == 2 and err.strip() == "error: an empty output path (an unset variable?): give the output's path"
+    assert [p.name for p in cwd.iterdir()] == ["thesis.tex"]
+
+
+def test_metrics_out_replaces_a_file_only_with_overwrite(run, tmp_path, capsys):
+    """--metrics-out replaced any file there without --overwrite: a run's metrics.jsonl became this report."""
+    kept = tmp_path / "metrics.jsonl"
+    kept.write_text("the run's log\n")
+    argv = ["--run", str(run), "--split", "test", "--out", str(tmp_path / "o.parquet"), "--metrics-out", str(kept),
+            "--no-ray"]
+    code, err = run_command("batch_score", argv, capsys)
+    assert code == 2 and f"{kept}: output exists (pass --overwrite to replace it)" in err
+    assert kept.read_text() == "the run's log\n" and not (tmp_path / "o.parquet").exists()
+    assert run_command("batch_score", [*argv, "--overwrite"], capsys)[0] == 0 and json.loads(kept.read_text())["summary_equal"]
 
 
 # -- the fixed behaviours that are not errors -----------------------------------------------------------

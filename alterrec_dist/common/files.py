@@ -115,6 +115,9 @@ def check_out(out: str | Location, overwrite: bool, inputs: Iterable[str | Locat
     the command reads as part of it: `--data D --out D/sessions/test/part-00000.parquet --overwrite` replaced
     the dataset's test split). `apart`: directories the command also writes into (a cache), which OUT may not
     overlap at all, new or not. Every command checks this first."""
+    # `--out "$UNSET"` resolved to the current directory, which --overwrite then replaced with the output
+    if isinstance(out, str) and not out.strip():
+        raise DataError("an empty output path (an unset variable?): give the output's path")
     out = resolve_location(out)
     inputs = [resolve_location(s) for s in inputs if s is not None]
     for directory in map(resolve_location, apart):
@@ -146,12 +149,12 @@ def within(path: str | Location, directory: str | Location) -> bool:
     return path == directory or directory in path.parents
 
 
-def check_file_out(path: str | Location, inputs: Iterable[str | Location | None] = ()) -> Location:
-    """A file a command writes whole at its end (`write_file_out`), replacing one there (--metrics-out):
-    refused before the command's work if it cannot be written (a directory there, a file where its directory
-    would be made) or would replace what the command reads (`inputs`, as for `check_out`: a run's summary.json
-    was overwritten silently)."""
-    out = check_out(path, overwrite=True, inputs=inputs)
+def check_file_out(path: str | Location, overwrite: bool, inputs: Iterable[str | Location | None] = ()) -> Location:
+    """A file a command writes whole at its end (`write_file_out`, --metrics-out), replacing one there only with
+    `overwrite` as --out does (a run's metrics.jsonl was replaced silently): refused before the command's work if
+    it cannot be written (a directory there, a file where its directory would be made) or would replace what the
+    command reads (`inputs`, as for `check_out`: a run's summary.json was overwritten silently)."""
+    out = check_out(path, overwrite, inputs)
     if out.is_dir():  # in a store: a prefix with objects under it, which an object of its name would hide
         raise DataError(f"{out}: is a directory (give a file name)")
     if isinstance(out, Path):
@@ -231,6 +234,15 @@ class Staged:
         self._made = make_parent(self.out)
         remove_stale_siblings(self.out)  # left by writers that were killed
         self.tmp = temp_sibling(self.out)
+
+    def make_dirs(self, *names: str) -> None:
+        """The directories `names` inside `tmp` (an output directory's folders), or DataError in one line where
+        they cannot be made (`--out /proc/x`: the first write is here)."""
+        try:
+            for name in names:
+                (self.tmp / name).mkdir(parents=True)
+        except OSError as e:
+            raise DataError(f"{self.out}: cannot write beside it ({e.strerror or e})") from None
 
     def commit(self) -> Location:
         if self._local is None:

@@ -16,8 +16,8 @@ from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.files import check_keys, file_sha256, read_json, read_manifest, resolve_location
 from alterrec_dist.common.storage import Location
-from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, MANIFEST_KEYS, SESSION_SCHEMA, SPLITS, TEXT_KEYS,
-                                       data_files, empty_history_rows, item_files)
+from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, ITEM_SCHEMA, MANIFEST_KEYS, SESSION_SCHEMA, SPLITS,
+                                       TEXT_KEYS, data_files, empty_history_rows, item_files)
 
 
 class Dataset:
@@ -198,6 +198,10 @@ class Dataset:
         id_type = meta.schema.to_arrow_schema().field("item_id").type if "item_id" in meta.schema.names else None
         if id_type is None or not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
             raise DataError(f"{path}: no item_id column of strings ({id_type or 'none'})")
+        missing = [name for name in ITEM_SCHEMA.names if name not in meta.schema.names]
+        if missing:  # serving reads them all (a KeyError traceback in recommend, export and batch_score)
+            raise DataError(f"{path}: no {', '.join(missing)} column (the item table has "
+                            f"{', '.join(ITEM_SCHEMA.names)})")
 
     def _check_npy(self, name: str, shape: tuple, dtype: np.dtype) -> None:
         path = self._file(name)

@@ -58,6 +58,15 @@ def _part_name(i: int, ext: str) -> str:
     return f"part-{i:05d}.{ext}"
 
 
+def first_duplicate(values: pa.Array) -> int | None:
+    """Index of the first value that repeats an earlier one, or None."""
+    codes = pc.dictionary_encode(values).indices.to_numpy()
+    is_first = np.zeros(len(codes), dtype=bool)
+    is_first[np.unique(codes, return_index=True)[1]] = True
+    dups = np.nonzero(~is_first)[0]
+    return int(dups[0]) if len(dups) else None
+
+
 class DatasetWriter:
     """Streams a dataset into a temp directory; `commit` renames it to `out`.
 
@@ -73,12 +82,10 @@ class DatasetWriter:
         self.staged = Staged(self.out)
         self.tmp = self.staged.tmp
         try:
-            (self.tmp / "text_features").mkdir(parents=True)
-            for split in SPLITS:
-                (self.tmp / "sessions" / split).mkdir(parents=True)
-        except OSError as e:
+            self.staged.make_dirs("text_features", *(f"sessions/{split}" for split in SPLITS))
+        except DataError:
             self.staged.abort()
-            raise DataError(f"{self.out}: cannot write beside it ({e.strerror or e})") from None
+            raise
         self.rows_per_part = rows_per_part
         self.feature_rows_per_part = feature_rows_per_part
         self._pending = {s: [] for s in SPLITS}  # buffered pyarrow tables not yet written
@@ -138,11 +145,14 @@ class DatasetWriter:
 
     # -- items and text features ---------------------------------------------------------
     def set_items(self, item_id, text=None) -> None:
-        """item_id[i] is the original id of item_idx i; text[i] may be None (no text)."""
+        """item_id[i] is the original id of item_idx i, each once; text[i] may be None (no text)."""
         n = len(item_id)
         ids = pa.array(item_id, type=pa.string())
         if ids.null_count:
             raise DataError("item table: null item id")
+        dup = first_duplicate(ids)
+        if dup is not None:  # serving finds an item by its id: one of the two would never be found
+            raise DataError(f"item table: item {dup} repeats the id {ids[dup].as_py()!r} of an earlier item")
         self._num_items = n
         self._item_ids = ids
         self._item_text = pa.array(text, type=pa.string()) if text is not None else pa.nulls(n, pa.string())

@@ -190,7 +190,11 @@ def load_encoding_model(model_dir: Path, progress: bool):
 
     if not progress:
         hf_logging.disable_progress_bar()
-    return SentenceTransformer(str(model_dir))
+    try:
+        return SentenceTransformer(str(model_dir))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # a directory that only looks like one
+        raise DataError(f"{model_dir}: not a loadable sentence-transformers model ({one_line(e)}) "
+                        "(--text-model)") from None
 
 
 def _embedding_dim(model_dir: Path) -> int:
@@ -267,6 +271,10 @@ class _EncodingCache:
     directory per model identity (a hash of the model's files, see `_model_identity`)."""
 
     def __init__(self, root: Path, model_dir: Path):
+        # checked before any text is encoded: a file there failed the run (a traceback) at the first save
+        above = next((p for p in (root, *root.parents) if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise DataError(f"{root}: the text cache (ALTERREC_CACHE) cannot be a directory: {above} is a file")
         self.dir = root / _model_identity(model_dir)
 
     def locate(self, keys: np.ndarray) -> _Located:

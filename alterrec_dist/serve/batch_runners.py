@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm import tqdm
 
 from alterrec_dist.common.ray_local import ray_session
 from alterrec_dist.common.storage import Location
@@ -19,7 +20,8 @@ from alterrec_dist.serve.scoring_model import ScoringModel
 
 # -- the two runners ----------------------------------------------------------------------------------
 
-def run_local(bundle: ScoringModel, files: list[Location], out: ParquetOut, top: int, metrics: OrderedMetrics | None) -> None:
+def run_local(bundle: ScoringModel, files: list[Location], out: ParquetOut, top: int, metrics: OrderedMetrics | None,
+              bar: tqdm) -> None:
     columns = session_columns(files)
     has_target = "target" in columns
     first = 0
@@ -32,6 +34,7 @@ def run_local(bundle: ScoringModel, files: list[Location], out: ParquetOut, top:
         if metrics is not None and has_target:
             metrics.add(res["ranks"], rows.target)
         first += len(table)
+        bar.update(len(table))
 
 
 class _RayScorer:
@@ -58,7 +61,7 @@ def ray_requested(flag: bool | None) -> bool:
 
 
 def run_ray(spec: dict, bundle: ScoringModel, files: list[Location], out: ParquetOut, top: int, metrics: OrderedMetrics | None,
-            workers: int) -> None:
+            workers: int, bar: tqdm) -> None:
     import ray.data
 
     # The scoring actors hold one CPU each: keep one more for the read tasks (else they wait forever).
@@ -80,19 +83,23 @@ def run_ray(spec: dict, bundle: ScoringModel, files: list[Location], out: Parque
             if metrics is not None and has_target:
                 metrics.add(rank_matrix(table, bundle.kinds), table["target"].to_numpy().astype(np.int64))
             first += len(table)
+            bar.update(len(table))
 
 
-def score_files(spec: dict, bundle: ScoringModel, files: list[Location], out_path: str | Location, overwrite: bool, top: int,
-                use_ray: bool, workers: int) -> tuple[ParquetOut, OrderedMetrics]:
-    """Score every session of `files` into the Parquet file `out_path`, swapped in whole (nothing is
-    left on a failure), on Ray Data or here: (the output, the metrics summed in the engine's order)."""
+def score_files(spec: dict, bundle: ScoringModel, files: list[Location], sessions: int, out_path: str | Location,
+                overwrite: bool, top: int, use_ray: bool, workers: int) -> tuple[ParquetOut, OrderedMetrics]:
+    """Score every session of `files` (`sessions` of them, for the progress bar) into the Parquet file `out_path`,
+    swapped in whole (nothing is left on a failure), on Ray Data or here: (the output, the metrics summed in the
+    engine's order)."""
     metrics = OrderedMetrics(bundle.kinds, bundle.eval_batch_size, bundle.popularity, bundle.longtail_bins)
     out = ParquetOut(out_path, overwrite)
     try:
-        if use_ray:
-            run_ray(spec, bundle, files, out, top, metrics, workers)
-        else:
-            run_local(bundle, files, out, top, metrics)
+        # on a terminal only (disable=None): a job's log and its one-line errors stay as they were
+        with tqdm(total=sessions, desc="scoring", unit="session", unit_scale=True, disable=None) as bar:
+            if use_ray:
+                run_ray(spec, bundle, files, out, top, metrics, workers, bar)
+            else:
+                run_local(bundle, files, out, top, metrics, bar)
         out.commit()
     except BaseException:
         out.abort()

@@ -43,7 +43,7 @@ def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = Fa
                                      *export_files(prov.get("export"))])
     with Staged(out) as staged:
         tmp = staged.tmp
-        (tmp / "tables").mkdir(parents=True)
+        staged.make_dirs("tables")
         V = bundle.num_items
         fused = bundle.fused_vectors()
         table = pa.table({

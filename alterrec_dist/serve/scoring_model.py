@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from alterrec_dist.common.config import ModelConfig
+from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.device import tile_rows as device_tile_rows
 from alterrec_dist.eval.evaluate import component_scores, kind_scores, rank_tiles, row_keys
 from alterrec_dist.model.networks import Network
@@ -73,7 +74,13 @@ class ScoringModel:
 
     def index_of(self) -> dict[str, int]:
         if not hasattr(self, "_index_of"):
-            self._index_of = {item: i for i, item in enumerate(self.item_ids)}
+            index = {item: i for i, item in enumerate(self.item_ids)}
+            if len(index) < self.num_items:  # a dataset written before its writer refused it: one is never found
+                seen = set()
+                repeated = next(item for item in self.item_ids if item in seen or seen.add(item))
+                raise DataError(f"the model's items repeat the id {repeated!r} (an id names one item: remake the "
+                                "dataset with prepare or synth)")
+            self._index_of = index
         return self._index_of
 
     def scoring(self) -> "Scoring":

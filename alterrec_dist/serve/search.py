@@ -76,7 +76,7 @@ def resolve_session(bundle: ScoringModel, item_ids: list[str], skip_unknown: boo
     known = [i for i in item_ids if i in index]
     unknown = [i for i in item_ids if i not in index]
     if unknown and not skip_unknown:
-        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        shown = ", ".join(map(repr, unknown[:5])) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise DataError(f"unknown item id(s) {shown}: not among the {bundle.num_items} items of the model's "
                         "dataset (pass --skip-unknown to drop them)")
     if not known:

@@ -147,8 +147,8 @@ def test_an_output_is_never_a_whole_bucket(bucket):
 def test_a_file_output_that_would_hide_a_store_directory_is_refused(bucket):
     (StorePath(f"{bucket}/data") / "manifest.json").write_bytes(b"{}")
     with pytest.raises(DataError, match=rf"{bucket}/data: is a directory"):
-        check_file_out(f"{bucket}/data")
-    assert check_file_out(f"{bucket}/metrics.json") == StorePath(f"{bucket}/metrics.json")
+        check_file_out(f"{bucket}/data", overwrite=True)
+    assert check_file_out(f"{bucket}/metrics.json", overwrite=False) == StorePath(f"{bucket}/metrics.json")
 
 
 def test_an_upload_cut_short_leaves_no_object(bucket, tmp_path, monkeypatch):

@@ -23,6 +23,18 @@ def dataset(out, train_seed: int = 0, test_seed: int = 0, features_seed: int = 0
     return Dataset(out)
 
 
+def test_the_writer_refuses_an_id_twice(tmp_path):
+    """Two items with one id trained, and serving answered for the second whenever the first was asked for."""
+    import pytest
+
+    from alterrec_dist.common.errors import DataError
+
+    with pytest.raises(DataError, match="item table: item 7 repeats the id 'i3' of an earlier item"):
+        with DatasetWriter(tmp_path / "data") as w:
+            w.set_items([f"i{i}" if i != 7 else "i3" for i in range(V)])
+    assert not (tmp_path / "data").exists()
+
+
 def record(data: Dataset, path, **drop):
     path.write_text(json.dumps({k: v for k, v in data.identity().items() if k not in drop}))
     return path

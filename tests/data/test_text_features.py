@@ -152,3 +152,24 @@ def test_no_text_at_all_loads_no_model(tmp_path):
 def test_text_model_must_be_a_local_model_directory(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path)):
         encode(["x"], model=str(tmp_path), cache_dir=tmp_path)
+
+
+def test_a_directory_that_only_looks_like_a_model_is_one_line(tmp_path):
+    """A --text-model with a config.json that no model loads from was a ValueError traceback."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(DataError, match=rf"{model}: not a loadable sentence-transformers model \(.*\(--text-model\)"):
+        encode(["x"], model=str(model), cache_dir=tmp_path / "cache")
+
+
+def test_a_text_cache_that_is_a_file_is_refused_before_encoding(tmp_path):
+    """ALTERREC_CACHE naming a file was a NotADirectoryError traceback, and only once every text was encoded."""
+    cache = tmp_path / "cache.parquet"
+    cache.write_text("a file")
+    stats = EncodeStats()
+    for root in (cache, cache / "sub"):
+        with pytest.raises(DataError, match=rf"{root}: the text cache \(ALTERREC_CACHE\) cannot be a directory: "
+                                            rf"{cache} is a file"):
+            encode(["x"], cache_dir=root, stats=stats)
+    assert not stats.model_loaded

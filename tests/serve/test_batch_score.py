@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tqdm import tqdm
 
 from alterrec_dist import batch_score, export
 from alterrec_dist.data.dataset import Dataset
@@ -196,17 +197,49 @@ def test_export_scored_on_a_damaged_dataset_is_one_line(run, tmp_path, capsys):
     assert code == 2 and err.startswith(f"error: {data / 'items.parquet'}") and err.count("\n") == 1, err
 
 
+def test_an_exports_moved_dataset_says_to_pass_data(run, tmp_path, capsys):
+    """The export's recorded dataset gone: the error said only "no dataset manifest (make one with prepare or
+    synth)", not that --data names where it is now."""
+    exp = tmp_path / "exp"
+    assert cli("export", ["--run", str(run), "--out", str(exp)], capsys)[0] == 0
+    manifest = json.loads((exp / "manifest.json").read_text())
+    manifest["dataset"]["path"] = str(tmp_path / "moved-away")
+    (exp / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = cli("batch_score", ["--export", str(exp), "--split", "test", "--out", str(tmp_path / "s.parquet"),
+                                       "--no-ray"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {tmp_path / 'moved-away'}") and err.rstrip().endswith(
+        f"the export {exp} names it: pass --data with where it is now")
+
+
 def test_metrics_detect_a_different_model(run, tmp_path):
     """The comparison can fail: a wrong alpha changes the fused metrics and is reported unequal."""
     bundle = load_run(run)
     bundle.weights["fused"] = [0.31, 0.69]
     metrics = OrderedMetrics(bundle.kinds, bundle.eval_batch_size, bundle.popularity, bundle.longtail_bins)
     out = ParquetOut(tmp_path / "o.parquet")
-    run_local(bundle, Dataset(bundle.provenance["dataset"]["path"]).session_files("test"), out, 20, metrics)
+    run_local(bundle, Dataset(bundle.provenance["dataset"]["path"]).session_files("test"), out, 20, metrics,
+              tqdm(disable=True))
     out.commit()
     summary = json.loads((run / "summary.json").read_text())
     diffs = compare(metrics.finish(), summary, "test")
     assert diffs and all(d.startswith(("fused/", "longtail fused")) for d in diffs)
+
+
+def test_scoring_shows_its_progress_in_sessions(run, tmp_path, monkeypatch, capsys):
+    """batch_score said nothing until the end: 1 min 46 s for 118,560 sessions in a reviewer's run."""
+    bars = []
+
+    class Recorded(tqdm):  # as on a terminal: a bar where stderr is not one is off
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False})
+            bars.append(self)
+
+    monkeypatch.setattr(batch_runners, "tqdm", Recorded)
+    argv = ["--run", str(run), "--split", "test", "--out", str(tmp_path / "o.parquet"), "--no-ray"]
+    assert cli("batch_score", argv, capsys)[0] == 0
+    sessions = pq.read_metadata(tmp_path / "o.parquet").num_rows
+    assert [(bar.desc, bar.total, bar.n) for bar in bars] == [("scoring", sessions, sessions)]
 
 
 # -- slow: Ray Data, a 2-process run with the transformer encoder, NFRec and id_only -------------------

@@ -89,10 +89,10 @@ def test_unknown_ids_error_or_skip(run, bundle, capsys):
     with_unknown = [ids[0], "NO-SUCH-ITEM", *ids[1:], "ALSO-MISSING"]
     code, out, err = cli("recommend", ["--run", str(run), "--session", ",".join(with_unknown)], capsys)
     assert code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith("error: unknown item id(s) NO-SUCH-ITEM, ALSO-MISSING")
+    assert err.count("\n") == 1 and err.startswith("error: unknown item id(s) 'NO-SUCH-ITEM', 'ALSO-MISSING'")
     code, skipped, err = cli("recommend", ["--run", str(run), "--session", ",".join(with_unknown), "--skip-unknown"],
                              capsys)
-    assert code == 0 and err == "warning: skipped 2 unknown item id(s): NO-SUCH-ITEM, ALSO-MISSING\n"
+    assert code == 0 and err == "warning: skipped 2 unknown item id(s): 'NO-SUCH-ITEM', 'ALSO-MISSING'\n"
     _, clean, _ = cli("recommend", ["--run", str(run), "--session", ",".join(ids)], capsys)
     assert skipped == clean
     code, _, err = cli("recommend", ["--run", str(run), "--session", "NOPE", "--skip-unknown"], capsys)
@@ -146,3 +146,33 @@ def test_hnsw_asked_for_most_of_the_catalog_lists_only_items_it_found(run, bundl
     assert code == 0 and len(result_rows(out)) == len(rows)
     assert err.startswith(f"warning: --index faiss-hnsw found {len(rows)} of the {top} items asked") and \
         err.count("\n") == 1
+
+
+def test_session_ids_are_the_ids_as_given():
+    """--session's ids were stripped, so " x" (an id the dataset holds) was read as another item, "x", and an id
+    holding a comma could not be asked for."""
+    from alterrec_dist.common.errors import ConfigError
+    from alterrec_dist.recommend import session_ids as given_ids
+
+    assert given_ids("P1,P2,") == ["P1", "P2"]
+    assert given_ids(" x,y") == [" x", "y"]
+    assert given_ids('["a,b", " x"]') == ["a,b", " x"]
+    for bad in ("[1, 2]", '["a"', '[["a"]]'):
+        with pytest.raises(ConfigError, match="--session: "):
+            given_ids(bad)
+
+
+def test_a_repeated_item_id_is_refused_not_served_as_the_last_item(bundle):
+    """A dataset with an id twice (written before DatasetWriter refused it) trained; serving then answered for
+    the last item holding the id."""
+    from alterrec_dist.common.errors import DataError
+
+    ids = bundle.item_ids
+    try:
+        bundle.item_ids = [ids[0], ids[0], *ids[2:]]
+        bundle.__dict__.pop("_index_of", None)
+        with pytest.raises(DataError, match=f"the model's items repeat the id '{ids[0]}'"):
+            bundle.index_of()
+    finally:
+        bundle.item_ids = ids
+        bundle.__dict__.pop("_index_of", None)

@@ -21,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from alterrec_dist.common.errors import DataError, one_line
-from alterrec_dist.data.layout import SPLITS, gather_ranges
+from alterrec_dist.data.layout import SPLITS, first_duplicate, gather_ranges
 
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -185,15 +185,6 @@ def raise_at_first(mask, path: Path, column: str, what: str, rows: np.ndarray | 
         i = int(np.argmax(mask))
         row = int(rows[i]) if rows is not None else i
         raise DataError(f"{path}: row {row + 1}, column {column}: {what}")
-
-
-def first_duplicate(values: pa.Array) -> int | None:
-    """Index of the first value that repeats an earlier one, or None."""
-    codes = pc.dictionary_encode(values).indices.to_numpy()
-    is_first = np.zeros(len(codes), dtype=bool)
-    is_first[np.unique(codes, return_index=True)[1]] = True
-    dups = np.nonzero(~is_first)[0]
-    return int(dups[0]) if len(dups) else None
 
 
 def check_unique_ids(ids: pa.Array, path: Path, column: str) -> None:
