@@ -46,8 +46,8 @@ def format_recommendation(rec: Recommendation, width: int = 70) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m alterrec_dist.recommend", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
-    p.add_argument("--session", required=True, help="comma-separated item ids, oldest first, each exactly as the "
-                   "dataset spells it; or a JSON list of them (for ids that hold a comma)")
+    p.add_argument("--session", required=True, help="comma-separated item ids, oldest first (spaces around an id are "
+                   "dropped unless the id holds them); or a JSON list of them, for ids that hold a comma")
     p.add_argument("--top", type=int, default=10, help="items to recommend (default 10)")
     p.add_argument("--skip-unknown", action="store_true", help="drop unknown item ids with a warning")
     p.add_argument("--index", choices=INDEXES, default="exact", help="exact (default), faiss (flat inner product) "
@@ -57,16 +57,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def session_ids(session: str) -> list[str]:
-    """--session's ids as given: not stripped, since an id may hold spaces (" x" was read as another item "x")."""
-    if session.lstrip().startswith("["):
-        try:
-            ids = json.loads(session)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--session: not a JSON list of item ids ({e})") from None
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise ConfigError("--session: a JSON list of item ids must hold strings only")
+    """--session's ids as given (`as_known` strips them where only that names an item): a JSON list of strings, for
+    ids that hold a comma, else the comma-separated ids."""
+    try:
+        ids = json.loads(session)
+    except json.JSONDecodeError:
+        ids = None
+    if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
         return [i for i in ids if i]
-    return [i for i in session.split(",") if i]
+    return [i for i in session.split(",") if i.strip()]
+
+
+def as_known(item_ids: list[str], known: dict[str, int]) -> list[str]:
+    """Each id as the model knows it: as given when it names an item (" x" and "x" may both be ids), else without
+    its surrounding spaces ("A, B" as typed)."""
+    return [i if i in known or i.strip() not in known else i.strip() for i in item_ids]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.export and args.data:
         raise ConfigError("--data goes with --run: an export holds its own items (--data would be ignored)")
     bundle = load_scoring_model(args.run, args.export, args.data, args.device)
+    item_ids = as_known(item_ids, bundle.index_of())
     rec = recommend(bundle, item_ids, args.top, args.skip_unknown, Searcher(bundle, args.index))
     if rec.skipped:
         print(f"warning: skipped {len(rec.skipped)} unknown item id(s): {', '.join(map(repr, rec.skipped))}",

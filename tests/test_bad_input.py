@@ -450,10 +450,10 @@ CASES = [
     ("recommend-truncated-summary", "recommend", lambda d, r: [
         "--run", str(run_copy(d, r, lambda c: truncate(c / "summary.json"))), "--session", "P0001"],
      ["{d}/run/summary.json: not valid JSON"]),
-    ("recommend-summary-alpha-not-a-number", "recommend", lambda d, r: [
-        "--run", str(run_copy(d, r, lambda c: _edit_json(c / "summary.json", lambda m: m.update(
+    ("recommend-model-alpha-not-a-number", "recommend", lambda d, r: [
+        "--run", str(run_copy(d, r, lambda c: _edit_json(c / "model" / "manifest.json", lambda m: m.update(
             alpha={"chosen": "0.7"})))), "--session", "P0001"],
-     ["{d}/run/summary.json: alpha.chosen is '0.7', not a number (a damaged summary"]),
+     ["{d}/run/model/manifest.json: alpha.chosen is '0.7', not a number (damaged: rerun the run)"]),
     ("recommend-truncated-export-manifest", "recommend", lambda d, r: [
         "--export", str(_export_copy(d, r, lambda x: truncate(x / "manifest.json"))), "--session", "P0001"],
      ["{d}/x/manifest.json: not valid JSON"]),

@@ -297,5 +297,7 @@ def test_a_resume_stays_in_its_directory_and_says_so(tmp_path):
         with pytest.raises(ConfigError, match=rf"--resume .*run: the run goes on in its own directory, so {key} cannot"):
             load_run_config(build_parser().parse_args(["--resume", str(run), "--set", f"{key}={value}"]))
     assert load_config(run / "config.toml").trainer.name == ""
-    with pytest.raises(ConfigError, match="trainer.storage_path must be a directory, not empty"):
-        load_config(None, ["trainer.storage_path="])
+    with pytest.raises(ConfigError, match="trainer.storage_path is empty: give the directory runs go in, or --out"):
+        default_run_dir(load_config(None, ["trainer.storage_path= "]))
+    # a run made with --out and an empty storage path (its config.toml says so) still loads, to serve or resume
+    assert load_config(None, ["trainer.storage_path="]).trainer.storage_path == ""

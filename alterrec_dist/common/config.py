@@ -142,8 +142,6 @@ def _valid_metric(metric: str) -> bool:
 
 RANGES: dict[str, tuple[typing.Callable, str]] = {
     "data.path": (lambda v: v.strip() != "", "a dataset directory, not empty"),
-    "trainer.storage_path": (lambda v: v.strip() != "", "a directory, not empty (an unset variable put runs in the "
-                             "project root)"),
     "data.max_len": _at_least(1),
     "model.dim": _at_least(1),
     "model.encoder": _one_of("mean", "transformer"),

@@ -13,8 +13,12 @@ from alterrec_dist.common import ray_watchdog
 
 # Ray's C++ failure-signal handler takes a driver's SIGTERM too: it printed a crash dump, then aborted the command
 # (exit 134) in about half of the runs stopped that way, before it could unwind (exit 143). `import ray` reads the
-# switch, so it is set here, where every command that starts Ray imports it first.
-os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+# switch, so it is set here, where every command that starts Ray imports it first. For the driver alone: `init_ray`
+# takes it back before a private Ray starts, whose workers would inherit it and lose their crash reports.
+FAILURE_HANDLER_OFF = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+_OFF_HERE = FAILURE_HANDLER_OFF not in os.environ
+os.environ.setdefault(FAILURE_HANDLER_OFF, "1")
+
 
 def init_ray(num_cpus: int, dashboard: bool = False) -> bool:
     """Connect to the cluster in RAY_ADDRESS, or start a private local Ray of `num_cpus` CPUs (callers
@@ -23,6 +27,8 @@ def init_ray(num_cpus: int, dashboard: bool = False) -> bool:
 
     import ray
 
+    if _OFF_HERE:
+        os.environ.pop(FAILURE_HANDLER_OFF, None)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     common = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     if os.environ.get("RAY_ADDRESS"):

@@ -179,11 +179,16 @@ def load_grid(path: str | Path) -> Grid:
                 doc.get("title", "Results: AlterRec against its baselines and peers, on real data"))
 
 
+# How every run of a grid is launched: one worker through the torchrun launcher (W=2 computes the same; see the
+# parity tests). `method_config` checks a run's settings as launched so.
+ONE_WORKER = "trainer.num_workers=1"
+
+
 def train_command(d: DatasetGrid, method: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
-    """The normal driver, one worker through the torchrun launcher (W=2 computes the same; see the parity tests).
-    `--resume auto`: a run directory that an interrupted attempt started goes on from its newest checkpoint."""
-    sets = ["trainer.num_workers=1", f"train.method={method}", f"train.seed={seed}", *d.sets,
-            *d.method_sets.get(method, []), *extra]
+    """The normal driver, one worker through the torchrun launcher. `--resume auto`: a run directory that an
+    interrupted attempt started goes on from its newest checkpoint."""
+    sets = [ONE_WORKER, f"train.method={method}", f"train.seed={seed}", *d.sets, *d.method_sets.get(method, []),
+            *extra]
     cmd = [sys.executable, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--config", d.config]
     for s in sets:
         cmd += ["--set", s]
@@ -243,10 +248,13 @@ def point_name(key: str, value) -> str:
     return f"{key.partition('.')[2] or key}={as_toml(value)}"
 
 
-def method_config(d: DatasetGrid, method: str, extra: list[str] = ()):
-    """A method's config in this grid (raises ConfigError where the overrides do not fit it)."""
-    return load_config(PROJECT_ROOT / d.config, [f"train.method={method}", *d.sets, *d.method_sets.get(method, []),
-                                                 *extra])
+def method_config(d: DatasetGrid, method: str, extra: list[str] = (), launched: bool = False):
+    """A method's config in this grid (raises ConfigError where the overrides do not fit it); `launched`: as its
+    runs are launched, which is what checks whether one can start (checked at the default two workers, a global
+    batch of 999 was refused)."""
+    launch = ["trainer.launcher=torchrun", ONE_WORKER] if launched else []
+    return load_config(PROJECT_ROOT / d.config, [*launch, f"train.method={method}", *d.sets,
+                                                 *d.method_sets.get(method, []), *extra])
 
 
 def key_value(cfg, key: str):
@@ -263,7 +271,7 @@ def expand(grid: Grid) -> list[RunSpec]:
         base = grid.out / d.name
         for method in d.methods:
             try:  # its `set` and `method_set` checked before any run, as the sweeps' points are
-                method_config(d, method)
+                method_config(d, method, launched=True)
             except ConfigError as e:
                 raise ConfigError(f"{grid.path}: dataset {d.name!r}, method {method}: {e}") from None
             for seed in d.seeds:
@@ -276,7 +284,7 @@ def expand(grid: Grid) -> list[RunSpec]:
             for method in sweep_methods(d, sw):
                 for value, extra in sweep_points(sw, key_value(method_config(d, method), key)):
                     try:
-                        method_config(d, method, extra)
+                        method_config(d, method, extra, launched=True)
                     except ConfigError as e:
                         refused.setdefault(str(value), []).append(str(e))
                         continue
@@ -403,7 +411,7 @@ def candidate_runs(d: DatasetGrid, name: str, specs: list[RunSpec], template: Ru
     refuses it."""
     if template.role != "peer":
         try:
-            method_config(d, name, extra)
+            method_config(d, name, extra, launched=True)
         except ConfigError:
             return []
     runs = []

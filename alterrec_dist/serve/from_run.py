@@ -82,7 +82,9 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
     item_ids, texts, popularity = _item_table(data)
     summary_path = run_dir / run_layout.SUMMARY
     summary = read_json(summary_path) if summary_path.is_file() else None
-    served = served_kind(summary, e.alpha, weights, summary_path)
+    # the model's own record of the alpha it was chosen with; a model saved before it kept one: the summary's
+    served = (served_kind(manifest, e.alpha, weights, run_dir / run_layout.MODEL / "manifest.json")
+              if "alpha" in manifest else served_kind(summary, e.alpha, weights, summary_path))
     provenance = {
         "run": {
             "path": str(run_dir.resolve()),
@@ -104,16 +106,16 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
                   provenance, served)
 
 
-def served_kind(summary: dict | None, alpha: float, weights: dict[str, list[float]], where: Location) -> str:
-    """The kind a run's model serves: the fused score at the alpha its summary chose on validation (`eval.alpha`
-    without a choice: no sweep, or a method with no alpha), so what recommend and batch scoring rank by is what the
-    run reported as its result."""
-    record = (summary or {}).get("alpha")
+def served_kind(record: dict | None, alpha: float, weights: dict[str, list[float]], where: Location) -> str:
+    """The kind a run's model serves: the fused score at the alpha chosen on validation (`eval.alpha` without a
+    choice: no sweep, or a method with no alpha) as `record` (model/manifest.json, or summary.json, at `where`)
+    holds it, so what recommend and batch scoring rank by is what the run reported as its result."""
+    record = (record or {}).get("alpha")
     if record is None:
         return "fused"
     chosen = record.get("chosen") if isinstance(record, dict) else None
     if isinstance(chosen, bool) or not isinstance(chosen, (int, float)):  # what training writes: a number
-        raise DataError(f"{where}: alpha.chosen is {chosen!r}, not a number (a damaged summary: rerun the run)")
+        raise DataError(f"{where}: alpha.chosen is {chosen!r}, not a number (damaged: rerun the run)")
     if chosen == alpha:
         return "fused"
     if sweep_kind(chosen) not in weights:

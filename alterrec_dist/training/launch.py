@@ -128,6 +128,22 @@ class WorkerErrors:
 
 
 def launch_ray(cfg: Config, run_dir: Location) -> dict:
+    """Train under Ray Train. Ray puts its own signal handlers in place of the command's (`ray.init`: SIGTERM exits
+    with 15; `TorchTrainer.fit`: SIGINT aborts the run, and fit then raises SystemExit(1)), so a Ctrl-C or a SIGTERM
+    ended the command with exit 1 or 15 and nothing said. Both end it as they do under torchrun: "interrupted" and
+    130, or 143, the checkpoints kept for --resume."""
+    with SignalsSeen() as seen:
+        try:
+            return _launch_ray(cfg, run_dir)
+        except SystemExit:
+            if signal.SIGINT in seen:
+                raise KeyboardInterrupt from None
+            if signal.SIGTERM in seen:
+                raise SystemExit(128 + signal.SIGTERM) from None
+            raise
+
+
+def _launch_ray(cfg: Config, run_dir: Location) -> dict:
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -156,20 +172,13 @@ def launch_ray(cfg: Config, run_dir: Location) -> dict:
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )
         result, failure = None, None
-        with SignalsSeen() as seen:
-            try:
-                result = trainer.fit()
-            except TrainingFailedError as e:
-                failure = e
-            except SystemExit:
-                # A signal ends fit with SystemExit(1) whatever its handler did (Ctrl-C: fit's own SIGINT handler
-                # aborts the run; SIGTERM: run_cli's exit, inside Ray's wait), so the command ended with exit 1
-                # and nothing said. Each is what it is under the torchrun launcher.
-                if signal.SIGINT in seen:
-                    raise KeyboardInterrupt from None
-                if signal.SIGTERM in seen:
-                    raise SystemExit(128 + signal.SIGTERM) from None
-                raise
+        sigint = signal.getsignal(signal.SIGINT)
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:
+            failure = e
+        finally:  # fit leaves its handler, which would swallow a Ctrl-C from here on (its run is over)
+            signal.signal(signal.SIGINT, sigint)
         # a refusal ends the run whether Ray gave up on it (no restart left) or the restarted workers stopped at
         # once (a finished fit); a worker's last error ends it where Ray's failure is that error: its one line,
         # not Ray's traceback

@@ -232,9 +232,11 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
             if valid[part][metric] > progress.best["score"]:
                 progress.best = {"score": valid[part][metric], "epoch": phase.epoch, "valid": line["valid"],
                                  "test": run.evaluate("test", phase.epoch)}
+                # the alpha it serves goes with it: summary.json, which says it too, is gone while a resume runs
                 save_model(comm, run.networks, run.table, run_dir / run_layout.MODEL,
                            {"epoch": phase.epoch, "method": t.method, "selection": f"{part}/{metric}",
-                            "valid_score": progress.best["score"], "dataset": str(cfg.resolve_path(cfg.data.path))})
+                            "valid_score": progress.best["score"], "dataset": str(cfg.resolve_path(cfg.data.path)),
+                            "alpha": chosen_alpha(progress.best, cfg.eval.alpha, cfg.eval.alpha_sweep, part, metric)})
             if comm.rank == 0:
                 sinks.epoch(line, steps_done())
                 tqdm.write(f"epoch {phase.epoch:3d} {phase.network:5s} {phase.negatives:6s} loss {losses['loss']:.4f} "

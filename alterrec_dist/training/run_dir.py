@@ -66,6 +66,9 @@ def check_resources(cfg: Config) -> None:
 
 
 def default_run_dir(cfg: Config, now: datetime.datetime | None = None) -> Location:
+    """Where a run goes without --out: trainer.storage_path / (trainer.name or method-timestamp)."""
+    if not cfg.trainer.storage_path.strip():  # an unset variable: the run went into the project root
+        raise ConfigError("trainer.storage_path is empty: give the directory runs go in, or --out")
     name = cfg.trainer.name or f"{cfg.train.method}-{(now or datetime.datetime.now()):%Y%m%d-%H%M%S}"
     return cfg.resolve_path(cfg.trainer.storage_path) / name
 

@@ -482,6 +482,10 @@ def test_a_methods_own_settings_are_checked_before_any_run(tmp_path):
     '''))
     with pytest.raises(ConfigError, match=r"grid.toml: dataset 'def', method text_only: train.lr_text must be"):
         main(["--grid", str(grid_file), "--dry-run"])
+    # checked as the runs are launched, one worker each: a global batch that two workers cannot split is fine
+    grid_file.write_text(grid_file.read_text().replace('["train.lr_text=-1"]', '["train.global_batch_size=999", '
+                                                       '"eval.batch_size=999"]'))
+    assert main(["--grid", str(grid_file), "--dry-run"]) == 0
 
 
 def test_ctrl_c_leaves_the_runs_to_the_terminals_sigint(tmp_path):

@@ -211,6 +211,17 @@ def test_export_files_and_manifest(run, exported):
     assert not list(exported.parent.glob(".*tmp*"))
 
 
+def test_a_model_serves_the_alpha_it_was_chosen_with_without_its_summary(run, tmp_path):
+    """A resume removes summary.json until it ends (it described the end being redone), and serving then fell back
+    to eval.alpha: a Ctrl-C'd resume changed what the run's unchanged model served. The model records it."""
+    model_alpha = json.loads((run / "model" / "manifest.json").read_text())["alpha"]
+    assert model_alpha == json.loads((run / "summary.json").read_text())["alpha"]  # one choice, made at one epoch
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    (copy / "summary.json").unlink()
+    assert load_run(copy).served == "fused@0.7"
+
+
 def test_served_kind_is_the_chosen_alpha():
     weights = kind_weights("alterrec", 0.5, (0.5, 0.7))
     assert served_kind(None, 0.5, weights, "run") == "fused"  # no summary.json: eval.alpha
