@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m alterrec_dist.recommend", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     p.add_argument("--session", required=True, help="comma-separated item ids, oldest first (spaces around an id are "
-                   "dropped unless the id holds them); or a JSON list of them, for ids that hold a comma")
+                   "dropped unless the id holds them); a value in [ ] is a JSON list of them, for ids that hold a "
+                   "comma")
     p.add_argument("--top", type=int, default=10, help="items to recommend (default 10)")
     p.add_argument("--skip-unknown", action="store_true", help="drop unknown item ids with a warning")
     p.add_argument("--index", choices=INDEXES, default="exact", help="exact (default), faiss (flat inner product) "
@@ -57,15 +58,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def session_ids(session: str) -> list[str]:
-    """--session's ids as given (`as_known` strips them where only that names an item): a JSON list of strings, for
-    ids that hold a comma, else the comma-separated ids."""
+    """--session's ids as given (`as_known` strips them where only that names an item): a value in [ ] is a JSON
+    list of strings, for ids that hold a comma (a mistyped one is an error, not other ids); else comma-separated."""
+    if not (session.strip().startswith("[") and session.strip().endswith("]")):
+        return [i for i in session.split(",") if i.strip()]
     try:
         ids = json.loads(session)
-    except json.JSONDecodeError:
-        ids = None
-    if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
-        return [i for i in ids if i]
-    return [i for i in session.split(",") if i.strip()]
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--session: not a JSON list of item ids ({e})") from None
+    if not all(isinstance(i, str) for i in ids):
+        raise ConfigError("--session: a JSON list of item ids holds strings only")
+    return [i for i in ids if i]
 
 
 def as_known(item_ids: list[str], known: dict[str, int]) -> list[str]:

@@ -252,9 +252,10 @@ def method_config(d: DatasetGrid, method: str, extra: list[str] = (), launched: 
     """A method's config in this grid (raises ConfigError where the overrides do not fit it); `launched`: as its
     runs are launched, which is what checks whether one can start (checked at the default two workers, a global
     batch of 999 was refused)."""
+    # last: under torchrun the world is torchrun's, whatever the grid's sets say (`train.load_run_config`)
     launch = ["trainer.launcher=torchrun", ONE_WORKER] if launched else []
-    return load_config(PROJECT_ROOT / d.config, [*launch, f"train.method={method}", *d.sets,
-                                                 *d.method_sets.get(method, []), *extra])
+    return load_config(PROJECT_ROOT / d.config, [f"train.method={method}", *d.sets, *d.method_sets.get(method, []),
+                                                 *extra, *launch])
 
 
 def key_value(cfg, key: str):
@@ -282,7 +283,7 @@ def expand(grid: Grid) -> list[RunSpec]:
             key = sw["key"]
             refused: dict[str, list[str]] = {}  # point -> why each method's config refused it
             for method in sweep_methods(d, sw):
-                for value, extra in sweep_points(sw, key_value(method_config(d, method), key)):
+                for value, extra in sweep_points(sw, key_value(method_config(d, method, launched=True), key)):
                     try:
                         method_config(d, method, extra, launched=True)
                     except ConfigError as e:
@@ -449,7 +450,7 @@ def prepare_datasets(grid: Grid) -> None:
     for d in grid.datasets:
         if not d.methods:
             continue
-        cfg = method_config(d, d.methods[0])  # the dataset's `set` may move data.path off its config's
+        cfg = method_config(d, d.methods[0], launched=True)  # its `set` may move data.path off its config's
         path = cfg.resolve_path(cfg.data.path)
         if path.exists():
             continue

@@ -18,7 +18,7 @@ from alterrec_dist.common.config import PROJECT_ROOT
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.experiments import main
 from alterrec_dist.common.config import load_config
-from alterrec_dist.grid.runner import expand, load_grid, method_config, run_grid, shown_command
+from alterrec_dist.grid.runner import expand, load_grid, method_config, prepare_datasets, run_grid, shown_command
 from alterrec_dist.grid.selection import choose
 
 # What a method's config refuses or ignores, and so is not one of its switches: a key, or one point of it. AlterRec's
@@ -482,10 +482,13 @@ def test_a_methods_own_settings_are_checked_before_any_run(tmp_path):
     '''))
     with pytest.raises(ConfigError, match=r"grid.toml: dataset 'def', method text_only: train.lr_text must be"):
         main(["--grid", str(grid_file), "--dry-run"])
-    # checked as the runs are launched, one worker each: a global batch that two workers cannot split is fine
+    # checked as the runs are launched, one worker each (whatever the grid's sets say, as under torchrun): a global
+    # batch that two workers cannot split is fine, in a sweep's points too
     grid_file.write_text(grid_file.read_text().replace('["train.lr_text=-1"]', '["train.global_batch_size=999", '
-                                                       '"eval.batch_size=999"]'))
+                                                       '"eval.batch_size=999", "trainer.num_workers=2"]')
+                         + '[[dataset.sweep]]\nkey = "train.lr_text"\nvalues = [0.001, 0.01]\n')
     assert main(["--grid", str(grid_file), "--dry-run"]) == 0
+    prepare_datasets(load_grid(grid_file))  # a real run's first step: its data is there, nothing to refuse
 
 
 def test_ctrl_c_leaves_the_runs_to_the_terminals_sigint(tmp_path):

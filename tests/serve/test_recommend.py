@@ -151,12 +151,15 @@ def test_hnsw_asked_for_most_of_the_catalog_lists_only_items_it_found(run, bundl
 def test_session_ids_are_the_ids_as_given():
     """--session's ids were stripped, so " x" (an id the dataset holds) was read as another item, "x", and an id
     holding a comma could not be asked for. "A, B" as typed still names A and B."""
+    from alterrec_dist.common.errors import ConfigError
     from alterrec_dist.recommend import as_known, session_ids as given_ids
 
     assert given_ids("P1,P2,") == ["P1", "P2"]
     assert given_ids('["a,b", " x"]') == ["a,b", " x"]
-    assert given_ids("[Bundle] X,P1") == ["[Bundle] X", "P1"]  # not JSON: ids
-    assert given_ids("[1, 2]") == ["[1", " 2]"]
+    assert given_ids("[Bundle] X,P1") == ["[Bundle] X", "P1"]  # not in [ ]: ids
+    for mistyped in ('["P01", P02, "P03"]', "[1, 2]"):  # an error, not other ids (with --skip-unknown: a session)
+        with pytest.raises(ConfigError, match="--session: "):
+            given_ids(mistyped)
     known = {"x": 0, " x": 1, "y": 2}
     assert as_known(given_ids(" x, y,z "), known) == [" x", "y", "z "]  # unknown "z" stays as typed
 
