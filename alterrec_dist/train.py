@@ -72,7 +72,8 @@ def load_run_config(args: argparse.Namespace) -> tuple[Config, Location | None]:
         if not saved.is_file():
             raise ConfigError(f"{run_dir}: not a run directory (no config.toml)")
         cfg = requested = load_config(saved, args.overrides, launching)
-        moved = [key for key in ("trainer.storage_path", "trainer.name") if key in changed_values(load_config(saved), cfg)]
+        changed = changed_values(load_config(saved), cfg)
+        moved = [key for key in ("trainer.storage_path", "trainer.name") if key in changed]
         if moved:  # they say where a new run goes: this one would stay where it is, its config.toml saying otherwise
             raise ConfigError(f"--resume {args.resume}: the run goes on in its own directory, so {moved[0]} cannot "
                               "change (drop that --set)")

@@ -729,7 +729,8 @@ def test_metrics_out_replaces_a_file_only_with_overwrite(run, tmp_path, capsys):
     code, err = run_command("batch_score", argv, capsys)
     assert code == 2 and f"{kept}: output exists (pass --overwrite to replace it)" in err
     assert kept.read_text() == "the run's log\n" and not (tmp_path / "o.parquet").exists()
-    assert run_command("batch_score", [*argv, "--overwrite"], capsys)[0] == 0 and json.loads(kept.read_text())["summary_equal"]
+    assert run_command("batch_score", [*argv, "--overwrite"], capsys)[0] == 0
+    assert json.loads(kept.read_text())["summary_equal"]
 
 
 # -- the fixed behaviours that are not errors -----------------------------------------------------------

@@ -294,7 +294,7 @@ def test_a_resume_stays_in_its_directory_and_says_so(tmp_path):
     An empty trainer.storage_path (an unset shell variable) put new runs in the project root."""
     run = make_run_dir(load_config(None, ["train.method=id_only"]), str(tmp_path / "run"))
     for key, value in (("trainer.name", "elsewhere"), ("trainer.storage_path", str(tmp_path / "other"))):
-        with pytest.raises(ConfigError, match=rf"--resume .*run: the run goes on in its own directory, so {key} cannot"):
+        with pytest.raises(ConfigError, match=rf"--resume .*run: the run goes on in its own directory, so {key} "):
             load_run_config(build_parser().parse_args(["--resume", str(run), "--set", f"{key}={value}"]))
     assert load_config(run / "config.toml").trainer.name == ""
     with pytest.raises(ConfigError, match="trainer.storage_path is empty: give the directory runs go in, or --out"):

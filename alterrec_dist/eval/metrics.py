@@ -18,7 +18,8 @@ def per_session(ranks: Tensor) -> Tensor:
     ndcg = 1.0 / torch.log2(r + 1.0)
     # each of METRICS by its name (metric@cutoff), so its columns are in METRICS' order whatever that is
     value = {"hit": lambda within: within, "ndcg": lambda within: ndcg * within, "mrr": lambda within: within / r}
-    return torch.stack([value[name]((r <= int(cutoff)).to(r.dtype)) for name, cutoff in (m.split("@") for m in METRICS)], dim=1)
+    cutoffs = [(name, int(cutoff)) for name, cutoff in (m.split("@") for m in METRICS)]
+    return torch.stack([value[name]((r <= cutoff).to(r.dtype)) for name, cutoff in cutoffs], dim=1)
 
 
 class MetricSums:

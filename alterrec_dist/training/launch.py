@@ -245,9 +245,9 @@ def adopt_torchrun_world(cfg: Config) -> None:
 
 
 def launch_torchrun(cfg: Config, out: str | None, resume_dir: Location | None) -> tuple[dict, Location] | None:
-    """Join the torchrun process group (or make one of size 1) and run the recipe in this
-    process; `cfg` has been through `adopt_torchrun_world` (`train.load_run_config`). Returns (summary, run_dir) on rank 0,
-    None on the others."""
+    """Join the torchrun process group (or make one of size 1) and run the recipe in this process; `cfg` has been
+    through `adopt_torchrun_world` (`train.load_run_config`). Returns (summary, run_dir) on rank 0, None on the
+    others."""
     import torch
     import torch.distributed as dist
 
