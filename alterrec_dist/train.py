@@ -25,7 +25,7 @@ import sys
 
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.cli import run_cli
-from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, changed_values, check_resumable, load_config
+from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, check_resumable, load_config
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import resolve_location
 from alterrec_dist.common.storage import Location
@@ -72,12 +72,7 @@ def load_run_config(args: argparse.Namespace) -> tuple[Config, Location | None]:
         if not saved.is_file():
             raise ConfigError(f"{run_dir}: not a run directory (no config.toml)")
         cfg = requested = load_config(saved, args.overrides, launching)
-        changed = changed_values(load_config(saved), cfg)
-        moved = [key for key in ("trainer.storage_path", "trainer.name") if key in changed]
-        if moved:  # they say where a new run goes: this one would stay where it is, its config.toml saying otherwise
-            raise ConfigError(f"--resume {args.resume}: the run goes on in its own directory, so {moved[0]} cannot "
-                              "change (drop that --set)")
-    check_resumable(load_config(saved), requested, str(saved))
+    check_resumable(load_config(saved), requested, str(saved), in_place=args.resume != "auto")
     return cfg, run_dir
 
 

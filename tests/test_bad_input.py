@@ -545,6 +545,9 @@ CASES = [
     ("batch-metrics-out-is-a-directory", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
         "--metrics-out", str(_mkdir(d / "m")), "--overwrite"], ["{d}/m: is a directory"]),
+    ("batch-metrics-out-is-a-directory-without-overwrite", "batch_score", lambda d, r: [  # not "pass --overwrite"
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
+        "--metrics-out", str(_mkdir(d / "m"))], ["{d}/m: is a directory"]),
     ("batch-ray-user-not-text", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(_parquet(d, "in.parquet", history=pa.array(GOOD_HISTORIES),
                                                   user=pa.array([["u"]] * len(GOOD_HISTORIES)))),
@@ -716,7 +719,8 @@ def test_an_empty_out_is_refused_not_the_current_directory(command, run, tmp_pat
             "export": ["--run", str(run)],
             "batch_score": ["--run", str(run), "--split", "test", "--no-ray"]}[command]
     code, err = run_command(command, [*argv, "--out", "", "--overwrite"], capsys)
-    assert code == 2 and err.strip() == "error: an empty output path (an unset variable?): give the output's path"
+    assert code == 2
+    assert err.strip() == "error: an output path is empty (an unset variable?): give --out (or --metrics-out) a path"
     assert [p.name for p in cwd.iterdir()] == ["thesis.tex"]
 
 

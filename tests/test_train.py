@@ -294,9 +294,13 @@ def test_a_resume_stays_in_its_directory_and_says_so(tmp_path):
     An empty trainer.storage_path (an unset shell variable) put new runs in the project root."""
     run = make_run_dir(load_config(None, ["train.method=id_only"]), str(tmp_path / "run"))
     for key, value in (("trainer.name", "elsewhere"), ("trainer.storage_path", str(tmp_path / "other"))):
-        with pytest.raises(ConfigError, match=rf"--resume .*run: the run goes on in its own directory, so {key} "):
+        with pytest.raises(ConfigError, match=rf"run/config.toml: the run goes on in its own directory, so {key} "):
             load_run_config(build_parser().parse_args(["--resume", str(run), "--set", f"{key}={value}"]))
     assert load_config(run / "config.toml").trainer.name == ""
+    # and what else may change says so: not those two (a reviewer saw one message allow what the next refused)
+    with pytest.raises(ConfigError, match=r"model.dim would change .*only trainer.num_workers, trainer.use_gpu, "
+                                          r"trainer.launcher, trainer.max_failures,"):
+        load_run_config(build_parser().parse_args(["--resume", str(run), "--set", "model.dim=8"]))
     with pytest.raises(ConfigError, match="trainer.storage_path is empty: give the directory runs go in, or --out"):
         default_run_dir(load_config(None, ["trainer.storage_path= "]))
     # a run made with --out and an empty storage path (its config.toml says so) still loads, to serve or resume

@@ -356,6 +356,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
 RESUMABLE = ("trainer.num_workers", "trainer.use_gpu", "trainer.launcher", "trainer.storage_path", "trainer.name",
              "trainer.max_failures", "trainer.tf32", "train.m_max", "train.patience", "train.checkpoint_every",
              "train.log_every", "eval.batch_size", "eval.tile_rows", "data.path")
+WHERE_A_RUN_GOES = ("trainer.storage_path", "trainer.name")  # without --out: the directory of a new run
 
 
 def changed_values(before: Config, after: Config) -> dict[str, tuple]:
@@ -364,10 +365,17 @@ def changed_values(before: Config, after: Config) -> dict[str, tuple]:
     return {f"{s}.{k}": (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]}
 
 
-def check_resumable(saved: Config, resumed: Config, where: str) -> None:
+def check_resumable(saved: Config, resumed: Config, where: str, in_place: bool = False) -> None:
     """ConfigError in one line if `resumed` changes a key of `saved` (the run's config.toml, `where`) that a
-    resumed run must keep (anything outside `RESUMABLE`)."""
+    resumed run must keep (anything outside `RESUMABLE`). `in_place` (`--resume RUN_DIR`): the run goes on in
+    RUN_DIR, so neither may the keys that name a new run's directory, which `--resume auto` finds it by (a changed
+    trainer.name was accepted, ignored, and recorded in config.toml)."""
     changed = changed_values(saved, resumed)
+    moved = [key for key in WHERE_A_RUN_GOES if key in changed] if in_place else []
+    if moved:
+        raise ConfigError(f"{where}: the run goes on in its own directory, so {moved[0]} cannot change (drop that "
+                          "--set)")
+    may = [key for key in RESUMABLE if not (in_place and key in WHERE_A_RUN_GOES)]
     if saved.train.lr_schedule == "warmup_cosine" and "train.m_max" in changed:
         # the ramp and the cosine run over a network's steps in the whole plan: another m_max reshapes the lr of
         # the epochs already trained, so the run would match neither plan while config.toml named the new one
@@ -379,7 +387,7 @@ def check_resumable(saved: Config, resumed: Config, where: str) -> None:
         first, (was, now) = next(iter(fixed.items()))
         raise ConfigError(
             f"{where}: a resumed run keeps its settings, but {', '.join(fixed)} would change "
-            f"({first}: {was!r} -> {now!r}); only {', '.join(RESUMABLE)} may (start a new run for another setting)")
+            f"({first}: {was!r} -> {now!r}); only {', '.join(may)} may (start a new run for another setting)")
 
 
 def to_toml(cfg: Config) -> str:

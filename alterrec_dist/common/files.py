@@ -117,7 +117,7 @@ def check_out(out: str | Location, overwrite: bool, inputs: Iterable[str | Locat
     overlap at all, new or not. Every command checks this first."""
     # `--out "$UNSET"` resolved to the current directory, which --overwrite then replaced with the output
     if isinstance(out, str) and not out.strip():
-        raise DataError("an empty output path (an unset variable?): give the output's path")
+        raise DataError("an output path is empty (an unset variable?): give --out (or --metrics-out) a path")
     out = resolve_location(out)
     inputs = [resolve_location(s) for s in inputs if s is not None]
     for directory in map(resolve_location, apart):
@@ -154,14 +154,14 @@ def check_file_out(path: str | Location, overwrite: bool, inputs: Iterable[str |
     `overwrite` as --out does (a run's metrics.jsonl was replaced silently): refused before the command's work if
     it cannot be written (a directory there, a file where its directory would be made) or would replace what the
     command reads (`inputs`, as for `check_out`: a run's summary.json was overwritten silently)."""
-    out = check_out(path, overwrite, inputs)
+    out = check_out(path, True, inputs)  # where it may go; whether it may replace a file there, last
     if out.is_dir():  # in a store: a prefix with objects under it, which an object of its name would hide
-        raise DataError(f"{out}: is a directory (give a file name)")
+        raise DataError(f"{out}: is a directory (give a file name)")  # not "pass --overwrite", which cannot help
     if isinstance(out, Path):
         above = next(p for p in out.parents if p.exists())  # its directory, or where that is made
         if not above.is_dir():
             raise DataError(f"{out}: {above} is not a directory")
-    return out
+    return check_out(out, overwrite)
 
 
 def write_file_out(path: str | Location, obj) -> None:

@@ -78,8 +78,9 @@ class ScoringModel:
             if len(index) < self.num_items:  # a dataset written before its writer refused it: one is never found
                 seen = set()
                 repeated = next(item for item in self.item_ids if item in seen or seen.add(item))
-                raise DataError(f"the model's items repeat the id {repeated!r} (an id names one item: remake the "
-                                "dataset with prepare or synth)")
+                source = (self.provenance.get("dataset") or {}).get("path") or self.provenance.get("export", "")
+                raise DataError(f"{source}: the model's items repeat the id {repeated!r} (an id names one item: "
+                                "remake the dataset with prepare or synth)")
             self._index_of = index
         return self._index_of
 

@@ -173,7 +173,8 @@ def test_a_repeated_item_id_is_refused_not_served_as_the_last_item(bundle):
     try:
         bundle.item_ids = [ids[0], ids[0], *ids[2:]]
         bundle.__dict__.pop("_index_of", None)
-        with pytest.raises(DataError, match=f"the model's items repeat the id '{ids[0]}'"):
+        with pytest.raises(DataError, match=f"{bundle.provenance['dataset']['path']}: the model's items repeat the id "
+                                            f"'{ids[0]}'"):
             bundle.index_of()
     finally:
         bundle.item_ids = ids
