@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from alterrec_dist.common.config import load_config
-from alterrec_dist.common.device import configure_matmuls
+from alterrec_dist.common.device import configure_kernels
 from alterrec_dist.data.reader import Batch
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.mining import mine_band
@@ -194,7 +194,7 @@ def correctness(comm: Comm, cpu_comm: Comm, device: torch.device, shape: Shape) 
     cpu = small_run(cpu_comm if use_gpu else comm, False, "fp32", False, shape)
     exact = small_run(comm, use_gpu, "fp32", False, shape)
     fast = small_run(comm, use_gpu, "bf16", True, shape)
-    configure_matmuls(device, tf32=False)
+    configure_kernels(device, tf32=False)
     brute = brute_force_mining(comm, device, shape)
     return {"fp32": compare_small(cpu, exact), "bf16_tf32": compare_small(cpu, fast), "brute_force": brute}
 

@@ -18,11 +18,15 @@ def worker_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
 
 
-def configure_matmuls(device: torch.device, tf32: bool) -> None:
-    """TF32 tensor-core matmuls on a GPU (fp32 in and out, 10-bit mantissa products), or exact fp32."""
+def configure_kernels(device: torch.device, tf32: bool) -> None:
+    """TF32 tensor-core matmuls on a GPU (fp32 in and out, 10-bit mantissa products), or exact fp32. On the CPU,
+    torch's deterministic kernels: with two threads or more, two identical runs differed in the last bits of
+    their losses (an accumulating index backward); these sum in one order, and ran faster here too."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def tile_rows(setting: int, device: torch.device, num_queries: int) -> int:
