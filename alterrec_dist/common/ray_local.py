@@ -37,8 +37,12 @@ def init_ray(num_cpus: int, dashboard: bool = False) -> bool:
         return False
     # Started first, so the watchdog sees every Ray process appear.
     ray_watchdog.start()
-    # address="local": never attach to some other cluster found in /tmp/ray by accident.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **common)
+    try:
+        # address="local": never attach to some other cluster found in /tmp/ray by accident.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **common)
+    except BaseException:  # a start cut short (a SIGTERM inside ray.init): what it had started goes with it
+        stop_ray()
+        raise
     return True
 
 

@@ -177,25 +177,28 @@ def test_a_signal_under_ray_stops_the_run_as_under_torchrun(tmp_path, sig, momen
     args = ["--config", "configs/default.toml", *[a for s in SMALL for a in ("--set", s)], "--set", f"data.path={data}",
             "--set", "train.global_batch_size=40", "--set", "eval.batch_size=50", "--set", "train.m_max=10000",
             "--out", str(run)]
-    proc = subprocess.Popen([PY, "-m", "alterrec_dist.train", *args], cwd=PROJECT_ROOT, env=_env(), text=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: the command's own exit is what is timed, not its children's
+    with open(log, "w") as err:
+        proc = subprocess.Popen([PY, "-m", "alterrec_dist.train", *args], cwd=PROJECT_ROOT, env=_env(), text=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + 200
         marker = run / ("metrics.jsonl" if moment == "an epoch done" else "config.toml")  # the latter: Ray next
         while not marker.is_file() and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.1)
         if moment == "Ray starting":
-            time.sleep(2.0)  # inside ray.init here (it takes 5-10 s)
+            time.sleep(4.0)  # inside ray.init here (the import of Ray, then its start-up: 5-10 s)
         if sig == "SIGINT":
             os.killpg(proc.pid, signal.SIGINT)  # as the terminal sends it
         else:
             proc.send_signal(signal.SIGTERM)  # as a scheduler or `kill` sends it
-        stderr = proc.communicate(timeout=60)[1]
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    stderr = log.read_text()
     assert proc.returncode == rc, stderr[-3000:]
     if last_line:
         assert stderr.strip().splitlines()[-1] == last_line
