@@ -158,10 +158,15 @@ def check_file_out(path: str | Location, overwrite: bool, inputs: Iterable[str |
     if out.is_dir():  # in a store: a prefix with objects under it, which an object of its name would hide
         raise DataError(f"{out}: is a directory (give a file name)")  # not "pass --overwrite", which cannot help
     if isinstance(out, Path):
-        above = next(p for p in out.parents if p.exists())  # its directory, or where that is made
+        above = nearest_existing(out.parent)  # its directory, or where that is made
         if not above.is_dir():
             raise DataError(f"{out}: {above} is not a directory")
     return check_out(out, overwrite)
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest of its directories that exists: where making it would start."""
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def write_file_out(path: str | Location, obj) -> None:

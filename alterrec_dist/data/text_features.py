@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from alterrec_dist.common.errors import DataError, one_line
-from alterrec_dist.common.files import atomic_write_bytes
+from alterrec_dist.common.files import atomic_write_bytes, nearest_existing
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 # Texts per forward pass. On CPU small batches cost less: MiniLM on Scientific titles (length-
@@ -272,8 +272,8 @@ class _EncodingCache:
 
     def __init__(self, root: Path, model_dir: Path):
         # checked before any text is encoded: a file there failed the run (a traceback) at the first save
-        above = next((p for p in (root, *root.parents) if p.exists()), None)
-        if above is not None and not above.is_dir():
+        above = nearest_existing(root)
+        if not above.is_dir():
             raise DataError(f"{root}: the text cache (ALTERREC_CACHE) cannot be a directory: {above} is a file")
         self.dir = root / _model_identity(model_dir)
 

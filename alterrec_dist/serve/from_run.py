@@ -83,7 +83,8 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
     summary_path = run_dir / run_layout.SUMMARY
     summary = read_json(summary_path) if summary_path.is_file() else None
     # the model's own record of the alpha it was chosen with; a model saved before it kept one: the summary's
-    served = (served_kind(manifest, e.alpha, weights, run_dir / run_layout.MODEL / "manifest.json")
+    model_manifest = run_dir / run_layout.MODEL / "manifest.json"
+    served = (served_kind(manifest, e.alpha, weights, model_manifest)
               if "alpha" in manifest else served_kind(summary, e.alpha, weights, summary_path))
     provenance = {
         "run": {
@@ -91,7 +92,7 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
             "summary_best_epoch": summary.get("best_epoch") if summary else None,
             "selection": summary.get("selection") if summary else None,
             "model_epoch": manifest.get("epoch"),
-            "model_manifest_sha256": file_sha256(run_dir / run_layout.MODEL / "manifest.json"),
+            "model_manifest_sha256": file_sha256(model_manifest),
             "model_files_sha256": manifest["files"],
         },
         "dataset": {

@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from alterrec_dist.common.config import ModelConfig
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.device import tile_rows as device_tile_rows
+from alterrec_dist.data.layout import first_duplicate
 from alterrec_dist.eval.evaluate import component_scores, kind_scores, rank_tiles, row_keys
 from alterrec_dist.model.networks import Network
 from alterrec_dist.parallel.table import Placement
@@ -76,8 +78,7 @@ class ScoringModel:
         if not hasattr(self, "_index_of"):
             index = {item: i for i, item in enumerate(self.item_ids)}
             if len(index) < self.num_items:  # a dataset written before its writer refused it: one is never found
-                seen = set()
-                repeated = next(item for item in self.item_ids if item in seen or seen.add(item))
+                repeated = self.item_ids[first_duplicate(pa.array(self.item_ids, type=pa.string()))]
                 source = (self.provenance.get("dataset") or {}).get("path") or self.provenance.get("export", "")
                 raise DataError(f"{source}: the model's items repeat the id {repeated!r} (an id names one item: "
                                 "remake the dataset with prepare or synth)")

@@ -9,10 +9,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from alterrec_dist.common.errors import DataError
+from alterrec_dist.data.layout import first_duplicate
 from alterrec_dist.data.sources.tables import (TEST, TRAIN, VALID, Pairs, Source, append_targets, as_text,
                                                blank_mask, check_unique_ids, counts_to_offsets, decoded_column,
-                                               event_positions, first_duplicate, join_texts, keep_long_sessions,
-                                               nan_mask, raise_at_first, read_table, split_tokens, string_column)
+                                               event_positions, join_texts, keep_long_sessions, nan_mask,
+                                               raise_at_first, read_table, split_tokens, string_column)
 
 
 # -- Amazon-M2 (KDD Cup 2023, task 2) --------------------------------------------------------------

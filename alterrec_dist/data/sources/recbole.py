@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.data.layout import SPLITS
+from alterrec_dist.data.layout import SPLITS, first_duplicate
 from alterrec_dist.data.sources.tables import (Pairs, Source, append_targets, check_unique_ids, event_positions,
-                                               first_duplicate, join_texts, keep_long_sessions, parse_ints,
-                                               raise_at_first, read_table, split_tokens, string_column)
+                                               join_texts, keep_long_sessions, parse_ints, raise_at_first, read_table,
+                                               split_tokens, string_column)
 
 
 # -- RecBole atomic files -----------------------------------------------------------------------------
