@@ -26,7 +26,7 @@ from pathlib import Path
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError, one_line
-from alterrec_dist.common.storage import Location, StorePath
+from alterrec_dist.common.storage import MANIFEST, Location, StorePath
 
 
 def file_sha256(path: str | Location) -> str:
@@ -287,7 +287,7 @@ def read_manifest(directory: str | Location, absent: str, keys: dict[str, type] 
     """DIR/manifest.json as a dict, checked: DataError in one line naming it when it is not there
     (`absent` says what to do), not a JSON object, of another `format_version`, or without one of
     `keys` of its type (`remedy` says what to do)."""
-    path = storage.location(directory) / "manifest.json"
+    path = storage.location(directory) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: {absent}")
     manifest = read_json(path)

@@ -29,6 +29,8 @@ import pyarrow.fs as pafs
 from alterrec_dist.common.errors import DataError, one_line
 
 SCHEMES = ("s3", "gs")
+# The file that commits a directory: written last, removed first, and every reader checks the rest against it.
+MANIFEST = "manifest.json"
 
 
 def is_uri(text: str | Path) -> bool:
@@ -216,7 +218,7 @@ class StorePath:
         if kind == pafs.FileType.File:
             self.unlink(missing_ok=True)
         elif kind == pafs.FileType.Directory:
-            (self / "manifest.json").unlink(missing_ok=True)
+            (self / MANIFEST).unlink(missing_ok=True)
             with self._errors():
                 self.fs.delete_dir(self.key)  # and the empty directory marker pyarrow leaves behind
 
@@ -280,11 +282,11 @@ def copy_file(src: Path | StorePath, dst: Path | StorePath) -> None:
             out.write(block)
 
 
-def copy_tree(src: Path | StorePath, dst: StorePath, last: str = "manifest.json") -> None:
+def copy_tree(src: Path | StorePath, dst: StorePath) -> None:
     """Directory `src` (local, or in a store) into the store at `dst`, replacing what is there: the old
     manifest goes first (readers stop trusting `dst`), then every old object, then the new files, and
-    `last` (the new manifest) after all of them: its arrival is the commit."""
+    the new manifest after all of them: its arrival is the commit."""
     dst.remove_tree()
     names = files_under(src)
-    for name in sorted(names, key=lambda n: n == last):  # `last` after everything else
+    for name in sorted(names, key=lambda n: n == MANIFEST):  # the manifest after everything else
         copy_file(src / name, dst / name)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.files import check_keys, file_sha256, read_json, read_manifest, resolve_location
-from alterrec_dist.common.storage import Location
+from alterrec_dist.common.storage import MANIFEST, Location
 from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, ITEM_SCHEMA, MANIFEST_KEYS, SESSION_SCHEMA, SPLITS,
                                        TEXT_KEYS, data_files, empty_history_rows, item_files)
 
@@ -28,7 +28,7 @@ class Dataset:
 
     def __init__(self, path: str | Location):
         self.path = storage.location(path)
-        self.mpath = self.path / "manifest.json"
+        self.mpath = self.path / MANIFEST
         self.manifest = read_manifest(self.path, "no dataset manifest (make one with `python -m alterrec_dist.prepare` "
                                       "or `synth`)", MANIFEST_KEYS, FORMAT_VERSION, INCOMPLETE)
         self._check_keys()

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import Staged, atomic_write_json, check_out, file_sha256
+from alterrec_dist.common.storage import MANIFEST
 
 
 FORMAT_VERSION = 1
@@ -230,7 +231,7 @@ class DatasetWriter:
             **(extra or {}),
         }
         manifest["sha256"] = {name: file_sha256(self.tmp / name) for name in data_files(manifest)}
-        atomic_write_json(self.tmp / "manifest.json", manifest)
+        atomic_write_json(self.tmp / MANIFEST, manifest)
         return self.staged.commit()  # replacing only with overwrite=True (checked at start)
 
     def abort(self) -> None:

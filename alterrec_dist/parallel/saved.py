@@ -27,7 +27,7 @@ import torch
 from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import Staged, atomic_write_json, file_sha256, read_manifest
-from alterrec_dist.common.storage import Location, StorePath
+from alterrec_dist.common.storage import MANIFEST, Location, StorePath
 
 
 PARTITION = "item i on rank i mod world_size, local row i div world_size"  # `Placement`, as words for the manifest
@@ -96,10 +96,10 @@ def publish(comm, target: Location, own: tuple[str, object], shared: dict[str, o
         files = dict(digests)
         for shared_name, shared_obj in shared.items():
             files[shared_name] = save_file(tmp / shared_name, on_cpu(shared_obj))
-        if model_dir is not None and (model_dir / "manifest.json").is_file():
+        if model_dir is not None and (model_dir / MANIFEST).is_file():
             files |= _link_model(model_dir, tmp / "model")
-        atomic_write_json(tmp / "manifest.json", {**meta, "world_size": comm.world, "partition": PARTITION,
-                                                  "files": dict(sorted(files.items()))})
+        atomic_write_json(tmp / MANIFEST, {**meta, "world_size": comm.world, "partition": PARTITION,
+                                           "files": dict(sorted(files.items()))})
         if staged is not None:
             staged.commit()
     comm.barrier()
@@ -127,7 +127,7 @@ def _link_model(model_dir: Location, dst: Location) -> dict[str, str]:
     digests = saved_manifest(model_dir)["files"]
     link_dir(model_dir, dst)
     return {f"{dst.name}/{n}": d for n, d in digests.items()} | {
-        f"{dst.name}/manifest.json": file_sha256(dst / "manifest.json")}
+        f"{dst.name}/{MANIFEST}": file_sha256(dst / MANIFEST)}
 
 
 # -- the best model ----------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def verify_files(directory: Location, digests: dict[str, str], manifest_path: Lo
 def load_model(model_dir: str | Location) -> tuple[dict, dict, torch.Tensor | None]:
     """(manifest, {name: state_dict}, the full (V, d) ID table or None), checksums verified."""
     model_dir = storage.location(model_dir)
-    manifest_path = model_dir / "manifest.json"
+    manifest_path = model_dir / MANIFEST
     manifest = saved_manifest(model_dir, "no saved model (train a run first; the model is saved at its best epoch)",
                               MODEL_KEYS)
     for key in ("world_size", "num_items"):

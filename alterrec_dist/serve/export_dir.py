@@ -16,7 +16,7 @@ from alterrec_dist.common.errors import ConfigError, DataError, one_line
 from alterrec_dist.common.files import (Staged, atomic_write_json, check_keys, check_out, file_sha256, read_json,
                                         read_manifest, resolve_location)
 from alterrec_dist.common.run_layout import served_paths
-from alterrec_dist.common.storage import Location
+from alterrec_dist.common.storage import MANIFEST, Location
 from alterrec_dist.data.dataset import dataset_files, read_parquet
 from alterrec_dist.eval.evaluate import COMPONENTS
 from alterrec_dist.model.networks import Network
@@ -63,7 +63,7 @@ def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = Fa
             np.save(tmp / "tables" / "id_rows.npy", bundle.x.detach().cpu().numpy())
         np.save(tmp / "tables" / "text_features.npy", bundle.features.cpu().numpy())
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        atomic_write_json(tmp / "manifest.json", {
+        atomic_write_json(tmp / MANIFEST, {
             "format_version": FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "method": bundle.method,
@@ -110,7 +110,7 @@ def export_files(export_dir: str | Location | None) -> list[Location]:
         names = _export_manifest(export_dir)["files"]
     except DataError:
         return [export_dir]
-    return [export_dir / "manifest.json", *(export_dir / name for name in names)]
+    return [export_dir / MANIFEST, *(export_dir / name for name in names)]
 
 
 def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel:
@@ -123,7 +123,7 @@ def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel
     waited for a second each time)."""
     export_dir = resolve_location(export_dir)
     for attempt in range(1, LOAD_ATTEMPTS + 1):
-        if attempt < LOAD_ATTEMPTS and export_dir.is_dir() and not (export_dir / "manifest.json").is_file():
+        if attempt < LOAD_ATTEMPTS and export_dir.is_dir() and not (export_dir / MANIFEST).is_file():
             time.sleep(1.0)  # not an export, or one mid-swap: in a store its manifest is uploaded last
             continue
         manifest = _export_manifest(export_dir)
@@ -144,7 +144,7 @@ def _export_manifest(export_dir: Location) -> dict:
     remedy = "an incomplete export manifest: export again"
     manifest = read_manifest(export_dir, MISSING_MANIFEST,
                              {"files": dict, "scoring": dict, "engine": dict}, FORMAT_VERSION, remedy)
-    where = export_dir / "manifest.json"
+    where = export_dir / MANIFEST
     check_keys(where, manifest["scoring"], {"scales": list, "kinds": list, "weights": list}, remedy, "scoring.")
     check_keys(where, manifest["engine"], {"world_size": int, "tile_rows": int, "eval_batch_size": int, "max_len": int,
                                            "longtail_bins": list}, remedy, "engine.")
@@ -162,14 +162,14 @@ def _served(manifest: dict) -> str:
 def _replaced(export_dir: Location, manifest: dict) -> bool:
     """Whether the export's manifest is no longer `manifest` (gone counts: mid-swap)."""
     try:
-        return read_json(export_dir / "manifest.json") != manifest
+        return read_json(export_dir / MANIFEST) != manifest
     except DataError:
         return True
 
 
 def _load_export_files(export_dir: Location, manifest: dict, verify: bool) -> ScoringModel:
     if verify:
-        verify_files(export_dir, manifest["files"], export_dir / "manifest.json")
+        verify_files(export_dir, manifest["files"], export_dir / MANIFEST)
     method, cfg, networks = load_encoders(export_dir / "encoders.pt")
     items = read_parquet(export_dir / "items.parquet")
     x_path = export_dir / "tables" / "id_rows.npy"

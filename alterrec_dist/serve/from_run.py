@@ -10,7 +10,7 @@ from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import ModelConfig, load_config
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import file_sha256, read_json, resolve_location
-from alterrec_dist.common.storage import Location
+from alterrec_dist.common.storage import MANIFEST, Location
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.eval.evaluate import Scorer, kind_weights, sweep_kind
 from alterrec_dist.model.networks import Network, build_networks
@@ -83,7 +83,7 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
     summary_path = run_dir / run_layout.SUMMARY
     summary = read_json(summary_path) if summary_path.is_file() else None
     # the model's own record of the alpha it was chosen with; a model saved before it kept one: the summary's
-    model_manifest = run_dir / run_layout.MODEL / "manifest.json"
+    model_manifest = run_dir / run_layout.MODEL / MANIFEST
     served = (served_kind(manifest, e.alpha, weights, model_manifest)
               if "alpha" in manifest else served_kind(summary, e.alpha, weights, summary_path))
     provenance = {
@@ -97,7 +97,7 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
         },
         "dataset": {
             "path": str(path.resolve()),
-            "manifest_sha256": file_sha256(path / "manifest.json"),
+            "manifest_sha256": file_sha256(path / MANIFEST),
             "items_sha256": file_sha256(path / "items.parquet"),
             "num_items": data.num_items,
         },

@@ -28,7 +28,7 @@ import torch
 from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import Staged
-from alterrec_dist.common.storage import Location, StorePath
+from alterrec_dist.common.storage import MANIFEST, Location, StorePath
 from alterrec_dist.parallel.saved import link_dir, load_cpu, publish, saved_manifest, verify_files
 from alterrec_dist.parallel.table import Placement
 
@@ -114,7 +114,7 @@ def prune(store: Location, keep: int, pinned: str | None = None) -> None:
     was cut short."""
     # an upload cut short has no manifest (written last): it never counts among the newest, which would
     # leave fewer intact ones than `keep` (a resume with another train.checkpoint_every names other steps)
-    found = [p for p in checkpoints(store) if (p / "manifest.json").is_file()]
+    found = [p for p in checkpoints(store) if (p / MANIFEST).is_file()]
     kept = set(found[-keep:] + [p for p in found if p.name == pinned])
     for p in store.iterdir():
         if p not in kept:
@@ -138,7 +138,7 @@ def intact_manifest(checkpoint: Location, keys: dict[str, type] = LOAD_KEYS) -> 
     """The checkpoint's manifest once it holds `keys` and its every file matches the manifest's sha256 (else
     DataError)."""
     manifest = saved_manifest(checkpoint, keys=keys)
-    verify_files(checkpoint, manifest["files"], checkpoint / "manifest.json")
+    verify_files(checkpoint, manifest["files"], checkpoint / MANIFEST)
     return manifest
 
 
@@ -191,7 +191,7 @@ def load_checkpoint(comm, checkpoint: Location, manifest: dict, networks: dict, 
     dropout the continuation differs from an uninterrupted run (without dropout it is the same)."""
     old = manifest["world_size"]
     if manifest["num_items"] != table.num_items:
-        raise DataError(f"{checkpoint / 'manifest.json'}: {manifest['num_items']} items, the dataset has "
+        raise DataError(f"{checkpoint / MANIFEST}: {manifest['num_items']} items, the dataset has "
                         f"{table.num_items}")
     states = load_cpu(checkpoint / "networks.pt")
     for name, net in networks.items():
