@@ -16,8 +16,8 @@ from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.files import check_keys, file_sha256, read_json, read_manifest, resolve_location
 from alterrec_dist.common.storage import MANIFEST, Location
-from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, ITEM_SCHEMA, MANIFEST_KEYS, SESSION_SCHEMA, SPLITS,
-                                       TEXT_KEYS, data_files, empty_history_rows, item_files)
+from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, ITEM_SCHEMA, ITEMS, MANIFEST_KEYS, SESSION_SCHEMA,
+                                       SPLITS, TEXT_KEYS, data_files, empty_history_rows, item_files)
 
 
 class Dataset:
@@ -81,7 +81,7 @@ class Dataset:
         return self._item_id_column().to_pylist()
 
     def _item_id_column(self) -> pa.Array:
-        return read_parquet(self.path / "items.parquet", columns=["item_id"])["item_id"].combine_chunks()
+        return read_parquet(self.items_path, columns=["item_id"])["item_id"].combine_chunks()
 
     def unlike(self, record: Location, items_only: bool = False) -> str | None:
         """How this dataset differs from the `identity()` a run recorded in `record` (RUN/dataset.json), in
@@ -97,7 +97,7 @@ class Dataset:
         was, now = dict(identity["sha256"]), dict(self.file_digests or {})
         names = set(item_files(self.manifest)) if items_only else was.keys() | now.keys()
         if items_only and "item_ids_sha256" in identity:  # the ids, not items.parquet's popularity
-            names = names - {"items.parquet"} | {"item ids"}
+            names = names - {ITEMS} | {"item ids"}
             was["item ids"], now["item ids"] = identity["item_ids_sha256"], self.item_ids_sha256()
         differ = sorted(name for name in names if was.get(name) != now.get(name))
         if differ:
@@ -157,7 +157,7 @@ class Dataset:
         """What a checksum cannot tell (it signs whatever the writer wrote): every item has an id and no id
         is there twice (serving maps an id to one row), and every text feature is finite (one NaN row makes
         every score NaN, training's loss included)."""
-        path = self.path / "items.parquet"
+        path = self.items_path
         ids = self._item_id_column()
         if ids.null_count:
             row = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
@@ -191,7 +191,7 @@ class Dataset:
             raise DataError(f"{path}: not a readable Parquet file (truncated?) ({one_line(e)})") from None
 
     def _check_items_parquet(self) -> None:
-        path = self._file("items.parquet")
+        path = self._file(ITEMS)
         meta = self._parquet_metadata(path)
         if meta.num_rows != self.num_items:
             raise DataError(f"{path}: {meta.num_rows:,} rows, the manifest says {self.num_items:,} items")
@@ -277,11 +277,15 @@ class Dataset:
         """The whole split as one table (tests and small data; training streams with reader.py)."""
         return pa.concat_tables(read_parquet(f, schema=SESSION_SCHEMA) for f in self.session_files(split))
 
+    @property
+    def items_path(self) -> Location:
+        return self.path / ITEMS
+
     def items(self) -> pa.Table:
-        return read_parquet(self.path / "items.parquet")
+        return read_parquet(self.items_path)
 
     def popularity(self) -> np.ndarray:
-        return read_parquet(self.path / "items.parquet", columns=["popularity"])["popularity"].to_numpy()
+        return read_parquet(self.items_path, columns=["popularity"])["popularity"].to_numpy()
 
     def has_text(self) -> np.ndarray:
         return storage.load_npy(self.path / self.manifest["text"]["has_text"])

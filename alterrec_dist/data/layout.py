@@ -28,6 +28,7 @@ from alterrec_dist.common.storage import MANIFEST
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
+ITEMS = "items.parquet"  # OUT/items.parquet, above
 SESSION_SCHEMA = pa.schema(
     [
         ("history", pa.list_(pa.int32())),
@@ -211,7 +212,7 @@ class DatasetWriter:
             [pa.array(np.arange(V, dtype=np.int32)), self._item_ids, self._item_text, pa.array(popularity)],
             schema=ITEM_SCHEMA,
         )
-        pq.write_table(items, self.tmp / "items.parquet")
+        pq.write_table(items, self.tmp / ITEMS)
         manifest = {
             "format_version": FORMAT_VERSION,
             "num_items": V,
@@ -250,7 +251,7 @@ def item_files(manifest: dict) -> list[str]:
     """The item side of a dataset (items table, text features), relative to its directory: what a trained
     model's item rows belong to, whatever sessions it is given."""
     text = manifest["text"]
-    return ["items.parquet", text["has_text"]] + [p["file"] for p in text["files"]]
+    return [ITEMS, text["has_text"]] + [p["file"] for p in text["files"]]
 
 
 def empty_history_rows(history: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -147,13 +147,18 @@ def count_above_target(comm: Comm, scorer: Scorer, queries: list[torch.Tensor], 
     target_parts = torch.where(owned[:, None], component_scores(queries, scorer.matrices, scorer.scales, row), 0.0)
     target_parts = comm.all_reduce(target_parts)  # (G, C): only the owner contributed
     target_keys = comm.all_reduce(torch.where(owned[:, None], scorer.keys[row], 0))
-    tiles = [(s, min(s + tile_rows, len(ids))) for s in range(0, len(ids), tile_rows)]
-    counts = rank_tiles(queries, scorer.matrices, scorer.scales, scorer.weights, tiles, ids,
+    counts = rank_tiles(queries, scorer.matrices, scorer.scales, scorer.weights, tiles(len(ids), tile_rows), ids,
                         target, kind_scores(target_parts, scorer.weights), keys=scorer.keys, target_keys=target_keys)
     return comm.all_reduce(counts)
 
 
 # -- the ranking loop, shared with serving (`serve`'s exact scoring runs it over every shard) --------------
+
+def tiles(n: int, tile_rows: int, offset: int = 0) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of at most `tile_rows` over rows offset .. offset + n: one shard's tiles, the
+    order `rank_tiles` adds them in (training's evaluation and serving must cut them alike to agree exactly)."""
+    return [(offset + s, offset + min(s + tile_rows, n)) for s in range(0, n, tile_rows)]
+
 
 def component_scores(queries: list[torch.Tensor], matrices: list[torch.Tensor], scales: list[float],
                      rows: torch.Tensor) -> torch.Tensor:

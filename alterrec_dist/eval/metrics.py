@@ -1,7 +1,8 @@
 """From target ranks to ranking metrics, overall and per long-tail group.
 
-Ranks start at 1. Metrics are kept as sums (not means) so batches and ranks can be added up:
-a sharded evaluator adds each batch here and all-reduces `MetricSums.sums` (SUM) once at the end.
+Ranks start at 1. Metrics are kept as sums (not means) so batches can be added up. A sharded evaluator
+(eval/evaluate.py) all-reduces each batch's counts of items above the target, so every rank adds the same
+global ranks here and holds the same sums: nothing is reduced at the end.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class MetricSums:
     """Running sums of the metrics, overall (row 0) and per popularity group (rows 1..).
 
     `sums` is a (1 + groups, 1 + len(METRICS)) float64 tensor: column 0 counts sessions, the
-    others sum the metric values. It is the only state, so all-reducing it merges evaluators.
+    others sum the metric values. It is the only state.
     """
 
     def __init__(self, group_labels: list[str] = (), device: torch.device | str = "cpu"):

@@ -1,4 +1,4 @@
-"""The dense part of AlterRec's networks: session encoders, the text MLP, dot-product scores.
+"""The dense part of AlterRec's networks: session encoders, the text adapter, dot or cosine scores.
 
 Item tables are not here. The learnable ID rows X and the frozen text features F live in the
 sharding layer (row-sharded across ranks) and come in as plain row tensors, so this module
@@ -171,10 +171,11 @@ def text_adapter(cfg: ModelConfig, text_dim: int) -> nn.Module:
 
 
 class Network(nn.Module):
-    """One network of AlterRec: item rows from the tables, a session encoder, dot-product scores.
+    """One network of AlterRec: item rows from the tables, a session encoder, dot or cosine scores
+    (`model.id_logits`, `model.text_logits`).
 
-    kind: "id" (rows = X), "text" (rows = MLP(F)), "sum" (NFRec: rows = X + MLP(F)),
-    "concat" (NFRec: rows = [X, MLP(F)], width 2d).
+    kind: "id" (rows = X), "text" (rows = A(F), A the text adapter `model.text_adapter`), "sum" (NFRec:
+    rows = X + A(F)), "concat" (NFRec: rows = [X, A(F)], width 2d).
     """
 
     def __init__(self, kind: str, cfg: ModelConfig, text_dim: int, max_len: int):

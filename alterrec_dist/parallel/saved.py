@@ -34,8 +34,18 @@ PARTITION = "item i on rank i mod world_size, local row i div world_size"  # `Pl
 MODEL_KEYS = {"files": dict, "world_size": int, "num_items": int}  # what loading a model relies on
 
 
-def shard_name(rank: int, world: int) -> str:
-    return f"shard-{rank:05d}-of-{world:05d}.pt"
+NETWORKS = "networks.pt"  # rank 0's file of the dense networks' state_dicts, in a saved model and a checkpoint
+LINKED_MODEL = "model"  # the best model as a checkpoint holds it (`publish`'s model_dir)
+
+
+def rank_file_name(kind: str, rank: int, world: int) -> str:
+    """The file rank `rank` of `world` writes: "shard" in a saved model, "rank" in a checkpoint."""
+    return f"{kind}-{rank:05d}-of-{world:05d}.pt"
+
+
+def network_states(networks: dict) -> dict:
+    """The shared file of every saved directory: {NETWORKS: {name: state_dict}}."""
+    return {NETWORKS: {name: net.state_dict() for name, net in networks.items()}}
 
 
 # -- writing a directory of per-rank files -----------------------------------------------------
@@ -97,7 +107,7 @@ def publish(comm, target: Location, own: tuple[str, object], shared: dict[str, o
         for shared_name, shared_obj in shared.items():
             files[shared_name] = save_file(tmp / shared_name, on_cpu(shared_obj))
         if model_dir is not None and (model_dir / MANIFEST).is_file():
-            files |= _link_model(model_dir, tmp / "model")
+            files |= _link_model(model_dir, tmp / LINKED_MODEL)
         atomic_write_json(tmp / MANIFEST, {**meta, "world_size": comm.world, "partition": PARTITION,
                                            "files": dict(sorted(files.items()))})
         if staged is not None:
@@ -134,9 +144,8 @@ def _link_model(model_dir: Location, dst: Location) -> dict[str, str]:
 
 def save_model(comm, networks: dict, table, model_dir: Location, meta: dict) -> None:
     """Every rank writes its ID rows; rank 0 the networks and the manifest, then swaps the directory in."""
-    publish(comm, model_dir, (shard_name(comm.rank, comm.world), {"items": table.global_ids, "x": table.x}),
-            {"networks.pt": {name: net.state_dict() for name, net in networks.items()}},
-            {**meta, "num_items": table.num_items})
+    own = (rank_file_name("shard", comm.rank, comm.world), {"items": table.global_ids, "x": table.x})
+    publish(comm, model_dir, own, network_states(networks), {**meta, "num_items": table.num_items})
 
 
 def verify_files(directory: Location, digests: dict[str, str], manifest_path: Location) -> None:
@@ -157,11 +166,11 @@ def load_model(model_dir: str | Location) -> tuple[dict, dict, torch.Tensor | No
         if manifest[key] < 1:
             raise DataError(f"{manifest_path}: {key} must be >= 1, got {manifest[key]}")
     verify_files(model_dir, manifest["files"], manifest_path)
-    states = load_cpu(model_dir / "networks.pt")
+    states = load_cpu(model_dir / NETWORKS)
     W, V = manifest["world_size"], manifest["num_items"]
     x = None
     for rank in range(W):
-        shard = load_cpu(model_dir / shard_name(rank, W))
+        shard = load_cpu(model_dir / rank_file_name("shard", rank, W))
         if shard["x"] is not None:
             if x is None:
                 x = torch.empty(V, shard["x"].shape[1], dtype=shard["x"].dtype, device="cpu")

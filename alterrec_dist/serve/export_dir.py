@@ -26,6 +26,12 @@ from alterrec_dist.serve.scoring_model import ScoringModel
 
 
 FORMAT_VERSION = 1
+# The files of an export (export.py's docstring says what each holds), written by `write_export`, read by `load_export`.
+ITEMS = "items.parquet"
+ENCODERS = "encoders.pt"
+TABLES = "tables"
+ID_ROWS = f"{TABLES}/id_rows.npy"
+TEXT_FEATURES = f"{TABLES}/text_features.npy"
 
 
 # -- writing and reading an export ----------------------------------------------------------------
@@ -43,7 +49,7 @@ def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = Fa
                                      *export_files(prov.get("export"))])
     with Staged(out) as staged:
         tmp = staged.tmp
-        staged.make_dirs("tables")
+        staged.make_dirs(TABLES)
         V = bundle.num_items
         fused = bundle.fused_vectors()
         table = pa.table({
@@ -55,13 +61,13 @@ def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = Fa
             "text_vec": _vectors(bundle.matrices[1]),
             "fused_vec": _vectors(fused),
         })
-        pq.write_table(table, tmp / "items.parquet")
+        pq.write_table(table, tmp / ITEMS)
         torch.save({"method": bundle.method, "model": dataclasses.asdict(bundle.model_cfg),
                     "text_dim": int(bundle.features.shape[1]), "max_len": bundle.max_len,
-                    "states": on_cpu({k: n.state_dict() for k, n in bundle.networks.items()})}, tmp / "encoders.pt")
+                    "states": on_cpu({k: n.state_dict() for k, n in bundle.networks.items()})}, tmp / ENCODERS)
         if bundle.x is not None:
-            np.save(tmp / "tables" / "id_rows.npy", bundle.x.detach().cpu().numpy())
-        np.save(tmp / "tables" / "text_features.npy", bundle.features.cpu().numpy())
+            np.save(tmp / ID_ROWS, bundle.x.detach().cpu().numpy())
+        np.save(tmp / TEXT_FEATURES, bundle.features.cpu().numpy())
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         atomic_write_json(tmp / MANIFEST, {
             "format_version": FORMAT_VERSION,
@@ -113,7 +119,7 @@ def export_files(export_dir: str | Location | None) -> list[Location]:
     return [export_dir / MANIFEST, *(export_dir / name for name in names)]
 
 
-def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel:
+def load_export(export_dir: str | Location) -> ScoringModel:
     """An export directory, local or in a store -> ScoringModel (checksums verified).
 
     `export --overwrite` may replace the directory while a server loads it (two renames locally, objects one by
@@ -128,7 +134,7 @@ def load_export(export_dir: str | Location, verify: bool = True) -> ScoringModel
             continue
         manifest = _export_manifest(export_dir)
         try:
-            model = _load_export_files(export_dir, manifest, verify)
+            model = _load_export_files(export_dir, manifest)
         except (DataError, OSError) as e:
             if attempt < LOAD_ATTEMPTS and _replaced(export_dir, manifest):
                 continue
@@ -167,14 +173,13 @@ def _replaced(export_dir: Location, manifest: dict) -> bool:
         return True
 
 
-def _load_export_files(export_dir: Location, manifest: dict, verify: bool) -> ScoringModel:
-    if verify:
-        verify_files(export_dir, manifest["files"], export_dir / MANIFEST)
-    method, cfg, networks = load_encoders(export_dir / "encoders.pt")
-    items = read_parquet(export_dir / "items.parquet")
-    x_path = export_dir / "tables" / "id_rows.npy"
+def _load_export_files(export_dir: Location, manifest: dict) -> ScoringModel:
+    verify_files(export_dir, manifest["files"], export_dir / MANIFEST)
+    method, cfg, networks = load_encoders(export_dir / ENCODERS)
+    items = read_parquet(export_dir / ITEMS)
+    x_path = export_dir / ID_ROWS
     x = torch.from_numpy(storage.load_npy(x_path)).to("cpu") if x_path.is_file() else None
-    features = torch.from_numpy(storage.load_npy(export_dir / "tables" / "text_features.npy")).to("cpu")
+    features = torch.from_numpy(storage.load_npy(export_dir / TEXT_FEATURES)).to("cpu")
     s, eng = manifest["scoring"], manifest["engine"]
     return ScoringModel(method, cfg, networks, x, features, [_column(items, "id_vec"), _column(items, "text_vec")],
                   [float(v) for v in s["scales"]], {k: [float(w) for w in v] for k, v in zip(s["kinds"], s["weights"])},

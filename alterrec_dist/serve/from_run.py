@@ -39,7 +39,7 @@ def _scorer_spec(networks: dict[str, Network], x, features, world: int, tile_row
 def _item_table(data: Dataset) -> tuple[list[str], list[str | None], np.ndarray]:
     items = data.items()
     if items["item_idx"].to_numpy().tolist() != list(range(data.num_items)):
-        raise DataError(f"{data.path / 'items.parquet'}: item_idx is not 0..V-1 in order")
+        raise DataError(f"{data.items_path}: item_idx is not 0..V-1 in order")
     return items["item_id"].to_pylist(), items["text"].to_pylist(), items["popularity"].to_numpy()
 
 
@@ -98,7 +98,7 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
         "dataset": {
             "path": str(path.resolve()),
             "manifest_sha256": file_sha256(path / MANIFEST),
-            "items_sha256": file_sha256(path / "items.parquet"),
+            "items_sha256": file_sha256(data.items_path),
             "num_items": data.num_items,
         },
     }

@@ -13,7 +13,7 @@ from alterrec_dist.common.config import ModelConfig
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.device import tile_rows as device_tile_rows
 from alterrec_dist.data.layout import first_duplicate
-from alterrec_dist.eval.evaluate import component_scores, kind_scores, rank_tiles, row_keys
+from alterrec_dist.eval.evaluate import component_scores, kind_scores, rank_tiles, row_keys, tiles
 from alterrec_dist.model.networks import Network
 from alterrec_dist.parallel.table import Placement
 
@@ -116,7 +116,7 @@ class Scoring:
         start = 0
         for r in range(W):
             n = len(placement.ids_of(r, V))
-            self.tiles += [(start + s, start + min(s + tile, n)) for s in range(0, n, tile)]
+            self.tiles += tiles(n, tile, offset=start)
             start += n
 
     @torch.no_grad()

@@ -29,17 +29,14 @@ from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import Staged
 from alterrec_dist.common.storage import MANIFEST, Location, StorePath
-from alterrec_dist.parallel.saved import link_dir, load_cpu, publish, saved_manifest, verify_files
+from alterrec_dist.parallel.saved import (LINKED_MODEL, NETWORKS, link_dir, load_cpu, network_states, publish,
+                                         rank_file_name, saved_manifest, verify_files)
 from alterrec_dist.parallel.table import Placement
 
 
 KEEP = 2  # training checkpoints kept: the newest, and one to fall back on if it turns out damaged
 CHECKPOINT_NAME = re.compile(r"e\d{5}-s\d{7}")
 T = TypeVar("T")
-
-
-def rank_file(rank: int, world: int) -> str:
-    return f"rank-{rank:05d}-of-{world:05d}.pt"
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
@@ -49,7 +46,7 @@ def checkpoint_name(epoch: int, step: int) -> str:
 def restore_model(checkpoint: Location | None, model_dir: Location) -> None:
     """Make `model_dir` the best model that `checkpoint` recorded, or remove it if there was none yet:
     a model saved after the checkpoint belongs to training that is being redone."""
-    src = checkpoint / "model" if checkpoint is not None else None
+    src = checkpoint / LINKED_MODEL if checkpoint is not None else None
     if src is None or not src.is_dir():
         storage.remove_tree(model_dir)
         return
@@ -67,8 +64,8 @@ def save_checkpoint(comm, store: Location, name: str, networks: dict, table, ste
     """Write checkpoint `name` into `store` (collective), then keep only the newest KEEP there and the
     one named `pinned`. Returns its directory."""
     target = store / name
-    publish(comm, target, (rank_file(comm.rank, comm.world), _rank_state(table, steppers)),
-            {"networks.pt": {n: net.state_dict() for n, net in networks.items()}},
+    publish(comm, target, (rank_file_name("rank", comm.rank, comm.world), _rank_state(table, steppers)),
+            network_states(networks),
             {**meta, "num_items": table.num_items}, model_dir)
     if comm.rank == 0:
         prune(store, KEEP, pinned)
@@ -193,12 +190,12 @@ def load_checkpoint(comm, checkpoint: Location, manifest: dict, networks: dict, 
     if manifest["num_items"] != table.num_items:
         raise DataError(f"{checkpoint / MANIFEST}: {manifest['num_items']} items, the dataset has "
                         f"{table.num_items}")
-    states = load_cpu(checkpoint / "networks.pt")
+    states = load_cpu(checkpoint / NETWORKS)
     for name, net in networks.items():
         net.load_state_dict(states[name])
 
     def shard(r: int) -> dict:  # memory-mapped (locally): only the rows taken from it are read
-        return load_cpu(checkpoint / rank_file(r, old), mmap=True)
+        return load_cpu(checkpoint / rank_file_name("rank", r, old), mmap=True)
 
     holders = {r: shard(r) for r in torch.unique(Placement(old).owner(table.global_ids)).tolist()}
     mine = table.placement.repartition(list(holders.values()), comm.rank)

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from alterrec_dist.common.config import load_config
-from alterrec_dist.training.checkpoint import checkpoint_name, checkpoints, newest_good, rank_file
+from alterrec_dist.parallel.saved import rank_file_name
+from alterrec_dist.training.checkpoint import checkpoint_name, checkpoints, newest_good
 from tests.test_train import tiny_dataset
 
 
@@ -114,7 +115,7 @@ def test_resume_at_another_world_size(uninterrupted, tmp_path, old, new):
 def test_damaged_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted[1], run)
-    damaged = run / "checkpoints" / LAST / rank_file(0, 1)
+    damaged = run / "checkpoints" / LAST / rank_file_name("rank", 0, 1)
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # truncated
     r = torchrun(1, ["--resume", str(run)], tmp_path)
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
@@ -130,7 +131,7 @@ def test_no_intact_checkpoint_is_a_one_line_error(uninterrupted, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted[2], run)
     (run / "checkpoints" / LAST / "networks.pt").write_bytes(b"not a checkpoint")
-    flipped = run / "checkpoints" / MID / rank_file(1, 2)
+    flipped = run / "checkpoints" / MID / rank_file_name("rank", 1, 2)
     data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 0xFF
     flipped.write_bytes(bytes(data))

@@ -7,8 +7,8 @@ import torch
 from alterrec_dist.common.config import load_config
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.parallel.comm import Comm
-from alterrec_dist.parallel.saved import load_model, save_model, shard_name
-from alterrec_dist.training.checkpoint import checkpoint_name, rank_file, save_checkpoint
+from alterrec_dist.parallel.saved import load_model, rank_file_name, save_model
+from alterrec_dist.training.checkpoint import checkpoint_name, save_checkpoint
 from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch, undo_phase
 from alterrec_dist.training.schedule import plan
 from tests.dist_harness import run_world
@@ -37,14 +37,15 @@ def test_saved_shards_reassemble_the_table(tmp_path, world):
     full, states = results[0]
     manifest, loaded_states, x = load_model(tmp_path / "model")
     assert manifest["world_size"] == world and manifest["epoch"] == 1 and manifest["num_items"] == V
-    assert sorted(manifest["files"]) == sorted(["networks.pt"] + [shard_name(r, world) for r in range(world)])
+    shards = [rank_file_name("shard", r, world) for r in range(world)]
+    assert sorted(manifest["files"]) == sorted(["networks.pt", *shards])
     assert torch.equal(x, full)
     for name, state in states.items():
         for key, value in state.items():
             assert torch.equal(loaded_states[name][key], value), (name, key)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp directory left behind
 
-    shard = tmp_path / "model" / shard_name(0, world)
+    shard = tmp_path / "model" / rank_file_name("shard", 0, world)
     shard.write_bytes(shard.read_bytes()[:-10])  # truncated
     with pytest.raises(DataError, match=shard.name):
         load_model(tmp_path / "model")
@@ -90,7 +91,7 @@ def train_then_undo(rank, world, data_path, store, damage):
     phase = plan(cfg.train.method, 1, 1, 2)[0]
     train_epoch(run, phase, frozen_item_rows(run, phase))
     assert not torch.equal(run.table.x, rows)
-    shard = Path(store) / checkpoint_name(1, 0) / rank_file(1, world)
+    shard = Path(store) / checkpoint_name(1, 0) / rank_file_name("rank", 1, world)
     if damage and rank == 0:
         shard.write_bytes(shard.read_bytes()[:-10])
     run.comm.barrier()
@@ -106,7 +107,7 @@ def test_undoing_a_phase_restores_its_start_and_refuses_a_damaged_checkpoint(tmp
     assert run_world(train_then_undo, 2, str(data), str(tmp_path / "good"), False) == [(True, None)] * 2
     results = run_world(train_then_undo, 2, str(data), str(tmp_path / "bad"), True)
     assert [rows for rows, _ in results] == [None, None]  # every rank refuses, none is left in a collective
-    shard = tmp_path / "bad" / checkpoint_name(1, 0) / rank_file(1, 2)
+    shard = tmp_path / "bad" / checkpoint_name(1, 0) / rank_file_name("rank", 1, 2)
     assert all(error == f"{shard}: missing or corrupt (sha256 does not match {shard.parent / 'manifest.json'})"
                for _, error in results)
 

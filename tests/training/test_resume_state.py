@@ -13,9 +13,10 @@ import torch
 
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import atomic_write_json, file_sha256
+from alterrec_dist.parallel.saved import rank_file_name
 from alterrec_dist.parallel.table import Placement
 from alterrec_dist.train import build_parser, load_run_config
-from alterrec_dist.training.checkpoint import (KEEP, checkpoint_name, join_row_state, newest_good, prune, rank_file,
+from alterrec_dist.training.checkpoint import (KEEP, checkpoint_name, join_row_state, newest_good, prune,
                                                split_row_state)
 from alterrec_dist.training.schedule import phase_index, plan
 
@@ -70,7 +71,7 @@ def fake_checkpoint(store: Path, epoch: int, step: int) -> Path:
     path = store / checkpoint_name(epoch, step)
     path.mkdir(parents=True)
     files = {}
-    for name in (rank_file(0, 1), "networks.pt"):
+    for name in (rank_file_name("rank", 0, 1), "networks.pt"):
         (path / name).write_bytes(os.urandom(64))
         files[name] = file_sha256(path / name)
     atomic_write_json(path / "manifest.json", {"epoch": epoch, "step": step, "files": files, "world_size": 1,
@@ -85,7 +86,7 @@ def test_newest_good_checkpoint_and_fallback(tmp_path, capsys):
     (store / ".e00002-s0000000.tmp").mkdir()  # a save that was killed: never a candidate
     assert newest_good(store)[0] == new and capsys.readouterr().err == ""
 
-    damaged = new / rank_file(0, 1)
+    damaged = new / rank_file_name("rank", 0, 1)
     damaged.write_bytes(damaged.read_bytes()[:-1])  # truncated
     found, manifest = newest_good(store)
     assert found == old and manifest["step"] == 4
