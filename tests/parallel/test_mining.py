@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from alterrec_dist.parallel import mining
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.mining import (CountPacker, exclude_items, from_ordered, key_ids, local_candidates,
                                            mine_band, ordered, random_band, score_keys, top_items)
@@ -31,7 +32,9 @@ def problem(seed: int, G=6, V=37, d=4, ties=True):
     return q, items, target
 
 
-def mine_on_shard(rank, world, seed, k1, k2, merge, p, ties, tile_rows=5):
+def mine_on_shard(rank, world, seed, k1, k2, merge, p, ties, tile_rows=5, packed=True):
+    if not packed:  # the GPU's way (`packs_left`), here on the CPU: every column visited, none packed
+        mining.packs_left = lambda t: False
     q, items, target = problem(seed, ties=ties)
     comm = Comm()
     ids = torch.arange(rank, len(items), world)
@@ -46,13 +49,14 @@ def mine_on_shard(rank, world, seed, k1, k2, merge, p, ties, tile_rows=5):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("merge", ["threshold", "allgather"])
-@pytest.mark.parametrize("k1, k2, tile_rows", [(4, 20, 5), (2, 8, 5), (2, 8, 64), (4, 37, 5)])
-def test_band_equals_brute_force_with_ties_and_short_shards(world, merge, k1, k2, tile_rows):
+@pytest.mark.parametrize("k1, k2, tile_rows, packed", [(4, 20, 5, True), (2, 8, 5, True), (2, 8, 64, True),
+                                                       (4, 37, 5, True), (4, 20, 5, False), (2, 8, 5, False)])
+def test_band_equals_brute_force_with_ties_and_short_shards(world, merge, k1, k2, tile_rows, packed):
     """k2=20 exceeds a shard's 12-19 rows at W=2,3; k2=8 cuts every shard's list inside tie groups,
     merging tiles of 5 rows or selecting from one tile; k2=37 is the whole catalog (no rank k2: the
-    band runs to the bottom)."""
+    band runs to the bottom). Unpacked (packed=False) is the path a GPU takes: it must choose the same."""
     seed, p = 3, 2
-    results = run_world(mine_on_shard, world, seed, k1, k2, merge, p, True, tile_rows)
+    results = run_world(mine_on_shard, world, seed, k1, k2, merge, p, True, tile_rows, packed)
     q, items, target = problem(seed)
     scores = q @ items.T
     assert len(set(scores.flatten().tolist())) < scores.numel() / 3, "the case must contain ties"
