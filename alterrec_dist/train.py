@@ -28,8 +28,8 @@ from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, check_resumable, load_config
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import resolve_location
+from alterrec_dist.common.methods import sweep_kind
 from alterrec_dist.common.storage import Location
-from alterrec_dist.eval.evaluate import sweep_kind
 from alterrec_dist.training.launch import (TrainingError, adopt_torchrun_world, check_ray_train_v2, launch_ray,
                                            launch_torchrun)
 from alterrec_dist.training.metric_sinks import check_mlflow

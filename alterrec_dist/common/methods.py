@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 ALTERNATE = "alternate"  # `Method.schedule`: Algorithm 1 (random warm-up per network, then alternate)
 PAIR = {"id": "id", "text": "text"}  # AlterRec's two networks: name -> Network kind
+SWEEP_PREFIX = "fused@"  # `sweep_kind`
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,21 @@ def method(name: str) -> Method:
 def selection_part(name: str, metric_part: str) -> str:
     """The score part `name` is judged on: its own network's for a lone network, else eval.metric's part."""
     return method(name).judged_on or metric_part
+
+
+def sweep_kind(alpha: float) -> str:
+    """The score kind of the fused score at one `eval.alpha_sweep` value: "fused@<alpha>"."""
+    return f"{SWEEP_PREFIX}{alpha:g}"
+
+
+def sweep_alpha(kind: str) -> float | None:
+    """The alpha of a `sweep_kind`; None for any other kind."""
+    return float(kind[len(SWEEP_PREFIX):]) if kind.startswith(SWEEP_PREFIX) else None
+
+
+def selection_name(part: str, metric: str) -> str:
+    """("fused", "ndcg@10") -> "fused/ndcg@10": eval.metric's form (`score_and_metric` reads it back)."""
+    return f"{part}/{metric}"
 
 
 def score_and_metric(selection: str) -> tuple[str, str]:

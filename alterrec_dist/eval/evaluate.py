@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from alterrec_dist.common.device import tile_rows as resolve_tile_rows
-from alterrec_dist.common.methods import method
+from alterrec_dist.common.methods import method, sweep_kind
 from alterrec_dist.data.reader import Batch
 from alterrec_dist.eval.metrics import MetricSums, popularity_groups
 from alterrec_dist.model.networks import Network
@@ -92,11 +92,6 @@ def kind_weights(method_name: str, alpha: float, alpha_sweep: tuple[float, ...] 
     if m.fused:
         return {**parts, "fused": [1.0, 1.0]}
     return {**parts, "fused": [alpha, 1 - alpha], **{sweep_kind(a): [a, 1 - a] for a in alpha_sweep}}
-
-
-def sweep_kind(alpha: float) -> str:
-    """The kind of the fused score at one `eval.alpha_sweep` value."""
-    return f"fused@{alpha:g}"
 
 
 @torch.no_grad()

@@ -22,14 +22,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from alterrec_dist.common import run_layout  # noqa: E402
-from alterrec_dist.common.config import PROJECT_ROOT, read_toml, shown  # noqa: E402
+from alterrec_dist.common.config import METRICS, PROJECT_ROOT, SCORE_PARTS, read_toml, shown  # noqa: E402
 from alterrec_dist.common.errors import DataError  # noqa: E402
 from alterrec_dist.common.files import atomic_write_bytes, read_json  # noqa: E402
-from alterrec_dist.common.methods import METHODS, selection_part  # noqa: E402
+from alterrec_dist.common.methods import METHODS, selection_part, sweep_alpha, sweep_kind  # noqa: E402
 from alterrec_dist.grid.runner import as_toml, shown_command  # noqa: E402
 from alterrec_dist.grid.selection import candidates, choose, combined_label, round_progress  # noqa: E402
 
-TABLE_METRICS = ("hit@10", "hit@20", "ndcg@10", "ndcg@20")
+TABLE_METRICS = METRICS[:4]  # the paper's Table 1: Hits and NDCG at 10 and 20
+HEADLINE_METRICS = ("hit@10", "ndcg@10")  # the issue's targets, the plots' metrics
 TARGET_GAIN = 0.05
 
 
@@ -202,7 +203,7 @@ def gains(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors:
     kind = headline_kind("alterrec", methods["alterrec"])
     lines = [f"| AlterRec ({kind}) vs | its Hits@10 | its NDCG@10 | AlterRec Hits@10 | AlterRec NDCG@10 "
              "| ≥ +5 % on both? |", "|---|---|---|---|---|---|"]
-    ours = {m: mean_std([r["test"][kind][m] for r in methods["alterrec"]])[0] for m in ("hit@10", "ndcg@10")}
+    ours = {m: mean_std([r["test"][kind][m] for r in methods["alterrec"]])[0] for m in HEADLINE_METRICS}
     others = [(f"{method_label(b)} ({headline_kind(b, methods[b])})", methods[b], headline_kind(b, methods[b]))
               for b in ("id_only", "nfrec_sum", "text_only", "alterrec_random") if b in methods]
     others += [(f"{name} (peer)", runs, "peer") for name, runs in peers.items()]
@@ -319,11 +320,11 @@ def longtail_figure(groups, ratios, counts, metric: str, path: Path) -> None:
 
 
 def alpha_curve(runs: list[dict]) -> tuple[list[float], dict]:
-    alphas = sorted(float(k.split("@", 1)[1]) for k in runs[0]["test"] if k.startswith("fused@"))
+    alphas = sorted(a for a in map(sweep_alpha, runs[0]["test"]) if a is not None)
     out = {}
     for split in ("valid", "test"):
-        for m in ("hit@10", "ndcg@10"):
-            out[(split, m)] = [mean_std([r[split][f"fused@{a:g}"][m] for r in runs])[0] for a in alphas]
+        for m in HEADLINE_METRICS:
+            out[(split, m)] = [mean_std([r[split][sweep_kind(a)][m] for r in runs])[0] for a in alphas]
     return alphas, out
 
 
@@ -368,7 +369,7 @@ def switch_row(method: str, setting: str, runs: list[dict]) -> str:
     kind = "peer" if runs[0]["spec"].role == "peer" else own_kind(method)
     return (f"| {method_label(method)} ({kind}) | {setting} | {len(runs)} | "
             + " | ".join(cell([r[split][kind][m] for r in runs])
-                         for split in ("valid", "test") for m in ("hit@10", "ndcg@10"))
+                         for split in ("valid", "test") for m in HEADLINE_METRICS)
             + f" | {best_epochs(runs)} |")
 
 
@@ -441,7 +442,7 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
                   "Validation Hits@20 of NFRec's whole score and of its ID and text parts alone, and the training "
                   "loss of the sum and of each part scored alone (mean over seeds). Final epoch: "
                   + ", ".join(f"{k} {statistics.mean(r['epochs'][-1]['valid'][k]['hit@20'] for r in last):.4f}"
-                              for k in ("id", "text", "fused")) + ".", ""]
+                              for k in SCORE_PARTS) + ".", ""]
     if "alterrec" in methods:
         name = f"{d.name}_alterrec_curves.png"
         training_curves(methods["alterrec"], {"loss": "loss of the network trained that epoch"}, "AlterRec",
@@ -459,13 +460,13 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
                       "|---|" + "---|" * len(groups)]
             lines += [f"| {label} | " + " | ".join(f"{v:.2f}×" for v in vals) + " |" for label, vals in ratios.items()]
             lines.append("")
-    if "alterrec" in methods and any(k.startswith("fused@") for k in methods["alterrec"][0]["test"]):
+    if "alterrec" in methods and any(sweep_alpha(k) is not None for k in methods["alterrec"][0]["test"]):
         alphas, alpha_vals = alpha_curve(methods["alterrec"])
         k2_runs = sorted((r for r in runs if "train.k2" in r["spec"].sweeps and r["spec"].method == "alterrec"),
                          key=lambda r: r["spec"].sweeps["train.k2"])
         k2s = [r["spec"].sweeps["train.k2"] for r in k2_runs]
         k2_vals = {(split, m): [r[split]["fused"][m] for r in k2_runs]
-                   for split in ("valid", "test") for m in ("hit@10", "ndcg@10")}
+                   for split in ("valid", "test") for m in HEADLINE_METRICS}
         name = f"{d.name}_sensitivity.png"
         sensitivity_figure(alphas, alpha_vals, k2s, k2_vals, img / name)
         best_a = alphas[max(range(len(alphas)), key=lambda i: alpha_vals[("valid", "ndcg@10")][i])]

@@ -182,6 +182,7 @@ def load_grid(path: str | Path) -> Grid:
 # How every run of a grid is launched: one worker through the torchrun launcher (W=2 computes the same; see the
 # parity tests). `method_config` checks a run's settings as launched so.
 ONE_WORKER = "trainer.num_workers=1"
+LAUNCHER = "torchrun"  # every run of ours: the world is torchrun's (`train.load_run_config`)
 
 
 def train_command(d: DatasetGrid, method: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
@@ -189,7 +190,7 @@ def train_command(d: DatasetGrid, method: str, seed: int, run_dir: Path, extra: 
     interrupted attempt started goes on from its newest checkpoint."""
     sets = [ONE_WORKER, f"train.method={method}", f"train.seed={seed}", *d.sets, *d.method_sets.get(method, []),
             *extra]
-    cmd = [sys.executable, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--config", d.config]
+    cmd = [sys.executable, "-m", "alterrec_dist.train", "--launcher", LAUNCHER, "--config", d.config]
     for s in sets:
         cmd += ["--set", s]
     return cmd + ["--out", str(run_dir), "--resume", "auto"]
@@ -205,7 +206,7 @@ def settings_differ(spec: RunSpec) -> dict[str, tuple]:
     cmd = spec.command
     sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
     wanted = load_config(PROJECT_ROOT / cmd[cmd.index("--config") + 1],
-                         [*sets, f"trainer.launcher={cmd[cmd.index('--launcher') + 1]}"])
+                         [*sets, f"trainer.launcher={LAUNCHER}"])
     return changed_values(wanted, load_config(spec.run_dir / run_layout.CONFIG))
 
 
@@ -253,7 +254,7 @@ def method_config(d: DatasetGrid, method: str, extra: list[str] = (), launched: 
     runs are launched, which is what checks whether one can start (checked at the default two workers, a global
     batch of 999 was refused)."""
     # last: under torchrun the world is torchrun's, whatever the grid's sets say (`train.load_run_config`)
-    launch = ["trainer.launcher=torchrun", ONE_WORKER] if launched else []
+    launch = [f"trainer.launcher={LAUNCHER}", ONE_WORKER] if launched else []
     return load_config(PROJECT_ROOT / d.config, [f"train.method={method}", *d.sets, *d.method_sets.get(method, []),
                                                  *extra, *launch])
 

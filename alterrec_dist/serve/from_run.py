@@ -10,9 +10,10 @@ from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import ModelConfig, load_config
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import file_sha256, read_json, resolve_location
+from alterrec_dist.common.methods import sweep_kind
 from alterrec_dist.common.storage import MANIFEST, Location
 from alterrec_dist.data.dataset import Dataset
-from alterrec_dist.eval.evaluate import Scorer, kind_weights, sweep_kind
+from alterrec_dist.eval.evaluate import Scorer, kind_weights
 from alterrec_dist.model.networks import Network, build_networks
 from alterrec_dist.parallel.saved import load_model
 from alterrec_dist.parallel.table import Placement

@@ -35,11 +35,11 @@ from alterrec_dist.common.config import Config
 from alterrec_dist.common.device import configure_kernels, worker_device
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json
-from alterrec_dist.common.methods import selection
+from alterrec_dist.common.methods import selection, selection_name, sweep_kind
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.reader import SessionReader
-from alterrec_dist.eval.evaluate import evaluate, item_matrix, kind_weights, sweep_kind
+from alterrec_dist.eval.evaluate import evaluate, item_matrix, kind_weights
 from alterrec_dist.model.networks import Network, build_networks, text_init_rows
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.mining import capped_k2
@@ -219,7 +219,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
             line = {
                 "epoch": phase.epoch, "phase": phase_index(phases, phase.epoch), "network": phase.network,
                 "negatives": phase.negatives, "augmented": phase.augmented, **losses,
-                "valid": {k: {m: v for m, v in valid[k].items() if m != "longtail"} for k in valid},
+                "valid": {k: overall(valid[k]) for k in valid},
                 "sessions_per_s": (len(steps) - resumed_steps) * t.global_batch_size / seconds,  # this attempt's steps
                 "train_seconds": seconds,
             }
@@ -234,7 +234,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
                                  "test": run.evaluate("test", phase.epoch)}
                 # the alpha it serves goes with it: summary.json, which says it too, is gone while a resume runs
                 save_model(comm, run.networks, run.table, run_dir / run_layout.MODEL,
-                           {"epoch": phase.epoch, "method": t.method, "selection": f"{part}/{metric}",
+                           {"epoch": phase.epoch, "method": t.method, "selection": selection_name(part, metric),
                             "valid_score": progress.best["score"], "dataset": str(cfg.resolve_path(cfg.data.path)),
                             "alpha": chosen_alpha(progress.best, cfg.eval.alpha, cfg.eval.alpha_sweep, part, metric)})
             if comm.rank == 0:
@@ -256,9 +256,9 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
         "best_epoch": best["epoch"],
         "epochs_trained": progress.epoch,  # below m_max when train.patience stopped the run
         "stopped_by": stop_reason(progress.epoch, best["epoch"], t.patience, unjudged),
-        "selection": f"{part}/{metric}",
+        "selection": selection_name(part, metric),
         "valid": best["valid"],
-        "test": {k: {m: v for m, v in best["test"][k].items() if m != "longtail"} for k in best["test"]},
+        "test": {k: overall(best["test"][k]) for k in best["test"]},
         "longtail": {k: best["test"][k]["longtail"] for k in best["test"]},
     }
     alpha = chosen_alpha(best, cfg.eval.alpha, cfg.eval.alpha_sweep, part, metric)
@@ -267,6 +267,11 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     if comm.rank == 0:
         atomic_write_json(run_dir / run_layout.SUMMARY, summary)
     return summary
+
+
+def overall(metrics: dict) -> dict:
+    """One score's metrics without their per-popularity-group breakdown ("longtail"), which the summary keeps apart."""
+    return {m: v for m, v in metrics.items() if m != "longtail"}
 
 
 def chosen_alpha(best: dict, alpha: float, sweep: list[float], part: str, metric: str) -> dict | None:
@@ -279,8 +284,8 @@ def chosen_alpha(best: dict, alpha: float, sweep: list[float], part: str, metric
         return None
     chosen = max(kinds, key=lambda a: best["valid"][kinds[a]][metric])  # max keeps the first of equals
     kind = kinds[chosen]
-    return {"chosen": chosen, "selection": f"fused/{metric}", "valid": best["valid"][kind],
-            "test": {m: v for m, v in best["test"][kind].items() if m != "longtail"}}
+    return {"chosen": chosen, "selection": selection_name("fused", metric), "valid": best["valid"][kind],
+            "test": overall(best["test"][kind])}
 
 
 def resume(run: Run, run_dir: Location) -> Progress:
