@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from alterrec_dist.common import storage
+from alterrec_dist.common.batch_split import rank_positions
 from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.layout import gather_ranges
@@ -136,9 +137,8 @@ def to_batch(rows: Rows, valid: np.ndarray) -> Batch:
 
 
 def rank_slice(rank: int, global_batch_size: int, world_size: int) -> np.ndarray:
-    """The positions in a global batch that `rank` keeps: [rank*b, (rank+1)*b), b = global_batch_size // world_size."""
-    b = global_batch_size // world_size
-    return np.arange(rank * b, (rank + 1) * b)
+    """The positions in a global batch that `rank` keeps (`common.batch_split`), as indices."""
+    return np.arange(global_batch_size)[rank_positions(rank, global_batch_size, world_size)]
 
 
 def local_batch(rows: Rows, mine: np.ndarray) -> Batch:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from alterrec_dist.common.batch_split import rank_positions
 from alterrec_dist.common.device import tile_rows as resolve_tile_rows
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.mining import Band
@@ -131,6 +132,5 @@ def _finish(comm: Comm, neg: torch.Tensor, pos: torch.Tensor, pos_owned: torch.T
 
     per_positive = torch.logaddexp(pos, lse_neg[:, None]) - pos  # (G, P)
     per_query = (per_positive * pos_weight).sum(1)
-    b = G // comm.world
-    mine = slice(comm.rank * b, (comm.rank + 1) * b)
+    mine = rank_positions(comm.rank, G, comm.world)
     return per_query[mine].sum() / global_batch, per_query.detach()
