@@ -66,8 +66,9 @@ def rank_metrics(ranks: Tensor) -> dict[str, float]:
     return {k: v for k, v in m.result().items() if k != "n"}
 
 
-def popularity_groups(popularity: np.ndarray, bins: list[int] = (30, 100)) -> tuple[np.ndarray, list[str]]:
-    """Group index per item by its train popularity; bins [30, 100] -> "[0,30]", "(30,100]", "(100,inf)".
+def popularity_groups(popularity: np.ndarray, bins: list[int]) -> tuple[np.ndarray, list[str]]:
+    """Group index per item by its train popularity; bins (eval.longtail_bins) [30, 100] -> "[0,30]", "(30,100]",
+    "(100,inf)".
 
     Upper edges are inclusive, so an item seen exactly 30 times is in "[0,30]".
     """

@@ -290,8 +290,7 @@ def thresholds_by_allgather(comm: Comm, cand: Candidates, k1: int, k2: int, num_
 
 
 def mine_band(comm: Comm, queries: torch.Tensor, item_rows: torch.Tensor, k1: int, k2: int, num_items: int,
-              scale: float = 1.0, merge: str = "threshold", tile_rows: int = 65_536,
-              extra: int = 0) -> tuple[Band, Candidates]:
+              scale: float, merge: str, tile_rows: int, extra: int = 0) -> tuple[Band, Candidates]:
     """The frozen network's ranks k1..k2-1 (0-based) for every query, on this shard.
 
     queries: (G, d) all gathered queries of the frozen network; item_rows: its (V_local, d) rows.

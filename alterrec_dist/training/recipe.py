@@ -251,22 +251,27 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
             # every epoch, not at phase ends only: a lone network's run is one phase of m_max epochs
             checkpoint({k: v for k, v in line.items() if k != "valid"}
                        | {f"valid_{part}_{metric}": valid[part][metric]})
+    stopped_by = stop_reason(progress.epoch, progress.best["epoch"], t.patience, unjudged)
+    summary = run_summary(progress, cfg, part, metric, stopped_by)
+    if comm.rank == 0:
+        atomic_write_json(run_dir / run_layout.SUMMARY, summary)
+    return summary
+
+
+def run_summary(progress: Progress, cfg: Config, part: str, metric: str, stopped_by: str) -> dict:
+    """summary.json: the best epoch's validation and test scores, and the fusion weight chosen at it."""
     best = progress.best
     summary = {
         "best_epoch": best["epoch"],
         "epochs_trained": progress.epoch,  # below m_max when train.patience stopped the run
-        "stopped_by": stop_reason(progress.epoch, best["epoch"], t.patience, unjudged),
+        "stopped_by": stopped_by,
         "selection": selection_name(part, metric),
         "valid": best["valid"],
         "test": {k: overall(best["test"][k]) for k in best["test"]},
         "longtail": {k: best["test"][k]["longtail"] for k in best["test"]},
     }
     alpha = chosen_alpha(best, cfg.eval.alpha, cfg.eval.alpha_sweep, part, metric)
-    if alpha is not None:
-        summary["alpha"] = alpha
-    if comm.rank == 0:
-        atomic_write_json(run_dir / run_layout.SUMMARY, summary)
-    return summary
+    return summary if alpha is None else summary | {"alpha": alpha}
 
 
 def overall(metrics: dict) -> dict:

@@ -38,7 +38,7 @@ def mine_on_shard(rank, world, seed, k1, k2, merge, p, ties, tile_rows=5, packed
     q, items, target = problem(seed, ties=ties)
     comm = Comm()
     ids = torch.arange(rank, len(items), world)
-    band, cand = mine_band(comm, q, items[ids], k1, k2, len(items), merge=merge, tile_rows=tile_rows, extra=p + 1)
+    band, cand = mine_band(comm, q, items[ids], k1, k2, len(items), 1.0, merge, tile_rows, extra=p + 1)
     merge_bytes = dict(comm.bytes)
     aug = top_items(comm, cand, ids, p, target)
     positives = torch.cat([target[:, None], aug], 1)
@@ -104,7 +104,7 @@ def top_items_of_a_tie_on_shard(rank, world, tile_rows):
     q, items = torch.zeros(2, 4), torch.randn(24, 4, generator=torch.Generator().manual_seed(0))
     ids = torch.arange(rank, len(items), world)
     comm = Comm()
-    _, cand = mine_band(comm, q, items[ids], 7, 9, len(items), tile_rows=tile_rows, extra=5)
+    _, cand = mine_band(comm, q, items[ids], 7, 9, len(items), 1.0, "threshold", tile_rows, extra=5)
     return top_items(comm, cand, ids, 4, torch.tensor([23, 2]))
 
 
