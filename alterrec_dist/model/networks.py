@@ -16,7 +16,8 @@ from alterrec_dist.common.config import ModelConfig
 from alterrec_dist.common.methods import method as method_of
 from alterrec_dist.common.seeds import derived_seed
 
-KINDS = ("id", "text", "sum", "concat")
+FUSED_KINDS = ("sum", "concat")  # NFRec: one network over rows fused from both tables
+KINDS = ("id", "text", *FUSED_KINDS)
 POS_INIT_STD = 0.02  # SASRec/BERT scale: positions of unit std would swamp item rows of std 0.02
 MOE_EXPERTS = 8      # UniSRec's MoE adapter default (n_exps)
 
@@ -198,12 +199,16 @@ class Network(nn.Module):
         self.encoder = SessionEncoder(self.out_dim, cfg.encoder, max_len, cfg.layers, cfg.heads, cfg.dropout)
 
     @property
+    def fused(self) -> bool:
+        return self.kind in FUSED_KINDS
+
+    @property
     def uses_id(self) -> bool:
-        return self.kind in ("id", "sum", "concat")
+        return self.kind == "id" or self.fused
 
     @property
     def uses_text(self) -> bool:
-        return self.kind in ("text", "sum", "concat")
+        return self.kind == "text" or self.fused
 
     def _id_part(self, x: Tensor) -> Tensor:
         return self.id_norm(x) if self.id_norm is not None else x
@@ -214,7 +219,7 @@ class Network(nn.Module):
 
     def part_rows(self, x: Tensor | None, f: Tensor | None) -> tuple[Tensor, Tensor]:
         """NFRec only: the (id part, text part) of the item rows, each (n, d)."""
-        assert self.kind in ("sum", "concat"), "part_rows is for the NFRec kinds"
+        assert self.fused, "part_rows is for the NFRec kinds"
         return self._id_part(x), self._text_part(f)
 
     def item_rows(self, x: Tensor | None, f: Tensor | None) -> Tensor:

@@ -64,9 +64,8 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
     pos_rows, owned = table.placement.owned_rows(positives, comm.rank)
     band = exclude_items(bands[0] if len(bands) == 1 else Band.cat(*bands), pos_rows, owned)
 
-    nfrec = trained.kind in ("sum", "concat")
     with compute:
-        if nfrec:  # parts kept: the imbalance diagnostic below scores them without recomputing the MLP
+        if trained.fused:  # parts kept: the imbalance diagnostic below scores them without recomputing the MLP
             parts = [p.float() for p in trained.part_rows(table.x, table.f)]
             rows = trained.join_parts(*parts)
         else:
@@ -82,7 +81,7 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
 
     loss, per_query = loss_of(queries, rows, trained.logit_scale)
     logged = {"loss": per_query.mean()}
-    if nfrec:  # the imbalance diagnostic: y = y_id + y_text, the loss of each part alone
+    if trained.fused:  # the imbalance diagnostic: y = y_id + y_text, the loss of each part alone
         with torch.no_grad():
             q_id, q_text = trained.part_queries(queries)
             for name, qq, rr in (("loss_id", q_id, parts[0]), ("loss_text", q_text, parts[1])):
