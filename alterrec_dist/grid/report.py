@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -383,7 +384,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
+def dataset_runs(d, specs: list) -> tuple[list[dict], dict[str, list[dict]], dict[str, list[dict]], list]:
+    """A dataset's finished runs; its methods' and peers' runs, each the chosen setting's where a choice was
+    made on validation; and those choices."""
     runs = [r for r in (read_run(s) for s in specs if s.dataset == d.name) if r]
     methods: dict[str, list[dict]] = {}
     for m in d.methods:
@@ -399,6 +402,11 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
     for c in choices:  # Table 1 and the figures report each method's and peer's chosen runs
         chosen = [by_dir[s.run_dir] for s in c.runs if s.run_dir in by_dir]
         (methods if c.method in methods else peers)[c.method] = chosen
+    return runs, methods, peers, choices
+
+
+def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
+    runs, methods, peers, choices = dataset_runs(d, specs)
     expected = sum(1 for s in specs if s.dataset == d.name)
     lines += [f"## {d.title}", ""]
     if d.note:
@@ -428,62 +436,17 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
     if g:
         lines += ["Fused AlterRec relative to each of the others (means over seeds; the target is ≥ +5 % over ID "
                   "only and NFRec on both metrics):", ""] + g + [""]
-    img = grid.images
-    rel_img = Path(os.path.relpath(img, grid.report.parent))
     if {"alterrec", "id_only", "text_only"} <= methods.keys():
         lines += ["### Table 2: ablation", ""] + ablation_table(methods) + [""]
+    figures = Figures(grid.images, Path(os.path.relpath(grid.images, grid.report.parent)), d.name)
     if "nfrec_sum" in methods:
-        name = f"{d.name}_nfrec_imbalance.png"
-        training_curves(methods["nfrec_sum"], {"loss": "y = y_id + y_text", "loss_id": "y_id alone",
-                                               "loss_text": "y_text alone"}, "NFRec (sum)", img / name)
-        last = methods["nfrec_sum"]
-        lines += ["### Fig. 3: NFRec's imbalance", "",
-                  f"![NFRec per-epoch]({rel_img / name})", "",
-                  "Validation Hits@20 of NFRec's whole score and of its ID and text parts alone, and the training "
-                  "loss of the sum and of each part scored alone (mean over seeds). Final epoch: "
-                  + ", ".join(f"{k} {statistics.mean(r['epochs'][-1]['valid'][k]['hit@20'] for r in last):.4f}"
-                              for k in SCORE_PARTS) + ".", ""]
+        lines += nfrec_section(methods["nfrec_sum"], figures)
     if "alterrec" in methods:
-        name = f"{d.name}_alterrec_curves.png"
-        training_curves(methods["alterrec"], {"loss": "loss of the network trained that epoch"}, "AlterRec",
-                        img / name)
-        lines += ["### Fig. 5: AlterRec per epoch", "", f"![AlterRec per-epoch]({rel_img / name})", "",
-                  "Validation Hits@20 of the ID, text and fused scores, and the training loss (mean over seeds).", ""]
+        lines += alterrec_curves_section(methods["alterrec"], figures)
     if "id_only" in methods and len(methods) > 1:
-        for metric in ("hit@10",):
-            groups, ratios, counts = longtail(methods, metric)
-            name = f"{d.name}_longtail.png"
-            longtail_figure(groups, ratios, counts, metric, img / name)
-            lines += ["### Fig. 6: long tail", "", f"![long tail]({rel_img / name})", "",
-                      f"Test {metric} per target-popularity group divided by ID only's (mean over seeds):", "",
-                      "| method | " + " | ".join(f"{g} (n={counts[g]})" for g in groups) + " |",
-                      "|---|" + "---|" * len(groups)]
-            lines += [f"| {label} | " + " | ".join(f"{v:.2f}×" for v in vals) + " |" for label, vals in ratios.items()]
-            lines.append("")
+        lines += longtail_section(methods, "hit@10", figures)
     if "alterrec" in methods and any(sweep_alpha(k) is not None for k in methods["alterrec"][0]["test"]):
-        alphas, alpha_vals = alpha_curve(methods["alterrec"])
-        k2_runs = sorted((r for r in runs if "train.k2" in r["spec"].sweeps and r["spec"].method == "alterrec"),
-                         key=lambda r: r["spec"].sweeps["train.k2"])
-        k2s = [r["spec"].sweeps["train.k2"] for r in k2_runs]
-        k2_vals = {(split, m): [r[split]["fused"][m] for r in k2_runs]
-                   for split in ("valid", "test") for m in HEADLINE_METRICS}
-        name = f"{d.name}_sensitivity.png"
-        sensitivity_figure(alphas, alpha_vals, k2s, k2_vals, img / name)
-        best_a = alphas[max(range(len(alphas)), key=lambda i: alpha_vals[("valid", "ndcg@10")][i])]
-        ia = alphas.index(best_a)
-        lines += ["### Fig. 7: sensitivity to alpha and k2", "", f"![sensitivity]({rel_img / name})", "",
-                  "alpha is inference-only in AlterRec, so each alpha is scored on the same checkpoints (AlterRec, "
-                  "all seeds, at the epoch selected with alpha = 0.5). Chosen on validation NDCG@10: "
-                  f"**alpha = {best_a:g}**, test Hits@10 {alpha_vals[('test', 'hit@10')][ia]:.4f}, "
-                  f"NDCG@10 {alpha_vals[('test', 'ndcg@10')][ia]:.4f}.", "",
-                  "| alpha | " + " | ".join(f"{a:g}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]
-        for (split, m), ys in alpha_vals.items():
-            lines.append(f"| {split} {m} | " + " | ".join(f"{y:.4f}" for y in ys) + " |")
-        if k2s:
-            lines += ["", "| k2 | " + " | ".join(str(k) for k in k2s) + " |", "|---|" + "---|" * len(k2s)]
-            for (split, m), ys in k2_vals.items():
-                lines.append(f"| {split} {m} | " + " | ".join(f"{y:.4f}" for y in ys) + " |")
-        lines.append("")
+        lines += sensitivity_section(methods["alterrec"], runs, figures)
     switches = switch_table(runs)
     if switches:
         lines += ["### Switches, one at a time", "",
@@ -495,6 +458,73 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
     for r in runs:
         lines.append(f"| `{shown(r['spec'].run_dir)}` | {best_epochs([r])} | `{r['command']}` |")
     lines.append("")
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Where a dataset's figures go (`path`) and how the report links them (`link`)."""
+    images: Path      # the grid's image directory
+    relative: Path    # the same, relative to the report
+    dataset: str
+
+    def path(self, what: str) -> Path:
+        return self.images / f"{self.dataset}_{what}.png"
+
+    def link(self, what: str, alt: str) -> str:
+        return f"![{alt}]({self.relative / f'{self.dataset}_{what}.png'})"
+
+
+def nfrec_section(runs: list[dict], figures: Figures) -> list[str]:
+    training_curves(runs, {"loss": "y = y_id + y_text", "loss_id": "y_id alone", "loss_text": "y_text alone"},
+                    "NFRec (sum)", figures.path("nfrec_imbalance"))
+    return ["### Fig. 3: NFRec's imbalance", "", figures.link("nfrec_imbalance", "NFRec per-epoch"), "",
+            "Validation Hits@20 of NFRec's whole score and of its ID and text parts alone, and the training "
+            "loss of the sum and of each part scored alone (mean over seeds). Final epoch: "
+            + ", ".join(f"{k} {statistics.mean(r['epochs'][-1]['valid'][k]['hit@20'] for r in runs):.4f}"
+                        for k in SCORE_PARTS) + ".", ""]
+
+
+def alterrec_curves_section(runs: list[dict], figures: Figures) -> list[str]:
+    training_curves(runs, {"loss": "loss of the network trained that epoch"}, "AlterRec",
+                    figures.path("alterrec_curves"))
+    return ["### Fig. 5: AlterRec per epoch", "", figures.link("alterrec_curves", "AlterRec per-epoch"), "",
+            "Validation Hits@20 of the ID, text and fused scores, and the training loss (mean over seeds).", ""]
+
+
+def longtail_section(methods: dict[str, list[dict]], metric: str, figures: Figures) -> list[str]:
+    groups, ratios, counts = longtail(methods, metric)
+    longtail_figure(groups, ratios, counts, metric, figures.path("longtail"))
+    lines = ["### Fig. 6: long tail", "", figures.link("longtail", "long tail"), "",
+             f"Test {metric} per target-popularity group divided by ID only's (mean over seeds):", "",
+             "| method | " + " | ".join(f"{g} (n={counts[g]})" for g in groups) + " |",
+             "|---|" + "---|" * len(groups)]
+    lines += [f"| {label} | " + " | ".join(f"{v:.2f}×" for v in vals) + " |" for label, vals in ratios.items()]
+    return lines + [""]
+
+
+def sensitivity_section(alterrec: list[dict], runs: list[dict], figures: Figures) -> list[str]:
+    alphas, alpha_vals = alpha_curve(alterrec)
+    k2_runs = sorted((r for r in runs if "train.k2" in r["spec"].sweeps and r["spec"].method == "alterrec"),
+                     key=lambda r: r["spec"].sweeps["train.k2"])
+    k2s = [r["spec"].sweeps["train.k2"] for r in k2_runs]
+    k2_vals = {(split, m): [r[split]["fused"][m] for r in k2_runs]
+               for split in ("valid", "test") for m in HEADLINE_METRICS}
+    sensitivity_figure(alphas, alpha_vals, k2s, k2_vals, figures.path("sensitivity"))
+    best_a = alphas[max(range(len(alphas)), key=lambda i: alpha_vals[("valid", "ndcg@10")][i])]
+    ia = alphas.index(best_a)
+    lines = ["### Fig. 7: sensitivity to alpha and k2", "", figures.link("sensitivity", "sensitivity"), "",
+             "alpha is inference-only in AlterRec, so each alpha is scored on the same checkpoints (AlterRec, "
+             "all seeds, at the epoch selected with alpha = 0.5). Chosen on validation NDCG@10: "
+             f"**alpha = {best_a:g}**, test Hits@10 {alpha_vals[('test', 'hit@10')][ia]:.4f}, "
+             f"NDCG@10 {alpha_vals[('test', 'ndcg@10')][ia]:.4f}.", "",
+             "| alpha | " + " | ".join(f"{a:g}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]
+    for (split, m), ys in alpha_vals.items():
+        lines.append(f"| {split} {m} | " + " | ".join(f"{y:.4f}" for y in ys) + " |")
+    if k2s:
+        lines += ["", "| k2 | " + " | ".join(str(k) for k in k2s) + " |", "|---|" + "---|" * len(k2s)]
+        for (split, m), ys in k2_vals.items():
+            lines.append(f"| {split} {m} | " + " | ".join(f"{y:.4f}" for y in ys) + " |")
+    return lines + [""]
 
 
 def write_report(grid, specs: list, grid_file: str) -> None:
