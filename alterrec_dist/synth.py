@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from alterrec_dist.common.cli import run_cli
-from alterrec_dist.data.synth import SBERT_MAX_ITEMS, SESSIONS_PER_SEED, write_synth
+from alterrec_dist.data.synth import BLOCK_SESSIONS, SBERT_MAX_ITEMS, SESSIONS_PER_SEED, TEXT_DIM, write_synth
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,8 +23,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--text-features", choices=("sbert", "random-projection"), default=None,
                    help=f"sbert: encode the titles with all-MiniLM-L6-v2 (default up to {SBERT_MAX_ITEMS:,} items); "
                         "random-projection: topic vectors through a fixed random projection (default above)")
-    p.add_argument("--text-dim", type=int, default=None, help="random-projection feature size (default 384)")
-    p.add_argument("--block-sessions", type=int, default=100_000, help="sessions handed to the writer at a time (memory bound; whole units of "
+    p.add_argument("--text-dim", type=int, default=None, help=f"random-projection feature size (default {TEXT_DIM})")
+    p.add_argument("--block-sessions", type=int, default=BLOCK_SESSIONS, help="sessions handed to the writer at a time (memory bound; whole units of "
                         f"{SESSIONS_PER_SEED}, so the output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true")
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = write_synth(args.out, items=args.items, sessions=args.sessions, seed=args.seed,
-                      text_features=args.text_features, text_dim=args.text_dim or 384,
+                      text_features=args.text_features, text_dim=args.text_dim or TEXT_DIM,
                       overwrite=args.overwrite, block_sessions=args.block_sessions,
                       progress=not args.no_progress,
                       command=["python", "-m", "alterrec_dist.synth", *(sys.argv[1:] if argv is None else argv)])

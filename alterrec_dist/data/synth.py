@@ -69,6 +69,8 @@ TOPIC_DIM = 32             # latent topic vectors behind the random-projection t
 FEATURE_NOISE = 1.0        # norm of the per-item noise next to the unit topic direction
 LINE_FEATURE = 0.7         # norm of the line's direction next to it (same-topic cosine ~0.4, same-line ~0.6)
 SBERT_MAX_ITEMS = 100_000  # above this the default is random-projection: SBERT on CPU is ~1k titles/s
+TEXT_DIM = 384  # random-projection feature size by default: MiniLM's, as the sbert features have
+BLOCK_SESSIONS = 100_000  # sessions handed to the writer at a time by default
 
 SESSIONS_PER_SEED = 4096   # sessions drawn from one RNG; a block is a whole number of these
 ITEMS_PER_SEED = 65_536    # items (titles, feature noise) drawn from one RNG
@@ -311,8 +313,8 @@ def random_projection_features(cat: Catalog, seed: int, dim: int, progress: bool
 
 
 def write_synth(out: str | Path, *, items: int, sessions: int, seed: int = 0,
-                text_features: str = "random-projection", text_dim: int = 384, overwrite: bool = False,
-                block_sessions: int = 100_000, progress: bool = True, command: list[str] | None = None) -> Path:
+                text_features: str = "random-projection", text_dim: int = TEXT_DIM, overwrite: bool = False,
+                block_sessions: int = BLOCK_SESSIONS, progress: bool = True, command: list[str] | None = None) -> Path:
     """Generate and commit a synthetic dataset at `out`; returns the committed path."""
     cat = make_catalog(items, seed)
     with DatasetWriter(out, overwrite=overwrite) as writer:
