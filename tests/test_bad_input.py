@@ -142,12 +142,13 @@ def _resign(ds: Path, f: Path) -> None:
     _edit_json(ds / "manifest.json", lambda m: m["sha256"].update({str(f.relative_to(ds)): file_sha256(f)}))
 
 
-def _nan_text_feature(ds: Path, row: int) -> None:
+def _nan_text_feature(ds: Path, row: int) -> Path:
     f = ds / json.loads((ds / "manifest.json").read_text())["text"]["files"][0]["file"]
     x = np.load(f)
     x[row, 3] = np.nan
     np.save(f, x)
     _resign(ds, f)
+    return ds
 
 
 def train_argv(d: Path, *sets: str, data: Path | None = None, extra=()) -> list[str]:
@@ -343,6 +344,10 @@ CASES = [
             file="sessions/../sessions/test/part-00000.parquet"))))],
      ["{d}/ds/manifest.json: file 'sessions/../sessions/test/part-00000.parquet' is not a path inside the dataset"]),
     ("verify-nan-text-feature", "prepare", lambda d, r: ["verify", str(damaged(d, lambda ds: _nan_text_feature(ds, 7)))],
+     ["{d}/ds/text_features/part-00000.npy: row 8 (item_idx 7): a text feature that is not finite"]),
+    ("recommend-nan-text-feature", "recommend", lambda d, r: [  # a run trained on it before: a traceback here
+        "--run", str(run_copy(d, r, lambda c: (c / "dataset.json").unlink())),
+        "--data", str(_nan_text_feature(_run_dataset_copy(d, r), 7)), "--session", "P0001"],
      ["{d}/ds/text_features/part-00000.npy: row 8 (item_idx 7): a text feature that is not finite"]),
     ("verify-item-without-id", "prepare", lambda d, r: ["verify", str(damaged(
         d, lambda ds: _resigned(ds, ds / "items.parquet", lambda t: t.set_column(

@@ -17,7 +17,8 @@ from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.files import check_keys, file_sha256, read_json, read_manifest, resolve_location
 from alterrec_dist.common.storage import MANIFEST, Location
 from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, ITEM_SCHEMA, ITEMS, MANIFEST_KEYS, SESSION_SCHEMA,
-                                       SPLITS, TEXT_KEYS, data_files, empty_history_rows, item_files)
+                                       SPLITS, TEXT_KEYS, data_files, empty_history_rows, first_non_finite_row,
+                                       item_files)
 
 
 class Dataset:
@@ -167,15 +168,16 @@ class Dataset:
         if len(twice):
             raise DataError(f"{path}: item_id {twice[0].as_py()!r} names more than one item ({len(twice):,} ids do)")
         start = 0
-        for part in self.manifest["text"]["files"]:
-            features = storage.load_npy(self.path / part["file"], mmap=True)
-            for lo in range(0, len(features), 65536):  # a block at a time: memory stays flat at any V
-                bad = np.flatnonzero(~np.isfinite(features[lo:lo + 65536]).all(axis=1))
-                if len(bad):
-                    row = lo + bad[0]
-                    raise DataError(f"{self.path / part['file']}: row {row + 1} (item_idx {start + row}): "
-                                    "a text feature that is not finite (NaN or inf)")
+        for part in self.manifest["text"]["files"]:  # memory-mapped, a block at a time: flat memory at any V
+            bad = first_non_finite_row(storage.load_npy(self.path / part["file"], mmap=True))
+            if bad is not None:
+                raise self._not_finite(part["file"], start, bad)
             start += part["rows"]
+
+    def _not_finite(self, name: str, part_start: int, row: int) -> DataError:
+        """Row `row` of the feature part `name` (item_idx part_start + row) holds a NaN or an infinity."""
+        return DataError(f"{self.path / name}: row {row + 1} (item_idx {part_start + row}): a text feature that is "
+                         "not finite (NaN or inf): make the dataset again")
 
     def _file(self, name: str) -> Location:
         path = self.path / name
@@ -297,16 +299,18 @@ class Dataset:
         store each part is read once, whole, and only the wanted rows kept (memory: one part).
         """
         parts = self.manifest["text"]["files"]
-        if rows is None:
-            return np.concatenate([storage.load_npy(self.path / p["file"]) for p in parts])
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.arange(self.num_items) if rows is None else np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.text_dim), dtype=np.float16)
         start = 0
         for p in parts:
             stop = start + p["rows"]
             sel = np.nonzero((rows >= start) & (rows < stop))[0]
             if len(sel):
-                out[sel] = storage.load_npy(self.path / p["file"], mmap=True)[rows[sel] - start]
+                got = storage.load_npy(self.path / p["file"], mmap=True)[rows[sel] - start]
+                bad = first_non_finite_row(got)  # training and serving read their rows here: refused before use
+                if bad is not None:
+                    raise self._not_finite(p["file"], start, int(rows[sel[bad]]) - start)
+                out[sel] = got
             start = stop
         return out
 

@@ -69,6 +69,17 @@ def first_duplicate(values: pa.Array) -> int | None:
     return int(dups[0]) if len(dups) else None
 
 
+def first_non_finite_row(rows: np.ndarray, block: int = 65_536) -> int | None:
+    """Index of the first row of a 2-D array holding a NaN or an infinity, or None; a block of rows at a time,
+    so memory stays flat whatever the array (a memory map included). One such text feature row makes its
+    item's every score NaN: it would never be ranked, or recommended, and its training loss goes NaN."""
+    for lo in range(0, len(rows), block):
+        bad = np.flatnonzero(~np.isfinite(rows[lo:lo + block]).all(axis=1))
+        if len(bad):
+            return lo + int(bad[0])
+    return None
+
+
 class DatasetWriter:
     """Streams a dataset into a temp directory; `commit` renames it to `out`.
 
@@ -161,9 +172,14 @@ class DatasetWriter:
 
     def add_text_features(self, block: np.ndarray) -> None:
         """Append rows (in item_idx order) of the frozen text features; stored as float16."""
-        block = np.asarray(block, dtype=np.float16)
+        with np.errstate(over="ignore"):  # an overflow is an inf, refused below
+            block = np.asarray(block, dtype=np.float16)
         if block.ndim != 2:
             raise ValueError("text feature block must be 2-D")
+        bad = first_non_finite_row(block)
+        if bad is not None:  # a NaN, or a value past float16's +-65504 (inf once cast)
+            raise DataError(f"text features: item_idx {self._feature_rows + bad}: a value that is not finite as "
+                            "float16 (NaN, inf, or beyond +-65504)")
         if self._text_dim is None:
             self._text_dim = block.shape[1]
         elif block.shape[1] != self._text_dim:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.files import atomic_write_bytes, nearest_existing
+from alterrec_dist.data.layout import first_non_finite_row
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 # Texts per forward pass. On CPU small batches cost less: MiniLM on Scientific titles (length-
@@ -86,12 +87,13 @@ def write_text_features(writer, texts: list[str | None], model: str | None = Non
     row_of_text: dict[str, int] = {}  # distinct text -> its row among the distinct texts
     text_row = np.array([row_of_text.setdefault(t, len(row_of_text)) if h else -1 for t, h in zip(texts, has_text)],
                         dtype=np.int64)
+    dim = _embedding_dim(model_dir)  # from the model's config files: what every cached vector must match
     if row_of_text:
         cache = _EncodingCache(Path(cache_dir) if cache_dir is not None else default_cache_dir(), model_dir)
-        where = _fill_cache(cache, model_dir, list(row_of_text), batch_size, progress, stats, encoder or encode_here)
-    else:  # nothing to encode: the dimension comes from the config, no model load
-        where = _Located(file=np.zeros(0, dtype=np.int64), row=np.zeros(0, dtype=np.int64),
-                         dim=_embedding_dim(model_dir))
+        where = _fill_cache(cache, model_dir, list(row_of_text), dim, batch_size, progress, stats,
+                            encoder or encode_here)
+    else:
+        where = _Located(file=np.zeros(0, dtype=np.int64), row=np.zeros(0, dtype=np.int64), dim=dim)
     for block in where.gather(text_row, writer.feature_rows_per_part):
         writer.add_text_features(block)
         del block  # a whole part, saved by now: free it before the next one is gathered
@@ -107,11 +109,11 @@ def _resolve_model_dir(model: str | None) -> Path:
     return path.resolve()
 
 
-def _fill_cache(cache: "_EncodingCache", model_dir: Path, texts: list[str], batch_size: int, progress: bool,
-                stats: EncodeStats, encoder: Encoder) -> "_Located":
+def _fill_cache(cache: "_EncodingCache", model_dir: Path, texts: list[str], dim: int, batch_size: int,
+                progress: bool, stats: EncodeStats, encoder: Encoder) -> "_Located":
     """Where each of the distinct `texts` is in the cache, once `encoder` has encoded those it lacked."""
     keys = np.frombuffer(b"".join(hashlib.sha256(t.encode()).digest() for t in texts), dtype="V32")
-    where = cache.locate(keys)
+    where = cache.locate(keys, dim)
     missing = np.nonzero(where.file < 0)[0]
     stats.cached, stats.encoded = len(texts) - len(missing), len(missing)
     if not len(missing):
@@ -230,12 +232,14 @@ class _Located:
 
     file: np.ndarray
     row: np.ndarray
+    dim: int  # the model's: the width every file's vectors must have
     files: list[Path] = field(default_factory=list)
-    dim: int | None = None  # the width of the rows; read from the cache when needed
+    sizes: list[int] = field(default_factory=list)  # the rows of each file: its keys'
 
     def add(self, path: Path, texts: np.ndarray) -> None:
         """The texts `texts` are now the rows of the cache file `path`, in order."""
         self.files.append(path)
+        self.sizes.append(len(texts))
         self.file[texts] = len(self.files) - 1
         self.row[texts] = np.arange(len(texts))
 
@@ -247,23 +251,19 @@ class _Located:
             yield self._block(text_row[lo: lo + block_rows])
 
     def _block(self, texts: np.ndarray) -> np.ndarray:
-        block = np.zeros((len(texts), self._dim()), dtype=np.float16)
+        block = np.zeros((len(texts), self.dim), dtype=np.float16)
         items = np.nonzero(texts >= 0)[0]
         files, rows = self.file[texts[items]], self.row[texts[items]]
         by_file = np.argsort(files, kind="stable")
         for group in np.split(by_file, np.nonzero(np.diff(files[by_file]))[0] + 1):
             if not len(group):
                 continue
-            vectors = _EncodingCache.vectors(self.files[files[group[0]]])
+            f = files[group[0]]
+            vectors = _EncodingCache.vectors(self.files[f], (self.sizes[f], self.dim))
             # Copied a cache file's worth at a time: a block-sized temporary would double the block.
             for part in np.array_split(group, -(-len(group) // CACHE_CHUNK_ROWS)):
                 block[items[part]] = vectors[rows[part]]
         return block
-
-    def _dim(self) -> int:
-        if self.dim is None:
-            self.dim = _EncodingCache.vectors(self.files[self.file[0]]).shape[1]
-        return self.dim
 
 
 class _EncodingCache:
@@ -277,9 +277,10 @@ class _EncodingCache:
             raise DataError(f"{root}: the text cache (ALTERREC_CACHE) cannot be a directory: {above} is a file")
         self.dir = root / _model_identity(model_dir)
 
-    def locate(self, keys: np.ndarray) -> _Located:
+    def locate(self, keys: np.ndarray, dim: int) -> _Located:
         """Where each of `keys` is in the cache: one intersection over all cached keys, no vectors read."""
-        where = _Located(file=np.full(len(keys), -1, dtype=np.int64), row=np.zeros(len(keys), dtype=np.int64))
+        where = _Located(file=np.full(len(keys), -1, dtype=np.int64), row=np.zeros(len(keys), dtype=np.int64),
+                         dim=dim)
         chunks = [(path, k) for path in sorted(self.dir.glob("chunk-*.npz")) if (k := self._keys(path)) is not None]
         if not chunks:
             return where
@@ -288,6 +289,7 @@ class _EncodingCache:
         starts = np.cumsum([0] + [len(k) for _, k in chunks])
         flat_row = cached[1][have]  # row in the concatenation of all chunks
         where.files = [path for path, _ in chunks]
+        where.sizes = [len(k) for _, k in chunks]
         where.file[want] = np.searchsorted(starts, flat_row, side="right") - 1
         where.row[want] = flat_row - starts[where.file[want]]
         return where
@@ -303,16 +305,29 @@ class _EncodingCache:
             return None
 
     @staticmethod
-    def vectors(path: Path) -> np.ndarray:
+    def vectors(path: Path, shape: tuple[int, int]) -> np.ndarray:
+        """The float16 vectors of a cache file, which must be `shape` (a row per key, the model's width) and
+        finite. Its keys were read when the cache was searched (a full check then would read every vector of
+        the cache), its vectors not: one that fails here is removed, so that the next run encodes its texts
+        instead of failing again (or writing a dataset of the wrong width, or of NaNs)."""
         try:
             with np.load(path) as z:
-                return z["vectors"]
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            # Its keys read when the cache was searched (a full check then would read every vector of the
-            # cache), its vectors not: removed, so that the next run encodes its texts instead of failing here.
+                vectors = z["vectors"]
+            problem = None
+            if vectors.shape != shape:
+                problem = f"vectors {vectors.shape}, its keys and the model want {shape}"
+            else:
+                with np.errstate(over="ignore"):  # an overflow is an inf, reported here
+                    vectors = vectors.astype(np.float16)
+                if first_non_finite_row(vectors) is not None:
+                    problem = "a vector that is not finite as float16"
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+            problem = one_line(e)
+        if problem is not None:
             path.unlink(missing_ok=True)
-            raise DataError(f"{path}: a damaged text cache file ({one_line(e)}); removed it: run again to encode "
-                            "its texts anew") from None
+            raise DataError(f"{path}: a damaged text cache file ({problem}); removed it: run again to encode "
+                            "its texts anew")
+        return vectors
 
     def save(self, keys: np.ndarray, vectors: np.ndarray) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
+from alterrec_dist.common.errors import DataError
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import DatasetWriter
 
@@ -25,10 +27,6 @@ def dataset(out, train_seed: int = 0, test_seed: int = 0, features_seed: int = 0
 
 def test_the_writer_refuses_an_id_twice(tmp_path):
     """Two items with one id trained, and serving answered for the second whenever the first was asked for."""
-    import pytest
-
-    from alterrec_dist.common.errors import DataError
-
     with pytest.raises(DataError, match="item table: item 7 repeats the id 'i3' of an earlier item"):
         with DatasetWriter(tmp_path / "data") as w:
             w.set_items([f"i{i}" if i != 7 else "i3" for i in range(V)])
@@ -78,3 +76,32 @@ def test_the_writer_refuses_an_empty_history_and_leaves_nothing(tmp_path):
             w.add_sessions("train", [[1, 2]] * 40, np.arange(40))
             w.add_sessions("train", [[3], [], [4]], [1, 2, 3])
     assert list(tmp_path.iterdir()) == []  # no OUT, no temporary beside it
+
+
+@pytest.mark.parametrize("bad, value", [("NaN", np.nan), ("past float16's range", 1e6)])
+def test_the_writer_refuses_a_text_feature_that_is_not_finite_and_leaves_nothing(tmp_path, bad, value):
+    """A NaN row (or one that float16 turns into inf) trained to exit 0, then broke every recommendation."""
+    features = np.random.default_rng(0).standard_normal((V, 8))
+    features[12, 3] = value
+    with pytest.raises(DataError, match="text features: item_idx 12: a value that is not finite as float16"):
+        with DatasetWriter(tmp_path / "data") as w:
+            w.set_items([f"i{i}" for i in range(V)])
+            w.add_text_features(features[:10])
+            w.add_text_features(features[10:])
+    assert not (tmp_path / "data").exists()
+
+
+def test_rows_read_for_training_or_serving_refuse_a_feature_that_is_not_finite(tmp_path):
+    """What a checksum cannot tell (a writer that was not ours, or a dataset changed and signed again): the
+    rows a worker or a server reads are checked as they are read, naming the file, its row and the item."""
+    data = dataset(tmp_path / "data")
+    part = data.path / data.manifest["text"]["files"][0]["file"]
+    x = np.load(part)
+    x[17, 2] = np.inf
+    np.save(part, x)
+    assert data.text_features(np.array([3, 4, 5])).shape == (3, 8)  # rows without it read as before
+    message = f"{part}: row 18 (item_idx 17): a text feature that is not finite (NaN or inf): make the dataset again"
+    for rows in (np.array([16, 17]), None):  # a rank's own rows; serving's all
+        with pytest.raises(DataError) as e:
+            data.text_features(rows)
+        assert str(e.value) == message

@@ -117,6 +117,31 @@ def test_a_cache_file_damaged_past_its_keys_is_one_error_then_a_miss(encoded, tm
     np.testing.assert_array_equal(again, features)
 
 
+@pytest.mark.parametrize("damage, problem", [
+    (lambda v: v[:2], r"vectors \(2, 384\), its keys and the model want \(3, 384\)"),  # was an IndexError
+    (lambda v: v[:, :100], r"vectors \(3, 100\), its keys and the model want \(3, 384\)"),  # a 100-wide dataset
+    (lambda v: np.where(np.arange(3)[:, None] == 1, np.nan, v), "a vector that is not finite as float16"),
+    (lambda v: v.astype(np.float64) * 1e6, "a vector that is not finite as float16"),  # inf once cast
+])
+def test_a_cache_file_whose_vectors_do_not_fit_its_keys_or_the_model_is_one_error_then_a_miss(
+        encoded, tmp_path, damage, problem):
+    """Vectors that read but are wrong: they made a dataset of NaNs, or of another width under the model's
+    name, with exit 0 (or a traceback). Now the same as a damaged file: one line, the file removed."""
+    features, _, _, cache = encoded
+    (chunk,) = [f for f in cache.rglob("chunk-*.npz") if len(np.load(f)["keys"]) == 3]  # the first call's
+    copy = tmp_path / chunk.parent.name / chunk.name
+    copy.parent.mkdir()
+    with np.load(chunk) as z:
+        np.savez(copy, keys=z["keys"], vectors=damage(z["vectors"]))
+    with pytest.raises(DataError, match=rf"{copy.name}: a damaged text cache file \({problem}\); removed it"):
+        encode(TITLES, cache_dir=tmp_path)
+    assert not copy.exists()
+    stats = EncodeStats()
+    again, _ = encode(TITLES, cache_dir=tmp_path, stats=stats)
+    assert (stats.cached, stats.encoded) == (0, 3)
+    np.testing.assert_array_equal(again, features)
+
+
 def test_an_interrupted_run_resumes_from_its_saved_chunks(tmp_path, monkeypatch):
     """Chunks of 2 texts: a run killed in its second chunk keeps the first; the rerun encodes the rest."""
     monkeypatch.setattr(text_features, "CACHE_CHUNK_ROWS", 2)
