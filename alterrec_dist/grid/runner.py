@@ -42,6 +42,7 @@ from pathlib import Path
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import PROJECT_ROOT, changed_values, load_config, read_toml, shown
 from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.files import check_file_out
 from alterrec_dist.common.methods import METHODS
 from alterrec_dist.grid.selection import candidates, choose, helpful_switches, next_round, selection_seeds
 
@@ -138,7 +139,16 @@ def _checked(table: dict, keys: dict[str, type], where: str) -> dict:
     for key in ("seeds", "select_seeds"):
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in table.get(key, [])):
             raise ConfigError(f"{where}: {key} must be a list of seeds (integers >= 0), got {table[key]!r}")
+    if "name" in table:
+        _check_plain_name(table["name"], where)
     return table
+
+
+def _check_plain_name(name: str, where: str) -> None:
+    """A dataset's or a peer's name is a directory under the grid's out: `../x` put its runs, and their locks,
+    outside it."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"{where}: name {name!r} must be a plain directory name (no '/', not '..')")
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -159,6 +169,10 @@ def load_grid(path: str | Path) -> Grid:
                               f"(known: {', '.join(METHODS)})")
         if any(not isinstance(sw, dict) or "key" not in sw for sw in d.get("sweep", [])):
             raise ConfigError(f"{where}: a [[dataset.sweep]] entry without its key")
+        for peer in d.get("peer", []):
+            if not isinstance(peer, dict) or not isinstance(peer.get("name"), str):
+                raise ConfigError(f"{where}: a [[dataset.peer]] entry without a name")
+            _check_plain_name(peer["name"], f"{where}: [[dataset.peer]]")
         try:
             datasets.append(DatasetGrid(
                 name=d["name"], title=d.get("title", d["name"]), config=d["config"], methods=d["methods"],
@@ -173,10 +187,23 @@ def load_grid(path: str | Path) -> Grid:
     if not datasets:
         raise ConfigError(f"{path}: no [[dataset]] entries")
     root = PROJECT_ROOT
-    return Grid(path, root / doc.get("out", f"results/{path.stem}"),
+    grid = Grid(path, root / doc.get("out", f"results/{path.stem}"),
                 root / doc.get("report", "docs/RESULTS.md"), root / doc.get("images", "docs/img"),
                 doc.get("jobs", 1), doc.get("threads", 1), datasets,
                 doc.get("title", "Results: AlterRec against its baselines and peers, on real data"))
+    _check_report(grid)
+    return grid
+
+
+def _check_report(grid: "Grid") -> None:
+    """The report is a Markdown file the grid writes whole, and nothing it reads: `report` naming the grid
+    file itself replaced it with the report, and the grid was gone."""
+    if grid.report.suffix != ".md":
+        raise ConfigError(f"{grid.path}: report {shown(grid.report)} must be a Markdown file (.md)")
+    try:
+        check_file_out(grid.report, True, [grid.path, *(PROJECT_ROOT / d.config for d in grid.datasets), grid.out])
+    except DataError as e:
+        raise ConfigError(f"{grid.path}: report: {e}") from None
 
 
 # How every run of a grid is launched: one worker through the torchrun launcher (W=2 computes the same; see the

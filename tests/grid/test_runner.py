@@ -5,6 +5,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import re
 import textwrap
 import time
 from collections import defaultdict
@@ -506,3 +507,44 @@ def test_ctrl_c_leaves_the_runs_to_the_terminals_sigint(tmp_path):
                 raise raised()
             assert (rc.result() == -signal.SIGTERM) == stopped  # else it ran its 5 s out
         os.close(lock)
+
+
+@pytest.mark.parametrize("report, refusal", [
+    ("{grid}", "must be a Markdown file"),  # it replaced the grid file with the report
+    ("configs/default.toml", "must be a Markdown file"),
+    ("{tmp}/runs/d", "must be a Markdown file"),
+    ("{tmp}/grid.md", "holds the input"),  # a grid file named .md
+])
+def test_a_report_that_would_replace_what_the_grid_reads_is_refused_before_any_run(tmp_path, report, refusal):
+    grid = tmp_path / ("grid.md" if report.endswith("grid.md") else "grid.toml")
+    text = textwrap.dedent(f'''
+        out = "{tmp_path}/runs"
+        report = "{report.format(grid=grid, tmp=tmp_path)}"
+        [[dataset]]
+        name = "d"
+        config = "configs/default.toml"
+        methods = ["id_only"]
+    ''')
+    grid.write_text(text)
+    with pytest.raises(ConfigError, match=rf"{grid}: report.*{refusal}"):
+        load_grid(grid)
+    assert grid.read_text() == text
+
+
+@pytest.mark.parametrize("dataset, peer", [("../escape", "P"), ("a/b", "P"), ("..", "P"), ("d", "../P"), ("d", "")])
+def test_a_dataset_or_peer_name_that_is_not_a_plain_directory_name_is_refused(tmp_path, dataset, peer):
+    """`name = "../escape"` put the dataset's runs, and their locks, outside the grid's out."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text(textwrap.dedent(f'''
+        out = "{tmp_path}/runs"
+        [[dataset]]
+        name = "{dataset}"
+        config = "configs/default.toml"
+        methods = ["id_only"]
+        [[dataset.peer]]
+        name = "{peer}"
+        command = ["true"]
+    '''))
+    bad = dataset if dataset != "d" else peer
+    with pytest.raises(ConfigError, match=rf"name '{re.escape(bad)}' must be a plain directory name"):
+        load_grid(grid)
