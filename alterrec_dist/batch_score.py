@@ -71,14 +71,14 @@ def format_metrics(result: dict, kinds: list[str], served: str) -> str:
     return "\n".join(lines)
 
 
-def check_out_files(args: argparse.Namespace, inputs: list) -> None:
-    """--out and --metrics-out against what the command reads."""
-    check_out(args.out, args.overwrite, inputs)
+def check_out_files(args: argparse.Namespace, inputs: list, whole: list) -> None:
+    """--out and --metrics-out against what the command reads: `inputs` files, `whole` a dataset or an export."""
+    check_out(args.out, args.overwrite, inputs, whole=whole)
     if args.metrics_out:
         if within(args.metrics_out, args.out):  # the same file, or in the directory --out makes (or replaces)
             raise ConfigError(f"--metrics-out {args.metrics_out} is or lies in --out {args.out}: give each its own "
                               "place")
-        check_file_out(args.metrics_out, args.overwrite, inputs)
+        check_file_out(args.metrics_out, args.overwrite, inputs, whole)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,15 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--ray-workers must be >= 1, got {args.ray_workers}")
     if args.export and args.data and not args.split:
         raise ConfigError("--data with --export names the dataset of --split: without --split it would be ignored")
-    # the files read (a dataset's or an export's: an output may lie beside them, not replace one)
+    # the files read (a dataset's or an export's: an output may lie beside them, not replace one nor lie in them)
     inputs = [*(input_files(args.input) if args.input else []), *served_paths(args.run), *export_files(args.export),
               *dataset_files(args.data)]
-    check_out_files(args, inputs)  # before the model
+    check_out_files(args, inputs, [args.data, args.export])  # before the model
     spec = {"run": args.run, "export": args.export, "data": args.data, "device": args.device}
     bundle = load_scoring_model(**spec)
     # the dataset read besides, known now: the run's (its items), or --split's (its sessions)
     data_path = (args.data or bundle.provenance.get("dataset", {}).get("path")) if args.run or args.split else None
-    check_out_files(args, dataset_files(data_path))
+    check_out_files(args, dataset_files(data_path), [data_path, args.export])
     if args.split:
         try:
             data = Dataset(data_path)

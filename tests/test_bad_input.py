@@ -490,6 +490,14 @@ CASES = [
         "--run", str(_run_on_dataset_copy(d, r)), "--input", str(batch_input(d, GOOD_HISTORIES)),
         "--out", str(d / "ds" / "items.parquet"), "--overwrite", "--no-ray"],
      ["{d}/ds/items.parquet: holds the input {d}/ds/items.parquet"]),  # the run's items were replaced
+    # an output inside a dataset: its next --overwrite deleted it without a word
+    ("train-run-in-its-dataset", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=dataset(d))[:-2] + [
+        "--out", str(d / "ds" / "myrun")], ["{d}/ds/myrun: lies in {d}/ds, which its next --overwrite replaces whole"]),
+    ("export-out-in-the-runs-dataset", "export", lambda d, r: [
+        "--run", str(_run_on_dataset_copy(d, r)), "--out", str(d / "ds" / "x")], ["{d}/ds/x: lies in {d}/ds"]),
+    ("batch-out-in-the-dataset", "batch_score", lambda d, r: [
+        "--run", str(r), "--data", str(_run_dataset_copy(d, r)), "--split", "test", "--out",
+        str(d / "ds" / "scored.parquet"), "--no-ray"], ["{d}/ds/scored.parquet: lies in {d}/ds"]),
     ("batch-metrics-out-the-runs-summary", "batch_score", lambda d, r: [
         "--run", str(run_copy(d, r)), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
         "--metrics-out", str(d / "run" / "summary.json"), "--no-ray"],

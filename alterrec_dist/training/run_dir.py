@@ -10,8 +10,9 @@ import sys
 from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import Config, to_toml
 from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.files import (atomic_write_bytes, atomic_write_json, check_outside, read_json,
+                                        resolve_location)
 from alterrec_dist.common.methods import method
-from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json, read_json, resolve_location
 from alterrec_dist.common.storage import Location, StorePath
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.parallel.mining import CATALOG_BAND_ENTRIES, catalog_band_entries
@@ -92,6 +93,7 @@ def make_run_dir(cfg: Config, out: str | None) -> Location:
             raise ConfigError(f"{run_dir}: a run directory goes under a key in the bucket ({run_dir}/NAME), "
                               "not the bucket itself")
         run_dir.check_bucket()
+    check_outside(run_dir, [cfg.resolve_path(cfg.data.path)])  # a dataset's --overwrite deleted the run in it
     if auto:
         base, i = run_dir, 0
         while run_dir.exists():
