@@ -166,21 +166,26 @@ def run_dataset_copy(run: Path, out: Path) -> Path:
     return Path(shutil.copytree(json.loads((run / "dataset.json").read_text())["path"], out))
 
 
-def test_outputs_beside_what_is_read_can_be_written_again(run, tmp_path, capsys):
-    """An output inside an export's or a dataset's directory, which neither reads, was written once and then
-    refused on every rerun ("lies in the input"), a --metrics-out even without --overwrite; a --metrics-out beside
-    a new --out directory was refused ("its directory does not exist"). Each is written again now, while the
-    files the command reads stay refused."""
+def test_outputs_beside_what_is_read_can_be_written_again_and_none_goes_inside_it(run, tmp_path, capsys):
+    """An output inside an export's or a dataset's directory was written once and then refused on every rerun
+    ("lies in the input"), and the next `export --overwrite` or `prepare --overwrite` deleted it without a word.
+    It is refused from the first time now; one beside them is written again and again, and a --metrics-out beside
+    a new --out directory is written (it was refused: "its directory does not exist")."""
     exp, data = tmp_path / "exp", run_dataset_copy(run, tmp_path / "ds")
     assert cli("export", ["--run", str(run), "--out", str(exp)], capsys)[0] == 0
     for n in range(2):
-        argv = ["--export", str(exp), "--data", str(data), "--split", "test", "--out", str(data / "scores.parquet"),
-                "--metrics-out", str(exp / "metrics.json"), "--overwrite", "--no-ray"]
+        argv = ["--export", str(exp), "--data", str(data), "--split", "test", "--out", str(tmp_path / "s.parquet"),
+                "--metrics-out", str(tmp_path / "metrics.json"), "--overwrite", "--no-ray"]
         assert cli("batch_score", argv, capsys)[0] == 0, n
-    assert_equals_summary(json.loads((exp / "metrics.json").read_text()), run)
+    assert_equals_summary(json.loads((tmp_path / "metrics.json").read_text()), run)
     argv = ["--run", str(run), "--split", "test", "--out", str(tmp_path / "new" / "x" / "s.parquet"),
             "--metrics-out", str(tmp_path / "new" / "x" / "m.json"), "--no-ray"]
     assert cli("batch_score", argv, capsys)[0] == 0 and (tmp_path / "new" / "x" / "m.json").is_file()
+    for out, metrics, inside in [(data / "scores.parquet", None, data), (tmp_path / "t.parquet", exp / "m.json", exp)]:
+        argv = ["--export", str(exp), "--data", str(data), "--split", "test", "--out", str(out), "--no-ray"]
+        code, _, err = cli("batch_score", argv + (["--metrics-out", str(metrics)] if metrics else []), capsys)
+        assert code == 2 and f"lies in {inside}, which its next --overwrite replaces whole" in err, err
+        assert not out.exists() and not (metrics and metrics.exists())
     code, _, err = cli("batch_score", ["--export", str(exp), "--data", str(data), "--split", "test", "--out",
                                        str(exp / "items.parquet"), "--overwrite", "--no-ray"], capsys)
     assert code == 2 and f"holds the input {exp / 'items.parquet'}" in err
