@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 
-from alterrec_dist.common.cli import add_device_argument, add_model_arguments, run_cli
+from alterrec_dist.common.cli import ArgumentParser, add_device_argument, add_model_arguments, run_cli
 from alterrec_dist.common.config import METRICS
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import check_file_out, check_out, within, write_file_out
@@ -44,7 +44,7 @@ from alterrec_dist.serve.export_dir import export_files, load_scoring_model
 # -- CLI ---------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m alterrec_dist.batch_score", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m alterrec_dist.batch_score", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", help="session Parquet files or directories of them")

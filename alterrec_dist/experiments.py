@@ -14,7 +14,7 @@ import argparse
 import shlex
 import sys
 
-from alterrec_dist.common.cli import run_cli
+from alterrec_dist.common.cli import ArgumentParser, run_cli
 from alterrec_dist.common.config import shown
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.grid.runner import (expand, load_grid, prepare_datasets, run_grid, selected, settings_differ,
@@ -22,7 +22,7 @@ from alterrec_dist.grid.runner import (expand, load_grid, prepare_datasets, run_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m alterrec_dist.experiments", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m alterrec_dist.experiments", description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", required=True, help="grid TOML, e.g. configs/experiments/paper.toml")
     p.add_argument("--report-only", action="store_true", help="write the report from existing runs; train nothing")
     p.add_argument("--dry-run", action="store_true", help="print each run's state and command; run nothing")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alterrec_dist.common.cli import add_device_argument, run_cli
+from alterrec_dist.common.cli import ArgumentParser, add_device_argument, run_cli
 from alterrec_dist.common.files import check_out
 from alterrec_dist.common.run_layout import served_paths
 from alterrec_dist.data.dataset import dataset_files
@@ -39,7 +39,7 @@ from alterrec_dist.serve.from_run import inference_device, load_run
 # -- CLI ------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m alterrec_dist.export", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m alterrec_dist.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="training run directory (config.toml, summary.json, model/)")
     p.add_argument("--out", required=True, help="export directory to write (atomically)")
     p.add_argument("--data", help="dataset directory (default: the one the run's model names)")

@@ -15,7 +15,7 @@ import functools
 import sys
 from typing import Callable
 
-from alterrec_dist.common.cli import run_cli
+from alterrec_dist.common.cli import ArgumentParser, run_cli
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import check_out, resolve_location
 from alterrec_dist.data.build import build_dataset
@@ -30,7 +30,7 @@ from alterrec_dist.data.text_ray import ray_encoder
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="dataset directory to create")
     common.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     common.add_argument("--text-model", metavar="PATH",
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--drop-short", action="store_true",
                         help="skip sessions shorter than 2 events with a warning instead of failing")
 
-    parser = argparse.ArgumentParser(prog="python -m alterrec_dist.prepare", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m alterrec_dist.prepare", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="source", required=True)
 
     recbole = sub.add_parser("recbole", parents=[common], help="RecBole atomic files (keeps their split)")

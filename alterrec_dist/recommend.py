@@ -24,7 +24,7 @@ import argparse
 import json
 import sys
 
-from alterrec_dist.common.cli import add_device_argument, add_model_arguments, run_cli
+from alterrec_dist.common.cli import ArgumentParser, add_device_argument, add_model_arguments, run_cli
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.serve.export_dir import load_scoring_model
 from alterrec_dist.serve.search import INDEXES, Recommendation, Searcher, recommend
@@ -44,7 +44,7 @@ def format_recommendation(rec: Recommendation, width: int = 70) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m alterrec_dist.recommend", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m alterrec_dist.recommend", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     p.add_argument("--session", required=True, help="comma-separated item ids, oldest first (spaces around an id are "
                    "dropped unless the id holds them); a value in [ ] is a JSON list of them, for ids that hold a "

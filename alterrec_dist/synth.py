@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alterrec_dist.common.cli import run_cli
+from alterrec_dist.common.cli import ArgumentParser, run_cli
+from alterrec_dist.data.layout import MAX_ITEMS
 from alterrec_dist.data.synth import BLOCK_SESSIONS, SBERT_MAX_ITEMS, SESSIONS_PER_SEED, TEXT_DIM, write_synth
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m alterrec_dist.synth", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m alterrec_dist.synth", description=__doc__.split("\n")[0])
     p.add_argument("--items", type=int, required=True, help="catalogue size N")
     p.add_argument("--sessions", type=int, required=True, help="sessions M (split 80/10/10)")
     p.add_argument("--out", required=True, help="output dataset directory")
@@ -31,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.items < 1 or args.sessions < 1:
         p.error("--items and --sessions must be >= 1")
+    if args.items > MAX_ITEMS:  # before the catalogue is drawn: numpy's error was a traceback
+        p.error(f"--items must be <= {MAX_ITEMS:,} (an item index is an int32 in the dataset layout)")
     if args.seed < 0:
         p.error("--seed must be >= 0")
     if not 1 <= args.block_sessions <= 1_000_000:

@@ -24,7 +24,7 @@ import argparse
 import sys
 
 from alterrec_dist.common import run_layout
-from alterrec_dist.common.cli import run_cli
+from alterrec_dist.common.cli import ArgumentParser, run_cli
 from alterrec_dist.common.config import METRICS, SCORE_PARTS, Config, check_resumable, load_config
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import resolve_location
@@ -106,7 +106,7 @@ def format_summary(summary: dict, run_dir: Location) -> str:
 # -- entry point ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m alterrec_dist.train",
         description="Train an AlterRec session recommender (or a baseline) and print its test metrics.")
     p.add_argument("--config", metavar="FILE",

@@ -370,15 +370,21 @@ CASES = [
     ("synth-empty-split", "synth", lambda d, r: ["--items", "5", "--sessions", "1", "--text-features",
                                                  "random-projection", "--out", str(d / "o"), "--no-progress"],
      ["{d}/o: split 'train' is empty"]),
-    ("synth-more-items-than-memory", "synth", lambda d, r: ["--items", "100000000000", "--sessions", "100",
-                                                            "--text-features", "random-projection", "--out",
-                                                            str(d / "o"), "--no-progress"],
-     ["out of memory: Unable to allocate 745. GiB"]),
+    ("synth-features-wider-than-memory", "synth", lambda d, r: [
+        "--items", "100", "--sessions", "100", "--text-features", "random-projection", "--text-dim", "1000000000000",
+        "--out", str(d / "o"), "--no-progress"], ["out of memory: Unable to allocate 233. TiB"]),
+    ("synth-more-items-than-an-index-names", "synth", lambda d, r: [
+        "--items", "99999999999999999999", "--sessions", "10", "--out", str(d / "o"), "--no-progress"],
+     ["--items must be <= 2,147,483,647"]),  # a traceback from numpy
     # train: config values (driver only, no run directory)
     ("train-batch-size-zero", "train", lambda d, r: train_argv(d, "train.global_batch_size=0"),
      ["train.global_batch_size must be >= 1, got 0"]),
     ("train-batch-size-negative", "train", lambda d, r: train_argv(d, "train.global_batch_size=-2"),
      ["train.global_batch_size must be >= 1"]),
+    ("train-unknown-option", "train", lambda d, r: ["--bogus"],  # argparse's usage block, then the error
+     ["unrecognized arguments: --bogus (see python -m alterrec_dist.train --help)"]),
+    ("train-int-past-64-bits", "train", lambda d, r: train_argv(d, "model.dim=99999999999999999999999"),
+     ["model.dim: 99999999999999999999999 is out of range (a 64-bit integer)"]),  # tracebacks from 3 Ray attempts
     ("train-lr-nan", "train", lambda d, r: train_argv(d, "train.lr_id=nan"),
      ["train.lr_id must be a finite number > 0, got nan"]),
     ("train-lr-negative", "train", lambda d, r: train_argv(d, "train.lr_text=-0.01"),

@@ -30,6 +30,14 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     sys.exit(code or 0)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, whose errors (an unknown option, a bad value, a `p.error` of the command's own checks) are
+    one line and exit 2 like every other refusal: argparse printed its whole usage block above the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def add_device_argument(p: argparse.ArgumentParser) -> None:
     """--device of the commands that score a trained model (export, recommend, batch_score)."""
     p.add_argument("--device", default="cpu",

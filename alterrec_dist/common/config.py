@@ -281,7 +281,10 @@ def _coerce(value, typ, where: str, text: bool = False):
         if typ is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+            number = int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+            if not -2**63 <= number < 2**63:  # torch and numpy take 64 bits: past them, a traceback in a worker
+                raise ConfigError(f"{where}: {number} is out of range (a 64-bit integer)")
+            return number
         if typ is float:
             if isinstance(value, bool):  # TOML's true is not 1.0
                 raise ValueError

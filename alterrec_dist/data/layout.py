@@ -29,6 +29,7 @@ from alterrec_dist.common.storage import MANIFEST
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
 ITEMS = "items.parquet"  # OUT/items.parquet, above
+MAX_ITEMS = 2**31 - 1  # an item index is an int32 in every session file
 SESSION_SCHEMA = pa.schema(
     [
         ("history", pa.list_(pa.int32())),
@@ -160,6 +161,8 @@ class DatasetWriter:
     def set_items(self, item_id, text=None) -> None:
         """item_id[i] is the original id of item_idx i, each once; text[i] may be None (no text)."""
         n = len(item_id)
+        if n > MAX_ITEMS:
+            raise DataError(f"item table: {n:,} items, more than the {MAX_ITEMS:,} an int32 item index can name")
         ids = pa.array(item_id, type=pa.string())
         if ids.null_count:
             raise DataError("item table: null item id")
