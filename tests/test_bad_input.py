@@ -183,6 +183,8 @@ GOOD_HISTORIES = [[1, 2, 3], [4], [5, 6]] * 4
 
 CASES = [
     # prepare log: NaN or null in a key column, of CSV and Parquet
+    ("log-interactions-a-directory", "prepare", lambda d, r: log_argv(_mkdir(d / "logs"), log_items(d), d / "out"),
+     ["{d}/logs: a directory, not a file"]),  # "no such file", of a path that is there
     ("log-csv-nan-time", "prepare", lambda d, r: log_argv(
         log_csv(d, [f"u1,{i},{t}.5" for t, i in enumerate("ABC")] + ["u1,D,nan"]), log_items(d), d / "out"),
      ["{d}/inter.csv: column ts: row 4: time is nan (not a finite number)"]),

@@ -42,7 +42,7 @@ def read_table(path: str | Path, columns: list[str], optional: list[str] = (), *
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
     parquet = _is_parquet(path)
