@@ -351,6 +351,15 @@ CASES = [
         "--run", str(run_copy(d, r, lambda c: (c / "dataset.json").unlink())),
         "--data", str(_nan_text_feature(_run_dataset_copy(d, r), 7)), "--session", "P0001"],
      ["{d}/ds/text_features/part-00000.npy: row 8 (item_idx 7): a text feature that is not finite"]),
+    ("verify-num-with-text-wrong", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: _edit_json(ds / "manifest.json", lambda m: m["text"].update(num_with_text=3))))],
+     ["{d}/ds/manifest.json: text.num_with_text is 3, text_features/has_text.npy marks 41 items with text"]),
+    ("verify-text-dtype-float32", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: _edit_json(ds / "manifest.json", lambda m: m["text"].update(dtype="float32"))))],
+     ["{d}/ds/manifest.json: text.dtype must be float16, got 'float32'"]),
+    ("verify-extra-split", "prepare", lambda d, r: ["verify", str(damaged(
+        d, lambda ds: _edit_json(ds / "manifest.json", lambda m: m["splits"].update(extra=0))))],
+     ["{d}/ds/manifest.json: splits must be train, valid, test, got test, train, valid, extra"]),
     ("verify-item-without-id", "prepare", lambda d, r: ["verify", str(damaged(
         d, lambda ds: _resigned(ds, ds / "items.parquet", lambda t: t.set_column(
             t.schema.get_field_index("item_id"), "item_id", pa.array([None] + t["item_id"].to_pylist()[1:],

@@ -50,6 +50,10 @@ class Dataset:
             raise DataError(f"{self.mpath}: text.files entries need a file and rows")
         if m["num_items"] < 1 or m["text"]["dim"] < 1:
             raise DataError(f"{self.mpath}: num_items and text.dim must be >= 1")
+        if set(m["splits"]) != set(SPLITS):
+            raise DataError(f"{self.mpath}: splits must be {', '.join(SPLITS)}, got {', '.join(m['splits'])}")
+        if m["text"].get("dtype", "float16") != "float16":  # what every reader takes the feature files to hold
+            raise DataError(f"{self.mpath}: text.dtype must be float16, got {m['text']['dtype']!r}")
         for name in data_files(m):  # read locally it would leave the dataset; in a store it is refused as a key
             if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
                 raise DataError(f"{self.mpath}: file {name!r} is not a path inside the dataset")
@@ -68,8 +72,8 @@ class Dataset:
                 "item_ids_sha256": self.item_ids_sha256()}
 
     def files(self) -> list[Location]:
-        """Every file reading the dataset reads: its manifest and the files that names. An output may lie beside
-        them in the directory (a scores file), not replace one."""
+        """Every file reading the dataset reads: its manifest and the files that names. No output goes in the
+        directory at all (`files.check_outside`): the dataset's next --overwrite replaces it whole."""
         return [self.mpath, *(self.path / name for name in data_files(self.manifest))]
 
     def item_ids_sha256(self) -> str:
@@ -156,8 +160,8 @@ class Dataset:
 
     def _check_item_values(self) -> None:
         """What a checksum cannot tell (it signs whatever the writer wrote): every item has an id and no id
-        is there twice (serving maps an id to one row), and every text feature is finite (one NaN row makes
-        every score NaN, training's loss included)."""
+        is there twice (serving maps an id to one row), the count of items with text is the has_text file's,
+        and every text feature is finite (one NaN row makes every score NaN, training's loss included)."""
         path = self.items_path
         ids = self._item_id_column()
         if ids.null_count:
@@ -167,6 +171,10 @@ class Dataset:
         twice = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
         if len(twice):
             raise DataError(f"{path}: item_id {twice[0].as_py()!r} names more than one item ({len(twice):,} ids do)")
+        with_text = int(self.has_text().sum())
+        if self.manifest["text"].get("num_with_text", with_text) != with_text:
+            raise DataError(f"{self.mpath}: text.num_with_text is {self.manifest['text']['num_with_text']}, "
+                            f"{self.manifest['text']['has_text']} marks {with_text:,} items with text")
         start = 0
         for part in self.manifest["text"]["files"]:  # memory-mapped, a block at a time: flat memory at any V
             bad = first_non_finite_row(storage.load_npy(self.path / part["file"], mmap=True))
