@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip sessions shorter than 2 events with a warning instead of failing")
 
     parser = ArgumentParser(prog="python -m alterrec_dist.prepare", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="source", required=True)
+    # metavar: a missing one is named by its choices, not by the internal dest ("source")
+    sub = parser.add_subparsers(dest="source", required=True, metavar="{recbole,amazon-m2,log,verify}")
 
     recbole = sub.add_parser("recbole", parents=[common], help="RecBole atomic files (keeps their split)")
     recbole.add_argument("--path", required=True, help="directory with NAME.{train,valid,test}.inter, NAME.item2index, NAME.text")

@@ -7,7 +7,9 @@ Counted bytes are what one worker hands to each collective per step (`Comm.bytes
 """
 from __future__ import annotations
 
-from alterrec_dist.common.device import GPU_TILE_BYTES
+import torch
+
+from alterrec_dist.common.device import tile_rows
 
 MAX_ROUNDS = 32      # bisection over the ordered int32 image of a float32 score (mining.thresholds_by_bisection)
 BRACKET_FLOATS = 5  # the bracket's one all-reduce MAX per query (mining.bracket)
@@ -85,7 +87,7 @@ def projection(V: int, W: int, B_per_worker: int, d: int, D: int, k2: int, floor
     table = -(-V // W) * (4 * d * FP32 + 2 * D) + bf16_rows
     step = {m: collective_bytes("hard", m, B, W, d, k2, 0, value_bytes=2) for m in ("threshold", "allgather")}
     rate = W * floor_sessions_per_s_1m * 1e6 / V * efficiency
-    gpu_tile_rows = GPU_TILE_BYTES // (FP32 * B)  # the engine's GPU default (`device.tile_rows`): a 4 GiB tile
+    gpu_tile_rows = tile_rows(0, torch.device("cuda"), B)  # the loss's default on a GPU (eval.tile_rows = 0)
     return {"table_gb": table / 1e9, "scores_untiled_gb": score_tile_bytes(B, V, W, V, 2) / 1e9,
             "scores_tiled_gb": score_tile_bytes(B, V, W, gpu_tile_rows) / 1e9,
             "merge_threshold_mb": threshold_merge_bytes(B, W, 20, k2) / 1e6, "merge_allgather_gb": B * (k2 + 1) * FP32 / 1e9,

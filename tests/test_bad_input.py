@@ -183,6 +183,8 @@ GOOD_HISTORIES = [[1, 2, 3], [4], [5, 6]] * 4
 
 CASES = [
     # prepare log: NaN or null in a key column, of CSV and Parquet
+    ("prepare-no-source", "prepare", lambda d, r: [],
+     ["the following arguments are required: {{recbole,amazon-m2,log,verify}}"]),  # named "source", no choices
     ("log-interactions-a-directory", "prepare", lambda d, r: log_argv(_mkdir(d / "logs"), log_items(d), d / "out"),
      ["{d}/logs: a directory, not a file"]),  # "no such file", of a path that is there
     ("log-csv-nan-time", "prepare", lambda d, r: log_argv(
@@ -395,7 +397,7 @@ CASES = [
     ("train-unknown-option", "train", lambda d, r: ["--bogus"],  # argparse's usage block, then the error
      ["unrecognized arguments: --bogus (see python -m alterrec_dist.train --help)"]),
     ("train-int-past-64-bits", "train", lambda d, r: train_argv(d, "model.dim=99999999999999999999999"),
-     ["model.dim: 99999999999999999999999 is out of range (a 64-bit integer)"]),  # tracebacks from 3 Ray attempts
+     ["model.dim: 99999999999999999999999 is out of range (past 64 bits)"]),  # tracebacks from 3 Ray attempts
     ("train-lr-nan", "train", lambda d, r: train_argv(d, "train.lr_id=nan"),
      ["train.lr_id must be a finite number > 0, got nan"]),
     ("train-lr-negative", "train", lambda d, r: train_argv(d, "train.lr_text=-0.01"),

@@ -282,8 +282,8 @@ def _coerce(value, typ, where: str, text: bool = False):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             number = int(value) if not isinstance(value, str) else int(value.replace("_", ""))
-            if not -2**63 <= number < 2**63:  # torch and numpy take 64 bits: past them, a traceback in a worker
-                raise ConfigError(f"{where}: {number} is out of range (a 64-bit integer)")
+            if not -2**63 <= number < 2**64:  # torch and numpy take 64 bits (a seed up to 2**64 - 1): past them,
+                raise ConfigError(f"{where}: {number} is out of range (past 64 bits)")  # a worker's traceback
             return number
         if typ is float:
             if isinstance(value, bool):  # TOML's true is not 1.0

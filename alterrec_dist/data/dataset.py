@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from alterrec_dist.common import storage
-from alterrec_dist.common.errors import DataError, one_line
+from alterrec_dist.common.errors import DamagedData, DataError, one_line
 from alterrec_dist.common.files import check_keys, file_sha256, read_json, read_manifest, resolve_location
 from alterrec_dist.common.storage import MANIFEST, Location
 from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, ITEM_SCHEMA, ITEMS, MANIFEST_KEYS, SESSION_SCHEMA,
@@ -182,9 +182,9 @@ class Dataset:
                 raise self._not_finite(part["file"], start, bad)
             start += part["rows"]
 
-    def _not_finite(self, name: str, part_start: int, row: int) -> DataError:
+    def _not_finite(self, name: str, part_start: int, row: int) -> DamagedData:
         """Row `row` of the feature part `name` (item_idx part_start + row) holds a NaN or an infinity."""
-        return DataError(f"{self.path / name}: row {row + 1} (item_idx {part_start + row}): a text feature that is "
+        return DamagedData(f"{self.path / name}: row {row + 1} (item_idx {part_start + row}): a text feature that is "
                          "not finite (NaN or inf): make the dataset again")
 
     def _file(self, name: str) -> Location:

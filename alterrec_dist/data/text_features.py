@@ -128,9 +128,10 @@ def _fill_cache(cache: "_EncodingCache", model_dir: Path, texts: list[str], dim:
                 for batch in chunk:
                     parts.append(next(vectors))
                     bar.update(len(batch))
-                rows = np.concatenate(chunk)
+                rows, vectors_made = np.concatenate(chunk), np.concatenate(parts)
+                where.dim = vectors_made.shape[1]  # the width the model gives, whatever its config files say
                 # Saved chunk by chunk: an interrupted run loses at most one chunk.
-                where.add(cache.save(keys[rows], np.concatenate(parts)), rows)
+                where.add(cache.save(keys[rows], vectors_made), rows)
     finally:
         vectors.close()  # an encoder holds its model (or its Ray session) until its generator ends
     return where
@@ -201,7 +202,8 @@ def load_encoding_model(model_dir: Path, progress: bool):
 
 def _embedding_dim(model_dir: Path) -> int:
     """The model's output dimension, read from its config files when they say it plainly
-    (last Dense layer, else the Pooling layer); otherwise load the model and ask."""
+    (last Dense layer, else the Pooling layer; cut to its `truncate_dim` where it sets one, as `encode` cuts a
+    Matryoshka model's vectors); otherwise load the model and ask."""
     try:
         modules = json.loads((model_dir / "modules.json").read_text())
         for module in reversed(modules):
@@ -209,12 +211,17 @@ def _embedding_dim(model_dir: Path) -> int:
             if kind not in ("Dense", "Pooling"):
                 continue
             config = json.loads((model_dir / module["path"] / "config.json").read_text())
-            if kind == "Dense":
-                return int(config["out_features"])
-            return _pooling_dim(config)
+            dim = int(config["out_features"]) if kind == "Dense" else _pooling_dim(config)
+            return min(dim, _truncate_dim(model_dir) or dim)
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return int(load_encoding_model(model_dir, progress=False).get_embedding_dimension())
+
+
+def _truncate_dim(model_dir: Path) -> int | None:
+    path = model_dir / "config_sentence_transformers.json"
+    truncate = json.loads(path.read_text()).get("truncate_dim") if path.is_file() else None
+    return int(truncate) if truncate else None
 
 
 def _pooling_dim(config: dict) -> int:

@@ -42,7 +42,7 @@ from pathlib import Path
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import PROJECT_ROOT, changed_values, load_config, read_toml, shown
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import check_file_out
+from alterrec_dist.common.files import check_file_out, within
 from alterrec_dist.common.methods import METHODS
 from alterrec_dist.grid.selection import candidates, choose, helpful_switches, next_round, selection_seeds
 
@@ -145,8 +145,8 @@ def _checked(table: dict, keys: dict[str, type], where: str) -> dict:
 
 
 def _check_plain_name(name: str, where: str) -> None:
-    """A dataset's or a peer's name is a directory under the grid's out: `../x` put its runs, and their locks,
-    outside it."""
+    """A dataset's name is a directory under the grid's out, and a peer's starts its runs' directory names under
+    it: `../x` put their runs, and their locks, outside it."""
     if name in ("", ".", "..") or "/" in name or "\\" in name:
         raise ConfigError(f"{where}: name {name!r} must be a plain directory name (no '/', not '..')")
 
@@ -198,10 +198,12 @@ def load_grid(path: str | Path) -> Grid:
 def _check_report(grid: "Grid") -> None:
     """The report is a Markdown file the grid writes whole, and nothing it reads: `report` naming the grid
     file itself replaced it with the report, and the grid was gone."""
-    if grid.report.suffix != ".md":
+    if grid.report.suffix.lower() != ".md":
         raise ConfigError(f"{grid.path}: report {shown(grid.report)} must be a Markdown file (.md)")
+    if within(grid.out, grid.report):  # a report beside the runs, inside out, is fine
+        raise ConfigError(f"{grid.path}: report {shown(grid.report)} holds the grid's runs ({shown(grid.out)})")
     try:
-        check_file_out(grid.report, True, [grid.path, *(PROJECT_ROOT / d.config for d in grid.datasets), grid.out])
+        check_file_out(grid.report, True, [grid.path, *(PROJECT_ROOT / d.config for d in grid.datasets)])
     except DataError as e:
         raise ConfigError(f"{grid.path}: report: {e}") from None
 
@@ -347,6 +349,11 @@ def expand(grid: Grid) -> list[RunSpec]:
                 specs.setdefault(spec.run_dir, spec)
             for spec in refined_runs(d, peer["name"], list(specs.values()), cmd):
                 specs.setdefault(spec.run_dir, spec)
+    for spec in specs.values():  # a sweep value's '/' (or '..') in a name put its run elsewhere
+        where = spec.run_dir.relative_to(grid.out / spec.dataset).parent
+        if where not in (Path("."), Path("peers")):
+            raise ConfigError(f"{grid.path}: the run directory {shown(spec.run_dir)} of {spec.label!r} is not one "
+                              "name under its dataset's (a '/' in a sweep value: name the point as a variant)")
     return run_order(grid, list(specs.values()))
 
 

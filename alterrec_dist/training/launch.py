@@ -15,7 +15,7 @@ import sys
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.config import Config
-from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.errors import ConfigError, DamagedData, DataError
 from alterrec_dist.common.ray_local import init_ray, stop_ray
 from alterrec_dist.common.storage import Location
 from alterrec_dist.training.metric_sinks import mlflow_env
@@ -100,9 +100,9 @@ def _init_ray(num_workers: int) -> bool:
 
 def is_refusal(error: Exception) -> bool:
     """Whether a worker's error comes again on every attempt: a ConfigError (a setting the run cannot go on
-    with, such as a diverged loss). A DataError may be a file or a store that failed for a moment (its read
-    errors are DataErrors too), so Ray restarts it as it does a killed worker."""
-    return isinstance(error, ConfigError)
+    with, such as a diverged loss) or DamagedData. Any other DataError may be a file or a store that failed for
+    a moment (its read errors are DataErrors too), so Ray restarts it as it does a killed worker."""
+    return isinstance(error, (ConfigError, DamagedData))
 
 
 class WorkerErrors:
@@ -112,7 +112,7 @@ class WorkerErrors:
     trains nothing. Whichever ends the run is the driver's error, as the torchrun launcher's rank prints it."""
 
     def __init__(self):
-        self._refusal: ConfigError | None = None
+        self._refusal: ConfigError | DamagedData | None = None
         self._last: ConfigError | DataError | None = None
 
     def record(self, error: ConfigError | DataError) -> None:
@@ -120,7 +120,7 @@ class WorkerErrors:
         if self._refusal is None and is_refusal(error):
             self._refusal = error
 
-    def refusal(self) -> ConfigError | None:
+    def refusal(self) -> ConfigError | DamagedData | None:
         return self._refusal
 
     def last(self) -> ConfigError | DataError | None:

@@ -272,3 +272,11 @@ def test_a_warmup_cosine_run_keeps_its_m_max_on_resume():
         check_resumable(cosine, load_config(None, ["train.lr_schedule=warmup_cosine", "train.m_max=5"]),
                         "run/config.toml")
     check_resumable(load_config(None, ["train.m_max=3"]), load_config(None, ["train.m_max=5"]), "run/config.toml")
+
+
+def test_an_integer_setting_is_refused_past_64_bits_and_a_seed_takes_all_of_them():
+    """model.dim=1e23 was three worker tracebacks; a seed of 2**64 - 1, which torch takes, trained before the bound
+    and must still load (its runs resume and export)."""
+    assert load_config(None, [f"train.seed={2**64 - 1}"]).train.seed == 2**64 - 1
+    with pytest.raises(ConfigError, match=r"model.dim: 99999999999999999999999 is out of range \(past 64 bits\)"):
+        load_config(None, ["model.dim=99999999999999999999999"])

@@ -1,5 +1,7 @@
 """The real bundled all-MiniLM-L6-v2 through `write_text_features`: meaning, missing text, the cache,
 the rows streamed to the writer part by part."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -198,3 +200,20 @@ def test_a_text_cache_that_is_a_file_is_refused_before_encoding(tmp_path):
                                             rf"{cache} is a file"):
             encode(["x"], cache_dir=root, stats=stats)
     assert not stats.model_loaded
+
+
+def test_a_model_that_truncates_its_vectors_is_read_back_from_the_cache(tmp_path):
+    """A Matryoshka model's `truncate_dim` (config_sentence_transformers.json) cuts what `encode` gives: its
+    cached vectors were then judged damaged against the width its Pooling config says, on every run."""
+    import json
+    import shutil
+
+    model = Path(shutil.copytree(text_features.default_model_path(), tmp_path / "model"))
+    config = model / "config_sentence_transformers.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "truncate_dim": 128}))
+    first, _ = encode(TITLES, cache_dir=tmp_path / "cache", model=str(model))
+    stats = EncodeStats()
+    again, _ = encode(TITLES, cache_dir=tmp_path / "cache", model=str(model), stats=stats)
+    assert first.shape == (len(TITLES), 128) and (stats.cached, stats.encoded) == (3, 0)
+    np.testing.assert_array_equal(again, first)
+    assert encode([None], cache_dir=tmp_path / "cache", model=str(model))[0].shape == (1, 128)  # no text: its width

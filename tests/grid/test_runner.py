@@ -548,3 +548,22 @@ def test_a_dataset_or_peer_name_that_is_not_a_plain_directory_name_is_refused(tm
     bad = dataset if dataset != "d" else peer
     with pytest.raises(ConfigError, match=rf"name '{re.escape(bad)}' must be a plain directory name"):
         load_grid(grid)
+
+
+def test_a_sweep_value_with_a_slash_cannot_put_a_run_outside_its_dataset(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(textwrap.dedent(f'''
+        out = "{tmp_path}/runs"
+        [[dataset]]
+        name = "d"
+        config = "configs/default.toml"
+        methods = []
+        [[dataset.peer]]
+        name = "P"
+        command = ["true"]
+        [[dataset.peer.sweep]]
+        key = "path"
+        values = ["../../../escape"]
+    '''))
+    with pytest.raises(ConfigError, match=r"the run directory .* of 'P' is not one name under its dataset's"):
+        expand(load_grid(grid))

@@ -1,5 +1,5 @@
 """What the Ray launcher decides without a Ray: which worker errors end a run at the first restart."""
-from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.errors import ConfigError, DamagedData, DataError
 from alterrec_dist.training.launch import WorkerErrors, is_refusal
 
 
@@ -9,6 +9,9 @@ def test_a_refusal_is_a_setting_not_a_read_that_may_pass():
     assert is_refusal(ConfigError("epoch 0: the id network's training loss is nan: the run diverged"))
     assert not is_refusal(DataError("s3://b/d/part-00000.parquet: object store error (NETWORK_CONNECTION)"))
     assert not is_refusal(RuntimeError("a worker's own failure"))
+    # a NaN text feature reads the same on every attempt: three attempts, three worker tracebacks
+    assert is_refusal(DamagedData("d/text_features/part-00000.npy: row 8 (item_idx 7): a text feature that is not "
+                                  "finite (NaN or inf): make the dataset again"))
 
 
 def test_the_first_refusal_stays_and_the_last_error_is_kept():
