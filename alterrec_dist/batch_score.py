@@ -31,7 +31,7 @@ import argparse
 from alterrec_dist.common.cli import ArgumentParser, add_device_argument, add_model_arguments, run_cli
 from alterrec_dist.common.config import METRICS
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import check_file_out, check_out, within, write_file_out
+from alterrec_dist.common.files import check_file_out, within, write_file_out
 from alterrec_dist.common.run_layout import served_paths
 from alterrec_dist.data.dataset import Dataset, dataset_files
 from alterrec_dist.data.layout import SPLITS
@@ -71,14 +71,14 @@ def format_metrics(result: dict, kinds: list[str], served: str) -> str:
     return "\n".join(lines)
 
 
-def check_out_files(args: argparse.Namespace, inputs: list, whole: list) -> None:
-    """--out and --metrics-out against what the command reads: `inputs` files, `whole` a dataset or an export."""
-    check_out(args.out, args.overwrite, inputs, whole=whole)
+def check_out_files(args: argparse.Namespace, inputs: list) -> None:
+    """--out and --metrics-out (files each) against what the command reads."""
+    check_file_out(args.out, args.overwrite, inputs)
     if args.metrics_out:
         if within(args.metrics_out, args.out):  # the same file, or in the directory --out makes (or replaces)
             raise ConfigError(f"--metrics-out {args.metrics_out} is or lies in --out {args.out}: give each its own "
                               "place")
-        check_file_out(args.metrics_out, args.overwrite, inputs, whole)
+        check_file_out(args.metrics_out, args.overwrite, inputs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,15 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--ray-workers must be >= 1, got {args.ray_workers}")
     if args.export and args.data and not args.split:
         raise ConfigError("--data with --export names the dataset of --split: without --split it would be ignored")
-    # the files read (a dataset's or an export's: an output may lie beside them, not replace one nor lie in them)
+    # the files read (a dataset's or an export's: an output may lie beside them, not replace one)
     inputs = [*(input_files(args.input) if args.input else []), *served_paths(args.run), *export_files(args.export),
               *dataset_files(args.data)]
-    check_out_files(args, inputs, [args.data, args.export])  # before the model
+    check_out_files(args, inputs)  # before the model
     spec = {"run": args.run, "export": args.export, "data": args.data, "device": args.device}
     bundle = load_scoring_model(**spec)
     # the dataset read besides, known now: the run's (its items), or --split's (its sessions)
     data_path = (args.data or bundle.provenance.get("dataset", {}).get("path")) if args.run or args.split else None
-    check_out_files(args, dataset_files(data_path), [data_path, args.export])
+    check_out_files(args, dataset_files(data_path))
     if args.split:
         try:
             data = Dataset(data_path)

@@ -51,8 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = inference_device(args.device)
-    check_out(args.out, args.overwrite, [*served_paths(args.run), *dataset_files(args.data)],  # before the model
-              whole=[args.data])
+    check_out(args.out, args.overwrite, [*served_paths(args.run), *dataset_files(args.data)])  # before the model
     bundle = load_run(args.run, args.data, device)
     out = write_export(bundle, args.out, args.overwrite)
     dims = [m.shape[1] for m in bundle.matrices]

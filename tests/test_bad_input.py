@@ -508,7 +508,7 @@ CASES = [
     ("batch-out-a-file-of-the-runs-dataset-scoring-input", "batch_score", lambda d, r: [
         "--run", str(_run_on_dataset_copy(d, r)), "--input", str(batch_input(d, GOOD_HISTORIES)),
         "--out", str(d / "ds" / "items.parquet"), "--overwrite", "--no-ray"],
-     ["{d}/ds/items.parquet: holds the input {d}/ds/items.parquet"]),  # the run's items were replaced
+     ["{d}/ds/items.parquet: lies in {d}/ds, which its next --overwrite"]),  # the run's items were replaced
     # an output inside a dataset: its next --overwrite deleted it without a word
     ("train-run-in-its-dataset", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=dataset(d))[:-2] + [
         "--out", str(d / "ds" / "myrun")], ["{d}/ds/myrun: lies in {d}/ds, which its next --overwrite replaces whole"]),
@@ -517,6 +517,14 @@ CASES = [
     ("batch-out-in-the-dataset", "batch_score", lambda d, r: [
         "--run", str(r), "--data", str(_run_dataset_copy(d, r)), "--split", "test", "--out",
         str(d / "ds" / "scored.parquet"), "--no-ray"], ["{d}/ds/scored.parquet: lies in {d}/ds"]),
+    ("synth-in-another-dataset", "synth", lambda d, r: [  # not one the command reads
+        "--items", "50", "--sessions", "50", "--text-features", "random-projection", "--out", str(dataset(d) / "sub"),
+        "--no-progress"], ["{d}/ds/sub: lies in {d}/ds, which its next --overwrite replaces whole"]),
+    ("export-out-in-another-export", "export", lambda d, r: [
+        "--run", str(r), "--out", str(_export_copy(d, r, lambda x: None) / "sub")], ["{d}/x/sub: lies in {d}/x"]),
+    ("batch-out-ends-in-a-slash", "batch_score", lambda d, r: [  # wrote a file named "scores"
+        "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", f"{d}/scores/", "--no-ray"],
+     ["{d}/scores/: ends in '/', a directory (give a file name)"]),
     ("batch-metrics-out-the-runs-summary", "batch_score", lambda d, r: [
         "--run", str(run_copy(d, r)), "--input", str(batch_input(d, GOOD_HISTORIES)), "--out", str(d / "o.parquet"),
         "--metrics-out", str(d / "run" / "summary.json"), "--no-ray"],

@@ -108,13 +108,14 @@ def replace_into_place(tmp: Path, out: Path) -> None:
 
 
 def check_out(out: str | Location, overwrite: bool, inputs: Iterable[str | Location | None] = (),
-              apart: Iterable[str | Location] = (), whole: Iterable[str | Location | None] = ()) -> Location:
+              apart: Iterable[str | Location] = ()) -> Location:
     """OUT as an absolute path (or a store URI), refused (DataError) if it exists and `overwrite` is off, or
     if it is, or holds, one of the command's `inputs` (None: not given): replacing it would delete what the
     command reads (`export --run R --out R --overwrite` did); or if it exists inside one (a file or directory
     the command reads as part of it: `--data D --out D/sessions/test/part-00000.parquet --overwrite` replaced
     the dataset's test split). `apart`: directories the command also writes into (a cache), which OUT may not
-    overlap at all, new or not. `whole`: `check_outside`. Every command checks this first."""
+    overlap at all, new or not; and (`check_outside`) if it lies in a dataset, an export or a saved model.
+    Every command checks this first."""
     # `--out "$UNSET"` resolved to the current directory, which --overwrite then replaced with the output
     if isinstance(out, str) and not out.strip():
         raise DataError("an output path is empty (an unset variable?): give --out (or --metrics-out) a path")
@@ -129,7 +130,7 @@ def check_out(out: str | Location, overwrite: bool, inputs: Iterable[str | Locat
     for source in inputs:
         if within(out, source) and (out.exists() or out.is_symlink()):
             raise DataError(f"{out}: lies in the input {source}, which writing it would change")
-    check_outside(out, whole)
+    check_outside(out)
     if isinstance(out, StorePath):
         if out == out.bucket:
             raise DataError(f"{out}: an output goes under a key in the bucket ({out}/NAME), not the bucket itself")
@@ -150,23 +151,40 @@ def within(path: str | Location, directory: str | Location) -> bool:
     return path == directory or directory in path.parents
 
 
-def check_outside(out: str | Location, whole: Iterable[str | Location | None]) -> None:
-    """Refuse an output, new or not, inside one of the directories `whole` the command reads (a dataset, an
-    export): their writers replace them whole, so the next `--overwrite` of one deleted what was put in it
-    without a word (a run trained into its own dataset), and `prepare verify` never saw it there."""
-    for directory in (d for d in whole if d):
-        if within(out, directory):
-            raise DataError(f"{resolve_location(out)}: lies in {resolve_location(directory)}, which its next "
-                            "--overwrite replaces whole: write it elsewhere")
+def check_outside(out: str | Location) -> None:
+    """Refuse an output, new or not, inside a directory that one of our manifests commits (a dataset, an export,
+    a saved model, a checkpoint): its writer replaces it whole, so its next `--overwrite` deleted what was put in
+    it without a word (a run trained into a dataset, a scores file in an export), and `prepare verify` never saw
+    it there. A few stats up the path (a request each in a store)."""
+    out = resolve_location(out)
+    directory = out.parent
+    while True:
+        if _committed(directory):
+            raise DataError(f"{out}: lies in {directory}, which its next --overwrite replaces whole: write it "
+                            "elsewhere")
+        if directory.parent == directory:  # the root, or the bucket
+            return
+        directory = directory.parent
 
 
-def check_file_out(path: str | Location, overwrite: bool, inputs: Iterable[str | Location | None] = (),
-                   whole: Iterable[str | Location | None] = ()) -> Location:
+def _committed(directory: Location) -> bool:
+    """Whether `directory` is one a manifest of ours commits: its manifest lists files (an export, a saved model, a
+    checkpoint: "files"; a dataset: "session_files"), not any manifest.json another tool left."""
+    try:
+        manifest = read_json(directory / MANIFEST) if (directory / MANIFEST).is_file() else None
+    except DataError:
+        return False
+    return isinstance(manifest, dict) and ("files" in manifest or "session_files" in manifest)
+
+
+def check_file_out(path: str | Location, overwrite: bool, inputs: Iterable[str | Location | None] = ()) -> Location:
     """A file a command writes whole at its end (`write_file_out`, --metrics-out), replacing one there only with
     `overwrite` as --out does (a run's metrics.jsonl was replaced silently): refused before the command's work if
     it cannot be written (a directory there, a file where its directory would be made) or would replace what the
     command reads (`inputs`, as for `check_out`: a run's summary.json was overwritten silently)."""
-    out = check_out(path, True, inputs, whole=whole)  # where it may go; whether it may replace a file there, last
+    if str(path).endswith("/"):  # pathlib drops the slash: `--out scores/` wrote a file named scores
+        raise DataError(f"{path}: ends in '/', a directory (give a file name)")
+    out = check_out(path, True, inputs)  # where it may go; whether it may replace a file there, last
     if out.is_dir():  # in a store: a prefix with objects under it, which an object of its name would hide
         raise DataError(f"{out}: is a directory (give a file name)")  # not "pass --overwrite", which cannot help
     if isinstance(out, Path):

@@ -44,9 +44,9 @@ def _vectors(m: torch.Tensor) -> pa.FixedSizeListArray:
 def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = False) -> Location:
     """Write `bundle` to `out` through a temp directory renamed into place (in a store: uploaded, manifest last)."""
     prov = bundle.provenance  # what the bundle was read from: a run and its dataset, or an export
-    dataset = prov.get("dataset", {}).get("path")
-    out = check_out(out, overwrite, [*served_paths(prov.get("run", {}).get("path")), *dataset_files(dataset),
-                                     *export_files(prov.get("export"))], whole=[dataset, prov.get("export")])
+    out = check_out(out, overwrite, [*served_paths(prov.get("run", {}).get("path")),
+                                     *dataset_files(prov.get("dataset", {}).get("path")),
+                                     *export_files(prov.get("export"))])
     with Staged(out) as staged:
         tmp = staged.tmp
         staged.make_dirs(TABLES)

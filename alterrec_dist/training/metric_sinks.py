@@ -20,7 +20,7 @@ from pathlib import Path
 
 from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import METRICS, Config
-from alterrec_dist.common.errors import ConfigError, one_line
+from alterrec_dist.common.errors import ConfigError, DataError, one_line
 from alterrec_dist.common.files import atomic_write_bytes
 from alterrec_dist.common.storage import Location, StorePath
 
@@ -149,12 +149,19 @@ class MetricSinks:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
-        self.tensorboard.close()
-        self._upload_events()
-        if self.local_events != self.events:
-            storage.remove_tree(self.local_events)
-        if self.mlflow is not None:
-            self.mlflow.end(failed=exc_type is not None)
+        # The local temp events go, and MLflow's run ends, whatever the upload does; and when the run is already
+        # failing (a store that went away), its own error is the one raised, not the upload's that followed.
+        try:
+            self.tensorboard.close()
+            self._upload_events()
+        except DataError:
+            if exc_type is None:
+                raise
+        finally:
+            if self.local_events != self.events:
+                storage.remove_tree(self.local_events)
+            if self.mlflow is not None:
+                self.mlflow.end(failed=exc_type is not None)
 
 
 def append_line(path: Location, line: str) -> None:

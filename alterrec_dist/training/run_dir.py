@@ -93,7 +93,7 @@ def make_run_dir(cfg: Config, out: str | None) -> Location:
             raise ConfigError(f"{run_dir}: a run directory goes under a key in the bucket ({run_dir}/NAME), "
                               "not the bucket itself")
         run_dir.check_bucket()
-    check_outside(run_dir, [cfg.resolve_path(cfg.data.path)])  # a dataset's --overwrite deleted the run in it
+    check_outside(run_dir)  # a dataset's (or an export's) --overwrite deleted a run put in it
     if auto:
         base, i = run_dir, 0
         while run_dir.exists():

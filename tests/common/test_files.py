@@ -78,3 +78,22 @@ def test_an_output_may_sit_beside_what_a_command_reads_not_in_it(tmp_path):
         check_out(data / "sessions" / "part.parquet", True, [data])
     with pytest.raises(DataError, match=r"run/model: holds the input .*run/model, which writing it would delete"):
         check_out(run / "model", True, served_paths(run))
+
+
+def test_no_output_goes_inside_a_directory_one_of_our_manifests_commits(tmp_path):
+    """A run, a scores file or a dataset put inside a dataset, an export or a saved model was deleted without a
+    word by that directory's next --overwrite (its writer replaces it whole), whether the command read it or not.
+    Any other manifest.json (another tool's) does not stop an output."""
+    import json
+
+    for name, manifest in [("dataset", {"format_version": 1, "session_files": {}}), ("export", {"files": {}}),
+                           ("model", {"files": {}, "world_size": 1})]:
+        (tmp_path / name / "deep").mkdir(parents=True)
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+        for out in (tmp_path / name / "x.parquet", tmp_path / name / "deep" / "run"):
+            with pytest.raises(DataError, match=rf"{out}: lies in {tmp_path / name}, which its next --overwrite"):
+                check_out(out, False)
+        assert check_out(tmp_path / f"{name}-beside", False) == tmp_path / f"{name}-beside"
+    (tmp_path / "webapp").mkdir()
+    (tmp_path / "webapp" / "manifest.json").write_text(json.dumps({"name": "a web app", "icons": []}))
+    assert check_out(tmp_path / "webapp" / "scores.parquet", False) == tmp_path / "webapp" / "scores.parquet"

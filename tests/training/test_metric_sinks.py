@@ -187,3 +187,25 @@ def test_mlflow_settings_are_judged_by_mlflows_rules(tmp_path, monkeypatch, uri,
             check_mlflow()
     else:
         check_mlflow()
+
+
+@pytest.mark.slow
+def test_a_store_that_fails_mid_run_leaves_no_local_events_and_its_own_error_stands(bucket, file_store):
+    """The run's store went away: leaving the sinks tried to upload the events again, raised the upload's
+    error instead of the run's, and left the local temp events (and the MLflow run open)."""
+    import boto3
+
+    from alterrec_dist.common.storage import StorePath
+
+    run, name = StorePath(f"{bucket}/run"), bucket.removeprefix("s3://")
+    with pytest.raises(RuntimeError, match="the run's own failure"):
+        with MetricSinks(run, Config(), 0) as sinks:
+            sinks.epoch(epoch_line(0, 1.0), 3)
+            local = sinks.local_events
+            s3 = boto3.resource("s3")
+            s3.Bucket(name).objects.all().delete()
+            s3.Bucket(name).delete()  # every later upload fails
+            raise RuntimeError("the run's own failure")
+    assert not local.exists()
+    import mlflow
+    assert mlflow.active_run() is None
