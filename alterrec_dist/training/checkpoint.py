@@ -139,6 +139,9 @@ def intact_manifest(checkpoint: Location, keys: dict[str, type] = LOAD_KEYS) -> 
     return manifest
 
 
+_WARNED: set[str] = set()  # the damaged-checkpoint warnings this process has printed
+
+
 def newest_good(store: Location) -> tuple[Location, dict] | None:
     """The newest intact checkpoint in `store`, with its manifest; None if the store holds no checkpoint.
     Each newer one that fails is a one-line warning on stderr naming the bad file; DataError if they all fail."""
@@ -150,8 +153,10 @@ def newest_good(store: Location) -> tuple[Location, dict] | None:
             problems.append(str(e))
             continue
         for problem in problems:
-            print(f"warning: {problem}; resuming from the older checkpoint {checkpoint.name}", file=sys.stderr,
-                  flush=True)
+            warning = f"warning: {problem}; resuming from the older checkpoint {checkpoint.name}"
+            if warning not in _WARNED:  # the driver's check and rank 0's are one process under torchrun
+                _WARNED.add(warning)
+                print(warning, file=sys.stderr, flush=True)
         return checkpoint, manifest
     if problems:
         raise DataError(f"{store}: none of its {len(problems)} checkpoints is intact; newest: {problems[0]}")

@@ -93,6 +93,7 @@ def test_newest_good_checkpoint_and_fallback(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"warning: {damaged}: missing or corrupt")
     assert "e00000-s0000004" in lines[0]
+    assert newest_good(store)[0] == old and capsys.readouterr().err == ""  # asked again (torchrun's rank 0: once)
 
     (old / "manifest.json").write_text('{"files": {')  # a manifest cut short
     with pytest.raises(DataError) as e:
