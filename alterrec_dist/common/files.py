@@ -135,11 +135,16 @@ def check_out(out: str | Location, overwrite: bool, inputs: Iterable[str | Locat
         if out == out.bucket:
             raise DataError(f"{out}: an output goes under a key in the bucket ({out}/NAME), not the bucket itself")
         out.check_bucket()
+    check_replace(out, overwrite)
+    return out
+
+
+def check_replace(out: Location, overwrite: bool) -> None:
+    """Whether what is at OUT may be replaced: only with `overwrite`, and only a file or a directory."""
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise DataError(f"{out}: output exists (pass --overwrite to replace it)")
     if isinstance(out, Path) and out.exists() and not (out.is_file() or out.is_dir()):  # /dev/null, a pipe
         raise DataError(f"{out}: not a regular file or directory, which no command replaces")
-    return out
 
 
 def within(path: str | Location, directory: str | Location) -> bool:
@@ -155,9 +160,10 @@ def check_outside(out: str | Location) -> None:
     """Refuse an output, new or not, inside a directory that one of our manifests commits (a dataset, an export,
     a saved model, a checkpoint): its writer replaces it whole, so its next `--overwrite` deleted what was put in
     it without a word (a run trained into a dataset, a scores file in an export), and `prepare verify` never saw
-    it there. A few stats up the path (a request each in a store)."""
+    it there. Local paths are walked as they resolve (`..` and links followed: `D/../x` is beside D, a link into
+    D is in it); in a store a level costs a HEAD and a LIST, and a level the credentials may not read is passed."""
     out = resolve_location(out)
-    directory = out.parent
+    directory = (out.resolve() if isinstance(out, Path) else out).parent
     while True:
         if _committed(directory):
             raise DataError(f"{out}: lies in {directory}, which its next --overwrite replaces whole: write it "
@@ -191,7 +197,8 @@ def check_file_out(path: str | Location, overwrite: bool, inputs: Iterable[str |
         above = nearest_existing(out.parent)  # its directory, or where that is made
         if not above.is_dir():
             raise DataError(f"{out}: {above} is not a directory")
-    return check_out(out, overwrite)
+    check_replace(out, overwrite)
+    return out
 
 
 def nearest_existing(path: Path) -> Path:

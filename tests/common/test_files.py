@@ -94,6 +94,11 @@ def test_no_output_goes_inside_a_directory_one_of_our_manifests_commits(tmp_path
             with pytest.raises(DataError, match=rf"{out}: lies in {tmp_path / name}, which its next --overwrite"):
                 check_out(out, False)
         assert check_out(tmp_path / f"{name}-beside", False) == tmp_path / f"{name}-beside"
+    outside = tmp_path / "dataset" / ".." / "beside.parquet"  # written beside the dataset: was refused
+    assert check_out(outside, False) == outside
+    (tmp_path / "link").symlink_to(tmp_path / "dataset" / "deep")  # a link into the dataset: was let through
+    with pytest.raises(DataError, match=rf"lies in {tmp_path / 'dataset'}, which its next --overwrite"):
+        check_out(tmp_path / "link" / "run", False)
     (tmp_path / "webapp").mkdir()
     (tmp_path / "webapp" / "manifest.json").write_text(json.dumps({"name": "a web app", "icons": []}))
     assert check_out(tmp_path / "webapp" / "scores.parquet", False) == tmp_path / "webapp" / "scores.parquet"
