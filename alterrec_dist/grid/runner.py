@@ -200,7 +200,7 @@ def _check_report(grid: "Grid") -> None:
     file itself replaced it with the report, and the grid was gone."""
     if grid.report.suffix.lower() != ".md":
         raise ConfigError(f"{grid.path}: report {shown(grid.report)} must be a Markdown file (.md)")
-    if within(grid.out, grid.report):  # a report beside the runs, inside out, is fine
+    if within(grid.out, grid.report):  # holding the runs (a report inside out, beside them, is fine)
         raise ConfigError(f"{grid.path}: report {shown(grid.report)} holds the grid's runs ({shown(grid.out)})")
     try:
         check_file_out(grid.report, True, [grid.path, *(PROJECT_ROOT / d.config for d in grid.datasets)])
