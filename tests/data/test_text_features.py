@@ -103,14 +103,24 @@ def test_a_cache_file_damaged_past_its_keys_is_one_error_then_a_miss(encoded, tm
     """Its keys read, its vectors not (a bad CRC): a traceback on every run, the file never replaced. Now one
     line naming it, the file removed, and the next run encodes those texts again."""
     import zipfile
+
+    def flip_a_vector_byte(chunk, copy):
+        data = bytearray(chunk.read_bytes())
+        data[zipfile.ZipFile(chunk).getinfo("vectors.npy").header_offset + 300] ^= 0xFF  # inside the vectors
+        copy.write_bytes(bytes(data))
+
+    refused_then_encoded_again(encoded, tmp_path, flip_a_vector_byte, r"\(Bad CRC-32 .*removed it")
+
+
+def refused_then_encoded_again(encoded, tmp_path, damage, problem: str) -> None:
+    """The first call's cache file, copied into a cache of its own by `damage(chunk, copy)`: one line matching
+    `problem` and the file removed, then the next run encodes its texts to the features they had."""
     features, _, _, cache = encoded
     (chunk,) = [f for f in cache.rglob("chunk-*.npz") if len(np.load(f)["keys"]) == 3]  # the first call's
     copy = tmp_path / chunk.parent.name / chunk.name
     copy.parent.mkdir()
-    data = bytearray(chunk.read_bytes())
-    data[zipfile.ZipFile(chunk).getinfo("vectors.npy").header_offset + 300] ^= 0xFF  # inside the vectors
-    copy.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=rf"{copy.name}: a damaged text cache file \(Bad CRC-32 .*removed it"):
+    damage(chunk, copy)
+    with pytest.raises(DataError, match=rf"{copy.name}: a damaged text cache file {problem}"):
         encode(TITLES, cache_dir=tmp_path)
     assert not copy.exists()
     stats = EncodeStats()
@@ -129,19 +139,11 @@ def test_a_cache_file_whose_vectors_do_not_fit_its_keys_or_the_model_is_one_erro
         encoded, tmp_path, damage, problem):
     """Vectors that read but are wrong: they made a dataset of NaNs, or of another width under the model's
     name, with exit 0 (or a traceback). Now the same as a damaged file: one line, the file removed."""
-    features, _, _, cache = encoded
-    (chunk,) = [f for f in cache.rglob("chunk-*.npz") if len(np.load(f)["keys"]) == 3]  # the first call's
-    copy = tmp_path / chunk.parent.name / chunk.name
-    copy.parent.mkdir()
-    with np.load(chunk) as z:
-        np.savez(copy, keys=z["keys"], vectors=damage(z["vectors"]))
-    with pytest.raises(DataError, match=rf"{copy.name}: a damaged text cache file \({problem}\); removed it"):
-        encode(TITLES, cache_dir=tmp_path)
-    assert not copy.exists()
-    stats = EncodeStats()
-    again, _ = encode(TITLES, cache_dir=tmp_path, stats=stats)
-    assert (stats.cached, stats.encoded) == (0, 3)
-    np.testing.assert_array_equal(again, features)
+    def rewrite_vectors(chunk, copy):
+        with np.load(chunk) as z:
+            np.savez(copy, keys=z["keys"], vectors=damage(z["vectors"]))
+
+    refused_then_encoded_again(encoded, tmp_path, rewrite_vectors, rf"\({problem}\); removed it")
 
 
 def test_an_interrupted_run_resumes_from_its_saved_chunks(tmp_path, monkeypatch):
