@@ -517,46 +517,37 @@ def test_ctrl_c_leaves_the_runs_to_the_terminals_sigint(tmp_path):
 ])
 def test_a_report_that_would_replace_what_the_grid_reads_is_refused_before_any_run(tmp_path, report, refusal):
     grid = tmp_path / ("grid.md" if report.endswith("grid.md") else "grid.toml")
-    text = textwrap.dedent(f'''
-        out = "{tmp_path}/runs"
-        report = "{report.format(grid=grid, tmp=tmp_path)}"
-        [[dataset]]
-        name = "d"
-        config = "configs/default.toml"
-        methods = ["id_only"]
-    ''')
-    grid.write_text(text)
+    one_dataset_grid(grid, 'methods = ["id_only"]', f'report = "{report.format(grid=grid, tmp=tmp_path)}"')
+    text = grid.read_text()
     with pytest.raises(ConfigError, match=rf"{grid}: report.*{refusal}"):
         load_grid(grid)
     assert grid.read_text() == text
 
 
+def one_dataset_grid(grid: Path, dataset: str, head: str = "", name: str = "d") -> Path:
+    """A grid file at `grid` of one dataset `name` on configs/default.toml, its runs beside the file: `head`
+    lines before the dataset, `dataset` lines in it."""
+    grid.write_text(f'out = "{grid.parent}/runs"\n{head}\n[[dataset]]\nname = "{name}"\n'
+                    f'config = "configs/default.toml"\n{textwrap.dedent(dataset)}\n')
+    return grid
+
+
 @pytest.mark.parametrize("dataset, peer", [("../escape", "P"), ("a/b", "P"), ("..", "P"), ("d", "../P"), ("d", "")])
 def test_a_dataset_or_peer_name_that_is_not_a_plain_directory_name_is_refused(tmp_path, dataset, peer):
     """`name = "../escape"` put the dataset's runs, and their locks, outside the grid's out."""
-    grid = tmp_path / "grid.toml"
-    grid.write_text(textwrap.dedent(f'''
-        out = "{tmp_path}/runs"
-        [[dataset]]
-        name = "{dataset}"
-        config = "configs/default.toml"
+    grid = one_dataset_grid(tmp_path / "grid.toml", f'''
         methods = ["id_only"]
         [[dataset.peer]]
         name = "{peer}"
         command = ["true"]
-    '''))
+    ''', name=dataset)
     bad = dataset if dataset != "d" else peer
     with pytest.raises(ConfigError, match=rf"name '{re.escape(bad)}' must be a plain directory name"):
         load_grid(grid)
 
 
 def test_a_sweep_value_with_a_slash_cannot_put_a_run_outside_its_dataset(tmp_path):
-    grid = tmp_path / "grid.toml"
-    grid.write_text(textwrap.dedent(f'''
-        out = "{tmp_path}/runs"
-        [[dataset]]
-        name = "d"
-        config = "configs/default.toml"
+    grid = one_dataset_grid(tmp_path / "grid.toml", '''
         methods = []
         [[dataset.peer]]
         name = "P"
@@ -564,6 +555,6 @@ def test_a_sweep_value_with_a_slash_cannot_put_a_run_outside_its_dataset(tmp_pat
         [[dataset.peer.sweep]]
         key = "path"
         values = ["../../../escape"]
-    '''))
+    ''')
     with pytest.raises(ConfigError, match=r"the run directory .* of 'P' is not one name under its dataset's"):
         expand(load_grid(grid))
