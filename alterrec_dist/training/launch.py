@@ -128,10 +128,10 @@ class WorkerErrors:
 
 
 def launch_ray(cfg: Config, run_dir: Location) -> dict:
-    """Train under Ray Train. Ray puts its own signal handlers in place of the command's (`ray.init`: SIGTERM exits
-    with 15; `TorchTrainer.fit`: SIGINT aborts the run, and fit then raises SystemExit(1)), so a Ctrl-C or a SIGTERM
-    ended the command with exit 1 or 15 and nothing said. Both end it as they do under torchrun: "interrupted" and
-    130, or 143, the checkpoints kept for --resume."""
+    """Train under Ray Train. `TorchTrainer.fit` puts its own SIGINT handler in place of the command's (it aborts
+    the run, and fit then raises SystemExit(1)), and a SIGTERM's exit came out of fit as SystemExit(1) too, so a
+    Ctrl-C or a SIGTERM ended the command with exit 1 and nothing said. Both end it as they do under torchrun:
+    "interrupted" and 130, or 143, the checkpoints kept for --resume."""
     with SignalsSeen() as seen:
         try:
             return _launch_ray(cfg, run_dir)
