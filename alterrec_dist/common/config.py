@@ -15,7 +15,7 @@ from pathlib import Path
 from alterrec_dist.common import storage
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.storage import Location
-from alterrec_dist.common.methods import ALTERNATE, METHODS, score_and_metric
+from alterrec_dist.common.methods import ALTERNATE, METHODS, score_and_metric, sweep_kind
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # alterrec_dist/common/config.py -> the project
 LOGIT_FORMS = ("dot", "cosine")
@@ -119,6 +119,14 @@ def _positive_float():
     return lambda v: math.isfinite(v) and v > 0, "a finite number > 0"
 
 
+MIN_TEMPERATURE = 1e-4
+
+
+def _temperature():
+    # 1/temperature scales every logit: a tiny one (1e-300) made it inf, every score NaN and every target last
+    return lambda v: math.isfinite(v) and v >= MIN_TEMPERATURE, f"a finite number >= {MIN_TEMPERATURE:g}"
+
+
 def _finite_at_least_zero():
     return lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"
 
@@ -149,9 +157,9 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
     "model.heads": _at_least(1),
     "model.dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "model.text_hidden": _at_least(0),
-    "model.text_temperature": _positive_float(),
+    "model.text_temperature": _temperature(),
     "model.init_std": _positive_float(),
-    "model.id_temperature": _positive_float(),
+    "model.id_temperature": _temperature(),
     "model.id_logits": _one_of(*LOGIT_FORMS),
     "model.text_logits": _one_of(*LOGIT_FORMS),
     "model.text_adapter": _one_of(*TEXT_ADAPTERS),
@@ -178,7 +186,8 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
     "train.lr_schedule": _one_of("constant", "warmup_cosine"),
     "train.lr_warmup": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "eval.alpha": _unit_interval(),
-    "eval.alpha_sweep": (lambda v: all(0.0 <= a <= 1.0 for a in v), "values in [0, 1]"),
+    "eval.alpha_sweep": (lambda v: all(0.0 <= a <= 1.0 for a in v) and len({sweep_kind(a) for a in v}) == len(v),
+                         "distinct values in [0, 1] (as named: fused@<value> to 6 digits)"),
     "eval.metric": (_valid_metric, f"<{'|'.join(SCORE_PARTS)}>/<{'|'.join(METRICS)}>, like fused/ndcg@10"),
     "eval.batch_size": _at_least(1),
     "eval.tile_rows": (lambda v: v >= 0, ">= 0 (0: automatic, per device)"),
@@ -232,6 +241,8 @@ class Config:
             (not t.reject_worse or METHODS[t.method].schedule == ALTERNATE,
              f"train.reject_worse applies to methods that alternate two networks, not {t.method}: set "
              "train.reject_worse=false"),
+            (m.dim >= 2 or not m.item_layernorm,  # a LayerNorm of one value gives its bias: every item ties
+             f"model.dim={m.dim} with model.item_layernorm=true makes every item row the same: dim must be >= 2"),
             (m.encoder != "transformer" or m.dim % m.heads == 0,
              f"model.dim={m.dim} must be divisible by model.heads={m.heads} for the transformer encoder"),
         ]

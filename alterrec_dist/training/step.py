@@ -13,7 +13,8 @@ from alterrec_dist.data.reader import Batch
 from alterrec_dist.model.networks import Network
 from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.loss import tiled_band_loss
-from alterrec_dist.parallel.mining import Band, catalog_band, exclude_items, mine_band, random_band, top_items
+from alterrec_dist.parallel.mining import (Band, catalog_band, exclude_items, local_candidates, mine_band, random_band,
+                                          top_items)
 from alterrec_dist.parallel.table import ShardedItemTable
 from alterrec_dist.training.schedule import Phase
 
@@ -45,16 +46,20 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
     num_neg = k2 - t.k1
     num_hard = round(t.hard_fraction * num_neg) if frozen else 0
     bands = []
-    if num_hard:
+    if num_hard or phase.augmented:
         with torch.no_grad():
             frozen_queries = comm.all_gather(frozen.encode(history_rows(frozen, x.detach() if x is not None else None),
                                                            batch.mask))
-            band, candidates = mine_band(comm, frozen_queries, frozen_rows, t.k1, t.k1 + num_hard, table.num_items,
-                                         frozen.logit_scale, t.merge, cfg.eval.tile_rows,
-                                         extra=t.p + 1 if phase.augmented else 0)
+            if num_hard:
+                band, candidates = mine_band(comm, frozen_queries, frozen_rows, t.k1, t.k1 + num_hard,
+                                             table.num_items, frozen.logit_scale, t.merge, cfg.eval.tile_rows,
+                                             extra=t.p + 1 if phase.augmented else 0)
+                bands.append(band)
+            else:  # no hard negative (hard_fraction rounds to none): the positives were dropped, not augmented
+                candidates = local_candidates(frozen_queries, frozen_rows, t.p + 1, frozen.logit_scale,
+                                              cfg.eval.tile_rows, ties_by_id=True)
             if phase.augmented:
                 positives = torch.cat([positives, top_items(comm, candidates, table.global_ids, t.p, target)], 1)
-        bands.append(band)
     if phase.negatives == "random" and t.random_negatives == "catalog":
         bands.append(catalog_band(len(target), table.num_local, device))
     elif num_neg - num_hard:

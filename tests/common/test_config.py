@@ -176,7 +176,15 @@ def test_missing_file(tmp_path):
     (["train.weight_decay=nan"], "train.weight_decay must be a finite number >= 0"),
     (["eval.alpha=nan"], "eval.alpha must be in [0, 1]"),
     (["data.path= "], "data.path must be a dataset directory"),
-    (["model.id_temperature=0"], "model.id_temperature must be a finite number > 0"),
+    (["model.id_temperature=0"], "model.id_temperature must be a finite number >= 0.0001"),
+    # 1/temperature overflowed: every score NaN, each target ranked last, exit 0 (or "lower train.lr_id")
+    (["model.text_temperature=1e-300"], "model.text_temperature must be a finite number >= 0.0001, got 1e-300"),
+    (["model.id_temperature=1e-40"], "model.id_temperature must be a finite number >= 0.0001"),
+    # one LayerNorm'd value is its bias: every item the same, loss 0, a constant model, exit 0
+    (["model.dim=1"], "model.dim=1 with model.item_layernorm=true makes every item row the same"),
+    # two values named alike (fused@0.123456): one kind held the other's weights
+    (["eval.alpha_sweep=[0.1234561, 0.1234564]"], "eval.alpha_sweep must be distinct values in [0, 1]"),
+    (["eval.alpha_sweep=[0.5, 0.5]"], "eval.alpha_sweep must be distinct values"),
     (["model.id_logits=l2"], "model.id_logits must be one of dot, cosine"),
     (["train.method=nfrec_sum", "model.text_logits=cosine"], "not to NFRec's fused one"),
     (["model.text_adapter=linear"], "model.text_adapter must be one of mlp, whitening, moe"),

@@ -40,7 +40,8 @@ COMMON = ["train.m_random=1", "train.m_gap=1", "train.m_max=4", "train.global_ba
     ["train.method=alterrec_aug", "train.merge=allgather", "train.hard_fraction=0.5", "model.item_layernorm=true",
      "model.text_adapter=whitening", "train.random_negatives=catalog"],
     ["train.method=nfrec_concat", "model.encoder=mean", "model.id_init=text", "train.random_negatives=catalog"],
-], ids=["aug-threshold-transformer", "aug-allgather-mixed", "nfrec"])
+    ["train.method=alterrec_aug", "train.hard_fraction=0"],  # augmented positives, no band mined
+], ids=["aug-threshold-transformer", "aug-allgather-mixed", "nfrec", "aug-without-hard-negatives"])
 def test_two_workers_compute_what_one_computes(tmp_path, overrides):
     data = tiny_dataset(tmp_path / "data")
     [one] = run_world(train_and_collect, 1, str(data), COMMON + overrides)

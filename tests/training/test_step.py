@@ -1,6 +1,6 @@
-"""The training step's negatives, through the real run on a real dataset: with
+"""The training step's negatives and positives, through the real run on a real dataset: with
 `train.random_negatives = catalog`, a random phase trains the network on cross-entropy over the whole
-catalog, the loss its own logits give."""
+catalog, the loss its own logits give; augmentation adds its positives with no hard negative too."""
 import pytest
 import torch
 
@@ -39,3 +39,17 @@ def test_catalog_negatives_train_on_cross_entropy_over_the_whole_catalog(tmp_pat
     torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-6)
     [(sampled, _)] = run_world(first_step_losses, 1, str(data), "sampled")  # 14 random draws: another loss
     assert abs(sampled - full) > 0.1
+
+
+def test_augmented_positives_are_added_when_no_negative_is_hard(tmp_path):
+    """alterrec_aug with train.hard_fraction rounding to no hard negative trained bit for bit as alterrec_random
+    (its positives were added only where a band was mined), while metrics.jsonl said "augmented"."""
+    from tests.training.test_recipe import COMMON, train_and_collect
+
+    data = tiny_dataset(tmp_path / "data")
+    [augmented] = run_world(train_and_collect, 1, str(data), COMMON + ["train.method=alterrec_aug",
+                                                                      "train.hard_fraction=0"])
+    [random] = run_world(train_and_collect, 1, str(data), COMMON + ["train.method=alterrec_random"])
+    warm_up = 2 * 6  # steps of the two random epochs, the same in both
+    assert augmented[0][:warm_up] == random[0][:warm_up]
+    assert all(a != r for a, r in zip(augmented[0][warm_up:], random[0][warm_up:]))
