@@ -4,7 +4,8 @@
         [--overwrite] [--top 20] [--ray | --no-ray] [--ray-workers N] [--metrics-out FILE.json]
 
 Input: session files in the dataset layout (`history` list<int> of item_idx, oldest first; optional
-`target`, `user`, `session`), read in bounded batches of `eval.batch_size` rows, never whole.
+`target`, `user`, `session`; item ids, as strings, are refused: the dataset's items.parquet maps them), read in
+bounded batches of `eval.batch_size` rows, never whole.
 Output (written to a temp file, renamed into place): `example` (the row's index in the input, file
 order), `user`/`session` when present, `target` and `rank_<kind>` (1 = first) when targets are
 present, and the top-N of the served score (the fused score at the alpha the run chose on validation, the
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m alterrec_dist.batch_score", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", nargs="+", help="session Parquet files or directories of them")
+    src.add_argument("--input", nargs="+", help="session Parquet files or directories of them: `history` a list "
+                                                "of item_idx, optional `target` (item_idx), `user`, `session`")
     src.add_argument("--split", choices=SPLITS, help="a split of the run's dataset")
     p.add_argument("--out", required=True, help="output Parquet file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --metrics-out)")

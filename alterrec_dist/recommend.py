@@ -30,12 +30,14 @@ from alterrec_dist.serve.export_dir import load_scoring_model
 from alterrec_dist.serve.search import INDEXES, Recommendation, Searcher, recommend
 
 
+NO_TEXT = "(no text)"
+
+
 def format_recommendation(rec: Recommendation, width: int = 70) -> str:
     lines = [f"session ({len(rec.session)} items, oldest first): {' '.join(rec.session)}",
              f"{'rank':>4}  {'item_id':<14}{'fused':>11}" + "".join(f"{c:>11}" for c in rec.components) + "  item text"]
     for r in rec.rows:
-        text = r["text"] if r["text"] else r["item_id"]
-        text = " ".join(text.split())
+        text = " ".join((r["text"] or "").split()) or NO_TEXT  # not the id: beside it, it read as the item's text
         if len(text) > width:
             text = text[:width - 3] + "..."
         scores = "".join(f"{r['scores'][c]:>11.5f}" for c in rec.components)

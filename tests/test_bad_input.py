@@ -11,6 +11,7 @@ trained run of tests/serve/test_export.py (torchrun launcher, no Ray).
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 import os
 import shutil
@@ -245,6 +246,20 @@ CASES = [
     ("log-csv-invalid-utf8-inside-a-quoted-value", "prepare", lambda d, r: log_argv(
         log_csv(d, GOOD_LOG[:4]), _raw(d, "items.csv", b'item,title\nA,x\nB,"two\nli\xffnes"\nC,y\nD,z\n'),
         d / "out", "--text-cols", "title"), ["{d}/items.csv: row 2: not UTF-8 text (line 4"]),
+    # files of another format handed over as CSV: gzip was "header line: not UTF-8 text", a JSON array's whole
+    # first line (156 kB on a reviewer's 1,506 events) the one column name in "missing column(s) ... (found: ...)"
+    ("log-gzip-csv", "prepare", lambda d, r: log_argv(
+        _raw(d, "inter.csv.gz", gzip.compress(b"user,item,ts\nu1,A,0\n")), log_items(d), d / "out"),
+     ["{d}/inter.csv.gz: gzip file, not CSV/TSV or Parquet (prepare reads those, uncompressed)"]),
+    ("log-json-array", "prepare", lambda d, r: log_argv(
+        _raw(d, "inter.json", json.dumps([{"user": "u1", "item": "A", "ts": t} for t in range(5000)]).encode()),
+        log_items(d), d / "out"), ["{d}/inter.json: JSON file, not CSV/TSV or Parquet"]),
+    ("log-feather", "prepare", lambda d, r: log_argv(
+        _raw(d, "inter.feather", b"ARROW1\x00\x00" + b"\x00" * 64), log_items(d), d / "out"),
+     ["{d}/inter.feather: Arrow/Feather file, not CSV"]),
+    ("log-missing-column-of-a-long-header", "prepare", lambda d, r: log_argv(
+        _raw(d, "inter.csv", (",".join(f"c{k}" for k in range(500)) + ",user,item," + "x" * 5000 + "\n").encode()),
+        log_items(d), d / "out"), ["{d}/inter.csv: missing column(s) ts (found: c0, c1,", ", and 483 more)"]),
     ("log-missing-column", "prepare", lambda d, r: log_argv(
         _raw(d, "inter.csv", b"user,item\nu1,A\n"), log_items(d), d / "out"),
      ["{d}/inter.csv: missing column(s) ts"]),
@@ -390,6 +405,10 @@ CASES = [
         "--items", "99999999999999999999", "--sessions", "10", "--out", str(d / "o"), "--no-progress"],
      ["--items must be <= 2,147,483,647"]),  # a traceback from numpy
     # train: config values (driver only, no run directory)
+    # every text row zeros: the text network's score one constant, "text hit@10" the tie order by item index
+    ("train-text-method-on-a-dataset-without-text", "train", lambda d, r: train_argv(
+        d, "train.method=alterrec", data=_without_text(d / "data")),
+     ["{d}/data: no item has text, and train.method=alterrec learns from it"]),
     ("train-batch-size-zero", "train", lambda d, r: train_argv(d, "train.global_batch_size=0"),
      ["train.global_batch_size must be >= 1, got 0"]),
     ("train-batch-size-negative", "train", lambda d, r: train_argv(d, "train.global_batch_size=-2"),
@@ -563,6 +582,14 @@ CASES = [
     ("batch-history-item-out-of-range", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES[:7] + [[1, 2000]] + GOOD_HISTORIES[8:])),
         "--out", str(d / "o.parquet")], ["{d}/in.parquet: row 8: history item outside 0..1999"]),
+    # item ids where the indices go: "2" was scored as item_idx 2 (another item), exit 0 and its metrics printed
+    ("batch-history-of-item-ids", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(_parquet(d, "in.parquet", history=pa.array([["1", "2"], ["3"]]))),
+        "--out", str(d / "o.parquet")], ["{d}/in.parquet: column history holds string, not item indices"]),
+    ("batch-target-of-item-ids", "batch_score", lambda d, r: [
+        "--run", str(r), "--input", str(_parquet(d, "in.parquet", history=pa.array([[1, 2], [3]]),
+                                                  target=pa.array(["4", "5"]))),
+        "--out", str(d / "o.parquet")], ["{d}/in.parquet: column target holds string, not item indices"]),
     ("batch-empty-history", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES[:4] + [[]] + GOOD_HISTORIES[5:])),
         "--out", str(d / "o.parquet")], ["{d}/in.parquet: row 5: empty history"]),
@@ -615,6 +642,19 @@ CASES = [
 def _parquet(d: Path, name: str, **columns) -> Path:
     pq.write_table(pa.table(columns), d / name)
     return d / name
+
+
+def _without_text(out: Path) -> Path:
+    from alterrec_dist.data.layout import DatasetWriter
+
+    rng = np.random.default_rng(0)
+    with DatasetWriter(out) as w:
+        for split in ("train", "valid", "test"):
+            w.add_sessions(split, [[1, 2], [3]] * 8, rng.integers(0, V, 16))
+        w.set_items([f"item{i}" for i in range(V)], [None] * V)  # as `prepare log` without --text-cols
+        w.add_text_features(np.zeros((V, 8)))
+        w.commit(source={"kind": "test"}, text_model=None)
+    return out
 
 
 def _raw(d: Path, name: str, data: bytes) -> Path:

@@ -28,6 +28,12 @@ class Method:
         """One network scoring fused rows (NFRec), rather than an id and a text network."""
         return list(self.networks) == ["fused"]
 
+    @property
+    def learns_from_text(self) -> bool:
+        """Whether a network it trains reads the item text features (all but ID only)."""
+        trained = self.networks.values() if self.schedule == ALTERNATE else [self.networks[self.schedule]]
+        return any(kind != "id" for kind in trained)
+
 
 METHODS: dict[str, Method] = {
     "alterrec": Method("AlterRec", hard=True),

@@ -47,8 +47,9 @@ def _init_to_its_end(kwargs: dict) -> None:
     """`ray.init(**kwargs)`, never cut short by a signal. A SIGTERM (or Ctrl-C) whose handler raised inside ray.init
     could land after Ray had built the driver's core worker and before it kept it where `ray.shutdown` finds it:
     that core worker then crashed the exiting command (SIGSEGV in Ray's exit handler; every time the signal came
-    at that point). So both signals wait for the start to end (5-10 s at most here), then reach the handlers the
-    command had; ray.init's own SIGTERM handler (`sys.exit(15)`, put in place as it begins) is left out."""
+    at that point). So both signals wait for the start to end (5-10 s on an idle 2-core machine, 28 s seen on a
+    loaded one), then reach the handlers the command had; ray.init's own SIGTERM handler (`sys.exit(15)`, put in
+    place as it begins) is left out."""
     import signal
     import threading
 

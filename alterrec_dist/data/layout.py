@@ -107,6 +107,7 @@ class DatasetWriter:
         self._parts = {s: [] for s in SPLITS}
         self._rows = {s: 0 for s in SPLITS}
         self._train_target_counts = np.zeros(0, dtype=np.int64)
+        self._largest_index = -1  # of every session row added
         self._feature_parts: list[dict] = []
         self._feature_rows = 0
         self._feature_buffer: list[np.ndarray] = []
@@ -137,6 +138,7 @@ class DatasetWriter:
             ],
             schema=SESSION_SCHEMA,
         )
+        self._check_indices(split, table)
         if split == "train":
             t = np.asarray(target, dtype=np.int64)
             counts = np.bincount(t, minlength=len(self._train_target_counts))
@@ -147,6 +149,19 @@ class DatasetWriter:
         self._rows[split] += n
         while self._pending_rows[split] >= self.rows_per_part:
             self._flush_sessions(split, self.rows_per_part)
+
+    def _check_indices(self, split: str, table: pa.Table) -> None:
+        """Item indices are not negative (checked here, naming the row) nor V or more (at commit, when V is
+        known): the writer took both and wrote a dataset that only `verify` or training refused."""
+        history = table.column("history").combine_chunks()
+        target = table.column("target").to_numpy()
+        items, parents = pc.list_flatten(history).to_numpy(), pc.list_parent_indices(history).to_numpy()
+        for what, values, rows in (("history item", items, parents), ("target", target, np.arange(len(target)))):
+            negative = np.flatnonzero(values < 0)
+            if len(negative):
+                raise DataError(f"{split} row {self._rows[split] + int(rows[negative[0]]) + 1}: {what} "
+                                f"{int(values[negative[0]])} is negative (item indices are 0..V-1)")
+        self._largest_index = max(self._largest_index, int(items.max(initial=-1)), int(target.max(initial=-1)))
 
     def _flush_sessions(self, split: str, max_rows: int) -> None:
         table = pa.concat_tables(self._pending[split])
@@ -219,12 +234,13 @@ class DatasetWriter:
             self._flush_features(sum(len(b) for b in self._feature_buffer))
         if self._feature_rows != V:
             raise ValueError(f"{self._feature_rows} text feature rows for {V} items")
-        has_text = self._has_text if self._has_text is not None else np.ones(V, dtype=bool)
+        # without a mask, the items whose text is there: a writer given no text marked every item as having one
+        has_text = self._has_text if self._has_text is not None else text_present(self._item_text)
         if len(has_text) != V:
             raise ValueError("has_text mask length differs from the item count")
         np.save(self.tmp / "text_features" / "has_text.npy", has_text)
-        if len(self._train_target_counts) > V:
-            raise DataError(f"{self.out}: a train target is >= V={V}")
+        if self._largest_index >= V:
+            raise DataError(f"{self.out}: item index {self._largest_index} in the sessions, for {V} items (0..{V - 1})")
         popularity = np.zeros(V, dtype=np.int64)
         popularity[: len(self._train_target_counts)] = self._train_target_counts
         items = pa.Table.from_arrays(
@@ -264,6 +280,12 @@ class DatasetWriter:
         if exc_type is not None or self.tmp.exists():
             self.abort()
         return False
+
+
+def text_present(text: pa.Array) -> np.ndarray:
+    """Which items have a text: not null, not blank."""
+    present = pc.and_(pc.is_valid(text), pc.not_equal(pc.utf8_trim_whitespace(text), ""))
+    return present.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def item_files(manifest: dict) -> list[str]:

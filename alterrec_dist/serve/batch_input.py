@@ -43,16 +43,31 @@ def session_columns(files: list[Location]) -> list[str]:
     for f in files:
         try:
             with storage.open_input(f) as source:
-                names = pq.ParquetFile(source).schema_arrow.names
+                schema = pq.ParquetFile(source).schema_arrow
         except (OSError, ValueError) as e:
             raise DataError(f"{f}: cannot read Parquet metadata ({e})") from None
-        have = [c for c in SESSION_COLUMNS if c in names]
+        have = [c for c in SESSION_COLUMNS if c in schema.names]
         if "history" not in have:
             raise DataError(f"{f}: no `history` column (session files have history, target, user, session)")
+        _check_index_types(f, schema)
         if cols is not None and have != cols:
             raise DataError(f"{f}: session columns {have} differ from {cols} of {files[0]}")
         cols = have
     return cols
+
+
+def _check_index_types(f: Location, schema: pa.Schema) -> None:
+    """`history` and `target` hold item indices, as integers: ids, as strings, were cast to the indices they spell
+    and scored as other items, exit 0."""
+    for name in ("history", "target"):
+        if name not in schema.names:
+            continue
+        kind = schema.field(name).type
+        if name == "history" and (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+            kind = kind.value_type  # not a list at all: the cast to the session types says so
+        if not pa.types.is_integer(kind):
+            raise DataError(f"{f}: column {name} holds {kind}, not item indices (integers 0..V-1: the item_idx "
+                            "that the dataset's items.parquet gives each item_id)")
 
 
 SESSION_TYPES = {"history": pa.list_(pa.int64()), "target": pa.int64(), "user": pa.string(), "session": pa.string()}

@@ -31,6 +31,9 @@ def check_dataset(cfg: Config) -> Location:
     data = Dataset(path)  # reads the manifest: DataError naming the file if it is missing or broken
     data.check()  # every file's size and shape, item indices in range: before Ray, not in the workers
     t = cfg.train
+    if method(t.method).learns_from_text and not data.has_text().any():  # every text row zeros: one constant score
+        raise ConfigError(f"{path}: no item has text, and train.method={t.method} learns from it (prepare the "
+                          "dataset with its text columns, e.g. `prepare log --text-cols`, or train id_only)")
     if cfg.trainer.num_workers > data.num_items:  # a worker would hold no item row, which scoring cannot take
         raise ConfigError(f"trainer.num_workers={cfg.trainer.num_workers} is more than the {data.num_items} items of "
                           f"{path} (each worker holds a share of the item table)")

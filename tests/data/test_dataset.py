@@ -1,5 +1,6 @@
 """A dataset's identity (what a run records of its data) and `unlike`, which resume and serving compare it with."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -23,6 +24,24 @@ def dataset(out, train_seed: int = 0, test_seed: int = 0, features_seed: int = 0
         w.add_text_features(np.random.default_rng(features_seed).standard_normal((V, 8)))
         w.commit(source={"kind": "test"}, text_model=None)
     return Dataset(out)
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_the_start_check_refuses_an_empty_split(tmp_path, split):
+    """A dataset whose valid split was emptied (its file and manifest made to agree) passed every check; training
+    then scored valid 0.0 every epoch, chose epoch 0 and exited 0."""
+    import pyarrow.parquet as pq
+
+    from alterrec_dist.data.layout import SESSION_SCHEMA
+
+    data = dataset(tmp_path / "data")
+    manifest = json.loads(data.mpath.read_text())
+    [part] = manifest["session_files"][split]
+    pq.write_table(SESSION_SCHEMA.empty_table(), data.path / part["file"])
+    part["rows"], manifest["splits"][split] = 0, 0
+    data.mpath.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"the {split} split has no rows"):
+        Dataset(data.path).check()
 
 
 def test_the_writer_refuses_an_id_twice(tmp_path):
@@ -76,6 +95,37 @@ def test_the_writer_refuses_an_empty_history_and_leaves_nothing(tmp_path):
             w.add_sessions("train", [[1, 2]] * 40, np.arange(40))
             w.add_sessions("train", [[3], [], [4]], [1, 2, 3])
     assert list(tmp_path.iterdir()) == []  # no OUT, no temporary beside it
+
+
+@pytest.mark.parametrize("history, target, error", [
+    ([[0, 1], [2]], [3, -4], "train row 2: target -4 is negative"),  # numpy's bincount traceback
+    ([[0, 1], [2, -1]], [3, 4], "train row 2: history item -1 is negative"),
+    ([[0, 1], [2, 300]], [3, 4], "item index 300 in the sessions, for 20 items (0..19)"),  # written, exit 0
+])
+def test_the_writer_refuses_an_item_index_outside_the_catalog(tmp_path, history, target, error):
+    with pytest.raises(DataError, match=re.escape(error)):
+        with DatasetWriter(tmp_path / "data") as w:
+            w.add_sessions("train", history, target)
+            for split in ("valid", "test"):
+                w.add_sessions(split, [[0]], [1])
+            w.set_items([f"i{i}" for i in range(20)])
+            w.add_text_features(np.ones((20, 8)))
+            w.commit(source={"kind": "test"}, text_model=None)
+    assert not (tmp_path / "data").exists()
+
+
+def test_without_a_mask_the_writer_marks_the_items_whose_text_is_there(tmp_path):
+    """A writer given no has_text mask marked every item as having text, those given None too (200 of 200 on a
+    reviewer's catalog of 188 texts), and `prepare verify` passed it."""
+    with DatasetWriter(tmp_path / "data") as w:
+        for split in ("train", "valid", "test"):
+            w.add_sessions(split, [[0, 1]], [2])
+        w.set_items(["a", "b", "c", "d"], [None, "  ", "text", "more"])
+        w.add_text_features(np.ones((4, 8)))
+        w.commit(source={"kind": "test"}, text_model=None)
+    data = Dataset(tmp_path / "data")
+    assert data.has_text().tolist() == [False, False, True, True]
+    assert data.manifest["text"]["num_with_text"] == 2
 
 
 @pytest.mark.parametrize("bad, value", [("NaN", np.nan), ("past float16's range", 1e6)])

@@ -457,6 +457,22 @@ def test_log_sessions_and_splits(tmp_path, kind, mode):
     assert ds.items()["text"][0].as_py() == "Title 1. about 1"
 
 
+def test_log_session_ids_are_each_user_s_own(tmp_path):
+    """Session ids numbered per user (each user's first session "1"): every user's session "1" was one session
+    of all their events in time order, its user the first one's, exit 0."""
+    _, items = write_log(tmp_path, "parquet")
+    inter = tmp_path / "numbered.parquet"
+    log = [("u1", "i1", 1, "1"), ("u2", "i4", 2, "1"), ("u1", "i2", 3, "1"), ("u2", "i5", 4, "1"),
+           ("u1", "i3", 5, "1"), ("u1", "i6", 6, "2"), ("u1", "i7", 7, "2"), ("u1", "i8", 8, "1")]
+    pq.write_table(pa.table({"user": [r[0] for r in log], "item": [r[1] for r in log], "ts": [r[2] for r in log],
+                             "sess": [r[3] for r in log]}), inter)
+    main(log_argv(inter, items, tmp_path / "out", "--session-col", "sess"))
+    ds = Dataset(tmp_path / "out")
+    assert sessions_as_rows(ds, "test") == [([0, 1, 2], 7, "u1", "1"), ([3], 4, "u2", "1"), ([5], 6, "u1", "2")]
+    assert sessions_as_rows(ds, "valid") == [([0, 1], 2, "u1", "1")]
+    assert sessions_as_rows(ds, "train") == [([0], 1, "u1", "1")]
+
+
 def test_log_numeric_times_and_drop_short(tmp_path, capsys):
     _, items = write_log(tmp_path, "parquet")
     log = LOG + [("u4", "i8", 3, "e")]  # a one-event user

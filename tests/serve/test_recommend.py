@@ -179,3 +179,15 @@ def test_a_repeated_item_id_is_refused_not_served_as_the_last_item(bundle):
     finally:
         bundle.item_ids = ids
         bundle.__dict__.pop("_index_of", None)
+
+
+def test_an_item_without_text_is_shown_without_one():
+    """Its id stood in the "item text" column, where it read as the item's text."""
+    from alterrec_dist.recommend import NO_TEXT, format_recommendation
+    from alterrec_dist.serve.search import Recommendation
+
+    rows = [{"rank": 1, "item_idx": 4, "item_id": "SKU-4", "text": None, "fused": 0.5, "scores": {"id": 0.5}},
+            {"rank": 2, "item_idx": 7, "item_id": "SKU-7", "text": "  ", "fused": 0.4, "scores": {"id": 0.4}},
+            {"rank": 3, "item_idx": 9, "item_id": "SKU-9", "text": "a  lamp", "fused": 0.3, "scores": {"id": 0.3}}]
+    lines = format_recommendation(Recommendation(["SKU-1"], [], 0, ["id"], rows)).splitlines()
+    assert [line.split("  ")[-1].strip() for line in lines[2:]] == [NO_TEXT, NO_TEXT, "a lamp"]

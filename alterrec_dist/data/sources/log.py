@@ -19,7 +19,8 @@ def read_log(interactions: str | Path, items: str | Path, user_col: str, item_co
              text_cols: list[str], session_col: str | None = None, item_id_col: str | None = None,
              split: str = "leave-last-out", cutoff: str | None = None, valid_cutoff: str | None = None,
              drop_short: bool = False) -> Source:
-    """Sessions from `session_col`, else each user's events; ordered by time (file order on ties).
+    """Sessions from `session_col` (a user's session ids), else each user's events; ordered by time (file order on
+    ties).
 
     leave-last-out: per session the last event is the test target, the second last the valid
     target, the rest train prefix pairs. A 2-event session gives a test row only, a 3-event
@@ -41,23 +42,26 @@ def read_log(interactions: str | Path, items: str | Path, user_col: str, item_co
     raise_at_first(pc.is_null(idx).to_numpy(zero_copy_only=False), interactions, item_col,
                     f"item not in the item table {items}")
     times, time_kind = _time_numbers(table[time_col].combine_chunks(), f"{interactions}: column {time_col}")
-    key_col = session_col or user_col
-    keys = pc.dictionary_encode(users if session_col is None else string_column(table, session_col, interactions))
+    sessions = string_column(table, session_col, interactions) if session_col else None
+    keys = pc.dictionary_encode(users if sessions is None else _user_session_pairs(users, sessions))
     codes = keys.indices.to_numpy().astype(np.int64)  # codes follow first appearance: a stable session order
     order = np.lexsort((np.arange(len(codes)), times, codes))
     counts = np.bincount(codes, minlength=len(keys.dictionary))
     first_row = order[counts_to_offsets(counts)[:-1]]
 
     def describe(g: int) -> str:
-        kind = "session" if session_col else "user"
-        return f"{interactions}: {kind} {keys.dictionary[g].as_py()!r} (row {first_row[g] + 1}, column {key_col})"
+        row = first_row[g]
+        if sessions is None:
+            return f"{interactions}: user {users[row].as_py()!r} (row {row + 1}, column {user_col})"
+        return (f"{interactions}: session {sessions[row].as_py()!r} of user {users[row].as_py()!r} "
+                f"(row {row + 1}, column {session_col})")
 
     keep = keep_long_sessions(counts, describe, drop_short)
     order = order[np.repeat(keep, counts)]
     offsets = counts_to_offsets(counts[keep])
     values, times = idx.to_numpy().astype(np.int64)[order], times[order]
     user = users.take(pa.array(first_row[keep]))
-    session = keys.dictionary.filter(pa.array(keep)) if session_col else None
+    session = sessions.take(pa.array(first_row[keep])) if session_col else None
     rel, length = event_positions(offsets)
     if split == "leave-last-out":
         masks = {TRAIN: (rel >= 1) & (rel <= length - 3), VALID: (rel == length - 2) & (length >= 3),
@@ -77,6 +81,14 @@ def read_log(interactions: str | Path, items: str | Path, user_col: str, item_co
     splits = {s: Pairs.where(values, offsets, masks[s], user=user, session=session) for s in SPLITS}
     return Source("log", [interactions, items], params, item_ids, texts, splits,
                   notes={"dropped_short_sessions": int((~keep).sum())})
+
+
+def _user_session_pairs(users: pa.Array, sessions: pa.Array) -> pa.Array:
+    """One number per (user, session id) pair: a session is a user's, so ids numbered per user (1, 2, ... for
+    each) name one session per user, not one session of every user's events."""
+    user_codes = pc.dictionary_encode(users).indices.to_numpy().astype(np.int64)
+    session_codes = pc.dictionary_encode(sessions)
+    return pa.array(user_codes * len(session_codes.dictionary) + session_codes.indices.to_numpy())
 
 
 TIME_FORMATS = ((pa.int64(), "number"), (pa.float64(), "number"),

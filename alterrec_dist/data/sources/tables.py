@@ -46,6 +46,8 @@ def read_table(path: str | Path, columns: list[str], optional: list[str] = (), *
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
     parquet = _is_parquet(path)
+    if not parquet:
+        _refuse_other_formats(path)
     try:
         if parquet:
             names = pq.read_schema(path).names
@@ -69,10 +71,29 @@ def _is_parquet(path: Path) -> bool:
         return f.read(4) == b"PAR1"
 
 
+# Leading bytes of formats a user may hand over for a CSV: read as text, a gzip file was "not UTF-8 text" and a JSON
+# file's whole first line came back as its one column name.
+OTHER_FORMATS = ((b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"), (b"ARROW1", "Arrow/Feather"),
+                 (b"[", "JSON"), (b"{", "JSON"))
+
+
+def _refuse_other_formats(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    for magic, kind in OTHER_FORMATS:
+        if head.startswith(magic):
+            raise DataError(f"{path}: {kind} file, not CSV/TSV or Parquet (prepare reads those, uncompressed)")
+
+
+MAX_SHOWN_NAMES, MAX_NAME_CHARS = 20, 40
+
+
 def _present(path: Path, names: list[str], columns: list[str], optional: list[str]) -> list[str]:
     missing = [c for c in columns if c not in names]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(names)})")
+        shown = [n if len(n) <= MAX_NAME_CHARS else n[:MAX_NAME_CHARS] + "..." for n in names[:MAX_SHOWN_NAMES]]
+        more = f", and {len(names) - MAX_SHOWN_NAMES} more" if len(names) > MAX_SHOWN_NAMES else ""
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(shown)}{more})")
     wanted = list(dict.fromkeys(columns))  # a column two roles name (the item id as text too) is read once
     return wanted + [c for c in optional if c in names and c not in wanted]
 
