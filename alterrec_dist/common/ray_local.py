@@ -1,11 +1,12 @@
 """One way for every command to get a Ray: join the cluster in RAY_ADDRESS, or start a private local one.
 
 A private Ray is watched by `ray_watchdog` (a driver killed without `ray.shutdown()` would leave Ray's
-agents running) and stopped by `stop_ray`. A signal never cuts `ray.init` short (`_init_to_its_end`).
+agents running) and stopped by `stop_ray`. One signal does not cut `ray.init` short (`_init_to_its_end`).
 """
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -25,6 +26,8 @@ def init_ray(num_cpus: int, dashboard: bool = False) -> bool:
     oversubscribe a small machine rather than wait forever). True if started here."""
     import logging
 
+    import ray
+
     if _OFF_HERE:
         os.environ.pop(FAILURE_HANDLER_OFF, None)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -35,21 +38,25 @@ def init_ray(num_cpus: int, dashboard: bool = False) -> bool:
         ray_watchdog.start()  # first, so the watchdog sees every Ray process appear
         # address="local": never attach to some other cluster found in /tmp/ray by accident.
         common |= dict(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
+    connected = ray.is_initialized()  # then ray.init refuses ("called twice"): the caller's Ray is left as it is
     try:
         _init_to_its_end(common)
     except BaseException:  # a signal during the start, or a failed start: what it had started goes with it
-        stop_ray()
+        if not connected:
+            stop_ray()
         raise
     return private
 
 
 def _init_to_its_end(kwargs: dict) -> None:
-    """`ray.init(**kwargs)`, never cut short by a signal. A SIGTERM (or Ctrl-C) whose handler raised inside ray.init
+    """`ray.init(**kwargs)`, not cut short by one signal. A SIGTERM (or Ctrl-C) whose handler raised inside ray.init
     could land after Ray had built the driver's core worker and before it kept it where `ray.shutdown` finds it:
     that core worker then crashed the exiting command (SIGSEGV in Ray's exit handler; every time the signal came
-    at that point). So both signals wait for the start to end (5-10 s on an idle 2-core machine, 28 s seen on a
-    loaded one), then reach the handlers the command had; ray.init's own SIGTERM handler (`sys.exit(15)`, put in
-    place as it begins) is left out."""
+    at that point). So the first signal waits for the start to end (5-10 s on an idle 2-core machine, 28 s seen on
+    a loaded one), then reaches the handler the command had; ray.init's own SIGTERM handler (`sys.exit(15)`, put
+    in place as it begins) is left out. A second signal acts as before (once Ray's call returns to Python: each
+    try at an address nothing answers takes 35 s), or a start that never ends (a RAY_ADDRESS nothing answers,
+    which ray.init retries for minutes) would hold every signal but SIGKILL."""
     import signal
     import threading
 
@@ -58,17 +65,28 @@ def _init_to_its_end(kwargs: dict) -> None:
     if threading.current_thread() is not threading.main_thread():  # no handler of Python's runs there
         ray.init(**kwargs)
         return
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in signals}
     held: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def hold(signum, frame) -> None:
+        held.append(signum)
+        for s in signals:
+            signal.signal(s, previous[s])
+        print(f"got {signal.Signals(signum).name} while Ray starts: stopping once the start ends (a second signal "
+              "stops it now)", file=sys.stderr)
+
     rays_own = ray._private.utils.set_sigterm_handler
-    ray._private.utils.set_sigterm_handler = lambda handler: None
     try:
+        ray._private.utils.set_sigterm_handler = lambda handler: None
+        for s in signals:
+            signal.signal(s, hold)
         ray.init(**kwargs)
     finally:
         ray._private.utils.set_sigterm_handler = rays_own
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for s in dict.fromkeys(held):
+        for s in signals:
+            signal.signal(s, previous[s])
+        for s in held:
             signal.raise_signal(s)  # the command's handler runs here (SIGTERM: SystemExit 143, Ctrl-C: interrupted)
 
 

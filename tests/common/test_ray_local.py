@@ -31,7 +31,10 @@ def test_the_failure_signal_handler_is_off_in_the_driver_and_on_in_its_workers(t
     assert r.stdout.strip().splitlines()[-1] == "True None"
 
 
-SIGNAL_AS_THE_CORE_WORKER_IS_BUILT = """
+# A command started from a terminal takes Ctrl-C; one a background job of a script starts (CI's) has SIGINT ignored.
+AS_FROM_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+SIGNAL_AS_THE_CORE_WORKER_IS_BUILT = AS_FROM_A_TERMINAL + """
 import os, signal, sys
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.ray_local import init_ray, stop_ray
@@ -71,3 +74,59 @@ def test_a_signal_as_ray_builds_the_driver_s_core_worker_stops_the_command_clean
     assert "not stopped" not in r.stderr
     if last_line:
         assert r.stderr.strip().splitlines()[-1] == last_line
+
+
+A_START_THAT_DOES_NOT_END = AS_FROM_A_TERMINAL + """
+import sys
+from alterrec_dist.common.cli import run_cli
+from alterrec_dist.common.ray_local import init_ray
+
+def main(argv):
+    print("starting Ray", file=sys.stderr, flush=True)
+    init_ray(num_cpus=1)
+
+run_cli(main)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_second_signal_stops_a_start_that_does_not_end(tmp_path):
+    """With every signal held until ray.init ends, a RAY_ADDRESS that nothing answers (ray.init retries it for
+    minutes) held Ctrl-C and SIGTERM alike: only SIGKILL stopped the command. The first signal is held, and said
+    so; a second stops the command once Ray's try returns to Python."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # each try at the address returns to Python after 12 s, not Ray's default 35 s (5 + 30: RAY_py_gcs_connect_...)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "RAY_ADDRESS": f"127.0.0.1:{port}",
+           "RAY_py_gcs_connect_timeout_s": "2"}
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", A_START_THAT_DOES_NOT_END], cwd=PROJECT_ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "starting Ray" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(3.0)  # inside ray.init, which keeps trying the address
+        proc.send_signal(signal.SIGINT)
+        held = "got SIGINT while Ray starts: stopping once the start ends"
+        while held not in log.read_text() and time.monotonic() < deadline:  # said once Ray's try returns
+            time.sleep(0.1)
+        assert held in log.read_text()
+        time.sleep(1.0)
+        assert proc.poll() is None, log.read_text()[-3000:]  # held: ray.init goes on to its next try
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = log.read_text()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted"
