@@ -588,7 +588,7 @@ CASES = [
         "--out", str(d / "o.parquet")], ["{d}/in.parquet: column history holds string, not item indices"]),
     ("batch-target-of-item-ids", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(_parquet(d, "in.parquet", history=pa.array([[1, 2], [3]]),
-                                                  target=pa.array(["4", "5"]))),
+                                                  target=pa.array(["4", "5"]).dictionary_encode())),
         "--out", str(d / "o.parquet")], ["{d}/in.parquet: column target holds string, not item indices"]),
     ("batch-empty-history", "batch_score", lambda d, r: [
         "--run", str(r), "--input", str(batch_input(d, GOOD_HISTORIES[:4] + [[]] + GOOD_HISTORIES[5:])),

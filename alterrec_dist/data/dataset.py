@@ -133,8 +133,7 @@ class Dataset:
             raise DataError(f"{self.mpath}: session file {twice[0]} is listed more than once")
         for split in SPLITS:
             if m["splits"][split] == 0:  # the writer refuses one; an empty valid chose epoch 0 on scores of 0.0
-                raise DataError(f"{self.mpath}: the {split} split has no rows (every split needs some: valid chooses "
-                                "the epoch, test reports it)")
+                raise DataError(f"{self.mpath}: the {split} split has no rows (a dataset has rows in every split)")
             parts = m["session_files"][split]
             if sum(p["rows"] for p in parts) != m["splits"][split]:
                 raise DataError(f"{self.mpath}: the {split} files hold {sum(p['rows'] for p in parts):,} rows, "

@@ -114,6 +114,7 @@ class DatasetWriter:
         self._text_dim: int | None = None
         self._num_items: int | None = None
         self._has_text: np.ndarray | None = None
+        self._nonzero_rows: list[np.ndarray] = []  # per feature block: which rows are not all zeros
 
     # -- sessions -----------------------------------------------------------------------
     def add_sessions(self, split: str, history, target, user=None, session=None) -> None:
@@ -203,6 +204,7 @@ class DatasetWriter:
         elif block.shape[1] != self._text_dim:
             raise ValueError(f"text feature dim changed from {self._text_dim} to {block.shape[1]}")
         self._feature_buffer.append(block)
+        self._nonzero_rows.append((block != 0).any(1))
         self._feature_rows += len(block)
         while sum(len(b) for b in self._feature_buffer) >= self.feature_rows_per_part:
             self._flush_features(self.feature_rows_per_part)
@@ -217,6 +219,21 @@ class DatasetWriter:
 
     def set_has_text(self, mask: np.ndarray) -> None:
         self._has_text = np.asarray(mask, dtype=bool)
+
+    def _text_mask(self, num_items: int) -> np.ndarray:
+        """has_text: an item has text where its feature row is not all zeros, the rule the model reads the rows
+        by (`networks.text_init_rows`) and the one the text encoder writes (a zero row for no text). Without a
+        mask it is that rule (every item was marked as having text); a mask that marks a zero row is refused."""
+        nonzero = np.concatenate(self._nonzero_rows) if self._nonzero_rows else np.zeros(0, dtype=bool)
+        if self._has_text is None:
+            return nonzero
+        if len(self._has_text) != num_items:
+            raise ValueError("has_text mask length differs from the item count")
+        marked_zero = np.flatnonzero(self._has_text & ~nonzero)
+        if len(marked_zero):
+            raise DataError(f"text features: item_idx {marked_zero[0]} is marked as having text, but its feature "
+                            "row is all zeros")
+        return self._has_text
 
     # -- commit ---------------------------------------------------------------------------
     def commit(self, *, source: dict, text_model: str | None, command: list[str] | None = None,
@@ -234,10 +251,7 @@ class DatasetWriter:
             self._flush_features(sum(len(b) for b in self._feature_buffer))
         if self._feature_rows != V:
             raise ValueError(f"{self._feature_rows} text feature rows for {V} items")
-        # without a mask, the items whose text is there: a writer given no text marked every item as having one
-        has_text = self._has_text if self._has_text is not None else text_present(self._item_text)
-        if len(has_text) != V:
-            raise ValueError("has_text mask length differs from the item count")
+        has_text = self._text_mask(V)
         np.save(self.tmp / "text_features" / "has_text.npy", has_text)
         if self._largest_index >= V:
             raise DataError(f"{self.out}: item index {self._largest_index} in the sessions, for {V} items (0..{V - 1})")
@@ -280,12 +294,6 @@ class DatasetWriter:
         if exc_type is not None or self.tmp.exists():
             self.abort()
         return False
-
-
-def text_present(text: pa.Array) -> np.ndarray:
-    """Which items have a text: not null, not blank."""
-    present = pc.and_(pc.is_valid(text), pc.not_equal(pc.utf8_trim_whitespace(text), ""))
-    return present.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def item_files(manifest: dict) -> list[str]:

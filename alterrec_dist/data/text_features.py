@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-import pyarrow as pa
 from tqdm import tqdm
 
 from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.files import atomic_write_bytes, nearest_existing
-from alterrec_dist.data.layout import first_non_finite_row, text_present
+from alterrec_dist.data.layout import first_non_finite_row
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 # Texts per forward pass. On CPU small batches cost less: MiniLM on Scientific titles (length-
@@ -82,7 +81,7 @@ def write_text_features(writer, texts: list[str | None], model: str | None = Non
     """
     stats = stats if stats is not None else EncodeStats()
     model_dir = _resolve_model_dir(model)
-    has_text = text_present(pa.array(texts, type=pa.string()))
+    has_text = np.array([bool(t and t.strip()) for t in texts], dtype=bool)
     stats.without_text = int((~has_text).sum())
     writer.set_has_text(has_text)
     row_of_text: dict[str, int] = {}  # distinct text -> its row among the distinct texts

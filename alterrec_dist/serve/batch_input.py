@@ -56,16 +56,22 @@ def session_columns(files: list[Location]) -> list[str]:
     return cols
 
 
+LIST_TYPES = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+
+
 def _check_index_types(f: Location, schema: pa.Schema) -> None:
-    """`history` and `target` hold item indices, as integers: ids, as strings, were cast to the indices they spell
-    and scored as other items, exit 0."""
+    """`history` and `target` hold item indices: ids, as strings, were cast to the indices they spell and scored
+    as other items, exit 0. Numbers of any type are left to the cast (a float is taken when it is whole)."""
     for name in ("history", "target"):
         if name not in schema.names:
             continue
         kind = schema.field(name).type
-        if name == "history" and (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+        if name == "history" and any(is_list(kind) for is_list in LIST_TYPES):
             kind = kind.value_type  # not a list at all: the cast to the session types says so
-        if not pa.types.is_integer(kind):
+        if pa.types.is_dictionary(kind):  # pandas' categoricals
+            kind = kind.value_type
+        if any(is_text(kind) for is_text in TEXT_TYPES):
             raise DataError(f"{f}: column {name} holds {kind}, not item indices (integers 0..V-1: the item_idx "
                             "that the dataset's items.parquet gives each item_id)")
 

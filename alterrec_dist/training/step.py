@@ -55,7 +55,7 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
                                              table.num_items, frozen.logit_scale, t.merge, cfg.eval.tile_rows,
                                              extra=t.p + 1 if phase.augmented else 0)
                 bands.append(band)
-            else:  # no hard negative (hard_fraction rounds to none): the positives were dropped, not augmented
+            else:  # no band to mine (hard_fraction rounds to no hard negative): the top-p still come from here
                 candidates = local_candidates(frozen_queries, frozen_rows, t.p + 1, frozen.logit_scale,
                                               cfg.eval.tile_rows, ties_by_id=True)
             if phase.augmented:

@@ -114,18 +114,30 @@ def test_the_writer_refuses_an_item_index_outside_the_catalog(tmp_path, history,
     assert not (tmp_path / "data").exists()
 
 
-def test_without_a_mask_the_writer_marks_the_items_whose_text_is_there(tmp_path):
-    """A writer given no has_text mask marked every item as having text, those given None too (200 of 200 on a
-    reviewer's catalog of 188 texts), and `prepare verify` passed it."""
-    with DatasetWriter(tmp_path / "data") as w:
-        for split in ("train", "valid", "test"):
-            w.add_sessions(split, [[0, 1]], [2])
-        w.set_items(["a", "b", "c", "d"], [None, "  ", "text", "more"])
-        w.add_text_features(np.ones((4, 8)))
-        w.commit(source={"kind": "test"}, text_model=None)
+def test_has_text_is_where_the_feature_rows_are_not_zeros(tmp_path):
+    """Without a mask the writer marked every item as having text (200 of 200 on a reviewer's catalog of 188
+    texts), and `prepare verify` passed it; the model tells text by a row that is not all zeros. A mask that marks
+    a zero row is refused: a text method would train on it as if it were text."""
+    features = np.ones((4, 8))
+    features[:2] = 0  # items a and b: no text, as the text encoder writes them
+
+    def write(out, mask=None):
+        with DatasetWriter(out) as w:
+            for split in ("train", "valid", "test"):
+                w.add_sessions(split, [[0, 1]], [2])
+            w.set_items(["a", "b", "c", "d"])
+            w.add_text_features(features)
+            if mask is not None:
+                w.set_has_text(mask)
+            w.commit(source={"kind": "test"}, text_model=None)
+
+    write(tmp_path / "data")
     data = Dataset(tmp_path / "data")
     assert data.has_text().tolist() == [False, False, True, True]
     assert data.manifest["text"]["num_with_text"] == 2
+    with pytest.raises(DataError, match="item_idx 1 is marked as having text, but its feature row is all zeros"):
+        write(tmp_path / "marked", np.array([False, True, True, True]))
+    assert not (tmp_path / "marked").exists()
 
 
 @pytest.mark.parametrize("bad, value", [("NaN", np.nan), ("past float16's range", 1e6)])

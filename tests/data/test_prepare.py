@@ -457,7 +457,7 @@ def test_log_sessions_and_splits(tmp_path, kind, mode):
     assert ds.items()["text"][0].as_py() == "Title 1. about 1"
 
 
-def test_log_session_ids_are_each_user_s_own(tmp_path):
+def test_log_session_ids_are_each_user_s_own(tmp_path, capsys):
     """Session ids numbered per user (each user's first session "1"): every user's session "1" was one session
     of all their events in time order, its user the first one's, exit 0."""
     _, items = write_log(tmp_path, "parquet")
@@ -471,6 +471,8 @@ def test_log_session_ids_are_each_user_s_own(tmp_path):
     assert sessions_as_rows(ds, "test") == [([0, 1, 2], 7, "u1", "1"), ([3], 4, "u2", "1"), ([5], 6, "u1", "2")]
     assert sessions_as_rows(ds, "valid") == [([0, 1], 2, "u1", "1")]
     assert sessions_as_rows(ds, "train") == [([0], 1, "u1", "1")]
+    # said, for ids meant as global ones whose events change user midway (a login), which are cut there
+    assert f"warning: {inter}: 1 session ids are used by several users" in capsys.readouterr().err
 
 
 def test_log_numeric_times_and_drop_short(tmp_path, capsys):
@@ -493,6 +495,18 @@ def test_log_text_columns_join_non_blank_values(tmp_path):
     src = read_log(inter, items, "user", "item", "ts", ["title", "desc"])
     assert src.texts[:5] == ["Title 1. about 1", "Title 2. about 2", "Title 3. about 3", "Title 4. about 4", None]
 
+
+
+def test_a_csv_whose_header_starts_like_json_is_read_as_csv(tmp_path):
+    """A header `[user],item,ts` was refused as a JSON file once files were told apart by their first bytes."""
+    plain, items = write_log(tmp_path, "csv")
+    bracketed = tmp_path / "bracketed.csv"
+    bracketed.write_text(plain.read_text().replace("user,", "[user],", 1))
+
+    def rows(src):
+        return {split: (p.values[p.pos].tolist(), p.user.take(p.group).to_pylist()) for split, p in src.splits.items()}
+    assert rows(read_log(bracketed, items, "[user]", "item", "ts", [])) == rows(read_log(plain, items, "user", "item",
+                                                                                         "ts", []))
 
 
 def test_log_text_nan_is_blank_and_a_column_may_serve_two_roles(tmp_path):

@@ -47,7 +47,7 @@ def read_table(path: str | Path, columns: list[str], optional: list[str] = (), *
         raise DataError(f"{path}: empty file")
     parquet = _is_parquet(path)
     if not parquet:
-        _refuse_other_formats(path)
+        _refuse_other_formats(path, BINARY_FORMATS)
     try:
         if parquet:
             names = pq.read_schema(path).names
@@ -71,16 +71,18 @@ def _is_parquet(path: Path) -> bool:
         return f.read(4) == b"PAR1"
 
 
-# Leading bytes of formats a user may hand over for a CSV: read as text, a gzip file was "not UTF-8 text" and a JSON
-# file's whole first line came back as its one column name.
-OTHER_FORMATS = ((b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"), (b"ARROW1", "Arrow/Feather"),
-                 (b"[", "JSON"), (b"{", "JSON"))
+# Leading bytes of formats a user may hand over for a CSV: read as text, a gzip file was "header line: not UTF-8
+# text" and a JSON array's whole first line (156 kB) came back as its one column name. The binary ones are refused
+# up front; text that starts like JSON may still be a CSV (a header `[user],item`), so that is said only when
+# its header lacks a column.
+BINARY_FORMATS = ((b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"), (b"ARROW1", "Arrow/Feather"))
+JSON_STARTS = ((b"[", "JSON"), (b"{", "JSON"))
 
 
-def _refuse_other_formats(path: Path) -> None:
+def _refuse_other_formats(path: Path, formats: tuple[tuple[bytes, str], ...]) -> None:
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
-    for magic, kind in OTHER_FORMATS:
+    for magic, kind in formats:
         if head.startswith(magic):
             raise DataError(f"{path}: {kind} file, not CSV/TSV or Parquet (prepare reads those, uncompressed)")
 
@@ -109,7 +111,11 @@ def _read_delimited(path: Path, columns, optional, delimiter, column_names, type
     else:
         skip_rows = 0
     names = [n.split(":", 1)[0] for n in column_names] if typed_header else list(column_names)
-    wanted = _present(path, names, columns, optional)
+    try:
+        wanted = _present(path, names, columns, optional)
+    except DataError:
+        _refuse_other_formats(path, JSON_STARTS)
+        raise
     return pacsv.read_csv(
         path,
         read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip_rows, block_size=16 << 20),
