@@ -544,4 +544,5 @@ def write_report(grid, specs: list, grid_file: str) -> None:
     ]
     for d in grid.datasets:
         dataset_section(d, specs, grid, lines)
+    grid.report.parent.mkdir(parents=True, exist_ok=True)  # a new folder: the temp file beside the report failed
     atomic_write_bytes(grid.report, ("\n".join(lines) + "\n").encode())

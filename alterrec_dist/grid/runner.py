@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alterrec_dist.common import run_layout
-from alterrec_dist.common.config import PROJECT_ROOT, changed_values, load_config, read_toml, shown
+from alterrec_dist.common.config import PROJECT_ROOT, Config, changed_values, load_config, read_toml, shown
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import check_file_out, within
 from alterrec_dist.common.methods import METHODS
@@ -169,6 +169,8 @@ def load_grid(path: str | Path) -> Grid:
                               f"(known: {', '.join(METHODS)})")
         if any(not isinstance(sw, dict) or "key" not in sw for sw in d.get("sweep", [])):
             raise ConfigError(f"{where}: a [[dataset.sweep]] entry without its key")
+        for sw in d.get("sweep", []):
+            _check_sweep_key(sw["key"], where)
         for peer in d.get("peer", []):
             if not isinstance(peer, dict) or not isinstance(peer.get("name"), str):
                 raise ConfigError(f"{where}: a [[dataset.peer]] entry without a name")
@@ -186,6 +188,10 @@ def load_grid(path: str | Path) -> Grid:
             raise ConfigError(f"{path}: [[dataset]] entry misses key {e}") from None
     if not datasets:
         raise ConfigError(f"{path}: no [[dataset]] entries")
+    names = [d.name for d in datasets]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:  # its runs go in out/<name>: the later entry's replaced the earlier's, in both sections
+        raise ConfigError(f"{path}: two [[dataset]] entries are named {twice!r} (each names its runs' directory)")
     root = PROJECT_ROOT
     grid = Grid(path, root / doc.get("out", f"results/{path.stem}"),
                 root / doc.get("report", "docs/RESULTS.md"), root / doc.get("images", "docs/img"),
@@ -193,6 +199,14 @@ def load_grid(path: str | Path) -> Grid:
                 doc.get("title", "Results: AlterRec against its baselines and peers, on real data"))
     _check_report(grid)
     return grid
+
+
+def _check_sweep_key(key: str, where: str) -> None:
+    """A sweep's key is a setting (section.name) or a variants sweep's free label (no dot); an unknown setting
+    was an AttributeError traceback when the grid expanded."""
+    section, dot, name = key.partition(".")
+    if dot and not hasattr(getattr(Config(), section, None), name):
+        raise ConfigError(f"{where}: [[dataset.sweep]] key {key!r}: no such setting")
 
 
 def _check_report(grid: "Grid") -> None:
@@ -302,9 +316,13 @@ def expand(grid: Grid) -> list[RunSpec]:
         base = grid.out / d.name
         for method in d.methods:
             try:  # its `set` and `method_set` checked before any run, as the sweeps' points are
-                method_config(d, method, launched=True)
+                cfg = method_config(d, method, launched=True)
             except ConfigError as e:
                 raise ConfigError(f"{grid.path}: dataset {d.name!r}, method {method}: {e}") from None
+            data = cfg.resolve_path(cfg.data.path)
+            if within(grid.out, data):  # every run refused to start there, after the runner had written its lock
+                raise ConfigError(f"{grid.path}: out {shown(grid.out)} lies in the data of dataset {d.name!r} "
+                                  f"({shown(data)}), which its next prepare --overwrite replaces whole")
             for seed in d.seeds:
                 run_dir = base / f"{method}-s{seed}"
                 specs[run_dir] = RunSpec(d.name, method, seed, run_dir, train_command(d, method, seed, run_dir),

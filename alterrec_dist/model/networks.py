@@ -109,9 +109,9 @@ class SessionEncoder(nn.Module):
         """nn.MultiheadAttention's causal self-attention with q, k, v projected on the packed tokens."""
         heads, dim = attn.num_heads, x.shape[1]
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-        o = x.new_empty(x.shape)
+        o = qkv.new_empty(x.shape)  # qkv's dtype: bf16 under autocast, where x stays fp32
         for g in groups:
-            grid = x.new_zeros(*g.shape, 3 * dim)
+            grid = qkv.new_zeros(*g.shape, 3 * dim)
             grid[g.real] = qkv[g.tokens]
             q, k, v = grid.view(*g.shape, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)  # (b_g, heads, L_g, ...)
             drop = attn.dropout if self.training else 0.0

@@ -9,7 +9,7 @@ import torch
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import ModelConfig, load_config
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import file_sha256, read_json, resolve_location
+from alterrec_dist.common.files import check_keys, file_sha256, read_json, resolve_location
 from alterrec_dist.common.methods import sweep_kind
 from alterrec_dist.common.storage import MANIFEST, Location
 from alterrec_dist.data.dataset import Dataset
@@ -78,13 +78,14 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
     x = x.to(device) if x is not None else None
     features = torch.from_numpy(np.ascontiguousarray(data.text_features())).to(device)
     e = cfg.eval
-    mats, scales, weights = _scorer_spec(networks, x, features, manifest["world_size"], e.tile_rows,
+    model_manifest = run_dir / run_layout.MODEL / MANIFEST
+    batch_size, tile_rows = measured_shape(manifest, e.batch_size, e.tile_rows, model_manifest)
+    mats, scales, weights = _scorer_spec(networks, x, features, manifest["world_size"], tile_rows,
                                          kind_weights(cfg.train.method, e.alpha, tuple(e.alpha_sweep)))
     item_ids, texts, popularity = _item_table(data)
     summary_path = run_dir / run_layout.SUMMARY
     summary = read_json(summary_path) if summary_path.is_file() else None
     # the model's own record of the alpha it was chosen with; a model saved before it kept one: the summary's
-    model_manifest = run_dir / run_layout.MODEL / MANIFEST
     served = (served_kind(manifest, e.alpha, weights, model_manifest)
               if "alpha" in manifest else served_kind(summary, e.alpha, weights, summary_path))
     provenance = {
@@ -104,8 +105,20 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
         },
     }
     return ScoringModel(cfg.train.method, cfg.model, networks, x, features, mats, scales, weights, manifest["world_size"],
-                  e.tile_rows, e.batch_size, cfg.data.max_len, list(e.longtail_bins), item_ids, texts, popularity,
+                  tile_rows, batch_size, cfg.data.max_len, list(e.longtail_bins), item_ids, texts, popularity,
                   provenance, served)
+
+
+def measured_shape(manifest: dict, batch_size: int, tile_rows: int, where: Location) -> tuple[int, int]:
+    """(eval batch size, tile rows) the model's metrics were measured in (`recipe.measured_in`): config.toml's
+    after a resume that changed them made batch scoring round a tie otherwise and miss the summary. A model
+    saved before it kept them: config.toml's."""
+    measured = manifest.get("eval")
+    if measured is None:
+        return batch_size, tile_rows
+    check_keys(where, measured if isinstance(measured, dict) else {}, {"batch_size": int, "tile_rows": int},
+               "a damaged model: rerun the run", prefix="eval.")
+    return measured["batch_size"], measured["tile_rows"]
 
 
 def served_kind(record: dict | None, alpha: float, weights: dict[str, list[float]], where: Location) -> str:

@@ -236,7 +236,8 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
                 save_model(comm, run.networks, run.table, run_dir / run_layout.MODEL,
                            {"epoch": phase.epoch, "method": t.method, "selection": selection_name(part, metric),
                             "valid_score": progress.best["score"], "dataset": str(cfg.resolve_path(cfg.data.path)),
-                            "alpha": chosen_alpha(progress.best, cfg.eval.alpha, cfg.eval.alpha_sweep, part, metric)})
+                            "alpha": chosen_alpha(progress.best, cfg.eval.alpha, cfg.eval.alpha_sweep, part, metric),
+                            "eval": measured_in(cfg)})
             if comm.rank == 0:
                 sinks.epoch(line, steps_done())
                 tqdm.write(f"epoch {phase.epoch:3d} {phase.network:5s} {phase.negatives:6s} loss {losses['loss']:.4f} "
@@ -256,6 +257,12 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     if comm.rank == 0:
         atomic_write_json(run_dir / run_layout.SUMMARY, summary)
     return summary
+
+
+def measured_in(cfg: Config) -> dict:
+    """The evaluation shape a saved model's metrics were measured in, which batch scoring repeats to reproduce
+    them: a resume may change eval.batch_size and eval.tile_rows (a tie in float goes by the tiles' rounding)."""
+    return {"batch_size": cfg.eval.batch_size, "tile_rows": cfg.eval.tile_rows}
 
 
 def run_summary(progress: Progress, cfg: Config, part: str, metric: str, stopped_by: str) -> dict:

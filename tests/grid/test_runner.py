@@ -546,6 +546,39 @@ def test_a_dataset_or_peer_name_that_is_not_a_plain_directory_name_is_refused(tm
         load_grid(grid)
 
 
+def test_grid_mistakes_that_surfaced_only_as_runs_started_are_refused_as_the_grid_is_read(tmp_path):
+    """A sweep of an unknown setting was an AttributeError traceback; two datasets of one name shared their runs
+    (the later entry's settings reported under both); an `out` inside a dataset started every run to fail, each
+    after the runner had written its lock and log into the dataset."""
+    sweep = one_dataset_grid(tmp_path / "sweep.toml", '''
+        methods = ["id_only"]
+        [[dataset.sweep]]
+        key = "model.nosuchkey"
+        values = [1, 2]
+    ''')
+    with pytest.raises(ConfigError, match=r"\[\[dataset.sweep\]\] key 'model.nosuchkey': no such setting"):
+        load_grid(sweep)
+    twice = tmp_path / "twice.toml"
+    twice.write_text(one_dataset_grid(tmp_path / "one.toml", 'methods = ["id_only"]').read_text()
+                     + '[[dataset]]\nname = "d"\nconfig = "configs/default.toml"\nmethods = ["alterrec"]\n')
+    with pytest.raises(ConfigError, match="two \\[\\[dataset\\]\\] entries are named 'd'"):
+        load_grid(twice)
+    inside = one_dataset_grid(tmp_path / "inside.toml", 'methods = ["id_only"]\nset = ["data.path=%s"]' % tmp_path)
+    with pytest.raises(ConfigError, match=r"out .*/runs lies in the data of dataset 'd'"):
+        expand(load_grid(inside))
+
+
+def test_a_report_goes_into_a_folder_made_for_it(tmp_path):
+    """A report in a folder that did not exist was a FileNotFoundError traceback after the runs had trained,
+    unless a plot had happened to make the folder."""
+    from alterrec_dist.grid.report import write_report
+
+    grid = load_grid(one_dataset_grid(tmp_path / "grid.toml", 'methods = ["id_only"]',
+                                      head=f'report = "{tmp_path}/new/RESULTS.md"'))
+    write_report(grid, expand(grid), "grid.toml")
+    assert (tmp_path / "new" / "RESULTS.md").read_text().startswith("# ")
+
+
 def test_a_sweep_value_with_a_slash_cannot_put_a_run_outside_its_dataset(tmp_path):
     grid = one_dataset_grid(tmp_path / "grid.toml", '''
         methods = []

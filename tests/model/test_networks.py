@@ -170,6 +170,22 @@ def test_cosine_logits_are_cosines_over_the_temperature(encoder):
     torch.testing.assert_close(text.item_rows(None, f), text.text_mlp(f))
 
 
+@pytest.mark.parametrize("encoder", ["mean", "transformer"])
+def test_an_encoder_runs_under_the_ddp_engine_s_bf16_autocast(encoder):
+    """trainer.precision=bf16 with the ddp engine and the transformer died on its first step: the attention's
+    buffers were made fp32 from its input, its projections came out bf16 ("Index put requires the source and
+    destination dtypes match")."""
+    from alterrec_dist.common.device import trained_autocast
+
+    net = Network("id", ModelConfig(dim=8, encoder=encoder, heads=2), text_dim=D_TEXT, max_len=5)
+    rows = net.item_rows(torch.randn(6, 8), None)
+    with trained_autocast(torch.device("cpu"), "ddp", "bf16"):
+        q = net.encode(rows[torch.tensor([[0, 1, 2], [3, 4, 0]])], torch.tensor([[True, True, True],
+                                                                                  [True, True, False]]))
+    q.float().sum().backward()
+    assert torch.isfinite(q.float()).all()
+
+
 @pytest.mark.parametrize("adapter", ["whitening", "moe"])
 def test_whitening_adapters(adapter):
     cfg = ModelConfig(dim=8, text_adapter=adapter, dropout=0.0, item_layernorm=False)

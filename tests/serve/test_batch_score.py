@@ -65,6 +65,33 @@ def test_valid_split_equals_summary_too(run, tmp_path, capsys):
     assert [line.split()[0] for line in out if line.endswith("(served: the top lists' score)")] == ["fused@0.7"]
 
 
+@pytest.mark.slow
+def test_a_resume_that_changes_the_eval_shape_scores_as_the_metrics_were_measured(run, tmp_path):
+    """eval.batch_size and eval.tile_rows may change on --resume; batch scoring then read config.toml's new ones,
+    not those the summary's metrics were measured in, and printed NOT equal (a reviewer's cosine run: 10 of 277
+    test ranks differed, float ties that tiles of another width round otherwise)."""
+    import os
+    import subprocess
+    import sys
+
+    from alterrec_dist.common.config import PROJECT_ROOT
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "WORLD_SIZE", "RANK", "MASTER_ADDR")}
+    resumed = subprocess.run([sys.executable, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--resume",
+                              str(copy), "--set", "eval.tile_rows=7", "--set", "eval.batch_size=100"],
+                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env=env,
+                             stdin=subprocess.DEVNULL)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "tile_rows = 7" in (copy / "config.toml").read_text()  # as the resume asked
+    bundle = load_run(copy)
+    assert (bundle.eval_batch_size, bundle.tile_rows) == (512, 0)  # as the run measured its metrics
+    assert batch_score.main(["--run", str(copy), "--split", "test", "--out", str(tmp_path / "t.parquet"),
+                             "--metrics-out", str(tmp_path / "m.json")]) == 0
+    assert_equals_summary(json.loads((tmp_path / "m.json").read_text()), copy)
+
+
 def test_output_rows_ranks_and_top_lists(scored, run):
     table, _ = scored
     data = Dataset(load_run(run).provenance["dataset"]["path"])
@@ -215,6 +242,22 @@ def test_an_exports_moved_dataset_says_to_pass_data(run, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: {tmp_path / 'moved-away'}") and err.rstrip().endswith(
         f"the export {exp} names it: pass --data with where it is now")
+
+
+def test_indices_of_any_number_type_are_read_and_ids_are_refused(tmp_path):
+    """Only text columns are taken for ids: a whole float target (pandas' after a NaN) and a fixed-size list
+    history read as the indices they hold, as before the ids were refused."""
+    from alterrec_dist.common.errors import DataError
+    from alterrec_dist.serve.batch_input import check_input
+
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"history": pa.array([[1, 2], [3, 4]], pa.list_(pa.uint16(), 2)),
+                             "target": pa.array([4.0, 5.0])}), numbers)
+    assert check_input([numbers], session_columns([numbers]), num_items=10) == 2
+    ids = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"history": pa.array([["1", "2"]], pa.list_(pa.large_string()))}), ids)
+    with pytest.raises(DataError, match="column history holds large_string, not item indices"):
+        session_columns([ids])
 
 
 def test_metrics_detect_a_different_model(run, tmp_path):
