@@ -309,14 +309,20 @@ def _coerce(value, typ, where: str, text: bool = False):
     raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
 
 
-def _apply(cfg: Config, section: str, key: str, value, where: str, text: bool = False) -> None:
-    if section not in {f.name for f in dataclasses.fields(Config)}:
+def setting_type(section: str, key: str, where: str) -> type:
+    """The declared type of the setting `section.key`; ConfigError naming `where` for a name that is none."""
+    sections = typing.get_type_hints(Config)
+    if section not in sections:
         raise ConfigError(f"{where}: unknown section [{section}]")
-    sub = getattr(cfg, section)
-    hints = typing.get_type_hints(type(sub))
+    hints = typing.get_type_hints(sections[section])
     if key not in hints:
         raise ConfigError(f"{where}: unknown key {section}.{key}")
-    setattr(sub, key, _coerce(value, hints[key], f"{where}: {section}.{key}", text))
+    return hints[key]
+
+
+def _apply(cfg: Config, section: str, key: str, value, where: str, text: bool = False) -> None:
+    typ = setting_type(section, key, where)
+    setattr(getattr(cfg, section), key, _coerce(value, typ, f"{where}: {section}.{key}", text))
 
 
 def read_toml(path: Path, what: str) -> dict:
@@ -339,6 +345,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 launching: typing.Callable[[Config], None] | None = None) -> Config:
     """Defaults, then the TOML file, then each `section.key=value` override, then `launching` (what the command
     line and the launcher decide, e.g. torchrun's world size), then validation."""
+    return _read_config(path, overrides, launching).validate()
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """A run's config.toml, typed but not held to today's ranges: a run trained under an earlier version (a
+    temperature of 5e-5 before the 1e-4 floor) stays servable, and a grid sees it as stale rather than stopping."""
+    return _read_config(path)
+
+
+def _read_config(path: str | Path | None = None, overrides: list[str] = (),
+                 launching: typing.Callable[[Config], None] | None = None) -> Config:
     cfg = Config()
     if path is not None:
         try:
@@ -359,7 +376,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
         _apply(cfg, section, key.strip(), value.strip(), f"--set {item}", text=True)
     if launching is not None:
         launching(cfg)
-    return cfg.validate()
+    return cfg
 
 
 # What `--resume` may change (`--set`, or a retried job's own config): where and how the run executes, when it

@@ -65,7 +65,8 @@ def _init_to_its_end(kwargs: dict) -> None:
     if threading.current_thread() is not threading.main_thread():  # no handler of Python's runs there
         ray.init(**kwargs)
         return
-    signals = (signal.SIGTERM, signal.SIGINT)
+    # one the command ignores (SIGINT in a background job of a script) stays ignored, not held and announced
+    signals = tuple(s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN)
     previous = {s: signal.getsignal(s) for s in signals}
     held: list[int] = []
 

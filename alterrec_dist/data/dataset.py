@@ -18,7 +18,7 @@ from alterrec_dist.common.files import check_keys, file_sha256, read_json, read_
 from alterrec_dist.common.storage import MANIFEST, Location
 from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, ITEM_SCHEMA, ITEMS, MANIFEST_KEYS, SESSION_SCHEMA,
                                        SPLITS, TEXT_KEYS, data_files, empty_history_rows, first_non_finite_row,
-                                       item_files)
+                                       item_files, nonzero_rows)
 
 
 class Dataset:
@@ -177,11 +177,16 @@ class Dataset:
         if self.manifest["text"].get("num_with_text", with_text) != with_text:
             raise DataError(f"{self.mpath}: text.num_with_text is {self.manifest['text']['num_with_text']}, "
                             f"{self.manifest['text']['has_text']} marks {with_text:,} items with text")
-        start = 0
+        has_text, start = self.has_text(), 0
         for part in self.manifest["text"]["files"]:  # memory-mapped, a block at a time: flat memory at any V
-            bad = first_non_finite_row(storage.load_npy(self.path / part["file"], mmap=True))
+            rows = storage.load_npy(self.path / part["file"], mmap=True)
+            bad = first_non_finite_row(rows)
             if bad is not None:
                 raise self._not_finite(part["file"], start, bad)
+            marked_zero = np.flatnonzero(has_text[start:start + len(rows)] & ~nonzero_rows(rows))
+            if len(marked_zero):  # a writer before that was refused marked every item (a text method trained on zeros)
+                raise DataError(f"{self.path / self.manifest['text']['has_text']}: item_idx {start + marked_zero[0]} "
+                                f"is marked as having text, but its row of {part['file']} is all zeros")
             start += part["rows"]
 
     def _not_finite(self, name: str, part_start: int, row: int) -> DamagedData:

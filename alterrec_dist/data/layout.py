@@ -81,6 +81,13 @@ def first_non_finite_row(rows: np.ndarray, block: int = 65_536) -> int | None:
     return None
 
 
+def nonzero_rows(rows: np.ndarray, block: int = 65_536) -> np.ndarray:
+    """Which rows of a 2-D array are not all zeros, a block at a time (flat memory, a memory map included): an
+    item has text where its feature row is one, the rule the model reads the rows by (`text_init_rows`)."""
+    return np.concatenate([(rows[lo:lo + block] != 0).any(axis=1) for lo in range(0, len(rows), block)]
+                          or [np.zeros(0, dtype=bool)])
+
+
 class DatasetWriter:
     """Streams a dataset into a temp directory; `commit` renames it to `out`.
 
@@ -204,7 +211,7 @@ class DatasetWriter:
         elif block.shape[1] != self._text_dim:
             raise ValueError(f"text feature dim changed from {self._text_dim} to {block.shape[1]}")
         self._feature_buffer.append(block)
-        self._nonzero_rows.append((block != 0).any(1))
+        self._nonzero_rows.append(nonzero_rows(block))
         self._feature_rows += len(block)
         while sum(len(b) for b in self._feature_buffer) >= self.feature_rows_per_part:
             self._flush_features(self.feature_rows_per_part)
@@ -221,9 +228,9 @@ class DatasetWriter:
         self._has_text = np.asarray(mask, dtype=bool)
 
     def _text_mask(self, num_items: int) -> np.ndarray:
-        """has_text: an item has text where its feature row is not all zeros, the rule the model reads the rows
-        by (`networks.text_init_rows`) and the one the text encoder writes (a zero row for no text). Without a
-        mask it is that rule (every item was marked as having text); a mask that marks a zero row is refused."""
+        """has_text: an item has text where its feature row is not all zeros (`nonzero_rows`), which the text
+        encoder writes too (a zero row for no text). Without a mask it is that rule (every item was marked as
+        having text); a mask that marks a zero row is refused."""
         nonzero = np.concatenate(self._nonzero_rows) if self._nonzero_rows else np.zeros(0, dtype=bool)
         if self._has_text is None:
             return nonzero

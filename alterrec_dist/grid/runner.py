@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alterrec_dist.common import run_layout
-from alterrec_dist.common.config import PROJECT_ROOT, Config, changed_values, load_config, read_toml, shown
+from alterrec_dist.common.config import (PROJECT_ROOT, changed_values, load_config, load_saved_config, read_toml,
+                                         setting_type, shown)
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import check_file_out, within
 from alterrec_dist.common.methods import METHODS
@@ -170,7 +171,8 @@ def load_grid(path: str | Path) -> Grid:
         if any(not isinstance(sw, dict) or "key" not in sw for sw in d.get("sweep", [])):
             raise ConfigError(f"{where}: a [[dataset.sweep]] entry without its key")
         for sw in d.get("sweep", []):
-            _check_sweep_key(sw["key"], where)
+            if "variants" not in sw:  # a variants sweep's key is a free label; a values sweep's, a setting
+                setting_type(*sw["key"].partition(".")[::2], f"{where}: [[dataset.sweep]]")
         for peer in d.get("peer", []):
             if not isinstance(peer, dict) or not isinstance(peer.get("name"), str):
                 raise ConfigError(f"{where}: a [[dataset.peer]] entry without a name")
@@ -199,14 +201,6 @@ def load_grid(path: str | Path) -> Grid:
                 doc.get("title", "Results: AlterRec against its baselines and peers, on real data"))
     _check_report(grid)
     return grid
-
-
-def _check_sweep_key(key: str, where: str) -> None:
-    """A sweep's key is a setting (section.name) or a variants sweep's free label (no dot); an unknown setting
-    was an AttributeError traceback when the grid expanded."""
-    section, dot, name = key.partition(".")
-    if dot and not hasattr(getattr(Config(), section, None), name):
-        raise ConfigError(f"{where}: [[dataset.sweep]] key {key!r}: no such setting")
 
 
 def _check_report(grid: "Grid") -> None:
@@ -250,7 +244,7 @@ def settings_differ(spec: RunSpec) -> dict[str, tuple]:
     sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
     wanted = load_config(PROJECT_ROOT / cmd[cmd.index("--config") + 1],
                          [*sets, f"trainer.launcher={LAUNCHER}"])
-    return changed_values(wanted, load_config(spec.run_dir / run_layout.CONFIG))
+    return changed_values(wanted, load_saved_config(spec.run_dir / run_layout.CONFIG))
 
 
 def sweep_run(d: DatasetGrid, method: str, label: str, seed: int, run_dir: Path, extra: list[str], **kw) -> RunSpec:

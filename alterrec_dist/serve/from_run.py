@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from alterrec_dist.common import run_layout
-from alterrec_dist.common.config import ModelConfig, load_config
+from alterrec_dist.common.config import ModelConfig, load_saved_config
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import check_keys, file_sha256, read_json, resolve_location
 from alterrec_dist.common.methods import sweep_kind
@@ -56,7 +56,7 @@ def load_run(run_dir: str | Location, data_path: str | Location | None = None, d
     if not (run_dir / run_layout.MODEL).is_dir():
         raise DataError(f"{run_dir}: no model/ (the run has not saved a model: it is written at its best "
                         "validation epoch)")
-    cfg = load_config(run_dir / run_layout.CONFIG)
+    cfg = load_saved_config(run_dir / run_layout.CONFIG)
     manifest, states, x = load_model(run_dir / run_layout.MODEL)
     path = resolve_location(data_path or manifest.get("dataset") or cfg.resolve_path(cfg.data.path))
     if not path.exists():

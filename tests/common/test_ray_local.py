@@ -34,7 +34,7 @@ def test_the_failure_signal_handler_is_off_in_the_driver_and_on_in_its_workers(t
 # A command started from a terminal takes Ctrl-C; one a background job of a script starts (CI's) has SIGINT ignored.
 AS_FROM_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
 
-SIGNAL_AS_THE_CORE_WORKER_IS_BUILT = AS_FROM_A_TERMINAL + """
+SIGNAL_AS_THE_CORE_WORKER_IS_BUILT = """
 import os, signal, sys
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.ray_local import init_ray, stop_ray
@@ -68,12 +68,27 @@ def test_a_signal_as_ray_builds_the_driver_s_core_worker_stops_the_command_clean
     tests/e2e/test_train_runs.py). The signal now waits for the start to end, then stops the command as anywhere
     else: 143, or "interrupted" and 130."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", SIGNAL_AS_THE_CORE_WORKER_IS_BUILT.replace("{sig}", sig)],
-                       cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=170, env=env)
+    script = AS_FROM_A_TERMINAL + SIGNAL_AS_THE_CORE_WORKER_IS_BUILT.replace("{sig}", sig)
+    r = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=170,
+                       env=env)
     assert r.returncode == rc, r.stderr[-3000:]
+    assert "got {sig} while Ray starts: stopping once the start ends".format(sig=sig) in r.stderr
     assert "not stopped" not in r.stderr
     if last_line:
         assert r.stderr.strip().splitlines()[-1] == last_line
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_ctrl_c_the_command_ignores_stays_ignored_while_ray_starts(tmp_path):
+    """A background job of a script starts with SIGINT ignored: the hold caught it anyway and said "stopping once
+    the start ends", then the command went on (the signal, raised again, was ignored)."""
+    ignored = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", ignored + SIGNAL_AS_THE_CORE_WORKER_IS_BUILT.replace("{sig}", "SIGINT")],
+                       cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=170, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not stopped" in r.stderr and "got SIGINT" not in r.stderr
 
 
 A_START_THAT_DOES_NOT_END = AS_FROM_A_TERMINAL + """

@@ -140,6 +140,24 @@ def test_has_text_is_where_the_feature_rows_are_not_zeros(tmp_path):
     assert not (tmp_path / "marked").exists()
 
 
+def test_verify_refuses_a_mask_over_zero_rows_as_an_earlier_writer_signed_it(tmp_path):
+    """The writer marked every item as having text when given no mask, zero feature rows included, and signed
+    that: `prepare verify` passed it and a text method trained on zeros. Its rows are checked against the mask."""
+    from alterrec_dist.common.files import file_sha256
+
+    data = dataset(tmp_path / "data")
+    part = data.path / data.manifest["text"]["files"][0]["file"]
+    x = np.load(part)
+    x[4] = 0  # item 4's row, as the encoder writes it for no text, while the mask says it has one
+    np.save(part, x)
+    manifest = json.loads(data.mpath.read_text())
+    manifest["sha256"][data.manifest["text"]["files"][0]["file"]] = file_sha256(part)
+    data.mpath.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"has_text.npy: item_idx 4 is marked as having text, but its row of "
+                                        r"text_features/part-00000.npy is all zeros"):
+        Dataset(data.path).verify()
+
+
 @pytest.mark.parametrize("bad, value", [("NaN", np.nan), ("past float16's range", 1e6)])
 def test_the_writer_refuses_a_text_feature_that_is_not_finite_and_leaves_nothing(tmp_path, bad, value):
     """A NaN row (or one that float16 turns into inf) trained to exit 0, then broke every recommendation."""

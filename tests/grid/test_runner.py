@@ -556,8 +556,15 @@ def test_grid_mistakes_that_surfaced_only_as_runs_started_are_refused_as_the_gri
         key = "model.nosuchkey"
         values = [1, 2]
     ''')
-    with pytest.raises(ConfigError, match=r"\[\[dataset.sweep\]\] key 'model.nosuchkey': no such setting"):
+    with pytest.raises(ConfigError, match=r"\[\[dataset.sweep\]\]: unknown key model.nosuchkey"):
         load_grid(sweep)
+    variants = one_dataset_grid(tmp_path / "variants.toml", '''
+        methods = ["id_only"]
+        [[dataset.sweep]]
+        key = "cos.v2"
+        variants = { a = ["model.dropout=0.2"] }
+    ''')  # a variants sweep's key is a free label, dots and all
+    assert any(s.run_dir.name == "id_only-v2=a-s0" for s in expand(load_grid(variants)))
     twice = tmp_path / "twice.toml"
     twice.write_text(one_dataset_grid(tmp_path / "one.toml", 'methods = ["id_only"]').read_text()
                      + '[[dataset]]\nname = "d"\nconfig = "configs/default.toml"\nmethods = ["alterrec"]\n')
@@ -566,6 +573,24 @@ def test_grid_mistakes_that_surfaced_only_as_runs_started_are_refused_as_the_gri
     inside = one_dataset_grid(tmp_path / "inside.toml", 'methods = ["id_only"]\nset = ["data.path=%s"]' % tmp_path)
     with pytest.raises(ConfigError, match=r"out .*/runs lies in the data of dataset 'd'"):
         expand(load_grid(inside))
+
+
+def test_a_run_made_under_an_earlier_range_is_stale_not_a_stop(tmp_path):
+    """A finished run whose config.toml an earlier version accepted (alpha_sweep [0.0, 0.5, 0.5, 1.0], before
+    repeated values were refused) stopped --dry-run, --report-only and every run of the grid, even once the grid
+    was fixed, naming no file. It is a run made otherwise than the grid now asks: stale."""
+    from alterrec_dist.common.config import load_config, to_toml
+    from alterrec_dist.grid.runner import settings_differ
+
+    grid = load_grid(one_dataset_grid(tmp_path / "grid.toml", 'methods = ["alterrec"]\n'
+                                      'set = ["eval.alpha_sweep=[0.0,0.5,1.0]"]'))
+    spec = expand(grid)[0]  # seed 0
+    spec.run_dir.mkdir(parents=True)
+    old = load_config(None, ["eval.alpha_sweep=[0.0,0.5,1.0]"])
+    old.eval.alpha_sweep = [0.0, 0.5, 0.5, 1.0]  # as the earlier version wrote it
+    (spec.run_dir / "config.toml").write_text(to_toml(old))
+    (spec.run_dir / "summary.json").write_text("{}")
+    assert settings_differ(spec)["eval.alpha_sweep"] == ([0.0, 0.5, 1.0], [0.0, 0.5, 0.5, 1.0])
 
 
 def test_a_report_goes_into_a_folder_made_for_it(tmp_path):

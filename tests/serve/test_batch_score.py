@@ -245,8 +245,8 @@ def test_an_exports_moved_dataset_says_to_pass_data(run, tmp_path, capsys):
 
 
 def test_indices_of_any_number_type_are_read_and_ids_are_refused(tmp_path):
-    """Only text columns are taken for ids: a whole float target (pandas' after a NaN) and a fixed-size list
-    history read as the indices they hold, as before the ids were refused."""
+    """Numbers are read as indices: a whole float target (pandas' after a NaN) and a fixed-size list history, as
+    before the ids were refused; text (an id) and booleans (a flag) are refused, which were cast and scored."""
     from alterrec_dist.common.errors import DataError
     from alterrec_dist.serve.batch_input import check_input
 
@@ -254,10 +254,22 @@ def test_indices_of_any_number_type_are_read_and_ids_are_refused(tmp_path):
     pq.write_table(pa.table({"history": pa.array([[1, 2], [3, 4]], pa.list_(pa.uint16(), 2)),
                              "target": pa.array([4.0, 5.0])}), numbers)
     assert check_input([numbers], session_columns([numbers]), num_items=10) == 2
-    ids = tmp_path / "ids.parquet"
-    pq.write_table(pa.table({"history": pa.array([["1", "2"]], pa.list_(pa.large_string()))}), ids)
-    with pytest.raises(DataError, match="column history holds large_string, not item indices"):
-        session_columns([ids])
+    for name, column, kind in [("history", pa.array([["1", "2"]], pa.list_(pa.large_string())), "large_string"),
+                               ("target", pa.array([True]), "bool")]:  # an id, a "clicked" flag
+        other = tmp_path / f"{kind}.parquet"
+        pq.write_table(pa.table({"history": pa.array([[1, 2]]), name: column}), other)
+        with pytest.raises(DataError, match=f"column {name} holds {kind}, not item indices"):
+            session_columns([other])
+
+
+def test_a_run_whose_config_an_earlier_version_accepted_still_serves(run, tmp_path):
+    """A run trained when repeated alpha_sweep values (or a temperature below 1e-4, or dim 1) were accepted could
+    no longer be served from its directory (its export still could): its config.toml was held to today's ranges."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    config = copy / "config.toml"
+    config.write_text(config.read_text().replace("alpha_sweep = [0.7]", "alpha_sweep = [0.7, 0.7]"))
+    assert load_run(copy).served == "fused@0.7"
 
 
 def test_metrics_detect_a_different_model(run, tmp_path):

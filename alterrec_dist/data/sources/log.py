@@ -1,7 +1,6 @@
 """Any interaction log (user, item, time; CSV or Parquet) and its item table, cut into sessions and split by time."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ def read_log(interactions: str | Path, items: str | Path, user_col: str, item_co
                     f"item not in the item table {items}")
     times, time_kind = _time_numbers(table[time_col].combine_chunks(), f"{interactions}: column {time_col}")
     sessions = string_column(table, session_col, interactions) if session_col else None
-    keys = pc.dictionary_encode(users if sessions is None else _user_session_pairs(users, sessions, interactions))
+    keys = pc.dictionary_encode(users if sessions is None else _user_session_pairs(users, sessions))
     codes = keys.indices.to_numpy().astype(np.int64)  # codes follow first appearance: a stable session order
     order = np.lexsort((np.arange(len(codes)), times, codes))
     counts = np.bincount(codes, minlength=len(keys.dictionary))
@@ -84,19 +83,13 @@ def read_log(interactions: str | Path, items: str | Path, user_col: str, item_co
                   notes={"dropped_short_sessions": int((~keep).sum())})
 
 
-def _user_session_pairs(users: pa.Array, sessions: pa.Array, where: Path) -> pa.Array:
+def _user_session_pairs(users: pa.Array, sessions: pa.Array) -> pa.Array:
     """One number per (user, session id) pair: a session is a user's, so ids numbered per user (1, 2, ... for
-    each) name one session per user, not one session of every user's events. Global ids whose events change user
-    midway (a login) are cut there, which a warning says."""
+    each) name one session per user, not one session of every user's events. (A global id whose events change
+    user midway, a login, is cut there; the README says so.)"""
     user_codes = pc.dictionary_encode(users).indices.to_numpy().astype(np.int64)
     session_codes = pc.dictionary_encode(sessions)
-    ids = session_codes.indices.to_numpy()
-    pairs = user_codes * len(session_codes.dictionary) + ids
-    shared = int((np.bincount(np.unique(pairs) % len(session_codes.dictionary)) > 1).sum())
-    if shared:
-        print(f"warning: {where}: {shared:,} session ids are used by several users; a session is a (user, "
-              "session id) pair, so each user's events under such an id are a session of their own", file=sys.stderr)
-    return pa.array(pairs)
+    return pa.array(user_codes * len(session_codes.dictionary) + session_codes.indices.to_numpy())
 
 
 TIME_FORMATS = ((pa.int64(), "number"), (pa.float64(), "number"),
