@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="check a dataset in full: every file's sha256 against its manifest, "
                                            "sizes and shapes, every item index in 0..V-1, every item id there once, "
-                                           "every text feature finite")
+                                           "every text feature finite, every item marked as having text a "
+                                           "non-zero feature row")
     verify.add_argument("dataset", metavar="DIR", help="dataset directory")
     return parser
 

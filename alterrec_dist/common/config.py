@@ -205,6 +205,15 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
 }
 
 
+# Ranges tightened since runs were trained under them: a run's saved config is held to these (it served, and its
+# model serves as trained), new settings to RANGES'. (Also dim >= 2 with item_layernorm, in `validate`.)
+EARLIER_RANGES: dict[str, tuple[typing.Callable, str]] = {
+    "model.text_temperature": _positive_float(),
+    "model.id_temperature": _positive_float(),
+    "eval.alpha_sweep": (lambda v: all(0.0 <= a <= 1.0 for a in v), "values in [0, 1]"),
+}
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -213,10 +222,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
-    def validate(self) -> "Config":
+    def validate(self, saved: bool = False) -> "Config":
         """ConfigError with one line on the first value out of its range (`RANGES`), then on the
-        first invalid combination. Runs on the driver, before anything starts."""
-        for name, (ok, what) in RANGES.items():
+        first invalid combination. Runs on the driver, before anything starts. `saved`: a run's own config,
+        held to the ranges of the version that trained it (`EARLIER_RANGES`)."""
+        for name, (ok, what) in (RANGES | EARLIER_RANGES if saved else RANGES).items():
             section, key = name.split(".")
             value = getattr(getattr(self, section), key)
             if not ok(value):
@@ -241,7 +251,7 @@ class Config:
             (not t.reject_worse or METHODS[t.method].schedule == ALTERNATE,
              f"train.reject_worse applies to methods that alternate two networks, not {t.method}: set "
              "train.reject_worse=false"),
-            (m.dim >= 2 or not m.item_layernorm,  # a LayerNorm of one value gives its bias: every item ties
+            (saved or m.dim >= 2 or not m.item_layernorm,  # a LayerNorm of one value gives its bias: all items tie
              f"model.dim={m.dim} with model.item_layernorm=true makes every item row the same: dim must be >= 2"),
             (m.encoder != "transformer" or m.dim % m.heads == 0,
              f"model.dim={m.dim} must be divisible by model.heads={m.heads} for the transformer encoder"),
@@ -349,9 +359,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
 
 
 def load_saved_config(path: str | Path) -> Config:
-    """A run's config.toml, typed but not held to today's ranges: a run trained under an earlier version (a
-    temperature of 5e-5 before the 1e-4 floor) stays servable, and a grid sees it as stale rather than stopping."""
-    return _read_config(path)
+    """A run's config.toml, held to the ranges it was trained under (`EARLIER_RANGES`): a run trained before a
+    range tightened (a temperature of 5e-5 before the 1e-4 floor) stays servable, and a grid sees it as stale
+    rather than stopping; a value no version took is refused, naming the file."""
+    try:
+        return _read_config(path).validate(saved=True)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _read_config(path: str | Path | None = None, overrides: list[str] = (),

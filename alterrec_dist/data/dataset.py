@@ -173,11 +173,12 @@ class Dataset:
         twice = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
         if len(twice):
             raise DataError(f"{path}: item_id {twice[0].as_py()!r} names more than one item ({len(twice):,} ids do)")
-        with_text = int(self.has_text().sum())
+        has_text = self.has_text()
+        with_text = int(has_text.sum())
         if self.manifest["text"].get("num_with_text", with_text) != with_text:
             raise DataError(f"{self.mpath}: text.num_with_text is {self.manifest['text']['num_with_text']}, "
                             f"{self.manifest['text']['has_text']} marks {with_text:,} items with text")
-        has_text, start = self.has_text(), 0
+        start = 0
         for part in self.manifest["text"]["files"]:  # memory-mapped, a block at a time: flat memory at any V
             rows = storage.load_npy(self.path / part["file"], mmap=True)
             bad = first_non_finite_row(rows)
@@ -185,8 +186,9 @@ class Dataset:
                 raise self._not_finite(part["file"], start, bad)
             marked_zero = np.flatnonzero(has_text[start:start + len(rows)] & ~nonzero_rows(rows))
             if len(marked_zero):  # a writer before that was refused marked every item (a text method trained on zeros)
-                raise DataError(f"{self.path / self.manifest['text']['has_text']}: item_idx {start + marked_zero[0]} "
-                                f"is marked as having text, but its row of {part['file']} is all zeros")
+                raise DamagedData(f"{self.path / self.manifest['text']['has_text']}: item_idx {start + marked_zero[0]} "
+                                  f"is marked as having text, but its row of {part['file']} is all zeros: make the "
+                                  "dataset again")
             start += part["rows"]
 
     def _not_finite(self, name: str, part_start: int, row: int) -> DamagedData:

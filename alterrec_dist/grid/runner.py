@@ -296,10 +296,13 @@ def method_config(d: DatasetGrid, method: str, extra: list[str] = (), launched: 
                                                  *extra, *launch])
 
 
-def key_value(cfg, key: str):
-    """A config key's value; None for a variants sweep's free label (e.g. "logits")."""
-    section, dot, name = key.partition(".")
-    return getattr(getattr(cfg, section), name) if dot and hasattr(cfg, section) else None
+def key_value(cfg, sw: dict):
+    """The value of the setting a values sweep varies; None for a variants sweep, whose key is a free label (e.g.
+    "logits", or "train.lr": dots and all)."""
+    if "variants" in sw:
+        return None
+    section, _, name = sw["key"].partition(".")
+    return getattr(getattr(cfg, section), name)  # a setting: load_grid checked it
 
 
 def expand(grid: Grid) -> list[RunSpec]:
@@ -325,7 +328,7 @@ def expand(grid: Grid) -> list[RunSpec]:
             key = sw["key"]
             refused: dict[str, list[str]] = {}  # point -> why each method's config refused it
             for method in sweep_methods(d, sw):
-                for value, extra in sweep_points(sw, key_value(method_config(d, method, launched=True), key)):
+                for value, extra in sweep_points(sw, key_value(method_config(d, method, launched=True), sw)):
                     try:
                         method_config(d, method, extra, launched=True)
                     except ConfigError as e:

@@ -61,7 +61,8 @@ LIST_TYPES = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_l
 
 def _check_index_types(f: Location, schema: pa.Schema) -> None:
     """`history` and `target` hold item indices, as numbers: ids as strings, or flags as booleans, were cast to
-    the indices they spell and scored as other items, exit 0. A float is taken when it is whole (the cast)."""
+    the indices they spell and scored as other items, exit 0. A float or decimal (SQL exports) is taken when it
+    is whole (the cast)."""
     for name in ("history", "target"):
         if name not in schema.names:
             continue
@@ -70,7 +71,7 @@ def _check_index_types(f: Location, schema: pa.Schema) -> None:
             kind = kind.value_type  # not a list at all: the cast to the session types says so
         if pa.types.is_dictionary(kind):  # pandas' categoricals
             kind = kind.value_type
-        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)):
             raise DataError(f"{f}: column {name} holds {kind}, not item indices (integers 0..V-1: the item_idx "
                             "that the dataset's items.parquet gives each item_id)")
 

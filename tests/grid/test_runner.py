@@ -558,13 +558,14 @@ def test_grid_mistakes_that_surfaced_only_as_runs_started_are_refused_as_the_gri
     ''')
     with pytest.raises(ConfigError, match=r"\[\[dataset.sweep\]\]: unknown key model.nosuchkey"):
         load_grid(sweep)
-    variants = one_dataset_grid(tmp_path / "variants.toml", '''
-        methods = ["id_only"]
-        [[dataset.sweep]]
-        key = "cos.v2"
-        variants = { a = ["model.dropout=0.2"] }
-    ''')  # a variants sweep's key is a free label, dots and all
-    assert any(s.run_dir.name == "id_only-v2=a-s0" for s in expand(load_grid(variants)))
+    for label in ("cos.v2", "train.lr"):  # a variants sweep's key is a free label, dots and a section's name too
+        variants = one_dataset_grid(tmp_path / "variants.toml", f'''
+            methods = ["id_only"]
+            [[dataset.sweep]]
+            key = "{label}"
+            variants = {{ a = ["model.dropout=0.2"] }}
+        ''')
+        assert any(s.run_dir.name.endswith("=a-s0") for s in expand(load_grid(variants)))
     twice = tmp_path / "twice.toml"
     twice.write_text(one_dataset_grid(tmp_path / "one.toml", 'methods = ["id_only"]').read_text()
                      + '[[dataset]]\nname = "d"\nconfig = "configs/default.toml"\nmethods = ["alterrec"]\n')

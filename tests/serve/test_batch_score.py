@@ -10,6 +10,7 @@ import pytest
 from tqdm import tqdm
 
 from alterrec_dist import batch_score, export
+from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.serve import batch_runners
 from alterrec_dist.serve.search import Searcher
@@ -254,6 +255,10 @@ def test_indices_of_any_number_type_are_read_and_ids_are_refused(tmp_path):
     pq.write_table(pa.table({"history": pa.array([[1, 2], [3, 4]], pa.list_(pa.uint16(), 2)),
                              "target": pa.array([4.0, 5.0])}), numbers)
     assert check_input([numbers], session_columns([numbers]), num_items=10) == 2
+    decimals = tmp_path / "decimals.parquet"  # as some SQL exports write whole numbers
+    pq.write_table(pa.table({"history": pa.array([[1, 2]], pa.list_(pa.decimal128(38, 0))),
+                             "target": pa.array([3], pa.decimal128(38, 0))}), decimals)
+    assert check_input([decimals], session_columns([decimals]), num_items=10) == 1
     for name, column, kind in [("history", pa.array([["1", "2"]], pa.list_(pa.large_string())), "large_string"),
                                ("target", pa.array([True]), "bool")]:  # an id, a "clicked" flag
         other = tmp_path / f"{kind}.parquet"
@@ -268,8 +273,14 @@ def test_a_run_whose_config_an_earlier_version_accepted_still_serves(run, tmp_pa
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
     config = copy / "config.toml"
-    config.write_text(config.read_text().replace("alpha_sweep = [0.7]", "alpha_sweep = [0.7, 0.7]"))
+    text = config.read_text()
+    assert "alpha_sweep = [0.7]" in text and "text_temperature = 0.5" in text
+    config.write_text(text.replace("alpha_sweep = [0.7]", "alpha_sweep = [0.7, 0.7]"))
     assert load_run(copy).served == "fused@0.7"
+    # a value no version took (a damaged file) is still refused, in one line naming it: not a ZeroDivisionError
+    config.write_text(text.replace("text_temperature = 0.5", "text_temperature = 0.0"))
+    with pytest.raises(ConfigError, match=rf"{config}: model.text_temperature must be a finite number > 0"):
+        load_run(copy)
 
 
 def test_metrics_detect_a_different_model(run, tmp_path):
