@@ -185,16 +185,20 @@ class Dataset:
             if bad is not None:
                 raise self._not_finite(part["file"], start, bad)
             marked_zero = np.flatnonzero(has_text[start:start + len(rows)] & ~nonzero_rows(rows))
-            if len(marked_zero):  # a writer before that was refused marked every item (a text method trained on zeros)
-                raise DamagedData(f"{self.path / self.manifest['text']['has_text']}: item_idx {start + marked_zero[0]} "
-                                  f"is marked as having text, but its row of {part['file']} is all zeros: make the "
-                                  "dataset again")
+            if len(marked_zero):
+                raise self._marked_zero(part["file"], start + int(marked_zero[0]))
             start += part["rows"]
 
     def _not_finite(self, name: str, part_start: int, row: int) -> DamagedData:
         """Row `row` of the feature part `name` (item_idx part_start + row) holds a NaN or an infinity."""
         return DamagedData(f"{self.path / name}: row {row + 1} (item_idx {part_start + row}): a text feature that is "
                          "not finite (NaN or inf): make the dataset again")
+
+    def _marked_zero(self, name: str, item: int) -> DamagedData:
+        """Item `item` is marked as having text while its row of the feature part `name` is all zeros (the writer
+        before 71399e4 marked every item when given no mask): a text method would train on zeros as text."""
+        return DamagedData(f"{self.path / self.manifest['text']['has_text']}: item_idx {item} is marked as having "
+                           f"text, but its row of {name} is all zeros: make the dataset again")
 
     def _file(self, name: str) -> Location:
         path = self.path / name
@@ -310,13 +314,15 @@ class Dataset:
         return storage.load_npy(self.path / self.manifest["text"]["has_text"])
 
     def text_features(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """float16 rows `rows` (item_idx, any order) of the text features; all rows if None.
+        """float16 rows `rows` (item_idx, any order) of the text features; all rows if None. A row that is not
+        finite, or all zeros for an item marked as having text, is refused (DamagedData).
 
         Local parts are memory-mapped, so a worker that owns rows r, r+W, ... reads only those; from a
         store each part is read once, whole, and only the wanted rows kept (memory: one part).
         """
         parts = self.manifest["text"]["files"]
         rows = np.arange(self.num_items) if rows is None else np.asarray(rows, dtype=np.int64)
+        marked = self.has_text()[rows]
         out = np.empty((len(rows), self.text_dim), dtype=np.float16)
         start = 0
         for p in parts:
@@ -327,6 +333,9 @@ class Dataset:
                 bad = first_non_finite_row(got)  # training and serving read their rows here: refused before use
                 if bad is not None:
                     raise self._not_finite(p["file"], start, int(rows[sel[bad]]) - start)
+                zero = np.flatnonzero(marked[sel] & ~nonzero_rows(got))
+                if len(zero):
+                    raise self._marked_zero(p["file"], int(rows[sel[zero[0]]]))
                 out[sel] = got
             start = stop
         return out

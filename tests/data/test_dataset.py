@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.errors import DamagedData, DataError
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import DatasetWriter
 
@@ -140,9 +140,10 @@ def test_has_text_is_where_the_feature_rows_are_not_zeros(tmp_path):
     assert not (tmp_path / "marked").exists()
 
 
-def test_verify_refuses_a_mask_over_zero_rows_as_an_earlier_writer_signed_it(tmp_path):
+def test_a_mask_over_zero_rows_as_an_earlier_writer_signed_it_is_refused(tmp_path):
     """The writer marked every item as having text when given no mask, zero feature rows included, and signed
-    that: `prepare verify` passed it and a text method trained on zeros. Its rows are checked against the mask."""
+    that: `prepare verify` passed it and a text method trained on zeros. Its rows are checked against the mask,
+    by verify and where training and serving read them."""
     from alterrec_dist.common.files import file_sha256
 
     data = dataset(tmp_path / "data")
@@ -153,9 +154,15 @@ def test_verify_refuses_a_mask_over_zero_rows_as_an_earlier_writer_signed_it(tmp
     manifest = json.loads(data.mpath.read_text())
     manifest["sha256"][data.manifest["text"]["files"][0]["file"]] = file_sha256(part)
     data.mpath.write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match=r"has_text.npy: item_idx 4 is marked as having text, but its row of "
-                                        r"text_features/part-00000.npy is all zeros"):
+    message = r"has_text.npy: item_idx 4 is marked as having text, but its row of text_features/part-00000.npy is " \
+              r"all zeros: make the dataset again"
+    with pytest.raises(DataError, match=message):
         Dataset(data.path).verify()
+    # the start check reads the mask, not the rows: the rows a worker or a server reads are checked as read
+    assert Dataset(data.path).text_features(np.array([3, 5])).shape == (2, 8)
+    for rows in (np.array([2, 4]), None):
+        with pytest.raises(DamagedData, match=message):
+            Dataset(data.path).text_features(rows)
 
 
 @pytest.mark.parametrize("bad, value", [("NaN", np.nan), ("past float16's range", 1e6)])
