@@ -6,7 +6,8 @@ driver, resumable, then the report (`docs/RESULTS.md` and its plots) from the ru
     python -m alterrec_dist.experiments --grid configs/experiments/paper.toml --dry-run  # list commands
     python -m alterrec_dist.experiments --grid configs/experiments/paper.toml --only 'scientific/alterrec-round2-*'
 
-The command line only: the machinery is in `grid/runner.py`.
+The command line only: the grid file is read by `grid/grid_file.py`, its runs listed by `grid/plan.py`,
+run by `grid/runner.py` and reported by `grid/report.py`.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import sys
 from alterrec_dist.common.cli import ArgumentParser, run_cli
 from alterrec_dist.common.config import shown
 from alterrec_dist.common.errors import ConfigError
-from alterrec_dist.grid.runner import (expand, load_grid, prepare_datasets, run_grid, selected, settings_differ,
-                                       under_way)
+from alterrec_dist.grid.grid_file import load_grid
+from alterrec_dist.grid.plan import expand, settings_differ
+from alterrec_dist.grid.runner import prepare_datasets, run_grid, selected, under_way
 
 
 def build_parser() -> argparse.ArgumentParser:

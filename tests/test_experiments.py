@@ -6,7 +6,8 @@ import pytest
 
 from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.experiments import main
-from alterrec_dist.grid.runner import expand, load_grid
+from alterrec_dist.grid.grid_file import load_grid
+from alterrec_dist.grid.plan import expand
 from tests.tiny_data import tiny_dataset
 
 pytestmark = pytest.mark.slow

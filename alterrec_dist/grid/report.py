@@ -27,7 +27,7 @@ from alterrec_dist.common.config import METRICS, PROJECT_ROOT, SCORE_PARTS, read
 from alterrec_dist.common.errors import DataError  # noqa: E402
 from alterrec_dist.common.files import atomic_write_bytes, read_json  # noqa: E402
 from alterrec_dist.common.methods import METHODS, selection_part, sweep_alpha, sweep_kind  # noqa: E402
-from alterrec_dist.grid.runner import as_toml, shown_command  # noqa: E402
+from alterrec_dist.grid.plan import as_toml, shown_command  # noqa: E402
 from alterrec_dist.grid.selection import candidates, choose, combined_label, round_progress  # noqa: E402
 
 TABLE_METRICS = METRICS[:4]  # the paper's Table 1: Hits and NDCG at 10 and 20

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from alterrec_dist.common.errors import DataError
-
+from alterrec_dist.grid.grid_file import DatasetGrid, load_grid
+from alterrec_dist.grid.plan import RunSpec, expand
 from alterrec_dist.grid.report import choice_table, gains, main_table, read_run, rounds_note, switch_table
-from alterrec_dist.grid.runner import DatasetGrid, RunSpec
 from alterrec_dist.grid.selection import Choice, validation_score
+from tests.grid.grids import one_dataset_grid
 
 
 def result(spec: RunSpec, valid: float, test: float) -> dict:
@@ -197,3 +198,14 @@ def test_a_peers_command_is_its_command_txt_not_its_results_own(tmp_path):
     assert read_run(spec)["command"] == "python bench/recbole_peer.py --out results/peer"
     (d / "command.txt").unlink()  # finished while no runner waited: the grid's command, as typed
     assert read_run(spec)["command"] == "python bench/recbole_peer.py"
+
+
+def test_a_report_goes_into_a_folder_made_for_it(tmp_path):
+    """A report in a folder that did not exist was a FileNotFoundError traceback after the runs had trained,
+    unless a plot had happened to make the folder."""
+    from alterrec_dist.grid.report import write_report
+
+    grid = load_grid(one_dataset_grid(tmp_path / "grid.toml", 'methods = ["id_only"]',
+                                      head=f'report = "{tmp_path}/new/RESULTS.md"'))
+    write_report(grid, expand(grid), "grid.toml")
+    assert (tmp_path / "new" / "RESULTS.md").read_text().startswith("# ")

@@ -2,7 +2,8 @@
 import json
 from pathlib import Path
 
-from alterrec_dist.grid.runner import DatasetGrid, RunSpec, combined_runs, confirm_runs, refined_runs
+from alterrec_dist.grid.grid_file import DatasetGrid
+from alterrec_dist.grid.plan import RunSpec, combined_runs, confirm_runs, refined_runs
 from alterrec_dist.grid.selection import choose, helpful_switches
 
 
