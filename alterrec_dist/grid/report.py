@@ -17,18 +17,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from alterrec_dist.common import run_layout  # noqa: E402
-from alterrec_dist.common.config import METRICS, PROJECT_ROOT, SCORE_PARTS, read_toml, shown  # noqa: E402
-from alterrec_dist.common.errors import DataError  # noqa: E402
-from alterrec_dist.common.files import atomic_write_bytes, read_json  # noqa: E402
-from alterrec_dist.common.methods import METHODS, selection_part, sweep_alpha, sweep_kind  # noqa: E402
-from alterrec_dist.grid.plan import as_toml, shown_command  # noqa: E402
-from alterrec_dist.grid.selection import candidates, choose, combined_label, round_progress  # noqa: E402
+from alterrec_dist.common import run_layout
+from alterrec_dist.common.config import METRICS, PROJECT_ROOT, SCORE_PARTS, read_toml, shown
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.files import atomic_write_bytes, read_json
+from alterrec_dist.common.methods import METHODS, selection_part, sweep_alpha, sweep_kind
+from alterrec_dist.grid.figures import longtail_figure, sensitivity_figure, training_curves
+from alterrec_dist.grid.plan import as_toml, shown_command
+from alterrec_dist.grid.selection import candidates, choose, combined_label, round_progress
 
 TABLE_METRICS = METRICS[:4]  # the paper's Table 1: Hits and NDCG at 10 and 20
 HEADLINE_METRICS = ("hit@10", "ndcg@10")  # the issue's targets, the plots' metrics
@@ -250,44 +246,6 @@ def rounds_note(specs: list, d, names: list[str]) -> list[str]:
             "the base, untuned).", ""]
 
 
-# -- figures -----------------------------------------------------------------------------------
-
-def per_epoch(runs: list[dict], get) -> tuple[list[int], list[float]]:
-    """Mean over seeds of a per-epoch quantity (epochs every seed reached)."""
-    n = min(len(r["epochs"]) for r in runs)
-    return list(range(n)), [statistics.mean(get(r["epochs"][e]) for r in runs) for e in range(n)]
-
-
-def save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def training_curves(runs: list[dict], losses: dict[str, str], title: str, path: Path) -> None:
-    """Figs. 3 and 5: validation Hits@20 of the id, text and fused scores, and training losses, per epoch."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for kind, style in (("id", "-o"), ("text", "-s"), ("fused", "-^")):
-        x, y = per_epoch(runs, lambda e, k=kind: e["valid"][k]["hit@20"])
-        a.plot(x, y, style, ms=3, label=kind)
-    a.set(xlabel="epoch", ylabel="valid Hits@20", title=f"{title}: validation")
-    a.legend()
-    for key, label in losses.items():
-        x, y = per_epoch(runs, lambda e, k=key: e.get(k, float("nan")))
-        b.plot(x, y, "-o", ms=3, label=label)
-    if "network" in runs[0]["epochs"][0] and len(losses) == 1:  # AlterRec: shade which network trained
-        for e in runs[0]["epochs"]:
-            if e["network"] == "text":
-                b.axvspan(e["epoch"] - 0.5, e["epoch"] + 0.5, color="0.9", lw=0)
-        b.text(0.99, 0.97, "shaded: text network trained", transform=b.transAxes, ha="right", va="top", fontsize=8)
-    b.set(xlabel="epoch", ylabel="training loss", title=f"{title}: training loss")
-    b.legend()
-    save(fig, path)
-
-
 def longtail(methods: dict[str, list[dict]], metric: str) -> tuple[list[str], dict[str, list[float]], dict]:
     """Per popularity group of the target: each method's mean test metric relative to id_only's (groups no
     test target falls in, e.g. the most popular one on a dataset without such items, left out)."""
@@ -306,20 +264,6 @@ def longtail(methods: dict[str, list[dict]], metric: str) -> tuple[list[str], di
     return groups, ratios, counts
 
 
-def longtail_figure(groups, ratios, counts, metric: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    width = 0.8 / max(len(ratios), 1)
-    for i, (label, vals) in enumerate(ratios.items()):
-        ax.bar([g + i * width for g in range(len(groups))], vals, width, label=label)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([g + width * (len(ratios) - 1) / 2 for g in range(len(groups))],
-                  [f"{g}\n(n={counts[g]})" for g in groups])
-    ax.set(xlabel="target popularity (train occurrences)", ylabel=f"test {metric} / ID only",
-           title="Long tail: relative to ID only")
-    ax.legend(fontsize=8)
-    save(fig, path)
-
-
 def alpha_curve(runs: list[dict]) -> tuple[list[float], dict]:
     alphas = sorted(a for a in map(sweep_alpha, runs[0]["test"]) if a is not None)
     out = {}
@@ -327,21 +271,6 @@ def alpha_curve(runs: list[dict]) -> tuple[list[float], dict]:
         for m in HEADLINE_METRICS:
             out[(split, m)] = [mean_std([r[split][sweep_kind(a)][m] for r in runs])[0] for a in alphas]
     return alphas, out
-
-
-def sensitivity_figure(alphas, alpha_vals, k2s, k2_vals, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    color = {"hit@10": "C0", "ndcg@10": "C1"}  # one colour per metric; test solid, valid dashed
-    for (split, m), ys in alpha_vals.items():
-        axes[0].plot(alphas, ys, "-o" if split == "test" else "--", color=color[m], ms=3, label=f"{split} {m}")
-    axes[0].set(xlabel="alpha (weight of the ID score)", ylabel="metric", title="AlterRec: sensitivity to alpha")
-    axes[0].legend(fontsize=8)
-    for (split, m), ys in k2_vals.items():
-        axes[1].plot(k2s, ys, "-o" if split == "test" else "--", color=color[m], ms=3, label=f"{split} {m}")
-    axes[1].set(xscale="log", xlabel="k2 (hard negatives are ranks k1..k2)", ylabel="metric",
-                title="AlterRec: sensitivity to k2 (seed 0)")
-    axes[1].legend(fontsize=8)
-    save(fig, path)
 
 
 def switch_table(runs: list[dict]) -> list[str]:
