@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.cli import ArgumentParser, run_cli
@@ -137,13 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         summary, run_dir = done
     else:
         check_ray_train_v2()
-        run_dir = open_run_dir(cfg, args.out, resume_dir)
-        print(f"run dir: {run_dir}", flush=True)
-        try:
-            summary = launch_ray(cfg, run_dir)
-        except TrainingError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        with ExitStack() as held:
+            run_dir = open_run_dir(cfg, args.out, resume_dir, held)
+            print(f"run dir: {run_dir}", flush=True)
+            try:
+                summary = launch_ray(cfg, run_dir)
+            except TrainingError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
     print(format_summary(summary, run_dir), flush=True)
     return 0
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import DatasetWriter
 from alterrec_dist.train import build_parser, format_summary, load_run_config
 from alterrec_dist.training.checkpoint import checkpoint_name
-from alterrec_dist.training.run_dir import default_run_dir, make_run_dir, read_summary, reopen_run_dir
+from alterrec_dist.training.run_dir import default_run_dir, hold, make_run_dir, read_summary, reopen_run_dir
 from tests.commands import run_command
 
 PY = sys.executable
@@ -44,6 +45,12 @@ def fake_summary(best_epoch: int = 2) -> dict:
     return {"best_epoch": best_epoch, "valid": block, "test": block, "longtail": {}}
 
 
+def made_run_dir(cfg, out: str | None) -> Path:
+    """A new run directory as `train` makes it, no longer held (its train has ended)."""
+    with ExitStack() as held:
+        return make_run_dir(cfg, out, held)
+
+
 def cli(args: list[str], tmp_path: Path, timeout: float = 120, env: dict | None = None):
     return subprocess.run([PY, "-m", "alterrec_dist.train", *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
@@ -63,32 +70,59 @@ def test_default_run_dir_name():
 
 def test_make_run_dir_writes_config_and_refuses_nonempty(tmp_path):
     cfg = load_config(None, ["train.m_max=3", "model.dim=8"])
-    run = make_run_dir(cfg, str(tmp_path / "a" / "run"))
+    run = made_run_dir(cfg, str(tmp_path / "a" / "run"))
     assert run.is_absolute() and run.is_dir()
     assert load_config(run / "config.toml") == cfg
     with pytest.raises(ConfigError, match="exists and is not empty") as e:
-        make_run_dir(cfg, str(run))
+        made_run_dir(cfg, str(run))
     assert str(run) in str(e.value)
     (tmp_path / "empty").mkdir()
-    assert make_run_dir(cfg, str(tmp_path / "empty")) == tmp_path / "empty"  # an empty dir is fine
+    assert made_run_dir(cfg, str(tmp_path / "empty")) == tmp_path / "empty"  # an empty dir is fine
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not a directory"):
-        make_run_dir(cfg, str(tmp_path / "file"))
+        made_run_dir(cfg, str(tmp_path / "file"))
 
 
 def test_make_run_dir_named_and_auto(tmp_path):
     cfg = load_config(None, [f"trainer.storage_path={tmp_path}", "trainer.name=exp"])
-    assert make_run_dir(cfg, None) == tmp_path / "exp"
+    assert made_run_dir(cfg, None) == tmp_path / "exp"
     with pytest.raises(ConfigError, match="exists and is not empty"):
-        make_run_dir(cfg, None)  # a chosen name is never silently changed
+        made_run_dir(cfg, None)  # a chosen name is never silently changed
     cfg = load_config(None, [f"trainer.storage_path={tmp_path}"])
-    a, b = make_run_dir(cfg, None), make_run_dir(cfg, None)  # same second: b gets a suffix
+    a, b = made_run_dir(cfg, None), made_run_dir(cfg, None)  # same second: b gets a suffix
     assert a != b and a.name.startswith("alterrec-") and b.name.startswith(a.name[:len("alterrec-")])
 
 
 def test_make_run_dir_relative_out_is_cwd_relative(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert make_run_dir(Config(), "rel/run") == tmp_path / "rel" / "run"
+    assert made_run_dir(Config(), "rel/run") == tmp_path / "rel" / "run"
+
+
+def test_a_second_train_on_a_run_directory_is_refused_while_the_first_writes_it(tmp_path, no_ray_env):
+    """Two `train --resume RUN` at once both trained to exit 0: RUN/metrics.jsonl read epochs 0-4, 4, 5, 5, 6, 6 and
+    the summary was whichever ended last. The train writing a run holds it; a second one, in another process, is
+    one line, exit 2, before Ray, and writes nothing. Once the first has ended the run is free again."""
+    data = tiny_dataset(tmp_path / "data")
+    cfg = load_config(None, [f"data.path={data}", "train.global_batch_size=16"])
+    with ExitStack() as held:
+        run = make_run_dir(cfg, str(tmp_path / "run"), held)  # the first train, under way
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        for args in (["--resume", str(run)], ["--resume", "auto", "--out", str(run)]):
+            out = cli([*args, "--set", f"data.path={data}", "--set", "train.global_batch_size=16"], tmp_path,
+                      env=no_ray_env)
+            assert out.returncode == 2 and out.stderr.splitlines() == [
+                f"error: {run}: another train is writing this run directory now (it holds .lock): let it end, "
+                "or pick another --out"], out.stderr
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+        # a new run into an empty directory another train holds: refused too, not started beside it
+        (tmp_path / "empty").mkdir()
+        with ExitStack() as first:
+            hold(tmp_path / "empty", first)
+            with pytest.raises(ConfigError, match="another train is writing this run directory now"):
+                make_run_dir(cfg, str(tmp_path / "empty"), ExitStack())
+            assert [p.name for p in (tmp_path / "empty").iterdir()] == [".lock"]
+    with ExitStack() as held:
+        assert reopen_run_dir(cfg, run, held) == run
 
 
 def test_format_summary_table():
@@ -174,7 +208,7 @@ def test_cli_resume_refuses_another_run(tmp_path, monkeypatch, capsys, no_ray, c
     monkeypatch.chdir(tmp_path)
     data = tiny_dataset(tmp_path / "data")
     zero = ["trainer.engine=deepspeed", "trainer.zero_stage=1", "trainer.num_workers=2"]
-    run = make_run_dir(load_config(None, [f"data.path={data}", "train.global_batch_size=16",
+    run = made_run_dir(load_config(None, [f"data.path={data}", "train.global_batch_size=16",
                                           *(zero if case.startswith("zero") else [])]), str(tmp_path / "run"))
     if case.startswith("zero"):  # a checkpoint the two workers saved (its manifest: what the driver reads of it)
         checkpoint = run / run_layout.CHECKPOINTS / checkpoint_name(1, 0)
@@ -208,14 +242,15 @@ def test_cli_resume_refuses_another_run(tmp_path, monkeypatch, capsys, no_ray, c
 def test_resume_takes_the_same_data_elsewhere_and_resumable_settings(tmp_path):
     """What a resume may change: where the same files live (data.path), the world size, the epoch budget."""
     data = tiny_dataset(tmp_path / "data")
-    run = make_run_dir(load_config(None, [f"data.path={data}"]), str(tmp_path / "run"))
+    run = made_run_dir(load_config(None, [f"data.path={data}"]), str(tmp_path / "run"))
     assert json.loads((run / run_layout.DATASET).read_text())["sha256"] == Dataset(data).file_digests
     shutil.copytree(data, tmp_path / "moved")
     changes = [f"data.path={tmp_path / 'moved'}", "trainer.num_workers=1", "train.m_max=20", "train.patience=3"]
     args = build_parser().parse_args(["--resume", str(run), *[a for c in changes for a in ("--set", c)]])
     cfg, resume_dir = load_run_config(args)
     (run / run_layout.SUMMARY).write_text(json.dumps(fake_summary()))  # it had finished, on train.m_max=10
-    assert resume_dir == run and reopen_run_dir(cfg, run) == run
+    with ExitStack() as held:
+        assert resume_dir == run and reopen_run_dir(cfg, run, held) == run
     assert load_config(run / "config.toml") == cfg  # the config it now runs with, and where its data is now
     # the old end's summary went with the old config: a resume stopped before its workers removed it left a
     # run that looked finished under a config.toml that did not make it
@@ -292,7 +327,7 @@ def test_torchruns_world_is_the_config_checked(monkeypatch):
 def test_a_resume_stays_in_its_directory_and_says_so(tmp_path):
     """`--resume RUN --set trainer.name=X` was accepted, the run went on in RUN, and its config.toml then named X.
     An empty trainer.storage_path (an unset shell variable) put new runs in the project root."""
-    run = make_run_dir(load_config(None, ["train.method=id_only"]), str(tmp_path / "run"))
+    run = made_run_dir(load_config(None, ["train.method=id_only"]), str(tmp_path / "run"))
     for key, value in (("trainer.name", "elsewhere"), ("trainer.storage_path", str(tmp_path / "other"))):
         with pytest.raises(ConfigError, match=rf"run/config.toml: the run goes on in its own directory, so {key} "):
             load_run_config(build_parser().parse_args(["--resume", str(run), "--set", f"{key}={value}"]))

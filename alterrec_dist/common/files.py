@@ -16,6 +16,7 @@ A manifest is `DIR/manifest.json`, read by `read_manifest`, whose errors are one
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
@@ -247,6 +248,23 @@ def remove_made_parents(out: Path, made: Path | None) -> None:
             return
         if directory == made:
             return
+
+
+def try_lock(path: Path) -> int | None:
+    """An open descriptor holding the exclusive lock on the file `path` (made if missing), or None when another
+    process holds it. The OS drops the lock when its holder closes the descriptor or dies, so a killed holder
+    blocks nothing."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    if fd < 3:  # a process started with stdin/stdout closed: a child's stdin/stdout would replace it there
+        moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        os.close(fd)
+        fd = moved
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _process_alive(pid: int) -> bool:

@@ -10,6 +10,7 @@ grid and its report read them (README "Outputs of a run" says what each holds).
     RUN/tensorboard/      TensorBoard event files
     RUN/mlflow_run_id     the MLflow run it logs to, when MLflow is on (a resume logs to the same run)
     RUN/command.txt       the command that made it, written by the grid runner (`grid/runner.py`)
+    RUN/.lock             held by the train writing the run, so a second one is refused (`training/run_dir.py`)
 """
 CONFIG = "config.toml"
 DATASET = "dataset.json"
@@ -20,6 +21,7 @@ CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 MLFLOW_RUN_ID = "mlflow_run_id"
 COMMAND = "command.txt"
+LOCK = ".lock"
 
 SERVED = (CONFIG, DATASET, SUMMARY, MODEL)  # what serving reads of a run (`serve/from_run.py`)
 

@@ -17,7 +17,6 @@ grid's order, while another runner works through the rest.
 """
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import os
 import shlex
@@ -34,6 +33,7 @@ from pathlib import Path
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import PROJECT_ROOT, shown
 from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.files import try_lock
 from alterrec_dist.grid.grid_file import Grid
 from alterrec_dist.grid.plan import RunSpec, expand, method_config, shown_command
 
@@ -63,17 +63,7 @@ def claim(spec: RunSpec) -> int | None:
     holds it (that run is under way there). The run's process holds it too (`Children`): it is released when
     both have closed it, or died."""
     spec.lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(spec.lock, os.O_RDWR | os.O_CREAT, 0o644)
-    if fd < 3:  # a runner started with stdin/stdout closed: the child's stdin/stdout would replace it there
-        moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-        os.close(fd)
-        fd = moved
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    return try_lock(spec.lock)
 
 
 def under_way(spec: RunSpec) -> bool:

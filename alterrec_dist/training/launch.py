@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+from contextlib import ExitStack
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.config import Config
@@ -268,13 +269,14 @@ def launch_torchrun(cfg: Config, out: str | None, resume_dir: Location | None) -
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     else:
         dist.init_process_group(backend)  # env:// — RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    held = ExitStack()  # rank 0's hold on the run directory, until its training ends
     try:
         comm = Comm()
-        # Rank 0 makes the run directory (one timestamp for all); the others learn it or the error.
+        # Rank 0 makes the run directory (one timestamp for all) and holds it; the others learn it or the error.
         run_dir, err = None, None
         if comm.rank == 0:
             try:
-                run_dir = str(open_run_dir(cfg, out, resume_dir))
+                run_dir = str(open_run_dir(cfg, out, resume_dir, held))
             except (ConfigError, DataError) as e:
                 err = e
         run_dir, err = comm.broadcast_object((run_dir, err))
@@ -287,4 +289,5 @@ def launch_torchrun(cfg: Config, out: str | None, resume_dir: Location | None) -
         comm.barrier()
         return (read_summary(run_dir, summary), run_dir) if comm.rank == 0 else None
     finally:
+        held.close()
         dist.destroy_process_group()

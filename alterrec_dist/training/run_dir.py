@@ -6,12 +6,13 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from contextlib import ExitStack
 
 from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import Config, to_toml
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.common.files import (atomic_write_bytes, atomic_write_json, check_outside, read_json,
-                                        resolve_location)
+                                        resolve_location, try_lock)
 from alterrec_dist.common.methods import method
 from alterrec_dist.common.storage import Location, StorePath
 from alterrec_dist.data.dataset import Dataset
@@ -77,8 +78,8 @@ def default_run_dir(cfg: Config, now: datetime.datetime | None = None) -> Locati
     return cfg.resolve_path(cfg.trainer.storage_path) / name
 
 
-def make_run_dir(cfg: Config, out: str | None) -> Location:
-    """Create the (absolute) run directory and write `config.toml` into it.
+def make_run_dir(cfg: Config, out: str | None, held: ExitStack) -> Location:
+    """Create the (absolute) run directory, hold it (`hold`) and write `config.toml` into it.
 
     `--out` is taken relative to the current directory; `trainer.storage_path` relative to the
     project root; either may be a store URI (s3://, gs://). An explicitly named directory that exists
@@ -102,29 +103,51 @@ def make_run_dir(cfg: Config, out: str | None) -> Location:
         while run_dir.exists():
             i += 1
             run_dir = base.with_name(f"{base.name}-{i}")
-    if run_dir.exists():
-        if not run_dir.is_dir():
-            raise ConfigError(f"{run_dir}: run directory path exists and is not a directory")
-        if any(run_dir.iterdir()):
-            raise ConfigError(
-                f"{run_dir}: run directory exists and is not empty (pick another --out or trainer.name, "
-                "or continue that run with --resume)")
+    _check_unused(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
+    hold(run_dir, held)
+    _check_unused(run_dir)  # again, held: another train may have begun there since
     atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
     record_dataset(Dataset(cfg.resolve_path(cfg.data.path)), run_dir)
     return run_dir
 
 
-def reopen_run_dir(cfg: Config, run_dir: Location) -> Location:
-    """Go on in an existing run directory: check its checkpoints (one-line warnings for damaged
+def _check_unused(run_dir: Location) -> None:
+    """ConfigError unless `run_dir` is absent or an empty directory (its lock alone: a train that stopped before
+    writing anything)."""
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise ConfigError(f"{run_dir}: run directory path exists and is not a directory")
+        if any(f.name != run_layout.LOCK for f in run_dir.iterdir()):
+            raise ConfigError(
+                f"{run_dir}: run directory exists and is not empty (pick another --out or trainer.name, "
+                "or continue that run with --resume)")
+
+
+def hold(run_dir: Location, held: ExitStack) -> None:
+    """Hold the run directory for as long as `held` is open: a second train on it (another --resume, a job
+    retried beside the first) is refused in one line, as two trainers appended to one metrics.jsonl and took
+    turns at its summary. A run in a store is not held: a store has nothing to lock."""
+    if isinstance(run_dir, StorePath):
+        return
+    fd = try_lock(run_dir / run_layout.LOCK)
+    if fd is None:
+        raise ConfigError(f"{run_dir}: another train is writing this run directory now (it holds "
+                          f"{run_layout.LOCK}): let it end, or pick another --out")
+    held.callback(os.close, fd)
+
+
+def reopen_run_dir(cfg: Config, run_dir: Location, held: ExitStack) -> Location:
+    """Go on in an existing run directory, held (`hold`): check its checkpoints (one-line warnings for damaged
     newer ones, DataError if none is intact) and that its data is the data it started on, then record
     the config it now runs with.
 
     The workers verify the checkpoint again when they load it (they also resume on their own after
     a failure, with no driver involved): the price of failing here, before anything starts."""
+    hold(run_dir, held)
     data = Dataset(cfg.resolve_path(cfg.data.path))
     check_same_dataset(data, run_dir)
     found = newest_good(run_dir / run_layout.CHECKPOINTS)
@@ -166,8 +189,9 @@ def check_same_dataset(data: Dataset, run_dir: Location) -> None:
                         "or start a new run")
 
 
-def open_run_dir(cfg: Config, out: str | None, resume_dir: Location | None) -> Location:
-    return reopen_run_dir(cfg, resume_dir) if resume_dir is not None else make_run_dir(cfg, out)
+def open_run_dir(cfg: Config, out: str | None, resume_dir: Location | None, held: ExitStack) -> Location:
+    """The run directory, new or the one a resume goes on in, held until `held` closes."""
+    return reopen_run_dir(cfg, resume_dir, held) if resume_dir is not None else make_run_dir(cfg, out, held)
 
 
 def read_summary(run_dir: Location, fallback: dict | None = None) -> dict:
