@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -350,6 +351,42 @@ def read_manifest(directory: str | Location, absent: str, keys: dict[str, type] 
         raise DataError(f"{path}: format_version {manifest.get('format_version')!r}, expected {format_version}")
     check_keys(path, manifest, keys or {}, remedy)
     return manifest
+
+
+LOAD_ATTEMPTS = 3
+
+
+def load_unreplaced(directory: Location, manifest_of, load):
+    """`load(manifest)` of a directory committed by its manifest (an export, a saved model) that its writer may
+    replace while it is read: `export --overwrite`, or training saving a new best model into RUN/model (two
+    renames locally, objects one by one in a store). A load could pair one version's manifest with the other's
+    files, silently or as a raw FileNotFoundError. The manifest (`manifest_of(directory)`) is read again after
+    the files: a load counts only if it is unchanged, and one that overlapped a replacement starts again
+    (LOAD_ATTEMPTS in all; a manifest missing mid-swap is waited for a second each time)."""
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        if attempt < LOAD_ATTEMPTS and directory.is_dir() and not (directory / MANIFEST).is_file():
+            time.sleep(1.0)  # not one, or one mid-swap: in a store its manifest is uploaded last
+            continue
+        manifest = manifest_of(directory)
+        try:
+            loaded = load(manifest)
+        except (DataError, OSError) as e:
+            if attempt < LOAD_ATTEMPTS and _replaced(directory, manifest):
+                continue
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{directory}: cannot read ({one_line(e)})") from None
+        if not _replaced(directory, manifest):
+            return loaded
+    raise DataError(f"{directory}: replaced while being read, {LOAD_ATTEMPTS} times running: load it again")
+
+
+def _replaced(directory: Location, manifest: dict) -> bool:
+    """Whether the directory's manifest is no longer `manifest` (gone counts: mid-swap)."""
+    try:
+        return read_json(directory / MANIFEST) != manifest
+    except DataError:
+        return True
 
 
 def check_keys(path: Path, table: dict, keys: dict[str, type], remedy: str, prefix: str = "") -> None:

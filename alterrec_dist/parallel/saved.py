@@ -26,7 +26,7 @@ import torch
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.common.files import Staged, atomic_write_json, file_sha256, read_manifest
+from alterrec_dist.common.files import Staged, atomic_write_json, file_sha256, load_unreplaced, read_manifest
 from alterrec_dist.common.storage import MANIFEST, Location, StorePath
 
 
@@ -157,15 +157,25 @@ def verify_files(directory: Location, digests: dict[str, str], manifest_path: Lo
 
 
 def load_model(model_dir: str | Location) -> tuple[dict, dict, torch.Tensor | None]:
-    """(manifest, {name: state_dict}, the full (V, d) ID table or None), checksums verified."""
+    """(manifest, {name: state_dict}, the full (V, d) ID table or None), checksums verified. Training replaces
+    the model at each new best epoch: a load it overlaps is read again (`load_unreplaced`), where it had paired
+    one epoch's manifest with another's networks."""
     model_dir = storage.location(model_dir)
+    return load_unreplaced(model_dir, _model_manifest, lambda manifest: _load_model_files(model_dir, manifest))
+
+
+def _model_manifest(model_dir: Location) -> dict:
     manifest_path = model_dir / MANIFEST
     manifest = saved_manifest(model_dir, "no saved model (train a run first; the model is saved at its best epoch)",
                               MODEL_KEYS)
     for key in ("world_size", "num_items"):
         if manifest[key] < 1:
             raise DataError(f"{manifest_path}: {key} must be >= 1, got {manifest[key]}")
-    verify_files(model_dir, manifest["files"], manifest_path)
+    return manifest
+
+
+def _load_model_files(model_dir: Location, manifest: dict) -> tuple[dict, dict, torch.Tensor | None]:
+    verify_files(model_dir, manifest["files"], model_dir / MANIFEST)
     states = load_cpu(model_dir / NETWORKS)
     W, V = manifest["world_size"], manifest["num_items"]
     x = None

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -12,8 +11,8 @@ import torch
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.config import ModelConfig
-from alterrec_dist.common.errors import ConfigError, DataError, one_line
-from alterrec_dist.common.files import (Staged, atomic_write_json, check_keys, check_out, file_sha256, read_json,
+from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.files import (Staged, atomic_write_json, check_keys, check_out, file_sha256, load_unreplaced,
                                         read_manifest, resolve_location)
 from alterrec_dist.common.run_layout import served_paths
 from alterrec_dist.common.storage import MANIFEST, Location
@@ -101,7 +100,6 @@ def _column(table: pa.Table, name: str) -> torch.Tensor:
     return torch.from_numpy(col.values.to_numpy().reshape(len(col), -1).copy()).to("cpu")
 
 
-LOAD_ATTEMPTS = 3
 MISSING_MANIFEST = ("no export manifest: not an export (make one with `python -m alterrec_dist.export`), or one "
                     "being written or replaced now (load it again when that ends)")
 
@@ -120,30 +118,10 @@ def export_files(export_dir: str | Location | None) -> list[Location]:
 
 
 def load_export(export_dir: str | Location) -> ScoringModel:
-    """An export directory, local or in a store -> ScoringModel (checksums verified).
-
-    `export --overwrite` may replace the directory while a server loads it (two renames locally, objects one by
-    one in a store), so a load could pair one export's manifest with the other's files, silently or as a raw
-    FileNotFoundError. The manifest is read again after the files: a load counts only if it is unchanged, and
-    one that overlapped a replacement starts again (LOAD_ATTEMPTS in all; a manifest missing mid-swap is
-    waited for a second each time)."""
+    """An export directory, local or in a store -> ScoringModel (checksums verified; one that `export
+    --overwrite` replaces meanwhile is read again: `load_unreplaced`)."""
     export_dir = resolve_location(export_dir)
-    for attempt in range(1, LOAD_ATTEMPTS + 1):
-        if attempt < LOAD_ATTEMPTS and export_dir.is_dir() and not (export_dir / MANIFEST).is_file():
-            time.sleep(1.0)  # not an export, or one mid-swap: in a store its manifest is uploaded last
-            continue
-        manifest = _export_manifest(export_dir)
-        try:
-            model = _load_export_files(export_dir, manifest)
-        except (DataError, OSError) as e:
-            if attempt < LOAD_ATTEMPTS and _replaced(export_dir, manifest):
-                continue
-            if isinstance(e, DataError):
-                raise
-            raise DataError(f"{export_dir}: cannot read ({one_line(e)})") from None
-        if not _replaced(export_dir, manifest):
-            return model
-    raise DataError(f"{export_dir}: replaced while being read, {LOAD_ATTEMPTS} times running: load it again")
+    return load_unreplaced(export_dir, _export_manifest, lambda manifest: _load_export_files(export_dir, manifest))
 
 
 def _export_manifest(export_dir: Location) -> dict:
@@ -163,14 +141,6 @@ def _export_manifest(export_dir: Location) -> dict:
 
 def _served(manifest: dict) -> str:
     return manifest["scoring"].get("served", "fused")  # exports made before the served kind was recorded: "fused"
-
-
-def _replaced(export_dir: Location, manifest: dict) -> bool:
-    """Whether the export's manifest is no longer `manifest` (gone counts: mid-swap)."""
-    try:
-        return read_json(export_dir / MANIFEST) != manifest
-    except DataError:
-        return True
 
 
 def _load_export_files(export_dir: Location, manifest: dict) -> ScoringModel:
