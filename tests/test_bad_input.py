@@ -14,7 +14,11 @@ import datetime
 import gzip
 import json
 import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from alterrec_dist.common.config import PROJECT_ROOT
 from tests.commands import run_command
 from tests.serve.test_export import trained_run
 from tests.test_train import tiny_dataset as dataset_of
@@ -897,3 +902,35 @@ def test_datasets_carry_checksums_that_verify(tmp_path, capsys):
     assert ds.verify() == []
     assert prepare.main(["verify", str(ds.path)]) == 0
     assert f"verified {ds.path}: {V} items" in capsys.readouterr().out
+
+
+def file_size_limited(limit: int):
+    """For a child process: every file it writes stops at `limit` bytes, as on a full disk (the OS's RLIMIT_FSIZE
+    fails the write with EFBIG where a full disk fails it with ENOSPC; filling a disk needs root)."""
+    def limit_writes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed rather than told
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return limit_writes
+
+
+@pytest.mark.parametrize("command", ["synth", "export", "batch_score", "train"])
+def test_a_write_that_fails_is_one_line_naming_the_output(command, run, tmp_path):
+    """A full disk was pyarrow's or torch's traceback ("unexpected pos 16960 vs 16848"), exit 1, naming no file,
+    and train left its half-written model directory behind. Now: one line naming the output, exit 2, nothing of
+    it left."""
+    out = tmp_path / {"synth": "ds", "export": "exp", "batch_score": "bs.parquet", "train": "run"}[command]
+    argv = {"synth": ["--items", "5000", "--sessions", "20000", "--no-progress"],
+            "export": ["--run", str(run)],
+            "batch_score": ["--run", str(run), "--split", "test", "--no-ray"],
+            "train": ["--launcher", "torchrun", "--set", "train.m_max=2", "--set", "trainer.num_workers=1"]}[command]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "WORLD_SIZE", "RANK", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, "-m", f"alterrec_dist.{command}", *argv, "--out", str(out)],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL, preexec_fn=file_size_limited(20_000))
+    written = out / "model" if command == "train" else out
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error") or "Traceback" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"error: {written}: cannot write ("), errors[0]
+    assert ("a write fell short: a full disk?" if command == "train" else "File too large") in errors[0], errors[0]
+    left = sorted(p.name for p in (out if command == "train" else tmp_path).iterdir())
+    assert left == ([".lock", "config.toml", "dataset.json", "tensorboard"] if command == "train" else []), left

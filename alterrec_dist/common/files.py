@@ -333,9 +333,17 @@ class Staged:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             self.commit()
-        else:
-            self.abort()
+            return False
+        self.abort()
+        if isinstance(exc, OSError):  # a write that failed (a full disk, a file size limit): said of the output
+            raise cannot_write(self.out, exc) from None
         return False
+
+
+def cannot_write(out: str | Location, e: OSError) -> DataError:
+    """The one line of a write of the output `out` that failed (pyarrow's, numpy's and torch's own errors name
+    no file, or a temp file that is gone)."""
+    return DataError(f"{out}: cannot write ({one_line(e)})")
 
 
 def read_manifest(directory: str | Location, absent: str, keys: dict[str, type] | None = None,

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.common.files import Staged, atomic_write_json, check_out, file_sha256
+from alterrec_dist.common.files import Staged, atomic_write_json, cannot_write, check_out, file_sha256
 from alterrec_dist.common.storage import MANIFEST
 
 
@@ -300,6 +300,8 @@ class DatasetWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None or self.tmp.exists():
             self.abort()
+        if isinstance(exc, OSError):  # a write that failed (a full disk): said of the dataset
+            raise cannot_write(self.out, exc) from None
         return False
 
 

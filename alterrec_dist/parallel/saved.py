@@ -25,8 +25,9 @@ import shutil
 import torch
 
 from alterrec_dist.common import storage
-from alterrec_dist.common.errors import DataError
-from alterrec_dist.common.files import Staged, atomic_write_json, file_sha256, load_unreplaced, read_manifest
+from alterrec_dist.common.errors import DataError, one_line
+from alterrec_dist.common.files import (Staged, atomic_write_json, cannot_write, file_sha256, load_unreplaced,
+                                        read_manifest)
 from alterrec_dist.common.storage import MANIFEST, Location, StorePath
 
 
@@ -71,13 +72,17 @@ def load_cpu(path: Location, mmap: bool = False):
 
 
 def save_file(path: Location, obj) -> str:
-    """`torch.save(obj)` to `path`, local or in a store (one upload); the file's sha256."""
+    """`torch.save(obj)` to `path`, local or in a store (one upload); the file's sha256. A write that fails is an
+    OSError, as from any other writer."""
     if isinstance(path, StorePath):
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         path.write_bytes(buffer.getbuffer())
         return hashlib.sha256(buffer.getbuffer()).hexdigest()
-    torch.save(obj, path)
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:  # torch's zip writer says only "unexpected pos" where a write fell short
+        raise OSError(f"a write fell short: a full disk? (torch: {one_line(e)})") from None
     return file_sha256(path)  # hashed while it is still in the page cache
 
 
@@ -99,6 +104,21 @@ def publish(comm, target: Location, own: tuple[str, object], shared: dict[str, o
         if staged is not None:
             staged.tmp.mkdir()
         tmp = comm.broadcast_object(staged.tmp if staged is not None else None)  # rank 0's temp directory
+    try:
+        _write_staged(comm, tmp, own, shared, meta, model_dir)
+    except BaseException as e:  # a full disk, another rank's failure: the half-written directory goes (it stayed)
+        if staged is not None:
+            staged.abort()
+        if isinstance(e, OSError):
+            raise cannot_write(target, e) from None
+        raise
+    if staged is not None:
+        staged.commit()
+    comm.barrier()
+
+
+def _write_staged(comm, tmp: Location, own: tuple[str, object], shared: dict[str, object], meta: dict,
+                  model_dir: Location | None) -> None:
     name, obj = own
     # each rank hashes its own file, in parallel
     digests = comm.all_gather_object((name, save_file(tmp / name, on_cpu(obj))))
@@ -110,9 +130,6 @@ def publish(comm, target: Location, own: tuple[str, object], shared: dict[str, o
             files |= _link_model(model_dir, tmp / LINKED_MODEL)
         atomic_write_json(tmp / MANIFEST, {**meta, "world_size": comm.world, "partition": PARTITION,
                                            "files": dict(sorted(files.items()))})
-        if staged is not None:
-            staged.commit()
-    comm.barrier()
 
 
 def link_dir(src: Location, dst: Location) -> None:

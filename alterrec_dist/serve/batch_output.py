@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import torch
 
 from alterrec_dist.common import run_layout
-from alterrec_dist.common.errors import DataError, one_line
-from alterrec_dist.common.files import Staged, check_out, read_json, resolve_location
+from alterrec_dist.common.errors import DataError
+from alterrec_dist.common.files import Staged, cannot_write, check_out, read_json, resolve_location
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.reader import Rows
 from alterrec_dist.eval.evaluate import COMPONENTS
@@ -136,7 +136,7 @@ class ParquetOut:
                 self.writer = pq.ParquetWriter(self.tmp, table.schema)
             self.writer.write_table(table)
         except OSError as e:  # a read-only or full disk: the checks before scoring cannot know
-            raise DataError(f"{self.path}: cannot write ({one_line(e)})") from None
+            raise cannot_write(self.path, e) from None
         self.rows += len(table)
 
     def commit(self) -> None:
