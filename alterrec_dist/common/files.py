@@ -99,8 +99,10 @@ def remove_stale_siblings(out: str | Path) -> None:
 
 
 def replace_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`, replacing what is there (a file or a directory)."""
-    if out.exists() or out.is_symlink():
+    """Rename the finished `tmp` to `out`, replacing what is there (a file or a directory). A file replaces a file
+    in one rename, so there is no moment without one; a directory cannot replace a directory so (rename refuses a
+    non-empty target), so the old one is moved aside first."""
+    if (out.exists() or out.is_symlink()) and not (tmp.is_file() and out.is_file() and not out.is_symlink()):
         old = temp_sibling(out, "old")
         os.replace(out, old)
         os.replace(tmp, out)
