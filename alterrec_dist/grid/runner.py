@@ -33,7 +33,7 @@ from pathlib import Path
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import PROJECT_ROOT, shown
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import try_lock
+from alterrec_dist.common.files import atomic_write_bytes, try_lock
 from alterrec_dist.grid.grid_file import Grid
 from alterrec_dist.grid.plan import RunSpec, expand, method_config, shown_command
 
@@ -124,8 +124,13 @@ def run_one(spec: RunSpec, threads: int, lock_fd: int, children: Children) -> tu
                           stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     if rc == 0 and spec.done:
-        (spec.run_dir / run_layout.COMMAND).write_text(shown_command(spec.command) + "\n")
+        record_command(spec)
     return spec, rc, seconds
+
+
+def record_command(spec: RunSpec) -> None:
+    """RUN/command.txt, the command that made the finished run, part of its committed record."""
+    atomic_write_bytes(spec.run_dir / run_layout.COMMAND, (shown_command(spec.command) + "\n").encode())
 
 
 def selected(spec: RunSpec, grid: Grid, only: str | None) -> bool:
@@ -158,6 +163,10 @@ def run_grid(grid: Grid, only: str | None = None) -> tuple[list[RunSpec], list[R
     with ThreadPoolExecutor(grid.jobs) as pool, stopping_on_exit(children):
         while True:
             specs = expand(grid)
+            for spec in specs:  # finished with no runner waiting for it (its runner was killed outright)
+                if spec.done and not (spec.run_dir / run_layout.COMMAND).is_file() and spec.run_dir not in (
+                        d for d, _ in running.values()):
+                    record_command(spec)
             skip = {s.run_dir for s in failed} | {d for d, _ in running.values()}
             todo = [s for s in specs if not s.done and s.run_dir not in skip and selected(s, grid, only)]
             if not running:

@@ -1,5 +1,6 @@
 """The grid runner (grid/runner.py): runs through the normal driver, resumed, shared between runners by their locks,
 stopped with the runner, and what it refuses before any run."""
+import json
 import os
 import shlex
 import signal
@@ -16,7 +17,7 @@ from alterrec_dist.common.config import PROJECT_ROOT, load_config
 from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.experiments import main
 from alterrec_dist.grid.grid_file import load_grid
-from alterrec_dist.grid.plan import expand
+from alterrec_dist.grid.plan import expand, shown_command
 from alterrec_dist.grid.runner import prepare_datasets, run_grid
 from tests.grid.grids import id_only_grid, tiny_peer_grid
 
@@ -162,6 +163,19 @@ def test_a_killed_runners_runs_keep_their_locks(tmp_path, capsys, closed):
         for p in pids:
             if alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_a_run_that_finished_with_no_runner_waiting_gets_its_command(tmp_path):
+    """A run whose runner was killed outright finishes on its own (it keeps its lock); only the runner that started
+    it wrote command.txt, and later runners skip it as done, so its committed record never had one."""
+    grid = load_grid(tiny_peer_grid(tmp_path, "methods = []"))
+    orphan = expand(grid)[0]
+    orphan.run_dir.mkdir(parents=True)
+    (orphan.run_dir / "result.json").write_text(json.dumps({"valid": {"ndcg@10": 0.3}, "test": {"ndcg@10": 0.3}}))
+    specs, failed = run_grid(grid)
+    assert failed == [] and all(s.done for s in specs)
+    assert orphan.run_dir.name not in (tmp_path / "ran.txt").read_text().split()  # not run again
+    assert (orphan.run_dir / "command.txt").read_text() == shown_command(orphan.command) + "\n"
 
 
 def test_a_grid_whose_runs_all_fail_leaves_the_report_alone(tmp_path):
