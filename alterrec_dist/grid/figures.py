@@ -3,6 +3,7 @@ Figs. 3 and 5 (per-epoch validation and training loss), 6 (long tail) and 7 (sen
 Each is written whole: a half-drawn PNG never takes the place of the last one."""
 from __future__ import annotations
 
+import io
 import statistics
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: the report is written by a command, often on a server
 import matplotlib.pyplot as plt  # noqa: E402
+
+from alterrec_dist.common.files import atomic_write_bytes  # noqa: E402
 
 
 def per_epoch(runs: list[dict], get) -> tuple[list[int], list[float]]:
@@ -19,12 +22,14 @@ def per_epoch(runs: list[dict], get) -> tuple[list[int], list[float]]:
 
 
 def save(fig, path: Path) -> None:
+    """The figure as a PNG, written whole (`atomic_write_bytes`: a killed report left `NAME.png.tmp.png` beside
+    the figures, a fixed name that no writer swept)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, png.getvalue())
 
 
 def training_curves(runs: list[dict], losses: dict[str, str], title: str, path: Path) -> None:
