@@ -128,6 +128,18 @@ def run_one(spec: RunSpec, threads: int, lock_fd: int, children: Children) -> tu
     return spec, rc, seconds
 
 
+def record_command_if_free(spec: RunSpec) -> None:
+    """command.txt for a finished run no runner holds: one that holds it (here or elsewhere) writes it itself."""
+    fd = claim(spec)
+    if fd is None:
+        return
+    try:
+        if not (spec.run_dir / run_layout.COMMAND).is_file():
+            record_command(spec)
+    finally:
+        os.close(fd)
+
+
 def record_command(spec: RunSpec) -> None:
     """RUN/command.txt, the command that made the finished run, part of its committed record."""
     atomic_write_bytes(spec.run_dir / run_layout.COMMAND, (shown_command(spec.command) + "\n").encode())
@@ -164,9 +176,8 @@ def run_grid(grid: Grid, only: str | None = None) -> tuple[list[RunSpec], list[R
         while True:
             specs = expand(grid)
             for spec in specs:  # finished with no runner waiting for it (its runner was killed outright)
-                if spec.done and not (spec.run_dir / run_layout.COMMAND).is_file() and spec.run_dir not in (
-                        d for d, _ in running.values()):
-                    record_command(spec)
+                if spec.done and not (spec.run_dir / run_layout.COMMAND).is_file():
+                    record_command_if_free(spec)
             skip = {s.run_dir for s in failed} | {d for d, _ in running.values()}
             todo = [s for s in specs if not s.done and s.run_dir not in skip and selected(s, grid, only)]
             if not running:

@@ -166,7 +166,7 @@ def _item_table(path: Location) -> torch.Tensor:
     and each Ray actor's of batch_score). Read-only: nothing writes it (torch warns of that, once, otherwise)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-        return torch.from_numpy(storage.load_npy(path, mmap=True))
+        return torch.from_numpy(storage.load_npy(path, mmap=True)).to("cpu")  # where it is: no copy
 
 
 def load_scoring_model(run: str | None = None, export: str | None = None, data: str | None = None,
