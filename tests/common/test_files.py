@@ -102,3 +102,37 @@ def test_no_output_goes_inside_a_directory_one_of_our_manifests_commits(tmp_path
     (tmp_path / "webapp").mkdir()
     (tmp_path / "webapp" / "manifest.json").write_text(json.dumps({"name": "a web app", "icons": []}))
     assert check_out(tmp_path / "webapp" / "scores.parquet", False) == tmp_path / "webapp" / "scores.parquet"
+
+
+def test_a_write_that_fails_before_its_rename_leaves_the_old_file_whole_and_nothing_beside_it(tmp_path, monkeypatch):
+    """A full disk at the write (seen at its fsync, where the data reaches the disk) must leave the previous
+    file as it was, not truncated or removed, and no temp file beside it: readers see the old file or the new
+    one. The fsync is what makes the rename publish data that is on the disk, not a file a crash can empty."""
+    import errno
+
+    from alterrec_dist.common import files
+
+    out = tmp_path / "summary.json"
+    out.write_bytes(b"old")
+    synced = []
+
+    def full_disk(fd):
+        synced.append(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(out, b"new")
+    assert e.value.errno == errno.ENOSPC and len(synced) == 1  # the data was synced before the rename
+    assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_manifest_with_true_for_an_integer_key_is_refused_in_one_line(tmp_path):
+    """JSON's true is a Python bool, and a bool is an int: `"num_items": true` passed as one item and failed
+    later, far from the manifest. A bool is not an int here."""
+    path = tmp_path / "manifest.json"
+    path.write_text('{"format_version": 1, "num_items": true}')
+    assert one_line_error(tmp_path, keys={"num_items": int}, format_version=1, remedy="make it again") == \
+        f"{path}: num_items is missing or not of type int (make it again)"
+    path.write_text('{"format_version": 1, "num_items": 3}')
+    assert read_manifest(tmp_path, "absent", {"num_items": int}, 1)["num_items"] == 3

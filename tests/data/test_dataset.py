@@ -192,3 +192,22 @@ def test_rows_read_for_training_or_serving_refuse_a_feature_that_is_not_finite(t
         with pytest.raises(DataError) as e:
             data.text_features(rows)
         assert str(e.value) == message
+
+
+def test_verify_refuses_text_features_with_fewer_rows_than_items(tmp_path):
+    """Feature parts that hold fewer rows than the catalog (a part cut short, its manifest re-signed so every
+    checksum and every part's own shape agree) left the last items without a text row: training and serving
+    would read past the end or score the wrong item's text. `prepare verify` (and the start check) refuse it."""
+    from alterrec_dist.common.files import file_sha256
+
+    data = dataset(tmp_path / "data")
+    manifest = json.loads(data.mpath.read_text())
+    [part] = manifest["text"]["files"]
+    path = data.path / part["file"]
+    np.save(path, np.load(path)[:V - 1])  # the last item's row is gone
+    part["rows"] = V - 1
+    manifest["sha256"][part["file"]] = file_sha256(path)
+    data.mpath.write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as e:
+        Dataset(data.path).verify()
+    assert str(e.value) == f"{data.mpath}: text.files hold {V - 1} rows for {V} items"

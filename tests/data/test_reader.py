@@ -92,6 +92,17 @@ def test_epoch_is_a_permutation_and_reshuffles_per_epoch(files):
     assert sum(examples(plain, 0, True), []) == list(range(N)) == sum(examples(plain, 5, True), [])
 
 
+def test_shuffle_reorders_the_rows_inside_each_row_group(files):
+    """Shuffling only the order of the row groups (23 rows here) kept every group's rows in file order, side
+    by side in one global batch: sessions written together (one user's, one day's) trained together every
+    epoch. With shuffle on, the rows of a window are permuted too: hardly a row is followed by the next one
+    of its file."""
+    flat = sum(examples(reader(files, drop_last=False), 0, True), [])
+    assert sorted(flat) == list(range(N))
+    in_file_order = sum(b == a + 1 for a, b in zip(flat, flat[1:]))
+    assert in_file_order < N // 20  # a row group kept in order gives 22 of its 23 rows; about N / 69 by chance
+
+
 def test_drop_last_drops_only_the_final_partial_batch(files):
     r = reader(files, gbs=24, world=2)
     assert r.steps_per_epoch() == N // 24
@@ -145,7 +156,8 @@ def test_the_embedded_default_is_readable():
         assert all(int(b.target.max()) < ds.num_items and int(b.items.max()) < ds.num_items for b in batches)
 
 
-@pytest.mark.parametrize("column, bad", [("history", [3, 2_054_817_167]), ("target", -1)])
+@pytest.mark.parametrize("column, bad", [("history", [3, 2_054_817_167]), ("target", -1),
+                                         ("history", [3, 10]), ("target", 10)])  # 10 = V: one past the last item
 def test_an_item_index_outside_the_catalog_is_one_line(tmp_path, column, bad):
     """Damaged pages decode to any number, and the start check reads only the Parquet statistics: training
     indexed its item table with 2054817167 (an IndexError traceback, exit 1)."""

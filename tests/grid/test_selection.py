@@ -189,3 +189,41 @@ def test_round_three_starts_from_round_two_s_winner_and_none_follows_a_round_tha
     assert len(refined_runs(d, "alterrec", specs)) == 3  # `rounds` = 3: no fourth
     finish(other, 0.063)  # had round 2 left round 1's winner standing, round 3 would repeat round 2
     assert [s.run_dir for s in refined_runs(d, "alterrec", specs)] == [other.run_dir, on_top.run_dir]
+
+
+def test_a_diverged_candidate_is_never_chosen_over_a_finite_one_whatever_its_place(tmp_path):
+    """A run that diverged scores NaN on validation. `max` over the candidates keeps whichever came first
+    when one is NaN (no comparison with NaN holds), so a diverged base was chosen over a better switch,
+    and its seeds were reported as the method's result."""
+    nan = float("nan")
+    for where, base_valid, point_valid, chosen in [("nan-base", nan, 0.060, "train.m_max = 30"),
+                                                    ("nan-point", 0.060, nan, "base (train.m_max = 16)")]:
+        (tmp_path / where).mkdir()
+        specs = [run(tmp_path / where, "alterrec", s, "", base_valid) for s in (0, 1)] + \
+                [run(tmp_path / where, "alterrec", s, "m_max=30", point_valid) for s in (0, 1)]
+        choice = choose(specs, grid(), "alterrec")
+        assert choice.chosen == chosen, where
+        assert choice.scores[chosen] == 0.060 and float("-inf") in choice.scores.values()
+
+
+def test_a_candidate_missing_a_selection_seed_is_not_compared_with_one_that_has_both(tmp_path):
+    """With select_seeds [0, 1], a switch that has run on seed 0 only (its seed 1 not even planned yet) was
+    compared by its one score against the base's mean over two: one lucky seed chose it. Nothing is chosen
+    until it has both."""
+    d = grid(select_seeds=[0, 1])
+    base = [run(tmp_path, "alterrec", s, "", 0.060) for s in (0, 1)]
+    lucky = run(tmp_path, "alterrec", 0, "m_max=30", 0.070)
+    assert choose(base + [lucky], d, "alterrec") is None
+    unlucky = run(tmp_path, "alterrec", 1, "m_max=30", 0.040)  # its mean, 0.055, is below the base's
+    assert choose(base + [lucky, unlucky], d, "alterrec").chosen == "base (train.m_max = 16)"
+
+
+def test_a_switch_that_only_ties_the_base_is_not_helpful(tmp_path):
+    """A switch is combined only where it beats the base on validation: one that scores exactly the base's
+    (often a setting that changed nothing, e.g. a patience never reached) would make a combination that is
+    just the other switch again, a run on every selection seed for nothing."""
+    d = grid(select=["train.m_max", "train.patience"], select_seeds=[0], combine=True)
+    specs = [run(tmp_path, "alterrec", 0, "", 0.060), run(tmp_path, "alterrec", 0, "m_max=30", 0.064),
+             run(tmp_path, "alterrec", 0, "patience=3", 0.060, key="train.patience")]  # the base's score exactly
+    assert helpful_switches(specs, d, "alterrec") == [("train.m_max", 30, specs[1])]
+    assert combined_runs(d, "alterrec", specs) == []

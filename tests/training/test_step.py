@@ -6,8 +6,9 @@ import torch
 
 from alterrec_dist.common.config import load_config
 from alterrec_dist.parallel.comm import Comm
-from alterrec_dist.training.recipe import build_run
-from alterrec_dist.training.schedule import plan
+from alterrec_dist.training import step as step_module
+from alterrec_dist.training.recipe import build_run, frozen_item_rows
+from alterrec_dist.training.schedule import Phase, plan
 from alterrec_dist.training.step import train_step
 from tests.dist_harness import run_world
 from tests.tiny_data import tiny_dataset
@@ -53,3 +54,71 @@ def test_augmented_positives_are_added_when_no_negative_is_hard(tmp_path):
     warm_up = 2 * 6  # steps of the two random epochs, the same in both
     assert augmented[0][:warm_up] == random[0][:warm_up]
     assert all(a != r for a, r in zip(augmented[0][warm_up:], random[0][warm_up:]))
+
+
+def spied(calls: dict, name: str, real):
+    """`real`, recording its arguments and result under `name` (the last call)."""
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls[name] = (args, out)
+        return out
+    return spy
+
+
+def mixed_band_step(rank, world, data_path, hard_fraction):
+    """(the ranks k1, k2 train_step mines, the mined band's size per query, the count of random draws) on the first
+    batch of the first hard epoch (ID, the text network frozen), with k2 - k1 = 30 negatives."""
+    cfg = load_config(None, [f"data.path={data_path}", "trainer.num_workers=1", "train.global_batch_size=16",
+                             "train.method=alterrec", "train.m_random=1", "train.m_gap=1", "train.m_max=3",
+                             "train.k1=5", "train.k2=35", f"train.hard_fraction={hard_fraction}", "model.dim=8",
+                             "model.dropout=0.0"])
+    run = build_run(cfg, Comm())
+    phase = plan(cfg.train.method, cfg.train.m_random, cfg.train.m_gap, cfg.train.m_max)[2]
+    assert (phase.network, phase.negatives) == ("id", "hard")
+    calls = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(step_module, "mine_band", spied(calls, "mine", step_module.mine_band))
+        mp.setattr(step_module, "random_band", spied(calls, "random", step_module.random_band))
+        train_step(run.comm, cfg, phase, run.networks["id"], run.networks["text"], frozen_item_rows(run, phase),
+                   run.table, next(iter(run.train_reader.epoch(phase.epoch))), 0, run.k2)
+    mine_args, (band, _) = calls["mine"]
+    random_args, _ = calls["random"]
+    return mine_args[3:5], band.mask.sum(1).tolist(), random_args[2]
+
+
+def test_a_hard_fraction_mines_ranks_k1_to_k1_plus_its_share_and_draws_the_rest_at_random(tmp_path):
+    """train.hard_fraction < 1 mixes the negatives: the frozen network's ranks k1 .. k1 + num_hard - 1, with
+    num_hard = round(hard_fraction * (k2 - k1)), and k2 - k1 - num_hard uniform draws. Mining all of k1..k2 on
+    top of the draws trained on more hard negatives than configured; truncating num_hard (0.29 * 30 = 8.7 -> 8)
+    gave one hard negative fewer than the fraction asks."""
+    data = tiny_dataset(tmp_path / "data")
+    [(mined, band_sizes, drawn)] = run_world(mixed_band_step, 1, str(data), 0.29)
+    assert mined == (5, 5 + 9) and drawn == 30 - 9
+    assert band_sizes == [9] * 16  # ranks 5..13 of each of the 16 queries (random scores: no ties)
+
+
+def random_draws(rank, world, data_path):
+    """The random negatives train_step draws on one batch as (epoch, step): (0, 0) twice, (1, 0) and (0, 1)."""
+    cfg = load_config(None, [f"data.path={data_path}", "trainer.num_workers=1", "train.global_batch_size=16",
+                             "train.method=id_only", "train.k1=6", "train.k2=20", "model.dim=8"])
+    run = build_run(cfg, Comm())
+    batch = next(iter(run.train_reader.epoch(0)))
+    calls, draws = {}, []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(step_module, "random_band", spied(calls, "random", step_module.random_band))
+        for epoch, step in ((0, 0), (0, 0), (1, 0), (0, 1)):
+            train_step(run.comm, cfg, Phase(epoch, "id", "random", False), run.networks["id"], None, None, run.table,
+                       batch, step, run.k2)
+            draws.append(calls["random"][1].rows.clone())  # W = 1: the local rows are the item ids
+    return draws
+
+
+def test_random_negatives_are_drawn_anew_each_epoch_and_step(tmp_path):
+    """The random negatives' generator is keyed by (seed, epoch, step): the same draws for a global batch
+    whatever the world size, and other draws at the same step of the next epoch. Keyed without the epoch,
+    every epoch trained each step's sessions against the same negatives."""
+    data = tiny_dataset(tmp_path / "data")
+    [(first, again, next_epoch, next_step)] = run_world(random_draws, 1, str(data))
+    assert first.shape == (16, 14)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, next_epoch) and not torch.equal(first, next_step)

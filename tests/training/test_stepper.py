@@ -257,3 +257,38 @@ def test_scale_lr_reaches_the_engine_and_the_rows(world2):
         for name, moved in r["scaled_lr"].items():
             assert moved["dense"] == pytest.approx(0.25 * LR, rel=0.02), name
             assert moved["x"] == pytest.approx(0.25 * LR, rel=0.02), name
+
+
+def own_lr_steps(rank, world, data, lr_id, lr_text):
+    """Per network, one DDP step on its first (random) epoch's first batch: its optimizers' lrs, and the largest
+    move of its dense weights and of the ID rows in that step."""
+    run = build(data, world, [f"train.lr_id={lr_id}", f"train.lr_text={lr_text}"])
+    t, out = run.cfg.train, {}
+    for phase in plan(t.method, t.m_random, t.m_gap, t.m_max)[:2]:  # ID, then text
+        net, stepper = run.networks[phase.network], run.steppers[phase.network]
+        before, x_before = {k: p.detach().clone() for k, p in net.named_parameters()}, run.table.x.detach().clone()
+        stepper.zero_grad()
+        loss, _ = train_step(run.comm, run.cfg, phase, net, None, None, run.table,
+                             next(iter(run.train_reader.epoch(phase.epoch))), 0, run.k2)
+        stepper.backward(loss)
+        stepper.step()
+        out[phase.network] = {
+            "dense_lr": [g["lr"] for g in stepper.engine.optimizer.param_groups],
+            "rows_lr": [g["lr"] for g in stepper.rows.param_groups] if stepper.rows else None,
+            "dense_moved": max((p.detach() - before[k]).abs().max().item() for k, p in net.named_parameters()),
+            "x_moved": (run.table.x.detach() - x_before).abs().max().item()}
+    return out
+
+
+def test_each_network_steps_at_its_own_lr(tmp_path):
+    """train.lr_id and train.lr_text are the two networks' learning rates (the ID rows always at lr_id): with
+    them apart, the ID network's optimizers must run at lr_id and the text network's at lr_text. AdamW's first
+    step moves each weight by about its lr, so the largest move shows the lr each one actually used."""
+    lr_id, lr_text = 4e-3, 1e-3
+    [got] = run_world(own_lr_steps, 1, str(tiny_dataset(tmp_path / "data")), lr_id, lr_text)
+    assert got["id"]["dense_lr"] == [lr_id] and got["id"]["rows_lr"] == [lr_id]
+    assert got["text"]["dense_lr"] == [lr_text] and got["text"]["rows_lr"] is None  # the text network has no ID rows
+    assert got["id"]["dense_moved"] == pytest.approx(lr_id, rel=0.02)
+    assert got["id"]["x_moved"] == pytest.approx(lr_id, rel=0.02)
+    assert got["text"]["dense_moved"] == pytest.approx(lr_text, rel=0.02)
+    assert got["text"]["x_moved"] == 0.0
