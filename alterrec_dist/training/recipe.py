@@ -49,8 +49,8 @@ from alterrec_dist.training.checkpoint import (checked_on_rank0, checkpoint_name
                                                load_checkpoint, restore_model, save_checkpoint)
 from alterrec_dist.training.metric_sinks import MetricSinks
 from alterrec_dist.training.schedule import (Phase, lr_factor, lr_ramp_epochs, own_step, patience_exhausted,
-                                             phase_first_epoch, phase_index, phase_starts, plan, stop_reason,
-                                             warmup_epochs)
+                                             phase_first_epoch, phase_index, phase_rejected, phase_starts, plan,
+                                             stop_reason, warmup_epochs)
 from alterrec_dist.training.step import train_step
 from alterrec_dist.training.stepper import Stepper, build_stepper
 
@@ -224,8 +224,8 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
                 "train_seconds": seconds,
             }
             phase_ends = phase_index(phases, phase.epoch + 1) != line["phase"]
-            rejected = (t.reject_worse and phase_ends and phase.epoch >= warmup and progress.phase_before is not None
-                        and valid[phase.network][metric] < progress.phase_before)
+            rejected = phase_rejected(t.reject_worse, phase_ends, phase.epoch, warmup, progress.phase_before,
+                                      valid[phase.network][metric])
             if t.reject_worse:
                 line["rejected"] = rejected
                 progress.own = {n: valid[n][metric] for n in run.networks}

@@ -89,6 +89,14 @@ def patience_exhausted(next_epoch: int, best_epoch: int | None, patience: int, w
     return next_epoch - 1 - since >= patience
 
 
+def phase_rejected(reject_worse: bool, phase_ends: bool, epoch: int, warmup: int, before: float | None,
+                   after: float) -> bool:
+    """train.reject_worse: whether the phase that epoch `epoch` ends is undone. Only an alternating phase (past
+    the warm-up) is judged, by its network's validation score at its end (`after`) against the one it started
+    from (`before`; None: not known, kept); only a worse one is undone, a tie is kept."""
+    return reject_worse and phase_ends and epoch >= warmup and before is not None and after < before
+
+
 def stop_reason(epochs_done: int, best_epoch: int | None, patience: int, unjudged: int) -> str:
     """What ended a run after `epochs_done` epochs: "patience" when it is exhausted there (also when that
     happened with the last epoch of train.m_max: more epochs would not have run), else "m_max" (the run

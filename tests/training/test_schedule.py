@@ -1,7 +1,7 @@
 import pytest
 
-from alterrec_dist.training.schedule import (Phase, lr_factor, lr_ramp_epochs, own_step, patience_exhausted, plan,
-                                             stop_reason, warmup_epochs)
+from alterrec_dist.training.schedule import (Phase, lr_factor, lr_ramp_epochs, own_step, patience_exhausted,
+                                             phase_rejected, plan, stop_reason, warmup_epochs)
 
 I, T, F = "id", "text", "fused"
 R, H = "random", "hard"
@@ -139,3 +139,16 @@ def test_lr_factor_warms_up_then_decays_to_zero():
     assert f[10] == 1.0 and all(a > b for a, b in zip(f[10:], f[11:]))   # then a strictly falling cosine
     assert f[55] == pytest.approx(0.5) and 0 < f[-1] < 1e-3
     assert lr_factor("warmup_cosine", 0, 100, 0.0) == 1.0  # no warm-up: the cosine from the first step
+
+
+def test_a_phase_is_undone_only_when_it_ends_worse_than_it_began():
+    """train.reject_worse undoes an alternating phase whose network scores below its start on validation; a tie
+    is not worse (the option says "worse"), and the warm-up, a phase still under way, an unknown start or the
+    option off never undo one."""
+    ends = dict(reject_worse=True, phase_ends=True, epoch=6, warmup=4, before=0.05)
+    assert phase_rejected(**ends, after=0.049)
+    assert not phase_rejected(**ends, after=0.05)  # a tie is kept
+    assert not phase_rejected(**ends, after=0.051)
+    for change in ({"reject_worse": False}, {"phase_ends": False}, {"epoch": 3}, {"before": None}):
+        assert not phase_rejected(**(ends | change), after=0.01), change
+    assert phase_rejected(**(ends | {"epoch": 4}), after=0.01)  # the first epoch past the warm-up is judged
