@@ -32,7 +32,7 @@ import argparse
 from alterrec_dist.common.cli import ArgumentParser, add_device_argument, add_model_arguments, run_cli
 from alterrec_dist.common.config import METRICS
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import check_file_out, within, write_file_out
+from alterrec_dist.common.files import cannot_write, check_file_out, within, write_file_out
 from alterrec_dist.common.run_layout import served_paths
 from alterrec_dist.data.dataset import Dataset, dataset_files
 from alterrec_dist.data.layout import SPLITS
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             write_file_out(args.metrics_out, report)
         except OSError as e:
-            raise DataError(f"{args.metrics_out}: cannot write ({e.strerror or e}); the scores are in {out.path}, "
-                            "written before") from None
+            raise DataError(f"{cannot_write(args.metrics_out, e)}; the scores are in {out.path}, written before") from None
     return 0
 
 

@@ -881,26 +881,6 @@ def test_overwrite_replaces_a_regular_file_and_leaves_no_old_copy(run, tmp_path)
     assert [p.name for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name] == []
 
 
-def test_a_file_output_is_replaced_in_one_rename(run, tmp_path, monkeypatch):
-    """`batch_score --overwrite` over its last scores moved them aside and then renamed the new ones in: a kill
-    between the two renames left no scores at all, and the next writer swept the leftovers of both. A file
-    replaces a file in one rename, so a reader finds the old scores or the new, never none."""
-    from alterrec_dist import batch_score
-    from alterrec_dist.common import files
-
-    out = tmp_path / "o.parquet"
-    args = ["--run", str(run), "--input", str(batch_input(tmp_path, GOOD_HISTORIES)), "--out", str(out), "--no-ray"]
-    assert batch_score.main(args) == 0
-    renames, real = [], os.replace
-
-    def replace(src, dst):  # the real rename, seen: where `out` would be missing between two of them
-        renames.append(Path(dst).name)
-        real(src, dst)
-    monkeypatch.setattr(files.os, "replace", replace)
-    assert batch_score.main([*args, "--overwrite"]) == 0
-    assert renames == ["o.parquet"] and pq.read_table(out).num_rows == len(GOOD_HISTORIES)
-
-
 def test_synth_of_one_item(tmp_path):
     from alterrec_dist import synth
     from alterrec_dist.data.dataset import Dataset
@@ -933,13 +913,16 @@ def file_size_limited(limit: int):
     return limit_writes
 
 
+@pytest.mark.slow  # a command's process each (its imports alone take seconds)
 @pytest.mark.parametrize("command", ["synth", "export", "batch_score", "train"])
-def test_a_write_that_fails_is_one_line_naming_the_output(command, run, tmp_path):
+def test_a_write_that_fails_is_one_line_naming_the_output(command, tmp_path, request):
     """A full disk was pyarrow's or torch's traceback ("unexpected pos 16960 vs 16848"), exit 1, naming no file,
     and train left its half-written model directory behind. Now: one line naming the output, exit 2, nothing of
     it left."""
     out = tmp_path / {"synth": "ds", "export": "exp", "batch_score": "bs.parquet", "train": "run"}[command]
-    argv = {"synth": ["--items", "5000", "--sessions", "20000", "--no-progress"],
+    run = request.getfixturevalue("run") if command in ("export", "batch_score") else None
+    argv = {"synth": ["--items", "5000", "--sessions", "20000", "--text-features", "random-projection",
+                      "--no-progress"],  # (MiniLM would encode 5000 titles first, and write its cache on the limit)
             "export": ["--run", str(run)],
             "batch_score": ["--run", str(run), "--split", "test", "--no-ray"],
             "train": ["--launcher", "torchrun", "--set", "train.m_max=2", "--set", "trainer.num_workers=1"]}[command]

@@ -1,9 +1,9 @@
 """Files written whole or not at all, and the manifests that describe directories of them.
 
 On a local disk every writer of an output OUT works beside it (`Staged`): it builds `.OUT.tmp-PID`
-and renames it to OUT, moving a previous OUT aside to `.OUT.old-PID` and removing that after the
-swap; so a reader sees the old OUT or the new one, never a mix, and a crash leaves only siblings that
-the next writer removes.
+and renames it to OUT. A file replaces a file in that one rename; a previous directory OUT is moved aside
+to `.OUT.old-PID` first and removed after the swap. So a reader sees the old OUT or the new one, never a
+mix, and a crash leaves only siblings that the next writer removes.
 
 In an object store (`storage.StorePath`) there is no rename. A file is one upload, which appears
 whole or not at all. A directory is built in a local temp directory and uploaded by
@@ -80,7 +80,7 @@ def read_json(path: str | Location) -> dict:
 
 
 # Every writer of an output OUT works beside it: `.OUT.tmp-PID` (built, then renamed to OUT) and, when
-# replacing, `.OUT.old-PID` (the previous OUT, removed after the swap). These two names are the rule.
+# replacing a directory, `.OUT.old-PID` (the previous OUT, removed after the swap). These two names are the rule.
 def temp_sibling(out: Path, kind: str = "tmp") -> Path:
     return out.parent / f".{out.name}.{kind}-{os.getpid()}"
 
@@ -282,7 +282,8 @@ def _process_alive(pid: int) -> bool:
 
 class Staged:
     """An output (file or directory) built at the local path `tmp` and put in place whole by `commit`;
-    `abort` removes it. As a context manager: committed when the block ends, removed when it raises.
+    `abort` removes it. As a context manager: committed when the block ends, removed when it raises, and an
+    OSError raised in the block (a write that failed: a full disk) becomes the one line of `cannot_write`.
 
     Locally `tmp` is a temp sibling of `out`, renamed onto it. For an `out` in a store, `tmp` is in a
     local temp directory and `commit` uploads it: a file in one upload, a directory manifest last."""

@@ -92,8 +92,8 @@ def read_run(spec) -> dict | None:
 
 def recorded_command(spec) -> str:
     """The run's command as its `command.txt` records it, a peer's too (its own result's command names this
-    machine's paths). None where the run finished while no runner waited for it: the grid's command, shown as
-    command.txt is."""
+    machine's paths); where it has none yet (finished while no runner waited, until a runner records it), the
+    grid's command, shown as command.txt is."""
     recorded = spec.run_dir / run_layout.COMMAND
     return recorded.read_text().strip() if recorded.exists() else shown_command(spec.command)
 

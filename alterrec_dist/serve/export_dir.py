@@ -20,7 +20,7 @@ from alterrec_dist.common.storage import MANIFEST, Location
 from alterrec_dist.data.dataset import dataset_files, read_parquet
 from alterrec_dist.eval.evaluate import COMPONENTS
 from alterrec_dist.model.networks import Network
-from alterrec_dist.parallel.saved import load_cpu, on_cpu, verify_files
+from alterrec_dist.parallel.saved import load_cpu, on_cpu, save_file, verify_files
 from alterrec_dist.serve.from_run import inference_device, load_networks, load_run
 from alterrec_dist.serve.scoring_model import ScoringModel
 
@@ -62,9 +62,9 @@ def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = Fa
             "fused_vec": _vectors(fused),
         })
         pq.write_table(table, tmp / ITEMS)
-        torch.save({"method": bundle.method, "model": dataclasses.asdict(bundle.model_cfg),
-                    "text_dim": int(bundle.features.shape[1]), "max_len": bundle.max_len,
-                    "states": on_cpu({k: n.state_dict() for k, n in bundle.networks.items()})}, tmp / ENCODERS)
+        save_file(tmp / ENCODERS, {"method": bundle.method, "model": dataclasses.asdict(bundle.model_cfg),
+                                   "text_dim": int(bundle.features.shape[1]), "max_len": bundle.max_len,
+                                   "states": on_cpu({k: n.state_dict() for k, n in bundle.networks.items()})})
         if bundle.x is not None:
             np.save(tmp / ID_ROWS, bundle.x.detach().cpu().numpy())
         np.save(tmp / TEXT_FEATURES, bundle.features.cpu().numpy())

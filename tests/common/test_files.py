@@ -1,9 +1,14 @@
 """The one manifest reader, the one staged swap that every writer of a directory or file uses, and the one check of
 an output against what its command reads."""
+import json
+import os
+from pathlib import Path
+
 import pytest
 
+from alterrec_dist.common import files
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.common.files import Staged, atomic_write_bytes, check_out, read_manifest
+from alterrec_dist.common.files import Staged, atomic_write_bytes, check_out, load_unreplaced, read_manifest
 from alterrec_dist.common.run_layout import served_paths
 
 
@@ -136,3 +141,45 @@ def test_a_manifest_with_true_for_an_integer_key_is_refused_in_one_line(tmp_path
         f"{path}: num_items is missing or not of type int (make it again)"
     path.write_text('{"format_version": 1, "num_items": 3}')
     assert read_manifest(tmp_path, "absent", {"num_items": int}, 1)["num_items"] == 3
+
+
+def test_a_file_replaces_a_file_in_one_rename_and_a_directory_a_directory_whole(tmp_path, monkeypatch):
+    """`batch_score --overwrite` over its last scores moved them aside, then renamed the new ones in: a kill between
+    the two renames left no scores at all. A file replaces a file in one rename (no moment without one); a
+    directory, which a rename cannot put over a non-empty one, still goes aside first, and nothing is left beside."""
+    renames, real = [], os.replace
+
+    def replace(src, dst):  # the real rename, seen
+        renames.append(Path(dst).name)
+        real(src, dst)
+    monkeypatch.setattr(files.os, "replace", replace)
+    for out, write in ((tmp_path / "scores.parquet", lambda p, v: p.write_text(v)),
+                       (tmp_path / "export", lambda p, v: (p.mkdir(), (p / "manifest.json").write_text(v)))):
+        for value in ("old", "new"):
+            with Staged(out) as staged:
+                write(staged.tmp, value)
+        assert (out.read_text() if out.is_file() else (out / "manifest.json").read_text()) == "new"
+    assert renames == ["scores.parquet", "scores.parquet", "export", f".export.old-{os.getpid()}", "export"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "scores.parquet"]
+
+
+def test_a_load_that_overlaps_a_replacement_is_read_again_and_one_that_never_ends_is_named(tmp_path, monkeypatch):
+    """`load_unreplaced` (exports, saved models): the manifest is read again after the files; a changed one starts
+    the load again, and a directory replaced on every attempt is one line, not a mix of two versions."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "manifest.json").write_text('{"v": 1}')
+    loads = []
+
+    def load(manifest):  # a writer replaces it during the first load
+        loads.append(manifest["v"])
+        if len(loads) == 1:
+            (d / "manifest.json").write_text('{"v": 2}')
+        return manifest["v"]
+    assert load_unreplaced(d, lambda where: json.loads((where / "manifest.json").read_text()), load) == 2
+    assert loads == [1, 2]
+
+    def always_replaced(manifest):
+        (d / "manifest.json").write_text(json.dumps({"v": manifest["v"] + 1}))
+    with pytest.raises(DataError, match=rf"^{d}: replaced while being read, {files.LOAD_ATTEMPTS} times running"):
+        load_unreplaced(d, lambda where: json.loads((where / "manifest.json").read_text()), always_replaced)

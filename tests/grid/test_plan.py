@@ -233,3 +233,19 @@ def test_a_sweep_value_with_a_slash_cannot_put_a_run_outside_its_dataset(tmp_pat
     ''')
     with pytest.raises(ConfigError, match=r"the run directory .* of 'P' is not one name under its dataset's"):
         expand(load_grid(grid))
+
+
+def test_a_variants_key_is_a_free_label_and_an_out_inside_a_dataset_is_refused(tmp_path):
+    """A variants sweep's key names its points (dots and a section's name too), not a setting; an `out` inside a
+    dataset started every run to fail, each after the runner had written its lock and log into the dataset."""
+    for label in ("cos.v2", "train.lr"):  # a variants sweep's key is a free label, dots and a section's name too
+        variants = one_dataset_grid(tmp_path / "variants.toml", f'''
+            methods = ["id_only"]
+            [[dataset.sweep]]
+            key = "{label}"
+            variants = {{ a = ["model.dropout=0.2"] }}
+        ''')
+        assert any(s.run_dir.name.endswith("=a-s0") for s in expand(load_grid(variants)))
+    inside = one_dataset_grid(tmp_path / "inside.toml", 'methods = ["id_only"]\nset = ["data.path=%s"]' % tmp_path)
+    with pytest.raises(ConfigError, match=r"out .*/runs lies in the data of dataset 'd'"):
+        expand(load_grid(inside))

@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from alterrec_dist import export
+from alterrec_dist.common import files
 from alterrec_dist.common.config import PROJECT_ROOT, load_config
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.common import files
 from alterrec_dist.common.files import file_sha256
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import DatasetWriter
@@ -378,40 +378,6 @@ def test_a_load_that_overlaps_a_replacement_reads_one_export(exported, tmp_path,
     monkeypatch.setattr(export_dir, real.__name__, swapping)
     bundle = load_export(live)
     assert swaps == [1] and bundle.scales == [float(v) for v in manifest["scoring"]["scales"]]
-
-
-def test_a_model_load_that_overlaps_a_new_best_epoch_reads_one_model(run, tmp_path, monkeypatch):
-    """Training replaces RUN/model at each new best epoch. `export --run` (and `recommend`, `batch_score --run`)
-    loading it meanwhile took the old manifest (its epoch, its checksums) with the new model's networks, to exit 0.
-    The manifest is read again after the files: such a load starts again and returns the newer model whole."""
-    from alterrec_dist.common.files import replace_into_place
-    from alterrec_dist.parallel import saved
-    live, newer = tmp_path / "model", tmp_path / "newer"
-    shutil.copytree(run / "model", live)
-    shutil.copytree(run / "model", newer)
-    manifest = json.loads((newer / "manifest.json").read_text())
-    states = torch.load(newer / "networks.pt", weights_only=True)
-    for state in states.values():
-        for value in state.values():
-            if value.is_floating_point():
-                value.mul_(2)  # another epoch's weights
-    torch.save(states, newer / "networks.pt")
-    manifest["epoch"] += 2
-    manifest["files"]["networks.pt"] = file_sha256(newer / "networks.pt")
-    (newer / "manifest.json").write_text(json.dumps(manifest))
-    real, swaps = saved.load_cpu, []
-
-    def swapping(*args, **kwargs):
-        if not swaps:  # after the checksums, before the networks are read: the new best epoch lands
-            swaps.append(1)
-            replace_into_place(newer, live)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(saved, "load_cpu", swapping)
-    loaded_manifest, loaded_states, _ = load_model(live)
-    assert swaps == [1] and loaded_manifest["epoch"] == manifest["epoch"]
-    for name, state in states.items():
-        for key, value in state.items():
-            assert torch.equal(loaded_states[name][key], value), (name, key)
 
 
 def mapped_file(t: torch.Tensor) -> str | None:
