@@ -1,5 +1,7 @@
 """The real bundled all-MiniLM-L6-v2 through `write_text_features`: meaning, missing text, the cache,
 the rows streamed to the writer part by part."""
+import resource
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +221,25 @@ def test_a_model_that_truncates_its_vectors_is_read_back_from_the_cache(tmp_path
     assert first.shape == (len(TITLES), 128) and (stats.cached, stats.encoded) == (3, 0)
     np.testing.assert_array_equal(again, first)
     assert encode([None], cache_dir=tmp_path / "cache", model=str(model))[0].shape == (1, 128)  # no text: its width
+
+
+def test_a_cache_chunk_that_cannot_be_written_names_the_cache_not_the_output(tmp_path):
+    """The text cache (ALTERREC_CACHE, often another disk) is written while a dataset is staged: a chunk whose
+    write failed was reported as the dataset's ("DATASET: cannot write (File too large)"), sending the user to the
+    wrong disk."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "weights.bin").write_bytes(b"w")
+    cache = text_features._EncodingCache(tmp_path / "cache", model_dir)
+    cache.dir.mkdir(parents=True)
+    cache.dir.chmod(0o500)  # the chunk's write fails: a user cannot write here, root goes past the size limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000, hard))
+    try:
+        with pytest.raises(DataError, match=rf"^{cache.dir}/chunk-[0-9a-f]+\.npz: cannot write \("):
+            cache.save(np.arange(100, dtype=np.uint64), np.zeros((100, 8), np.float16))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+        cache.dir.chmod(0o700)
