@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -15,7 +17,7 @@ import pytest
 
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.config import METRICS, PROJECT_ROOT, Config, load_config
-from alterrec_dist.common.errors import ConfigError
+from alterrec_dist.common.errors import ConfigError, DataError
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import DatasetWriter
 from alterrec_dist.train import build_parser, format_summary, load_run_config
@@ -123,6 +125,23 @@ def test_a_second_train_on_a_run_directory_is_refused_while_the_first_writes_it(
             assert [p.name for p in (tmp_path / "empty").iterdir()] == [".lock"]
     with ExitStack() as held:
         assert reopen_run_dir(cfg, run, held) == run
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line_and_starts_again_once_it_can(tmp_path):
+    """A full disk as the run directory was made: a traceback, and the directory kept the config.toml it had
+    written, so the same --out was then refused as "not empty"."""
+    cfg = load_config(None, ["train.m_max=3"])
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed rather than told
+    resource.setrlimit(resource.RLIMIT_FSIZE, (500, hard))  # config.toml is longer
+    try:
+        with pytest.raises(DataError, match=rf"^{tmp_path / 'run'}: cannot write \(.*too large"):
+            made_run_dir(cfg, str(tmp_path / "run"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
+    assert made_run_dir(cfg, str(tmp_path / "run")) == tmp_path / "run"
 
 
 def test_format_summary_table():

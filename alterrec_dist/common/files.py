@@ -85,6 +85,11 @@ def temp_sibling(out: Path, kind: str = "tmp") -> Path:
     return out.parent / f".{out.name}.{kind}-{os.getpid()}"
 
 
+def temp_siblings(out: Path, kind: str) -> Iterable[Path]:
+    """Every writer's `temp_sibling(out, kind)`, this process's or another's."""
+    return out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")
+
+
 def remove_stale_siblings(out: str | Path) -> None:
     """A writer killed by SIGKILL cannot clean up: remove the temp siblings of `out` (files or
     directories) whose process is gone, and our own pid's, left by an earlier writer in this process."""
@@ -92,7 +97,7 @@ def remove_stale_siblings(out: str | Path) -> None:
     if not out.parent.is_dir():
         return
     for kind in ("tmp", "old"):
-        for stale in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
+        for stale in temp_siblings(out, kind):
             pid = stale.name.rsplit("-", 1)[-1]
             if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
                 storage.remove_tree(stale)
@@ -257,7 +262,7 @@ def try_lock(path: Path) -> int | None:
     """An open descriptor holding the exclusive lock on the file `path` (made if missing), or None when another
     process holds it. The OS drops the lock when its holder closes the descriptor or dies, so a killed holder
     blocks nothing."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)  # read-only: another user's lock file
     if fd < 3:  # a process started with stdin/stdout closed: a child's stdin/stdout would replace it there
         moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
         os.close(fd)
@@ -375,14 +380,15 @@ def load_unreplaced(directory: Location, manifest_of, load):
     the files: a load counts only if it is unchanged, and one that overlapped a replacement starts again
     (LOAD_ATTEMPTS in all; a manifest missing mid-swap is waited for a second each time)."""
     for attempt in range(1, LOAD_ATTEMPTS + 1):
-        if attempt < LOAD_ATTEMPTS and directory.is_dir() and not (directory / MANIFEST).is_file():
-            time.sleep(1.0)  # not one, or one mid-swap: in a store its manifest is uploaded last
-            continue
+        if attempt < LOAD_ATTEMPTS and not (directory / MANIFEST).is_file() and (
+                directory.is_dir() or _moved_aside(directory)):
+            time.sleep(1.0)  # not one, or one mid-swap: in a store its manifest is uploaded last, locally the
+            continue         # old directory is moved aside before the new one is renamed in
         manifest = manifest_of(directory)
         try:
             loaded = load(manifest)
         except (DataError, OSError) as e:
-            if attempt < LOAD_ATTEMPTS and _replaced(directory, manifest):
+            if _replaced(directory, manifest):
                 continue
             if isinstance(e, DataError):
                 raise
@@ -390,6 +396,11 @@ def load_unreplaced(directory: Location, manifest_of, load):
         if not _replaced(directory, manifest):
             return loaded
     raise DataError(f"{directory}: replaced while being read, {LOAD_ATTEMPTS} times running: load it again")
+
+
+def _moved_aside(directory: Location) -> bool:
+    """Whether a writer has just moved the local `directory` aside to put its new one in (`replace_into_place`)."""
+    return not isinstance(directory, StorePath) and any(temp_siblings(directory, "old"))
 
 
 def _replaced(directory: Location, manifest: dict) -> bool:

@@ -11,8 +11,8 @@ from contextlib import ExitStack
 from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import Config, to_toml
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import (atomic_write_bytes, atomic_write_json, check_outside, read_json,
-                                        resolve_location, try_lock)
+from alterrec_dist.common.files import (atomic_write_bytes, atomic_write_json, cannot_write, check_outside,
+                                        read_json, resolve_location, try_lock)
 from alterrec_dist.common.methods import method
 from alterrec_dist.common.storage import Location, StorePath
 from alterrec_dist.data.dataset import Dataset
@@ -98,11 +98,7 @@ def make_run_dir(cfg: Config, out: str | None, held: ExitStack) -> Location:
                               "not the bucket itself")
         run_dir.check_bucket()
     check_outside(run_dir)  # a dataset's (or an export's) --overwrite deleted a run put in it
-    if auto:
-        base, i = run_dir, 0
-        while run_dir.exists():
-            i += 1
-            run_dir = base.with_name(f"{base.name}-{i}")
+    run_dir = _claim_auto_name(run_dir) if auto else run_dir
     _check_unused(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,9 +106,34 @@ def make_run_dir(cfg: Config, out: str | None, held: ExitStack) -> Location:
         raise ConfigError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
     hold(run_dir, held)
     _check_unused(run_dir)  # again, held: another train may have begun there since
-    atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
-    record_dataset(Dataset(cfg.resolve_path(cfg.data.path)), run_dir)
+    try:
+        atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
+        record_dataset(Dataset(cfg.resolve_path(cfg.data.path)), run_dir)
+    except OSError as e:  # a full disk: what was written goes, so the same --out starts again once there is room
+        for name in (run_layout.CONFIG, run_layout.DATASET):
+            storage.remove_tree(run_dir / name)
+        raise cannot_write(run_dir, e) from None
     return run_dir
+
+
+def _claim_auto_name(base: Location) -> Location:
+    """The first of `base`, `base-1`, `base-2`, ... that no run has: made here, so two trains started in the same
+    second take two names (they checked `exists()` together and the second was refused as "another train")."""
+    for i in range(1_000_000):
+        run_dir = base.with_name(f"{base.name}-{i}") if i else base
+        if isinstance(run_dir, StorePath):  # a store has no atomic make: the first name not there
+            if not run_dir.exists():
+                return run_dir
+            continue
+        try:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise ConfigError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
+    raise ConfigError(f"{base}: a million runs of this name exist already: give trainer.name or --out")
 
 
 def _check_unused(run_dir: Location) -> None:
@@ -167,8 +188,11 @@ def reopen_run_dir(cfg: Config, run_dir: Location, held: ExitStack) -> Location:
     # An earlier end's summary describes the config being replaced: gone first, so a resume stopped before the
     # workers start (Ray's start-up, a Ctrl-C) does not leave a run that looks finished under the new config.
     storage.remove_tree(run_dir / run_layout.SUMMARY)
-    atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
-    record_dataset(data, run_dir)  # where it is now; a run made before the record gets it here
+    try:
+        atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
+        record_dataset(data, run_dir)  # where it is now; a run made before the record gets it here
+    except OSError as e:  # each written whole: the run's earlier config and record stay as they were
+        raise cannot_write(run_dir, e) from None
     return run_dir
 
 

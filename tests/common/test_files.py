@@ -183,3 +183,22 @@ def test_a_load_that_overlaps_a_replacement_is_read_again_and_one_that_never_end
         (d / "manifest.json").write_text(json.dumps({"v": manifest["v"] + 1}))
     with pytest.raises(DataError, match=rf"^{d}: replaced while being read, {files.LOAD_ATTEMPTS} times running"):
         load_unreplaced(d, lambda where: json.loads((where / "manifest.json").read_text()), always_replaced)
+
+
+def test_a_load_between_a_swaps_two_renames_waits_for_the_new_directory(tmp_path, monkeypatch):
+    """A local swap moves the old directory aside, then renames the new one in: a load between the two found no
+    directory at all and said "no saved model" at once (205 of 10k loads beside a training run's saves)."""
+    d = tmp_path / "model"
+    aside, new = files.temp_sibling(d, "old"), tmp_path / "new"
+    aside.mkdir()  # the old model, moved aside this moment
+    new.mkdir()
+    (new / "manifest.json").write_text('{"v": 2}')
+    waits = []
+
+    def the_swap_ends(seconds):
+        waits.append(seconds)
+        os.replace(new, d)
+    monkeypatch.setattr(files.time, "sleep", the_swap_ends)
+    assert load_unreplaced(d, lambda where: json.loads((where / "manifest.json").read_text()),
+                           lambda manifest: manifest["v"]) == 2
+    assert waits == [1.0]

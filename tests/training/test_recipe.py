@@ -80,3 +80,29 @@ def test_alpha_is_chosen_on_validation_and_reported_on_test():
     assert chosen_alpha(best, 0.5, [0.3, 0.7], "id", "ndcg@10") is None
     del best["valid"]["fused@0.7"]  # a method without the sweep's kinds (NFRec)
     assert chosen_alpha(best, 0.5, [0.3, 0.7], "fused", "ndcg@10") is None
+
+
+def run_into_blocked_tensorboard(rank, world, data_path, run_dir):
+    """run_worker's one line when TensorBoard cannot make its directory (a file stands where it goes)."""
+    from alterrec_dist.common.errors import DataError
+    from alterrec_dist.training.recipe import run_worker
+
+    cfg = load_config(None, [f"data.path={data_path}", f"trainer.num_workers={world}", *COMMON])
+    try:
+        run_worker(cfg, run_dir)
+    except DataError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+def test_a_write_into_the_run_that_fails_is_one_line_naming_it(tmp_path):
+    """A full disk under a worker (TensorBoard's events, metrics.jsonl, the summary) was the writing library's
+    traceback, 93 lines under torchrun; under Ray it did not match the last recorded error, so the driver printed
+    Ray's whole "Training failed" snippet. It is the one line of `cannot_write`, naming the file."""
+    data = tiny_dataset(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "tensorboard").write_text("a file where TensorBoard's directory goes")
+    [error] = run_world(run_into_blocked_tensorboard, 1, str(data), str(run_dir))
+    assert error is not None and error.startswith(f"{run_dir}/tensorboard") and ": cannot write (" in error, error
