@@ -127,6 +127,22 @@ def test_a_second_train_on_a_run_directory_is_refused_while_the_first_writes_it(
         assert reopen_run_dir(cfg, run, held) == run
 
 
+def test_a_run_directory_on_a_file_system_without_locks_trains_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
+    """An NFS mount with `nolock` refuses every flock (ENOLCK): the run lock's OSError was a traceback before any
+    training. The run goes on without its guard, with a warning that says what is lost."""
+    import errno
+
+    from alterrec_dist.common import files
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    run = made_run_dir(load_config(None, ["train.m_max=3"]), str(tmp_path / "run"))
+    assert (run / "config.toml").is_file()
+    assert capsys.readouterr().err == (f"warning: {run}/.lock: cannot lock it (No locks available): a second train "
+                                       "on this run directory would not be refused\n")
+
+
 def test_a_run_directory_that_cannot_be_written_is_one_line_and_starts_again_once_it_can(tmp_path):
     """A full disk as the run directory was made: a traceback, and the directory kept the config.toml it had
     written, so the same --out was then refused as "not empty"."""

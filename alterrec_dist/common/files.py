@@ -261,17 +261,22 @@ def remove_made_parents(out: Path, made: Path | None) -> None:
 def try_lock(path: Path) -> int | None:
     """An open descriptor holding the exclusive lock on the file `path` (made if missing), or None when another
     process holds it. The OS drops the lock when its holder closes the descriptor or dies, so a killed holder
-    blocks nothing."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)  # read-only: another user's lock file
+    blocks nothing. OSError where the lock cannot be taken at all (a file system without locks)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # NFSv4 locks only what is open to write
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # another user's lock file: enough for a local flock
     if fd < 3:  # a process started with stdin/stdout closed: a child's stdin/stdout would replace it there
         moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
         os.close(fd)
         fd = moved
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BaseException as e:
         os.close(fd)
-        return None
+        if isinstance(e, BlockingIOError):
+            return None
+        raise
     return fd
 
 

@@ -63,7 +63,11 @@ def claim(spec: RunSpec) -> int | None:
     holds it (that run is under way there). The run's process holds it too (`Children`): it is released when
     both have closed it, or died."""
     spec.lock.parent.mkdir(parents=True, exist_ok=True)
-    return try_lock(spec.lock)
+    try:
+        return try_lock(spec.lock)
+    except OSError as e:  # runners share a grid by these locks alone: without them two would run one run
+        raise ConfigError(f"{spec.lock}: cannot lock it ({e.strerror or e}): the grid runner needs file locks "
+                          "where its runs go (an NFS mount without nolock, or a local disk)") from None
 
 
 def under_way(spec: RunSpec) -> bool:

@@ -154,7 +154,12 @@ def hold(run_dir: Location, held: ExitStack) -> None:
     turns at its summary. A run in a store is not held: a store has nothing to lock."""
     if isinstance(run_dir, StorePath):
         return
-    fd = try_lock(run_dir / run_layout.LOCK)
+    try:
+        fd = try_lock(run_dir / run_layout.LOCK)
+    except OSError as e:  # a file system without locks (an NFS mount with nolock): train, unguarded, and say so
+        print(f"warning: {run_dir / run_layout.LOCK}: cannot lock it ({e.strerror or e}): a second train on this "
+              "run directory would not be refused", file=sys.stderr, flush=True)
+        return
     if fd is None:
         raise ConfigError(f"{run_dir}: another train is writing this run directory now (it holds "
                           f"{run_layout.LOCK}): let it end, or pick another --out")

@@ -202,3 +202,25 @@ def test_a_load_between_a_swaps_two_renames_waits_for_the_new_directory(tmp_path
     assert load_unreplaced(d, lambda where: json.loads((where / "manifest.json").read_text()),
                            lambda manifest: manifest["v"]) == 2
     assert waits == [1.0]
+
+
+def test_a_lock_is_taken_on_a_descriptor_open_to_write_as_nfs4_requires(tmp_path, monkeypatch):
+    """NFSv4 (EFS, Filestore, Azure Files: cluster/pvc.yaml's volumes) grants an exclusive flock only on a file open
+    for writing, and refuses it with EBADF otherwise (the kernel's nfs4_proc_lock). A read-only open made every
+    train on such a volume fail at its run lock, a traceback. Here flock keeps NFSv4's rule (no NFS server runs
+    on this machine)."""
+    import errno
+    import fcntl
+    real = fcntl.flock
+
+    def nfs4_flock(fd, op):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY and op & fcntl.LOCK_EX:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real(fd, op)
+    monkeypatch.setattr(files.fcntl, "flock", nfs4_flock)
+    fd = files.try_lock(tmp_path / ".lock")
+    assert fd is not None
+    try:
+        assert files.try_lock(tmp_path / ".lock") is None  # held: a second holder is told so
+    finally:
+        os.close(fd)

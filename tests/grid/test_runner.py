@@ -178,6 +178,22 @@ def test_a_run_that_finished_with_no_runner_waiting_gets_its_command(tmp_path):
     assert (orphan.run_dir / "command.txt").read_text() == shown_command(orphan.command) + "\n"
 
 
+def test_a_grid_on_a_file_system_without_locks_is_one_line(tmp_path, monkeypatch):
+    """Runners share a grid by its run locks alone; where the file system has none (an NFS mount with `nolock`)
+    the first claim was an OSError traceback. It is one line before any run starts."""
+    import errno
+
+    from alterrec_dist.common import files
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    grid = load_grid(tiny_peer_grid(tmp_path, "methods = []"))
+    with pytest.raises(ConfigError, match=r"P-s0.lock: cannot lock it \(No locks available\): the grid runner needs"):
+        run_grid(grid)
+    assert not (tmp_path / "ran.txt").exists()
+
+
 def test_a_grid_whose_runs_all_fail_leaves_the_report_alone(tmp_path):
     """--report-only with nothing finished refused to replace the report with empty tables, but a plain run
     whose runs all failed replaced it."""
