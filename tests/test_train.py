@@ -95,6 +95,15 @@ def test_make_run_dir_named_and_auto(tmp_path):
     assert a != b and a.name.startswith("alterrec-") and b.name.startswith(a.name[:len("alterrec-")])
 
 
+def test_an_auto_named_run_under_a_storage_path_that_is_a_file_is_refused_at_once(tmp_path):
+    """Claiming an auto name tried a million suffixes (10 s), each failing as its parent could not be made, and
+    then said a million runs of that name existed."""
+    (tmp_path / "runs").write_text("a file, not a directory")
+    cfg = load_config(None, [f"trainer.storage_path={tmp_path / 'runs'}"])
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'runs'}: trainer.storage_path is not a directory$"):
+        made_run_dir(cfg, None)
+
+
 def test_make_run_dir_relative_out_is_cwd_relative(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert made_run_dir(Config(), "rel/run") == tmp_path / "rel" / "run"
@@ -151,7 +160,7 @@ def test_a_run_directory_that_cannot_be_written_is_one_line_and_starts_again_onc
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed rather than told
     resource.setrlimit(resource.RLIMIT_FSIZE, (500, hard))  # config.toml is longer
     try:
-        with pytest.raises(DataError, match=rf"^{tmp_path / 'run'}: cannot write \(.*too large"):
+        with pytest.raises(DataError, match=rf"^{tmp_path / 'run' / 'config.toml'}: cannot write \(.*too large"):
             made_run_dir(cfg, str(tmp_path / "run"))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

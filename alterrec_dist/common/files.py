@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 from alterrec_dist.common import storage
@@ -359,6 +360,15 @@ def cannot_write(out: str | Location, e: OSError) -> DataError:
     return DataError(f"{out}: cannot write ({one_line(e)})")
 
 
+@contextmanager
+def writing(out: str | Location):
+    """A block that writes `out`: an OSError in it (a full disk) is the one line of `cannot_write`."""
+    try:
+        yield
+    except OSError as e:
+        raise cannot_write(out, e) from None
+
+
 def read_manifest(directory: str | Location, absent: str, keys: dict[str, type] | None = None,
                   format_version: int | None = None, remedy: str = "a damaged manifest") -> dict:
     """DIR/manifest.json as a dict, checked: DataError in one line naming it when it is not there
@@ -405,7 +415,9 @@ def load_unreplaced(directory: Location, manifest_of, load):
 
 def _moved_aside(directory: Location) -> bool:
     """Whether a writer has just moved the local `directory` aside to put its new one in (`replace_into_place`)."""
-    return not isinstance(directory, StorePath) and any(temp_siblings(directory, "old"))
+    return not isinstance(directory, StorePath) and any(
+        (pid := s.name.rsplit("-", 1)[-1]).isdigit() and _process_alive(int(pid))
+        for s in temp_siblings(directory, "old"))  # a killed writer's leftover is no swap under way
 
 
 def _replaced(directory: Location, manifest: dict) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import METRICS, Config
 from alterrec_dist.common.errors import ConfigError, DataError, one_line
-from alterrec_dist.common.files import atomic_write_bytes
+from alterrec_dist.common.files import atomic_write_bytes, writing
 from alterrec_dist.common.storage import Location, StorePath
 
 TRACKING_URI = "MLFLOW_TRACKING_URI"
@@ -120,7 +120,8 @@ class MetricSinks:
         self.local_events = Path(tempfile.mkdtemp(prefix="alterrec-tensorboard-")) \
             if isinstance(self.events, StorePath) else self.events
         # events at steps >= purge_step in the earlier attempts' files are the redone steps': dropped
-        self.tensorboard = SummaryWriter(str(self.local_events), purge_step=steps_done + 1)
+        with writing(self.local_events):
+            self.tensorboard = SummaryWriter(str(self.local_events), purge_step=steps_done + 1)
         self.mlflow = MlflowRun(run_dir, cfg) if os.environ.get(TRACKING_URI) else None
 
     def step(self, network: str, losses: dict[str, float], step: int) -> None:
@@ -129,9 +130,11 @@ class MetricSinks:
 
     def epoch(self, line: dict, step: int) -> None:
         """An epoch's metrics.jsonl line, at the global step that ended it."""
-        append_line(self.jsonl, json.dumps(line))
+        with writing(self.jsonl):
+            append_line(self.jsonl, json.dumps(line))
         self._scalars(epoch_scalars(line), step)
-        self.tensorboard.flush()  # an epoch's events are on disk with its line, not up to 2 minutes later
+        with writing(self.local_events):
+            self.tensorboard.flush()  # an epoch's events are on disk with its line, not up to 2 minutes later
         self._upload_events()
 
     def _upload_events(self) -> None:
@@ -140,8 +143,9 @@ class MetricSinks:
                 storage.copy_file(self.local_events / name, self.events / name)
 
     def _scalars(self, scalars: dict[str, float], step: int) -> None:
-        for tag, value in scalars.items():
-            self.tensorboard.add_scalar(tag, value, step)
+        with writing(self.local_events):  # a full disk: one line, not TensorBoard's traceback (MLflow's are its own)
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, step)
         if self.mlflow is not None:
             self.mlflow.log(scalars, step)
 

@@ -34,7 +34,7 @@ from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import Config
 from alterrec_dist.common.device import configure_kernels, worker_device
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json, cannot_write
+from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json, writing
 from alterrec_dist.common.methods import selection, selection_name, sweep_kind
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.dataset import Dataset
@@ -155,16 +155,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     """Train by the plan, validate every epoch, test and save the model at the best; rank 0 writes the
     run files and the metrics (`MetricSinks`). Starts from the newest intact checkpoint in
     RUN_DIR/checkpoints when there is one (a `--resume`, or Ray restarting the workers after a failure)
-    and takes one at the end of every epoch and every `train.checkpoint_every` steps. A write into the run
-    directory that fails (a full disk: TensorBoard's events, metrics.jsonl, the summary) is the one line of
-    `cannot_write`, naming the file where the OS says which: it was a traceback of the library that wrote."""
-    try:
-        return _train_and_test(cfg, run_dir, report)
-    except OSError as e:  # the data's reads are DataErrors already: what is left is a write
-        raise cannot_write(e.filename or run_dir, e) from None
-
-
-def _train_and_test(cfg: Config, run_dir: str | Location, report: Report | None) -> dict:
+    and takes one at the end of every epoch and every `train.checkpoint_every` steps."""
     run = build_run(cfg, Comm())
     comm, t = run.comm, cfg.train
     run_dir = storage.location(run_dir)
@@ -264,7 +255,8 @@ def _train_and_test(cfg: Config, run_dir: str | Location, report: Report | None)
     stopped_by = stop_reason(progress.epoch, progress.best["epoch"], t.patience, unjudged)
     summary = run_summary(progress, cfg, part, metric, stopped_by)
     if comm.rank == 0:
-        atomic_write_json(run_dir / run_layout.SUMMARY, summary)
+        with writing(run_dir / run_layout.SUMMARY):
+            atomic_write_json(run_dir / run_layout.SUMMARY, summary)
     return summary
 
 
@@ -335,7 +327,8 @@ def keep_lines(path: Location, n: int) -> None:
     if path.is_file():
         lines = path.read_text().splitlines(keepends=True)
         if len(lines) > n:
-            atomic_write_bytes(path, "".join(lines[:n]).encode())
+            with writing(path):
+                atomic_write_bytes(path, "".join(lines[:n]).encode())
 
 
 def phase_start_checkpoint(phases: list[Phase], epoch: int) -> str:

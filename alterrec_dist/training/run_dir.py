@@ -11,8 +11,8 @@ from contextlib import ExitStack
 from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import Config, to_toml
 from alterrec_dist.common.errors import ConfigError, DataError
-from alterrec_dist.common.files import (atomic_write_bytes, atomic_write_json, cannot_write, check_outside,
-                                        read_json, resolve_location, try_lock)
+from alterrec_dist.common.files import (atomic_write_bytes, atomic_write_json, check_outside, read_json,
+                                        resolve_location, try_lock, writing)
 from alterrec_dist.common.methods import method
 from alterrec_dist.common.storage import Location, StorePath
 from alterrec_dist.data.dataset import Dataset
@@ -107,18 +107,26 @@ def make_run_dir(cfg: Config, out: str | None, held: ExitStack) -> Location:
     hold(run_dir, held)
     _check_unused(run_dir)  # again, held: another train may have begun there since
     try:
-        atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
+        with writing(run_dir / run_layout.CONFIG):
+            atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
         record_dataset(Dataset(cfg.resolve_path(cfg.data.path)), run_dir)
-    except OSError as e:  # a full disk: what was written goes, so the same --out starts again once there is room
-        for name in (run_layout.CONFIG, run_layout.DATASET):
+    except DataError:  # a full disk, a dataset that cannot be read: what was written goes, so the same --out
+        for name in (run_layout.CONFIG, run_layout.DATASET):  # starts again once it can
             storage.remove_tree(run_dir / name)
-        raise cannot_write(run_dir, e) from None
+        raise
     return run_dir
 
 
 def _claim_auto_name(base: Location) -> Location:
     """The first of `base`, `base-1`, `base-2`, ... that no run has: made here, so two trains started in the same
     second take two names (they checked `exists()` together and the second was refused as "another train")."""
+    if not isinstance(base, StorePath):
+        if base.parent.exists() and not base.parent.is_dir():
+            raise ConfigError(f"{base.parent}: trainer.storage_path is not a directory")
+        try:
+            base.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{base}: cannot create the run directory ({e.strerror})") from None
     for i in range(1_000_000):
         run_dir = base.with_name(f"{base.name}-{i}") if i else base
         if isinstance(run_dir, StorePath):  # a store has no atomic make: the first name not there
@@ -126,10 +134,9 @@ def _claim_auto_name(base: Location) -> Location:
                 return run_dir
             continue
         try:
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
             run_dir.mkdir()
             return run_dir
-        except FileExistsError:
+        except FileExistsError:  # another run's (its parent is a directory: made above)
             continue
         except OSError as e:
             raise ConfigError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
@@ -193,18 +200,18 @@ def reopen_run_dir(cfg: Config, run_dir: Location, held: ExitStack) -> Location:
     # An earlier end's summary describes the config being replaced: gone first, so a resume stopped before the
     # workers start (Ray's start-up, a Ctrl-C) does not leave a run that looks finished under the new config.
     storage.remove_tree(run_dir / run_layout.SUMMARY)
-    try:
+    with writing(run_dir / run_layout.CONFIG):  # written whole: the run's earlier config stays as it was
         atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
-        record_dataset(data, run_dir)  # where it is now; a run made before the record gets it here
-    except OSError as e:  # each written whole: the run's earlier config and record stay as they were
-        raise cannot_write(run_dir, e) from None
+    record_dataset(data, run_dir)  # where it is now; a run made before the record gets it here
     return run_dir
 
 
 def record_dataset(data: Dataset, run_dir: Location) -> None:
     """RUN_DIR/dataset.json: where the run's data was and what it held (its files' sha256), which a resume
     checks (`check_same_dataset`) and serving compares the items with."""
-    atomic_write_json(run_dir / run_layout.DATASET, data.identity())
+    identity = data.identity()  # read first: its errors are the data's
+    with writing(run_dir / run_layout.DATASET):
+        atomic_write_json(run_dir / run_layout.DATASET, identity)
 
 
 def check_same_dataset(data: Dataset, run_dir: Location) -> None:

@@ -224,3 +224,17 @@ def test_a_lock_is_taken_on_a_descriptor_open_to_write_as_nfs4_requires(tmp_path
         assert files.try_lock(tmp_path / ".lock") is None  # held: a second holder is told so
     finally:
         os.close(fd)
+
+
+def test_a_killed_writers_leftover_is_no_swap_to_wait_for(tmp_path, monkeypatch):
+    """A `.model.old-PID` left by a writer killed mid-swap made every load of a missing model wait 2 s before
+    saying it is missing: only a live writer's swap is waited for."""
+    d = tmp_path / "model"
+    files.temp_sibling(d, "old").with_name(files.temp_sibling(d, "old").name.replace(str(os.getpid()), "99999999")
+                                           ).mkdir()  # its writer is gone: no such pid
+    waits = []
+    monkeypatch.setattr(files.time, "sleep", waits.append)
+    with pytest.raises(DataError, match="no saved model"):
+        load_unreplaced(d, lambda where: read_manifest(where, "no saved model"), lambda manifest: manifest)
+    assert waits == []
+
