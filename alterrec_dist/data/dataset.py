@@ -181,13 +181,20 @@ class Dataset:
         start = 0
         for part in self.manifest["text"]["files"]:  # memory-mapped, a block at a time: flat memory at any V
             rows = storage.load_npy(self.path / part["file"], mmap=True)
-            bad = first_non_finite_row(rows)
-            if bad is not None:
-                raise self._not_finite(part["file"], start, bad)
-            marked_zero = np.flatnonzero(has_text[start:start + len(rows)] & ~nonzero_rows(rows))
-            if len(marked_zero):
-                raise self._marked_zero(part["file"], start + int(marked_zero[0]))
+            items = np.arange(start, start + len(rows))
+            self._refuse_damaged(part["file"], start, rows, has_text[items], items)
             start += part["rows"]
+
+    def _refuse_damaged(self, name: str, part_start: int, got: np.ndarray, marked: np.ndarray,
+                        items: np.ndarray) -> None:
+        """DamagedData at the first of the rows `got` (of items `items`, from the feature part `name` that starts
+        at item `part_start`) that is not finite, or all zeros for an item `marked` as having text."""
+        bad = first_non_finite_row(got)
+        if bad is not None:
+            raise self._not_finite(name, part_start, int(items[bad]) - part_start)
+        zero = np.flatnonzero(marked & ~nonzero_rows(got))
+        if len(zero):
+            raise self._marked_zero(name, int(items[zero[0]]))
 
     def _not_finite(self, name: str, part_start: int, row: int) -> DamagedData:
         """Row `row` of the feature part `name` (item_idx part_start + row) holds a NaN or an infinity."""
@@ -330,12 +337,8 @@ class Dataset:
             sel = np.nonzero((rows >= start) & (rows < stop))[0]
             if len(sel):
                 got = storage.load_npy(self.path / p["file"], mmap=True)[rows[sel] - start]
-                bad = first_non_finite_row(got)  # training and serving read their rows here: refused before use
-                if bad is not None:
-                    raise self._not_finite(p["file"], start, int(rows[sel[bad]]) - start)
-                zero = np.flatnonzero(marked[sel] & ~nonzero_rows(got))
-                if len(zero):
-                    raise self._marked_zero(p["file"], int(rows[sel[zero[0]]]))
+                # training and serving read their rows here: refused before use
+                self._refuse_damaged(p["file"], start, got, marked[sel], rows[sel])
                 out[sel] = got
             start = stop
         return out
