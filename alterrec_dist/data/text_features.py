@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from alterrec_dist.common.errors import DataError, one_line
-from alterrec_dist.common.files import atomic_write_bytes, cannot_write, nearest_existing
+from alterrec_dist.common.files import atomic_write_bytes, nearest_existing, writing
 from alterrec_dist.data.layout import first_non_finite_row
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -341,10 +341,8 @@ class _EncodingCache:
         buf = io.BytesIO()
         np.savez(buf, keys=keys, vectors=vectors)
         path = self.dir / f"chunk-{hashlib.sha256(keys.tobytes()).hexdigest()[:32]}.npz"
-        try:
+        with writing(path):  # the cache's own disk (not the output's, which the command would otherwise name)
             atomic_write_bytes(path, buf.getvalue())
-        except OSError as e:  # the cache's own disk (not the output's, which the command would otherwise name)
-            raise cannot_write(path, e) from None
         return path
 
 

@@ -26,8 +26,8 @@ import torch
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError, one_line
-from alterrec_dist.common.files import (Staged, atomic_write_json, cannot_write, file_sha256, load_unreplaced,
-                                        read_manifest)
+from alterrec_dist.common.files import (Staged, atomic_write_json, file_sha256, load_unreplaced, read_manifest,
+                                        writing)
 from alterrec_dist.common.storage import MANIFEST, Location, StorePath
 
 
@@ -104,14 +104,13 @@ def publish(comm, target: Location, own: tuple[str, object], shared: dict[str, o
         if staged is not None:
             staged.tmp.mkdir()
         tmp = comm.broadcast_object(staged.tmp if staged is not None else None)  # rank 0's temp directory
-    try:
-        _write_staged(comm, tmp, own, shared, meta, model_dir)
-    except BaseException as e:  # a full disk, another rank's failure: the half-written directory goes (it stayed)
-        if staged is not None:
-            staged.abort()
-        if isinstance(e, OSError):
-            raise cannot_write(target, e) from None
-        raise
+    with writing(target):
+        try:
+            _write_staged(comm, tmp, own, shared, meta, model_dir)
+        except BaseException:  # a full disk, another rank's failure: the half-written directory goes (it stayed)
+            if staged is not None:
+                staged.abort()
+            raise
     if staged is not None:
         staged.commit()
     comm.barrier()

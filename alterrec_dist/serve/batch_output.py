@@ -11,7 +11,7 @@ import torch
 
 from alterrec_dist.common import run_layout
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.common.files import Staged, cannot_write, check_out, read_json, resolve_location
+from alterrec_dist.common.files import Staged, check_out, read_json, resolve_location, writing
 from alterrec_dist.common.storage import Location
 from alterrec_dist.data.reader import Rows
 from alterrec_dist.eval.evaluate import COMPONENTS
@@ -131,12 +131,10 @@ class ParquetOut:
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
-        try:
+        with writing(self.path):  # a read-only or full disk: the checks before scoring cannot know
             if self.writer is None:
                 self.writer = pq.ParquetWriter(self.tmp, table.schema)
             self.writer.write_table(table)
-        except OSError as e:  # a read-only or full disk: the checks before scoring cannot know
-            raise cannot_write(self.path, e) from None
         self.rows += len(table)
 
     def commit(self) -> None:
