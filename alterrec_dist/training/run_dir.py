@@ -107,8 +107,7 @@ def make_run_dir(cfg: Config, out: str | None, held: ExitStack) -> Location:
     hold(run_dir, held)
     _check_unused(run_dir)  # again, held: another train may have begun there since
     try:
-        with writing(run_dir / run_layout.CONFIG):
-            atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
+        write_config(cfg, run_dir)
         record_dataset(Dataset(cfg.resolve_path(cfg.data.path)), run_dir)
     except DataError:  # a full disk, a dataset that cannot be read: what was written goes, so the same --out
         for name in (run_layout.CONFIG, run_layout.DATASET):  # starts again once it can
@@ -200,10 +199,15 @@ def reopen_run_dir(cfg: Config, run_dir: Location, held: ExitStack) -> Location:
     # An earlier end's summary describes the config being replaced: gone first, so a resume stopped before the
     # workers start (Ray's start-up, a Ctrl-C) does not leave a run that looks finished under the new config.
     storage.remove_tree(run_dir / run_layout.SUMMARY)
-    with writing(run_dir / run_layout.CONFIG):  # written whole: the run's earlier config stays as it was
-        atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
+    write_config(cfg, run_dir)
     record_dataset(data, run_dir)  # where it is now; a run made before the record gets it here
     return run_dir
+
+
+def write_config(cfg: Config, run_dir: Location) -> None:
+    """RUN_DIR/config.toml, the config the run now runs with, written whole (a failed write leaves the earlier)."""
+    with writing(run_dir / run_layout.CONFIG):
+        atomic_write_bytes(run_dir / run_layout.CONFIG, to_toml(cfg).encode())
 
 
 def record_dataset(data: Dataset, run_dir: Location) -> None:
