@@ -99,9 +99,15 @@ def remove_stale_siblings(out: str | Path) -> None:
         return
     for kind in ("tmp", "old"):
         for stale in temp_siblings(out, kind):
-            pid = stale.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
+            pid = _writer_pid(stale)
+            if pid is not None and (pid == os.getpid() or not _process_alive(pid)):
                 storage.remove_tree(stale)
+
+
+def _writer_pid(sibling: Path) -> int | None:
+    """The pid that names a temp sibling (`temp_sibling`), None for a name not of that form."""
+    pid = sibling.name.rsplit("-", 1)[-1]
+    return int(pid) if pid.isdigit() else None
 
 
 def replace_into_place(tmp: Path, out: Path) -> None:
@@ -416,7 +422,7 @@ def load_unreplaced(directory: Location, manifest_of, load):
 def _moved_aside(directory: Location) -> bool:
     """Whether a writer has just moved the local `directory` aside to put its new one in (`replace_into_place`)."""
     return not isinstance(directory, StorePath) and any(
-        (pid := s.name.rsplit("-", 1)[-1]).isdigit() and _process_alive(int(pid))
+        (pid := _writer_pid(s)) is not None and _process_alive(pid)
         for s in temp_siblings(directory, "old"))  # a killed writer's leftover is no swap under way
 
 
