@@ -177,13 +177,13 @@ def brute_force_mining(comm: Comm, device: torch.device, shape: Shape) -> dict:
     queries = torch.randn(128, shape.dim, generator=g).to(device)
     rows = (torch.randn(shape.brute_items, shape.dim, generator=g) / math.sqrt(shape.dim)).to(device)
     k1, k2 = shape.k1, shape.k2
-    band, _ = mine_band(comm, queries, rows, k1, k2, shape.brute_items, 1.0, "threshold", tile_rows=0)
+    ids = torch.arange(shape.brute_items, device=device)
+    band, _ = mine_band(comm, queries, rows, ids, k1, k2, shape.brute_items, 1.0, "threshold", tile_rows=0)
     mined = torch.zeros(len(queries), shape.brute_items, dtype=torch.bool, device=device)
     mined.scatter_(1, band.rows, band.mask)
-    scores = queries @ rows.T
-    ranked = scores.sort(1, descending=True).values
-    t1, t2 = ranked[:, k1:k1 + 1], ranked[:, k2:k2 + 1]
-    expected = (scores <= t1) & (scores > t2)  # ties with rank k1 in, with rank k2 out, as mining defines
+    # ranks k1..k2-1 by (score desc, id asc), as mining defines them: a stable sort keeps a tie in id order
+    ranked = (queries @ rows.T).sort(dim=1, descending=True, stable=True).indices
+    expected = torch.zeros_like(mined).scatter_(1, ranked[:, k1:k2], True)
     return {"queries": len(queries), "items": shape.brute_items, "k1": k1, "k2": k2,
             "equal": bool(torch.equal(mined, expected)), "band_sizes": [int(expected.sum(1).min()),
                                                                         int(expected.sum(1).max())]}

@@ -1,22 +1,27 @@
 """Negatives for the band loss: the other network's ranks k1..k2, or uniform random items.
 
-Ranks are global over the whole catalog but no shard ever sees more than its own rows:
-1. every shard keeps, per query, its top k2+1 scores (a selection, not a sort) as `Candidates`; for
-   `top_items` (augmentation), by (score desc, id asc): of a tie at its cut, the lowest ids;
+Ranks are global over the whole catalog, by (score desc, id asc), but no shard ever sees more than its own
+rows:
+1. every shard keeps, per query, its top k2+1 scores (a selection, not a sort) as `Candidates`; of a tie at
+   its cut, the lowest ids where ties decide anything (`top_items`, or a tie group across rank k1 or k2);
 2. the global scores at ranks k1 and k2, t1 >= t2, are found by one of two exact merges:
    - "allgather": gather every shard's candidate scores and select (traffic W*G*(k2+1) floats);
    - "threshold": bisection on the score, each round one all-reduce of G packed counts. A bracket
      from the shards' own ranks starts it, the counts of both ranks share one int32, and a float32
-     has 32 bits, so it sends at most 20 + 32*4 bytes per query whatever V, W or k2.
-3. the band is every item with t2 < score <= t1: a mask over each shard's own candidates. No ids move.
+     has 32 bits, so it sends at most 20 + 33*4 bytes per query whatever V, W or k2;
+3. one more all-reduce of packed counts tells whether a tie group at t1 or t2 also holds items ranked
+   above k1 or k2. Only then (exact ties: items without text share one zero text row, and thousands of
+   them can tie) the ids decide: a bisection on the (score, id) keys inside the tie group, ceil(log2 V)
+   rounds, for the queries it concerns;
+4. the band is every item whose key lies in (key at k2, key at k1]: a mask over each shard's own
+   candidates. No ids move.
 
-Ties: an item tied with rank k1 is in the band and one tied with rank k2 is not. Without ties the band
-is exactly ranks k1..k2-1, and every band item is among its shard's candidates (fewer than k2+1 of the
-shard's items score above t2). The band is a function of the scores the shards computed: it is the same
-set at any world size when every item scores bit for bit the same on any shard, as exact ties do (integer
-rows and queries: exact products and sums). A matmul rounds by its shape, though, so items tied only in
-exact arithmetic (twins: bit-identical rows), or any item within an ulp of t1 or t2, can score one ulp
-apart at another world size and fall on the other side of t1 or t2.
+So the band is exactly ranks k1..k2-1, ties included, and every band item is among its shard's
+candidates. It is a function of the scores the shards computed: the same set at any world size when every
+item scores bit for bit the same on any shard, as exact ties do (integer rows and queries, or identical
+rows and one query: exact products and sums). A matmul rounds by its shape, though, so items tied only in
+exact arithmetic (twins: bit-identical rows, against a general query), or any item within an ulp of t1 or
+t2, can score one ulp apart at another world size and fall on the other side of t1 or t2.
 """
 from __future__ import annotations
 
@@ -109,7 +114,8 @@ def local_candidates(queries: torch.Tensor, item_rows: torch.Tensor, k: int, sca
                      tile_rows: int, ties_by_id: bool = False) -> Candidates:
     """This shard's top-k scores per query, scored tile by tile (a selection: no row of scores is sorted);
     tile_rows 0: the device's default (`device.tile_rows`). `ties_by_id`: of a tie at the cut, the lowest
-    rows (`top_columns`: a host read per tile, so only where `top_items` needs it; the band does not)."""
+    rows (`top_columns`: a host read per tile, so only where `top_items` or a tie group across a band's edge
+    needs it)."""
     device = queries.device
     tile_rows = resolve_tile_rows(tile_rows, device, len(queries))
     best = Candidates(torch.empty(len(queries), 0, device=device),
@@ -289,21 +295,63 @@ def thresholds_by_allgather(comm: Comm, cand: Candidates, k1: int, k2: int, num_
     return torch.stack([t1, t2], 1)
 
 
-def mine_band(comm: Comm, queries: torch.Tensor, item_rows: torch.Tensor, k1: int, k2: int, num_items: int,
-              scale: float, merge: str, tile_rows: int, extra: int = 0) -> tuple[Band, Candidates]:
-    """The frozen network's ranks k1..k2-1 (0-based) for every query, on this shard.
+def mine_band(comm: Comm, queries: torch.Tensor, item_rows: torch.Tensor, item_ids: torch.Tensor, k1: int, k2: int,
+              num_items: int, scale: float, merge: str, tile_rows: int, extra: int = 0) -> tuple[Band, Candidates]:
+    """The frozen network's ranks k1..k2-1 (0-based, by score desc then id asc) for every query, on this shard.
 
-    queries: (G, d) all gathered queries of the frozen network; item_rows: its (V_local, d) rows.
-    Returns (band, candidates). `extra` > 0 (augmentation) makes the candidates also serve `top_items`:
-    the local list is at least that long and keeps the lowest ids of a tie at its cut.
+    queries: (G, d) all gathered queries of the frozen network; item_rows: its (V_local, d) rows, whose
+    global ids are `item_ids`. Returns (band, candidates). `extra` > 0 (augmentation) makes the candidates
+    also serve `top_items`: the local list is at least that long and keeps the lowest ids of a tie at its cut.
     """
     k2 = min(k2, num_items)
     if k1 >= k2:
         raise ValueError(f"band is empty: k1={k1} >= min(k2, V={num_items})")
-    cand = local_candidates(queries, item_rows, max(k2 + 1, extra), scale, tile_rows, ties_by_id=extra > 0)
+    width = max(k2 + 1, extra)
+    cand = local_candidates(queries, item_rows, width, scale, tile_rows, ties_by_id=extra > 0)
     find = thresholds_by_allgather if merge == "allgather" else thresholds_by_bisection
     t = find(comm, cand, k1, k2, num_items)
-    return Band(cand.rows, (cand.scores > t[:, 1:]) & (cand.scores <= t[:, :1])), cand
+    bounds = (ordered(t) << 32) + ID_MASK  # the highest key scoring t: rank k's key unless its tie group starts above k
+    if k2 == num_items:  # no rank k2: the band runs to the bottom
+        bounds[:, 1] = INT64_MIN
+    split = tie_splits(comm, cand, t, k1, k2, num_items)
+    if bool(split.any()):  # a host read, after an all-reduce: every rank takes the same branch
+        at = split.any(1).nonzero()[:, 0]
+        if extra == 0:  # `topk` kept any of a tie at the cut: keep the lowest ids, as the keys need
+            lowest = local_candidates(queries[at], item_rows, width, scale, tile_rows, ties_by_id=True)
+            cand.scores[at], cand.rows[at] = lowest.scores, lowest.rows
+        keys = score_keys(cand.scores[at], item_ids[cand.rows[at]])
+        # the tie group's keys: from the highest id's to the lowest's (a side that is not split stays put)
+        lo = torch.where(split[at], bounds[at] - (num_items - 1), bounds[at])
+        bounds[at] = keys_by_bisection(comm, keys, lo, bounds[at], [k1, k2], num_items)
+    keys = score_keys(cand.scores, item_ids[cand.rows])
+    return Band(cand.rows, (keys > bounds[:, 1:]) & (keys <= bounds[:, :1])), cand
+
+
+def tie_splits(comm: Comm, cand: Candidates, t: torch.Tensor, k1: int, k2: int, num_items: int) -> torch.Tensor:
+    """(G, 2) bool: whether fewer than k items score above t, the score at rank k (k1, then k2): then the tie
+    group at t starts above rank k, and its ids decide which of it rank k1..k2-1. One all-reduce of G packed
+    counts; a capped list counts exactly, as in the bisection (it holds k2+1 scores at or above t)."""
+    above = torch.stack([(cand.scores > t[:, j:j + 1]).sum(1) for j in range(2)], 1)
+    packer = CountPacker([k1, k2], comm.world)
+    split = ~packer.reached(comm.all_reduce(packer.pack(above)))
+    if k2 == num_items:
+        split[:, 1] = False
+    return split
+
+
+def keys_by_bisection(comm: Comm, keys: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ks: list[int],
+                      num_items: int) -> torch.Tensor:
+    """(G, len(ks)) global keys at 0-based ranks `ks`: for each, the largest x in [lo, hi] with
+    #{key >= x} >= k+1. Inside one score's tie group the keys span at most `num_items` values, so
+    ceil(log2 V) rounds, the same on every rank. `keys` are this shard's candidates' (a capped list
+    counts exactly: it keeps the lowest ids of a tie at its cut)."""
+    packer = CountPacker([k + 1 for k in ks], comm.world)
+    for _ in range((num_items - 1).bit_length()):
+        mid = lo + (hi - lo + 1) // 2
+        local = torch.stack([(keys >= mid[:, j:j + 1]).sum(1) for j in range(len(ks))], 1)
+        ok = packer.reached(comm.all_reduce(packer.pack(local)))
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid - 1)
+    return lo
 
 
 def capped_k2(k2: int, num_items: int) -> int:

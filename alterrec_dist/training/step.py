@@ -51,7 +51,7 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
             frozen_queries = comm.all_gather(frozen.encode(history_rows(frozen, x.detach() if x is not None else None),
                                                            batch.mask))
             if num_hard:
-                band, candidates = mine_band(comm, frozen_queries, frozen_rows, t.k1, t.k1 + num_hard,
+                band, candidates = mine_band(comm, frozen_queries, frozen_rows, table.global_ids, t.k1, t.k1 + num_hard,
                                              table.num_items, frozen.logit_scale, t.merge, cfg.eval.tile_rows,
                                              extra=t.p + 1 if phase.augmented else 0)
                 bands.append(band)

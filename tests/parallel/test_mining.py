@@ -12,35 +12,39 @@ pytestmark = pytest.mark.slow
 
 
 def brute_force_band(scores: torch.Tensor, k1: int, k2: int, exclude: torch.Tensor) -> list[set[int]]:
-    """Items scoring in (t2, t1], t1 and t2 the scores at ranks k1 and k2 (t2 = -inf past the catalog)."""
+    """Items at ranks k1..k2-1 of a sort by (score desc, id asc)."""
     out = []
     for g, row in enumerate(scores.tolist()):
-        desc = sorted(row, reverse=True)
-        t1, t2 = desc[k1], desc[k2] if k2 < len(row) else float("-inf")
-        out.append({i for i, s in enumerate(row) if t2 < s <= t1} - set(exclude[g].tolist()))
+        order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        out.append(set(order[k1:k2]) - set(exclude[g].tolist()))
     return out
 
 
-def problem(seed: int, G=6, V=37, d=4, ties=True):
+def problem(seed: int, G=6, V=37, d=4, ties=True, zero_rows=0):
+    """`zero_rows`: that many items (every third, from id 1) get a zero row, as items without text do on a
+    text score: they all score exactly 0, one tie group in the middle of every query's ranking."""
     g = torch.Generator().manual_seed(seed)
     if ties:  # integer-valued rows and queries: many exact ties in the scores
         q = torch.randint(-2, 3, (G, d), generator=g).float()
         items = torch.randint(-2, 3, (V, d), generator=g).float()
     else:
         q, items = torch.randn(G, d, generator=g), torch.randn(V, d, generator=g)
+    items[1:3 * zero_rows:3] = 0
     target = torch.randint(V, (G,), generator=g)
     return q, items, target
 
 
-def mine_on_shard(rank, world, seed, k1, k2, merge, p, ties, tile_rows=5, packed=True):
+def mine_on_shard(rank, world, seed, k1, k2, merge, p, ties, tile_rows=5, packed=True, V=37, zero_rows=0):
+    """p = 0: no augmentation, so the candidates come from `topk`, which keeps any of a tie at its cut."""
     if not packed:  # the GPU's way (`packs_left`), here on the CPU: every column visited, none packed
         mining.packs_left = lambda t: False
-    q, items, target = problem(seed, ties=ties)
+    q, items, target = problem(seed, V=V, ties=ties, zero_rows=zero_rows)
     comm = Comm()
     ids = torch.arange(rank, len(items), world)
-    band, cand = mine_band(comm, q, items[ids], k1, k2, len(items), 1.0, merge, tile_rows, extra=p + 1)
+    band, cand = mine_band(comm, q, items[ids], ids, k1, k2, len(items), 1.0, merge, tile_rows,
+                           extra=p + 1 if p else 0)
     merge_bytes = dict(comm.bytes)
-    aug = top_items(comm, cand, ids, p, target)
+    aug = top_items(comm, cand, ids, p, target) if p else torch.empty(len(q), 0, dtype=torch.long)
     positives = torch.cat([target[:, None], aug], 1)
     band = exclude_items(band, positives // world, positives % world == rank)
     chosen = [set(ids[band.rows[g][band.mask[g]]].tolist()) for g in range(len(q))]
@@ -83,9 +87,33 @@ def test_without_ties_the_band_is_ranks_k1_to_k2_and_w1_needs_no_round(world):
         assert set().union(*(r[0][g] for r in results)) == set(order[k1:k2]) - {target[g].item()}
     sent = results[0][2]
     assert sent["all_reduce_RedOpType.MAX"] == 5 * 4 * len(q)  # the bracket: 5 floats per query
-    rounds = sent.get("all_reduce_RedOpType.SUM", 0) // (4 * len(q))  # one packed int32 per query per round
-    assert sent.get("all_reduce_RedOpType.SUM", 0) == rounds * 4 * len(q)
+    # one packed int32 per query per round, and one for the tie check (no tie: no round on ids)
+    rounds = sent["all_reduce_RedOpType.SUM"] // (4 * len(q)) - 1
+    assert sent["all_reduce_RedOpType.SUM"] == (rounds + 1) * 4 * len(q)
     assert (rounds == 0) if world == 1 else (0 < rounds <= 32)  # at W=1 the bracket is exact
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("merge", ["threshold", "allgather"])
+@pytest.mark.parametrize("k1, k2", [(10, 40), (36, 50), (0, 40), (35, 70)])
+@pytest.mark.parametrize("p", [0, 2])
+def test_a_tie_group_across_the_band_edges_is_split_by_id(world, merge, k1, k2, p):
+    """30 of 90 items score exactly 0 (zero rows), ranked from 25..34 on (the 25..34 items scoring above 0):
+    (10, 40) cuts that tie group at k2, (36, 50) holds both edges inside it, (0, 40) runs from the top into
+    it, (35, 70) cuts it at k1. By scores alone the band was empty, or the whole group, or shy of it; by
+    (score, id) it is ranks k1..k2-1."""
+    V, zero_rows, seed = 90, 30, 7
+    results = run_world(mine_on_shard, world, seed, k1, k2, merge, p, False, 7, True, V, zero_rows)
+    q, items, target = problem(seed, V=V, ties=False, zero_rows=zero_rows)
+    scores = q @ items.T
+    above = (scores > 0).sum(1)
+    inside = [(above < k) & (k < above + zero_rows) for k in (k1, k2)]
+    assert (inside[0] | inside[1]).all(), "the tie group must cross an edge of every query's band"
+    aug = results[0][1]
+    expected = brute_force_band(scores, k1, k2, torch.cat([target[:, None], aug], 1))
+    assert [set().union(*(r[0][g] for r in results)) for g in range(len(q))] == expected
+    for g in range(len(q)):
+        assert len(expected[g]) >= k2 - k1 - 1 - p  # the band's full width, less the positives in it
 
 
 @pytest.mark.parametrize("k, tile_rows", [(10, 3), (2, 5), (40, 9), (10, 64)])
@@ -104,7 +132,7 @@ def top_items_of_a_tie_on_shard(rank, world, tile_rows):
     q, items = torch.zeros(2, 4), torch.randn(24, 4, generator=torch.Generator().manual_seed(0))
     ids = torch.arange(rank, len(items), world)
     comm = Comm()
-    _, cand = mine_band(comm, q, items[ids], 7, 9, len(items), 1.0, "threshold", tile_rows, extra=5)
+    _, cand = mine_band(comm, q, items[ids], ids, 7, 9, len(items), 1.0, "threshold", tile_rows, extra=5)
     return top_items(comm, cand, ids, 4, torch.tensor([23, 2]))
 
 

@@ -83,7 +83,7 @@ def mixed_band_step(rank, world, data_path, hard_fraction):
                    run.table, next(iter(run.train_reader.epoch(phase.epoch))), 0, run.k2)
     mine_args, (band, _) = calls["mine"]
     random_args, _ = calls["random"]
-    return mine_args[3:5], band.mask.sum(1).tolist(), random_args[2]
+    return mine_args[4:6], band.mask.sum(1).tolist(), random_args[2]
 
 
 def test_a_hard_fraction_mines_ranks_k1_to_k1_plus_its_share_and_draws_the_rest_at_random(tmp_path):
