@@ -231,7 +231,14 @@ class Network(nn.Module):
         return self.join_parts(*self.part_rows(x, f))
 
     def _unit(self, v: Tensor) -> Tensor:
-        return nn.functional.normalize(v, dim=-1) if self.cosine else v
+        """Rows over their norms. A zero row (an item without text, through a whitening) stays zero with the
+        gradient of the identity: `F.normalize` divides it by eps = 1e-12, whose gradient (about 1e10 on the
+        adapter's shift, measured) fills AdamW's second moment and freezes that parameter for thousands of
+        steps. Other rows come out as `F.normalize` makes them."""
+        if not self.cosine:
+            return v
+        norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+        return v / torch.where(norm > 0, norm, 1.0)
 
     def join_parts(self, id_part: Tensor, text_part: Tensor) -> Tensor:
         """NFRec only: the item rows from their (id, text) parts, by sum or concatenation."""

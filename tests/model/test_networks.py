@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from alterrec_dist.common.config import ModelConfig
 from alterrec_dist.model.networks import MOE_EXPERTS, Network, SessionEncoder, build_networks, text_init_rows
@@ -168,6 +169,25 @@ def test_cosine_logits_are_cosines_over_the_temperature(encoder):
     text = Network("text", cfg, text_dim=D_TEXT, max_len=5)
     f = torch.randn(6, D_TEXT)
     torch.testing.assert_close(text.item_rows(None, f), text.text_mlp(f))
+
+
+@pytest.mark.parametrize("adapter", ["mlp", "whitening", "moe"])
+def test_a_zero_text_row_under_cosine_logits_stays_zero_with_a_bounded_gradient(adapter):
+    """An item without text has a zero feature row; through a whitening (no bias, shift 0) its row is zero, and
+    `F.normalize` gave it a gradient of about 1e10 on the shift, which froze the shift under AdamW."""
+    cfg = ModelConfig(dim=8, text_adapter=adapter, dropout=0.0, item_layernorm=False, text_logits="cosine")
+    net = Network("text", cfg, text_dim=D_TEXT, max_len=5)
+    f = torch.randn(4, D_TEXT)
+    f[1] = 0
+    rows = net.item_rows(None, f)
+    other = [0, 2, 3]
+    expected = nn.functional.normalize(net._text_part(f[other]), dim=-1)
+    torch.testing.assert_close(rows[other], expected, rtol=0, atol=0)  # other rows: as F.normalize makes them
+    if adapter != "mlp":  # the whitenings map a zero row to zero; the mlp's bias does not
+        assert torch.equal(rows[1], torch.zeros(8))
+    (rows * torch.randn_like(rows)).sum().backward()
+    largest = max(p.grad.abs().max().item() for p in net.text_mlp.parameters())
+    assert largest < 100, f"gradient {largest:.3g}"
 
 
 @pytest.mark.parametrize("encoder", ["mean", "transformer"])
