@@ -169,8 +169,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     def steps_done() -> int:
         return progress.epoch * steps_per_epoch + len(progress.steps)
 
-    def checkpoint(metrics: dict) -> None:
-        read_logs(progress.steps)
+    def checkpoint(metrics: dict) -> None:  # progress.steps read and checked by the caller
         done = len(progress.steps)
         # the checkpoint the phase in progress began from outlives the newer ones: reject_worse goes back to it;
         # under reject_worse at the end too, as a resume with a larger train.m_max may go on with the last phase
@@ -188,8 +187,11 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     def after_step(network: str) -> None:  # `sinks`: rank 0's, bound by the `with` below (None elsewhere)
         if sinks is not None and t.log_every and steps_done() % t.log_every == 0:
             # the interval's one host read: its steps' losses, still on the device, come over together
-            sinks.step(network, read_logs(progress.steps)[-1], steps_done())
+            refuse_diverged(progress.epoch, network, read_logs(progress.steps))
+            sinks.step(network, progress.steps[-1], steps_done())
         if t.checkpoint_every and steps_done() % t.checkpoint_every == 0:
+            # every rank reads the same global losses: all stop here, none saves NaN weights over good checkpoints
+            refuse_diverged(progress.epoch, network, read_logs(progress.steps))
             checkpoint({"epoch": progress.epoch, "step": len(progress.steps)})
 
     prev_key, frozen_rows = None, None
@@ -211,10 +213,8 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
             start, resumed_steps = time.perf_counter(), len(progress.steps)
             steps = train_epoch(run, phase, frozen_rows, progress.steps, lambda: after_step(phase.network))
             seconds = time.perf_counter() - start
+            refuse_diverged(phase.epoch, phase.network, steps)  # before anything is scored, saved or logged
             losses = {k: float(np.mean([s[k] for s in steps])) for k in steps[0]}
-            if not math.isfinite(losses["loss"]):  # before anything is scored, saved or logged from it
-                raise ConfigError(f"epoch {phase.epoch}: the {phase.network} network's training loss is "
-                                  f"{losses['loss']}: the run diverged (lower train.lr_id / train.lr_text)")
             valid = run.evaluate("valid", phase.epoch)
             line = {
                 "epoch": phase.epoch, "phase": phase_index(phases, phase.epoch), "network": phase.network,
@@ -384,6 +384,15 @@ def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None, logs: 
         if on_step is not None:
             on_step()
     return read_logs(logs)
+
+
+def refuse_diverged(epoch: int, network: str, logs: list[dict]) -> None:
+    """Stop at the epoch's first non-finite training loss (`logs` read: `read_logs`). The loss is the global
+    batch's, the same on every rank, so every rank that looks stops alike."""
+    for step, log in enumerate(logs):
+        if not math.isfinite(log["loss"]):
+            raise ConfigError(f"epoch {epoch}, step {step}: the {network} network's training loss is {log['loss']}: "
+                              f"the run diverged (lower train.lr_id / train.lr_text)")
 
 
 def read_logs(logs: list[dict]) -> list[dict]:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from alterrec_dist.common.config import load_config
 from alterrec_dist.parallel.saved import rank_file_name
@@ -279,19 +280,33 @@ def test_a_run_killed_inside_a_phase_it_rejects_resumes_and_rejects_it_the_same_
 @pytest.mark.timeout(300)
 def test_a_diverged_run_stops_in_one_line_and_saves_no_model(tmp_path):
     """lr 1e30: the loss is NaN from the first epoch. The NaN target scores ranked first, so validation read 1.0
-    on every metric, epoch 0 was saved as the best model and the run exited 0 (reviewer finding)."""
+    on every metric, epoch 0 was saved as the best model and the run exited 0 (reviewer finding). And with a
+    checkpoint every step, the rest of the epoch trained on NaN weights and saved them, pruning the checkpoints
+    from before the divergence (reviewer finding): now the run stops at the step whose loss is NaN."""
     data = tiny_dataset(tmp_path / "data")
     settings = ["train.method=alterrec", "train.m_max=3", "train.m_random=1", "train.m_gap=1", "train.k1=5",
                 "train.k2=30", "train.global_batch_size=40", "eval.batch_size=50", "model.dim=8",
-                "train.lr_id=1e30", "train.lr_text=1e30", f"data.path={data}"]
+                "train.lr_id=1e30", "train.lr_text=1e30", "train.checkpoint_every=1", f"data.path={data}"]
     run = tmp_path / "run"
     r = subprocess.run([PY, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--out", str(run), *sets(settings)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
                        env=clean_env())
     assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1] == ("error: epoch 0: the id network's training loss is nan: the run "
-                                                 "diverged (lower train.lr_id / train.lr_text)")
+    assert r.stderr.strip().splitlines()[-1] == ("error: epoch 0, step 1: the id network's training loss is nan: "
+                                                 "the run diverged (lower train.lr_id / train.lr_text)")
     assert not (run / "model").exists() and not (run / "summary.json").exists()
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert saved == [checkpoint_name(0, 1)]  # the step before the NaN loss; its weights are finite (huge)
+    for f in (run / "checkpoints" / saved[0]).rglob("*.pt"):
+        for value in flat_tensors(torch.load(f, weights_only=True)):
+            assert torch.isfinite(value.float()).all(), f
+
+
+def flat_tensors(blob) -> list:
+    if torch.is_tensor(blob):
+        return [blob]
+    items = blob.values() if isinstance(blob, dict) else blob if isinstance(blob, (list, tuple)) else []
+    return [t for item in items for t in flat_tensors(item)]
 
 
 @pytest.mark.slow

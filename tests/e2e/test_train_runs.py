@@ -112,8 +112,8 @@ def test_a_diverged_run_under_ray_is_the_workers_one_line(tmp_path, max_failures
     r = subprocess.run([PY, "-m", "alterrec_dist.train", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
                        timeout=280, env=_env())
     assert r.returncode == 2, r.stderr[-3000:]
-    assert r.stderr.strip().splitlines()[-1] == ("error: epoch 0: the id network's training loss is nan: the run "
-                                                 "diverged (lower train.lr_id / train.lr_text)")
+    assert r.stderr.strip().splitlines()[-1] == ("error: epoch 0, step 1: the id network's training loss is nan: "
+                                                 "the run diverged (lower train.lr_id / train.lr_text)")
     # (Ray may echo a worker's line twice, so its presence is what counts)
     restart_stopped = "an earlier attempt of this launch was refused" in r.stderr
     assert restart_stopped == (max_failures != 0), r.stderr[-3000:]
