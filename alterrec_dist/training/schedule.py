@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from alterrec_dist.common.methods import ALTERNATE, method as method_of
 
@@ -113,8 +114,9 @@ def own_step(phases: list[Phase], epoch: int, step: int, steps_per_epoch: int) -
 
 
 def ramp_steps(warmup: float, total: int) -> int:
-    """warmup_cosine's ramp: the first ceil(warmup * total) of a network's `total` own steps."""
-    return math.ceil(warmup * total)
+    """warmup_cosine's ramp: the first ceil(warmup * total) of a network's `total` own steps, in the decimal the
+    config wrote (float products round up past a whole number: 0.07 * 100 = 7.000000000000001, 8 steps)."""
+    return math.ceil(Fraction(repr(warmup)) * total)
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:

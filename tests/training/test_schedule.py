@@ -1,7 +1,7 @@
 import pytest
 
 from alterrec_dist.training.schedule import (Phase, lr_factor, lr_ramp_epochs, own_step, patience_exhausted,
-                                             phase_rejected, plan, stop_reason, warmup_epochs)
+                                             phase_rejected, plan, ramp_steps, stop_reason, warmup_epochs)
 
 I, T, F = "id", "text", "fused"
 R, H = "random", "hard"
@@ -152,3 +152,12 @@ def test_a_phase_is_undone_only_when_it_ends_worse_than_it_began():
     for change in ({"reject_worse": False}, {"phase_ends": False}, {"epoch": 3}, {"before": None}):
         assert not phase_rejected(**(ends | change), after=0.01), change
     assert phase_rejected(**(ends | {"epoch": 4}), after=0.01)  # the first epoch past the warm-up is judged
+
+
+@pytest.mark.parametrize("warmup, total, ramp",
+                         [(0.07, 100, 7), (0.1, 30, 3), (0.29, 100, 29), (0.1, 31, 4), (0.0, 50, 0)])
+def test_the_ramp_is_the_share_the_config_wrote_rounded_up(warmup, total, ramp):
+    """0.07 * 100 is 7.000000000000001 in floats: the ramp took 8 steps, and its 7th step's factor was 0.875."""
+    assert ramp_steps(warmup, total) == ramp
+    if ramp:
+        assert lr_factor("warmup_cosine", ramp - 1, total, warmup) == 1.0
