@@ -169,8 +169,9 @@ def kind_scores(parts: torch.Tensor, weights: dict[str, list[float]]) -> torch.T
 
 def orders_before(scores: torch.Tensor, target_scores: torch.Tensor, before_by_id: torch.Tensor) -> torch.Tensor:
     """The engine's one order of items: an item comes before the target if it scores higher, or scores the
-    same and has a smaller id (`before_by_id`), so a tie never flatters a rank. A target scored NaN (a
-    diverged model) comes after every item: no comparison with NaN holds, which ranked it first."""
+    same and has a smaller id (`before_by_id`): the order mining and serving use, the same on any machine. A
+    tie thus counts against a target of the larger id and for one of the smaller (README, Metrics). A target
+    scored NaN (a diverged model) comes after every item: no comparison with NaN holds, which ranked it first."""
     return (scores > target_scores) | ((scores == target_scores) & before_by_id) | target_scores.isnan()
 
 
