@@ -536,6 +536,13 @@ CASES = [
     # an output inside a dataset: its next --overwrite deleted it without a word
     ("train-run-in-its-dataset", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=dataset(d))[:-2] + [
         "--out", str(d / "ds" / "myrun")], ["{d}/ds/myrun: lies in {d}/ds, which its next --overwrite replaces whole"]),
+    # a run handed over with a link in it: the resume wrote through it, outside the run (reviewer findings)
+    ("train-resume-through-a-linked-checkpoints", "train", lambda d, r: [
+        "--resume", str(_linked(run_copy(d, r), "checkpoints", d / "victim"))],
+     ["{d}/run/checkpoints: a symbolic link (to {d}/victim), which this resume would write through"]),
+    ("train-resume-through-a-linked-metrics-file", "train", lambda d, r: [
+        "--resume", str(_linked(run_copy(d, r), "metrics.jsonl", d / "notes.txt"))],
+     ["{d}/run/metrics.jsonl: a symbolic link (to {d}/notes.txt)"]),
     ("export-out-in-the-runs-dataset", "export", lambda d, r: [
         "--run", str(_run_on_dataset_copy(d, r)), "--out", str(d / "ds" / "x")], ["{d}/ds/x: lies in {d}/ds"]),
     ("batch-out-in-the-dataset", "batch_score", lambda d, r: [
@@ -667,6 +674,21 @@ def _raw(d: Path, name: str, data: bytes) -> Path:
     return d / name
 
 
+def _linked(run: Path, name: str, target: Path) -> Path:
+    """`run` with RUN/name a symbolic link to `target`, a directory holding a file or a file of two lines."""
+    if name == "checkpoints":
+        target.mkdir()
+        (target / "thesis.tex").write_text("mine")
+    else:
+        target.write_text("line1\nline2\n")
+    entry = run / name
+    if entry.is_dir():
+        shutil.rmtree(entry)
+    entry.unlink(missing_ok=True)
+    entry.symlink_to(target)
+    return run
+
+
 def _mkdir(p: Path) -> Path:
     p.mkdir()
     (p / "kept").write_text("x")
@@ -764,7 +786,7 @@ def test_matrix_has_the_cases_the_issue_asks_for():
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case, tmp_path, capsys, request):
     name, command, setup, fragments = case
-    needs_run = command in ("export", "recommend", "batch_score")
+    needs_run = command in ("export", "recommend", "batch_score") or name.startswith("train-resume")
     trained = request.getfixturevalue("run") if needs_run else None
     d = tmp_path / "case"
     d.mkdir()

@@ -21,6 +21,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable
@@ -86,6 +87,17 @@ def temp_sibling(out: Path, kind: str = "tmp") -> Path:
     return out.parent / f".{out.name}.{kind}-{os.getpid()}"
 
 
+# what `temp_sibling` names: a pid is 1 to 7 ASCII digits (Linux's pid_max is at most 2^22), so a planted
+# `.OUT.tmp-99999999999999999999` or `.OUT.tmp-²` is no writer's and nothing to wait for or signal
+TEMP_SIBLING = re.compile(r"\.(?P<out>.+)\.(?P<kind>tmp|old)-(?P<pid>[1-9][0-9]{0,6})")
+
+
+def sibling_out(name: str) -> str | None:
+    """The name of the OUT whose temp sibling is named `name`, None for a name not of that form."""
+    found = TEMP_SIBLING.fullmatch(name)
+    return found["out"] if found else None
+
+
 def temp_siblings(out: Path, kind: str) -> Iterable[Path]:
     """Every writer's `temp_sibling(out, kind)`, this process's or another's."""
     return out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")
@@ -106,8 +118,8 @@ def remove_stale_siblings(out: str | Path) -> None:
 
 def _writer_pid(sibling: Path) -> int | None:
     """The pid that names a temp sibling (`temp_sibling`), None for a name not of that form."""
-    pid = sibling.name.rsplit("-", 1)[-1]
-    return int(pid) if pid.isdigit() else None
+    found = TEMP_SIBLING.fullmatch(sibling.name)
+    return int(found["pid"]) if found else None
 
 
 def replace_into_place(tmp: Path, out: Path) -> None:

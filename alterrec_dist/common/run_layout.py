@@ -23,6 +23,7 @@ MLFLOW_RUN_ID = "mlflow_run_id"
 COMMAND = "command.txt"
 LOCK = ".lock"
 
+WRITTEN = (CONFIG, DATASET, METRICS, SUMMARY, MODEL, CHECKPOINTS, TENSORBOARD, MLFLOW_RUN_ID, COMMAND, LOCK)
 SERVED = (CONFIG, DATASET, SUMMARY, MODEL)  # what serving reads of a run (`serve/from_run.py`)
 
 

@@ -27,7 +27,7 @@ import torch
 
 from alterrec_dist.common import storage
 from alterrec_dist.common.errors import DataError
-from alterrec_dist.common.files import Staged
+from alterrec_dist.common.files import Staged, sibling_out
 from alterrec_dist.common.storage import MANIFEST, Location, StorePath
 from alterrec_dist.parallel.saved import (LINKED_MODEL, NETWORKS, link_dir, load_cpu, network_states, publish,
                                          rank_file_name, saved_manifest, verify_files)
@@ -105,16 +105,17 @@ def join_row_state(rest: dict, moments: dict) -> dict:
 
 
 def prune(store: Location, keep: int, pinned: str | None = None) -> None:
-    """Remove everything in `store` but its newest `keep` checkpoints and the one named `pinned` (the
-    recipe pins the checkpoint its phase in progress began from, which `train.reject_worse` goes back to):
-    older ones, the temp directories of saves that were killed and, in a store, checkpoints whose upload
-    was cut short."""
+    """Remove the checkpoints in `store` but its newest `keep` and the one named `pinned` (the recipe pins
+    the checkpoint its phase in progress began from, which `train.reject_worse` goes back to): older ones,
+    the temp directories of saves that were killed and, in a store, checkpoints whose upload was cut short.
+    Other names are left alone: a prune that removed every other entry emptied whatever directory
+    `checkpoints` had been linked to (reviewer finding)."""
     # an upload cut short has no manifest (written last): it never counts among the newest, which would
     # leave fewer intact ones than `keep` (a resume with another train.checkpoint_every names other steps)
     found = [p for p in checkpoints(store) if (p / MANIFEST).is_file()]
     kept = set(found[-keep:] + [p for p in found if p.name == pinned])
-    for p in store.iterdir():
-        if p not in kept:
+    for p in store.iterdir():  # only checkpoints and their temp siblings: anything else in it is not ours
+        if p not in kept and CHECKPOINT_NAME.fullmatch(sibling_out(p.name) or p.name):
             storage.remove_tree(p)
 
 

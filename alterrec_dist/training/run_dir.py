@@ -179,6 +179,7 @@ def reopen_run_dir(cfg: Config, run_dir: Location, held: ExitStack) -> Location:
 
     The workers verify the checkpoint again when they load it (they also resume on their own after
     a failure, with no driver involved): the price of failing here, before anything starts."""
+    refuse_links(run_dir)
     hold(run_dir, held)
     data = Dataset(cfg.resolve_path(cfg.data.path))
     check_same_dataset(data, run_dir)
@@ -202,6 +203,18 @@ def reopen_run_dir(cfg: Config, run_dir: Location, held: ExitStack) -> Location:
     write_config(cfg, run_dir)
     record_dataset(data, run_dir)  # where it is now; a run made before the record gets it here
     return run_dir
+
+
+def refuse_links(run_dir: Location) -> None:
+    """ConfigError if an entry the run writes is a symbolic link: a resume of a run handed over with one would
+    write through it, outside the run (it appended to the file a linked metrics.jsonl named, and pruned the
+    directory a linked checkpoints/ named: reviewer findings)."""
+    if isinstance(run_dir, StorePath):
+        return
+    for name in run_layout.WRITTEN:
+        if (run_dir / name).is_symlink():
+            raise ConfigError(f"{run_dir / name}: a symbolic link (to {os.readlink(run_dir / name)}), which this "
+                              "resume would write through: replace it with what it names, or start a new run")
 
 
 def write_config(cfg: Config, run_dir: Location) -> None:

@@ -238,3 +238,18 @@ def test_a_killed_writers_leftover_is_no_swap_to_wait_for(tmp_path, monkeypatch)
         load_unreplaced(d, lambda where: read_manifest(where, "no saved model"), lambda manifest: manifest)
     assert waits == []
 
+
+
+@pytest.mark.parametrize("planted", [".out.tmp-99999999999999999999", ".out.tmp-²", ".out.old-0", ".out.tmp-12a"])
+def test_a_planted_temp_sibling_of_no_pid_is_left_alone_and_the_write_goes_on(tmp_path, planted):
+    """A digit string too long for a C long (OverflowError) or a non-ASCII digit (ValueError from int) beside
+    an output made every writer of it a traceback (reviewer finding); pid 0 would signal our own group."""
+    (tmp_path / planted).write_text("not ours")
+    atomic_write_bytes(tmp_path / "out", b"new")
+    assert (tmp_path / "out").read_bytes() == b"new" and (tmp_path / planted).read_text() == "not ours"
+
+
+def test_a_temp_sibling_names_its_output_and_its_writer():
+    assert files.sibling_out(f".e00001-s0000002.tmp-{os.getpid()}") == "e00001-s0000002"
+    assert files.sibling_out(".a.b.old-4194304") == "a.b"
+    assert [files.sibling_out(n) for n in ("out", ".out", ".out.tmp-", "out.tmp-12", ".out.new-12")] == [None] * 5

@@ -127,3 +127,20 @@ def test_a_manifest_without_what_a_resume_reads_is_passed_over(tmp_path, capsys)
     assert found.name == checkpoint_name(1, 0) and manifest == full
     err = capsys.readouterr().err.splitlines()
     assert "epoch is missing or not of type int" in err[0] and "num_items is missing" in err[1]
+
+
+def test_prune_removes_old_checkpoints_and_their_temp_siblings_and_nothing_else(tmp_path):
+    """`checkpoints/` linked to a directory of the user's (or a file put there): a prune that removed every entry
+    but the kept checkpoints emptied it (reviewer finding)."""
+    from alterrec_dist.training.checkpoint import prune
+    names = [checkpoint_name(e, 0) for e in range(4)]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+    (tmp_path / f".{checkpoint_name(4, 0)}.tmp-999999").mkdir()  # a killed save
+    (tmp_path / checkpoint_name(5, 0)).mkdir()  # an upload cut short: no manifest
+    for other in ("thesis.tex", "notes", ".e1.tmp-5", "e00001-s0000000.bak"):
+        (tmp_path / other).write_text("mine")
+    prune(tmp_path, 2, pinned=names[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [names[0], names[2], names[3], "thesis.tex", "notes", ".e1.tmp-5", "e00001-s0000000.bak"])
