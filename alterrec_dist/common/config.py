@@ -313,6 +313,9 @@ def _coerce(value, typ, where: str, text: bool = False):
         if typ is str:
             if isinstance(value, (list, dict)):
                 raise ValueError
+            control = next((c for c in str(value) if c < " " or c == "\x7f"), None)
+            if control is not None:  # config.toml could not hold it: the run would not resume or export
+                raise ConfigError(f"{where}: a control character ({control!r}) in {str(value)!r}")
             return str(value)
     except (ValueError, TypeError):  # TypeError: a TOML list or table where a number goes
         pass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -288,3 +289,15 @@ def test_an_integer_setting_is_refused_past_64_bits_and_a_seed_takes_all_of_them
     assert load_config(None, [f"train.seed={2**64 - 1}"]).train.seed == 2**64 - 1
     with pytest.raises(ConfigError, match=r"model.dim: 99999999999999999999999 is out of range \(past 64 bits\)"):
         load_config(None, ["model.dim=99999999999999999999999"])
+
+
+@pytest.mark.parametrize("value", ["a\nb", "a\x00b", "run\x1b[31m", "tab\there"])
+def test_a_control_character_in_a_string_setting_is_refused(tmp_path, value):
+    """trainer.name = "a\\nb" trained (exit 0) into a run whose config.toml no resume or export could read back;
+    "a\\x00b" was a worker's traceback (reviewer finding). From --set and from a TOML file alike."""
+    with pytest.raises(ConfigError, match=r"trainer\.name.*: a control character"):
+        load_config(None, [f"trainer.name={value}"])
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[trainer]\nname = {json.dumps(value)}\n")  # JSON's escapes are TOML's
+    with pytest.raises(ConfigError, match="a control character"):
+        load_config(str(cfg), [])
