@@ -33,15 +33,21 @@ from alterrec_dist.serve.search import INDEXES, Recommendation, Searcher, recomm
 NO_TEXT = "(no text)"
 
 
+def shown(value: str) -> str:
+    """`value` as the terminal may print it: a character that is not printable (an escape sequence in a catalog's
+    text or ids would retitle or recolour the terminal) as its Python escape."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+
+
 def format_recommendation(rec: Recommendation, width: int = 70) -> str:
-    lines = [f"session ({len(rec.session)} items, oldest first): {' '.join(rec.session)}",
+    lines = [f"session ({len(rec.session)} items, oldest first): {shown(' '.join(rec.session))}",
              f"{'rank':>4}  {'item_id':<14}{'fused':>11}" + "".join(f"{c:>11}" for c in rec.components) + "  item text"]
     for r in rec.rows:
-        text = " ".join((r["text"] or "").split()) or NO_TEXT  # not the id: beside it, it read as the item's text
+        text = shown(" ".join((r["text"] or "").split())) or NO_TEXT  # not the id: beside it, it read as its text
         if len(text) > width:
             text = text[:width - 3] + "..."
         scores = "".join(f"{r['scores'][c]:>11.5f}" for c in rec.components)
-        lines.append(f"{r['rank']:>4}  {r['item_id']:<14}{r['fused']:>11.5f}{scores}  {text}")
+        lines.append(f"{r['rank']:>4}  {shown(r['item_id']):<14}{r['fused']:>11.5f}{scores}  {text}")
     return "\n".join(lines)
 
 

@@ -191,3 +191,15 @@ def test_an_item_without_text_is_shown_without_one():
             {"rank": 3, "item_idx": 9, "item_id": "SKU-9", "text": "a  lamp", "fused": 0.3, "scores": {"id": 0.3}}]
     lines = format_recommendation(Recommendation(["SKU-1"], [], 0, ["id"], rows)).splitlines()
     assert [line.split("  ")[-1].strip() for line in lines[2:]] == [NO_TEXT, NO_TEXT, "a lamp"]
+
+
+def test_escape_sequences_in_a_catalog_are_shown_not_sent_to_the_terminal():
+    """A handed-over export's text or ids printed raw retitled and recoloured the terminal (reviewer finding)."""
+    from alterrec_dist.recommend import format_recommendation
+    from alterrec_dist.serve.search import Recommendation
+
+    rows = [{"rank": 1, "item_idx": 4, "item_id": "SKU\x1b[2J", "text": "\x1b]0;TITLE\x07\x1b[31mred",
+             "fused": 0.5, "scores": {"id": 0.5}}]
+    out = format_recommendation(Recommendation(["S\x1b1"], [], 0, ["id"], rows))
+    assert "\x1b" not in out and "\x07" not in out
+    assert "SKU\\x1b[2J" in out and "\\x1b]0;TITLE\\x07\\x1b[31mred" in out and "S\\x1b1" in out
