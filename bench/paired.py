@@ -27,7 +27,7 @@ import torch
 
 from alterrec_dist.common.cli import run_cli
 from alterrec_dist.common.config import METRICS
-from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json
 from alterrec_dist.eval.metrics import per_session
 from alterrec_dist.grid.report import cell
