@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -516,6 +517,31 @@ CASES = [
         "--export", str(_export_copy(d, r, lambda x: _edit_json(
             x / "manifest.json", lambda m: m["scoring"].update(served="fused@0.9")))),
         "--session", "P0001"], ["{d}/x/manifest.json: scoring.served 'fused@0.9' is not one of its kinds"]),
+    # a crafted or foreign export or model (its checksums signed anew): one line naming the file, before any
+    # allocation its numbers ask for (reviewer findings: tracebacks, and 3.3 GB for a 10 kB encoders.pt)
+    ("recommend-export-encoders-unknown-setting", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _signed_torch_edit(
+            x, "encoders.pt", lambda b: b["model"].update(bogus=1)))), "--session", "P0001"],
+     ["{d}/x/encoders.pt: its model settings: config dict: unknown key model.bogus"]),
+    ("recommend-export-encoders-text-dim-not-the-features", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _signed_torch_edit(
+            x, "encoders.pt", lambda b: b.update(text_dim=12_000_000)))), "--session", "P0001"],
+     ["{d}/x/encoders.pt: text_dim 12000000 and max_len", "are not the export's"]),
+    ("recommend-export-encoders-unpickles-an-object", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _signed_torch_edit(
+            x, "encoders.pt", lambda b: b.update(states=Fraction(1, 2))))), "--session", "P0001"],
+     ["{d}/x/encoders.pt: holds objects other than tensors and plain containers, which are never unpickled"]),
+    ("recommend-export-world-size-zero", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _edit_json(
+            x / "manifest.json", lambda m: m["engine"].update(world_size=0)))), "--session", "P0001"],
+     ["{d}/x/manifest.json: engine.world_size 0 is out of range"]),
+    ("recommend-export-features-of-objects", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _signed_npy_objects(x, "tables/text_features.npy"))),
+        "--session", "P0001"], ["{d}/x/tables/text_features.npy: not a table numpy reads without pickles"]),
+    ("recommend-run-shard-items-past-the-catalog", "recommend", lambda d, r: [
+        "--run", str(run_copy(d, r, lambda c: _signed_torch_edit(
+            c / "model", "shard-00000-of-00001.pt", lambda b: b["items"].add_(1)))), "--session", "P0001"],
+     ["{d}/run/model/shard-00000-of-00001.pt: its items are not the", "that rank 0 of 1 holds"]),
     ("export-out-is-the-run", "export", lambda d, r: [
         "--run", str(run_copy(d, r)), "--out", str(d / "run"), "--overwrite"],
      ["{d}/run: holds the input {d}/run/config.toml, which writing it would delete"]),
@@ -760,6 +786,25 @@ def _other_items(d: Path, run: Path) -> Path:
 def _fifo(path: Path) -> Path:
     os.mkfifo(path)
     return path
+
+
+def _signed_torch_edit(directory: Path, name: str, edit) -> None:
+    """directory/name (a torch file) through `edit`, its sha256 recorded anew in directory/manifest.json."""
+    import torch
+    blob = torch.load(directory / name, weights_only=True)
+    edit(blob)
+    torch.save(blob, directory / name)
+    _sign(directory, name)
+
+
+def _signed_npy_objects(directory: Path, name: str) -> None:
+    np.save(directory / name, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    _sign(directory, name)
+
+
+def _sign(directory: Path, name: str) -> None:
+    from alterrec_dist.common.files import file_sha256
+    _edit_json(directory / "manifest.json", lambda m: m["files"].update({name: file_sha256(directory / name)}))
 
 
 def _export_copy(d: Path, run: Path, damage) -> Path:

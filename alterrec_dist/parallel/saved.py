@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import shutil
 
 import torch
@@ -29,6 +30,7 @@ from alterrec_dist.common.errors import DataError, one_line
 from alterrec_dist.common.files import (Staged, atomic_write_json, file_sha256, load_unreplaced, read_manifest,
                                         writing)
 from alterrec_dist.common.storage import MANIFEST, Location, StorePath
+from alterrec_dist.parallel.table import Placement
 
 
 PARTITION = "item i on rank i mod world_size, local row i div world_size"  # `Placement`, as words for the manifest
@@ -65,10 +67,20 @@ def on_cpu(obj):
 
 def load_cpu(path: Location, mmap: bool = False):
     """A file `publish` wrote, as CPU tensors (`map_location`: whatever the writer's device was);
-    memory-mapped when local and asked for, read whole from a store."""
-    if isinstance(path, StorePath):
-        return torch.load(io.BytesIO(path.read_bytes()), weights_only=True, map_location="cpu")
-    return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+    memory-mapped when local and asked for, read whole from a store. Tensors and plain containers only
+    (`weights_only`: a pickle that would run code is refused), and a file torch cannot read so is a
+    DataError naming it (a crafted or foreign file was a 40-line UnpicklingError traceback)."""
+    try:
+        if isinstance(path, StorePath):
+            return torch.load(io.BytesIO(path.read_bytes()), weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+    except OSError:
+        raise
+    except pickle.UnpicklingError:
+        raise DataError(f"{path}: holds objects other than tensors and plain containers, which are never "
+                        "unpickled (not a file this project saved)") from None
+    except Exception as e:  # RuntimeError (not a zip), EOFError, ...: what the file holds, whatever it is
+        raise DataError(f"{path}: not a file this project saved ({type(e).__name__}: {one_line(e)})") from None
 
 
 def save_file(path: Location, obj) -> str:
@@ -194,14 +206,32 @@ def _load_model_files(model_dir: Location, manifest: dict) -> tuple[dict, dict, 
     verify_files(model_dir, manifest["files"], model_dir / MANIFEST)
     states = load_cpu(model_dir / NETWORKS)
     W, V = manifest["world_size"], manifest["num_items"]
-    x = None
-    for rank in range(W):
-        shard = load_cpu(model_dir / rank_file_name("shard", rank, W))
+    if W > V:
+        raise DataError(f"{model_dir / MANIFEST}: world_size {W} is more than its num_items {V}")
+    shards = [checked_shard(model_dir / rank_file_name("shard", rank, W), rank, W, V) for rank in range(W)]
+    x = None  # allocated once every shard is known to hold its rows: V is the manifest's word until then
+    for shard in shards:
         if shard["x"] is not None:
             if x is None:
                 x = torch.empty(V, shard["x"].shape[1], dtype=shard["x"].dtype, device="cpu")
             x[shard["items"]] = shard["x"]
     return manifest, states, x
+
+
+def checked_shard(path: Location, rank: int, world: int, num_items: int) -> dict:
+    """A saved model's shard of `rank`: its items the placement's and its rows one per item (DataError naming
+    the file otherwise: a list, or items past the catalog, were a TypeError or IndexError traceback)."""
+    shard = load_cpu(path)
+    if not isinstance(shard, dict) or not {"items", "x"} <= shard.keys():
+        raise DataError(f"{path}: not a saved model shard (no items and x)")
+    items, x, placement = shard["items"], shard["x"], Placement(world)
+    count = placement.rows_of(rank, num_items)
+    if not (torch.is_tensor(items) and items.dim() == 1 and len(items) == count
+            and torch.equal(items, placement.ids_of(rank, num_items))):
+        raise DataError(f"{path}: its items are not the {count} that rank {rank} of {world} holds")
+    if x is not None and (not torch.is_tensor(x) or x.dim() != 2 or len(x) != len(items)):
+        raise DataError(f"{path}: its rows are not one per item ({len(items)})")
+    return shard
 
 
 def saved_manifest(directory: Location, absent: str = "missing", keys: dict[str, type] | None = None) -> dict:

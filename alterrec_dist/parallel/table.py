@@ -38,6 +38,10 @@ class Placement:
         """The rows of the rank that holds the most (rank 0's)."""
         return -(-num_items // self.world)
 
+    def rows_of(self, rank: int, num_items: int) -> int:
+        """How many rows `rank` holds (no tensor made: a count to check a file against before allocating)."""
+        return len(range(rank, num_items, self.world))
+
     def ids_of(self, rank: int, num_items: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The global ids of `rank`'s rows, in local row order."""
         return torch.arange(rank, num_items, self.world, device=device)

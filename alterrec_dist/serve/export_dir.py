@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import torch
 
 from alterrec_dist.common import storage
-from alterrec_dist.common.config import ModelConfig
-from alterrec_dist.common.errors import ConfigError, DataError
+from alterrec_dist.common.config import Config, ModelConfig
+from alterrec_dist.common.errors import ConfigError, DataError, one_line
 from alterrec_dist.common.files import (Staged, atomic_write_json, check_keys, check_out, file_sha256, load_unreplaced,
                                         read_manifest, resolve_location)
+from alterrec_dist.common.methods import METHODS
 from alterrec_dist.common.run_layout import served_paths
 from alterrec_dist.common.storage import MANIFEST, Location
 from alterrec_dist.data.dataset import dataset_files, read_parquet
@@ -28,6 +29,7 @@ from alterrec_dist.serve.scoring_model import ScoringModel
 FORMAT_VERSION = 1
 # The files of an export (export.py's docstring says what each holds), written by `write_export`, read by `load_export`.
 ITEMS = "items.parquet"
+ITEM_COLUMNS = ("item_id", "text", "popularity", "id_vec", "text_vec")
 ENCODERS = "encoders.pt"
 TABLES = "tables"
 ID_ROWS = f"{TABLES}/id_rows.npy"
@@ -88,12 +90,28 @@ def write_export(bundle: ScoringModel, out: str | Location, overwrite: bool = Fa
     return out
 
 
-def load_encoders(path: Location) -> tuple[str, ModelConfig, dict[str, Network]]:
-    """encoders.pt -> (method, model config, {name: Network} in eval mode); plain torch, no process group."""
+ENCODER_KEYS = {"method": str, "model": dict, "text_dim": int, "max_len": int, "states": dict}
+
+
+def load_encoders(path: Location, text_dim: int, max_len: int) -> tuple[str, ModelConfig, dict[str, Network]]:
+    """encoders.pt -> (method, model config, {name: Network} in eval mode); plain torch, no process group.
+    What it says is checked before a network is built: its settings as a config's (ranges included), its
+    text_dim and max_len those of the export's text features and manifest (a 10 kB file declaring text_dim
+    12,000,000 took 3.3 GB before anything failed; a setting this version does not know was a TypeError)."""
     blob = load_cpu(path)
-    cfg = ModelConfig(**blob["model"])
-    return blob["method"], cfg, load_networks(blob["method"], cfg, blob["text_dim"], blob["max_len"], blob["states"],
-                                          path)
+    if not isinstance(blob, dict):
+        raise DataError(f"{path}: not an export's encoders file")
+    check_keys(path, blob, ENCODER_KEYS, "not an export's encoders file: export again")
+    if blob["method"] not in METHODS:
+        raise DataError(f"{path}: method {blob['method']!r} is none this version knows ({', '.join(METHODS)})")
+    try:
+        cfg = Config.from_dict({"model": blob["model"]}).model
+    except ConfigError as e:
+        raise DataError(f"{path}: its model settings: {e}") from None
+    if (blob["text_dim"], blob["max_len"]) != (text_dim, max_len):
+        raise DataError(f"{path}: text_dim {blob['text_dim']} and max_len {blob['max_len']} are not the export's "
+                        f"({text_dim}: its text features' width, {max_len}: its manifest's)")
+    return blob["method"], cfg, load_networks(blob["method"], cfg, text_dim, max_len, blob["states"], path)
 
 
 def _column(table: pa.Table, name: str) -> torch.Tensor:
@@ -146,12 +164,18 @@ def _served(manifest: dict) -> str:
 
 def _load_export_files(export_dir: Location, manifest: dict) -> ScoringModel:
     verify_files(export_dir, manifest["files"], export_dir / MANIFEST)
-    method, cfg, networks = load_encoders(export_dir / ENCODERS)
-    items = read_parquet(export_dir / ITEMS)
-    x_path = export_dir / ID_ROWS
-    x = _item_table(x_path) if x_path.is_file() else None
-    features = _item_table(export_dir / TEXT_FEATURES)
     s, eng = manifest["scoring"], manifest["engine"]
+    items = read_parquet(export_dir / ITEMS)
+    missing = [c for c in ITEM_COLUMNS if c not in items.column_names]
+    if missing:
+        raise DataError(f"{export_dir / ITEMS}: no column {missing[0]} (export again)")
+    features = _item_table(export_dir / TEXT_FEATURES, len(items))
+    method, cfg, networks = load_encoders(export_dir / ENCODERS, features.shape[1], eng["max_len"])
+    x_path = export_dir / ID_ROWS
+    x = _item_table(x_path, len(items)) if x_path.is_file() else None
+    for key in ("world_size", "eval_batch_size", "max_len"):
+        if not 1 <= eng[key] <= (len(items) if key == "world_size" else 2**31):
+            raise DataError(f"{export_dir / MANIFEST}: engine.{key} {eng[key]} is out of range")
     return ScoringModel(method, cfg, networks, x, features, [_column(items, "id_vec"), _column(items, "text_vec")],
                   [float(v) for v in s["scales"]], {k: [float(w) for w in v] for k, v in zip(s["kinds"], s["weights"])},
                   eng["world_size"], eng["tile_rows"], eng["eval_batch_size"], eng["max_len"], eng["longtail_bins"],
@@ -160,13 +184,21 @@ def _load_export_files(export_dir: Location, manifest: dict) -> ScoringModel:
                   _served(manifest))
 
 
-def _item_table(path: Location) -> torch.Tensor:
-    """An export's (V, d) item table, of which serving reads only the rows of a query's items: memory-mapped where
-    local, not read whole (at 2M items x 384 the text features were 1.4 GB in every serving process, the driver's
-    and each Ray actor's of batch_score). Read-only: nothing writes it (torch warns of that, once, otherwise)."""
+def _item_table(path: Location, num_items: int) -> torch.Tensor:
+    """An export's (V, d) float item table, of which serving reads only the rows of a query's items: memory-mapped
+    where local, not read whole (at 2M items x 384 the text features were 1.4 GB in every serving process, the
+    driver's and each Ray actor's of batch_score). Read-only: nothing writes it (torch warns of that, once,
+    otherwise). DataError naming it unless it holds one float row per item."""
+    try:
+        table = storage.load_npy(path, mmap=True)
+    except ValueError as e:  # a header numpy cannot read, or an object array (a pickle: never loaded)
+        raise DataError(f"{path}: not a table numpy reads without pickles ({one_line(e)})") from None
+    if table.ndim != 2 or len(table) != num_items or table.dtype.kind != "f":
+        raise DataError(f"{path}: not a float table of one row per item ({table.dtype}, shape {table.shape}, "
+                        f"{num_items} items)")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-        return torch.from_numpy(storage.load_npy(path, mmap=True)).to("cpu")  # where it is: no copy
+        return torch.from_numpy(table).to("cpu")  # where it is: no copy
 
 
 def load_scoring_model(run: str | None = None, export: str | None = None, data: str | None = None,
