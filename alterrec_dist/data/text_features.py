@@ -112,7 +112,7 @@ def _resolve_model_dir(model: str | None) -> Path:
 def _fill_cache(cache: "_EncodingCache", model_dir: Path, texts: list[str], dim: int, batch_size: int,
                 progress: bool, stats: EncodeStats, encoder: Encoder) -> "_Located":
     """Where each of the distinct `texts` is in the cache, once `encoder` has encoded those it lacked."""
-    keys = np.frombuffer(b"".join(hashlib.sha256(t.encode()).digest() for t in texts), dtype="V32")
+    keys = np.frombuffer(b"".join(hashlib.sha256(t.encode()).digest() for t in texts), dtype=KEY_DTYPE)
     where = cache.locate(keys, dim)
     missing = np.nonzero(where.file < 0)[0]
     stats.cached, stats.encoded = len(texts) - len(missing), len(missing)
@@ -273,6 +273,19 @@ class _Located:
         return block
 
 
+KEY_DTYPE = np.dtype("V32")  # a text's sha256 digest, its key in the cache (`_fill_cache`)
+MAX_CACHE_KEYS = 1 << 20     # far above what one cache file holds (CACHE_CHUNK_ROWS), far below a memory's worth
+
+
+def npz_member_header(path: Path, name: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of array `name` in the .npz at `path`, from its header: no data read."""
+    with zipfile.ZipFile(path) as z, z.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
 class _EncodingCache:
     """Files `chunk-<sha>.npz` (keys: sha256 of each text, vectors: float16 rows) in one
     directory per model identity (a hash of the model's files, see `_model_identity`)."""
@@ -303,12 +316,17 @@ class _EncodingCache:
 
     @staticmethod
     def _keys(path: Path) -> np.ndarray | None:
+        """A cache file's keys, None (a warning) for a file that is not one: a cache must never fail a run, so an
+        unreadable file is just a miss. Its header is read first: a 286-byte file declaring 10^12 keys stopped
+        every run for memory, and a small deflated one took 1.7 GB before a traceback (reviewer findings)."""
         try:
+            shape, dtype = npz_member_header(path, "keys")
+            if dtype != KEY_DTYPE or len(shape) != 1 or shape[0] > MAX_CACHE_KEYS:
+                raise ValueError(f"keys {dtype} {shape}, not at most {MAX_CACHE_KEYS} sha256 digests")
             with np.load(path) as z:
                 return z["keys"]
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            # A cache must never fail a run: an unreadable file is just a miss.
-            print(f"warning: ignoring unreadable text cache file {path} ({e})", file=sys.stderr)
+        except Exception as e:  # whatever the file holds
+            print(f"warning: ignoring unreadable text cache file {path} ({one_line(e)})", file=sys.stderr)
             return None
 
     @staticmethod
@@ -318,12 +336,13 @@ class _EncodingCache:
         the cache), its vectors not: one that fails here is removed, so that the next run encodes its texts
         instead of failing again (or writing a dataset of the wrong width, or of NaNs)."""
         try:
-            with np.load(path) as z:
-                vectors = z["vectors"]
+            declared, _ = npz_member_header(path, "vectors")  # the shape before the read: it bounds the read
             problem = None
-            if vectors.shape != shape:
-                problem = f"vectors {vectors.shape}, its keys and the model want {shape}"
+            if declared != shape:
+                problem = f"vectors {declared}, its keys and the model want {shape}"
             else:
+                with np.load(path) as z:
+                    vectors = z["vectors"]
                 with np.errstate(over="ignore"):  # an overflow is an inf, reported here
                     vectors = vectors.astype(np.float16)
                 if first_non_finite_row(vectors) is not None:

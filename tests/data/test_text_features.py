@@ -101,6 +101,44 @@ def test_an_unreadable_cache_file_is_a_warning_and_a_miss(encoded, tmp_path, cap
     np.testing.assert_array_equal(again, features)
 
 
+def header_only(descr: str, shape: tuple) -> bytes:
+    """A .npy header and no data, as a crafted file would carry it."""
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("keys, why", [
+    (header_only("|V32", (10 ** 12,)), "(1000000000000,), not at most"),  # 286 bytes, 10^12 keys declared
+    (npy_bytes(np.zeros(5, "S64")), "keys |S64 (5,)"),  # another key type: np.concatenate's traceback
+])
+def test_a_cache_file_whose_keys_are_not_digests_is_a_warning_and_a_miss_read_no_further(
+        encoded, tmp_path, capsys, keys, why):
+    """A 286-byte file whose header declares 10^12 keys stopped every run for memory; keys of another type, a
+    DTypePromotionError traceback (reviewer findings). The header is read first: the file is a miss."""
+    import zipfile
+    features, _, _, cache = encoded
+    chunk = next(cache.rglob("chunk-*.npz"))
+    (tmp_path / chunk.parent.name).mkdir()
+    crafted = tmp_path / chunk.parent.name / "chunk-ffff.npz"
+    with zipfile.ZipFile(crafted, "w") as z:
+        z.writestr("keys.npy", keys)
+    stats = EncodeStats()
+    again, _ = encode(TITLES, cache_dir=tmp_path, stats=stats)
+    err = capsys.readouterr().err
+    assert f"warning: ignoring unreadable text cache file {crafted}" in err and why in err, err
+    assert (stats.cached, stats.encoded) == (0, 3)
+    np.testing.assert_array_equal(again, features)
+
+
 def test_a_cache_file_damaged_past_its_keys_is_one_error_then_a_miss(encoded, tmp_path):
     """Its keys read, its vectors not (a bad CRC): a traceback on every run, the file never replaced. Now one
     line naming it, the file removed, and the next run encodes those texts again."""
