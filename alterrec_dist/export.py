@@ -1,4 +1,4 @@
-"""Export a trained run for serving (the model API that recommend and batch scoring share is in `serve/`).
+"""Export a trained run for serving: the files recommend and batch_score read with --export, apart from the run.
 
 `python -m alterrec_dist.export --run RUN_DIR --out DIR [--data DATASET] [--overwrite]` writes:
 
@@ -26,7 +26,6 @@ operations (same shapes: its shard layout, tiles and global eval batch) for exac
 from __future__ import annotations
 
 import argparse
-import sys
 
 from alterrec_dist.common.cli import ArgumentParser, add_device_argument, run_cli
 from alterrec_dist.common.files import check_out
@@ -40,9 +39,10 @@ from alterrec_dist.serve.from_run import inference_device, load_run
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m alterrec_dist.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="training run directory (config.toml, summary.json, model/)")
-    p.add_argument("--out", required=True, help="export directory to write (atomically)")
-    p.add_argument("--data", help="dataset directory (default: the one the run's model names)")
+    p.add_argument("--run", required=True, metavar="RUN_DIR",
+                   help="training run directory (config.toml, summary.json, model/)")
+    p.add_argument("--out", required=True, metavar="EXPORT_DIR", help="export directory to write (atomically)")
+    p.add_argument("--data", metavar="DATASET", help="dataset directory (default: the one the run's model names)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_device_argument(p)
     return p.parse_args(argv)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     dims = [m.shape[1] for m in bundle.matrices]
     print(f"exported {bundle.num_items} items ({bundle.method}; id_vec {dims[0]}, text_vec {dims[1]}, "
           f"fused_vec {sum(dims)}) from {args.run} (best epoch {bundle.provenance['run']['summary_best_epoch']}) "
-          f"to {out}", file=sys.stderr)
+          f"to {out}")  # on stdout, as every command's success line
     return 0
 
 

@@ -65,20 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "column (e.g. sessions_train.csv) needs none, or is named itself here beside the others")
     m2.add_argument("--products", help="products_train.csv: item texts (title. brand. desc)")
     m2.add_argument("--locale", help="keep only this locale's sessions, e.g. FR")
-    m2.add_argument("--valid-frac", type=float, default=0.1)
-    m2.add_argument("--test-frac", type=float, default=0.1)
+    m2.add_argument("--valid-frac", type=float, default=0.1, help="share of the sessions drawn for valid (default 0.1)")
+    m2.add_argument("--test-frac", type=float, default=0.1, help="share of the sessions drawn for test (default 0.1)")
     m2.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the session split")
 
     log = sub.add_parser("log", parents=[common], help="any interaction log + item table (CSV or Parquet)")
-    log.add_argument("--interactions", required=True)
-    log.add_argument("--items", required=True)
-    log.add_argument("--user-col", required=True)
-    log.add_argument("--item-col", required=True)
-    log.add_argument("--time-col", required=True)
+    log.add_argument("--interactions", required=True, help="the interaction log: one event per row, CSV or Parquet")
+    log.add_argument("--items", required=True, help="the item table, CSV or Parquet: an id column and text columns")
+    log.add_argument("--user-col", required=True, help="user column of the log")
+    log.add_argument("--item-col", required=True, help="item column of the log")
+    log.add_argument("--time-col", required=True, help="time column of the log: events in its order (file order on "
+                                                       "ties)")
     log.add_argument("--session-col", help="sessions from this column (default: each user's events)")
     log.add_argument("--text-cols", default="", help="comma-separated item-table columns joined into the text")
     log.add_argument("--item-id-col", help="item id column of the item table (default: --item-col)")
-    log.add_argument("--split", choices=("leave-last-out", "time"), default="leave-last-out")
+    log.add_argument("--split", choices=("leave-last-out", "time"), default="leave-last-out",
+                     help="leave-last-out (default): each session's last event is its test target, the one before "
+                          "its valid target; time: by the target's time (--cutoff, --valid-cutoff)")
     log.add_argument("--cutoff", help="with --split time: rows whose target is at or after this go to test")
     log.add_argument("--valid-cutoff", help="with --split time: rows whose target is at or after this "
                                             "(and before --cutoff) go to valid; earlier ones to train")
@@ -88,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "every text feature finite, every item marked as having text a "
                                            "non-zero feature row")
     verify.add_argument("dataset", metavar="DIR", help="dataset directory")
+    for source in (recbole, m2, log, verify):  # a usage error names the --help that lists its flags
+        source.set_defaults(source_parser=source)
     return parser
 
 
@@ -128,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "ray_actors", None) and not args.ray:
-        parser.error("--ray-actors needs --ray")
+        args.source_parser.error("--ray-actors needs --ray")
     if args.source == "log" and args.split != "time" and (args.cutoff or args.valid_cutoff):
-        parser.error("--cutoff and --valid-cutoff need --split time")  # else a leave-last-out split, silently
+        args.source_parser.error("--cutoff and --valid-cutoff need --split time")  # else leave-last-out, silently
     if args.source == "verify":
         return verify(args.dataset)
     check_out(args.out, args.overwrite, source_paths(args), apart=[default_cache_dir()])  # the text cache

@@ -20,7 +20,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--items", type=int, required=True, help="catalogue size N")
     p.add_argument("--sessions", type=int, required=True, help="sessions M (split 80/10/10)")
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the catalogue, the sessions and the text (default 0)")
     p.add_argument("--text-features", choices=("sbert", "random-projection"), default=None,
                    help=f"sbert: encode the titles with all-MiniLM-L6-v2 (default up to {SBERT_MAX_ITEMS:,} items); "
                         "random-projection: topic vectors through a fixed random projection (default above)")
@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-sessions", type=int, default=BLOCK_SESSIONS, help="sessions handed to the writer at a time (memory bound; whole units of "
                         f"{SESSIONS_PER_SEED}, so the output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.items < 1 or args.sessions < 1:
         p.error("--items and --sessions must be >= 1")
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                       overwrite=args.overwrite, block_sessions=args.block_sessions,
                       progress=not args.no_progress,
                       command=["python", "-m", "alterrec_dist.synth", *(sys.argv[1:] if argv is None else argv)])
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {out}")  # on stdout, as every command's success line
     return 0
 
 

@@ -46,9 +46,10 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--run / --export / --data: where the commands that score (recommend, batch_score) find the model."""
-    p.add_argument("--run", help="training run directory")
-    p.add_argument("--export", help="export directory (from `python -m alterrec_dist.export`), instead of --run")
-    p.add_argument("--data", help="dataset directory (default: the one the run's model names)")
+    p.add_argument("--run", metavar="RUN_DIR", help="training run directory (give this or --export)")
+    p.add_argument("--export", metavar="EXPORT_DIR",
+                   help="export directory (from `python -m alterrec_dist.export`), instead of --run")
+    p.add_argument("--data", metavar="DATASET", help="dataset directory (default: the one the run's model names)")
 
 
 @contextmanager

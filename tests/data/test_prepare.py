@@ -678,6 +678,8 @@ LOG_ARGS = ["log", "--interactions", "i.csv", "--items", "t.csv", "--user-col", 
     (M2_ARGS + ["--seed", "-1"], "argument --seed: -1 is below 0"),
     (M2_ARGS + ["--batch-size", "0"], "argument --batch-size: 0 is below 1"),
     (LOG_ARGS + ["--cutoff", "2024-01-02"], "--cutoff and --valid-cutoff need --split time"),
+    # the --help that lists the flag: the source's (the top-level one does not)
+    (LOG_ARGS + ["--ray-actors", "2"], "--ray-actors needs --ray (see python -m alterrec_dist.prepare log --help)"),
 ])
 def test_a_usage_error_stops_before_anything_is_read(tmp_path, capsys, argv, error):
     """A negative split seed ended in numpy's ValueError traceback after reading the sessions; a cutoff without

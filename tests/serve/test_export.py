@@ -441,3 +441,13 @@ def test_an_empty_path_is_no_input():
     under it."""
     from alterrec_dist.data.dataset import dataset_files
     assert export_dir.export_files("") == [] and dataset_files("") == []
+
+
+def test_success_lines_go_to_stdout_as_every_command_s(run, tmp_path, capsys):
+    """export and synth printed theirs on stderr, every other command on stdout (reviewer finding): a script's
+    `out=$(python -m alterrec_dist.X ...)` read nothing from these two."""
+    code, out, err = cli("export", ["--run", str(run), "--out", str(tmp_path / "x")], capsys)
+    assert code == 0 and out.startswith("exported ") and str(tmp_path / "x") in out and "exported" not in err
+    code, out, err = cli("synth", ["--items", "20", "--sessions", "40", "--text-features", "random-projection",
+                                   "--out", str(tmp_path / "d"), "--no-progress"], capsys)
+    assert code == 0 and out.strip() == f"wrote {tmp_path / 'd'}" and "wrote" not in err
