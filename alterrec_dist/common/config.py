@@ -6,7 +6,9 @@ embedded default. The resolved config is written next to the results (`config.to
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -326,11 +328,19 @@ def setting_type(section: str, key: str, where: str) -> type:
     """The declared type of the setting `section.key`; ConfigError naming `where` for a name that is none."""
     sections = typing.get_type_hints(Config)
     if section not in sections:
-        raise ConfigError(f"{where}: unknown section [{section}]")
+        raise ConfigError(f"{where}: unknown section [{section}]"
+                          f"{_did_you_mean(difflib.get_close_matches(section, list(sections), n=3, cutoff=0.5))}")
     hints = typing.get_type_hints(sections[section])
     if key not in hints:
-        raise ConfigError(f"{where}: unknown key {section}.{key}")
+        # the key in another section (model.m_max: train.m_max), else this section's keys spelt alike
+        elsewhere = [f"{s}.{key}" for s, table in sections.items() if key in typing.get_type_hints(table)]
+        alike = [f"{section}.{k}" for k in difflib.get_close_matches(key, list(hints), n=3, cutoff=0.5)]
+        raise ConfigError(f"{where}: unknown key {section}.{key}{_did_you_mean(elsewhere or alike)}")
     return hints[key]
+
+
+def _did_you_mean(names: list[str]) -> str:
+    return f" (did you mean {' or '.join(names)}?)" if names else ""
 
 
 def _apply(cfg: Config, section: str, key: str, value, where: str, text: bool = False) -> None:
@@ -357,8 +367,18 @@ def read_toml(path: Path, what: str) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 launching: typing.Callable[[Config], None] | None = None) -> Config:
     """Defaults, then the TOML file, then each `section.key=value` override, then `launching` (what the command
-    line and the launcher decide, e.g. torchrun's world size), then validation."""
-    return _read_config(path, overrides, launching).validate()
+    line and the launcher decide, e.g. torchrun's world size), then validation, whose error names where the
+    values it names were set (`bad.toml: train.m_max must be >= 1, got 0`)."""
+    sources: dict[str, str] = {}
+    cfg = _read_config(path, overrides, launching, sources)
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        # every validation message names its settings as section.key; those set in the file or by a --set say so
+        named = dict.fromkeys(sources[n] for n in SETTING_NAME.findall(str(e)) if n in sources)
+        if not named:
+            raise
+        raise ConfigError(f"{', '.join(named)}: {e}") from None
 
 
 def load_saved_config(path: str | Path) -> Config:
@@ -371,8 +391,15 @@ def load_saved_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: {e}") from None
 
 
+SETTING_NAME = re.compile(rf"\b(?:{'|'.join(f.name for f in dataclasses.fields(Config))})\.[a-z0-9_]+")  # sec.key
+
+
 def _read_config(path: str | Path | None = None, overrides: list[str] = (),
-                 launching: typing.Callable[[Config], None] | None = None) -> Config:
+                 launching: typing.Callable[[Config], None] | None = None,
+                 sources: dict[str, str] | None = None) -> Config:
+    """The config before validation; `sources`, when given, gets where each value set was set (the file, or the
+    --set that set it last)."""
+    sources = {} if sources is None else sources
     cfg = Config()
     if path is not None:
         try:
@@ -385,12 +412,14 @@ def _read_config(path: str | Path | None = None, overrides: list[str] = (),
                 raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
             for key, value in table.items():
                 _apply(cfg, section, key, value, str(path))
+                sources[f"{section}.{key}"] = str(path)
     for item in overrides:
         name, eq, value = item.partition("=")
         section, dot, key = name.strip().partition(".")
         if not eq or not dot:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         _apply(cfg, section, key.strip(), value.strip(), f"--set {item}", text=True)
+        sources[f"{section}.{key.strip()}"] = f"--set {item}"
     if launching is not None:
         launching(cfg)
     return cfg

@@ -301,3 +301,32 @@ def test_a_control_character_in_a_string_setting_is_refused(tmp_path, value):
     cfg.write_text(f"[trainer]\nname = {json.dumps(value)}\n")  # JSON's escapes are TOML's
     with pytest.raises(ConfigError, match="a control character"):
         load_config(str(cfg), [])
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("model.m_max=3", "unknown key model.m_max (did you mean train.m_max?)"),  # the key, in another section
+    ("data.pth=x", "unknown key data.pth (did you mean data.path?)"),
+    ("trian.m_max=2", "unknown section [trian] (did you mean train or trainer?)"),
+    ("train.zzzz=1", "unknown key train.zzzz"),
+])
+def test_a_mistyped_setting_names_what_was_meant(override, hint):
+    """`--set model.m_max=3` said only "unknown key" (reviewer finding), where the grid file lists its keys."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == f"--set {override}: {hint}"
+
+
+def test_a_value_out_of_range_names_the_file_or_the_set_that_gave_it(tmp_path):
+    """A wrong type named its file, a value out of range did not (`train.m_max must be >= 1`): with a file and
+    several --set the user could not tell where it came from (reviewer finding)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nm_max = 0\nk1 = 600\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad), [])
+    assert str(e.value) == f"{bad}: train.m_max must be >= 1, got 0"
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad), ["train.m_max=3", "train.k2=30"])
+    assert str(e.value) == f"{bad}, --set train.k2=30: need 0 <= train.k1 < train.k2, got k1=600 k2=30"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.global_batch_size=10", "trainer.num_workers=3"])
+    assert str(e.value).startswith("--set train.global_batch_size=10, --set trainer.num_workers=3: ")
