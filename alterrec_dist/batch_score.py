@@ -1,7 +1,7 @@
 """Batch scoring: the top-N items for every session of Parquet session files, and the engine's metrics.
 
     python -m alterrec_dist.batch_score --run RUN_DIR (--split test | --input P [P ...]) --out FILE.parquet
-        [--overwrite] [--top 20] [--ray | --no-ray] [--ray-workers N] [--metrics-out FILE.json]
+        [--overwrite] [--top 20] [--ray | --no-ray] [--ray-actors N] [--metrics-out FILE.json]
 
 Input: session files in the dataset layout (`history` list<int> of item_idx, oldest first; optional
 `target`, `user`, `session`; item ids, as strings, are refused: the dataset's items.parquet maps them), read in
@@ -28,6 +28,7 @@ in float (they are for the mean encoder, measured; the transformer's padding len
 from __future__ import annotations
 
 import argparse
+import sys
 
 from alterrec_dist.common.cli import ArgumentParser, add_device_argument, add_model_arguments, run_cli
 from alterrec_dist.common.config import METRICS
@@ -58,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ray_group.add_argument("--ray", dest="ray", action="store_true", default=None,
                            help="score on Ray Data (default: only when RAY_ADDRESS is set or Ray is initialised)")
     ray_group.add_argument("--no-ray", dest="ray", action="store_false", help="score in this process")
-    p.add_argument("--ray-workers", type=int, default=2, help="Ray Data actors (default 2)")
+    p.add_argument("--ray-actors", "--ray-workers", dest="ray_actors", type=int, metavar="N",
+                   help="with Ray: scoring actors (default 2); the name prepare gives its encoding actors")
     p.add_argument("--metrics-out", help="also write the metrics (and the summary.json comparison) to this JSON file")
     add_device_argument(p)
     return p.parse_args(argv)
@@ -87,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
-    if args.ray_workers < 1:
-        raise ConfigError(f"--ray-workers must be >= 1, got {args.ray_workers}")
+    if args.ray_actors is not None and args.ray_actors < 1:
+        raise ConfigError(f"--ray-actors must be >= 1, got {args.ray_actors}")
+    use_ray = ray_requested(args.ray)
+    if args.ray_actors is not None and not use_ray:  # it was ignored: the scores came from this process
+        raise ConfigError("--ray-actors needs Ray (--ray, or RAY_ADDRESS set)")
     if args.export and args.data and not args.split:
         raise ConfigError("--data with --export names the dataset of --split: without --split it would be ignored")
     # the files read (a dataset's or an export's: an output may lie beside them, not replace one)
@@ -117,11 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         files = input_files(args.input)
     sessions = check_input(files, session_columns(files), bundle.num_items)  # bad rows: one line, before scoring
     top = min(args.top, bundle.num_items)
-    use_ray = ray_requested(args.ray)
-    out, metrics = score_files(spec, bundle, files, sessions, args.out, args.overwrite, top, use_ray, args.ray_workers)
+    out, metrics = score_files(spec, bundle, files, sessions, args.out, args.overwrite, top, use_ray,
+                               args.ray_actors or 2)
     print(f"scored {out.rows} sessions ({'Ray Data' if use_ray else 'in-process'}), top {top} by {bundle.served} "
           f"-> {out.path}")
-    report = {"sessions": out.rows, "ray": use_ray, "out": str(out.path)}
+    # what made these scores, as a run records its config and an export its provenance
+    report = {"sessions": out.rows, "ray": use_ray, "out": str(out.path),
+              "command": ["python", "-m", "alterrec_dist.batch_score", *(sys.argv[1:] if argv is None else argv)],
+              "input": ({"split": args.split, "data": str(data_path)} if args.split
+                        else {"files": [str(f) for f in files]}),
+              "top": top, "served": bundle.served, "model": bundle.provenance}
     if metrics.count:
         result = metrics.finish()
         print(format_metrics(result, bundle.kinds, bundle.served))
@@ -134,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             write_file_out(args.metrics_out, report)
         except OSError as e:
             raise DataError(f"{cannot_write(args.metrics_out, e)}; the scores are in {out.path}, written before") from None
+        print(f"metrics -> {args.metrics_out}")
     return 0
 
 

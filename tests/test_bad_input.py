@@ -542,6 +542,16 @@ CASES = [
         "--run", str(run_copy(d, r, lambda c: _signed_torch_edit(
             c / "model", "shard-00000-of-00001.pt", lambda b: b["items"].add_(1)))), "--session", "P0001"],
      ["{d}/run/model/shard-00000-of-00001.pt: its items are not the", "that rank 0 of 1 holds"]),
+    # a directory of another kind where a dataset goes: "num_items is missing (make the dataset again)"
+    ("export-data-is-an-export", "export", lambda d, r: [
+        "--run", str(r), "--data", str(_export_copy(d, r, lambda x: None)), "--out", str(d / "y")],
+     ["{d}/x: an export (python -m alterrec_dist.export), not a dataset: give the dataset directory"]),
+    ("export-data-is-a-saved-model", "export", lambda d, r: [
+        "--run", str(r), "--data", str(r / "model"), "--out", str(d / "y")],
+     ["/model: a saved model or a checkpoint", "not a dataset"]),
+    ("batch-ray-actors-without-ray", "batch_score", lambda d, r: [
+        "--run", str(r), "--split", "test", "--out", str(d / "o.parquet"), "--no-ray", "--ray-actors", "3"],
+     ["--ray-actors needs Ray (--ray, or RAY_ADDRESS set)"]),  # it was ignored, the scores made in-process
     ("export-out-is-the-run", "export", lambda d, r: [
         "--run", str(run_copy(d, r)), "--out", str(d / "run"), "--overwrite"],
      ["{d}/run: holds the input {d}/run/config.toml, which writing it would delete"]),

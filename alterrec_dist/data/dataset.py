@@ -21,6 +21,24 @@ from alterrec_dist.data.layout import (FORMAT_VERSION, INCOMPLETE, ITEM_SCHEMA, 
                                        item_files, nonzero_rows)
 
 
+def refuse_other_kind(manifest_path: Location) -> None:
+    """DataError saying what the directory is, when its manifest is an export's or a saved model's (or a
+    checkpoint's): "num_items is missing (make the dataset again)" sent users to remake a dataset they had."""
+    try:
+        manifest = read_json(manifest_path)
+    except DataError:
+        return
+    if not isinstance(manifest, dict):
+        return
+    if {"scoring", "engine"} <= manifest.keys():
+        kind = "an export (python -m alterrec_dist.export)"
+    elif {"world_size", "files"} <= manifest.keys():
+        kind = "a saved model or a checkpoint (RUN/model, RUN/checkpoints/...)"
+    else:
+        return
+    raise DataError(f"{manifest_path.parent}: {kind}, not a dataset: give the dataset directory")
+
+
 class Dataset:
     """Read side of the layout. Cheap to open: only the manifest is read eagerly (and checked for
     the keys the readers use). `check()` is the cheap always-on check of the files against it,
@@ -30,8 +48,13 @@ class Dataset:
     def __init__(self, path: str | Location):
         self.path = storage.location(path)
         self.mpath = self.path / MANIFEST
-        self.manifest = read_manifest(self.path, "no dataset manifest (make one with `python -m alterrec_dist.prepare` "
-                                      "or `synth`)", MANIFEST_KEYS, FORMAT_VERSION, INCOMPLETE)
+        try:
+            self.manifest = read_manifest(self.path, "no dataset manifest (make one with `python -m "
+                                          "alterrec_dist.prepare` or `synth`)", MANIFEST_KEYS, FORMAT_VERSION,
+                                          INCOMPLETE)
+        except DataError:
+            refuse_other_kind(self.mpath)
+            raise
         self._check_keys()
         self.num_items: int = self.manifest["num_items"]
         self.text_dim: int = self.manifest["text"]["dim"]

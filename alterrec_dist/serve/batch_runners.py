@@ -73,7 +73,8 @@ def run_ray(spec: dict, bundle: ScoringModel, files: list[Location], out: Parque
         ctx.enable_progress_bars = False
         ds = ray.data.read_parquet([str(f.absolute()) for f in files]).select_columns(columns)
         ds = ds.map_batches(_RayScorer, fn_constructor_kwargs={"spec": spec, "top": top, "has_target": has_target},
-                            batch_size=bundle.eval_batch_size, batch_format="pyarrow", concurrency=workers, num_cpus=1,
+                            batch_size=bundle.eval_batch_size, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
                             num_gpus=1 if bundle.device.type == "cuda" else 0)  # --device cuda: a GPU per actor
         first = 0
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -55,6 +55,18 @@ def test_metrics_equal_summary_exactly(scored, run):
     assert_equals_summary(report, run)
 
 
+def test_the_metrics_report_records_what_made_the_scores(scored, run):
+    """It held the metrics alone: no run, split, top or model (reviewer finding); a run records its config, an
+    export its provenance."""
+    _, report = scored
+    model = json.loads((run / "model" / "manifest.json").read_text())
+    assert report["command"][:3] == ["python", "-m", "alterrec_dist.batch_score"] and "--split" in report["command"]
+    assert report["input"]["split"] == "test" and report["top"] == 20 and report["served"] == "fused@0.7"
+    assert report["model"]["run"]["path"] == str(run.resolve())
+    assert report["model"]["run"]["model_files_sha256"] == model["files"]
+    assert report["input"]["data"] == report["model"]["dataset"]["path"]
+
+
 def test_valid_split_equals_summary_too(run, tmp_path, capsys):
     capsys.readouterr()
     assert batch_score.main(["--run", str(run), "--split", "valid", "--out", str(tmp_path / "v.parquet"),
@@ -62,7 +74,7 @@ def test_valid_split_equals_summary_too(run, tmp_path, capsys):
     assert_equals_summary(json.loads((tmp_path / "m.json").read_text()), run, "valid")
     # the output says which kind its top lists rank by: the alpha the run chose (0.7), not eval.alpha (0.3)
     out = capsys.readouterr().out.splitlines()
-    assert "top 3 by fused@0.7 ->" in out[0]
+    assert "top 3 by fused@0.7 ->" in out[0] and out[-1] == f"metrics -> {tmp_path / 'm.json'}"
     assert [line.split()[0] for line in out if line.endswith("(served: the top lists' score)")] == ["fused@0.7"]
 
 
@@ -320,7 +332,7 @@ def test_scoring_shows_its_progress_in_sessions(run, tmp_path, monkeypatch, caps
 def test_ray_data_path_equals_summary_and_in_process_output(scored, run, tmp_path):
     pytest.importorskip("ray")
     code = batch_score.main(["--run", str(run), "--split", "test", "--out", str(tmp_path / "ray.parquet"),
-                             "--metrics-out", str(tmp_path / "m.json"), "--ray", "--ray-workers", "1"])
+                             "--metrics-out", str(tmp_path / "m.json"), "--ray", "--ray-actors", "1"])
     assert code == 0
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["ray"] is True
