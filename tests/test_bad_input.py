@@ -163,6 +163,7 @@ def train_argv(d: Path, *sets: str, data: Path | None = None, extra=()) -> list[
     return [*[a for s in sets for a in ("--set", s)], "--out", str(d / "run"), *extra]
 
 
+CPUS = os.cpu_count() or 1
 TINY_TRAIN = ("train.global_batch_size=8", "eval.batch_size=8", "trainer.num_workers=1")
 
 
@@ -444,6 +445,10 @@ CASES = [
     ("train-more-workers-than-items", "train", lambda d, r: train_argv(
         d, "train.global_batch_size=8", "eval.batch_size=8", "trainer.num_workers=4", data=catalog_of(d, 3)),
      ["trainer.num_workers=4 is more than the 3 items of {d}/ds"]),
+    ("train-more-workers-than-a-private-ray-should-start", "train", lambda d, r: train_argv(  # 64 on 2 CPUs: OOM
+        d, *[f"{k}={4 * CPUS + 1}" for k in ("train.global_batch_size", "eval.batch_size", "trainer.num_workers")],
+        data=dataset(d)), [f"trainer.num_workers={4 * CPUS + 1} on a private local Ray of this machine's {CPUS} "
+                           f"CPUs", f"give at most {4 * CPUS} here"]),
     ("train-truncated-features", "train", lambda d, r: train_argv(d, *TINY_TRAIN, data=damaged(
         d, lambda ds: truncate(ds / "text_features" / "part-00000.npy"))),
      ["{d}/ds/text_features/part-00000.npy: ", "truncated"]),

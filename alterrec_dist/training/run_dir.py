@@ -55,10 +55,25 @@ def check_dataset(cfg: Config) -> Location:
     return path
 
 
+# CPU workers per CPU a private local Ray takes at most: it oversubscribes a small machine rather than wait, but
+# each worker is a process with torch of its own (~0.4 GB), and 64 on 2 CPUs ran a 24 GB machine out of memory
+# in 600 lines of Ray's warnings, exit 1, a run directory left behind (reviewer finding)
+WORKERS_PER_CPU = 4
+
+
 def check_resources(cfg: Config) -> None:
-    """Fail fast on a GPU request this machine cannot meet (a local Ray would wait forever).
-    Joining a cluster (RAY_ADDRESS), the GPUs are the workers': the driver may run on a CPU-only head."""
-    if not cfg.trainer.use_gpu or (cfg.trainer.launcher == "ray" and os.environ.get("RAY_ADDRESS")):
+    """Fail fast on a GPU request this machine cannot meet (a local Ray would wait forever), and on more CPU
+    workers than a private local Ray should start here (`WORKERS_PER_CPU`). Joining a cluster (RAY_ADDRESS),
+    the workers and their GPUs are the cluster's: the driver may run on a CPU-only head."""
+    t = cfg.trainer
+    if t.launcher == "ray" and os.environ.get("RAY_ADDRESS"):
+        return
+    cpus = os.cpu_count() or 1
+    if t.launcher == "ray" and not t.use_gpu and t.num_workers > WORKERS_PER_CPU * cpus:
+        raise ConfigError(f"trainer.num_workers={t.num_workers} on a private local Ray of this machine's {cpus} "
+                          f"CPUs: each is a process with torch of its own; give at most {WORKERS_PER_CPU * cpus} "
+                          "here, or join a cluster (RAY_ADDRESS)")
+    if not t.use_gpu:
         return
     import torch
 
