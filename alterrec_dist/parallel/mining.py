@@ -310,28 +310,31 @@ def mine_band(comm: Comm, queries: torch.Tensor, item_rows: torch.Tensor, item_i
     cand = local_candidates(queries, item_rows, width, scale, tile_rows, ties_by_id=extra > 0)
     find = thresholds_by_allgather if merge == "allgather" else thresholds_by_bisection
     t = find(comm, cand, k1, k2, num_items)
-    bounds = (ordered(t) << 32) + ID_MASK  # the highest key scoring t: rank k's key unless its tie group starts above k
-    if k2 == num_items:  # no rank k2: the band runs to the bottom
-        bounds[:, 1] = INT64_MIN
-    split = tie_splits(comm, cand, t, k1, k2, num_items)
+    above_k2, within_k1 = cand.scores > t[:, 1:], cand.scores <= t[:, :1]
+    band = Band(cand.rows, above_k2 & within_k1)  # exact unless a tie group crosses an edge (`tie_splits`)
+    split = tie_splits(comm, torch.stack([(~within_k1).sum(1), above_k2.sum(1)], 1), k1, k2, num_items)
     if bool(split.any()):  # a host read, after an all-reduce: every rank takes the same branch
         at = split.any(1).nonzero()[:, 0]
         if extra == 0:  # `topk` kept any of a tie at the cut: keep the lowest ids, as the keys need
             lowest = local_candidates(queries[at], item_rows, width, scale, tile_rows, ties_by_id=True)
-            cand.scores[at], cand.rows[at] = lowest.scores, lowest.rows
+            cand.scores[at], cand.rows[at] = lowest.scores, lowest.rows  # band.rows is cand.rows
         keys = score_keys(cand.scores[at], item_ids[cand.rows[at]])
-        # the tie group's keys: from the highest id's to the lowest's (a side that is not split stays put)
-        lo = torch.where(split[at], bounds[at] - (num_items - 1), bounds[at])
-        bounds[at] = keys_by_bisection(comm, keys, lo, bounds[at], [k1, k2], num_items)
-    keys = score_keys(cand.scores, item_ids[cand.rows])
-    return Band(cand.rows, (keys > bounds[:, 1:]) & (keys <= bounds[:, :1])), cand
+        # the keys at ranks k1 and k2: a side whose tie group starts at its rank keeps the highest key of its
+        # score (the whole group on the band's side of it); a split side bisects the group's ids
+        top = (ordered(t[at]) << 32) + ID_MASK
+        if k2 == num_items:  # no rank k2: the band runs to the bottom
+            top[:, 1] = INT64_MIN
+        lo = torch.where(split[at], top - (num_items - 1), top)
+        bounds = keys_by_bisection(comm, keys, lo, top, [k1, k2], num_items)
+        band.mask[at] = (keys > bounds[:, 1:]) & (keys <= bounds[:, :1])
+    return band, cand
 
 
-def tie_splits(comm: Comm, cand: Candidates, t: torch.Tensor, k1: int, k2: int, num_items: int) -> torch.Tensor:
-    """(G, 2) bool: whether fewer than k items score above t, the score at rank k (k1, then k2): then the tie
-    group at t starts above rank k, and its ids decide which of it rank k1..k2-1. One all-reduce of G packed
-    counts; a capped list counts exactly, as in the bisection (it holds k2+1 scores at or above t)."""
-    above = torch.stack([(cand.scores > t[:, j:j + 1]).sum(1) for j in range(2)], 1)
+def tie_splits(comm: Comm, above: torch.Tensor, k1: int, k2: int, num_items: int) -> torch.Tensor:
+    """(G, 2) bool: whether fewer than k items score above t, the score at rank k (k1, then k2), given this
+    shard's counts of them, `above` (G, 2): then the tie group at t starts above rank k, and its ids decide
+    which of it rank k1..k2-1. One all-reduce of G packed counts; a capped list counts exactly, as in the
+    bisection (it holds k2+1 scores at or above t)."""
     packer = CountPacker([k1, k2], comm.world)
     split = ~packer.reached(comm.all_reduce(packer.pack(above)))
     if k2 == num_items:
