@@ -90,5 +90,5 @@ def train_step(comm: Comm, cfg: Config, phase: Phase, trained: Network, frozen: 
         with torch.no_grad():
             q_id, q_text = trained.part_queries(queries)
             for name, qq, rr in (("loss_id", q_id, parts[0]), ("loss_text", q_text, parts[1])):
-                logged[name] = loss_of(qq, rr, 1.0)[1].mean()
+                logged[name] = loss_of(qq, rr, trained.logit_scale)[1].mean()  # on the fused loss's scale
     return loss, logged

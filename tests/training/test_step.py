@@ -42,6 +42,33 @@ def test_catalog_negatives_train_on_cross_entropy_over_the_whole_catalog(tmp_pat
     assert abs(sampled - full) > 0.1
 
 
+def nfrec_part_losses(rank, world, data_path):
+    """(logged loss_id, loss_text; each part's cross-entropy over the catalog at the network's logit scale) on
+    NFRec (sum)'s first batch, model.id_temperature 0.5: a logit scale of 2."""
+    cfg = load_config(None, [f"data.path={data_path}", "trainer.num_workers=1", "train.global_batch_size=16",
+                             "train.k1=6", "train.k2=20", "model.dim=8", "model.dropout=0.0", "train.method=nfrec_sum",
+                             "model.id_temperature=0.5", "train.random_negatives=catalog"])
+    run = build_run(cfg, Comm())
+    phase = plan(cfg.train.method, cfg.train.m_random, cfg.train.m_gap, cfg.train.m_max)[0]
+    net, batch = run.networks["fused"], next(iter(run.train_reader.epoch(0)))
+    _, logged = train_step(run.comm, cfg, phase, net, None, None, run.table, batch, 0, run.k2)
+    with torch.no_grad():
+        parts = net.part_rows(run.table.x, run.table.f.float())
+        queries = net.part_queries(net.encode(net.item_rows(run.table.x, run.table.f.float())[batch.items],
+                                              batch.mask))
+        full = [torch.nn.functional.cross_entropy(net.logit_scale * q @ r.T, batch.target)
+                for q, r in zip(queries, parts)]
+    return [logged["loss_id"], logged["loss_text"]], full
+
+
+def test_nfrec_s_part_losses_are_on_the_fused_loss_s_scale(tmp_path):
+    """The imbalance diagnostic scored each part at scale 1 while the loss used the network's (1 / id_temperature):
+    with a temperature, the parts were not the parts of the loss (reviewer finding)."""
+    data = tiny_dataset(tmp_path / "data")
+    [(logged, full)] = run_world(nfrec_part_losses, 1, str(data))
+    torch.testing.assert_close(torch.tensor(logged), torch.stack(full), rtol=1e-4, atol=1e-5)
+
+
 def test_augmented_positives_are_added_when_no_negative_is_hard(tmp_path):
     """alterrec_aug with train.hard_fraction rounding to no hard negative trained bit for bit as alterrec_random
     (its positives were added only where a band was mined), while metrics.jsonl said "augmented"."""
