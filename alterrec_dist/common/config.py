@@ -421,7 +421,11 @@ def _read_config(path: str | Path | None = None, overrides: list[str] = (),
         _apply(cfg, section, key.strip(), value.strip(), f"--set {item}", text=True)
         sources[f"{section}.{key.strip()}"] = f"--set {item}"
     if launching is not None:
+        before = cfg.to_dict()
         launching(cfg)
+        after = cfg.to_dict()  # what it changed is its own: torchrun's world size, --launcher
+        sources |= {f"{s}.{k}": "the launch (--launcher, torchrun's world size)"
+                    for s in after for k in after[s] if after[s][k] != before[s][k]}
     return cfg
 
 
@@ -485,15 +489,16 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def _config_from_dict(cls, doc: dict) -> Config:
-    """Inverse of `Config.to_dict` (how the resolved config travels to Ray workers); validated."""
+def _config_from_dict(cls, doc: dict, saved: bool = False) -> Config:
+    """Inverse of `Config.to_dict` (how the resolved config travels to Ray workers); validated (`saved`: as a
+    run's own config, `validate`)."""
     cfg = cls()
     for section, table in doc.items():
         if not isinstance(table, dict):
             raise ConfigError(f"config dict: {section!r} must map to a section table")
         for key, value in table.items():
             _apply(cfg, section, key, value, "config dict")
-    return cfg.validate()
+    return cfg.validate(saved)
 
 
 Config.from_dict = classmethod(_config_from_dict)

@@ -336,10 +336,12 @@ class _EncodingCache:
         the cache), its vectors not: one that fails here is removed, so that the next run encodes its texts
         instead of failing again (or writing a dataset of the wrong width, or of NaNs)."""
         try:
-            declared, _ = npz_member_header(path, "vectors")  # the shape before the read: it bounds the read
+            declared, dtype = npz_member_header(path, "vectors")  # shape and type before the read: they bound it
             problem = None
             if declared != shape:
                 problem = f"vectors {declared}, its keys and the model want {shape}"
+            elif dtype.kind != "f" or dtype.itemsize > 8:
+                problem = f"vectors of {dtype}, not floats"
             else:
                 with np.load(path) as z:
                     vectors = z["vectors"]

@@ -10,7 +10,7 @@ rows:
      from the shards' own ranks starts it, the counts of both ranks share one int32, and a float32
      has 32 bits, so it sends at most 20 + 33*4 bytes per query whatever V, W or k2;
 3. one more all-reduce of packed counts tells whether a tie group at t1 or t2 also holds items ranked
-   above k1 or k2. Only then (exact ties: items without text share one zero text row, and thousands of
+   above k1 or k2. Only then (exact ties: items without text share one text row, and thousands of
    them can tie) the ids decide: a bisection on the (score, id) keys inside the tie group, ceil(log2 V)
    rounds, for the queries it concerns;
 4. the band is every item whose key lies in (key at k2, key at k1]: a mask over each shard's own
@@ -315,9 +315,13 @@ def mine_band(comm: Comm, queries: torch.Tensor, item_rows: torch.Tensor, item_i
     split = tie_splits(comm, torch.stack([(~within_k1).sum(1), above_k2.sum(1)], 1), k1, k2, num_items)
     if bool(split.any()):  # a host read, after an all-reduce: every rank takes the same branch
         at = split.any(1).nonzero()[:, 0]
-        if extra == 0:  # `topk` kept any of a tie at the cut: keep the lowest ids, as the keys need
-            lowest = local_candidates(queries[at], item_rows, width, scale, tile_rows, ties_by_id=True)
-            cand.scores[at], cand.rows[at] = lowest.scores, lowest.rows  # band.rows is cand.rows
+        if extra == 0:  # `topk` kept any of a tie at the cut: keep the lowest ids, as the keys need. Every query
+            # is scored again, not the split ones alone: a matmul of fewer rows rounds otherwise, and twins
+            # (identical rows) tied in the first pass would not tie in the second
+            lowest = local_candidates(queries, item_rows, width, scale, tile_rows, ties_by_id=True)
+            redo = split.any(1)[:, None]
+            cand = Candidates(torch.where(redo, lowest.scores, cand.scores), torch.where(redo, lowest.rows, cand.rows))
+            band = Band(cand.rows, band.mask)
         keys = score_keys(cand.scores[at], item_ids[cand.rows[at]])
         # the keys at ranks k1 and k2: a side whose tie group starts at its rank keeps the highest key of its
         # score (the whole group on the band's side of it); a split side bisects the group's ids

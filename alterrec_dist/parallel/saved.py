@@ -80,6 +80,8 @@ def load_cpu(path: Location, mmap: bool = False):
         raise DataError(f"{path}: holds objects other than tensors and plain containers, which are never "
                         "unpickled (not a file this project saved)") from None
     except Exception as e:  # RuntimeError (not a zip), EOFError, ...: what the file holds, whatever it is
+        if isinstance(e, MemoryError) or "can't allocate memory" in str(e):  # torch's CPU allocator: a RuntimeError
+            raise MemoryError(f"{path}: {one_line(e)}") from None  # a machine too small, not a foreign file
         raise DataError(f"{path}: not a file this project saved ({type(e).__name__}: {one_line(e)})") from None
 
 

@@ -105,7 +105,7 @@ def load_encoders(path: Location, text_dim: int, max_len: int) -> tuple[str, Mod
     if blob["method"] not in METHODS:
         raise DataError(f"{path}: method {blob['method']!r} is none this version knows ({', '.join(METHODS)})")
     try:
-        cfg = Config.from_dict({"model": blob["model"]}).model
+        cfg = Config.from_dict({"model": blob["model"]}, saved=True).model  # as the run was trained: it serves
     except ConfigError as e:
         raise DataError(f"{path}: its model settings: {e}") from None
     if (blob["text_dim"], blob["max_len"]) != (text_dim, max_len):

@@ -330,3 +330,15 @@ def test_a_value_out_of_range_names_the_file_or_the_set_that_gave_it(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.global_batch_size=10", "trainer.num_workers=3"])
     assert str(e.value).startswith("--set train.global_batch_size=10, --set trainer.num_workers=3: ")
+
+
+def test_a_value_the_launch_set_is_named_as_the_launch_s():
+    """torchrun's world size replaces trainer.num_workers after the --set: the error blamed the --set whose value
+    was gone (`--set trainer.num_workers=2: ... divisible by trainer.num_workers=3`, reviewer finding)."""
+    def launching(cfg):
+        cfg.trainer.num_workers = 3
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["trainer.num_workers=2", "train.global_batch_size=10"], launching)
+    assert str(e.value) == ("--set train.global_batch_size=10, the launch (--launcher, torchrun's world size): "
+                            "train.global_batch_size=10 must be divisible by trainer.num_workers=3")

@@ -139,6 +139,21 @@ def test_a_cache_file_whose_keys_are_not_digests_is_a_warning_and_a_miss_read_no
     np.testing.assert_array_equal(again, features)
 
 
+def test_a_cache_file_whose_vectors_declare_a_huge_type_is_one_error_then_a_miss(encoded, tmp_path):
+    """The shape was checked before the read but not the type: (3, 384) items of a gigabyte each asked for 1 TiB,
+    a MemoryError on every run that neither named the file nor removed it (reviewer finding)."""
+    import zipfile
+
+    def huge_vectors(chunk, copy):
+        with np.load(chunk) as z:
+            keys = z["keys"]
+        with zipfile.ZipFile(copy, "w") as out:
+            out.writestr("keys.npy", npy_bytes(keys))
+            out.writestr("vectors.npy", header_only("|V1000000000", (3, 384)))
+
+    refused_then_encoded_again(encoded, tmp_path, huge_vectors, r"\(vectors of \|V1000000000, not floats\)")
+
+
 def test_a_cache_file_damaged_past_its_keys_is_one_error_then_a_miss(encoded, tmp_path):
     """Its keys read, its vectors not (a bad CRC): a traceback on every run, the file never replaced. Now one
     line naming it, the file removed, and the next run encodes those texts again."""

@@ -302,6 +302,25 @@ def test_a_diverged_run_stops_in_one_line_and_saves_no_model(tmp_path):
             assert torch.isfinite(value.float()).all(), f
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_loss_that_turns_nan_between_checkpoints_stops_every_rank_alike(tmp_path):
+    """At a log step (every step here, no checkpoint) rank 0 alone looked at the losses: it stopped in one line,
+    and rank 1 died in its next collective with a gloo traceback, which torchrun reported (reviewer finding)."""
+    data = tiny_dataset(tmp_path / "data")
+    settings = ["train.method=id_only", "train.m_max=2", "train.global_batch_size=40", "eval.batch_size=50",
+                "model.dim=8", "train.lr_id=1e30", "train.log_every=1", "train.checkpoint_every=0",
+                f"data.path={data}"]
+    launch = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run([*launch, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--out", str(tmp_path / "run"),
+                        *sets(settings)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                       stdin=subprocess.DEVNULL, env=clean_env())
+    assert r.returncode != 0  # torchrun's own, whatever its ranks' codes
+    assert ("error: epoch 0, step 1: the id network's training loss is nan: the run diverged (lower train.lr_id / "
+            "train.lr_text)") in r.stderr.splitlines(), r.stderr[-3000:]
+    assert "gloo" not in r.stderr and "exitcode  : 1 " not in r.stderr, r.stderr[-3000:]  # no rank failed otherwise
+
+
 def flat_tensors(blob) -> list:
     if torch.is_tensor(blob):
         return [blob]

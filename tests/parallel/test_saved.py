@@ -65,3 +65,30 @@ def test_a_save_that_falls_short_is_an_oserror_as_from_any_writer(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
     assert save_file(tmp_path / "x.pt", torch.zeros(10)) == file_sha256(tmp_path / "x.pt")
+
+
+LOAD_SHORT_OF_MEMORY = """
+import re, resource, sys
+from alterrec_dist.parallel.saved import load_cpu
+vm = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) << 10
+resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    load_cpu(__import__("pathlib").Path(sys.argv[1]))
+except MemoryError as e:
+    print("MemoryError", e)
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+@pytest.mark.slow
+def test_a_file_read_short_of_memory_is_out_of_memory_not_a_foreign_file(tmp_path):
+    """load_cpu names a file torch cannot read as not this project's; torch's CPU allocator fails as a
+    RuntimeError too, and a saved model read on too small a machine was called foreign (reviewer finding)."""
+    import subprocess
+    import sys
+    path = tmp_path / "networks.pt"
+    save_file(path, {"w": torch.zeros(50_000_000)})  # 200 MB
+    r = subprocess.run([sys.executable, "-c", LOAD_SHORT_OF_MEMORY, str(path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.startswith(f"MemoryError {path}: "), r.stdout + r.stderr[-2000:]

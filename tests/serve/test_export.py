@@ -7,6 +7,7 @@ seconds. `trained_run` caches each run for the pytest session (the other export 
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from alterrec_dist.parallel.comm import Comm
 from alterrec_dist.parallel.saved import load_model
 from alterrec_dist.parallel.table import ShardedItemTable
 from alterrec_dist.serve import export_dir
-from alterrec_dist.serve.export_dir import load_export
+from alterrec_dist.serve.export_dir import load_export, write_export
 from alterrec_dist.serve.from_run import load_run, served_kind
 from alterrec_dist.serve.queries import Queries, encode_sessions, session_batch
 
@@ -451,3 +452,14 @@ def test_success_lines_go_to_stdout_as_every_command_s(run, tmp_path, capsys):
     code, out, err = cli("synth", ["--items", "20", "--sessions", "40", "--text-features", "random-projection",
                                    "--out", str(tmp_path / "d"), "--no-progress"], capsys)
     assert code == 0 and out.strip() == f"wrote {tmp_path / 'd'}" and "wrote" not in err
+
+
+def test_a_run_trained_under_earlier_ranges_exports_and_serves_from_its_export(run, tmp_path):
+    """A run trained before the 1e-4 temperature floor serves with --run and exports; its export was refused on
+    loading, its settings held to today's ranges (reviewer finding), where a run's own are held to its version's."""
+    old = tmp_path / "run"
+    shutil.copytree(run, old, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    config = old / "config.toml"
+    config.write_text(re.sub(r"(?m)^text_temperature = .*$", "text_temperature = 5e-05", config.read_text()))
+    write_export(load_run(old), tmp_path / "x")
+    assert load_export(tmp_path / "x").model_cfg.text_temperature == 5e-05
