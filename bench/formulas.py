@@ -22,6 +22,13 @@ def count_bytes(W: int, k1: int, k2: int) -> int:
     return INT32 if (W * (k1 + 1) + 1) * (W * (k2 + 1) + 1) <= 2**31 else INT64
 
 
+def tie_check_bytes(W: int, k1: int, k2: int) -> int:
+    """Bytes per query of the tie check after either merge (mining.tie_splits): the counts above ranks k1 and
+    k2, clamped to k1 and k2 and packed as a round's are. An id bisection follows only where a band edge cuts a
+    tie group, which random scores never do."""
+    return INT32 if (W * k1 + 1) * (W * k2 + 1) <= 2**31 else INT64
+
+
 def threshold_merge_bytes(G: int, W: int, k1: int, k2: int, rounds: float = MAX_ROUNDS) -> float:
     """Bytes one worker hands to the threshold merge per step: the bracket, then `rounds` rounds
     (data-dependent: the bits between the bracket's bounds; at most 32, and 0 at W = 1)."""
@@ -49,6 +56,8 @@ def collective_bytes(negatives: str, merge: str, B: int, W: int, d: int, k2: int
         gather += G * (p + 1) * INT64  # top-p positives: every shard's top p+1 keys
     reduce_sum = FP32 * G * P + FP32 * G + FP32 * dense_params  # positive logits, band sum of exp, dense grads
     reduce_max = FP32 * G  # band max (the LSE shift)
+    if mined:
+        reduce_sum += G * tie_check_bytes(W, k1, k2)
     if mined and merge == "threshold":
         reduce_sum += G * rounds * count_bytes(W, k1, k2)  # packed counts at ranks k1 and k2, per round
         reduce_max += G * BRACKET_FLOATS * FP32

@@ -293,6 +293,7 @@ def merge_projection(summaries: dict, k1: int) -> dict | None:
         return None
     agree = all(c["merge_bytes"] == (formulas.threshold_merge_bytes(s["batch"], world, k1, s["k2"], c["merge_rounds"])
                                      if c["merge"] == "threshold" else s["batch"] * (s["k2"] + 1) * formulas.FP32)
+                + s["batch"] * formulas.tie_check_bytes(world, k1, s["k2"])  # after either merge
                 for world, s, c in measured)
     rounds = max(c["merge_rounds"] for _, _, c in measured if c["merge"] == "threshold")
     out = {"agree": agree, "rounds": rounds}
@@ -312,7 +313,8 @@ def merge_section(summaries: dict, k1: int) -> list[str]:
     return ["", "## Band merge traffic, projected from the measured bytes", "",
             f"Measured (hard phase, every V and W): the threshold merge sends {formulas.BRACKET_FLOATS} floats per "
             "gathered query for its bracket, then one packed count per query per round; the all-gather merge k2+1 "
-            f"floats per query. Every measured merge {'equals' if m['agree'] else '**does not equal**'} those formulas. "
+            "floats per query; either, one packed count per query more for the tie check (no tie group crosses "
+            f"a band edge in these random scores, so no id bisection). Every measured merge {'equals' if m['agree'] else '**does not equal**'} those formulas. "
             f"Rounds are data-dependent: at most 32 (a float32 has 32 bits), {m['rounds']:.1f} at most here. "
             f"Projected to W = 8, k2 = 20,000 ({cb}-byte packed counts at W = 8):", "",
             "| B = 1024 read as | gathered queries G | threshold merge, 32 rounds (bound) | at the measured rounds | "

@@ -229,9 +229,12 @@ def measure(spec: dict) -> dict:
             train_epoch(run, phase, frozen)
             n = len(batches)
             counts = CountPacker([cfg.train.k1 + 1, run.k2 + 1], comm.world)  # the merge's per round
+            ties = CountPacker([cfg.train.k1, run.k2], comm.world)  # the tie check's, once per step (no tie here)
+            G = cfg.train.global_batch_size
             sum_bytes = prof.collective_bytes["mine_band", f"all_reduce_{dist.ReduceOp.SUM}"] / n
+            sum_bytes -= G * ties.dtype.itemsize if negatives != "random" else 0
             cases.append({"negatives": negatives, "merge": merge, "step_s": reader.step_seconds(),
-                          "merge_rounds": sum_bytes / (cfg.train.global_batch_size * counts.dtype.itemsize),
+                          "merge_rounds": sum_bytes / (G * counts.dtype.itemsize),
                           "setup_s": setup if frozen is not None else 0.0,
                           "sections": {k: v / n for k, v in prof.seconds.items()},
                           "bytes": {k: v / n for k, v in comm.bytes.items()},

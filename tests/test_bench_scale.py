@@ -45,8 +45,8 @@ def test_counted_bytes_and_table_memory_follow_the_formulas(catalog):
     assert_bytes_follow_formulas(r, 1)
     hard = r["cases"][1]
     assert hard["merge_rounds"] == 0  # at W = 1 the bracket is already exact
-    assert hard["bytes_by_call"]["mine_band"] == formulas.BRACKET_FLOATS * 4 * B  # the merge alone
-    assert r["cases"][2]["bytes_by_call"]["mine_band"] == 4 * B * (K2 + 1)
+    assert hard["bytes_by_call"]["mine_band"] == formulas.BRACKET_FLOATS * 4 * B + 4 * B  # the merge, the tie check
+    assert r["cases"][2]["bytes_by_call"]["mine_band"] == 4 * B * (K2 + 1) + 4 * B
     assert sum(r["table_bytes"].values()) == formulas.table_bytes(V, 1, DIM, TEXT_DIM) + 4  # + AdamW's step counter
     for c in r["cases"]:
         assert all(s > 0 for s in c["step_s"]) and set(c["sections"]) >= {"loss", "encoder", "optimizer"}

@@ -230,7 +230,7 @@ def test_a_killed_writers_leftover_is_no_swap_to_wait_for(tmp_path, monkeypatch)
     """A `.model.old-PID` left by a writer killed mid-swap made every load of a missing model wait 2 s before
     saying it is missing: only a live writer's swap is waited for."""
     d = tmp_path / "model"
-    files.temp_sibling(d, "old").with_name(files.temp_sibling(d, "old").name.replace(str(os.getpid()), "99999999")
+    files.temp_sibling(d, "old").with_name(files.temp_sibling(d, "old").name.replace(str(os.getpid()), "4194303")
                                            ).mkdir()  # its writer is gone: no such pid
     waits = []
     monkeypatch.setattr(files.time, "sleep", waits.append)

@@ -13,8 +13,8 @@ def test_a_figure_is_written_whole_and_a_killed_writers_leftover_is_swept(tmp_pa
     swept by the next writer once that pid is gone."""
     path = tmp_path / "img" / "curves.png"
     path.parent.mkdir()
-    leftover = temp_sibling(path).with_name(temp_sibling(path).name.replace(str(os.getpid()), "99999999"))
-    # (its writer died: no such pid)
+    leftover = temp_sibling(path).with_name(temp_sibling(path).name.replace(str(os.getpid()), "4194303"))
+    # (its writer died: no such pid; 4194303 is the largest Linux can give, past pid_max here)
     leftover.write_bytes(b"half a png")
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])

@@ -83,7 +83,7 @@ def test_newest_good_checkpoint_and_fallback(tmp_path, capsys):
     store = tmp_path / "checkpoints"
     assert newest_good(store) is None  # no store yet: a fresh start
     old, new = fake_checkpoint(store, 0, 4), fake_checkpoint(store, 1, 0)
-    (store / ".e00002-s0000000.tmp").mkdir()  # a save that was killed: never a candidate
+    (store / ".e00002-s0000000.tmp-4194303").mkdir()  # a killed save's  # a save that was killed: never a candidate
     assert newest_good(store)[0] == new and capsys.readouterr().err == ""
 
     damaged = new / rank_file_name("rank", 0, 1)
@@ -107,7 +107,7 @@ def test_prune_keeps_the_newest_and_the_pinned_one(tmp_path):
     (train.reject_worse) goes back to: it outlives however many epoch-end and mid-epoch ones came after it."""
     store = tmp_path / "checkpoints"
     made = [fake_checkpoint(store, e, s) for e, s in ((0, 5), (1, 0), (1, 5), (2, 0), (2, 3))]
-    (store / ".e00002-s0000000.tmp").mkdir()
+    (store / ".e00002-s0000000.tmp-4194303").mkdir()  # a killed save's
     prune(store, KEEP, pinned="e00001-s0000000")
     assert sorted(store.iterdir()) == [made[1], *made[-KEEP:]]
     fake_checkpoint(store, 3, 0)
