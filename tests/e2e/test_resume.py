@@ -317,7 +317,7 @@ def test_a_loss_that_turns_nan_between_checkpoints_stops_every_rank_alike(tmp_pa
                        stdin=subprocess.DEVNULL, env=clean_env())
     assert r.returncode != 0  # torchrun's own, whatever its ranks' codes
     assert ("error: epoch 0, step 1: the id network's training loss is nan: the run diverged (lower train.lr_id / "
-            "train.lr_text)") in r.stderr.splitlines(), r.stderr[-3000:]
+            "train.lr_text)") in r.stderr, r.stderr[-3000:]  # (the ranks' lines may share one: no lock on stderr)
     assert "gloo" not in r.stderr and "exitcode  : 1 " not in r.stderr, r.stderr[-3000:]  # no rank failed otherwise
 
 

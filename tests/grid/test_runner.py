@@ -266,7 +266,8 @@ def test_a_methods_own_settings_are_checked_before_any_run(tmp_path):
         methods = ["id_only", "text_only"]
         method_set = {{ text_only = ["train.lr_text=-1"] }}
     '''))
-    with pytest.raises(ConfigError, match=r"grid.toml: dataset 'def', method text_only: train.lr_text must be"):
+    with pytest.raises(ConfigError, match=r"grid.toml: dataset 'def', method text_only: --set train.lr_text=-1: "
+                                          r"train.lr_text must be"):
         main(["--grid", str(grid_file), "--dry-run"])
     # checked as the runs are launched, one worker each (whatever the grid's sets say, as under torchrun): a global
     # batch that two workers cannot split is fine, in a sweep's points too
