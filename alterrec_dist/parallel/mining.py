@@ -314,13 +314,14 @@ def mine_band(comm: Comm, queries: torch.Tensor, item_rows: torch.Tensor, item_i
     band = Band(cand.rows, above_k2 & within_k1)  # exact unless a tie group crosses an edge (`tie_splits`)
     split = tie_splits(comm, torch.stack([(~within_k1).sum(1), above_k2.sum(1)], 1), k1, k2, num_items)
     if bool(split.any()):  # a host read, after an all-reduce: every rank takes the same branch
-        at = split.any(1).nonzero()[:, 0]
+        redo = split.any(1)
+        at = redo.nonzero()[:, 0]
         if extra == 0:  # `topk` kept any of a tie at the cut: keep the lowest ids, as the keys need. Every query
             # is scored again, not the split ones alone: a matmul of fewer rows rounds otherwise, and twins
             # (identical rows) tied in the first pass would not tie in the second
             lowest = local_candidates(queries, item_rows, width, scale, tile_rows, ties_by_id=True)
-            redo = split.any(1)[:, None]
-            cand = Candidates(torch.where(redo, lowest.scores, cand.scores), torch.where(redo, lowest.rows, cand.rows))
+            cand = Candidates(torch.where(redo[:, None], lowest.scores, cand.scores),
+                              torch.where(redo[:, None], lowest.rows, cand.rows))
             band = Band(cand.rows, band.mask)
         keys = score_keys(cand.scores[at], item_ids[cand.rows[at]])
         # the keys at ranks k1 and k2: a side whose tie group starts at its rank keeps the highest key of its

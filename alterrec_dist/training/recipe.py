@@ -185,15 +185,16 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
             report(metrics, path)
 
     def after_step(network: str) -> None:  # `sinks`: rank 0's, bound by the `with` below (None elsewhere)
-        if t.log_every and steps_done() % t.log_every == 0:
-            # the interval's one host read: its steps' losses, still on the device, come over together; on every
-            # rank, so all stop at a NaN alike (rank 0 alone left the others to die in the next collective)
+        log_now = t.log_every and steps_done() % t.log_every == 0
+        save_now = t.checkpoint_every and steps_done() % t.checkpoint_every == 0
+        if log_now or save_now:
+            # the interval's one host read: its steps' losses, still on the device, come over together. On every
+            # rank, the same global losses: all stop at a NaN alike (rank 0 alone left the others to die in the
+            # next collective), and none saves NaN weights over good checkpoints
             refuse_diverged(progress.epoch, network, read_logs(progress.steps))
-            if sinks is not None:
-                sinks.step(network, progress.steps[-1], steps_done())
-        if t.checkpoint_every and steps_done() % t.checkpoint_every == 0:
-            # every rank reads the same global losses: all stop here, none saves NaN weights over good checkpoints
-            refuse_diverged(progress.epoch, network, read_logs(progress.steps))
+        if log_now and sinks is not None:
+            sinks.step(network, progress.steps[-1], steps_done())
+        if save_now:
             checkpoint({"epoch": progress.epoch, "step": len(progress.steps)})
 
     prev_key, frozen_rows = None, None
