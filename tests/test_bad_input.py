@@ -540,6 +540,9 @@ CASES = [
         "--export", str(_export_copy(d, r, lambda x: _edit_json(
             x / "manifest.json", lambda m: m["engine"].update(world_size=0)))), "--session", "P0001"],
      ["{d}/x/manifest.json: engine.world_size 0 is out of range"]),
+    ("recommend-export-max-len-past-any-session", "recommend", lambda d, r: [  # the transformer's positions
+        "--export", str(_export_copy(d, r, lambda x: _max_len_everywhere(x, 10 ** 12))), "--session", "P0001"],
+     ["{d}/x/manifest.json: engine.max_len 1000000000000 is out of range"]),
     ("recommend-export-features-of-objects", "recommend", lambda d, r: [
         "--export", str(_export_copy(d, r, lambda x: _signed_npy_objects(x, "tables/text_features.npy"))),
         "--session", "P0001"], ["{d}/x/tables/text_features.npy: not a table numpy reads without pickles"]),
@@ -810,6 +813,14 @@ def _signed_torch_edit(directory: Path, name: str, edit) -> None:
     edit(blob)
     torch.save(blob, directory / name)
     _sign(directory, name)
+
+
+def _max_len_everywhere(directory: Path, max_len: int) -> None:
+    """An export whose manifest and encoders.pt agree on `max_len`, its networks' encoder a transformer (whose
+    position table that many rows would be)."""
+    _signed_torch_edit(directory, "encoders.pt", lambda b: b.update(max_len=max_len) or b["model"].update(
+        encoder="transformer"))
+    _edit_json(directory / "manifest.json", lambda m: m["engine"].update(max_len=max_len))
 
 
 def _signed_npy_objects(directory: Path, name: str) -> None:

@@ -169,13 +169,13 @@ def _load_export_files(export_dir: Location, manifest: dict) -> ScoringModel:
     missing = [c for c in ITEM_COLUMNS if c not in items.column_names]
     if missing:
         raise DataError(f"{export_dir / ITEMS}: no column {missing[0]} (export again)")
+    for key in ("world_size", "eval_batch_size", "max_len"):  # before the networks: max_len sizes the positions
+        if not 1 <= eng[key] <= (len(items) if key == "world_size" else 2**31):
+            raise DataError(f"{export_dir / MANIFEST}: engine.{key} {eng[key]} is out of range")
     features = _item_table(export_dir / TEXT_FEATURES, len(items))
     method, cfg, networks = load_encoders(export_dir / ENCODERS, features.shape[1], eng["max_len"])
     x_path = export_dir / ID_ROWS
     x = _item_table(x_path, len(items)) if x_path.is_file() else None
-    for key in ("world_size", "eval_batch_size", "max_len"):
-        if not 1 <= eng[key] <= (len(items) if key == "world_size" else 2**31):
-            raise DataError(f"{export_dir / MANIFEST}: engine.{key} {eng[key]} is out of range")
     return ScoringModel(method, cfg, networks, x, features, [_column(items, "id_vec"), _column(items, "text_vec")],
                   [float(v) for v in s["scales"]], {k: [float(w) for w in v] for k, v in zip(s["kinds"], s["weights"])},
                   eng["world_size"], eng["tile_rows"], eng["eval_batch_size"], eng["max_len"], eng["longtail_bins"],
