@@ -45,6 +45,9 @@ from alterrec_dist.serve.export_dir import export_files, load_scoring_model
 
 # -- CLI ---------------------------------------------------------------------------------------------
 
+RAY_ACTORS = 2  # Ray Data scoring actors unless --ray-actors says
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m alterrec_dist.batch_score", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
@@ -60,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            help="score on Ray Data (default: only when RAY_ADDRESS is set or Ray is initialised)")
     ray_group.add_argument("--no-ray", dest="ray", action="store_false", help="score in this process")
     p.add_argument("--ray-actors", "--ray-workers", dest="ray_actors", type=int, metavar="N",
-                   help="with Ray: scoring actors (default 2); the name prepare gives its encoding actors")
+                   help=f"with Ray: scoring actors (default {RAY_ACTORS}); the name prepare gives its encoding actors")
     p.add_argument("--metrics-out", help="also write the metrics (and the summary.json comparison) to this JSON file")
     add_device_argument(p)
     return p.parse_args(argv)
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     sessions = check_input(files, session_columns(files), bundle.num_items)  # bad rows: one line, before scoring
     top = min(args.top, bundle.num_items)
     out, metrics = score_files(spec, bundle, files, sessions, args.out, args.overwrite, top, use_ray,
-                               args.ray_actors or 2)
+                               args.ray_actors or RAY_ACTORS)
     print(f"scored {out.rows} sessions ({'Ray Data' if use_ray else 'in-process'}), top {top} by {bundle.served} "
           f"-> {out.path}")
     # what made these scores, as a run records its config and an export its provenance
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             write_file_out(args.metrics_out, report)
         except OSError as e:
-            raise DataError(f"{cannot_write(args.metrics_out, e)}; the scores are in {out.path}, written before") from None
+            raise DataError(f"{cannot_write(args.metrics_out, e)}; the scores are in {out.path}, "
+                            "written before") from None
         print(f"metrics -> {args.metrics_out}")
     return 0
 
