@@ -76,10 +76,18 @@ def test_band_equals_brute_force_with_ties_and_short_shards(world, merge, k1, k2
         assert sum(len(r[0][g]) for r in results) == len(expected[g])
 
 
+def scoring_passes_on_shard(rank, world, *args):
+    """mine_on_shard's result, and how many times the shard scored its rows (`local_candidates`)."""
+    passes, score = [], mining.local_candidates
+    mining.local_candidates = lambda *a, **k: passes.append(1) or score(*a, **k)
+    return (*mine_on_shard(rank, world, *args), len(passes))
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_without_ties_the_band_is_ranks_k1_to_k2_and_w1_needs_no_round(world):
     k1, k2, p = 3, 15, 0
-    results = run_world(mine_on_shard, world, 5, k1, k2, "threshold", p, False)
+    results = run_world(scoring_passes_on_shard, world, 5, k1, k2, "threshold", p, False)
+    assert [r[3] for r in results] == [1] * world  # no tie crosses an edge: no second scoring pass
     q, items, target = problem(5, ties=False)
     scores = q @ items.T
     for g in range(len(q)):
@@ -114,6 +122,24 @@ def test_a_tie_group_across_the_band_edges_is_split_by_id(world, merge, k1, k2, 
     assert [set().union(*(r[0][g] for r in results)) for g in range(len(q))] == expected
     for g in range(len(q)):
         assert len(expected[g]) >= k2 - k1 - 1 - p  # the band's full width, less the positives in it
+
+
+def all_tied_on_shard(rank, world, V, k1, k2, p):
+    """Every item scores 0 (as V items without text would): one tie group, the whole catalog."""
+    q, items = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(V, 4)
+    ids = torch.arange(rank, V, world)
+    band, _ = mine_band(Comm(), q, items[ids], ids, k1, k2, V, 1.0, "threshold", 4, extra=p + 1 if p else 0)
+    return [set(ids[band.rows[g][band.mask[g]]].tolist()) for g in range(len(q))]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("k1, k2", [(3, 6), (9, 10), (5, 9), (0, 10)])
+@pytest.mark.parametrize("p", [0, 2])
+def test_when_every_item_ties_the_band_is_ids_k1_to_k2(world, k1, k2, p):
+    """The bisection on ids alone decides: it must reach the last id (9, 10) and rank by global ids, not
+    by a shard's local rows, which repeat across shards."""
+    results = run_world(all_tied_on_shard, world, 10, k1, k2, p)
+    assert [set().union(*(r[g] for r in results)) for g in range(3)] == [set(range(k1, k2))] * 3
 
 
 def twins_on_shard(rank, world, seed, k1, k2):
