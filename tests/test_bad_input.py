@@ -550,6 +550,45 @@ CASES = [
         "--run", str(run_copy(d, r, lambda c: _signed_torch_edit(
             c / "model", "shard-00000-of-00001.pt", lambda b: b["items"].add_(1)))), "--session", "P0001"],
      ["{d}/run/model/shard-00000-of-00001.pt: its items are not the", "that rank 0 of 1 holds"]),
+    ("recommend-export-encoders-of-an-unknown-method", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _signed_torch_edit(
+            x, "encoders.pt", lambda b: b.update(method="alterrec_v9")))), "--session", "P0001"],
+     ["{d}/x/encoders.pt: method 'alterrec_v9' is none this version knows"]),
+    ("recommend-export-encoders-max-len-not-the-exports", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _signed_torch_edit(
+            x, "encoders.pt", lambda b: b.update(max_len=b["max_len"] + 1)))), "--session", "P0001"],
+     ["{d}/x/encoders.pt: text_dim", "are not the export's"]),
+    ("recommend-export-encoders-a-list", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _torch_save_signed(x, "encoders.pt", [1, 2]))),
+        "--session", "P0001"], ["{d}/x/encoders.pt: not an export's encoders file"]),
+    ("recommend-export-features-of-ints", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _npy_signed(
+            x, "tables/text_features.npy", lambda a: a.astype(np.int16)))), "--session", "P0001"],
+     ["{d}/x/tables/text_features.npy: not a float table of one row per item (int16"]),
+    ("recommend-export-features-a-row-short", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _npy_signed(
+            x, "tables/text_features.npy", lambda a: a[:-1]))), "--session", "P0001"],
+     ["{d}/x/tables/text_features.npy: not a float table of one row per item"]),
+    ("recommend-export-world-size-past-the-catalog", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _edit_json(
+            x / "manifest.json", lambda m: m["engine"].update(world_size=10 ** 6)))), "--session", "P0001"],
+     ["{d}/x/manifest.json: engine.world_size 1000000 is out of range"]),
+    ("recommend-export-eval-batch-size-zero", "recommend", lambda d, r: [
+        "--export", str(_export_copy(d, r, lambda x: _edit_json(
+            x / "manifest.json", lambda m: m["engine"].update(eval_batch_size=0)))), "--session", "P0001"],
+     ["{d}/x/manifest.json: engine.eval_batch_size 0 is out of range"]),
+    ("recommend-run-world-size-past-the-catalog", "recommend", lambda d, r: [
+        "--run", str(run_copy(d, r, lambda c: _edit_json(
+            c / "model" / "manifest.json", lambda m: m.update(world_size=10 ** 6)))), "--session", "P0001"],
+     ["{d}/run/model/manifest.json: world_size 1000000 is more than its num_items"]),
+    ("recommend-run-shard-without-rows", "recommend", lambda d, r: [
+        "--run", str(run_copy(d, r, lambda c: _signed_torch_edit(
+            c / "model", "shard-00000-of-00001.pt", lambda b: b.pop("x")))), "--session", "P0001"],
+     ["{d}/run/model/shard-00000-of-00001.pt: not a saved model shard"]),
+    ("recommend-run-shard-a-row-short", "recommend", lambda d, r: [
+        "--run", str(run_copy(d, r, lambda c: _signed_torch_edit(
+            c / "model", "shard-00000-of-00001.pt", lambda b: b.update(x=b["x"][:-1])))), "--session", "P0001"],
+     ["{d}/run/model/shard-00000-of-00001.pt: its rows are not one per item"]),
     # a directory of another kind where a dataset goes: "num_items is missing (make the dataset again)"
     ("export-data-is-an-export", "export", lambda d, r: [
         "--run", str(r), "--data", str(_export_copy(d, r, lambda x: None)), "--out", str(d / "y")],
@@ -560,6 +599,12 @@ CASES = [
     ("batch-ray-actors-without-ray", "batch_score", lambda d, r: [
         "--run", str(r), "--split", "test", "--out", str(d / "o.parquet"), "--no-ray", "--ray-actors", "3"],
      ["--ray-actors needs Ray (--ray, or RAY_ADDRESS set)"]),  # it was ignored, the scores made in-process
+    ("batch-ray-workers-without-ray", "batch_score", lambda d, r: [  # the old name still works
+        "--run", str(r), "--split", "test", "--out", str(d / "o.parquet"), "--no-ray", "--ray-workers", "3"],
+     ["--ray-actors needs Ray"]),
+    ("batch-ray-actors-zero", "batch_score", lambda d, r: [
+        "--run", str(r), "--split", "test", "--out", str(d / "o.parquet"), "--ray", "--ray-actors", "0"],
+     ["--ray-actors must be >= 1, got 0"]),
     ("export-out-is-the-run", "export", lambda d, r: [
         "--run", str(run_copy(d, r)), "--out", str(d / "run"), "--overwrite"],
      ["{d}/run: holds the input {d}/run/config.toml, which writing it would delete"]),
@@ -587,6 +632,10 @@ CASES = [
     ("train-resume-through-a-linked-metrics-file", "train", lambda d, r: [
         "--resume", str(_linked(run_copy(d, r), "metrics.jsonl", d / "notes.txt"))],
      ["{d}/run/metrics.jsonl: a symbolic link (to {d}/notes.txt)"]),
+    ("train-resume-through-a-linked-tensorboard", "train", lambda d, r: [
+        "--resume", str(_linked(run_copy(d, r), "tensorboard", d / "tb"))], ["{d}/run/tensorboard: a symbolic link"]),
+    ("train-resume-through-a-dangling-lock-link", "train", lambda d, r: [  # refused before the lock creates it
+        "--resume", str(_dangling(run_copy(d, r), ".lock", d / "elsewhere.lock"))], ["{d}/run/.lock: a symbolic link"]),
     ("export-out-in-the-runs-dataset", "export", lambda d, r: [
         "--run", str(_run_on_dataset_copy(d, r)), "--out", str(d / "ds" / "x")], ["{d}/ds/x: lies in {d}/ds"]),
     ("batch-out-in-the-dataset", "batch_score", lambda d, r: [
@@ -733,6 +782,13 @@ def _linked(run: Path, name: str, target: Path) -> Path:
     return run
 
 
+def _dangling(run: Path, name: str, target: Path) -> Path:
+    """`run` with RUN/name a symbolic link to `target`, which does not exist."""
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(target)
+    return run
+
+
 def _mkdir(p: Path) -> Path:
     p.mkdir()
     (p / "kept").write_text("x")
@@ -825,6 +881,17 @@ def _max_len_everywhere(directory: Path, max_len: int) -> None:
 
 def _signed_npy_objects(directory: Path, name: str) -> None:
     np.save(directory / name, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    _sign(directory, name)
+
+
+def _torch_save_signed(directory: Path, name: str, obj) -> None:
+    import torch
+    torch.save(obj, directory / name)
+    _sign(directory, name)
+
+
+def _npy_signed(directory: Path, name: str, edit) -> None:
+    np.save(directory / name, edit(np.load(directory / name)))
     _sign(directory, name)
 
 
