@@ -22,7 +22,8 @@ from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.data.layout import DatasetWriter
 from alterrec_dist.train import build_parser, format_summary, load_run_config
 from alterrec_dist.training.checkpoint import checkpoint_name
-from alterrec_dist.training.run_dir import default_run_dir, hold, make_run_dir, read_summary, reopen_run_dir
+from alterrec_dist.training.run_dir import (WORKERS_PER_CPU, check_resources, default_run_dir, hold, make_run_dir,
+                                            read_summary, reopen_run_dir)
 from tests.commands import run_command
 
 PY = sys.executable
@@ -68,6 +69,25 @@ def test_default_run_dir_name():
     assert d == PROJECT_ROOT / "runs" / "id_only-20240506-070809"
     cfg = load_config(None, ["trainer.name=exp1", "trainer.storage_path=/abs/runs"])
     assert default_run_dir(cfg) == Path("/abs/runs/exp1")
+
+
+@pytest.mark.parametrize("launcher, use_gpu, workers, address", [
+    ("ray", False, WORKERS_PER_CPU * 2, None),  # the limit itself
+    ("torchrun", False, 32, None),  # torchrun's workers may be on other nodes
+    ("ray", True, 16, None),  # GPU workers: the GPU count decides
+    ("ray", False, 64, "http://127.0.0.1:8265")])  # a cluster's workers are the cluster's
+def test_the_private_ray_worker_limit_leaves_other_launches_alone(monkeypatch, launcher, use_gpu, workers, address):
+    import torch
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 16)
+    if address:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = Config()
+    cfg.trainer.launcher, cfg.trainer.use_gpu, cfg.trainer.num_workers = launcher, use_gpu, workers
+    check_resources(cfg)
 
 
 def test_make_run_dir_writes_config_and_refuses_nonempty(tmp_path):

@@ -291,7 +291,7 @@ def test_an_integer_setting_is_refused_past_64_bits_and_a_seed_takes_all_of_them
         load_config(None, ["model.dim=99999999999999999999999"])
 
 
-@pytest.mark.parametrize("value", ["a\nb", "a\x00b", "run\x1b[31m", "tab\there"])
+@pytest.mark.parametrize("value", ["a\nb", "a\x00b", "run\x1b[31m", "tab\there", "a\x1fb", "a\x7fb"])
 def test_a_control_character_in_a_string_setting_is_refused(tmp_path, value):
     """trainer.name = "a\\nb" trained (exit 0) into a run whose config.toml no resume or export could read back;
     "a\\x00b" was a worker's traceback (reviewer finding). From --set and from a TOML file alike."""
@@ -305,6 +305,7 @@ def test_a_control_character_in_a_string_setting_is_refused(tmp_path, value):
 
 @pytest.mark.parametrize("override, hint", [
     ("model.m_max=3", "unknown key model.m_max (did you mean train.m_max?)"),  # the key, in another section
+    ("data.m_max=3", "unknown key data.m_max (did you mean train.m_max?)"),  # not data.max_len: the key elsewhere first
     ("data.pth=x", "unknown key data.pth (did you mean data.path?)"),
     ("trian.m_max=2", "unknown section [trian] (did you mean train or trainer?)"),
     ("train.zzzz=1", "unknown key train.zzzz"),

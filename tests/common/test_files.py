@@ -239,8 +239,18 @@ def test_a_killed_writers_leftover_is_no_swap_to_wait_for(tmp_path, monkeypatch)
     assert waits == []
 
 
+def test_a_planted_old_sibling_of_pid_0_is_no_swap_to_wait_for(tmp_path, monkeypatch):
+    """os.kill(0, 0) succeeds (it signals our own group): pid 0 taken as a writer made every load wait."""
+    (tmp_path / ".model.old-0").mkdir()
+    waits = []
+    monkeypatch.setattr(files.time, "sleep", waits.append)
+    with pytest.raises(DataError, match="no saved model"):
+        load_unreplaced(tmp_path / "model", lambda where: read_manifest(where, "no saved model"), lambda m: m)
+    assert waits == []
 
-@pytest.mark.parametrize("planted", [".out.tmp-99999999999999999999", ".out.tmp-²", ".out.old-0", ".out.tmp-12a"])
+
+@pytest.mark.parametrize("planted", [".out.tmp-99999999999999999999", ".out.tmp-²", ".out.old-0", ".out.tmp-12a",
+                                     ".out.tmp-12345678", ".out.tmp-012"])
 def test_a_planted_temp_sibling_of_no_pid_is_left_alone_and_the_write_goes_on(tmp_path, planted):
     """A digit string too long for a C long (OverflowError) or a non-ASCII digit (ValueError from int) beside
     an output made every writer of it a traceback (reviewer finding); pid 0 would signal our own group."""
@@ -252,4 +262,6 @@ def test_a_planted_temp_sibling_of_no_pid_is_left_alone_and_the_write_goes_on(tm
 def test_a_temp_sibling_names_its_output_and_its_writer():
     assert files.sibling_out(f".e00001-s0000002.tmp-{os.getpid()}") == "e00001-s0000002"
     assert files.sibling_out(".a.b.old-4194304") == "a.b"
-    assert [files.sibling_out(n) for n in ("out", ".out", ".out.tmp-", "out.tmp-12", ".out.new-12")] == [None] * 5
+    not_siblings = ("out", ".out", ".out.tmp-", "out.tmp-12", ".out.new-12", ".out.tmp-12a", ".out.tmp-12345678",
+                    ".out.old-0")  # a pid is 1 to 7 digits, the whole name matched
+    assert [files.sibling_out(n) for n in not_siblings] == [None] * len(not_siblings)

@@ -116,42 +116,52 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("keys, why", [
-    (header_only("|V32", (10 ** 12,)), "(1000000000000,), not at most"),  # 286 bytes, 10^12 keys declared
-    (npy_bytes(np.zeros(5, "S64")), "keys |S64 (5,)"),  # another key type: np.concatenate's traceback
+@pytest.mark.parametrize("members, why", [
+    ({"keys.npy": header_only("|V32", (10 ** 12,))}, "(1000000000000,), not at most"),  # 286 bytes, 10^12 keys
+    ({"keys.npy": npy_bytes(np.zeros(5, "S64"))}, "keys |S64 (5,)"),  # another key type: np.concatenate's traceback
+    ({"keys.npy": npy_bytes(np.zeros((3, 1), "V32")), "vectors.npy": npy_bytes(np.zeros((3, 384), np.float16))},
+     "keys |V32 (3, 1)"),  # digests, but 2-D: beside a good file, np.concatenate's traceback
+    ({"vectors.npy": npy_bytes(np.zeros((3, 384), np.float16))}, "keys.npy"),  # no keys: a KeyError
 ])
 def test_a_cache_file_whose_keys_are_not_digests_is_a_warning_and_a_miss_read_no_further(
-        encoded, tmp_path, capsys, keys, why):
+        encoded, tmp_path, capsys, members, why):
     """A 286-byte file whose header declares 10^12 keys stopped every run for memory; keys of another type, a
-    DTypePromotionError traceback (reviewer findings). The header is read first: the file is a miss."""
+    DTypePromotionError traceback (reviewer findings). The header is read first: the file is a miss. The first
+    call's good files sit beside it."""
+    import shutil
     import zipfile
     features, _, _, cache = encoded
     chunk = next(cache.rglob("chunk-*.npz"))
-    (tmp_path / chunk.parent.name).mkdir()
+    shutil.copytree(chunk.parent, tmp_path / chunk.parent.name)
     crafted = tmp_path / chunk.parent.name / "chunk-ffff.npz"
     with zipfile.ZipFile(crafted, "w") as z:
-        z.writestr("keys.npy", keys)
+        for name, data in members.items():
+            z.writestr(name, data)
     stats = EncodeStats()
     again, _ = encode(TITLES, cache_dir=tmp_path, stats=stats)
     err = capsys.readouterr().err
     assert f"warning: ignoring unreadable text cache file {crafted}" in err and why in err, err
-    assert (stats.cached, stats.encoded) == (0, 3)
+    assert stats.cached + stats.encoded == 3 and stats.cached > 0  # the good files still serve
     np.testing.assert_array_equal(again, features)
 
 
-def test_a_cache_file_whose_vectors_declare_a_huge_type_is_one_error_then_a_miss(encoded, tmp_path):
+@pytest.mark.parametrize("vectors, problem", [
+    (header_only("|V1000000000", (3, 384)), r"\|V1000000000"),  # 1 TiB asked for
+    (npy_bytes(np.ones((3, 384), np.int16)), "int16"),  # read as features, exit 0
+])
+def test_a_cache_file_whose_vectors_are_not_floats_is_one_error_then_a_miss(encoded, tmp_path, vectors, problem):
     """The shape was checked before the read but not the type: (3, 384) items of a gigabyte each asked for 1 TiB,
     a MemoryError on every run that neither named the file nor removed it (reviewer finding)."""
     import zipfile
 
-    def huge_vectors(chunk, copy):
+    def other_vectors(chunk, copy):
         with np.load(chunk) as z:
             keys = z["keys"]
         with zipfile.ZipFile(copy, "w") as out:
             out.writestr("keys.npy", npy_bytes(keys))
-            out.writestr("vectors.npy", header_only("|V1000000000", (3, 384)))
+            out.writestr("vectors.npy", vectors)
 
-    refused_then_encoded_again(encoded, tmp_path, huge_vectors, r"\(vectors of \|V1000000000, not floats\)")
+    refused_then_encoded_again(encoded, tmp_path, other_vectors, rf"\(vectors of {problem}, not floats\)")
 
 
 def test_a_cache_file_damaged_past_its_keys_is_one_error_then_a_miss(encoded, tmp_path):

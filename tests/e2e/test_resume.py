@@ -12,6 +12,7 @@ tests/e2e/test_object_store.py, whose killed run keeps its run directory in an o
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -278,15 +279,20 @@ def test_a_run_killed_inside_a_phase_it_rejects_resumes_and_rejects_it_the_same_
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_diverged_run_stops_in_one_line_and_saves_no_model(tmp_path):
+@pytest.mark.parametrize("checkpoint_every, log_every", [(1, 10), (0, 0), (0, 1)])
+def test_a_diverged_run_stops_in_one_line_and_saves_no_model(tmp_path, checkpoint_every, log_every):
     """lr 1e30: the loss is NaN from the first epoch. The NaN target scores ranked first, so validation read 1.0
     on every metric, epoch 0 was saved as the best model and the run exited 0 (reviewer finding). And with a
     checkpoint every step, the rest of the epoch trained on NaN weights and saved them, pruning the checkpoints
-    from before the divergence (reviewer finding): now the run stops at the step whose loss is NaN."""
+    from before the divergence (reviewer finding): now the run stops at the step whose loss is NaN. Without
+    checkpoints or logs within the epoch, at its end; logging every step, before a NaN reaches TensorBoard."""
+    from tests.training.test_metric_sinks import tensorboard_scalars
+
     data = tiny_dataset(tmp_path / "data")
     settings = ["train.method=alterrec", "train.m_max=3", "train.m_random=1", "train.m_gap=1", "train.k1=5",
                 "train.k2=30", "train.global_batch_size=40", "eval.batch_size=50", "model.dim=8",
-                "train.lr_id=1e30", "train.lr_text=1e30", "train.checkpoint_every=1", f"data.path={data}"]
+                "train.lr_id=1e30", "train.lr_text=1e30", f"train.checkpoint_every={checkpoint_every}",
+                f"train.log_every={log_every}", f"data.path={data}"]
     run = tmp_path / "run"
     r = subprocess.run([PY, "-m", "alterrec_dist.train", "--launcher", "torchrun", "--out", str(run), *sets(settings)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
@@ -295,6 +301,11 @@ def test_a_diverged_run_stops_in_one_line_and_saves_no_model(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == ("error: epoch 0, step 1: the id network's training loss is nan: "
                                                  "the run diverged (lower train.lr_id / train.lr_text)")
     assert not (run / "model").exists() and not (run / "summary.json").exists()
+    logged = tensorboard_scalars(run / "tensorboard")
+    assert all(math.isfinite(v) for series in logged.values() for v in series.values()), logged
+    if not checkpoint_every:  # the epoch's end refused before its checkpoint
+        assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+        return
     saved = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert saved == [checkpoint_name(0, 1)]  # the step before the NaN loss; its weights are finite (huge)
     for f in (run / "checkpoints" / saved[0]).rglob("*.pt"):

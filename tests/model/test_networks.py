@@ -188,6 +188,8 @@ def test_a_zero_text_row_under_cosine_logits_stays_zero_with_a_bounded_gradient(
     (rows * torch.randn_like(rows)).sum().backward()
     largest = max(p.grad.abs().max().item() for p in net.text_mlp.parameters())
     assert largest < 100, f"gradient {largest:.3g}"
+    tiny = torch.randn(3, 8) * 1e-5  # only an exact zero is kept: a small row is still made unit length
+    torch.testing.assert_close(net._unit(tiny).norm(dim=-1), torch.ones(3))
 
 
 @pytest.mark.parametrize("encoder", ["mean", "transformer"])

@@ -329,11 +329,14 @@ def test_scoring_shows_its_progress_in_sessions(run, tmp_path, monkeypatch, caps
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own DataContext deprecations
-def test_ray_data_path_equals_summary_and_in_process_output(scored, run, tmp_path):
+def test_ray_data_path_equals_summary_and_in_process_output(scored, run, tmp_path, monkeypatch):
     pytest.importorskip("ray")
+    actors, run_ray = [], batch_runners.run_ray
+    monkeypatch.setattr(batch_runners, "run_ray", lambda *a: actors.append(a[6]) or run_ray(*a))
     code = batch_score.main(["--run", str(run), "--split", "test", "--out", str(tmp_path / "ray.parquet"),
                              "--metrics-out", str(tmp_path / "m.json"), "--ray", "--ray-actors", "1"])
     assert code == 0
+    assert actors == [1]  # as asked (with --device cuda, each actor is a GPU)
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["ray"] is True
     assert_equals_summary(report, run)
