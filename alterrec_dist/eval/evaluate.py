@@ -167,12 +167,21 @@ def kind_scores(parts: torch.Tensor, weights: dict[str, list[float]]) -> torch.T
     return parts @ w.T
 
 
-def orders_before(scores: torch.Tensor, target_scores: torch.Tensor, before_by_id: torch.Tensor) -> torch.Tensor:
+def orders_before(scores: torch.Tensor, target_scores: torch.Tensor, before_by_id: torch.Tensor,
+                  nan_targets: bool = True) -> torch.Tensor:
     """The engine's one order of items: an item comes before the target if it scores higher, or scores the
     same and has a smaller id (`before_by_id`): the order mining and serving use, the same on any machine. A
     tie thus counts against a target of the larger id and for one of the smaller (README, Metrics). A target
-    scored NaN (a diverged model) comes after every item: no comparison with NaN holds, which ranked it first."""
-    return (scores > target_scores) | ((scores == target_scores) & before_by_id) | target_scores.isnan()
+    scored NaN (a diverged model) comes after every item: no comparison with NaN holds, which ranked it first.
+    `nan_targets` False: the caller knows that no target is NaN, and that pass over the scores is skipped."""
+    before = (scores > target_scores) | ((scores == target_scores) & before_by_id)
+    return before | target_scores.isnan() if nan_targets else before
+
+
+def weighted_sum(weights: list[float], parts: list[torch.Tensor]) -> torch.Tensor:
+    """sum(w * part for w, part if w), without the passes that change no bit: 0 + x and 1.0 * x."""
+    terms = [p if w == 1.0 else w * p for w, p in zip(weights, parts) if w]
+    return functools.reduce(torch.add, terms)
 
 
 def rank_tiles(queries: list[torch.Tensor], matrices: list[torch.Tensor], scales: list[float],
@@ -186,24 +195,35 @@ def rank_tiles(queries: list[torch.Tensor], matrices: list[torch.Tensor], scales
     smaller id; an item whose rows equal the target's in every component the kind weighs (`row_keys`: `keys` per
     row, `target_keys` (G, C)) scores the same, so it goes by id whatever the rounding), else None.
     `on_top(scores, tile_ids, parts)` sees each tile's `top_kind` scores."""
+    # The passes over (G, tile) scores, not the matmuls, are most of this loop's time on the CPU (and on a GPU
+    # at catalog scale): bools are combined with & and | (torch.where on bools is about 10x slower here),
+    # counted through uint8 to int32 (a bool sum goes through int64, about 7x slower), and the twin masks are
+    # made once a tile for each set of components the kinds weigh. Same counts, bit for bit.
     kinds = list(weights)
     counts = None if target is None else torch.zeros(len(target), len(kinds), dtype=torch.long,
                                                      device=target.device)
+    nan_targets = target is not None and bool(target_scores.isnan().any())  # one host read a batch
     for s, e in tiles:
         tile_ids = ids[s:e]
-        parts = [(q @ m[s:e].T) * sc for q, m, sc in zip(queries, matrices, scales)]
+        parts = [q @ m[s:e].T if sc == 1.0 else (q @ m[s:e].T) * sc for q, m, sc in zip(queries, matrices, scales)]
         if target is not None:
-            not_target = tile_ids[None, :] != target[:, None]
             before_by_id = tile_ids[None, :] < target[:, None]
             same_row = [keys[s:e, c][None, :] == target_keys[:, c:c + 1] for c in range(len(matrices))]
+            twins = {}  # weighed components -> (a twin before the target by id, not a twin)
         for i, kind in enumerate(kinds):
             if target is None and kind != top_kind:
                 continue
-            scores = sum(w * p for w, p in zip(weights[kind], parts) if w)
+            scores = weighted_sum(weights[kind], parts)
             if target is not None:
-                twin = functools.reduce(torch.logical_and, [t for w, t in zip(weights[kind], same_row) if w])
-                before = torch.where(twin, before_by_id, orders_before(scores, target_scores[:, i:i + 1], before_by_id))
-                counts[:, i] += (before & not_target).sum(1)
+                used = tuple(bool(w) for w in weights[kind])
+                if used not in twins:
+                    twin = functools.reduce(torch.logical_and, [t for u, t in zip(used, same_row) if u])
+                    twins[used] = (twin & before_by_id, ~twin)
+                twin_before, not_twin = twins[used]
+                # a twin goes by id whatever the rounding; the target is its own twin, so it never counts
+                before = orders_before(scores, target_scores[:, i:i + 1], before_by_id, nan_targets)
+                before = (before & not_twin) | twin_before
+                counts[:, i] += before.view(torch.uint8).sum(1, dtype=torch.int32)
             if kind == top_kind:
                 on_top(scores, tile_ids, parts)
     return counts
