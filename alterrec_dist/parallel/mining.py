@@ -111,17 +111,20 @@ def leftmost_at_cut(scores: torch.Tensor, cut: torch.Tensor, values: torch.Tenso
 
 
 def local_candidates(queries: torch.Tensor, item_rows: torch.Tensor, k: int, scale: float,
-                     tile_rows: int, ties_by_id: bool = False) -> Candidates:
+                     tile_rows: int, ties_by_id: bool = False, only: torch.Tensor | None = None) -> Candidates:
     """This shard's top-k scores per query, scored tile by tile (a selection: no row of scores is sorted);
     tile_rows 0: the device's default (`device.tile_rows`). `ties_by_id`: of a tie at the cut, the lowest
     rows (`top_columns`: a host read per tile, so only where `top_items` or a tie group across a band's edge
-    needs it)."""
+    needs it). `only`: the candidates of those queries (indices) alone; every tile is still scored for all of
+    them, as a matmul of fewer rows may round otherwise, but only theirs are selected."""
     device = queries.device
     tile_rows = resolve_tile_rows(tile_rows, device, len(queries))
-    best = Candidates(torch.empty(len(queries), 0, device=device),
-                      torch.empty(len(queries), 0, dtype=torch.long, device=device))
+    selected = len(queries) if only is None else len(only)
+    best = Candidates(torch.empty(selected, 0, device=device), torch.empty(selected, 0, dtype=torch.long, device=device))
     for start in range(0, len(item_rows), tile_rows):
         scores = torch.mm(queries, item_rows[start:start + tile_rows].T).mul_(scale)
+        if only is not None:
+            scores = scores[only]
         rows = torch.arange(start, start + scores.shape[1], device=device).expand_as(scores)
         merged = best.scores.shape[1] > 0
         if merged:  # the kept rows all come before this tile's: in row order if they were
@@ -314,14 +317,13 @@ def mine_band(comm: Comm, queries: torch.Tensor, item_rows: torch.Tensor, item_i
     band = Band(cand.rows, above_k2 & within_k1)  # exact unless a tie group crosses an edge (`tie_splits`)
     split = tie_splits(comm, torch.stack([(~within_k1).sum(1), above_k2.sum(1)], 1), k1, k2, num_items)
     if bool(split.any()):  # a host read, after an all-reduce: every rank takes the same branch
-        redo = split.any(1)
-        at = redo.nonzero()[:, 0]
+        at = split.any(1).nonzero()[:, 0]
         if extra == 0:  # `topk` kept any of a tie at the cut: keep the lowest ids, as the keys need. Every query
             # is scored again, not the split ones alone: a matmul of fewer rows rounds otherwise, and twins
-            # (identical rows) tied in the first pass would not tie in the second
-            lowest = local_candidates(queries, item_rows, width, scale, tile_rows, ties_by_id=True)
-            cand = Candidates(torch.where(redo[:, None], lowest.scores, cand.scores),
-                              torch.where(redo[:, None], lowest.rows, cand.rows))
+            # (identical rows) tied in the first pass would not tie in the second. Only the split ones are
+            # selected again (on Scientific, 3-4 queries of 512 at every hard ID step)
+            lowest = local_candidates(queries, item_rows, width, scale, tile_rows, ties_by_id=True, only=at)
+            cand = Candidates(cand.scores.index_put((at,), lowest.scores), cand.rows.index_put((at,), lowest.rows))
             band = Band(cand.rows, band.mask)
         keys = score_keys(cand.scores[at], item_ids[cand.rows[at]])
         # the keys at ranks k1 and k2: a side whose tie group starts at its rank keeps the highest key of its
