@@ -78,3 +78,14 @@ def test_a_target_scored_nan_comes_after_every_item():
     scores, by_id = torch.tensor([[0.1, 0.5, float("nan")]]), torch.tensor([[True, False, False]])
     assert orders_before(scores, torch.tensor([[float("nan")]]), by_id).tolist() == [[True, True, True]]
     assert orders_before(scores, torch.tensor([[0.5]]), by_id).tolist() == [[False, False, False]]
+
+
+def test_the_ranking_loop_puts_a_nan_target_after_every_item_beside_a_finite_one():
+    """rank_tiles skips the NaN pass when no target is NaN: with one NaN target in the batch it must still run."""
+    from alterrec_dist.eval.evaluate import rank_tiles
+    q, m = torch.tensor([[1.0], [1.0]]), torch.arange(6, dtype=torch.float32)[:, None]  # item i scores i
+    target = torch.tensor([2, 4])
+    keys = torch.arange(6)[:, None]  # no twins
+    counts = rank_tiles([q], [m], [1.0], {"id": [1.0]}, [(0, 4), (4, 6)], torch.arange(6), target,
+                        torch.tensor([[float("nan")], [4.0]]), keys=keys, target_keys=keys[target])
+    assert counts.tolist() == [[5], [1]]  # every other item; item 5 alone scores above 4
