@@ -194,7 +194,7 @@ def correctness(comm: Comm, cpu_comm: Comm, device: torch.device, shape: Shape) 
     cpu = small_run(cpu_comm if use_gpu else comm, False, "fp32", False, shape)
     exact = small_run(comm, use_gpu, "fp32", False, shape)
     fast = small_run(comm, use_gpu, "bf16", True, shape)
-    configure_kernels(device, tf32=False)
+    configure_kernels(device, tf32=False, cpu_threads=torch.get_num_threads())
     brute = brute_force_mining(comm, device, shape)
     return {"fp32": compare_small(cpu, exact), "bf16_tf32": compare_small(cpu, fast), "brute_force": brute}
 

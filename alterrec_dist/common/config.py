@@ -107,6 +107,8 @@ class TrainerConfig:
                                    # "fp16" (deepspeed on GPU); scores, band loss and ranks stay fp32
     zero_stage: int = 0            # deepspeed ZeRO: 0 replicated, 1 optimizer state, 2 + gradients partitioned
     tf32: bool = True              # on GPU: fp32 matmuls on TF32 tensor cores; false: exact fp32
+    cpu_threads: int = 1           # torch threads of a CPU worker, under either launcher: results depend on it
+                                   # (LayerNorm's backward sums per thread), so it is set, not inherited
 
 
 # -- valid ranges: the one place that knows them ----------------------------------------------------
@@ -204,6 +206,7 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
     "trainer.engine": _one_of("ddp", "deepspeed"),
     "trainer.precision": _one_of("fp32", "bf16", "fp16"),
     "trainer.zero_stage": _one_of(0, 1, 2),
+    "trainer.cpu_threads": _at_least(1),
 }
 
 
@@ -435,7 +438,7 @@ def _read_config(path: str | Path | None = None, overrides: list[str] = (),
 # its checkpoints and best record hold: another model, plan, seed, loss or selection; the dense engine, its
 # precision and ZeRO stage also shape the optimizer state a checkpoint holds (`stepper.check_saved_engine`).
 RESUMABLE = ("trainer.num_workers", "trainer.use_gpu", "trainer.launcher", "trainer.storage_path", "trainer.name",
-             "trainer.max_failures", "trainer.tf32", "train.m_max", "train.patience", "train.checkpoint_every",
+             "trainer.max_failures", "trainer.tf32", "trainer.cpu_threads", "train.m_max", "train.patience", "train.checkpoint_every",
              "train.log_every", "eval.batch_size", "eval.tile_rows", "data.path")
 WHERE_A_RUN_GOES = ("trainer.storage_path", "trainer.name")  # without --out: the directory of a new run
 

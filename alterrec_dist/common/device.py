@@ -18,15 +18,19 @@ def worker_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
 
 
-def configure_kernels(device: torch.device, tf32: bool) -> None:
+def configure_kernels(device: torch.device, tf32: bool, cpu_threads: int) -> None:
     """TF32 tensor-core matmuls on a GPU (fp32 in and out, 10-bit mantissa products), or exact fp32. On the CPU,
     torch's deterministic kernels: with two threads or more, two identical runs differed in the last bits of
-    their losses (an accumulating index backward); these sum in one order, and ran faster here too."""
+    their losses (an accumulating index backward); these sum in one order, and ran faster here too. They sum in
+    one order for a given thread count only (LayerNorm's backward sums per thread: 1 and 2 threads differed by
+    7.6e-5 in its gradients), so the count is the config's, not what the launcher left: a Ray worker got 1, a
+    process started by hand all the cores, and a run resumed under the other launcher trained differently."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
     else:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_num_threads(cpu_threads)
 
 
 def tile_rows(setting: int, device: torch.device, num_queries: int) -> int:

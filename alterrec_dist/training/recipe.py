@@ -117,7 +117,7 @@ def assemble_run(cfg: Config, comm: Comm, num_items: int, text_dim: int,
     `Batch`es (a SessionReader, or anything with `epoch(e)` and `steps_per_epoch()`)."""
     t = cfg.train
     device = worker_device(cfg.trainer.use_gpu)
-    configure_kernels(device, cfg.trainer.tf32)
+    configure_kernels(device, cfg.trainer.tf32, cfg.trainer.cpu_threads)
     torch.manual_seed(t.seed)  # same dense initialisation on every rank, drawn on the CPU on every device
     networks = {name: net.to(device)
                 for name, net in build_networks(t.method, cfg.model, text_dim, cfg.data.max_len).items()}

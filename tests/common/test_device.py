@@ -97,10 +97,23 @@ def test_a_cpu_worker_sums_an_index_backward_in_one_order():
 
     threads, before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
-        torch.set_num_threads(2)
-        configure_kernels(torch.device("cpu"), tf32=False)
+        configure_kernels(torch.device("cpu"), tf32=False, cpu_threads=2)
+        assert torch.get_num_threads() == 2
         first = index_backward()
         assert all(torch.equal(first, index_backward()) for _ in range(4))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(before)
+
+
+def test_a_cpu_worker_runs_the_configs_thread_count_not_the_launchers():
+    """LayerNorm's backward sums per thread: a Ray worker (1 thread) and a process started by hand (every core)
+    trained the same config to other losses (reviewer finding). The config's count is set."""
+    threads, before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.set_num_threads(2)
+        configure_kernels(torch.device("cpu"), tf32=False, cpu_threads=1)
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(before)
