@@ -38,19 +38,18 @@ BUCKETS = ("DeepSpeed's default", "the network")
 def measure(spec: dict) -> dict:
     """In a spawned rank: `spec["steps"]` timed ID-network steps after one warm-up step."""
     comm = Comm()
-    sets = scale_worker.overrides(spec, comm.world) + ["trainer.engine=deepspeed", f"trainer.zero_stage={spec['stage']}",
-                                                       "model.encoder=transformer"]
+    sets = [*scale_worker.overrides(spec, comm.world), "trainer.engine=deepspeed",
+            f"trainer.zero_stage={spec['stage']}", "model.encoder=transformer"]
     default = patch.object(stepper, "bucket_elements", lambda net: stepper.DEEPSPEED_BUCKET)
     with default if spec["bucket"] == BUCKETS[0] else contextlib.nullcontext():
         run = build_run(load_config(None, sets), comm)
-    engine = run.steppers["id"].engine.ds.optimizer
     batches = list(islice(run.train_reader.epoch(0), spec["steps"] + 1))
     run.train_reader = scale_worker.FixedBatches(batches[:1])
     train_epoch(run, Phase(0, "id", "random", False), None)  # warm-up: optimizer state, allocator
     run.train_reader = reader = scale_worker.FixedBatches(batches[1:])
     losses = [s["loss"] for s in train_epoch(run, Phase(1, "id", "random", False), None)]
     return {"step_s": statistics.median(reader.step_seconds()), "losses": losses,
-            "bucket": engine.reduce_bucket_size, "dense": sum(p.numel() for p in run.networks["id"].parameters()),
+            "dense": sum(p.numel() for p in run.networks["id"].parameters()),
             **scale_worker.peak_memory(run.device)}
 
 
@@ -86,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         for bucket in (BUCKETS if i % 2 == 0 else BUCKETS[::-1]):
             ranks = scale.spawn(args.world, point(args, data, stage, precision, bucket), target=measure)
             got[bucket] = {"step_s": max(r["step_s"] for r in ranks), "rss": max(r["peak_rss"] for r in ranks),
-                           "bucket": ranks[0]["bucket"], "dense": ranks[0]["dense"], "losses": ranks[0]["losses"]}
+                           "dense": ranks[0]["dense"], "losses": ranks[0]["losses"]}
             print(f"ZeRO {stage} {precision}, {bucket}: {got[bucket]['step_s']:.3f} s a step", file=sys.stderr)
         default, sized = (got[b] for b in BUCKETS)
+        ratio, gib = default["step_s"] / sized["step_s"], 2 ** 30
         rows.append(f"| {stage} | {precision} | {sized['dense']:,} | {default['step_s']:.3f} | {sized['step_s']:.3f} | "
-                    f"{default['step_s'] / sized['step_s']:.1f}x | {default['rss'] / 2**30:.2f} | {sized['rss'] / 2**30:.2f} | "
+                    f"{ratio:.1f}x | {default['rss'] / gib:.2f} | {sized['rss'] / gib:.2f} | "
                     f"{'yes' if default['losses'] == sized['losses'] else 'NO'} |")
     command = " ".join(["python -m bench.deepspeed_buckets", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     report = "\n".join([

@@ -438,8 +438,8 @@ def _read_config(path: str | Path | None = None, overrides: list[str] = (),
 # its checkpoints and best record hold: another model, plan, seed, loss or selection; the dense engine, its
 # precision and ZeRO stage also shape the optimizer state a checkpoint holds (`stepper.check_saved_engine`).
 RESUMABLE = ("trainer.num_workers", "trainer.use_gpu", "trainer.launcher", "trainer.storage_path", "trainer.name",
-             "trainer.max_failures", "trainer.tf32", "trainer.cpu_threads", "train.m_max", "train.patience", "train.checkpoint_every",
-             "train.log_every", "eval.batch_size", "eval.tile_rows", "data.path")
+             "trainer.max_failures", "trainer.tf32", "trainer.cpu_threads", "train.m_max", "train.patience",
+             "train.checkpoint_every", "train.log_every", "eval.batch_size", "eval.tile_rows", "data.path")
 WHERE_A_RUN_GOES = ("trainer.storage_path", "trainer.name")  # without --out: the directory of a new run
 
 

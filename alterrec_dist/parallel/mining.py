@@ -120,7 +120,8 @@ def local_candidates(queries: torch.Tensor, item_rows: torch.Tensor, k: int, sca
     device = queries.device
     tile_rows = resolve_tile_rows(tile_rows, device, len(queries))
     selected = len(queries) if only is None else len(only)
-    best = Candidates(torch.empty(selected, 0, device=device), torch.empty(selected, 0, dtype=torch.long, device=device))
+    best = Candidates(torch.empty(selected, 0, device=device),
+                      torch.empty(selected, 0, dtype=torch.long, device=device))
     for start in range(0, len(item_rows), tile_rows):
         scores = torch.mm(queries, item_rows[start:start + tile_rows].T).mul_(scale)
         if only is not None:
