@@ -13,12 +13,12 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from alterrec_dist.common import run_layout
-from alterrec_dist.common.code_version import git_commit
-from alterrec_dist.common.config import METRICS, SCORE_PARTS, read_toml, shown
+from alterrec_dist.common.config import METRICS, PROJECT_ROOT, SCORE_PARTS, read_toml, shown
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.common.files import atomic_write_bytes, read_json
 from alterrec_dist.common.methods import METHODS, selection_part, sweep_alpha, sweep_kind
@@ -304,6 +304,14 @@ def switch_row(method: str, setting: str, runs: list[dict]) -> str:
 
 
 # -- the document ------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
 
 def dataset_runs(d, specs: list) -> tuple[list[dict], dict[str, list[dict]], dict[str, list[dict]], list]:
     """A dataset's finished runs; its methods' and peers' runs, each the chosen setting's where a choice was
