@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from alterrec_dist.common import run_layout, storage
+from alterrec_dist.common.code_version import code_version
 from alterrec_dist.common.config import Config
 from alterrec_dist.common.device import configure_kernels, worker_device
 from alterrec_dist.common.errors import ConfigError, DataError
@@ -280,6 +281,7 @@ def run_summary(progress: Progress, cfg: Config, part: str, metric: str, stopped
         "valid": best["valid"],
         "test": {k: overall(best["test"][k]) for k in best["test"]},
         "longtail": {k: best["test"][k]["longtail"] for k in best["test"]},
+        "code": code_version(),  # a rerun by other code may differ (README, Run directory)
     }
     alpha = chosen_alpha(best, cfg.eval.alpha, cfg.eval.alpha_sweep, part, metric)
     return summary if alpha is None else summary | {"alpha": alpha}

@@ -8,7 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
+from alterrec_dist.common.code_version import source_sha256
 from alterrec_dist.common.config import METRICS, PROJECT_ROOT, Config, load_config
 from tests.test_train import PY, SCORES, cli, tiny_dataset
 
@@ -37,6 +39,8 @@ def check_run_dir(run: Path, epochs: int, stdout: str, workers: int) -> None:
             assert set(METRICS) <= set(scores)
             assert all(0.0 <= scores[m] <= 1.0 for m in METRICS)
     assert "longtail" in summary
+    # the code that made it, also where it ran from an uploaded copy without .git (`ray job submit`)
+    assert summary["code"] == {"source_sha256": source_sha256(), "torch": torch.__version__}
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [ln["epoch"] for ln in lines] == list(range(epochs))
     assert [(ln["network"], ln["negatives"]) for ln in lines] == [("id", "random"), ("text", "random"), ("id", "hard")]
