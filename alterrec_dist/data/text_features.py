@@ -11,6 +11,7 @@ time, so the V×D array is never held whole.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -34,11 +35,12 @@ DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 # sorted batches either way) took 22 s of CPU per 1,097 texts at 32 against 42 s at 256 with
 # one torch thread; big batches' activations spill out of cache. Raise it on a GPU.
 DEFAULT_BATCH_SIZE = 32
-CACHE_CHUNK_ROWS = 8_192  # texts per cache file: bounds what an interrupted run loses
+CACHE_CHUNK_ROWS = 8_192  # texts per cache file (at least): bounds what an interrupted run loses
+TOKENIZE_ROWS = 8_192  # texts tokenized at once to plan the batches: bounds the padded token ids held
 
 # An encoder: text batches in, their float16 vectors out, batch by batch in the same order. The
-# batches are formed here (`_encode_plan`), so every encoder runs the model on the same batches:
-# sentence-transformers' outputs depend on a batch's padded length.
+# batches are formed here (`_encode_plan`), of texts of one token length each: sentence-transformers'
+# outputs depend on a batch's padded length.
 Encoder = Callable[[Path, Iterable[list[str]], bool], Iterator[np.ndarray]]
 
 
@@ -119,7 +121,8 @@ def _fill_cache(cache: "_EncodingCache", model_dir: Path, texts: list[str], dim:
     if not len(missing):
         return where
     stats.model_loaded = True
-    chunks = [[missing[b] for b in chunk] for chunk in _encode_plan([texts[i] for i in missing], batch_size)]
+    lengths = token_lengths(model_dir, [texts[i] for i in missing])
+    chunks = [[missing[b] for b in chunk] for chunk in _encode_plan(lengths, batch_size)]
     vectors = encoder(model_dir, ([texts[i] for i in batch] for chunk in chunks for batch in chunk), progress)
     try:
         with tqdm(total=len(missing), desc="encoding texts", unit="text", disable=not progress) as bar:
@@ -137,12 +140,35 @@ def _fill_cache(cache: "_EncodingCache", model_dir: Path, texts: list[str], dim:
     return where
 
 
-def _encode_plan(texts: list[str], batch_size: int) -> list[list[np.ndarray]]:
-    """Cache chunks of batches (indices into `texts`), longest text first as sentence-transformers
-    does (batches of similar length pad least); a chunk's last batch may be short."""
-    order = np.argsort([-len(t) for t in texts], kind="stable")
-    chunks = (order[lo: lo + CACHE_CHUNK_ROWS] for lo in range(0, len(order), CACHE_CHUNK_ROWS))
-    return [[chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)] for chunk in chunks]
+def _encode_plan(lengths: np.ndarray, batch_size: int) -> list[list[np.ndarray]]:
+    """Cache chunks of batches (indices into the texts whose token `lengths` are given), each batch of texts of
+    one token length, longest first; a chunk ends at the batch that reaches CACHE_CHUNK_ROWS texts.
+
+    A batch without padding gives a text the vector it has in any other such batch (`encode_batch` runs a lone
+    text twice), on this project's CPUs: checked on Scientific titles and on texts of 4 to 31 tokens in batches
+    of 1 to 32; in batches of mixed lengths, as sentence-transformers forms them, 383 of 600 Scientific titles
+    differed in their last bits from their vector alone. So a text's vector depends on the text only, not on
+    which other texts a cache lacked, nor on the batch size: with mixed batches Scientific prepared after a cache
+    warmed on part of it differed in 731 float16 values from a fresh one, and a run refused the remade dataset
+    as not its data (reviewer finding)."""
+    order = np.argsort(-lengths, kind="stable")
+    runs = np.split(order, np.nonzero(np.diff(lengths[order]))[0] + 1)
+    batches = [run[b: b + batch_size] for run in runs for b in range(0, len(run), batch_size)]
+    chunks, chunk, rows = [], [], 0
+    for batch in batches:
+        chunk.append(batch)
+        rows += len(batch)
+        if rows >= CACHE_CHUNK_ROWS:
+            chunks.append(chunk)
+            chunk, rows = [], 0
+    return chunks + [chunk] if chunk else chunks
+
+
+def token_lengths(model_dir: Path, texts: list[str]) -> np.ndarray:
+    """Each text's length in the model's tokens as its `encode` counts them (truncated at its max_seq_length)."""
+    st_model = load_encoding_model(model_dir, progress=False)
+    return np.concatenate([st_model.preprocess(texts[lo: lo + TOKENIZE_ROWS])["attention_mask"].sum(1).numpy()
+                           for lo in range(0, len(texts), TOKENIZE_ROWS)])
 
 
 def encode_here(model_dir: Path, batches: Iterable[list[str]], progress: bool,
@@ -165,9 +191,12 @@ def default_threads() -> int:
 
 
 def encode_batch(st_model, texts: list[str]) -> np.ndarray:
-    """One forward pass over `texts` as one batch: every encoder's unit of work."""
-    return st_model.encode(texts, batch_size=len(texts), convert_to_numpy=True,
-                           show_progress_bar=False).astype(np.float16)
+    """One forward pass over `texts` as one batch: every encoder's unit of work. A text alone runs beside a copy
+    of itself: a batch of one short text takes another kernel path (MiniLM at 6, 7 and 10 tokens gave other last
+    bits than in any larger batch of its length), and a cache missing only it would otherwise change its bits."""
+    batch = texts * 2 if len(texts) == 1 else texts
+    vectors = st_model.encode(batch, batch_size=len(batch), convert_to_numpy=True, show_progress_bar=False)
+    return vectors[:len(texts)].astype(np.float16)
 
 
 @contextmanager
@@ -183,6 +212,7 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@functools.lru_cache(maxsize=1)  # planning the batches (`token_lengths`) and encoding them share one load
 def load_encoding_model(model_dir: Path, progress: bool):
     # The model is always a local directory: never let the hub client go online (it hangs
     # without network).
@@ -288,14 +318,16 @@ def npz_member_header(path: Path, name: str) -> tuple[tuple, np.dtype]:
 
 class _EncodingCache:
     """Files `chunk-<sha>.npz` (keys: sha256 of each text, vectors: float16 rows) in one
-    directory per model identity (a hash of the model's files, see `_model_identity`)."""
+    directory per model identity (a hash of the model's files, see `_model_identity`), under `unpadded/`:
+    vectors encoded in batches of one token length (`_encode_plan`). A cache written before that rule (its
+    directories directly under the root) is not read: its vectors came from padded batches."""
 
     def __init__(self, root: Path, model_dir: Path):
         # checked before any text is encoded: a file there failed the run (a traceback) at the first save
         above = nearest_existing(root)
         if not above.is_dir():
             raise DataError(f"{root}: the text cache (ALTERREC_CACHE) cannot be a directory: {above} is a file")
-        self.dir = root / _model_identity(model_dir)
+        self.dir = root / "unpadded" / _model_identity(model_dir)
 
     def locate(self, keys: np.ndarray, dim: int) -> _Located:
         """Where each of `keys` is in the cache: one intersection over all cached keys, no vectors read."""

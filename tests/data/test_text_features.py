@@ -92,8 +92,8 @@ def test_cache_serves_a_second_call(encoded):
 def test_an_unreadable_cache_file_is_a_warning_and_a_miss(encoded, tmp_path, capsys):
     features, _, _, cache = encoded
     for f in cache.rglob("chunk-*.npz"):
-        (tmp_path / f.parent.name).mkdir(exist_ok=True)
-        (tmp_path / f.parent.name / f.name).write_bytes(f.read_bytes()[:100])  # torn: not a zip
+        (tmp_path / f.relative_to(cache)).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f.relative_to(cache)).write_bytes(f.read_bytes()[:100])  # torn: not a zip
     stats = EncodeStats()
     again, _ = encode(TITLES, cache_dir=tmp_path, stats=stats)
     assert "warning: ignoring unreadable text cache file" in capsys.readouterr().err
@@ -132,8 +132,8 @@ def test_a_cache_file_whose_keys_are_not_digests_is_a_warning_and_a_miss_read_no
     import zipfile
     features, _, _, cache = encoded
     chunk = next(cache.rglob("chunk-*.npz"))
-    shutil.copytree(chunk.parent, tmp_path / chunk.parent.name)
-    crafted = tmp_path / chunk.parent.name / "chunk-ffff.npz"
+    shutil.copytree(chunk.parent, tmp_path / chunk.parent.relative_to(cache))
+    crafted = tmp_path / chunk.parent.relative_to(cache) / "chunk-ffff.npz"
     with zipfile.ZipFile(crafted, "w") as z:
         for name, data in members.items():
             z.writestr(name, data)
@@ -182,8 +182,8 @@ def refused_then_encoded_again(encoded, tmp_path, damage, problem: str) -> None:
     `problem` and the file removed, then the next run encodes its texts to the features they had."""
     features, _, _, cache = encoded
     (chunk,) = [f for f in cache.rglob("chunk-*.npz") if len(np.load(f)["keys"]) == 3]  # the first call's
-    copy = tmp_path / chunk.parent.name / chunk.name
-    copy.parent.mkdir()
+    copy = tmp_path / chunk.relative_to(cache)
+    copy.parent.mkdir(parents=True)
     damage(chunk, copy)
     with pytest.raises(DataError, match=rf"{copy.name}: a damaged text cache file {problem}"):
         encode(TITLES, cache_dir=tmp_path)
@@ -306,3 +306,25 @@ def test_a_cache_chunk_that_cannot_be_written_names_the_cache_not_the_output(tmp
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
         cache.dir.chmod(0o700)
+
+
+def test_a_texts_vector_is_its_own_whatever_the_cache_held(tmp_path):
+    """Batches of one token length: a text's vector is the one it has encoded alone, so a dataset's features do not
+    depend on which texts the cache already held (with batches of mixed lengths, Scientific prepared after a
+    cache warmed on part of it differed in 731 float16 values: reviewer finding) nor on the batch size."""
+    texts = [f"{' '.join(['widget'] * (i % 9 + 1))} model {i}" for i in range(40)]
+    fresh, _ = encode(texts, cache_dir=tmp_path / "fresh")
+    encode(texts[::3], cache_dir=tmp_path / "warmed")
+    warmed, _ = encode(texts, cache_dir=tmp_path / "warmed")
+    other_batches, _ = encode(texts, cache_dir=tmp_path / "batch-7", batch_size=7)
+    model = text_features.load_encoding_model(text_features.default_model_path(), progress=False)
+    alone = np.stack([text_features.encode_batch(model, [t])[0] for t in texts])
+    assert fresh.tobytes() == warmed.tobytes() == other_batches.tobytes() == alone.tobytes()
+
+
+def test_the_plan_batches_texts_of_one_token_length_longest_first():
+    lengths = np.array([3, 5, 3, 3, 9, 5, 3])
+    chunks = text_features._encode_plan(lengths, batch_size=2)
+    batches = [list(b) for chunk in chunks for b in chunk]
+    assert batches == [[4], [1, 5], [0, 2], [3, 6]]
+    assert len(chunks) == 1  # 7 texts, far below a chunk's

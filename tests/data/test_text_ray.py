@@ -68,15 +68,12 @@ def test_ray_writes_the_same_bytes_and_shares_the_cache(scientific_slice, tmp_pa
 
 
 def whole_array_encoding(texts: list[str]) -> bytes:
-    """The bytes the pre-streaming code wrote: each distinct text encoded in the length-sorted batches of
-    32, the V×D float16 array assembled whole (zero rows without text), saved as one .npy part."""
+    """The bytes of the plainest encoding: each distinct text encoded alone (`text_features._encode_plan`: a text's
+    vector is its own, whatever batch of its length it ran in), the V×D float16 array assembled whole (zero rows
+    without text), saved as one .npy part."""
     distinct = list(dict.fromkeys(t for t in texts if t))
     model = load_encoding_model(default_model_path(), progress=False)
-    longest_first = sorted(range(len(distinct)), key=lambda i: -len(distinct[i]))
-    vectors = np.zeros((len(distinct), 384), dtype=np.float16)
-    for lo in range(0, len(distinct), 32):
-        batch = longest_first[lo: lo + 32]
-        vectors[batch] = encode_batch(model, [distinct[i] for i in batch])
+    vectors = np.stack([encode_batch(model, [text])[0] for text in distinct])
     features = np.zeros((len(texts), 384), dtype=np.float16)
     with_text = [i for i, t in enumerate(texts) if t]
     features[with_text] = vectors[[distinct.index(texts[i]) for i in with_text]]
