@@ -22,14 +22,15 @@ RUN apt-get update \
     && useradd --create-home --uid 1001 --gid 1001 alterrec
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY alterrec_dist ./alterrec_dist
 # Editable: relative paths in configs (shards/, runs/) resolve against /app, the project root.
-# setuptools and wheel first: DeepSpeed's sdist is built without isolation, against the torch above.
-RUN pip install setuptools==84.2.1 wheel==0.48.0 \
-    && pip install torch==2.13.0 \
-    && DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8 \
-    && pip install -e ".[mlflow]" \
+# pip, setuptools and wheel first, as .ci/setup pins them: DeepSpeed's sdist is built without isolation,
+# against them and the torch above.
+RUN pip install pip==26.3 setuptools==84.2.1 wheel==0.48.0 \
+    && pip install -c constraints.txt torch==2.13.0 \
+    && DS_BUILD_OPS=0 pip install -c constraints.txt --no-build-isolation deepspeed==0.19.8 \
+    && pip install -c constraints.txt -e ".[mlflow]" \
     && chown alterrec:alterrec /app
 COPY configs ./configs
 COPY shards ./shards

@@ -34,8 +34,7 @@ from tests.test_train import tiny_dataset as dataset_of
 from tests.tiny_data import V, tiny_dataset
 
 # The matrix is in the fast tier: reaching Ray fails a case (conftest `no_ray`).
-pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning"),
-              pytest.mark.usefixtures("no_ray")]
+pytestmark = pytest.mark.usefixtures("no_ray")
 
 
 # -- what every case asserts -----------------------------------------------------------------------

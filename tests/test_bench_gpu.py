@@ -40,7 +40,6 @@ def test_the_gpu_check_dry_runs_on_the_cpu_and_writes_its_report(tmp_path):
     assert "loss_ms" in raw["throughput"][0]["floor"]
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")  # in this process, unlike above
 def test_a_catalog_the_device_cannot_hold_is_recorded_and_the_rest_reported(tmp_path, monkeypatch):
     """V = 10M peaks at ~91 GiB: on an H100 (78 GiB) it runs out of memory. The report keeps the catalogs
     measured and names the one that did not fit, instead of the call bringing back nothing."""

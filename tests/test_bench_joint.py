@@ -9,8 +9,6 @@ from alterrec_dist.common.cli import run_cli
 from bench import joint_finetune
 from tests.serve.test_export import run_with_summary_off, trained_run
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

@@ -9,8 +9,6 @@ from alterrec_dist.common.cli import run_cli
 from bench import late_fusion
 from tests.serve.test_export import run_with_summary_off, trained_run
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
-
 
 def main(args: list[str]) -> int:
     with pytest.raises(SystemExit) as e:

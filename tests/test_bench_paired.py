@@ -10,8 +10,6 @@ from alterrec_dist.common.cli import run_cli
 from bench import late_fusion, paired
 from tests.serve.test_export import trained_run
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
-
 
 def main(args: list[str]) -> int:
     with pytest.raises(SystemExit) as e:

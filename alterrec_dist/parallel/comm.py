@@ -8,16 +8,24 @@ from __future__ import annotations
 import pickle
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_autograd
 from torch import nn
 
-# torch 2.13 marks the autograd collectives deprecated in favour of the private
-# _functional_collectives; they remain the public API with gloo support, so keep the logs quiet.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated",
-                        category=FutureWarning)
+
+@contextmanager
+def _autograd_collective():
+    """torch 2.13 marks the autograd collectives deprecated in favour of the private _functional_collectives
+    (still so in 2.15); they remain the public API with gloo support, so their warning is quieted, at the call
+    only: a filter set at import changed the warnings of every program that imported the package (reviewer
+    finding)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 class Comm:
@@ -47,7 +55,9 @@ class Comm:
         """Concatenate every rank's `t` along dim 0 (rank order). Backward sums grads to owners."""
         self._count("all_gather", t)
         if autograd:
-            return self._count_backward("all_gather", torch.cat(dist_autograd.all_gather(t, group=self.group)))
+            with _autograd_collective():
+                parts = dist_autograd.all_gather(t, group=self.group)
+            return self._count_backward("all_gather", torch.cat(parts))
         out = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(out, t.contiguous(), group=self.group)
         return torch.cat(out)
@@ -75,7 +85,9 @@ class Comm:
         when each rank's loss covers only its own queries, as in `band_loss`."""
         self._count(f"all_reduce_{op}", t)
         if autograd:
-            return self._count_backward(f"all_reduce_{op}", dist_autograd.all_reduce(t, op=op, group=self.group))
+            with _autograd_collective():
+                out = dist_autograd.all_reduce(t, op=op, group=self.group)
+            return self._count_backward(f"all_reduce_{op}", out)
         out = t.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=op, group=self.group)
         return out
@@ -91,8 +103,9 @@ class Comm:
         out = torch.empty((sum(out_rows), *send.shape[1:]), dtype=send.dtype, device=send.device)
         in_rows = [len(c) for c in chunks]
         if autograd:
-            out = self._count_backward("all_to_all", dist_autograd.all_to_all_single(out, send, out_rows, in_rows,
-                                                                                     group=self.group))
+            with _autograd_collective():
+                out = dist_autograd.all_to_all_single(out, send, out_rows, in_rows, group=self.group)
+            out = self._count_backward("all_to_all", out)
         else:
             dist.all_to_all_single(out, send, out_rows, in_rows, group=self.group)
         return list(out.split(out_rows))

@@ -522,7 +522,8 @@ def dockerfile_uid() -> int:
 
 
 def test_dockerfile_copies_the_project_and_runs_train():
-    for needed in ("configs/scientific.toml", "configs/default.toml", "alterrec_dist/train.py", "pyproject.toml"):
+    for needed in ("configs/scientific.toml", "configs/default.toml", "alterrec_dist/train.py", "pyproject.toml",
+                   "constraints.txt"):
         repo_path_of(needed)
     ops = dockerfile_instructions()
     entry = [rest for op, rest in ops if op == "ENTRYPOINT"][-1]
@@ -538,26 +539,69 @@ def test_dockerignore_keeps_local_state_out():
         assert not dockerignored(src), f"COPY {src}: excluded by .dockerignore"
 
 
-def test_dockerfile_pins_match_pyproject():
+def pip_installs(commands: list[str]) -> list[tuple[list[str], str | None]]:
+    """(requirements, constraints file or None) of each `pip install` in shell `commands`, in order."""
+    installs = []
+    for command in commands:
+        for part in re.split(r"&&|;|\n", command):
+            words = shlex.split(part, comments=True) if "pip" in part else []  # other lines may not be whole
+            if "pip" in words and "install" in words:
+                args = words[words.index("install") + 1:]
+                constraints = args[args.index("-c") + 1] if "-c" in args else None
+                installs.append(([w for w in args if not w.startswith("-") and w != constraints], constraints))
+    return installs
+
+
+def image_installs() -> list[tuple[list[str], str | None]]:
+    return pip_installs([rest for op, rest in dockerfile_instructions() if op == "RUN"])
+
+
+def ci_installs() -> list[tuple[list[str], str | None]]:
+    return pip_installs((ROOT / ".ci" / "setup").read_text().splitlines())
+
+
+@pytest.mark.parametrize("where, installs", [("Dockerfile", image_installs), (".ci/setup", ci_installs)])
+def test_install_scripts_pin_what_pyproject_pins(where, installs):
     """torch is installed first, alone, at the pyproject pin; every other pinned pyproject
-    dependency the Dockerfile names carries the same pin; the project itself comes last."""
+    dependency the script names carries the same pin; the project itself comes last; all of it, the build tools
+    excepted, within constraints.txt (the versions the tests ran)."""
     pins = pyproject_pins()
-    installs = []  # (requirement, ...) per pip install, in order
-    for op, rest in dockerfile_instructions():
-        if op == "RUN":
-            for part in re.split(r"&&|;", rest):
-                words = shlex.split(part)
-                if "pip" in words and "install" in words:
-                    installs.append([w for w in words[words.index("install") + 1:] if not w.startswith("-")])
-    named = [(i, r.split("==")[0].lower(), r.partition("==")[2]) for i, reqs in enumerate(installs) for r in reqs]
-    project = [i for i, name, _ in named if name.split("[")[0] == "."]  # the project, with its extras
+    installs = installs()
+    named = [(i, r.split("==")[0].lower(), r.partition("==")[2]) for i, (reqs, _) in enumerate(installs) for r in reqs]
+    project = [i for i, name, _ in named if name.split("[")[0].strip("'\"") == "."]  # the project, with extras
     torch_at = [i for i, name, _ in named if name == "torch"]
-    assert torch_at and installs[torch_at[0]] == [f"torch=={pins['torch']}"], installs
+    assert torch_at and installs[torch_at[0]][0] == [f"torch=={pins['torch']}"], installs
     assert project and project[0] == len(installs) - 1, "install the project (-e .) last"
     for i, name, version in named:
         if name in pins:
-            assert version == pins[name], f"Dockerfile pins {name}=={version}, pyproject {pins[name]}"
+            assert version == pins[name], f"{where} pins {name}=={version}, pyproject {pins[name]}"
             assert i >= torch_at[0], f"{name} is installed before torch"
+    assert all(c == "constraints.txt" for reqs, c in installs[torch_at[0]:]), installs
+
+
+def test_constraints_agree_with_pyproject():
+    """A pyproject pin the constraints contradict makes .ci/setup fail; torch is pyproject's alone (its CUDA
+    build in the image, the CPU one here)."""
+    lines = [ln for ln in (ROOT / "constraints.txt").read_text().splitlines() if ln and not ln.startswith("#")]
+    constrained = {ln.split("==")[0].lower().replace("_", "-"): ln.split("==")[1] for ln in lines}
+    pins = {name.replace("_", "-"): version for name, version in pyproject_pins().items()}
+    assert "torch" not in constrained
+    assert {n: v for n, v in pins.items() if n in constrained} == {n: v for n, v in pins.items() if n != "torch"}
+
+
+def test_ci_and_the_image_build_with_the_same_tools_and_torch():
+    """DeepSpeed's sdist is built without isolation against the installer and build tools present, and the
+    RecBole peer's venv takes the same torch: one version of each everywhere, or CI tests another build."""
+    from bench.recbole_peer import TORCH_PIN
+
+    def tools(installs):
+        return {r.split("==")[0]: r for reqs, _ in installs for r in reqs if r.split("==")[0] in BUILD_TOOLS}
+    assert tools(ci_installs()) == tools(image_installs()) and set(tools(ci_installs())) == BUILD_TOOLS
+    assert all("==" in pin for pin in tools(ci_installs()).values()), tools(ci_installs())
+    assert TORCH_PIN == f"torch=={pyproject_pins()['torch']}"
+
+
+BUILD_TOOLS = {"pip", "setuptools", "wheel"}
 
 
 # The CUDA each pinned torch wheel is built with (PyPI metadata of the manylinux x86_64 wheel: torch 2.13.0

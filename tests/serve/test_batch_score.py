@@ -22,8 +22,6 @@ from alterrec_dist.serve.export_dir import load_export, load_scoring_model
 from alterrec_dist.serve.from_run import load_run
 from alterrec_dist.serve.queries import encode_sessions
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

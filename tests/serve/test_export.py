@@ -37,7 +37,6 @@ from alterrec_dist.serve.export_dir import load_export, write_export
 from alterrec_dist.serve.from_run import load_run, served_kind
 from alterrec_dist.serve.queries import Queries, encode_sessions, session_batch
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
 PY = sys.executable
 SOURCE = PROJECT_ROOT / "shards" / "default"
 TRAIN_ROWS = 3072
