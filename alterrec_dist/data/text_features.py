@@ -121,7 +121,7 @@ def _fill_cache(cache: "_EncodingCache", model_dir: Path, texts: list[str], dim:
     if not len(missing):
         return where
     stats.model_loaded = True
-    lengths = token_lengths(model_dir, [texts[i] for i in missing])
+    lengths = token_lengths(model_dir, [texts[i] for i in missing], progress)
     chunks = [[missing[b] for b in chunk] for chunk in _encode_plan(lengths, batch_size)]
     vectors = encoder(model_dir, ([texts[i] for i in batch] for chunk in chunks for batch in chunk), progress)
     try:
@@ -164,9 +164,9 @@ def _encode_plan(lengths: np.ndarray, batch_size: int) -> list[list[np.ndarray]]
     return chunks + [chunk] if chunk else chunks
 
 
-def token_lengths(model_dir: Path, texts: list[str]) -> np.ndarray:
+def token_lengths(model_dir: Path, texts: list[str], progress: bool) -> np.ndarray:
     """Each text's length in the model's tokens as its `encode` counts them (truncated at its max_seq_length)."""
-    st_model = load_encoding_model(model_dir, progress=False)
+    st_model = load_encoding_model(model_dir, progress)  # the load `encode_here` then reuses
     return np.concatenate([st_model.preprocess(texts[lo: lo + TOKENIZE_ROWS])["attention_mask"].sum(1).numpy()
                            for lo in range(0, len(texts), TOKENIZE_ROWS)])
 

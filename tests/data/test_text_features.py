@@ -328,3 +328,13 @@ def test_the_plan_batches_texts_of_one_token_length_longest_first():
     batches = [list(b) for chunk in chunks for b in chunk]
     assert batches == [[4], [1, 5], [0, 2], [3, 6]]
     assert len(chunks) == 1  # 7 texts, far below a chunk's
+
+
+def test_planning_and_encoding_load_the_model_once(tmp_path):
+    """The batches' token lengths come from the model the encoding then uses: one load (about 1 s, and a big
+    model's memory), whether progress is shown or not."""
+    for progress in (True, False):
+        text_features.load_encoding_model.cache_clear()
+        write_text_features(Blocks(), ["a lamp", "a desk lamp with a shade"], progress=progress,
+                            cache_dir=tmp_path / str(progress))
+        assert text_features.load_encoding_model.cache_info().misses == 1
