@@ -4,7 +4,7 @@ Two kinds of parameters, two paths:
 
 * the network's dense, replicated parameters (encoder, text MLP, positions) go through a
   data-parallel *engine* (`trainer.engine`): `DDPEngine` (one flat all-reduce of the grads, then
-  AdamW) or `DeepSpeedEngine` (DeepSpeed: ZeRO 0-2, fp32/bf16/fp16, the optimizer state is DeepSpeed's);
+  AdamW) or `DeepSpeedEngine` (DeepSpeed: ZeRO 0-2, fp32/bf16, the optimizer state is DeepSpeed's);
 * the sharded ID rows (`ShardedItemTable.x`) have their own AdamW on each rank and never enter an
   engine: their gradients are exact where the rows live, and no rank holds a copy of another's.
 
@@ -27,8 +27,6 @@ from torch import nn
 from alterrec_dist.common.config import Config
 from alterrec_dist.parallel.comm import Comm, sum_dense_grads
 
-LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class DDPEngine:
     """Replicated dense parameters: grads summed over ranks (see `sum_dense_grads`), then AdamW."""
@@ -41,17 +39,13 @@ class DDPEngine:
         if self.optimizer:
             self.optimizer.zero_grad(set_to_none=True)
 
-    def backward(self, loss: torch.Tensor) -> float:
-        """Returns the factor the loss was scaled by before its backward (none here)."""
+    def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
         sum_dense_grads(self.comm, self.params)
-        return 1.0
 
-    def step(self) -> bool:
-        """Returns whether the step was taken (always here)."""
+    def step(self) -> None:
         if self.optimizer:
             self.optimizer.step()
-        return True
 
     def state_dict(self) -> dict:
         return {"engine": "ddp", "optimizer": self.optimizer.state_dict() if self.optimizer else None}
@@ -63,12 +57,12 @@ class DDPEngine:
 
 
 class DeepSpeedEngine:
-    """Replicated dense parameters stepped by DeepSpeed: ZeRO stage 0-2, fp32/bf16/fp16; the AdamW state
-    (and, in bf16/fp16, the fp32 master weights) belong to DeepSpeed.
+    """Replicated dense parameters stepped by DeepSpeed: ZeRO stage 0-2, fp32/bf16; the AdamW state
+    (and, in bf16, the fp32 master weights) belong to DeepSpeed.
 
     * Sum, not mean: `gradient_allreduce_op = "sum"`, as `DDPEngine` (see the module docstring).
     * The optimizer is torch's AdamW, handed to DeepSpeed: its own Adams JIT-compile C++ for minutes on CPU.
-    * In bf16/fp16 DeepSpeed casts the module's weights (its optimizer keeps fp32 masters): the trained
+    * In bf16 DeepSpeed casts the module's weights (its optimizer keeps fp32 masters): the trained
       network's layers compute in bf16, everything around them (item tables, scores, band loss, ranks)
       stays fp32, and evaluation and mining compute in fp32 from the bf16 weights: `compute_layers_in`.
     * DeepSpeed's data-parallel group is the default group, the one `Comm()` wraps.
@@ -81,29 +75,17 @@ class DeepSpeedEngine:
         optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
         config = deepspeed_config(precision, zero_stage, micro_batch, bucket_elements(net))
         self.ds, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=config)
-        if precision in LOW_PRECISION:
-            compute_layers_in(net, LOW_PRECISION[precision])
+        if precision == "bf16":
+            compute_layers_in(net, torch.bfloat16)
 
     def zero_grad(self) -> None:
         self.ds.zero_grad()
 
-    def backward(self, loss: torch.Tensor) -> float:
-        """Returns the factor DeepSpeed scaled the loss by (fp16's loss scale; 1 otherwise), measured as
-        the gradient that reaches the loss, so the caller can take it out of tensors outside DeepSpeed.
-        Only fp16 scales: the other precisions skip that host read."""
-        if self.precision != "fp16":
-            self.ds.backward(loss)
-            return 1.0
-        seen: list[torch.Tensor] = []
-        hook = loss.register_hook(seen.append)
+    def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
-        hook.remove()
-        return float(seen[0])
 
-    def step(self) -> bool:
-        """Returns whether the step was taken (fp16 skips the steps whose gradients overflowed)."""
+    def step(self) -> None:
         self.ds.step()
-        return self.ds.was_step_applied()
 
     def _layout(self) -> dict:
         """What a saved state must match: under ZeRO 1-2 it is one rank's partition of a given world size."""
@@ -113,9 +95,8 @@ class DeepSpeedEngine:
     def state_dict(self) -> dict:
         """DeepSpeed's optimizer state: replicated at stage 0, this rank's partition under ZeRO 1-2."""
         state = self.ds.optimizer.state_dict()
-        # ZeRO's objects that torch.load(weights_only=True) refuses, none needed to restore: the fp16 loss
-        # scaler (it starts again from its initial scale), the stage (in _layout) and a name -> fragment
-        # map DeepSpeed rebuilds itself.
+        # ZeRO's objects that torch.load(weights_only=True) refuses, none needed to restore: the loss scaler
+        # (1 outside fp16), the stage (in _layout) and a name -> fragment map DeepSpeed rebuilds itself.
         for key in ("loss_scaler", "zero_stage", "param_slice_mappings"):
             state.pop(key, None)
         return {**self._layout(), "optimizer": state}
@@ -126,7 +107,7 @@ class DeepSpeedEngine:
         check_saved_engine(state, self._layout())
         if self.zero_stage:
             # DeepSpeed's loader takes every rank's state and, at an unchanged world size, reads this rank's;
-            # from the fp32 copies, not from the bf16/fp16 weights (which would lose the master precision).
+            # from the fp32 copies, not from the bf16 weights (which would lose the master precision).
             parts = [state["optimizer"]] * self.comm.world
             self.ds.optimizer.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
         else:
@@ -186,7 +167,6 @@ def deepspeed_config(precision: str, zero_stage: int, micro_batch: int, bucket: 
         "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
         "zero_allow_untested_optimizer": True,  # torch's AdamW
         "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
     }
 
 
@@ -235,7 +215,7 @@ class Stepper:
     untouched rows too). Its state is row-aligned (exp_avg, exp_avg_sq), which is what re-partitioning moves."""
 
     def __init__(self, engine, rows: nn.Parameter | None, lr: float, weight_decay: float):
-        self.engine, self.row_param = engine, rows
+        self.engine = engine
         self.rows = torch.optim.AdamW([rows], lr=lr, weight_decay=weight_decay, fused=True) \
             if rows is not None else None
         self.base_lrs = [g["lr"] for g in self._param_groups()]
@@ -257,12 +237,13 @@ class Stepper:
             self.rows.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        scale = self.engine.backward(loss)
-        if self.rows and scale != 1.0:  # the rows' grads came from the engine's scaled loss
-            self.row_param.grad.div_(scale)
+        self.engine.backward(loss)
 
     def step(self) -> None:
-        if self.engine.step() and self.rows:  # a step the engine skipped (fp16 overflow) skips the rows too
+        # The rows step whatever the engine did: DeepSpeed (bf16: no loss scale) skips a step only on non-finite
+        # dense gradients, a divergence that the ddp engine steps into too and the NaN loss stops (`refuse_diverged`).
+        self.engine.step()
+        if self.rows:
             self.rows.step()
 
     def state_dict(self) -> dict:
