@@ -24,10 +24,13 @@ def configure_kernels(device: torch.device, tf32: bool, cpu_threads: int) -> Non
     their losses (an accumulating index backward); these sum in one order, and ran faster here too. They sum in
     one order for a given thread count only (LayerNorm's backward sums per thread: 1 and 2 threads differed by
     7.6e-5 in its gradients), so the count is the config's, not what the launcher left: a Ray worker got 1, a
-    process started by hand all the cores, and a run resumed under the other launcher trained differently."""
+    process started by hand all the cores, and a run resumed under the other launcher trained differently.
+    On a GPU they are off even after a CPU configuration in the same process (bench.gpu's CPU leg): they were
+    never measured there, and they NaN-fill every torch.empty."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
+        torch.use_deterministic_algorithms(False)
     else:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.set_num_threads(cpu_threads)

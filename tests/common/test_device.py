@@ -84,7 +84,20 @@ def test_only_the_ddp_engine_autocasts_and_only_in_bf16(engine, precision, autoc
     assert (out.dtype == torch.bfloat16) == autocast
 
 
-def test_a_cpu_worker_sums_an_index_backward_in_one_order():
+@pytest.fixture
+def kernel_settings():
+    """configure_kernels sets process-wide flags: each test that calls it leaves the process as it found it."""
+    threads = torch.get_num_threads()
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_a_cpu_worker_sums_an_index_backward_in_one_order(kernel_settings):
     """With two threads or more, two identical torchrun runs differed in their losses' last bits (and test metrics
     in the fourth decimal after 5 epochs): the backward of `rows[index]` (repeated indices) accumulated in thread
     order. A CPU worker now uses torch's deterministic kernels."""
@@ -95,25 +108,26 @@ def test_a_cpu_worker_sums_an_index_backward_in_one_order():
         x[index].backward(grad)
         return x.grad
 
-    threads, before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    try:
-        configure_kernels(torch.device("cpu"), tf32=False, cpu_threads=2)
-        assert torch.get_num_threads() == 2
-        first = index_backward()
-        assert all(torch.equal(first, index_backward()) for _ in range(4))
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(before)
+    configure_kernels(torch.device("cpu"), tf32=False, cpu_threads=2)
+    assert torch.get_num_threads() == 2
+    first = index_backward()
+    assert all(torch.equal(first, index_backward()) for _ in range(4))
 
 
-def test_a_cpu_worker_runs_the_configs_thread_count_not_the_launchers():
+def test_a_cpu_worker_runs_the_configs_thread_count_not_the_launchers(kernel_settings):
     """LayerNorm's backward sums per thread: a Ray worker (1 thread) and a process started by hand (every core)
     trained the same config to other losses (reviewer finding). The config's count is set."""
-    threads, before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.set_num_threads(2)
-        configure_kernels(torch.device("cpu"), tf32=False, cpu_threads=1)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(before)
+    torch.set_num_threads(2)
+    configure_kernels(torch.device("cpu"), tf32=False, cpu_threads=1)
+    assert torch.get_num_threads() == 1
+
+
+def test_a_gpu_configured_after_the_cpu_runs_without_deterministic_kernels(kernel_settings):
+    """bench.gpu runs a CPU leg first in its process: its deterministic mode stayed on for every GPU measurement
+    after it (production GPU workers never ran with it, and it NaN-fills every torch.empty). Configuring a GPU
+    sets flags only, so a machine without one checks it."""
+    configure_kernels(torch.device("cpu"), tf32=False, cpu_threads=1)
+    assert torch.are_deterministic_algorithms_enabled()
+    configure_kernels(torch.device("cuda", 0), tf32=True, cpu_threads=1)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
