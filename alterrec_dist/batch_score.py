@@ -39,7 +39,7 @@ from alterrec_dist.data.dataset import Dataset, dataset_files
 from alterrec_dist.data.layout import SPLITS
 from alterrec_dist.serve.batch_input import check_input, input_files, session_columns
 from alterrec_dist.serve.batch_output import summary_comparison
-from alterrec_dist.serve.batch_runners import ray_requested, score_files
+from alterrec_dist.serve.batch_runners import ray_model_specs, ray_requested, score_files
 from alterrec_dist.serve.export_dir import export_files, load_scoring_model
 
 
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
               *dataset_files(args.data)]
     check_out_files(args, inputs)  # before the model
     spec = {"run": args.run, "export": args.export, "data": args.data, "device": args.device}
-    bundle = load_scoring_model(**spec)
+    here, actors = ray_model_specs(spec) if use_ray else (spec, spec)
+    bundle = load_scoring_model(**here)
     # the dataset read besides, known now: the run's (its items), or --split's (its sessions)
     data_path = (args.data or bundle.provenance.get("dataset", {}).get("path")) if args.run or args.split else None
     check_out_files(args, dataset_files(data_path))
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         files = input_files(args.input)
     sessions = check_input(files, session_columns(files), bundle.num_items)  # bad rows: one line, before scoring
     top = min(args.top, bundle.num_items)
-    out, metrics = score_files(spec, bundle, files, sessions, args.out, args.overwrite, top, use_ray,
+    out, metrics = score_files(actors, bundle, files, sessions, args.out, args.overwrite, top, use_ray,
                                args.ray_actors or RAY_ACTORS)
     print(f"scored {out.rows} sessions ({'Ray Data' if use_ray else 'in-process'}), top {top} by {bundle.served} "
           f"-> {out.path}")

@@ -9,12 +9,14 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from alterrec_dist.common.errors import ConfigError
 from alterrec_dist.common.ray_local import ray_session
 from alterrec_dist.common.storage import Location
 from alterrec_dist.serve.batch_input import iter_tables, session_columns, table_to_rows
 from alterrec_dist.serve.batch_output import (OrderedMetrics, ParquetOut, output_table, rank_matrix, score_rows,
                                               with_example)
 from alterrec_dist.serve.export_dir import load_scoring_model
+from alterrec_dist.serve.from_run import device_named
 from alterrec_dist.serve.scoring_model import ScoringModel
 
 
@@ -60,12 +62,26 @@ def ray_requested(flag: bool | None) -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
+def ray_model_specs(spec: dict) -> tuple[dict, dict]:
+    """The model `spec` (`load_scoring_model`'s arguments) for Ray scoring: (this process's, each actor's).
+
+    This process reads what the model says of itself (items, kinds, batch shape) and scores nothing: on the CPU,
+    where a copy on --device cuda sat unused on GPU 0. An actor scores on --device's type alone: Ray gives it one
+    GPU (num_gpus=1) as its only visible device, so the cuda:1 of --device cuda:1 did not exist in any actor."""
+    device = device_named(spec["device"])  # a bad name in one line here, not in every actor
+    return {**spec, "device": "cpu"}, {**spec, "device": device.type}
+
+
 def run_ray(spec: dict, bundle: ScoringModel, files: list[Location], out: ParquetOut, top: int, metrics: OrderedMetrics | None,
             workers: int, bar: tqdm) -> None:
     import ray.data
 
     # The scoring actors hold one CPU each: keep one more for the read tasks (else they wait forever).
     with ray_session(num_cpus=max(os.cpu_count() or 1, workers + 1)):
+        # Ray Data waits for GPU actors that no node can hold, without a word (measured: a CPU-only local Ray).
+        if spec["device"] == "cuda" and not ray.cluster_resources().get("GPU"):
+            raise ConfigError("--device cuda: the Ray cluster has no GPU for the scoring actors (--device cpu scores "
+                              "on its CPUs)")
         columns = session_columns(files)
         has_target = "target" in columns
         ctx = ray.data.DataContext.get_current()
@@ -75,7 +91,7 @@ def run_ray(spec: dict, bundle: ScoringModel, files: list[Location], out: Parque
         ds = ds.map_batches(_RayScorer, fn_constructor_kwargs={"spec": spec, "top": top, "has_target": has_target},
                             batch_size=bundle.eval_batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
-                            num_gpus=1 if bundle.device.type == "cuda" else 0)  # --device cuda: a GPU per actor
+                            num_gpus=1 if spec["device"] == "cuda" else 0)  # --device cuda: a GPU per actor
         first = 0
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if not len(table):
@@ -90,8 +106,8 @@ def run_ray(spec: dict, bundle: ScoringModel, files: list[Location], out: Parque
 def score_files(spec: dict, bundle: ScoringModel, files: list[Location], sessions: int, out_path: str | Location,
                 overwrite: bool, top: int, use_ray: bool, workers: int) -> tuple[ParquetOut, OrderedMetrics]:
     """Score every session of `files` (`sessions` of them, for the progress bar) into the Parquet file `out_path`,
-    swapped in whole (nothing is left on a failure), on Ray Data or here: (the output, the metrics summed in the
-    engine's order)."""
+    swapped in whole (nothing is left on a failure), on Ray Data (its actors load `spec`: `ray_model_specs`) or
+    here: (the output, the metrics summed in the engine's order)."""
     metrics = OrderedMetrics(bundle.kinds, bundle.eval_batch_size, bundle.popularity, bundle.longtail_bins)
     out = ParquetOut(out_path, overwrite)
     try:

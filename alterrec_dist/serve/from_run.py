@@ -154,13 +154,20 @@ def load_networks(method: str, model_cfg: ModelConfig, text_dim: int, max_len: i
 
 
 def inference_device(name: str) -> torch.device:
-    """--device as a torch device; ConfigError in one line for a name torch does not know or a GPU not there."""
+    """--device as a torch device; ConfigError in one line for a name `device_named` refuses or a GPU not there."""
+    device = device_named(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is visible")
+    return device
+
+
+def device_named(name: str) -> torch.device:
+    """--device as a torch device, wherever it is: ConfigError in one line for a name torch does not know, or a
+    device other than cpu and cuda."""
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r}: not a device (cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is visible")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {name}: only cpu and cuda are supported")
     return device

@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from tqdm import tqdm
 
 from alterrec_dist import batch_score, export
@@ -323,7 +324,40 @@ def test_scoring_shows_its_progress_in_sessions(run, tmp_path, monkeypatch, caps
     assert [(bar.desc, bar.total, bar.n) for bar in bars] == [("scoring", sessions, sessions)]
 
 
+def test_ray_with_a_gpu_index_gives_each_actor_its_one_gpu_and_loads_nothing_on_a_gpu_here(run, tmp_path,
+                                                                                           monkeypatch):
+    """--ray --device cuda:1 crashed every actor (Ray shows each its one GPU, as cuda:0) and loaded a model copy on
+    a GPU in this process, which only reads the model's metadata under Ray (reviewer finding). Ray's actors need
+    GPUs, so a spy takes the place of the Ray runner: what it is handed is what the actors would load."""
+    class Handed(Exception):
+        pass
+
+    def spy(spec, bundle, *rest):
+        raise Handed(spec, bundle.device)
+
+    monkeypatch.setattr(batch_runners, "run_ray", spy)
+    with pytest.raises(Handed) as handed:
+        batch_score.main(["--run", str(run), "--split", "test", "--out", str(tmp_path / "o.parquet"), "--ray",
+                          "--device", "cuda:1"])
+    spec, here = handed.value.args
+    assert spec == {"run": str(run), "export": None, "data": None, "device": "cuda"} and here == torch.device("cpu")
+    assert not (tmp_path / "o.parquet").exists()
+
+
 # -- slow: Ray Data, a 2-process run with the transformer encoder, NFRec and id_only -------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Ray finds this machine's GPU")
+def test_ray_with_cuda_on_a_cluster_without_gpus_is_one_line(run, tmp_path, capsys):
+    """This process no longer needs a GPU of its own for --ray --device cuda (its model loads on the CPU), so a
+    cluster without one is refused here: Ray Data waited for the actors' GPUs without a word."""
+    pytest.importorskip("ray")
+    code, _, err = cli("batch_score", ["--run", str(run), "--split", "test", "--out", str(tmp_path / "o.parquet"),
+                                       "--ray", "--device", "cuda"], capsys)
+    assert code == 2 and err.splitlines()[-1] == ("error: --device cuda: the Ray cluster has no GPU for the scoring "
+                                                  "actors (--device cpu scores on its CPUs)")  # after Ray's own lines
+    assert not (tmp_path / "o.parquet").exists()
+
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own DataContext deprecations
