@@ -106,7 +106,8 @@ class TrainerConfig:
     precision: str = "fp32"        # trained layers: "fp32" or "bf16" (ddp: autocast; deepspeed: bf16 weights);
                                    # scores, band loss and ranks stay fp32; fp16 is refused (`RANGES`)
     zero_stage: int = 0            # deepspeed ZeRO: 0 replicated, 1 optimizer state, 2 + gradients partitioned
-    tf32: bool = True              # on GPU: fp32 matmuls on TF32 tensor cores; false: exact fp32
+    tf32: bool = True              # on GPU: training's and mining's fp32 matmuls on TF32 tensor cores; false:
+                                   # exact fp32 (evaluation is exact fp32 either way: `device.exact_fp32_matmuls`)
     cpu_threads: int = 1           # torch threads of a CPU worker, under either launcher: results depend on it
                                    # (LayerNorm's backward sums per thread), so it is set, not inherited
 

@@ -36,6 +36,19 @@ def configure_kernels(device: torch.device, tf32: bool, cpu_threads: int) -> Non
         torch.set_num_threads(cpu_threads)
 
 
+@contextlib.contextmanager
+def exact_fp32_matmuls():
+    """fp32 matmuls in full fp32 within the block (TF32 off), the flag as it was after. Evaluation runs in it, so
+    its ranks (metrics, model selection) are the ones export, recommend and batch_score compute, which never set
+    TF32 (torch's default: off), wherever a run trained; `trainer.tf32` is the training's and mining's."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def tile_rows(setting: int, device: torch.device, num_queries: int) -> int:
     """Item rows scored at once per shard: `setting` when positive; else (0, auto) 65,536 on the CPU, and on a
     GPU as many as keep one fp32 (num_queries, tile) score tile within 4 GiB, so a 1M-row shard is one tile."""

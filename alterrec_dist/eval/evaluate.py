@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alterrec_dist.common.device import exact_fp32_matmuls
 from alterrec_dist.common.device import tile_rows as resolve_tile_rows
 from alterrec_dist.common.methods import method, sweep_kind
 from alterrec_dist.data.reader import Batch
@@ -111,25 +112,28 @@ def session_queries(networks: dict[str, Network], table: ShardedItemTable, batch
 
 
 @torch.no_grad()
+@exact_fp32_matmuls()
 def evaluate(comm: Comm, networks: dict[str, Network], table: ShardedItemTable, batches, num_batches: int,
              popularity: np.ndarray, weights: dict[str, list[float]], bins: list[int], tile_rows: int,
              desc: str = "eval") -> dict:
-    """Metrics for each kind of `weights` (`kind_weights`) over the batches of one split, with long-tail groups."""
+    """Metrics for each kind of `weights` (`kind_weights`) over the batches of one split, with long-tail groups;
+    in exact fp32 (`exact_fp32_matmuls`), as the saved model scores."""
     for net in networks.values():
         net.eval()
     scorer = Scorer.build(networks, table, weights, tile_rows)
     kinds = list(scorer.weights)
     group_of_item, labels = popularity_groups(popularity, bins)
     ids = table.global_ids
-    group_of_item = torch.from_numpy(group_of_item).to(ids.device)
-    sums = {k: MetricSums(labels, ids.device) for k in kinds}
+    group_of_item = torch.from_numpy(group_of_item).to("cpu")  # where the sums are (`MetricSums`)
+    sums = {k: MetricSums(labels) for k in kinds}
     for batch in tqdm(batches, total=num_batches, desc=desc, disable=comm.rank != 0, leave=False):
         queries = [comm.all_gather(q) for q in session_queries(networks, table, batch)]
         target = comm.all_gather(batch.target)
         valid = comm.all_gather(batch.valid)
         counts = count_above_target(comm, scorer, queries, target, ids, tile_rows)
+        ranks, valid, target = (1 + counts).cpu(), valid.cpu(), target.cpu()  # one copy a batch, not one a kind
         for i, kind in enumerate(kinds):
-            sums[kind].add(1 + counts[:, i], valid, group_of_item[target])
+            sums[kind].add(ranks[:, i], valid, group_of_item[target])
     return {k: {**sums[k].result(), "longtail": sums[k].group_results()} for k in kinds}
 
 

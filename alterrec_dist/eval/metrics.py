@@ -28,21 +28,25 @@ class MetricSums:
 
     `sums` is a (1 + groups, 1 + len(METRICS)) float64 tensor: column 0 counts sessions, the
     others sum the metric values. It is the only state.
+
+    On the CPU, whatever device the ranks come from: training's evaluation and serving's `OrderedMetrics` then
+    compute and add the same values in the same order, so batch_score reproduces summary.json to the bit (a GPU's
+    index_add_ adds in the order its atomics land, and its reductions in another order than the CPU's).
     """
 
-    def __init__(self, group_labels: list[str] = (), device: torch.device | str = "cpu"):
+    def __init__(self, group_labels: list[str] = ()):
         self.labels = list(group_labels)
-        self.sums = torch.zeros(1 + len(self.labels), 1 + len(METRICS), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(1 + len(self.labels), 1 + len(METRICS), dtype=torch.float64, device="cpu")
 
     def add(self, ranks: Tensor, valid: Tensor | None = None, groups: Tensor | None = None) -> None:
         """ranks (n,) from 1; valid (n,) bool drops padding rows; groups (n,) the targets' group index."""
+        ranks = ranks.cpu()
         vals = torch.cat([torch.ones_like(ranks, dtype=torch.float64).unsqueeze(1), per_session(ranks)], dim=1)
         if valid is not None:
-            vals = vals * valid.unsqueeze(1).to(vals.dtype)
-        vals = vals.to(self.sums.device)
+            vals = vals * valid.cpu().unsqueeze(1).to(vals.dtype)
         self.sums[0] += vals.sum(0)
         if groups is not None:
-            self.sums[1:].index_add_(0, groups.to(self.sums.device, torch.long), vals)
+            self.sums[1:].index_add_(0, groups.to("cpu", torch.long), vals)
 
     @staticmethod
     def _means(row: Tensor) -> dict[str, float]:

@@ -1,17 +1,22 @@
 """Sharded full-ranking evaluation equals a dense evaluation of the whole score matrix."""
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from alterrec_dist.common.config import load_config
 from alterrec_dist.data.dataset import Dataset
+from alterrec_dist.data.reader import SessionReader
+from alterrec_dist.eval import evaluate as evaluation
 from alterrec_dist.eval.metrics import rank_metrics
+from alterrec_dist.model.networks import build_networks
 from alterrec_dist.parallel.comm import Comm
+from alterrec_dist.parallel.table import ShardedItemTable
 from alterrec_dist.training.recipe import build_run, frozen_item_rows, train_epoch
 from alterrec_dist.training.schedule import plan
 from tests.dist_harness import run_world
 from tests.tiny_data import tiny_dataset
 
-pytestmark = pytest.mark.slow
 OVERRIDES = ["train.m_random=1", "train.m_gap=1", "train.m_max=2", "train.global_batch_size=12", "train.k1=2",
              "train.k2=12", "model.dim=8", "model.dropout=0.0", "eval.batch_size=6", "eval.tile_rows=5",
              "eval.alpha=0.3", "model.text_temperature=0.5", "eval.longtail_bins=[2,3]",
@@ -55,6 +60,7 @@ def dense_metrics(run, data):
     return out
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_equals_dense(tmp_path):
     data = tiny_dataset(tmp_path / "data")
     [(single, dense)] = run_world(trained_run, 1, str(data), True)
@@ -89,3 +95,50 @@ def test_the_ranking_loop_puts_a_nan_target_after_every_item_beside_a_finite_one
     counts = rank_tiles([q], [m], [1.0], {"id": [1.0]}, [(0, 4), (4, 6)], torch.arange(6), target,
                         torch.tensor([[float("nan")], [4.0]]), keys=keys, target_keys=keys[target])
     assert counts.tolist() == [[5], [1]]  # every other item; item 5 alone scores above 4
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A real one-process gloo group in the test's own process (evaluation's collectives need one)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield Comm()
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 matmuls allowed, as trainer.tf32 (default true) leaves a GPU worker; the process's flag after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
+def test_evaluation_scores_with_tf32_off_and_leaves_the_flag_as_it_was(one_rank, tf32_on, tmp_path, monkeypatch):
+    """A GPU run's validation and test metrics (and so its model selection) were ranked with TF32 matmuls, the
+    training's trainer.tf32 (default true) process-wide, while export, recommend and batch_score score without:
+    batch_score could not reproduce a GPU-trained run's summary.json (reviewer finding). The flag can be set on a
+    CPU build: spies on the item rows, the queries and the ranking loop read it as evaluation scores."""
+    data = Dataset(tiny_dataset(tmp_path / "data"))
+    cfg = load_config(None, ["model.dim=8"])
+    networks = build_networks(cfg.train.method, cfg.model, data.text_dim, cfg.data.max_len)
+    table = ShardedItemTable(data.num_items, cfg.model.dim, one_rank, data.text_features(np.arange(data.num_items)),
+                             cfg.model.init_std, cfg.train.seed)
+    reader = SessionReader(data.session_files("valid"), rank=0, world_size=1, global_batch_size=8,
+                           max_len=cfg.data.max_len, seed=0, shuffle=False, drop_last=False)
+    seen = []
+
+    def spy(name):
+        real = getattr(evaluation, name)
+        return lambda *args, **kwargs: seen.append((name, torch.backends.cuda.matmul.allow_tf32)) or real(*args,
+                                                                                                            **kwargs)
+
+    for name in ("item_matrix", "session_queries", "rank_tiles"):
+        monkeypatch.setattr(evaluation, name, spy(name))
+    result = evaluation.evaluate(one_rank, networks, table, reader.epoch(0), reader.steps_per_epoch(),
+                                 data.popularity(), evaluation.kind_weights(cfg.train.method, 0.3), [30, 100], 0)
+    assert result["fused"]["n"] == 24
+    assert {name for name, _ in seen} == {"item_matrix", "session_queries", "rank_tiles"}
+    assert [tf32 for _, tf32 in seen] == [False] * len(seen)
+    assert torch.backends.cuda.matmul.allow_tf32  # the training's flag again
