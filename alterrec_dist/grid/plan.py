@@ -105,7 +105,8 @@ def peer_run(d: DatasetGrid, name: str, seed: int, run_dir: Path, command: list[
 
 def sweep_methods(d: DatasetGrid, sw: dict) -> list[str]:
     """The methods a sweep tunes: its `method`, its `methods`, or (neither) the dataset's `tuned` methods
-    (default: all), which is how a grid gives each method the same tuning budget over the same switches."""
+    (default: all), which is how a grid tunes several methods over shared switches (a method's own sweeps, and the
+    points its config refuses, make their budgets differ)."""
     if "method" in sw:
         return [sw["method"]]
     return sw.get("methods", d.tuned or d.methods)

@@ -221,16 +221,31 @@ def gains(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors:
 
 
 def choice_table(choices: list) -> list[str]:
-    """Each method's candidates on validation, the chosen one, and the overrides that make it (what a
-    config such as configs/scientific.toml takes over)."""
-    lines = ["| method | validation score on the selection seeds: base, each switch alone, the helpful ones together, "
-             "each later round (the winner so far with one more switch) | chosen | its overrides |",
-             "|---|---|---|---|"]
+    """Each method's number of candidates (its tuning budget), their scores on validation, the chosen one, and the
+    overrides that make it (what a config such as configs/scientific.toml takes over)."""
+    lines = ["| method | configurations tried | validation score on the selection seeds: base, each switch alone, "
+             "the helpful ones together, each later round (the winner so far with one more switch) | chosen "
+             "| its overrides |", "|---|---|---|---|---|"]
     for c in choices:
         overrides = " ".join(f"`{o}`" for o in c.runs[0].extra) or "none"
-        lines.append(f"| {method_label(c.method)} | " + ", ".join(f"{v}: {x:.4f}" for v, x in c.scores.items())
-                     + f" | **{c.chosen}** | {overrides} |")
+        lines.append(f"| {method_label(c.method)} | {len(c.scores)} | "
+                     + ", ".join(f"{v}: {x:.4f}" for v, x in c.scores.items()) + f" | **{c.chosen}** | {overrides} |")
     return lines
+
+
+def budget_note(choices: list, untuned: list[str], alphas: dict[str, int]) -> list[str]:
+    """The tuning budgets, which differ: configurations each method and peer tried on validation (the choice
+    table's candidates, one training run each on the selection seeds; one for those not tuned), and the fusion
+    weights a method's runs choose among on validation besides (`alphas`: method -> how many `eval.alpha_sweep`
+    values)."""
+    tried = ", ".join(f"{method_label(c.method)} {len(c.scores)}" for c in choices)
+    lines = [f"Configurations tried on validation (the budgets are not equal): {tried}"
+             + (f"; one each, not tuned: {', '.join(method_label(m) for m in untuned)}" if untuned else "")
+             + ". A method tries more where it has switches of its own (settings of a second network, a training "
+             "option only it has) and where its rounds take longer to settle."]
+    lines += [f"{method_label(m)}'s runs also choose the fusion weight on validation among `eval.alpha` and {n} "
+              "values of `eval.alpha_sweep`, on the same checkpoints (no more training)." for m, n in alphas.items()]
+    return [" ".join(lines), ""]
 
 
 def rounds_note(specs: list, d, names: list[str]) -> list[str]:
@@ -360,6 +375,9 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
         lines += [f"Chosen on validation (seeds {d.select_seeds or d.seeds}: mean of each run's own selection "
                   "metric; Table 1 and the figures use the chosen setting's runs on every seed):", ""]
         lines += choice_table(choices) + [""]
+        alphas = {m: len([k for k in rs[0]["valid"] if sweep_alpha(k) is not None]) for m, rs in methods.items()
+                  if headline_kind(m, rs) == ALPHA_ON_VALID}
+        lines += budget_note(choices, [m for m in [*methods, *peers] if len(candidates(specs, d, m)) == 1], alphas)
     lines += rounds_note(specs, d, [m for m in [*methods, *peers] if len(candidates(specs, d, m)) > 1])
     g = gains(methods, peers, d.anchors)
     if g:

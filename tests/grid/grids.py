@@ -26,7 +26,7 @@ def tiny_peer_grid(tmp_path, dataset: str) -> Path:
         import argparse, json, os, pathlib, time
         p = argparse.ArgumentParser(); p.add_argument("--seed"); p.add_argument("--out")
         p.add_argument("--set", action="append", default=[]); a = p.parse_args()
-        m = {"ndcg@10": 0.3 + 0.01 * len(a.set)}  # every switch helps, two together more
+        m = dict.fromkeys(("hit@10", "hit@20", "ndcg@10", "ndcg@20"), 0.3 + 0.01 * len(a.set))  # each switch helps
         pathlib.Path(a.out).mkdir(parents=True)
         with open(pathlib.Path(__file__).with_name("ran.txt"), "a") as ran:  # who ran, for the tests
             ran.write(pathlib.Path(a.out).name + "\\n")

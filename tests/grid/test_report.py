@@ -10,9 +10,10 @@ import pytest
 from alterrec_dist.common.errors import DataError
 from alterrec_dist.grid.grid_file import DatasetGrid, load_grid
 from alterrec_dist.grid.plan import RunSpec, expand
+from alterrec_dist.grid.runner import run_grid
 from alterrec_dist.grid.report import choice_table, gains, main_table, read_run, rounds_note, switch_table
 from alterrec_dist.grid.selection import Choice, validation_score
-from tests.grid.grids import one_dataset_grid
+from tests.grid.grids import one_dataset_grid, tiny_peer_grid
 
 
 def result(spec: RunSpec, valid: float, test: float) -> dict:
@@ -41,9 +42,31 @@ def test_the_choice_table_gives_the_chosen_overrides_a_config_takes_over():
     lines = choice_table([Choice("id_only", {"base": 0.060, "model.dropout = 0.5": 0.063}, "model.dropout = 0.5",
                                  [chosen]),
                           Choice("nfrec_sum", {"base": 0.061, "model.dropout = 0.5": 0.059}, "base", [base])])
-    assert lines[2:] == ["| ID only | base: 0.0600, model.dropout = 0.5: 0.0630 | **model.dropout = 0.5** | "
+    assert lines[2:] == ["| ID only | 2 | base: 0.0600, model.dropout = 0.5: 0.0630 | **model.dropout = 0.5** | "
                          "`model.dropout=0.5` |",
-                         "| NFRec (sum) | base: 0.0610, model.dropout = 0.5: 0.0590 | **base** | none |"]
+                         "| NFRec (sum) | 2 | base: 0.0610, model.dropout = 0.5: 0.0590 | **base** | none |"]
+
+
+def test_the_report_counts_the_configurations_each_method_tried(tmp_path):
+    """The tuning budgets differ (AlterRec has switches of its own): the report gave each candidate's score but
+    no count, and the docs called the budgets equal. P tries its base, two switches and their combination; Q,
+    not tuned, its base alone."""
+    from alterrec_dist.grid.report import write_report
+
+    grid_file = tiny_peer_grid(tmp_path, f"""methods = []
+        [[dataset.peer]]
+        name = "Q"
+        command = ["{{python}}", "{tmp_path}/peer.py"]
+        seeds = [0]""")
+    grid_file.write_text(f'report = "{tmp_path}/RESULTS.md"\n' + grid_file.read_text())
+    grid = load_grid(grid_file)
+    specs, failed = run_grid(grid)
+    assert failed == []
+    write_report(grid, specs, "grid.toml")
+    report = (tmp_path / "RESULTS.md").read_text().splitlines()
+    assert [line.split(" | ")[:2] for line in report if line.startswith("| P | ")] == [["| P", "4"]]
+    assert ("Configurations tried on validation (the budgets are not equal): P 4; one each, not tuned: Q. A method "
+            "tries more where it has switches of its own") in "\n".join(report)
 
 
 def finished_run(tmp_path: Path, method: str, seed: int, fused: float, alpha: tuple[float, float] | None,
