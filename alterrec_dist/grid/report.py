@@ -59,6 +59,17 @@ def kind_label(kind: str, runs: list[dict]) -> str:
     return f"{kind}: {alphas}"
 
 
+UNTUNED = "untuned"  # beside a method or peer the grid ran on one setting only while others were tuned
+
+
+def untuned_mark(name: str, untuned: frozenset[str]) -> str:
+    return f"; {UNTUNED}" if name in untuned else ""
+
+
+def row_label(method: str, runs: list[dict], kind: str, untuned: frozenset[str]) -> str:
+    return f"{method_label(method)} ({kind_label(kind, runs)}{untuned_mark(method, untuned)})"
+
+
 # -- reading runs ------------------------------------------------------------------------------
 
 def read_run(spec) -> dict | None:
@@ -166,34 +177,41 @@ def table_header(first: str) -> list[str]:
             "|---|---|" + "---|" * len(TABLE_METRICS) + "---|"]
 
 
-def main_table(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors: list[dict]) -> list[str]:
+def main_table(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors: list[dict],
+               untuned: frozenset[str] = frozenset()) -> list[str]:
     lines = table_header("method (score used)")
     for method, runs in methods.items():
         kind = headline_kind(method, runs)
-        lines.append(metric_row(f"{method_label(method)} ({kind_label(kind, runs)})", runs, kind))
+        lines.append(metric_row(row_label(method, runs, kind, untuned), runs, kind))
     for name, runs in peers.items():
-        lines.append(metric_row(f"{name} (peer, RecBole)", runs, "peer"))
+        lines.append(metric_row(f"{name} (peer, RecBole{untuned_mark(name, untuned)})", runs, "peer"))
     for a in anchors:
         vals = [f"{a[m]:.4f}" if m in a else "–" for m in TABLE_METRICS]
         lines.append(f"| {a['name']} (published) | – | " + " | ".join(vals) + " | – |")
     return lines
 
 
-def ablation_table(methods: dict[str, list[dict]]) -> list[str]:
+def ablation_table(methods: dict[str, list[dict]], untuned: frozenset[str] = frozenset(),
+                   same_config: dict[str, list[dict]] | None = None) -> list[str]:
+    """Each variant on each of its scores; `same_config` (label -> runs, scored fused) goes before the random
+    negatives' rows: AlterRec on the setting those run on, when that is not AlterRec's tuned one."""
     lines = table_header("variant (score)")
     for method in ("alterrec", "alterrec_random", "id_only", "text_only"):
         runs = methods.get(method)
         if not runs:
             continue
+        if method == "alterrec_random":
+            lines += [metric_row(f"{label} (fused)", base, "fused") for label, base in (same_config or {}).items()]
         kinds = [METHODS[method].judged_on] if METHODS[method].judged_on else ["fused", "id", "text"]
         if headline_kind(method, runs) == ALPHA_ON_VALID:
             kinds.insert(0, ALPHA_ON_VALID)
         for kind in kinds:
-            lines.append(metric_row(f"{method_label(method)} ({kind_label(kind, runs)})", runs, kind))
+            lines.append(metric_row(row_label(method, runs, kind, untuned), runs, kind))
     return lines
 
 
-def gains(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors: list[dict]) -> list[str]:
+def gains(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors: list[dict],
+          untuned: frozenset[str] = frozenset()) -> list[str]:
     """AlterRec fused against each baseline, peer and published anchor, relative, on the headline metrics."""
     if "alterrec" not in methods:
         return []
@@ -201,9 +219,10 @@ def gains(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors:
     lines = [f"| AlterRec ({kind}) vs | its Hits@10 | its NDCG@10 | AlterRec Hits@10 | AlterRec NDCG@10 "
              "| ≥ +5 % on both? |", "|---|---|---|---|---|---|"]
     ours = {m: mean_std([r["test"][kind][m] for r in methods["alterrec"]])[0] for m in HEADLINE_METRICS}
-    others = [(f"{method_label(b)} ({headline_kind(b, methods[b])})", methods[b], headline_kind(b, methods[b]))
-              for b in ("id_only", "nfrec_sum", "text_only", "alterrec_random") if b in methods]
-    others += [(f"{name} (peer)", runs, "peer") for name, runs in peers.items()]
+    others = [(f"{method_label(b)} ({headline_kind(b, methods[b])}{untuned_mark(b, untuned)})", methods[b],
+               headline_kind(b, methods[b])) for b in ("id_only", "nfrec_sum", "text_only", "alterrec_random")
+              if b in methods]
+    others += [(f"{name} (peer{untuned_mark(name, untuned)})", runs, "peer") for name, runs in peers.items()]
     rows = [(label, {m: mean_std([r["test"][kind][m] for r in runs])[0] for m in ours}) for label, runs, kind in others]
     rows += [(f"{a['name']} (published)", {m: a[m] for m in ours}) for a in anchors if all(m in a for m in ours)]
     for label, theirs in rows:
@@ -218,6 +237,32 @@ def gains(methods: dict[str, list[dict]], peers: dict[str, list[dict]], anchors:
     if differ:
         lines += ["", f"(Means over other seeds than AlterRec's {mine}: {'; '.join(differ)}.)"]
     return lines
+
+
+def same_config_runs(runs: list[dict], methods: dict[str, list[dict]], untuned: frozenset[str]) -> dict:
+    """AlterRec's base runs, labelled, where the grid tuned AlterRec but ran its random-negatives variant on the
+    base setting alone: the comparison on one setting that the tuned gain over that variant is not."""
+    if "alterrec_random" not in untuned or "alterrec_random" not in methods or "alterrec" not in methods \
+            or "alterrec" in untuned:
+        return {}
+    base = [r for r in runs if r["spec"].role == "method" and r["spec"].label == "alterrec"]
+    return {"AlterRec on the dataset's config": base} if base else {}
+
+
+def same_config_note(same_config: dict[str, list[dict]], variant: list[dict]) -> list[str]:
+    """The random-negatives variant against AlterRec on the same setting, fused at `eval.alpha` both."""
+    lines = []
+    for base in same_config.values():
+        ours, theirs = ({m: mean_std([r["test"]["fused"][m] for r in rs])[0] for m in HEADLINE_METRICS}
+                        for rs in (base, variant))
+        seeds = [sorted(r["spec"].seed for r in rs) for rs in (base, variant)]
+        lines.append(f"(AlterRec, random negatives is {UNTUNED}: it runs on the dataset's config, so AlterRec's gain "
+                     "over it above holds AlterRec's tuning too. On that same config, AlterRec's base runs (fused at "
+                     f"`eval.alpha`, seeds {seeds[0]}) score "
+                     f"{ours['hit@10']:.4f} / {ours['ndcg@10']:.4f} against its {theirs['hit@10']:.4f} / "
+                     f"{theirs['ndcg@10']:.4f} (seeds {seeds[1]}): {rel(ours['hit@10'], theirs['hit@10'])} / "
+                     f"{rel(ours['ndcg@10'], theirs['ndcg@10'])} on Hits@10 / NDCG@10.)")
+    return lines + [""] if lines else []
 
 
 def choice_table(choices: list) -> list[str]:
@@ -261,21 +306,25 @@ def rounds_note(specs: list, d, names: list[str]) -> list[str]:
             "the base, untuned).", ""]
 
 
-def longtail(methods: dict[str, list[dict]], metric: str) -> tuple[list[str], dict[str, list[float]], dict]:
+def longtail(methods: dict[str, list[dict]], metric: str, untuned: frozenset[str] = frozenset(),
+             same_config: dict[str, list[dict]] | None = None) -> tuple[list[str], dict[str, list[float]], dict]:
     """Per popularity group of the target: each method's mean test metric relative to id_only's (groups no
-    test target falls in, e.g. the most popular one on a dataset without such items, left out)."""
+    test target falls in, e.g. the most popular one on a dataset without such items, left out); `same_config`'s
+    runs (label -> runs) fused, before the random negatives."""
     base = methods["id_only"]
     groups = [g for g, cell in base[0]["longtail"]["id"].items() if cell["n"]]
     def mean_metric(runs, kind, g):
         return statistics.mean(r["longtail"][kind][g][metric] for r in runs)
     ref = {g: mean_metric(base, "id", g) for g in groups}
     ratios, counts = {}, {g: base[0]["longtail"]["id"][g]["n"] for g in groups}
-    for method, runs in methods.items():
-        if method == "id_only":
-            continue
-        kind = own_kind(method)
-        ratios[f"{method_label(method)} ({kind})"] = [mean_metric(runs, kind, g) / ref[g] if ref[g] else float("nan")
-                                               for g in groups]
+    rows = []
+    for m, rs in methods.items():
+        if m == "alterrec_random":
+            rows += [(f"{label} (fused)", base, "fused") for label, base in (same_config or {}).items()]
+        if m != "id_only":
+            rows.append((f"{method_label(m)} ({own_kind(m)}{untuned_mark(m, untuned)})", rs, own_kind(m)))
+    for label, runs, kind in rows:
+        ratios[label] = [mean_metric(runs, kind, g) / ref[g] if ref[g] else float("nan") for g in groups]
     return groups, ratios, counts
 
 
@@ -351,6 +400,9 @@ def dataset_runs(d, specs: list) -> tuple[list[dict], dict[str, list[dict]], dic
 
 def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
     runs, methods, peers, choices = dataset_runs(d, specs)
+    one_setting = [m for m in [*methods, *peers] if len(candidates(specs, d, m)) == 1]
+    untuned = frozenset(one_setting) if choices else frozenset()  # beside what was chosen on validation
+    same_config = same_config_runs(runs, methods, untuned)
     expected = sum(1 for s in specs if s.dataset == d.name)
     lines += [f"## {d.title}", ""]
     if d.note:
@@ -358,7 +410,10 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
     if len(runs) < expected:
         lines += [f"**Incomplete:** {len(runs)} of {expected} runs finished; rows below cover finished runs only.", ""]
     lines += ["### Table 1: methods (test, mean ± std over seeds, at the best validation epoch)", ""]
-    lines += main_table(methods, peers, d.anchors) + [""]
+    lines += main_table(methods, peers, d.anchors, untuned) + [""]
+    if untuned:
+        lines += [f"({UNTUNED}: run on the dataset's config, a peer on its code's defaults, while the others were "
+                  "tuned on validation; the configurations each tried are counted below.)", ""]
     if any(headline_kind(m, rs) == ALPHA_ON_VALID for m, rs in methods.items()):
         lines += [f"({ALPHA_ON_VALID}: the fused score at the fusion weight each run chose on validation NDCG@10 "
                   "among `eval.alpha` and `eval.alpha_sweep` at its best epoch, the alphas listed per seed; "
@@ -377,21 +432,22 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
         lines += choice_table(choices) + [""]
         alphas = {m: len([k for k in rs[0]["valid"] if sweep_alpha(k) is not None]) for m, rs in methods.items()
                   if headline_kind(m, rs) == ALPHA_ON_VALID}
-        lines += budget_note(choices, [m for m in [*methods, *peers] if len(candidates(specs, d, m)) == 1], alphas)
+        lines += budget_note(choices, [m for m in one_setting if m in untuned], alphas)
     lines += rounds_note(specs, d, [m for m in [*methods, *peers] if len(candidates(specs, d, m)) > 1])
-    g = gains(methods, peers, d.anchors)
+    g = gains(methods, peers, d.anchors, untuned)
     if g:
         lines += ["Fused AlterRec relative to each of the others (means over seeds; the target is ≥ +5 % over ID "
                   "only and NFRec on both metrics):", ""] + g + [""]
+        lines += same_config_note(same_config, methods.get("alterrec_random", []))
     if {"alterrec", "id_only", "text_only"} <= methods.keys():
-        lines += ["### Table 2: ablation", ""] + ablation_table(methods) + [""]
+        lines += ["### Table 2: ablation", ""] + ablation_table(methods, untuned, same_config) + [""]
     figures = Figures(grid.images, Path(os.path.relpath(grid.images, grid.report.parent)), d.name)
     if "nfrec_sum" in methods:
         lines += nfrec_section(methods["nfrec_sum"], figures)
     if "alterrec" in methods:
         lines += alterrec_curves_section(methods["alterrec"], figures)
     if "id_only" in methods and len(methods) > 1:
-        lines += longtail_section(methods, "hit@10", figures)
+        lines += longtail_section(methods, "hit@10", figures, untuned, same_config)
     if "alterrec" in methods and any(sweep_alpha(k) is not None for k in methods["alterrec"][0]["test"]):
         lines += sensitivity_section(methods["alterrec"], runs, figures)
     switches = switch_table(runs)
@@ -438,8 +494,9 @@ def alterrec_curves_section(runs: list[dict], figures: Figures) -> list[str]:
             "Validation Hits@20 of the ID, text and fused scores, and the training loss (mean over seeds).", ""]
 
 
-def longtail_section(methods: dict[str, list[dict]], metric: str, figures: Figures) -> list[str]:
-    groups, ratios, counts = longtail(methods, metric)
+def longtail_section(methods: dict[str, list[dict]], metric: str, figures: Figures, untuned: frozenset[str],
+                     same_config: dict[str, list[dict]]) -> list[str]:
+    groups, ratios, counts = longtail(methods, metric, untuned, same_config)
     longtail_figure(groups, ratios, counts, metric, figures.path("longtail"))
     lines = ["### Fig. 6: long tail", "", figures.link("longtail", "long tail"), "",
              f"Test {metric} per target-popularity group divided by ID only's (mean over seeds):", "",
