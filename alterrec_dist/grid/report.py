@@ -83,7 +83,7 @@ def read_run(spec) -> dict | None:
         try:
             return {"spec": spec, "test": {"peer": res["test"]}, "valid": {"peer": res["valid"]},
                     "best_epoch": res.get("best_epoch"), "command": recorded_command(spec),
-                    "on_budget": peer_cut_at_its_best(res)}
+                    "on_budget": peer_ended_on_budget(res)}
         except KeyError as e:
             raise DataError(f"{d / spec.done_file}: no {e} (a damaged result: rerun the run)") from None
     summary = read_json(d / run_layout.SUMMARY)
@@ -140,12 +140,18 @@ def ended_on_budget(run_dir: Path, summary: dict) -> bool:
             and not (train["patience"] > 0 and train["m_max"] - 1 - summary["best_epoch"] >= train["patience"]))
 
 
-def peer_cut_at_its_best(result: dict) -> bool:
-    """A peer its time cap (bench/recbole_peer.py's `--max-minutes`) stopped at its best validation epoch so far."""
-    return "time cap" in result.get("stopped_by", "") and result.get("best_epoch") == result.get("epochs_run", 0) - 1
+def peer_ended_on_budget(result: dict) -> bool:
+    """A peer that its time cap (bench/recbole_peer.py's `--max-minutes`) or its epoch ceiling (RecBole's `epochs`;
+    it validates every epoch) stopped before its patience ran out (RecBole stops once `stopping_step` validations
+    in a row are no better than the best), whichever epoch was its best: more epochs might still raise it."""
+    if "time cap" in result.get("stopped_by", ""):
+        return True
+    config, best = result.get("config", {}), result.get("best_epoch")
+    return (best is not None and result.get("epochs_run") == config.get("epochs")
+            and result["epochs_run"] - 1 - best <= config.get("stopping_step", 0))
 
 
-ON_BUDGET = "*"  # beside a best epoch: the run ended on its budget, not on patience
+ON_BUDGET = "*"  # beside a best epoch: the run ended on its budget (epochs or a time cap), not on patience
 
 
 def best_epochs(runs: list[dict]) -> str:
@@ -419,9 +425,9 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
                   "among `eval.alpha` and `eval.alpha_sweep` at its best epoch, the alphas listed per seed; "
                   "(fused) is at the config's `eval.alpha`.)", ""]
     if any(r["on_budget"] for r in runs):
-        lines += [f"({ON_BUDGET} beside a best epoch, here and below: the run ended on its budget, not on patience. "
-                  "Ours trained every epoch of `train.m_max`; a peer's time cap stopped it at its best epoch so "
-                  "far. More epochs might still raise it.)", ""]
+        lines += [f"({ON_BUDGET} beside a best epoch, here and below: the run ended on its budget before its patience "
+                  "ran out: ours trained every epoch of `train.m_max`, a peer hit its time cap (CPU minutes) or its "
+                  "epoch ceiling. More epochs might still raise it.)", ""]
     for a in d.anchors:
         lines.append(f"- {a['name']}: {a['source']}")
     if d.anchors:

@@ -186,17 +186,24 @@ def test_a_best_epoch_is_marked_when_the_run_ended_on_its_budget_not_on_patience
     assert [finished_run(tmp_path, "id_only", seed, 0.05, None, epochs_trained=30, best_epoch=best,
                          stopped_by=None)["on_budget"] for seed, best in ((2, 23), (3, 24))] == [False, True]
 
-    def peer(name, best_epoch, stopped_by):
+    def peer(name, best_epoch, stopped_by, epochs=50):
         d = tmp_path / name
         d.mkdir()
         scores = {"hit@10": 0.1, "ndcg@10": 0.05}
         (d / "result.json").write_text(json.dumps({"best_epoch": best_epoch, "epochs_run": 8, "stopped_by": stopped_by,
+                                                   "config": {"epochs": epochs, "stopping_step": 2},
                                                    "valid": scores, "test": scores, "command": "x"}))
         return read_run(RunSpec("d", "UniSRec", 0, d, [], done_file="result.json", role="peer"))["on_budget"]
     cap = "the time cap (105 CPU min) after 8 epochs"
     assert peer("cut", 7, cap)  # still at its best when the cap stopped it
-    assert not peer("past", 6, cap)  # had already fallen from its best
-    assert not peer("patience", 7, "early stopping or the epoch ceiling")
+    # had fallen from its best (UniSRec on Scientific: best 6 of 8), but its patience had not run out: it went
+    # unmarked, so the footnote's "ended on its budget" missed a time-capped peer
+    assert peer("past", 6, cap)
+    ceiling = "early stopping or the epoch ceiling"
+    # RecBole stops once more than `stopping_step` (2) validations in a row are no better than the best
+    assert not peer("patience", 4, ceiling)  # epochs 5-7 no better, 42 epochs short of the ceiling
+    assert peer("ceiling", 5, ceiling, epochs=8)  # epochs 6-7 no better when the 8-epoch ceiling came
+    assert not peer("ceiling-and-patience", 4, ceiling, epochs=8)  # patience ran out with the last epoch too
 
 
 def test_damaged_results_are_named_and_a_diverged_run_ranks_last(tmp_path):
