@@ -38,6 +38,9 @@ SHOWN = ("hit@10", "ndcg@10")
 TARGET_GAIN = 0.05  # issue 14: "at least 5 % above our own ID-only and NFRec (sum)"
 RESAMPLE_SEED = 0
 CHUNK = 250  # resamples drawn at once: CHUNK x sessions indices
+RUNS_NOTE = ("The runs are the directories the command names, scored from their saved models, which git does not keep "
+             "(each seed's figures are in the .json beside this file); a run retrained from a committed record "
+             "scores as the retrain, which can differ from that record.")
 
 
 def session_metrics(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -139,7 +142,8 @@ def report(table: dict, comparisons: list[dict], checks: dict, resamples: int, c
         "# Paired comparison on the same test sessions", "",
         f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {minutes:.1f} min).",
         "Each run scored by the score it serves; a method's figure is the mean over its seeds; a late fusion fuses "
-        "the two methods' runs of one seed, alpha chosen on validation NDCG@10 (bench/paired.py).", "",
+        "the two methods' runs of one seed, alpha chosen on validation NDCG@10 (bench/paired.py).",
+        RUNS_NOTE, "",
         f"## Methods (test, {sessions:,} sessions, mean ± std over seeds)", "",
         "| method | seeds | hit@10 | ndcg@10 |", "|---|---|---:|---:|", *methods, "",
         f"## Gains, resampled ({resamples:,} paired bootstrap resamples)", "",

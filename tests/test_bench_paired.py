@@ -100,6 +100,7 @@ def test_methods_are_their_summaries_and_gains_are_paired(tmp_path_factory, tmp_
     text = out.read_text()
     assert f"--method AlterRec {alterrec} --method 'ID only' {id_only}" in text
     assert "| AlterRec against ID only | ndcg@10 |" in text
+    assert paired.RUNS_NOTE in text  # whose figures these are: the runs named, not committed records they retrain
 
 
 @pytest.mark.parametrize("labels", [["--method", "A", "a0", "--method", "A", "a1"],
