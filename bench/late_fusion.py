@@ -42,6 +42,10 @@ from bench.fusion_rules import SELECT, hit_ndcg, split_scores
 # 1e-4 (bench/fusion_rules.py); a model that is not the summary's run differs by far more. Each run's figures on
 # both sides go into the report's .json.
 SUMMARY_TOLERANCE = 1e-3
+TIES_NOTE = ("equal scores go by item id here, as in the engine since 7f8a7ba; a run made before it ordered a target "
+             "among items of the same text by float rounding, see SUMMARY_TOLERANCE in bench/late_fusion.py, so a text "
+             "network's figures here, the tables' above too, can sit a little below its summary.json's "
+             "(docs/RESULTS.md's, for a grid run)")
 ALPHAS = [a / 10 for a in range(10, -1, -1)]  # 1 (run A alone) first: ties go to it, then to more of A
 
 
@@ -135,9 +139,7 @@ def report(pairs: dict[str, list[dict]], references: dict[str, list[dict]], chec
         "| pair | pairs | alpha per pair | valid ndcg@10 | test hit@10 | test ndcg@10 | A alone test ndcg@10 | "
         "B alone test ndcg@10 | gain over the better alone |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|", *rows, "",
-        "Each run alone here against its summary.json, test NDCG@10 (equal scores go by item id here, as in the "
-        "engine since 7f8a7ba; a run made before it ordered a target among items of the same text by float "
-        "rounding, see SUMMARY_TOLERANCE in bench/late_fusion.py):", "",
+        f"Each run alone here against its summary.json, test NDCG@10 ({TIES_NOTE}):", "",
         *[f"- {run}: {c['here']['ndcg@10']:.5f} here, {c['summary']['ndcg@10']:.5f} in summary.json"
           for run, c in checks.items()], ""])
 

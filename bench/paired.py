@@ -32,7 +32,7 @@ from alterrec_dist.common.files import atomic_write_bytes, atomic_write_json
 from alterrec_dist.eval.metrics import per_session
 from alterrec_dist.grid.report import cell
 from bench.fusion_rules import target_ranks
-from bench.late_fusion import check_same_data, check_same_sessions, choose_alpha, served_scores
+from bench.late_fusion import TIES_NOTE, check_same_data, check_same_sessions, choose_alpha, served_scores
 
 SHOWN = ("hit@10", "ndcg@10")
 TARGET_GAIN = 0.05  # issue 14: "at least 5 % above our own ID-only and NFRec (sum)"
@@ -154,7 +154,7 @@ def report(table: dict, comparisons: list[dict], checks: dict, resamples: int, c
         "| comparison | metric | A | B | gain | sessions: 95 % interval | gain > 0 | gain ≥ "
         f"{TARGET_GAIN:+.0%} | seeds too: 95 % interval | gain > 0 | gain ≥ {TARGET_GAIN:+.0%} |",
         "|---|---|---:|---:|---:|---|---:|---:|---|---:|---:|", *rows, "",
-        "Each run's served test NDCG@10 here against its summary.json:", "",
+        f"Each run's served test NDCG@10 here against its summary.json ({TIES_NOTE}):", "",
         *[f"- {run}: {c['here']['ndcg@10']:.5f} here, {c['summary']['ndcg@10']:.5f} in summary.json"
           for run, c in checks.items()], ""])
 
