@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import METRICS, Config
@@ -68,10 +70,11 @@ def import_mlflow():
 
 def check_mlflow() -> None:
     """On the driver, before anything starts: a run told to log to MLflow can (a refused file store stopped
-    the run at its first epoch with MLflow's traceback and a half-made run directory)."""
+    the run at its first epoch with MLflow's traceback and a half-made run directory; a tracking server that was
+    down, after 4 minutes of MLflow's retries)."""
     uri = os.environ.get(TRACKING_URI)
     if uri:
-        import_mlflow()
+        mlflow = import_mlflow()
         # MLflow's own rules: which URIs are a local file store ("databricks" is not), which values allow one
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
         from mlflow.exceptions import MlflowException
@@ -83,14 +86,43 @@ def check_mlflow() -> None:
                                   "MLFLOW_ALLOW_FILE_STORE=true (set it, or use a tracking server)")
         except (MlflowException, ValueError) as e:  # file://otherhost/x; MLFLOW_ALLOW_FILE_STORE=yes
             raise ConfigError(f"{TRACKING_URI}={uri}: {one_line(e)}") from None
+        if urlparse(uri).scheme in ("http", "https"):
+            check_server(mlflow, uri)
+
+
+# A server asked once, at the start: an answer within this, or no run (MLflow's own default retries for 4 minutes).
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+def check_server(mlflow, uri: str) -> None:
+    """The tracking server answers a request (the cheapest: one experiment), or a one-line error."""
+    saved = {k: os.environ.get(k) for k in PROBE_ENV}
+    os.environ.update(PROBE_ENV)  # MLflow reads them at each request
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as e:  # whatever the client raises for a server that is down or not MLflow's
+        raise ConfigError(f"{TRACKING_URI}={uri}: the MLflow server does not answer ({one_line(e)[:300]}): "
+                          f"start it, or unset {TRACKING_URI}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 class MlflowRun:
     """The run's MLflow run. Its id is kept in RUN_DIR/mlflow_run_id, so that a resumed attempt goes on
-    logging into the same MLflow run; the config goes in as parameters when the run is created."""
+    logging into the same MLflow run; the config goes in as parameters when the run is created.
+
+    MLflow is a side channel: a log or the end that fails (a server gone mid-run) is one warning, and this
+    attempt logs no more to MLflow, while training goes on (metrics.jsonl and TensorBoard keep the record). It
+    had stopped the run with a traceback after MLflow's retries, and under Ray spent the run's restarts on it
+    (reviewer finding)."""
 
     def __init__(self, run_dir: Location, cfg: Config):
         self.mlflow = import_mlflow()
+        self.failed = False  # once a call failed: this attempt logs no more to MLflow
         id_file = run_dir / run_layout.MLFLOW_RUN_ID
         if id_file.is_file():
             self.mlflow.start_run(run_id=id_file.read_text().strip())
@@ -101,10 +133,20 @@ class MlflowRun:
                                 for key, value in table.items()})
 
     def log(self, scalars: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({mlflow_name(tag): value for tag, value in scalars.items()}, step=step)
+        self._call(self.mlflow.log_metrics, {mlflow_name(tag): value for tag, value in scalars.items()}, step=step)
 
     def end(self, failed: bool) -> None:
-        self.mlflow.end_run("FAILED" if failed else "FINISHED")
+        self._call(self.mlflow.end_run, "FAILED" if failed else "FINISHED")
+
+    def _call(self, fn, *args, **kwargs) -> None:
+        if self.failed:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # whatever the client raises: MLflow must not stop the training
+            self.failed = True
+            print(f"warning: MLflow stopped logging this run ({one_line(e)[:300]}); metrics.jsonl and "
+                  "TensorBoard keep its metrics", file=sys.stderr, flush=True)
 
 
 class MetricSinks:

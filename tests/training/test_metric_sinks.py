@@ -3,6 +3,8 @@ back through TensorBoard's EventAccumulator and the MLflow client (a local file:
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -169,15 +171,58 @@ def test_a_training_run_logs_what_metrics_jsonl_holds(tmp_path, file_store):
         assert_points(dict(logged[tag.replace("@", "_at_")]), points)
 
 
+def closed_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys,
+                                                                                    no_ray):
+    """A server that was down stalled the run 4 minutes in MLflow's retries, then a traceback, exit 1, and a run
+    directory that made the same --out refused next time (reviewer finding). Now one request, at the start."""
+    uri = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    data = tiny_dataset(tmp_path / "data")
+    args = ["--set", f"data.path={data}", "--set", "train.global_batch_size=128", "--out", str(tmp_path / "run")]
+    code, err = run_command("train", args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(
+        f"error: MLFLOW_TRACKING_URI={uri}: the MLflow server does not answer ("), lines
+    assert lines[0].endswith("): start it, or unset MLFLOW_TRACKING_URI")
+    assert not (tmp_path / "run").exists() and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_mlflow_failing_mid_run_is_one_warning_and_training_goes_on(tmp_path, file_store, capsys):
+    """The store goes away after the run started (as a server that dies): one warning line, no more MLflow
+    calls in this attempt, and the other sinks keep every value."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with MetricSinks(run, Config(), 0) as sinks:
+        sinks.step("id", {"loss": 1.0}, 1)
+        shutil.rmtree(tmp_path / "mlruns")
+        (tmp_path / "mlruns").write_text("not a store")  # every later MLflow call fails
+        for step in (2, 3):
+            sinks.step("id", {"loss": float(step)}, step)
+        sinks.epoch(epoch_line(0, 1.0), 3)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: MLflow stopped logging this run ("), err
+    assert_points(tensorboard_scalars(run / "tensorboard")["loss/id"], {1: 1.0, 2: 2.0, 3: 3.0})
+    assert json.loads((run / "metrics.jsonl").read_text())["epoch"] == 0
+
+
 @pytest.mark.parametrize("uri, allow, refused", [
     ("file:{d}/mlruns", "1", None),  # MLflow takes 1 as true; only "true" was accepted
     ("databricks", None, None),  # a tracking URI, not a path (it was refused as a file store)
     ("{d}/mlruns", "yes", "MLFLOW_ALLOW_FILE_STORE value must be one of"),
-    ("http://mlflow.example:5000", "yes", None),  # a server: MLflow never reads the variable
+    ("http://127.0.0.1:{port}", "yes", "the MLflow server does not answer"),  # a server: never the variable
     ("file://otherhost/x", None, r"MLFLOW_TRACKING_URI=file://otherhost/x: .*"),  # MLflow's exception, one line
 ])
 def test_mlflow_settings_are_judged_by_mlflows_rules(tmp_path, monkeypatch, uri, allow, refused):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(d=tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(d=tmp_path, port=closed_port()))
     if allow is None:
         monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     else:
