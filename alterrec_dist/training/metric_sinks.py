@@ -37,7 +37,8 @@ def epoch_scalars(line: dict) -> dict[str, float]:
     """The per-epoch scalars of a metrics.jsonl line, by tag."""
     scalars = {f"valid/{part}/{m}": scores[m] for part, scores in line["valid"].items() for m in METRICS
                if m in scores}
-    scalars["throughput/sessions_per_s"] = line["sessions_per_s"]
+    if line["sessions_per_s"] is not None:  # None: no step of the epoch ran in this attempt
+        scalars["throughput/sessions_per_s"] = line["sessions_per_s"]
     return scalars
 
 
@@ -153,7 +154,7 @@ class MetricSinks:
     """Rank 0's metric writers for one attempt of a run, which resumes after `steps_done` global steps.
     A context manager: leaving it closes the event file and ends the MLflow run (FAILED on an error)."""
 
-    def __init__(self, run_dir: Location, cfg: Config, steps_done: int):
+    def __init__(self, run_dir: Location, cfg: Config, steps_done: int, end_redone: bool = False):
         from torch.utils.tensorboard import SummaryWriter  # here: the other ranks never load it
 
         self.jsonl = run_dir / run_layout.METRICS
@@ -161,9 +162,10 @@ class MetricSinks:
         # in a store, this attempt's event file is written here and uploaded (`_upload_events`)
         self.local_events = Path(tempfile.mkdtemp(prefix="alterrec-tensorboard-")) \
             if isinstance(self.events, StorePath) else self.events
-        # events at steps >= purge_step in the earlier attempts' files are the redone steps': dropped
+        # events at steps >= purge_step in the earlier attempts' files are the redone steps': dropped, and those
+        # of step `steps_done` too when the attempt logs it again (`end_redone`: an epoch end not yet logged)
         with writing(self.local_events):
-            self.tensorboard = SummaryWriter(str(self.local_events), purge_step=steps_done + 1)
+            self.tensorboard = SummaryWriter(str(self.local_events), purge_step=steps_done + (not end_redone))
         self.mlflow = MlflowRun(run_dir, cfg) if os.environ.get(TRACKING_URI) else None
 
     def step(self, network: str, losses: dict[str, float], step: int) -> None:

@@ -199,7 +199,13 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
             checkpoint({"epoch": progress.epoch, "step": len(progress.steps)})
 
     prev_key, frozen_rows = None, None
-    with MetricSinks(run_dir, cfg, steps_done()) if comm.rank == 0 else contextlib.nullcontext() as sinks:
+    # A checkpoint at an epoch's last step comes before that epoch's end is scored and logged: a resume from it logs
+    # the end again, at the same step, so the earlier attempt's events of that step go, its loss among them
+    # (TensorBoard showed the step's metrics twice: reviewer finding), and the loss is logged again here.
+    end_redone = len(progress.steps) == steps_per_epoch
+    with MetricSinks(run_dir, cfg, steps_done(), end_redone) if comm.rank == 0 else contextlib.nullcontext() as sinks:
+        if end_redone and sinks is not None and t.log_every and steps_done() % t.log_every == 0:
+            sinks.step(phases[progress.epoch].network, progress.steps[-1], steps_done())
         for phase in tqdm(phases[progress.epoch:], desc="epochs", initial=progress.epoch, total=len(phases),
                           disable=comm.rank != 0):
             # checked before each epoch, a resumed run included: the checkpoint holds the epoch and the best
@@ -224,7 +230,9 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
                 "epoch": phase.epoch, "phase": phase_index(phases, phase.epoch), "network": phase.network,
                 "negatives": phase.negatives, "augmented": phase.augmented, **losses,
                 "valid": {k: overall(valid[k]) for k in valid},
-                "sessions_per_s": (len(steps) - resumed_steps) * t.global_batch_size / seconds,  # this attempt's steps
+                # this attempt's steps; None where it ran none (resumed at the epoch's end): not a rate of 0
+                "sessions_per_s": (len(steps) - resumed_steps) * t.global_batch_size / seconds
+                if len(steps) > resumed_steps else None,
                 "train_seconds": seconds,
             }
             phase_ends = phase_index(phases, phase.epoch + 1) != line["phase"]
@@ -245,7 +253,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
             if comm.rank == 0:
                 sinks.epoch(line, steps_done())
                 tqdm.write(f"epoch {phase.epoch:3d} {phase.network:5s} {phase.negatives:6s} loss {losses['loss']:.4f} "
-                           f"valid {part}/{metric} {valid[part][metric]:.4f} ({line['sessions_per_s']:.0f} sessions/s)")
+                           f"valid {part}/{metric} {valid[part][metric]:.4f} ({rate_text(line['sessions_per_s'])})")
             if rejected:
                 undo_phase(run, run_dir / run_layout.CHECKPOINTS / phase_start_checkpoint(phases, phase.epoch))
                 progress.own[phase.network] = progress.phase_before
@@ -398,6 +406,10 @@ def refuse_diverged(epoch: int, network: str, logs: list[dict]) -> None:
         if not math.isfinite(log["loss"]):
             raise ConfigError(f"epoch {epoch}, step {step}: the {network} network's training loss is {log['loss']}: "
                               f"the run diverged (lower train.lr_id / train.lr_text)")
+
+
+def rate_text(sessions_per_s: float | None) -> str:
+    return "resumed after its last step" if sessions_per_s is None else f"{sessions_per_s:.0f} sessions/s"
 
 
 def read_logs(logs: list[dict]) -> list[dict]:

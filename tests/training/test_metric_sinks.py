@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -171,6 +172,38 @@ def test_a_training_run_logs_what_metrics_jsonl_holds(tmp_path, file_store):
         assert_points(dict(logged[tag.replace("@", "_at_")]), points)
 
 
+@pytest.mark.slow
+def test_a_resume_at_an_epochs_last_step_logs_its_end_once(tmp_path):
+    """A checkpoint at an epoch's last step comes before the epoch's end is logged; a run killed after that
+    logging, resumed from it, logged the end again at the same step (TensorBoard showed the step twice, and a
+    sessions/s of 0: reviewer finding). Made here by taking away the checkpoints after that one."""
+    run = tmp_path / "run"
+    data = tiny_dataset(tmp_path / "data")
+    per_epoch = 400 // 128  # the tiny dataset's 400 train rows, full batches only
+    args = [*[a for s in SMALL for a in ("--set", s)], "--set", f"data.path={data}", "--set", "train.m_max=1",
+            "--set", "train.global_batch_size=128", "--set", "train.log_every=1", "--launcher", "torchrun",
+            "--set", f"train.checkpoint_every={per_epoch}"]
+    env = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = cli([*args, "--out", str(run)], tmp_path, timeout=240, env=env)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    last_step = run / "checkpoints" / f"e00000-s{per_epoch:07d}"
+    assert last_step.is_dir(), sorted(p.name for p in (run / "checkpoints").iterdir())
+    for later in (run / "checkpoints").iterdir():
+        if later.name > last_step.name:
+            shutil.rmtree(later)
+    (run / "summary.json").unlink()  # as a run killed before its end
+    r = cli(["--resume", str(run), "--launcher", "torchrun"], tmp_path, timeout=240, env=env)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert f"resuming from {last_step}: epoch 0, {per_epoch} steps done" in r.stdout + r.stderr
+    scalars = tensorboard_scalars(run / "tensorboard")  # fails on a step logged twice
+    assert sorted(scalars["loss/id"]) == list(range(1, per_epoch + 1))  # the epoch's last loss kept
+    assert sorted(scalars["valid/fused/ndcg@10"]) == [per_epoch]
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["sessions_per_s"] for ln in lines] == [None]  # no step of the epoch ran in this attempt: not 0
+    assert not scalars.get("throughput/sessions_per_s"), scalars.get("throughput/sessions_per_s")
+    assert "epoch   0 id" in r.stdout + r.stderr and "resumed after its last step" in r.stdout + r.stderr
+
+
 def closed_port() -> int:
     """A port of 127.0.0.1 that nothing listens on (bound, then closed)."""
     with socket.socket() as s:
@@ -197,8 +230,6 @@ def test_a_tracking_server_that_does_not_answer_is_one_line_before_anything_star
 def test_mlflow_failing_mid_run_is_one_warning_and_training_goes_on(tmp_path, file_store, capsys):
     """The store goes away after the run started (as a server that dies): one warning line, no more MLflow
     calls in this attempt, and the other sinks keep every value."""
-    import shutil
-
     run = tmp_path / "run"
     run.mkdir()
     with MetricSinks(run, Config(), 0) as sinks:
