@@ -25,9 +25,6 @@ from alterrec_dist.training.run_dir import open_run_dir, read_summary
 
 # -- launcher: Ray Train ----------------------------------------------------------------------
 
-# Ray streams worker output line by line, so every progress-bar refresh becomes a console line:
-# refresh the recipe's tqdm bars at most every few seconds there (tqdm reads TQDM_* at import).
-WORKER_ENV = {"TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5")}
 
 
 def check_ray_train_v2() -> None:
@@ -168,7 +165,7 @@ def _launch_ray(cfg: Config, run_dir: Location) -> dict:
             # either launcher. After a failure Ray restarts the workers, which resume by themselves.
             run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                                  failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-                                 worker_runtime_env={"env_vars": WORKER_ENV | mlflow_env()},
+                                 worker_runtime_env={"env_vars": mlflow_env()},
                                  # INFO would echo every ray.train.report() dict from every worker
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )

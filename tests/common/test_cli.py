@@ -42,3 +42,22 @@ def test_out_of_memory_without_a_message_says_so(capsys):
         run_cli(allocate, [])
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith("error: out of memory: an allocation failed (smaller sizes")
+
+
+def test_progress_bars_refresh_sparsely_into_a_log_and_as_usual_on_a_terminal(monkeypatch):
+    """Into a file or pipe every bar refresh is one more line (a torchrun run's stderr: 129 bar lines of 134)."""
+    import io
+    import os
+
+    from alterrec_dist.common.cli import bar_seconds
+
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert bar_seconds() == 5.0
+    leader, follower = os.openpty()
+    with open(follower, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert bar_seconds() == 0.1
+    os.close(leader)
+    monkeypatch.setenv("TQDM_MININTERVAL", "2")
+    assert bar_seconds() == 2.0
