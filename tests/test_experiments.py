@@ -87,15 +87,16 @@ def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     for heading in ("Table 1", "Table 2", "Fig. 3", "Fig. 5", "Fig. 6", "Fig. 7", "### Runs"):
         assert heading in report, heading
     assert "| Published (published) | – | 0.9000 |" in report
-    assert "| Peer | base: 0.3000, width = 2: 0.3100, width = 3: 0.3000 | **width = 2** |" in report
+    # its three configurations tried, each one's validation score, the one chosen
+    assert "| Peer | 3 | base: 0.3000, width = 2: 0.3100, width = 3: 0.3000 | **width = 2** |" in report
     assert "| Peer (peer, RecBole) | 1 | 0.4000 |" in report  # the chosen setting's test, though worse
     assert "| k2 | 10 | 20 |" in report
     for method in ("AlterRec (fused)", "ID only (id)", "Text only (text)"):
         assert f"| {method} | logits = cosine | 1 |" in report, method
     # Each method chose base or cosine on validation, and Table 1 reports the chosen run's test metrics.
-    chosen = [line for line in report.splitlines() if line.startswith("| ID only | base: ")]
+    chosen = [line for line in report.splitlines() if line.startswith("| ID only | 2 | base: ")]  # 2 tried
     assert len(chosen) == 1 and "logits = cosine: " in chosen[0], chosen
-    scores = dict(part.split(": ") for part in chosen[0].split(" | ")[1].split(", "))
+    scores = dict(part.split(": ") for part in chosen[0].split(" | ")[2].split(", "))
     run = "id_only-s0" if float(scores["base"]) >= float(scores["logits = cosine"]) else "id_only-logits=cosine-s0"
     overrides = "none" if run == "id_only-s0" else "`model.id_logits=cosine`"
     assert f"| **{'base' if run == 'id_only-s0' else 'logits = cosine'}** | {overrides}" in chosen[0], chosen

@@ -146,9 +146,10 @@ def peer_ended_on_budget(result: dict) -> bool:
     in a row are no better than the best), whichever epoch was its best: more epochs might still raise it."""
     if "time cap" in result.get("stopped_by", ""):
         return True
-    config, best = result.get("config", {}), result.get("best_epoch")
-    return (best is not None and result.get("epochs_run") == config.get("epochs")
-            and result["epochs_run"] - 1 - best <= config.get("stopping_step", 0))
+    config, best, epochs = result.get("config", {}), result.get("best_epoch"), result.get("epochs_run")
+    # a result that does not say how many epochs ran (a peer other than RecBole's) is not judged on them
+    return (best is not None and epochs is not None and epochs == config.get("epochs")
+            and epochs - 1 - best <= config.get("stopping_step", 0))
 
 
 ON_BUDGET = "*"  # beside a best epoch: the run ended on its budget (epochs or a time cap), not on patience
