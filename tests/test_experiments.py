@@ -117,7 +117,7 @@ def test_grid_runs_resumes_and_reports(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--grid", str(grid_path)]) == 0
     out = capsys.readouterr().out
-    assert "9 of 11 runs already done; 2 to run" in out and "id_only-s0" in out
+    assert "9 of 11 runs already done; 2 to run, 0 under way here" in out and "id_only-s0" in out
     assert json.loads((peer_dir / "result.json").read_text())["resumed"]  # its directory was left to it
     assert (tmp_path / "runs/default/id_only-s0/summary.json").exists()
     assert "resuming from" in (tmp_path / "runs/default/id_only-s0.log").read_text()  # not started again

@@ -169,6 +169,16 @@ def stopping_on_exit(children: Children):
         raise
 
 
+def last_error(log: Path) -> str:
+    """': <the last error line>' of a failed run's log (a command's one-line error), or '' where it has none."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [ln.strip() for ln in lines if ln.startswith("error: ")]
+    return f": {errors[-1]}" if errors else ""
+
+
 def run_grid(grid: Grid, only: str | None = None) -> tuple[list[RunSpec], list[RunSpec]]:
     """Run what is not done (of it, what `only` selects), `grid.jobs` at a time in `run_order`; after each
     finished run the grid is expanded again, so a combination or a chosen setting's other seeds start as soon
@@ -184,11 +194,11 @@ def run_grid(grid: Grid, only: str | None = None) -> tuple[list[RunSpec], list[R
                     record_command_if_free(spec)
             skip = {s.run_dir for s in failed} | {d for d, _ in running.values()}
             todo = [s for s in specs if not s.done and s.run_dir not in skip and selected(s, grid, only)]
-            if not running:
-                if not todo:
-                    return specs, failed
-                print(f"{sum(s.done for s in specs)} of {len(specs)} runs already done; {len(todo)} to run, "
-                      f"{grid.jobs} at a time", flush=True)
+            if not running and not todo:
+                return specs, failed
+            # at the start and after every finished run, whatever runs beside it (jobs > 1 said it once)
+            print(f"{sum(s.done for s in specs)} of {len(specs)} runs already done; {len(todo)} to run, "
+                  f"{len(running)} under way here, {grid.jobs} at a time", flush=True)
             for spec in todo:
                 if len(running) == grid.jobs:
                     break
@@ -209,6 +219,6 @@ def run_grid(grid: Grid, only: str | None = None) -> tuple[list[RunSpec], list[R
                 spec, rc, seconds = future.result()
                 ok = rc == 0 and spec.done
                 print(f"{'ok  ' if ok else 'FAIL'} {shown(spec.run_dir)} ({seconds / 60:.1f} min)"
-                      f"{'' if ok else f', exit {rc}, see {spec.log}'}", flush=True)
+                      f"{'' if ok else f', exit {rc}, see {spec.log}{last_error(spec.log)}'}", flush=True)
                 if not ok:
                     failed.append(spec)

@@ -207,6 +207,22 @@ def test_a_grid_whose_runs_all_fail_leaves_the_report_alone(tmp_path):
     assert report.read_text() == "the last report\n"
 
 
+def test_two_at_a_time_the_runner_says_what_is_left_after_each_run_and_why_one_failed(tmp_path, capsys):
+    """With jobs = 2 (both shipped grids) the count was printed once, at the start, and a FAIL line named only the
+    log that held the run's one-line error (reviewer finding)."""
+    grid = load_grid(tiny_peer_grid(tmp_path, "methods = []"))
+    (tmp_path / "peer.py").write_text("import sys, time\ntime.sleep(2 if '--set' in sys.argv else 0)\n"  # P-s0 first
+                                      "print('error: peer.py: no such column', file=sys.stderr)\nraise SystemExit(2)\n")
+    _, failed = run_grid(grid)
+    out = capsys.readouterr().out.replace(f"{tmp_path}/", "").splitlines()
+    assert len(failed) == 3
+    fails = [line for line in out if line.startswith("FAIL ")]
+    assert len(fails) == 3 and all(line.endswith(": error: peer.py: no such column") for line in fails), fails
+    counts = [line for line in out if " runs already done; " in line]
+    assert counts[0] == "0 of 3 runs already done; 3 to run, 0 under way here, 2 at a time", out
+    assert "1 under way here" in counts[1], out  # after P-s0's end, while its twin still runs
+
+
 def test_only_runs_the_runs_its_glob_selects_and_an_unmatched_glob_is_an_error(tmp_path, capsys):
     """`--only` runs a part of the grid ahead of its turn (beside another runner that works through the rest)."""
     grid_file = tiny_peer_grid(tmp_path, "methods = []")
