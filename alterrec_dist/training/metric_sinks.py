@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -97,13 +98,21 @@ PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOU
 
 def check_server(mlflow, uri: str) -> None:
     """The tracking server answers a request (the cheapest: one experiment), or a one-line error."""
-    saved = {k: os.environ.get(k) for k in PROBE_ENV}
-    os.environ.update(PROBE_ENV)  # MLflow reads them at each request
     try:
-        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        with one_quick_try():
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # whatever the client raises for a server that is down or not MLflow's
         raise ConfigError(f"{TRACKING_URI}={uri}: the MLflow server does not answer ({one_line(e)[:300]}): "
                           f"start it, or unset {TRACKING_URI}") from None
+
+
+@contextmanager
+def one_quick_try():
+    """MLflow's requests within the block: one try of at most 15 s (`PROBE_ENV`), the settings as they were after."""
+    saved = {k: os.environ.get(k) for k in PROBE_ENV}
+    os.environ.update(PROBE_ENV)  # MLflow reads them at each request
+    try:
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
@@ -137,7 +146,28 @@ class MlflowRun:
         self._call(self.mlflow.log_metrics, {mlflow_name(tag): value for tag, value in scalars.items()}, step=step)
 
     def end(self, failed: bool) -> None:
-        self._call(self.mlflow.end_run, "FAILED" if failed else "FINISHED")
+        if not self.failed:
+            self._call(self.mlflow.end_run, "FAILED" if failed else "FINISHED")
+            return
+        # after a failure still ended, as MLflow's client counts its runs in this process, but tried once, quietly
+        try:
+            with one_quick_try():
+                self.mlflow.end_run("FAILED")
+        except Exception:
+            pass
+
+    def results(self, summary: dict, config_text: str) -> None:
+        """The run's results: the test metrics at the best epoch (`test/<kind>/<metric>`), the best epoch and the
+        fusion weight chosen, and summary.json and config.toml as artifacts (the config the run ended with: the
+        parameters are the creation's, which MLflow does not let a resume change)."""
+        metrics = {mlflow_name(f"test/{kind}/{m}"): v for kind, scores in summary["test"].items()
+                   for m, v in scores.items() if m in METRICS}
+        metrics["best_epoch"] = summary["best_epoch"]
+        if "alpha" in summary:
+            metrics["alpha_chosen"] = summary["alpha"]["chosen"]
+        self._call(self.mlflow.log_metrics, metrics)
+        self._call(self.mlflow.log_dict, summary, run_layout.SUMMARY)
+        self._call(self.mlflow.log_text, config_text, run_layout.CONFIG)
 
     def _call(self, fn, *args, **kwargs) -> None:
         if self.failed:
@@ -192,6 +222,11 @@ class MetricSinks:
                 self.tensorboard.add_scalar(tag, value, step)
         if self.mlflow is not None:
             self.mlflow.log(scalars, step)
+
+    def summary(self, summary: dict, config_text: str) -> None:
+        """The run's end: its results go to MLflow (metrics.jsonl and TensorBoard hold epochs, summary.json the rest)."""
+        if self.mlflow is not None:
+            self.mlflow.results(summary, config_text)
 
     def __enter__(self) -> MetricSinks:
         return self

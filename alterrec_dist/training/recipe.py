@@ -265,11 +265,12 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
             # every epoch, not at phase ends only: a lone network's run is one phase of m_max epochs
             checkpoint({k: v for k, v in line.items() if k != "valid"}
                        | {f"valid_{part}_{metric}": valid[part][metric]})
-    stopped_by = stop_reason(progress.epoch, progress.best["epoch"], t.patience, unjudged)
-    summary = run_summary(progress, cfg, part, metric, stopped_by)
-    if comm.rank == 0:
-        with writing(run_dir / run_layout.SUMMARY):
-            atomic_write_json(run_dir / run_layout.SUMMARY, summary)
+        stopped_by = stop_reason(progress.epoch, progress.best["epoch"], t.patience, unjudged)
+        summary = run_summary(progress, cfg, part, metric, stopped_by)
+        if comm.rank == 0:
+            with writing(run_dir / run_layout.SUMMARY):
+                atomic_write_json(run_dir / run_layout.SUMMARY, summary)
+            sinks.summary(summary, (run_dir / run_layout.CONFIG).read_text())
     return summary
 
 

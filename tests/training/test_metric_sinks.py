@@ -167,9 +167,20 @@ def test_a_training_run_logs_what_metrics_jsonl_holds(tmp_path, file_store):
         assert scalars["throughput/sessions_per_s"][end] == pytest.approx(line["sessions_per_s"], rel=F32)
 
     logged = mlflow_metrics(run, file_store)
-    assert set(logged) == {t.replace("@", "_at_") for t in scalars}
+    summary = json.loads((run / "summary.json").read_text())
+    results = {f"test/{kind}/{m}".replace("@", "_at_"): v for kind, scores in summary["test"].items()
+               for m, v in scores.items() if m in METRICS}
+    assert set(logged) == {t.replace("@", "_at_") for t in scalars} | set(results) | {"best_epoch"}
     for tag, points in scalars.items():
         assert_points(dict(logged[tag.replace("@", "_at_")]), points)
+    # the run's end: its test metrics and best epoch, and summary.json and config.toml as artifacts
+    assert {name: logged[name][0][1] for name in results} == pytest.approx(results, rel=F32)
+    assert logged["best_epoch"] == [(0, summary["best_epoch"])]
+    from mlflow.tracking import MlflowClient
+    artifacts = Path(MlflowClient(file_store).get_run((run / "mlflow_run_id").read_text()).info.artifact_uri
+                     .removeprefix("file://"))
+    assert json.loads((artifacts / "summary.json").read_text()) == summary
+    assert (artifacts / "config.toml").read_text() == (run / "config.toml").read_text()
 
 
 @pytest.mark.slow
@@ -243,6 +254,8 @@ def test_mlflow_failing_mid_run_is_one_warning_and_training_goes_on(tmp_path, fi
     assert len(err) == 1 and err[0].startswith("warning: MLflow stopped logging this run ("), err
     assert_points(tensorboard_scalars(run / "tensorboard")["loss/id"], {1: 1.0, 2: 2.0, 3: 3.0})
     assert json.loads((run / "metrics.jsonl").read_text())["epoch"] == 0
+    import mlflow
+    assert mlflow.active_run() is None  # ended all the same: MLflow's client counts its runs in the process
 
 
 @pytest.mark.parametrize("uri, allow, refused", [
