@@ -133,9 +133,10 @@ class BandRecorder:
 
 
 def small_run(comm: Comm, use_gpu: bool, precision: str, tf32: bool, shape: Shape) -> dict:
-    """The recipe on shards/default at W = 1: hard phases only, no dropout, `shape.small_steps` steps an epoch."""
+    """The recipe on shards/default at W = 1: hard phases only, no dropout, `shape.small_steps` steps an epoch.
+    The CPU leg keeps the process's thread count (a worker's default, 1, would stay for every GPU leg after it)."""
     cfg = load_config(None, ["train.m_random=0", "train.m_gap=1", "train.m_max=2", "model.dropout=0.0",
-                             "train.global_batch_size=256",
+                             "train.global_batch_size=256", f"trainer.cpu_threads={torch.get_num_threads()}",
                              "trainer.num_workers=1", f"trainer.use_gpu={use_gpu}", f"trainer.precision={precision}",
                              f"trainer.tf32={tf32}", "eval.batch_size=512"])
     run = build_run(cfg, comm)
