@@ -32,6 +32,7 @@ def test_the_gpu_check_dry_runs_on_the_cpu_and_writes_its_report(tmp_path):
     assert exact["loss_max_rel_diff"] < 1e-6 and exact["valid_max_abs_diff"] < 1e-6
     assert raw["correctness"]["bf16_tf32"]["loss_max_rel_diff"] < 2e-2  # bf16 autocast stays within tolerance
     assert raw["correctness"]["brute_force"]["equal"]
+    assert raw["correctness"]["fp32"]["eval_ignores_tf32"] and "valid metrics the same with TF32 flipped" in text
     assert [t["items"] for t in raw["throughput"]] == [5_000]
     for t in raw["throughput"]:
         assert [c["phase"] for c in t["cases"]] == ["random", "hard", "augmented"]
