@@ -21,6 +21,7 @@ workers after a failure (`trainer.max_failures`), and a retried job (`--resume a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import ExitStack
 
@@ -122,11 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue RUN_DIR from its newest intact checkpoint, with its config.toml (--set may "
                         "change e.g. trainer.num_workers); 'auto': continue the run dir of --out or trainer.name "
                         "if one was started there, else start it (for retried jobs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the epoch lines stay)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"  # read at each bar (`progress_bar`), and handed to Ray's workers
     cfg, resume_dir = load_run_config(args)
     check_dataset(cfg)
     check_resources(cfg)

@@ -70,6 +70,21 @@ def sigterm_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
+BAR_ENV = ("TQDM_DISABLE", "TQDM_MININTERVAL")  # tqdm's own variables; `train --no-progress` sets the first
+
+
+def progress_bar(rank: int = 0) -> dict:
+    """tqdm's settings for a long job's bar: drawn by rank 0 only, unless TQDM_DISABLE is set (`train
+    --no-progress`); refreshed at most every `bar_seconds()`. Read at each bar: tqdm reads its variables once, at
+    import, before a command has parsed its arguments, and an explicit `disable` overrides them."""
+    return {"disable": rank != 0 or bool(os.environ.get("TQDM_DISABLE")), "mininterval": bar_seconds()}
+
+
+def bar_env() -> dict[str, str]:
+    """The bar settings of this process that a Ray worker, started elsewhere, needs (`BAR_ENV`), those set."""
+    return {k: os.environ[k] for k in BAR_ENV if os.environ.get(k)}
+
+
 def bar_seconds() -> float:
     """The least time between two refreshes of a long job's progress bar: tqdm's own 0.1 s on a terminal, 5 s
     where stderr is a file or a pipe (a Ray worker's, torchrun's, a grid run's log), in which every refresh is

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from alterrec_dist.common.cli import bar_seconds
+from alterrec_dist.common.cli import progress_bar
 from alterrec_dist.common.device import exact_fp32_matmuls
 from alterrec_dist.common.device import tile_rows as resolve_tile_rows
 from alterrec_dist.common.methods import method, sweep_kind
@@ -127,8 +127,7 @@ def evaluate(comm: Comm, networks: dict[str, Network], table: ShardedItemTable, 
     ids = table.global_ids
     group_of_item = torch.from_numpy(group_of_item).to("cpu")  # where the sums are (`MetricSums`)
     sums = {k: MetricSums(labels) for k in kinds}
-    for batch in tqdm(batches, total=num_batches, desc=desc, disable=comm.rank != 0, leave=False,
-                      mininterval=bar_seconds()):
+    for batch in tqdm(batches, total=num_batches, desc=desc, leave=False, **progress_bar(comm.rank)):
         queries = [comm.all_gather(q) for q in session_queries(networks, table, batch)]
         target = comm.all_gather(batch.target)
         valid = comm.all_gather(batch.valid)

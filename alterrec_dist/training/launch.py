@@ -15,6 +15,7 @@ import sys
 from contextlib import ExitStack
 
 from alterrec_dist.common import storage
+from alterrec_dist.common.cli import bar_env
 from alterrec_dist.common.config import Config
 from alterrec_dist.common.errors import ConfigError, DamagedData, DataError
 from alterrec_dist.common.ray_local import init_ray, stop_ray
@@ -165,7 +166,7 @@ def _launch_ray(cfg: Config, run_dir: Location) -> dict:
             # either launcher. After a failure Ray restarts the workers, which resume by themselves.
             run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                                  failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-                                 worker_runtime_env={"env_vars": mlflow_env()},
+                                 worker_runtime_env={"env_vars": mlflow_env() | bar_env()},
                                  # INFO would echo every ray.train.report() dict from every worker
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from alterrec_dist.common import run_layout, storage
-from alterrec_dist.common.cli import bar_seconds
+from alterrec_dist.common.cli import progress_bar
 from alterrec_dist.common.code_version import code_version
 from alterrec_dist.common.config import Config
 from alterrec_dist.common.device import configure_kernels, worker_device
@@ -208,7 +208,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
         if end_redone and sinks is not None and t.log_every and steps_done() % t.log_every == 0:
             sinks.step(phases[progress.epoch].network, progress.steps[-1], steps_done())
         for phase in tqdm(phases[progress.epoch:], desc="epochs", initial=progress.epoch, total=len(phases),
-                          mininterval=bar_seconds(), disable=comm.rank != 0):
+                          **progress_bar(comm.rank)):
             # checked before each epoch, a resumed run included: the checkpoint holds the epoch and the best
             if patience_exhausted(progress.epoch, progress.best.get("epoch"), t.patience, unjudged):
                 if comm.rank == 0:
@@ -387,8 +387,7 @@ def train_epoch(run: Run, phase: Phase, frozen_rows: torch.Tensor | None, logs: 
     reader = run.train_reader
     batches = itertools.islice(reader.epoch(phase.epoch), len(logs), None)
     for step, batch in enumerate(tqdm(batches, total=reader.steps_per_epoch(), initial=len(logs),
-                                      desc=f"train e{phase.epoch}", disable=run.comm.rank != 0, leave=False,
-                                      mininterval=bar_seconds()),
+                                      desc=f"train e{phase.epoch}", leave=False, **progress_bar(run.comm.rank)),
                                  start=len(logs)):
         stepper.zero_grad()
         loss, logged = train_step(run.comm, run.cfg, phase, trained, frozen, frozen_rows, run.table,

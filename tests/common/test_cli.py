@@ -61,3 +61,14 @@ def test_progress_bars_refresh_sparsely_into_a_log_and_as_usual_on_a_terminal(mo
     os.close(leader)
     monkeypatch.setenv("TQDM_MININTERVAL", "2")
     assert bar_seconds() == 2.0
+
+
+def test_bars_are_rank_0s_unless_switched_off_and_ray_workers_get_the_switch(monkeypatch):
+    """`train --no-progress` sets TQDM_DISABLE after tqdm was imported (which reads it once): each bar reads it."""
+    from alterrec_dist.common.cli import bar_env, progress_bar
+
+    for name in ("TQDM_DISABLE", "TQDM_MININTERVAL"):
+        monkeypatch.delenv(name, raising=False)
+    assert [progress_bar(rank)["disable"] for rank in (0, 1)] == [False, True] and bar_env() == {}
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert progress_bar(0)["disable"] and bar_env() == {"TQDM_DISABLE": "1"}

@@ -50,6 +50,20 @@ def check_run_dir(run: Path, epochs: int, stdout: str, workers: int) -> None:
 
 
 @pytest.mark.slow
+def test_no_progress_draws_no_bars_and_keeps_the_epoch_lines(tmp_path):
+    """A group of one under the torchrun launcher: tqdm was imported before --no-progress was parsed."""
+    data = tiny_dataset(tmp_path / "data")
+    args = [*[a for s in SMALL for a in ("--set", s)], "--set", f"data.path={data}", "--set",
+            "train.global_batch_size=128", "--launcher", "torchrun", "--no-progress", "--out", str(tmp_path / "run")]
+    env = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = cli(args, tmp_path, timeout=240, env=env)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "it/s" not in r.stderr and "s/it" not in r.stderr, r.stderr[-2000:]
+    assert [ln[:9] for ln in r.stdout.splitlines() if ln.startswith("epoch")] == ["epoch   0", "epoch   1",
+                                                                                 "epoch   2"]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_torchrun_launcher(tmp_path):
     """`torchrun --nproc_per_node 2 -m alterrec_dist.train --launcher torchrun` (no Ray)."""
