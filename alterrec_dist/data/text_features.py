@@ -11,7 +11,6 @@ time, so the V×D array is never held whole.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -165,8 +164,10 @@ def _encode_plan(lengths: np.ndarray, batch_size: int) -> list[list[np.ndarray]]
 
 
 def token_lengths(model_dir: Path, texts: list[str], progress: bool) -> np.ndarray:
-    """Each text's length in the model's tokens as its `encode` counts them (truncated at its max_seq_length)."""
-    st_model = load_encoding_model(model_dir, progress)  # the load `encode_here` then reuses
+    """Each text's length in the model's tokens as its `encode` counts them (truncated at its max_seq_length).
+    From a copy of the model on the CPU, gone once counted: with `--ray` the actors encode, and a copy kept here
+    would hold the driver's memory, or its GPU 0 beside an actor's, all along (reviewer finding)."""
+    st_model = load_encoding_model(model_dir, progress, device="cpu")
     return np.concatenate([st_model.preprocess(texts[lo: lo + TOKENIZE_ROWS])["attention_mask"].sum(1).numpy()
                            for lo in range(0, len(texts), TOKENIZE_ROWS)])
 
@@ -212,8 +213,8 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=1)  # planning the batches (`token_lengths`) and encoding them share one load
-def load_encoding_model(model_dir: Path, progress: bool):
+def load_encoding_model(model_dir: Path, progress: bool, device: str | None = None):
+    """The sentence-transformers model, on `device` (None: the one sentence-transformers picks, a GPU if any)."""
     # The model is always a local directory: never let the hub client go online (it hangs
     # without network).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -224,7 +225,7 @@ def load_encoding_model(model_dir: Path, progress: bool):
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        return SentenceTransformer(str(model_dir))
+        return SentenceTransformer(str(model_dir), device=device)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # a directory that only looks like one
         raise DataError(f"{model_dir}: not a loadable sentence-transformers model ({one_line(e)}) "
                         "(--text-model)") from None

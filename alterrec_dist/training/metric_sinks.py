@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from alterrec_dist.common import run_layout, storage
-from alterrec_dist.common.config import METRICS, Config
+from alterrec_dist.common.config import METRICS, Config, to_toml
 from alterrec_dist.common.errors import ConfigError, DataError, one_line
 from alterrec_dist.common.files import atomic_write_bytes, writing
 from alterrec_dist.common.storage import Location, StorePath
@@ -92,14 +92,18 @@ def check_mlflow() -> None:
             check_server(mlflow, uri)
 
 
-# A server asked once, at the start: an answer within this, or no run (MLflow's own default retries for 4 minutes).
+# MLflow's requests, bounded. Its defaults (7 retries with backoff, 120 s a try) held rank 0 up to about 20
+# minutes on a server that accepted and never answered, while the other ranks waited in a collective (NCCL's
+# default timeout is 10 minutes: reviewer finding). A server asked once at the start: one try. A log: 3 tries of
+# at most 15 s, about 50 s in all, before this attempt stops logging to MLflow. Set by the user, theirs decide.
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+LOG_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 def check_server(mlflow, uri: str) -> None:
     """The tracking server answers a request (the cheapest: one experiment), or a one-line error."""
     try:
-        with one_quick_try():
+        with bounded_requests(PROBE_ENV):
             mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # whatever the client raises for a server that is down or not MLflow's
         raise ConfigError(f"{TRACKING_URI}={uri}: the MLflow server does not answer ({one_line(e)[:300]}): "
@@ -107,18 +111,16 @@ def check_server(mlflow, uri: str) -> None:
 
 
 @contextmanager
-def one_quick_try():
-    """MLflow's requests within the block: one try of at most 15 s (`PROBE_ENV`), the settings as they were after."""
-    saved = {k: os.environ.get(k) for k in PROBE_ENV}
-    os.environ.update(PROBE_ENV)  # MLflow reads them at each request
+def bounded_requests(limits: dict[str, str]):
+    """MLflow's requests within the block at `limits` (PROBE_ENV, LOG_ENV) where the user set none; the
+    environment as it was after. MLflow reads them at each request."""
+    unset = [k for k in limits if not os.environ.get(k)]
+    os.environ.update({k: limits[k] for k in unset})
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
+        for k in unset:
+            del os.environ[k]
 
 
 class MlflowRun:
@@ -133,6 +135,11 @@ class MlflowRun:
     def __init__(self, run_dir: Location, cfg: Config):
         self.mlflow = import_mlflow()
         self.failed = False  # once a call failed: this attempt logs no more to MLflow
+        # an attempt after a restart starts here too, with no check on the driver before it: a server down then
+        # is one warning as well
+        self._call(self._start, run_dir, cfg)
+
+    def _start(self, run_dir: Location, cfg: Config) -> None:
         id_file = run_dir / run_layout.MLFLOW_RUN_ID
         if id_file.is_file():
             self.mlflow.start_run(run_id=id_file.read_text().strip())
@@ -151,7 +158,7 @@ class MlflowRun:
             return
         # after a failure still ended, as MLflow's client counts its runs in this process, but tried once, quietly
         try:
-            with one_quick_try():
+            with bounded_requests(PROBE_ENV):
                 self.mlflow.end_run("FAILED")
         except Exception:
             pass
@@ -173,7 +180,8 @@ class MlflowRun:
         if self.failed:
             return
         try:
-            fn(*args, **kwargs)
+            with bounded_requests(LOG_ENV):
+                fn(*args, **kwargs)
         except Exception as e:  # whatever the client raises: MLflow must not stop the training
             self.failed = True
             print(f"warning: MLflow stopped logging this run ({one_line(e)[:300]}); metrics.jsonl and "
@@ -223,10 +231,10 @@ class MetricSinks:
         if self.mlflow is not None:
             self.mlflow.log(scalars, step)
 
-    def summary(self, summary: dict, config_text: str) -> None:
-        """The run's end: its results go to MLflow (metrics.jsonl and TensorBoard hold epochs, summary.json the rest)."""
+    def summary(self, summary: dict, cfg: Config) -> None:
+        """The run's end: its results go to MLflow (metrics.jsonl and TensorBoard hold epochs, summary.json all)."""
         if self.mlflow is not None:
-            self.mlflow.results(summary, config_text)
+            self.mlflow.results(summary, to_toml(cfg))
 
     def __enter__(self) -> MetricSinks:
         return self

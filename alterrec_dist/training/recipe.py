@@ -268,9 +268,11 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
         stopped_by = stop_reason(progress.epoch, progress.best["epoch"], t.patience, unjudged)
         summary = run_summary(progress, cfg, part, metric, stopped_by)
         if comm.rank == 0:
-            with writing(run_dir / run_layout.SUMMARY):
-                atomic_write_json(run_dir / run_layout.SUMMARY, summary)
-            sinks.summary(summary, (run_dir / run_layout.CONFIG).read_text())
+            sinks.summary(summary, cfg)
+    # written once the sinks have closed (their last upload done): summary.json is what makes the run finished
+    if comm.rank == 0:
+        with writing(run_dir / run_layout.SUMMARY):
+            atomic_write_json(run_dir / run_layout.SUMMARY, summary)
     return summary
 
 

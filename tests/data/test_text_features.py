@@ -330,11 +330,16 @@ def test_the_plan_batches_texts_of_one_token_length_longest_first():
     assert len(chunks) == 1  # 7 texts, far below a chunk's
 
 
-def test_planning_and_encoding_load_the_model_once(tmp_path):
-    """The batches' token lengths come from the model the encoding then uses: one load (about 1 s, and a big
-    model's memory), whether progress is shown or not."""
-    for progress in (True, False):
-        text_features.load_encoding_model.cache_clear()
-        write_text_features(Blocks(), ["a lamp", "a desk lamp with a shade"], progress=progress,
-                            cache_dir=tmp_path / str(progress))
-        assert text_features.load_encoding_model.cache_info().misses == 1
+def test_the_batches_are_planned_on_a_cpu_copy_of_the_model(tmp_path, monkeypatch):
+    """Planning counts tokens on the CPU: with --ray the actors encode, and the driver's copy had sat on its GPU 0
+    (sentence-transformers' pick) beside an actor's, all along (reviewer finding). The encoder loads its own."""
+    import sentence_transformers
+
+    devices, real = [], sentence_transformers.SentenceTransformer
+
+    def recorded(*args, device=None, **kwargs):
+        devices.append(device)
+        return real(*args, device=device, **kwargs)
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", recorded)
+    write_text_features(Blocks(), ["a lamp", "a desk lamp with a shade"], progress=False, cache_dir=tmp_path)
+    assert devices == ["cpu", None]  # the plan's, then encode_here's (its device: sentence-transformers' choice)

@@ -114,7 +114,6 @@ def tf32_on():
     torch.backends.cuda.matmul.allow_tf32 = before
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional:FutureWarning")
 def test_evaluation_scores_with_tf32_off_and_leaves_the_flag_as_it_was(one_rank, tf32_on, tmp_path, monkeypatch):
     """A GPU run's validation and test metrics (and so its model selection) were ranked with TF32 matmuls, the
     training's trainer.tf32 (default true) process-wide, while export, recommend and batch_score score without:

@@ -258,6 +258,42 @@ def test_mlflow_failing_mid_run_is_one_warning_and_training_goes_on(tmp_path, fi
     assert mlflow.active_run() is None  # ended all the same: MLflow's client counts its runs in the process
 
 
+def test_an_attempt_that_starts_while_mlflow_is_down_is_one_warning(tmp_path, file_store, capsys):
+    """A Ray restart's attempt starts its MLflow run with no check on the driver before it: a store (or server)
+    down then killed the attempt, and the next, until the restarts ran out (reviewer finding)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    write_attempt(run, 0, 3, scale=1.0)
+    shutil.rmtree(tmp_path / "mlruns")
+    (tmp_path / "mlruns").write_text("not a store")
+    write_attempt(run, 3, 6, scale=2.0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: MLflow stopped logging this run ("), err
+    assert sorted(tensorboard_scalars(run / "tensorboard")["loss/id"]) == [1, 2, 3, 4, 5, 6]
+
+
+def test_mlflow_requests_are_bounded_unless_the_user_bounds_them(tmp_path, file_store, monkeypatch):
+    """MLflow's defaults (7 retries with backoff, 120 s a try) held rank 0 up to about 20 minutes on a server that
+    accepted and never answered, the other ranks waiting in a collective (reviewer finding)."""
+    from alterrec_dist.training.metric_sinks import MlflowRun
+
+    seen = []
+
+    def request():
+        seen.append((os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"), os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")))
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    mlflow_run = MlflowRun(run, Config())
+    mlflow_run._call(request)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    mlflow_run._call(request)
+    mlflow_run.end(failed=False)
+    assert seen == [("2", "15"), ("2", "300")]
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # as it was
+
+
 @pytest.mark.parametrize("uri, allow, refused", [
     ("file:{d}/mlruns", "1", None),  # MLflow takes 1 as true; only "true" was accepted
     ("databricks", None, None),  # a tracking URI, not a path (it was refused as a file store)

@@ -106,3 +106,20 @@ def test_a_write_into_the_run_that_fails_is_one_line_naming_it(tmp_path):
     (run_dir / "tensorboard").write_text("a file where TensorBoard's directory goes")
     [error] = run_world(run_into_blocked_tensorboard, 1, str(data), str(run_dir))
     assert error is not None and error.startswith(f"{run_dir}/tensorboard") and ": cannot write (" in error, error
+
+
+def _run_to_the_end(rank, world, data_path, run_dir):
+    from alterrec_dist.training.recipe import run_worker
+
+    cfg = load_config(None, [f"data.path={data_path}", "train.m_random=1", "train.m_gap=1", "train.m_max=1",
+                             "train.global_batch_size=16", "model.dim=8", "eval.batch_size=8"])
+    return run_worker(cfg, run_dir)["best_epoch"]
+
+
+@pytest.mark.slow
+def test_a_run_ends_where_rank_0_does_not_see_the_drivers_config_toml(tmp_path):
+    """On a cluster whose storage path is not shared, rank 0's node holds no config.toml of the driver's: the run
+    failed at its very end reading it for MLflow, even with MLflow off (reviewer finding)."""
+    (tmp_path / "run").mkdir()
+    assert run_world(_run_to_the_end, 1, str(tiny_dataset(tmp_path / "data")), str(tmp_path / "run")) == [0]
+    assert (tmp_path / "run" / "summary.json").is_file() and not (tmp_path / "run" / "config.toml").exists()
