@@ -407,7 +407,8 @@ def dataset_runs(d, specs: list) -> tuple[list[dict], dict[str, list[dict]], dic
 
 def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
     runs, methods, peers, choices = dataset_runs(d, specs)
-    one_setting = [m for m in [*methods, *peers] if len(candidates(specs, d, m)) == 1]
+    tried = {m: len(candidates(specs, d, m)) for m in [*methods, *peers]}  # configurations of each
+    one_setting = [m for m, n in tried.items() if n == 1]
     untuned = frozenset(one_setting) if choices else frozenset()  # beside what was chosen on validation
     same_config = same_config_runs(runs, methods, untuned)
     expected = sum(1 for s in specs if s.dataset == d.name)
@@ -439,8 +440,8 @@ def dataset_section(d, specs: list, grid, lines: list[str]) -> None:
         lines += choice_table(choices) + [""]
         alphas = {m: len([k for k in rs[0]["valid"] if sweep_alpha(k) is not None]) for m, rs in methods.items()
                   if headline_kind(m, rs) == ALPHA_ON_VALID}
-        lines += budget_note(choices, [m for m in one_setting if m in untuned], alphas)
-    lines += rounds_note(specs, d, [m for m in [*methods, *peers] if len(candidates(specs, d, m)) > 1])
+        lines += budget_note(choices, one_setting, alphas)  # with a choice made, the untuned are the one-setting
+    lines += rounds_note(specs, d, [m for m, n in tried.items() if n > 1])
     g = gains(methods, peers, d.anchors, untuned)
     if g:
         lines += ["Fused AlterRec relative to each of the others (means over seeds; the target is ≥ +5 % over ID "

@@ -186,9 +186,11 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
         if report is not None:
             report(metrics, path)
 
+    def due(every: int) -> bool:  # the global step just done is one of every `every` (0: none is)
+        return bool(every) and steps_done() % every == 0
+
     def after_step(network: str) -> None:  # `sinks`: rank 0's, bound by the `with` below (None elsewhere)
-        log_now = t.log_every and steps_done() % t.log_every == 0
-        save_now = t.checkpoint_every and steps_done() % t.checkpoint_every == 0
+        log_now, save_now = due(t.log_every), due(t.checkpoint_every)
         if log_now or save_now:
             # the interval's one host read: its steps' losses, still on the device, come over together. On every
             # rank, the same global losses: all stop at a NaN alike (rank 0 alone left the others to die in the
@@ -205,7 +207,7 @@ def run_worker(cfg: Config, run_dir: str | Location, report: Report | None = Non
     # (TensorBoard showed the step's metrics twice: reviewer finding), and the loss is logged again here.
     end_redone = len(progress.steps) == steps_per_epoch
     with MetricSinks(run_dir, cfg, steps_done(), end_redone) if comm.rank == 0 else contextlib.nullcontext() as sinks:
-        if end_redone and sinks is not None and t.log_every and steps_done() % t.log_every == 0:
+        if end_redone and sinks is not None and due(t.log_every):
             sinks.step(phases[progress.epoch].network, progress.steps[-1], steps_done())
         for phase in tqdm(phases[progress.epoch:], desc="epochs", initial=progress.epoch, total=len(phases),
                           **progress_bar(comm.rank)):
