@@ -21,9 +21,11 @@ _OFF_HERE = FAILURE_HANDLER_OFF not in os.environ
 os.environ.setdefault(FAILURE_HANDLER_OFF, "1")
 
 
-def init_ray(num_cpus: int, dashboard: bool = False) -> bool:
+def init_ray(num_cpus: int, dashboard: bool = False, private_env: dict[str, str] | None = None) -> bool:
     """Connect to the cluster in RAY_ADDRESS, or start a private local Ray of `num_cpus` CPUs (callers
-    oversubscribe a small machine rather than wait forever). True if started here."""
+    oversubscribe a small machine rather than wait forever). True if started here. `private_env`: Ray settings for
+    a private Ray alone, where the caller's environment has none (its processes inherit the driver's); a cluster
+    keeps its own."""
     import logging
 
     import ray
@@ -35,6 +37,8 @@ def init_ray(num_cpus: int, dashboard: bool = False) -> bool:
     # `ray job submit` sets RAY_ADDRESS for the entrypoint; ray.init resolves it (also "auto").
     private = not os.environ.get("RAY_ADDRESS")
     if private:
+        for key, value in (private_env or {}).items():
+            os.environ.setdefault(key, value)
         ray_watchdog.start()  # first, so the watchdog sees every Ray process appear
         # address="local": never attach to some other cluster found in /tmp/ray by accident.
         common |= dict(address="local", num_cpus=num_cpus, include_dashboard=dashboard)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -60,6 +61,16 @@ def mlflow_env() -> dict[str, str]:
     return {k: os.environ[k] for k in MLFLOW_ENV if os.environ.get(k)}
 
 
+# A URI's user:password@ part (basic auth in the tracking URI, which MLflow's own errors repeat whole): never
+# printed. It still travels to the Ray workers with the URI (MLFLOW_ENV); README says where credentials belong.
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+def without_credentials(text: str) -> str:
+    """`text` with every URI's user:password@ shown as ***@."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def import_mlflow():
     """mlflow, for a run that logs to MLFLOW_TRACKING_URI; a one-line error if it is not installed."""
     try:
@@ -76,6 +87,7 @@ def check_mlflow() -> None:
     down, after 4 minutes of MLflow's retries)."""
     uri = os.environ.get(TRACKING_URI)
     if uri:
+        shown = without_credentials(uri)
         mlflow = import_mlflow()
         # MLflow's own rules: which URIs are a local file store ("databricks" is not), which values allow one
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
@@ -84,10 +96,10 @@ def check_mlflow() -> None:
 
         try:
             if is_local_uri(uri) and not MLFLOW_ALLOW_FILE_STORE.get():  # read only for a file store, as MLflow does
-                raise ConfigError(f"{TRACKING_URI}={uri}: MLflow opens a local file store only with "
+                raise ConfigError(f"{TRACKING_URI}={shown}: MLflow opens a local file store only with "
                                   "MLFLOW_ALLOW_FILE_STORE=true (set it, or use a tracking server)")
         except (MlflowException, ValueError) as e:  # file://otherhost/x; MLFLOW_ALLOW_FILE_STORE=yes
-            raise ConfigError(f"{TRACKING_URI}={uri}: {one_line(e)}") from None
+            raise ConfigError(f"{TRACKING_URI}={shown}: {without_credentials(one_line(e))}") from None
         if urlparse(uri).scheme in ("http", "https"):
             check_server(mlflow, uri)
 
@@ -106,7 +118,8 @@ def check_server(mlflow, uri: str) -> None:
         with bounded_requests(PROBE_ENV):
             mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # whatever the client raises for a server that is down or not MLflow's
-        raise ConfigError(f"{TRACKING_URI}={uri}: the MLflow server does not answer ({one_line(e)[:300]}): "
+        raise ConfigError(f"{TRACKING_URI}={without_credentials(uri)}: the MLflow server does not answer "
+                          f"({without_credentials(one_line(e))[:300]}): "
                           f"start it, or unset {TRACKING_URI}") from None
 
 
@@ -184,8 +197,8 @@ class MlflowRun:
                 fn(*args, **kwargs)
         except Exception as e:  # whatever the client raises: MLflow must not stop the training
             self.failed = True
-            print(f"warning: MLflow stopped logging this run ({one_line(e)[:300]}); metrics.jsonl and "
-                  "TensorBoard keep its metrics", file=sys.stderr, flush=True)
+            print(f"warning: MLflow stopped logging this run ({without_credentials(one_line(e))[:300]}); "
+                  "metrics.jsonl and TensorBoard keep its metrics", file=sys.stderr, flush=True)
 
 
 class MetricSinks:

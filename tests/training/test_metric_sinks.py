@@ -222,20 +222,36 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("userinfo, shown", [("", ""), ("alice:s3cret@", "***@")])
 def test_a_tracking_server_that_does_not_answer_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys,
-                                                                                    no_ray):
+                                                                                    no_ray, userinfo, shown):
     """A server that was down stalled the run 4 minutes in MLflow's retries, then a traceback, exit 1, and a run
-    directory that made the same --out refused next time (reviewer finding). Now one request, at the start."""
-    uri = f"http://127.0.0.1:{closed_port()}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    directory that made the same --out refused next time (reviewer finding). Now one request, at the start. A
+    password in the URI (basic auth) was in that line twice, MLflow's own error repeating the URI."""
+    port = closed_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://{userinfo}127.0.0.1:{port}")
     data = tiny_dataset(tmp_path / "data")
     args = ["--set", f"data.path={data}", "--set", "train.global_batch_size=128", "--out", str(tmp_path / "run")]
     code, err = run_command("train", args, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(
-        f"error: MLFLOW_TRACKING_URI={uri}: the MLflow server does not answer ("), lines
+        f"error: MLFLOW_TRACKING_URI=http://{shown}127.0.0.1:{port}: the MLflow server does not answer ("), lines
     assert lines[0].endswith("): start it, or unset MLFLOW_TRACKING_URI")
+    assert "s3cret" not in err and f"http://{shown}127.0.0.1:{port}/api/" in err  # MLflow's part: the URI shown too
     assert not (tmp_path / "run").exists() and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_a_server_lost_mid_run_is_a_warning_without_the_uris_password(tmp_path, monkeypatch, capsys):
+    """The warning carries MLflow's error, which repeats the tracking URI whole, basic-auth password included."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's setting: no backoff to wait through
+    run = tmp_path / "run"
+    run.mkdir()
+    with MetricSinks(run, Config(), 0) as sinks:
+        sinks.step("id", {"loss": 1.0}, 1)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: MLflow stopped logging this run ("), err
+    assert "s3cret" not in err[0] and "http://***@127.0.0.1:" in err[0], err
 
 
 def test_mlflow_failing_mid_run_is_one_warning_and_training_goes_on(tmp_path, file_store, capsys):
