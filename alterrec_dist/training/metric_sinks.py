@@ -63,7 +63,7 @@ def mlflow_env() -> dict[str, str]:
 
 # A URI's user:password@ part (basic auth in the tracking URI, which MLflow's own errors repeat whole): never
 # printed. It still travels to the Ray workers with the URI (MLFLOW_ENV); README says where credentials belong.
-_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s]+@", re.IGNORECASE)  # to the authority's last @
 
 
 def without_credentials(text: str) -> str:
