@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 from alterrec_dist.common.errors import DataError, one_line
 
 SCHEMES = ("s3", "gs")
+CREDENTIALS_ENV = {"s3": "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY", "gs": "GOOGLE_APPLICATION_CREDENTIALS"}
 # The file that commits a directory: written last, removed first, and every reader checks the rest against it.
 MANIFEST = "manifest.json"
 
@@ -72,6 +73,10 @@ class StorePath:
         # rest.startswith("/"): s3:///k took the key's first part for the bucket
         if scheme not in SCHEMES or not parts or rest.startswith("/"):
             raise ValueError(f"{uri}: not a store URI with a bucket")
+        if "@" in parts[0]:  # no bucket name holds one: user:secret@bucket, which pyarrow would take as credentials
+            shown = f"{scheme}://***@{rest.split('/', 1)[0].rpartition('@')[2]}/..."
+            raise ValueError(f"{shown}: credentials in a store URI are refused (URIs are written into configs and "
+                             f"printed): set them in the environment ({CREDENTIALS_ENV[scheme]})")
         if ".." in parts:  # the client resolves it for one object but not for a listing: two names, one object
             raise ValueError(f"{uri}: '..' in an object key (give the key without it)")
         self.scheme, self.key = scheme, "/".join(parts)

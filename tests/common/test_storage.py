@@ -17,6 +17,7 @@ from alterrec_dist.common.files import (Staged, atomic_write_json, check_file_ou
 from alterrec_dist.common.storage import StorePath, files_under, location
 from alterrec_dist.data.dataset import Dataset
 from alterrec_dist.synth import main as synth_main
+from tests.commands import run_command
 from tests.tiny_data import V, tiny_dataset
 
 
@@ -42,6 +43,23 @@ def test_location_tells_uris_from_local_paths(tmp_path):
     assert location("s3") == Path("s3") and location("gs/x") == Path("gs/x")  # local folders of those names
     with pytest.raises(ConfigError, match="gcs://b/c.toml: unsupported URI scheme"):
         load_config("gcs://b/c.toml")
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("train", ["--set", "data.path={uri}/data"]),
+    ("train", ["--out", "{uri}/runs/r"]),
+    ("synth", ["--items", "20", "--sessions", "50", "--out", "{uri}/d"]),
+    ("recommend", ["--export", "{uri}/e", "--session", "a"]),
+])
+def test_credentials_in_a_store_uri_are_refused_unprinted(capsys, no_ray, module, argv):
+    """pyarrow reads s3://KEY:SECRET@bucket as credentials. Each command failed later, on the store, with the secret
+    in its one line, and a run would have written it into its config.toml (and MLflow's parameters)."""
+    uri = "s3://AKIAEXAMPLE:top@secret@bucket"
+    code, err = run_command(module, [a.format(uri=uri) for a in argv], capsys)
+    assert code == 2 and err.strip() == ("error: s3://***@bucket/...: credentials in a store URI are refused (URIs "
+                                         "are written into configs and printed): set them in the environment "
+                                         "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"), err
+    assert "secret" not in err.replace("SECRET_ACCESS", "")
 
 
 def test_objects_round_trip_and_list(bucket):
