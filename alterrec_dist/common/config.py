@@ -245,6 +245,8 @@ class Config:
             value = getattr(getattr(self, section), key)
             if not ok(value):
                 raise ConfigError(f"{name} must be {what}, got {value!r}")
+        for path in (self.data.path, self.trainer.storage_path):  # used or not (--out): a run writes both down
+            self.resolve_path(path)
         t, m, e, r = self.train, self.model, self.eval, self.trainer
         checks = [
             (t.k1 < t.k2, f"need 0 <= train.k1 < train.k2, got k1={t.k1} k2={t.k2}"),

@@ -21,6 +21,9 @@ _OFF_HERE = FAILURE_HANDLER_OFF not in os.environ
 os.environ.setdefault(FAILURE_HANDLER_OFF, "1")
 
 
+_set_here: list[str] = []  # the `private_env` keys init_ray set, which stop_ray takes back
+
+
 def init_ray(num_cpus: int, dashboard: bool = False, private_env: dict[str, str] | None = None) -> bool:
     """Connect to the cluster in RAY_ADDRESS, or start a private local Ray of `num_cpus` CPUs (callers
     oversubscribe a small machine rather than wait forever). True if started here. `private_env`: Ray settings for
@@ -38,7 +41,9 @@ def init_ray(num_cpus: int, dashboard: bool = False, private_env: dict[str, str]
     private = not os.environ.get("RAY_ADDRESS")
     if private:
         for key, value in (private_env or {}).items():
-            os.environ.setdefault(key, value)
+            if key not in os.environ:  # a user's own stands; ours goes at stop_ray (Ray Train hands the driver's
+                os.environ[key] = value  # variables on to a later run's controller, a cluster's too)
+                _set_here.append(key)
         ray_watchdog.start()  # first, so the watchdog sees every Ray process appear
         # address="local": never attach to some other cluster found in /tmp/ray by accident.
         common |= dict(address="local", num_cpus=num_cpus, include_dashboard=dashboard)
@@ -101,6 +106,8 @@ def stop_ray() -> None:
 
     ray.shutdown()
     ray_watchdog.stop()
+    while _set_here:
+        os.environ.pop(_set_here.pop(), None)
 
 
 @contextmanager

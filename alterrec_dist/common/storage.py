@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from alterrec_dist.common.errors import DataError, one_line
+from alterrec_dist.common.errors import DataError, hide_credentials, one_line
 
 SCHEMES = ("s3", "gs")
 CREDENTIALS_ENV = {"s3": "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY", "gs": "GOOGLE_APPLICATION_CREDENTIALS"}
@@ -49,7 +49,8 @@ def location(text: str | Path | StorePath) -> Path | StorePath:
     if is_uri(s):
         return StorePath(s)
     if "://" in s:
-        raise ValueError(f"{s}: unsupported URI scheme (local paths, {', '.join(f'{x}://' for x in SCHEMES)})")
+        raise ValueError(f"{hide_credentials(s)}: unsupported URI scheme (local paths, "
+                         f"{', '.join(f'{x}://' for x in SCHEMES)})")
     scheme, colon, _ = s.partition(":")
     if colon and scheme in SCHEMES:  # s3:/bucket/key, a slash short, wrote a local folder named s3:
         raise ValueError(f"{s}: not a store URI ({scheme}://BUCKET/KEY) nor a local path")
@@ -72,11 +73,12 @@ class StorePath:
         parts = [p for p in rest.split("/") if p not in ("", ".")]
         # rest.startswith("/"): s3:///k took the key's first part for the bucket
         if scheme not in SCHEMES or not parts or rest.startswith("/"):
-            raise ValueError(f"{uri}: not a store URI with a bucket")
-        if "@" in parts[0]:  # no bucket name holds one: user:secret@bucket, which pyarrow would take as credentials
-            shown = f"{scheme}://***@{rest.split('/', 1)[0].rpartition('@')[2]}/..."
-            raise ValueError(f"{shown}: credentials in a store URI are refused (URIs are written into configs and "
-                             f"printed): set them in the environment ({CREDENTIALS_ENV[scheme]})")
+            raise ValueError(f"{hide_credentials(uri)}: not a store URI with a bucket")
+        # no bucket name holds a : or an @: KEY:SECRET@bucket, which pyarrow would read as credentials (a secret
+        # key may hold a /, so the @ may come parts later)
+        if "@" in rest and any(c in parts[0] for c in ":@"):
+            raise ValueError(f"{hide_credentials(uri)}: credentials in a store URI are refused (URIs are written into "
+                             f"configs and printed): set them in the environment ({CREDENTIALS_ENV[scheme]})")
         if ".." in parts:  # the client resolves it for one object but not for a listing: two names, one object
             raise ValueError(f"{uri}: '..' in an object key (give the key without it)")
         self.scheme, self.key = scheme, "/".join(parts)

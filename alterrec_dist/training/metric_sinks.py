@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from urllib.parse import urlparse
 
 from alterrec_dist.common import run_layout, storage
 from alterrec_dist.common.config import METRICS, Config, to_toml
-from alterrec_dist.common.errors import ConfigError, DataError, one_line
+from alterrec_dist.common.errors import ConfigError, DataError, hide_credentials, one_line
 from alterrec_dist.common.files import atomic_write_bytes, writing
 from alterrec_dist.common.storage import Location, StorePath
 
@@ -61,16 +60,6 @@ def mlflow_env() -> dict[str, str]:
     return {k: os.environ[k] for k in MLFLOW_ENV if os.environ.get(k)}
 
 
-# A URI's user:password@ part (basic auth in the tracking URI, which MLflow's own errors repeat whole): never
-# printed. It still travels to the Ray workers with the URI (MLFLOW_ENV); README says where credentials belong.
-_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s]+@", re.IGNORECASE)  # to the authority's last @
-
-
-def without_credentials(text: str) -> str:
-    """`text` with every URI's user:password@ shown as ***@."""
-    return _USERINFO.sub(r"\1***@", text)
-
-
 def import_mlflow():
     """mlflow, for a run that logs to MLFLOW_TRACKING_URI; a one-line error if it is not installed."""
     try:
@@ -87,7 +76,7 @@ def check_mlflow() -> None:
     down, after 4 minutes of MLflow's retries)."""
     uri = os.environ.get(TRACKING_URI)
     if uri:
-        shown = without_credentials(uri)
+        shown = hide_credentials(uri)
         mlflow = import_mlflow()
         # MLflow's own rules: which URIs are a local file store ("databricks" is not), which values allow one
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
@@ -99,7 +88,7 @@ def check_mlflow() -> None:
                 raise ConfigError(f"{TRACKING_URI}={shown}: MLflow opens a local file store only with "
                                   "MLFLOW_ALLOW_FILE_STORE=true (set it, or use a tracking server)")
         except (MlflowException, ValueError) as e:  # file://otherhost/x; MLFLOW_ALLOW_FILE_STORE=yes
-            raise ConfigError(f"{TRACKING_URI}={shown}: {without_credentials(one_line(e))}") from None
+            raise ConfigError(f"{TRACKING_URI}={shown}: {hide_credentials(one_line(e))}") from None
         if urlparse(uri).scheme in ("http", "https"):
             check_server(mlflow, uri)
 
@@ -118,15 +107,15 @@ def check_server(mlflow, uri: str) -> None:
         with bounded_requests(PROBE_ENV):
             mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # whatever the client raises for a server that is down or not MLflow's
-        raise ConfigError(f"{TRACKING_URI}={without_credentials(uri)}: the MLflow server does not answer "
-                          f"({without_credentials(one_line(e))[:300]}): "
+        raise ConfigError(f"{TRACKING_URI}={hide_credentials(uri)}: the MLflow server does not answer "
+                          f"({hide_credentials(one_line(e))[:300]}): "
                           f"start it, or unset {TRACKING_URI}") from None
 
 
 @contextmanager
 def bounded_requests(limits: dict[str, str]):
-    """MLflow's requests within the block at `limits` (PROBE_ENV, LOG_ENV) where the user set none; the
-    environment as it was after. MLflow reads them at each request."""
+    """MLflow's requests within the block at `limits` (PROBE_ENV, LOG_ENV; and its other settings that it reads at
+    each call) where the user set none; the environment as it was after."""
     unset = [k for k in limits if not os.environ.get(k)]
     os.environ.update({k: limits[k] for k in unset})
     try:
@@ -148,6 +137,9 @@ class MlflowRun:
     def __init__(self, run_dir: Location, cfg: Config):
         self.mlflow = import_mlflow()
         self.failed = False  # once a call failed: this attempt logs no more to MLflow
+        # MLflow prints the run's link when it ends, made from the tracking URI: a URI with a password, not at all
+        uri = os.environ[TRACKING_URI]
+        self.quiet = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if hide_credentials(uri) != uri else {}
         # an attempt after a restart starts here too, with no check on the driver before it: a server down then
         # is one warning as well
         self._call(self._start, run_dir, cfg)
@@ -171,7 +163,7 @@ class MlflowRun:
             return
         # after a failure still ended, as MLflow's client counts its runs in this process, but tried once, quietly
         try:
-            with bounded_requests(PROBE_ENV):
+            with bounded_requests(PROBE_ENV | self.quiet):
                 self.mlflow.end_run("FAILED")
         except Exception:
             pass
@@ -193,11 +185,11 @@ class MlflowRun:
         if self.failed:
             return
         try:
-            with bounded_requests(LOG_ENV):
+            with bounded_requests(LOG_ENV | self.quiet):
                 fn(*args, **kwargs)
         except Exception as e:  # whatever the client raises: MLflow must not stop the training
             self.failed = True
-            print(f"warning: MLflow stopped logging this run ({without_credentials(one_line(e))[:300]}); "
+            print(f"warning: MLflow stopped logging this run ({hide_credentials(one_line(e))[:300]}); "
                   "metrics.jsonl and TensorBoard keep its metrics", file=sys.stderr, flush=True)
 
 

@@ -45,21 +45,24 @@ def test_location_tells_uris_from_local_paths(tmp_path):
         load_config("gcs://b/c.toml")
 
 
-@pytest.mark.parametrize("module, argv", [
-    ("train", ["--set", "data.path={uri}/data"]),
-    ("train", ["--out", "{uri}/runs/r"]),
-    ("synth", ["--items", "20", "--sessions", "50", "--out", "{uri}/d"]),
-    ("recommend", ["--export", "{uri}/e", "--session", "a"]),
+@pytest.mark.parametrize("module, argv, shown", [
+    ("train", ["--set", "data.path={uri}/data"], "data"),
+    ("train", ["--set", "trainer.storage_path={uri}/runs", "--out", "{tmp}/run"], "runs"),  # unused, still written
+    ("train", ["--out", "{uri}/runs/r"], "runs/r"),
+    ("synth", ["--items", "20", "--sessions", "50", "--out", "{uri}/d"], "d"),
+    ("recommend", ["--export", "{uri}/e", "--session", "a"], "e"),
 ])
-def test_credentials_in_a_store_uri_are_refused_unprinted(capsys, no_ray, module, argv):
+def test_credentials_in_a_store_uri_are_refused_unprinted(tmp_path, capsys, no_ray, module, argv, shown):
     """pyarrow reads s3://KEY:SECRET@bucket as credentials. Each command failed later, on the store, with the secret
-    in its one line, and a run would have written it into its config.toml (and MLflow's parameters)."""
-    uri = "s3://AKIAEXAMPLE:top@secret@bucket"
-    code, err = run_command(module, [a.format(uri=uri) for a in argv], capsys)
-    assert code == 2 and err.strip() == ("error: s3://***@bucket/...: credentials in a store URI are refused (URIs "
-                                         "are written into configs and printed): set them in the environment "
+    in its one line; a run wrote them into its config.toml (and MLflow's parameters), trainer.storage_path even
+    where --out left it unused. AWS secret keys hold / (so the @ may come parts after the bucket's place)."""
+    uri = "s3://AKIAEXAMPLE:wJal/rX@t/secret@bucket"
+    code, err = run_command(module, [a.format(uri=uri, tmp=tmp_path) for a in argv], capsys)
+    assert code == 2 and err.strip() == (f"error: s3://***@bucket/{shown}: credentials in a store URI are refused "
+                                         "(URIs are written into configs and printed): set them in the environment "
                                          "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"), err
-    assert "secret" not in err.replace("SECRET_ACCESS", "")
+    assert "wJal" not in err and "secret" not in err.replace("SECRET_ACCESS", "")
+    assert list(tmp_path.iterdir()) == []  # the run directory --out named was not made
 
 
 def test_objects_round_trip_and_list(bucket):

@@ -310,6 +310,23 @@ def test_mlflow_requests_are_bounded_unless_the_user_bounds_them(tmp_path, file_
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # as it was
 
 
+def test_a_uri_with_a_password_keeps_mlflow_from_printing_the_runs_link(tmp_path, monkeypatch):
+    """MLflow 3.17 prints "View run NAME at: URL" as a run ends, the URL made from the tracking URI, password
+    included (reviewer finding). MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, which it reads at each call, turns that
+    off for such a URI alone; a user's own setting stands."""
+    from alterrec_dist.training.metric_sinks import MlflowRun
+
+    key, seen = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", []
+    monkeypatch.setattr(MlflowRun, "_start", lambda self, run_dir, cfg: None)  # no server: the calls are recorded
+    monkeypatch.delenv(key, raising=False)
+    for uri in ("http://alice:s3cret@127.0.0.1:1", "http://127.0.0.1:1"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        MlflowRun(tmp_path, Config())._call(lambda: seen.append(os.environ.get(key)))
+    monkeypatch.setenv(key, "false")
+    MlflowRun(tmp_path, Config())._call(lambda: seen.append(os.environ.get(key)))
+    assert seen == ["true", None, "false"]
+
+
 @pytest.mark.parametrize("uri, allow, refused", [
     ("file:{d}/mlruns", "1", None),  # MLflow takes 1 as true; only "true" was accepted
     ("databricks", None, None),  # a tracking URI, not a path (it was refused as a file store)
