@@ -26,8 +26,6 @@ from alterrec_dist.training.run_dir import open_run_dir, read_summary
 
 # -- launcher: Ray Train ----------------------------------------------------------------------
 
-
-
 def check_ray_train_v2() -> None:
     """This driver uses the Ray Train V2 API (the default in Ray 2.60: RunConfig.logging_config,
     worker_runtime_env, the V2 report barrier). Same rule as ray.train.v2's env_bool."""
